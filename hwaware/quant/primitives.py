@@ -1,0 +1,169 @@
+"""Quantization primitives in pure torch: the reference every other path is held against.
+
+Shapes: a tensor ``x`` is viewed as ``[C, n]`` by :func:`as_channels` (``C`` = number of scales);
+``scale`` and ``zero_point`` are ``[C]`` (``[1]`` for per-tensor).
+
+Rounding is round-half-to-even everywhere (``torch.round`` and the fused fake-quant ops agree).
+"""
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from hwaware.quant.spec import QuantSpec
+
+__all__ = [
+    "as_channels",
+    "channel_minmax",
+    "compute_qparams",
+    "round_scale",
+    "quantize",
+    "dequantize",
+    "fake_quantize",
+    "fake_quantize_learnable",
+    "sqnr_db",
+]
+
+
+def as_channels(x: Tensor, spec: QuantSpec) -> Tensor:
+    """View ``x`` as ``[C, n]``: one row per scale of ``spec``'s granularity."""
+    g = spec.granularity
+    if x.dim() == 0:
+        raise ValueError(f"cannot quantize a 0-d tensor with granularity {g!r}")
+    if g == "per_tensor":
+        return x.reshape(1, -1)
+    if g == "per_channel":
+        return x.reshape(x.shape[0], -1)
+    if g == "per_row":
+        return x.reshape(-1, x.shape[-1])
+    # per_group: contiguous groups along the last (K) dimension
+    k = x.shape[-1]
+    if k % spec.group_size != 0:
+        raise ValueError(
+            f"per_group quantization needs the last dimension to be a multiple of group_size={spec.group_size}, "
+            f"got shape {tuple(x.shape)}"
+        )
+    return x.reshape(-1, spec.group_size)
+
+
+def channel_minmax(x2d: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-row ``(min, max)`` of a ``[C, n]`` view, in float32."""
+    mn, mx = torch.aminmax(x2d.detach(), dim=1)
+    return mn.float(), mx.float()
+
+
+def round_scale(scale: Tensor, spec: QuantSpec) -> Tensor:
+    """Round a float32 scale to what the deployed format stores (``spec.scale_dtype``), kept float32."""
+    if spec.scale_dtype == "float16":
+        tiny = torch.finfo(torch.float16).tiny
+        return scale.clamp(tiny, torch.finfo(torch.float16).max).half().float()
+    return scale
+
+
+def compute_qparams(min_val: Tensor, max_val: Tensor, spec: QuantSpec) -> Tuple[Tensor, Tensor]:
+    """Scale and zero point from observed ranges.
+
+    Returns ``(scale [C] float32, zero_point [C])``. ``zero_point`` is int32 except for the FBGEMM
+    row-wise layout (``spec.float_offset``), where it is the float32 row offset (the row minimum).
+    Symmetric and integer-affine ranges always contain 0 so that zero is exactly representable.
+    """
+    min_val = min_val.float()
+    max_val = max_val.float()
+    eps = torch.finfo(torch.float32).eps
+    qmin, qmax = spec.qmin, spec.qmax
+    if spec.float_offset:
+        scale = round_scale(((max_val - min_val) / (qmax - qmin)).clamp_min(eps), spec)
+        offset = min_val
+        if spec.scale_dtype == "float16":
+            offset = offset.half().float()
+        return scale, offset
+    min_neg = torch.minimum(min_val, torch.zeros_like(min_val))
+    max_pos = torch.maximum(max_val, torch.zeros_like(max_val))
+    if spec.symmetric:
+        # the negative side can use |qmin| levels, the positive side qmax levels
+        scale = torch.maximum(-min_neg / (-qmin), max_pos / qmax).clamp_min(eps)
+        scale = round_scale(scale, spec)
+        return scale, torch.zeros_like(scale, dtype=torch.int32)
+    scale = round_scale(((max_pos - min_neg) / (qmax - qmin)).clamp_min(eps), spec)
+    zp = torch.clamp(qmin - torch.round(min_neg / scale), qmin, qmax).to(torch.int32)
+    return scale, zp
+
+
+def _bcast(t: Tensor) -> Tensor:
+    return t.reshape(-1, 1)
+
+
+def quantize(x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -> Tensor:
+    """Integer codes with ``x``'s shape: int8 when symmetric, uint8 when affine (int32 never needed)."""
+    x2d = as_channels(x.detach().float(), spec)
+    s = _bcast(scale.float())
+    if spec.float_offset:
+        q = torch.round((x2d - _bcast(zero_point.float())) / s)
+    else:
+        q = torch.round(x2d / s) + _bcast(zero_point.float())
+    q = q.clamp(spec.qmin, spec.qmax)
+    return q.to(torch.int8 if spec.symmetric else torch.uint8).reshape(x.shape)
+
+
+def dequantize(q: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -> Tensor:
+    """Float32 values from integer codes (inverse of :func:`quantize` up to rounding)."""
+    q2d = as_channels(q, spec).float()
+    s = _bcast(scale.float())
+    if spec.float_offset:
+        x = q2d * s + _bcast(zero_point.float())
+    else:
+        x = (q2d - _bcast(zero_point.float())) * s
+    return x.reshape(q.shape)
+
+
+def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -> Tensor:
+    """Quantize-dequantize with a straight-through gradient (zero outside the clipping range).
+
+    Uses torch's fused ``fake_quantize_per_{tensor,channel}_affine`` for integer zero points; the
+    FBGEMM float-offset layout has no fused op and is written out (its range is the row's own
+    min/max, so nothing is clipped and the plain straight-through estimator is exact).
+    """
+    shape = x.shape
+    x2d = as_channels(x, spec)
+    if spec.float_offset:
+        s = _bcast(scale.to(x.dtype))
+        off = _bcast(zero_point.to(x.dtype))
+        xh = torch.round((x2d - off) / s).clamp(spec.qmin, spec.qmax) * s + off
+        return (x2d + (xh - x2d).detach()).reshape(shape)
+    zp = zero_point.to(torch.int32)
+    if x2d.shape[0] == 1 and spec.granularity == "per_tensor":
+        y = torch.fake_quantize_per_tensor_affine(x2d, scale.float().reshape(()), zp.reshape(()), spec.qmin, spec.qmax)
+    else:
+        y = torch.fake_quantize_per_channel_affine(x2d, scale.float(), zp, 0, spec.qmin, spec.qmax)
+    return y.reshape(shape)
+
+
+def fake_quantize_learnable(x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -> Tensor:
+    """LSQ fake quantization: gradients flow to ``x`` (straight-through) and to ``scale``.
+
+    The scale gradient is scaled by ``1/sqrt(n * qmax)`` (n = values per scale), as in Esser et al.
+    """
+    shape = x.shape
+    x2d = as_channels(x, spec)
+    grad_factor = 1.0 / math.sqrt(x2d.shape[1] * spec.qmax)
+    s = scale
+    if spec.scale_dtype == "float16":  # store-exact scale, straight-through for its rounding
+        s = s + (round_scale(s.detach(), spec) - s.detach())
+    zp = zero_point.float()
+    if spec.granularity == "per_tensor":
+        y = torch._fake_quantize_learnable_per_tensor_affine(x2d, s.reshape(1), zp.reshape(1), spec.qmin, spec.qmax, grad_factor)
+    else:
+        y = torch._fake_quantize_learnable_per_channel_affine(x2d, s, zp, 0, spec.qmin, spec.qmax, grad_factor)
+    return y.reshape(shape)
+
+
+def sqnr_db(reference: Tensor, approx: Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: ``20 log10(||ref|| / ||ref - approx||)``."""
+    ref = reference.detach().double()
+    err = (ref - approx.detach().double()).norm()
+    if err == 0:
+        return math.inf
+    return float(20.0 * torch.log10(ref.norm() / err))
