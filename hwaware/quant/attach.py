@@ -1,0 +1,247 @@
+"""Attach fake quantization to a user's own modules without changing what research code sees.
+
+``attach_quantization(model, ...)`` gives each supported layer (``nn.Linear``, ``nn.Conv1d``,
+``nn.Conv2d``, ``nn.Embedding``, ``nn.EmbeddingBag``) a :class:`QuantState` and swaps its class for
+a generated subclass whose ``forward`` fake-quantizes (the technique ``torch.nn.utils.parametrize``
+uses), so ``isinstance(layer, nn.Linear)`` keeps working. Unlike parametrization:
+
+- the module's ``state_dict`` keys never change (``weight`` stays a Parameter named ``weight``), so
+  a checkpoint written in any phase loads into a fresh, unquantized model; the quantizers' own
+  state (scales, observer statistics) is kept outside the module tree and saved by the callback;
+- embedding tables fake-quantize only the rows a batch gathers: row-wise scales depend on the row
+  alone, so this equals quantizing the whole table, at a cost proportional to the lookups.
+
+Modules whose class overrides ``forward`` (a user's ``LoRALinear(nn.Linear)``) are never touched:
+they are reported as skipped with the reason.
+"""
+from __future__ import annotations
+
+import fnmatch
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hwaware.quant.fake_quant import FakeQuantizer
+from hwaware.quant.spec import QuantSpec
+
+__all__ = [
+    "QuantState",
+    "attach_quantization",
+    "detach_quantization",
+    "find_quantizable",
+    "quant_state",
+    "quant_states",
+    "QUANTIZABLE_TYPES",
+]
+
+_ATTR = "_hwaware_quant"
+QUANTIZABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.EmbeddingBag)
+
+
+@dataclass
+class QuantState:
+    """The quantization attached to one layer.
+
+    ``weight`` fake-quantizes the weight (embedding tables: the gathered rows); ``activation`` the
+    layer input (``None`` for embeddings or weight-only schemes). ``enabled=False`` makes the layer
+    compute in FP32 with its live weights (used for KL validation and fallbacks).
+    """
+
+    name: str
+    kind: str  # "linear" | "conv" | "embedding" | "embedding_bag"
+    weight: FakeQuantizer
+    activation: Optional[FakeQuantizer] = None
+    enabled: bool = True
+    original_class: type = field(default=nn.Module, repr=False)
+
+    def quantizers(self) -> Iterable[FakeQuantizer]:
+        yield self.weight
+        if self.activation is not None:
+            yield self.activation
+
+    def describe(self) -> dict:
+        return {
+            "kind": self.kind,
+            "weight": self.weight.spec.short(),
+            "activation": self.activation.spec.short() if self.activation is not None else None,
+            "enabled": self.enabled,
+        }
+
+
+# -- quantized forwards (one per layer kind); the disabled path is the original class's forward --
+
+
+def _state(module: nn.Module) -> QuantState:
+    return module.__dict__[_ATTR]
+
+
+def _linear_forward(self, input: Tensor) -> Tensor:
+    st = _state(self)
+    if not st.enabled:
+        return st.original_class.forward(self, input)
+    if st.activation is not None:
+        input = st.activation(input)
+    return F.linear(input, st.weight(self.weight), self.bias)
+
+
+def _conv_forward(self, input: Tensor) -> Tensor:
+    st = _state(self)
+    if not st.enabled:
+        return st.original_class.forward(self, input)
+    if st.activation is not None:
+        input = st.activation(input)
+    return self._conv_forward(input, st.weight(self.weight), self.bias)
+
+
+def _embedding_forward(self, input: Tensor) -> Tensor:
+    st = _state(self)
+    if not st.enabled:
+        return st.original_class.forward(self, input)
+    # rows: [*input.shape, D]; row-wise fake quant of the gathered rows only
+    rows = F.embedding(input, self.weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse)
+    return st.weight(rows)
+
+
+def _embedding_bag_forward(self, input: Tensor, offsets: Optional[Tensor] = None, per_sample_weights: Optional[Tensor] = None) -> Tensor:
+    st = _state(self)
+    if not st.enabled:
+        return st.original_class.forward(self, input, offsets, per_sample_weights)
+    if input.dim() == 2:  # [B, L] fixed-length bags -> flat ids + offsets, as nn.EmbeddingBag does
+        if offsets is not None:
+            raise ValueError("if input is 2D, then offsets has to be None, as input is treated is a mini-batch of fixed length sequences")
+        b, l = input.shape
+        offsets = torch.arange(0, b * l, l, device=input.device, dtype=input.dtype)
+        input = input.reshape(-1)
+        if per_sample_weights is not None:
+            per_sample_weights = per_sample_weights.reshape(-1)
+    # rows: [n, D], each gathered row fake-quantized with its own scale/offset (FBGEMM row-wise)
+    rows = st.weight(F.embedding(input, self.weight, None, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse))
+    n = rows.shape[0]
+    idx = torch.arange(n, device=input.device, dtype=input.dtype)
+    pad = None
+    if self.padding_idx is not None:  # padded positions point at an extra zero row excluded from pooling
+        idx = torch.where(input == self.padding_idx, torch.full_like(idx, n), idx)
+        rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
+        pad = n
+    return F.embedding_bag(
+        idx, rows, offsets, mode=self.mode, per_sample_weights=per_sample_weights,
+        include_last_offset=self.include_last_offset, padding_idx=pad,
+    )
+
+
+_FORWARDS = {"linear": _linear_forward, "conv": _conv_forward, "embedding": _embedding_forward, "embedding_bag": _embedding_bag_forward}
+_STOCK_FORWARD = {nn.Linear: "linear", nn.Conv1d: "conv", nn.Conv2d: "conv", nn.Embedding: "embedding", nn.EmbeddingBag: "embedding_bag"}
+_CLASS_CACHE: Dict[type, type] = {}
+
+
+def _quantized_class(cls: type, kind: str) -> type:
+    """``QuantizedLinear(nn.Linear)`` etc.: registered in this module so models stay picklable."""
+    if cls not in _CLASS_CACHE:
+        name = f"Quantized{cls.__name__}"
+        new = type(name, (cls,), {"forward": _FORWARDS[kind], "__module__": __name__})
+        new.__qualname__ = name
+        setattr(sys.modules[__name__], name, new)
+        _CLASS_CACHE[cls] = new
+    return _CLASS_CACHE[cls]
+
+
+def _kind_of(module: nn.Module) -> Tuple[Optional[str], Optional[str]]:
+    """(kind, None) for a module we can attach to, else (None, reason)."""
+    for base, kind in _STOCK_FORWARD.items():
+        if isinstance(module, base):
+            if type(module).forward is not base.forward and quant_state(module) is None:
+                return None, f"{type(module).__name__} overrides forward(); hwaware leaves custom layers untouched"
+            return kind, None
+    return None, None
+
+
+def quant_state(module: nn.Module) -> Optional[QuantState]:
+    return module.__dict__.get(_ATTR)
+
+
+def quant_states(model: nn.Module) -> Dict[str, QuantState]:
+    """``{layer name: QuantState}`` for every layer of ``model`` that has quantization attached."""
+    return {name: st for name, m in model.named_modules() if (st := quant_state(m)) is not None}
+
+
+def _matches(name: str, patterns: Sequence[str]) -> Optional[str]:
+    for p in patterns:
+        if fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, p + ".*"):
+            return p
+    return None
+
+
+def _specs_for(module: nn.Module, kind: str, weight_spec: QuantSpec, activation_spec: Optional[QuantSpec],
+               embedding_spec: Optional[QuantSpec]) -> Tuple[Optional[QuantSpec], Optional[QuantSpec], Optional[str]]:
+    """The (weight, activation) specs a layer gets, or a reason it cannot be quantized."""
+    if kind in ("embedding", "embedding_bag"):
+        if embedding_spec is None:
+            return None, None, "embedding quantization disabled (embedding_spec=None)"
+        return embedding_spec, None, None
+    if kind == "conv":
+        if weight_spec.granularity == "per_group":
+            return None, None, "per_group weights are defined for Linear layers only"
+        act = activation_spec
+        if act is not None and act.granularity == "per_row":  # no token axis in NC(H)W: one scale per tensor
+            act = act.replace(granularity="per_tensor")
+        return weight_spec, act, None
+    if weight_spec.granularity == "per_group" and module.in_features % weight_spec.group_size != 0:
+        return None, None, f"in_features={module.in_features} is not a multiple of group_size={weight_spec.group_size}"
+    return weight_spec, activation_spec, None
+
+
+def find_quantizable(model: nn.Module, *, weight_spec: QuantSpec, activation_spec: Optional[QuantSpec] = None,
+                     embedding_spec: Optional[QuantSpec] = None, skip: Sequence[str] = ()) -> Tuple[Dict[str, Tuple[str, QuantSpec, Optional[QuantSpec]]], Dict[str, str]]:
+    """Plan without touching the model: ``({name: (kind, weight_spec, act_spec)}, {name: skip reason})``."""
+    plan, skipped = {}, {}
+    for name, module in model.named_modules():
+        kind, reason = _kind_of(module)
+        if kind is None:
+            if reason:
+                skipped[name] = reason
+            continue
+        if (pat := _matches(name, skip)) is not None:
+            skipped[name] = f"matches skip pattern {pat!r}"
+            continue
+        w, a, reason = _specs_for(module, kind, weight_spec, activation_spec, embedding_spec)
+        if reason:
+            skipped[name] = reason
+            continue
+        plan[name] = (kind, w, a)
+    return plan, skipped
+
+
+def attach_quantization(model: nn.Module, plan: Dict[str, Tuple[str, QuantSpec, Optional[QuantSpec]]]) -> Dict[str, QuantState]:
+    """Attach a :class:`QuantState` to each layer named in ``plan`` (from :func:`find_quantizable`).
+
+    Re-attaching a layer whose specs changed (a precision fallback) replaces its quantizers.
+    New quantizers start with observing on and fake quantization off (the calibrate phase).
+    """
+    modules = dict(model.named_modules())
+    states = {}
+    for name, (kind, wspec, aspec) in plan.items():
+        if name not in modules:
+            raise ValueError(f"layer {name!r} is not in the model; layers are {sorted(modules)[:20]}...")
+        m = modules[name]
+        old = quant_state(m)
+        device = m.weight.device
+        wq = FakeQuantizer(wspec, f"{name}.weight", "weight").to(device)
+        aq = FakeQuantizer(aspec, f"{name}.input", "activation").to(device) if aspec is not None else None
+        original = old.original_class if old is not None else type(m)
+        st = QuantState(name=name, kind=kind, weight=wq, activation=aq, enabled=True, original_class=original)
+        m.__dict__[_ATTR] = st
+        m.__class__ = _quantized_class(original, kind)
+        states[name] = st
+    return states
+
+
+def detach_quantization(model: nn.Module) -> None:
+    """Remove every attachment: layers get their original classes back; weights are untouched."""
+    for m in model.modules():
+        st = m.__dict__.pop(_ATTR, None)
+        if st is not None:
+            m.__class__ = st.original_class

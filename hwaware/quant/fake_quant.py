@@ -1,0 +1,133 @@
+"""`FakeQuantizer`: observer + fake quantization (+ optional LSQ scale) for one tensor of one layer.
+
+Three kinds, chosen by the spec and the role of the tensor:
+
+- *static* (activations with an observer): the observer collects ranges during calibration and
+  early QAT; after :meth:`FakeQuantizer.freeze` the stored scale is fixed.
+- *dynamic* (``spec.dynamic``, per-token activations, and gathered embedding rows): the scale is
+  computed from each tensor as it arrives, exactly as the deployed kernel does.
+- *weights*: until frozen the scale tracks the current weight (min-max of the weight as it is now,
+  not a running range over stale weights); frozen or learnable (LSQ) scales are fixed/learned.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from hwaware.quant import primitives as P
+from hwaware.quant.observers import make_observer
+from hwaware.quant.spec import QuantSpec
+
+__all__ = ["FakeQuantizer"]
+
+
+class FakeQuantizer(nn.Module):
+    """Observe and fake-quantize one tensor role (``"weight"`` or ``"activation"``) of a layer.
+
+    Args:
+        spec: the quantization of this tensor.
+        name: layer-qualified name used in error messages (e.g. ``"top_mlp.0.weight"``).
+        role: ``"weight"`` or ``"activation"``.
+    """
+
+    def __init__(self, spec: QuantSpec, name: str, role: str) -> None:
+        super().__init__()
+        if role not in ("weight", "activation"):
+            raise ValueError(f"FakeQuantizer role={role!r}; expected 'weight' or 'activation'")
+        self.spec = spec
+        self.name = name
+        self.role = role
+        # weights with a min-max spec track the live weight directly; everything static uses an observer
+        self._tracks_weight = role == "weight" and spec.observer == "minmax" and not spec.dynamic
+        self.observer = None if (spec.dynamic or self._tracks_weight) else make_observer(spec, name)
+        self.register_buffer("scale", torch.empty(0))
+        self.register_buffer("zero_point", torch.empty(0, dtype=torch.float32 if spec.float_offset else torch.int32))
+        self.register_buffer("frozen", torch.tensor(False))
+        self.learned_scale: Optional[nn.Parameter] = None
+        self.observe = True
+        self.quantize = False
+
+    # -- state ------------------------------------------------------------------------------
+    @property
+    def has_qparams(self) -> bool:
+        return self.scale.numel() > 0
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # buffers start empty (shape unknown until the first tensor): take the saved shapes
+        for key in ("scale", "zero_point"):
+            if prefix + key in state_dict:
+                setattr(self, key, torch.empty_like(state_dict[prefix + key], device=self.scale.device))
+        lk = prefix + "learned_scale"
+        if lk in state_dict and self.learned_scale is None:
+            self.learned_scale = nn.Parameter(torch.empty_like(state_dict[lk]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _check_finite(self, t: Tensor) -> None:
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(
+                f"layer {self.name!r} ({self.role}) produced NaN/inf values during quantization; "
+                "the FP32 model is diverging or its inputs hold NaN/inf"
+            )
+
+    def update_qparams(self, tensor: Optional[Tensor] = None) -> None:
+        """Refresh the stored scale from the observer (or, for weights, from ``tensor``)."""
+        if self.spec.dynamic:
+            return
+        if self._tracks_weight:
+            if tensor is None:
+                raise ValueError(f"{self.name!r}: a weight quantizer needs the weight to compute qparams")
+            mn, mx = P.channel_minmax(P.as_channels(tensor, self.spec))
+            self._check_finite(mn)
+            self._check_finite(mx)
+            scale, zp = P.compute_qparams(mn, mx, self.spec)
+        else:
+            scale, zp = self.observer.calculate_qparams()
+        self.scale = scale.to(self.scale.device)
+        self.zero_point = zp.to(self.scale.device)
+
+    def freeze(self) -> None:
+        """Stop observing; the current scale is used from now on (and by export)."""
+        self.observe = False
+        self.frozen.fill_(True)
+
+    def make_learnable(self) -> nn.Parameter:
+        """Turn the current scale into an LSQ parameter (returned so it can join an optimizer)."""
+        if not self.has_qparams:
+            raise ValueError(f"{self.name!r}: cannot make the scale learnable before it is calibrated")
+        if self.learned_scale is None:
+            self.learned_scale = nn.Parameter(self.scale.detach().clone())
+        self.observe = False
+        return self.learned_scale
+
+    def current_scale(self) -> Tensor:
+        return self.learned_scale.detach() if self.learned_scale is not None else self.scale
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        if self.spec.dynamic:
+            if not self.quantize:
+                return x
+            mn, mx = P.channel_minmax(P.as_channels(x, self.spec))
+            scale, zp = P.compute_qparams(mn, mx, self.spec)
+            self._check_finite(scale)
+            return P.fake_quantize(x, scale, zp, self.spec)
+        if self.observe and not bool(self.frozen):
+            if self._tracks_weight:
+                if self.quantize:  # calibration does not need weight scales yet
+                    self.update_qparams(x)
+            else:
+                self.observer(x)
+                if self.quantize:
+                    self.update_qparams()
+        if not self.quantize:
+            return x
+        if self.learned_scale is not None:
+            return P.fake_quantize_learnable(x, self.learned_scale, self.zero_point, self.spec)
+        if not self.has_qparams:
+            self.update_qparams(x if self.role == "weight" else None)
+        return P.fake_quantize(x, self.scale, self.zero_point, self.spec)
+
+    def extra_repr(self) -> str:
+        return f"{self.name}, {self.spec.short()}, role={self.role}, observe={self.observe}, quantize={self.quantize}"
