@@ -1,0 +1,685 @@
+"""`ProgressiveQuantization`: FP32 -> calibrate -> channel-wise QAT -> KL validation, as a callback.
+
+The callback only schedules: numerics live in :mod:`hwaware.quant` (specs, observers, fake quant,
+attachment, KL). Phases:
+
+``fp32``      plain training until ``start_epoch`` (or until ``monitor`` plateaus, ``start="plateau"``).
+``calibrate`` quantizers attached, observers record ranges, the math is still FP32
+              (``calibration_batches`` training batches).
+``qat``       fake quantization on; activation observers freeze after ``freeze_observers_after``
+              batches; weight scales track the live weights; ``kl/<layer>`` logged every validation.
+``validate``  at the end of fit: per-layer KL (FP32 vs quantized output of each layer on the same
+              input) and the KL of the model's output distribution over validation batches; layers
+              over ``kl_threshold`` fall back to higher precision (int8, then FP32) and are re-validated.
+``done``      weight scales frozen to the final weights: what export packs.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from typing_extensions import override
+
+from hwaware.quant.attach import QuantState, attach_quantization, find_quantizable, quant_states
+from hwaware.quant.kl import KLViolationError, LayerErrorCollector, collect_layer_errors, output_kl
+from hwaware.quant.spec import QuantSpec
+
+__all__ = ["ProgressiveQuantization", "PHASES"]
+
+PHASES = ("fp32", "calibrate", "qat", "validate", "done")
+_STARTS = ("epoch", "plateau")
+_MODES = ("min", "max")
+_VIOLATIONS = ("fallback", "warn", "raise")
+_DEFAULT = object()
+
+DEFAULT_WEIGHT_SPEC = QuantSpec(bits=8, granularity="per_channel", symmetric=True)
+DEFAULT_ACTIVATION_SPEC = QuantSpec(bits=8, granularity="per_row", symmetric=True, dynamic=True)
+DEFAULT_EMBEDDING_SPEC = QuantSpec(bits=8, granularity="per_row", symmetric=False, dynamic=True)
+
+
+def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        allowed = f"an int >= {minimum}" + (" or None" if allow_none else "")
+        raise ValueError(f"{name}={value!r} is invalid; expected {allowed}")
+
+
+def _check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is invalid; expected one of {tuple(allowed)}")
+
+
+def _scalar_metrics(trainer: "pl.Trainer") -> Dict[str, float]:
+    out = {}
+    for k, v in trainer.callback_metrics.items():
+        if isinstance(v, Tensor) and v.numel() == 1:
+            out[k] = float(v)
+        elif isinstance(v, (int, float)):
+            out[k] = float(v)
+    return out
+
+
+class ProgressiveQuantization(Callback):
+    r"""Train FP32, then fine-tune with channel-wise fake quantization, then validate it with KL.
+
+    Works on an unmodified LightningModule: supported layers (``nn.Linear``, ``nn.Conv1d/2d``,
+    ``nn.Embedding``, ``nn.EmbeddingBag``) keep their types and ``state_dict`` keys.
+
+    Example::
+
+        trainer = pl.Trainer(max_epochs=6, callbacks=[ProgressiveQuantization(start_epoch=3)])
+        trainer.fit(model, datamodule)
+        print(trainer.callbacks[0].report)
+
+    Args:
+        start_epoch: first epoch of quantization (``start="epoch"``); a minimum with ``"plateau"``.
+        start: ``"epoch"`` or ``"plateau"`` (start once ``monitor`` has not improved by
+            ``min_delta`` for ``patience`` validations: FP32 trained to convergence).
+        monitor: logged metric for ``"plateau"`` (e.g. ``"val_auroc"``); also reported before/after.
+        mode: ``"min"`` or ``"max"`` for ``monitor``.
+        patience: validations without improvement before QAT starts (``"plateau"``).
+        min_delta: smallest change of ``monitor`` that counts as an improvement.
+        calibration_batches: training batches with observers on and FP32 math before QAT.
+        freeze_observers_after: QAT batches after which activation observers freeze (None: never).
+        freeze_bn: put BatchNorm layers in eval mode (running statistics frozen) during QAT.
+        weight_spec: quantization of Linear/Conv weights (default int8 symmetric per output channel).
+        activation_spec: quantization of Linear/Conv inputs (default dynamic per-token int8;
+            ``None`` for weight-only).
+        embedding_spec: row-wise quantization of embedding tables (default int8 affine per row,
+            the FBGEMM layout; ``None`` leaves tables in FP32). Must be ``per_row``.
+        skip: ``fnmatch`` patterns of layer names to leave in FP32 (``"top_mlp.4"``, ``"*.head"``).
+        kl_threshold: per-layer KL (nats, over ``kl_bins`` histogram bins) above which a layer violates.
+        on_kl_violation: ``"fallback"`` (raise the layer's precision to int8, then FP32, and
+            re-validate), ``"warn"`` or ``"raise"`` (:class:`hwaware.quant.kl.KLViolationError`).
+        validation_batches: validation batches used for KL (logged each epoch and at the end).
+        kl_bins: histogram bins for the per-layer KL.
+        output_fn: ``fn(pl_module, batch) -> Tensor`` giving the model output for the output KL;
+            default ``pl_module.predict_step(batch, 0)``.
+
+    Raises:
+        ValueError: any argument outside its allowed set (raised here, at construction); a model
+            with no quantizable layer (raised at ``setup``); NaN/inf seen while quantizing (names
+            the layer); ``monitor`` never logged with ``start="plateau"``.
+        TypeError: a spec that is not a :class:`QuantSpec`.
+    """
+
+    def __init__(
+        self,
+        start_epoch: int = 1,
+        *,
+        start: str = "epoch",
+        monitor: Optional[str] = None,
+        mode: str = "max",
+        patience: int = 2,
+        min_delta: float = 0.0,
+        calibration_batches: int = 16,
+        freeze_observers_after: Optional[int] = 200,
+        freeze_bn: bool = False,
+        weight_spec: QuantSpec = DEFAULT_WEIGHT_SPEC,
+        activation_spec: Optional[QuantSpec] = _DEFAULT,  # type: ignore[assignment]
+        embedding_spec: Optional[QuantSpec] = _DEFAULT,  # type: ignore[assignment]
+        skip: Union[str, Sequence[str]] = (),
+        kl_threshold: float = 0.01,
+        on_kl_violation: str = "fallback",
+        validation_batches: int = 8,
+        kl_bins: int = 128,
+        output_fn: Optional[Callable[["pl.LightningModule", Any], Tensor]] = None,
+    ) -> None:
+        _check_int("start_epoch", start_epoch, 0)
+        _check_choice("start", start, _STARTS)
+        _check_choice("mode", mode, _MODES)
+        _check_int("patience", patience, 1)
+        if not isinstance(min_delta, (int, float)) or min_delta < 0:
+            raise ValueError(f"min_delta={min_delta!r} is invalid; expected a float >= 0")
+        if start == "plateau" and not (isinstance(monitor, str) and monitor):
+            raise ValueError(f"start='plateau' needs monitor=<logged metric name>, got monitor={monitor!r}")
+        if monitor is not None and not isinstance(monitor, str):
+            raise ValueError(f"monitor={monitor!r} is invalid; expected a metric name (str) or None")
+        _check_int("calibration_batches", calibration_batches, 0)
+        _check_int("freeze_observers_after", freeze_observers_after, 0, allow_none=True)
+        if not isinstance(freeze_bn, bool):
+            raise ValueError(f"freeze_bn={freeze_bn!r} is invalid; expected True or False")
+        activation_spec = DEFAULT_ACTIVATION_SPEC if activation_spec is _DEFAULT else activation_spec
+        embedding_spec = DEFAULT_EMBEDDING_SPEC if embedding_spec is _DEFAULT else embedding_spec
+        for name, spec, optional in (("weight_spec", weight_spec, False), ("activation_spec", activation_spec, True),
+                                     ("embedding_spec", embedding_spec, True)):
+            if spec is None and optional:
+                continue
+            if not isinstance(spec, QuantSpec):
+                raise TypeError(f"{name} must be a hwaware.QuantSpec{' or None' if optional else ''}, got {type(spec).__name__}")
+        if weight_spec.dynamic:
+            raise ValueError("weight_spec.dynamic=True is invalid; weights are quantized with fixed per-channel scales")
+        if weight_spec.granularity == "per_row":
+            raise ValueError("weight_spec.granularity='per_row' is invalid; expected 'per_channel', 'per_group' or 'per_tensor'")
+        if embedding_spec is not None and embedding_spec.granularity != "per_row":
+            raise ValueError(f"embedding_spec.granularity={embedding_spec.granularity!r} is invalid; expected 'per_row'")
+        if embedding_spec is not None and embedding_spec.learnable:
+            raise ValueError("embedding_spec.learnable=True is invalid; row-wise table scales are computed from each row")
+        if embedding_spec is not None and not embedding_spec.dynamic:
+            embedding_spec = embedding_spec.replace(dynamic=True)  # row scales always follow the row
+        if isinstance(skip, str):
+            skip = (skip,)
+        if not all(isinstance(p, str) for p in skip):
+            raise ValueError(f"skip={skip!r} is invalid; expected a sequence of fnmatch patterns (str)")
+        if not isinstance(kl_threshold, (int, float)) or not kl_threshold > 0 or not math.isfinite(kl_threshold):
+            raise ValueError(f"kl_threshold={kl_threshold!r} is invalid; expected a finite float > 0")
+        _check_choice("on_kl_violation", on_kl_violation, _VIOLATIONS)
+        _check_int("validation_batches", validation_batches, 1)
+        _check_int("kl_bins", kl_bins, 2)
+
+        self.start_epoch = start_epoch
+        self.start = start
+        self.monitor = monitor
+        self.mode = mode
+        self.patience = patience
+        self.min_delta = float(min_delta)
+        self.calibration_batches = calibration_batches
+        self.freeze_observers_after = freeze_observers_after
+        self.freeze_bn = freeze_bn
+        self.weight_spec = weight_spec
+        self.activation_spec = activation_spec
+        self.embedding_spec = embedding_spec
+        self.skip = tuple(skip)
+        self.kl_threshold = float(kl_threshold)
+        self.on_kl_violation = on_kl_violation
+        self.validation_batches = validation_batches
+        self.kl_bins = kl_bins
+        self.output_fn = output_fn
+
+        # -- state (everything below is saved by state_dict) ------------------------------------
+        self.phase = "fp32"
+        self._history: List[Dict[str, Any]] = [{"phase": "fp32", "epoch": 0, "step": 0}]
+        self._calib_seen = 0
+        self._qat_seen = 0
+        self._observers_frozen = False
+        self._best: Optional[float] = None
+        self._wait = 0
+        self._plateau_reached = False
+        self._layers: Dict[str, Dict[str, Any]] = {}  # name -> {"kind", "weight_spec", "activation_spec", "enabled"}
+        self._skipped: Dict[str, str] = {}
+        self._fallbacks: Dict[str, str] = {}
+        self._kl: Dict[str, float] = {}
+        self._sqnr: Dict[str, float] = {}
+        self._output_kl: Optional[float] = None
+        self._kl_history: Dict[str, Dict[str, float]] = {}
+        self._metrics_before: Dict[str, float] = {}
+        self._metrics_after: Dict[str, float] = {}
+        self.fp32_reference: Optional[Dict[str, Tensor]] = None
+        self._pending_quantizers: Optional[Dict[str, Dict[str, Any]]] = None
+        self._states: Dict[str, QuantState] = {}
+        self._bn: List[nn.Module] = []
+        self._collector: Optional[LayerErrorCollector] = None
+        self._collecting = False
+        self._val_batches_seen = 0
+
+    # ================================================================================ hooks ===
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage != "fit":
+            return
+        plan, skipped = self._plan(pl_module)
+        if not plan:
+            raise ValueError(
+                f"{type(pl_module).__name__} has no quantizable layer (nn.Linear, nn.Conv1d, nn.Conv2d, "
+                f"nn.Embedding, nn.EmbeddingBag) outside skip={list(self.skip)}; skipped: {skipped or 'none found'}"
+            )
+        if trainer.max_epochs is not None and trainer.max_epochs >= 0 and self.start_epoch >= trainer.max_epochs:
+            raise ValueError(
+                f"start_epoch={self.start_epoch} is invalid for Trainer(max_epochs={trainer.max_epochs}); "
+                f"expected start_epoch < max_epochs so that QAT runs"
+            )
+
+    @override
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # resuming: the model's weights are restored already; re-attach quantizers with their state
+        # (before the optimizer state is restored, so LSQ parameter groups line up)
+        if self._pending_quantizers is not None:
+            self._restore_quantizers(trainer, pl_module)
+
+    @override
+    def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.phase != "fp32" or trainer.current_epoch < self.start_epoch:
+            return
+        if self.start == "plateau":
+            reached = trainer.strategy.broadcast(self._plateau_reached, src=0)
+            if not reached:
+                return
+        self._enter_calibrate(trainer, pl_module)
+        if self.calibration_batches == 0:
+            self._enter_qat(trainer, pl_module)
+
+    @override
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.phase == "qat" and self.freeze_bn:
+            for bn in self._bn:
+                bn.eval()
+
+    @override
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.phase == "calibrate":
+            self._calib_seen += 1
+            if self._calib_seen >= self.calibration_batches:
+                self._enter_qat(trainer, pl_module)
+        elif self.phase == "qat":
+            self._qat_seen += 1
+            if not self._observers_frozen and self.freeze_observers_after is not None and self._qat_seen >= self.freeze_observers_after:
+                self._freeze_observers()
+
+    @override
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        # LSQ scales live outside the DDP-wrapped module: average their gradients across ranks
+        if self.phase != "qat" or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        world = torch.distributed.get_world_size()
+        for st in self._states.values():
+            for q in st.quantizers():
+                g = q.learned_scale.grad if q.learned_scale is not None else None
+                if g is not None:
+                    torch.distributed.all_reduce(g)
+                    g.div_(world)
+
+    @override
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._val_batches_seen = 0
+        if self.phase == "qat" and not trainer.sanity_checking:
+            self._collector = LayerErrorCollector(self._enabled_states(), bins=self.kl_bins).attach_to(pl_module)
+            self._collecting = True
+
+    @override
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._val_batches_seen += 1
+        if self._collecting and self._val_batches_seen >= self.validation_batches:
+            self._stop_collecting()
+
+    @override
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if self._collecting:
+            self._stop_collecting()
+        if self._collector is not None:
+            results = self._collector.results()
+            self._collector = None
+            kl = {n: r["kl"] for n, r in results.items()}
+            for name, value in kl.items():
+                pl_module.log(f"kl/{name}", value, sync_dist=True)
+            self._kl_history[str(trainer.current_epoch)] = kl
+
+    @override
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = _scalar_metrics(trainer)
+        if self.phase == "fp32":
+            self._metrics_before = metrics
+            if self.start == "plateau":
+                self._update_plateau(metrics)
+        elif self.phase == "qat":
+            self._metrics_after = metrics
+
+    @override
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.phase == "qat":
+            self._validate(trainer, pl_module)
+        elif self.phase in ("fp32", "calibrate"):
+            rank_zero_warn(
+                f"ProgressiveQuantization: fit ended in phase {self.phase!r}; QAT never ran "
+                f"(start={self.start!r}, start_epoch={self.start_epoch}, max_epochs={trainer.max_epochs})"
+            )
+
+    # ===================================================================== state / resume ===
+    @override
+    def state_dict(self) -> Dict[str, Any]:
+        quantizers = {}
+        for name, st in self._states.items():
+            quantizers[name] = {
+                "weight": {k: v.detach().cpu().clone() for k, v in st.weight.state_dict().items()},
+                "activation": (
+                    {k: v.detach().cpu().clone() for k, v in st.activation.state_dict().items()}
+                    if st.activation is not None else None
+                ),
+            }
+        if self._pending_quantizers is not None and not quantizers:
+            quantizers = self._pending_quantizers
+        return {
+            "phase": self.phase,
+            "history": copy.deepcopy(self._history),
+            "calib_seen": self._calib_seen,
+            "qat_seen": self._qat_seen,
+            "observers_frozen": self._observers_frozen,
+            "best": self._best,
+            "wait": self._wait,
+            "plateau_reached": self._plateau_reached,
+            "layers": copy.deepcopy(self._layers),
+            "skipped": dict(self._skipped),
+            "fallbacks": dict(self._fallbacks),
+            "kl": dict(self._kl),
+            "sqnr": dict(self._sqnr),
+            "output_kl": self._output_kl,
+            "kl_history": copy.deepcopy(self._kl_history),
+            "metrics_before": dict(self._metrics_before),
+            "metrics_after": dict(self._metrics_after),
+            "fp32_reference": self.fp32_reference,
+            "quantizers": quantizers,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        phase = state_dict["phase"]
+        _check_choice("checkpoint phase", phase, PHASES)
+        self.phase = phase
+        self._history = copy.deepcopy(state_dict["history"])
+        self._calib_seen = state_dict["calib_seen"]
+        self._qat_seen = state_dict["qat_seen"]
+        self._observers_frozen = state_dict["observers_frozen"]
+        self._best = state_dict["best"]
+        self._wait = state_dict["wait"]
+        self._plateau_reached = state_dict["plateau_reached"]
+        self._layers = copy.deepcopy(state_dict["layers"])
+        self._skipped = dict(state_dict["skipped"])
+        self._fallbacks = dict(state_dict["fallbacks"])
+        self._kl = dict(state_dict["kl"])
+        self._sqnr = dict(state_dict["sqnr"])
+        self._output_kl = state_dict["output_kl"]
+        self._kl_history = copy.deepcopy(state_dict["kl_history"])
+        self._metrics_before = dict(state_dict["metrics_before"])
+        self._metrics_after = dict(state_dict["metrics_after"])
+        self.fp32_reference = state_dict["fp32_reference"]
+        self._pending_quantizers = state_dict["quantizers"] if self._layers else None
+
+    def _restore_quantizers(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        saved = self._pending_quantizers
+        self._attach(pl_module, self._layers)
+        for name, st in self._states.items():
+            if name not in saved:
+                raise ValueError(f"checkpoint has no quantizer state for layer {name!r}")
+            st.weight.load_state_dict(saved[name]["weight"])
+            if st.activation is not None:
+                st.activation.load_state_dict(saved[name]["activation"])
+        self._pending_quantizers = None
+        self._apply_phase_flags()
+        self._add_lsq_params(trainer)
+
+    # ================================================================== phase transitions ===
+    def _plan(self, pl_module: nn.Module):
+        return find_quantizable(
+            pl_module, weight_spec=self.weight_spec, activation_spec=self.activation_spec,
+            embedding_spec=self.embedding_spec, skip=self.skip,
+        )
+
+    def _attach(self, pl_module: nn.Module, layers: Dict[str, Dict[str, Any]]) -> None:
+        plan = {
+            name: (
+                info["kind"],
+                QuantSpec.from_dict(info["weight_spec"]),
+                QuantSpec.from_dict(info["activation_spec"]) if info["activation_spec"] is not None else None,
+            )
+            for name, info in layers.items()
+        }
+        self._states = attach_quantization(pl_module, plan)
+        for name, st in self._states.items():
+            st.enabled = layers[name]["enabled"]
+        self._bn = [m for m in pl_module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def _mark(self, phase: str, trainer: "pl.Trainer") -> None:
+        self.phase = phase
+        self._history.append({"phase": phase, "epoch": trainer.current_epoch, "step": trainer.global_step})
+
+    def _enter_calibrate(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        plan, skipped = self._plan(pl_module)
+        self._skipped = skipped
+        self._layers = {
+            name: {"kind": kind, "weight_spec": w.to_dict(), "activation_spec": a.to_dict() if a is not None else None, "enabled": True}
+            for name, (kind, w, a) in plan.items()
+        }
+        self._attach(pl_module, self._layers)
+        self._mark("calibrate", trainer)
+        self._apply_phase_flags()
+        rank_zero_info(f"ProgressiveQuantization: calibrating {len(plan)} layers for {self.calibration_batches} batches")
+
+    def _enter_qat(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._sync_observers()
+        for name, st in self._states.items():
+            st.weight.update_qparams(self._weight_of(pl_module, name))
+            if st.activation is not None and not st.activation.spec.dynamic and st.activation.observer.initialized:
+                st.activation.update_qparams()
+        # the FP32 model at the start of QAT, on CPU: the reference for KL and for export's gate
+        self.fp32_reference = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+        self._mark("qat", trainer)
+        self._apply_phase_flags()
+        self._add_lsq_params(trainer)
+        if self.freeze_observers_after == 0:
+            self._freeze_observers()
+        rank_zero_info(f"ProgressiveQuantization: QAT from epoch {trainer.current_epoch}, step {trainer.global_step}")
+
+    def _freeze_observers(self) -> None:
+        self._sync_observers()
+        for st in self._states.values():
+            for q in st.quantizers():
+                if q.observer is not None:  # static ranges; weight trackers keep following the weights
+                    if q.observer.initialized:
+                        q.update_qparams()
+                    q.freeze()
+        self._observers_frozen = True
+
+    def _apply_phase_flags(self) -> None:
+        """Set every quantizer's observe/quantize switches from the phase (and freeze state)."""
+        for st in self._states.values():
+            for q in st.quantizers():
+                if self.phase == "calibrate":
+                    q.observe, q.quantize = True, False
+                elif self.phase == "qat":
+                    q.quantize = True
+                    q.observe = not bool(q.frozen) and q.learned_scale is None
+                else:  # validate / done
+                    q.observe, q.quantize = False, True
+
+    def _add_lsq_params(self, trainer: "pl.Trainer") -> None:
+        params = []
+        for st in self._states.values():
+            for q in st.quantizers():
+                if q.spec.learnable and not q.spec.dynamic and q.has_qparams:
+                    params.append(q.make_learnable())
+        if not params or not trainer.optimizers:
+            return
+        opt = trainer.optimizers[0]
+        known = {id(p) for g in opt.param_groups for p in g["params"]}
+        new = [p for p in params if id(p) not in known]
+        if new:
+            opt.add_param_group({"params": new, "weight_decay": 0.0})
+
+    def _sync_observers(self) -> None:
+        for st in self._states.values():
+            for q in st.quantizers():
+                if q.observer is not None and q.observer.initialized:
+                    q.observer.sync_()
+
+    def _update_plateau(self, metrics: Dict[str, float]) -> None:
+        if self.monitor not in metrics:
+            raise ValueError(
+                f"ProgressiveQuantization(monitor={self.monitor!r}): metric not logged; logged metrics are {sorted(metrics)}"
+            )
+        value = metrics[self.monitor]
+        better = (
+            self._best is None
+            or (self.mode == "min" and value < self._best - self.min_delta)
+            or (self.mode == "max" and value > self._best + self.min_delta)
+        )
+        if better:
+            self._best, self._wait = value, 0
+        else:
+            self._wait += 1
+            if self._wait >= self.patience:
+                self._plateau_reached = True
+
+    @staticmethod
+    def _weight_of(pl_module: nn.Module, name: str) -> Tensor:
+        return pl_module.get_submodule(name).weight
+
+    def _enabled_states(self) -> Dict[str, QuantState]:
+        return {n: st for n, st in self._states.items() if st.enabled}
+
+    def _stop_collecting(self) -> None:
+        self._collector.__exit__(None, None, None)  # removes the hooks; results stay
+        self._collecting = False
+
+    # ========================================================================= validation ===
+    def _validation_batches(self, trainer: "pl.Trainer") -> List[Any]:
+        loaders = trainer.val_dataloaders
+        if loaders is None:
+            loaders = trainer.train_dataloader
+            rank_zero_warn("ProgressiveQuantization: no validation dataloader; KL validation uses training batches")
+        if isinstance(loaders, (list, tuple)):
+            loaders = loaders[0]
+        if loaders is None:
+            raise ValueError("ProgressiveQuantization: KL validation needs a val_dataloader (or train_dataloader)")
+        batches = []
+        for i, batch in enumerate(loaders):
+            if i >= self.validation_batches:
+                break
+            batches.append(trainer.strategy.batch_to_device(batch))
+        return batches
+
+    def _model_output(self, pl_module: "pl.LightningModule", batch: Any) -> Optional[Tensor]:
+        out = self.output_fn(pl_module, batch) if self.output_fn is not None else pl_module.predict_step(batch, 0)
+        if isinstance(out, (list, tuple)):
+            out = out[0]
+        if isinstance(out, dict):
+            out = next(iter(out.values()))
+        return out if isinstance(out, Tensor) else None
+
+    def _measure(self, trainer, pl_module, batches) -> None:
+        """Per-layer KL/SQNR and output KL over ``batches`` (all ranks agree: values are averaged)."""
+        was_training = pl_module.training
+        pl_module.eval()
+        outs_q, outs_fp = [], []
+        try:
+            with torch.no_grad():
+                with collect_layer_errors(pl_module, self._enabled_states(), bins=self.kl_bins) as c:
+                    for batch in batches:
+                        outs_q.append(self._model_output(pl_module, batch))
+                enabled = {n: st.enabled for n, st in self._states.items()}
+                for st in self._states.values():
+                    st.enabled = False
+                try:
+                    for batch in batches:
+                        outs_fp.append(self._model_output(pl_module, batch))
+                finally:
+                    for n, st in self._states.items():
+                        st.enabled = enabled[n]
+        finally:
+            pl_module.train(was_training)
+        results = c.results()
+        kl = {n: r["kl"] for n, r in results.items()}
+        sqnr = {n: r["sqnr_db"] for n, r in results.items()}
+        if trainer.world_size > 1 and kl:  # decisions must be identical on every rank
+            names = sorted(kl)
+            t = torch.tensor([kl[n] for n in names], dtype=torch.float64, device=pl_module.device)
+            t = trainer.strategy.reduce(t, reduce_op="mean")
+            kl = {n: float(v) for n, v in zip(names, t.tolist())}
+        self._kl = {n: kl.get(n, 0.0) for n in self._states}
+        self._sqnr = {n: sqnr.get(n, math.inf) for n in self._states}
+        if all(o is not None for o in outs_q + outs_fp) and outs_q:
+            self._output_kl = output_kl(torch.cat(outs_fp), torch.cat(outs_q))
+        else:
+            self._output_kl = None
+
+    def _fall_back(self, pl_module: nn.Module, name: str) -> str:
+        """Raise one layer's precision one step: sub-8-bit -> int8, int8 -> FP32. Returns the new label."""
+        info = self._layers[name]
+        st = self._states[name]
+        w = QuantSpec.from_dict(info["weight_spec"])
+        a = QuantSpec.from_dict(info["activation_spec"]) if info["activation_spec"] is not None else None
+        if w.bits < 8 or (a is not None and a.bits < 8):
+            w8 = w.replace(bits=8)
+            a8 = a.replace(bits=8) if a is not None else None
+            old_act = st.activation
+            new = attach_quantization(pl_module, {name: (info["kind"], w8, a8)})[name]
+            if old_act is not None and old_act.observer is not None and new.activation is not None:
+                # ranges do not depend on the bit width: reuse the calibrated statistics
+                new.activation.observer.load_state_dict(old_act.observer.state_dict())
+                new.activation.update_qparams()
+            new.weight.update_qparams(self._weight_of(pl_module, name))
+            self._states[name] = new
+            info["weight_spec"], info["activation_spec"] = w8.to_dict(), a8.to_dict() if a8 is not None else None
+            label = "int8"
+        else:
+            st.enabled = False
+            info["enabled"] = False
+            label = "fp32"
+        self._fallbacks[name] = label
+        self._apply_phase_flags()
+        return label
+
+    def _validate(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._mark("validate", trainer)
+        # final weights -> final weight scales: exactly what export will pack
+        for name, st in self._states.items():
+            if st.weight._tracks_weight and not bool(st.weight.frozen):
+                st.weight.update_qparams(self._weight_of(pl_module, name))
+                st.weight.freeze()
+        if not self._observers_frozen:
+            self._freeze_observers()
+        self._apply_phase_flags()
+        batches = self._validation_batches(trainer)
+        self._measure(trainer, pl_module, batches)
+        violators = self._violators()
+        if self.on_kl_violation == "fallback":
+            while violators:
+                for name in violators:
+                    label = self._fall_back(pl_module, name)
+                    rank_zero_info(f"ProgressiveQuantization: {name} KL {self._kl[name]:.4g} > {self.kl_threshold}; falls back to {label}")
+                self._apply_phase_flags()
+                self._measure(trainer, pl_module, batches)
+                violators = self._violators()
+        elif violators:
+            msg = (f"ProgressiveQuantization: {len(violators)} layer(s) over kl_threshold={self.kl_threshold}: "
+                   + ", ".join(f"{n} (KL {self._kl[n]:.4g})" for n in violators))
+            if self.on_kl_violation == "raise":
+                raise KLViolationError(msg)
+            rank_zero_warn(msg)
+        self._mark("done", trainer)
+
+    def _violators(self) -> List[str]:
+        return [n for n, st in self._states.items() if st.enabled and self._kl.get(n, 0.0) > self.kl_threshold]
+
+    # ============================================================================= report ===
+    @property
+    def quant_states(self) -> Dict[str, QuantState]:
+        """``{layer: QuantState}`` currently attached (empty before calibration)."""
+        return dict(self._states)
+
+    @property
+    def report(self) -> Dict[str, Any]:
+        """Phases (with epochs/steps), per-layer KL and SQNR, output KL, fallbacks, metrics before/after."""
+        phases = []
+        for i, h in enumerate(self._history):
+            end = self._history[i + 1] if i + 1 < len(self._history) else None
+            phases.append({
+                "phase": h["phase"], "start_epoch": h["epoch"], "start_step": h["step"],
+                "end_epoch": end["epoch"] if end else None, "end_step": end["step"] if end else None,
+            })
+        return {
+            "phase": self.phase,
+            "phases": phases,
+            "layers": {n: {"kind": i["kind"], "weight": QuantSpec.from_dict(i["weight_spec"]).short(),
+                           "activation": QuantSpec.from_dict(i["activation_spec"]).short() if i["activation_spec"] else None,
+                           "enabled": i["enabled"]} for n, i in self._layers.items()},
+            "skipped": dict(self._skipped),
+            "kl": dict(self._kl),
+            "sqnr_db": dict(self._sqnr),
+            "output_kl": self._output_kl,
+            "kl_threshold": self.kl_threshold,
+            "kl_history": copy.deepcopy(self._kl_history),
+            "fallback_layers": sorted(self._fallbacks),
+            "fallbacks": dict(self._fallbacks),
+            "monitor": self.monitor,
+            "metrics_before": dict(self._metrics_before),
+            "metrics_after": dict(self._metrics_after),
+        }

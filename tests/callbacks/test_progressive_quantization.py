@@ -1,0 +1,310 @@
+"""ProgressiveQuantization on real Lightning Trainers with a tiny CTR model."""
+from __future__ import annotations
+
+import copy
+import glob
+import os
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from torch import nn
+
+from hwaware import KLViolationError, ProgressiveQuantization, QuantSpec, quant_states
+from tests.helpers import TinyCTR, loaders, make_trainer, train_with_quant
+
+STATIC_ACT = QuantSpec(granularity="per_tensor", observer="moving_average", averaging_constant=0.1)
+
+
+class PhaseProbe(Callback):
+    """Records (global_step, phase, quantize flags) at every training batch."""
+
+    def __init__(self, cb: ProgressiveQuantization) -> None:
+        self.cb = cb
+        self.rows = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        flags = {n: (st.weight.quantize, st.weight.observe) for n, st in self.cb.quant_states.items()}
+        self.rows.append((trainer.global_step, self.cb.phase, flags))
+
+
+def _fit(tmp_path, cb, model=None, max_epochs=3, extra=(), **trainer_kwargs):
+    pl.seed_everything(0, verbose=False)
+    model = model or TinyCTR()
+    trainer = make_trainer(tmp_path, [cb, *extra], max_epochs=max_epochs, **trainer_kwargs)
+    train, val = loaders()
+    trainer.fit(model, train, val)
+    return trainer, model
+
+
+def test_phase_transitions(tmp_path):
+    cb = ProgressiveQuantization(start_epoch=1, calibration_batches=4, freeze_observers_after=2, activation_spec=STATIC_ACT)
+    probe = PhaseProbe(cb)
+    trainer, model = _fit(tmp_path, cb, extra=[probe])  # 8 batches per epoch
+    phases = [(p["phase"], p["start_epoch"], p["start_step"]) for p in cb.report["phases"]]
+    assert phases == [("fp32", 0, 0), ("calibrate", 1, 8), ("qat", 1, 12), ("validate", 3, 24), ("done", 3, 24)]
+    by_step = {step: (phase, flags) for step, phase, flags in probe.rows}
+    assert by_step[7] == ("fp32", {})
+    assert by_step[8][0] == "calibrate" and all(q is False for q, _ in by_step[8][1].values())
+    assert by_step[12][0] == "qat" and all(q is True for q, _ in by_step[12][1].values())
+    # activation observers froze after 2 QAT batches; after fit every quantizer is frozen
+    assert all(bool(st.activation.frozen) for st in cb.quant_states.values() if st.activation is not None)
+    assert all(bool(st.weight.frozen) for st in cb.quant_states.values() if st.weight._tracks_weight)
+    # layers keep their types and state_dict keys
+    assert isinstance(model.mlp[0], nn.Linear) and isinstance(model.emb, nn.EmbeddingBag)
+    assert list(model.state_dict()) == list(TinyCTR().state_dict())
+
+
+def test_qat_forward_is_fake_quantized_and_final_scales_match_final_weights(tmp_path):
+    trainer, model, cb = train_with_quant(tmp_path, max_epochs=2, start_epoch=1, calibration_batches=2, activation_spec=None)
+    st = cb.quant_states["mlp.0"]
+    w = model.mlp[0].weight.detach()
+    from hwaware.quant.primitives import as_channels, channel_minmax, compute_qparams, fake_quantize
+
+    scale, zp = compute_qparams(*channel_minmax(as_channels(w, st.weight.spec)), st.weight.spec)
+    torch.testing.assert_close(st.weight.scale, scale, atol=0, rtol=0)
+    x = torch.randn(5, 12)
+    expected = torch.nn.functional.linear(x, fake_quantize(w, scale, zp, st.weight.spec), model.mlp[0].bias)
+    torch.testing.assert_close(model.mlp[0](x), expected, atol=0, rtol=0)
+    assert not torch.equal(model.mlp[0](x), torch.nn.functional.linear(x, w, model.mlp[0].bias))
+
+
+def test_fp32_reference_is_the_model_at_qat_start(tmp_path):
+    snap = {}
+
+    class Snap(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 10:  # 8 fp32 + 2 calibration batches: QAT starts here
+                snap.update({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
+
+    cb = ProgressiveQuantization(start_epoch=1, calibration_batches=2)
+    _fit(tmp_path, cb, extra=[Snap()], max_epochs=2)
+    assert cb.fp32_reference is not None and set(cb.fp32_reference) == set(snap)
+    for k, v in snap.items():
+        assert cb.fp32_reference[k].device.type == "cpu"
+        torch.testing.assert_close(cb.fp32_reference[k], v, atol=0, rtol=0)
+
+
+def test_plateau_start(tmp_path):
+    # min_delta so large that no validation after the first counts as an improvement
+    cb = ProgressiveQuantization(start="plateau", monitor="val_loss", mode="min", patience=1, min_delta=10.0, calibration_batches=2)
+    _fit(tmp_path, cb, max_epochs=4)
+    phases = {p["phase"]: p["start_epoch"] for p in cb.report["phases"]}
+    assert phases["calibrate"] == 2  # best set after epoch 0, no improvement after epoch 1
+    assert cb.report["metrics_before"]["val_loss"] > 0
+
+
+def test_plateau_metric_never_logged(tmp_path):
+    cb = ProgressiveQuantization(start="plateau", monitor="val_auroc")
+    with pytest.raises(ValueError, match="monitor='val_auroc'.*not logged.*val_loss"):
+        _fit(tmp_path, cb, max_epochs=2)
+
+
+def test_kl_logged_every_validation_epoch_during_qat(tmp_path):
+    trainer, model, cb = train_with_quant(tmp_path, max_epochs=4, start_epoch=1, calibration_batches=2)
+    assert sorted(cb.report["kl_history"]) == ["1", "2", "3"]
+    assert {"kl/mlp.0", "kl/mlp.2", "kl/emb"} <= set(trainer.callback_metrics)
+    for epoch_kl in cb.report["kl_history"].values():
+        assert set(epoch_kl) == {"emb", "mlp.0", "mlp.2"} and all(v >= 0 for v in epoch_kl.values())
+
+
+def test_validate_reports_kl_and_output_kl(tmp_path):
+    trainer, model, cb = train_with_quant(tmp_path, max_epochs=2, start_epoch=1, calibration_batches=2)
+    r = cb.report
+    assert set(r["kl"]) == {"emb", "mlp.0", "mlp.2"}
+    assert all(0 <= v < cb.kl_threshold for v in r["kl"].values())  # int8 passes
+    assert all(v > 35 for v in r["sqnr_db"].values())  # int8 layer outputs: >= 45 dB measured
+    assert 0 <= r["output_kl"] < 1e-4
+    assert r["fallback_layers"] == [] and r["phase"] == "done"
+
+
+def test_kl_fallback_raises_precision_and_revalidates(tmp_path):
+    w2 = QuantSpec(bits=2, granularity="per_channel")
+    trainer, model, cb = train_with_quant(tmp_path, max_epochs=2, start_epoch=1, calibration_batches=2,
+                                          weight_spec=w2, kl_threshold=0.005)
+    r = cb.report
+    assert r["fallback_layers"], r
+    for name, label in r["fallbacks"].items():
+        assert label in ("int8", "fp32")
+        if label == "int8":
+            assert r["layers"][name]["weight"].startswith("int8")
+        else:
+            assert r["layers"][name]["enabled"] is False and r["kl"][name] == 0.0
+    assert all(r["kl"][n] <= 0.005 for n in r["kl"])  # re-validated after the fallback
+
+
+def test_kl_violation_raise_and_warn(tmp_path):
+    w2 = QuantSpec(bits=2, granularity="per_channel")
+    with pytest.raises(KLViolationError, match=r"over kl_threshold=1e-09.*mlp\.0"):
+        train_with_quant(tmp_path, max_epochs=2, start_epoch=1, calibration_batches=2, weight_spec=w2,
+                         kl_threshold=1e-9, on_kl_violation="raise")
+    with pytest.warns(UserWarning, match="over kl_threshold"):
+        _, _, cb = train_with_quant(tmp_path, max_epochs=2, start_epoch=1, calibration_batches=2, weight_spec=w2,
+                                    kl_threshold=1e-9, on_kl_violation="warn")
+    assert cb.report["fallback_layers"] == []
+
+
+def test_skip_patterns(tmp_path):
+    _, model, cb = train_with_quant(tmp_path, max_epochs=2, start_epoch=1, calibration_batches=2, skip=["mlp.2", "emb"])
+    assert set(cb.quant_states) == {"mlp.0"}
+    assert "skip pattern 'mlp.2'" in cb.report["skipped"]["mlp.2"]
+    assert type(model.mlp[2]) is nn.Linear
+
+
+def test_nan_weight_names_the_layer(tmp_path):
+    class Poison(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 11:
+                with torch.no_grad():
+                    pl_module.mlp[0].weight[0, 0] = float("nan")
+
+    cb = ProgressiveQuantization(start_epoch=1, calibration_batches=2)
+    with pytest.raises(ValueError, match=r"mlp\.0\.weight.*NaN/inf"):
+        _fit(tmp_path, cb, extra=[Poison()], max_epochs=2)
+
+
+def test_nan_activation_seen_by_observer_names_the_layer(tmp_path):
+    class Poison(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 9:
+                batch[0][0, 0] = float("nan")
+
+    cb = ProgressiveQuantization(start_epoch=1, calibration_batches=4, activation_spec=STATIC_ACT)
+    with pytest.raises(ValueError, match=r"mlp\.0\.input"):
+        _fit(tmp_path, cb, extra=[Poison()], max_epochs=2)
+
+
+def test_freeze_bn_keeps_running_stats(tmp_path):
+    stats = []
+
+    class Rec(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            stats.append((trainer.global_step, pl_module.mlp[1].running_mean.clone()))
+
+    cb = ProgressiveQuantization(start_epoch=1, calibration_batches=2, freeze_bn=True)
+    _fit(tmp_path, cb, model=TinyCTR(bn=True), extra=[Rec()], max_epochs=2)
+    qat = [s for step, s in stats if step > 10]
+    assert len(qat) >= 4 and all(torch.equal(qat[0], s) for s in qat)
+    fp32 = [s for step, s in stats if step <= 8]
+    assert not torch.equal(fp32[0], fp32[-1])
+
+
+def test_lsq_learns_activation_scale(tmp_path):
+    spec = QuantSpec(granularity="per_tensor", learnable=True)
+    cb = ProgressiveQuantization(start_epoch=1, calibration_batches=2, activation_spec=spec)
+    initial = {}
+
+    class Rec(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 10:
+                initial.update({n: st.activation.learned_scale.detach().clone() for n, st in cb.quant_states.items() if st.activation})
+
+    trainer, _ = _fit(tmp_path, cb, extra=[Rec()], max_epochs=3)
+    assert len(trainer.optimizers[0].param_groups) == 2
+    changed = [not torch.equal(initial[n], cb.quant_states[n].activation.learned_scale.detach()) for n in initial]
+    assert initial and all(changed)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(start_epoch=-1), "start_epoch=-1.*int >= 0"),
+        (dict(start="loss"), r"start='loss'.*\('epoch', 'plateau'\)"),
+        (dict(start="plateau"), "start='plateau' needs monitor"),
+        (dict(mode="up"), r"mode='up'.*\('min', 'max'\)"),
+        (dict(patience=0), "patience=0"),
+        (dict(min_delta=-1.0), "min_delta=-1.0"),
+        (dict(calibration_batches=-2), "calibration_batches=-2"),
+        (dict(freeze_observers_after=1.5), "freeze_observers_after=1.5"),
+        (dict(kl_threshold=0.0), "kl_threshold=0.0"),
+        (dict(kl_threshold=float("nan")), "kl_threshold=nan"),
+        (dict(on_kl_violation="ignore"), r"on_kl_violation='ignore'.*\('fallback', 'warn', 'raise'\)"),
+        (dict(validation_batches=0), "validation_batches=0"),
+        (dict(skip=[1]), "skip=.*fnmatch"),
+        (dict(embedding_spec=QuantSpec(granularity="per_channel")), "embedding_spec.granularity='per_channel'"),
+        (dict(weight_spec=QuantSpec(granularity="per_row", dynamic=True)), "weight_spec.dynamic=True"),
+        (dict(freeze_bn="yes"), "freeze_bn='yes'"),
+    ],
+)
+def test_progressive_quantization_misconfiguration(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ProgressiveQuantization(**kwargs)
+
+
+def test_spec_type_error():
+    with pytest.raises(TypeError, match="weight_spec must be a hwaware.QuantSpec"):
+        ProgressiveQuantization(weight_spec={"bits": 8})
+
+
+def test_start_epoch_beyond_max_epochs(tmp_path):
+    with pytest.raises(ValueError, match=r"start_epoch=5 is invalid for Trainer\(max_epochs=3\)"):
+        _fit(tmp_path, ProgressiveQuantization(start_epoch=5), max_epochs=3)
+
+
+def test_model_without_quantizable_layer(tmp_path):
+    class Custom(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    class NoLayers(TinyCTR):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.EmbeddingBag(50, 8, mode="sum")
+            self.mlp = nn.Sequential(Custom(12, 1))
+
+    with pytest.raises(ValueError, match=r"no quantizable layer.*overrides forward"):
+        _fit(tmp_path, ProgressiveQuantization(start_epoch=1, skip=["emb"]), model=NoLayers())
+
+
+def _ckpt_run(tmp_path, ckpt_path=None, extra=()):
+    pl.seed_everything(0, verbose=False)
+    cb = ProgressiveQuantization(start_epoch=1, calibration_batches=4, freeze_observers_after=30, activation_spec=STATIC_ACT)
+    mc = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    model = TinyCTR()
+    model.configure_optimizers = lambda: torch.optim.Adam(model.parameters(), lr=1e-2)
+    trainer = make_trainer(tmp_path, [cb, mc, *extra], max_epochs=4, enable_checkpointing=True)
+    train, val = loaders()
+    trainer.fit(model, train, val, ckpt_path=ckpt_path)
+    return model, cb
+
+
+def _assert_state_equal(a, b, path="state"):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert set(a) == set(b), f"{path}: {set(a) ^ set(b)}"
+        for k in a:
+            _assert_state_equal(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_state_equal(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def test_resume_mid_qat_restores_identical_state(tmp_path):
+    model_a, cb_a = _ckpt_run(tmp_path / "a")
+    ckpt = str(tmp_path / "a" / "ckpt" / "epoch=1.ckpt")  # epoch 1: calibration done, observers still live
+    saved = torch.load(ckpt, weights_only=True)
+    saved_cb = next(v for k, v in saved["callbacks"].items() if "ProgressiveQuantization" in k)
+    assert saved_cb["phase"] == "qat" and not saved_cb["observers_frozen"]
+    assert set(saved["state_dict"]) == set(TinyCTR().state_dict())  # plain keys: loads into a fresh model
+
+    restored = {}
+
+    class Capture(Callback):
+        def on_train_start(self, trainer, pl_module):
+            cb = next(c for c in trainer.callbacks if isinstance(c, ProgressiveQuantization))
+            restored.update(copy.deepcopy(cb.state_dict()))
+            restored["flags"] = {n: (st.weight.quantize, st.activation.observe) for n, st in cb.quant_states.items() if st.activation}
+
+    model_b, cb_b = _ckpt_run(tmp_path / "b", ckpt_path=ckpt, extra=[Capture()])
+    flags = restored.pop("flags")
+    _assert_state_equal(saved_cb, restored)
+    assert flags and all(q and o for q, o in flags.values())
+    # continuing from the checkpoint ends exactly where the uninterrupted run ended
+    _assert_state_equal(cb_a.state_dict(), cb_b.state_dict())
+    _assert_state_equal(model_a.state_dict(), model_b.state_dict())
+    assert cb_a.report == cb_b.report
