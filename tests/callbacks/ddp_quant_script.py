@@ -1,0 +1,44 @@
+"""Run by test_ddp.py: 2-process gloo DDP fit with ProgressiveQuantization; each rank dumps its state."""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+
+import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
+
+from hwaware import ProgressiveQuantization, QuantSpec  # noqa: E402
+from tests.helpers import TinyCTR, loaders  # noqa: E402
+
+
+def main(out_dir: str) -> None:
+    pl.seed_everything(0, verbose=False)
+    cb = ProgressiveQuantization(
+        start_epoch=1, calibration_batches=2, freeze_observers_after=3,
+        activation_spec=QuantSpec(granularity="per_tensor", observer="moving_average", averaging_constant=0.2),
+    )
+    trainer = pl.Trainer(
+        strategy="ddp", accelerator="cpu", devices=2, max_epochs=3, limit_train_batches=6, limit_val_batches=3,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, callbacks=[cb],
+    )
+    train, val = loaders()
+    trainer.fit(TinyCTR(), train, val)
+    state = {
+        "rank": trainer.global_rank,
+        "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None,
+        "phase": cb.phase,
+        "report_phases": cb.report["phases"],
+        "kl": cb.report["kl"],
+        "fallbacks": cb.report["fallbacks"],
+        "act_scales": {n: st.activation.scale.tolist() for n, st in cb.quant_states.items() if st.activation is not None},
+        "weight_scales": {n: st.weight.scale.tolist() for n, st in cb.quant_states.items() if st.weight.has_qparams},
+        "weights": {k: v.tolist() for k, v in trainer.lightning_module.state_dict().items() if k.endswith("weight") and v.dim() == 2 and v.shape[0] < 64},
+    }
+    with open(os.path.join(out_dir, f"rank{trainer.global_rank}.json"), "w") as f:
+        json.dump(state, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
