@@ -97,7 +97,8 @@ class QuantSpec:
             raise ValueError(
                 f"QuantSpec.observer='histogram' supports granularity='per_tensor' only, got {self.granularity!r}"
             )
-        if not isinstance(self.averaging_constant, (int, float)) or not 0.0 < float(self.averaging_constant) <= 1.0:
+        if (not isinstance(self.averaging_constant, (int, float)) or isinstance(self.averaging_constant, bool)
+                or not 0.0 < float(self.averaging_constant) <= 1.0):
             raise ValueError(f"QuantSpec.averaging_constant={self.averaging_constant!r}; expected a float in (0, 1]")
         if self.dynamic and self.granularity not in ("per_row", "per_tensor"):
             raise ValueError(
@@ -128,7 +129,7 @@ class QuantSpec:
 
     def replace(self, **changes) -> "QuantSpec":
         """A copy with ``changes`` applied (validated again)."""
-        if "bits" in changes and "narrow_range" not in changes:
+        if ("bits" in changes or "symmetric" in changes) and "narrow_range" not in changes:
             changes["narrow_range"] = None
         return dataclasses.replace(self, **changes)
 
