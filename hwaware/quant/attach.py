@@ -139,14 +139,25 @@ _CLASS_CACHE: Dict[type, type] = {}
 
 
 def _quantized_class(cls: type, kind: str) -> type:
-    """``QuantizedLinear(nn.Linear)`` etc.: registered in this module so models stay picklable."""
+    """``QuantizedLinear(nn.Linear)`` etc.: registered in this module so models stay picklable.
+
+    The five torch classes get theirs at import (so a pickled model loads in a fresh process);
+    any other class gets a name that includes its module, so two classes named ``Linear`` never
+    overwrite each other's entry.
+    """
     if cls not in _CLASS_CACHE:
         name = f"Quantized{cls.__name__}"
+        if cls not in _STOCK_FORWARD:
+            name = f"Quantized_{cls.__module__.replace('.', '_')}_{cls.__qualname__.replace('.', '_')}"
         new = type(name, (cls,), {"forward": _FORWARDS[kind], "__module__": __name__})
         new.__qualname__ = name
         setattr(sys.modules[__name__], name, new)
         _CLASS_CACHE[cls] = new
     return _CLASS_CACHE[cls]
+
+
+for _cls, _kind in _STOCK_FORWARD.items():
+    _quantized_class(_cls, _kind)
 
 
 def _kind_of(module: nn.Module) -> Tuple[Optional[str], Optional[str]]:

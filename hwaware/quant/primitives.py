@@ -103,7 +103,9 @@ def quantize(x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -> T
     if spec.float_offset:
         q = torch.round((x2d - _bcast(zero_point.float())) / s)
     else:
-        q = torch.round(x2d / s) + _bcast(zero_point.float())
+        # x * (1/s), as the fused fake-quant kernels compute it: x / s can round a value one ulp
+        # from a half-level to the other code, and then export would pack what QAT never saw
+        q = torch.round(x2d * (1.0 / s)) + _bcast(zero_point.float())
     q = q.clamp(spec.qmin, spec.qmax)
     return q.to(torch.int8 if spec.symmetric else torch.uint8).reshape(x.shape)
 
@@ -132,7 +134,8 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec)
         s = _bcast(scale.to(x.dtype))
         off = _bcast(zero_point.to(x.dtype))
         xh = torch.round((x2d - off) / s).clamp(spec.qmin, spec.qmax) * s + off
-        return (x2d + (xh - x2d).detach()).reshape(shape)
+        # forward value exactly xh (x + (xh - x) is not, in float32); gradient 1
+        return (xh.detach() + (x2d - x2d.detach())).reshape(shape)
     zp = zero_point.to(torch.int32)
     if x2d.shape[0] == 1 and spec.granularity == "per_tensor":
         y = torch.fake_quantize_per_tensor_affine(x2d, scale.float().reshape(()), zp.reshape(()), spec.qmin, spec.qmax)

@@ -1,0 +1,225 @@
+"""FakeQuantizer: weight tracking and freezing, static/dynamic activations, LSQ, checkpoints, errors."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from hwaware.quant.fake_quant import FakeQuantizer
+from hwaware.quant.primitives import as_channels, channel_minmax, compute_qparams, fake_quantize
+from hwaware.quant.spec import QuantSpec
+
+WEIGHT_SPEC = QuantSpec(bits=8, granularity="per_channel")
+STATIC_ACT_SPEC = QuantSpec(bits=8, granularity="per_tensor", symmetric=False, observer="minmax")
+DYNAMIC_ROW_SPEC = QuantSpec(bits=8, granularity="per_row", dynamic=True)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _reference_qparams(t: torch.Tensor, spec: QuantSpec):
+    mn, mx = channel_minmax(as_channels(t, spec))
+    return compute_qparams(mn, mx, spec)
+
+
+def test_role_must_be_weight_or_activation():
+    with pytest.raises(ValueError, match=r"role='bias'; expected 'weight' or 'activation'"):
+        FakeQuantizer(WEIGHT_SPEC, "fc.bias", "bias")
+
+
+def test_starts_in_calibrate_mode_and_passes_through():
+    fq = FakeQuantizer(WEIGHT_SPEC, "fc.weight", "weight")
+    assert fq.observe and not fq.quantize and not fq.has_qparams
+    w = torch.randn(4, 8, generator=_gen(0))
+    assert fq(w) is w
+
+
+# ------------------------------------------------------------------------------------------------
+# weights
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "spec",
+    [WEIGHT_SPEC, QuantSpec(bits=4, granularity="per_group", group_size=32, symmetric=False), QuantSpec(granularity="per_tensor")],
+    ids=lambda s: s.short(),
+)
+def test_weight_scale_tracks_current_weight_until_frozen(spec):
+    fq = FakeQuantizer(spec, "fc.weight", "weight")
+    assert fq.observer is None  # a min-max weight reads the live weight, no running range
+    fq.quantize = True
+    w1 = torch.randn(8, 64, generator=_gen(1))
+    out1 = fq(w1)
+    s1, z1 = _reference_qparams(w1, spec)
+    torch.testing.assert_close(fq.scale, s1, atol=0, rtol=0)
+    torch.testing.assert_close(fq.zero_point, z1, atol=0, rtol=0)
+    torch.testing.assert_close(out1, fake_quantize(w1, s1, z1, spec), atol=0, rtol=0)
+
+    # a smaller weight: the scale follows it down (a running range would keep w1's)
+    w2 = w1 * 0.25
+    out2 = fq(w2)
+    s2, z2 = _reference_qparams(w2, spec)
+    torch.testing.assert_close(fq.scale, s2, atol=0, rtol=0)
+    torch.testing.assert_close(out2, fake_quantize(w2, s2, z2, spec), atol=0, rtol=0)
+
+    fq.freeze()
+    assert bool(fq.frozen) and not fq.observe
+    w3 = w1 * 4.0
+    out3 = fq(w3)
+    torch.testing.assert_close(fq.scale, s2, atol=0, rtol=0)  # frozen at w2's scale
+    torch.testing.assert_close(out3, fake_quantize(w3, s2, z2, spec), atol=0, rtol=0)
+    assert not torch.equal(out3, fake_quantize(w3, *_reference_qparams(w3, spec), spec))
+
+
+def test_weight_nan_raises_with_layer_name():
+    fq = FakeQuantizer(WEIGHT_SPEC, "top_mlp.0.weight", "weight")
+    fq.quantize = True
+    w = torch.randn(4, 8, generator=_gen(2))
+    w[2, 3] = float("nan")
+    with pytest.raises(ValueError, match=re.escape("'top_mlp.0.weight' (weight) produced NaN/inf")):
+        fq(w)
+    w[2, 3] = float("inf")
+    with pytest.raises(ValueError, match=re.escape("'top_mlp.0.weight'")):
+        fq(w)
+
+
+def test_update_qparams_of_weight_needs_the_weight():
+    fq = FakeQuantizer(WEIGHT_SPEC, "fc.weight", "weight")
+    with pytest.raises(ValueError, match=re.escape("'fc.weight': a weight quantizer needs the weight")):
+        fq.update_qparams()
+
+
+# ------------------------------------------------------------------------------------------------
+# activations
+# ------------------------------------------------------------------------------------------------
+def test_static_activation_observes_while_calibrating_then_quantizes():
+    fq = FakeQuantizer(STATIC_ACT_SPEC, "fc.input", "activation")
+    assert fq.observer is not None
+    g = _gen(3)
+    batches = [torch.randn(16, 32, generator=g) * (i + 1) + 0.5 * i for i in range(3)]  # [B, K]
+    for b in batches:
+        out = fq(b)
+        torch.testing.assert_close(out, b, atol=0, rtol=0)
+    assert not fq.has_qparams  # calibration only collects statistics
+
+    fq.freeze()
+    fq.quantize = True
+    x = torch.randn(16, 32, generator=g) * 2.0
+    allb = torch.cat(batches)
+    scale, zp = compute_qparams(allb.min().reshape(1), allb.max().reshape(1), STATIC_ACT_SPEC)
+    out = fq(x)
+    torch.testing.assert_close(fq.scale, scale, atol=0, rtol=0)
+    torch.testing.assert_close(fq.zero_point, zp, atol=0, rtol=0)
+    torch.testing.assert_close(out, fake_quantize(x, scale, zp, STATIC_ACT_SPEC), atol=0, rtol=0)
+    assert not torch.equal(out, x)
+    # frozen: a wider batch does not move the range
+    fq(x * 10.0)
+    torch.testing.assert_close(fq.scale, scale, atol=0, rtol=0)
+
+
+def test_static_activation_not_frozen_keeps_observing_while_quantizing():
+    fq = FakeQuantizer(STATIC_ACT_SPEC, "fc.input", "activation")
+    fq.quantize = True
+    a = torch.randn(8, 16, generator=_gen(4))
+    fq(a)
+    b = a * 3.0
+    out = fq(b)
+    both = torch.cat([a, b])
+    scale, zp = compute_qparams(both.min().reshape(1), both.max().reshape(1), STATIC_ACT_SPEC)
+    torch.testing.assert_close(fq.scale, scale, atol=0, rtol=0)
+    torch.testing.assert_close(out, fake_quantize(b, scale, zp, STATIC_ACT_SPEC), atol=0, rtol=0)
+
+
+def test_dynamic_per_row_quantizes_each_row_with_its_own_absmax():
+    fq = FakeQuantizer(DYNAMIC_ROW_SPEC, "fc.input", "activation")
+    assert fq.observer is None
+    x = torch.randn(2, 5, 48, generator=_gen(5)) * torch.logspace(-2, 2, 5).reshape(1, 5, 1)  # [B, T, K]
+    assert fq(x) is x  # quantize off: untouched
+    fq.quantize = True
+    out = fq(x)
+    # manual: per token, scale = absmax / 127, codes in [-127, 127]; the fused op rounds x * (1 / s)
+    s = x.abs().amax(-1, keepdim=True) / 127
+    ref = torch.clamp(torch.round(x * (1.0 / s)), -127, 127) * s
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    assert not fq.has_qparams  # nothing stored: the next tensor gets its own scales
+    out2 = fq(x[:, :2] * 7.0)
+    s2 = (x[:, :2] * 7.0).abs().amax(-1, keepdim=True) / 127
+    torch.testing.assert_close(out2, torch.clamp(torch.round((x[:, :2] * 7.0) * (1.0 / s2)), -127, 127) * s2, atol=0, rtol=0)
+
+
+def test_dynamic_nan_input_raises_with_layer_name():
+    fq = FakeQuantizer(DYNAMIC_ROW_SPEC, "bottom_mlp.2.input", "activation")
+    fq.quantize = True
+    x = torch.randn(3, 8, generator=_gen(6))
+    x[1, 0] = float("nan")
+    with pytest.raises(ValueError, match=re.escape("'bottom_mlp.2.input' (activation) produced NaN/inf")):
+        fq(x)
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("role, spec", [("weight", WEIGHT_SPEC), ("activation", STATIC_ACT_SPEC)])
+def test_state_dict_round_trip_into_fresh_quantizer(role, spec):
+    fq = FakeQuantizer(spec, "fc.x", role)
+    fq.quantize = True
+    t = torch.randn(8, 32, generator=_gen(7))
+    fq(t)
+    fq.freeze()
+    sd = fq.state_dict()
+    assert sd["scale"].numel() > 0 and bool(sd["frozen"])
+
+    fresh = FakeQuantizer(spec, "fc.x", role)
+    fresh.load_state_dict(sd)  # strict: shapes of the empty buffers are taken from the checkpoint
+    fresh.quantize = True
+    x = t * 1.7  # a different tensor: the loaded, frozen scale must be the one used
+    torch.testing.assert_close(fresh(x), fq(x), atol=0, rtol=0)
+    torch.testing.assert_close(fresh.scale, fq.scale, atol=0, rtol=0)
+    assert fresh.zero_point.dtype == fq.zero_point.dtype
+
+
+def test_learnable_scale_state_dict_round_trip():
+    fq = FakeQuantizer(WEIGHT_SPEC, "fc.weight", "weight")
+    fq.quantize = True
+    w = torch.randn(8, 32, generator=_gen(8))
+    fq(w)
+    p = fq.make_learnable()
+    with torch.no_grad():
+        p.mul_(1.3)
+    fresh = FakeQuantizer(WEIGHT_SPEC, "fc.weight", "weight")
+    fresh.load_state_dict(fq.state_dict())
+    fresh.quantize = True
+    assert isinstance(fresh.learned_scale, nn.Parameter)
+    torch.testing.assert_close(fresh(w), fq(w), atol=0, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# LSQ
+# ------------------------------------------------------------------------------------------------
+def test_make_learnable_before_calibration_raises():
+    fq = FakeQuantizer(WEIGHT_SPEC, "fc.weight", "weight")
+    with pytest.raises(ValueError, match=re.escape("'fc.weight': cannot make the scale learnable before it is calibrated")):
+        fq.make_learnable()
+
+
+def test_make_learnable_returns_parameter_that_drives_the_output():
+    fq = FakeQuantizer(WEIGHT_SPEC, "fc.weight", "weight")
+    fq.quantize = True
+    w = torch.randn(8, 32, generator=_gen(9))
+    before = fq(w)
+    p = fq.make_learnable()
+    assert isinstance(p, nn.Parameter) and p.requires_grad
+    assert any(q is p for q in fq.parameters())
+    assert fq.make_learnable() is p  # idempotent
+    torch.testing.assert_close(fq(w), before, atol=0, rtol=0)  # same scale, same output
+
+    with torch.no_grad():
+        p.mul_(2.0)
+    out = fq(w)
+    assert not torch.equal(out, before)
+    torch.testing.assert_close(out, fake_quantize(w, p.detach(), fq.zero_point, WEIGHT_SPEC), atol=0, rtol=0)
+    torch.testing.assert_close(fq.current_scale(), p.detach(), atol=0, rtol=0)
+
+    out.sum().backward()
+    assert p.grad is not None and float(p.grad.abs().sum()) > 0
