@@ -70,6 +70,17 @@ def test_qat_forward_is_fake_quantized_and_final_scales_match_final_weights(tmp_
     assert not torch.equal(model.mlp[0](x), torch.nn.functional.linear(x, w, model.mlp[0].bias))
 
 
+def test_lr_scale_applies_at_qat_start(tmp_path):
+    lrs = {}
+
+    class Rec(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            lrs[trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
+
+    _fit(tmp_path, ProgressiveQuantization(start_epoch=1, calibration_batches=2, lr_scale=0.1), extra=[Rec()], max_epochs=2)
+    assert lrs[9] == pytest.approx(0.05) and lrs[10] == pytest.approx(0.005) and lrs[15] == pytest.approx(0.005)
+
+
 def test_fp32_reference_is_the_model_at_qat_start(tmp_path):
     snap = {}
 
@@ -225,6 +236,8 @@ def test_lsq_learns_activation_scale(tmp_path):
         (dict(embedding_spec=QuantSpec(granularity="per_channel")), "embedding_spec.granularity='per_channel'"),
         (dict(weight_spec=QuantSpec(granularity="per_row", dynamic=True)), "weight_spec.dynamic=True"),
         (dict(freeze_bn="yes"), "freeze_bn='yes'"),
+        (dict(lr_scale=0.0), r"lr_scale=0.0.*\(0, 1\]"),
+        (dict(lr_scale=2.0), "lr_scale=2.0"),
     ],
 )
 def test_progressive_quantization_misconfiguration(kwargs, match):
