@@ -4,8 +4,8 @@ The callback only schedules: numerics live in :mod:`hwaware.quant` (specs, obser
 attachment, KL). Phases:
 
 ``fp32``      plain training until ``start_epoch`` (or until ``monitor`` plateaus, ``start="plateau"``).
-``calibrate`` quantizers attached, observers record ranges, the math is still FP32
-              (``calibration_batches`` training batches).
+``calibrate`` quantizers attached, observers record ranges over ``calibration_batches`` training
+              batches; the math is FP32 and the weights do not move (gradients are dropped).
 ``qat``       fake quantization on; activation observers freeze after ``freeze_observers_after``
               batches; weight scales track the live weights; ``kl/<layer>`` logged every validation.
 ``validate``  at the end of fit: per-layer KL (FP32 vs quantized output of each layer on the same
@@ -87,7 +87,8 @@ class ProgressiveQuantization(Callback):
         mode: ``"min"`` or ``"max"`` for ``monitor``.
         patience: validations without improvement before QAT starts (``"plateau"``).
         min_delta: smallest change of ``monitor`` that counts as an improvement.
-        calibration_batches: training batches with observers on and FP32 math before QAT.
+        calibration_batches: training batches with observers on, FP32 math and no weight updates
+            before QAT.
         freeze_observers_after: QAT batches after which activation observers freeze (None: never).
         freeze_bn: put BatchNorm layers in eval mode (running statistics frozen) during QAT.
         lr_scale: multiply every optimizer learning rate by this when QAT starts (fine-tuning at a
@@ -267,6 +268,8 @@ class ProgressiveQuantization(Callback):
 
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.phase in ("calibrate", "qat"):
+            self._check_finite(outputs)
         if self.phase == "calibrate":
             self._calib_seen += 1
             if self._calib_seen >= self.calibration_batches:
@@ -278,6 +281,14 @@ class ProgressiveQuantization(Callback):
 
     @override
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.phase == "calibrate":
+            # calibration observes, it does not train: without gradients the optimizer skips every
+            # parameter (weights, Adam moments, weight decay and LR schedulers stay as they were),
+            # so the FP32 reference kept at QAT start is the FP32 model as trained
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+            return
         # LSQ scales live outside the DDP-wrapped module: average their gradients across ranks
         if self.phase != "qat" or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return
@@ -450,6 +461,7 @@ class ProgressiveQuantization(Callback):
         self._sync_observers()
         for name, st in self._states.items():
             st.weight.update_qparams(self._weight_of(pl_module, name))
+            st.weight.check_finite()
             if st.activation is not None and not st.activation.spec.dynamic and st.activation.observer.initialized:
                 st.activation.update_qparams()
         # the FP32 model at the start of QAT, on CPU: the reference for KL and for export's gate
@@ -464,6 +476,17 @@ class ProgressiveQuantization(Callback):
         if self.freeze_observers_after == 0:
             self._freeze_observers()
         rank_zero_info(f"ProgressiveQuantization: QAT from epoch {trainer.current_epoch}, step {trainer.global_step}")
+
+    def _check_finite(self, outputs: Any) -> None:
+        """Name the first layer (in model order) whose quantizer saw NaN/inf, when the loss is not
+        finite (or on every step when the training step returns no loss to look at)."""
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, Tensor) and bool(torch.isfinite(loss.detach()).all()):
+            return
+        for st in self._states.values():
+            if st.activation is not None:
+                st.activation.check_finite()
+            st.weight.check_finite()
 
     def _freeze_observers(self) -> None:
         self._sync_observers()
@@ -630,6 +653,7 @@ class ProgressiveQuantization(Callback):
         for name, st in self._states.items():
             if st.weight._tracks_weight and not bool(st.weight.frozen):
                 st.weight.update_qparams(self._weight_of(pl_module, name))
+                st.weight.check_finite()
                 st.weight.freeze()
         if not self._observers_frozen:
             self._freeze_observers()

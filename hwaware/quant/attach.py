@@ -118,6 +118,11 @@ def _embedding_bag_forward(self, input: Tensor, offsets: Optional[Tensor] = None
         input = input.reshape(-1)
         if per_sample_weights is not None:
             per_sample_weights = per_sample_weights.reshape(-1)
+    if _single_row_bags(self, input, offsets, per_sample_weights):
+        # a bag of one row is that row (sum, mean and max alike): gather through the bag op itself
+        # (its backward is the one FP32 training uses, cheaper than embedding's) and stop there
+        rows = F.embedding_bag(input, self.weight, offsets, self.max_norm, self.norm_type, self.scale_grad_by_freq, "sum", self.sparse)
+        return st.weight(rows)
     # rows: [n, D], each gathered row fake-quantized with its own scale/offset (FBGEMM row-wise)
     rows = st.weight(F.embedding(input, self.weight, None, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse))
     n = rows.shape[0]
@@ -131,6 +136,24 @@ def _embedding_bag_forward(self, input: Tensor, offsets: Optional[Tensor] = None
         idx, rows, offsets, mode=self.mode, per_sample_weights=per_sample_weights,
         include_last_offset=self.include_last_offset, padding_idx=pad,
     )
+
+
+_ARANGE: Dict[Tuple[int, torch.device, torch.dtype], Tensor] = {}
+
+
+def _single_row_bags(module: nn.EmbeddingBag, input: Tensor, offsets: Tensor, per_sample_weights: Optional[Tensor]) -> bool:
+    """True when every bag holds exactly one id (offsets == arange(n)): single-hot features, the
+    usual CTR case. Then pooling is the identity and the second bag op (and its backward) is skipped."""
+    n = input.numel()
+    if per_sample_weights is not None or module.padding_idx is not None or module.include_last_offset or offsets.numel() != n:
+        return False
+    key = (n, offsets.device, offsets.dtype)
+    ar = _ARANGE.get(key)
+    if ar is None:
+        if len(_ARANGE) > 64:
+            _ARANGE.clear()
+        ar = _ARANGE[key] = torch.arange(n, device=offsets.device, dtype=offsets.dtype)
+    return torch.equal(offsets, ar)
 
 
 _FORWARDS = {"linear": _linear_forward, "conv": _conv_forward, "embedding": _embedding_forward, "embedding_bag": _embedding_bag_forward}

@@ -48,6 +48,8 @@ class FakeQuantizer(nn.Module):
         self.learned_scale: Optional[nn.Parameter] = None
         self.observe = True
         self.quantize = False
+        self._last_range = None  # range statistics of the last tensor ranged without an observer
+        self._is_frozen = False  # mirrors the `frozen` buffer without a tensor read per call
 
     # -- state ------------------------------------------------------------------------------
     @property
@@ -63,13 +65,24 @@ class FakeQuantizer(nn.Module):
         if lk in state_dict and self.learned_scale is None:
             self.learned_scale = nn.Parameter(torch.empty_like(state_dict[lk]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._is_frozen = bool(self.frozen)
 
     def _check_finite(self, t: Tensor) -> None:
         if not bool(torch.isfinite(t).all()):
             raise ValueError(
-                f"layer {self.name!r} ({self.role}) produced NaN/inf values during quantization; "
+                f"layer {self.name!r} ({self.role}) saw NaN/inf values during quantization; "
                 "the FP32 model is diverging or its inputs hold NaN/inf"
             )
+
+    def check_finite(self) -> None:
+        """Raise (naming the layer) if the last tensor this quantizer ranged held NaN/inf.
+
+        Dynamic and weight-tracking quantizers do not sync on every call to look (that is a large
+        share of a small model's step); the callback calls this when a step's loss is not finite.
+        """
+        if self._last_range is not None:
+            for t in self._last_range:
+                self._check_finite(t)
 
     def update_qparams(self, tensor: Optional[Tensor] = None) -> None:
         """Refresh the stored scale from the observer (or, for weights, from ``tensor``)."""
@@ -78,9 +91,8 @@ class FakeQuantizer(nn.Module):
         if self._tracks_weight:
             if tensor is None:
                 raise ValueError(f"{self.name!r}: a weight quantizer needs the weight to compute qparams")
-            mn, mx = P.channel_minmax(P.as_channels(tensor, self.spec))
-            self._check_finite(mn)
-            self._check_finite(mx)
+            mn, mx = P.channel_range(P.as_channels(tensor, self.spec), self.spec)
+            self._last_range = (mn, mx)
             scale, zp = P.compute_qparams(mn, mx, self.spec)
         else:
             scale, zp = self.observer.calculate_qparams()
@@ -91,6 +103,7 @@ class FakeQuantizer(nn.Module):
         """Stop observing; the current scale is used from now on (and by export)."""
         self.observe = False
         self.frozen.fill_(True)
+        self._is_frozen = True
 
     def make_learnable(self) -> nn.Parameter:
         """Turn the current scale into an LSQ parameter (returned so it can join an optimizer)."""
@@ -109,22 +122,30 @@ class FakeQuantizer(nn.Module):
         if self.spec.dynamic:
             if not self.quantize:
                 return x
-            mn, mx = P.channel_minmax(P.as_channels(x, self.spec))
-            scale, zp = P.compute_qparams(mn, mx, self.spec)
-            self._check_finite(scale)
-            return P.fake_quantize(x, scale, zp, self.spec)
-        if self.observe and not bool(self.frozen):
+            y, _, _, stat = P.fake_quantize_dynamic(x, self.spec)
+            self._last_range = (stat,)
+            return y
+        if self.learned_scale is not None:  # LSQ: the scale is a parameter, nothing is observed
+            if not self.quantize:
+                return x
+            return P.fake_quantize_learnable(x, self.learned_scale, self.zero_point, self.spec)
+        if self.observe and not self._is_frozen:
             if self._tracks_weight:
                 if self.quantize:  # calibration does not need weight scales yet
-                    self.update_qparams(x)
+                    y, scale, zp, stat = P.fake_quantize_dynamic(x, self.spec)
+                    self._last_range = (stat,)
+                    self.scale = scale  # export packs with exactly these
+                    if zp is not None:
+                        self.zero_point = zp
+                    elif self.zero_point.shape != scale.shape:
+                        self.zero_point = torch.zeros_like(scale, dtype=torch.int32)
+                    return y
             else:
                 self.observer(x)
                 if self.quantize:
                     self.update_qparams()
         if not self.quantize:
             return x
-        if self.learned_scale is not None:
-            return P.fake_quantize_learnable(x, self.learned_scale, self.zero_point, self.spec)
         if not self.has_qparams:
             self.update_qparams(x if self.role == "weight" else None)
         return P.fake_quantize(x, self.scale, self.zero_point, self.spec)

@@ -8,7 +8,7 @@ Rounding is round-half-to-even everywhere (``torch.round`` and the fused fake-qu
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -18,12 +18,15 @@ from hwaware.quant.spec import QuantSpec
 __all__ = [
     "as_channels",
     "channel_minmax",
+    "channel_range",
     "compute_qparams",
     "round_scale",
     "quantize",
     "dequantize",
     "fake_quantize",
     "fake_quantize_learnable",
+    "fake_quantize_unclipped",
+    "fake_quantize_dynamic",
     "sqnr_db",
 ]
 
@@ -53,6 +56,19 @@ def channel_minmax(x2d: Tensor) -> Tuple[Tensor, Tensor]:
     """Per-row ``(min, max)`` of a ``[C, n]`` view, in float32."""
     mn, mx = torch.aminmax(x2d.detach(), dim=1)
     return mn.float(), mx.float()
+
+
+def channel_range(x2d: Tensor, spec: QuantSpec) -> Tuple[Tensor, Tensor]:
+    """What :func:`compute_qparams` needs of a ``[C, n]`` view, as cheaply as possible.
+
+    Narrow-range symmetric qparams depend only on ``max|x|``, so ``(-max|x|, max|x|)`` gives
+    identical scales; ``abs().amax()`` is ~7x faster than ``aminmax`` on a [1024, 367] activation
+    here (58 vs 391 us). Everything else gets the true per-row ``(min, max)``.
+    """
+    if spec.symmetric and spec.narrow_range:
+        a = x2d.detach().abs().amax(dim=1).float()
+        return -a, a
+    return channel_minmax(x2d)
 
 
 def round_scale(scale: Tensor, spec: QuantSpec) -> Tensor:
@@ -142,6 +158,73 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec)
     else:
         y = torch.fake_quantize_per_channel_affine(x2d, scale.float(), zp, 0, spec.qmin, spec.qmax)
     return y.reshape(shape)
+
+
+class _UnclippedFakeQuant(torch.autograd.Function):
+    """Quantize-dequantize whose range covers the tensor: nothing clips, so the straight-through
+    gradient is exactly the identity and no mask or autograd graph of small ops is needed."""
+
+    @staticmethod
+    def forward(ctx, x2d: Tensor, scale: Tensor, zero_point: Optional[Tensor], qmin: int, qmax: int, float_offset: bool,
+                exact_offset: bool = False) -> Tensor:
+        s = scale.to(x2d.dtype).reshape(-1, 1)
+        if float_offset:
+            off = zero_point.to(x2d.dtype).reshape(-1, 1)
+            q = (x2d - off).div_(s).round_()
+            if not exact_offset:  # exact fp32 row min/max: q is in [0, qmax (1 + eps)], no clamp needed
+                q.clamp_(qmin, qmax)
+            return q.mul_(s).add_(off)
+        # same arithmetic, in the same order, as torch's fused fake-quant kernels: x * (1/s) + zp
+        if zero_point is None:  # symmetric: zp = 0 changes no value
+            if qmin == -qmax:
+                # narrow range from this tensor's own max|x|: |x/s| <= qmax * (1 + 2^-11) even with an
+                # fp16-rounded scale, which rounds to qmax, so the clamp could not change a value
+                return (x2d * s.reciprocal()).round_().mul_(s)
+            return (x2d * (1.0 / s)).round_().clamp_(qmin, qmax).mul_(s)
+        zp = zero_point.to(x2d.dtype).reshape(-1, 1)
+        return (x2d * (1.0 / s)).add_(zp).round_().clamp_(qmin, qmax).sub_(zp).mul_(s)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None, None, None, None, None, None
+
+
+def fake_quantize_unclipped(x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -> Tensor:
+    """:func:`fake_quantize` for qparams computed from ``x``'s own min/max (dynamic per-token
+    activations, gathered embedding rows, weights whose scale tracks them): equal values, identity
+    gradient, a fraction of the cost. Must not be used with a range that can clip ``x``."""
+    zp = None if spec.symmetric else zero_point
+    return _UnclippedFakeQuant.apply(as_channels(x, spec), scale, zp, spec.qmin, spec.qmax, spec.float_offset).reshape(x.shape)
+
+
+def fake_quantize_dynamic(x: Tensor, spec: QuantSpec) -> Tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
+    """Fake-quantize ``x`` with qparams computed from ``x`` itself (per-token activations,
+    gathered embedding rows, weights tracked each step), in as few ops as possible.
+
+    Returns ``(y, scale, zero_point, stat)``: ``y`` equals ``fake_quantize(x, scale, zero_point)``
+    with ``compute_qparams`` of ``x``'s range, exactly; ``zero_point`` is None when symmetric (0);
+    ``stat`` holds the per-row range statistic, for a deferred NaN/inf check.
+    """
+    x2d = as_channels(x, spec)
+    if spec.symmetric and spec.narrow_range:
+        # narrow-range symmetric qparams depend only on max|x|: identical to compute_qparams
+        a = x2d.detach().abs().amax(dim=1).float()
+        scale = round_scale((a / spec.qmax).clamp_min_(torch.finfo(torch.float32).eps), spec)
+        y = _UnclippedFakeQuant.apply(x2d, scale, None, spec.qmin, spec.qmax, False)
+        return y.reshape(x.shape), scale, None, a
+    if spec.float_offset:
+        # FBGEMM row-wise (embedding rows): compute_qparams' arithmetic written out on [C, 1]
+        # shapes, since a CTR step runs this once per table on small tensors (op count matters)
+        mn, mx = torch.aminmax(x2d.detach(), dim=1, keepdim=True)
+        scale = round_scale((mx - mn).div_(spec.qmax - spec.qmin).clamp_min_(torch.finfo(torch.float32).eps), spec)
+        offset = mn.half().float() if spec.scale_dtype == "float16" else mn
+        y = _UnclippedFakeQuant.apply(x2d, scale, offset, spec.qmin, spec.qmax, True, spec.scale_dtype == "float32")
+        return y.reshape(x.shape), scale.reshape(-1), offset.reshape(-1), scale  # NaN/inf reach the scale
+    mn, mx = channel_minmax(x2d)
+    scale, zp = compute_qparams(mn, mx, spec)
+    zp = None if spec.symmetric else zp
+    y = _UnclippedFakeQuant.apply(x2d, scale, zp, spec.qmin, spec.qmax, spec.float_offset)
+    return y.reshape(x.shape), scale, zp, mx - mn
 
 
 def fake_quantize_learnable(x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -> Tensor:

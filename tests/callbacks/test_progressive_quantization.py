@@ -81,6 +81,20 @@ def test_lr_scale_applies_at_qat_start(tmp_path):
     assert lrs[9] == pytest.approx(0.05) and lrs[10] == pytest.approx(0.005) and lrs[15] == pytest.approx(0.005)
 
 
+def test_calibration_does_not_move_weights(tmp_path):
+    weights = {}
+
+    class Rec(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            weights[trainer.global_step] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+    _fit(tmp_path, ProgressiveQuantization(start_epoch=1, calibration_batches=3), extra=[Rec()], max_epochs=2)
+    for k in weights[8]:  # steps 8, 9, 10 calibrate; 11 is the first QAT step
+        torch.testing.assert_close(weights[11][k], weights[8][k], atol=0, rtol=0)
+    assert not torch.equal(weights[12]["mlp.0.weight"], weights[11]["mlp.0.weight"])
+    assert not torch.equal(weights[8]["mlp.0.weight"], weights[7]["mlp.0.weight"])
+
+
 def test_fp32_reference_is_the_model_at_qat_start(tmp_path):
     snap = {}
 

@@ -1,0 +1,199 @@
+"""Headline recipe: a DLRM-style CTR model goes FP32 -> channel-wise int8 QAT -> KL-validated.
+
+    python recipes/qat_recsys.py                      # synthetic Criteo-schema clicks, ~5 min on 2 cores
+    python recipes/qat_recsys.py --fast               # smoke run, well under a minute
+    python recipes/qat_recsys.py --data train.tsv     # real Criteo-format TSV (label, I1-I13, C1-C26)
+    python recipes/qat_recsys.py --report out.json    # also write the JSON report
+
+Prints a table (FP32 AUC, QAT AUC, drop, KL per layer, fallbacks). Both AUCs come from torchmetrics
+on the same validation split: FP32 is the model as it was when QAT started (the weights the
+callback keeps), QAT is the fake-quantized model after KL validation.
+Uses only hwaware's public API.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import pytorch_lightning as pl
+import torch
+
+from hwaware import ProgressiveQuantization, QuantSpec, quant_states
+from hwaware.recsys import DLRM, CriteoDataModule, evaluate_auroc
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=None, help="Criteo-format TSV file (default: generated Criteo-schema data)")
+    p.add_argument("--num-samples", type=int, default=None, help="synthetic samples (default 400000; --fast 24000)")
+    p.add_argument("--start", choices=("plateau", "epoch"), default="plateau",
+                   help="plateau: FP32 until val_auroc stops improving (default); epoch: after --fp32-epochs")
+    p.add_argument("--fp32-epochs", type=int, default=None,
+                   help="FP32 epochs (--start epoch, default 3) or the FP32 cap (--start plateau, default 8); --fast 1")
+    p.add_argument("--qat-epochs", type=int, default=None, help="QAT fine-tuning epochs (default 1)")
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--embedding-bits", type=int, default=8, choices=(8, 4), help="row-wise bits of the embedding tables")
+    p.add_argument("--kl-threshold", type=float, default=0.01)
+    p.add_argument("--qat-lr-scale", type=float, default=0.01, help="QAT fine-tunes at this fraction of the FP32 learning rate")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: the model's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fast", action="store_true", help="tiny run for smoke tests")
+    p.add_argument("--report", default=None, help="write the JSON report here")
+    p.add_argument("--no-progress", action="store_true", help="hide Lightning's progress bar")
+    args = p.parse_args(argv)
+    args.num_samples = args.num_samples or (24_000 if args.fast else 400_000)
+    if args.fast:
+        args.start = "epoch" if args.start == "plateau" and args.fp32_epochs is None else args.start
+        args.fp32_epochs = args.fp32_epochs or 1
+        args.qat_epochs = args.qat_epochs or 1
+    args.fp32_epochs = args.fp32_epochs if args.fp32_epochs is not None else (8 if args.start == "plateau" else 3)
+    args.qat_epochs = args.qat_epochs if args.qat_epochs is not None else 1
+    if args.fp32_epochs < 1 or args.qat_epochs < 1:
+        p.error(f"--fp32-epochs={args.fp32_epochs} and --qat-epochs={args.qat_epochs} must both be >= 1")
+    return args
+
+
+def build_callback(args: argparse.Namespace) -> ProgressiveQuantization:
+    table_spec = QuantSpec(
+        bits=args.embedding_bits, granularity="per_row", symmetric=False, dynamic=True,
+        # FBGEMM stores int4 rows with fp16 scale/offset; QAT sees exactly that
+        scale_dtype="float16" if args.embedding_bits == 4 else "float32",
+    )
+    common = dict(
+        monitor="val_auroc", mode="max", calibration_batches=8 if args.fast else 32,
+        freeze_observers_after=50 if args.fast else 200, embedding_spec=table_spec,
+        kl_threshold=args.kl_threshold, validation_batches=8, lr_scale=args.qat_lr_scale,
+    )
+    if args.start == "plateau":
+        return ProgressiveQuantization(start_epoch=1, start="plateau", patience=1, min_delta=2e-4, **common)
+    return ProgressiveQuantization(start_epoch=args.fp32_epochs, **common)
+
+
+class StopAfterQAT(pl.Callback):
+    """Ends fit ``qat_epochs`` epochs after QAT started (the FP32 phase length is not known ahead)."""
+
+    def __init__(self, qat: ProgressiveQuantization, qat_epochs: int) -> None:
+        self.qat, self.qat_epochs = qat, qat_epochs
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        starts = [p["start_epoch"] for p in self.qat.report["phases"] if p["phase"] == "qat"]
+        if starts and trainer.current_epoch + 1 >= starts[0] + self.qat_epochs:
+            trainer.should_stop = True
+
+
+class FP32Trajectory(pl.Callback):
+    """val_auroc after every epoch, so the report shows whether FP32 had converged."""
+
+    def __init__(self, qat: ProgressiveQuantization) -> None:
+        self.qat, self.rows = qat, []
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking and "val_auroc" in trainer.callback_metrics:
+            self.rows.append({"epoch": trainer.current_epoch, "phase": self.qat.phase,
+                              "val_auroc": float(trainer.callback_metrics["val_auroc"])})
+
+
+def print_table(report: dict) -> None:
+    print()
+    print(f"{'':24s}{'AUROC':>10s}")
+    print(f"{'FP32 (at QAT start)':24s}{report['fp32']['auroc']:>10.5f}")
+    print(f"{'QAT (int8, validated)':24s}{report['qat']['auroc']:>10.5f}")
+    print(f"{'drop':24s}{report['auroc_drop']:>10.5f}")
+    print(f"{'QAT weights, quant off':24s}{report['qat_weights_fp32_auroc']:>10.5f}   (quantization itself costs {report['quantization_cost']:.5f})")
+    print()
+    print(f"{'layer':20s}{'scheme':28s}{'KL':>10s}{'SQNR dB':>10s}  fallback")
+    for name, kl in report["kl"].items():
+        layer = report["layers"].get(name, {})
+        scheme = layer.get("weight", "") + (f" x {layer['activation']}" if layer.get("activation") else "")
+        sqnr = report["sqnr_db"].get(name, math.inf)
+        print(f"{name:20s}{scheme:28s}{kl:>10.2e}{sqnr:>10.1f}  {report['fallbacks'].get(name, '')}")
+    print(f"output KL (Bernoulli, mean per sample): {report['output_kl']:.3e}; fallback layers: {report['fallback_layers'] or 'none'}")
+    print("val_auroc by epoch: " + ", ".join(f"{r['epoch']}:{r['val_auroc']:.4f}({r['phase']})" for r in report["val_auroc_by_epoch"]))
+    print("phases: " + ", ".join(f"{p['phase']}@epoch{p['start_epoch']}/step{p['start_step']}" for p in report["phases"]))
+
+
+def _strict_json(obj):
+    """Infinite SQNR (a layer left in FP32) becomes null: the report stays strict JSON."""
+    if isinstance(obj, dict):
+        return {k: _strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict_json(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    pl.seed_everything(args.seed, verbose=False)
+    t0 = time.perf_counter()
+    dm = CriteoDataModule(data=args.data, num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed)
+    dm.setup("fit")
+    model_kwargs = {"table_sizes": dm.table_sizes}
+    if args.lr is not None:
+        model_kwargs["lr"] = args.lr
+    model = DLRM(**model_kwargs)
+    cb = build_callback(args)
+    trajectory = FP32Trajectory(cb)
+    trainer = pl.Trainer(
+        max_epochs=args.fp32_epochs + args.qat_epochs,
+        accelerator="cpu", devices=1, callbacks=[cb, StopAfterQAT(cb, args.qat_epochs), trajectory], logger=False, enable_checkpointing=False,
+        enable_model_summary=False, enable_progress_bar=not args.no_progress, num_sanity_val_steps=0,
+    )
+    trainer.fit(model, datamodule=dm)
+    if cb.fp32_reference is None:
+        raise RuntimeError(f"QAT never started (phase {cb.phase!r}); raise the epoch budget")
+
+    fp32 = DLRM(**model_kwargs)
+    fp32.load_state_dict(cb.fp32_reference)
+    val = dm.val_dataloader()
+    fp32_auroc = evaluate_auroc(fp32, val)
+    qat_auroc = evaluate_auroc(model, val)
+    # the same trained weights with fake quantization switched off: separates what quantization
+    # costs from what the extra fine-tuning epochs did to the FP32 model
+    states = quant_states(model)
+    enabled = {n: st.enabled for n, st in states.items()}
+    for st in states.values():
+        st.enabled = False
+    qat_weights_fp32_auroc = evaluate_auroc(model, val)
+    for n, st in states.items():
+        st.enabled = enabled[n]
+    r = cb.report
+    report = {
+        "fp32": {"auroc": fp32_auroc},
+        "qat": {"auroc": qat_auroc},
+        "auroc_drop": fp32_auroc - qat_auroc,
+        "qat_weights_fp32_auroc": qat_weights_fp32_auroc,
+        "quantization_cost": qat_weights_fp32_auroc - qat_auroc,
+        "kl": r["kl"],
+        "sqnr_db": r["sqnr_db"],
+        "output_kl": r["output_kl"],
+        "fallback_layers": r["fallback_layers"],
+        "fallbacks": r["fallbacks"],
+        "layers": r["layers"],
+        "phases": r["phases"],
+        "metrics_before": r["metrics_before"],
+        "metrics_after": r["metrics_after"],
+        "val_auroc_by_epoch": trajectory.rows,
+        "config": {
+            "data": args.data or "synthetic", "num_samples": args.num_samples, "fp32_epochs": args.fp32_epochs,
+            "qat_epochs": args.qat_epochs, "batch_size": args.batch_size, "embedding_bits": args.embedding_bits,
+            "start": args.start, "qat_lr_scale": args.qat_lr_scale, "seed": args.seed, "fast": args.fast, "torch": torch.__version__,
+        },
+        "seconds": time.perf_counter() - t0,
+    }
+    print_table(report)
+    if args.report:
+        os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
+        with open(args.report, "w") as f:
+            json.dump(_strict_json(report), f, indent=2)
+        print(f"report written to {args.report}")
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
