@@ -132,7 +132,10 @@ def main(argv=None) -> dict:
     pl.seed_everything(args.seed, verbose=False)
     t0 = time.perf_counter()
     dm = CriteoDataModule(data=args.data, num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed)
-    dm.setup("fit")
+    try:
+        dm.setup("fit")
+    except (FileNotFoundError, ValueError) as e:  # names the file (and line) already
+        raise SystemExit(f"qat_recsys.py: error: --data: {e}") from None
     model_kwargs = {"table_sizes": dm.table_sizes}
     if args.lr is not None:
         model_kwargs["lr"] = args.lr

@@ -1,0 +1,45 @@
+"""The headline recipe, run as a user runs it: a subprocess on the command line."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RECIPE = os.path.join(ROOT, "recipes", "qat_recsys.py")
+
+
+def _run(*args, timeout=300):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, RECIPE, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_fast_recipe_writes_the_report(tmp_path):
+    report_path = tmp_path / "out" / "report.json"
+    proc = _run("--fast", "--no-progress", "--report", str(report_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "FP32 (at QAT start)" in proc.stdout and "output KL" in proc.stdout
+    r = json.loads(report_path.read_text())
+    assert 0.0 < r["fp32"]["auroc"] < 1.0 and 0.0 < r["qat"]["auroc"] < 1.0
+    assert abs(r["auroc_drop"] - (r["fp32"]["auroc"] - r["qat"]["auroc"])) < 1e-12
+    assert [p["phase"] for p in r["phases"]] == ["fp32", "calibrate", "qat", "validate", "done"]
+    assert isinstance(r["fallback_layers"], list)
+    assert set(r["kl"]) == {*(f"embeddings.{i}" for i in range(26)), "bottom_mlp.0", "bottom_mlp.2", "top_mlp.0", "top_mlp.2", "top_mlp.4"}
+    assert all(isinstance(v, float) and v >= 0 for v in r["kl"].values())
+    assert r["config"]["fast"] is True
+
+
+def test_missing_data_file_names_the_file(tmp_path):
+    missing = tmp_path / "nope.tsv"
+    proc = _run("--fast", "--no-progress", "--data", str(missing), timeout=120)
+    assert proc.returncode != 0
+    assert str(missing) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_malformed_data_file_names_file_and_line(tmp_path):
+    good = "\t".join(["1"] + ["3"] * 13 + ["a1b2"] * 26)
+    bad = "\t".join(["0"] + ["3"] * 13 + ["a1b2"] * 25)  # 39 fields
+    path = tmp_path / "day_0.tsv"
+    path.write_text("\n".join([good, good, bad, good]) + "\n")
+    proc = _run("--fast", "--no-progress", "--data", str(path), timeout=120)
+    assert proc.returncode != 0
+    assert str(path) in proc.stderr and "line 3" in proc.stderr and "Traceback" not in proc.stderr
