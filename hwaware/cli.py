@@ -1,0 +1,142 @@
+"""The ``hwaware`` command line.
+
+    hwaware inspect out/ctr-int8          # verify, then print layers, sizes and the regression report
+    hwaware inspect out/ctr-int8 --json   # verify, then print the manifest as JSON
+
+``inspect`` verifies the artifact fully (format, version, manifest hash, every file's size and
+sha256, the safetensors header) before printing anything; a refused artifact prints
+``hwaware: error: <file>: <reason>`` on stderr and exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+__all__ = ["main"]
+
+# Layer-entry keys shown first, in this order; any other keys follow alphabetically.
+_LAYER_COLUMNS = ("scheme", "shape", "group_size", "bytes", "kernel")
+
+
+def _fmt_bytes(n: Any) -> str:
+    if not isinstance(n, (int, float)) or isinstance(n, bool):
+        return "-" if n is None else str(n)
+    for unit, div in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _fmt_cell(key: str, v: Any) -> str:
+    if v is None:
+        return "-"
+    if key == "bytes":
+        return _fmt_bytes(v)
+    if key == "shape" and isinstance(v, (list, tuple)):
+        return "x".join(str(d) for d in v) or "scalar"
+    if isinstance(v, Mapping):  # kernel: {"cpu": "int8_mm", "cuda": "triton_w8"}
+        return ",".join(f"{k}={_fmt_cell('', x)}" for k, x in v.items())
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return ",".join(_fmt_cell("", x) for x in v)
+    return str(v)
+
+
+def _table(rows: List[List[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _layers_table(layers: Mapping[str, Any]) -> str:
+    entries = {name: (e if isinstance(e, Mapping) else {"value": e}) for name, e in layers.items()}
+    present = {k for e in entries.values() for k in e}
+    cols = [c for c in _LAYER_COLUMNS if c in present] + sorted(present - set(_LAYER_COLUMNS))
+    rows = [["layer"] + cols]
+    rows += [[name] + [_fmt_cell(c, e.get(c)) for c in cols] for name, e in entries.items()]
+    return _table(rows)
+
+
+def _regression_line(reg: Mapping[str, Any]) -> str:
+    def num(k: str) -> str:
+        v = reg.get(k)
+        return f"{v:.6g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else ("-" if v is None else str(v))
+
+    passed = reg.get("passed")
+    verdict = "PASSED" if passed is True else "FAILED" if passed is False else "not judged"
+    return (
+        f"regression: {reg.get('metric', '?')} reference {num('reference')} exported {num('exported')} "
+        f"drop {num('drop')} (max_drop {num('max_drop')}): {verdict}"
+    )
+
+
+def _inspect_text(path: str, manifest: Dict[str, Any], on_disk: int) -> str:
+    out = [
+        f"artifact: {path}",
+        f"format: {manifest.get('format')} v{manifest.get('format_version')}  "
+        f"hwaware {manifest.get('hwaware_version', '?')}  torch {manifest.get('torch_version', '?')}",
+        "files: "
+        + ", ".join(f"{n} ({_fmt_bytes(e.get('bytes'))})" for n, e in sorted(manifest.get("files", {}).items())),
+    ]
+    layers = manifest.get("layers")
+    if isinstance(layers, Mapping) and layers:
+        out += ["", _layers_table(layers)]
+    out.append("")
+    fp32 = manifest.get("fp32_bytes")
+    total = f"total: {_fmt_bytes(on_disk)} on disk ({on_disk} bytes)"
+    if isinstance(fp32, (int, float)) and not isinstance(fp32, bool) and fp32 > 0:
+        total += f" vs fp32 {_fmt_bytes(fp32)} ({fp32} bytes): {fp32 / max(on_disk, 1):.2f}x smaller"
+    out.append(total)
+    reg = manifest.get("regression")
+    out.append(_regression_line(reg) if isinstance(reg, Mapping) else "regression: not measured")
+    return "\n".join(out)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from hwaware.export.artifact import artifact_size_bytes, verify_artifact
+
+    manifest = verify_artifact(args.path)
+    if args.json:
+        print(json.dumps(manifest, indent=2, sort_keys=True))
+    else:
+        print(_inspect_text(args.path, manifest, artifact_size_bytes(args.path)))
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    raise SystemExit("hwaware bench: not available yet")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hwaware", description="Inspect and benchmark hwaware artifacts.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    ins = sub.add_parser("inspect", help="verify an artifact and print its layers, size and regression report")
+    ins.add_argument("path", metavar="PATH", help="artifact directory")
+    ins.add_argument("--json", action="store_true", help="print the verified manifest as JSON")
+    ins.set_defaults(func=_cmd_inspect)
+
+    bench = sub.add_parser("bench", help="benchmark an artifact (not available yet)")
+    bench.add_argument("path", metavar="PATH", nargs="?", help="artifact directory")
+    bench.set_defaults(func=_cmd_bench)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the ``hwaware`` command line; returns the exit status (0 ok, 2 refused artifact/usage)."""
+    from hwaware.export.artifact import ArtifactError
+
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ArtifactError as e:
+        print(f"hwaware: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,495 @@
+"""The artifact container: a directory holding a manifest dict and named tensors, written atomically.
+
+This layer knows nothing about models. :func:`write_artifact` stores a JSON manifest and a dict of
+tensors (and, through a caller-supplied writer, an optional ``program.pt2``); the readers refuse
+anything they cannot vouch for before handing data back.
+
+Layout of format version 1::
+
+    <path>/
+      manifest.json          caller's fields + format, format_version, hwaware_version,
+                             torch_version, files {name: {sha256, bytes}}, manifest_sha256
+      weights.safetensors    the tensors (safetensors: a JSON header + raw bytes, no pickle)
+      program.pt2            optional; only hashed here, loading it is the caller's business
+
+Guarantees:
+
+- Atomic publish. Everything is written and fsynced in a temp directory next to ``path`` (same
+  filesystem), then renamed into place. Replacing an existing artifact uses an atomic directory
+  swap (Linux ``renameat2(RENAME_EXCHANGE)``) where the filesystem has it, else moves the old one
+  aside, renames the new one in and restores the old one on failure. A process killed at any
+  point leaves at ``path`` either the previous artifact, intact, or nothing (only in the fallback,
+  between its two renames; the previous artifact is then at ``<path>.hwaware-old-*`` and the
+  "missing" error names it). Stray ``.hwaware-tmp-*`` directories may be left next to ``path``;
+  the next write to the same ``path`` removes those older than an hour.
+- Verified reads. :func:`read_manifest` checks the format name and version, the manifest's own
+  hash (``manifest_sha256``, so an edited manifest is refused) and the size and sha256 of every
+  listed file before returning; :func:`read_tensors` reads the weights only after that. Nothing
+  is unpickled or executed; every refusal is an :class:`ArtifactError` naming the file and why.
+
+The hashes detect corruption, truncation and edits made without re-hashing; they are not a
+signature (anyone who can write the directory can re-hash it).
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import glob
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Dict, Mapping, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MANIFEST_FILE",
+    "WEIGHTS_FILE",
+    "PROGRAM_FILE",
+    "ArtifactError",
+    "write_artifact",
+    "read_manifest",
+    "read_tensors",
+    "verify_artifact",
+    "artifact_size_bytes",
+]
+
+FORMAT_NAME = "hwaware-artifact"
+FORMAT_VERSION = 1
+
+MANIFEST_FILE = "manifest.json"
+WEIGHTS_FILE = "weights.safetensors"
+PROGRAM_FILE = "program.pt2"
+
+# Fields write_artifact adds; any of the same name in the caller's manifest are replaced.
+_ADDED_FIELDS = ("format", "format_version", "hwaware_version", "torch_version", "files", "manifest_sha256")
+
+_TMP_PREFIX = ".hwaware-tmp-"
+_OLD_INFIX = ".hwaware-old-"
+_STALE_TMP_SECONDS = 3600.0
+_CHUNK = 1 << 20
+
+
+class ArtifactError(ValueError):
+    """An artifact cannot be written or read; the message names the file and the reason."""
+
+
+# ------------------------------------------------------------------------------------------------
+# primitives: hashing, canonical JSON, fsync, atomic directory swap
+# ------------------------------------------------------------------------------------------------
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _canonical_json(obj: Any) -> bytes:
+    # The form manifest_sha256 is computed over: key order and whitespace cannot change it.
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def _manifest_hash(manifest: Mapping[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(_canonical_json(body)).hexdigest()
+
+
+def _fsync_file(path: str) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # platforms that cannot open a directory (Windows): nothing to sync
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap the directory entries ``a`` and ``b``; False where the OS/filesystem cannot.
+
+    Linux ``renameat2(RENAME_EXCHANGE)`` (glibc >= 2.28, ext4/xfs/btrfs/tmpfs): there is no
+    instant at which either name is missing, so a crash cannot lose the previous artifact.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), b)
+
+
+def _publish(tmp: str, path: str) -> None:
+    """Move the finished directory ``tmp`` to ``path``, replacing what :func:`_check_target` allowed."""
+    if not os.path.lexists(path) or not os.listdir(path):
+        os.rename(tmp, path)  # POSIX rename replaces an empty directory atomically
+        return
+    if _exchange(tmp, path):
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous artifact
+        return
+    old = f"{path}{_OLD_INFIX}{secrets.token_hex(4)}"
+    os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        os.rename(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_stale_tmp(parent: str, name: str) -> None:
+    now = time.time()
+    for d in glob.glob(os.path.join(glob.escape(parent), f"{_TMP_PREFIX}{glob.escape(name)}-*")):
+        try:
+            if now - os.lstat(d).st_mtime > _STALE_TMP_SECONDS:
+                shutil.rmtree(d, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def _versions() -> Dict[str, str]:
+    hw = getattr(sys.modules.get("hwaware"), "__version__", None)
+    if hw is None:
+        try:
+            from hwaware import __version__ as hw  # lazy: hwaware/__init__ may import this module
+        except Exception:
+            from importlib.metadata import version
+
+            hw = version("hwaware")
+    return {"hwaware_version": str(hw), "torch_version": str(torch.__version__)}
+
+
+# ------------------------------------------------------------------------------------------------
+# writing
+# ------------------------------------------------------------------------------------------------
+def _check_target(path: str, overwrite: bool) -> None:
+    """Refuse to clobber anything at ``path`` that is not a previous artifact or an empty dir."""
+    if not os.path.lexists(path):
+        return
+    if os.path.islink(path):
+        raise ArtifactError(f"{path}: is a symlink; refusing to replace it (pass the real directory)")
+    if not os.path.isdir(path):
+        raise ArtifactError(f"{path}: exists and is not a directory; refusing to overwrite it")
+    if not os.listdir(path):
+        return
+    mpath = os.path.join(path, MANIFEST_FILE)
+    try:
+        with open(mpath, "rb") as f:
+            fmt = json.loads(f.read().decode("utf-8")).get("format")
+    except (OSError, ValueError, AttributeError):
+        fmt = None
+    if fmt != FORMAT_NAME:
+        raise ArtifactError(
+            f"{path}: exists, is not empty and is not an hwaware artifact (no {MANIFEST_FILE} with "
+            f"format {FORMAT_NAME!r}); refusing to overwrite it"
+        )
+    if not overwrite:
+        raise ArtifactError(f"{path}: an artifact already exists there and overwrite=False")
+
+
+def _prepare_tensors(tensors: Mapping[str, Tensor], path: str) -> Dict[str, Tensor]:
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"tensors must be a dict of name -> Tensor, got {type(tensors).__name__}")
+    out: Dict[str, Tensor] = {}
+    storages = set()
+    for name, t in tensors.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"tensor names must be non-empty strings, got {name!r}")
+        if not isinstance(t, Tensor):
+            raise TypeError(f"tensors[{name!r}] must be a torch.Tensor, got {type(t).__name__}")
+        if t.layout != torch.strided:
+            raise ArtifactError(f"{path}: tensors[{name!r}] has layout {t.layout}; only dense tensors can be stored")
+        t = t.detach().to("cpu").contiguous()
+        # safetensors refuses tensors sharing storage (tied weights): give each its own copy.
+        key = t.untyped_storage().data_ptr()
+        if t.numel() and key in storages:
+            t = t.clone()
+        storages.add(t.untyped_storage().data_ptr())
+        out[name] = t
+    return out
+
+
+def write_artifact(
+    path: str | os.PathLike,
+    manifest: Mapping[str, Any],
+    tensors: Mapping[str, Tensor],
+    *,
+    program_writer: Optional[Callable[[str], Any]] = None,
+    overwrite: bool = True,
+) -> Dict[str, Any]:
+    """Write an artifact directory at ``path`` atomically and return the manifest as written.
+
+    Example::
+
+        m = write_artifact("out/ctr-int8", {"layers": {...}, "regression": {...}},
+                           {"mlp.0.weight_q": w_int8, "mlp.0.scale": scale},
+                           program_writer=lambda p: torch.export.save(ep, p))
+
+    Args:
+        path: the artifact directory. It may not exist yet, be an empty directory, or hold a
+            previous artifact (replaced atomically when ``overwrite``).
+        manifest: JSON-serialisable dict of the caller's fields (``layers``, ``regression``, ...).
+            The fields listed in the module docstring are added; same-named keys are replaced.
+        tensors: name -> dense tensor; stored in ``weights.safetensors`` (moved to CPU, made
+            contiguous; dtypes preserved).
+        program_writer: called as ``program_writer(tmp_file_path)`` to write ``program.pt2``
+            into the temp directory; it must create that file.
+        overwrite: replace a previous artifact at ``path``.
+
+    Raises:
+        ArtifactError: ``path`` holds something other than an artifact or an empty directory;
+            an artifact exists and ``overwrite`` is False; ``manifest`` is not JSON-serialisable;
+            ``program_writer`` wrote no file or a subdirectory.
+        TypeError: ``manifest`` is not a dict or ``tensors`` is not a dict of name -> Tensor.
+    """
+    from safetensors.torch import save_file
+
+    path = os.path.abspath(os.fspath(path))
+    if not isinstance(manifest, Mapping):
+        raise TypeError(f"manifest must be a dict, got {type(manifest).__name__}")
+    try:
+        # Round-trip through JSON so the returned dict equals what read_manifest will return
+        # (tuples become lists) and the hash is computed over exactly that.
+        body: Dict[str, Any] = json.loads(json.dumps(dict(manifest), allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise ArtifactError(f"{path}: manifest is not JSON-serialisable (NaN/inf are not allowed): {e}") from e
+    for k in _ADDED_FIELDS:
+        body.pop(k, None)
+    tensors = _prepare_tensors(tensors, path)
+
+    _check_target(path, overwrite)
+    parent, name = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    _remove_stale_tmp(parent, name)
+
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f"{_TMP_PREFIX}{name}-")
+    try:
+        save_file(tensors, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
+        if program_writer is not None:
+            program_writer(os.path.join(tmp, PROGRAM_FILE))
+            if not os.path.isfile(os.path.join(tmp, PROGRAM_FILE)):
+                raise ArtifactError(f"{path}: program_writer did not write {PROGRAM_FILE}")
+
+        files: Dict[str, Dict[str, Any]] = {}
+        for fname in sorted(os.listdir(tmp)):
+            fpath = os.path.join(tmp, fname)
+            if fname == MANIFEST_FILE or os.path.islink(fpath) or not os.path.isfile(fpath):
+                raise ArtifactError(f"{path}: unexpected entry {fname!r} written into the artifact")
+            _fsync_file(fpath)
+            files[fname] = {"sha256": _sha256_file(fpath), "bytes": os.path.getsize(fpath)}
+
+        body.update(format=FORMAT_NAME, format_version=FORMAT_VERSION, files=files, **_versions())
+        body["manifest_sha256"] = _manifest_hash(body)
+        mpath = os.path.join(tmp, MANIFEST_FILE)
+        with open(mpath, "w", encoding="utf-8") as f:
+            json.dump(body, f, sort_keys=True, indent=2, allow_nan=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+
+        _check_target(path, overwrite)  # again: something may have appeared while we wrote
+        _publish(tmp, path)
+        _fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return body
+
+
+# ------------------------------------------------------------------------------------------------
+# reading
+# ------------------------------------------------------------------------------------------------
+def _missing_hint(path: str) -> str:
+    old = sorted(glob.glob(glob.escape(path) + _OLD_INFIX + "*"))
+    if old:
+        return f" (an interrupted overwrite left the previous artifact at {old[-1]}; rename it back)"
+    return ""
+
+
+def read_manifest(path: str | os.PathLike) -> Dict[str, Any]:
+    """Return the manifest of the artifact at ``path`` after verifying it and every listed file.
+
+    Checks, in order: ``path`` is a directory with ``manifest.json``; the manifest is a JSON
+    object; its ``format`` is ours; its ``format_version`` is one this hwaware reads; its
+    ``manifest_sha256`` matches its content; every file in ``files`` exists with the recorded
+    byte size and sha256. Nothing in the artifact is unpickled or executed.
+
+    Raises:
+        ArtifactError: any check fails; the message names the file and the reason.
+    """
+    path = os.fspath(path)
+    if not os.path.lexists(path):
+        raise ArtifactError(f"{path}: no such artifact (path does not exist){_missing_hint(path)}")
+    if not os.path.isdir(path):
+        raise ArtifactError(f"{path}: not an hwaware artifact (not a directory)")
+    mpath = os.path.join(path, MANIFEST_FILE)
+    if not os.path.isfile(mpath):
+        raise ArtifactError(f"{path}: not an hwaware artifact (no {MANIFEST_FILE})")
+    try:
+        with open(mpath, "rb") as f:
+            manifest = json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ArtifactError(f"{mpath}: {MANIFEST_FILE} is not valid JSON ({e})") from e
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{mpath}: {MANIFEST_FILE} is not a JSON object")
+
+    fmt = manifest.get("format")
+    if fmt != FORMAT_NAME:
+        raise ArtifactError(f"{mpath}: not an hwaware artifact (format {fmt!r}, expected {FORMAT_NAME!r})")
+    version = manifest.get("format_version")
+    if type(version) is int and version > FORMAT_VERSION:
+        raise ArtifactError(
+            f"{mpath}: written by a newer hwaware (format {version}); this hwaware reads format "
+            f"{FORMAT_VERSION}; upgrade hwaware"
+        )
+    if type(version) is not int or version != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{mpath}: unsupported format_version {version!r}; this hwaware reads format {FORMAT_VERSION}"
+        )
+
+    recorded = manifest.get("manifest_sha256")
+    try:
+        actual = _manifest_hash(manifest)
+    except ValueError:  # NaN/inf smuggled in: not something write_artifact produces
+        actual = None
+    if recorded != actual:
+        raise ArtifactError(
+            f"{mpath}: {MANIFEST_FILE} was edited after export (manifest_sha256 does not match its content)"
+        )
+
+    files = manifest.get("files")
+    if not isinstance(files, dict) or WEIGHTS_FILE not in files:
+        raise ArtifactError(f"{mpath}: 'files' does not list {WEIGHTS_FILE}")
+    for fname, entry in files.items():
+        _verify_file(path, fname, entry)
+    return manifest
+
+
+def _verify_file(path: str, fname: str, entry: Any) -> None:
+    fpath = os.path.join(path, fname)
+    if (
+        not isinstance(fname, str)
+        or fname in ("", ".", "..", MANIFEST_FILE)
+        or os.path.basename(fname) != fname
+        or "/" in fname
+        or "\\" in fname
+    ):
+        raise ArtifactError(f"{os.path.join(path, MANIFEST_FILE)}: invalid file name {fname!r} in 'files'")
+    if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) or not isinstance(entry.get("bytes"), int):
+        raise ArtifactError(f"{os.path.join(path, MANIFEST_FILE)}: entry for {fname!r} lacks sha256/bytes")
+    if not os.path.lexists(fpath):
+        raise ArtifactError(f"{fpath}: listed in {MANIFEST_FILE} but missing")
+    if os.path.islink(fpath) or not os.path.isfile(fpath):
+        raise ArtifactError(f"{fpath}: not a regular file")
+    size = os.path.getsize(fpath)
+    if size != entry["bytes"]:
+        what = "truncated" if size < entry["bytes"] else "has extra bytes"
+        raise ArtifactError(f"{fpath}: {what}: {size} bytes, {MANIFEST_FILE} records {entry['bytes']}")
+    digest = _sha256_file(fpath)
+    if digest != entry["sha256"]:
+        raise ArtifactError(
+            f"{fpath}: corrupted or tampered: sha256 {digest[:16]}... does not match the "
+            f"{entry['sha256'][:16]}... recorded in {MANIFEST_FILE}"
+        )
+
+
+def _check_safetensors_header(path: str) -> list:
+    from safetensors import safe_open
+
+    wpath = os.path.join(path, WEIGHTS_FILE)
+    try:
+        with safe_open(wpath, framework="pt", device="cpu") as f:
+            return list(f.keys())
+    except Exception as e:  # safetensors raises its own SafetensorError / OSError
+        raise ArtifactError(f"{wpath}: safetensors header unreadable ({e})") from e
+
+
+def read_tensors(
+    path: str | os.PathLike,
+    manifest: Optional[Mapping[str, Any]] = None,
+    device: str | torch.device = "cpu",
+) -> Dict[str, Tensor]:
+    """Return the tensors of the artifact at ``path``, loaded onto ``device``, after verification.
+
+    Always runs :func:`read_manifest` first (so the weights' sha256 is checked before they are
+    parsed); a ``manifest`` passed in must equal the verified one, which catches an artifact
+    replaced between the caller's read and this one. Loading is safetensors only: no pickle.
+
+    Raises:
+        ArtifactError: verification fails, ``manifest`` differs from the one on disk, or the
+            safetensors header cannot be parsed.
+    """
+    from safetensors.torch import load_file
+
+    path = os.fspath(path)
+    verified = read_manifest(path)
+    if manifest is not None and dict(manifest) != verified:
+        raise ArtifactError(f"{os.path.join(path, MANIFEST_FILE)}: changed since the manifest passed in was read")
+    wpath = os.path.join(path, WEIGHTS_FILE)
+    try:
+        return load_file(wpath, device=str(device))
+    except Exception as e:
+        raise ArtifactError(f"{wpath}: safetensors header unreadable ({e})") from e
+
+
+def verify_artifact(path: str | os.PathLike) -> Dict[str, Any]:
+    """Fully verify the artifact at ``path`` and return its manifest.
+
+    :func:`read_manifest`'s checks, plus parsing the ``weights.safetensors`` header (without
+    loading the tensors). ``program.pt2`` is hashed, never loaded.
+
+    Raises:
+        ArtifactError: any check fails; the message names the file and the reason.
+    """
+    path = os.fspath(path)
+    manifest = read_manifest(path)
+    _check_safetensors_header(path)
+    return manifest
+
+
+def artifact_size_bytes(path: str | os.PathLike) -> int:
+    """Bytes on disk of every regular file in the artifact directory (manifest included).
+
+    Raises:
+        ArtifactError: ``path`` is not a directory.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise ArtifactError(f"{path}: not an hwaware artifact (not a directory)")
+    total = 0
+    for root, _dirs, names in os.walk(path):
+        for n in names:
+            p = os.path.join(root, n)
+            if os.path.isfile(p) and not os.path.islink(p):
+                total += os.path.getsize(p)
+    return total

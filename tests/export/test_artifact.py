@@ -1,0 +1,442 @@
+"""Artifact container: round trip, every refusal, atomic overwrite, and a real SIGKILLed export."""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+import hwaware
+from hwaware.export import artifact as A
+from hwaware.export import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    ArtifactError,
+    artifact_size_bytes,
+    read_manifest,
+    read_tensors,
+    verify_artifact,
+    write_artifact,
+)
+
+ADDED = {"format", "format_version", "hwaware_version", "torch_version", "files", "manifest_sha256"}
+
+
+def _tensors():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "w_q": torch.randint(-128, 128, (16, 8), dtype=torch.int8, generator=g),
+        "packed": torch.randint(0, 256, (16, 4), dtype=torch.uint8, generator=g),
+        "scale": torch.rand(16, generator=g).half(),
+        "bias": torch.randn(16, generator=g),
+    }
+
+
+def _write(path, manifest=None, tensors=None, **kw):
+    return write_artifact(path, {"layers": {"fc": {"scheme": "w8"}}} if manifest is None else manifest,
+                          _tensors() if tensors is None else tensors, **kw)
+
+
+def _rehash(path, edit):
+    """Apply ``edit(manifest)`` and re-hash, so only the check under test can trip."""
+    mpath = os.path.join(path, "manifest.json")
+    with open(mpath) as f:
+        m = json.load(f)
+    edit(m)
+    m.pop("manifest_sha256", None)
+    m["manifest_sha256"] = hashlib.sha256(
+        json.dumps(m, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    with open(mpath, "w") as f:
+        json.dump(m, f)
+
+
+def _tmp_dirs(parent):
+    return glob.glob(os.path.join(str(parent), ".hwaware-tmp-*"))
+
+
+# ------------------------------------------------------------------------------------------------
+# round trip
+# ------------------------------------------------------------------------------------------------
+def test_round_trip_preserves_tensors_dtypes_and_manifest(tmp_path):
+    path = tmp_path / "art"
+    tensors = _tensors()
+    tensors["bf16"] = torch.randn(3, 5).bfloat16()
+    tensors["flags"] = torch.tensor([True, False])
+    tensors["scalar"] = torch.tensor(3.5)
+    tensors["empty"] = torch.zeros(0, 4)
+    tensors["transposed"] = torch.arange(12, dtype=torch.int32).reshape(3, 4).t()  # non-contiguous
+    user = {"layers": {"fc": {"scheme": "w8", "shape": (16, 8)}}, "fp32_bytes": 1234, "format": "ignored"}
+    written = write_artifact(path, user, tensors)
+
+    got = read_tensors(path)
+    assert set(got) == set(tensors)
+    for k, t in tensors.items():
+        assert got[k].dtype == t.dtype and got[k].shape == t.shape, k
+        assert torch.equal(got[k], t), k
+
+    m = read_manifest(path)
+    assert m == written == verify_artifact(path)
+    assert ADDED <= set(m)
+    assert m["format"] == FORMAT_NAME == "hwaware-artifact" and m["format_version"] == FORMAT_VERSION == 1
+    assert m["hwaware_version"] == hwaware.__version__ and m["torch_version"] == torch.__version__
+    assert m["layers"] == {"fc": {"scheme": "w8", "shape": [16, 8]}} and m["fp32_bytes"] == 1234
+    assert set(m["files"]) == {"weights.safetensors"}
+    w = path / "weights.safetensors"
+    assert m["files"]["weights.safetensors"] == {
+        "sha256": hashlib.sha256(w.read_bytes()).hexdigest(), "bytes": w.stat().st_size}
+    assert artifact_size_bytes(path) == w.stat().st_size + (path / "manifest.json").stat().st_size
+    assert not _tmp_dirs(tmp_path)
+    # the manifest on disk is sorted, indented JSON
+    text = (path / "manifest.json").read_text()
+    assert text == json.dumps(json.loads(text), sort_keys=True, indent=2) + "\n"
+
+
+def test_tied_tensors_and_program_writer(tmp_path):
+    w = torch.randn(4, 4)
+    path = tmp_path / "art"
+    m = write_artifact(path, {}, {"a": w, "b": w, "row": w[1]},
+                       program_writer=lambda p: open(p, "wb").write(b"not really a program"))
+    assert set(m["files"]) == {"weights.safetensors", "program.pt2"}
+    assert m["files"]["program.pt2"]["bytes"] == 20
+    got = read_tensors(path)
+    assert torch.equal(got["a"], w) and torch.equal(got["b"], w) and torch.equal(got["row"], w[1])
+
+
+def test_read_tensors_refuses_stale_manifest(tmp_path):
+    path = tmp_path / "art"
+    m = _write(path)
+    _write(path, manifest={"layers": {}})
+    with pytest.raises(ArtifactError, match=r"manifest.json: changed since"):
+        read_tensors(path, manifest=m)
+    assert read_tensors(path, manifest=read_manifest(path)).keys() == _tensors().keys()
+
+
+def test_reading_never_unpickles(tmp_path, monkeypatch):
+    path = tmp_path / "art"
+    _write(path, program_writer=lambda p: torch.save({"x": 1}, p))  # a pickle-based file is only hashed
+
+    def boom(*a, **k):
+        raise AssertionError("reading an artifact must not unpickle")
+
+    for mod, name in [(pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")]:
+        monkeypatch.setattr(mod, name, boom)
+    assert verify_artifact(path)["files"]["program.pt2"]["bytes"] > 0
+    assert torch.equal(read_tensors(path)["w_q"], _tensors()["w_q"])
+
+
+# ------------------------------------------------------------------------------------------------
+# refusals on read
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def art(tmp_path):
+    path = tmp_path / "art"
+    _write(path, program_writer=lambda p: open(p, "wb").write(b"\x00" * 64))
+    return path
+
+
+def _flip_byte(p, offset):
+    data = bytearray(p.read_bytes())
+    data[offset] ^= 0xFF
+    p.write_bytes(bytes(data))
+
+
+def test_refuses_missing_path_file_and_non_artifact_dirs(tmp_path):
+    with pytest.raises(ArtifactError, match=r"nope: no such artifact"):
+        read_manifest(tmp_path / "nope")
+    f = tmp_path / "file.bin"
+    f.write_bytes(b"x")
+    with pytest.raises(ArtifactError, match=r"file.bin: not an hwaware artifact \(not a directory\)"):
+        verify_artifact(f)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ArtifactError, match=r"empty: not an hwaware artifact \(no manifest.json\)"):
+        read_tensors(tmp_path / "empty")
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "weights.safetensors").write_bytes(os.urandom(100))
+    (junk / "notes.txt").write_text("hi")
+    with pytest.raises(ArtifactError, match=r"junk: not an hwaware artifact \(no manifest.json\)"):
+        verify_artifact(junk)
+
+
+def test_refuses_manifest_not_json_or_wrong_format(art):
+    m = art / "manifest.json"
+    m.write_text('{"format": "hwaware-artifact", ')
+    with pytest.raises(ArtifactError, match=r"manifest.json: manifest.json is not valid JSON"):
+        read_manifest(art)
+    m.write_text("[1, 2]")
+    with pytest.raises(ArtifactError, match=r"manifest.json: manifest.json is not a JSON object"):
+        read_manifest(art)
+    m.write_text('{"format": "onnx"}')
+    with pytest.raises(ArtifactError, match=r"manifest.json: not an hwaware artifact \(format 'onnx'"):
+        read_manifest(art)
+
+
+def test_refuses_newer_format_version_with_upgrade_hint(art):
+    _rehash(art, lambda m: m.update(format_version=2))
+    with pytest.raises(ArtifactError, match=r"manifest.json: written by a newer hwaware \(format 2\); "
+                                            r"this hwaware reads format 1; upgrade hwaware"):
+        verify_artifact(art)
+
+
+@pytest.mark.parametrize("version", [0, "1", 1.0, True, None])
+def test_refuses_unsupported_format_version(art, version):
+    _rehash(art, lambda m: m.update(format_version=version))
+    with pytest.raises(ArtifactError, match=r"manifest.json: unsupported format_version"):
+        read_manifest(art)
+
+
+def test_refuses_edited_manifest(art):
+    mpath = art / "manifest.json"
+    m = json.loads(mpath.read_text())
+    m["layers"]["fc"]["scheme"] = "fp32"
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match=r"manifest.json: manifest.json was edited after export"):
+        read_manifest(art)
+    del m["manifest_sha256"]
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match=r"manifest.json was edited after export"):
+        read_manifest(art)
+
+
+def test_refuses_missing_truncated_and_corrupted_files(art):
+    w = art / "weights.safetensors"
+    good = w.read_bytes()
+    w.write_bytes(good[:-10])
+    with pytest.raises(ArtifactError, match=r"weights.safetensors: truncated: \d+ bytes, manifest.json records \d+"):
+        read_tensors(art)
+    w.write_bytes(good + b"\0")
+    with pytest.raises(ArtifactError, match=r"weights.safetensors: has extra bytes"):
+        read_manifest(art)
+    w.write_bytes(good)
+    _flip_byte(w, len(good) - 1)  # tensor data
+    with pytest.raises(ArtifactError, match=r"weights.safetensors: corrupted or tampered: sha256"):
+        read_tensors(art)
+    w.write_bytes(good)
+    program = (art / "program.pt2").read_bytes()
+    _flip_byte(art / "program.pt2", 3)
+    with pytest.raises(ArtifactError, match=r"program.pt2: corrupted or tampered"):
+        verify_artifact(art)
+    (art / "program.pt2").unlink()
+    with pytest.raises(ArtifactError, match=r"program.pt2: listed in manifest.json but missing"):
+        verify_artifact(art)
+    (art / "program.pt2").write_bytes(program)
+    verify_artifact(art)
+    w.unlink()
+    with pytest.raises(ArtifactError, match=r"weights.safetensors: listed in manifest.json but missing"):
+        read_tensors(art)
+
+
+def test_refuses_unreadable_safetensors_header_even_when_rehashed(art):
+    w = art / "weights.safetensors"
+    w.write_bytes((10**9).to_bytes(8, "little") + b"{not json")
+    _rehash(art, lambda m: m["files"].update({"weights.safetensors": {
+        "sha256": hashlib.sha256(w.read_bytes()).hexdigest(), "bytes": w.stat().st_size}}))
+    read_manifest(art)  # hashes agree: only parsing can tell
+    with pytest.raises(ArtifactError, match=r"weights.safetensors: safetensors header unreadable"):
+        verify_artifact(art)
+    with pytest.raises(ArtifactError, match=r"weights.safetensors: safetensors header unreadable"):
+        read_tensors(art)
+
+
+@pytest.mark.parametrize("name", ["../escape", "/etc/hostname", "manifest.json", "sub/x"])
+def test_refuses_file_names_outside_the_artifact(art, name):
+    _rehash(art, lambda m: m["files"].update({name: {"sha256": "0" * 64, "bytes": 0}}))
+    with pytest.raises(ArtifactError, match=r"manifest.json: invalid file name"):
+        read_manifest(art)
+
+
+def test_refuses_manifest_without_weights_entry(art):
+    _rehash(art, lambda m: m["files"].pop("weights.safetensors"))
+    with pytest.raises(ArtifactError, match=r"'files' does not list weights.safetensors"):
+        read_manifest(art)
+
+
+# ------------------------------------------------------------------------------------------------
+# refusals and failures on write
+# ------------------------------------------------------------------------------------------------
+def test_write_refuses_to_clobber_non_artifacts(tmp_path):
+    f = tmp_path / "a_file"
+    f.write_text("keep me")
+    with pytest.raises(ArtifactError, match=r"a_file: exists and is not a directory"):
+        _write(f)
+    assert f.read_text() == "keep me"
+    d = tmp_path / "user_dir"
+    d.mkdir()
+    (d / "data.csv").write_text("keep me too")
+    with pytest.raises(ArtifactError, match=r"user_dir: exists, is not empty and is not an hwaware artifact"):
+        _write(d)
+    assert os.listdir(d) == ["data.csv"]
+    e = tmp_path / "empty"
+    e.mkdir()
+    _write(e)
+    verify_artifact(e)
+    with pytest.raises(ArtifactError, match=r"empty: an artifact already exists there and overwrite=False"):
+        _write(e, overwrite=False)
+    assert not _tmp_dirs(tmp_path)
+
+
+def test_write_refuses_bad_inputs(tmp_path):
+    with pytest.raises(ArtifactError, match=r"art: manifest is not JSON-serialisable"):
+        _write(tmp_path / "art", manifest={"drop": float("nan")})
+    with pytest.raises(TypeError, match=r"tensors\['x'\] must be a torch.Tensor"):
+        _write(tmp_path / "art", tensors={"x": [1, 2]})
+    with pytest.raises(ArtifactError, match=r"art: program_writer did not write program.pt2"):
+        _write(tmp_path / "art", program_writer=lambda p: None)
+    assert not (tmp_path / "art").exists() and not _tmp_dirs(tmp_path)
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "fallback"])
+def test_overwrite_replaces_and_failure_keeps_old(tmp_path, monkeypatch, exchange):
+    if not exchange:
+        monkeypatch.setattr(A, "_exchange", lambda a, b: False)
+    path = tmp_path / "art"
+    old = _write(path, manifest={"v": "old"})
+
+    def failing_writer(p):
+        open(p, "wb").write(b"partial")
+        raise RuntimeError("export failed")
+
+    with pytest.raises(RuntimeError, match="export failed"):
+        _write(path, manifest={"v": "new"}, program_writer=failing_writer)
+    assert verify_artifact(path) == old
+    assert sorted(os.listdir(tmp_path)) == ["art"]
+
+    new = _write(path, manifest={"v": "new"})
+    assert verify_artifact(path) == new and new["v"] == "new"
+    assert sorted(os.listdir(tmp_path)) == ["art"]
+
+
+def test_fallback_publish_failure_restores_old(tmp_path, monkeypatch):
+    monkeypatch.setattr(A, "_exchange", lambda a, b: False)
+    path = tmp_path / "art"
+    old = _write(path, manifest={"v": "old"})
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if os.path.basename(str(src)).startswith(".hwaware-tmp-") and str(dst) == str(path):
+            raise OSError("disk on fire")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError, match="disk on fire"):
+        _write(path, manifest={"v": "new"})
+    assert verify_artifact(path) == old
+    assert sorted(os.listdir(tmp_path)) == ["art"]
+
+
+def test_renameat2_exchange_is_used_where_available(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "x").write_text("a")
+    if not A._exchange(str(a), str(b)):
+        pytest.skip("filesystem/OS without renameat2(RENAME_EXCHANGE)")
+    assert (b / "x").read_text() == "a" and not (a / "x").exists()
+
+
+def test_stale_temp_dirs_are_removed(tmp_path):
+    stale, fresh = tmp_path / ".hwaware-tmp-art-stale", tmp_path / ".hwaware-tmp-art-fresh"
+    other = tmp_path / ".hwaware-tmp-other-stale"
+    for d in (stale, fresh, other):
+        d.mkdir()
+    two_hours_ago = time.time() - 7200
+    for d in (stale, other):
+        os.utime(d, (two_hours_ago, two_hours_ago))
+    _write(tmp_path / "art")
+    assert not stale.exists() and fresh.exists() and other.exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# a real crash: SIGKILL an exporting process
+# ------------------------------------------------------------------------------------------------
+_CHILD = textwrap.dedent(
+    """
+    import importlib.util, os, sys, time, torch
+    # Load the module by file: importing the hwaware package pulls in Lightning (seconds).
+    spec = importlib.util.spec_from_file_location("artifact_under_test", sys.argv[1])
+    A = importlib.util.module_from_spec(spec); spec.loader.exec_module(A)
+    path, mode = sys.argv[2], sys.argv[3]
+    hw = sys.modules["hwaware"] = type(sys)("hwaware")  # the version write_artifact records
+    hw.__version__ = "0.0.test"
+
+    def hang(msg):
+        print(msg, flush=True)
+        while True:
+            time.sleep(60)
+
+    def writer(p):
+        with open(p, "wb") as f:
+            f.write(b"half a progr")
+            f.flush()
+        hang("writing")
+
+    if mode == "publish":  # die between the fallback's two renames
+        A._exchange = lambda a, b: False
+        real = os.rename
+        def rename(src, dst):
+            real(src, dst)
+            if ".hwaware-old-" in dst:
+                hang("moved-aside")
+        os.rename = rename
+        writer = None
+    A.write_artifact(path, {"v": "new"}, {"w": torch.ones(3)}, program_writer=writer)
+    """
+)
+
+
+def _kill_mid_export(tmp_path, path, mode):
+    script = tmp_path / "child.py"
+    script.write_text(_CHILD)
+    proc = subprocess.Popen([sys.executable, str(script), A.__file__, str(path), mode],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline().strip()
+        assert line in ("writing", "moved-aside"), proc.stderr.read()
+        assert _tmp_dirs(path.parent) or mode == "publish"
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close(), proc.stderr.close()
+    return line
+
+
+def test_killed_fresh_export_leaves_nothing_at_path(tmp_path):
+    path = tmp_path / "art"
+    _kill_mid_export(tmp_path, path, "write")
+    assert not os.path.lexists(path)
+    leftovers = _tmp_dirs(tmp_path)
+    assert len(leftovers) == 1 and os.path.exists(os.path.join(leftovers[0], "program.pt2"))
+    with pytest.raises(ArtifactError, match=r"art: no such artifact"):
+        read_manifest(path)
+    _write(path)  # a later export succeeds next to the leftover
+    verify_artifact(path)
+
+
+def test_killed_overwrite_keeps_old_artifact(tmp_path):
+    path = tmp_path / "art"
+    old = _write(path, manifest={"v": "old"})
+    _kill_mid_export(tmp_path, path, "write")
+    assert verify_artifact(path) == old
+    assert torch.equal(read_tensors(path)["w_q"], _tensors()["w_q"])
+
+
+def test_killed_between_fallback_renames_names_the_old_artifact(tmp_path):
+    path = tmp_path / "art"
+    old = _write(path, manifest={"v": "old"})
+    _kill_mid_export(tmp_path, path, "publish")
+    assert not os.path.lexists(path)  # "nothing there", and the error says where the old one is
+    with pytest.raises(ArtifactError, match=r"art: no such artifact .*previous artifact at .*art\.hwaware-old-"):
+        read_manifest(path)
+    (aside,) = glob.glob(str(path) + ".hwaware-old-*")
+    assert verify_artifact(aside) == old

@@ -1,0 +1,78 @@
+"""``hwaware inspect``: verified table output, --json, and exit status 2 on a refused artifact."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hwaware.cli import main
+from hwaware.export import artifact_size_bytes, read_manifest, write_artifact
+
+MANIFEST = {
+    "layers": {
+        "bot_mlp.0": {"scheme": "w8a8", "shape": [64, 13], "bytes": 896, "kernel": {"cpu": "int8_mm", "cuda": "w8_triton"}},
+        "emb.0": {"scheme": "w4g32", "shape": [1000, 16], "group_size": 32, "bytes": 9000, "speedup_cpu": 1.8},
+        "top_mlp.1": {"scheme": "fp32"},  # missing keys are tolerated
+    },
+    "fp32_bytes": 80000,
+    "regression": {"metric": "auroc", "reference": 0.8012, "exported": 0.7998, "drop": 0.0014,
+                   "max_drop": 0.003, "passed": True},
+}
+
+
+@pytest.fixture
+def art(tmp_path):
+    path = tmp_path / "ctr-int8"
+    write_artifact(path, MANIFEST, {"w": torch.zeros(8, dtype=torch.int8)})
+    return path
+
+
+def test_inspect_prints_layers_totals_and_regression(art, capsys):
+    assert main(["inspect", str(art)]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    for name in MANIFEST["layers"]:
+        assert name in out
+    assert "w8a8" in out and "64x13" in out and "cpu=int8_mm,cuda=w8_triton" in out
+    assert "group_size" in out and "speedup_cpu" in out and "1.8" in out
+    assert f"({artifact_size_bytes(art)} bytes)" in out and "fp32" in out and "(80000 bytes)" in out
+    reg = [line for line in out.splitlines() if line.startswith("regression:")]
+    assert reg == ["regression: auroc reference 0.8012 exported 0.7998 drop 0.0014 (max_drop 0.003): PASSED"]
+
+
+def test_inspect_tolerates_a_bare_manifest(tmp_path, capsys):
+    path = tmp_path / "bare"
+    write_artifact(path, {}, {"w": torch.ones(2)})
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "regression: not measured" in out and "total:" in out and "fp32" not in out
+
+
+def test_inspect_json_prints_the_verified_manifest(art, capsys):
+    assert main(["inspect", str(art), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == read_manifest(art)
+
+
+def test_inspect_refuses_tampered_artifact_with_exit_2(art, capsys):
+    w = art / "weights.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 1
+    w.write_bytes(bytes(data))
+    assert main(["inspect", str(art)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("hwaware: error: ") and "weights.safetensors: corrupted or tampered" in err
+
+
+def test_inspect_refuses_missing_path(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "nope")]) == 2
+    assert "nope: no such artifact" in capsys.readouterr().err
+
+
+def test_bench_is_a_stub_and_usage_errors_exit_2(art):
+    with pytest.raises(SystemExit, match="hwaware bench: not available yet"):
+        main(["bench", str(art)])
+    with pytest.raises(SystemExit) as e:
+        main([])
+    assert e.value.code == 2
