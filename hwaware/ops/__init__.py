@@ -1,0 +1,325 @@
+"""``hwaware::*`` custom ops, registered on import.
+
+Each op is a ``torch.library.custom_op`` with a fake (meta) implementation and a CPU kernel, so it
+passes ``torch.library.opcheck``, ``torch.compile(fullgraph=True)`` and
+``torch.export.export/save/load`` (DESIGN.md, "How ops are registered"). ``import hwaware.ops``
+before ``torch.export.load`` of a program that uses them.
+
+Ops (shapes; ``...`` = any leading dims):
+
+- ``hwaware::int8_linear(x [..., K] float, qweight int8 [N, K], w_scale float32 [N], bias [N]?) -> [..., N]``
+  W8A8: dynamic per-token symmetric int8 activations, per-channel int8 weights.
+- ``hwaware::int4_linear(x [..., K] float, packed uint8 [N, K/2], scales float32 [N, K/g],
+  zeros int8 [N, K/g]?, group_size, bias [N]?) -> [..., N]``: weight-only int4, group-wise.
+- ``hwaware::embedding_bag_rowwise(weight uint8 [R, cols], bits, dim, indices [L], offsets [B(+1)],
+  mode, per_sample_weights [L]?, include_last_offset) -> float32 [B, dim]``: FBGEMM row-wise
+  8/4-bit tables; mode 0 sum, 1 mean, 2 max.
+
+The CUDA kernels (Triton, ``kernels/``) are registered with ``<op>.register_kernel("cuda")`` in the
+marked place at the bottom of this file; until then a CUDA tensor raises ``NotImplementedError``
+from the dispatcher.
+"""
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections import OrderedDict
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hwaware.ops.packing import dequantize_int4_weight, rowwise_cols
+
+__all__ = ["int8_linear", "int4_linear", "embedding_bag_rowwise", "REDUCE_RANGE", "clear_cache"]
+
+_FLOAT_X = (torch.float32, torch.bfloat16, torch.float16)
+_MODES = (0, 1, 2)
+
+
+# -- input validation (shared by the fake and the real kernels) ---------------------------------
+
+def _dt(name: str, t: Tensor, dtypes: Sequence[torch.dtype], expected: str) -> None:
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must be {expected} (dtype in {[str(d) for d in dtypes]}), got dtype {t.dtype}")
+
+
+def _shape(name: str, t: Tensor, shape: tuple, expected: str) -> None:
+    if t.dim() != len(shape) or any(a != b for a, b in zip(t.shape, shape)):
+        raise ValueError(f"{name} must have shape {expected} = {list(shape)}, got {list(t.shape)}")
+
+
+def _check_bias(bias: Optional[Tensor], n) -> None:
+    if bias is not None:
+        _dt("bias", bias, _FLOAT_X, "[N] float")
+        _shape("bias", bias, (n,), "[N]")
+
+
+def _check_int8_linear(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> None:
+    _dt("x", x, _FLOAT_X, "[..., K] float")
+    _dt("qweight", qweight, (torch.int8,), "[N, K] int8")
+    if qweight.dim() != 2:
+        raise ValueError(f"qweight must be 2-D [N, K] int8, got shape {list(qweight.shape)}")
+    n, k = qweight.shape
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"x must have shape [..., K] with K = qweight.shape[1] = {k}, got {list(x.shape)}")
+    _dt("w_scale", w_scale, (torch.float32,), "[N] float32")
+    _shape("w_scale", w_scale, (n,), "[N]")
+    _check_bias(bias, n)
+
+
+def _check_int4_linear(x: Tensor, packed: Tensor, scales: Tensor, zeros: Optional[Tensor], group_size: int,
+                       bias: Optional[Tensor]) -> None:
+    _dt("x", x, _FLOAT_X, "[..., K] float")
+    _dt("packed", packed, (torch.uint8,), "[N, K/2] uint8 (two int4 per byte)")
+    if packed.dim() != 2:
+        raise ValueError(f"packed must be 2-D [N, K/2] uint8, got shape {list(packed.shape)}")
+    n, k = packed.shape[0], packed.shape[1] * 2
+    if group_size <= 0 or k % group_size != 0:
+        raise ValueError(f"group_size={group_size} must be positive and divide K = 2 * packed.shape[1] = {k}")
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"x must have shape [..., K] with K = 2 * packed.shape[1] = {k}, got {list(x.shape)}")
+    g = k // group_size
+    _dt("scales", scales, (torch.float32,), "[N, K/group_size] float32")
+    _shape("scales", scales, (n, g), "[N, K/group_size]")
+    if zeros is not None:
+        _dt("zeros", zeros, (torch.int8,), "[N, K/group_size] int8 (None when symmetric)")
+        _shape("zeros", zeros, (n, g), "[N, K/group_size]")
+    _check_bias(bias, n)
+
+
+def _check_embedding_bag(weight: Tensor, bits: int, dim: int, indices: Tensor, offsets: Tensor, mode: int,
+                         per_sample_weights: Optional[Tensor], include_last_offset: bool) -> None:
+    if bits not in (4, 8):
+        raise ValueError(f"bits={bits} is not supported; expected 4 or 8")
+    if mode not in _MODES:
+        raise ValueError(f"mode={mode} is not supported; expected 0 (sum), 1 (mean) or 2 (max)")
+    if dim < 1:
+        raise ValueError(f"dim={dim} must be >= 1")
+    _dt("weight", weight, (torch.uint8,), "[R, cols] uint8 (FBGEMM row-wise)")
+    cols = rowwise_cols(dim, bits)
+    if weight.dim() != 2 or weight.shape[1] != cols:
+        raise ValueError(f"weight must have shape [R, {cols}] for a {bits}-bit row-wise table of dim={dim}, "
+                         f"got {list(weight.shape)}")
+    _dt("indices", indices, (torch.int64, torch.int32), "[L] int64 or int32")
+    _dt("offsets", offsets, (torch.int64, torch.int32), "[B] (or [B + 1] with include_last_offset) int")
+    if indices.dtype != offsets.dtype:
+        raise TypeError(f"indices ({indices.dtype}) and offsets ({offsets.dtype}) must have the same dtype")
+    if indices.dim() != 1:
+        raise ValueError(f"indices must be 1-D [L], got shape {list(indices.shape)}")
+    if offsets.dim() != 1 or (include_last_offset and offsets.shape[0] < 1):
+        raise ValueError(f"offsets must be 1-D [B]{' with B + 1 >= 1 entries' if include_last_offset else ''}, "
+                         f"got shape {list(offsets.shape)}")
+    if per_sample_weights is not None:
+        if mode != 0:
+            raise ValueError(f"per_sample_weights is only supported with mode=0 (sum), got mode={mode}")
+        _dt("per_sample_weights", per_sample_weights, (torch.float32,), "[L] float32")
+        _shape("per_sample_weights", per_sample_weights, (indices.shape[0],), "[L] (same length as indices)")
+
+
+# -- packed-weight cache -----------------------------------------------------------------------
+
+def _version(t: Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors track no version; they are not modified outside inference mode
+        return -1
+
+
+class _PackCache:
+    """LRU cache of derived weights (fbgemm prepacked int8, dequantized int4), at most ``maxsize``.
+
+    Keyed on each source tensor's ``(data_ptr, shape, stride, dtype, _version)``; a hit also
+    requires the source tensors to be alive at the same address (weak references), so memory freed
+    and reused by another tensor never returns a stale entry, and an in-place update of a weight
+    (which bumps ``_version``) repacks it.
+    """
+
+    def __init__(self, maxsize: int = 32) -> None:
+        self.maxsize = maxsize
+        self._entries: "OrderedDict[tuple, tuple]" = OrderedDict()
+
+    def get(self, tensors: Sequence[Optional[Tensor]], extra: tuple, build: Callable[[], object]):
+        live = [t for t in tensors if t is not None]
+        key = tuple((t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, _version(t)) for t in live) + extra
+        hit = self._entries.get(key)
+        if hit is not None:
+            refs, value = hit
+            if all(r() is not None and r().data_ptr() == k[0] for r, k in zip(refs, key)):
+                self._entries.move_to_end(key)
+                return value
+            del self._entries[key]
+        value = build()
+        self._entries[key] = (tuple(weakref.ref(t) for t in live), value)
+        while len(self._entries) > self.maxsize:
+            self._entries.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+_CACHE = _PackCache()
+
+
+def clear_cache() -> None:
+    """Drop every cached prepacked / dequantized weight."""
+    _CACHE.clear()
+
+
+# -- hwaware::int8_linear -----------------------------------------------------------------------
+
+def _has_vnni() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+# fbgemm's dynamic linear quantizes the activation per TENSOR to uint8 (affine, from its min/max).
+# Full range (reduce_range=False) uses 256 levels; on AVX2 without VNNI its vpmaddubsw kernels add
+# pairs of u8 x s8 products in int16 and can saturate (2 * 255 * 127 > 32767), which is why torch's
+# dynamic Linear defaults to reduce_range=True (128 levels). Measured on this machine (Xeon with
+# AVX-512 VNNI, torch 2.13, weights randn/sqrt(K), per-token pre-scaling below), SQNR in dB:
+#                       vs int8_linear_ref        vs fp32 F.linear (ref itself: 39.5 / 39.8 / 28.9)
+#   x ~ randn            False 41.9 | True 34.8   False 39.5 | True 35.5        (M=2048, K=N=512)
+#   x ~ relu(randn)      False 41.9 | True 144.8  False 41.7 | True 39.8
+#   randn, 4 cols x20    False 37.2 | True 21.3   False 28.9 | True 23.0
+# (DLRM shape M=2048, K=367, N=256: the same within 1 dB.) No saturation shows with full range on a
+# VNNI CPU, and it is 4-7 dB better on signed data, so full range is used where VNNI exists and
+# the overflow-safe reduced range elsewhere. Re-measure with `pytest tests/ops -k reduce_range -s`.
+REDUCE_RANGE: bool = not _has_vnni()
+
+
+def _prepack_int8(qweight: Tensor, w_scale: Tensor):
+    with warnings.catch_warnings():  # quantized tensor creation is deprecated; fbgemm prepack still needs one
+        warnings.simplefilter("ignore", UserWarning)
+        qt = torch._make_per_channel_quantized_tensor(
+            qweight.contiguous(), w_scale.double(), torch.zeros(qweight.shape[0], dtype=torch.long), 0)
+    return torch.ops.quantized.linear_prepack(qt, None)
+
+
+@torch.library.custom_op("hwaware::int8_linear", mutates_args=(), device_types="cpu")
+def int8_linear(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """W8A8 linear, CPU: fbgemm ``quantized::linear_dynamic`` on a cached prepacked weight.
+
+    fbgemm quantizes the activation per tensor; to get per-token scales (as the reference and QAT)
+    each row of ``x`` is divided by its ``max|x|`` first (all rows share the range [-1, 1]) and the
+    output rows are multiplied back; the bias is added afterwards in fp32.
+    """
+    _check_int8_linear(x, qweight, w_scale, bias)
+    n, k = qweight.shape
+    x2d = x.reshape(-1, k).float()
+    if x2d.shape[0] == 0:
+        return x.new_zeros((*x.shape[:-1], n))
+    # max|x| per row as max(amax, -amin): two reductions, no |x| temporary (~15% faster than abs().amax here)
+    a = torch.maximum(x2d.amax(dim=1, keepdim=True), x2d.amin(dim=1, keepdim=True).neg_())
+    a = torch.where(a > 0, a, torch.ones_like(a))  # all-zero rows stay zero
+    packed = _CACHE.get((qweight, w_scale), ("int8_linear",), lambda: _prepack_int8(qweight, w_scale))
+    y = torch.ops.quantized.linear_dynamic(x2d / a, packed, REDUCE_RANGE)
+    y.mul_(a)
+    if bias is not None:
+        y.add_(bias.float())
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+@int8_linear.register_fake
+def _(x, qweight, w_scale, bias):
+    _check_int8_linear(x, qweight, w_scale, bias)
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+# -- hwaware::int4_linear -----------------------------------------------------------------------
+
+@torch.library.custom_op("hwaware::int4_linear", mutates_args=(), device_types="cpu")
+def int4_linear(x: Tensor, packed: Tensor, scales: Tensor, zeros: Optional[Tensor], group_size: int,
+                bias: Optional[Tensor]) -> Tensor:
+    """Weight-only int4 linear, CPU: the weight is dequantized once to fp32 (cached), then F.linear.
+
+    No int4 CPU kernel here beats that: ``aten._weight_int4pack_mm_for_cpu`` is 10-100x slower than
+    fp32 on these machines (DESIGN.md, "Measured facts").
+    """
+    _check_int4_linear(x, packed, scales, zeros, group_size, bias)
+    w = _CACHE.get((packed, scales, zeros), ("int4_linear", group_size),
+                   lambda: dequantize_int4_weight(packed, scales, zeros, group_size))
+    out = F.linear(x.float(), w, None if bias is None else bias.float())
+    return out.to(x.dtype)
+
+
+@int4_linear.register_fake
+def _(x, packed, scales, zeros, group_size, bias):
+    _check_int4_linear(x, packed, scales, zeros, group_size, bias)
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+# -- hwaware::embedding_bag_rowwise ---------------------------------------------------------------
+
+def _check_index_values(weight: Tensor, indices: Tensor, offsets: Tensor, include_last_offset: bool) -> None:
+    # fbgemm reads out of bounds rather than raising, so check the values; on CPU tensors numpy's
+    # reductions cost ~1 us each where torch's cost ~4 us (2048 lookups: ~6 us vs ~23 us in torch)
+    n = indices.numel()
+    if n:
+        idx = indices.numpy()
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= weight.shape[0]:
+            raise IndexError(f"indices must lie in [0, {weight.shape[0]}) (rows of weight), got [{lo}, {hi}]")
+    if offsets.numel():
+        off = offsets.numpy()
+        first, last = int(off[0]), int(off[-1])
+        if first != 0 or last > n or (off.size > 1 and bool((off[1:] < off[:-1]).any())):
+            raise ValueError(f"offsets must start at 0, be non-decreasing and not exceed len(indices)={n}, "
+                             f"got first={first}, last={last}")
+        if include_last_offset and last != n:
+            raise ValueError(f"with include_last_offset=True the last offset must equal len(indices)={n}, got {last}")
+
+
+@torch.library.custom_op("hwaware::embedding_bag_rowwise", mutates_args=(), device_types="cpu")
+def embedding_bag_rowwise(weight: Tensor, bits: int, dim: int, indices: Tensor, offsets: Tensor, mode: int,
+                          per_sample_weights: Optional[Tensor], include_last_offset: bool) -> Tensor:
+    """Row-wise quantized embedding bag, CPU: fbgemm ``quantized::embedding_bag_{byte,4bit}_rowwise_offsets``.
+
+    Those kernels ignore their ``mode`` argument and always sum (measured, torch 2.13), so mean is
+    their sum divided by the bag sizes, and max dequantizes only the gathered rows (fbgemm
+    ``embedding_bag_{byte,4bit}_unpack``) and reduces them with ``F.embedding_bag``.
+    """
+    _check_embedding_bag(weight, bits, dim, indices, offsets, mode, per_sample_weights, include_last_offset)
+    _check_index_values(weight, indices, offsets, include_last_offset)
+    weight, indices, offsets = weight.contiguous(), indices.contiguous(), offsets.contiguous()
+    if mode == 2:
+        unpack = (torch.ops.quantized.embedding_bag_byte_unpack if bits == 8
+                  else torch.ops.quantized.embedding_bag_4bit_unpack)
+        rows = unpack(weight.index_select(0, indices))[:, :dim]  # float32 [L, dim]
+        positions = torch.arange(indices.numel(), dtype=indices.dtype)
+        return F.embedding_bag(positions, rows, offsets, mode="max", include_last_offset=include_last_offset)
+    fn = (torch.ops.quantized.embedding_bag_byte_rowwise_offsets if bits == 8
+          else torch.ops.quantized.embedding_bag_4bit_rowwise_offsets)
+    out = fn(weight, indices, offsets, False, 0, False, per_sample_weights, None, include_last_offset)
+    if out.shape[1] != dim:  # 4-bit odd dim: fbgemm sees the padding nibble as one more column
+        out = out[:, :dim].contiguous()
+    if mode == 1:
+        b = out.shape[0]
+        ends = offsets[1:b + 1] if include_last_offset else torch.cat([offsets[1:], offsets.new_tensor([indices.numel()])])
+        counts = (ends - offsets[:b]).clamp_min(1).to(out.dtype)  # empty bags stay 0, as F.embedding_bag
+        out.div_(counts[:, None])
+    return out
+
+
+@embedding_bag_rowwise.register_fake
+def _(weight, bits, dim, indices, offsets, mode, per_sample_weights, include_last_offset):
+    _check_embedding_bag(weight, bits, dim, indices, offsets, mode, per_sample_weights, include_last_offset)
+    b = offsets.shape[0] - 1 if include_last_offset else offsets.shape[0]
+    return weight.new_empty((b, dim), dtype=torch.float32)
+
+
+# -- CUDA ----------------------------------------------------------------------------------------
+# The Triton kernels (kernels/, one op per file) register here, with the Triton issue:
+#     @int8_linear.register_kernel("cuda")
+#     def _(x, qweight, w_scale, bias): return <launcher>(x, qweight, w_scale, bias)
+# and likewise int4_linear / embedding_bag_rowwise. Until then CUDA tensors raise
+# NotImplementedError from the dispatcher (no silent CPU fallback).

@@ -1,0 +1,301 @@
+"""Packed formats: the ONE place each is packed and unpacked.
+
+Formats (DESIGN.md, "Numerics that everything agrees on"):
+
+- int4 nibbles: ``[N, K]`` codes -> ``uint8 [N, ceil(K/2)]``, two values per byte, LOW nibble
+  first (element ``2j`` in bits 0-3, ``2j+1`` in bits 4-7). Signed codes ``[-8, 7]`` are stored as
+  4-bit two's complement, unsigned codes ``[0, 15]`` as is.
+- FBGEMM row-wise embedding tables (what ``torch.ops.quantized.embedding_bag_byte_prepack`` /
+  ``embedding_bag_4bit_prepack`` produce and ``embedding_bag_{byte,4bit}_rowwise_offsets`` consume):
+  ``uint8 [R, cols]``, each row = codes, then scale, then offset; ``x = q * scale + offset``.
+
+  - 8-bit: ``D`` code bytes, fp32 scale, fp32 offset (``cols = D + 8``).
+  - 4-bit: ``ceil(D/2)`` nibble bytes (low nibble first), fp16 scale, fp16 offset
+    (``cols = ceil(D/2) + 4``). FBGEMM's own prepack only accepts even ``D``; an odd ``D`` is
+    padded with a zero nibble, which the op slices away.
+- int8 weights: ``int8 [N, K]`` symmetric per output channel in ``[-127, 127]``, ``scale float32 [N]``.
+- int4 weights: ``uint8 [N, K/2]`` nibbles, ``scales float32 [N, K/g]``, ``zeros int8 [N, K/g]``
+  (asymmetric, codes ``[0, 15]``) or None (symmetric, codes ``[-8, 7]``); ``w = (q - zp) * s``.
+
+All quantization arithmetic comes from :mod:`hwaware.quant.primitives`, so what is packed here is
+exactly what QAT fake-quantized against.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from hwaware.quant.primitives import channel_minmax, channel_range, compute_qparams, dequantize, quantize
+from hwaware.quant.spec import QuantSpec
+
+__all__ = [
+    "pack_int4",
+    "unpack_int4",
+    "pack_rowwise",
+    "unpack_rowwise",
+    "rowwise_spec",
+    "rowwise_cols",
+    "quantize_rowwise",
+    "dequantize_rowwise",
+    "int8_weight_spec",
+    "int4_weight_spec",
+    "quantize_int8_weight",
+    "dequantize_int8_weight",
+    "quantize_int4_weight",
+    "dequantize_int4_weight",
+]
+
+ROWWISE_BITS = (4, 8)
+
+
+# -- validation helpers ------------------------------------------------------------------------
+
+def _check_tensor(name: str, t, dtypes: Tuple[torch.dtype, ...], ndim: int, expected: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {expected}, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]} ({expected}), got {t.dtype}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {expected}, got shape {tuple(t.shape)}")
+
+
+def _check_bits(bits) -> None:
+    if bits not in ROWWISE_BITS or isinstance(bits, bool):
+        raise ValueError(f"bits={bits!r} is not supported; expected one of {ROWWISE_BITS}")
+
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+# -- int4 nibbles -----------------------------------------------------------------------------
+
+def pack_int4(codes: Tensor) -> Tensor:
+    """Pack 4-bit codes two per byte, low nibble first.
+
+    codes: ``int8 [N, K]`` in ``[-8, 7]`` (two's complement) or ``uint8 [N, K]`` in ``[0, 15]``.
+    Returns ``uint8 [N, ceil(K/2)]``; an odd ``K`` is padded with a zero nibble.
+    """
+    _check_tensor("codes", codes, (torch.int8, torch.uint8), 2, "[N, K] int8 in [-8, 7] or uint8 in [0, 15]")
+    if codes.numel():
+        lo, hi = (-8, 7) if codes.dtype == torch.int8 else (0, 15)
+        mn, mx = int(codes.min()), int(codes.max())
+        if mn < lo or mx > hi:
+            raise ValueError(f"codes ({codes.dtype}) must lie in [{lo}, {hi}], got values in [{mn}, {mx}]")
+    n, k = codes.shape
+    nib = (codes.to(torch.int16) & 0xF).to(torch.uint8)  # 4-bit two's complement for int8
+    if k % 2:
+        nib = torch.cat([nib, nib.new_zeros(n, 1)], dim=1)
+    nib = nib.reshape(n, -1, 2)
+    return (nib[..., 0] | (nib[..., 1] << 4)).contiguous()
+
+
+def unpack_int4(packed: Tensor, k: int, signed: bool) -> Tensor:
+    """Inverse of :func:`pack_int4`: ``uint8 [N, ceil(k/2)]`` -> ``int8 [N, k]`` (sign-extended
+    to ``[-8, 7]`` when ``signed``, else ``[0, 15]``)."""
+    _check_tensor("packed", packed, (torch.uint8,), 2, "[N, ceil(K/2)] uint8")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+        raise TypeError(f"k must be a non-negative int, got {k!r}")
+    if packed.shape[1] != (k + 1) // 2:
+        raise ValueError(f"packed must have shape [N, ceil(k/2)] = [N, {(k + 1) // 2}] for k={k}, got {tuple(packed.shape)}")
+    lo = packed & 0xF
+    hi = packed >> 4
+    v = torch.stack([lo, hi], dim=-1).reshape(packed.shape[0], -1)[:, :k].to(torch.int8)
+    if signed:
+        v = (v ^ 8) - 8  # sign-extend 4-bit two's complement
+    return v.contiguous()
+
+
+# -- FBGEMM row-wise embedding tables ---------------------------------------------------------
+
+def rowwise_spec(bits: int) -> QuantSpec:
+    """The QAT spec whose numerics the row-wise layout stores (per-row affine, float offset)."""
+    _check_bits(bits)
+    return QuantSpec(bits=bits, granularity="per_row", symmetric=False,
+                     scale_dtype="float32" if bits == 8 else "float16")
+
+
+def rowwise_cols(dim: int, bits: int) -> int:
+    """Bytes per packed row: ``D + 8`` (8-bit) or ``ceil(D/2) + 4`` (4-bit)."""
+    _check_bits(bits)
+    return dim + 8 if bits == 8 else (dim + 1) // 2 + 4
+
+
+def _as_bytes(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``[R]`` float -> ``uint8 [R, itemsize]`` (native little-endian bytes, as FBGEMM stores them)."""
+    return t.detach().to(dtype).contiguous().reshape(-1, 1).view(torch.uint8)
+
+
+def pack_rowwise(codes: Tensor, scale: Tensor, offset: Tensor, bits: int) -> Tensor:
+    """Fuse codes and per-row qparams into the FBGEMM row-wise layout.
+
+    codes: ``uint8 [R, D]`` (``[0, 255]`` or ``[0, 15]``); scale, offset: ``[R]`` float.
+    Returns ``uint8 [R, D + 8]`` (8-bit, fp32 qparams) or ``uint8 [R, ceil(D/2) + 4]`` (4-bit, fp16).
+    """
+    _check_bits(bits)
+    _check_tensor("codes", codes, (torch.uint8,), 2, "[R, D] uint8")
+    r = codes.shape[0]
+    for name, t in (("scale", scale), ("offset", offset)):
+        _check_tensor(name, t, _FLOATS, 1, f"[R] = [{r}] float")
+        if t.shape[0] != r:
+            raise ValueError(f"{name} must have shape [R] = [{r}] to match codes {tuple(codes.shape)}, got {tuple(t.shape)}")
+    if bits == 8:
+        return torch.cat([codes, _as_bytes(scale, torch.float32), _as_bytes(offset, torch.float32)], dim=1)
+    return torch.cat([pack_int4(codes), _as_bytes(scale, torch.float16), _as_bytes(offset, torch.float16)], dim=1)
+
+
+def unpack_rowwise(fused: Tensor, bits: int, dim: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """Split an FBGEMM row-wise table into ``(codes uint8 [R, D], scale float32 [R], offset float32 [R])``.
+
+    ``dim`` (``D``) is derived for 8 bits (``cols - 8``) and required for 4 bits, where
+    ``ceil(D/2)`` cannot tell an odd ``D`` from the next even one.
+    """
+    _check_bits(bits)
+    _check_tensor("fused", fused, (torch.uint8,), 2, "[R, cols] uint8 (FBGEMM row-wise)")
+    cols = fused.shape[1]
+    if bits == 8:
+        d = cols - 8 if dim is None else dim
+    else:
+        if dim is None:
+            raise ValueError("unpack_rowwise(bits=4) needs dim: ceil(D/2) bytes cannot tell an odd D from D + 1")
+        d = dim
+    if not isinstance(d, int) or d < 1 or rowwise_cols(d, bits) != cols:
+        raise ValueError(f"fused has {cols} columns, which is not a {bits}-bit row-wise table of dim={d!r} "
+                         f"(expected {rowwise_cols(d, bits) if isinstance(d, int) and d >= 1 else 'D >= 1'} columns)")
+    qdt = torch.float32 if bits == 8 else torch.float16
+    nq = cols - 2 * qdt.itemsize
+    scale = fused[:, nq:nq + qdt.itemsize].contiguous().view(qdt).reshape(-1).float()
+    offset = fused[:, nq + qdt.itemsize:].contiguous().view(qdt).reshape(-1).float()
+    if bits == 8:
+        codes = fused[:, :d].contiguous()
+    else:
+        codes = unpack_int4(fused[:, :nq].contiguous(), d, signed=False).to(torch.uint8)
+    return codes, scale, offset
+
+
+def quantize_rowwise(table: Tensor, bits: int) -> Tensor:
+    """Quantize a float ``[R, D]`` table to the FBGEMM row-wise layout with the QAT numerics
+    (:func:`rowwise_spec`): dequantizing the result equals ``fake_quantize`` of the table exactly."""
+    spec = rowwise_spec(bits)
+    _check_tensor("table", table, _FLOATS, 2, "[R, D] float")
+    if table.shape[1] < 1:
+        raise ValueError(f"table must have at least one column, got shape {tuple(table.shape)}")
+    mn, mx = channel_minmax(table.detach().float())
+    scale, offset = compute_qparams(mn, mx, spec)
+    codes = quantize(table, scale, offset, spec)
+    return pack_rowwise(codes, scale, offset, bits)
+
+
+def dequantize_rowwise(fused: Tensor, bits: int, dim: Optional[int] = None) -> Tensor:
+    """Float32 ``[R, D]`` table from the row-wise layout: ``q * scale + offset``."""
+    codes, scale, offset = unpack_rowwise(fused, bits, dim)
+    return dequantize(codes, scale, offset, rowwise_spec(bits))
+
+
+# -- int8 per-channel weights -----------------------------------------------------------------
+
+def int8_weight_spec() -> QuantSpec:
+    """Symmetric per-output-channel int8, narrow range ``[-127, 127]``."""
+    return QuantSpec(bits=8, granularity="per_channel", symmetric=True)
+
+
+def quantize_int8_weight(w: Tensor, scale: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """``w [N, K]`` float -> ``(qweight int8 [N, K], scale float32 [N])``.
+
+    ``scale`` (``[N]``), when given (e.g. from the QAT quantizer), is used as is, so the artifact
+    packs exactly what training saw; otherwise it is ``max|w_n| / 127`` per row.
+    """
+    _check_tensor("w", w, _FLOATS, 2, "[N, K] float")
+    spec = int8_weight_spec()
+    n = w.shape[0]
+    if scale is None:
+        mn, mx = channel_range(w.detach().reshape(n, -1), spec)
+        scale, _ = compute_qparams(mn, mx, spec)
+    else:
+        _check_tensor("scale", scale, _FLOATS, 1, f"[N] = [{n}] float")
+        if scale.shape[0] != n:
+            raise ValueError(f"scale must have shape [N] = [{n}] for w of shape {tuple(w.shape)}, got {tuple(scale.shape)}")
+    scale = scale.detach().float().contiguous()
+    q = quantize(w, scale, torch.zeros_like(scale, dtype=torch.int32), spec)
+    return q.contiguous(), scale
+
+
+def dequantize_int8_weight(qweight: Tensor, scale: Tensor) -> Tensor:
+    """Float32 ``[N, K]`` from ``qweight int8 [N, K]`` and ``scale [N]``."""
+    _check_tensor("qweight", qweight, (torch.int8,), 2, "[N, K] int8")
+    return dequantize(qweight, scale, torch.zeros_like(scale, dtype=torch.int32), int8_weight_spec())
+
+
+# -- int4 group-wise weights ------------------------------------------------------------------
+
+def int4_weight_spec(group_size: int, symmetric: bool) -> QuantSpec:
+    """4-bit groups of ``group_size`` along K: symmetric ``[-8, 7]`` or affine ``[0, 15]``."""
+    return QuantSpec(bits=4, granularity="per_group", group_size=group_size, symmetric=symmetric)
+
+
+def _check_group(name: str, k: int, group_size) -> None:
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if k % group_size:
+        raise ValueError(f"{name} has K={k}, which is not a multiple of group_size={group_size}")
+
+
+def quantize_int4_weight(w: Tensor, group_size: int, symmetric: bool, scale: Optional[Tensor] = None,
+                         zero_point: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``w [N, K]`` float -> ``(packed uint8 [N, K/2], scales float32 [N, K/g], zeros int8 [N, K/g] | None)``.
+
+    ``scale``/``zero_point`` (``[N, K/g]`` or flat ``[N*K/g]``), when given (e.g. from the QAT
+    quantizer), are used as is; ``zero_point`` is required when asymmetric and forbidden otherwise.
+    """
+    _check_tensor("w", w, _FLOATS, 2, "[N, K] float")
+    n, k = w.shape
+    _check_group("w", k, group_size)
+    spec = int4_weight_spec(group_size, symmetric)
+    ng = k // group_size
+    if scale is None:
+        if zero_point is not None:
+            raise ValueError("zero_point was given without scale; pass both (from the QAT quantizer) or neither")
+        mn, mx = channel_minmax(w.detach().reshape(-1, group_size).float())
+        scale, zp = compute_qparams(mn, mx, spec)
+    else:
+        _check_tensor("scale", scale, _FLOATS, scale.dim() if isinstance(scale, Tensor) else 2, f"[N, K/g] = [{n}, {ng}] float")
+        if scale.numel() != n * ng:
+            raise ValueError(f"scale must have shape [N, K/g] = [{n}, {ng}], got {tuple(scale.shape)}")
+        if symmetric:
+            if zero_point is not None and bool((zero_point != 0).any()):
+                raise ValueError("zero_point must be None (or all zeros) for symmetric int4")
+            zp = torch.zeros(n * ng, dtype=torch.int32)
+        else:
+            if zero_point is None:
+                raise ValueError(f"asymmetric int4 needs zero_point of shape [N, K/g] = [{n}, {ng}] with scale")
+            if not isinstance(zero_point, Tensor) or zero_point.numel() != n * ng:
+                raise ValueError(f"zero_point must have shape [N, K/g] = [{n}, {ng}], "
+                                 f"got {tuple(zero_point.shape) if isinstance(zero_point, Tensor) else zero_point!r}")
+            zp = zero_point.detach().reshape(-1).round().to(torch.int32)
+            if int(zp.min()) < 0 or int(zp.max()) > 15:
+                raise ValueError(f"zero_point must lie in [0, 15], got values in [{int(zp.min())}, {int(zp.max())}]")
+    scale = scale.detach().float().reshape(-1).contiguous()
+    codes = quantize(w, scale, zp, spec)  # int8 [-8, 7] or uint8 [0, 15], shape [N, K]
+    packed = pack_int4(codes)
+    zeros = None if symmetric else zp.to(torch.int8).reshape(n, ng).contiguous()
+    return packed, scale.reshape(n, ng), zeros
+
+
+def dequantize_int4_weight(packed: Tensor, scales: Tensor, zeros: Optional[Tensor], group_size: int) -> Tensor:
+    """Float32 ``[N, K]`` from packed int4: ``(q - zp) * s`` per group (``K = 2 * packed.shape[1]``)."""
+    _check_tensor("packed", packed, (torch.uint8,), 2, "[N, K/2] uint8")
+    n, k = packed.shape[0], packed.shape[1] * 2
+    _check_group("packed (K = 2 * packed.shape[1])", k, group_size)
+    ng = k // group_size
+    _check_tensor("scales", scales, _FLOATS, 2, f"[N, K/g] = [{n}, {ng}] float")
+    if tuple(scales.shape) != (n, ng):
+        raise ValueError(f"scales must have shape [N, K/g] = [{n}, {ng}], got {tuple(scales.shape)}")
+    symmetric = zeros is None
+    if not symmetric:
+        _check_tensor("zeros", zeros, (torch.int8, torch.uint8, torch.int32), 2, f"[N, K/g] = [{n}, {ng}] int8")
+        if tuple(zeros.shape) != (n, ng):
+            raise ValueError(f"zeros must have shape [N, K/g] = [{n}, {ng}], got {tuple(zeros.shape)}")
+    q = unpack_int4(packed, k, signed=symmetric)
+    zp = torch.zeros(n * ng, dtype=torch.int32) if symmetric else zeros.reshape(-1).to(torch.int32)
+    return dequantize(q, scales.reshape(-1), zp, int4_weight_spec(group_size, symmetric))

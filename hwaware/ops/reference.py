@@ -1,0 +1,60 @@
+"""Pure-torch references for the ``hwaware::*`` ops: every kernel (CPU, Triton) is tested against these.
+
+They favour obviously-right arithmetic over speed: integer matmuls are exact (float64 holds every
+int8 x int8 dot product up to K = 2^37 / 127^2 exactly), dequantization goes through
+:mod:`hwaware.ops.packing`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hwaware.ops.packing import dequantize_int4_weight, dequantize_rowwise
+
+__all__ = ["quantize_per_token_ref", "int8_linear_ref", "int4_linear_ref", "embedding_bag_rowwise_ref", "EMBEDDING_BAG_MODES"]
+
+EMBEDDING_BAG_MODES = {0: "sum", 1: "mean", 2: "max"}
+
+
+def quantize_per_token_ref(x2d: Tensor):
+    """Dynamic symmetric per-token int8: ``(q int8 [M, K] in [-127, 127], scale float32 [M])``.
+
+    ``scale = max|x_m| / 127`` (eps-clamped, as ``compute_qparams``), ``q = round_half_even(x * (1/scale))``.
+    """
+    x = x2d.float()
+    scale = (x.abs().amax(dim=1) / 127.0).clamp_min(torch.finfo(torch.float32).eps)
+    q = torch.round(x * (1.0 / scale)[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def int8_linear_ref(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """W8A8: per-token int8 ``x`` times per-channel int8 ``qweight [N, K]``, exact integer accumulate.
+
+    ``out = (q_x @ q_w^T) * s_x[:, None] * s_w[None, :] + bias``, cast to ``x.dtype``, shape ``[..., N]``.
+    """
+    k = x.shape[-1]
+    qx, sx = quantize_per_token_ref(x.reshape(-1, k))
+    acc = qx.double() @ qweight.double().t()  # exact: |acc| <= K * 127^2 << 2^53
+    out = acc * sx.double()[:, None] * w_scale.double()[None, :]
+    if bias is not None:
+        out = out + bias.double()
+    return out.to(x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
+
+
+def int4_linear_ref(x: Tensor, packed: Tensor, scales: Tensor, zeros: Optional[Tensor], group_size: int,
+                    bias: Optional[Tensor] = None) -> Tensor:
+    """Weight-only int4: ``x @ dequant(W)^T + bias`` with ``dequant(W) = (q - zp) * s`` per group (fp32 math)."""
+    w = dequantize_int4_weight(packed, scales, zeros, group_size)
+    out = F.linear(x.float(), w, None if bias is None else bias.float())
+    return out.to(x.dtype)
+
+
+def embedding_bag_rowwise_ref(weight_fused: Tensor, bits: int, dim: int, indices: Tensor, offsets: Tensor, mode: int,
+                              per_sample_weights: Optional[Tensor] = None, include_last_offset: bool = False) -> Tensor:
+    """``F.embedding_bag`` on the dequantized FBGEMM row-wise table (mode 0 sum, 1 mean, 2 max)."""
+    table = dequantize_rowwise(weight_fused, bits, dim)
+    return F.embedding_bag(indices, table, offsets, mode=EMBEDDING_BAG_MODES[mode],
+                           per_sample_weights=per_sample_weights, include_last_offset=include_last_offset)

@@ -1,0 +1,192 @@
+"""Packed formats: exact round trips, FBGEMM layout equality, and QAT-equal numerics."""
+import pytest
+import torch
+
+from hwaware.ops.packing import (
+    dequantize_int4_weight,
+    dequantize_int8_weight,
+    dequantize_rowwise,
+    int4_weight_spec,
+    int8_weight_spec,
+    pack_int4,
+    pack_rowwise,
+    quantize_int4_weight,
+    quantize_int8_weight,
+    quantize_rowwise,
+    rowwise_cols,
+    rowwise_spec,
+    unpack_int4,
+    unpack_rowwise,
+)
+from hwaware.quant.primitives import channel_minmax, compute_qparams, fake_quantize, fake_quantize_dynamic
+
+
+# -- int4 nibbles ----------------------------------------------------------------------------------
+
+def test_pack_int4_byte_layout_low_nibble_first():
+    codes = torch.tensor([[1, 2, -1, 0, -8, 7, 3]], dtype=torch.int8)
+    packed = pack_int4(codes)
+    # (1 | 2<<4), (0xF | 0<<4), (0x8 | 7<<4), (3 | pad 0)
+    assert packed.tolist() == [[0x21, 0x0F, 0x78, 0x03]]
+    assert packed.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("k", [1, 7, 64, 131])
+@pytest.mark.parametrize("signed", [True, False])
+def test_int4_round_trip_exact(k, signed):
+    g = torch.Generator().manual_seed(k)
+    lo, hi, dt = (-8, 8, torch.int8) if signed else (0, 16, torch.uint8)
+    codes = torch.randint(lo, hi, (5, k), generator=g).to(dt)
+    packed = pack_int4(codes)
+    assert packed.shape == (5, (k + 1) // 2)
+    out = unpack_int4(packed, k, signed=signed)
+    assert out.dtype == torch.int8
+    torch.testing.assert_close(out, codes.to(torch.int8), atol=0, rtol=0)
+
+
+def test_pack_int4_rejects_bad_inputs():
+    with pytest.raises(TypeError, match="codes must have dtype"):
+        pack_int4(torch.zeros(2, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"codes must be 2-D"):
+        pack_int4(torch.zeros(4, dtype=torch.int8))
+    with pytest.raises(ValueError, match=r"\[-8, 7\]"):
+        pack_int4(torch.full((1, 2), 9, dtype=torch.int8))
+    with pytest.raises(ValueError, match=r"\[0, 15\]"):
+        pack_int4(torch.full((1, 2), 16, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"ceil\(k/2\)"):
+        unpack_int4(torch.zeros(2, 3, dtype=torch.uint8), 8, signed=True)
+
+
+# -- FBGEMM row-wise tables --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits,dim", [(8, 16), (8, 7), (4, 16), (4, 7), (4, 1)])
+def test_rowwise_round_trip_exact(bits, dim):
+    g = torch.Generator().manual_seed(dim)
+    codes = torch.randint(0, 2**bits, (9, dim), generator=g).to(torch.uint8)
+    scale, offset = torch.rand(9, generator=g) + 0.01, torch.randn(9, generator=g)
+    if bits == 4:  # stored as fp16: use values fp16 holds exactly
+        scale, offset = scale.half().float(), offset.half().float()
+    fused = pack_rowwise(codes, scale, offset, bits)
+    assert fused.shape == (9, rowwise_cols(dim, bits))
+    c, s, o = unpack_rowwise(fused, bits, dim)
+    torch.testing.assert_close(c, codes, atol=0, rtol=0)
+    torch.testing.assert_close(s, scale, atol=0, rtol=0)
+    torch.testing.assert_close(o, offset, atol=0, rtol=0)
+
+
+def test_rowwise_8bit_dim_is_derived():
+    fused = quantize_rowwise(torch.randn(3, 5), 8)
+    assert unpack_rowwise(fused, 8)[0].shape == (3, 5)
+    with pytest.raises(ValueError, match="needs dim"):
+        unpack_rowwise(quantize_rowwise(torch.randn(3, 6), 4), 4)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_rowwise_matches_qat_fake_quant_exactly(bits):
+    table = torch.randn(64, 12) * torch.logspace(-3, 1, 64)[:, None]
+    spec = rowwise_spec(bits)
+    deq = dequantize_rowwise(quantize_rowwise(table, bits), bits, 12)
+    mn, mx = channel_minmax(table)
+    scale, offset = compute_qparams(mn, mx, spec)
+    torch.testing.assert_close(deq, fake_quantize(table, scale, offset, spec), atol=0, rtol=0)
+    torch.testing.assert_close(deq, fake_quantize_dynamic(table, spec)[0], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_rowwise_layout_equals_fbgemm_prepack(bits):
+    """Decode torch's own prepacked bytes with our unpack: same qparams, codes within one level."""
+    table = torch.randn(200, 16, generator=torch.Generator().manual_seed(0))
+    prepack = torch.ops.quantized.embedding_bag_byte_prepack if bits == 8 else torch.ops.quantized.embedding_bag_4bit_prepack
+    theirs = prepack(table)
+    ours = quantize_rowwise(table, bits)
+    assert theirs.shape == ours.shape and theirs.dtype == ours.dtype
+    tc, ts, to = unpack_rowwise(theirs, bits, 16)
+    oc, os_, oo = unpack_rowwise(ours, bits, 16)
+    torch.testing.assert_close(to, oo, atol=0, rtol=0)  # offset = row min (fp16 for 4-bit)
+    # fbgemm computes the 4-bit scale from the fp16-rounded min; ours from the exact min (QAT's)
+    torch.testing.assert_close(ts, os_, rtol=0 if bits == 8 else 2e-3, atol=0)
+    assert int((tc.int() - oc.int()).abs().max()) <= 1
+    assert float((tc != oc).float().mean()) < 0.01
+    # their bytes, decoded by us, reconstruct the table to within half a level
+    err = (dequantize_rowwise(theirs, bits, 16) - table).abs()
+    assert bool((err <= ts[:, None] * 0.5 + 1e-6).all())
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fbgemm_unpack_reads_our_tables(bits):
+    table = torch.randn(50, 10)
+    fused = quantize_rowwise(table, bits)
+    unpack = torch.ops.quantized.embedding_bag_byte_unpack if bits == 8 else torch.ops.quantized.embedding_bag_4bit_unpack
+    torch.testing.assert_close(unpack(fused), dequantize_rowwise(fused, bits, 10), atol=1e-6, rtol=1e-6)
+
+
+def test_rowwise_rejects_bad_inputs():
+    with pytest.raises(ValueError, match=r"bits=3"):
+        quantize_rowwise(torch.randn(2, 4), 3)
+    with pytest.raises(TypeError, match="table must have dtype"):
+        quantize_rowwise(torch.ones(2, 4, dtype=torch.int64), 8)
+    with pytest.raises(ValueError, match=r"table must be 2-D"):
+        quantize_rowwise(torch.randn(4), 8)
+    with pytest.raises(ValueError, match=r"scale must have shape \[R\] = \[2\]"):
+        pack_rowwise(torch.zeros(2, 4, dtype=torch.uint8), torch.ones(3), torch.ones(2), 8)
+    with pytest.raises(ValueError, match=r"not a 4-bit row-wise table of dim=9"):
+        unpack_rowwise(torch.zeros(2, 8, dtype=torch.uint8), 4, 9)
+
+
+# -- weights ---------------------------------------------------------------------------------------
+
+def test_int8_weight_matches_fake_quant():
+    w = torch.randn(32, 48)
+    q, s = quantize_int8_weight(w)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32 and s.shape == (32,)
+    assert int(q.min()) >= -127 and int(q.max()) == 127
+    spec = int8_weight_spec()
+    ref = fake_quantize(w, s, torch.zeros(32, dtype=torch.int32), spec)
+    torch.testing.assert_close(dequantize_int8_weight(q, s), ref, atol=0, rtol=0)
+
+
+def test_int8_weight_uses_given_scale():
+    w = torch.randn(8, 16)
+    s = torch.full((8,), 0.01)
+    q, s2 = quantize_int8_weight(w, scale=s)
+    assert torch.equal(s2, s)
+    torch.testing.assert_close(q, torch.round(w / 0.01).clamp(-127, 127).to(torch.int8), atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"scale must have shape \[N\] = \[8\]"):
+        quantize_int8_weight(w, scale=torch.ones(4))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_int4_weight_matches_fake_quant(symmetric, group_size):
+    w = torch.randn(16, 128)
+    packed, scales, zeros = quantize_int4_weight(w, group_size, symmetric)
+    assert packed.shape == (16, 64) and scales.shape == (16, 128 // group_size)
+    assert (zeros is None) == symmetric
+    spec = int4_weight_spec(group_size, symmetric)
+    zp = torch.zeros(scales.numel(), dtype=torch.int32) if symmetric else zeros.reshape(-1).int()
+    ref = fake_quantize(w, scales.reshape(-1), zp, spec)
+    torch.testing.assert_close(dequantize_int4_weight(packed, scales, zeros, group_size), ref, atol=0, rtol=0)
+
+
+def test_int4_weight_uses_given_qparams():
+    w = torch.randn(4, 64)
+    mn, mx = channel_minmax(w.reshape(-1, 32))
+    spec = int4_weight_spec(32, False)
+    s, zp = compute_qparams(mn, mx, spec)
+    s = s * 1.5  # a "trained" scale differs from the min/max one
+    packed, scales, zeros = quantize_int4_weight(w, 32, False, scale=s.reshape(4, 2), zero_point=zp.reshape(4, 2))
+    torch.testing.assert_close(scales.reshape(-1), s, atol=0, rtol=0)
+    torch.testing.assert_close(zeros.reshape(-1).int(), zp, atol=0, rtol=0)
+    torch.testing.assert_close(dequantize_int4_weight(packed, scales, zeros, 32), fake_quantize(w, s, zp, spec), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="asymmetric int4 needs zero_point"):
+        quantize_int4_weight(w, 32, False, scale=s)
+
+
+def test_int4_weight_rejects_bad_inputs():
+    with pytest.raises(ValueError, match="K=48, which is not a multiple of group_size=32"):
+        quantize_int4_weight(torch.randn(4, 48), 32, True)
+    with pytest.raises(TypeError, match="w must have dtype"):
+        quantize_int4_weight(torch.ones(4, 64, dtype=torch.int8), 32, True)
+    packed, scales, _ = quantize_int4_weight(torch.randn(4, 64), 32, True)
+    with pytest.raises(ValueError, match=r"scales must have shape \[N, K/g\] = \[4, 2\]"):
+        dequantize_int4_weight(packed, scales[:, :1], None, 32)
