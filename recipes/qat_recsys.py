@@ -22,7 +22,9 @@ import time
 import pytorch_lightning as pl
 import torch
 
+import hwaware
 from hwaware import ProgressiveQuantization, QuantSpec, quant_states
+from hwaware.export.bench import compare_throughput
 from hwaware.recsys import DLRM, CriteoDataModule, evaluate_auroc
 
 
@@ -40,6 +42,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kl-threshold", type=float, default=0.01)
     p.add_argument("--qat-lr-scale", type=float, default=0.01, help="QAT fine-tunes at this fraction of the FP32 learning rate")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: the model's)")
+    p.add_argument("--max-drop", type=float, default=0.001, help="export gate: largest AUROC drop allowed")
+    p.add_argument("--export-dir", default=None, help="artifact directory (default out/qat_recsys-int<bits>)")
+    p.add_argument("--infer-batch-size", type=int, default=2048, help="batch for the exported-vs-FP32 throughput ratio")
+    p.add_argument("--no-export", action="store_true", help="stop after QAT")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fast", action="store_true", help="tiny run for smoke tests")
     p.add_argument("--report", default=None, help="write the JSON report here")
@@ -113,7 +119,33 @@ def print_table(report: dict) -> None:
         print(f"{name:20s}{scheme:28s}{kl:>10.2e}{sqnr:>10.1f}  {report['fallbacks'].get(name, '')}")
     print(f"output KL (Bernoulli, mean per sample): {report['output_kl']:.3e}; fallback layers: {report['fallback_layers'] or 'none'}")
     print("val_auroc by epoch: " + ", ".join(f"{r['epoch']}:{r['val_auroc']:.4f}({r['phase']})" for r in report["val_auroc_by_epoch"]))
+    e = report.get("export")
+    if e:
+        print(f"export: {e['path']}  AUROC through the deploy ops {e['auroc']:.5f} (drop {e['auroc_drop']:.5f}); "
+              f"{e['size_bytes']:,} bytes = {e['size_fraction']:.1%} of FP32; "
+              f"throughput {e['throughput_ratio']:.2f}x FP32 at batch {e['batch_size']}")
     print("phases: " + ", ".join(f"{p['phase']}@epoch{p['start_epoch']}/step{p['start_step']}" for p in report["phases"]))
+
+
+def export_and_bench(args, model, fp32, dm, fp32_auroc) -> dict:
+    """Pack, gate (AUROC through the deploy ops), reload from disk, and time exported vs FP32."""
+    path = args.export_dir or os.path.join("out", f"qat_recsys-int{args.embedding_bits}")
+    art = hwaware.export(model, path, val_dataloader=dm.val_dataloader(), metric="auroc", max_drop=args.max_drop)
+    served = hwaware.load(path)  # what a deployment runs: verified, rebuilt from the artifact
+    auroc = evaluate_auroc(served, dm.val_dataloader())
+    infer = CriteoDataModule(data=args.data, num_samples=args.num_samples, batch_size=args.infer_batch_size, seed=args.seed)
+    infer.setup("fit")
+    batches = [(b["dense"], b["sparse"]) for _, b in zip(range(4 if args.fast else 8), infer.val_dataloader())]
+    timing = compare_throughput({"fp32": fp32, "exported": served}, batches, batch_size=args.infer_batch_size,
+                                rounds=2 if args.fast else 5)
+    return {
+        "path": path, "auroc": auroc, "auroc_drop": fp32_auroc - auroc,
+        "size_bytes": art.size_bytes, "fp32_size_bytes": art.manifest["fp32_bytes"],
+        "size_fraction": art.size_bytes / art.manifest["fp32_bytes"],
+        "throughput_ratio": timing["models"]["exported"]["ratio"], "batch_size": args.infer_batch_size,
+        "latency_ms_p50": {k: v["latency_ms_p50"] for k, v in timing["models"].items()},
+        "gate": art.report, "dense_layers": art.manifest["dense_layers"],
+    }
 
 
 def _strict_json(obj):
@@ -128,7 +160,11 @@ def _strict_json(obj):
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
+    return run(parse_args(argv))[0]
+
+
+def run(args: argparse.Namespace):
+    """The recipe; returns ``(report, {"fp32": model, "qat": model, "datamodule": dm})`` for benchmarks."""
     pl.seed_everything(args.seed, verbose=False)
     t0 = time.perf_counter()
     dm = CriteoDataModule(data=args.data, num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed)
@@ -166,6 +202,7 @@ def main(argv=None) -> dict:
     for n, st in states.items():
         st.enabled = enabled[n]
     r = cb.report
+    export_report = None if args.no_export else export_and_bench(args, model, fp32, dm, fp32_auroc)
     report = {
         "fp32": {"auroc": fp32_auroc},
         "qat": {"auroc": qat_auroc},
@@ -182,6 +219,7 @@ def main(argv=None) -> dict:
         "metrics_before": r["metrics_before"],
         "metrics_after": r["metrics_after"],
         "val_auroc_by_epoch": trajectory.rows,
+        "export": export_report,
         "config": {
             "data": args.data or "synthetic", "num_samples": args.num_samples, "fp32_epochs": args.fp32_epochs,
             "qat_epochs": args.qat_epochs, "batch_size": args.batch_size, "embedding_bits": args.embedding_bits,
@@ -195,7 +233,7 @@ def main(argv=None) -> dict:
         with open(args.report, "w") as f:
             json.dump(_strict_json(report), f, indent=2)
         print(f"report written to {args.report}")
-    return report
+    return report, {"fp32": fp32, "qat": model, "datamodule": dm}
 
 
 if __name__ == "__main__":

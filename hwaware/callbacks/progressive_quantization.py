@@ -27,7 +27,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from hwaware.quant.attach import QuantState, attach_quantization, find_quantizable, quant_states
+from hwaware.quant.attach import QuantState, attach_quantization, find_quantizable, quant_states, set_fp32_reference
 from hwaware.quant.kl import KLViolationError, LayerErrorCollector, collect_layer_errors, output_kl
 from hwaware.quant.spec import QuantSpec
 
@@ -417,6 +417,8 @@ class ProgressiveQuantization(Callback):
             if st.activation is not None:
                 st.activation.load_state_dict(saved[name]["activation"])
         self._pending_quantizers = None
+        if self.fp32_reference is not None:
+            set_fp32_reference(pl_module, self.fp32_reference)
         self._apply_phase_flags()
         self._add_lsq_params(trainer)
 
@@ -466,6 +468,7 @@ class ProgressiveQuantization(Callback):
                 st.activation.update_qparams()
         # the FP32 model at the start of QAT, on CPU: the reference for KL and for export's gate
         self.fp32_reference = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+        set_fp32_reference(pl_module, self.fp32_reference)
         self._mark("qat", trainer)
         self._apply_phase_flags()
         if self.lr_scale != 1.0:

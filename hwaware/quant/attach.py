@@ -35,10 +35,13 @@ __all__ = [
     "find_quantizable",
     "quant_state",
     "quant_states",
+    "set_fp32_reference",
+    "fp32_reference",
     "QUANTIZABLE_TYPES",
 ]
 
 _ATTR = "_hwaware_quant"
+_REF_ATTR = "_hwaware_fp32_reference"
 QUANTIZABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.EmbeddingBag)
 
 
@@ -279,3 +282,14 @@ def detach_quantization(model: nn.Module) -> None:
         st = m.__dict__.pop(_ATTR, None)
         if st is not None:
             m.__class__ = st.original_class
+
+
+def set_fp32_reference(model: nn.Module, state_dict: Optional[Dict[str, Tensor]]) -> None:
+    """Keep the FP32 weights (a ``state_dict``, on CPU) with the model, outside its module tree, so
+    export's regression gate finds them without knowing which callback produced them."""
+    model.__dict__[_REF_ATTR] = state_dict
+
+
+def fp32_reference(model: nn.Module) -> Optional[Dict[str, Tensor]]:
+    """The FP32 ``state_dict`` kept by :func:`set_fp32_reference` (QAT start), or None."""
+    return model.__dict__.get(_REF_ATTR)

@@ -1,0 +1,88 @@
+"""Exported recsys model vs FP32 eager vs torch.ao quantize_dynamic: size, speed, AUROC; one run, JSON.
+
+    python benchmarks/bench_export_recsys.py            # trains via the recipe (~1-2 min per table width)
+    python benchmarks/bench_export_recsys.py --fast     # smoke
+
+For each table width (int8, int4 rows) the recipe trains FP32 -> QAT and exports; then, in one
+interleaved timing run at batch 2048, FP32 eager, `quantize_dynamic` (its Linears, the baseline a
+user already has) and the artifact loaded from disk are compared. AUROC of all three comes from
+torchmetrics on the same validation split. Targets (issue 3): size <= 25% (int8 tables) / 15%
+(int4) of FP32; throughput >= 2x FP32 and above quantize_dynamic; AUROC drop <= 0.001.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+
+import torch
+from torch import nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "recipes"))
+
+import qat_recsys  # noqa: E402
+
+import hwaware  # noqa: E402
+from hwaware.export.bench import compare_throughput  # noqa: E402
+from hwaware.recsys import CriteoDataModule, evaluate_auroc  # noqa: E402
+
+
+def one(bits: int, fast: bool, out_dir: str) -> dict:
+    argv = ["--no-progress", "--embedding-bits", str(bits), "--export-dir", os.path.join(out_dir, f"int{bits}"), "--max-drop", "0.01"]
+    if fast:
+        argv.append("--fast")
+    args = qat_recsys.parse_args(argv)
+    report, models = qat_recsys.run(args)
+    fp32 = models["fp32"].eval()
+    dm = models["datamodule"]
+    qdyn = torch.ao.quantization.quantize_dynamic(copy.deepcopy(fp32), {nn.Linear}, dtype=torch.qint8)
+    served = hwaware.load(report["export"]["path"])
+    infer = CriteoDataModule(num_samples=args.num_samples, batch_size=2048, seed=args.seed)
+    infer.setup("fit")
+    batches = [(b["dense"], b["sparse"]) for _, b in zip(range(4 if fast else 10), infer.val_dataloader())]
+    timing = compare_throughput({"fp32": fp32, "quantize_dynamic": qdyn, "exported": served}, batches,
+                                batch_size=2048, rounds=2 if fast else 6)
+    val = dm.val_dataloader()
+    auroc = {"fp32": report["fp32"]["auroc"], "quantize_dynamic": evaluate_auroc(qdyn, val), "exported": report["export"]["auroc"]}
+    e = report["export"]
+    return {
+        "embedding_bits": bits,
+        "size": {"artifact_bytes": e["size_bytes"], "fp32_bytes": e["fp32_size_bytes"], "fraction": e["size_fraction"],
+                 "target_max_fraction": 0.25 if bits == 8 else 0.15, "passed": e["size_fraction"] <= (0.25 if bits == 8 else 0.15)},
+        "throughput": timing,
+        "throughput_passed": timing["models"]["exported"]["ratio"] >= 2.0
+        and timing["models"]["exported"]["ratio"] > timing["models"]["quantize_dynamic"]["ratio"],
+        "auroc": auroc, "auroc_drop_exported": auroc["fp32"] - auroc["exported"],
+        "auroc_drop_quantize_dynamic": auroc["fp32"] - auroc["quantize_dynamic"],
+        "auroc_passed": auroc["fp32"] - auroc["exported"] <= 0.001,
+        "dense_layers": e["dense_layers"],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "export_recsys_cpu.json"))
+    p.add_argument("--artifacts", default=os.path.join(ROOT, "out", "bench_export"))
+    p.add_argument("--fast", action="store_true")
+    args = p.parse_args()
+    result = {
+        "benchmark": "export_recsys",
+        "device": f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores (torch threads {torch.get_num_threads()})",
+        "torch": torch.__version__,
+        "runs": [one(bits, args.fast, args.artifacts) for bits in (8, 4)],
+    }
+    for r in result["runs"]:
+        print(json.dumps({k: r[k] for k in ("embedding_bits", "size", "auroc", "auroc_drop_exported")}, indent=1))
+        print({k: round(v["ratio"], 3) for k, v in r["throughput"]["models"].items()})
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

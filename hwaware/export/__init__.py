@@ -1,0 +1,31 @@
+"""Export to deployment: pack, gate, and write/read verified artifacts (manifest + safetensors).
+
+See :mod:`hwaware.export.artifact` for the format (version 1) and its guarantees.
+"""
+from hwaware.export.artifact import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    ArtifactError,
+    artifact_size_bytes,
+    read_manifest,
+    read_tensors,
+    verify_artifact,
+    write_artifact,
+)
+from hwaware.export.exporter import Artifact, RegressionError, export, load
+
+__all__ = [
+    "FORMAT_NAME", "FORMAT_VERSION", "ArtifactError", "artifact_size_bytes", "read_manifest", "read_tensors",
+    "verify_artifact", "write_artifact", "Artifact", "RegressionError", "export", "load",
+]
+
+
+class _CallableModule(type(__import__("sys"))):
+    """``hwaware.export`` is both this package and the function: importing a submodule
+    (``hwaware.export.bench``) rebinds the package attribute, so the package itself forwards calls."""
+
+    def __call__(self, *args, **kwargs):
+        return export(*args, **kwargs)
+
+
+__import__("sys").modules[__name__].__class__ = _CallableModule

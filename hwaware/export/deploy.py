@@ -1,0 +1,161 @@
+"""Deploy modules: packed weights as buffers, forward on ``torch.ops.hwaware.*``.
+
+Each has ``from_quantized(module, state)`` (pack exactly the scales QAT trained against),
+``empty(meta)`` (shapes from the manifest, for loading), and ``describe()`` (its manifest entry).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+from torch import Tensor, nn
+
+import hwaware.ops  # noqa: F401  (registers torch.ops.hwaware.*)
+from hwaware.ops import packing
+from hwaware.quant.attach import QuantState
+
+__all__ = ["Int8Linear", "Int4Linear", "RowwiseEmbeddingBag", "RowwiseEmbedding", "DEPLOY_TYPES"]
+
+_MODES = {"sum": 0, "mean": 1, "max": 2}
+
+
+def _bytes(*tensors: Optional[Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+class Int8Linear(nn.Module):
+    """W8A8 linear: int8 per-output-channel weights, dynamic per-token int8 activations."""
+
+    scheme = "int8"
+
+    def __init__(self, qweight: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> None:
+        super().__init__()
+        self.register_buffer("qweight", qweight)  # int8 [N, K]
+        self.register_buffer("w_scale", w_scale)  # float32 [N]
+        self.register_buffer("bias", bias)  # float32 [N] or None
+        self.in_features, self.out_features = qweight.shape[1], qweight.shape[0]
+
+    @classmethod
+    def from_quantized(cls, m: nn.Linear, st: QuantState) -> "Int8Linear":
+        wq = st.weight
+        scale = wq.current_scale() if wq.has_qparams else None
+        q, s = packing.quantize_int8_weight(m.weight.detach().float(), scale=scale)
+        return cls(q, s, None if m.bias is None else m.bias.detach().float().clone())
+
+    @classmethod
+    def empty(cls, meta: Dict[str, Any]) -> "Int8Linear":
+        n, k = meta["shape"]
+        bias = torch.empty(n) if meta.get("bias") else None
+        return cls(torch.empty(n, k, dtype=torch.int8), torch.empty(n), bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.hwaware.int8_linear(x, self.qweight, self.w_scale, self.bias)
+
+    def describe(self) -> Dict[str, Any]:
+        return {"scheme": self.scheme, "shape": [self.out_features, self.in_features], "bias": self.bias is not None,
+                "bytes": _bytes(self.qweight, self.w_scale, self.bias), "dense_bytes": 4 * self.out_features * (self.in_features + 1)}
+
+
+class Int4Linear(nn.Module):
+    """W4A16 linear: int4 weights in groups of ``group_size`` along K, packed two per byte."""
+
+    scheme = "int4"
+
+    def __init__(self, packed: Tensor, scales: Tensor, zeros: Optional[Tensor], bias: Optional[Tensor], in_features: int, group_size: int) -> None:
+        super().__init__()
+        self.register_buffer("packed", packed)  # uint8 [N, K/2]
+        self.register_buffer("scales", scales)  # float32 [N, K/g]
+        self.register_buffer("zeros", zeros)  # int8 [N, K/g] (asymmetric) or None
+        self.register_buffer("bias", bias)
+        self.in_features, self.out_features, self.group_size = in_features, packed.shape[0], group_size
+
+    @classmethod
+    def from_quantized(cls, m: nn.Linear, st: QuantState) -> "Int4Linear":
+        wq = st.weight
+        spec = wq.spec
+        scale = wq.current_scale() if wq.has_qparams else None
+        zp = wq.zero_point if (wq.has_qparams and not spec.symmetric) else None
+        packed, scales, zeros = packing.quantize_int4_weight(
+            m.weight.detach().float(), spec.group_size, spec.symmetric, scale=scale, zero_point=zp)
+        return cls(packed, scales, zeros, None if m.bias is None else m.bias.detach().float().clone(), m.in_features, spec.group_size)
+
+    @classmethod
+    def empty(cls, meta: Dict[str, Any]) -> "Int4Linear":
+        n, k = meta["shape"]
+        g = meta["group_size"]
+        zeros = torch.empty(n, k // g, dtype=torch.int8) if not meta["symmetric"] else None
+        bias = torch.empty(n) if meta.get("bias") else None
+        return cls(torch.empty(n, (k + 1) // 2, dtype=torch.uint8), torch.empty(n, k // g), zeros, bias, k, g)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.hwaware.int4_linear(x, self.packed, self.scales, self.zeros, self.group_size, self.bias)
+
+    def describe(self) -> Dict[str, Any]:
+        return {"scheme": self.scheme, "shape": [self.out_features, self.in_features], "group_size": self.group_size,
+                "symmetric": self.zeros is None, "bias": self.bias is not None,
+                "bytes": _bytes(self.packed, self.scales, self.zeros, self.bias), "dense_bytes": 4 * self.out_features * (self.in_features + 1)}
+
+
+class RowwiseEmbeddingBag(nn.Module):
+    """Row-wise int8/int4 embedding bag in the FBGEMM fused layout (codes + scale + offset per row)."""
+
+    def __init__(self, weight: Tensor, bits: int, dim: int, mode: str, include_last_offset: bool) -> None:
+        super().__init__()
+        if mode not in _MODES:
+            raise ValueError(f"RowwiseEmbeddingBag mode={mode!r}; expected one of {tuple(_MODES)}")
+        self.register_buffer("weight", weight)  # uint8 [R, cols]
+        self.bits, self.dim, self.mode, self.include_last_offset = bits, dim, mode, include_last_offset
+        self.num_embeddings = weight.shape[0]
+
+    @property
+    def scheme(self) -> str:
+        return f"rowwise_int{self.bits}"
+
+    @classmethod
+    def from_quantized(cls, m: nn.EmbeddingBag, st: QuantState) -> "RowwiseEmbeddingBag":
+        if m.padding_idx is not None:
+            raise ValueError(f"{st.name}: embedding bags with padding_idx are not supported by the row-wise op yet")
+        fused = packing.quantize_rowwise(m.weight.detach().float(), st.weight.spec.bits)
+        return cls(fused, st.weight.spec.bits, m.embedding_dim, m.mode, m.include_last_offset)
+
+    @classmethod
+    def empty(cls, meta: Dict[str, Any]) -> "RowwiseEmbeddingBag":
+        r, d = meta["shape"]
+        return cls(torch.empty(r, meta["cols"], dtype=torch.uint8), meta["bits"], d, meta["mode"], meta["include_last_offset"])
+
+    def forward(self, input: Tensor, offsets: Optional[Tensor] = None, per_sample_weights: Optional[Tensor] = None) -> Tensor:
+        if input.dim() == 2:  # [B, L] fixed-length bags
+            b, l = input.shape
+            offsets = torch.arange(0, b * l, l, device=input.device, dtype=input.dtype)
+            input = input.reshape(-1)
+            if per_sample_weights is not None:
+                per_sample_weights = per_sample_weights.reshape(-1)
+        elif offsets is None:
+            raise ValueError("RowwiseEmbeddingBag: 1-D input needs offsets")
+        return torch.ops.hwaware.embedding_bag_rowwise(
+            self.weight, self.bits, self.dim, input, offsets.to(input.dtype), _MODES[self.mode], per_sample_weights, self.include_last_offset)
+
+    def describe(self) -> Dict[str, Any]:
+        return {"scheme": self.scheme, "shape": [self.num_embeddings, self.dim], "bits": self.bits, "cols": self.weight.shape[1],
+                "mode": self.mode, "include_last_offset": self.include_last_offset,
+                "bytes": _bytes(self.weight), "dense_bytes": 4 * self.num_embeddings * self.dim}
+
+
+class RowwiseEmbedding(RowwiseEmbeddingBag):
+    """Row-wise int8/int4 ``nn.Embedding``: a bag of one row per index."""
+
+    @classmethod
+    def from_quantized(cls, m: nn.Embedding, st: QuantState) -> "RowwiseEmbedding":
+        if m.padding_idx is not None or m.max_norm is not None:
+            raise ValueError(f"{st.name}: embeddings with padding_idx/max_norm are not supported by the row-wise op yet")
+        fused = packing.quantize_rowwise(m.weight.detach().float(), st.weight.spec.bits)
+        return cls(fused, st.weight.spec.bits, m.embedding_dim, "sum", False)
+
+    def forward(self, input: Tensor) -> Tensor:  # input: any shape -> [*input.shape, D]
+        flat = input.reshape(-1)
+        offsets = torch.arange(flat.numel(), device=flat.device, dtype=flat.dtype)
+        out = torch.ops.hwaware.embedding_bag_rowwise(self.weight, self.bits, self.dim, flat, offsets, 0, None, False)
+        return out.reshape(*input.shape, self.dim)
+
+
+DEPLOY_TYPES = {c.__name__: c for c in (Int8Linear, Int4Linear, RowwiseEmbeddingBag, RowwiseEmbedding)}

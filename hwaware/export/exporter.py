@@ -1,0 +1,349 @@
+"""`export`: quantized model -> packed artifact, gated by a metric measured through the deploy ops.
+`load`: artifact -> ``nn.Module`` on ``torch.ops.hwaware.*`` (verified before any tensor is read).
+
+Export never knows about Lightning: it reads the quantization attached to the model
+(:func:`hwaware.quant.quant_states`) and the FP32 weights kept at QAT start
+(:func:`hwaware.quant.fp32_reference`). A model that never saw QAT is quantized post-training
+(int8 per-channel weights, dynamic per-token activations, row-wise tables: nothing to calibrate).
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from hwaware.export.artifact import ArtifactError, read_tensors, verify_artifact, write_artifact
+from hwaware.export.deploy import DEPLOY_TYPES, Int4Linear, Int8Linear, RowwiseEmbedding, RowwiseEmbeddingBag
+from hwaware.quant.attach import QuantState, attach_quantization, detach_quantization, find_quantizable, fp32_reference, quant_states
+from hwaware.quant.spec import QuantSpec
+
+__all__ = ["export", "load", "Artifact", "RegressionError", "METRICS"]
+
+METRICS = ("auroc", "accuracy")
+CPU_KERNELS = {
+    "int8": "hwaware::int8_linear [cpu: fbgemm linear_dynamic on per-token pre-scaled rows]",
+    "int4": "hwaware::int4_linear [cpu: weight dequantized once to fp32; no fast int4 kernel on AVX2]",
+    "rowwise_int8": "hwaware::embedding_bag_rowwise [cpu: fbgemm embedding_bag_byte_rowwise_offsets]",
+    "rowwise_int4": "hwaware::embedding_bag_rowwise [cpu: fbgemm embedding_bag_4bit_rowwise_offsets]",
+}
+_PTQ_WEIGHT = QuantSpec(bits=8, granularity="per_channel")
+_PTQ_ACT = QuantSpec(bits=8, granularity="per_row", dynamic=True)
+
+
+class RegressionError(RuntimeError):
+    """The exported model's metric dropped more than ``max_drop``; nothing was written."""
+
+    def __init__(self, message: str, report: Dict[str, Any]) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass
+class Artifact:
+    """What :func:`export` wrote: its ``path``, the ``manifest``, the regression ``report``, and
+    ``model``, the in-memory deploy model (the one the gate measured)."""
+
+    path: str
+    manifest: Dict[str, Any] = field(repr=False)
+    report: Optional[Dict[str, Any]] = field(repr=False, default=None)
+    model: Optional[nn.Module] = field(repr=False, default=None, compare=False)
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f["bytes"] for n, f in self.manifest["files"].items() if n != "program.pt2")
+
+    def __repr__(self) -> str:
+        layers = self.manifest["layers"]
+        schemes: Dict[str, int] = {}
+        for meta in layers.values():
+            schemes[meta["scheme"]] = schemes.get(meta["scheme"], 0) + 1
+        fp32 = self.manifest.get("fp32_bytes") or 0
+        lines = [f"Artifact({self.path!r})",
+                 f"  layers: {len(layers)} packed ({', '.join(f'{v} {k}' for k, v in sorted(schemes.items()))}), "
+                 f"{len(self.manifest.get('dense_layers', {}))} dense",
+                 f"  weights: {self.size_bytes:,} bytes" + (f" ({self.size_bytes / fp32:.1%} of FP32 {fp32:,})" if fp32 else "")]
+        r = self.report
+        if r:
+            lines.append(f"  {r['metric']}: reference {r['reference']:.5f} -> exported {r['exported']:.5f} "
+                         f"(drop {r['drop']:+.5f}, max_drop {r['max_drop']}) {'PASSED' if r['passed'] else 'FAILED'}")
+        return "\n".join(lines)
+
+
+# -- module surgery -----------------------------------------------------------------------------
+
+
+def _copy_model(model: nn.Module) -> nn.Module:
+    """Deep copy without dragging along a trainer (LightningModule keeps one in ``_trainer``)."""
+    memo: Dict[int, Any] = {}
+    for name in ("_trainer", "_fabric"):
+        obj = model.__dict__.get(name)
+        if obj is not None:
+            memo[id(obj)] = None
+    return copy.deepcopy(model, memo)
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    parent._modules[child] = new
+
+
+def _deploy_module(name: str, module: nn.Module, st: QuantState) -> Tuple[Optional[nn.Module], Optional[str]]:
+    """(deploy module, None) or (None, why the layer stays dense)."""
+    if not st.enabled:
+        return None, "kept in FP32 by KL fallback"
+    spec = st.weight.spec
+    if st.kind == "linear":
+        if spec.bits == 8 and spec.granularity == "per_channel" and spec.symmetric:
+            return Int8Linear.from_quantized(module, st), None
+        if spec.bits == 4 and spec.granularity == "per_group":
+            return Int4Linear.from_quantized(module, st), None
+        return None, f"no deploy op for {spec.short()} linear weights (int8 per_channel sym or int4 per_group)"
+    if st.kind in ("embedding_bag", "embedding") and spec.bits in (4, 8):
+        cls = RowwiseEmbeddingBag if st.kind == "embedding_bag" else RowwiseEmbedding
+        try:
+            return cls.from_quantized(module, st), None
+        except ValueError as e:
+            return None, str(e)
+    if st.kind == "conv":
+        return None, "no hwaware conv op yet: runs dense"
+    return None, f"no deploy op for {spec.short()} {st.kind}"
+
+
+def _build_deploy(model: nn.Module, states: Dict[str, QuantState]) -> Tuple[nn.Module, Dict[str, Dict[str, Any]], Dict[str, str]]:
+    deploy = _copy_model(model)
+    modules = dict(model.named_modules())
+    layers, dense = {}, {}
+    for name, st in states.items():
+        new, reason = _deploy_module(name, modules[name], st)
+        if new is None:
+            dense[name] = reason
+            continue
+        _set_module(deploy, name, new)
+        meta = new.describe()
+        meta["module"] = type(new).__name__
+        meta["kernel"] = {"cpu": CPU_KERNELS[meta["scheme"]]}
+        if st.kind == "linear" and st.activation is not None:
+            meta["activation"] = st.activation.spec.short()
+        layers[name] = meta
+    detach_quantization(deploy)  # dense leftovers compute exactly as their FP32 originals
+    deploy.eval()
+    return deploy, layers, dense
+
+
+# -- the regression gate ------------------------------------------------------------------------
+
+_TARGET_KEYS = ("label", "labels", "target", "targets", "y")
+
+
+def _default_output(module: nn.Module, batch: Any) -> Tuple[Tensor, Tensor]:
+    if isinstance(batch, dict):
+        key = next((k for k in _TARGET_KEYS if k in batch), None)
+        target = batch[key] if key else None
+    elif isinstance(batch, (list, tuple)):
+        target = batch[-1]
+    else:
+        target = None
+    if target is None:
+        raise ValueError("export could not find the target in a validation batch (dict keys "
+                         f"{_TARGET_KEYS} or the last element of a tuple); pass output_fn=lambda model, batch: (preds, target)")
+    preds = module.predict_step(batch, 0) if hasattr(module, "predict_step") else module(batch)
+    return preds, target
+
+
+def _metric_value(metric: str, preds: Tensor, target: Tensor) -> float:
+    from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy
+
+    if metric == "auroc":
+        if preds.dim() > 2 or (preds.dim() == 2 and preds.shape[1] != 1):
+            raise ValueError(f"metric='auroc' expects one logit or probability per sample; the model outputs shape "
+                             f"{tuple(preds.shape)} (use metric='accuracy' for class scores)")
+        return float(BinaryAUROC()(preds.reshape(-1).float(), target.reshape(-1).long()))
+    if preds.dim() != 2 or preds.shape[1] < 2:
+        raise ValueError(f"metric='accuracy' expects class scores of shape [B, C>=2]; the model outputs shape "
+                         f"{tuple(preds.shape)} (use metric='auroc' for a single logit)")
+    return float(MulticlassAccuracy(num_classes=preds.shape[1], average="micro")(preds.float(), target.reshape(-1).long()))
+
+
+def _evaluate(module: nn.Module, loader: Iterable, metric: str, output_fn: Optional[Callable]) -> float:
+    preds, targets = [], []
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                p, t = (output_fn or _default_output)(module, batch)
+                preds.append(p.detach().cpu())
+                targets.append(t.detach().cpu())
+    finally:
+        module.train(was_training)
+    if not preds:
+        raise ValueError("export: val_dataloader yielded no batches")
+    return _metric_value(metric, torch.cat(preds), torch.cat(targets))
+
+
+def _reference_module(model: nn.Module, reference: Union[None, nn.Module, Dict[str, Tensor]]) -> nn.Module:
+    if isinstance(reference, nn.Module):
+        return reference
+    ref = _copy_model(model)
+    detach_quantization(ref)
+    sd = reference if reference is not None else fp32_reference(model)
+    if sd is not None:  # otherwise the model's own weights are FP32 (post-training quantization)
+        ref.load_state_dict(sd)
+    return ref
+
+
+# -- export / load ------------------------------------------------------------------------------
+
+
+def _jsonable(obj: Any) -> Any:
+    try:
+        json.dumps(obj)
+        return obj
+    except TypeError:
+        return None
+
+
+def export(
+    model: nn.Module,
+    path: Union[str, os.PathLike],
+    *,
+    val_dataloader: Optional[Iterable] = None,
+    metric: str = "auroc",
+    max_drop: float = 0.001,
+    reference: Union[None, nn.Module, Dict[str, Tensor]] = None,
+    example_inputs: Optional[Tuple[Any, ...]] = None,
+    device: str = "cpu",
+    output_fn: Optional[Callable[[nn.Module, Any], Tuple[Tensor, Tensor]]] = None,
+    embedding_bits: int = 8,
+) -> Artifact:
+    """Pack every quantized layer, gate on ``metric`` through the deploy ops, write the artifact.
+
+    Args:
+        model: a model trained with hwaware callbacks, or a plain FP32 model (quantized here,
+            post-training: int8 per-channel weights, dynamic per-token activations, row-wise
+            ``embedding_bits`` tables).
+        path: artifact directory, written atomically (an earlier artifact there is replaced only
+            when the new one is complete).
+        val_dataloader: batches for the regression gate (skipped, and recorded as such, when None).
+        metric: ``"auroc"`` (one logit per sample) or ``"accuracy"`` (class scores).
+        max_drop: largest allowed ``reference - exported`` metric; above it :class:`RegressionError`
+            is raised and nothing is written.
+        reference: FP32 reference (module or state_dict); default: the weights the callback kept
+            at QAT start, else the model itself with quantization off.
+        example_inputs: when given, ``program.pt2`` (a ``torch.export`` program on ``hwaware::*``) is written.
+        device: ``"cpu"`` (GPU kernels come with the Triton issue).
+        output_fn: ``fn(model, batch) -> (preds, target)``; default: ``predict_step`` and the
+            batch's ``label``/``target``/last element.
+        embedding_bits: 8 or 4, for tables of a model quantized post-training.
+
+    Raises:
+        ValueError: bad arguments, a model with nothing to quantize, a metric that does not match
+            the model's output.
+        RegressionError: the exported model's metric dropped more than ``max_drop``.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric={metric!r}; expected one of {METRICS}")
+    if not isinstance(max_drop, (int, float)) or isinstance(max_drop, bool) or not max_drop >= 0 or not math.isfinite(max_drop):
+        raise ValueError(f"max_drop={max_drop!r}; expected a finite float >= 0")
+    if device != "cpu":
+        raise ValueError(f"device={device!r}; this build exports for 'cpu' (GPU kernels arrive with the Triton kernels issue)")
+    if embedding_bits not in (4, 8):
+        raise ValueError(f"embedding_bits={embedding_bits!r}; expected 4 or 8")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"export expects an nn.Module, got {type(model).__name__}")
+    path = os.fspath(path)
+
+    states = quant_states(model)
+    ptq = not states
+    if ptq:
+        table = QuantSpec(bits=embedding_bits, granularity="per_row", symmetric=False, dynamic=True,
+                          scale_dtype="float32" if embedding_bits == 8 else "float16")
+        plan, skipped = find_quantizable(model, weight_spec=_PTQ_WEIGHT, activation_spec=_PTQ_ACT, embedding_spec=table)
+        if not plan:
+            raise ValueError(f"{type(model).__name__} has no quantized or quantizable layer to export (skipped: {skipped or 'none found'})")
+        states = attach_quantization(model, plan)
+    try:
+        deploy, layers, dense = _build_deploy(model, states)
+    finally:
+        if ptq:
+            detach_quantization(model)
+    if not layers:
+        raise ValueError(f"nothing to pack: every quantized layer stays dense ({dense})")
+
+    report = None
+    if val_dataloader is not None:
+        ref_value = _evaluate(_reference_module(model, reference), val_dataloader, metric, output_fn)
+        exp_value = _evaluate(deploy, val_dataloader, metric, output_fn)
+        drop = ref_value - exp_value
+        report = {"metric": metric, "reference": ref_value, "exported": exp_value, "drop": drop,
+                  "max_drop": float(max_drop), "passed": drop <= max_drop, "measured_on": "cpu, hwaware deploy ops"}
+        if not report["passed"]:
+            raise RegressionError(
+                f"export refused: {metric} dropped {drop:.5f} (reference {ref_value:.5f} -> exported {exp_value:.5f}), "
+                f"more than max_drop={max_drop}; nothing was written at {path!r}", report)
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in deploy.state_dict().items()}
+    fp32_bytes = sum(p.numel() * 4 for p in model.state_dict().values() if p.is_floating_point())
+    cls = type(model)
+    hparams = getattr(model, "hparams", None)
+    manifest = {
+        "model": {"class": f"{cls.__module__}.{cls.__qualname__}", "hparams": _jsonable(dict(hparams)) if hparams is not None else None},
+        "post_training": ptq,
+        "layers": layers,
+        "dense_layers": dense,
+        "regression": report,
+        "fp32_bytes": fp32_bytes,
+        "packed_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+    }
+    program_writer = None
+    if example_inputs is not None:
+        program = torch.export.export(deploy, tuple(example_inputs))
+        program_writer = lambda p: torch.export.save(program, p)  # noqa: E731
+    write_artifact(path, manifest, tensors, program_writer=program_writer)
+    return Artifact(path=path, manifest=verify_artifact(path), report=report, model=deploy)
+
+
+def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, nn.Module, type] = None) -> nn.Module:
+    """Rebuild the deployed model from an artifact: verified first, never unpickled.
+
+    The architecture comes from ``model`` (an instance, modified in place, or a class built with
+    the hparams recorded at export) or, by default, from the class recorded at export, imported
+    from *your* environment (as Lightning's ``load_from_checkpoint`` does); the weights come from
+    ``weights.safetensors``. ``program.pt2`` is only hash-checked here: ``torch.export.load`` is the
+    way to run it (it unpickles, so hwaware never calls it).
+    """
+    if device != "cpu":
+        raise ValueError(f"device={device!r}; this build loads for 'cpu' (GPU kernels arrive with the Triton kernels issue)")
+    path = os.fspath(path)
+    manifest = verify_artifact(path)
+    info = manifest["model"]
+    if model is None or isinstance(model, type):
+        cls = model
+        if cls is None:
+            module_name, _, qualname = info["class"].rpartition(".")
+            try:
+                cls = getattr(importlib.import_module(module_name), qualname)
+            except (ImportError, AttributeError) as e:
+                raise ArtifactError(f"{path}/manifest.json: model class {info['class']!r} is not importable here ({e}); pass load(..., model=...)") from None
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise ArtifactError(f"{path}/manifest.json: model class {info['class']!r} is not an nn.Module")
+        model = cls(**(info.get("hparams") or {}))
+    for name, meta in manifest["layers"].items():
+        if meta["module"] not in DEPLOY_TYPES:
+            raise ArtifactError(f"{path}/manifest.json: layer {name!r} has unknown module {meta['module']!r}")
+        _set_module(model, name, DEPLOY_TYPES[meta["module"]].empty(meta))
+    tensors = read_tensors(path)
+    expected = set(model.state_dict())
+    if set(tensors) != expected:
+        raise ArtifactError(f"{path}/weights.safetensors does not match the model: missing {sorted(expected - set(tensors))[:5]}, "
+                            f"unexpected {sorted(set(tensors) - expected)[:5]}")
+    model.load_state_dict(tensors, strict=True, assign=True)  # assign: no second copy of the weights
+    return model.eval()

@@ -1,0 +1,138 @@
+"""hwaware.export / hwaware.load end to end on tiny models, through the real deploy ops."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import hwaware
+from hwaware.export import RegressionError, export, load
+from hwaware.export.artifact import ArtifactError, verify_artifact
+from hwaware.export.deploy import Int8Linear, RowwiseEmbeddingBag
+from hwaware.quant import quant_states
+from tests.helpers import TinyCTR, loaders, train_with_quant
+
+
+def _trained(tmp_path):
+    _, model, cb = train_with_quant(tmp_path, max_epochs=3, start_epoch=1, calibration_batches=2)
+    return model, cb
+
+
+def _outputs(module, loader):
+    with torch.no_grad():
+        return torch.cat([module.predict_step(b, 0) for b in loader])
+
+
+def test_export_after_qat_gates_and_loads_identically(tmp_path):
+    model, cb = _trained(tmp_path)
+    _, val = loaders()
+    art = export(model, tmp_path / "art", val_dataloader=val, metric="auroc", max_drop=0.05)
+    m = art.manifest
+    assert m["layers"]["mlp.0"]["scheme"] == "int8" and m["layers"]["emb"]["scheme"] == "rowwise_int8"
+    assert m["regression"]["passed"] and m["regression"]["metric"] == "auroc"
+    assert abs(m["regression"]["drop"] - (m["regression"]["reference"] - m["regression"]["exported"])) < 1e-12
+    assert isinstance(art.model.mlp[0], Int8Linear) and isinstance(art.model.emb, RowwiseEmbeddingBag)
+    assert "auroc" in repr(art) and "PASSED" in repr(art)
+    # the user's model is untouched: still fake-quantized, same classes
+    assert set(quant_states(model)) == {"emb", "mlp.0", "mlp.2"}
+
+    loaded = load(art.path, model=TinyCTR())
+    torch.testing.assert_close(_outputs(loaded, val), _outputs(art.model, val), atol=0, rtol=0)
+    loaded_by_class = load(art.path)  # class + hparams recorded at export, imported from this environment
+    torch.testing.assert_close(_outputs(loaded_by_class, val), _outputs(art.model, val), atol=0, rtol=0)
+
+
+def test_reference_is_the_fp32_model_kept_at_qat_start(tmp_path):
+    model, cb = _trained(tmp_path)
+    _, val = loaders()
+    art = export(model, tmp_path / "art", val_dataloader=val, max_drop=1.0)
+    ref = TinyCTR()
+    ref.load_state_dict(cb.fp32_reference)
+    from hwaware.export.exporter import _evaluate
+
+    assert art.report["reference"] == pytest.approx(_evaluate(ref, val, "auroc", None), abs=0)
+
+
+def test_post_training_export_of_a_plain_fp32_model(tmp_path):
+    torch.manual_seed(0)
+    model = TinyCTR()
+    _, val = loaders()
+    art = export(model, tmp_path / "ptq", val_dataloader=val, max_drop=0.01, embedding_bits=4)
+    assert art.manifest["post_training"] is True
+    assert art.manifest["layers"]["emb"]["scheme"] == "rowwise_int4"
+    assert not quant_states(model) and type(model.mlp[0]) is nn.Linear  # attachment was temporary
+    fp32 = _outputs(model, val)
+    assert hwaware.quant.sqnr_db(fp32, _outputs(art.model, val)) > 25
+
+
+def test_regression_gate_refuses_and_writes_nothing(tmp_path):
+    model, cb = _trained(tmp_path)
+    _, val = loaders()
+    good = export(model, tmp_path / "art", val_dataloader=val, max_drop=1.0)
+    with torch.no_grad():  # break the model after QAT; the kept FP32 reference is still good
+        model.mlp[2].weight.mul_(-1)
+    with pytest.raises(RegressionError, match=r"auroc dropped .* more than max_drop=0.001; nothing was written") as e:
+        export(model, tmp_path / "art", val_dataloader=val, max_drop=0.001)
+    assert e.value.report["passed"] is False
+    assert verify_artifact(good.path)["regression"]["max_drop"] == 1.0  # the earlier artifact is intact
+    with pytest.raises(RegressionError):
+        export(model, tmp_path / "fresh", val_dataloader=val, max_drop=0.001)
+    assert not os.path.exists(tmp_path / "fresh")
+
+
+def test_metric_must_match_model_output(tmp_path):
+    model, _ = _trained(tmp_path)
+    _, val = loaders()
+    with pytest.raises(ValueError, match=r"metric='accuracy' expects class scores of shape \[B, C>=2\]"):
+        export(model, tmp_path / "art", val_dataloader=val, metric="accuracy")
+    assert not os.path.exists(tmp_path / "art")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(metric="f1"), r"metric='f1'; expected one of \('auroc', 'accuracy'\)"),
+    (dict(max_drop=-0.1), "max_drop=-0.1"),
+    (dict(device="cuda"), "device='cuda'"),
+    (dict(embedding_bits=2), "embedding_bits=2"),
+])
+def test_export_misconfiguration(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        export(TinyCTR(), tmp_path / "art", **kwargs)
+
+
+def test_model_with_nothing_to_quantize(tmp_path):
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm(4)
+
+        def forward(self, x):
+            return self.norm(x)
+
+    with pytest.raises(ValueError, match="Head has no quantized or quantizable layer"):
+        export(Head(), tmp_path / "art")
+
+
+def test_torch_export_program_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = TinyCTR()
+    dense, ids = torch.randn(16, 4), torch.randint(0, 50, (16,))
+    art = export(model, tmp_path / "art", example_inputs=(dense, ids))
+    assert "program.pt2" in art.manifest["files"]
+    program = torch.export.load(os.path.join(art.path, "program.pt2"))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert any("hwaware.int8_linear" in t for t in targets) and any("hwaware.embedding_bag_rowwise" in t for t in targets)
+    torch.testing.assert_close(program.module()(dense, ids), art.model(dense, ids), atol=0, rtol=0)
+
+
+def test_load_refuses_a_tampered_artifact(tmp_path):
+    art = export(TinyCTR(), tmp_path / "art")
+    weights = os.path.join(art.path, "weights.safetensors")
+    with open(weights, "r+b") as f:
+        f.seek(-3, os.SEEK_END)
+        b = f.read(1)
+        f.seek(-3, os.SEEK_END)
+        f.write(bytes([b[0] ^ 0xFF]))
+    with pytest.raises(ArtifactError, match="weights.safetensors"):
+        load(art.path, model=TinyCTR())
