@@ -108,7 +108,38 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    raise SystemExit("hwaware bench: not available yet")
+    """Artifact vs its FP32 architecture, same inputs, interleaved: throughput ratio and latencies."""
+    import importlib
+
+    from hwaware.export import ArtifactError, load
+    from hwaware.export.bench import compare_throughput
+    from hwaware.export.exporter import make_inputs
+
+    try:
+        served = load(args.path)
+        from hwaware.export import read_manifest
+
+        manifest = read_manifest(args.path)
+    except ArtifactError as e:
+        print(f"hwaware: error: {e}", file=sys.stderr)
+        return 2
+    if not manifest.get("inputs"):
+        print(f"hwaware: error: {args.path}/manifest.json records no example inputs; export with example_inputs=... to bench", file=sys.stderr)
+        return 2
+    # FP32 reference: the same architecture with dense float weights (their values do not change speed)
+    module_name, _, qualname = manifest["model"]["class"].rpartition(".")
+    fp32 = getattr(importlib.import_module(module_name), qualname)(**(manifest["model"].get("hparams") or {}))
+    inputs = [make_inputs(manifest["inputs"], args.batch_size, seed=i) for i in range(args.batches)]
+    result = compare_throughput({"fp32": fp32, "artifact": served}, inputs, batch_size=args.batch_size, rounds=args.rounds)
+    result["artifact"] = args.path
+    for name, r in result["models"].items():
+        print(f"{name:10s} {r['samples_per_s']:>12,.0f} samples/s  x{r['ratio']:.2f}  "
+              f"p50 {r['latency_ms_p50']:.2f} ms  p90 {r['latency_ms_p90']:.2f} ms  p99 {r['latency_ms_p99']:.2f} ms")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -120,8 +151,12 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--json", action="store_true", help="print the verified manifest as JSON")
     ins.set_defaults(func=_cmd_inspect)
 
-    bench = sub.add_parser("bench", help="benchmark an artifact (not available yet)")
-    bench.add_argument("path", metavar="PATH", nargs="?", help="artifact directory")
+    bench = sub.add_parser("bench", help="time an artifact against its FP32 architecture, side by side")
+    bench.add_argument("path", metavar="PATH", help="artifact directory (exported with example_inputs)")
+    bench.add_argument("--batch-size", type=int, default=2048)
+    bench.add_argument("--batches", type=int, default=8)
+    bench.add_argument("--rounds", type=int, default=5)
+    bench.add_argument("--json", default=None, help="also write the results here")
     bench.set_defaults(func=_cmd_bench)
     return p
 

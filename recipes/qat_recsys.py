@@ -130,7 +130,9 @@ def print_table(report: dict) -> None:
 def export_and_bench(args, model, fp32, dm, fp32_auroc) -> dict:
     """Pack, gate (AUROC through the deploy ops), reload from disk, and time exported vs FP32."""
     path = args.export_dir or os.path.join("out", f"qat_recsys-int{args.embedding_bits}")
-    art = hwaware.export(model, path, val_dataloader=dm.val_dataloader(), metric="auroc", max_drop=args.max_drop)
+    example = next(iter(dm.val_dataloader()))
+    art = hwaware.export(model, path, val_dataloader=dm.val_dataloader(), metric="auroc", max_drop=args.max_drop,
+                         example_inputs=(example["dense"], example["sparse"]))  # also writes program.pt2
     served = hwaware.load(path)  # what a deployment runs: verified, rebuilt from the artifact
     auroc = evaluate_auroc(served, dm.val_dataloader())
     infer = CriteoDataModule(data=args.data, num_samples=args.num_samples, batch_size=args.infer_batch_size, seed=args.seed)

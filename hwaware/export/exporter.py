@@ -203,6 +203,35 @@ def _reference_module(model: nn.Module, reference: Union[None, nn.Module, Dict[s
 # -- export / load ------------------------------------------------------------------------------
 
 
+def _describe_input(x: Any) -> Dict[str, Any]:
+    """Shape/dtype of one example input (batch dim first) and, for index tensors, the largest id per
+    column: enough for ``hwaware bench`` to generate valid batches without storing any data."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"example_inputs must be tensors, got {type(x).__name__}")
+    d: Dict[str, Any] = {"shape": list(x.shape), "dtype": str(x.dtype).replace("torch.", "")}
+    if not x.is_floating_point() and x.numel():
+        d["max"] = x.reshape(x.shape[0], -1).amax(0).tolist() if x.dim() > 1 else [int(x.max())]
+    return d
+
+
+def make_inputs(description: Iterable[Dict[str, Any]], batch_size: int, seed: int = 0) -> Tuple[Tensor, ...]:
+    """Random inputs matching :func:`_describe_input` records, with ``batch_size`` rows."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for d in description:
+        shape = [batch_size, *d["shape"][1:]]
+        dtype = getattr(torch, d["dtype"])
+        if dtype.is_floating_point:
+            out.append(torch.randn(shape, generator=g).to(dtype))
+        else:
+            hi = torch.tensor(d["max"], dtype=torch.float64) + 1
+            cols = int(torch.tensor(shape[1:]).prod()) if len(shape) > 1 else 1
+            hi = hi.expand(cols) if hi.numel() == 1 else hi
+            ids = (torch.rand(batch_size, cols, generator=g, dtype=torch.float64) * hi).floor().to(dtype)
+            out.append(ids.reshape(shape))
+    return tuple(out)
+
+
 def _jsonable(obj: Any) -> Any:
     try:
         json.dumps(obj)
@@ -303,6 +332,8 @@ def export(
         "fp32_bytes": fp32_bytes,
         "packed_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
     }
+    if example_inputs is not None:
+        manifest["inputs"] = [_describe_input(x) for x in example_inputs]
     program_writer = None
     if example_inputs is not None:
         program = torch.export.export(deploy, tuple(example_inputs))

@@ -70,9 +70,35 @@ def test_inspect_refuses_missing_path(tmp_path, capsys):
     assert "nope: no such artifact" in capsys.readouterr().err
 
 
-def test_bench_is_a_stub_and_usage_errors_exit_2(art):
-    with pytest.raises(SystemExit, match="hwaware bench: not available yet"):
-        main(["bench", str(art)])
+def test_usage_errors_exit_2():
     with pytest.raises(SystemExit) as e:
         main([])
     assert e.value.code == 2
+
+
+def test_bench_times_artifact_against_fp32(tmp_path, capsys):
+    import json as _json
+
+    import torch
+
+    from hwaware.export import export
+    from tests.helpers import TinyCTR
+
+    torch.manual_seed(0)
+    art = export(TinyCTR(), tmp_path / "tiny", example_inputs=(torch.randn(8, 4), torch.randint(0, 50, (8,))))
+    assert art.manifest["inputs"][1] == {"shape": [8], "dtype": "int64", "max": [int(art.manifest["inputs"][1]["max"][0])]}
+    out = tmp_path / "bench.json"
+    assert main(["bench", art.path, "--batch-size", "16", "--batches", "2", "--rounds", "1", "--json", str(out)]) == 0
+    r = _json.loads(out.read_text())
+    assert set(r["models"]) == {"fp32", "artifact"} and r["models"]["fp32"]["ratio"] == 1.0
+    assert r["models"]["artifact"]["samples_per_s"] > 0 and r["batch_size"] == 16
+    assert "samples/s" in capsys.readouterr().out
+
+
+def test_bench_needs_recorded_inputs(tmp_path, capsys):
+    from hwaware.export import export
+    from tests.helpers import TinyCTR
+
+    art = export(TinyCTR(), tmp_path / "noinputs")
+    assert main(["bench", art.path]) == 2
+    assert "records no example inputs" in capsys.readouterr().err
