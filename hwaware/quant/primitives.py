@@ -13,6 +13,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from hwaware.quant import native
 from hwaware.quant.spec import QuantSpec
 
 __all__ = [
@@ -189,6 +190,18 @@ class _UnclippedFakeQuant(torch.autograd.Function):
         return grad, None, None, None, None, None, None
 
 
+class _Identity(torch.autograd.Function):
+    """Forward: a value computed elsewhere (``y``); backward: straight through to ``x``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, y: Tensor) -> Tensor:
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
 def fake_quantize_unclipped(x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -> Tensor:
     """:func:`fake_quantize` for qparams computed from ``x``'s own min/max (dynamic per-token
     activations, gathered embedding rows, weights whose scale tracks them): equal values, identity
@@ -207,12 +220,20 @@ def fake_quantize_dynamic(x: Tensor, spec: QuantSpec) -> Tuple[Tensor, Tensor, O
     """
     x2d = as_channels(x, spec)
     if spec.symmetric and spec.narrow_range:
+        res = native.fq_sym_rows(x2d, spec.qmax, spec.scale_dtype == "float16")
+        if res is not None:  # one C call, same values (see hwaware/quant/native.py)
+            y, scale = res
+            return _Identity.apply(x2d, y).reshape(x.shape), scale, None, scale
         # narrow-range symmetric qparams depend only on max|x|: identical to compute_qparams
         a = x2d.detach().abs().amax(dim=1).float()
         scale = round_scale((a / spec.qmax).clamp_min_(torch.finfo(torch.float32).eps), spec)
         y = _UnclippedFakeQuant.apply(x2d, scale, None, spec.qmin, spec.qmax, False)
         return y.reshape(x.shape), scale, None, a
     if spec.float_offset:
+        res = native.fq_affine_rows(x2d, spec.qmax, spec.scale_dtype == "float16")
+        if res is not None:
+            y, scale, offset = res
+            return _Identity.apply(x2d, y).reshape(x.shape), scale, offset, scale
         # FBGEMM row-wise (embedding rows): compute_qparams' arithmetic written out on [C, 1]
         # shapes, since a CTR step runs this once per table on small tensors (op count matters)
         mn, mx = torch.aminmax(x2d.detach(), dim=1, keepdim=True)

@@ -1,0 +1,118 @@
+"""Native (C) row-wise dynamic fake quantization: one call per tensor instead of ~10 eager ops.
+
+A CTR model's QAT step runs row-wise fake quant once per embedding table and twice per Linear;
+in eager torch each call is ~10 small ops (~90 us on a [1024, 16] table slice here), which made
+QAT steps 1.4x FP32. ``_native/rowwise_fq.c`` does the same arithmetic in one pass pair per row,
+bit-identical to the eager path (tests hold it to atol=0).
+
+The C file is compiled on first use with the system C compiler (gcc/cc; no torch headers needed)
+into ``$HWAWARE_CACHE`` (default ``~/.cache/hwaware``), keyed by source, flags and CPU, and loaded
+with ctypes. Without a compiler, or with ``HWAWARE_NO_NATIVE=1``, everything runs on the eager
+path and :func:`native_status` says why.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["native_status", "fq_sym_rows", "fq_affine_rows"]
+
+_SRC = Path(__file__).parent / "_native" / "rowwise_fq.c"
+# -fopenmp-simd: the `omp simd` reductions vectorize (no OpenMP runtime is linked);
+# -ffp-contract=off: no fused multiply-add, so results equal torch's separate mul and add
+_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC"]
+_lib: Optional[ctypes.CDLL] = None
+_status = "not loaded yet"
+_tried = False
+
+
+def _cpu_fingerprint() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((l for l in f if l.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return platform.machine() + platform.system() + flags
+
+
+def _build(target: Path) -> None:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler (cc/gcc) on PATH")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SRC)], check=True, capture_output=True, text=True, timeout=120)
+        os.replace(tmp, target)  # atomic: concurrent builders (DDP ranks) never load a half-written file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load() -> Optional[ctypes.CDLL]:
+    global _lib, _status, _tried
+    if _tried:
+        return _lib
+    _tried = True
+    if os.environ.get("HWAWARE_NO_NATIVE"):
+        _status = "disabled by HWAWARE_NO_NATIVE"
+        return None
+    try:
+        key = hashlib.sha256(_SRC.read_bytes() + " ".join(_FLAGS).encode() + _cpu_fingerprint().encode()).hexdigest()[:16]
+        target = Path(os.environ.get("HWAWARE_CACHE", Path.home() / ".cache" / "hwaware")) / f"rowwise_fq-{key}.so"
+        if not target.exists():
+            _build(target)
+        lib = ctypes.CDLL(str(target))
+        f32p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        lib.hw_fq_sym_rows.argtypes = [f32p, f32p, f32p, i64, i64, i32, i32]
+        lib.hw_fq_affine_rows.argtypes = [f32p, f32p, f32p, f32p, i64, i64, i32, i32]
+        lib.hw_fq_sym_rows.restype = lib.hw_fq_affine_rows.restype = None
+        _lib, _status = lib, f"loaded {target}"
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", "") or ""
+        _lib, _status = None, f"unavailable ({type(e).__name__}: {e} {detail[-300:]}); using the eager path"
+    return _lib
+
+
+def native_status() -> str:
+    """Whether the native kernel is in use, and if not, why."""
+    _load()
+    return _status
+
+
+def _usable(x2d: Tensor) -> bool:
+    return x2d.dtype == torch.float32 and x2d.device.type == "cpu" and x2d.is_contiguous() and x2d.numel() > 0 and _load() is not None
+
+
+def fq_sym_rows(x2d: Tensor, qmax: int, fp16_scale: bool) -> Optional[Tuple[Tensor, Tensor]]:
+    """``(y, scale [rows])`` for narrow-range symmetric per-row fake quant, or None (use eager)."""
+    if not _usable(x2d):
+        return None
+    x2d = x2d.detach()
+    y = torch.empty_like(x2d)
+    scale = torch.empty(x2d.shape[0], dtype=torch.float32)
+    _lib.hw_fq_sym_rows(x2d.data_ptr(), y.data_ptr(), scale.data_ptr(), x2d.shape[0], x2d.shape[1], qmax, int(fp16_scale))
+    return y, scale
+
+
+def fq_affine_rows(x2d: Tensor, qmax: int, fp16: bool) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
+    """``(y, scale [rows], offset [rows])`` for FBGEMM row-wise fake quant, or None (use eager)."""
+    if not _usable(x2d):
+        return None
+    x2d = x2d.detach()
+    y = torch.empty_like(x2d)
+    scale = torch.empty(x2d.shape[0], dtype=torch.float32)
+    offset = torch.empty(x2d.shape[0], dtype=torch.float32)
+    _lib.hw_fq_affine_rows(x2d.data_ptr(), y.data_ptr(), scale.data_ptr(), offset.data_ptr(), x2d.shape[0], x2d.shape[1], qmax, int(fp16))
+    return y, scale, offset

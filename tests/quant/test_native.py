@@ -1,0 +1,84 @@
+"""The native row-wise fake quant equals the eager torch path bit for bit, and really is in use."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import hwaware.quant.primitives as P
+from hwaware.quant import native
+from hwaware.quant.fake_quant import FakeQuantizer
+from hwaware.quant.spec import QuantSpec
+
+SPECS = [
+    QuantSpec(granularity="per_row", dynamic=True),
+    QuantSpec(granularity="per_row", dynamic=True, scale_dtype="float16"),
+    QuantSpec(granularity="per_row", symmetric=False, dynamic=True),
+    QuantSpec(bits=4, granularity="per_row", symmetric=False, dynamic=True, scale_dtype="float16"),
+    QuantSpec(granularity="per_channel"),  # weight scales tracked each step
+]
+
+
+def _eager(monkeypatch, x, spec):
+    with monkeypatch.context() as m:
+        m.setattr(native, "fq_sym_rows", lambda *a: None)
+        m.setattr(native, "fq_affine_rows", lambda *a: None)
+        return P.fake_quantize_dynamic(x, spec)
+
+
+def test_native_kernel_is_in_use_where_a_compiler_exists():
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert native.native_status().startswith("loaded"), native.native_status()
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.short() + "/" + s.scale_dtype)
+@pytest.mark.parametrize("shape", [(1024, 16), (37, 367), (5, 1), (1, 129)])
+def test_native_equals_eager_exactly(monkeypatch, spec, shape):
+    g = torch.Generator().manual_seed(shape[0] * shape[1])
+    x = torch.randn(*shape, generator=g) * 4
+    x[0, 0] = 0.0  # a row with a zero, and an all-constant row below
+    if shape[0] > 2:
+        x[2] = 1.5
+    y, s, z, _ = P.fake_quantize_dynamic(x, spec)
+    ye, se, ze, _ = _eager(monkeypatch, x, spec)
+    torch.testing.assert_close(y, ye, atol=0, rtol=0)
+    torch.testing.assert_close(s.reshape(-1), se.reshape(-1), atol=0, rtol=0)
+    if z is not None:
+        torch.testing.assert_close(z.reshape(-1), ze.reshape(-1).float(), atol=0, rtol=0)
+
+
+def test_native_gradient_is_straight_through():
+    x = torch.randn(8, 16, requires_grad=True)
+    y, *_ = P.fake_quantize_dynamic(x, SPECS[2])
+    (y * torch.arange(16.0)).sum().backward()
+    torch.testing.assert_close(x.grad, torch.arange(16.0).expand(8, 16), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("spec", SPECS[:3], ids=lambda s: s.short())
+def test_nan_row_is_reported_by_check_finite(spec):
+    fq = FakeQuantizer(spec.replace(dynamic=True) if spec.granularity == "per_row" else spec, "t.0", "activation" if spec.granularity == "per_row" else "weight")
+    fq.quantize = True
+    x = torch.randn(4, 16)
+    x[1, 3] = float("nan")
+    fq(x)
+    with pytest.raises(ValueError, match="'t.0'.*NaN/inf"):
+        fq.check_finite()
+
+
+def test_builds_from_scratch_in_an_empty_cache(tmp_path):
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler: the eager path is used (tested above)")
+    env = {**os.environ, "HWAWARE_CACHE": str(tmp_path)}
+    code = "from hwaware.quant import native; print(native.native_status())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0 and out.stdout.startswith(f"loaded {tmp_path}"), out.stdout + out.stderr
+    assert len(list(tmp_path.glob("rowwise_fq-*.so"))) == 1 and not list(tmp_path.glob("*.tmp"))
+
+
+def test_disabled_by_environment(tmp_path):
+    env = {**os.environ, "HWAWARE_NO_NATIVE": "1"}
+    code = "from hwaware.quant import native; print(native.native_status())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.stdout.strip() == "disabled by HWAWARE_NO_NATIVE"
