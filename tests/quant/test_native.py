@@ -82,3 +82,15 @@ def test_disabled_by_environment(tmp_path):
     code = "from hwaware.quant import native; print(native.native_status())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.stdout.strip() == "disabled by HWAWARE_NO_NATIVE"
+
+
+@pytest.mark.parametrize("spec", [SPECS[2], SPECS[3]], ids=lambda s: s.short() + "/" + s.scale_dtype)
+def test_decayed_rows_flush_to_exact_zero_on_both_paths(monkeypatch, spec):
+    # a rarely seen embedding row after weight decay: ~3e-38; its products would be denormal
+    x = torch.randn(3, 16)
+    x[1] = torch.linspace(3e-38, 9e-38, 16)
+    y, s, off, _ = P.fake_quantize_dynamic(x, spec)
+    ye, _, offe, _ = _eager(monkeypatch, x, spec)
+    assert float(off.reshape(-1)[1]) == 0.0 and torch.count_nonzero(y[1]) == 0
+    torch.testing.assert_close(y, ye, atol=0, rtol=0)
+    torch.testing.assert_close(off.reshape(-1), offe.reshape(-1), atol=0, rtol=0)

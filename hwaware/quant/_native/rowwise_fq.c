@@ -12,6 +12,7 @@
 #define EPS 1.1920928955078125e-07f /* torch.finfo(torch.float32).eps */
 #define F16_TINY 6.103515625e-05f   /* torch.finfo(torch.float16).tiny */
 #define F16_MAX 65504.0f
+#define OFFSET_FLUSH 5.421010862427522e-20f /* 2^-64 */
 
 static inline float round_f16(float v) {
     v = v < F16_TINY ? F16_TINY : (v > F16_MAX ? F16_MAX : v);
@@ -63,6 +64,7 @@ void hw_fq_affine_rows(const float *x, float *y, float *scale_out, float *offset
             s = round_f16(s);
             off = (float)(_Float16)mn;
         }
+        if (fabsf(off) < OFFSET_FLUSH) off = 0.0f; /* see OFFSET_FLUSH in primitives.py */
         const float lo = 0.0f, hi = (float)qmax;
 #pragma omp simd
         for (int64_t c = 0; c < cols; ++c) {
