@@ -26,7 +26,6 @@ __all__ = [
     "dequantize",
     "fake_quantize",
     "fake_quantize_learnable",
-    "fake_quantize_unclipped",
     "fake_quantize_dynamic",
     "sqnr_db",
 ]
@@ -211,14 +210,6 @@ class _Identity(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         return grad, None
-
-
-def fake_quantize_unclipped(x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -> Tensor:
-    """:func:`fake_quantize` for qparams computed from ``x``'s own min/max (dynamic per-token
-    activations, gathered embedding rows, weights whose scale tracks them): equal values, identity
-    gradient, a fraction of the cost. Must not be used with a range that can clip ``x``."""
-    zp = None if spec.symmetric else zero_point
-    return _UnclippedFakeQuant.apply(as_channels(x, spec), scale, zp, spec.qmin, spec.qmax, spec.float_offset).reshape(x.shape)
 
 
 def fake_quantize_dynamic(x: Tensor, spec: QuantSpec) -> Tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
