@@ -15,6 +15,7 @@ class TinyCTR(pl.LightningModule):
 
     def __init__(self, vocab: int = 50, dim: int = 8, hidden: int = 32, lr: float = 0.05, bn: bool = False) -> None:
         super().__init__()
+        self.save_hyperparameters()  # hwaware.load rebuilds the class from these
         self.emb = nn.EmbeddingBag(vocab, dim, mode="sum")
         layers: List[nn.Module] = [nn.Linear(4 + dim, hidden)]
         if bn:

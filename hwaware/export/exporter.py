@@ -33,6 +33,7 @@ CPU_KERNELS = {
     "rowwise_int8": "hwaware::embedding_bag_rowwise [cpu: fbgemm embedding_bag_byte_rowwise_offsets]",
     "rowwise_int4": "hwaware::embedding_bag_rowwise [cpu: fbgemm embedding_bag_4bit_rowwise_offsets]",
 }
+_BUFFER_PREFIX = "__nonpersistent__."
 _PTQ_WEIGHT = QuantSpec(bits=8, granularity="per_channel")
 _PTQ_ACT = QuantSpec(bits=8, granularity="per_row", dynamic=True)
 
@@ -320,6 +321,11 @@ def export(
                 f"more than max_drop={max_drop}; nothing was written at {path!r}", report)
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in deploy.state_dict().items()}
+    # non-persistent buffers (e.g. an index table built in __init__) travel too, so load can build
+    # the model on the meta device and never allocate its FP32 weights
+    for name, buf in deploy.named_buffers():
+        if name not in tensors and buf is not None:
+            tensors[_BUFFER_PREFIX + name] = buf.detach().contiguous().cpu()
     fp32_bytes = sum(p.numel() * 4 for p in model.state_dict().values() if p.is_floating_point())
     cls = type(model)
     hparams = getattr(model, "hparams", None)
@@ -366,15 +372,27 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
                 raise ArtifactError(f"{path}/manifest.json: model class {info['class']!r} is not importable here ({e}); pass load(..., model=...)") from None
         if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
             raise ArtifactError(f"{path}/manifest.json: model class {info['class']!r} is not an nn.Module")
-        model = cls(**(info.get("hparams") or {}))
+        with torch.device("meta"):  # a skeleton: its FP32 weights are never allocated
+            model = cls(**(info.get("hparams") or {}))
     for name, meta in manifest["layers"].items():
         if meta["module"] not in DEPLOY_TYPES:
             raise ArtifactError(f"{path}/manifest.json: layer {name!r} has unknown module {meta['module']!r}")
-        _set_module(model, name, DEPLOY_TYPES[meta["module"]].empty(meta))
+        with torch.device("meta"):
+            _set_module(model, name, DEPLOY_TYPES[meta["module"]].empty(meta))
     tensors = read_tensors(path)
+    extra = {k[len(_BUFFER_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(_BUFFER_PREFIX)}
     expected = set(model.state_dict())
     if set(tensors) != expected:
         raise ArtifactError(f"{path}/weights.safetensors does not match the model: missing {sorted(expected - set(tensors))[:5]}, "
                             f"unexpected {sorted(set(tensors) - expected)[:5]}")
-    model.load_state_dict(tensors, strict=True, assign=True)  # assign: no second copy of the weights
+    model.load_state_dict(tensors, strict=True, assign=True)  # assign: the loaded tensors are the weights
+    for name, buf in extra.items():
+        owner_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        if leaf not in owner._buffers:
+            raise ArtifactError(f"{path}/weights.safetensors: buffer {name!r} is not in the model")
+        owner._buffers[leaf] = buf
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t is not None and t.is_meta]
+    if missing:
+        raise ArtifactError(f"{path}: the model holds tensors the artifact does not restore: {missing[:5]}")
     return model.eval()

@@ -136,3 +136,42 @@ def test_load_refuses_a_tampered_artifact(tmp_path):
         f.write(bytes([b[0] ^ 0xFF]))
     with pytest.raises(ArtifactError, match="weights.safetensors"):
         load(art.path, model=TinyCTR())
+
+
+_PEAK_SCRIPT = """
+import sys, json
+import hwaware, torch
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith(key))
+
+with open("/proc/self/clear_refs", "w") as f:  # reset the RSS high-water mark (VmHWM) to the current RSS
+    f.write("5")
+before = status("VmRSS:")
+m = hwaware.load(sys.argv[1])
+peak = status("VmHWM:")
+out = m(torch.randn(4, 4), torch.randint(0, m.hparams.vocab, (4,)))
+print(json.dumps({"before_kib": before, "after_kib": peak, "finite": bool(torch.isfinite(out).all())}))
+"""
+
+
+def test_load_costs_at_most_one_extra_copy_of_the_weights(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    big = TinyCTR(vocab=1_500_000, dim=16)  # FP32 table 96 MB; int8 rows 36 MB
+    art = export(big, tmp_path / "big")
+    del big
+    weights = art.manifest["files"]["weights.safetensors"]["bytes"]
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, art.path], capture_output=True, text=True, timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    growth = (r["after_kib"] - r["before_kib"]) * 1024
+    # the weights themselves (1x) plus at most one transient copy; building the FP32 model first
+    # (as load did before it used the meta device) costs 96 MB + 36 MB here and fails this
+    assert growth <= 2 * weights, f"peak grew {growth / 2**20:.1f} MiB for {weights / 2**20:.1f} MiB of weights"
+    assert r["finite"]
