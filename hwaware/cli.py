@@ -109,17 +109,14 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     """Artifact vs its FP32 architecture, same inputs, interleaved: throughput ratio and latencies."""
-    import importlib
-
-    from hwaware.export import ArtifactError, load
+    from hwaware.export import ArtifactError, load, read_manifest
     from hwaware.export.bench import compare_throughput
-    from hwaware.export.exporter import make_inputs
+    from hwaware.export.exporter import make_inputs, model_class
 
     try:
         served = load(args.path)
-        from hwaware.export import read_manifest
-
         manifest = read_manifest(args.path)
+        cls = model_class(manifest, args.path)
     except ArtifactError as e:
         print(f"hwaware: error: {e}", file=sys.stderr)
         return 2
@@ -127,8 +124,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(f"hwaware: error: {args.path}/manifest.json records no example inputs; export with example_inputs=... to bench", file=sys.stderr)
         return 2
     # FP32 reference: the same architecture with dense float weights (their values do not change speed)
-    module_name, _, qualname = manifest["model"]["class"].rpartition(".")
-    fp32 = getattr(importlib.import_module(module_name), qualname)(**(manifest["model"].get("hparams") or {}))
+    fp32 = cls(**(manifest["model"].get("hparams") or {}))
     inputs = [make_inputs(manifest["inputs"], args.batch_size, seed=i) for i in range(args.batches)]
     result = compare_throughput({"fp32": fp32, "artifact": served}, inputs, batch_size=args.batch_size, rounds=args.rounds)
     result["artifact"] = args.path

@@ -348,6 +348,19 @@ def export(
     return Artifact(path=path, manifest=verify_artifact(path), report=report, model=deploy)
 
 
+def model_class(manifest: Dict[str, Any], path: str) -> type:
+    """The model class recorded at export, imported from *this* environment (never from the artifact)."""
+    name = manifest["model"]["class"]
+    module_name, _, qualname = name.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), qualname)
+    except (ImportError, AttributeError) as e:
+        raise ArtifactError(f"{path}/manifest.json: model class {name!r} is not importable here ({e}); pass load(..., model=...)") from None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ArtifactError(f"{path}/manifest.json: model class {name!r} is not an nn.Module")
+    return cls
+
+
 def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, nn.Module, type] = None) -> nn.Module:
     """Rebuild the deployed model from an artifact: verified first, never unpickled.
 
@@ -363,15 +376,9 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
     manifest = verify_artifact(path)
     info = manifest["model"]
     if model is None or isinstance(model, type):
-        cls = model
-        if cls is None:
-            module_name, _, qualname = info["class"].rpartition(".")
-            try:
-                cls = getattr(importlib.import_module(module_name), qualname)
-            except (ImportError, AttributeError) as e:
-                raise ArtifactError(f"{path}/manifest.json: model class {info['class']!r} is not importable here ({e}); pass load(..., model=...)") from None
-        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-            raise ArtifactError(f"{path}/manifest.json: model class {info['class']!r} is not an nn.Module")
+        if model is not None and not issubclass(model, nn.Module):
+            raise ArtifactError(f"load(model={model!r}): expected an nn.Module class or instance")
+        cls = model or model_class(manifest, path)
         with torch.device("meta"):  # a skeleton: its FP32 weights are never allocated
             model = cls(**(info.get("hparams") or {}))
     for name, meta in manifest["layers"].items():
