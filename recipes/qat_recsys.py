@@ -23,7 +23,8 @@ import pytorch_lightning as pl
 import torch
 
 import hwaware
-from hwaware import ProgressiveQuantization, QuantSpec, quant_states
+from hwaware import ProgressiveQuantization, QuantSpec
+from hwaware.quant import quantization_disabled
 from hwaware.export.bench import compare_throughput
 from hwaware.recsys import DLRM, CriteoDataModule, evaluate_auroc
 
@@ -196,13 +197,8 @@ def run(args: argparse.Namespace):
     qat_auroc = evaluate_auroc(model, val)
     # the same trained weights with fake quantization switched off: separates what quantization
     # costs from what the extra fine-tuning epochs did to the FP32 model
-    states = quant_states(model)
-    enabled = {n: st.enabled for n, st in states.items()}
-    for st in states.values():
-        st.enabled = False
-    qat_weights_fp32_auroc = evaluate_auroc(model, val)
-    for n, st in states.items():
-        st.enabled = enabled[n]
+    with quantization_disabled(model):
+        qat_weights_fp32_auroc = evaluate_auroc(model, val)
     r = cb.report
     export_report = None if args.no_export else export_and_bench(args, model, fp32, dm, fp32_auroc)
     report = {

@@ -27,7 +27,9 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from hwaware.quant.attach import QuantState, attach_quantization, find_quantizable, quant_states, set_fp32_reference
+from hwaware.quant.attach import (
+    QuantState, attach_quantization, find_quantizable, quantization_disabled, set_fp32_reference,
+)
 from hwaware.quant.kl import KLViolationError, LayerErrorCollector, collect_layer_errors, output_kl
 from hwaware.quant.spec import QuantSpec
 
@@ -597,15 +599,9 @@ class ProgressiveQuantization(Callback):
                 with collect_layer_errors(pl_module, self._enabled_states()) as c:
                     for batch in batches:
                         outs_q.append(self._model_output(pl_module, batch))
-                enabled = {n: st.enabled for n, st in self._states.items()}
-                for st in self._states.values():
-                    st.enabled = False
-                try:
+                with quantization_disabled(pl_module):
                     for batch in batches:
                         outs_fp.append(self._model_output(pl_module, batch))
-                finally:
-                    for n, st in self._states.items():
-                        st.enabled = enabled[n]
         finally:
             pl_module.train(was_training)
         results = c.results()

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import fnmatch
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,7 @@ __all__ = [
     "quant_state",
     "quant_states",
     "set_fp32_reference",
+    "quantization_disabled",
     "fp32_reference",
     "QUANTIZABLE_TYPES",
 ]
@@ -293,3 +295,18 @@ def set_fp32_reference(model: nn.Module, state_dict: Optional[Dict[str, Tensor]]
 def fp32_reference(model: nn.Module) -> Optional[Dict[str, Tensor]]:
     """The FP32 ``state_dict`` kept by :func:`set_fp32_reference` (QAT start), or None."""
     return model.__dict__.get(_REF_ATTR)
+
+
+@contextmanager
+def quantization_disabled(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` in FP32 with its live weights for the block; every layer's ``enabled`` flag
+    (fallback layers included) is restored afterwards, even on error."""
+    states = quant_states(model)
+    enabled = {n: st.enabled for n, st in states.items()}
+    for st in states.values():
+        st.enabled = False
+    try:
+        yield
+    finally:
+        for n, st in states.items():
+            st.enabled = enabled[n]
