@@ -14,6 +14,10 @@ Ops (shapes; ``...`` = any leading dims):
 - ``hwaware::embedding_bag_rowwise(weight uint8 [R, cols], bits, dim, indices [L], offsets [B(+1)],
   mode, per_sample_weights [L]?, include_last_offset) -> float32 [B, dim]``: FBGEMM row-wise
   8/4-bit tables; mode 0 sum, 1 mean, 2 max.
+- ``hwaware::sparse24_linear(x [..., K] float, values [N, K/2] float|int8, meta uint8 [N, ceil(K/8)],
+  w_scale float32 [N]?, bias [N]?, kernel) -> [..., N]``: 2:4 compressed weights (packing.py). Float
+  values: ``x @ W^T``; int8 values (with ``w_scale``): the W8A8 math of ``int8_linear``. ``kernel``
+  names the implementation the export measured and chose (:data:`SPARSE24_KERNELS`).
 
 The CUDA kernels (Triton, ``kernels/``) are registered with ``<op>.register_kernel("cuda")`` in the
 marked place at the bottom of this file; until then a CUDA tensor raises ``NotImplementedError``
@@ -30,9 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hwaware.ops.packing import dequantize_int4_weight, rowwise_cols
+from hwaware.ops.packing import check_24_meta, decompress_24, dequantize_int4_weight, rowwise_cols
 
-__all__ = ["int8_linear", "int4_linear", "embedding_bag_rowwise", "REDUCE_RANGE", "clear_cache"]
+__all__ = ["int8_linear", "int4_linear", "embedding_bag_rowwise", "sparse24_linear", "SPARSE24_KERNELS",
+           "REDUCE_RANGE", "clear_cache"]
 
 _FLOAT_X = (torch.float32, torch.bfloat16, torch.float16)
 _MODES = (0, 1, 2)
@@ -214,14 +219,18 @@ def int8_linear(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tens
     output rows are multiplied back; the bias is added afterwards in fp32.
     """
     _check_int8_linear(x, qweight, w_scale, bias)
-    n, k = qweight.shape
+    packed = _CACHE.get((qweight, w_scale), ("int8_linear",), lambda: _prepack_int8(qweight, w_scale))
+    return _int8_linear_prepacked(x, packed, qweight.shape[0], bias)
+
+
+def _int8_linear_prepacked(x: Tensor, packed, n: int, bias: Optional[Tensor]) -> Tensor:
+    k = x.shape[-1]
     x2d = x.reshape(-1, k).float()
     if x2d.shape[0] == 0:
         return x.new_zeros((*x.shape[:-1], n))
     # max|x| per row as max(amax, -amin): two reductions, no |x| temporary (~15% faster than abs().amax here)
     a = torch.maximum(x2d.amax(dim=1, keepdim=True), x2d.amin(dim=1, keepdim=True).neg_())
     a = torch.where(a > 0, a, torch.ones_like(a))  # all-zero rows stay zero
-    packed = _CACHE.get((qweight, w_scale), ("int8_linear",), lambda: _prepack_int8(qweight, w_scale))
     y = torch.ops.quantized.linear_dynamic(x2d / a, packed, REDUCE_RANGE)
     y.mul_(a)
     if bias is not None:
@@ -317,9 +326,85 @@ def _(weight, bits, dim, indices, offsets, mode, per_sample_weights, include_las
     return weight.new_empty((b, dim), dtype=torch.float32)
 
 
+# -- hwaware::sparse24_linear --------------------------------------------------------------------
+
+# Implementations by device. CPU (measured with benchmarks/bench_sparse24.py; no 2:4 kernel here
+# beats dense, so "dense" is what export picks on CPU, and the artifact says so):
+#   "dense": decompress once (cached) to the dense weight, then F.linear (float values) or the
+#            int8_linear path (int8 values) -- same math as the layer, at dense speed.
+#   "csr":   torch.sparse CSR matmul over the non-zeros (float values only): 3-10x slower than
+#            dense at M=1..2048, K,N=256..4096 on this CPU, kept as a measured candidate.
+# The CUDA kernels (Triton, issue 5) add their names to this table when they register.
+SPARSE24_KERNELS = {"cpu": ("dense", "csr")}
+
+
+def _check_sparse24_linear(x: Tensor, values: Tensor, meta: Tensor, w_scale: Optional[Tensor], bias: Optional[Tensor],
+                           kernel: str) -> None:
+    _dt("x", x, _FLOAT_X, "[..., K] float")
+    _dt("values", values, _FLOAT_X + (torch.int8,), "[N, K/2] float or int8")
+    if values.dim() != 2:
+        raise ValueError(f"values must be 2-D [N, K/2], got shape {list(values.shape)}")
+    n, k = values.shape[0], 2 * values.shape[1]
+    if k % 4:
+        raise ValueError(f"values must have shape [N, K/2] with K a multiple of 4, got {list(values.shape)} (K={k})")
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"x must have shape [..., K] with K = 2 * values.shape[1] = {k}, got {list(x.shape)}")
+    _dt("meta", meta, (torch.uint8,), "[N, ceil(K/8)] uint8 (2:4 metadata)")
+    _shape("meta", meta, (n, (k // 4 + 1) // 2), "[N, ceil(K/8)]")
+    if values.dtype == torch.int8:
+        if w_scale is None:
+            raise ValueError("int8 values need w_scale (float32 [N] per-channel scales); got None")
+        _dt("w_scale", w_scale, (torch.float32,), "[N] float32")
+        _shape("w_scale", w_scale, (n,), "[N]")
+    elif w_scale is not None:
+        raise ValueError(f"w_scale is only for int8 values; values are {values.dtype}")
+    _check_bias(bias, n)
+    if not isinstance(kernel, str) or not kernel:
+        raise ValueError(f"kernel must be a non-empty implementation name, got {kernel!r}")
+
+
+def _to_csr(w: Tensor) -> Tensor:
+    with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
+        warnings.simplefilter("ignore", UserWarning)
+        return w.to_sparse_csr()
+
+
+@torch.library.custom_op("hwaware::sparse24_linear", mutates_args=(), device_types="cpu")
+def sparse24_linear(x: Tensor, values: Tensor, meta: Tensor, w_scale: Optional[Tensor], bias: Optional[Tensor],
+                    kernel: str) -> Tensor:
+    """2:4 compressed linear, CPU; ``kernel`` in ``SPARSE24_KERNELS["cpu"]`` (see there)."""
+    _check_sparse24_linear(x, values, meta, w_scale, bias, kernel)
+    if kernel not in SPARSE24_KERNELS["cpu"]:
+        raise ValueError(f"kernel={kernel!r} is not a CPU implementation of hwaware::sparse24_linear; "
+                         f"expected one of {SPARSE24_KERNELS['cpu']}")
+    n, k = values.shape[0], 2 * values.shape[1]
+    if values.dtype == torch.int8:
+        if kernel != "dense":
+            raise ValueError(f"kernel={kernel!r} has no int8 form on CPU; int8 2:4 layers run kernel='dense'")
+        packed = _CACHE.get((values, meta, w_scale), ("sparse24_int8",),
+                            lambda: _prepack_int8(decompress_24(values, meta, k), w_scale))
+        return _int8_linear_prepacked(x, packed, n, bias)
+    b = None if bias is None else bias.float()
+    if kernel == "csr":
+        w = _CACHE.get((values, meta), ("sparse24_csr",), lambda: _to_csr(decompress_24(values, meta, k).float()))
+        x2d = x.reshape(-1, k).float()
+        out = torch.sparse.mm(w, x2d.t()).t()
+        if b is not None:
+            out = out + b
+        return out.to(x.dtype).reshape(*x.shape[:-1], n)
+    w = _CACHE.get((values, meta), ("sparse24_dense",), lambda: decompress_24(values, meta, k).float())
+    return F.linear(x.float(), w, b).to(x.dtype)
+
+
+@sparse24_linear.register_fake
+def _(x, values, meta, w_scale, bias, kernel):
+    _check_sparse24_linear(x, values, meta, w_scale, bias, kernel)
+    return x.new_empty((*x.shape[:-1], values.shape[0]))
+
+
 # -- CUDA ----------------------------------------------------------------------------------------
 # The Triton kernels (kernels/, one op per file) register here, with the Triton issue:
 #     @int8_linear.register_kernel("cuda")
 #     def _(x, qweight, w_scale, bias): return <launcher>(x, qweight, w_scale, bias)
-# and likewise int4_linear / embedding_bag_rowwise. Until then CUDA tensors raise
+# and likewise int4_linear / embedding_bag_rowwise / sparse24_linear. Until then CUDA tensors raise
 # NotImplementedError from the dispatcher (no silent CPU fallback).

@@ -16,6 +16,13 @@ Formats (DESIGN.md, "Numerics that everything agrees on"):
 - int8 weights: ``int8 [N, K]`` symmetric per output channel in ``[-127, 127]``, ``scale float32 [N]``.
 - int4 weights: ``uint8 [N, K/2]`` nibbles, ``scales float32 [N, K/g]``, ``zeros int8 [N, K/g]``
   (asymmetric, codes ``[0, 15]``) or None (symmetric, codes ``[-8, 7]``); ``w = (q - zp) * s``.
+- 2:4 compressed weights (``K % 4 == 0``; every group of 4 along K has at most 2 non-zeros):
+  ``values [N, K/2]`` (the weight's dtype, or int8 codes) holding each group's two kept entries in
+  order, and ``meta uint8 [N, ceil(K/8)]``: one nibble per group, ``i0 | i1 << 2`` with the kept
+  positions ``0 <= i0 < i1 <= 3``, packed two per byte low nibble first (as :func:`pack_int4`; an
+  odd group count pads a zero nibble). A group with fewer than two non-zeros keeps its non-zero
+  (if any) and then the lowest free position, holding an explicit 0. Only the six nibbles with
+  ``i0 < i1`` (4, 8, 9, 12, 13, 14) are valid.
 
 All quantization arithmetic comes from :mod:`hwaware.quant.primitives`, so what is packed here is
 exactly what QAT fake-quantized against.
@@ -45,6 +52,11 @@ __all__ = [
     "dequantize_int8_weight",
     "quantize_int4_weight",
     "dequantize_int4_weight",
+    "compress_24",
+    "decompress_24",
+    "check_24_meta",
+    "is_24",
+    "VALID_24_NIBBLES",
 ]
 
 ROWWISE_BITS = (4, 8)
@@ -299,3 +311,81 @@ def dequantize_int4_weight(packed: Tensor, scales: Tensor, zeros: Optional[Tenso
     q = unpack_int4(packed, k, signed=symmetric)
     zp = torch.zeros(n * ng, dtype=torch.int32) if symmetric else zeros.reshape(-1).to(torch.int32)
     return dequantize(q, scales.reshape(-1), zp, int4_weight_spec(group_size, symmetric))
+
+
+# -- 2:4 semi-structured weights --------------------------------------------------------------
+
+VALID_24_NIBBLES = (4, 8, 9, 12, 13, 14)  # i0 | i1 << 2 for i0 < i1 in [0, 3]
+
+
+def _check_k24(k: int, what: str) -> None:
+    if k % 4:
+        raise ValueError(f"{what}: K={k} must be a multiple of 4 for 2:4 sparsity (groups of 4 along the input dimension)")
+
+
+def is_24(w: Tensor) -> bool:
+    """True when ``w [N, K]`` (``K % 4 == 0``) has at most 2 non-zeros in every group of 4 along K."""
+    if w.dim() != 2 or w.shape[1] % 4:
+        return False
+    return bool(((w != 0).reshape(w.shape[0], -1, 4).sum(-1) <= 2).all())
+
+
+def compress_24(w: Tensor) -> Tuple[Tensor, Tensor]:
+    """``w [N, K]`` satisfying 2:4 -> ``(values [N, K/2] w.dtype, meta uint8 [N, ceil(K/8)])``.
+
+    Lossless: :func:`decompress_24` returns ``w`` exactly. Works for float and int8 (quantized
+    codes) weights. Raises ``ValueError`` naming the first group with more than two non-zeros.
+    """
+    _check_tensor("w", w, _FLOATS + (torch.int8,), 2, "[N, K] float or int8")
+    n, k = w.shape
+    _check_k24(k, f"w of shape {tuple(w.shape)}")
+    groups = w.reshape(n, k // 4, 4)
+    nz = groups != 0
+    count = nz.sum(-1)
+    if bool((count > 2).any()):
+        row, grp = (count > 2).nonzero()[0].tolist()
+        raise ValueError(f"w is not 2:4 sparse: row {row}, columns {4 * grp}..{4 * grp + 3} hold {int(count[row, grp])} "
+                         f"non-zeros {groups[row, grp].tolist()} (at most 2 per group of 4)")
+    # non-zeros first, then the lowest free positions; kept positions in increasing order
+    pos = torch.arange(4, dtype=torch.int16)
+    key = nz.to(torch.int16) * 4 + (3 - pos)
+    idx = key.topk(2, dim=-1).indices.sort(dim=-1).values  # [N, K/4, 2] int64
+    values = groups.gather(-1, idx).reshape(n, k // 2)
+    nib = (idx[..., 0] | (idx[..., 1] << 2)).to(torch.uint8)  # [N, K/4]
+    return values.contiguous(), pack_int4(nib)
+
+
+def check_24_meta(meta: Tensor, k: int, name: str = "meta") -> None:
+    """Refuse metadata that breaks the 2:4 rule (a nibble other than :data:`VALID_24_NIBBLES`,
+    i.e. a repeated or out-of-order position), naming the row and columns."""
+    _check_tensor(name, meta, (torch.uint8,), 2, "[N, ceil(K/8)] uint8 (2:4 metadata)")
+    _check_k24(k, name)
+    groups = k // 4
+    if meta.shape[1] != (groups + 1) // 2:
+        raise ValueError(f"{name} must have shape [N, ceil(K/8)] = [N, {(groups + 1) // 2}] for K={k}, got {tuple(meta.shape)}")
+    nib = unpack_int4(meta, groups, signed=False).to(torch.int64)
+    valid = torch.zeros(16, dtype=torch.bool)
+    valid[list(VALID_24_NIBBLES)] = True
+    bad = ~valid[nib]
+    if bool(bad.any()):
+        row, grp = bad.nonzero()[0].tolist()
+        v = int(nib[row, grp])
+        raise ValueError(f"{name} breaks the 2:4 rule: row {row}, columns {4 * grp}..{4 * grp + 3} have positions "
+                         f"({v & 3}, {v >> 2}); expected two distinct increasing positions in 0..3")
+
+
+def decompress_24(values: Tensor, meta: Tensor, k: Optional[int] = None) -> Tensor:
+    """Inverse of :func:`compress_24`: ``values [N, K/2]``, ``meta`` -> dense ``[N, K]`` (values' dtype)."""
+    _check_tensor("values", values, _FLOATS + (torch.int8,), 2, "[N, K/2] float or int8")
+    n = values.shape[0]
+    k = 2 * values.shape[1] if k is None else k
+    if values.shape[1] * 2 != k:
+        raise ValueError(f"values must have shape [N, K/2] = [N, {k // 2}] for K={k}, got {tuple(values.shape)}")
+    check_24_meta(meta, k)
+    if meta.shape[0] != n:
+        raise ValueError(f"meta has {meta.shape[0]} rows, values has {n}; expected the same N")
+    nib = unpack_int4(meta, k // 4, signed=False).to(torch.int64)  # [N, K/4]
+    idx = torch.stack([nib & 3, nib >> 2], dim=-1)  # [N, K/4, 2]
+    out = values.new_zeros(n, k // 4, 4)
+    out.scatter_(-1, idx, values.reshape(n, k // 4, 2))
+    return out.reshape(n, k)

@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hwaware.ops.packing import dequantize_int4_weight, dequantize_rowwise
+from hwaware.ops.packing import decompress_24, dequantize_int4_weight, dequantize_rowwise
 
-__all__ = ["quantize_per_token_ref", "int8_linear_ref", "int4_linear_ref", "embedding_bag_rowwise_ref", "EMBEDDING_BAG_MODES"]
+__all__ = ["quantize_per_token_ref", "int8_linear_ref", "int4_linear_ref", "embedding_bag_rowwise_ref",
+           "sparse24_linear_ref", "EMBEDDING_BAG_MODES"]
 
 EMBEDDING_BAG_MODES = {0: "sum", 1: "mean", 2: "max"}
 
@@ -58,3 +59,14 @@ def embedding_bag_rowwise_ref(weight_fused: Tensor, bits: int, dim: int, indices
     table = dequantize_rowwise(weight_fused, bits, dim)
     return F.embedding_bag(indices, table, offsets, mode=EMBEDDING_BAG_MODES[mode],
                            per_sample_weights=per_sample_weights, include_last_offset=include_last_offset)
+
+
+def sparse24_linear_ref(x: Tensor, values: Tensor, meta: Tensor, w_scale: Optional[Tensor] = None,
+                        bias: Optional[Tensor] = None) -> Tensor:
+    """2:4 compressed weights: the dense weight from :func:`decompress_24`, then ``F.linear`` (float
+    values) or :func:`int8_linear_ref` (int8 values with ``w_scale``)."""
+    w = decompress_24(values, meta)
+    if values.dtype == torch.int8:
+        return int8_linear_ref(x, w, w_scale, bias)
+    out = F.linear(x.float(), w.float(), None if bias is None else bias.float())
+    return out.to(x.dtype)
