@@ -27,6 +27,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from hwaware.callbacks._common import _check_choice, _check_int, _scalar_metrics
 from hwaware.quant.attach import (
     QuantState, attach_quantization, find_quantizable, quantization_disabled, set_fp32_reference,
 )
@@ -44,29 +45,6 @@ _DEFAULT = object()
 DEFAULT_WEIGHT_SPEC = QuantSpec(bits=8, granularity="per_channel", symmetric=True)
 DEFAULT_ACTIVATION_SPEC = QuantSpec(bits=8, granularity="per_row", symmetric=True, dynamic=True)
 DEFAULT_EMBEDDING_SPEC = QuantSpec(bits=8, granularity="per_row", symmetric=False, dynamic=True)
-
-
-def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        allowed = f"an int >= {minimum}" + (" or None" if allow_none else "")
-        raise ValueError(f"{name}={value!r} is invalid; expected {allowed}")
-
-
-def _check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is invalid; expected one of {tuple(allowed)}")
-
-
-def _scalar_metrics(trainer: "pl.Trainer") -> Dict[str, float]:
-    out = {}
-    for k, v in trainer.callback_metrics.items():
-        if isinstance(v, Tensor) and v.numel() == 1:
-            out[k] = float(v)
-        elif isinstance(v, (int, float)):
-            out[k] = float(v)
-    return out
 
 
 class ProgressiveQuantization(Callback):

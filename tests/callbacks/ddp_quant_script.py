@@ -1,4 +1,5 @@
-"""Run by test_ddp.py: 2-process gloo DDP fit with ProgressiveQuantization; each rank dumps its state."""
+"""Run by test_ddp.py: 2-process gloo DDP fit with ProgressiveQuantization and SemiStructuredSparsity (SR-STE,
+masks recomputed every step) in one run; each rank dumps its state."""
 import json
 import os
 import sys
@@ -8,7 +9,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 
-from hwaware import ProgressiveQuantization, QuantSpec  # noqa: E402
+from hwaware import ProgressiveQuantization, QuantSpec, SemiStructuredSparsity  # noqa: E402
 from tests.helpers import TinyCTR, loaders  # noqa: E402
 
 
@@ -18,10 +19,11 @@ def main(out_dir: str) -> None:
         start_epoch=1, calibration_batches=2, freeze_observers_after=3,
         activation_spec=QuantSpec(granularity="per_tensor", observer="moving_average", averaging_constant=0.2),
     )
+    sp = SemiStructuredSparsity(method="sr_ste", start_epoch=1)
     trainer = pl.Trainer(
         strategy="ddp", accelerator="cpu", devices=2, max_epochs=3, limit_train_batches=6, limit_val_batches=3,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, callbacks=[cb],
+        num_sanity_val_steps=0, callbacks=[cb, sp],
     )
     train, val = loaders()
     trainer.fit(TinyCTR(), train, val)
@@ -34,6 +36,10 @@ def main(out_dir: str) -> None:
         "fallbacks": cb.report["fallbacks"],
         "act_scales": {n: st.activation.scale.tolist() for n, st in cb.quant_states.items() if st.activation is not None},
         "weight_scales": {n: st.weight.scale.tolist() for n, st in cb.quant_states.items() if st.weight.has_qparams},
+        "sparse_phase": sp.phase,
+        "masks": {n: m.int().tolist() for n, m in sp.masks.items()},
+        "dense": {n: d.tolist() for n, d in sp._dense.items()},
+        "mask_changes": [h["mask_changes"] for h in sp.report["history"] if h.get("event") == "validation"],
         "weights": {k: v.tolist() for k, v in trainer.lightning_module.state_dict().items() if k.endswith("weight") and v.dim() == 2 and v.shape[0] < 64},
     }
     with open(os.path.join(out_dir, f"rank{trainer.global_rank}.json"), "w") as f:

@@ -1,4 +1,4 @@
-"""ProgressiveQuantization under 2-process DDP with the gloo backend on CPU."""
+"""ProgressiveQuantization + SemiStructuredSparsity under 2-process DDP with the gloo backend on CPU."""
 import json
 import os
 import subprocess
@@ -20,3 +20,7 @@ def test_ddp_gloo_two_ranks_agree(tmp_path):
     assert r0["weight_scales"] == r1["weight_scales"]
     assert r0["kl"] == r1["kl"] and r0["fallbacks"] == r1["fallbacks"]
     assert r0["weights"] == r1["weights"]
+    # 2:4 masks: identical on both ranks, recomputed (and moving) every step under SR-STE
+    assert r0["sparse_phase"] == "sparse" and set(r0["masks"]) == {"mlp.0", "mlp.2"}
+    assert r0["masks"] == r1["masks"] and r0["dense"] == r1["dense"]
+    assert sum(r0["mask_changes"]) > 0

@@ -1,0 +1,372 @@
+"""`SemiStructuredSparsity`: 2:4 pruning of Linear/Conv weights as a callback, composable with QAT.
+
+The callback only schedules; masks come from :mod:`hwaware.sparsity.masks`. Phases:
+
+``dense``    plain training until ``start_epoch``.
+``pruning``  (``method="magnitude"`` with ``ramp_epochs > 0``) after every optimizer step a few
+             more groups of 4 are pruned to 2:4, on a cubic schedule, until all are.
+``sparse``   every layer is 2:4. ``"magnitude"``: masks fixed, gradients of pruned weights zeroed
+             and the weights re-masked after every optimizer step. ``"sr_ste"``: the model holds
+             the masked weights, the callback the dense ones; before each optimizer step the dense
+             weights are swapped in and get the gradient computed through the masked ones (the
+             straight-through estimator) plus the SR-STE decay on the pruned entries; after it the
+             mask is recomputed from the new dense weights and the masked weights swapped back.
+
+Invariant between optimizer steps (so in every forward, validation, checkpoint and export): each
+pruned layer's weight is exactly 2:4. Quantization composes for free: symmetric fake quantization
+maps 0 to 0, so QAT never refills a pruned position, and both callbacks keep their hooks independent
+of the order they are listed in.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Dict, List, Optional, Sequence
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from typing_extensions import override
+
+from hwaware.callbacks._common import _check_choice, _check_int, _scalar_metrics
+from hwaware.sparsity.masks import (
+    cubic_fraction, find_prunable, gradual_mask_24, is_mask_24, magnitude_mask_24, mask_sparsity, sr_ste_decay_,
+    weight_2d,
+)
+
+__all__ = ["SemiStructuredSparsity", "METHODS", "PHASES"]
+
+METHODS = ("magnitude", "sr_ste")
+PHASES = ("dense", "pruning", "sparse")
+_STATE_VERSION = 1
+
+
+class SemiStructuredSparsity(Callback):
+    r"""Prune Linear/Conv weights to 2:4 (2 non-zeros in every 4 along the input dimension).
+
+    Works on an unmodified LightningModule and composes with :class:`ProgressiveQuantization` in one
+    run, in either order in the callback list::
+
+        trainer = pl.Trainer(max_epochs=6, callbacks=[
+            SemiStructuredSparsity(start_epoch=2, method="sr_ste"),
+            ProgressiveQuantization(start_epoch=4),   # int8 QAT on the 2:4 weights
+        ])
+        trainer.fit(model, datamodule)
+        trainer.callbacks[0].report   # sparsity per layer (verified 2:4), metric before/after
+
+    Args:
+        method: ``"magnitude"`` (keep the 2 largest ``|w|`` per group of 4: one shot at
+            ``start_epoch``, or gradually over ``ramp_epochs``) or ``"sr_ste"`` (sparse-refined
+            straight-through estimator, Zhou et al. 2021: masks recomputed from the dense weights
+            every step, with ``sr_ste_lambda`` decay on the pruned ones).
+        start_epoch: first epoch trained sparse (after dense training).
+        ramp_epochs: ``"magnitude"`` only: epochs over which the fraction of pruned groups rises
+            from 0 to 1 (cubic schedule, updated every optimizer step); 0 prunes in one shot.
+        sr_ste_lambda: ``"sr_ste"`` only: the decay ``λ_W`` on pruned weights (paper: 2e-4).
+        skip: ``fnmatch`` patterns of layer names to leave dense. Embedding tables are never pruned;
+            layers whose input dimension is not a multiple of 4 are skipped with the reason in
+            ``report["skipped"]``.
+        monitor: logged metric reported before pruning and at the end (e.g. ``"val_auroc"``);
+            every logged scalar is recorded either way.
+
+    Raises:
+        ValueError: an unknown ``method``, a negative ``start_epoch`` / ``ramp_epochs``, a ramp with
+            ``"sr_ste"``, a bad ``sr_ste_lambda`` or ``skip`` (at construction); ``start_epoch`` (+
+            ``ramp_epochs``) beyond the Trainer's ``max_epochs`` or a model with no prunable layer
+            (at ``setup``, the first moment the Trainer is known); a checkpoint written by a
+            different method (at resume).
+    """
+
+    def __init__(
+        self,
+        method: str = "magnitude",
+        start_epoch: int = 1,
+        ramp_epochs: int = 0,
+        sr_ste_lambda: float = 2e-4,
+        skip: Sequence[str] = (),
+        monitor: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        _check_choice("method", method, METHODS)
+        _check_int("start_epoch", start_epoch, 0)
+        _check_int("ramp_epochs", ramp_epochs, 0)
+        if method == "sr_ste" and ramp_epochs:
+            raise ValueError(f"ramp_epochs={ramp_epochs} is invalid with method='sr_ste' (its masks are recomputed "
+                             f"every step from the start); expected ramp_epochs=0, or method='magnitude'")
+        if (not isinstance(sr_ste_lambda, (int, float)) or isinstance(sr_ste_lambda, bool)
+                or not math.isfinite(sr_ste_lambda) or sr_ste_lambda < 0):
+            raise ValueError(f"sr_ste_lambda={sr_ste_lambda!r} is invalid; expected a finite float >= 0")
+        if isinstance(skip, str) or not all(isinstance(p, str) for p in skip):
+            raise ValueError(f"skip={skip!r} is invalid; expected a list of fnmatch patterns (strings)")
+        if monitor is not None and not isinstance(monitor, str):
+            raise ValueError(f"monitor={monitor!r} is invalid; expected a logged metric name or None")
+        self.method = method
+        self.start_epoch = start_epoch
+        self.ramp_epochs = ramp_epochs
+        self.sr_ste_lambda = float(sr_ste_lambda)
+        self.skip = tuple(skip)
+        self.monitor = monitor
+
+        self.phase = "dense"
+        self._layers: Dict[str, nn.Module] = {}
+        self._names: List[str] = []  # pruned layers, fixed at setup (and restored on resume)
+        self._skipped: Dict[str, str] = {}
+        self._masks: Dict[str, Tensor] = {}
+        self._dense: Dict[str, Tensor] = {}  # sr_ste: the dense weights the optimizer updates
+        self._step = 0  # optimizer steps since pruning started
+        self._ramp_steps = 0
+        self._handles: List[Any] = []  # optimizer step post-hooks
+        self._owned: Dict[int, List[str]] = {}  # id(optimizer) -> pruned layers whose weights it updates
+        self._mask_changes = 0  # sr_ste: mask entries that flipped since the last validation
+        self._history: List[Dict[str, Any]] = []
+        self._metrics_before: Dict[str, float] = {}
+        self._metrics_after: Dict[str, float] = {}
+        self._pending: Optional[Dict[str, Any]] = None
+
+    # ================================================================================ hooks ===
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage != "fit":
+            return
+        layers, skipped = find_prunable(pl_module, self.skip)
+        if self._names:  # resumed: prune exactly the layers the checkpoint names
+            missing = [n for n in self._names if n not in layers]
+            if missing:
+                raise ValueError(f"checkpoint prunes layers {missing} that this model does not have as prunable layers")
+            layers = {n: layers[n] for n in self._names}
+        if not layers:
+            raise ValueError(f"{type(pl_module).__name__} has no layer to prune 2:4 (nn.Linear, nn.Conv1d, nn.Conv2d "
+                             f"with input dimension a multiple of 4, outside skip={list(self.skip)}); skipped: "
+                             f"{skipped or 'none found'}")
+        max_epochs = trainer.max_epochs
+        if max_epochs is not None and max_epochs >= 0 and self.start_epoch + max(self.ramp_epochs, 1) > max_epochs:
+            need = f"start_epoch + ramp_epochs = {self.start_epoch + self.ramp_epochs} <= max_epochs" if self.ramp_epochs \
+                else "start_epoch < max_epochs"
+            raise ValueError(f"start_epoch={self.start_epoch}, ramp_epochs={self.ramp_epochs} are invalid for "
+                             f"Trainer(max_epochs={max_epochs}); expected {need} so that the model ends 2:4")
+        self._layers = layers
+        self._names = list(layers)
+        self._skipped = skipped
+
+    @override
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._pending is not None:  # resuming: the model's (masked) weights are restored already
+            self._restore(self._pending)
+            self._pending = None
+
+    @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # the re-masking must happen right after optimizer.step(), before any other callback's hook
+        # sees the weights (e.g. ProgressiveQuantization taking its FP32 reference at a batch end),
+        # so it is an optimizer step post-hook; Lightning has no callback hook at that point
+        self._remove_hooks()
+        owner = {id(self._layers[n].weight): n for n in self._names}
+        for opt in trainer.optimizers:
+            names = [owner[id(p)] for g in opt.param_groups for p in g["params"] if id(p) in owner]
+            if names:
+                self._owned[id(opt)] = names
+                self._handles.append(opt.register_step_post_hook(self._after_step))
+
+    @override
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._remove_hooks()
+
+    @override
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # pruning starts at the first batch of start_epoch rather than at epoch start, so that every
+        # other callback's on_train_epoch_start (in whatever order) has run on the dense model
+        if self.phase == "dense" and trainer.current_epoch >= self.start_epoch:
+            self._start(trainer)
+
+    @override
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        # after backward, before the update (Lightning calls this inside the optimizer closure; a
+        # step pre-hook would run before the closure, i.e. before the forward)
+        if self.phase == "dense":
+            return
+        optimizer = getattr(optimizer, "_optimizer", optimizer)
+        with torch.no_grad():
+            for name in self._owned.get(id(optimizer), ()):
+                w = self._layers[name].weight
+                mask = self._masks[name]
+                if self.method == "sr_ste":
+                    dense = self._dense[name]
+                    if w.grad is not None:  # None: another callback dropped it (calibration): no update
+                        sr_ste_decay_(w.grad, dense, mask, self.sr_ste_lambda)
+                    w.copy_(dense)  # the optimizer updates the dense weights
+                elif w.grad is not None:
+                    w.grad.mul_(mask)  # pruned weights get no gradient (momentum decays, AdamW leaves 0 at 0)
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        names = self._owned.get(id(optimizer), ())
+        if self.phase == "dense" or not names:
+            return
+        self._step += 1
+        with torch.no_grad():
+            if self.method == "sr_ste":
+                for name in names:
+                    w, dense = self._layers[name].weight, self._dense[name]
+                    dense.copy_(w)
+                    new = magnitude_mask_24(weight_2d(self._layers[name])).view_as(w)
+                    self._mask_changes += int((new != self._masks[name]).sum())
+                    self._masks[name] = new
+                    w.mul_(new)
+                return
+            if self.phase == "pruning":
+                fraction = cubic_fraction(self._step, self._ramp_steps)
+                for name in names:
+                    w = self._layers[name].weight
+                    self._masks[name] = gradual_mask_24(weight_2d(self._layers[name]),
+                                                        self._masks[name].view(w.shape[0], -1), fraction).view_as(w)
+                if self._step >= self._ramp_steps:
+                    self.phase = "sparse"
+                    self._history.append({"phase": "sparse", "optimizer_step": self._step})
+            for name in names:
+                self._layers[name].weight.mul_(self._masks[name])
+
+    def _remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles, self._owned = [], {}
+
+    @override
+    def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = _scalar_metrics(trainer)
+        if self.phase == "dense":
+            self._metrics_before = metrics
+        else:
+            self._metrics_after = metrics
+            if self.method == "sr_ste":
+                self._history.append({"event": "validation", "epoch": trainer.current_epoch,
+                                      "mask_changes": self._mask_changes})
+                self._mask_changes = 0
+
+    @override
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.phase == "dense":
+            rank_zero_warn(f"SemiStructuredSparsity: fit ended dense; pruning never started "
+                           f"(start_epoch={self.start_epoch}, max_epochs={trainer.max_epochs})")
+            return
+        if self.phase == "pruning":
+            rank_zero_warn(f"SemiStructuredSparsity: fit ended mid-ramp ({self._step}/{self._ramp_steps} steps); "
+                           f"some groups are still dense")
+        bad = [n for n in self._names if self.phase == "sparse" and not is_mask_24(weight_2d(self._layers[n]) != 0)]
+        if bad:
+            raise RuntimeError(f"SemiStructuredSparsity: layers {bad} are not 2:4 at the end of fit; was a weight "
+                               f"modified outside the optimizer step?")
+        if self.monitor is not None and self.monitor in self._metrics_after:
+            rank_zero_info(f"SemiStructuredSparsity: {self.monitor} {self._metrics_before.get(self.monitor)} (dense) -> "
+                           f"{self._metrics_after[self.monitor]} (2:4)")
+
+    # ===================================================================== state / resume ===
+    @override
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "version": _STATE_VERSION,
+            "method": self.method,
+            "phase": self.phase,
+            "names": list(self._names),
+            "skipped": dict(self._skipped),
+            "step": self._step,
+            "ramp_steps": self._ramp_steps,
+            "masks": {n: m.detach().cpu().clone() for n, m in self._masks.items()},
+            "dense": {n: d.detach().cpu().clone() for n, d in self._dense.items()},
+            "mask_changes": self._mask_changes,
+            "history": copy.deepcopy(self._history),
+            "metrics_before": dict(self._metrics_before),
+            "metrics_after": dict(self._metrics_after),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        if state_dict.get("version") != _STATE_VERSION:
+            raise ValueError(f"SemiStructuredSparsity checkpoint state version {state_dict.get('version')!r}; "
+                             f"expected {_STATE_VERSION}")
+        if state_dict["method"] != self.method:
+            raise ValueError(f"checkpoint was written by SemiStructuredSparsity(method={state_dict['method']!r}); "
+                             f"this callback has method={self.method!r}")
+        _check_choice("checkpoint phase", state_dict["phase"], PHASES)
+        self.phase = state_dict["phase"]
+        self._names = list(state_dict["names"])
+        self._skipped = dict(state_dict["skipped"])
+        self._step = state_dict["step"]
+        self._ramp_steps = state_dict["ramp_steps"]
+        self._mask_changes = state_dict["mask_changes"]
+        self._history = copy.deepcopy(state_dict["history"])
+        self._metrics_before = dict(state_dict["metrics_before"])
+        self._metrics_after = dict(state_dict["metrics_after"])
+        self._pending = {"masks": state_dict["masks"], "dense": state_dict["dense"]}
+
+    def _restore(self, saved: Dict[str, Any]) -> None:
+        if self.phase == "dense":
+            return
+        with torch.no_grad():
+            for name in self._names:
+                w = self._layers[name].weight
+                if name not in saved["masks"]:
+                    raise ValueError(f"checkpoint has no 2:4 mask for layer {name!r}")
+                mask = saved["masks"][name].to(device=w.device, dtype=torch.bool)
+                if mask.shape != w.shape:
+                    raise ValueError(f"checkpoint mask for {name!r} has shape {tuple(mask.shape)}; weight is {tuple(w.shape)}")
+                self._masks[name] = mask
+                if self.method == "sr_ste":
+                    self._dense[name] = saved["dense"][name].to(device=w.device, dtype=w.dtype).clone()
+                w.mul_(mask)
+
+    # ================================================================== phase transitions ===
+    def _start(self, trainer: "pl.Trainer") -> None:
+        self._metrics_before = self._metrics_before or _scalar_metrics(trainer)
+        self._step = 0
+        with torch.no_grad():
+            if self.method == "magnitude" and self.ramp_epochs:
+                per_epoch = math.ceil(trainer.num_training_batches / max(1, trainer.accumulate_grad_batches))
+                self._ramp_steps = max(1, self.ramp_epochs * per_epoch)
+                self._masks = {n: torch.ones_like(self._layers[n].weight, dtype=torch.bool) for n in self._names}
+                self._mark("pruning", trainer)
+                return
+            masks = {n: magnitude_mask_24(weight_2d(self._layers[n])).cpu() for n in self._names}
+            # ranks hold identical weights under DDP, but the masks are the contract: take rank 0's
+            masks = trainer.strategy.broadcast(masks, src=0)
+            for n in self._names:
+                w = self._layers[n].weight
+                self._masks[n] = masks[n].to(w.device).view_as(w)
+                if self.method == "sr_ste":
+                    self._dense[n] = w.detach().clone()
+                w.mul_(self._masks[n])
+        self._mark("sparse", trainer)
+
+    def _mark(self, phase: str, trainer: "pl.Trainer") -> None:
+        self.phase = phase
+        self._history.append({"phase": phase, "epoch": trainer.current_epoch, "step": trainer.global_step})
+
+    # ============================================================================== report ===
+    @property
+    def masks(self) -> Dict[str, Tensor]:
+        """``{layer: bool mask shaped like its weight}`` (``True`` = kept); empty while dense."""
+        return dict(self._masks)
+
+    @property
+    def report(self) -> Dict[str, Any]:
+        """Per-layer sparsity (zeros in the weight; ``verified_24`` checks the weight itself), skipped
+        layers with reasons, logged metrics before pruning and at the last validation."""
+        layers = {}
+        for name in self._names:
+            m = self._layers.get(name)
+            if m is None:
+                continue
+            w2d = weight_2d(m).detach()
+            layers[name] = {"shape": list(w2d.shape), "sparsity": mask_sparsity(w2d), "verified_24": is_mask_24(w2d != 0)}
+        out: Dict[str, Any] = {
+            "method": self.method, "phase": self.phase, "start_epoch": self.start_epoch, "ramp_epochs": self.ramp_epochs,
+            "layers": layers, "skipped": dict(self._skipped), "history": copy.deepcopy(self._history),
+            "metrics_before": dict(self._metrics_before), "metrics_after": dict(self._metrics_after),
+        }
+        if self.monitor is not None:
+            out["monitor"] = self.monitor
+            out["before"] = self._metrics_before.get(self.monitor)
+            out["after"] = self._metrics_after.get(self.monitor)
+        return out

@@ -1,0 +1,119 @@
+"""2:4 masks: which layers can be pruned, which weights each keeps, and how they are enforced.
+
+2:4 is taken along the input dimension K: in every contiguous group of 4 weights of a row of the
+``[N, K]`` weight, at most 2 are non-zero (DESIGN.md). A Linear's weight is ``[N, K]`` as stored;
+a Conv's is read through its im2col view ``[C_out, C_in/groups * kh * kw]`` (the GEMM a conv
+lowers to), so its groups of 4 run along ``kw``, then ``kh``, then ``C_in``.
+
+Masks are ``bool`` tensors shaped like the weight (``True`` = kept). Pure functions: no Lightning.
+"""
+from __future__ import annotations
+
+import fnmatch
+from typing import Dict, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "PRUNABLE_TYPES", "find_prunable", "weight_2d", "magnitude_mask_24", "gradual_mask_24", "is_mask_24",
+    "mask_sparsity", "cubic_fraction", "sr_ste_decay_",
+]
+
+PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def weight_2d(module: nn.Module) -> Tensor:
+    """The layer's weight as the ``[N, K]`` GEMM operand (a view: writes go to the weight)."""
+    w = module.weight
+    return w.view(w.shape[0], -1)
+
+
+def find_prunable(model: nn.Module, skip: Sequence[str] = ()) -> Tuple[Dict[str, nn.Module], Dict[str, str]]:
+    """``(layers to prune, {name: reason} for every Linear/Conv left dense)``.
+
+    Embedding tables are never pruned (a row-wise table has no K dimension to make 2:4); a layer
+    whose K (input dimension, im2col for convs) is not a multiple of 4 is skipped with its reason,
+    as is any name matching an ``fnmatch`` pattern in ``skip``.
+    """
+    layers, skipped = {}, {}
+    for name, m in model.named_modules():
+        if not isinstance(m, PRUNABLE_TYPES) or not name:
+            continue
+        pattern = next((p for p in skip if fnmatch.fnmatchcase(name, p)), None)
+        if pattern is not None:
+            skipped[name] = f"matches skip pattern {pattern!r}"
+            continue
+        k = m.weight[0].numel()
+        if k % 4:
+            what = "in_features" if isinstance(m, nn.Linear) else "C_in/groups * kernel size (im2col K)"
+            skipped[name] = f"input dimension K={k} ({what}) is not a multiple of 4"
+            continue
+        layers[name] = m
+    return layers, skipped
+
+
+def _groups(w2d: Tensor) -> Tensor:
+    n, k = w2d.shape
+    return w2d.reshape(n, k // 4, 4)
+
+
+def magnitude_mask_24(w2d: Tensor) -> Tensor:
+    """Keep the 2 largest ``|w|`` of every group of 4 along K (ties: the lower position)."""
+    n, k = w2d.shape
+    order = _groups(w2d.detach().abs()).sort(dim=-1, descending=True, stable=True).indices
+    mask = torch.zeros(n, k // 4, 4, dtype=torch.bool, device=w2d.device)
+    mask.scatter_(-1, order[..., :2], True)
+    return mask.reshape(n, k)
+
+
+def gradual_mask_24(w2d: Tensor, current: Tensor, fraction: float) -> Tensor:
+    """Prune further groups to 2:4 until ``fraction`` of this layer's groups are pruned.
+
+    Groups already pruned in ``current`` keep their mask (pruning is monotone); the next groups are
+    those whose two smallest ``|w|`` sum to the least (the least weight magnitude removed).
+    """
+    n, k = w2d.shape
+    cur = _groups(current)
+    pruned = ~cur.all(-1)  # [N, K/4]
+    total = pruned.numel()
+    target = min(total, int(round(fraction * total)))
+    need = target - int(pruned.sum())
+    if need <= 0:
+        return current.clone()
+    a = _groups(w2d.detach().abs())
+    cost = a.sort(dim=-1).values[..., :2].sum(-1)  # magnitude a group loses when pruned
+    cost = cost.masked_fill(pruned, float("inf")).reshape(-1)
+    chosen = cost.topk(need, largest=False, sorted=False).indices
+    new = cur.clone().reshape(-1, 4)
+    new[chosen] = magnitude_mask_24(w2d.detach().reshape(-1, 4)[chosen].reshape(-1, 4)).reshape(-1, 4)
+    return new.reshape(n, k)
+
+
+def is_mask_24(mask: Tensor) -> bool:
+    """True when every group of 4 along K keeps at most 2 entries."""
+    m = mask.reshape(mask.shape[0], -1)
+    return m.shape[1] % 4 == 0 and bool((_groups(m).sum(-1) <= 2).all())
+
+
+def mask_sparsity(w2d: Tensor) -> float:
+    """Fraction of exact zeros in the weight."""
+    return float((w2d == 0).sum()) / max(1, w2d.numel())
+
+
+def cubic_fraction(step: int, total_steps: int) -> float:
+    """Zhu & Gupta (2017) gradual schedule: ``1 - (1 - t/T)^3``; fast early, gentle at the end."""
+    if total_steps <= 0:
+        return 1.0
+    t = min(max(step, 0), total_steps) / total_steps
+    return 1.0 - (1.0 - t) ** 3
+
+
+def sr_ste_decay_(grad: Tensor, dense: Tensor, mask: Tensor, lam: float) -> Tensor:
+    """SR-STE (Zhou et al. 2021, eq. 5): ``g += lam * (~mask) * w`` on the dense weights, in place.
+
+    The gradient was computed through the masked weight and is applied to the dense one (the
+    straight-through part); the extra term decays exactly the weights the mask currently drops,
+    so masks stop flipping between nearly equal weights as training proceeds.
+    """
+    return grad.add_(dense.masked_fill(mask, 0), alpha=lam)

@@ -1,0 +1,247 @@
+import copy
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from torch import nn
+
+from hwaware.callbacks import ProgressiveQuantization, SemiStructuredSparsity
+from hwaware.quant import quant_states
+from hwaware.sparsity import is_mask_24, magnitude_mask_24
+from tests.callbacks.test_progressive_quantization import _assert_state_equal
+from tests.helpers import TinyCTR, loaders, make_trainer
+
+LAYERS = ("mlp.0", "mlp.2")
+
+
+def _adam(model, lr=1e-2):
+    model.configure_optimizers = lambda: torch.optim.Adam(model.parameters(), lr=lr)
+    return model
+
+
+def _fit(tmp_path, callbacks, model=None, max_epochs=3, **kwargs):
+    pl.seed_everything(0, verbose=False)
+    model = model or _adam(TinyCTR())
+    trainer = make_trainer(tmp_path, callbacks, max_epochs=max_epochs, **kwargs)
+    train, val = loaders()
+    trainer.fit(model, train, val)
+    return trainer, model
+
+
+def _w(model, name):
+    return model.get_submodule(name).weight.detach()
+
+
+class Probe(Callback):
+    """Records the pruned layers' weights at the start of every training batch (what the forward sees)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append((trainer.current_epoch, {n: _w(pl_module, n).clone() for n in LAYERS}))
+
+
+def test_one_shot_magnitude_prunes_at_start_epoch_and_holds_masks(tmp_path):
+    before, sp = Probe(), SemiStructuredSparsity(start_epoch=1, monitor="val_loss")
+    after = Probe()
+    _, model = _fit(tmp_path, [before, sp, after])
+    # masks = the 2 largest |w| per group of 4 of the dense weights at the first batch of epoch 1
+    first = next(i for i, (e, _) in enumerate(before.seen) if e == 1)
+    for n in LAYERS:
+        assert torch.equal(sp.masks[n], magnitude_mask_24(before.seen[first][1][n]))
+    # every forward from then on sees 2:4 weights with exactly those zeros (Adam's momentum never refills them)
+    for epoch, ws in after.seen:
+        for n in LAYERS:
+            if epoch >= 1:
+                assert torch.equal(ws[n] != 0, sp.masks[n]), (epoch, n)
+            else:
+                assert bool((ws[n] != 0).all())
+    rep = sp.report
+    assert rep["phase"] == "sparse" and set(rep["layers"]) == set(LAYERS)
+    for n in LAYERS:
+        assert rep["layers"][n]["verified_24"] and rep["layers"][n]["sparsity"] == 0.5
+        assert torch.equal(_w(model, n) != 0, sp.masks[n])
+    assert rep["before"] is not None and rep["after"] is not None and rep["before"] != rep["after"]
+    assert rep["skipped"] == {}
+
+
+def test_gradual_ramp_is_monotone_and_ends_2_4(tmp_path):
+    sp = SemiStructuredSparsity(start_epoch=1, ramp_epochs=2)
+    probe = Probe()
+    _fit(tmp_path, [sp, probe], max_epochs=4)  # 8 batches/epoch: a 16-step ramp over epochs 1-2
+    fractions, prev = [], None
+    for epoch, ws in probe.seen:
+        w = ws["mlp.0"]
+        pruned = ((w != 0).reshape(w.shape[0], -1, 4).sum(-1) <= 2)
+        fractions.append(float(pruned.float().mean()))
+        if prev is not None:
+            assert bool((pruned | ~prev).all())  # a pruned group never grows back
+        prev = pruned
+    assert fractions[:9] == [0.0] * 9  # epoch 0 dense; the first batch of epoch 1 too (ramp fraction 0)
+    ramp = fractions[8:25]
+    assert all(b >= a for a, b in zip(ramp, ramp[1:])) and 0 < ramp[1] < ramp[8] < 1
+    assert fractions[24:] == [1.0] * 8  # epoch 3: every group 2:4
+    assert sp.phase == "sparse" and [h["phase"] for h in sp.report["history"]] == ["pruning", "sparse"]
+
+
+def test_sr_ste_step_matches_the_update_rule(tmp_path):
+    """One SGD step: dense' = dense - lr * (grad through the masked weights + lambda * pruned dense)."""
+    lr, lam = 0.05, 0.1
+    sp = SemiStructuredSparsity(method="sr_ste", start_epoch=0, sr_ste_lambda=lam)
+    snap = {}
+
+    class Capture(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 2:
+                snap["model"] = copy.deepcopy(pl_module.state_dict())
+                snap["dense"] = {n: d.clone() for n, d in sp._dense.items()}
+                snap["masks"] = sp.masks
+                snap["batch"] = batch
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 2:
+                snap["dense_after"] = {n: d.clone() for n, d in sp._dense.items()}
+                snap["model_after"] = copy.deepcopy(pl_module.state_dict())
+
+    _fit(tmp_path, [sp, Capture()], model=TinyCTR(lr=lr), max_epochs=1, limit_train_batches=3)
+    ref = TinyCTR(lr=lr)
+    ref.load_state_dict(snap["model"])
+    for n in LAYERS:  # the forward ran on the masked weights
+        assert torch.equal(_w(ref, n), snap["dense"][n] * snap["masks"][n])
+    loss = ref._loss(snap["batch"])
+    loss.backward()
+    for n in LAYERS:
+        g = ref.get_submodule(n).weight.grad
+        d, m = snap["dense"][n], snap["masks"][n]
+        expected = d - lr * (g + lam * d * ~m)
+        torch.testing.assert_close(snap["dense_after"][n], expected, rtol=0, atol=1e-7)
+        new_mask = magnitude_mask_24(expected)
+        torch.testing.assert_close(snap["model_after"][f"{n}.weight"], expected * new_mask, rtol=0, atol=1e-7)
+    # the embedding is not pruned: plain SGD
+    torch.testing.assert_close(snap["model_after"]["emb.weight"], snap["model"]["emb.weight"] - lr * ref.emb.weight.grad,
+                               rtol=0, atol=1e-7)
+
+
+def test_sr_ste_keeps_dense_weights_and_masks_move(tmp_path):
+    sp = SemiStructuredSparsity(method="sr_ste", start_epoch=1, sr_ste_lambda=2e-4)
+    _, model = _fit(tmp_path, [sp])
+    changes = [h["mask_changes"] for h in sp.report["history"] if h.get("event") == "validation"]
+    assert len(changes) == 2 and changes[0] > 0
+    for n in LAYERS:
+        w, d, m = _w(model, n), sp._dense[n], sp.masks[n]
+        assert torch.equal(w, d * m) and is_mask_24(m) and bool((d[~m] != 0).any())
+        assert torch.equal(m, magnitude_mask_24(d))
+
+
+@pytest.mark.parametrize("quant_first", [False, True])
+def test_composes_with_progressive_quantization_in_either_order(tmp_path, quant_first):
+    def run(path, quant_first):
+        sp = SemiStructuredSparsity(method="sr_ste", start_epoch=1)
+        q = ProgressiveQuantization(start_epoch=1, calibration_batches=2)  # same epoch: the hard case
+        _, model = _fit(path, [q, sp] if quant_first else [sp, q], max_epochs=3)
+        return sp, q, model
+
+    sp, q, model = run(tmp_path / "a", quant_first)
+    assert q.phase == "done" and sp.phase == "sparse"
+    states = quant_states(model)
+    for n in LAYERS:
+        w = _w(model, n)
+        assert is_mask_24(w != 0)
+        fq = states[n].weight(w)  # the weight the quantized forward uses
+        assert torch.equal(fq != 0, w != 0)  # quantization never refills a pruned position
+    # QAT started from the 2:4 model: its FP32 reference is already sparse
+    for n in LAYERS:
+        assert is_mask_24(q.fp32_reference[f"{n}.weight"] != 0)
+    sp2, q2, model2 = run(tmp_path / "b", not quant_first)
+    _assert_state_equal(model.state_dict(), model2.state_dict())
+    _assert_state_equal(sp.state_dict(), sp2.state_dict())
+
+
+def _ckpt_run(tmp_path, ckpt_path=None, **cb_kwargs):
+    pl.seed_everything(0, verbose=False)
+    sp = SemiStructuredSparsity(**cb_kwargs)
+    mc = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    model = _adam(TinyCTR())
+    trainer = make_trainer(tmp_path, [sp, mc], max_epochs=4, enable_checkpointing=True)
+    train, val = loaders()
+    trainer.fit(model, train, val, ckpt_path=ckpt_path)
+    return model, sp
+
+
+@pytest.mark.parametrize("kwargs", [dict(method="magnitude", start_epoch=1, ramp_epochs=2),
+                                    dict(method="sr_ste", start_epoch=1)], ids=["ramp", "sr_ste"])
+def test_resume_mid_schedule_restores_masks_exactly(tmp_path, kwargs):
+    model_a, sp_a = _ckpt_run(tmp_path / "a", **kwargs)
+    ckpt = str(tmp_path / "a" / "ckpt" / "epoch=1.ckpt")  # mid-ramp / mid-SR-STE
+    saved = torch.load(ckpt, weights_only=True)
+    state = next(v for k, v in saved["callbacks"].items() if "SemiStructuredSparsity" in k)
+    assert state["phase"] == ("pruning" if "ramp_epochs" in kwargs else "sparse") and state["masks"]
+    assert set(saved["state_dict"]) == set(TinyCTR().state_dict())  # plain keys
+    model_b, sp_b = _ckpt_run(tmp_path / "b", ckpt_path=ckpt, **kwargs)
+    _assert_state_equal(sp_a.state_dict(), sp_b.state_dict())
+    _assert_state_equal(model_a.state_dict(), model_b.state_dict())
+    assert sp_a.report == sp_b.report
+
+
+def test_checkpoint_from_another_method_is_refused():
+    state = SemiStructuredSparsity(method="sr_ste").state_dict()
+    with pytest.raises(ValueError, match=r"method='sr_ste'.*method='magnitude'"):
+        SemiStructuredSparsity(method="magnitude").load_state_dict(state)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(method="random"), r"method='random'.*\('magnitude', 'sr_ste'\)"),
+    (dict(start_epoch=-1), r"start_epoch=-1"),
+    (dict(ramp_epochs=-2), r"ramp_epochs=-2"),
+    (dict(method="sr_ste", ramp_epochs=2), r"ramp_epochs=2 is invalid with method='sr_ste'"),
+    (dict(sr_ste_lambda=float("nan")), r"sr_ste_lambda=nan"),
+    (dict(sr_ste_lambda=-1.0), r"sr_ste_lambda=-1.0"),
+    (dict(skip="mlp.0"), r"skip='mlp.0'.*list"),
+    (dict(start_epoch=1.5), r"start_epoch=1.5"),
+])
+def test_semi_structured_sparsity_misconfiguration(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SemiStructuredSparsity(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(start_epoch=3), r"start_epoch=3.*max_epochs=3.*start_epoch < max_epochs"),
+    (dict(start_epoch=2, ramp_epochs=2), r"start_epoch \+ ramp_epochs = 4 <= max_epochs"),
+])
+def test_schedule_beyond_max_epochs(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _fit(tmp_path, [SemiStructuredSparsity(**kwargs)])
+
+
+class OddCTR(TinyCTR):
+    """Hidden width 30: the output layer's K=30 is not a multiple of 4."""
+
+    def __init__(self):
+        super().__init__(hidden=30)
+
+
+def test_layer_with_k_not_multiple_of_4_is_skipped_with_reason(tmp_path):
+    sp = SemiStructuredSparsity(start_epoch=1)
+    _, model = _fit(tmp_path, [sp], model=_adam(OddCTR()), max_epochs=2)
+    assert set(sp.report["layers"]) == {"mlp.0"}
+    assert "K=30" in sp.report["skipped"]["mlp.2"]
+    assert bool((_w(model, "mlp.2") != 0).all())
+
+
+def test_model_without_prunable_layer(tmp_path):
+    with pytest.raises(ValueError, match=r"no layer to prune 2:4.*skip=\['mlp\.\*'\]"):
+        _fit(tmp_path, [SemiStructuredSparsity(start_epoch=1, skip=["mlp.*"])])
+
+
+def test_gradient_accumulation_enforces_masks_at_every_step(tmp_path):
+    sp = SemiStructuredSparsity(method="sr_ste", start_epoch=1)
+    probe = Probe()
+    _, model = _fit(tmp_path, [sp, probe], accumulate_grad_batches=2)
+    for epoch, ws in probe.seen:
+        if epoch >= 1:
+            assert all(is_mask_24(ws[n] != 0) for n in LAYERS)
+    for n in LAYERS:
+        assert torch.equal(_w(model, n), sp._dense[n] * sp.masks[n])
