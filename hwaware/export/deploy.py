@@ -14,7 +14,7 @@ import hwaware.ops  # noqa: F401  (registers torch.ops.hwaware.*)
 from hwaware.ops import packing
 from hwaware.quant.attach import QuantState
 
-__all__ = ["Int8Linear", "Int4Linear", "RowwiseEmbeddingBag", "RowwiseEmbedding", "DEPLOY_TYPES"]
+__all__ = ["Int8Linear", "Int4Linear", "Sparse24Linear", "RowwiseEmbeddingBag", "RowwiseEmbedding", "DEPLOY_TYPES"]
 
 _MODES = {"sum": 0, "mean": 1, "max": 2}
 
@@ -96,6 +96,65 @@ class Int4Linear(nn.Module):
                 "bytes": _bytes(self.packed, self.scales, self.zeros, self.bias), "dense_bytes": 4 * self.out_features * (self.in_features + 1)}
 
 
+class Sparse24Linear(nn.Module):
+    """2:4 linear on the compressed form (``values [N, K/2]`` + 2-bit position ``meta``): float values
+    (the layer's FP32 weights) or int8 values with per-channel ``w_scale`` (W8A8, as :class:`Int8Linear`).
+
+    ``kernels`` maps a device type to the ``hwaware::sparse24_linear`` implementation the export
+    measured fastest for this layer's shape among those that keep its math (manifest ``selection``).
+    """
+
+    def __init__(self, values: Tensor, meta: Tensor, w_scale: Optional[Tensor], bias: Optional[Tensor],
+                 kernels: Optional[Dict[str, str]] = None) -> None:
+        super().__init__()
+        self.register_buffer("values", values)  # float32 or int8 [N, K/2]
+        # uint8 [N, ceil(K/8)]; not named "meta": torch.export's GraphModule has a .meta attribute
+        self.register_buffer("metadata", meta)
+        self.register_buffer("w_scale", w_scale)  # float32 [N] for int8 values, else None
+        self.register_buffer("bias", bias)
+        self.out_features, self.in_features = values.shape[0], 2 * values.shape[1]
+        self.kernels: Dict[str, str] = dict(kernels or {"cpu": "dense"})
+
+    @property
+    def scheme(self) -> str:
+        return "sparse24_int8" if self.values.dtype == torch.int8 else "sparse24"
+
+    @classmethod
+    def from_linear(cls, m: nn.Linear, st: Optional[QuantState] = None) -> "Sparse24Linear":
+        """Compress a 2:4 Linear: FP32 values, or (with an int8 per-channel ``st``) the int8 codes
+        QAT trained against. Raises ``ValueError`` when the weight is not 2:4."""
+        w = m.weight.detach().float()
+        bias = None if m.bias is None else m.bias.detach().float().clone()
+        if st is None:
+            values, meta = packing.compress_24(w)
+            return cls(values, meta, None, bias)
+        scale = st.weight.current_scale() if st.weight.has_qparams else None
+        q, s = packing.quantize_int8_weight(w, scale=scale)
+        values, meta = packing.compress_24(q)  # 0 quantizes to 0: the int8 codes keep the 2:4 pattern
+        return cls(values, meta, s, bias)
+
+    @classmethod
+    def empty(cls, meta: Dict[str, Any]) -> "Sparse24Linear":
+        n, k = meta["shape"]
+        int8 = meta["scheme"] == "sparse24_int8"
+        return cls(torch.empty(n, k // 2, dtype=torch.int8 if int8 else torch.float32),
+                   torch.empty(n, (k // 4 + 1) // 2, dtype=torch.uint8), torch.empty(n) if int8 else None,
+                   torch.empty(n) if meta.get("bias") else None, meta.get("kernels"))
+
+    def verify(self) -> None:
+        """Raise ``ValueError`` unless ``meta`` obeys the 2:4 rule (two distinct positions per group)."""
+        packing.check_24_meta(self.metadata, self.in_features, name="metadata")
+
+    def forward(self, x: Tensor) -> Tensor:
+        kernel = self.kernels.get(x.device.type, "dense")
+        return torch.ops.hwaware.sparse24_linear(x, self.values, self.metadata, self.w_scale, self.bias, kernel)
+
+    def describe(self) -> Dict[str, Any]:
+        return {"scheme": self.scheme, "shape": [self.out_features, self.in_features], "bias": self.bias is not None,
+                "kernels": dict(self.kernels), "bytes": _bytes(self.values, self.metadata, self.w_scale, self.bias),
+                "dense_bytes": 4 * self.out_features * (self.in_features + 1)}
+
+
 class RowwiseEmbeddingBag(nn.Module):
     """Row-wise int8/int4 embedding bag in the FBGEMM fused layout (codes + scale + offset per row)."""
 
@@ -158,4 +217,4 @@ class RowwiseEmbedding(RowwiseEmbeddingBag):
         return out.reshape(*input.shape, self.dim)
 
 
-DEPLOY_TYPES = {c.__name__: c for c in (Int8Linear, Int4Linear, RowwiseEmbeddingBag, RowwiseEmbedding)}
+DEPLOY_TYPES = {c.__name__: c for c in (Int8Linear, Int4Linear, Sparse24Linear, RowwiseEmbeddingBag, RowwiseEmbedding)}

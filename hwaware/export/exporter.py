@@ -20,7 +20,10 @@ import torch
 from torch import Tensor, nn
 
 from hwaware.export.artifact import ArtifactError, read_tensors, verify_artifact, write_artifact
-from hwaware.export.deploy import DEPLOY_TYPES, Int4Linear, Int8Linear, RowwiseEmbedding, RowwiseEmbeddingBag
+from hwaware.export.deploy import DEPLOY_TYPES, Int4Linear, Int8Linear, RowwiseEmbedding, RowwiseEmbeddingBag, Sparse24Linear
+from hwaware.export.selection import capture_rows, select_sparse24_kernels
+from hwaware.ops import SPARSE24_KERNELS
+from hwaware.ops.packing import is_24
 from hwaware.quant.attach import QuantState, attach_quantization, detach_quantization, find_quantizable, fp32_reference, quant_states
 from hwaware.quant.spec import QuantSpec
 
@@ -32,6 +35,8 @@ CPU_KERNELS = {
     "int4": "hwaware::int4_linear [cpu: weight dequantized once to fp32; no fast int4 kernel on AVX2]",
     "rowwise_int8": "hwaware::embedding_bag_rowwise [cpu: fbgemm embedding_bag_byte_rowwise_offsets]",
     "rowwise_int4": "hwaware::embedding_bag_rowwise [cpu: fbgemm embedding_bag_4bit_rowwise_offsets]",
+    "sparse24": "hwaware::sparse24_linear [cpu: measured choice, see selection]",
+    "sparse24_int8": "hwaware::sparse24_linear [cpu: measured choice, see selection]",
 }
 _BUFFER_PREFIX = "__nonpersistent__."
 _PTQ_WEIGHT = QuantSpec(bits=8, granularity="per_channel")
@@ -96,13 +101,15 @@ def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent._modules[child] = new
 
 
-def _deploy_module(name: str, module: nn.Module, st: QuantState) -> Tuple[Optional[nn.Module], Optional[str]]:
+def _deploy_module(name: str, module: nn.Module, st: QuantState, sparse24: bool) -> Tuple[Optional[nn.Module], Optional[str]]:
     """(deploy module, None) or (None, why the layer stays dense)."""
     if not st.enabled:
         return None, "kept in FP32 by KL fallback"
     spec = st.weight.spec
     if st.kind == "linear":
         if spec.bits == 8 and spec.granularity == "per_channel" and spec.symmetric:
+            if sparse24 and is_24(module.weight.detach()):
+                return Sparse24Linear.from_linear(module, st), None
             return Int8Linear.from_quantized(module, st), None
         if spec.bits == 4 and spec.granularity == "per_group":
             return Int4Linear.from_quantized(module, st), None
@@ -118,22 +125,39 @@ def _deploy_module(name: str, module: nn.Module, st: QuantState) -> Tuple[Option
     return None, f"no deploy op for {spec.short()} {st.kind}"
 
 
-def _build_deploy(model: nn.Module, states: Dict[str, QuantState]) -> Tuple[nn.Module, Dict[str, Dict[str, Any]], Dict[str, str]]:
+def _build_deploy(model: nn.Module, states: Dict[str, QuantState], sparse24: bool = True
+                  ) -> Tuple[nn.Module, Dict[str, Dict[str, Any]], Dict[str, str]]:
     deploy = _copy_model(model)
     modules = dict(model.named_modules())
     layers, dense = {}, {}
-    for name, st in states.items():
-        new, reason = _deploy_module(name, modules[name], st)
-        if new is None:
-            dense[name] = reason
-            continue
+
+    def add(name: str, new: nn.Module, st: Optional[QuantState], note: Optional[str] = None) -> None:
         _set_module(deploy, name, new)
         meta = new.describe()
         meta["module"] = type(new).__name__
         meta["kernel"] = {"cpu": CPU_KERNELS[meta["scheme"]]}
-        if st.kind == "linear" and st.activation is not None:
+        if st is not None and st.kind == "linear" and st.activation is not None:
             meta["activation"] = st.activation.spec.short()
+        if note:
+            meta["note"] = note
         layers[name] = meta
+
+    for name, st in states.items():
+        new, reason = _deploy_module(name, modules[name], st, sparse24)
+        if new is None:
+            dense[name] = reason
+            continue
+        add(name, new, st)
+    # 2:4 Linear layers left in FP32 (not quantized, skipped, KL fallback) still pack compressed:
+    # the FP32 values are exact, so this is lossless and halves their bytes
+    if sparse24:
+        for name, m in modules.items():
+            if name in layers or not isinstance(m, nn.Linear) or not is_24(m.weight.detach()):
+                continue
+            add(name, Sparse24Linear.from_linear(m), None, note=dense.pop(name, None))
+        for name, m in modules.items():
+            if isinstance(m, (nn.Conv1d, nn.Conv2d)) and name not in layers and is_24(m.weight.detach().reshape(m.weight.shape[0], -1)):
+                dense[name] = (dense[name] + "; " if name in dense else "") + "2:4 conv: no hwaware conv op, stored and run dense"
     detach_quantization(deploy)  # dense leftovers compute exactly as their FP32 originals
     deploy.eval()
     return deploy, layers, dense
@@ -253,6 +277,7 @@ def export(
     device: str = "cpu",
     output_fn: Optional[Callable[[nn.Module, Any], Tuple[Tensor, Tensor]]] = None,
     embedding_bits: int = 8,
+    sparse24: bool = True,
 ) -> Artifact:
     """Pack every quantized layer, gate on ``metric`` through the deploy ops, write the artifact.
 
@@ -273,6 +298,11 @@ def export(
         output_fn: ``fn(model, batch) -> (preds, target)``; default: ``predict_step`` and the
             batch's ``label``/``target``/last element.
         embedding_bits: 8 or 4, for tables of a model quantized post-training.
+        sparse24: pack every 2:4 Linear (e.g. pruned by :class:`SemiStructuredSparsity`) in the
+            compressed form, with int8 values when it is int8-quantized; for each, the available
+            kernels are timed on the layer's shape (rows from the first validation batch or
+            ``example_inputs``) and the fastest that keeps its math is used; the manifest's
+            ``selection`` records every measurement and the choice.
 
     Raises:
         ValueError: bad arguments, a model with nothing to quantize, a metric that does not match
@@ -301,12 +331,27 @@ def export(
             raise ValueError(f"{type(model).__name__} has no quantized or quantizable layer to export (skipped: {skipped or 'none found'})")
         states = attach_quantization(model, plan)
     try:
-        deploy, layers, dense = _build_deploy(model, states)
+        deploy, layers, dense = _build_deploy(model, states, sparse24=bool(sparse24))
     finally:
         if ptq:
             detach_quantization(model)
     if not layers:
         raise ValueError(f"nothing to pack: every quantized layer stays dense ({dense})")
+
+    selection: Dict[str, Dict[str, Any]] = {}
+    if any(isinstance(m, Sparse24Linear) for m in deploy.modules()):
+        if example_inputs is not None:
+            rows = capture_rows(deploy, lambda: deploy(*example_inputs))
+        elif val_dataloader is not None:
+            first = next(iter(val_dataloader))
+            rows = capture_rows(deploy, lambda: (output_fn or _default_output)(deploy, first))
+        else:
+            rows = {}
+        selection = select_sparse24_kernels(deploy, rows, device="cpu")
+        for name, rec in selection.items():
+            layers[name]["kernels"] = dict(deploy.get_submodule(name).kernels)
+            layers[name]["kernel"] = {"cpu": f"hwaware::sparse24_linear [cpu: {rec['op_kernel']}; chosen {rec['chosen']}]"}
+            layers[name]["selection"] = {"cpu": rec}
 
     report = None
     if val_dataloader is not None:
@@ -399,6 +444,16 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
         if leaf not in owner._buffers:
             raise ArtifactError(f"{path}/weights.safetensors: buffer {name!r} is not in the model")
         owner._buffers[leaf] = buf
+    for name, m in model.named_modules():
+        if isinstance(m, Sparse24Linear):
+            try:
+                m.verify()
+            except ValueError as e:
+                raise ArtifactError(f"{path}/weights.safetensors: layer {name!r}: {e}") from None
+            kernel = m.kernels.get("cpu", "dense")
+            if kernel not in SPARSE24_KERNELS["cpu"]:
+                raise ArtifactError(f"{path}/manifest.json: layer {name!r} names CPU kernel {kernel!r}; "
+                                    f"expected one of {SPARSE24_KERNELS['cpu']}")
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t is not None and t.is_meta]
     if missing:
         raise ArtifactError(f"{path}: the model holds tensors the artifact does not restore: {missing[:5]}")

@@ -19,9 +19,9 @@ Ops (shapes; ``...`` = any leading dims):
   values: ``x @ W^T``; int8 values (with ``w_scale``): the W8A8 math of ``int8_linear``. ``kernel``
   names the implementation the export measured and chose (:data:`SPARSE24_KERNELS`).
 
-The CUDA kernels (Triton, ``kernels/``) are registered with ``<op>.register_kernel("cuda")`` in the
-marked place at the bottom of this file; until then a CUDA tensor raises ``NotImplementedError``
-from the dispatcher.
+The CUDA kernels (Triton, ``kernels/``, installed as ``hwaware.kernels``) are registered with
+``<op>.register_kernel("cuda")`` by :mod:`hwaware.ops._cuda`, imported at the bottom of this file;
+triton itself is imported on the first CUDA call, so this module imports without it.
 """
 from __future__ import annotations
 
@@ -334,7 +334,7 @@ def _(weight, bits, dim, indices, offsets, mode, per_sample_weights, include_las
 #            int8_linear path (int8 values) -- same math as the layer, at dense speed.
 #   "csr":   torch.sparse CSR matmul over the non-zeros (float values only): 3-10x slower than
 #            dense at M=1..2048, K,N=256..4096 on this CPU, kept as a measured candidate.
-# The CUDA kernels (Triton, issue 5) add their names to this table when they register.
+# CUDA implementations: hwaware/ops/_cuda.py adds SPARSE24_KERNELS["cuda"] and says what each is.
 SPARSE24_KERNELS = {"cpu": ("dense", "csr")}
 
 
@@ -391,7 +391,7 @@ def sparse24_linear(x: Tensor, values: Tensor, meta: Tensor, w_scale: Optional[T
         out = torch.sparse.mm(w, x2d.t()).t()
         if b is not None:
             out = out + b
-        return out.to(x.dtype).reshape(*x.shape[:-1], n)
+        return out.to(x.dtype).contiguous().reshape(*x.shape[:-1], n)
     w = _CACHE.get((values, meta), ("sparse24_dense",), lambda: decompress_24(values, meta, k).float())
     return F.linear(x.float(), w, b).to(x.dtype)
 

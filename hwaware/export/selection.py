@@ -1,0 +1,134 @@
+"""Measured kernel choice for 2:4 layers: time every implementation on the layer's own shape,
+keep the fastest that computes the layer's math, and record all of it in the manifest.
+
+Candidates (DESIGN.md: the CPU path picks kernels by measurement and the artifact says what was
+measured), for a layer with ``M`` input rows as seen in a real forward:
+
+``dense``     the decompressed weight in FP32 through ``F.linear``
+``int8``      the decompressed weight as int8 codes through the W8A8 int8 path
+``2:4``       a kernel that multiplies only the kept entries (CPU: ``torch.sparse`` CSR)
+``2:4+int8``  the same with int8 values (no CPU kernel exists; recorded as unavailable)
+
+A layer with FP32 values keeps its math under ``dense`` and ``2:4``; one with int8 values (QAT
+int8) only under ``int8`` (W8A8 on the same codes) — an int8 2:4 kernel would be the other.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+import hwaware.ops  # noqa: F401
+from hwaware.export.deploy import Sparse24Linear
+from hwaware.ops import packing
+
+__all__ = ["capture_rows", "select_sparse24_kernels", "time_us"]
+
+_NO_INT8_24_CPU = "no CPU kernel multiplies int8 2:4 values (fbgemm and torch have none)"
+
+
+def time_us(fn: Callable[[], Any], budget_s: float = 0.05, min_runs: int = 5, warmup: int = 2) -> float:
+    """Median wall time of ``fn()`` in microseconds (runs until ``budget_s`` or ``min_runs``)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - start < budget_s:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 200:
+            break
+    return statistics.median(times) * 1e6
+
+
+def capture_rows(model: nn.Module, run: Callable[[], Any]) -> Dict[str, int]:
+    """``{name: rows of the input}`` for every :class:`Sparse24Linear`, from one call of ``run``."""
+    rows: Dict[str, int] = {}
+    handles = []
+    for name, m in model.named_modules():
+        if isinstance(m, Sparse24Linear):
+            def hook(mod, args, name=name):
+                rows[name] = args[0].numel() // args[0].shape[-1]
+            handles.append(m.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    return rows
+
+
+def _candidates(layer: Sparse24Linear) -> Dict[str, Tuple[Optional[Callable[[Tensor], Tensor]], bool, Optional[str], str]]:
+    """name -> (fn(x) or None, keeps the layer's math, op kernel name when chosen, note)."""
+    op = torch.ops.hwaware.sparse24_linear
+    values, meta, bias = layer.values, layer.metadata, layer.bias
+    k = layer.in_features
+    if layer.values.dtype == torch.int8:
+        vq, sq = values, layer.w_scale
+        vf = (values.float() * layer.w_scale[:, None]).contiguous()  # the dequantized values
+    else:
+        vf = values
+        q, sq = packing.quantize_int8_weight(packing.decompress_24(values, meta, k))
+        vq, mq = packing.compress_24(q)
+    int8_meta = meta if layer.values.dtype == torch.int8 else mq
+    is_int8 = layer.values.dtype == torch.int8
+    return {
+        "dense": (lambda x: op(x, vf, meta, None, bias, "dense"), not is_int8, "dense",
+                  "decompressed once to an FP32 weight, F.linear"),
+        "int8": (lambda x: op(x, vq, int8_meta, sq, bias, "dense"), is_int8, "dense",
+                 "decompressed once to int8 codes, W8A8 through fbgemm"),
+        "2:4": (lambda x: op(x, vf, meta, None, bias, "csr"), not is_int8, "csr",
+                "torch.sparse CSR over the kept entries"),
+        "2:4+int8": (None, is_int8, None, _NO_INT8_24_CPU),
+    }
+
+
+def select_sparse24_kernels(model: nn.Module, rows: Dict[str, int], device: str = "cpu") -> Dict[str, Dict[str, Any]]:
+    """Measure, choose and set ``layer.kernels[device]`` for every :class:`Sparse24Linear`.
+
+    Returns ``{name: selection record}`` for the manifest. Layers missing from ``rows`` (no input
+    to size them) run ``dense`` and say so.
+    """
+    records: Dict[str, Dict[str, Any]] = {}
+    for name, layer in model.named_modules():
+        if not isinstance(layer, Sparse24Linear):
+            continue
+        cands = _candidates(layer)
+        if name not in rows:
+            layer.kernels[device] = "dense"
+            records[name] = {"chosen": "int8" if layer.values.dtype == torch.int8 else "dense", "op_kernel": "dense",
+                             "why": "not measured: export got neither val_dataloader nor example_inputs to size the layer"}
+            continue
+        m = rows[name]
+        x = torch.randn(m, layer.in_features, generator=torch.Generator().manual_seed(0))
+        measured: Dict[str, Any] = {}
+        with torch.no_grad():
+            for cname, (fn, keeps, kernel, note) in cands.items():
+                entry: Dict[str, Any] = {"keeps_math": keeps, "note": note}
+                if fn is None:
+                    entry["available"] = False
+                else:
+                    entry["available"] = True
+                    entry["us"] = round(time_us(lambda: fn(x)), 2)
+                measured[cname] = entry
+        eligible = {c: e["us"] for c, e in measured.items() if e["available"] and e["keeps_math"]}
+        chosen = min(eligible, key=eligible.get)
+        layer.kernels[device] = cands[chosen][2]
+        fastest = min((e["us"], c) for c, e in measured.items() if e["available"])
+        sparse_name = "2:4+int8" if layer.values.dtype == torch.int8 else "2:4"
+        sp = measured[sparse_name]
+        if chosen == sparse_name:
+            why = f"{sparse_name} is the fastest kernel that keeps the layer's math"
+        elif sp["available"]:
+            why = (f"{sparse_name} measured {sp['us'] / eligible[chosen]:.2f}x the time of {chosen} at M={m}: no 2:4 kernel "
+                   f"beats dense on {device}; the artifact keeps the compressed form (fewer bytes) and runs {chosen}")
+        else:
+            why = f"{sparse_name}: {sp['note']}; the artifact keeps the compressed form (fewer bytes) and runs {chosen}"
+        records[name] = {"input_shape": [m, layer.in_features], "measured": measured, "chosen": chosen,
+                         "op_kernel": cands[chosen][2], "fastest_any": fastest[1], "why": why}
+    return records

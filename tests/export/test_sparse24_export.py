@@ -1,0 +1,138 @@
+"""2:4 layers through export: compressed packing (FP32 or int8 values), measured kernel choice,
+the loader's 2:4 verification, and exact agreement with the dense deploy paths."""
+from __future__ import annotations
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from hwaware.callbacks import ProgressiveQuantization, SemiStructuredSparsity
+from hwaware.export import export, load
+from hwaware.export.artifact import _ADDED_FIELDS, ArtifactError, read_manifest, read_tensors, write_artifact
+from hwaware.export.deploy import Int8Linear, Sparse24Linear
+from hwaware.ops.packing import pack_int4
+from tests.helpers import TinyCTR, loaders, make_trainer
+
+
+def _train(tmp_path, quant: bool):
+    pl.seed_everything(0, verbose=False)
+    model = TinyCTR()
+    cbs = [SemiStructuredSparsity(start_epoch=1)]
+    if quant:
+        cbs.append(ProgressiveQuantization(start_epoch=2, calibration_batches=2))
+    trainer = make_trainer(tmp_path, cbs, max_epochs=3)
+    train, val = loaders()
+    trainer.fit(model, train, val)
+    return model
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory):
+    return _train(tmp_path_factory.mktemp("pruned"), quant=False)
+
+
+@pytest.fixture(scope="module")
+def pruned_qat(tmp_path_factory):
+    return _train(tmp_path_factory.mktemp("pruned_qat"), quant=True)
+
+
+def _outputs(module, loader):
+    with torch.no_grad():
+        return torch.cat([module.predict_step(b, 0) for b in loader])
+
+
+def test_post_training_export_of_a_pruned_model_packs_int8_2_4(tmp_path, pruned):
+    # a plain FP32 model pruned by the callback: PTQ quantizes every Linear to int8, and the 2:4
+    # ones pack as int8 values in the compressed form
+    _, val = loaders()
+    art = export(pruned, tmp_path / "art", val_dataloader=val, max_drop=0.05)
+    layers = art.manifest["layers"]
+    assert layers["mlp.0"]["scheme"] == "sparse24_int8" and layers["mlp.2"]["scheme"] == "sparse24_int8"
+    assert art.manifest["post_training"]
+
+
+def test_sparse_fp32_layers_left_out_of_quantization_pack_with_fp32_values(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    model = TinyCTR()
+    cbs = [SemiStructuredSparsity(start_epoch=1), ProgressiveQuantization(start_epoch=2, calibration_batches=2, skip=["mlp.*"])]
+    make_trainer(tmp_path, cbs, max_epochs=3).fit(model, *loaders())
+    _, val = loaders()
+    art = export(model, tmp_path / "art", val_dataloader=val, max_drop=0.01)
+    meta = art.manifest["layers"]["mlp.0"]
+    assert meta["scheme"] == "sparse24" and isinstance(art.model.mlp[0], Sparse24Linear)
+    assert art.manifest["dense_layers"] == {}
+    # FP32 values, the dense kernel: bit-identical to the layer it replaced
+    x = torch.randn(33, 12)
+    torch.testing.assert_close(art.model.mlp[0](x), nn.functional.linear(x, model.mlp[0].weight, model.mlp[0].bias),
+                               atol=0, rtol=1e-6)
+    # half the bytes, plus 1/16 for the 2-bit positions (K=12: 3 groups -> 2 bytes per row)
+    assert meta["bytes"] == 32 * 6 * 4 + 32 * 2 + 32 * 4
+    sel = meta["selection"]["cpu"]
+    assert sel["input_shape"] == [32, 12]
+    assert set(sel["measured"]) == {"dense", "int8", "2:4", "2:4+int8"}
+    assert sel["chosen"] in ("dense", "2:4") and sel["measured"][sel["chosen"]]["keeps_math"]
+    eligible = {c: e["us"] for c, e in sel["measured"].items() if e["available"] and e["keeps_math"]}
+    assert sel["chosen"] == min(eligible, key=eligible.get)
+    assert meta["kernels"] == {"cpu": sel["op_kernel"]} and "why" in sel
+
+
+def test_int8_2_4_matches_the_int8_path_exactly_and_loads(tmp_path, pruned_qat):
+    _, val = loaders()
+    art = export(pruned_qat, tmp_path / "sparse", val_dataloader=val, max_drop=0.05)
+    dense = export(pruned_qat, tmp_path / "dense", val_dataloader=val, max_drop=0.05, sparse24=False)
+    assert isinstance(art.model.mlp[0], Sparse24Linear) and isinstance(dense.model.mlp[0], Int8Linear)
+    # the same int8 codes and scales, the same W8A8 kernel: identical outputs and metric
+    torch.testing.assert_close(_outputs(art.model, val), _outputs(dense.model, val), atol=0, rtol=0)
+    assert art.report["exported"] == dense.report["exported"]
+    sel = art.manifest["layers"]["mlp.0"]["selection"]["cpu"]
+    assert sel["chosen"] == "int8" and sel["measured"]["2:4+int8"]["available"] is False
+    assert "no CPU kernel" in sel["why"] and "compressed form" in sel["why"]
+    assert art.manifest["layers"]["mlp.0"]["bytes"] < dense.manifest["layers"]["mlp.0"]["bytes"]
+    loaded = load(art.path)
+    assert isinstance(loaded.mlp[0], Sparse24Linear) and loaded.mlp[0].kernels == {"cpu": "dense"}
+    torch.testing.assert_close(_outputs(loaded, val), _outputs(art.model, val), atol=0, rtol=0)
+
+
+def test_program_pt2_round_trip_with_sparse_layers(tmp_path, pruned_qat):
+    _, val = loaders()
+    dense, ids, _ = next(iter(val))
+    art = export(pruned_qat, tmp_path / "art", val_dataloader=val, max_drop=0.05, example_inputs=(dense, ids))
+    assert art.manifest["layers"]["mlp.0"]["selection"]["cpu"]["input_shape"][0] == dense.shape[0]
+    program = torch.export.load(str(tmp_path / "art" / "program.pt2"))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert "hwaware.sparse24_linear.default" in targets
+    torch.testing.assert_close(program.module()(dense, ids), art.model(dense, ids), atol=0, rtol=0)
+
+
+def _rewrite(src, dst, edit_tensors=None, edit_manifest=None):
+    """A consistent artifact (fresh hashes) with edited contents: only the 2:4 check can catch it."""
+    manifest = read_manifest(src)
+    tensors = read_tensors(src)
+    if edit_tensors:
+        edit_tensors(tensors)
+    if edit_manifest:
+        edit_manifest(manifest)
+    write_artifact(dst, {k: v for k, v in manifest.items() if k not in _ADDED_FIELDS}, tensors)
+
+
+def test_loader_refuses_metadata_breaking_the_2_4_rule(tmp_path, pruned_qat):
+    _, val = loaders()
+    art = export(pruned_qat, tmp_path / "art", val_dataloader=val, max_drop=0.05)
+    load(art.path)  # the untouched artifact loads
+
+    def break_meta(t):
+        codes = torch.full((32, 3), 4, dtype=torch.uint8)
+        codes[5, 1] = 5  # positions (1, 1): a repeated position
+        t["mlp.0.metadata"] = pack_int4(codes)
+
+    _rewrite(art.path, tmp_path / "bad", edit_tensors=break_meta)
+    with pytest.raises(ArtifactError, match=r"layer 'mlp\.0'.*breaks the 2:4 rule: row 5, columns 4\.\.7"):
+        load(tmp_path / "bad")
+
+    def bad_kernel(m):
+        m["layers"]["mlp.0"]["kernels"] = {"cpu": "magic"}
+
+    _rewrite(art.path, tmp_path / "bad2", edit_manifest=bad_kernel)
+    with pytest.raises(ArtifactError, match=r"layer 'mlp\.0' names CPU kernel 'magic'"):
+        load(tmp_path / "bad2")
