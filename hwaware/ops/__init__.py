@@ -403,8 +403,10 @@ def _(x, values, meta, w_scale, bias, kernel):
 
 
 # -- CUDA ----------------------------------------------------------------------------------------
-# The Triton kernels (kernels/, one op per file) register here, with the Triton issue:
-#     @int8_linear.register_kernel("cuda")
-#     def _(x, qweight, w_scale, bias): return <launcher>(x, qweight, w_scale, bias)
-# and likewise int4_linear / embedding_bag_rowwise / sparse24_linear. Until then CUDA tensors raise
-# NotImplementedError from the dispatcher (no silent CPU fallback).
+# hwaware/ops/_cuda.py registers the Triton launchers (kernels/, one op per file) as the CUDA kernel
+# of each op above with <op>.register_kernel("cuda") and adds SPARSE24_KERNELS["cuda"]. It imports
+# triton and hwaware.kernels lazily, on the first CUDA call: `import hwaware` works without triton
+# (a CUDA tensor then raises a RuntimeError saying `pip install triton`, no silent CPU fallback) and
+# decorates no kernel (Triton fixes interpreter vs compiled mode when it decorates; see _cuda.py).
+# It must come last: it imports the ops and checks defined above.
+from hwaware.ops import _cuda  # noqa: E402,F401

@@ -1,0 +1,118 @@
+"""kernels/sparse24_linear.py (2:4 compressed weights) against hwaware.ops.reference / packing."""
+import pytest
+import torch
+
+from hwaware.ops.packing import compress_24, decompress_24, quantize_int8_weight
+from hwaware.ops.reference import sparse24_linear_ref
+from tests.kernels.conftest import DEVICE
+from hwaware.quant.primitives import sqnr_db
+from tests.kernels.tolerances import MIN_SQNR_16BIT_LIBRARY_DB, assert_close_to_ref
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _w24(n, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    keep = torch.rand(n, k // 4, 4, generator=g).argsort(-1)[..., :2]
+    mask = torch.zeros(n, k // 4, 4).scatter_(-1, keep, 1.0).reshape(n, k)
+    w = w * mask
+    w[0, :4] = 0.0  # an all-zero group (positions 0, 1 hold explicit zeros)
+    if k >= 8:
+        w[-1, 4:8] = torch.tensor([0.0, 0.0, 0.0, 1.5])  # one non-zero at position 3
+    return w
+
+
+def _args(m, k, n, values_dtype, x_dtype, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed + 1)
+    w = _w24(n, k, seed)
+    if values_dtype == torch.int8:
+        qw, w_scale = quantize_int8_weight(w)
+        values, meta = compress_24(qw)
+    else:
+        values, meta = compress_24(w.to(values_dtype))
+        w_scale = None
+    x = torch.randn(m, k, generator=g).to(x_dtype)
+    b = torch.randn(n, generator=g) if bias else None
+    return x, values, meta, w_scale, b
+
+
+def _dev(*ts):
+    return [None if t is None else t.to(DEVICE) for t in ts]
+
+
+@pytest.mark.parametrize("values_dtype", DTYPES + [torch.int8])
+def test_decompress_24_is_exact(values_dtype):
+    from hwaware.kernels.sparse24_linear import decompress_24 as decompress_triton
+
+    _, values, meta, _, _ = _args(1, 36, 5, values_dtype, torch.float32)  # K/4 = 9 groups: odd, padded nibble
+    out = decompress_triton(*_dev(values, meta))
+    torch.testing.assert_close(out.cpu(), decompress_24(values, meta), atol=0, rtol=0)
+
+
+# (M=1, K=36: 9 groups, odd meta nibble count, K % BLOCK_K != 0, N=1), (M=17, K=72, N=20: partial tiles)
+@pytest.mark.parametrize("x_dtype", DTYPES)
+@pytest.mark.parametrize("values_dtype", DTYPES + [torch.int8])
+@pytest.mark.parametrize("shape", [(1, 36, 1), (17, 72, 20)])
+def test_sparse24_linear_matches_reference(shape, values_dtype, x_dtype):
+    from hwaware.kernels.sparse24_linear import sparse24_linear
+
+    m, k, n = shape
+    x, v, meta, ws, b = _args(m, k, n, values_dtype, x_dtype)
+    y = sparse24_linear(*_dev(x, v, meta, ws, b))
+    assert y.shape == (m, n) and y.dtype == x_dtype
+    assert_close_to_ref(y, sparse24_linear_ref(x, v, meta, ws, b))
+
+
+def test_sparse24_linear_leading_dims_strided_no_bias():
+    from hwaware.kernels.sparse24_linear import sparse24_linear
+
+    x, v, meta, ws, _ = _args(6, 40, 8, torch.int8, torch.bfloat16, bias=False)
+    x3 = x.t().contiguous().t()[:, None, :].expand(6, 2, 40)  # strided, broadcast leading dims
+    v2 = torch.stack([v, v], dim=1).reshape(16, 20)[::2]  # rows 2 apart
+    assert not v2.is_contiguous()
+    y = sparse24_linear(*_dev(x3, v2, meta, ws, None))
+    assert y.shape == (6, 2, 8)
+    assert_close_to_ref(y, sparse24_linear_ref(x3, v, meta, ws))
+
+
+def test_sparse24_linear_bad_inputs():
+    from hwaware.kernels.sparse24_linear import sparse24_linear
+
+    x, v, meta, ws, b = _dev(*_args(4, 32, 8, torch.int8, torch.float32))
+    with pytest.raises(ValueError, match="int8 values need w_scale"):
+        sparse24_linear(x, v, meta, None, b)
+    with pytest.raises(ValueError, match="w_scale is only for int8 values"):
+        sparse24_linear(x, v.float(), meta, ws, b)
+    with pytest.raises(ValueError, match=r"meta must have shape \[N, ceil\(K/8\)\] uint8 for K=32 = \[8, 4\], got \[8, 3\]"):
+        sparse24_linear(x, v, meta[:, :3], ws, b)
+    with pytest.raises(TypeError, match=r"meta must be .*uint8.*got dtype torch.int8"):
+        sparse24_linear(x, v, meta.view(torch.int8), ws, b)
+    with pytest.raises(ValueError, match=r"K a multiple of 4, got \[8, 15\] \(K=30\)"):
+        sparse24_linear(x[:, :30], v[:, :15], meta, ws, b)
+    with pytest.raises(TypeError, match=r"values must be .*got dtype torch.int32"):
+        sparse24_linear(x, v.int(), meta, ws, b)
+
+
+def test_semi_structured_path_refuses_cpu_and_int8():
+    from hwaware.kernels.sparse24_linear import to_semi_structured
+
+    _, v, meta, _, _ = _args(1, 32, 8, torch.float16, torch.float16)
+    with pytest.raises(ValueError, match="CUDA-only"):
+        to_semi_structured(v, meta)
+    _, vi, metai, _, _ = _args(1, 32, 8, torch.int8, torch.float16)
+    with pytest.raises(TypeError, match="got dtype torch.int8"):
+        to_semi_structured(vi, metai)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's semi-structured sparse kernels are CUDA-only")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_semi_structured_path_matches_reference_cuda(dtype):
+    from hwaware.kernels.sparse24_linear import sparse24_linear_semi_structured, to_semi_structured
+
+    x, v, meta, _, b = _args(64, 128, 64, dtype, dtype)  # sizes torch's CUTLASS / cuSPARSELt kernels accept
+    w = to_semi_structured(*_dev(v, meta))
+    y = sparse24_linear_semi_structured(*_dev(x), w, *_dev(b))
+    ref = sparse24_linear_ref(x, v, meta, None, b)
+    # torch's kernels accumulate in their own order and add the bias in x.dtype: an SQNR bound
+    assert sqnr_db(ref, y.cpu()) >= MIN_SQNR_16BIT_LIBRARY_DB
