@@ -16,8 +16,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 __all__ = ["main"]
 
-# Layer-entry keys shown first, in this order; any other keys follow alphabetically.
+# Layer-entry keys shown first, in this order; any other keys follow alphabetically, except the
+# measured kernel selection of 2:4 layers, which gets its own section.
 _LAYER_COLUMNS = ("scheme", "shape", "group_size", "bytes", "kernel")
+_OWN_SECTION = ("selection",)
 
 
 def _fmt_bytes(n: Any) -> str:
@@ -54,11 +56,33 @@ def _table(rows: List[List[str]]) -> str:
 
 def _layers_table(layers: Mapping[str, Any]) -> str:
     entries = {name: (e if isinstance(e, Mapping) else {"value": e}) for name, e in layers.items()}
-    present = {k for e in entries.values() for k in e}
+    present = {k for e in entries.values() for k in e} - set(_OWN_SECTION)
     cols = [c for c in _LAYER_COLUMNS if c in present] + sorted(present - set(_LAYER_COLUMNS))
     rows = [["layer"] + cols]
     rows += [[name] + [_fmt_cell(c, e.get(c)) for c in cols] for name, e in entries.items()]
     return _table(rows)
+
+
+def _selection_lines(layers: Mapping[str, Any]) -> List[str]:
+    """One line per 2:4 layer and device: every candidate's time, the choice (*) and why."""
+    out = []
+    for name, e in layers.items():
+        sel = e.get("selection") if isinstance(e, Mapping) else None
+        if not isinstance(sel, Mapping):
+            continue
+        for device, rec in sel.items():
+            if not isinstance(rec, Mapping):
+                continue
+            shape = "x".join(str(d) for d in rec.get("input_shape") or []) or "?"
+            cands = []
+            for c, m in (rec.get("measured") or {}).items():
+                t = f"{m['us']:.1f}us" if isinstance(m, Mapping) and m.get("available") else "n/a"
+                keeps = "" if isinstance(m, Mapping) and m.get("keeps_math") else " (other math)"
+                cands.append(f"{c} {t}{'*' if c == rec.get('chosen') else ''}{keeps}")
+            out.append(f"  {name} [{device}, input {shape}]: " + (" | ".join(cands) or "not measured"))
+            if rec.get("why"):
+                out.append(f"    -> {rec.get('chosen')}: {rec['why']}")
+    return out
 
 
 def _regression_line(reg: Mapping[str, Any]) -> str:
@@ -85,11 +109,14 @@ def _inspect_text(path: str, manifest: Dict[str, Any], on_disk: int) -> str:
     layers = manifest.get("layers")
     if isinstance(layers, Mapping) and layers:
         out += ["", _layers_table(layers)]
+        selection = _selection_lines(layers)
+        if selection:
+            out += ["", "kernel selection (measured at export; * = chosen, the fastest that keeps the layer's math):"] + selection
     out.append("")
     fp32 = manifest.get("fp32_bytes")
     total = f"total: {_fmt_bytes(on_disk)} on disk ({on_disk} bytes)"
     if isinstance(fp32, (int, float)) and not isinstance(fp32, bool) and fp32 > 0:
-        total += f" vs fp32 {_fmt_bytes(fp32)} ({fp32} bytes): {fp32 / max(on_disk, 1):.2f}x smaller"
+        total += f" vs fp32 {_fmt_bytes(fp32)} ({fp32} bytes): {on_disk / fp32:.1%} of fp32"
     out.append(total)
     reg = manifest.get("regression")
     out.append(_regression_line(reg) if isinstance(reg, Mapping) else "regression: not measured")

@@ -4,6 +4,7 @@
     python recipes/qat_recsys.py --fast               # smoke run, well under a minute
     python recipes/qat_recsys.py --data train.tsv     # real Criteo-format TSV (label, I1-I13, C1-C26)
     python recipes/qat_recsys.py --report out.json    # also write the JSON report
+    python recipes/qat_recsys.py --sparsity 2:4       # prune the MLPs 2:4 (SR-STE), then int8 QAT
 
 Prints a table (FP32 AUC, QAT AUC, drop, KL per layer, fallbacks). Both AUCs come from torchmetrics
 on the same validation split: FP32 is the model as it was when QAT started (the weights the
@@ -23,7 +24,7 @@ import pytorch_lightning as pl
 import torch
 
 import hwaware
-from hwaware import ProgressiveQuantization, QuantSpec
+from hwaware import ProgressiveQuantization, QuantSpec, SemiStructuredSparsity
 from hwaware.quant import quantization_disabled
 from hwaware.export.bench import compare_throughput
 from hwaware.recsys import DLRM, CriteoDataModule, evaluate_auroc
@@ -51,17 +52,53 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fast", action="store_true", help="tiny run for smoke tests")
     p.add_argument("--report", default=None, help="write the JSON report here")
     p.add_argument("--no-progress", action="store_true", help="hide Lightning's progress bar")
+    p.add_argument("--sparsity", choices=("none", "2:4"), default="none",
+                   help="2:4: after the FP32 epochs prune every MLP layer 2:4, fine-tune sparse, then int8 QAT "
+                        "(the top MLP input is zero-padded 367 -> 368 so that its K is a multiple of 4)")
+    p.add_argument("--sparsity-method", choices=("sr_ste", "magnitude"), default="sr_ste")
+    p.add_argument("--sparsity-skip", default="",
+                   help="comma-separated fnmatch patterns of MLP layers to keep dense (e.g. top_mlp.4)")
+    p.add_argument("--sparse-epochs", type=int, default=1, help="sparse fine-tuning epochs before QAT (--sparsity 2:4)")
+    p.add_argument("--sparse-lr-scale", type=float, default=0.1,
+                   help="sparse fine-tuning at this fraction of the FP32 learning rate (QAT still runs at --qat-lr-scale of it)")
     args = p.parse_args(argv)
+
     args.num_samples = args.num_samples or (24_000 if args.fast else 400_000)
     if args.fast:
         args.start = "epoch" if args.start == "plateau" and args.fp32_epochs is None else args.start
         args.fp32_epochs = args.fp32_epochs or 1
         args.qat_epochs = args.qat_epochs or 1
+    if args.sparsity != "none":
+        # FP32 -> 2:4 -> QAT on a fixed schedule; 3 FP32 epochs is where the default run's val_auroc peaks
+        args.start = "epoch"
+        if args.sparse_epochs < 1:
+            p.error(f"--sparse-epochs={args.sparse_epochs} must be >= 1")
+        if not 0 < args.sparse_lr_scale <= 1:
+            p.error(f"--sparse-lr-scale={args.sparse_lr_scale} must be in (0, 1]")
     args.fp32_epochs = args.fp32_epochs if args.fp32_epochs is not None else (8 if args.start == "plateau" else 3)
     args.qat_epochs = args.qat_epochs if args.qat_epochs is not None else 1
     if args.fp32_epochs < 1 or args.qat_epochs < 1:
         p.error(f"--fp32-epochs={args.fp32_epochs} and --qat-epochs={args.qat_epochs} must both be >= 1")
     return args
+
+
+def build_sparsity(args: argparse.Namespace):
+    if args.sparsity == "none":
+        return None
+    skip = [p for p in args.sparsity_skip.split(",") if p]
+    return SemiStructuredSparsity(method=args.sparsity_method, start_epoch=args.fp32_epochs, monitor="val_auroc",
+                                  lr_scale=args.sparse_lr_scale, skip=skip)
+
+
+class DenseSnapshot(pl.Callback):
+    """The dense FP32 weights at the start of ``epoch`` (before pruning): the reference for the 2:4 drop."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch, self.state = epoch, None
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch and self.state is None:
+            self.state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
 
 
 def build_callback(args: argparse.Namespace) -> ProgressiveQuantization:
@@ -73,11 +110,14 @@ def build_callback(args: argparse.Namespace) -> ProgressiveQuantization:
     common = dict(
         monitor="val_auroc", mode="max", calibration_batches=8 if args.fast else 32,
         freeze_observers_after=50 if args.fast else 200, embedding_spec=table_spec,
-        kl_threshold=args.kl_threshold, validation_batches=8, lr_scale=args.qat_lr_scale,
+        kl_threshold=args.kl_threshold, validation_batches=8,
+        # relative to the rate when QAT starts: after sparse fine-tuning that is already scaled
+        lr_scale=args.qat_lr_scale / (args.sparse_lr_scale if args.sparsity != "none" else 1.0),
     )
     if args.start == "plateau":
         return ProgressiveQuantization(start_epoch=1, start="plateau", patience=1, min_delta=2e-4, **common)
-    return ProgressiveQuantization(start_epoch=args.fp32_epochs, **common)
+    sparse_epochs = args.sparse_epochs if args.sparsity != "none" else 0
+    return ProgressiveQuantization(start_epoch=args.fp32_epochs + sparse_epochs, **common)
 
 
 class StopAfterQAT(pl.Callback):
@@ -107,9 +147,15 @@ class FP32Trajectory(pl.Callback):
 def print_table(report: dict) -> None:
     print()
     print(f"{'':24s}{'AUROC':>10s}")
+    sp = report.get("sparsity")
+    if sp:
+        print(f"{'FP32 dense (pre-prune)':24s}{sp['dense_fp32_auroc']:>10.5f}")
     print(f"{'FP32 (at QAT start)':24s}{report['fp32']['auroc']:>10.5f}")
     print(f"{'QAT (int8, validated)':24s}{report['qat']['auroc']:>10.5f}")
     print(f"{'drop':24s}{report['auroc_drop']:>10.5f}")
+    if sp:
+        print(f"{'2:4 + int8 drop vs dense':24s}{sp['auroc_drop']:>10.5f}   ({sp['method']}; 2:4 layers: "
+              f"{', '.join(f'{n} {f:.0%}' for n, f in sp['layers'].items())}; dense: {', '.join(sp['skipped']) or 'none'})")
     print(f"{'QAT weights, quant off':24s}{report['qat_weights_fp32_auroc']:>10.5f}   (quantization itself costs {report['quantization_cost']:.5f})")
     print()
     print(f"{'layer':20s}{'scheme':28s}{'KL':>10s}{'SQNR dB':>10s}  fallback")
@@ -178,12 +224,19 @@ def run(args: argparse.Namespace):
     model_kwargs = {"table_sizes": dm.table_sizes}
     if args.lr is not None:
         model_kwargs["lr"] = args.lr
+    sparsity = build_sparsity(args)
+    if sparsity is not None:
+        model_kwargs["interaction_pad"] = 4
     model = DLRM(**model_kwargs)
     cb = build_callback(args)
     trajectory = FP32Trajectory(cb)
+    callbacks = [cb, StopAfterQAT(cb, args.qat_epochs), trajectory]
+    if sparsity is not None:
+        snapshot = DenseSnapshot(args.fp32_epochs)
+        callbacks += [sparsity, snapshot]
     trainer = pl.Trainer(
-        max_epochs=args.fp32_epochs + args.qat_epochs,
-        accelerator="cpu", devices=1, callbacks=[cb, StopAfterQAT(cb, args.qat_epochs), trajectory], logger=False, enable_checkpointing=False,
+        max_epochs=args.fp32_epochs + (args.sparse_epochs if sparsity is not None else 0) + args.qat_epochs,
+        accelerator="cpu", devices=1, callbacks=callbacks, logger=False, enable_checkpointing=False,
         enable_model_summary=False, enable_progress_bar=not args.no_progress, num_sanity_val_steps=0,
     )
     trainer.fit(model, datamodule=dm)
@@ -200,6 +253,18 @@ def run(args: argparse.Namespace):
     with quantization_disabled(model):
         qat_weights_fp32_auroc = evaluate_auroc(model, val)
     r = cb.report
+    sparsity_report = None
+    if sparsity is not None:
+        dense = DLRM(**model_kwargs)
+        dense.load_state_dict(snapshot.state)
+        dense_auroc = evaluate_auroc(dense, val)
+        sr = sparsity.report
+        sparsity_report = {
+            "method": sr["method"], "layers": {n: v["sparsity"] for n, v in sr["layers"].items()},
+            "verified_24": all(v["verified_24"] for v in sr["layers"].values()), "skipped": sr["skipped"],
+            "dense_fp32_auroc": dense_auroc, "sparse_fp32_auroc": fp32_auroc,
+            "auroc": qat_auroc, "auroc_drop": dense_auroc - qat_auroc,
+        }
     export_report = None if args.no_export else export_and_bench(args, model, fp32, dm, fp32_auroc)
     report = {
         "fp32": {"auroc": fp32_auroc},
@@ -218,10 +283,13 @@ def run(args: argparse.Namespace):
         "metrics_after": r["metrics_after"],
         "val_auroc_by_epoch": trajectory.rows,
         "export": export_report,
+        "sparsity": sparsity_report,
         "config": {
             "data": args.data or "synthetic", "num_samples": args.num_samples, "fp32_epochs": args.fp32_epochs,
             "qat_epochs": args.qat_epochs, "batch_size": args.batch_size, "embedding_bits": args.embedding_bits,
             "start": args.start, "qat_lr_scale": args.qat_lr_scale, "seed": args.seed, "fast": args.fast, "torch": torch.__version__,
+            "sparsity": args.sparsity, "sparsity_method": args.sparsity_method, "sparse_epochs": args.sparse_epochs,
+            "sparse_lr_scale": args.sparse_lr_scale, "sparsity_skip": args.sparsity_skip,
         },
         "seconds": time.perf_counter() - t0,
     }

@@ -70,10 +70,13 @@ class SemiStructuredSparsity(Callback):
             ``report["skipped"]``.
         monitor: logged metric reported before pruning and at the end (e.g. ``"val_auroc"``);
             every logged scalar is recorded either way.
+        lr_scale: multiply every optimizer learning rate by this when pruning starts (sparse
+            fine-tuning at a lower rate; 1.0 leaves it). Stored in the optimizer state, so a
+            resume keeps it.
 
     Raises:
         ValueError: an unknown ``method``, a negative ``start_epoch`` / ``ramp_epochs``, a ramp with
-            ``"sr_ste"``, a bad ``sr_ste_lambda`` or ``skip`` (at construction); ``start_epoch`` (+
+            ``"sr_ste"``, a bad ``sr_ste_lambda``, ``skip`` or ``lr_scale`` (at construction); ``start_epoch`` (+
             ``ramp_epochs``) beyond the Trainer's ``max_epochs`` or a model with no prunable layer
             (at ``setup``, the first moment the Trainer is known); a checkpoint written by a
             different method (at resume).
@@ -87,6 +90,7 @@ class SemiStructuredSparsity(Callback):
         sr_ste_lambda: float = 2e-4,
         skip: Sequence[str] = (),
         monitor: Optional[str] = None,
+        lr_scale: float = 1.0,
     ) -> None:
         super().__init__()
         _check_choice("method", method, METHODS)
@@ -100,6 +104,9 @@ class SemiStructuredSparsity(Callback):
             raise ValueError(f"sr_ste_lambda={sr_ste_lambda!r} is invalid; expected a finite float >= 0")
         if isinstance(skip, str) or not all(isinstance(p, str) for p in skip):
             raise ValueError(f"skip={skip!r} is invalid; expected a list of fnmatch patterns (strings)")
+        if (not isinstance(lr_scale, (int, float)) or isinstance(lr_scale, bool) or not math.isfinite(lr_scale)
+                or lr_scale <= 0):
+            raise ValueError(f"lr_scale={lr_scale!r} is invalid; expected a finite float > 0")
         if monitor is not None and not isinstance(monitor, str):
             raise ValueError(f"monitor={monitor!r} is invalid; expected a logged metric name or None")
         self.method = method
@@ -108,6 +115,7 @@ class SemiStructuredSparsity(Callback):
         self.sr_ste_lambda = float(sr_ste_lambda)
         self.skip = tuple(skip)
         self.monitor = monitor
+        self.lr_scale = float(lr_scale)
 
         self.phase = "dense"
         self._layers: Dict[str, nn.Module] = {}
@@ -321,6 +329,10 @@ class SemiStructuredSparsity(Callback):
     def _start(self, trainer: "pl.Trainer") -> None:
         self._metrics_before = self._metrics_before or _scalar_metrics(trainer)
         self._step = 0
+        if self.lr_scale != 1.0:
+            for opt in trainer.optimizers:
+                for group in opt.param_groups:
+                    group["lr"] *= self.lr_scale
         with torch.no_grad():
             if self.method == "magnitude" and self.ramp_epochs:
                 per_epoch = math.ceil(trainer.num_training_batches / max(1, trainer.accumulate_grad_batches))

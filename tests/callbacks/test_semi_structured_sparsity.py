@@ -201,6 +201,7 @@ def test_checkpoint_from_another_method_is_refused():
     (dict(sr_ste_lambda=-1.0), r"sr_ste_lambda=-1.0"),
     (dict(skip="mlp.0"), r"skip='mlp.0'.*list"),
     (dict(start_epoch=1.5), r"start_epoch=1.5"),
+    (dict(lr_scale=0.0), r"lr_scale=0.0.*> 0"),
 ])
 def test_semi_structured_sparsity_misconfiguration(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -245,3 +246,14 @@ def test_gradient_accumulation_enforces_masks_at_every_step(tmp_path):
             assert all(is_mask_24(ws[n] != 0) for n in LAYERS)
     for n in LAYERS:
         assert torch.equal(_w(model, n), sp._dense[n] * sp.masks[n])
+
+
+def test_lr_scale_applies_when_pruning_starts(tmp_path):
+    lrs = []
+
+    class LR(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    _fit(tmp_path, [SemiStructuredSparsity(start_epoch=1, lr_scale=0.1), LR()], model=_adam(TinyCTR(), lr=1e-2))
+    assert lrs == pytest.approx([1e-2, 1e-3, 1e-3])

@@ -136,3 +136,15 @@ def test_loader_refuses_metadata_breaking_the_2_4_rule(tmp_path, pruned_qat):
     _rewrite(art.path, tmp_path / "bad2", edit_manifest=bad_kernel)
     with pytest.raises(ArtifactError, match=r"layer 'mlp\.0' names CPU kernel 'magic'"):
         load(tmp_path / "bad2")
+
+
+def test_cli_inspect_shows_the_kernel_selection(tmp_path, pruned_qat, capsys):
+    from hwaware.cli import main
+
+    _, val = loaders()
+    art = export(pruned_qat, tmp_path / "art", val_dataloader=val, max_drop=0.05)
+    assert main(["inspect", art.path]) == 0
+    out = capsys.readouterr().out
+    assert "sparse24_int8" in out and "kernel selection" in out
+    assert "mlp.0 [cpu, input 32x12]:" in out and "int8 " in out and "2:4+int8 n/a" in out
+    assert "-> int8: 2:4+int8: no CPU kernel" in out

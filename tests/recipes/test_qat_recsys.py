@@ -43,3 +43,23 @@ def test_malformed_data_file_names_file_and_line(tmp_path):
     proc = _run("--fast", "--no-progress", "--data", str(path), timeout=120)
     assert proc.returncode != 0
     assert str(path) in proc.stderr and "line 3" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_fast_recipe_with_2_4_sparsity(tmp_path):
+    report_path = tmp_path / "report.json"
+    proc = _run("--fast", "--no-progress", "--sparsity", "2:4", "--export-dir", str(tmp_path / "art"),
+                "--max-drop", "0.05", "--report", str(report_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2:4 + int8 drop vs dense" in proc.stdout
+    r = json.loads(report_path.read_text())
+    sp = r["sparsity"]
+    # every MLP layer with K % 4 == 0 is 2:4 (the top MLP input padded 367 -> 368); bottom_mlp.0 has K=13
+    assert sp["layers"] == {"bottom_mlp.2": 0.5, "top_mlp.0": 0.5, "top_mlp.2": 0.5, "top_mlp.4": 0.5}
+    assert sp["verified_24"] and "K=13" in sp["skipped"]["bottom_mlp.0"]
+    assert abs(sp["auroc_drop"] - (sp["dense_fp32_auroc"] - sp["auroc"])) < 1e-12 and sp["auroc"] == r["qat"]["auroc"]
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    for name in sp["layers"]:
+        meta = manifest["layers"][name]
+        assert meta["scheme"] == "sparse24_int8" and meta["selection"]["cpu"]["chosen"] == "int8"
+    assert manifest["layers"]["bottom_mlp.0"]["scheme"] == "int8"
+    assert r["export"]["auroc"] > 0.5

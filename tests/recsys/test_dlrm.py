@@ -93,6 +93,7 @@ def test_forward_rejects_wrong_sparse_shape():
         ({"embedding_dim": 0, "bottom_mlp": (0,)}, "embedding_dim must be a positive int, got 0"),
         ({"lr": 0.0}, "lr must be > 0, got 0.0"),
         ({"weight_decay": -1.0}, "weight_decay must be >= 0, got -1.0"),
+        ({"interaction_pad": 0}, "interaction_pad must be a positive int, got 0"),
     ],
 )
 def test_misconfiguration(kwargs, match):
@@ -146,3 +147,18 @@ def test_checkpoint_round_trip(tmp_path):
     dense, sparse = _inputs(8)
     model.eval(), restored.eval()
     torch.testing.assert_close(restored(dense, sparse), model(dense, sparse), atol=0, rtol=0)
+
+
+def test_interaction_pad_appends_zero_columns():
+    # TINY: D=4 + 27*26/2 = 351 pairs -> 355; padded to 356 (a multiple of 4, what 2:4 needs)
+    torch.manual_seed(0)
+    plain = DLRM(**TINY)
+    padded = DLRM(**TINY, interaction_pad=4)
+    assert plain.top_mlp[0].in_features == 355 and padded.top_mlp[0].in_features == 356
+    state = plain.state_dict()
+    w = state["top_mlp.0.weight"]
+    state["top_mlp.0.weight"] = torch.cat([w, torch.randn(w.shape[0], 1)], dim=1)  # the pad column's weight is irrelevant
+    padded.load_state_dict(state)
+    dense, sparse = _inputs(8)
+    torch.testing.assert_close(padded(dense, sparse), plain(dense, sparse), rtol=1e-6, atol=1e-6)
+    assert padded.hparams["interaction_pad"] == 4
