@@ -113,3 +113,9 @@ def store_dtype(dtype: torch.dtype, interpreted: bool) -> torch.dtype:
     numbers then match what the GPU stores.
     """
     return torch.float32 if (interpreted and dtype == torch.bfloat16) else dtype
+
+
+def gemm_config(bm: int, bn: int, bk: int, warps: int, stages: int, group_m: int = 8) -> dict:
+    """A GEMM launch config: tile (BLOCK_M/N/K), GROUP_M (programs along M sharing a column of N
+    tiles, for L2 reuse), warps and pipeline stages."""
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, num_warps=warps, num_stages=stages)

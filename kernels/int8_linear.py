@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import check_devices, check_tensor, is_interpreted, m_bucket, pick_config, store_dtype
+from ._launch import check_devices, check_tensor, gemm_config, is_interpreted, m_bucket, pick_config, store_dtype
 
 __all__ = ["quantize_per_token", "int8_linear", "int8_matmul_dequant"]
 
@@ -142,8 +142,7 @@ def _int8_gemm_kernel(
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _cfg(bm, bn, bk, warps, stages, group_m=8):
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, num_warps=warps, num_stages=stages)
+_cfg = gemm_config
 
 
 # Small M (decode-like, <= 64 rows): weight streaming dominates, so narrow M tiles and narrow N

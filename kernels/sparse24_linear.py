@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import check_devices, check_tensor, dot_dtype, is_interpreted, m_bucket, pick_config, store_dtype
+from ._launch import check_devices, check_tensor, dot_dtype, gemm_config, is_interpreted, m_bucket, pick_config, store_dtype
 from .int8_linear import quantize_per_token
 
 __all__ = ["sparse24_linear", "decompress_24", "to_semi_structured", "sparse24_linear_semi_structured"]
@@ -110,8 +110,7 @@ def _sparse24_gemm_kernel(
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _cfg(bm, bn, bk, warps, stages, group_m=8):
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, num_warps=warps, num_stages=stages)
+_cfg = gemm_config
 
 
 # Small M streams the compressed weight: narrow M tiles, and narrow N tiles so that there are about

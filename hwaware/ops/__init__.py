@@ -369,14 +369,18 @@ def _to_csr(w: Tensor) -> Tensor:
         return w.to_sparse_csr()
 
 
+def _check_sparse24_kernel(kernel: str, device: str) -> None:
+    if kernel not in SPARSE24_KERNELS[device]:
+        raise ValueError(f"kernel={kernel!r} is not a {device.upper()} implementation of hwaware::sparse24_linear; "
+                         f"expected one of {SPARSE24_KERNELS[device]}")
+
+
 @torch.library.custom_op("hwaware::sparse24_linear", mutates_args=(), device_types="cpu")
 def sparse24_linear(x: Tensor, values: Tensor, meta: Tensor, w_scale: Optional[Tensor], bias: Optional[Tensor],
                     kernel: str) -> Tensor:
     """2:4 compressed linear, CPU; ``kernel`` in ``SPARSE24_KERNELS["cpu"]`` (see there)."""
     _check_sparse24_linear(x, values, meta, w_scale, bias, kernel)
-    if kernel not in SPARSE24_KERNELS["cpu"]:
-        raise ValueError(f"kernel={kernel!r} is not a CPU implementation of hwaware::sparse24_linear; "
-                         f"expected one of {SPARSE24_KERNELS['cpu']}")
+    _check_sparse24_kernel(kernel, "cpu")
     n, k = values.shape[0], 2 * values.shape[1]
     if values.dtype == torch.int8:
         if kernel != "dense":

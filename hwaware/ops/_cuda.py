@@ -27,6 +27,7 @@ from hwaware.ops import (
     _check_embedding_bag,
     _check_int4_linear,
     _check_int8_linear,
+    _check_sparse24_kernel,
     _check_sparse24_linear,
     embedding_bag_rowwise,
     int4_linear,
@@ -81,9 +82,7 @@ def _embedding_bag_rowwise_cuda(weight: Tensor, bits: int, dim: int, indices: Te
 def _sparse24_linear_cuda(x: Tensor, values: Tensor, meta: Tensor, w_scale: Optional[Tensor], bias: Optional[Tensor],
                           kernel: str) -> Tensor:
     _check_sparse24_linear(x, values, meta, w_scale, bias, kernel)
-    if kernel not in SPARSE24_KERNELS["cuda"]:
-        raise ValueError(f"kernel={kernel!r} is not a CUDA implementation of hwaware::sparse24_linear; "
-                         f"expected one of {SPARSE24_KERNELS['cuda']}")
+    _check_sparse24_kernel(kernel, "cuda")
     mod = _kernels("sparse24_linear")
     k = 2 * values.shape[1]
     # The kernels trust the metadata; check it once per weight (a host copy of N*K/8 bytes), cached.
