@@ -257,3 +257,37 @@ def test_lr_scale_applies_when_pruning_starts(tmp_path):
 
     _fit(tmp_path, [SemiStructuredSparsity(start_epoch=1, lr_scale=0.1), LR()], model=_adam(TinyCTR(), lr=1e-2))
     assert lrs == pytest.approx([1e-2, 1e-3, 1e-3])
+
+
+class TinyConvNet(pl.LightningModule):
+    """Conv2d(4 -> 8, 3x3): its im2col K = 4 * 3 * 3 = 36, a multiple of 4; the first conv's K = 27 is not."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0 = nn.Conv2d(3, 4, 3, padding=1)
+        self.c1 = nn.Conv2d(4, 8, 3, padding=1)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.c1(torch.relu(self.c0(x)))).mean((2, 3)))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def test_conv_is_pruned_along_its_im2col_k(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 3, 6, 6, generator=g), torch.randint(0, 2, (64,), generator=g))
+    sp = SemiStructuredSparsity(start_epoch=1)
+    pl.seed_everything(0, verbose=False)
+    model = TinyConvNet()
+    trainer = make_trainer(tmp_path, [sp], max_epochs=2, limit_val_batches=0)
+    trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=16))
+    assert set(sp.report["layers"]) == {"c1", "head"} and "K=27" in sp.report["skipped"]["c0"]
+    w2d = model.c1.weight.detach().reshape(8, 36)  # [C_out, C_in * kh * kw]: groups of 4 run along kw, kh, C_in
+    assert is_mask_24(w2d != 0) and sp.report["layers"]["c1"]["shape"] == [8, 36]
+    assert float((w2d == 0).float().mean()) == 0.5
