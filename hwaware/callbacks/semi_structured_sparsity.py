@@ -127,6 +127,7 @@ class SemiStructuredSparsity(Callback):
         self._ramp_steps = 0
         self._handles: List[Any] = []  # optimizer step post-hooks
         self._owned: Dict[int, List[str]] = {}  # id(optimizer) -> pruned layers whose weights it updates
+        self._swapped: set = set()  # sr_ste layers holding dense weights between pre-step and post-step
         self._mask_changes = 0  # sr_ste: mask entries that flipped since the last validation
         self._history: List[Dict[str, Any]] = []
         self._metrics_before: Dict[str, float] = {}
@@ -204,6 +205,7 @@ class SemiStructuredSparsity(Callback):
                     if w.grad is not None:  # None: another callback dropped it (calibration): no update
                         sr_ste_decay_(w.grad, dense, mask, self.sr_ste_lambda)
                     w.copy_(dense)  # the optimizer updates the dense weights
+                    self._swapped.add(name)
                 elif w.grad is not None:
                     w.grad.mul_(mask)  # pruned weights get no gradient (momentum decays, AdamW leaves 0 at 0)
 
@@ -212,6 +214,7 @@ class SemiStructuredSparsity(Callback):
         if self.phase == "dense" or not names:
             return
         self._step += 1
+        self._swapped.difference_update(names)
         with torch.no_grad():
             if self.method == "sr_ste":
                 for name in names:
@@ -238,6 +241,16 @@ class SemiStructuredSparsity(Callback):
         for h in self._handles:
             h.remove()
         self._handles, self._owned = [], {}
+
+    @override
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # dense weights swapped in for a step that never happened (e.g. AMP's GradScaler skipped it
+        # on inf gradients, so no post-step hook ran): swap the masked weights back
+        if self._swapped:
+            with torch.no_grad():
+                for name in self._swapped:
+                    self._layers[name].weight.copy_(self._dense[name] * self._masks[name])
+            self._swapped.clear()
 
     @override
     def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

@@ -291,3 +291,34 @@ def test_conv_is_pruned_along_its_im2col_k(tmp_path):
     w2d = model.c1.weight.detach().reshape(8, 36)  # [C_out, C_in * kh * kw]: groups of 4 run along kw, kh, C_in
     assert is_mask_24(w2d != 0) and sp.report["layers"]["c1"]["shape"] == [8, 36]
     assert float((w2d == 0).float().mean()) == 0.5
+
+
+def test_sr_ste_skipped_optimizer_step_leaves_masked_weights(tmp_path):
+    """AMP's GradScaler skips optimizer.step on inf gradients: no post-step hook runs. The next
+    forward must still see the masked weights, and the dense ones must not move."""
+    model = TinyCTR()
+    skipped = []
+
+    def configure():
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        real_step = opt.step
+
+        def step(closure=None):
+            if len(skipped) < 3 and closure is not None:
+                closure()  # forward, backward, on_before_optimizer_step ... then no update (a skipped step)
+                skipped.append(True)
+                return None
+            return real_step(closure)
+
+        opt.step = step
+        return opt
+
+    model.configure_optimizers = configure
+    sp = SemiStructuredSparsity(method="sr_ste", start_epoch=0)
+    probe = Probe()
+    _fit(tmp_path, [sp, probe], model=model, max_epochs=1)
+    assert len(skipped) == 3
+    for _, ws in probe.seen[1:]:
+        assert all(is_mask_24(ws[n] != 0) for n in LAYERS)
+    for n in LAYERS:
+        assert torch.equal(_w(model, n), sp._dense[n] * sp.masks[n])
