@@ -314,7 +314,8 @@ def export(
     if not isinstance(max_drop, (int, float)) or isinstance(max_drop, bool) or not max_drop >= 0 or not math.isfinite(max_drop):
         raise ValueError(f"max_drop={max_drop!r}; expected a finite float >= 0")
     if device != "cpu":
-        raise ValueError(f"device={device!r}; this build exports for 'cpu' (GPU kernels arrive with the Triton kernels issue)")
+        raise ValueError(f"device={device!r}; export measures and gates on 'cpu' only for now (the CUDA kernels are "
+                         f"registered: hwaware.load(path, device='cuda') runs an artifact on them)")
     if embedding_bits not in (4, 8):
         raise ValueError(f"embedding_bits={embedding_bits!r}; expected 4 or 8")
     if not isinstance(model, nn.Module):
@@ -414,9 +415,15 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
     from *your* environment (as Lightning's ``load_from_checkpoint`` does); the weights come from
     ``weights.safetensors``. ``program.pt2`` is only hash-checked here: ``torch.export.load`` is the
     way to run it (it unpickles, so hwaware never calls it).
+
+    ``device="cuda"`` (or ``"cuda:N"``) moves the loaded model there; its packed layers then run the
+    Triton kernels registered as the ops' CUDA implementations (2:4 layers: the kernel the
+    manifest chose for ``cuda``, else ``"dense"``). Export measures kernels on CPU only for now.
     """
-    if device != "cpu":
-        raise ValueError(f"device={device!r}; this build loads for 'cpu' (GPU kernels arrive with the Triton kernels issue)")
+    if not isinstance(device, str) or not (device == "cpu" or device == "cuda" or device.startswith("cuda:")):
+        raise ValueError(f"device={device!r}; expected 'cpu', 'cuda' or 'cuda:N'")
+    if device != "cpu" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but torch sees no CUDA device (torch {torch.__version__}); load with device='cpu'")
     path = os.fspath(path)
     manifest = verify_artifact(path)
     info = manifest["model"]
@@ -457,4 +464,4 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t is not None and t.is_meta]
     if missing:
         raise ArtifactError(f"{path}: the model holds tensors the artifact does not restore: {missing[:5]}")
-    return model.eval()
+    return model.to(device).eval() if device != "cpu" else model.eval()
