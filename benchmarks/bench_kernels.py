@@ -158,10 +158,14 @@ def bench_gemm(m: int, k: int, n: int, timer: Timer, peak: Optional[float]) -> D
     add("torch_semi_structured_fp16", (w16,), semi)
 
     def tinygemm(wt_codes):
-        # torch's int4 tinygemm: [N, K/2] uint8 with the even element in the HIGH nibble, then
-        # repacked to its tiled layout; scales_and_zeros bf16 [K/g, N, 2]
+        # torch's int4 tinygemm (aten::_convert_weight_to_int4pack(Tensor self, int innerKTiles),
+        # aten::_weight_int4pack_mm(Tensor self, Tensor mat2, int qGroupSize, Tensor qScaleAndZeros)):
+        # [N, K/2] uint8 with the even element in the HIGH nibble, repacked to its tiled layout;
+        # scales_and_zeros bf16 [K/g, N, 2]. tinygemm dequantizes w = (q - 8) * scale + zero, so
+        # zero = (8 - zp) * scale gives our w = (q - zp) * scale (the same function as the others).
         packed = torch.ops.aten._convert_weight_to_int4pack(wt_codes, 8)
-        sz = torch.stack([s4.t().bfloat16(), torch.zeros_like(s4.t(), dtype=torch.bfloat16)], dim=-1).contiguous()
+        zero = (8 - z4.float()) * s4
+        sz = torch.stack([s4.t().bfloat16(), zero.t().bfloat16()], dim=-1).contiguous()
         return lambda: torch.ops.aten._weight_int4pack_mm(xbf, packed, gs, sz)
     codes_hi = ((p4 & 0xF) << 4) | (p4 >> 4)  # our low-nibble-first bytes with the nibbles swapped
     add("torch_int4_tinygemm_bf16", (codes_hi,), tinygemm)

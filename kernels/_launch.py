@@ -41,6 +41,8 @@ def pick_config(key: Hashable, configs: Sequence[dict], launch: Callable[[dict],
     op (kernel + any reduction pass) with ``cfg`` so split-K configs are timed with their reduction."""
     if len(configs) == 1 or os.environ.get("HWAWARE_TRITON_AUTOTUNE", "1") == "0":
         return configs[0]
+    if torch.cuda.is_available():  # picks are per GPU (a process may drive different kinds)
+        key = (key, torch.cuda.current_device())
     best = _BEST.get(key)
     if best is not None:
         return best
@@ -52,7 +54,8 @@ def pick_config(key: Hashable, configs: Sequence[dict], launch: Callable[[dict],
     for cfg in configs:
         try:
             times.append(do_bench(lambda: launch(cfg), warmup=5, rep=20))
-        except (triton.runtime.errors.OutOfResources, triton.CompilationError):  # e.g. shared memory for stages
+        # shared memory for the stages (OutOfResources), or a config ptxas refuses (e.g. registers)
+        except (triton.runtime.errors.OutOfResources, triton.runtime.errors.PTXASError, triton.CompilationError):
             times.append(math.inf)
     if all(t == math.inf for t in times):
         raise RuntimeError(f"no launch config of {key!r} compiled on this device; tried {list(configs)}")

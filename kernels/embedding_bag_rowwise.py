@@ -98,7 +98,9 @@ def _embedding_bag_rowwise_kernel(
                 v = v * tl.load(psw_ptr + ls, mask=l_ok, other=0.0)[:, None]
             acc += tl.sum(tl.where(ok, v, 0.0), axis=0)
     if MODE == 1:
-        acc = acc / tl.maximum(end - start, 1).to(tl.float32)
+        # div_rn: IEEE division as F.embedding_bag's mean (Triton's `/` on fp32 lowers to the
+        # approximate div.full.f32 on NVIDIA GPUs; the interpreter's numpy division hides that)
+        acc = tl.math.div_rn(acc, tl.maximum(end - start, 1).to(tl.float32))
     if MODE == 2:
         acc = tl.where(end > start, acc, 0.0)  # empty bag: 0, not -inf
     tl.store(out_ptr + bag.to(tl.int64) * D + cols, acc, mask=c_ok)

@@ -155,6 +155,8 @@ def int4_linear(x: Tensor, packed: Tensor, scales: Tensor, zeros: Optional[Tenso
     check_devices(_int4_gemm_kernel, x=x, packed=packed, scales=scales, zeros=zeros, bias=bias)
 
     x2d = x.reshape(-1, k)
+    if x2d.stride(1) != 1:  # int32 k offsets (rk * stride_xk) would overflow for big column-major views
+        x2d = x2d.contiguous()
     m = x2d.shape[0]
     interpreted = is_interpreted(_int4_gemm_kernel)
     out_dt = store_dtype(x.dtype, interpreted)
@@ -162,7 +164,7 @@ def int4_linear(x: Tensor, packed: Tensor, scales: Tensor, zeros: Optional[Tenso
     if m == 0 or n == 0:
         return out.to(x.dtype).reshape(*x.shape[:-1], n)
     dot_dt, precision = dot_dtype(x.dtype, interpreted)
-    bias_arg = bias if bias is not None else scales
+    bias_arg = bias.contiguous() if bias is not None else scales  # the kernels index bias[n] unstrided
 
     def launch(cfg):
         cfg = dict(cfg)

@@ -72,6 +72,10 @@ def quantize_per_token(x2d: Tensor):
     check_tensor("x2d", x2d, _FLOAT_X, (None, None), "[M, K] float")
     check_devices(_quantize_per_token_kernel, x2d=x2d)
     m, k = x2d.shape
+    if x2d.stride(1) != 1:
+        # a column-major view: the kernel's int32 column offsets (cols * stride_xk) would overflow
+        # once K * stride_xk >= 2^31 (M * K elements), and strided rows read uncoalesced anyway
+        x2d = x2d.contiguous()
     q = torch.empty((m, k), dtype=torch.int8, device=x2d.device)
     scale = torch.empty((m,), dtype=torch.float32, device=x2d.device)
     if m == 0:
@@ -160,6 +164,7 @@ def int8_matmul_dequant(q: Tensor, x_scale: Tensor, qweight: Tensor, w_scale: Te
     """``(q [M, K] int8 @ qweight[N, K]^T) * x_scale[:, None] * w_scale[None, :] + bias`` -> ``out_dtype [M, N]``."""
     m, k = q.shape
     n = qweight.shape[0]
+    q, x_scale = q.contiguous(), x_scale.contiguous()  # the kernel indexes q rows by K and x_scale by m
     interpreted = is_interpreted(_int8_gemm_kernel)
     out = torch.empty((m, n), dtype=store_dtype(out_dtype, interpreted), device=q.device)
     if m == 0 or n == 0:

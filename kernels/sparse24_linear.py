@@ -154,8 +154,13 @@ def sparse24_linear(x: Tensor, values: Tensor, meta: Tensor, w_scale: Optional[T
     check_devices(_sparse24_gemm_kernel, x=x, values=values, meta=meta, w_scale=w_scale, bias=bias)
 
     x2d = x.reshape(-1, k)
+    if x2d.stride(1) != 1:  # int32 k offsets (rk * stride_ak) would overflow for big column-major views
+        x2d = x2d.contiguous()
     m = x2d.shape[0]
     interpreted = is_interpreted(_sparse24_gemm_kernel)
+    # the kernel indexes bias[n] and w_scale[n] unstrided
+    bias = bias.contiguous() if bias is not None else None
+    w_scale = w_scale.contiguous() if w_scale is not None else None
     out = torch.empty((m, n), dtype=store_dtype(x.dtype, interpreted), device=x.device)
     if m == 0 or n == 0:
         return out.to(x.dtype).reshape(*x.shape[:-1], n)
@@ -224,6 +229,20 @@ def to_semi_structured(values: Tensor, meta: Tensor):
     _check_compressed(values, meta, int8_ok=False)
     if values.device.type != "cuda":
         raise ValueError(f"torch.sparse.to_sparse_semi_structured is CUDA-only; values are on {values.device}")
+    # The backend torch picks (cuSPARSELt by default, CUTLASS when forced) has its own dtypes and
+    # shape multiples: cuSPARSELt takes no fp32 at all, CUTLASS fp32 runs in TF32 (not the
+    # reference's fp32 math). Refuse up front with the constraint rather than torch's RuntimeError.
+    sst = torch.sparse.SparseSemiStructuredTensor
+    cls = torch.sparse.SparseSemiStructuredTensorCUTLASS if sst._FORCE_CUTLASS else torch.sparse.SparseSemiStructuredTensorCUSPARSELT
+    n, k = values.shape[0], 2 * values.shape[1]
+    if values.dtype == torch.float32 or values.dtype not in cls._DTYPE_SHAPE_CONSTRAINTS:
+        raise ValueError(f"torch's semi-structured 2:4 path ({cls.__name__}) takes fp16/bf16 values here, got "
+                         f"{values.dtype}; run kernel='triton' or 'dense' for fp32 values")
+    c = cls._DTYPE_SHAPE_CONSTRAINTS[values.dtype]
+    if n < c.sparse_min_rows or n % c.sparse_min_rows or k < c.sparse_min_cols or k % c.sparse_min_cols:
+        raise ValueError(f"torch's semi-structured 2:4 path ({cls.__name__}) needs the [N, K] = [{n}, {k}] weight's N a "
+                         f"multiple of {c.sparse_min_rows} and K a multiple of {c.sparse_min_cols} ({values.dtype}); "
+                         "run kernel='triton' or 'dense' for this layer")
     return torch.sparse.to_sparse_semi_structured(decompress_24(values, meta))
 
 
@@ -241,5 +260,5 @@ def sparse24_linear_semi_structured(x: Tensor, weight, bias: Optional[Tensor] = 
     if bias is not None:
         check_tensor("bias", bias, _FLOAT_X, (n,), "[N] float")
         bias = bias.to(x.dtype)
-    out = F.linear(x.reshape(-1, k), weight, bias)
+    out = F.linear(x.reshape(-1, k).contiguous(), weight, bias)  # torch's 2:4 mm pads/transposes a dense x
     return out.reshape(*x.shape[:-1], n)

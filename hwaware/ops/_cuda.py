@@ -14,6 +14,7 @@ refuse the same inputs with the same messages), then calls the launcher.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 from typing import Optional
 
@@ -56,26 +57,44 @@ def _kernels(name: str):
     return importlib.import_module(f"hwaware.kernels.{name}")
 
 
+def _on(t: Tensor):
+    """Make ``t``'s GPU the current device for the launch. A Triton launch goes to the *current*
+    device and its stream (torch's custom-op dispatcher sets no device guard for Python kernels), so
+    tensors on ``cuda:1`` while ``cuda:0`` is current would be read through the wrong context."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _capturing() -> bool:
+    # host syncs (a .cpu() / .tolist()) are illegal while a CUDA graph is being captured
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 @int8_linear.register_kernel("cuda")
 def _int8_linear_cuda(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
     _check_int8_linear(x, qweight, w_scale, bias)
-    return _kernels("int8_linear").int8_linear(x, qweight, w_scale, bias)
+    with _on(x):
+        return _kernels("int8_linear").int8_linear(x, qweight, w_scale, bias)
 
 
 @int4_linear.register_kernel("cuda")
 def _int4_linear_cuda(x: Tensor, packed: Tensor, scales: Tensor, zeros: Optional[Tensor], group_size: int,
                       bias: Optional[Tensor]) -> Tensor:
     _check_int4_linear(x, packed, scales, zeros, group_size, bias)
-    return _kernels("int4_linear").int4_linear(x, packed, scales, zeros, group_size, bias)
+    with _on(x):
+        return _kernels("int4_linear").int4_linear(x, packed, scales, zeros, group_size, bias)
 
 
 @embedding_bag_rowwise.register_kernel("cuda")
 def _embedding_bag_rowwise_cuda(weight: Tensor, bits: int, dim: int, indices: Tensor, offsets: Tensor, mode: int,
                                 per_sample_weights: Optional[Tensor], include_last_offset: bool) -> Tensor:
     _check_embedding_bag(weight, bits, dim, indices, offsets, mode, per_sample_weights, include_last_offset)
-    # check_indices: IndexError / ValueError on bad index or offset values, as the CPU op (one sync)
-    return _kernels("embedding_bag_rowwise").embedding_bag_rowwise(
-        weight, bits, dim, indices, offsets, mode, per_sample_weights, include_last_offset, check_indices=True)
+    # check_indices: IndexError / ValueError on bad index or offset values, as the CPU op (one sync).
+    # Not while a CUDA graph is captured, where a sync is illegal: the kernel then skips
+    # out-of-range indices (never reads out of bounds), as with check_indices=False.
+    with _on(weight):
+        return _kernels("embedding_bag_rowwise").embedding_bag_rowwise(
+            weight, bits, dim, indices, offsets, mode, per_sample_weights, include_last_offset,
+            check_indices=not _capturing())
 
 
 @sparse24_linear.register_kernel("cuda")
@@ -83,10 +102,20 @@ def _sparse24_linear_cuda(x: Tensor, values: Tensor, meta: Tensor, w_scale: Opti
                           kernel: str) -> Tensor:
     _check_sparse24_linear(x, values, meta, w_scale, bias, kernel)
     _check_sparse24_kernel(kernel, "cuda")
+    with _on(x):
+        return _sparse24_linear_cuda_impl(x, values, meta, w_scale, bias, kernel)
+
+
+def _sparse24_linear_cuda_impl(x: Tensor, values: Tensor, meta: Tensor, w_scale: Optional[Tensor],
+                               bias: Optional[Tensor], kernel: str) -> Tensor:
     mod = _kernels("sparse24_linear")
     k = 2 * values.shape[1]
     # The kernels trust the metadata; check it once per weight (a host copy of N*K/8 bytes), cached.
-    _CACHE.get((meta,), ("sparse24_meta_ok", k), lambda: check_24_meta(meta.cpu(), k) or True)
+    # Skipped while a CUDA graph is captured (no host copy allowed there; run the layer once before
+    # capture to check it): a bad nibble only selects a wrong position inside its own group, never
+    # an out-of-bounds read.
+    if not _capturing():
+        _CACHE.get((meta,), ("sparse24_meta_ok", k), lambda: check_24_meta(meta.cpu(), k) or True)
     is_int8 = values.dtype == torch.int8
     if kernel == "triton":
         return mod.sparse24_linear(x, values, meta, w_scale, bias)

@@ -71,3 +71,17 @@ def test_int4_linear_bad_inputs():
     xs, ps, ss, zs, _ = _dev(*_args(2, 64, 4, 64, False))
     with pytest.raises(ValueError, match="group_size=8 must be a multiple of 16"):
         int4_linear(xs, ps, torch.ones(4, 8, device=DEVICE), None, 8, None)
+
+
+def test_int4_linear_strided_bias_and_column_major_x():
+    # bias is indexed bias[n] in the kernels, so a strided view must be made contiguous first; a
+    # column-major 2-D x stays a view through reshape and is made row-major (int32 k offsets)
+    from hwaware.kernels.int4_linear import int4_linear
+
+    x, p, s, z, b = _args(20, 64, 10, 32, False, torch.float32)
+    b2 = torch.stack([b, -b], dim=1).reshape(-1)[::2]  # every other element: stride 2
+    xt = x.t().contiguous().t()  # [M, K] with strides (1, M)
+    assert not b2.is_contiguous() and xt.stride(1) != 1
+    for m in (20, 3):  # large-M epilogue and split-K reduce (both add the bias)
+        y = int4_linear(*_dev(xt[:m], p, s, z), 32, *_dev(b2))
+        assert_close_to_ref(y, int4_linear_ref(x[:m], p, s, z, 32, b))

@@ -116,3 +116,16 @@ def test_semi_structured_path_matches_reference_cuda(dtype):
     ref = sparse24_linear_ref(x, v, meta, None, b)
     # torch's kernels accumulate in their own order and add the bias in x.dtype: an SQNR bound
     assert sqnr_db(ref, y.cpu()) >= MIN_SQNR_16BIT_LIBRARY_DB
+
+
+@pytest.mark.parametrize("values_dtype", [torch.float16, torch.int8])
+def test_sparse24_linear_strided_bias_and_scale(values_dtype):
+    # bias[n] and w_scale[n] are indexed unstrided in the kernel: strided views are made contiguous
+    from hwaware.kernels.sparse24_linear import sparse24_linear
+
+    x, v, meta, ws, b = _args(5, 32, 12, values_dtype, torch.float32)
+    b2 = torch.stack([b, -b], dim=1).reshape(-1)[::2]
+    ws2 = None if ws is None else torch.stack([ws, 2 * ws], dim=1).reshape(-1)[::2]
+    xt = x.t().contiguous().t()
+    y = sparse24_linear(*_dev(xt, v, meta, ws2, b2))
+    assert_close_to_ref(y, sparse24_linear_ref(x, v, meta, ws, b))
