@@ -8,6 +8,10 @@ interleaved timing run at batch 2048, FP32 eager, `quantize_dynamic` (its Linear
 user already has) and the artifact loaded from disk are compared. AUROC of all three comes from
 torchmetrics on the same validation split. Targets (issue 3): size <= 25% (int8 tables) / 15%
 (int4) of FP32; throughput >= 2x FP32 and above quantize_dynamic; AUROC drop <= 0.001.
+
+Experiment, not shipped (``exported_per_tensor_act``): the same artifact with every int8 Linear
+served by fbgemm's own dynamic linear (per-TENSOR uint8 activations, no per-token rescale around
+it): speed and AUROC of the alternative the team has to decide on (README, "Measured").
 """
 from __future__ import annotations
 
@@ -31,6 +35,33 @@ from hwaware.export.bench import compare_throughput  # noqa: E402
 from hwaware.recsys import DLRM, CriteoDataModule, evaluate_auroc  # noqa: E402
 
 
+class _PerTensorActLinear(nn.Module):
+    """Experiment: an exported Int8Linear's weights through fbgemm ``linear_dynamic`` as is
+    (activations quantized per tensor by fbgemm), bias added after."""
+
+    def __init__(self, m) -> None:
+        super().__init__()
+        from hwaware.ops import REDUCE_RANGE, _prepack_int8
+
+        self.packed = _prepack_int8(m.qweight, m.w_scale)
+        self.bias, self.reduce_range = m.bias, REDUCE_RANGE
+
+    def forward(self, x):
+        y = torch.ops.quantized.linear_dynamic(x, self.packed, self.reduce_range)
+        return y if self.bias is None else y + self.bias
+
+
+def per_tensor_variant(served: nn.Module) -> nn.Module:
+    from hwaware.export.deploy import Int8Linear
+
+    variant = copy.deepcopy(served)
+    for name, m in list(variant.named_modules()):
+        if isinstance(m, Int8Linear):
+            parent, _, leaf = name.rpartition(".")
+            (variant.get_submodule(parent) if parent else variant)._modules[leaf] = _PerTensorActLinear(m)
+    return variant
+
+
 def one(bits: int, fast: bool, out_dir: str) -> dict:
     argv = ["--no-progress", "--embedding-bits", str(bits), "--export-dir", os.path.join(out_dir, f"int{bits}"), "--max-drop", "0.01"]
     if fast:
@@ -41,13 +72,15 @@ def one(bits: int, fast: bool, out_dir: str) -> dict:
     dm = models["datamodule"]
     qdyn = torch.ao.quantization.quantize_dynamic(copy.deepcopy(fp32), {nn.Linear}, dtype=torch.qint8)
     served = hwaware.load(report["export"]["path"])
+    per_tensor = per_tensor_variant(served)
     infer = CriteoDataModule(num_samples=args.num_samples, batch_size=2048, seed=args.seed)
     infer.setup("fit")
     batches = [(b["dense"], b["sparse"]) for _, b in zip(range(4 if fast else 10), infer.val_dataloader())]
-    timing = compare_throughput({"fp32": fp32, "quantize_dynamic": qdyn, "exported": served}, batches,
-                                batch_size=2048, rounds=2 if fast else 6)
+    timing = compare_throughput({"fp32": fp32, "quantize_dynamic": qdyn, "exported": served,
+                                 "exported_per_tensor_act": per_tensor}, batches, batch_size=2048, rounds=2 if fast else 6)
     val = dm.val_dataloader()
-    auroc = {"fp32": report["fp32"]["auroc"], "quantize_dynamic": evaluate_auroc(qdyn, val), "exported": report["export"]["auroc"]}
+    auroc = {"fp32": report["fp32"]["auroc"], "quantize_dynamic": evaluate_auroc(qdyn, val), "exported": report["export"]["auroc"],
+             "exported_per_tensor_act": evaluate_auroc(per_tensor, val)}
     e = report["export"]
     return {
         "embedding_bits": bits,
@@ -78,7 +111,8 @@ def gemm_heavy(fast: bool, out_dir: str) -> dict:
     infer = CriteoDataModule(num_samples=20_000 if fast else 40_000, batch_size=2048, seed=0)
     infer.setup("fit")
     batches = [(b["dense"], b["sparse"]) for _, b in zip(range(2 if fast else 4), infer.val_dataloader())]
-    timing = compare_throughput({"fp32": fp32, "quantize_dynamic": qdyn, "exported": served}, batches,
+    timing = compare_throughput({"fp32": fp32, "quantize_dynamic": qdyn, "exported": served,
+                                 "exported_per_tensor_act": per_tensor_variant(served)}, batches,
                                 batch_size=2048, rounds=2 if fast else 4)
     return {"model": hp, "throughput": timing, "note": "post-training export of random weights: speed only, no AUROC"}
 
