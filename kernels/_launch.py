@@ -17,6 +17,7 @@ from typing import Callable, Dict, Hashable, Optional, Sequence
 
 import torch
 import triton
+import triton.language as tl
 from torch import Tensor
 
 __all__ = ["is_interpreted", "pick_config", "check_tensor", "check_devices", "m_bucket", "dot_dtype", "store_dtype"]
@@ -99,7 +100,6 @@ def dot_dtype(dtype: torch.dtype, interpreted: bool):
     bf16 as their raw uint16 bit patterns (numpy has no bf16), and on a GPU a bf16 ``tl.dot`` gives
     exact products with fp32 accumulation, the same numbers the upcast gives.
     """
-    import triton.language as tl
 
     if dtype == torch.float16:
         return tl.float16, "tf32"
@@ -122,3 +122,18 @@ def gemm_config(bm: int, bn: int, bk: int, warps: int, stages: int, group_m: int
     """A GEMM launch config: tile (BLOCK_M/N/K), GROUP_M (programs along M sharing a column of N
     tiles, for L2 reuse), warps and pipeline stages."""
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, num_warps=warps, num_stages=stages)
+
+
+@triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program on a 1-D grid, in groups of GROUP_M row tiles: consecutive
+    programs walk down a column of N tiles, so they reuse the same weight tile from L2."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
+    pid_n = (pid % (GROUP_M * num_n)) // size_m
+    return pid_m, pid_n

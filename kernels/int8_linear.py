@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import check_devices, check_tensor, gemm_config, is_interpreted, m_bucket, pick_config, store_dtype
+from ._launch import check_devices, check_tensor, gemm_config, grouped_tile, is_interpreted, m_bucket, pick_config, store_dtype
 
 __all__ = ["quantize_per_token", "int8_linear", "int8_matmul_dequant"]
 
@@ -106,14 +106,7 @@ def _int8_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # tile; BLOCK_K >= 32 for int8 MMA
     GROUP_M: tl.constexpr,  # row-tile grouping so consecutive programs share weight tiles in L2
 ):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * num_n)
-    first_m = group * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
-    pid_n = (pid % (GROUP_M * num_n)) // size_m
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
