@@ -28,3 +28,18 @@ def _scalar_metrics(trainer: "pl.Trainer") -> Dict[str, float]:
         elif isinstance(v, (int, float)):
             out[k] = float(v)
     return out
+
+
+def _scale_lr(trainer: "pl.Trainer", factor: float) -> None:
+    """Multiply every learning rate by ``factor``, where schedulers read it from too: the param
+    groups (``lr``, and ``initial_lr`` / ``max_lr`` / ``min_lr`` where a scheduler put them) and
+    each scheduler's ``base_lrs`` (LambdaLR, StepLR, ... recompute ``lr`` from them every step)."""
+    for opt in trainer.optimizers:
+        for group in opt.param_groups:
+            for key in ("lr", "initial_lr", "max_lr", "min_lr"):
+                if isinstance(group.get(key), (int, float)):
+                    group[key] *= factor
+    for config in trainer.lr_scheduler_configs:
+        base = getattr(config.scheduler, "base_lrs", None)
+        if isinstance(base, list):
+            config.scheduler.base_lrs = [lr * factor for lr in base]

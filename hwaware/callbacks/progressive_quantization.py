@@ -27,7 +27,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from hwaware.callbacks._common import _check_choice, _check_int, _scalar_metrics
+from hwaware.callbacks._common import _check_choice, _check_int, _scale_lr, _scalar_metrics
 from hwaware.quant.attach import (
     QuantState, attach_quantization, find_quantizable, quantization_disabled, set_fp32_reference,
 )
@@ -452,9 +452,7 @@ class ProgressiveQuantization(Callback):
         self._mark("qat", trainer)
         self._apply_phase_flags()
         if self.lr_scale != 1.0:
-            for opt in trainer.optimizers:
-                for group in opt.param_groups:
-                    group["lr"] *= self.lr_scale
+            _scale_lr(trainer, self.lr_scale)
         self._add_lsq_params(trainer)
         if self.freeze_observers_after == 0:
             self._freeze_observers()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 from typing import Any, Dict, List, Optional, Sequence
 
 import pytorch_lightning as pl
@@ -30,7 +31,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from hwaware.callbacks._common import _check_choice, _check_int, _scalar_metrics
+from hwaware.callbacks._common import _check_choice, _check_int, _scale_lr, _scalar_metrics
 from hwaware.sparsity.masks import (
     cubic_fraction, find_prunable, gradual_mask_24, is_mask_24, magnitude_mask_24, mask_sparsity, sr_ste_decay_,
     weight_2d,
@@ -133,24 +134,32 @@ class SemiStructuredSparsity(Callback):
         self._metrics_before: Dict[str, float] = {}
         self._metrics_after: Dict[str, float] = {}
         self._pending: Optional[Dict[str, Any]] = None
+        self._batch_stepped = False
+        self._model_ref: Optional[weakref.ref] = None
+
+    def _reset(self) -> None:
+        """Back to dense, for a fit on another model."""
+        self.phase = "dense"
+        self._masks, self._dense, self._swapped = {}, {}, set()
+        self._step = self._ramp_steps = self._mask_changes = 0
+        self._history, self._metrics_before, self._metrics_after = [], {}, {}
 
     # ================================================================================ hooks ===
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
+        if self._model_ref is not None and self._model_ref() is not pl_module:
+            self._reset()  # a new model: this callback's masks and dense weights belong to the old one
+        self._model_ref = weakref.ref(pl_module)
         layers, skipped = find_prunable(pl_module, self.skip)
-        if self._names:  # resumed: prune exactly the layers the checkpoint names
-            missing = [n for n in self._names if n not in layers]
-            if missing:
-                raise ValueError(f"checkpoint prunes layers {missing} that this model does not have as prunable layers")
-            layers = {n: layers[n] for n in self._names}
         if not layers:
             raise ValueError(f"{type(pl_module).__name__} has no layer to prune 2:4 (nn.Linear, nn.Conv1d, nn.Conv2d "
                              f"with input dimension a multiple of 4, outside skip={list(self.skip)}); skipped: "
                              f"{skipped or 'none found'}")
         max_epochs = trainer.max_epochs
-        if max_epochs is not None and max_epochs >= 0 and self.start_epoch + max(self.ramp_epochs, 1) > max_epochs:
+        if (self.phase == "dense" and max_epochs is not None and max_epochs >= 0
+                and self.start_epoch + max(self.ramp_epochs, 1) > max_epochs):
             need = f"start_epoch + ramp_epochs = {self.start_epoch + self.ramp_epochs} <= max_epochs" if self.ramp_epochs \
                 else "start_epoch < max_epochs"
             raise ValueError(f"start_epoch={self.start_epoch}, ramp_epochs={self.ramp_epochs} are invalid for "
@@ -162,21 +171,30 @@ class SemiStructuredSparsity(Callback):
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self._pending is not None:  # resuming: the model's (masked) weights are restored already
-            self._restore(self._pending)
+            saved = self._pending
             self._pending = None
+            if saved["names"] != self._names:
+                raise ValueError(
+                    f"the checkpoint prunes layers {saved['names']} but this callback (skip={list(self.skip)}) would "
+                    f"prune {self._names}; resume with the skip= the checkpoint was written with")
+            self._restore(saved)
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # the re-masking must happen right after optimizer.step(), before any other callback's hook
         # sees the weights (e.g. ProgressiveQuantization taking its FP32 reference at a batch end),
-        # so it is an optimizer step post-hook; Lightning has no callback hook at that point
+        # so it is an optimizer step post-hook; Lightning has no callback hook at that point. Which
+        # pruned layers an optimizer updates is read at every step (layers may be unfrozen later).
         self._remove_hooks()
-        owner = {id(self._layers[n].weight): n for n in self._names}
         for opt in trainer.optimizers:
-            names = [owner[id(p)] for g in opt.param_groups for p in g["params"] if id(p) in owner]
-            if names:
-                self._owned[id(opt)] = names
-                self._handles.append(opt.register_step_post_hook(self._after_step))
+            self._handles.append(opt.register_step_post_hook(self._after_step))
+        with torch.no_grad():  # the model may have moved since the masks were made
+            for name in self._names:
+                w = self._layers[name].weight
+                if name in self._masks:
+                    self._masks[name] = self._masks[name].to(w.device)
+                if name in self._dense:
+                    self._dense[name] = self._dense[name].to(device=w.device, dtype=w.dtype)
 
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -186,6 +204,7 @@ class SemiStructuredSparsity(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         # pruning starts at the first batch of start_epoch rather than at epoch start, so that every
         # other callback's on_train_epoch_start (in whatever order) has run on the dense model
+        self._batch_stepped = False
         if self.phase == "dense" and trainer.current_epoch >= self.start_epoch:
             self._start(trainer)
 
@@ -196,8 +215,10 @@ class SemiStructuredSparsity(Callback):
         if self.phase == "dense":
             return
         optimizer = getattr(optimizer, "_optimizer", optimizer)
+        ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        owned = self._owned[id(optimizer)] = [n for n in self._names if id(self._layers[n].weight) in ids]
         with torch.no_grad():
-            for name in self._owned.get(id(optimizer), ()):
+            for name in owned:
                 w = self._layers[name].weight
                 mask = self._masks[name]
                 if self.method == "sr_ste":
@@ -210,11 +231,13 @@ class SemiStructuredSparsity(Callback):
                     w.grad.mul_(mask)  # pruned weights get no gradient (momentum decays, AdamW leaves 0 at 0)
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        names = self._owned.get(id(optimizer), ())
-        if self.phase == "dense" or not names:
+        if self.phase == "dense":
             return
-        self._step += 1
+        names = self._owned.get(id(optimizer), [])
         self._swapped.difference_update(names)
+        if not self._batch_stepped:  # the ramp advances once per training batch, however many optimizers step
+            self._batch_stepped = True
+            self._step += 1
         with torch.no_grad():
             if self.method == "sr_ste":
                 for name in names:
@@ -226,6 +249,7 @@ class SemiStructuredSparsity(Callback):
                     w.mul_(new)
                 return
             if self.phase == "pruning":
+                names = self._names  # every layer follows the schedule, frozen ones included
                 fraction = cubic_fraction(self._step, self._ramp_steps)
                 for name in names:
                     w = self._layers[name].weight
@@ -233,7 +257,7 @@ class SemiStructuredSparsity(Callback):
                                                         self._masks[name].view(w.shape[0], -1), fraction).view_as(w)
                 if self._step >= self._ramp_steps:
                     self.phase = "sparse"
-                    self._history.append({"phase": "sparse", "optimizer_step": self._step})
+                    self._history.append({"phase": "sparse", "step": self._step})
             for name in names:
                 self._layers[name].weight.mul_(self._masks[name])
 
@@ -246,6 +270,14 @@ class SemiStructuredSparsity(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # dense weights swapped in for a step that never happened (e.g. AMP's GradScaler skipped it
         # on inf gradients, so no post-step hook ran): swap the masked weights back
+        self._unswap()
+
+    @override
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        self._unswap()  # the model the user keeps holds masked weights
+        self._remove_hooks()
+
+    def _unswap(self) -> None:
         if self._swapped:
             with torch.no_grad():
                 for name in self._swapped:
@@ -312,15 +344,13 @@ class SemiStructuredSparsity(Callback):
                              f"this callback has method={self.method!r}")
         _check_choice("checkpoint phase", state_dict["phase"], PHASES)
         self.phase = state_dict["phase"]
-        self._names = list(state_dict["names"])
-        self._skipped = dict(state_dict["skipped"])
         self._step = state_dict["step"]
         self._ramp_steps = state_dict["ramp_steps"]
         self._mask_changes = state_dict["mask_changes"]
         self._history = copy.deepcopy(state_dict["history"])
         self._metrics_before = dict(state_dict["metrics_before"])
         self._metrics_after = dict(state_dict["metrics_after"])
-        self._pending = {"masks": state_dict["masks"], "dense": state_dict["dense"]}
+        self._pending = {"names": list(state_dict["names"]), "masks": state_dict["masks"], "dense": state_dict["dense"]}
 
     def _restore(self, saved: Dict[str, Any]) -> None:
         if self.phase == "dense":
@@ -343,11 +373,13 @@ class SemiStructuredSparsity(Callback):
         self._metrics_before = self._metrics_before or _scalar_metrics(trainer)
         self._step = 0
         if self.lr_scale != 1.0:
-            for opt in trainer.optimizers:
-                for group in opt.param_groups:
-                    group["lr"] *= self.lr_scale
+            _scale_lr(trainer, self.lr_scale)
         with torch.no_grad():
             if self.method == "magnitude" and self.ramp_epochs:
+                if not math.isfinite(trainer.num_training_batches):
+                    raise ValueError(f"ramp_epochs={self.ramp_epochs} needs a known number of batches per epoch; the "
+                                     f"train dataloader has no length (an IterableDataset?): set "
+                                     f"Trainer(limit_train_batches=N) or use ramp_epochs=0")
                 per_epoch = math.ceil(trainer.num_training_batches / max(1, trainer.accumulate_grad_batches))
                 self._ramp_steps = max(1, self.ramp_epochs * per_epoch)
                 self._masks = {n: torch.ones_like(self._layers[n].weight, dtype=torch.bool) for n in self._names}

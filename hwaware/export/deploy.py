@@ -48,8 +48,8 @@ class Int8Linear(nn.Module):
         bias = torch.empty(n) if meta.get("bias") else None
         return cls(torch.empty(n, k, dtype=torch.int8), torch.empty(n), bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.ops.hwaware.int8_linear(x, self.qweight, self.w_scale, self.bias)
+    def forward(self, input: Tensor) -> Tensor:  # nn.Linear's argument name: keyword calls keep working
+        return torch.ops.hwaware.int8_linear(input, self.qweight, self.w_scale, self.bias)
 
     def describe(self) -> Dict[str, Any]:
         return {"scheme": self.scheme, "shape": [self.out_features, self.in_features], "bias": self.bias is not None,
@@ -87,8 +87,8 @@ class Int4Linear(nn.Module):
         bias = torch.empty(n) if meta.get("bias") else None
         return cls(torch.empty(n, (k + 1) // 2, dtype=torch.uint8), torch.empty(n, k // g), zeros, bias, k, g)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.ops.hwaware.int4_linear(x, self.packed, self.scales, self.zeros, self.group_size, self.bias)
+    def forward(self, input: Tensor) -> Tensor:
+        return torch.ops.hwaware.int4_linear(input, self.packed, self.scales, self.zeros, self.group_size, self.bias)
 
     def describe(self) -> Dict[str, Any]:
         return {"scheme": self.scheme, "shape": [self.out_features, self.in_features], "group_size": self.group_size,
@@ -145,9 +145,9 @@ class Sparse24Linear(nn.Module):
         """Raise ``ValueError`` unless ``meta`` obeys the 2:4 rule (two distinct positions per group)."""
         packing.check_24_meta(self.metadata, self.in_features, name="metadata")
 
-    def forward(self, x: Tensor) -> Tensor:
-        kernel = self.kernels.get(x.device.type, "dense")
-        return torch.ops.hwaware.sparse24_linear(x, self.values, self.metadata, self.w_scale, self.bias, kernel)
+    def forward(self, input: Tensor) -> Tensor:
+        kernel = self.kernels.get(input.device.type, "dense")
+        return torch.ops.hwaware.sparse24_linear(input, self.values, self.metadata, self.w_scale, self.bias, kernel)
 
     def describe(self) -> Dict[str, Any]:
         return {"scheme": self.scheme, "shape": [self.out_features, self.in_features], "bias": self.bias is not None,

@@ -125,6 +125,18 @@ def _deploy_module(name: str, module: nn.Module, st: QuantState, sparse24: bool)
     return None, f"no deploy op for {spec.short()} {st.kind}"
 
 
+# Parents that read a child Linear's .weight directly instead of calling it: a deploy module there
+# would never run (and has no .weight), so the child stays dense.
+_WEIGHT_READING_PARENTS = (nn.MultiheadAttention,)
+
+
+def _read_by_parent(modules: Dict[str, nn.Module], name: str) -> Optional[str]:
+    parent = modules.get(name.rpartition(".")[0])
+    if isinstance(parent, _WEIGHT_READING_PARENTS):
+        return f"its parent {type(parent).__name__} reads .weight directly instead of calling the layer: runs dense"
+    return None
+
+
 def _build_deploy(model: nn.Module, states: Dict[str, QuantState], sparse24: bool = True
                   ) -> Tuple[nn.Module, Dict[str, Dict[str, Any]], Dict[str, str]]:
     deploy = _copy_model(model)
@@ -143,7 +155,8 @@ def _build_deploy(model: nn.Module, states: Dict[str, QuantState], sparse24: boo
         layers[name] = meta
 
     for name, st in states.items():
-        new, reason = _deploy_module(name, modules[name], st, sparse24)
+        reason = _read_by_parent(modules, name)
+        new, reason = (None, reason) if reason else _deploy_module(name, modules[name], st, sparse24)
         if new is None:
             dense[name] = reason
             continue
@@ -152,7 +165,7 @@ def _build_deploy(model: nn.Module, states: Dict[str, QuantState], sparse24: boo
     # the FP32 values are exact, so this is lossless and halves their bytes
     if sparse24:
         for name, m in modules.items():
-            if name in layers or not isinstance(m, nn.Linear) or not is_24(m.weight.detach()):
+            if name in layers or not isinstance(m, nn.Linear) or _read_by_parent(modules, name) or not is_24(m.weight.detach()):
                 continue
             add(name, Sparse24Linear.from_linear(m), None, note=dense.pop(name, None))
         for name, m in modules.items():

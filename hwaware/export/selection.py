@@ -51,9 +51,10 @@ def capture_rows(model: nn.Module, run: Callable[[], Any]) -> Dict[str, int]:
     handles = []
     for name, m in model.named_modules():
         if isinstance(m, Sparse24Linear):
-            def hook(mod, args, name=name):
-                rows[name] = args[0].numel() // args[0].shape[-1]
-            handles.append(m.register_forward_pre_hook(hook))
+            def hook(mod, args, kwargs, name=name):
+                x = args[0] if args else next(iter(kwargs.values()))  # F.linear's input, by position or keyword
+                rows[name] = max(rows.get(name, 0), x.numel() // x.shape[-1])  # called twice: the larger
+            handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
             run()

@@ -37,6 +37,10 @@ def find_prunable(model: nn.Module, skip: Sequence[str] = ()) -> Tuple[Dict[str,
     as is any name matching an ``fnmatch`` pattern in ``skip``.
     """
     layers, skipped = {}, {}
+    # a weight tied to an embedding table is a table (never pruned); one shared by two layers is
+    # pruned once, under its first name
+    tables = {id(m.weight): name for name, m in model.named_modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
+    owners: Dict[int, str] = {}
     for name, m in model.named_modules():
         if not isinstance(m, PRUNABLE_TYPES) or not name:
             continue
@@ -44,11 +48,18 @@ def find_prunable(model: nn.Module, skip: Sequence[str] = ()) -> Tuple[Dict[str,
         if pattern is not None:
             skipped[name] = f"matches skip pattern {pattern!r}"
             continue
+        if id(m.weight) in tables:
+            skipped[name] = f"its weight is tied to embedding {tables[id(m.weight)]!r}; embedding tables are never pruned"
+            continue
+        if id(m.weight) in owners:
+            skipped[name] = f"shares its weight with {owners[id(m.weight)]!r}, pruned there"
+            continue
         k = m.weight[0].numel()
         if k % 4:
             what = "in_features" if isinstance(m, nn.Linear) else "C_in/groups * kernel size (im2col K)"
             skipped[name] = f"input dimension K={k} ({what}) is not a multiple of 4"
             continue
+        owners[id(m.weight)] = name
         layers[name] = m
     return layers, skipped
 

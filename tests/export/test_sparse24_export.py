@@ -148,3 +148,31 @@ def test_cli_inspect_shows_the_kernel_selection(tmp_path, pruned_qat, capsys):
     assert "sparse24_int8" in out and "kernel selection" in out
     assert "mlp.0 [cpu, input 32x12]:" in out and "int8 " in out and "2:4+int8 n/a" in out
     assert "-> int8: 2:4+int8: no CPU kernel" in out
+
+
+class _Attn(nn.Module):
+    """nn.MultiheadAttention reads out_proj.weight itself; a 2:4 Linear called by keyword beside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.att = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.proj = nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.proj(input=self.att(x, x, x, need_weights=False)[0])
+
+
+def test_layers_read_by_their_parent_stay_dense_and_keyword_calls_are_sized(tmp_path):
+    from hwaware.sparsity import magnitude_mask_24
+
+    torch.manual_seed(0)
+    model = _Attn()
+    with torch.no_grad():
+        for lin in (model.att.out_proj, model.proj):
+            lin.weight.mul_(magnitude_mask_24(lin.weight))
+    x = torch.randn(3, 5, 16)
+    art = export(model, tmp_path / "art", example_inputs=(x,))
+    assert "att.out_proj" not in art.manifest["layers"]
+    assert "reads .weight directly" in art.manifest["dense_layers"]["att.out_proj"]
+    assert art.manifest["layers"]["proj"]["selection"]["cpu"]["input_shape"] == [15, 16]  # [3, 5] rows of K=16
+    torch.testing.assert_close(art.model(x), model(x), atol=0.05, rtol=0.05)  # int8 PTQ of proj

@@ -75,3 +75,19 @@ def test_sr_ste_decay_only_touches_pruned_weights():
     g = torch.zeros_like(w)
     sr_ste_decay_(g, w, m, 0.5)
     assert torch.equal(g[m], torch.zeros(int(m.sum()))) and torch.equal(g[~m], 0.5 * w[~m])
+
+
+def test_weights_tied_to_embeddings_or_shared_are_not_pruned_twice():
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 8)
+            self.head = nn.Linear(8, 10, bias=False)
+            self.head.weight = self.emb.weight  # tied LM head
+            self.a = nn.Linear(8, 8)
+            self.b = nn.Linear(8, 8)
+            self.b.weight = self.a.weight
+
+    layers, skipped = find_prunable(LM())
+    assert set(layers) == {"a"}
+    assert "tied to embedding 'emb'" in skipped["head"] and "shares its weight with 'a'" in skipped["b"]
