@@ -332,7 +332,7 @@ def _(weight, bits, dim, indices, offsets, mode, per_sample_weights, include_las
 # beats dense, so "dense" is what export picks on CPU, and the artifact says so):
 #   "dense": decompress once (cached) to the dense weight, then F.linear (float values) or the
 #            int8_linear path (int8 values) -- same math as the layer, at dense speed.
-#   "csr":   torch.sparse CSR matmul over the non-zeros (float values only): 3-10x slower than
+#   "csr":   torch.sparse CSR matmul over the non-zeros (float values only): 2-12x slower than
 #            dense at M=1..2048, K,N=256..4096 on this CPU, kept as a measured candidate.
 # CUDA implementations: hwaware/ops/_cuda.py adds SPARSE24_KERNELS["cuda"] and says what each is.
 SPARSE24_KERNELS = {"cpu": ("dense", "csr")}
