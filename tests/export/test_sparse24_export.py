@@ -176,3 +176,20 @@ def test_layers_read_by_their_parent_stay_dense_and_keyword_calls_are_sized(tmp_
     assert "reads .weight directly" in art.manifest["dense_layers"]["att.out_proj"]
     assert art.manifest["layers"]["proj"]["selection"]["cpu"]["input_shape"] == [15, 16]  # [3, 5] rows of K=16
     torch.testing.assert_close(art.model(x), model(x), atol=0.05, rtol=0.05)  # int8 PTQ of proj
+
+
+def test_time_us_gives_up_on_a_hopeless_candidate():
+    from hwaware.export.selection import time_us
+
+    calls = []
+
+    def slow():
+        calls.append(1)
+        import time
+        time.sleep(0.01)
+
+    us = time_us(slow, give_up_us=1000.0)
+    assert us > 1000.0 and len(calls) == 2  # one untimed (cache-building) call, one timed, then stop
+    calls.clear()
+    time_us(slow, budget_s=0.0, min_runs=3, give_up_us=1e9)
+    assert len(calls) == 5  # warmup 2 + 3 timed runs
