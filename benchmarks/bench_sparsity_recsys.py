@@ -1,7 +1,7 @@
 """2:4 sparsity on the recsys recipe: SR-STE vs one-shot magnitude in one run, and the CPU kernel
 measurements the export's selection rests on; writes JSON.
 
-    python benchmarks/bench_sparsity_recsys.py                    # both recipes + kernel table (~8 min)
+    python benchmarks/bench_sparsity_recsys.py                    # dense reference + 4 recipe runs + kernel table (~5 min)
     python benchmarks/bench_sparsity_recsys.py --skip-recipe      # kernel table only (~1 min)
     python benchmarks/bench_sparsity_recsys.py --kernels-only     # re-measure the kernel table into the existing JSON
     python benchmarks/bench_sparsity_recsys.py --out benchmarks/results/sparsity_recsys_cpu.json

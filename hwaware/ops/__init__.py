@@ -328,7 +328,7 @@ def _(weight, bits, dim, indices, offsets, mode, per_sample_weights, include_las
 
 # -- hwaware::sparse24_linear --------------------------------------------------------------------
 
-# Implementations by device. CPU (measured with benchmarks/bench_sparse24.py; no 2:4 kernel here
+# Implementations by device. CPU (measured by benchmarks/bench_sparsity_recsys.py; no 2:4 kernel here
 # beats dense, so "dense" is what export picks on CPU, and the artifact says so):
 #   "dense": decompress once (cached) to the dense weight, then F.linear (float values) or the
 #            int8_linear path (int8 values) -- same math as the layer, at dense speed.
