@@ -436,3 +436,31 @@ def test_lr_scale_survives_a_scheduler(tmp_path):
 
     _fit(tmp_path, [SemiStructuredSparsity(start_epoch=1, lr_scale=0.1), LR()], model=model)
     assert lrs == pytest.approx([0.1, 0.01, 0.01])
+
+
+def test_an_exception_mid_step_leaves_masked_weights_and_no_hooks(tmp_path):
+    model = TinyCTR()
+    calls = []
+    holder = {}
+
+    def configure():
+        opt = holder["opt"] = torch.optim.SGD(model.parameters(), lr=0.05)
+        real_step = opt.step
+
+        def step(closure=None):
+            calls.append(1)
+            if len(calls) == 3:
+                closure()  # forward, backward, on_before_optimizer_step (dense weights swapped in) ...
+                raise RuntimeError("boom")  # ... then the step dies
+            return real_step(closure)
+
+        opt.step = step
+        return opt
+
+    model.configure_optimizers = configure
+    sp = SemiStructuredSparsity(method="sr_ste", start_epoch=0)
+    with pytest.raises(RuntimeError, match="boom"):
+        _fit(tmp_path, [sp], model=model, max_epochs=1)
+    for n in LAYERS:
+        assert torch.equal(_w(model, n), sp._dense[n] * sp.masks[n])
+    assert not holder["opt"]._optimizer_step_post_hooks
