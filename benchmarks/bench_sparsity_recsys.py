@@ -169,7 +169,7 @@ def main(argv=None) -> dict:
         out["recipe"] = runs
         converged = {m: recipe(m, args.fast, dense["best"], "converged") for m in ("sr_ste", "magnitude")}
         out["converged"] = converged
-        sr, mag = runs["sr_ste"], runs["magnitude"]
+        sr = runs["sr_ste"]
 
         def drops(r):
             return {"qat": r["auroc_drop_vs_dense_reference_qat"], "export": r["auroc_drop_vs_dense_reference_export"]}

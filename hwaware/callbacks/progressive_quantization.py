@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import pytorch_lightning as pl

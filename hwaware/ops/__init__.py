@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hwaware.ops.packing import check_24_meta, decompress_24, dequantize_int4_weight, rowwise_cols
+from hwaware.ops.packing import decompress_24, dequantize_int4_weight, rowwise_cols
 
 __all__ = ["int8_linear", "int4_linear", "embedding_bag_rowwise", "sparse24_linear", "SPARSE24_KERNELS",
            "REDUCE_RANGE", "clear_cache"]
