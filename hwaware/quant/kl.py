@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator
 
 import torch
 import torch.nn.functional as F

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import copy
-import glob
-import os
 
 import pytest
 import pytorch_lightning as pl
@@ -11,7 +9,7 @@ import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
-from hwaware import KLViolationError, ProgressiveQuantization, QuantSpec, quant_states
+from hwaware import KLViolationError, ProgressiveQuantization, QuantSpec
 from tests.helpers import TinyCTR, loaders, make_trainer, train_with_quant
 
 STATIC_ACT = QuantSpec(granularity="per_tensor", observer="moving_average", averaging_constant=0.1)
