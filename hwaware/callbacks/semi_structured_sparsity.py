@@ -307,7 +307,7 @@ class SemiStructuredSparsity(Callback):
         if self.phase == "pruning":
             rank_zero_warn(f"SemiStructuredSparsity: fit ended mid-ramp ({self._step}/{self._ramp_steps} steps); "
                            f"some groups are still dense")
-        bad = [n for n in self._names if self.phase == "sparse" and not is_mask_24(weight_2d(self._layers[n]) != 0)]
+        bad = [] if self.phase != "sparse" else [n for n in self._names if not is_mask_24(weight_2d(self._layers[n]) != 0)]
         if bad:
             raise RuntimeError(f"SemiStructuredSparsity: layers {bad} are not 2:4 at the end of fit; was a weight "
                                f"modified outside the optimizer step?")

@@ -123,15 +123,12 @@ class Sparse24Linear(nn.Module):
     def from_linear(cls, m: nn.Linear, st: Optional[QuantState] = None) -> "Sparse24Linear":
         """Compress a 2:4 Linear: FP32 values, or (with an int8 per-channel ``st``) the int8 codes
         QAT trained against. Raises ``ValueError`` when the weight is not 2:4."""
-        w = m.weight.detach().float()
-        bias = None if m.bias is None else m.bias.detach().float().clone()
         if st is None:
-            values, meta = packing.compress_24(w)
-            return cls(values, meta, None, bias)
-        scale = st.weight.current_scale() if st.weight.has_qparams else None
-        q, s = packing.quantize_int8_weight(w, scale=scale)
-        values, meta = packing.compress_24(q)  # 0 quantizes to 0: the int8 codes keep the 2:4 pattern
-        return cls(values, meta, s, bias)
+            values, meta = packing.compress_24(m.weight.detach().float())
+            return cls(values, meta, None, None if m.bias is None else m.bias.detach().float().clone())
+        dense = Int8Linear.from_quantized(m, st)  # the int8 codes and scales QAT trained against
+        values, meta = packing.compress_24(dense.qweight)  # 0 quantizes to 0: the codes keep the 2:4 pattern
+        return cls(values, meta, dense.w_scale, dense.bias)
 
     @classmethod
     def empty(cls, meta: Dict[str, Any]) -> "Sparse24Linear":
