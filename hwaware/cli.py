@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 __all__ = ["main"]
 
 # Layer-entry keys shown first, in this order; any other keys follow alphabetically, except the
-# measured kernel selection of 2:4 layers, which gets its own section.
+# measured kernel selection of int8 and 2:4 layers, which gets its own section.
 _LAYER_COLUMNS = ("scheme", "shape", "group_size", "bytes", "kernel")
 _OWN_SECTION = ("selection",)
 
@@ -64,7 +64,7 @@ def _layers_table(layers: Mapping[str, Any]) -> str:
 
 
 def _selection_lines(layers: Mapping[str, Any]) -> List[str]:
-    """One line per 2:4 layer and device: every candidate's time, the choice (*) and why."""
+    """One line per measured layer and device: every candidate's time, the choice (*) and why."""
     out = []
     for name, e in layers.items():
         sel = e.get("selection") if isinstance(e, Mapping) else None

@@ -24,16 +24,22 @@ def _bytes(*tensors: Optional[Tensor]) -> int:
 
 
 class Int8Linear(nn.Module):
-    """W8A8 linear: int8 per-output-channel weights, dynamic per-token int8 activations."""
+    """W8A8 linear: int8 per-output-channel weights, dynamic per-token int8 activations.
+
+    ``kernels`` maps a device type to the ``hwaware::int8_linear`` implementation (``impl``) the
+    export measured fastest for this layer (manifest ``selection``); ``"auto"`` where none was chosen.
+    """
 
     scheme = "int8"
 
-    def __init__(self, qweight: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> None:
+    def __init__(self, qweight: Tensor, w_scale: Tensor, bias: Optional[Tensor],
+                 kernels: Optional[Dict[str, str]] = None) -> None:
         super().__init__()
         self.register_buffer("qweight", qweight)  # int8 [N, K]
         self.register_buffer("w_scale", w_scale)  # float32 [N]
         self.register_buffer("bias", bias)  # float32 [N] or None
         self.in_features, self.out_features = qweight.shape[1], qweight.shape[0]
+        self.kernels: Dict[str, str] = dict(kernels or {})
 
     @classmethod
     def from_quantized(cls, m: nn.Linear, st: QuantState) -> "Int8Linear":
@@ -46,14 +52,16 @@ class Int8Linear(nn.Module):
     def empty(cls, meta: Dict[str, Any]) -> "Int8Linear":
         n, k = meta["shape"]
         bias = torch.empty(n) if meta.get("bias") else None
-        return cls(torch.empty(n, k, dtype=torch.int8), torch.empty(n), bias)
+        return cls(torch.empty(n, k, dtype=torch.int8), torch.empty(n), bias, meta.get("kernels"))
 
     def forward(self, input: Tensor) -> Tensor:  # nn.Linear's argument name: keyword calls keep working
-        return torch.ops.hwaware.int8_linear(input, self.qweight, self.w_scale, self.bias)
+        impl = self.kernels.get(input.device.type, "auto")
+        return torch.ops.hwaware.int8_linear(input, self.qweight, self.w_scale, self.bias, impl)
 
     def describe(self) -> Dict[str, Any]:
         return {"scheme": self.scheme, "shape": [self.out_features, self.in_features], "bias": self.bias is not None,
-                "bytes": _bytes(self.qweight, self.w_scale, self.bias), "dense_bytes": 4 * self.out_features * (self.in_features + 1)}
+                "kernels": dict(self.kernels), "bytes": _bytes(self.qweight, self.w_scale, self.bias),
+                "dense_bytes": 4 * self.out_features * (self.in_features + 1)}
 
 
 class Int4Linear(nn.Module):

@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from hwaware.export.artifact import ArtifactError, read_tensors, verify_artifact, write_artifact
 from hwaware.export.deploy import DEPLOY_TYPES, Int4Linear, Int8Linear, RowwiseEmbedding, RowwiseEmbeddingBag, Sparse24Linear
-from hwaware.export.selection import capture_rows, select_sparse24_kernels
-from hwaware.ops import SPARSE24_KERNELS
+from hwaware.export.selection import capture_rows, select_int8_kernels, select_sparse24_kernels
+from hwaware.ops import INT8_KERNELS, SPARSE24_KERNELS
 from hwaware.ops.packing import is_24
 from hwaware.quant.attach import QuantState, attach_quantization, detach_quantization, find_quantizable, fp32_reference, quant_states
 from hwaware.quant.spec import QuantSpec
@@ -31,7 +31,7 @@ __all__ = ["export", "load", "Artifact", "RegressionError", "METRICS"]
 
 METRICS = ("auroc", "accuracy")
 CPU_KERNELS = {
-    "int8": "hwaware::int8_linear [cpu: fbgemm linear_dynamic on per-token pre-scaled rows]",
+    "int8": "hwaware::int8_linear [cpu: measured choice, see selection]",
     "int4": "hwaware::int4_linear [cpu: weight dequantized once to fp32; no fast int4 kernel on AVX2]",
     "rowwise_int8": "hwaware::embedding_bag_rowwise [cpu: fbgemm embedding_bag_byte_rowwise_offsets]",
     "rowwise_int4": "hwaware::embedding_bag_rowwise [cpu: fbgemm embedding_bag_4bit_rowwise_offsets]",
@@ -317,6 +317,12 @@ def export(
             ``example_inputs``) and the fastest that keeps its math is used; the manifest's
             ``selection`` records every measurement and the choice.
 
+    Every int8 Linear is timed the same way under each CPU implementation of
+    ``hwaware::int8_linear`` (``int_mm``: the exact per-token math through ``torch._int_mm``,
+    fast where the CPU has AMX/VNNI; ``fbgemm``: fbgemm's per-tensor GEMM on pre-scaled rows, fast
+    on AVX2), at :data:`hwaware.export.selection.NOMINAL_ROWS` rows when no input sizes it; the
+    fastest runs in the regression gate and in the artifact.
+
     Raises:
         ValueError: bad arguments, a model with nothing to quantize, a metric that does not match
             the model's output.
@@ -352,8 +358,7 @@ def export(
     if not layers:
         raise ValueError(f"nothing to pack: every quantized layer stays dense ({dense})")
 
-    selection: Dict[str, Dict[str, Any]] = {}
-    if any(isinstance(m, Sparse24Linear) for m in deploy.modules()):
+    if any(isinstance(m, (Sparse24Linear, Int8Linear)) for m in deploy.modules()):
         if example_inputs is not None:
             rows = capture_rows(deploy, lambda: deploy(*example_inputs))
         elif val_dataloader is not None:
@@ -361,11 +366,11 @@ def export(
             rows = capture_rows(deploy, lambda: (output_fn or _default_output)(deploy, first))
         else:
             rows = {}
-        selection = select_sparse24_kernels(deploy, rows, device="cpu")
-        for name, rec in selection.items():
-            layers[name]["kernels"] = dict(deploy.get_submodule(name).kernels)
-            layers[name]["kernel"] = {"cpu": f"hwaware::sparse24_linear [cpu: {rec['op_kernel']}; chosen {rec['chosen']}]"}
-            layers[name]["selection"] = {"cpu": rec}
+        for op_name, select in (("sparse24_linear", select_sparse24_kernels), ("int8_linear", select_int8_kernels)):
+            for name, rec in select(deploy, rows, device="cpu").items():
+                layers[name]["kernels"] = dict(deploy.get_submodule(name).kernels)
+                layers[name]["kernel"] = {"cpu": f"hwaware::{op_name} [cpu: {rec['op_kernel']}; chosen {rec['chosen']}]"}
+                layers[name]["selection"] = {"cpu": rec}
 
     report = None
     if val_dataloader is not None:
@@ -474,6 +479,11 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
             if kernel not in SPARSE24_KERNELS["cpu"]:
                 raise ArtifactError(f"{path}/manifest.json: layer {name!r} names CPU kernel {kernel!r}; "
                                     f"expected one of {SPARSE24_KERNELS['cpu']}")
+        elif isinstance(m, Int8Linear):
+            kernel = m.kernels.get("cpu", "auto")
+            if kernel != "auto" and kernel not in INT8_KERNELS["cpu"]:
+                raise ArtifactError(f"{path}/manifest.json: layer {name!r} names CPU kernel {kernel!r}; "
+                                    f"expected 'auto' or one of {INT8_KERNELS['cpu']}")
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t is not None and t.is_meta]
     if missing:
         raise ArtifactError(f"{path}: the model holds tensors the artifact does not restore: {missing[:5]}")

@@ -1,11 +1,20 @@
-"""Measured kernel choice for 2:4 layers: time every implementation on the layer's own shape,
-keep the fastest that computes the layer's math, and record all of it in the manifest.
+"""Measured kernel choice: time every implementation on the layer's own shape, keep the fastest
+that computes the layer's math, and record all of it in the manifest.
+
+int8 layers (:class:`Int8Linear`): ``hwaware::int8_linear``'s CPU implementations, ``int_mm`` (the
+exact per-token W8A8 math through ``torch._int_mm``) and ``fbgemm`` (fbgemm's per-tensor dynamic
+GEMM on per-token pre-scaled rows, ~42 dB from the exact math): both are W8A8 on the same codes,
+their speed depends on the CPU (AMX/VNNI vs AVX2), so the export times both; the regression gate
+then runs the chosen one.
+
+2:4 layers:
 
 Candidates (DESIGN.md: the CPU path picks kernels by measurement and the artifact says what was
 measured), for a layer with ``M`` input rows as seen in a real forward:
 
 ``dense``     the decompressed weight in FP32 through ``F.linear``
-``int8``      the decompressed weight as int8 codes through the W8A8 int8 path
+``int8``      the decompressed weight as int8 codes through the exact W8A8 path (``int_mm``)
+``int8_fbgemm`` the same codes through fbgemm's W8A8 path
 ``2:4``       a kernel that multiplies only the kept entries (CPU: ``torch.sparse`` CSR)
 ``2:4+int8``  the same with int8 values (no CPU kernel exists; recorded as unavailable)
 
@@ -22,10 +31,17 @@ import torch
 from torch import Tensor, nn
 
 import hwaware.ops  # noqa: F401
-from hwaware.export.deploy import Sparse24Linear
-from hwaware.ops import packing
+from hwaware.export.deploy import Int8Linear, Sparse24Linear
+from hwaware.ops import INT8_KERNELS, packing
 
-__all__ = ["capture_rows", "select_sparse24_kernels", "time_us"]
+__all__ = ["capture_rows", "select_sparse24_kernels", "select_int8_kernels", "time_us"]
+
+_INT8_NOTES = {
+    "int_mm": "exact per-token W8A8 (torch._int_mm, oneDNN; bit-identical to int8_linear_ref)",
+    "fbgemm": "fbgemm dynamic linear on per-token pre-scaled rows (per-tensor uint8 inside; ~42 dB from exact)",
+}
+# rows to time a layer at when no forward pass sized it (export without val data or example inputs)
+NOMINAL_ROWS = 256
 
 _NO_INT8_24_CPU = "no CPU kernel multiplies int8 2:4 values (fbgemm and torch have none)"
 
@@ -57,11 +73,12 @@ def time_us(fn: Callable[[], Any], budget_s: float = 0.05, min_runs: int = 5, wa
 
 
 def capture_rows(model: nn.Module, run: Callable[[], Any]) -> Dict[str, int]:
-    """``{name: rows of the input}`` for every :class:`Sparse24Linear`, from one call of ``run``."""
+    """``{name: rows of the input}`` for every :class:`Sparse24Linear` and :class:`Int8Linear`, from
+    one call of ``run``."""
     rows: Dict[str, int] = {}
     handles = []
     for name, m in model.named_modules():
-        if isinstance(m, Sparse24Linear):
+        if isinstance(m, (Sparse24Linear, Int8Linear)):
             def hook(mod, args, kwargs, name=name):
                 x = args[0] if args else next(iter(kwargs.values()))  # F.linear's input, by position or keyword
                 rows[name] = max(rows.get(name, 0), x.numel() // x.shape[-1])  # called twice: the larger
@@ -93,7 +110,9 @@ def _candidates(layer: Sparse24Linear) -> Dict[str, Tuple[Optional[Callable[[Ten
         "dense": (lambda x: op(x, vf, meta, None, bias, "dense"), not is_int8, "dense",
                   "decompressed once to an FP32 weight, F.linear"),
         "int8": (lambda x: op(x, vq, int8_meta, sq, bias, "dense"), is_int8, "dense",
-                 "decompressed once to int8 codes, W8A8 through fbgemm"),
+                 "decompressed once to int8 codes, exact W8A8 through torch._int_mm"),
+        "int8_fbgemm": (lambda x: op(x, vq, int8_meta, sq, bias, "fbgemm"), is_int8, "fbgemm",
+                        "decompressed once to int8 codes, W8A8 through fbgemm (per-tensor inside)"),
         "2:4": (lambda x: op(x, vf, meta, None, bias, "csr"), not is_int8, "csr",
                 "torch.sparse CSR over the kept entries"),
         "2:4+int8": (None, is_int8, None, _NO_INT8_24_CPU),
@@ -147,4 +166,39 @@ def select_sparse24_kernels(model: nn.Module, rows: Dict[str, int], device: str 
             why = f"{sparse_name}: {sp['note']}; the artifact keeps the compressed form (fewer bytes) and runs {chosen}"
         records[name] = {"input_shape": [m, layer.in_features], "measured": measured, "chosen": chosen,
                          "op_kernel": cands[chosen][2], "fastest_any": fastest[1], "why": why}
+    return records
+
+
+def select_int8_kernels(model: nn.Module, rows: Dict[str, int], device: str = "cpu") -> Dict[str, Dict[str, Any]]:
+    """Time every ``INT8_KERNELS[device]`` implementation on each :class:`Int8Linear`'s input shape,
+    set ``layer.kernels[device]`` to the fastest and return ``{name: selection record}``.
+
+    A layer missing from ``rows`` is timed at :data:`NOMINAL_ROWS` rows, and its record says so.
+    """
+    op = torch.ops.hwaware.int8_linear
+    records: Dict[str, Dict[str, Any]] = {}
+    for name, layer in model.named_modules():
+        if not isinstance(layer, Int8Linear):
+            continue
+        m = rows.get(name, NOMINAL_ROWS)
+        x = torch.randn(m, layer.in_features, generator=torch.Generator().manual_seed(0))
+        measured: Dict[str, Any] = {}
+        with torch.no_grad():
+            for impl in INT8_KERNELS[device]:
+                best = min((e["us"] for e in measured.values()), default=None)
+                us = time_us(lambda: op(x, layer.qweight, layer.w_scale, layer.bias, impl),
+                             give_up_us=None if best is None else 20 * best)
+                note = _INT8_NOTES.get(impl, impl)
+                if best is not None and us > 20 * best:
+                    note += " (timed once: over 20x the fastest so far)"
+                measured[impl] = {"available": True, "keeps_math": True, "us": round(us, 2), "note": note}
+        chosen = min(measured, key=lambda c: measured[c]["us"])
+        layer.kernels[device] = chosen
+        others = ", ".join(f"{c} {measured[c]['us'] / measured[chosen]['us']:.2f}x its time"
+                           for c in measured if c != chosen)
+        why = f"fastest at M={m}" + (f" ({others})" if others else "")
+        if name not in rows:
+            why += f"; M={m} is nominal: export got neither val_dataloader nor example_inputs to size the layer"
+        records[name] = {"input_shape": [m, layer.in_features], "measured": measured, "chosen": chosen,
+                         "op_kernel": chosen, "why": why}
     return records

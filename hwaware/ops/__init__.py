@@ -7,8 +7,9 @@ before ``torch.export.load`` of a program that uses them.
 
 Ops (shapes; ``...`` = any leading dims):
 
-- ``hwaware::int8_linear(x [..., K] float, qweight int8 [N, K], w_scale float32 [N], bias [N]?) -> [..., N]``
-  W8A8: dynamic per-token symmetric int8 activations, per-channel int8 weights.
+- ``hwaware::int8_linear(x [..., K] float, qweight int8 [N, K], w_scale float32 [N], bias [N]?, impl="auto") -> [..., N]``
+  W8A8: dynamic per-token symmetric int8 activations, per-channel int8 weights; ``impl`` names
+  the implementation (:data:`INT8_KERNELS`; the export measures and records it per layer).
 - ``hwaware::int4_linear(x [..., K] float, packed uint8 [N, K/2], scales float32 [N, K/g],
   zeros int8 [N, K/g]?, group_size, bias [N]?) -> [..., N]``: weight-only int4, group-wise.
 - ``hwaware::embedding_bag_rowwise(weight uint8 [R, cols], bits, dim, indices [L], offsets [B(+1)],
@@ -35,8 +36,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hwaware.ops.packing import decompress_24, dequantize_int4_weight, rowwise_cols
+from hwaware.ops.reference import quantize_per_token_ref
 
-__all__ = ["int8_linear", "int4_linear", "embedding_bag_rowwise", "sparse24_linear", "SPARSE24_KERNELS",
+__all__ = ["int8_linear", "int4_linear", "embedding_bag_rowwise", "sparse24_linear", "INT8_KERNELS", "SPARSE24_KERNELS",
            "REDUCE_RANGE", "clear_cache"]
 
 _FLOAT_X = (torch.float32, torch.bfloat16, torch.float16)
@@ -210,17 +212,61 @@ def _prepack_int8(qweight: Tensor, w_scale: Tensor):
     return torch.ops.quantized.linear_prepack(qt, None)
 
 
-@torch.library.custom_op("hwaware::int8_linear", mutates_args=(), device_types="cpu")
-def int8_linear(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """W8A8 linear, CPU: fbgemm ``quantized::linear_dynamic`` on a cached prepacked weight.
+# CPU implementations of hwaware::int8_linear (the export times both per layer and records its choice):
+#   "int_mm": the op's exact math. Per-token int8 codes (native C pass, = quantize_per_token_ref),
+#             torch._int_mm (oneDNN int8 x int8 -> int32; AMX / VNNI where the CPU has them), and a
+#             float64 epilogue: bit-identical to int8_linear_ref for float32 inputs. On a Xeon with
+#             AMX-INT8 it ran 5-10x faster than fp32 F.linear at M=2048 (benchmarks/bench_export_recsys.py);
+#             DESIGN.md measured _int_mm 10-100x slower than fp32 on AVX2-only CPUs.
+#   "fbgemm": fbgemm's dynamic linear on per-token pre-scaled rows (below): fast on AVX2 too, but
+#             fbgemm quantizes per tensor (uint8 affine), so it approximates the per-token math
+#             (~42 dB SQNR against int8_linear_ref).
+INT8_KERNELS = {"cpu": ("int_mm", "fbgemm")}
 
-    fbgemm quantizes the activation per tensor; to get per-token scales (as the reference and QAT)
-    each row of ``x`` is divided by its ``max|x|`` first (all rows share the range [-1, 1]) and the
-    output rows are multiplied back; the bias is added afterwards in fp32.
+
+def _check_int8_kernel(impl: str, device: str) -> str:
+    """The implementation to run; ``"auto"`` is the device's first (on CPU: the exact ``int_mm``)."""
+    if impl == "auto":
+        return INT8_KERNELS[device][0]
+    if impl not in INT8_KERNELS[device]:
+        raise ValueError(f"impl={impl!r} is not a {device.upper()} implementation of hwaware::int8_linear; "
+                         f"expected 'auto' or one of {INT8_KERNELS[device]}")
+    return impl
+
+
+@torch.library.custom_op("hwaware::int8_linear", mutates_args=(), device_types="cpu")
+def int8_linear(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tensor], impl: str = "auto") -> Tensor:
+    """W8A8 linear on CPU; ``impl`` in ``"auto"`` + :data:`INT8_KERNELS` ``["cpu"]`` (see there).
+
+    (Not named ``kernel``: inductor passes a defaulted argument by keyword to
+    ``FallbackKernel.create(kernel, ...)``, which then fails with "multiple values for 'kernel'".)
     """
     _check_int8_linear(x, qweight, w_scale, bias)
+    if _check_int8_kernel(impl, "cpu") == "int_mm":
+        return _int8_linear_int_mm(x, qweight.t(), w_scale, bias)  # a [K, N] view: as fast as a copy here
     packed = _CACHE.get((qweight, w_scale), ("int8_linear",), lambda: _prepack_int8(qweight, w_scale))
     return _int8_linear_prepacked(x, packed, qweight.shape[0], bias)
+
+
+def _int8_linear_int_mm(x: Tensor, wt: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """Exact W8A8: native (or reference) per-token codes, ``torch._int_mm`` against ``wt [K, N]``,
+    float64 epilogue (native or eager, same arithmetic as ``int8_linear_ref``)."""
+    from hwaware.quant import native  # hwaware.quant imports hwaware.ops.packing: import at call time
+
+    k, n = wt.shape
+    x2d = x.reshape(-1, k)
+    if x2d.shape[0] == 0:
+        return x.new_zeros((*x.shape[:-1], n))
+    xf = x2d.float().contiguous()
+    qs = native.quant_tokens_i8(xf)
+    q, sx = qs if qs is not None else quantize_per_token_ref(xf)
+    acc = torch._int_mm(q, wt)  # int32 [M, N], exact
+    b = None if bias is None else bias.float().contiguous()
+    out = native.w8a8_epilogue(acc, sx, w_scale.contiguous(), b)
+    if out is None:
+        o = acc.double() * sx.double()[:, None] * w_scale.double()[None, :]
+        out = (o if b is None else o + b.double()).float()
+    return out.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
 def _int8_linear_prepacked(x: Tensor, packed, n: int, bias: Optional[Tensor]) -> Tensor:
@@ -239,7 +285,7 @@ def _int8_linear_prepacked(x: Tensor, packed, n: int, bias: Optional[Tensor]) ->
 
 
 @int8_linear.register_fake
-def _(x, qweight, w_scale, bias):
+def _(x, qweight, w_scale, bias, impl="auto"):
     _check_int8_linear(x, qweight, w_scale, bias)
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
@@ -330,12 +376,13 @@ def _(weight, bits, dim, indices, offsets, mode, per_sample_weights, include_las
 
 # Implementations by device. CPU (measured by benchmarks/bench_sparsity_recsys.py; no 2:4 kernel here
 # beats dense, so "dense" is what export picks on CPU, and the artifact says so):
-#   "dense": decompress once (cached) to the dense weight, then F.linear (float values) or the
-#            int8_linear path (int8 values) -- same math as the layer, at dense speed.
+#   "dense": decompress once (cached) to the dense weight, then F.linear (float values) or
+#            int8_linear's exact "int_mm" path (int8 values) -- same math as the layer, at dense speed.
+#   "fbgemm": int8 values only: int8_linear's "fbgemm" path on the decompressed codes (fast on AVX2).
 #   "csr":   torch.sparse CSR matmul over the non-zeros (float values only): 2-12x slower than
 #            dense at M=1..2048, K,N=256..4096 on this CPU, kept as a measured candidate.
 # CUDA implementations: hwaware/ops/_cuda.py adds SPARSE24_KERNELS["cuda"] and says what each is.
-SPARSE24_KERNELS = {"cpu": ("dense", "csr")}
+SPARSE24_KERNELS = {"cpu": ("dense", "csr", "fbgemm")}
 
 
 def _check_sparse24_linear(x: Tensor, values: Tensor, meta: Tensor, w_scale: Optional[Tensor], bias: Optional[Tensor],
@@ -383,11 +430,16 @@ def sparse24_linear(x: Tensor, values: Tensor, meta: Tensor, w_scale: Optional[T
     _check_sparse24_kernel(kernel, "cpu")
     n, k = values.shape[0], 2 * values.shape[1]
     if values.dtype == torch.int8:
-        if kernel != "dense":
-            raise ValueError(f"kernel={kernel!r} has no int8 form on CPU; int8 2:4 layers run kernel='dense'")
-        packed = _CACHE.get((values, meta, w_scale), ("sparse24_int8",),
-                            lambda: _prepack_int8(decompress_24(values, meta, k), w_scale))
-        return _int8_linear_prepacked(x, packed, n, bias)
+        if kernel == "dense":  # int8_linear's exact "int_mm" math on the decompressed codes
+            wt = _CACHE.get((values, meta), ("sparse24_int8_t",), lambda: decompress_24(values, meta, k).t())
+            return _int8_linear_int_mm(x, wt, w_scale, bias)
+        if kernel == "fbgemm":  # int8_linear's "fbgemm" implementation on the decompressed codes
+            packed = _CACHE.get((values, meta, w_scale), ("sparse24_int8",),
+                                lambda: _prepack_int8(decompress_24(values, meta, k), w_scale))
+            return _int8_linear_prepacked(x, packed, n, bias)
+        raise ValueError(f"kernel={kernel!r} has no int8 form on CPU; int8 2:4 layers run kernel='dense' or 'fbgemm'")
+    if kernel == "fbgemm":
+        raise ValueError("kernel='fbgemm' is for int8 values; float 2:4 layers run kernel='dense' or 'csr'")
     b = None if bias is None else bias.float()
     if kernel == "csr":
         w = _CACHE.get((values, meta), ("sparse24_csr",), lambda: _to_csr(decompress_24(values, meta, k).float()))

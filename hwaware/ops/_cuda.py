@@ -23,10 +23,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hwaware.ops import (
+    INT8_KERNELS,
     SPARSE24_KERNELS,
     _CACHE,
     _check_embedding_bag,
     _check_int4_linear,
+    _check_int8_kernel,
     _check_int8_linear,
     _check_sparse24_kernel,
     _check_sparse24_linear,
@@ -44,6 +46,8 @@ from hwaware.ops.packing import check_24_meta
 #   Triton W8A8 int8_linear kernel (int8 values).
 # Export measures these on the deployment GPU and records the pick in the artifact.
 SPARSE24_KERNELS["cuda"] = ("triton", "torch_semi_structured", "dense")
+# "triton": kernels/int8_linear.py, per-token quantization kernel + int8 tl.dot GEMM (the exact math).
+INT8_KERNELS["cuda"] = ("triton",)
 
 
 def _kernels(name: str):
@@ -70,8 +74,9 @@ def _capturing() -> bool:
 
 
 @int8_linear.register_kernel("cuda")
-def _int8_linear_cuda(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+def _int8_linear_cuda(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tensor], impl: str = "auto") -> Tensor:
     _check_int8_linear(x, qweight, w_scale, bias)
+    _check_int8_kernel(impl, "cuda")
     with _on(x):
         return _kernels("int8_linear").int8_linear(x, qweight, w_scale, bias)
 

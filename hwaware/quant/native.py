@@ -1,11 +1,14 @@
-"""Native (C) row-wise dynamic fake quantization: one call per tensor instead of ~10 eager ops.
+"""Native (C) row-wise passes: one call per tensor instead of ~10 eager ops.
 
 A CTR model's QAT step runs row-wise fake quant once per embedding table and twice per Linear;
 in eager torch each call is ~10 small ops (~90 us on a [1024, 16] table slice here), which made
 QAT steps 1.4x FP32. ``_native/rowwise_fq.c`` does the same arithmetic in one pass pair per row,
 bit-identical to the eager path (tests hold it to atol=0).
 
-The C file is compiled on first use with the system C compiler (gcc/cc; no torch headers needed)
+``_native/w8a8.c`` holds the two float passes of the W8A8 ``int_mm`` kernel (hwaware/ops):
+per-token int8 quantization and the int32 -> float epilogue, bit-identical to the references.
+
+The C files are compiled on first use with the system C compiler (gcc/cc; no torch headers needed)
 into ``$HWAWARE_CACHE`` (default ``~/.cache/hwaware``), keyed by source, flags and CPU, and loaded
 with ctypes. Without a compiler, or with ``HWAWARE_NO_NATIVE=1``, everything runs on the eager
 path and :func:`native_status` says why.
@@ -25,9 +28,9 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["native_status", "fq_sym_rows", "fq_affine_rows"]
+__all__ = ["native_status", "fq_sym_rows", "fq_affine_rows", "quant_tokens_i8", "w8a8_epilogue"]
 
-_SRC = Path(__file__).parent / "_native" / "rowwise_fq.c"
+_SRCS = [Path(__file__).parent / "_native" / n for n in ("rowwise_fq.c", "w8a8.c")]
 # -fopenmp-simd: the `omp simd` reductions vectorize (no OpenMP runtime is linked);
 # -ffp-contract=off: no fused multiply-add, so results equal torch's separate mul and add
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC"]
@@ -53,7 +56,7 @@ def _build(target: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SRC)], check=True, capture_output=True, text=True, timeout=120)
+        subprocess.run([cc, *_FLAGS, "-o", tmp, *map(str, _SRCS)], check=True, capture_output=True, text=True, timeout=120)
         os.replace(tmp, target)  # atomic: concurrent builders (DDP ranks) never load a half-written file
     finally:
         if os.path.exists(tmp):
@@ -69,15 +72,19 @@ def _load() -> Optional[ctypes.CDLL]:
         _status = "disabled by HWAWARE_NO_NATIVE"
         return None
     try:
-        key = hashlib.sha256(_SRC.read_bytes() + " ".join(_FLAGS).encode() + _cpu_fingerprint().encode()).hexdigest()[:16]
-        target = Path(os.environ.get("HWAWARE_CACHE", Path.home() / ".cache" / "hwaware")) / f"rowwise_fq-{key}.so"
+        key = hashlib.sha256(b"".join(p.read_bytes() for p in _SRCS) + " ".join(_FLAGS).encode()
+                             + _cpu_fingerprint().encode()).hexdigest()[:16]
+        target = Path(os.environ.get("HWAWARE_CACHE", Path.home() / ".cache" / "hwaware")) / f"native-{key}.so"
         if not target.exists():
             _build(target)
         lib = ctypes.CDLL(str(target))
         f32p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         lib.hw_fq_sym_rows.argtypes = [f32p, f32p, f32p, i64, i64, i32, i32]
         lib.hw_fq_affine_rows.argtypes = [f32p, f32p, f32p, f32p, i64, i64, i32, i32]
-        lib.hw_fq_sym_rows.restype = lib.hw_fq_affine_rows.restype = None
+        lib.hw_quant_tokens_i8.argtypes = [f32p, i64, i64, f32p, f32p]
+        lib.hw_w8a8_epilogue.argtypes = [f32p, i64, i64, f32p, f32p, f32p, f32p]
+        for fn in (lib.hw_fq_sym_rows, lib.hw_fq_affine_rows, lib.hw_quant_tokens_i8, lib.hw_w8a8_epilogue):
+            fn.restype = None
         _lib, _status = lib, f"loaded {target}"
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", "") or ""
@@ -116,3 +123,26 @@ def fq_affine_rows(x2d: Tensor, qmax: int, fp16: bool) -> Optional[Tuple[Tensor,
     offset = torch.empty(x2d.shape[0], dtype=torch.float32)
     _lib.hw_fq_affine_rows(x2d.data_ptr(), y.data_ptr(), scale.data_ptr(), offset.data_ptr(), x2d.shape[0], x2d.shape[1], qmax, int(fp16))
     return y, scale, offset
+
+
+def quant_tokens_i8(x2d: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+    """``(q int8 [M, K], scale float32 [M])``, equal to ``quantize_per_token_ref(x2d)``; None: use eager."""
+    if not _usable(x2d):
+        return None
+    q = torch.empty(x2d.shape, dtype=torch.int8)
+    scale = torch.empty(x2d.shape[0], dtype=torch.float32)
+    # single-threaded: splitting rows over a thread pool measured no faster (torch's OpenMP workers
+    # spin on the other core right after a GEMM)
+    _lib.hw_quant_tokens_i8(x2d.data_ptr(), x2d.shape[0], x2d.shape[1], q.data_ptr(), scale.data_ptr())
+    return q, scale
+
+
+def w8a8_epilogue(acc: Tensor, sx: Tensor, sw: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:
+    """float32 ``acc * sx[:, None] * sw[None, :] + bias`` computed in float64 (as ``int8_linear_ref``);
+    ``acc`` int32 [M, N] contiguous, the rest contiguous float32. None: use eager."""
+    if acc.numel() == 0 or not acc.is_contiguous() or _load() is None:
+        return None
+    out = torch.empty(acc.shape, dtype=torch.float32)
+    _lib.hw_w8a8_epilogue(acc.data_ptr(), acc.shape[0], acc.shape[1], sx.data_ptr(), sw.data_ptr(),
+                          None if bias is None else bias.data_ptr(), out.data_ptr())
+    return out

@@ -70,7 +70,7 @@ def test_sparse_fp32_layers_left_out_of_quantization_pack_with_fp32_values(tmp_p
     assert meta["bytes"] == 32 * 6 * 4 + 32 * 2 + 32 * 4
     sel = meta["selection"]["cpu"]
     assert sel["input_shape"] == [32, 12]
-    assert set(sel["measured"]) == {"dense", "int8", "2:4", "2:4+int8"}
+    assert set(sel["measured"]) == {"dense", "int8", "int8_fbgemm", "2:4", "2:4+int8"}
     assert sel["chosen"] in ("dense", "2:4") and sel["measured"][sel["chosen"]]["keeps_math"]
     eligible = {c: e["us"] for c, e in sel["measured"].items() if e["available"] and e["keeps_math"]}
     assert sel["chosen"] == min(eligible, key=eligible.get)

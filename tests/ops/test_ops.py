@@ -49,33 +49,69 @@ def _bag_args(bits=8, dim=16, rows=100, bags=6, n_idx=40, idx_dtype=torch.int64,
 # -- int8_linear -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("shape", [(64, 96, 40), (2048, 367, 256), (3, 33, 7)])
-def test_int8_linear_vs_reference_and_fp32(shape, bias):
+@pytest.mark.parametrize("shape", [(64, 96, 40), (2048, 367, 256), (3, 33, 7), (1, 13, 1)])
+def test_int8_linear_int_mm_is_the_reference_exactly(shape, bias):
+    """impl="int_mm" (and "auto") computes int8_linear_ref's math bit for bit: same codes, exact
+    int32 accumulation, the same float64 epilogue."""
     m, k, n = shape
     x, qw, s, b, w = _int8_args(m, k, n, bias)
-    y = torch.ops.hwaware.int8_linear(x, qw, s, b)
+    y = torch.ops.hwaware.int8_linear(x, qw, s, b, "int_mm")
+    assert y.shape == (m, n) and y.dtype == x.dtype
+    assert torch.equal(y, int8_linear_ref(x, qw, s, b))
+    assert torch.equal(torch.ops.hwaware.int8_linear(x, qw, s, b), y)  # "auto" is int_mm on CPU
+    assert sqnr_db(F.linear(x, w, b), y) >= MIN_SQNR_VS_FP32_DB
+
+
+def test_int8_linear_int_mm_eager_fallback_is_exact_too(monkeypatch):
+    """Without the native library (no compiler, HWAWARE_NO_NATIVE) the eager passes give the same bits."""
+    from hwaware.quant import native
+
+    x, qw, s, b, _ = _int8_args(33, 367, 20)
+    y = torch.ops.hwaware.int8_linear(x, qw, s, b, "int_mm")
+    monkeypatch.setattr(native, "quant_tokens_i8", lambda x2d: None)
+    monkeypatch.setattr(native, "w8a8_epilogue", lambda *a: None)
+    assert torch.equal(torch.ops.hwaware.int8_linear(x, qw, s, b, "int_mm"), y)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(64, 96, 40), (2048, 367, 256), (3, 33, 7)])
+def test_int8_linear_fbgemm_vs_reference_and_fp32(shape, bias):
+    m, k, n = shape
+    x, qw, s, b, w = _int8_args(m, k, n, bias)
+    y = torch.ops.hwaware.int8_linear(x, qw, s, b, "fbgemm")
     assert y.shape == (m, n) and y.dtype == x.dtype
     assert sqnr_db(int8_linear_ref(x, qw, s, b), y) >= MIN_SQNR_VS_REF_DB
     assert sqnr_db(F.linear(x, w, b), y) >= MIN_SQNR_VS_FP32_DB
 
 
-def test_int8_linear_leading_dims_zero_rows_and_bf16():
+@pytest.mark.parametrize("impl", ["int_mm", "fbgemm"])
+def test_int8_linear_leading_dims_zero_rows_and_bf16(impl):
     x, qw, s, b, _ = _int8_args(12, 64, 16)
     x3 = x.reshape(3, 4, 64).clone()
     x3[1, 2] = 0.0
-    y = torch.ops.hwaware.int8_linear(x3, qw, s, b)
+    y = torch.ops.hwaware.int8_linear(x3, qw, s, b, impl)
     assert y.shape == (3, 4, 16)
     torch.testing.assert_close(y[1, 2], b)  # a zero row gives exactly the bias
     assert sqnr_db(int8_linear_ref(x3, qw, s, b), y) >= MIN_SQNR_VS_REF_DB
-    yb = torch.ops.hwaware.int8_linear(x3.bfloat16(), qw, s, b)
+    yb = torch.ops.hwaware.int8_linear(x3.bfloat16(), qw, s, b, impl)
     assert yb.dtype == torch.bfloat16 and sqnr_db(y, yb) >= 30.0
+    assert torch.ops.hwaware.int8_linear(x3[:0], qw, s, b, impl).shape == (0, 4, 16)
 
 
-def test_int8_linear_outlier_channels():
+def test_int8_linear_int_mm_non_finite_rows_give_nan_rows():
+    x, qw, s, b, _ = _int8_args(4, 40, 6)
+    x[1, 3], x[2, 39] = float("nan"), float("inf")
+    y = torch.ops.hwaware.int8_linear(x, qw, s, b, "int_mm")
+    assert torch.isnan(y[1]).all() and torch.isnan(y[2]).all()
+    assert torch.equal(y[[0, 3]], int8_linear_ref(x[[0, 3]], qw, s, b))
+
+
+@pytest.mark.parametrize("impl", ["int_mm", "fbgemm"])
+def test_int8_linear_outlier_channels(impl):
     x, qw, s, b, w = _int8_args(256, 128, 64)
     x[:, :4] *= 20.0
-    y = torch.ops.hwaware.int8_linear(x, qw, s, b)
-    assert sqnr_db(int8_linear_ref(x, qw, s, b), y) >= 33.0  # measured 37 dB
+    y = torch.ops.hwaware.int8_linear(x, qw, s, b, impl)
+    assert sqnr_db(int8_linear_ref(x, qw, s, b), y) >= 33.0  # measured 37 dB (fbgemm); int_mm is exact
 
 
 def test_int8_linear_reduce_range_choice(capsys):
@@ -95,16 +131,16 @@ def test_int8_linear_reduce_range_choice(capsys):
 def test_int8_linear_cache_tracks_inplace_updates_and_is_bounded():
     ops.clear_cache()
     x, qw, s, b, _ = _int8_args()
-    y1 = torch.ops.hwaware.int8_linear(x, qw, s, b)
+    y1 = torch.ops.hwaware.int8_linear(x, qw, s, b, "fbgemm")  # int_mm packs nothing; fbgemm prepacks
     assert len(ops._CACHE) == 1
-    torch.ops.hwaware.int8_linear(x, qw, s, b)
+    torch.ops.hwaware.int8_linear(x, qw, s, b, "fbgemm")
     assert len(ops._CACHE) == 1  # hit
     qw.neg_()  # in place: bumps _version, must repack
-    y2 = torch.ops.hwaware.int8_linear(x, qw, s, b)
+    y2 = torch.ops.hwaware.int8_linear(x, qw, s, b, "fbgemm")
     torch.testing.assert_close(y2 - b, -(y1 - b), atol=1e-4, rtol=1e-4)
     for seed in range(ops._CACHE.maxsize + 5):
         x, qw, s, b, _ = _int8_args(4, 32, 8, seed=seed)
-        torch.ops.hwaware.int8_linear(x, qw, s, b)
+        torch.ops.hwaware.int8_linear(x, qw, s, b, "fbgemm")
     assert len(ops._CACHE) <= ops._CACHE.maxsize
 
 
@@ -122,6 +158,8 @@ def test_int8_linear_rejects_bad_inputs():
         torch.ops.hwaware.int8_linear(x, qw, s, b[:3])
     with pytest.raises(TypeError, match="x must be"):
         torch.ops.hwaware.int8_linear(x.long(), qw, s, b)
+    with pytest.raises(ValueError, match=r"impl='cublas' is not a CPU implementation of hwaware::int8_linear"):
+        torch.ops.hwaware.int8_linear(x, qw, s, b, "cublas")
 
 
 # -- int4_linear -------------------------------------------------------------------------------------
@@ -210,6 +248,8 @@ def _opcheck_cases():
     x, qw, s, b, _ = _int8_args(16, 64, 8)
     yield "int8_linear", (x, qw, s, b)
     yield "int8_linear", (x.reshape(2, 8, 64), qw, s, None)
+    for impl in ops.INT8_KERNELS["cpu"]:
+        yield "int8_linear", (x, qw, s, b, impl)
     for sym in (True, False):
         x4, packed, scales, zeros, g, b4 = _int4_args(symmetric=sym)
         yield "int4_linear", (x4, packed, scales, zeros, g, b4)

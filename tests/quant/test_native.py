@@ -74,7 +74,7 @@ def test_builds_from_scratch_in_an_empty_cache(tmp_path):
     code = "from hwaware.quant import native; print(native.native_status())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0 and out.stdout.startswith(f"loaded {tmp_path}"), out.stdout + out.stderr
-    assert len(list(tmp_path.glob("rowwise_fq-*.so"))) == 1 and not list(tmp_path.glob("*.tmp"))
+    assert len(list(tmp_path.glob("native-*.so"))) == 1 and not list(tmp_path.glob("*.tmp"))
 
 
 def test_disabled_by_environment(tmp_path):
@@ -94,3 +94,38 @@ def test_decayed_rows_flush_to_exact_zero_on_both_paths(monkeypatch, spec):
     assert float(off.reshape(-1)[1]) == 0.0 and torch.count_nonzero(y[1]) == 0
     torch.testing.assert_close(y, ye, atol=0, rtol=0)
     torch.testing.assert_close(off.reshape(-1), offe.reshape(-1), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("cols", [1, 13, 15, 16, 17, 31, 32, 33, 367, 1024])
+def test_per_token_int8_codes_equal_the_reference(cols):
+    from hwaware.ops.reference import quantize_per_token_ref
+
+    g = torch.Generator().manual_seed(cols)
+    x = torch.randn(37, cols, generator=g) * torch.logspace(-3, 3, 37)[:, None]
+    x[0] = 0.0  # all-zero row: eps scale, zero codes
+    halves = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -126.5])[:cols]
+    x[1, : halves.numel()] = halves  # scale 1 exactly (max 127): exact halves round to even
+    x[1, halves.numel():] = 0.25
+    got = native.quant_tokens_i8(x)
+    assert got is not None, native.native_status()
+    q, s = quantize_per_token_ref(x)
+    assert torch.equal(got[0], q) and torch.equal(got[1], s)
+
+
+def test_per_token_int8_marks_non_finite_rows_with_a_nan_scale():
+    x = torch.randn(4, 20)
+    x[1, 19], x[2, 3], x[3, 0] = float("nan"), float("inf"), -float("inf")
+    q, s = native.quant_tokens_i8(x)
+    assert torch.isnan(s[1:]).all() and torch.isfinite(s[0])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_w8a8_epilogue_is_the_float64_reference_arithmetic(bias):
+    g = torch.Generator().manual_seed(0)
+    acc = torch.randint(-2**24, 2**24, (9, 37), generator=g, dtype=torch.int32)
+    sx, sw = torch.rand(9, generator=g) * 1e-2, torch.rand(37, generator=g) * 1e-2
+    b = torch.randn(37, generator=g) if bias else None
+    out = native.w8a8_epilogue(acc, sx, sw, b)
+    ref = acc.double() * sx.double()[:, None] * sw.double()[None, :]
+    ref = (ref if b is None else ref + b.double()).float()
+    assert torch.equal(out, ref)
