@@ -125,11 +125,14 @@ def fq_affine_rows(x2d: Tensor, qmax: int, fp16: bool) -> Optional[Tuple[Tensor,
     return y, scale, offset
 
 
-def quant_tokens_i8(x2d: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
-    """``(q int8 [M, K], scale float32 [M])``, equal to ``quantize_per_token_ref(x2d)``; None: use eager."""
+def quant_tokens_i8(x2d: Tensor, out: Optional[Tensor] = None) -> Optional[Tuple[Tensor, Tensor]]:
+    """``(q int8 [M, K], scale float32 [M])``, equal to ``quantize_per_token_ref(x2d)``; None: use eager.
+    ``out``: a contiguous int8 ``[M, K]`` tensor to write the codes into."""
     if not _usable(x2d):
         return None
-    q = torch.empty(x2d.shape, dtype=torch.int8)
+    if out is not None and (out.shape != x2d.shape or out.dtype != torch.int8 or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous int8 tensor of shape {list(x2d.shape)}, got {out.dtype} {list(out.shape)}")
+    q = torch.empty(x2d.shape, dtype=torch.int8) if out is None else out
     scale = torch.empty(x2d.shape[0], dtype=torch.float32)
     # single-threaded: splitting rows over a thread pool measured no faster (torch's OpenMP workers
     # spin on the other core right after a GEMM)
