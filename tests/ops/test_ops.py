@@ -68,7 +68,7 @@ def test_int8_linear_int_mm_eager_fallback_is_exact_too(monkeypatch):
 
     x, qw, s, b, _ = _int8_args(33, 367, 20)
     y = torch.ops.hwaware.int8_linear(x, qw, s, b, "int_mm")
-    monkeypatch.setattr(native, "quant_tokens_i8", lambda x2d: None)
+    monkeypatch.setattr(native, "quant_tokens_i8", lambda x2d, out=None: None)
     monkeypatch.setattr(native, "w8a8_epilogue", lambda *a: None)
     assert torch.equal(torch.ops.hwaware.int8_linear(x, qw, s, b, "int_mm"), y)
 
