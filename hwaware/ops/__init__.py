@@ -175,8 +175,9 @@ _CACHE = _PackCache()
 
 
 def clear_cache() -> None:
-    """Drop every cached prepacked / dequantized weight."""
+    """Drop every cached prepacked / dequantized weight, and this thread's int_mm scratch buffers."""
     _CACHE.clear()
+    _SCRATCH.__dict__.clear()
 
 
 # -- hwaware::int8_linear -----------------------------------------------------------------------

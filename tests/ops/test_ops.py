@@ -325,3 +325,17 @@ def test_export_save_load_round_trip(tmp_path):
     for batch_size in (6, 11):
         inputs = _tiny_inputs(batch_size, seed=batch_size)
         torch.testing.assert_close(loaded.module()(*inputs), model(*inputs), atol=0, rtol=0)
+
+
+def test_int8_linear_int_mm_scratch_reuse_never_leaks_into_outputs():
+    """The codes/accumulator scratch is reused across calls; every returned tensor is its own."""
+    x1, qw, s, b, _ = _int8_args(8, 96, 40, seed=1)
+    x2, _, _, _, _ = _int8_args(300, 96, 40, seed=2)
+    y1 = torch.ops.hwaware.int8_linear(x1, qw, s, b, "int_mm")
+    y2 = torch.ops.hwaware.int8_linear(x2, qw, s, b, "int_mm")  # grows the scratch
+    y3 = torch.ops.hwaware.int8_linear(x1, qw, s, b, "int_mm")
+    assert torch.equal(y1, int8_linear_ref(x1, qw, s, b)) and torch.equal(y2, int8_linear_ref(x2, qw, s, b))
+    assert torch.equal(y3, y1) and y3.data_ptr() != y1.data_ptr()
+    ops.clear_cache()
+    assert not getattr(ops._SCRATCH, "bufs", None)
+    assert torch.equal(torch.ops.hwaware.int8_linear(x1, qw, s, b, "int_mm"), y1)
