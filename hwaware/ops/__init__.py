@@ -263,7 +263,8 @@ def _workspace(kind: str, numel: int, dtype: torch.dtype) -> Tensor:
         bufs = _SCRATCH.bufs = {}
     buf = bufs.get(kind)
     if buf is None or buf.numel() < numel:
-        buf = bufs[kind] = torch.empty(max(numel, 1), dtype=dtype)
+        with torch.inference_mode(False):  # a normal tensor: writable inside and outside inference mode
+            buf = bufs[kind] = torch.empty(max(numel, 1), dtype=dtype)
     return buf[:numel]
 
 

@@ -339,3 +339,12 @@ def test_int8_linear_int_mm_scratch_reuse_never_leaks_into_outputs():
     ops.clear_cache()
     assert not getattr(ops._SCRATCH, "bufs", None)
     assert torch.equal(torch.ops.hwaware.int8_linear(x1, qw, s, b, "int_mm"), y1)
+
+
+def test_int8_linear_int_mm_scratch_made_in_inference_mode_works_outside_it():
+    x, qw, s, b, _ = _int8_args(16, 64, 8)
+    ops.clear_cache()
+    with torch.inference_mode():
+        y_inf = torch.ops.hwaware.int8_linear(x, qw, s, b, "int_mm")
+    y = torch.ops.hwaware.int8_linear(x, qw, s, b, "int_mm")  # the same scratch, outside inference mode
+    assert torch.equal(y, y_inf)
