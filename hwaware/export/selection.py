@@ -72,6 +72,16 @@ def time_us(fn: Callable[[], Any], budget_s: float = 0.05, min_runs: int = 5, wa
     return statistics.median(times) * 1e6
 
 
+def _timed(fn: Callable[[], Any], note: str, measured: Dict[str, Any]) -> Dict[str, Any]:
+    """``{"available", "us", "note"}`` for one candidate; one run only when it is over 20x the
+    fastest candidate in ``measured`` so far (it cannot win)."""
+    best = min((e["us"] for e in measured.values() if "us" in e), default=None)
+    us = time_us(fn, give_up_us=None if best is None else 20 * best)
+    if best is not None and us > 20 * best:
+        note += " (timed once: over 20x the fastest so far)"
+    return {"available": True, "us": round(us, 2), "note": note}
+
+
 def capture_rows(model: nn.Module, run: Callable[[], Any]) -> Dict[str, int]:
     """``{name: rows of the input}`` for every :class:`Sparse24Linear` and :class:`Int8Linear`, from
     one call of ``run``."""
@@ -144,12 +154,7 @@ def select_sparse24_kernels(model: nn.Module, rows: Dict[str, int], device: str 
                 if fn is None:
                     entry["available"] = False
                 else:
-                    entry["available"] = True
-                    best = min((e["us"] for e in measured.values() if "us" in e), default=None)
-                    us = time_us(lambda: fn(x), give_up_us=None if best is None else 20 * best)
-                    entry["us"] = round(us, 2)
-                    if best is not None and us > 20 * best:
-                        entry["note"] += " (timed once: over 20x the fastest so far)"
+                    entry.update(_timed(lambda: fn(x), note, measured))
                 measured[cname] = entry
         eligible = {c: e["us"] for c, e in measured.items() if e["available"] and e["keeps_math"]}
         chosen = min(eligible, key=eligible.get)
@@ -185,13 +190,8 @@ def select_int8_kernels(model: nn.Module, rows: Dict[str, int], device: str = "c
         measured: Dict[str, Any] = {}
         with torch.no_grad():
             for impl in INT8_KERNELS[device]:
-                best = min((e["us"] for e in measured.values()), default=None)
-                us = time_us(lambda: op(x, layer.qweight, layer.w_scale, layer.bias, impl),
-                             give_up_us=None if best is None else 20 * best)
-                note = _INT8_NOTES.get(impl, impl)
-                if best is not None and us > 20 * best:
-                    note += " (timed once: over 20x the fastest so far)"
-                measured[impl] = {"available": True, "keeps_math": True, "us": round(us, 2), "note": note}
+                measured[impl] = {"keeps_math": True, **_timed(
+                    lambda: op(x, layer.qweight, layer.w_scale, layer.bias, impl), _INT8_NOTES.get(impl, impl), measured)}
         chosen = min(measured, key=lambda c: measured[c]["us"])
         layer.kernels[device] = chosen
         others = ", ".join(f"{c} {measured[c]['us'] / measured[chosen]['us']:.2f}x its time"

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hwaware.ops.packing import decompress_24, dequantize_int4_weight, rowwise_cols
-from hwaware.ops.reference import quantize_per_token_ref
+from hwaware.ops.reference import quantize_per_token_ref, w8a8_epilogue_ref
 
 __all__ = ["int8_linear", "int4_linear", "embedding_bag_rowwise", "sparse24_linear", "INT8_KERNELS", "SPARSE24_KERNELS",
            "REDUCE_RANGE", "clear_cache"]
@@ -286,8 +286,7 @@ def _int8_linear_int_mm(x: Tensor, wt: Tensor, w_scale: Tensor, bias: Optional[T
     b = None if bias is None else bias.float().contiguous()
     out = native.w8a8_epilogue(acc, sx, w_scale.contiguous(), b)
     if out is None:
-        o = acc.double() * sx.double()[:, None] * w_scale.double()[None, :]
-        out = (o if b is None else o + b.double()).float()
+        out = w8a8_epilogue_ref(acc, sx, w_scale, b).float()
     return out.to(x.dtype).reshape(*x.shape[:-1], n)
 
 

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from hwaware.ops.packing import decompress_24, dequantize_int4_weight, dequantize_rowwise
 
-__all__ = ["quantize_per_token_ref", "int8_linear_ref", "int4_linear_ref", "embedding_bag_rowwise_ref",
+__all__ = ["quantize_per_token_ref", "int8_linear_ref", "w8a8_epilogue_ref", "int4_linear_ref", "embedding_bag_rowwise_ref",
            "sparse24_linear_ref", "EMBEDDING_BAG_MODES"]
 
 EMBEDDING_BAG_MODES = {0: "sum", 1: "mean", 2: "max"}
@@ -39,10 +39,13 @@ def int8_linear_ref(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[
     k = x.shape[-1]
     qx, sx = quantize_per_token_ref(x.reshape(-1, k))
     acc = qx.double() @ qweight.double().t()  # exact: |acc| <= K * 127^2 << 2^53
-    out = acc * sx.double()[:, None] * w_scale.double()[None, :]
-    if bias is not None:
-        out = out + bias.double()
-    return out.to(x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
+    return w8a8_epilogue_ref(acc, sx, w_scale, bias).to(x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
+
+
+def w8a8_epilogue_ref(acc: Tensor, sx: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """float64 ``acc * sx[:, None] * w_scale[None, :] (+ bias)`` for an exact integer accumulator ``acc [M, N]``."""
+    out = acc.double() * sx.double()[:, None] * w_scale.double()[None, :]
+    return out if bias is None else out + bias.double()
 
 
 def int4_linear_ref(x: Tensor, packed: Tensor, scales: Tensor, zeros: Optional[Tensor], group_size: int,
