@@ -22,18 +22,23 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["native_status", "fq_sym_rows", "fq_affine_rows", "quant_tokens_i8", "w8a8_epilogue"]
+__all__ = ["native_status", "fq_sym_rows", "fq_affine_rows", "quant_tokens_i8", "w8a8_epilogue", "check_bags"]
 
-_SRCS = [Path(__file__).parent / "_native" / n for n in ("rowwise_fq.c", "w8a8.c")]
-# -fopenmp-simd: the `omp simd` reductions vectorize (no OpenMP runtime is linked);
-# -ffp-contract=off: no fused multiply-add, so results equal torch's separate mul and add
-_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC"]
+_SRCS = [Path(__file__).parent / "_native" / n for n in ("rowwise_fq.c", "w8a8.c", "bags.c")]
+# -ffp-contract=off: no fused multiply-add, so results equal torch's separate mul and add.
+# -fopenmp: the `omp simd` loops vectorize and the W8A8 passes split rows over threads. libgomp is
+# linked by soname, and torch's wheel has already loaded its own libgomp.so.1 by then, so the
+# library runs on torch's OpenMP pool (one runtime, torch.set_num_threads applies). A compiler
+# without OpenMP support builds with -fopenmp-simd instead: vectorized, single-threaded.
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC"]
+_OPENMP_FLAGS = (["-fopenmp"], ["-fopenmp-simd"])  # tried in this order
 _lib: Optional[ctypes.CDLL] = None
 _status = "not loaded yet"
 _tried = False
@@ -56,7 +61,14 @@ def _build(target: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        subprocess.run([cc, *_FLAGS, "-o", tmp, *map(str, _SRCS)], check=True, capture_output=True, text=True, timeout=120)
+        for i, omp in enumerate(_OPENMP_FLAGS):
+            try:
+                subprocess.run([cc, *_FLAGS, *omp, "-o", tmp, *map(str, _SRCS)], check=True, capture_output=True,
+                               text=True, timeout=120)
+                break
+            except subprocess.CalledProcessError:
+                if i == len(_OPENMP_FLAGS) - 1:
+                    raise
         os.replace(tmp, target)  # atomic: concurrent builders (DDP ranks) never load a half-written file
     finally:
         if os.path.exists(tmp):
@@ -72,7 +84,7 @@ def _load() -> Optional[ctypes.CDLL]:
         _status = "disabled by HWAWARE_NO_NATIVE"
         return None
     try:
-        key = hashlib.sha256(b"".join(p.read_bytes() for p in _SRCS) + " ".join(_FLAGS).encode()
+        key = hashlib.sha256(b"".join(p.read_bytes() for p in _SRCS) + repr((_FLAGS, _OPENMP_FLAGS)).encode()
                              + _cpu_fingerprint().encode()).hexdigest()[:16]
         target = Path(os.environ.get("HWAWARE_CACHE", Path.home() / ".cache" / "hwaware")) / f"native-{key}.so"
         if not target.exists():
@@ -82,9 +94,11 @@ def _load() -> Optional[ctypes.CDLL]:
         lib.hw_fq_sym_rows.argtypes = [f32p, f32p, f32p, i64, i64, i32, i32]
         lib.hw_fq_affine_rows.argtypes = [f32p, f32p, f32p, f32p, i64, i64, i32, i32]
         lib.hw_quant_tokens_i8.argtypes = [f32p, i64, i64, f32p, f32p]
-        lib.hw_w8a8_epilogue.argtypes = [f32p, i64, i64, f32p, f32p, f32p, f32p]
+        lib.hw_w8a8_epilogue.argtypes = [f32p, i64, i64, f32p, f32p, f32p, i32, f32p]
         for fn in (lib.hw_fq_sym_rows, lib.hw_fq_affine_rows, lib.hw_quant_tokens_i8, lib.hw_w8a8_epilogue):
             fn.restype = None
+        lib.hw_check_bags.argtypes = [f32p, i64, f32p, i64, i32, i64, i32, f32p]
+        lib.hw_check_bags.restype = i32
         _lib, _status = lib, f"loaded {target}"
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", "") or ""
@@ -134,18 +148,38 @@ def quant_tokens_i8(x2d: Tensor, out: Optional[Tensor] = None) -> Optional[Tuple
         raise ValueError(f"out must be a contiguous int8 tensor of shape {list(x2d.shape)}, got {out.dtype} {list(out.shape)}")
     q = torch.empty(x2d.shape, dtype=torch.int8) if out is None else out
     scale = torch.empty(x2d.shape[0], dtype=torch.float32)
-    # single-threaded: splitting rows over a thread pool measured no faster (torch's OpenMP workers
-    # spin on the other core right after a GEMM)
     _lib.hw_quant_tokens_i8(x2d.data_ptr(), x2d.shape[0], x2d.shape[1], q.data_ptr(), scale.data_ptr())
     return q, scale
 
 
-def w8a8_epilogue(acc: Tensor, sx: Tensor, sw: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:
-    """float32 ``acc * sx[:, None] * sw[None, :] + bias`` computed in float64 (as ``int8_linear_ref``);
-    ``acc`` int32 [M, N] contiguous, the rest contiguous float32. None: use eager."""
+def w8a8_epilogue(acc: Tensor, sx: Tensor, sw: Tensor, bias: Optional[Tensor], relu: bool = False,
+                  out: Optional[Tensor] = None) -> Optional[Tensor]:
+    """float32 ``acc * sx[:, None] * sw[None, :] + bias`` computed in float64 (as ``int8_linear_ref``),
+    then ``torch.relu`` when ``relu``; ``acc`` int32 [M, N] contiguous, the rest contiguous float32.
+    ``out``: a contiguous float32 ``[M, N]`` tensor to write into. None: use eager."""
     if acc.numel() == 0 or not acc.is_contiguous() or _load() is None:
         return None
-    out = torch.empty(acc.shape, dtype=torch.float32)
+    if out is not None and (out.shape != acc.shape or out.dtype != torch.float32 or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous float32 tensor of shape {list(acc.shape)}, got {out.dtype} {list(out.shape)}")
+    out = torch.empty(acc.shape, dtype=torch.float32) if out is None else out
     _lib.hw_w8a8_epilogue(acc.data_ptr(), acc.shape[0], acc.shape[1], sx.data_ptr(), sw.data_ptr(),
-                          None if bias is None else bias.data_ptr(), out.data_ptr())
+                          None if bias is None else bias.data_ptr(), int(relu), out.data_ptr())
     return out
+
+
+_BAG_INFO = threading.local()
+
+
+def check_bags(indices: Tensor, offsets: Tensor, rows: int, include_last_offset: bool) -> Optional[Tuple[int, int, int]]:
+    """Bounds-check an embedding-bag call in C (``_native/bags.c``): ``(rule, a, b)`` where rule 0 is
+    valid and 1/2/3 name the failing rule (see there) with its two values; None: check in Python.
+    ``indices`` and ``offsets``: contiguous 1-D CPU tensors of one dtype, int64 or int32."""
+    if _load() is None or indices.dtype != offsets.dtype or indices.dtype not in (torch.int64, torch.int32):
+        return None
+    info = getattr(_BAG_INFO, "buf", None)
+    if info is None:
+        info = _BAG_INFO.buf = (ctypes.c_int64 * 2)()
+    rule = _lib.hw_check_bags(indices.data_ptr(), indices.numel(), offsets.data_ptr(), offsets.numel(),
+                              int(indices.dtype == torch.int64), rows, int(include_last_offset), info)
+    return rule, info[0], info[1]
+

@@ -212,7 +212,12 @@ def test_embedding_bag_per_sample_weights(bits):
                                atol=1e-5, rtol=1e-5)
 
 
-def test_embedding_bag_rejects_bad_inputs():
+@pytest.mark.parametrize("native_check", [True, False], ids=["c-check", "numpy-check"])
+def test_embedding_bag_rejects_bad_inputs(native_check, monkeypatch):
+    from hwaware.quant import native
+
+    if not native_check:  # the numpy fallback (no C compiler) must give the same errors
+        monkeypatch.setattr(native, "check_bags", lambda *a: None)
     weight, indices, offsets = _bag_args(8)
     eb = torch.ops.hwaware.embedding_bag_rowwise
     with pytest.raises(ValueError, match=r"weight must have shape \[R, 24\] for a 8-bit row-wise table of dim=16"):
@@ -231,8 +236,14 @@ def test_embedding_bag_rejects_bad_inputs():
         eb(weight, 2, 16, indices, offsets, 0, None, False)
     with pytest.raises(IndexError, match=r"indices must lie in \[0, 100\)"):
         eb(weight, 8, 16, indices + 100, offsets, 0, None, False)
+    with pytest.raises(IndexError, match=r"indices must lie in \[0, 100\) \(rows of weight\), got \[-1, "):
+        eb(weight, 8, 16, indices - 1, offsets, 0, None, False)
     with pytest.raises(ValueError, match="offsets must start at 0"):
         eb(weight, 8, 16, indices, offsets + 1, 0, None, False)
+    with pytest.raises(ValueError, match="be non-decreasing"):
+        eb(weight, 8, 16, indices, offsets.flip(0), 0, None, False)
+    with pytest.raises(ValueError, match=r"with include_last_offset=True the last offset must equal len\(indices\)"):
+        eb(weight, 8, 16, indices, offsets, 0, None, True)
 
 
 def test_every_op_has_cpu_and_cuda_kernels():

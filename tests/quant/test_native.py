@@ -129,3 +129,63 @@ def test_w8a8_epilogue_is_the_float64_reference_arithmetic(bias):
     ref = acc.double() * sx.double()[:, None] * sw.double()[None, :]
     ref = (ref if b is None else ref + b.double()).float()
     assert torch.equal(out, ref)
+
+
+def test_w8a8_epilogue_relu_is_torch_relu_of_the_epilogue():
+    g = torch.Generator().manual_seed(1)
+    acc = torch.randint(-2**20, 2**20, (300, 130), generator=g, dtype=torch.int32)  # over the threading cut
+    acc[0, :5] = 0
+    sx, sw, b = torch.rand(300, generator=g), torch.rand(130, generator=g), torch.randn(130, generator=g)
+    sx[1] = float("nan")  # a non-finite input row stays NaN through the ReLU, as torch.relu keeps NaN
+    b[0] = -0.0  # -0.0 passes unchanged, as torch.relu(-0.0) is -0.0
+    out = native.w8a8_epilogue(acc, sx, sw, b, relu=True)
+    ref = torch.relu(native.w8a8_epilogue(acc, sx, sw, b))
+    assert torch.equal(out.view(torch.int32), ref.view(torch.int32))  # bitwise: NaN payloads and signed zeros
+
+
+def test_threaded_passes_equal_one_thread():
+    # above PAR_MIN elements both passes split rows over torch's OpenMP threads; rows are independent
+    x = torch.randn(1024, 200)
+    sw = torch.rand(96)
+    acc = torch.randint(-2**20, 2**20, (1024, 96), dtype=torch.int32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = (*native.quant_tokens_i8(x), native.w8a8_epilogue(acc, x[:, 0].abs(), sw, None, relu=True))
+        torch.set_num_threads(max(2, threads))
+        many = (*native.quant_tokens_i8(x), native.w8a8_epilogue(acc, x[:, 0].abs(), sw, None, relu=True))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, many))
+
+
+def test_library_shares_torchs_openmp_runtime():
+    # two OpenMP runtimes in one process would each keep spinning workers on the same cores
+    native._load()
+    with open("/proc/self/maps") as f:
+        gomp = {line.split()[-1] for line in f if "libgomp" in line or "libiomp" in line}
+    assert len(gomp) <= 1, gomp
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("include_last", [False, True])
+def test_bag_check_agrees_with_the_numpy_rules(dtype, include_last):
+    def numpy_rule(idx, off, rows):
+        n = idx.numel()
+        if n and (int(idx.min()) < 0 or int(idx.max()) >= rows):
+            return 1, int(idx.min()), int(idx.max())
+        if off.numel():
+            first, last = int(off[0]), int(off[-1])
+            if first != 0 or last > n or bool((off[1:] < off[:-1]).any()):
+                return 2, first, last
+            if include_last and last != n:
+                return 3, first, last
+        return 0
+    idx = torch.tensor([3, 0, 9, 4, 4], dtype=dtype)
+    off = torch.tensor([0, 2, 2, 5] if include_last else [0, 2, 2], dtype=dtype)
+    cases = [(idx, off), (idx - 1, off), (idx + 1, off), (idx, off + 1), (idx, off.flip(0)),
+             (idx, torch.tensor([0, 2, 6], dtype=dtype)), (idx, torch.tensor([0, 2, 4], dtype=dtype)),
+             (idx[:0], torch.tensor([0] if include_last else [], dtype=dtype))]
+    for i, o in cases:
+        got = native.check_bags(i, o, 10, include_last)
+        assert (got[0] if got[0] == 0 else got) == numpy_rule(i, o, 10), (i, o)

@@ -7,7 +7,8 @@
  *
  * hw_w8a8_epilogue: out = (float)((double)acc * sx[r] * sw[c] + bias[c]), the reference's float64
  * arithmetic in the same order (built with -ffp-contract=off: no fused multiply-add), so the whole
- * W8A8 path equals int8_linear_ref bit for bit for float32 inputs.
+ * W8A8 path equals int8_linear_ref bit for bit for float32 inputs; with `relu`, the output then goes
+ * through max(out, 0) as torch.relu does (-0.0 and NaN pass unchanged): a fused following ReLU.
  */
 #include <math.h>
 #include <stdint.h>
@@ -68,12 +69,20 @@ static void quant_row(const float *xr, int64_t cols, int8_t *qr, float *scale_ou
 }
 #endif
 
+/* Rows are independent, so the passes split them over OpenMP threads. The library links libgomp by
+ * soname, so in a process that imported torch it runs on torch's own OpenMP pool (same runtime, same
+ * torch.set_num_threads): the workers that just ran the GEMM pick the rows up. Below PAR_MIN elements
+ * a parallel region costs more than it saves. */
+#define PAR_MIN 32768
+
 void hw_quant_tokens_i8(const float *x, int64_t rows, int64_t cols, int8_t *q, float *scale_out) {
+#pragma omp parallel for schedule(static) if (rows * cols >= PAR_MIN)
     for (int64_t r = 0; r < rows; ++r) quant_row(x + r * cols, cols, q + r * cols, scale_out + r);
 }
 
 void hw_w8a8_epilogue(const int32_t *acc, int64_t rows, int64_t cols, const float *sx, const float *sw,
-                      const float *bias, float *out) {
+                      const float *bias, int relu, float *out) {
+#pragma omp parallel for schedule(static) if (rows * cols >= PAR_MIN)
     for (int64_t r = 0; r < rows; ++r) {
         const int32_t *ar = acc + r * cols;
         float *outr = out + r * cols;
@@ -84,6 +93,10 @@ void hw_w8a8_epilogue(const int32_t *acc, int64_t rows, int64_t cols, const floa
         } else {
 #pragma omp simd
             for (int64_t c = 0; c < cols; ++c) outr[c] = (float)((double)ar[c] * a * (double)sw[c]);
+        }
+        if (relu) { /* max(v, 0) as torch.relu: NaN stays NaN (v > 0 is false for NaN, so test v < 0) */
+#pragma omp simd
+            for (int64_t c = 0; c < cols; ++c) outr[c] = outr[c] < 0.0f ? 0.0f : outr[c];
         }
     }
 }
