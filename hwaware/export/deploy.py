@@ -14,7 +14,8 @@ import hwaware.ops  # noqa: F401  (registers torch.ops.hwaware.*)
 from hwaware.ops import packing
 from hwaware.quant.attach import QuantState
 
-__all__ = ["Int8Linear", "Int4Linear", "Sparse24Linear", "RowwiseEmbeddingBag", "RowwiseEmbedding", "DEPLOY_TYPES"]
+__all__ = ["Int8Linear", "Int4Linear", "Sparse24Linear", "RowwiseEmbeddingBag", "RowwiseEmbedding", "DEPLOY_TYPES",
+           "fuse_relu"]
 
 _MODES = {"sum": 0, "mean": 1, "max": 2}
 
@@ -28,18 +29,21 @@ class Int8Linear(nn.Module):
 
     ``kernels`` maps a device type to the ``hwaware::int8_linear`` implementation (``impl``) the
     export measured fastest for this layer (manifest ``selection``); ``"auto"`` where none was chosen.
+    ``relu``: the layer also applies the ``nn.ReLU`` that followed it (export fuses the pair in an
+    ``nn.Sequential``; see :func:`fuse_relu`), so its output is ``torch.relu`` of the linear.
     """
 
     scheme = "int8"
 
     def __init__(self, qweight: Tensor, w_scale: Tensor, bias: Optional[Tensor],
-                 kernels: Optional[Dict[str, str]] = None) -> None:
+                 kernels: Optional[Dict[str, str]] = None, relu: bool = False) -> None:
         super().__init__()
         self.register_buffer("qweight", qweight)  # int8 [N, K]
         self.register_buffer("w_scale", w_scale)  # float32 [N]
         self.register_buffer("bias", bias)  # float32 [N] or None
         self.in_features, self.out_features = qweight.shape[1], qweight.shape[0]
         self.kernels: Dict[str, str] = dict(kernels or {})
+        self.relu = bool(relu)
 
     @classmethod
     def from_quantized(cls, m: nn.Linear, st: QuantState) -> "Int8Linear":
@@ -52,15 +56,15 @@ class Int8Linear(nn.Module):
     def empty(cls, meta: Dict[str, Any]) -> "Int8Linear":
         n, k = meta["shape"]
         bias = torch.empty(n) if meta.get("bias") else None
-        return cls(torch.empty(n, k, dtype=torch.int8), torch.empty(n), bias, meta.get("kernels"))
+        return cls(torch.empty(n, k, dtype=torch.int8), torch.empty(n), bias, meta.get("kernels"), meta.get("relu", False))
 
     def forward(self, input: Tensor) -> Tensor:  # nn.Linear's argument name: keyword calls keep working
         impl = self.kernels.get(input.device.type, "auto")
-        return torch.ops.hwaware.int8_linear(input, self.qweight, self.w_scale, self.bias, impl)
+        return torch.ops.hwaware.int8_linear(input, self.qweight, self.w_scale, self.bias, impl, self.relu)
 
     def describe(self) -> Dict[str, Any]:
         return {"scheme": self.scheme, "shape": [self.out_features, self.in_features], "bias": self.bias is not None,
-                "kernels": dict(self.kernels), "bytes": _bytes(self.qweight, self.w_scale, self.bias),
+                "kernels": dict(self.kernels), "relu": self.relu, "bytes": _bytes(self.qweight, self.w_scale, self.bias),
                 "dense_bytes": 4 * self.out_features * (self.in_features + 1)}
 
 
@@ -223,3 +227,27 @@ class RowwiseEmbedding(RowwiseEmbeddingBag):
 
 
 DEPLOY_TYPES = {c.__name__: c for c in (Int8Linear, Int4Linear, Sparse24Linear, RowwiseEmbeddingBag, RowwiseEmbedding)}
+
+
+def fuse_relu(model: nn.Module) -> Dict[str, str]:
+    """Fold each ``nn.ReLU`` that directly follows an :class:`Int8Linear` in an ``nn.Sequential`` into
+    the layer (``relu=True``; its epilogue applies it) and put an ``nn.Identity`` in the ReLU's slot.
+
+    Only plain ``nn.Sequential`` containers qualify: their forward is "each child on the previous
+    output", so the pair's composition is known. A ReLU with hooks stays. The result is bit-identical
+    (the epilogue applies ``torch.relu``'s max(v, 0)). Returns ``{linear name: relu name}``.
+    """
+    fused: Dict[str, str] = {}
+    for seq_name, seq in model.named_modules():
+        if type(seq) is not nn.Sequential:
+            continue
+        names = list(seq._modules)
+        for a, b in zip(names, names[1:]):
+            lin, act = seq._modules[a], seq._modules[b]
+            if (isinstance(lin, Int8Linear) and not lin.relu and type(act) is nn.ReLU
+                    and not (act._forward_hooks or act._forward_pre_hooks)):
+                lin.relu = True
+                seq._modules[b] = nn.Identity()
+                prefix = f"{seq_name}." if seq_name else ""
+                fused[prefix + a] = prefix + b
+    return fused

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from hwaware.export.artifact import ArtifactError, read_tensors, verify_artifact, write_artifact
-from hwaware.export.deploy import DEPLOY_TYPES, Int4Linear, Int8Linear, RowwiseEmbedding, RowwiseEmbeddingBag, Sparse24Linear
+from hwaware.export.deploy import DEPLOY_TYPES, Int4Linear, Int8Linear, RowwiseEmbedding, RowwiseEmbeddingBag, Sparse24Linear, fuse_relu
 from hwaware.export.selection import capture_rows, select_int8_kernels, select_sparse24_kernels
 from hwaware.ops import INT8_KERNELS, SPARSE24_KERNELS
 from hwaware.ops.packing import is_24
@@ -93,6 +93,14 @@ def _copy_model(model: nn.Module) -> nn.Module:
         if obj is not None:
             memo[id(obj)] = None
     return copy.deepcopy(model, memo)
+
+
+def _get_module(root: nn.Module, name: Any) -> Optional[nn.Module]:
+    """The submodule at ``name``, or None where there is none (or ``name`` is not a string)."""
+    try:
+        return root.get_submodule(name) if isinstance(name, str) and name else None
+    except AttributeError:
+        return None
 
 
 def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -357,6 +365,8 @@ def export(
             detach_quantization(model)
     if not layers:
         raise ValueError(f"nothing to pack: every quantized layer stays dense ({dense})")
+    for name, relu_name in fuse_relu(deploy).items():
+        layers[name].update(relu=True, fused_relu=relu_name)
 
     if any(isinstance(m, (Sparse24Linear, Int8Linear)) for m in deploy.modules()):
         if example_inputs is not None:
@@ -456,6 +466,15 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
             raise ArtifactError(f"{path}/manifest.json: layer {name!r} has unknown module {meta['module']!r}")
         with torch.device("meta"):
             _set_module(model, name, DEPLOY_TYPES[meta["module"]].empty(meta))
+        if "fused_relu" in meta:  # export folded the ReLU after this layer into it (deploy.fuse_relu)
+            relu_name = meta["fused_relu"]
+            relu = _get_module(model, relu_name)
+            if meta["module"] != "Int8Linear" or meta.get("relu") is not True or type(relu) is not nn.ReLU:
+                raise ArtifactError(f"{path}/manifest.json: layer {name!r} says it fused the ReLU {relu_name!r}, but "
+                                    f"the model has {type(relu).__name__ if relu is not None else 'no module'} there")
+            _set_module(model, relu_name, nn.Identity())
+        elif meta.get("relu", False) is not False:
+            raise ArtifactError(f"{path}/manifest.json: layer {name!r} has relu={meta['relu']!r} without fused_relu")
     tensors = read_tensors(path)
     extra = {k[len(_BUFFER_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(_BUFFER_PREFIX)}
     expected = set(model.state_dict())

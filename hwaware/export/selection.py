@@ -191,7 +191,7 @@ def select_int8_kernels(model: nn.Module, rows: Dict[str, int], device: str = "c
         with torch.no_grad():
             for impl in INT8_KERNELS[device]:
                 measured[impl] = {"keeps_math": True, **_timed(
-                    lambda: op(x, layer.qweight, layer.w_scale, layer.bias, impl), _INT8_NOTES.get(impl, impl), measured)}
+                    lambda: op(x, layer.qweight, layer.w_scale, layer.bias, impl, layer.relu), _INT8_NOTES.get(impl, impl), measured)}
         chosen = min(measured, key=lambda c: measured[c]["us"])
         layer.kernels[device] = chosen
         others = ", ".join(f"{c} {measured[c]['us'] / measured[chosen]['us']:.2f}x its time"

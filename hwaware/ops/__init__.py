@@ -7,9 +7,10 @@ before ``torch.export.load`` of a program that uses them.
 
 Ops (shapes; ``...`` = any leading dims):
 
-- ``hwaware::int8_linear(x [..., K] float, qweight int8 [N, K], w_scale float32 [N], bias [N]?, impl="auto") -> [..., N]``
-  W8A8: dynamic per-token symmetric int8 activations, per-channel int8 weights; ``impl`` names
-  the implementation (:data:`INT8_KERNELS`; the export measures and records it per layer).
+- ``hwaware::int8_linear(x [..., K] float, qweight int8 [N, K], w_scale float32 [N], bias [N]?, impl="auto",
+  relu=False) -> [..., N]`` W8A8: dynamic per-token symmetric int8 activations, per-channel int8
+  weights; ``impl`` names the implementation (:data:`INT8_KERNELS`; the export measures and records
+  it per layer); ``relu`` applies a fused following ReLU.
 - ``hwaware::int4_linear(x [..., K] float, packed uint8 [N, K/2], scales float32 [N, K/g],
   zeros int8 [N, K/g]?, group_size, bias [N]?) -> [..., N]``: weight-only int4, group-wise.
 - ``hwaware::embedding_bag_rowwise(weight uint8 [R, cols], bits, dim, indices [L], offsets [B(+1)],
@@ -237,17 +238,21 @@ def _check_int8_kernel(impl: str, device: str) -> str:
 
 
 @torch.library.custom_op("hwaware::int8_linear", mutates_args=(), device_types="cpu")
-def int8_linear(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tensor], impl: str = "auto") -> Tensor:
+def int8_linear(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tensor], impl: str = "auto",
+                relu: bool = False) -> Tensor:
     """W8A8 linear on CPU; ``impl`` in ``"auto"`` + :data:`INT8_KERNELS` ``["cpu"]`` (see there).
+    ``relu``: return ``torch.relu`` of the result, applied in the epilogue (a following ReLU fused
+    by export; saves a pass over the output).
 
     (Not named ``kernel``: inductor passes a defaulted argument by keyword to
     ``FallbackKernel.create(kernel, ...)``, which then fails with "multiple values for 'kernel'".)
     """
     _check_int8_linear(x, qweight, w_scale, bias)
     if _check_int8_kernel(impl, "cpu") == "int_mm":
-        return _int8_linear_int_mm(x, qweight.t(), w_scale, bias)  # a [K, N] view: as fast as a copy here
+        return _int8_linear_int_mm(x, qweight.t(), w_scale, bias, relu)  # a [K, N] view: as fast as a copy here
     packed = _CACHE.get((qweight, w_scale), ("int8_linear",), lambda: _prepack_int8(qweight, w_scale))
-    return _int8_linear_prepacked(x, packed, qweight.shape[0], bias)
+    out = _int8_linear_prepacked(x, packed, qweight.shape[0], bias)
+    return out.relu_() if relu else out
 
 
 # Scratch buffers of the int_mm path (codes, int32 accumulator), reused across calls per thread.
@@ -268,9 +273,9 @@ def _workspace(kind: str, numel: int, dtype: torch.dtype) -> Tensor:
     return buf[:numel]
 
 
-def _int8_linear_int_mm(x: Tensor, wt: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+def _int8_linear_int_mm(x: Tensor, wt: Tensor, w_scale: Tensor, bias: Optional[Tensor], relu: bool = False) -> Tensor:
     """Exact W8A8: native (or reference) per-token codes, ``torch._int_mm`` against ``wt [K, N]``,
-    float64 epilogue (native or eager, same arithmetic as ``int8_linear_ref``)."""
+    float64 epilogue (native or eager, same arithmetic as ``int8_linear_ref``), then ReLU if ``relu``."""
     from hwaware.quant import native  # hwaware.quant imports hwaware.ops.packing: import at call time
 
     k, n = wt.shape
@@ -284,9 +289,10 @@ def _int8_linear_int_mm(x: Tensor, wt: Tensor, w_scale: Tensor, bias: Optional[T
     q, sx = qs if qs is not None else quantize_per_token_ref(xf)
     acc = torch._int_mm(q, wt, out=_workspace("acc", m * n, torch.int32).view(m, n))  # int32 [M, N], exact
     b = None if bias is None else bias.float().contiguous()
-    out = native.w8a8_epilogue(acc, sx, w_scale.contiguous(), b)
+    out = native.w8a8_epilogue(acc, sx, w_scale.contiguous(), b, relu)
     if out is None:
         out = w8a8_epilogue_ref(acc, sx, w_scale, b).float()
+        out = out.relu_() if relu else out
     return out.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
@@ -306,7 +312,7 @@ def _int8_linear_prepacked(x: Tensor, packed, n: int, bias: Optional[Tensor]) ->
 
 
 @int8_linear.register_fake
-def _(x, qweight, w_scale, bias, impl="auto"):
+def _(x, qweight, w_scale, bias, impl="auto", relu=False):
     _check_int8_linear(x, qweight, w_scale, bias)
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 

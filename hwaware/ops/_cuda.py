@@ -74,11 +74,13 @@ def _capturing() -> bool:
 
 
 @int8_linear.register_kernel("cuda")
-def _int8_linear_cuda(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tensor], impl: str = "auto") -> Tensor:
+def _int8_linear_cuda(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tensor], impl: str = "auto",
+                      relu: bool = False) -> Tensor:
     _check_int8_linear(x, qweight, w_scale, bias)
     _check_int8_kernel(impl, "cuda")
     with _on(x):
-        return _kernels("int8_linear").int8_linear(x, qweight, w_scale, bias)
+        out = _kernels("int8_linear").int8_linear(x, qweight, w_scale, bias)
+    return out.relu_() if relu else out  # not fused into the Triton epilogue yet: one more pass on GPU
 
 
 @int4_linear.register_kernel("cuda")

@@ -252,3 +252,47 @@ def test_loader_refuses_an_unknown_int8_implementation(tmp_path):
     write_artifact(tmp_path / "bad", {k: v for k, v in manifest.items() if k not in _ADDED_FIELDS}, tensors)
     with pytest.raises(ArtifactError, match=r"layer 'mlp\.0' names CPU kernel 'mkl_magic'; expected 'auto' or one of"):
         load(tmp_path / "bad")
+
+
+def test_relu_after_an_int8_linear_is_fused_exactly_and_reloaded(tmp_path):
+    from hwaware.export.artifact import _ADDED_FIELDS, read_manifest, read_tensors, write_artifact
+
+    _, val = loaders()
+    art = export(TinyCTR(), tmp_path / "art", val_dataloader=val, metric="auroc", max_drop=1.0)
+    meta = art.manifest["layers"]["mlp.0"]
+    assert meta["relu"] is True and meta["fused_relu"] == "mlp.1"
+    assert art.manifest["layers"]["mlp.2"]["relu"] is False and "fused_relu" not in art.manifest["layers"]["mlp.2"]
+    assert isinstance(art.model.mlp[1], nn.Identity)
+    loaded = load(art.path)
+    assert loaded.mlp[0].relu and isinstance(loaded.mlp[1], nn.Identity)
+    # bit-identical to the layer followed by its ReLU module
+    unfused = load(art.path)
+    unfused.mlp[0].relu, unfused.mlp[1] = False, nn.ReLU()
+    assert torch.equal(_outputs(loaded, val), _outputs(unfused, val))
+
+    manifest, tensors = read_manifest(art.path), read_tensors(art.path)
+    clean = lambda m: {k: v for k, v in m.items() if k not in _ADDED_FIELDS}  # noqa: E731
+    bad = dict(manifest, layers={**manifest["layers"], "mlp.0": {**meta, "fused_relu": "mlp.2"}})
+    write_artifact(tmp_path / "bad1", clean(bad), tensors)
+    with pytest.raises(ArtifactError, match=r"layer 'mlp\.0' says it fused the ReLU 'mlp\.2', but the model has Linear there"):
+        load(tmp_path / "bad1")
+    bad = dict(manifest, layers={**manifest["layers"], "mlp.0": {k: v for k, v in meta.items() if k != "fused_relu"}})
+    write_artifact(tmp_path / "bad2", clean(bad), tensors)
+    with pytest.raises(ArtifactError, match=r"layer 'mlp\.0' has relu=True without fused_relu"):
+        load(tmp_path / "bad2")
+
+
+def test_relu_with_a_hook_or_outside_a_sequential_is_not_fused():
+    from hwaware.export.deploy import fuse_relu
+
+    lin = Int8Linear(torch.ones(4, 4, dtype=torch.int8), torch.ones(4), None)
+    hooked = nn.Sequential(lin, nn.ReLU())
+    hooked[1].register_forward_hook(lambda *a: None)
+    assert fuse_relu(hooked) == {} and not lin.relu
+
+    class Custom(nn.Sequential):  # a subclass may override forward: its order is not known
+        pass
+
+    assert fuse_relu(Custom(lin, nn.ReLU())) == {}
+    assert fuse_relu(nn.Sequential(nn.ReLU(), lin)) == {}
+    assert fuse_relu(nn.Sequential(lin, nn.ReLU())) == {"0": "1"} and lin.relu

@@ -73,6 +73,22 @@ def test_int8_linear_int_mm_eager_fallback_is_exact_too(monkeypatch):
     assert torch.equal(torch.ops.hwaware.int8_linear(x, qw, s, b, "int_mm"), y)
 
 
+@pytest.mark.parametrize("native_lib", [True, False], ids=["native", "eager"])
+@pytest.mark.parametrize("impl", ["int_mm", "fbgemm"])
+def test_int8_linear_relu_is_torch_relu_of_the_output_bitwise(impl, native_lib, monkeypatch):
+    from hwaware.quant import native
+
+    if not native_lib:
+        monkeypatch.setattr(native, "quant_tokens_i8", lambda x2d, out=None: None)
+        monkeypatch.setattr(native, "w8a8_epilogue", lambda *a: None)
+    x, qw, s, b, _ = _int8_args(300, 96, 130)  # 300 x 130 outputs: over the native passes' threading cut
+    b[:3] = -0.0
+    x[5] = 0.0  # a zero row gives the bias: the -0.0 columns must pass through as torch.relu leaves them
+    y = torch.ops.hwaware.int8_linear(x, qw, s, b, impl)
+    y_relu = torch.ops.hwaware.int8_linear(x, qw, s, b, impl, True)
+    assert (y < 0).any() and torch.equal(torch.relu(y).view(torch.int32), y_relu.view(torch.int32))
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(64, 96, 40), (2048, 367, 256), (3, 33, 7)])
 def test_int8_linear_fbgemm_vs_reference_and_fp32(shape, bias):
@@ -259,6 +275,7 @@ def _opcheck_cases():
     x, qw, s, b, _ = _int8_args(16, 64, 8)
     yield "int8_linear", (x, qw, s, b)
     yield "int8_linear", (x.reshape(2, 8, 64), qw, s, None)
+    yield "int8_linear", (x, qw, s, b, "auto", True)
     for impl in ops.INT8_KERNELS["cpu"]:
         yield "int8_linear", (x, qw, s, b, impl)
     for sym in (True, False):
