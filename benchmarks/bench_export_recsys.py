@@ -44,11 +44,12 @@ class _PerTensorActLinear(nn.Module):
         from hwaware.ops import REDUCE_RANGE, _prepack_int8
 
         self.packed = _prepack_int8(m.qweight, m.w_scale)
-        self.bias, self.reduce_range = m.bias, REDUCE_RANGE
+        self.bias, self.reduce_range, self.relu = m.bias, REDUCE_RANGE, m.relu
 
     def forward(self, x):
         y = torch.ops.quantized.linear_dynamic(x, self.packed, self.reduce_range)
-        return y if self.bias is None else y + self.bias
+        y = y if self.bias is None else y + self.bias
+        return y.relu_() if self.relu else y  # the ReLU export fused into the layer
 
 
 def per_tensor_variant(served: nn.Module) -> nn.Module:

@@ -60,7 +60,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:  # nn.Linear's argument name: keyword calls keep working
         impl = self.kernels.get(input.device.type, "auto")
-        return torch.ops.hwaware.int8_linear(input, self.qweight, self.w_scale, self.bias, impl, self.relu)
+        return torch.ops.hwaware.int8_linear.default(input, self.qweight, self.w_scale, self.bias, impl, self.relu)
 
     def describe(self) -> Dict[str, Any]:
         return {"scheme": self.scheme, "shape": [self.out_features, self.in_features], "bias": self.bias is not None,
@@ -200,8 +200,10 @@ class RowwiseEmbeddingBag(nn.Module):
                 per_sample_weights = per_sample_weights.reshape(-1)
         elif offsets is None:
             raise ValueError("RowwiseEmbeddingBag: 1-D input needs offsets")
-        return torch.ops.hwaware.embedding_bag_rowwise(
-            self.weight, self.bits, self.dim, input, offsets.to(input.dtype), _MODES[self.mode], per_sample_weights, self.include_last_offset)
+        if offsets.dtype != input.dtype:
+            offsets = offsets.to(input.dtype)
+        return torch.ops.hwaware.embedding_bag_rowwise.default(
+            self.weight, self.bits, self.dim, input, offsets, _MODES[self.mode], per_sample_weights, self.include_last_offset)
 
     def describe(self) -> Dict[str, Any]:
         return {"scheme": self.scheme, "shape": [self.num_embeddings, self.dim], "bits": self.bits, "cols": self.weight.shape[1],
