@@ -1,0 +1,117 @@
+"""Per-call cost of the CPU deploy ops at the recipe DLRM's shapes, side by side with FP32; JSON.
+
+    python benchmarks/bench_ops_cpu.py        # ~30 s; writes benchmarks/results/ops_cpu.json
+
+What the whole-model numbers in benchmarks/bench_export_recsys.py are made of, at batch 2048:
+- every Linear of the recipe's DLRM (13->64, 64->16, 367->256, 256->128, 128->1), each followed by
+  its ReLU where the model has one: ``hwaware::int8_linear`` with each CPU implementation (ReLU
+  fused), against fp32 ``F.linear`` + ``torch.relu``;
+- one embedding lookup (2048 single-row bags, 16 wide, a 48,000-row table): the deploy module, the
+  op, fbgemm's kernel alone, the op's bounds check alone, and FP32 ``nn.EmbeddingBag``.
+Medians of interleaved rounds (contenders alternate, so drift on a shared machine hits all alike);
+ratios are to the FP32 contender of the same row.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Dict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hwaware.ops  # noqa: F401  (registers torch.ops.hwaware.*)
+from hwaware.export.deploy import RowwiseEmbeddingBag
+from hwaware.ops import INT8_KERNELS, packing
+from hwaware.quant import native
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BATCH = 2048
+# (K, N, followed by ReLU) of hwaware.recsys.DLRM's defaults: bottom 13-64-16, top 367-256-128-1
+LINEARS = [(13, 64, True), (64, 16, True), (367, 256, True), (256, 128, True), (128, 1, False)]
+
+
+def _interleaved_us(fns: Dict[str, Callable[[], object]], rounds: int, calls: int) -> Dict[str, float]:
+    """Median over ``rounds`` of the mean time of ``calls`` back-to-back calls, per contender (µs)."""
+    for fn in fns.values():
+        for _ in range(10):
+            fn()
+    samples: Dict[str, list] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter_ns()
+            for _ in range(calls):
+                fn()
+            samples[name].append((time.perf_counter_ns() - t0) / calls / 1e3)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def linears(rounds: int) -> list:
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for k, n, relu in LINEARS:
+        x = torch.relu(torch.randn(BATCH, k, generator=g))
+        w, b = torch.randn(n, k, generator=g) / k**0.5, torch.randn(n, generator=g)
+        qw, s = packing.quantize_int8_weight(w)
+        fns = {"fp32": (lambda: torch.relu(F.linear(x, w, b))) if relu else (lambda: F.linear(x, w, b))}
+        for impl in INT8_KERNELS["cpu"]:
+            fns[f"int8_{impl}"] = lambda impl=impl: torch.ops.hwaware.int8_linear(x, qw, s, b, impl, relu)
+        us = _interleaved_us(fns, rounds, calls=20)
+        rows.append({"shape": [BATCH, k, n], "relu": relu, "us": us,
+                     "time_vs_fp32": {name: t / us["fp32"] for name, t in us.items()}})
+    return rows
+
+
+def embedding(rounds: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(48_000, 16, generator=g) * 0.01
+    fused = packing.quantize_rowwise(table, 8)
+    module = RowwiseEmbeddingBag(fused, 8, 16, "sum", False)
+    fp32 = nn.EmbeddingBag.from_pretrained(table, mode="sum")
+    ids = torch.randint(0, 48_000, (BATCH,), generator=g)
+    offsets = torch.arange(BATCH)
+    op = torch.ops.hwaware.embedding_bag_rowwise.default
+    fbgemm = torch.ops.quantized.embedding_bag_byte_rowwise_offsets
+    fns = {
+        "fp32_nn_EmbeddingBag": lambda: fp32(ids, offsets),
+        "deploy_module": lambda: module(ids, offsets),
+        "hwaware_op": lambda: op(fused, 8, 16, ids, offsets, 0, None, False),
+        "fbgemm_kernel_alone": lambda: fbgemm(fused, ids, offsets, False, 0, False, None, None, False),
+        "bounds_check_alone": lambda: native.check_bags(ids, offsets, 48_000, False),
+    }
+    us = _interleaved_us(fns, rounds, calls=200)
+    return {"lookups": BATCH, "dim": 16, "rows": 48_000, "us": us,
+            "time_vs_fp32": {name: t / us["fp32_nn_EmbeddingBag"] for name, t in us.items()},
+            "native": native.native_status()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "ops_cpu.json"))
+    p.add_argument("--rounds", type=int, default=15)
+    args = p.parse_args()
+    with torch.inference_mode():
+        result = {
+            "benchmark": "ops_cpu",
+            "device": f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
+                      f"(torch threads {torch.get_num_threads()})",
+            "torch": torch.__version__,
+            "linears": linears(args.rounds),
+            "embedding": embedding(args.rounds),
+        }
+    for r in result["linears"]:
+        print(r["shape"], {k: round(v) for k, v in r["us"].items()})
+    print("embedding", {k: round(v, 1) for k, v in result["embedding"]["us"].items()})
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
