@@ -87,16 +87,12 @@ void hw_w8a8_epilogue(const int32_t *acc, int64_t rows, int64_t cols, const floa
         const int32_t *ar = acc + r * cols;
         float *outr = out + r * cols;
         double a = (double)sx[r];
-        if (bias) {
+        /* relu: max(v, 0) as torch.relu, in the same pass: NaN stays NaN (v < 0 is false for NaN), -0.0 stays */
 #pragma omp simd
-            for (int64_t c = 0; c < cols; ++c) outr[c] = (float)((double)ar[c] * a * (double)sw[c] + (double)bias[c]);
-        } else {
-#pragma omp simd
-            for (int64_t c = 0; c < cols; ++c) outr[c] = (float)((double)ar[c] * a * (double)sw[c]);
-        }
-        if (relu) { /* max(v, 0) as torch.relu: NaN stays NaN (v > 0 is false for NaN, so test v < 0) */
-#pragma omp simd
-            for (int64_t c = 0; c < cols; ++c) outr[c] = outr[c] < 0.0f ? 0.0f : outr[c];
+        for (int64_t c = 0; c < cols; ++c) {
+            double d = (double)ar[c] * a * (double)sw[c];
+            float v = (float)(bias ? d + (double)bias[c] : d);
+            outr[c] = relu && v < 0.0f ? 0.0f : v;
         }
     }
 }
