@@ -343,8 +343,8 @@ def _(x, packed, scales, zeros, group_size, bias):
 # -- hwaware::embedding_bag_rowwise ---------------------------------------------------------------
 
 def _check_index_values(weight: Tensor, indices: Tensor, offsets: Tensor, include_last_offset: bool) -> None:
-    # fbgemm reads out of bounds rather than raising, so check the values: one C pass (~1 us),
-    # else numpy (~14 us for 2048 lookups; torch's reductions cost ~4 us each where numpy's cost ~1 us)
+    # fbgemm reads out of bounds rather than raising, so check the values: one C pass, else numpy
+    # (cheaper than torch's reductions on small CPU tensors); benchmarks/bench_ops_cpu.py times the C check
     from hwaware.quant import native  # hwaware.quant imports hwaware.ops.packing: import at call time
 
     n, rows = indices.numel(), weight.shape[0]
@@ -381,8 +381,8 @@ def embedding_bag_rowwise(weight: Tensor, bits: int, dim: int, indices: Tensor, 
     Those kernels ignore their ``mode`` argument and always sum (measured, torch 2.13), so mean is
     their sum divided by the bag sizes, and max dequantizes only the gathered rows (fbgemm
     ``embedding_bag_{byte,4bit}_unpack``) and reduces them with ``F.embedding_bag``. (A C bag kernel
-    of our own, bounds check included, measured the same as this fbgemm call plus the C check:
-    15-17 us at 2048 single-row bags of dim 16, so fbgemm stays.)
+    of our own, bounds check included, measured no faster than this fbgemm call plus the C check
+    at 2048 single-row bags of dim 16, so fbgemm stays.)
     """
     _check_embedding_bag(weight, bits, dim, indices, offsets, mode, per_sample_weights, include_last_offset)
     weight, indices, offsets = weight.contiguous(), indices.contiguous(), offsets.contiguous()
