@@ -19,7 +19,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import sys
 
 import torch
@@ -33,6 +32,8 @@ import qat_recsys  # noqa: E402
 import hwaware  # noqa: E402
 from hwaware.export.bench import compare_throughput  # noqa: E402
 from hwaware.recsys import DLRM, CriteoDataModule, evaluate_auroc  # noqa: E402
+
+from _results import cpu_device, write_json  # noqa: E402  (benchmarks/_results.py)
 
 
 class _PerTensorActLinear(nn.Module):
@@ -126,7 +127,7 @@ def main() -> None:
     args = p.parse_args()
     result = {
         "benchmark": "export_recsys",
-        "device": f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores (torch threads {torch.get_num_threads()})",
+        "device": cpu_device(),
         "torch": torch.__version__,
         "runs": [one(bits, args.fast, args.artifacts) for bits in (8, 4)],
         "gemm_heavy": gemm_heavy(args.fast, args.artifacts),
@@ -135,10 +136,7 @@ def main() -> None:
         print(json.dumps({k: r[k] for k in ("embedding_bits", "size", "auroc", "auroc_drop_exported")}, indent=1))
         print({k: round(v["ratio"], 3) for k, v in r["throughput"]["models"].items()})
     print("gemm-heavy model:", {k: round(v["ratio"], 3) for k, v in result["gemm_heavy"]["throughput"]["models"].items()})
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
+    write_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,7 @@ ratios are to the FP32 contender of the same row.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import time
 from typing import Callable, Dict
@@ -29,6 +27,8 @@ import hwaware.ops  # noqa: F401  (registers torch.ops.hwaware.*)
 from hwaware.export.deploy import RowwiseEmbeddingBag
 from hwaware.ops import INT8_KERNELS, packing
 from hwaware.quant import native
+
+from _results import cpu_device, write_json  # benchmarks/_results.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = 2048
@@ -98,8 +98,7 @@ def main() -> None:
     with torch.inference_mode():
         result = {
             "benchmark": "ops_cpu",
-            "device": f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
-                      f"(torch threads {torch.get_num_threads()})",
+            "device": cpu_device(),
             "torch": torch.__version__,
             "linears": linears(args.rounds),
             "embedding": embedding(args.rounds),
@@ -107,10 +106,7 @@ def main() -> None:
     for r in result["linears"]:
         print(r["shape"], {k: round(v) for k, v in r["us"].items()})
     print("embedding", {k: round(v, 1) for k, v in result["embedding"]["us"].items()})
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
+    write_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -27,6 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from hwaware import ProgressiveQuantization  # noqa: E402
 from hwaware.quant import attach_quantization, find_quantizable  # noqa: E402
 from hwaware.recsys import DLRM, CriteoDataModule  # noqa: E402
+
+from _results import cpu_device, write_json  # noqa: E402  (benchmarks/_results.py)
 
 
 def step_time(batch_size: int, steps: int, rounds: int, seed: int = 0) -> dict:
@@ -96,7 +97,7 @@ def main() -> None:
     args = p.parse_args()
     result = {
         "benchmark": "qat_recsys",
-        "device": f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores (torch threads {torch.get_num_threads()})",
+        "device": cpu_device(),
         "torch": torch.__version__,
         "step_time": step_time(args.batch_size, args.steps, args.rounds),
     }
@@ -104,10 +105,7 @@ def main() -> None:
     if not args.skip_recipe:
         result["recipe"] = recipe_drop(["--no-progress", "--batch-size", str(args.batch_size)])
         print(json.dumps(result["recipe"], indent=2))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
+    write_json(result, args.out)
 
 
 if __name__ == "__main__":

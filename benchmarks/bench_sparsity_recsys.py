@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 
 import torch
@@ -37,6 +36,8 @@ from hwaware.export.deploy import Sparse24Linear  # noqa: E402
 from hwaware.export.selection import time_us  # noqa: E402
 from hwaware.ops.packing import compress_24, decompress_24, is_24, quantize_int8_weight  # noqa: E402
 from hwaware.sparsity import magnitude_mask_24  # noqa: E402
+
+from _results import cpu_device, write_json  # noqa: E402  (benchmarks/_results.py)
 
 SHAPES = [(1, 1024, 1024), (16, 1024, 1024), (16, 4096, 4096), (256, 1024, 1024), (2048, 368, 256), (2048, 256, 128),
           (2048, 1024, 1024)]
@@ -158,7 +159,7 @@ def main(argv=None) -> dict:
         return out
     out = {
         "benchmark": "sparsity_recsys",
-        "device": f"cpu: {platform.machine()}, {os.cpu_count()} cores (torch threads {torch.get_num_threads()})",
+        "device": cpu_device(),
         "torch": torch.__version__,
         "kernels_cpu": kernel_table(),
     }
@@ -185,10 +186,7 @@ def main(argv=None) -> dict:
                                                 for r in [*runs.values(), *converged.values()]),
         }
         print(json.dumps(out["targets"], indent=2))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=2)
-    print(f"written to {args.out}")
+    write_json(out, args.out)
     return out
 
 
