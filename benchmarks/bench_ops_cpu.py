@@ -7,7 +7,10 @@ What the whole-model numbers in benchmarks/bench_export_recsys.py are made of, a
   its ReLU where the model has one: ``hwaware::int8_linear`` with each CPU implementation (ReLU
   fused), against fp32 ``F.linear`` + ``torch.relu``;
 - one embedding lookup (2048 single-row bags, 16 wide, a 48,000-row table): the deploy module, the
-  op, fbgemm's kernel alone, the op's bounds check alone, and FP32 ``nn.EmbeddingBag``.
+  op, fbgemm's kernel alone, the op's bounds check alone, and FP32 ``nn.EmbeddingBag``;
+- dispatch: an op that returns an empty tensor, registered as the hwaware ops are
+  (``hwaware.ops._Op``) and with ``torch.library.custom_op``, called under ``torch.no_grad()`` and
+  ``torch.inference_mode()`` (aten's own ``empty_like`` for scale).
 Medians of interleaved rounds (contenders alternate, so drift on a shared machine hits all alike);
 ratios are to the FP32 contender of the same row.
 """
@@ -90,6 +93,27 @@ def embedding(rounds: int) -> dict:
             "native": native.native_status()}
 
 
+def dispatch(rounds: int) -> dict:
+    from hwaware.ops import _Op
+
+    lib = torch.library.Library("hwaware_bench", "DEF")  # not the hwaware namespace: a throwaway op
+    def kernel(x):
+        return torch.empty(0)
+    registered = _Op("empty(Tensor x) -> Tensor", kernel, lib)
+    custom = torch.library.custom_op("hwaware_bench::empty_custom_op", kernel, mutates_args=(), device_types="cpu",
+                                     schema="(Tensor x) -> Tensor")
+    x = torch.randn(4)
+    out = {}
+    for mode, ctx in (("no_grad", torch.no_grad), ("inference_mode", torch.inference_mode)):
+        with ctx():
+            fns = {"aten_empty_like": lambda: torch.ops.aten.empty_like.default(x),
+                   "hwaware_registration": lambda: registered.default(x),
+                   "custom_op": lambda: torch.ops.hwaware_bench.empty_custom_op.default(x)}
+            us = _interleaved_us(fns, rounds, calls=2000)
+        out[mode] = {"us": us, "custom_op_vs_hwaware": us["custom_op"] / us["hwaware_registration"]}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "ops_cpu.json"))
@@ -103,9 +127,12 @@ def main() -> None:
             "linears": linears(args.rounds),
             "embedding": embedding(args.rounds),
         }
+    result["dispatch"] = dispatch(args.rounds)  # sets its own grad modes
     for r in result["linears"]:
         print(r["shape"], {k: round(v) for k, v in r["us"].items()})
     print("embedding", {k: round(v, 1) for k, v in result["embedding"]["us"].items()})
+    for mode, r in result["dispatch"].items():
+        print("dispatch", mode, {k: round(v, 2) for k, v in r["us"].items()})
     write_json(result, args.out)
 
 

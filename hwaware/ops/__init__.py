@@ -1,8 +1,10 @@
 """``hwaware::*`` custom ops, registered on import.
 
-Each op is a ``torch.library.custom_op`` with a fake (meta) implementation and a CPU kernel, so it
-passes ``torch.library.opcheck``, ``torch.compile(fullgraph=True)`` and
-``torch.export.export/save/load`` (DESIGN.md, "How ops are registered"). ``import hwaware.ops``
+Each op is defined on a ``torch.library.Library`` with a schema, a fake (meta) implementation, a CPU
+kernel and a thin autograd kernel (:class:`_Op`), so it passes ``torch.library.opcheck``,
+``torch.compile(fullgraph=True)`` and ``torch.export.export/save/load``. (DESIGN.md, "How ops are
+registered", names ``torch.library.custom_op``; its per-call Python cost about twice this, see
+:class:`_Op`.) ``import hwaware.ops``
 before ``torch.export.load`` of a program that uses them.
 
 Ops (shapes; ``...`` = any leading dims):
@@ -30,8 +32,7 @@ from __future__ import annotations
 import threading
 import warnings
 import weakref
-from collections import OrderedDict
-from typing import Callable, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -127,6 +128,82 @@ def _check_embedding_bag(weight: Tensor, bits: int, dim: int, indices: Tensor, o
         _shape("per_sample_weights", per_sample_weights, (indices.shape[0],), "[L] (same length as indices)")
 
 
+# -- registration --------------------------------------------------------------------------------
+
+# Kept alive for the life of the process: dropping a Library object unregisters its ops.
+_LIB = torch.library.Library("hwaware", "DEF")
+_AFTER_AUTOGRAD = torch._C._after_autograd_keyset
+_DEVICE_KEYS = {"cuda": "CUDA"}
+
+
+class _NoBackward(torch.autograd.Function):
+    """Runs a deploy op below autograd; its outputs require grad but backward raises (the ops
+    serve inference; ``torch.library.custom_op`` without a registered formula does the same)."""
+
+    @staticmethod
+    def forward(ctx, op, keyset, *args):
+        ctx.op_name = op.name()
+        with torch._C._AutoDispatchBelowAutograd():
+            return op.redispatch(keyset & _AFTER_AUTOGRAD, *args)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{ctx.op_name} is an inference op and has no backward; run the deploy model under "
+                           "torch.no_grad() or torch.inference_mode(), or train the float model")
+
+
+class _Op:
+    """``hwaware::<name>``: schema, CPU kernel (the decorated function), fake kernel
+    (:meth:`register_fake`), device kernels (:meth:`register_kernel`) and an autograd kernel that
+    calls straight through when no input needs a gradient.
+
+    Why not ``torch.library.custom_op``: its Python wrapper around every call (autograd metadata,
+    an aliasing check of the outputs) costs about twice this registration's per-call time on an
+    empty op, under ``torch.no_grad()`` and under ``torch.inference_mode()``
+    (``benchmarks/bench_ops_cpu.py``, "dispatch"), and a row-wise lookup of 2048 ids is only a few
+    times that. The schemas are the ones ``custom_op`` inferred, so programs exported with it still
+    load. Calling an ``_Op`` calls its ``.default`` overload. ``lib``: the library to define in.
+    """
+
+    def __init__(self, schema: str, cpu_kernel: Callable, lib: torch.library.Library = _LIB) -> None:
+        self.name, self._lib = schema.split("(", 1)[0], lib
+        lib.define(schema)
+        lib.impl(self.name, cpu_kernel, "CPU")
+        self.default = getattr(getattr(torch.ops, lib.ns), self.name).default
+        lib.impl(self.name, self._autograd, "Autograd", with_keyset=True)
+        self.__doc__, self.__wrapped__ = cpu_kernel.__doc__, cpu_kernel
+
+    def _autograd(self, keyset, *args):
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            return _NoBackward.apply(self.default, keyset, *args)
+        with torch._C._AutoDispatchBelowAutograd():  # the kernel's own aten calls skip autograd too
+            return self.default.redispatch(keyset & _AFTER_AUTOGRAD, *args)
+
+    def __call__(self, *args, **kwargs) -> Tensor:
+        return self.default(*args, **kwargs)
+
+    def register_fake(self, fn: Callable) -> Callable:
+        torch.library.register_fake(f"{self._lib.ns}::{self.name}", fn, lib=self._lib)
+        return fn
+
+    def register_kernel(self, device: str) -> Callable[[Callable], Callable]:
+        if device not in _DEVICE_KEYS:
+            raise ValueError(f"register_kernel: device={device!r}; expected one of {tuple(_DEVICE_KEYS)}")
+
+        def deco(fn: Callable) -> Callable:
+            self._lib.impl(self.name, fn, _DEVICE_KEYS[device])
+            return fn
+        return deco
+
+    def __repr__(self) -> str:
+        return f"<hwaware op {self.default._schema}>"
+
+
+def _define(schema: str) -> Callable[[Callable], _Op]:
+    """Decorator: define ``hwaware::<schema>`` with the decorated function as its CPU kernel."""
+    return lambda cpu_kernel: _Op(schema, cpu_kernel)
+
+
 # -- packed-weight cache -----------------------------------------------------------------------
 
 def _version(t: Tensor) -> int:
@@ -137,32 +214,39 @@ def _version(t: Tensor) -> int:
 
 
 class _PackCache:
-    """LRU cache of derived weights (fbgemm prepacked int8, dequantized int4), at most ``maxsize``.
+    """Derived weights (fbgemm prepacked int8, dequantized int4/int8, decompressed 2:4): one entry per
+    source tensors and kind, alive exactly as long as the source tensors.
 
-    Keyed on each source tensor's ``(data_ptr, shape, stride, dtype, _version)``; a hit also
-    requires the source tensors to be alive at the same address (weak references), so memory freed
-    and reused by another tensor never returns a stale entry, and an in-place update of a weight
-    (which bumps ``_version``) repacks it.
+    Keyed on each source tensor's ``(data_ptr, shape, stride, dtype)`` plus the kind; a hit also
+    requires the same ``_version`` (an in-place update of a weight rebuilds its entry) and the
+    source tensors alive at that address (weak references: memory freed and reused by another
+    tensor never returns a stale entry). An entry is dropped when one of its source tensors is
+    freed, so there is no count limit: serving holds one derived copy per live weight. (A 32-entry
+    LRU used to be here; a model with more cached layers than that missed on every call and
+    rebuilt every weight, 5x the int4 layer's time at 40 layers.)
     """
 
-    def __init__(self, maxsize: int = 32) -> None:
-        self.maxsize = maxsize
-        self._entries: "OrderedDict[tuple, tuple]" = OrderedDict()
+    def __init__(self) -> None:
+        self._entries: Dict[tuple, tuple] = {}
 
     def get(self, tensors: Sequence[Optional[Tensor]], extra: tuple, build: Callable[[], object]):
         live = [t for t in tensors if t is not None]
-        key = tuple((t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, _version(t)) for t in live) + extra
+        key = tuple((t.data_ptr(), tuple(t.shape), t.stride(), t.dtype) for t in live) + extra
+        versions = tuple(_version(t) for t in live)
         hit = self._entries.get(key)
         if hit is not None:
-            refs, value = hit
-            if all(r() is not None and r().data_ptr() == k[0] for r, k in zip(refs, key)):
-                self._entries.move_to_end(key)
+            refs, vers, value, _ = hit
+            if vers == versions and all(r() is t for r, t in zip(refs, live)):
                 return value
-            del self._entries[key]
         value = build()
-        self._entries[key] = (tuple(weakref.ref(t) for t in live), value)
-        while len(self._entries) > self.maxsize:
-            self._entries.popitem(last=False)
+        entry_id = object()
+
+        def drop(_ref, key=key, entry_id=entry_id):  # one source tensor was freed: its entry goes
+            current = self._entries.get(key)
+            if current is not None and current[3] is entry_id:
+                del self._entries[key]
+
+        self._entries[key] = (tuple(weakref.ref(t, drop) for t in live), versions, value, entry_id)
         return value
 
     def clear(self) -> None:
@@ -224,7 +308,13 @@ def _prepack_int8(qweight: Tensor, w_scale: Tensor):
 #   "fbgemm": fbgemm's dynamic linear on per-token pre-scaled rows (below): fast on AVX2 too, but
 #             fbgemm quantizes per tensor (uint8 affine), so it approximates the per-token math
 #             (~42 dB SQNR against int8_linear_ref).
-INT8_KERNELS = {"cpu": ("int_mm", "fbgemm")}
+#   "dequant": the int8 weight dequantized once (cached: codes x scales in float32, bit for bit the
+#             weight QAT's fake quant trained against), then fp32 F.linear on activations that are
+#             not quantized: the layer's weights at higher activation precision than W8A8, at fp32
+#             speed, holding an fp32 copy of the weight (4x its codes) while in use. For layers too
+#             small for the int8 passes to pay off: at M=2048 the recipe DLRM's 13->64, 64->16 and
+#             128->1 ran 2-6x slower as int_mm than fp32 (benchmarks/bench_ops_cpu.py).
+INT8_KERNELS = {"cpu": ("int_mm", "fbgemm", "dequant")}
 
 
 def _check_int8_kernel(impl: str, device: str) -> str:
@@ -237,7 +327,7 @@ def _check_int8_kernel(impl: str, device: str) -> str:
     return impl
 
 
-@torch.library.custom_op("hwaware::int8_linear", mutates_args=(), device_types="cpu")
+@_define('int8_linear(Tensor x, Tensor qweight, Tensor w_scale, Tensor? bias, str impl="auto", bool relu=False) -> Tensor')
 def int8_linear(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tensor], impl: str = "auto",
                 relu: bool = False) -> Tensor:
     """W8A8 linear on CPU; ``impl`` in ``"auto"`` + :data:`INT8_KERNELS` ``["cpu"]`` (see there).
@@ -248,8 +338,13 @@ def int8_linear(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tens
     ``FallbackKernel.create(kernel, ...)``, which then fails with "multiple values for 'kernel'".)
     """
     _check_int8_linear(x, qweight, w_scale, bias)
-    if _check_int8_kernel(impl, "cpu") == "int_mm":
+    impl = _check_int8_kernel(impl, "cpu")
+    if impl == "int_mm":
         return _int8_linear_int_mm(x, qweight.t(), w_scale, bias, relu)  # a [K, N] view: as fast as a copy here
+    if impl == "dequant":
+        w = _CACHE.get((qweight, w_scale), ("int8_dequant",), lambda: qweight.float() * w_scale[:, None])
+        out = F.linear(x.float(), w, None if bias is None else bias.float())
+        return (out.relu_() if relu else out).to(x.dtype)
     packed = _CACHE.get((qweight, w_scale), ("int8_linear",), lambda: _prepack_int8(qweight, w_scale))
     out = _int8_linear_prepacked(x, packed, qweight.shape[0], bias)
     return out.relu_() if relu else out
@@ -319,7 +414,7 @@ def _(x, qweight, w_scale, bias, impl="auto", relu=False):
 
 # -- hwaware::int4_linear -----------------------------------------------------------------------
 
-@torch.library.custom_op("hwaware::int4_linear", mutates_args=(), device_types="cpu")
+@_define('int4_linear(Tensor x, Tensor packed, Tensor scales, Tensor? zeros, SymInt group_size, Tensor? bias) -> Tensor')
 def int4_linear(x: Tensor, packed: Tensor, scales: Tensor, zeros: Optional[Tensor], group_size: int,
                 bias: Optional[Tensor]) -> Tensor:
     """Weight-only int4 linear, CPU: the weight is dequantized once to fp32 (cached), then F.linear.
@@ -373,7 +468,7 @@ def _check_index_values(weight: Tensor, indices: Tensor, offsets: Tensor, includ
         raise ValueError(f"with include_last_offset=True the last offset must equal len(indices)={n}, got {b}")
 
 
-@torch.library.custom_op("hwaware::embedding_bag_rowwise", mutates_args=(), device_types="cpu")
+@_define('embedding_bag_rowwise(Tensor weight, SymInt bits, SymInt dim, Tensor indices, Tensor offsets, SymInt mode, Tensor? per_sample_weights, bool include_last_offset) -> Tensor')
 def embedding_bag_rowwise(weight: Tensor, bits: int, dim: int, indices: Tensor, offsets: Tensor, mode: int,
                           per_sample_weights: Optional[Tensor], include_last_offset: bool) -> Tensor:
     """Row-wise quantized embedding bag, CPU: fbgemm ``quantized::embedding_bag_{byte,4bit}_rowwise_offsets``.
@@ -420,10 +515,12 @@ def _(weight, bits, dim, indices, offsets, mode, per_sample_weights, include_las
 #   "dense": decompress once (cached) to the dense weight, then F.linear (float values) or
 #            int8_linear's exact "int_mm" path (int8 values) -- same math as the layer, at dense speed.
 #   "fbgemm": int8 values only: int8_linear's "fbgemm" path on the decompressed codes (fast on AVX2).
+#   "dequant": int8 values only: int8_linear's "dequant" path (codes x scales once, cached, then fp32
+#            F.linear on unquantized activations) on the decompressed codes: for tiny layers.
 #   "csr":   torch.sparse CSR matmul over the non-zeros (float values only): 2-12x slower than
 #            dense at M=1..2048, K,N=256..4096 on this CPU, kept as a measured candidate.
 # CUDA implementations: hwaware/ops/_cuda.py adds SPARSE24_KERNELS["cuda"] and says what each is.
-SPARSE24_KERNELS = {"cpu": ("dense", "csr", "fbgemm")}
+SPARSE24_KERNELS = {"cpu": ("dense", "csr", "fbgemm", "dequant")}
 
 
 def _check_sparse24_linear(x: Tensor, values: Tensor, meta: Tensor, w_scale: Optional[Tensor], bias: Optional[Tensor],
@@ -463,7 +560,7 @@ def _check_sparse24_kernel(kernel: str, device: str) -> None:
                          f"expected one of {SPARSE24_KERNELS[device]}")
 
 
-@torch.library.custom_op("hwaware::sparse24_linear", mutates_args=(), device_types="cpu")
+@_define('sparse24_linear(Tensor x, Tensor values, Tensor meta, Tensor? w_scale, Tensor? bias, str kernel) -> Tensor')
 def sparse24_linear(x: Tensor, values: Tensor, meta: Tensor, w_scale: Optional[Tensor], bias: Optional[Tensor],
                     kernel: str) -> Tensor:
     """2:4 compressed linear, CPU; ``kernel`` in ``SPARSE24_KERNELS["cpu"]`` (see there)."""
@@ -478,9 +575,14 @@ def sparse24_linear(x: Tensor, values: Tensor, meta: Tensor, w_scale: Optional[T
             packed = _CACHE.get((values, meta, w_scale), ("sparse24_int8",),
                                 lambda: _prepack_int8(decompress_24(values, meta, k), w_scale))
             return _int8_linear_prepacked(x, packed, n, bias)
-        raise ValueError(f"kernel={kernel!r} has no int8 form on CPU; int8 2:4 layers run kernel='dense' or 'fbgemm'")
-    if kernel == "fbgemm":
-        raise ValueError("kernel='fbgemm' is for int8 values; float 2:4 layers run kernel='dense' or 'csr'")
+        if kernel == "dequant":  # int8_linear's "dequant" implementation on the decompressed codes
+            w = _CACHE.get((values, meta, w_scale), ("sparse24_int8_dequant",),
+                           lambda: decompress_24(values, meta, k).float() * w_scale[:, None])
+            return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
+        raise ValueError(f"kernel={kernel!r} has no int8 form on CPU; int8 2:4 layers run kernel='dense', 'fbgemm' "
+                         "or 'dequant'")
+    if kernel in ("fbgemm", "dequant"):
+        raise ValueError(f"kernel={kernel!r} is for int8 values; float 2:4 layers run kernel='dense' or 'csr'")
     b = None if bias is None else bias.float()
     if kernel == "csr":
         w = _CACHE.get((values, meta), ("sparse24_csr",), lambda: _to_csr(decompress_24(values, meta, k).float()))

@@ -26,7 +26,7 @@ def test_cuda_kernels_are_registered():
     for name in ("int8_linear", "int4_linear", "embedding_bag_rowwise", "sparse24_linear"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"hwaware::{name}", "CUDA"), name
     assert ops.SPARSE24_KERNELS["cuda"] == ("triton", "torch_semi_structured", "dense")
-    assert ops.SPARSE24_KERNELS["cpu"] == ("dense", "csr", "fbgemm")
+    assert ops.SPARSE24_KERNELS["cpu"] == ("dense", "csr", "fbgemm", "dequant")
 
 
 def test_import_needs_no_triton_and_cuda_call_says_install_it():

@@ -74,7 +74,7 @@ def test_int8_linear_int_mm_eager_fallback_is_exact_too(monkeypatch):
 
 
 @pytest.mark.parametrize("native_lib", [True, False], ids=["native", "eager"])
-@pytest.mark.parametrize("impl", ["int_mm", "fbgemm"])
+@pytest.mark.parametrize("impl", ["int_mm", "fbgemm", "dequant"])
 def test_int8_linear_relu_is_torch_relu_of_the_output_bitwise(impl, native_lib, monkeypatch):
     from hwaware.quant import native
 
@@ -90,6 +90,21 @@ def test_int8_linear_relu_is_torch_relu_of_the_output_bitwise(impl, native_lib, 
 
 
 @pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(64, 96, 40), (2048, 13, 64), (1, 128, 1)])
+def test_int8_linear_dequant_is_fp32_linear_on_the_dequantized_weight_exactly(shape, bias):
+    """impl="dequant": F.linear on codes x scales (the weight QAT's fake quant produced, bit for bit),
+    activations not quantized; closer to fp32 than the W8A8 reference."""
+    m, k, n = shape
+    x, qw, s, b, w = _int8_args(m, k, n, bias)
+    y = torch.ops.hwaware.int8_linear(x, qw, s, b, "dequant")
+    w_fq = torch.fake_quantize_per_channel_affine(w, s, torch.zeros(n, dtype=torch.int32), 0, -127, 127)
+    assert torch.equal(qw.float() * s[:, None], w_fq)
+    assert torch.equal(y, F.linear(x, w_fq, b))
+    if m * n > 1:
+        assert sqnr_db(F.linear(x, w, b), y) > sqnr_db(F.linear(x, w, b), int8_linear_ref(x, qw, s, b))
+
+
+@pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(64, 96, 40), (2048, 367, 256), (3, 33, 7)])
 def test_int8_linear_fbgemm_vs_reference_and_fp32(shape, bias):
     m, k, n = shape
@@ -100,7 +115,7 @@ def test_int8_linear_fbgemm_vs_reference_and_fp32(shape, bias):
     assert sqnr_db(F.linear(x, w, b), y) >= MIN_SQNR_VS_FP32_DB
 
 
-@pytest.mark.parametrize("impl", ["int_mm", "fbgemm"])
+@pytest.mark.parametrize("impl", ["int_mm", "fbgemm", "dequant"])
 def test_int8_linear_leading_dims_zero_rows_and_bf16(impl):
     x, qw, s, b, _ = _int8_args(12, 64, 16)
     x3 = x.reshape(3, 4, 64).clone()
@@ -122,7 +137,7 @@ def test_int8_linear_int_mm_non_finite_rows_give_nan_rows():
     assert torch.equal(y[[0, 3]], int8_linear_ref(x[[0, 3]], qw, s, b))
 
 
-@pytest.mark.parametrize("impl", ["int_mm", "fbgemm"])
+@pytest.mark.parametrize("impl", ["int_mm", "fbgemm", "dequant"])
 def test_int8_linear_outlier_channels(impl):
     x, qw, s, b, w = _int8_args(256, 128, 64)
     x[:, :4] *= 20.0
@@ -144,7 +159,9 @@ def test_int8_linear_reduce_range_choice(capsys):
     assert got[ops.REDUCE_RANGE] >= got[not ops.REDUCE_RANGE] - 0.5
 
 
-def test_int8_linear_cache_tracks_inplace_updates_and_is_bounded():
+def test_int8_linear_cache_tracks_inplace_updates_and_lives_as_long_as_the_weights(monkeypatch):
+    import gc
+
     ops.clear_cache()
     x, qw, s, b, _ = _int8_args()
     y1 = torch.ops.hwaware.int8_linear(x, qw, s, b, "fbgemm")  # int_mm packs nothing; fbgemm prepacks
@@ -154,10 +171,24 @@ def test_int8_linear_cache_tracks_inplace_updates_and_is_bounded():
     qw.neg_()  # in place: bumps _version, must repack
     y2 = torch.ops.hwaware.int8_linear(x, qw, s, b, "fbgemm")
     torch.testing.assert_close(y2 - b, -(y1 - b), atol=1e-4, rtol=1e-4)
-    for seed in range(ops._CACHE.maxsize + 5):
-        x, qw, s, b, _ = _int8_args(4, 32, 8, seed=seed)
-        torch.ops.hwaware.int8_linear(x, qw, s, b, "fbgemm")
-    assert len(ops._CACHE) <= ops._CACHE.maxsize
+    assert len(ops._CACHE) == 1  # the repacked entry replaced the stale one
+    del qw, s
+    gc.collect()
+    assert len(ops._CACHE) == 0  # freed weights take their entries with them
+
+    # more layers than any fixed-size cache would hold: the second pass builds nothing (an LRU of
+    # 32 entries missed on every call of a cyclic pass over 40 layers)
+    built = []
+    real = ops._prepack_int8
+    monkeypatch.setattr(ops, "_prepack_int8", lambda q, sc: built.append(1) or real(q, sc))
+    layers = [_int8_args(4, 32, 8, seed=seed) for seed in range(100)]
+    for _ in range(2):
+        for x, qw, s, b, _ in layers:
+            torch.ops.hwaware.int8_linear(x, qw, s, b, "fbgemm")
+    assert len(built) == 100 and len(ops._CACHE) == 100
+    del layers, x, qw, s, b
+    gc.collect()
+    assert len(ops._CACHE) == 0
 
 
 def test_int8_linear_rejects_bad_inputs():
@@ -267,6 +298,43 @@ def test_every_op_has_cpu_and_cuda_kernels():
     for name in ("int8_linear", "int4_linear", "embedding_bag_rowwise", "sparse24_linear"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"hwaware::{name}", "CPU")
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"hwaware::{name}", "CUDA")
+
+
+def test_schemas_are_the_ones_existing_programs_were_exported_with():
+    # program.pt2 files name the ops by these schemas (first inferred by torch.library.custom_op)
+    expected = {
+        "int8_linear": 'hwaware::int8_linear(Tensor x, Tensor qweight, Tensor w_scale, Tensor? bias, str impl="auto", '
+                       'bool relu=False) -> Tensor',
+        "int4_linear": "hwaware::int4_linear(Tensor x, Tensor packed, Tensor scales, Tensor? zeros, SymInt group_size, "
+                       "Tensor? bias) -> Tensor",
+        "embedding_bag_rowwise": "hwaware::embedding_bag_rowwise(Tensor weight, SymInt bits, SymInt dim, Tensor indices, "
+                                 "Tensor offsets, SymInt mode, Tensor? per_sample_weights, bool include_last_offset) -> Tensor",
+        "sparse24_linear": "hwaware::sparse24_linear(Tensor x, Tensor values, Tensor meta, Tensor? w_scale, Tensor? bias, "
+                           "str kernel) -> Tensor",
+    }
+    for name, schema in expected.items():
+        assert str(getattr(torch.ops.hwaware, name).default._schema) == schema
+        assert getattr(ops, name).default is getattr(torch.ops.hwaware, name).default
+
+
+def test_ops_are_inference_only_backward_raises_and_no_grad_builds_no_graph():
+    x, qw, s, b, _ = _int8_args(4, 16, 8)
+    xg = x.clone().requires_grad_(True)
+    y = ops.int8_linear(xg, qw, s, b)
+    assert y.requires_grad and torch.equal(y.detach(), int8_linear_ref(x, qw, s, b))
+    with pytest.raises(RuntimeError, match=r"hwaware::int8_linear is an inference op and has no backward"):
+        y.sum().backward()
+    with torch.no_grad():
+        assert ops.int8_linear(xg, qw, s, b).grad_fn is None
+    assert ops.int8_linear(x, qw, s, b).grad_fn is None  # grad mode on, but nothing requires grad
+    w, idx, off = _bag_args()
+    with pytest.raises(RuntimeError, match=r"hwaware::embedding_bag_rowwise is an inference op"):
+        ops.embedding_bag_rowwise(w, 8, 16, idx, off, 0, torch.rand(idx.shape[0], requires_grad=True), False).sum().backward()
+
+
+def test_register_kernel_rejects_unknown_devices():
+    with pytest.raises(ValueError, match=r"device='mps'; expected one of \('cuda',\)"):
+        ops.int8_linear.register_kernel("mps")
 
 
 # -- opcheck, torch.compile, torch.export ----------------------------------------------------------

@@ -92,6 +92,8 @@ def test_int8_op_is_exactly_the_int8_linear_op_on_the_same_codes():
     torch.testing.assert_close(out, torch.ops.hwaware.int8_linear(x, q, s, b, "int_mm"), atol=0, rtol=0)
     fb = op(x, values, meta, s, b, "fbgemm")
     torch.testing.assert_close(fb, torch.ops.hwaware.int8_linear(x, q, s, b, "fbgemm"), atol=0, rtol=0)
+    dq = op(x, values, meta, s, b, "dequant")
+    torch.testing.assert_close(dq, torch.ops.hwaware.int8_linear(x, q, s, b, "dequant"), atol=0, rtol=0)
     # and the W8A8 math: per-token int8 x per-channel int8, the reference exactly ("dense" = int_mm)
     # or within fbgemm's per-tensor error (SQNR like tests/ops int8_linear)
     assert torch.equal(sparse24_linear_ref(x, values, meta, s, b), out)
@@ -116,8 +118,11 @@ def test_op_rejects_bad_inputs():
         op(x, qv, qm, None, None, "dense")
     with pytest.raises(ValueError, match=r"kernel='csr' has no int8 form on CPU"):
         op(x, qv, qm, s, None, "csr")
-    with pytest.raises(ValueError, match=r"kernel='triton' is not a CPU implementation.*\('dense', 'csr', 'fbgemm'\)"):
+    with pytest.raises(ValueError, match=r"kernel='triton' is not a CPU implementation.*\('dense', 'csr', 'fbgemm', 'dequant'\)"):
         op(x, values, meta, None, None, "triton")
+    for kernel in ("fbgemm", "dequant"):
+        with pytest.raises(ValueError, match=rf"kernel='{kernel}' is for int8 values; float 2:4 layers run"):
+            op(x, values, meta, None, None, kernel)
     with pytest.raises(ValueError, match=r"K a multiple of 4"):
         op(torch.randn(2, 6), torch.zeros(2, 3), torch.zeros(2, 1, dtype=torch.uint8), None, None, "dense")
 
