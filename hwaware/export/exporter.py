@@ -328,8 +328,10 @@ def export(
     Every int8 Linear is timed the same way under each CPU implementation of
     ``hwaware::int8_linear`` (``int_mm``: the exact per-token math through ``torch._int_mm``,
     fast where the CPU has AMX/VNNI; ``fbgemm``: fbgemm's per-tensor GEMM on pre-scaled rows, fast
-    on AVX2), at :data:`hwaware.export.selection.NOMINAL_ROWS` rows when no input sizes it; the
-    fastest runs in the regression gate and in the artifact.
+    on AVX2; ``dequant``: the codes dequantized once to fp32, for layers too small for int8 to pay
+    off), at :data:`hwaware.export.selection.NOMINAL_ROWS` rows when no input sizes it; the
+    fastest runs in the regression gate and in the artifact. Pass ``example_inputs`` at the
+    serving batch size: which implementation is fastest depends on the row count.
 
     Raises:
         ValueError: bad arguments, a model with nothing to quantize, a metric that does not match

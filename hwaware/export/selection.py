@@ -1,11 +1,13 @@
 """Measured kernel choice: time every implementation on the layer's own shape, keep the fastest
 that computes the layer's math, and record all of it in the manifest.
 
-int8 layers (:class:`Int8Linear`): ``hwaware::int8_linear``'s CPU implementations, ``int_mm`` (the
-exact per-token W8A8 math through ``torch._int_mm``) and ``fbgemm`` (fbgemm's per-tensor dynamic
-GEMM on per-token pre-scaled rows, ~42 dB from the exact math): both are W8A8 on the same codes,
-their speed depends on the CPU (AMX/VNNI vs AVX2), so the export times both; the regression gate
-then runs the chosen one.
+int8 layers (:class:`Int8Linear`): ``hwaware::int8_linear``'s CPU implementations, all on the same
+int8 weight codes: ``int_mm`` (the exact per-token W8A8 math through ``torch._int_mm``), ``fbgemm``
+(fbgemm's per-tensor dynamic GEMM on per-token pre-scaled rows, ~42 dB from the exact math) and
+``dequant`` (the codes dequantized once to fp32, activations not quantized: the same weights at
+higher activation precision, fp32 speed). Which is fastest depends on the CPU (AMX/VNNI vs AVX2)
+and the layer's size (the per-token passes cost more than a tiny fp32 GEMM), so the export times
+all of them; the regression gate then runs the chosen one.
 
 2:4 layers:
 
@@ -15,11 +17,13 @@ measured), for a layer with ``M`` input rows as seen in a real forward:
 ``dense``     the decompressed weight in FP32 through ``F.linear``
 ``int8``      the decompressed weight as int8 codes through the exact W8A8 path (``int_mm``)
 ``int8_fbgemm`` the same codes through fbgemm's W8A8 path
+``int8_dequant`` the same codes dequantized once to fp32, F.linear (W8A32, as int8_linear's ``dequant``)
 ``2:4``       a kernel that multiplies only the kept entries (CPU: ``torch.sparse`` CSR)
 ``2:4+int8``  the same with int8 values (no CPU kernel exists; recorded as unavailable)
 
 A layer with FP32 values keeps its math under ``dense`` and ``2:4``; one with int8 values (QAT
-int8) only under ``int8`` (W8A8 on the same codes) — an int8 2:4 kernel would be the other.
+int8) under ``int8``, ``int8_fbgemm`` and ``int8_dequant`` (its codes, as an int8 layer's
+implementations) — an int8 2:4 kernel would be one more.
 """
 from __future__ import annotations
 
@@ -39,6 +43,8 @@ __all__ = ["capture_rows", "select_sparse24_kernels", "select_int8_kernels", "ti
 _INT8_NOTES = {
     "int_mm": "exact per-token W8A8 (torch._int_mm, oneDNN; bit-identical to int8_linear_ref)",
     "fbgemm": "fbgemm dynamic linear on per-token pre-scaled rows (per-tensor uint8 inside; ~42 dB from exact)",
+    "dequant": "int8 codes dequantized once to an fp32 weight, F.linear on unquantized activations "
+               "(W8A32: higher precision than W8A8; an fp32 copy of the weight in memory)",
 }
 # rows to time a layer at when no forward pass sized it (export without val data or example inputs)
 NOMINAL_ROWS = 256
@@ -123,6 +129,9 @@ def _candidates(layer: Sparse24Linear) -> Dict[str, Tuple[Optional[Callable[[Ten
                  "decompressed once to int8 codes, exact W8A8 through torch._int_mm"),
         "int8_fbgemm": (lambda x: op(x, vq, int8_meta, sq, bias, "fbgemm"), is_int8, "fbgemm",
                         "decompressed once to int8 codes, W8A8 through fbgemm (per-tensor inside)"),
+        "int8_dequant": (lambda x: op(x, vq, int8_meta, sq, bias, "dequant"), is_int8, "dequant",
+                         "decompressed once to int8 codes, dequantized to fp32, F.linear on unquantized "
+                         "activations (W8A32; an fp32 copy of the weight in memory)"),
         "2:4": (lambda x: op(x, vf, meta, None, bias, "csr"), not is_int8, "csr",
                 "torch.sparse CSR over the kept entries"),
         "2:4+int8": (None, is_int8, None, _NO_INT8_24_CPU),
