@@ -32,17 +32,18 @@ from __future__ import annotations
 import threading
 import warnings
 import weakref
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from hwaware.ops.packing import decompress_24, dequantize_int4_weight, rowwise_cols
-from hwaware.ops.reference import quantize_per_token_ref, w8a8_epilogue_ref
+from hwaware.ops.reference import (dot_interaction_backward_ref, dot_interaction_ref, quantize_per_token_ref,
+                                   w8a8_epilogue_ref)
 
-__all__ = ["int8_linear", "int4_linear", "embedding_bag_rowwise", "sparse24_linear", "INT8_KERNELS", "SPARSE24_KERNELS",
-           "REDUCE_RANGE", "clear_cache"]
+__all__ = ["int8_linear", "int4_linear", "embedding_bag_rowwise", "sparse24_linear", "dot_interaction",
+           "INT8_KERNELS", "SPARSE24_KERNELS", "REDUCE_RANGE", "clear_cache"]
 
 _FLOAT_X = (torch.float32, torch.bfloat16, torch.float16)
 _MODES = (0, 1, 2)
@@ -599,6 +600,96 @@ def sparse24_linear(x: Tensor, values: Tensor, meta: Tensor, w_scale: Optional[T
 def _(x, values, meta, w_scale, bias, kernel):
     _check_sparse24_linear(x, values, meta, w_scale, bias, kernel)
     return x.new_empty((*x.shape[:-1], values.shape[0]))
+
+
+# -- hwaware::dot_interaction ----------------------------------------------------------------------
+# Not a deploy op: DLRM's feature interaction, used in training (it has a backward) and inference
+# alike, so the FP32 model and the exported one run the same code. CPU, float32: one C pass per
+# sample (hwaware/quant/_native/interact.c); other dtypes and devices, or without the native
+# library: the torch ops of dot_interaction_ref (stack, bmm, index_select, cat). At batch 2048,
+# 27 vectors of 16 that chain was 1.6 ms, ~40% of an FP32 forward of the recipe's DLRM
+# (benchmarks/bench_ops_cpu.py, "interaction").
+
+def _check_dot_interaction(vectors: Sequence[Tensor], pad: int) -> None:
+    if len(vectors) == 0:
+        raise ValueError("vectors must hold at least one [B, D] tensor (x first), got an empty list")
+    x = vectors[0]
+    if x.dim() != 2:
+        raise ValueError(f"vectors[0] must be 2-D [B, D], got shape {list(x.shape)}")
+    for i, v in enumerate(vectors):
+        _dt(f"vectors[{i}]", v, _FLOAT_X + (torch.float64,), "[B, D] float")
+        if v.dtype != x.dtype or v.device != x.device:
+            raise TypeError(f"vectors[{i}] is {v.dtype} on {v.device}; every vector must match vectors[0] "
+                            f"({x.dtype} on {x.device})")
+        if v.dim() != 2 or v.shape[0] != x.shape[0] or v.shape[1] != x.shape[1]:
+            raise ValueError(f"vectors[{i}] must have vectors[0]'s shape [B, D] = {list(x.shape)}, got {list(v.shape)}")
+    if pad < 0:
+        raise ValueError(f"pad={pad} must be >= 0 (zero columns appended to the output)")
+
+
+def _dot_interaction_cpu(vectors: List[Tensor], pad: int) -> Tensor:
+    from hwaware.quant import native  # hwaware.quant imports hwaware.ops.packing: import at call time
+
+    _check_dot_interaction(vectors, pad)
+    out = native.dot_interaction([v.contiguous() for v in vectors], pad)
+    return out if out is not None else dot_interaction_ref(vectors, pad)
+
+
+def _dot_interaction_any(vectors: List[Tensor], pad: int) -> Tensor:
+    _check_dot_interaction(vectors, pad)
+    return dot_interaction_ref(vectors, pad)
+
+
+def _dot_interaction_fake(vectors: List[Tensor], pad: int) -> Tensor:
+    _check_dot_interaction(vectors, pad)
+    nvec, (batch, dim) = len(vectors), vectors[0].shape
+    return vectors[0].new_empty((batch, dim + nvec * (nvec - 1) // 2 + pad))
+
+
+def _dot_interaction_backward_cpu(grad: Tensor, vectors: List[Tensor], pad: int) -> List[Tensor]:
+    from hwaware.quant import native
+
+    grads = native.dot_interaction_backward(grad.contiguous(), [v.contiguous() for v in vectors], pad)
+    return grads if grads is not None else dot_interaction_backward_ref(grad, vectors, pad)
+
+
+def _dot_interaction_backward_autograd(keyset, grad: Tensor, vectors: List[Tensor], pad: int) -> List[Tensor]:
+    if torch.is_grad_enabled() and (grad.requires_grad or any(v.requires_grad for v in vectors)):
+        raise RuntimeError("hwaware::dot_interaction has no double backward (backward with create_graph=True)")
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.hwaware.dot_interaction_backward.default.redispatch(keyset & _AFTER_AUTOGRAD, grad, vectors, pad)
+
+
+# pad has no default: the dispatcher drops arguments equal to their default before the autograd
+# kernel sees them, and the backward must return one gradient per argument it saw
+_LIB.define("dot_interaction(Tensor[] vectors, SymInt pad) -> Tensor")
+_LIB.impl("dot_interaction", _dot_interaction_cpu, "CPU")
+_LIB.impl("dot_interaction", _dot_interaction_any, "CompositeExplicitAutograd")  # CUDA and the rest: torch ops
+torch.library.register_fake("hwaware::dot_interaction", _dot_interaction_fake, lib=_LIB)
+_LIB.define("dot_interaction_backward(Tensor grad, Tensor[] vectors, SymInt pad) -> Tensor[]")
+_LIB.impl("dot_interaction_backward", _dot_interaction_backward_cpu, "CPU")
+_LIB.impl("dot_interaction_backward", dot_interaction_backward_ref, "CompositeExplicitAutograd")
+_LIB.impl("dot_interaction_backward", _dot_interaction_backward_autograd, "Autograd", with_keyset=True)
+torch.library.register_fake("hwaware::dot_interaction_backward",
+                            lambda grad, vectors, pad: [v.new_empty(v.shape) for v in vectors], lib=_LIB)
+
+
+def _dot_interaction_setup(ctx, inputs, output) -> None:
+    vectors, pad = inputs
+    ctx.save_for_backward(*vectors)
+    ctx.pad = pad
+
+
+def _dot_interaction_grad(ctx, grad: Tensor):
+    return list(torch.ops.hwaware.dot_interaction_backward(grad, list(ctx.saved_tensors), ctx.pad)), None
+
+
+torch.library.register_autograd("hwaware::dot_interaction", _dot_interaction_grad, setup_context=_dot_interaction_setup,
+                                lib=_LIB)
+dot_interaction = torch.ops.hwaware.dot_interaction.default
+dot_interaction.__doc__ = """``hwaware::dot_interaction(vectors [V x [B, D]] float, pad) -> [B, D + V(V-1)/2 + pad]``:
+``vectors[0]``, then ``dot(vectors[i], vectors[j])`` for ``i < j`` (row-major), then ``pad`` zeros:
+DLRM's interaction of the bottom-MLP output with the embeddings. Differentiable."""
 
 
 # -- CUDA ----------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from torch import Tensor
 from hwaware.ops.packing import decompress_24, dequantize_int4_weight, dequantize_rowwise
 
 __all__ = ["quantize_per_token_ref", "int8_linear_ref", "w8a8_epilogue_ref", "int4_linear_ref", "embedding_bag_rowwise_ref",
-           "sparse24_linear_ref", "EMBEDDING_BAG_MODES"]
+           "sparse24_linear_ref", "dot_interaction_ref", "dot_interaction_backward_ref", "EMBEDDING_BAG_MODES"]
 
 EMBEDDING_BAG_MODES = {0: "sum", 1: "mean", 2: "max"}
 
@@ -73,3 +73,33 @@ def sparse24_linear_ref(x: Tensor, values: Tensor, meta: Tensor, w_scale: Option
         return int8_linear_ref(x, w, w_scale, bias)
     out = F.linear(x.float(), w.float(), None if bias is None else bias.float())
     return out.to(x.dtype)
+
+
+def _pair_index(nvec: int, device) -> Tensor:
+    rows, cols = torch.triu_indices(nvec, nvec, offset=1, device=device)
+    return rows * nvec + cols  # flat positions of the strictly upper triangle of [V, V], row-major
+
+
+def dot_interaction_ref(vectors, pad: int) -> Tensor:
+    """DLRM's dot interaction as torch ops: ``cat([x, pairs, zeros(pad)])`` with ``x = vectors[0]`` and
+    ``pairs`` the strictly-upper-triangular entries (row-major) of ``S S^T``, ``S = stack(vectors, 1)``."""
+    x = vectors[0]
+    stacked = torch.stack(list(vectors), dim=1)  # [B, V, D]
+    dots = torch.bmm(stacked, stacked.transpose(1, 2))  # [B, V, V]
+    pairs = dots.flatten(1).index_select(1, _pair_index(len(vectors), x.device))
+    parts = [x, pairs] + ([x.new_zeros(x.shape[0], pad)] if pad else [])
+    return torch.cat(parts, dim=1)
+
+
+def dot_interaction_backward_ref(grad: Tensor, vectors, pad: int):
+    """Gradients of :func:`dot_interaction_ref` with respect to each of ``vectors``: with ``G`` the
+    symmetric ``[V, V]`` matrix of the pair gradients, ``grad S = G S`` (+ the ``x`` columns' gradient)."""
+    nvec = len(vectors)
+    batch, dim = vectors[0].shape
+    npair = nvec * (nvec - 1) // 2
+    g = grad.new_zeros(batch, nvec * nvec)
+    g[:, _pair_index(nvec, grad.device)] = grad[:, dim:dim + npair]
+    g = g.view(batch, nvec, nvec)
+    gs = torch.bmm(g + g.transpose(1, 2), torch.stack(list(vectors), dim=1))  # [B, V, D]
+    gs[:, 0] += grad[:, :dim]
+    return [gs[:, k].contiguous() for k in range(nvec)]

@@ -7,6 +7,8 @@ bit-identical to the eager path (tests hold it to atol=0).
 
 ``_native/w8a8.c`` holds the two float passes of the W8A8 ``int_mm`` kernel (hwaware/ops):
 per-token int8 quantization and the int32 -> float epilogue, bit-identical to the references.
+``_native/bags.c`` bounds-checks embedding-bag calls; ``_native/interact.c`` is DLRM's dot
+interaction (``hwaware::dot_interaction``) forward and backward.
 
 The C files are compiled on first use with the system C compiler (gcc/cc; no torch headers needed)
 into ``$HWAWARE_CACHE`` (default ``~/.cache/hwaware``), keyed by source, flags and CPU, and loaded
@@ -24,14 +26,15 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["native_status", "fq_sym_rows", "fq_affine_rows", "quant_tokens_i8", "w8a8_epilogue", "check_bags"]
+__all__ = ["native_status", "fq_sym_rows", "fq_affine_rows", "quant_tokens_i8", "w8a8_epilogue", "check_bags",
+           "dot_interaction", "dot_interaction_backward"]
 
-_SRCS = [Path(__file__).parent / "_native" / n for n in ("rowwise_fq.c", "w8a8.c", "bags.c")]
+_SRCS = [Path(__file__).parent / "_native" / n for n in ("rowwise_fq.c", "w8a8.c", "bags.c", "interact.c")]
 # -ffp-contract=off: no fused multiply-add, so results equal torch's separate mul and add.
 # -fopenmp: the `omp simd` loops vectorize and the W8A8 passes split rows over threads. libgomp is
 # linked by soname, and torch's wheel has already loaded its own libgomp.so.1 by then, so the
@@ -99,6 +102,9 @@ def _load() -> Optional[ctypes.CDLL]:
             fn.restype = None
         lib.hw_check_bags.argtypes = [f32p, i64, f32p, i64, i32, i64, i32, f32p]
         lib.hw_check_bags.restype = i32
+        lib.hw_dot_interaction_fwd.argtypes = [f32p, i64, i64, i64, i64, f32p]
+        lib.hw_dot_interaction_bwd.argtypes = [f32p, f32p, i64, i64, i64, i64, f32p]
+        lib.hw_dot_interaction_fwd.restype = lib.hw_dot_interaction_bwd.restype = i32
         _lib, _status = lib, f"loaded {target}"
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", "") or ""
@@ -183,3 +189,37 @@ def check_bags(indices: Tensor, offsets: Tensor, rows: int, include_last_offset:
                               int(indices.dtype == torch.int64), rows, int(include_last_offset), info)
     return rule, info[0], info[1]
 
+
+
+def _ptrs(tensors: Sequence[Tensor]) -> ctypes.Array:
+    return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+
+
+def _interaction_usable(vectors: Sequence[Tensor]) -> bool:
+    return (len(vectors) > 0 and all(v.dtype == torch.float32 and v.device.type == "cpu" and v.is_contiguous()
+                                     for v in vectors) and _load() is not None)
+
+
+def dot_interaction(vectors: Sequence[Tensor], pad: int) -> Optional[Tensor]:
+    """``[B, D + V(V-1)/2 + pad]``: ``vectors[0]``, the pairwise dots of ``vectors`` (i < j, row-major),
+    ``pad`` zeros (``_native/interact.c``); ``vectors``: V contiguous float32 CPU ``[B, D]`` tensors of
+    one shape (the caller checks). None: use the eager path."""
+    if not _interaction_usable(vectors):
+        return None
+    (batch, dim), nvec = vectors[0].shape, len(vectors)
+    out = torch.empty(batch, dim + nvec * (nvec - 1) // 2 + pad, dtype=torch.float32)
+    if batch and _lib.hw_dot_interaction_fwd(_ptrs(vectors), batch, nvec, dim, pad, out.data_ptr()) != 0:
+        raise MemoryError(f"dot_interaction: no memory for the per-thread scratch (V={nvec}, D={dim})")
+    return out
+
+
+def dot_interaction_backward(grad: Tensor, vectors: Sequence[Tensor], pad: int) -> Optional[List[Tensor]]:
+    """Gradients of :func:`dot_interaction`'s ``vectors`` given ``grad`` (contiguous float32
+    ``[B, D + V(V-1)/2 + pad]``); None: use the eager path."""
+    if not (_interaction_usable(vectors) and grad.dtype == torch.float32 and grad.is_contiguous()):
+        return None
+    (batch, dim), nvec = vectors[0].shape, len(vectors)
+    grads = [torch.empty(batch, dim, dtype=torch.float32) for _ in vectors]
+    if batch and _lib.hw_dot_interaction_bwd(grad.data_ptr(), _ptrs(vectors), batch, nvec, dim, pad, _ptrs(grads)) != 0:
+        raise MemoryError(f"dot_interaction backward: no memory for the per-thread scratch (V={nvec}, D={dim})")
+    return grads
