@@ -8,6 +8,9 @@ What the whole-model numbers in benchmarks/bench_export_recsys.py are made of, a
   fused), against fp32 ``F.linear`` + ``torch.relu``;
 - one embedding lookup (2048 single-row bags, 16 wide, a 48,000-row table): the deploy module, the
   op, fbgemm's kernel alone, the op's bounds check alone, and FP32 ``nn.EmbeddingBag``;
+- interaction: ``hwaware::dot_interaction`` (one C pass) against the torch ops it replaces
+  (stack, bmm, index_select, cat: ``dot_interaction_ref``) on 27 vectors of [2048, 16], forward
+  alone and forward + backward;
 - dispatch: an op that returns an empty tensor, registered as the hwaware ops are
   (``hwaware.ops._Op``) and with ``torch.library.custom_op``, called under ``torch.no_grad()`` and
   ``torch.inference_mode()`` (aten's own ``empty_like`` for scale).
@@ -93,6 +96,26 @@ def embedding(rounds: int) -> dict:
             "native": native.native_status()}
 
 
+def interaction(rounds: int) -> dict:
+    from hwaware.ops.reference import dot_interaction_ref
+
+    g = torch.Generator().manual_seed(0)
+    vectors = [torch.randn(BATCH, 16, generator=g) for _ in range(27)]  # the recipe DLRM: x + 26 tables
+    leaves = [v.clone().requires_grad_(True) for v in vectors]
+    grad = torch.randn(BATCH, 16 + 351, generator=g)
+    op = torch.ops.hwaware.dot_interaction.default
+    with torch.inference_mode():
+        fwd = _interleaved_us({"torch_ops": lambda: dot_interaction_ref(vectors, 0),
+                               "hwaware_op": lambda: op(vectors, 0)}, rounds, calls=10)
+    with torch.inference_mode(False), torch.enable_grad():
+        train = _interleaved_us({"torch_ops": lambda: torch.autograd.grad(dot_interaction_ref(leaves, 0), leaves, grad),
+                                 "hwaware_op": lambda: torch.autograd.grad(op(leaves, 0), leaves, grad)}, rounds, calls=5)
+    return {"shape": {"batch": BATCH, "vectors": 27, "dim": 16},
+            "forward_us": fwd, "forward_and_backward_us": train,
+            "time_vs_torch_ops": {"forward": fwd["hwaware_op"] / fwd["torch_ops"],
+                                  "forward_and_backward": train["hwaware_op"] / train["torch_ops"]}}
+
+
 def dispatch(rounds: int) -> dict:
     from hwaware.ops import _Op
 
@@ -127,10 +150,12 @@ def main() -> None:
             "linears": linears(args.rounds),
             "embedding": embedding(args.rounds),
         }
-    result["dispatch"] = dispatch(args.rounds)  # sets its own grad modes
+    result["interaction"] = interaction(args.rounds)  # sets its own grad modes
+    result["dispatch"] = dispatch(args.rounds)
     for r in result["linears"]:
         print(r["shape"], {k: round(v) for k, v in r["us"].items()})
     print("embedding", {k: round(v, 1) for k, v in result["embedding"]["us"].items()})
+    print("interaction", result["interaction"]["time_vs_torch_ops"])
     for mode, r in result["dispatch"].items():
         print("dispatch", mode, {k: round(v, 2) for k, v in r["us"].items()})
     write_json(result, args.out)

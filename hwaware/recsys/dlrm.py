@@ -4,6 +4,7 @@
     sparse [B, 26] -> 26 EmbeddingBag(sum, single-hot) -> e_1..e_26 [B, D]
     pairwise dots of (x, e_1..e_26): strictly upper triangle of [27, 27] -> [B, 351]
     cat(x, dots) [B, D + 351] -> top MLP -> logit [B]
+    (the last two lines are one op, ``hwaware::dot_interaction``: a C pass on CPU)
 
 Built only from `nn.Linear`, `nn.ReLU` and `nn.EmbeddingBag`, so quantization and sparsity code
 that attaches to those module types finds every layer.
@@ -11,6 +12,7 @@ that attaches to those module types finds every layer.
 
 from __future__ import annotations
 
+import functools
 import numbers
 from collections.abc import Iterable, Sequence
 
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import BinaryAUROC
 
+import hwaware.ops  # noqa: F401  (registers torch.ops.hwaware.dot_interaction)
 from hwaware.recsys.criteo import DEFAULT_TABLE_SIZES, NUM_DENSE
 
 __all__ = ["DLRM", "evaluate_auroc"]
@@ -115,9 +118,6 @@ class DLRM(pl.LightningModule):
             bound = emb.num_embeddings**-0.5
             nn.init.uniform_(emb.weight, -bound, bound)
         num_vectors = 1 + len(table_sizes)
-        rows, cols = torch.triu_indices(num_vectors, num_vectors, offset=1)
-        # flat positions of the strictly-upper-triangular pairs in a [V, V] matrix: [V(V-1)/2]
-        self.register_buffer("_pair_index", rows * num_vectors + cols, persistent=False)
         num_pairs = num_vectors * (num_vectors - 1) // 2
         top_in = embedding_dim + num_pairs
         self._pad = -top_in % interaction_pad  # zero columns appended to the top MLP input
@@ -135,12 +135,13 @@ class DLRM(pl.LightningModule):
         ids = sparse.t().contiguous()  # [T, B]: each table's ids contiguous
         # [B] one id per bag (single-hot); microseconds to build, and no cache keeps it export-friendly
         offsets = torch.arange(batch, device=sparse.device)
-        vectors = [x] + [emb(ids[t], offsets) for t, emb in enumerate(self.embeddings)]
-        stacked = torch.stack(vectors, dim=1)  # [B, V, D], V = T + 1
-        dots = torch.bmm(stacked, stacked.transpose(1, 2))  # [B, V, V]
-        pairs = dots.flatten(1).index_select(1, self._pair_index)  # [B, V(V-1)/2]
-        parts = [x, pairs] + ([x.new_zeros(batch, self._pad)] if self._pad else [])
-        return self.top_mlp(torch.cat(parts, dim=1)).squeeze(1)  # [B]
+        vectors = [x] + [emb(ids[t], offsets) for t, emb in enumerate(self.embeddings)]  # V = T + 1 of [B, D]
+        dtype = functools.reduce(torch.promote_types, (v.dtype for v in vectors))  # bf16 MLP + fp32 tables: fp32
+        vectors = [v if v.dtype == dtype else v.to(dtype) for v in vectors]
+        # [x | pairwise dots, strictly upper triangle of [V, V] row-major | pad zeros]: [B, D + V(V-1)/2 + pad],
+        # one fused op (hwaware/ops: stack + bmm + index_select + cat in one C pass on CPU, with its backward)
+        z = torch.ops.hwaware.dot_interaction(vectors, self._pad)
+        return self.top_mlp(z).squeeze(1)  # [B]
 
     def _loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         logits = self(batch["dense"], batch["sparse"])  # [B]
