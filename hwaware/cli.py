@@ -106,6 +106,11 @@ def _inspect_text(path: str, manifest: Dict[str, Any], on_disk: int) -> str:
         "files: "
         + ", ".join(f"{n} ({_fmt_bytes(e.get('bytes'))})" for n, e in sorted(manifest.get("files", {}).items())),
     ]
+    program = manifest.get("program")
+    if isinstance(program, Mapping) and isinstance(program.get("batch_range"), list):
+        spans = [("-" if r is None else f"{r[0]}..{'any' if r[1] is None else r[1]}")
+                 for r in program["batch_range"] if r is None or (isinstance(r, list) and len(r) == 2)]
+        out.append("program.pt2: batch per input " + ", ".join(spans))
     layers = manifest.get("layers")
     if isinstance(layers, Mapping) and layers:
         out += ["", _layers_table(layers)]

@@ -260,6 +260,32 @@ def _describe_input(x: Any) -> Dict[str, Any]:
     return d
 
 
+def _export_program(deploy: nn.Module, example_inputs: Tuple[Any, ...]):
+    """``torch.export`` of the deploy model with the batch (dim 0 of every tensor input) left to
+    export to make dynamic (``Dim.AUTO``): a program that serves any batch the model's code allows,
+    not only the example's. Returns the program and its manifest entry: per input, the batch range
+    the program accepts (``[n, n]``: the model's code fixed it to the example's size)."""
+    dynamic = tuple({0: torch.export.Dim.AUTO} if isinstance(x, Tensor) and x.dim() else None for x in example_inputs)
+    program = torch.export.export(deploy, example_inputs, dynamic_shapes=dynamic)
+    user_inputs = [spec.arg.name for spec in program.graph_signature.input_specs
+                   if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT]
+    nodes = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    ranges = []
+    for name, x in zip(user_inputs, example_inputs):
+        if not (isinstance(x, Tensor) and x.dim()):
+            ranges.append(None)
+            continue
+        size = nodes[name].meta["val"].shape[0]
+        if isinstance(size, int):
+            ranges.append([size, size])
+            continue
+        r = program.range_constraints[size.node.expr]
+        hi = None if math.isinf(float(r.upper)) else int(r.upper)  # torch's int_oo says is_finite
+        ranges.append([int(r.lower), hi])
+    return program, {"batch_range": ranges, "note": "batch sizes each input of program.pt2 accepts ([lo, hi]; hi null: "
+                                                    "unbounded); torch.export specializes sizes 0 and 1"}
+
+
 def make_inputs(description: Iterable[Dict[str, Any]], batch_size: int, seed: int = 0) -> Tuple[Tensor, ...]:
     """Random inputs matching :func:`_describe_input` records, with ``batch_size`` rows."""
     g = torch.Generator().manual_seed(seed)
@@ -314,7 +340,8 @@ def export(
             is raised and nothing is written.
         reference: FP32 reference (module or state_dict); default: the weights the callback kept
             at QAT start, else the model itself with quantization off.
-        example_inputs: when given, ``program.pt2`` (a ``torch.export`` program on ``hwaware::*``) is written.
+        example_inputs: when given, ``program.pt2`` (a ``torch.export`` program on ``hwaware::*``) is written,
+            with the batch dimension dynamic where the model's code allows it (manifest ``program``).
         device: ``"cpu"`` (GPU kernels come with the Triton issue).
         output_fn: ``fn(model, batch) -> (preds, target)``; default: ``predict_step`` and the
             batch's ``label``/``target``/last element.
@@ -418,7 +445,7 @@ def export(
         manifest["inputs"] = [_describe_input(x) for x in example_inputs]
     program_writer = None
     if example_inputs is not None:
-        program = torch.export.export(deploy, tuple(example_inputs))
+        program, manifest["program"] = _export_program(deploy, tuple(example_inputs))
         program_writer = lambda p: torch.export.save(program, p)  # noqa: E731
     write_artifact(path, manifest, tensors, program_writer=program_writer)
     return Artifact(path=path, manifest=verify_artifact(path), report=report, model=deploy)

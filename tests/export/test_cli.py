@@ -16,6 +16,7 @@ MANIFEST = {
         "top_mlp.1": {"scheme": "fp32"},  # missing keys are tolerated
     },
     "fp32_bytes": 80000,
+    "program": {"batch_range": [[2, None], [5, 5], None]},
     "regression": {"metric": "auroc", "reference": 0.8012, "exported": 0.7998, "drop": 0.0014,
                    "max_drop": 0.003, "passed": True},
 }
@@ -37,6 +38,7 @@ def test_inspect_prints_layers_totals_and_regression(art, capsys):
     assert "w8a8" in out and "64x13" in out and "cpu=int8_mm,cuda=w8_triton" in out
     assert "group_size" in out and "speedup_cpu" in out and "1.8" in out
     assert f"({artifact_size_bytes(art)} bytes)" in out and "fp32" in out and "(80000 bytes)" in out
+    assert "program.pt2: batch per input 2..any, 5..5, -" in out
     reg = [line for line in out.splitlines() if line.startswith("regression:")]
     assert reg == ["regression: auroc reference 0.8012 exported 0.7998 drop 0.0014 (max_drop 0.003): PASSED"]
 

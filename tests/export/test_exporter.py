@@ -128,6 +128,18 @@ def test_torch_export_program_round_trip(tmp_path):
     torch.testing.assert_close(program.module()(dense, ids), art.model(dense, ids), atol=0, rtol=0)
 
 
+def test_program_serves_batch_sizes_other_than_the_example(tmp_path):
+    torch.manual_seed(0)
+    model = TinyCTR()
+    art = export(model, tmp_path / "art", example_inputs=(torch.randn(16, 4), torch.randint(0, 50, (16,))))
+    lo, hi = art.manifest["program"]["batch_range"][0]
+    assert art.manifest["program"]["batch_range"] == [[lo, hi], [lo, hi]] and lo <= 2 and hi is None
+    program = torch.export.load(os.path.join(art.path, "program.pt2")).module()
+    for batch in (2, 5, 16, 300):
+        dense, ids = torch.randn(batch, 4), torch.randint(0, 50, (batch,))
+        torch.testing.assert_close(program(dense, ids), art.model(dense, ids), atol=0, rtol=0)
+
+
 def test_load_refuses_a_tampered_artifact(tmp_path):
     art = export(TinyCTR(), tmp_path / "art")
     weights = os.path.join(art.path, "weights.safetensors")
