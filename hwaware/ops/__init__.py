@@ -607,8 +607,8 @@ def _(x, values, meta, w_scale, bias, kernel):
 # alike, so the FP32 model and the exported one run the same code. CPU, float32: one C pass per
 # sample (hwaware/quant/_native/interact.c); other dtypes and devices, or without the native
 # library: the torch ops of dot_interaction_ref (stack, bmm, index_select, cat). At batch 2048,
-# 27 vectors of 16 that chain was 1.6 ms, ~40% of an FP32 forward of the recipe's DLRM
-# (benchmarks/bench_ops_cpu.py, "interaction").
+# 27 vectors of 16 (the recipe's DLRM) that chain took about a third of a whole FP32 forward
+# (benchmarks/bench_ops_cpu.py "interaction" against bench_export_recsys.py's FP32 latency).
 
 def _check_dot_interaction(vectors: Sequence[Tensor], pad: int) -> None:
     if len(vectors) == 0:
