@@ -344,8 +344,7 @@ def int8_linear(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tens
         return _int8_linear_int_mm(x, qweight.t(), w_scale, bias, relu)  # a [K, N] view: as fast as a copy here
     if impl == "dequant":
         w = _CACHE.get((qweight, w_scale), ("int8_dequant",), lambda: qweight.float() * w_scale[:, None])
-        out = F.linear(x.float(), w, None if bias is None else bias.float())
-        return (out.relu_() if relu else out).to(x.dtype)
+        return _linear_fp32(x, w, bias, relu)
     packed = _CACHE.get((qweight, w_scale), ("int8_linear",), lambda: _prepack_int8(qweight, w_scale))
     out = _int8_linear_prepacked(x, packed, qweight.shape[0], bias)
     return out.relu_() if relu else out
@@ -392,6 +391,13 @@ def _int8_linear_int_mm(x: Tensor, wt: Tensor, w_scale: Tensor, bias: Optional[T
     return out.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
+def _linear_fp32(x: Tensor, w: Tensor, bias: Optional[Tensor], relu: bool = False) -> Tensor:
+    """``F.linear`` in float32 on a float32 weight derived once from packed storage (dequantized int8
+    or int4 codes, decompressed 2:4 values), ReLU applied in place when ``relu``, back in ``x``'s dtype."""
+    out = F.linear(x.float(), w, None if bias is None else bias.float())
+    return (out.relu_() if relu else out).to(x.dtype)
+
+
 def _int8_linear_prepacked(x: Tensor, packed, n: int, bias: Optional[Tensor]) -> Tensor:
     k = x.shape[-1]
     x2d = x.reshape(-1, k).float()
@@ -426,8 +432,7 @@ def int4_linear(x: Tensor, packed: Tensor, scales: Tensor, zeros: Optional[Tenso
     _check_int4_linear(x, packed, scales, zeros, group_size, bias)
     w = _CACHE.get((packed, scales, zeros), ("int4_linear", group_size),
                    lambda: dequantize_int4_weight(packed, scales, zeros, group_size))
-    out = F.linear(x.float(), w, None if bias is None else bias.float())
-    return out.to(x.dtype)
+    return _linear_fp32(x, w, bias)
 
 
 @int4_linear.register_fake
@@ -579,21 +584,20 @@ def sparse24_linear(x: Tensor, values: Tensor, meta: Tensor, w_scale: Optional[T
         if kernel == "dequant":  # int8_linear's "dequant" implementation on the decompressed codes
             w = _CACHE.get((values, meta, w_scale), ("sparse24_int8_dequant",),
                            lambda: decompress_24(values, meta, k).float() * w_scale[:, None])
-            return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
+            return _linear_fp32(x, w, bias)
         raise ValueError(f"kernel={kernel!r} has no int8 form on CPU; int8 2:4 layers run kernel='dense', 'fbgemm' "
                          "or 'dequant'")
     if kernel in ("fbgemm", "dequant"):
         raise ValueError(f"kernel={kernel!r} is for int8 values; float 2:4 layers run kernel='dense' or 'csr'")
-    b = None if bias is None else bias.float()
     if kernel == "csr":
         w = _CACHE.get((values, meta), ("sparse24_csr",), lambda: _to_csr(decompress_24(values, meta, k).float()))
         x2d = x.reshape(-1, k).float()
         out = torch.sparse.mm(w, x2d.t()).t()
-        if b is not None:
-            out = out + b
+        if bias is not None:
+            out = out + bias.float()
         return out.to(x.dtype).contiguous().reshape(*x.shape[:-1], n)
     w = _CACHE.get((values, meta), ("sparse24_dense",), lambda: decompress_24(values, meta, k).float())
-    return F.linear(x.float(), w, b).to(x.dtype)
+    return _linear_fp32(x, w, bias)
 
 
 @sparse24_linear.register_fake
