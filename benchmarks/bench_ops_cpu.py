@@ -8,6 +8,10 @@ What the whole-model numbers in benchmarks/bench_export_recsys.py are made of, a
   fused), against fp32 ``F.linear`` + ``torch.relu``;
 - one embedding lookup (2048 single-row bags, 16 wide, a 48,000-row table): the deploy module, the
   op, fbgemm's kernel alone, the op's bounds check alone, and FP32 ``nn.EmbeddingBag``;
+- all 26 tables of the recipe DLRM (dim 16, int8 rows, one batch of generated Criteo-schema ids):
+  FP32 ``nn.EmbeddingBag`` per table, the deploy modules called per table, ``EmbeddingBagList``
+  (one ``hwaware::embedding_bags_rowwise`` call, what the exported DLRM runs) and fbgemm's kernel
+  alone per table (no checks, no module);
 - interaction: ``hwaware::dot_interaction`` (one C pass) against the torch ops it replaces
   (stack, bmm, index_select, cat: ``dot_interaction_ref``) on 27 vectors of [2048, 16], forward
   alone and forward + backward;
@@ -96,6 +100,32 @@ def embedding(rounds: int) -> dict:
             "native": native.native_status()}
 
 
+def embedding_tables(rounds: int) -> dict:
+    from hwaware.recsys import DEFAULT_TABLE_SIZES, CriteoDataModule, EmbeddingBagList
+
+    dm = CriteoDataModule(num_samples=20_000, batch_size=BATCH, seed=0)
+    dm.setup("fit")
+    sparse = next(iter(dm.val_dataloader()))["sparse"]  # [B, 26], the generator's skewed ids
+    g = torch.Generator().manual_seed(0)
+    tables = [torch.randn(n, 16, generator=g) * n**-0.5 for n in DEFAULT_TABLE_SIZES]
+    fp32 = EmbeddingBagList(nn.EmbeddingBag.from_pretrained(t, mode="sum") for t in tables)
+    deploy = EmbeddingBagList(RowwiseEmbeddingBag(packing.quantize_rowwise(t, 8), 8, 16, "sum", False) for t in tables)
+    offsets = torch.arange(BATCH)
+    ids = sparse.t()
+    per_table_ids = [ids[t].contiguous() for t in range(len(tables))]
+    fbgemm = torch.ops.quantized.embedding_bag_byte_rowwise_offsets
+    fns = {
+        "fp32_per_table": lambda: fp32(ids, offsets),
+        "deploy_modules_per_table": lambda: [m(i, offsets) for m, i in zip(deploy, per_table_ids)],
+        "EmbeddingBagList_one_call": lambda: deploy(ids, offsets),
+        "fbgemm_kernels_alone": lambda: [fbgemm(m.weight, i, offsets, False, 0, False, None, None, False)
+                                         for m, i in zip(deploy, per_table_ids)],
+    }
+    us = _interleaved_us(fns, rounds, calls=20)
+    return {"tables": len(tables), "lookups_per_table": BATCH, "dim": 16, "us": us,
+            "time_vs_fp32": {name: t / us["fp32_per_table"] for name, t in us.items()}}
+
+
 def interaction(rounds: int) -> dict:
     from hwaware.ops.reference import dot_interaction_ref
 
@@ -149,12 +179,14 @@ def main() -> None:
             "torch": torch.__version__,
             "linears": linears(args.rounds),
             "embedding": embedding(args.rounds),
+            "embedding_tables": embedding_tables(args.rounds),
         }
     result["interaction"] = interaction(args.rounds)  # sets its own grad modes
     result["dispatch"] = dispatch(args.rounds)
     for r in result["linears"]:
         print(r["shape"], {k: round(v) for k, v in r["us"].items()})
     print("embedding", {k: round(v, 1) for k, v in result["embedding"]["us"].items()})
+    print("embedding tables", {k: round(v, 2) for k, v in result["embedding_tables"]["time_vs_fp32"].items()})
     print("interaction", result["interaction"]["time_vs_torch_ops"])
     for mode, r in result["dispatch"].items():
         print("dispatch", mode, {k: round(v, 2) for k, v in r["us"].items()})

@@ -18,6 +18,9 @@ Ops (shapes; ``...`` = any leading dims):
 - ``hwaware::embedding_bag_rowwise(weight uint8 [R, cols], bits, dim, indices [L], offsets [B(+1)],
   mode, per_sample_weights [L]?, include_last_offset) -> float32 [B, dim]``: FBGEMM row-wise
   8/4-bit tables; mode 0 sum, 1 mean, 2 max.
+- ``hwaware::embedding_bags_rowwise(weights [T x uint8 [R_t, cols_t]], bits [T], dim, indices [T, N],
+  offsets [B], mode) -> float32 [T, B, dim]``: T row-wise tables in one call (sum or mean), equal to
+  T calls of ``embedding_bag_rowwise`` bit for bit.
 - ``hwaware::sparse24_linear(x [..., K] float, values [N, K/2] float|int8, meta uint8 [N, ceil(K/8)],
   w_scale float32 [N]?, bias [N]?, kernel) -> [..., N]``: 2:4 compressed weights (packing.py). Float
   values: ``x @ W^T``; int8 values (with ``w_scale``): the W8A8 math of ``int8_linear``. ``kernel``
@@ -42,7 +45,7 @@ from hwaware.ops.packing import decompress_24, dequantize_int4_weight, rowwise_c
 from hwaware.ops.reference import (dot_interaction_backward_ref, dot_interaction_ref, quantize_per_token_ref,
                                    w8a8_epilogue_ref)
 
-__all__ = ["int8_linear", "int4_linear", "embedding_bag_rowwise", "sparse24_linear", "dot_interaction",
+__all__ = ["int8_linear", "int4_linear", "embedding_bag_rowwise", "embedding_bags_rowwise", "sparse24_linear", "dot_interaction",
            "INT8_KERNELS", "SPARSE24_KERNELS", "REDUCE_RANGE", "clear_cache"]
 
 _FLOAT_X = (torch.float32, torch.bfloat16, torch.float16)
@@ -512,6 +515,109 @@ def _(weight, bits, dim, indices, offsets, mode, per_sample_weights, include_las
     _check_embedding_bag(weight, bits, dim, indices, offsets, mode, per_sample_weights, include_last_offset)
     b = offsets.shape[0] - 1 if include_last_offset else offsets.shape[0]
     return weight.new_empty((b, dim), dtype=torch.float32)
+
+
+# -- hwaware::embedding_bags_rowwise (table-batched) ------------------------------------------------
+
+def _check_embedding_bags(weights: Sequence[Tensor], bits: Sequence[int], dim: int, indices: Tensor, offsets: Tensor,
+                          mode: int) -> None:
+    if len(weights) == 0:
+        raise ValueError("weights must hold at least one row-wise table, got an empty list")
+    if len(bits) != len(weights):
+        raise ValueError(f"bits must give one width per table: {len(weights)} weights, got {len(bits)} bits {list(bits)}")
+    if mode not in (0, 1):
+        raise ValueError(f"mode={mode} is not supported by the table-batched op; expected 0 (sum) or 1 (mean) "
+                         "(max: embedding_bag_rowwise per table)")
+    if dim < 1:
+        raise ValueError(f"dim={dim} must be >= 1")
+    _dt("indices", indices, (torch.int64, torch.int32), "[T, N] int64 or int32")
+    if indices.dim() != 2 or indices.shape[0] != len(weights):
+        raise ValueError(f"indices must be 2-D [T, N] with T = len(weights) = {len(weights)} (row t: table t's ids), "
+                         f"got shape {list(indices.shape)}")
+    _dt("offsets", offsets, (torch.int64, torch.int32), "[B] int (bag starts, shared by every table)")
+    if offsets.dtype != indices.dtype:
+        raise TypeError(f"indices ({indices.dtype}) and offsets ({offsets.dtype}) must have the same dtype")
+    if offsets.dim() != 1:
+        raise ValueError(f"offsets must be 1-D [B], got shape {list(offsets.shape)}")
+    cols = {8: rowwise_cols(dim, 8), 4: rowwise_cols(dim, 4)}
+    device, uint8 = indices.device, torch.uint8
+    for t, (w, b) in enumerate(zip(weights, bits)):  # one cheap test per table; the message only on failure
+        if b in cols and w.dtype == uint8 and w.dim() == 2 and w.shape[1] == cols[b] and w.device == device:
+            continue
+        if b not in cols:
+            raise ValueError(f"bits[{t}]={b} is not supported; expected 4 or 8")
+        _dt(f"weights[{t}]", w, (uint8,), "[R, cols] uint8 (FBGEMM row-wise)")
+        if w.dim() != 2 or w.shape[1] != cols[b]:
+            raise ValueError(f"weights[{t}] must have shape [R, {cols[b]}] for a {b}-bit row-wise table of dim={dim}, "
+                             f"got {list(w.shape)}")
+        raise ValueError(f"weights[{t}] is on {w.device} but indices are on {device}")
+    if offsets.device != indices.device:
+        raise ValueError(f"offsets are on {offsets.device} but indices are on {indices.device}")
+
+
+def _embedding_bags_per_table(weights: List[Tensor], bits: List[int], dim: int, indices: Tensor, offsets: Tensor,
+                              mode: int) -> Tensor:
+    """The table-batched op as T calls of ``embedding_bag_rowwise`` (no native library; CUDA)."""
+    outs = [torch.ops.hwaware.embedding_bag_rowwise.default(w, b, dim, indices[t].contiguous(), offsets, mode, None, False)
+            for t, (w, b) in enumerate(zip(weights, bits))]
+    return torch.stack(outs)
+
+
+@_define("embedding_bags_rowwise(Tensor[] weights, int[] bits, SymInt dim, Tensor indices, Tensor offsets, SymInt mode) -> Tensor")
+def embedding_bags_rowwise(weights: List[Tensor], bits: List[int], dim: int, indices: Tensor, offsets: Tensor,
+                           mode: int) -> Tensor:
+    """T row-wise tables looked up in one call: ``out[t] = embedding_bag_rowwise(weights[t], bits[t], dim,
+    indices[t], offsets, mode)``, stacked ``[T, B, dim]`` float32, bit for bit (CPU: one C pass,
+    ``hwaware/quant/_native/bags.c``, table-major, threads over (table, run of bags)).
+
+    A CTR model looks up every table per batch; as T calls each one paid the dispatcher, the
+    argument checks and a bounds pass (~30 us a call against ~15 us of lookup at 2048 single-id
+    bags of dim 16; benchmarks/bench_ops_cpu.py, "embedding"). ``indices`` ``[T, N]`` may be a
+    strided view (e.g. ``sparse.t()`` of a ``[B, T]`` batch); ``offsets`` ``[B]`` are shared by
+    every table (bag b: ids ``offsets[b]`` up to the next offset, the last up to N).
+    """
+    from hwaware.quant import native  # hwaware.quant imports hwaware.ops.packing: import at call time
+
+    _check_embedding_bags(weights, bits, dim, indices, offsets, mode)
+    if not all(w.is_contiguous() for w in weights):
+        weights = [w.contiguous() for w in weights]
+    offsets = offsets.contiguous()
+    done = native.rowwise_bags(weights, bits, dim, indices, offsets, mode == 1)
+    if done is None:
+        out, (rule, a, b) = None, _bags_values_rule(weights, indices, offsets)
+    else:
+        out, (rule, a, b) = done  # rules of hw_rowwise_bags
+    if rule == 1:
+        raise IndexError(f"indices[{a}] must lie in [0, {weights[a].shape[0]}) (rows of weights[{a}]), got {b}")
+    if rule == 2:
+        raise ValueError(f"offsets must start at 0, be non-decreasing and not exceed N={indices.shape[1]}, "
+                         f"got first={a}, last={b}")
+    return out if out is not None else _embedding_bags_per_table(weights, bits, dim, indices, offsets, mode)
+
+
+def _bags_values_rule(weights: List[Tensor], indices: Tensor, offsets: Tensor) -> tuple:
+    """``hw_rowwise_bags``' checks in torch (the no-native path): ``(rule, a, b)``, rule 0 when valid."""
+    if offsets.numel():
+        first, last = int(offsets[0]), int(offsets[-1])
+        if first != 0 or last > indices.shape[1] or bool((offsets[1:] < offsets[:-1]).any()):
+            return 2, first, last
+    for t, w in enumerate(weights):
+        bad = ((indices[t] < 0) | (indices[t] >= w.shape[0])).nonzero()
+        if bad.numel():
+            return 1, t, int(indices[t, bad[0, 0]])
+    return 0, 0, 0
+
+
+@embedding_bags_rowwise.register_fake
+def _(weights, bits, dim, indices, offsets, mode):
+    _check_embedding_bags(weights, bits, dim, indices, offsets, mode)
+    return indices.new_empty((len(weights), offsets.shape[0], dim), dtype=torch.float32)
+
+
+@embedding_bags_rowwise.register_kernel("cuda")
+def _(weights, bits, dim, indices, offsets, mode):  # T launches of the row-wise Triton kernel
+    _check_embedding_bags(weights, bits, dim, indices, offsets, mode)
+    return _embedding_bags_per_table(weights, bits, dim, indices, offsets, mode)
 
 
 # -- hwaware::sparse24_linear --------------------------------------------------------------------

@@ -31,7 +31,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["native_status", "fq_sym_rows", "fq_affine_rows", "quant_tokens_i8", "w8a8_epilogue", "check_bags",
+__all__ = ["native_status", "fq_sym_rows", "fq_affine_rows", "quant_tokens_i8", "w8a8_epilogue", "check_bags", "rowwise_bags",
            "dot_interaction", "dot_interaction_backward"]
 
 _SRCS = [Path(__file__).parent / "_native" / n for n in ("rowwise_fq.c", "w8a8.c", "bags.c", "interact.c")]
@@ -102,6 +102,8 @@ def _load() -> Optional[ctypes.CDLL]:
             fn.restype = None
         lib.hw_check_bags.argtypes = [f32p, i64, f32p, i64, i32, i64, i32, f32p]
         lib.hw_check_bags.restype = i32
+        lib.hw_rowwise_bags.argtypes = [f32p, f32p, i64, i64, f32p, i32, i64, i64, i64, f32p, i64, i32, f32p, f32p]
+        lib.hw_rowwise_bags.restype = i32
         lib.hw_dot_interaction_fwd.argtypes = [f32p, i64, i64, i64, i64, f32p]
         lib.hw_dot_interaction_bwd.argtypes = [f32p, f32p, i64, i64, i64, i64, f32p]
         lib.hw_dot_interaction_fwd.restype = lib.hw_dot_interaction_bwd.restype = i32
@@ -189,6 +191,27 @@ def check_bags(indices: Tensor, offsets: Tensor, rows: int, include_last_offset:
                               int(indices.dtype == torch.int64), rows, int(include_last_offset), info)
     return rule, info[0], info[1]
 
+
+def rowwise_bags(weights: Sequence[Tensor], bits: Sequence[int], dim: int, indices: Tensor, offsets: Tensor,
+                 mean: bool) -> Optional[Tuple[Tensor, Tuple[int, int, int]]]:
+    """T row-wise tables' bags in one C pass (``_native/bags.c``, ``hw_rowwise_bags``):
+    ``(out float32 [T, B, dim], (rule, a, b))``, rule 0 when the call was valid, else 1 (a = table,
+    b = the id out of range) or 2 (a, b = first, last offset); None: use the per-table op.
+    ``weights``: contiguous uint8 CPU tables; ``indices``: ``[T, N]`` with any strides;
+    ``offsets``: contiguous ``[B]`` of ``indices``' dtype (int64 or int32); the caller checks shapes."""
+    if _load() is None:
+        return None
+    ntab, n = indices.shape
+    batch = offsets.shape[0]
+    out = torch.empty(ntab, batch, dim, dtype=torch.float32)
+    meta = (ctypes.c_int64 * (3 * ntab))(*[w.shape[0] for w in weights], *[w.shape[1] for w in weights], *bits)
+    info = getattr(_BAG_INFO, "buf", None)
+    if info is None:
+        info = _BAG_INFO.buf = (ctypes.c_int64 * 2)()
+    rule = _lib.hw_rowwise_bags(_ptrs(weights), meta, ntab, dim, indices.data_ptr(), int(indices.dtype == torch.int64),
+                                indices.stride(0), indices.stride(1), n, offsets.data_ptr(), batch, int(mean),
+                                out.data_ptr(), info)
+    return out, (rule, info[0], info[1])
 
 
 def _ptrs(tensors: Sequence[Tensor]) -> ctypes.Array:

@@ -3,6 +3,7 @@
 `CriteoDataModule` serves synthetic (`generate_criteo_like`) or real (`load_criteo_tsv`) Criteo
 logs as whole-batch tensors; `DLRM` is the LightningModule the recsys recipes quantize, and
 `evaluate_auroc` measures any model with the DLRM call signature on a dataloader.
+`EmbeddingBagList` holds a model's tables so that, once exported, they are looked up in one call.
 """
 
 from hwaware.recsys.criteo import (
@@ -16,6 +17,7 @@ from hwaware.recsys.criteo import (
     preprocess_dense,
 )
 from hwaware.recsys.dlrm import DLRM, evaluate_auroc
+from hwaware.recsys.embedding import EmbeddingBagList
 
 __all__ = [
     "NUM_DENSE",
@@ -27,5 +29,6 @@ __all__ = [
     "load_criteo_tsv",
     "CriteoDataModule",
     "DLRM",
+    "EmbeddingBagList",
     "evaluate_auroc",
 ]

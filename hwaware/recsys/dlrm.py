@@ -24,6 +24,7 @@ from torchmetrics.classification import BinaryAUROC
 
 import hwaware.ops  # noqa: F401  (registers torch.ops.hwaware.dot_interaction)
 from hwaware.recsys.criteo import DEFAULT_TABLE_SIZES, NUM_DENSE
+from hwaware.recsys.embedding import EmbeddingBagList
 
 __all__ = ["DLRM", "evaluate_auroc"]
 
@@ -113,7 +114,8 @@ class DLRM(pl.LightningModule):
         self.save_hyperparameters()
 
         self.bottom_mlp = _mlp(NUM_DENSE, bottom)  # [B, 13] -> [B, D]
-        self.embeddings = nn.ModuleList(nn.EmbeddingBag(size, embedding_dim, mode="sum") for size in table_sizes)
+        # one call for all tables: after export, one table-batched row-wise op (recsys/embedding.py)
+        self.embeddings = EmbeddingBagList(nn.EmbeddingBag(size, embedding_dim, mode="sum") for size in table_sizes)
         for emb in self.embeddings:  # DLRM reference init: U(-1/sqrt(n), 1/sqrt(n)) per table
             bound = emb.num_embeddings**-0.5
             nn.init.uniform_(emb.weight, -bound, bound)
@@ -132,10 +134,9 @@ class DLRM(pl.LightningModule):
             raise ValueError(f"sparse must be [B, {len(self.embeddings)}], got shape {tuple(sparse.shape)}")
         batch = dense.shape[0]
         x = self.bottom_mlp(dense)  # [B, D]
-        ids = sparse.t().contiguous()  # [T, B]: each table's ids contiguous
         # [B] one id per bag (single-hot); microseconds to build, and no cache keeps it export-friendly
         offsets = torch.arange(batch, device=sparse.device)
-        vectors = [x] + [emb(ids[t], offsets) for t, emb in enumerate(self.embeddings)]  # V = T + 1 of [B, D]
+        vectors = [x] + self.embeddings(sparse.t(), offsets)  # ids [T, B]; V = T + 1 of [B, D]
         dtype = functools.reduce(torch.promote_types, (v.dtype for v in vectors))  # bf16 MLP + fp32 tables: fp32
         vectors = [v if v.dtype == dtype else v.to(dtype) for v in vectors]
         # [x | pairwise dots, strictly upper triangle of [V, V] row-major | pad zeros]: [B, D + V(V-1)/2 + pad],

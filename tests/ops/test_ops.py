@@ -295,7 +295,7 @@ def test_embedding_bag_rejects_bad_inputs(native_check, monkeypatch):
 
 def test_every_op_has_cpu_and_cuda_kernels():
     # CUDA: the Triton launchers (hwaware/ops/_cuda.py; exercised in tests/kernels); no silent fallback
-    for name in ("int8_linear", "int4_linear", "embedding_bag_rowwise", "sparse24_linear"):
+    for name in ("int8_linear", "int4_linear", "embedding_bag_rowwise", "embedding_bags_rowwise", "sparse24_linear"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"hwaware::{name}", "CPU")
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"hwaware::{name}", "CUDA")
 

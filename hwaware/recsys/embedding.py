@@ -1,0 +1,61 @@
+"""``EmbeddingBagList``: a CTR model's tables, looked up together.
+
+An ``nn.ModuleList`` of embedding bags (state-dict keys ``<name>.<t>.weight``, as a plain
+``ModuleList``) whose forward takes every table's ids at once. In training and FP32 inference each
+table is called in turn. After ``hwaware.export`` has replaced the tables with row-wise deploy
+tables (``RowwiseEmbeddingBag``), the ones that agree on ``dim`` and mode are served by one
+``hwaware::embedding_bags_rowwise`` call instead of one op call per table (TBE-style table
+batching): at 26 tables of 2048 single-id bags the per-call cost of T calls was about as large as
+the lookups themselves (``benchmarks/bench_ops_cpu.py``, "embedding").
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["EmbeddingBagList"]
+
+
+class EmbeddingBagList(nn.ModuleList):
+    """Tables called as ``tables(ids, offsets) -> [table_t(ids[t], offsets) for t]``.
+
+    ``ids``: ``[T, N]`` int64/int32, row t holding table t's ids (a strided view such as
+    ``sparse.t()`` of a ``[B, T]`` batch is fine); ``offsets``: ``[B]``, the bag starts, shared by
+    every table. Returns T tensors ``[B, D_t]``.
+    """
+
+    def forward(self, ids: Tensor, offsets: Tensor) -> list[Tensor]:
+        if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.shape[0] != len(self):
+            shape = list(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__
+            raise ValueError(f"ids must be [T, N] with T = {len(self)} tables (row t: table t's ids), got {shape}")
+        from hwaware.export.deploy import RowwiseEmbeddingBag  # deploy imports hwaware.quant: import at call time
+
+        modules = list(self._modules.values())
+        groups: dict[tuple, list[int]] = defaultdict(list)  # row-wise deploy tables by (dim, mode)
+        plain: list[int] = []
+        for t, m in enumerate(modules):
+            if type(m) is RowwiseEmbeddingBag and m.mode in ("sum", "mean") and not m.include_last_offset:
+                groups[(m.dim, m.mode)].append(t)
+            else:
+                plain.append(t)
+        out: list[Tensor | None] = [None] * len(modules)
+        if plain:
+            ids_c = ids.contiguous()  # one copy for all tables; each row then is a contiguous 1-D tensor
+            for t in plain:
+                out[t] = modules[t](ids_c[t], offsets)
+        for (dim, mode), members in groups.items():
+            if len(members) == len(modules):
+                rows, tables = ids, modules
+            else:
+                rows, tables = ids[torch.tensor(members, device=ids.device)], [modules[t] for t in members]
+            off = offsets if offsets.dtype == ids.dtype else offsets.to(ids.dtype)
+            pooled = torch.ops.hwaware.embedding_bags_rowwise.default(
+                [m.weight for m in tables], [m.bits for m in tables], dim, rows, off, 0 if mode == "sum" else 1)
+            if len(members) == len(modules):
+                return list(pooled.unbind(0))
+            for t, v in zip(members, pooled.unbind(0)):
+                out[t] = v
+        return out  # type: ignore[return-value]
