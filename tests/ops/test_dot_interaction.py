@@ -81,6 +81,18 @@ def test_results_do_not_depend_on_the_thread_count():
     assert torch.equal(one[0], two[0]) and all(torch.equal(a, b) for a, b in zip(one[1], two[1]))
 
 
+@pytest.mark.parametrize("dim", [16, 5, 40])
+def test_a_samples_result_does_not_depend_on_its_batch(dim):
+    """The C pass works on blocks of 16 samples (one per SIMD lane) with a zero-padded last block:
+    every sample gets the same arithmetic wherever it sits, so a batch of 37 equals its samples
+    run one at a time, bit for bit."""
+    vs = _vectors(37, 27, dim, seed=5)
+    whole = ops.dot_interaction(vs, 2)
+    for b in (0, 15, 16, 31, 32, 36):
+        assert torch.equal(ops.dot_interaction([v[b:b + 1] for v in vs], 2), whole[b:b + 1])
+    assert torch.equal(ops.dot_interaction([v[5:26] for v in vs], 2), whole[5:26])
+
+
 def test_non_contiguous_inputs_other_dtypes_and_the_eager_fallback(monkeypatch):
     vs = _vectors(12, 4, 8, seed=4)
     out = ops.dot_interaction(vs, 1)
