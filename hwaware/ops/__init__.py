@@ -720,14 +720,21 @@ def _(x, values, meta, w_scale, bias, kernel):
 # 27 vectors of 16 (the recipe's DLRM) that chain took about a third of a whole FP32 forward
 # (benchmarks/bench_ops_cpu.py "interaction" against bench_export_recsys.py's FP32 latency).
 
+_INTERACTION_DTYPES = _FLOAT_X + (torch.float64,)
+
+
 def _check_dot_interaction(vectors: Sequence[Tensor], pad: int) -> None:
     if len(vectors) == 0:
         raise ValueError("vectors must hold at least one [B, D] tensor (x first), got an empty list")
     x = vectors[0]
     if x.dim() != 2:
         raise ValueError(f"vectors[0] must be 2-D [B, D], got shape {list(x.shape)}")
+    dtype, device, shape = x.dtype, x.device, x.shape
+    if (dtype in _INTERACTION_DTYPES and pad >= 0
+            and all(v.dtype == dtype and v.device == device and v.shape == shape for v in vectors)):
+        return  # one cheap test per vector (a model passes ~27 per call); the messages below only on failure
     for i, v in enumerate(vectors):
-        _dt(f"vectors[{i}]", v, _FLOAT_X + (torch.float64,), "[B, D] float")
+        _dt(f"vectors[{i}]", v, _INTERACTION_DTYPES, "[B, D] float")
         if v.dtype != x.dtype or v.device != x.device:
             raise TypeError(f"vectors[{i}] is {v.dtype} on {v.device}; every vector must match vectors[0] "
                             f"({x.dtype} on {x.device})")
@@ -741,7 +748,9 @@ def _dot_interaction_cpu(vectors: List[Tensor], pad: int) -> Tensor:
     from hwaware.quant import native  # hwaware.quant imports hwaware.ops.packing: import at call time
 
     _check_dot_interaction(vectors, pad)
-    out = native.dot_interaction([v.contiguous() for v in vectors], pad)
+    if not all(v.is_contiguous() for v in vectors):
+        vectors = [v.contiguous() for v in vectors]
+    out = native.dot_interaction(vectors, pad)
     return out if out is not None else dot_interaction_ref(vectors, pad)
 
 
@@ -759,7 +768,9 @@ def _dot_interaction_fake(vectors: List[Tensor], pad: int) -> Tensor:
 def _dot_interaction_backward_cpu(grad: Tensor, vectors: List[Tensor], pad: int) -> List[Tensor]:
     from hwaware.quant import native
 
-    grads = native.dot_interaction_backward(grad.contiguous(), [v.contiguous() for v in vectors], pad)
+    if not all(v.is_contiguous() for v in vectors):
+        vectors = [v.contiguous() for v in vectors]
+    grads = native.dot_interaction_backward(grad.contiguous(), vectors, pad)
     return grads if grads is not None else dot_interaction_backward_ref(grad, vectors, pad)
 
 
