@@ -156,3 +156,14 @@ def test_export_with_a_dynamic_batch(tmp_path):
     loaded = torch.export.load(tmp_path / "p.pt2").module()
     other = torch.randint(0, 50, (13, 2))
     assert torch.equal(loaded(other), m(other))
+
+
+@pytest.mark.parametrize("scale", [1e-6, 3e4])
+def test_int4_half_scales_at_the_ends_of_float16(impl, scale):
+    """Row scales and offsets are float16 in the int4 layout: subnormal ones (a 1e-6 table) and large
+    ones convert exactly, as fbgemm converts them."""
+    g = torch.Generator().manual_seed(7)
+    weights = [quantize_rowwise(torch.randn(40, 16, generator=g) * scale, 4) for _ in range(2)]
+    ids, offsets = _ids([40, 40], 25, None)
+    out = bags(weights, [4, 4], 16, ids, offsets, 0)
+    assert torch.equal(out, _per_table(weights, [4, 4], 16, ids, offsets, 0))

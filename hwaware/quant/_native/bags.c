@@ -131,8 +131,8 @@ static inline int bag_chunk(const uint8_t *w, int64_t r, int64_t c, int b8, cons
         } else {
             uint16_t hb[2];
             memcpy(hb, row + c - 4, sizeof hb);
-            vs = _mm512_set1_ps(half_to_float(hb[0]));
-            vz = _mm512_set1_ps(half_to_float(hb[1]));
+            vs = _mm512_set1_ps(_cvtsh_ss(hb[0]));
+            vz = _mm512_set1_ps(_cvtsh_ss(hb[1]));
             const __m128i packed = _mm_maskz_loadu_epi8(lanes_mask((len + 1) / 2), row + d0 / 2);
             const __m128i lo = _mm_and_si128(packed, _mm_set1_epi8(15)), hi = _mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(15));
             codes = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi))); /* d even: low nibble */
@@ -175,11 +175,11 @@ static inline int bag_chunk(const uint8_t *w, int64_t r, int64_t c, int b8, cons
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-/* Single-id bags of an 8-bit table (DLRM's lookups): out row b = fma(scale, codes, 0 + bias), the
- * same value bag_chunk gives, with one id load per row and no bag bookkeeping (bag_chunk's
- * generality cost ~2x here). Returns 1 when an id is out of range (that row is left unwritten). */
-static int single_rows8(const uint8_t *w, int64_t r, int64_t c, int64_t dim, const void *idx, int is64, int64_t first,
-                        int64_t is, int64_t b0, int64_t b1, float *out) {
+/* Single-id bags (DLRM's lookups): out row b = fma(scale, codes, 0 + bias), the value bag_chunk
+ * gives, with one id load per row and no bag bookkeeping (bag_chunk's generality cost ~2x here).
+ * Returns 1 when an id is out of range (that row is left unwritten). */
+static int single_rows(const uint8_t *w, int64_t r, int64_t c, int b8, int64_t dim, const void *idx, int is64,
+                       int64_t first, int64_t is, int64_t b0, int64_t b1, float *out) {
     int oob = 0;
     for (int64_t b = b0; b < b1; ++b) {
         if (b + PREFETCH < b1) {
@@ -192,19 +192,33 @@ static int single_rows8(const uint8_t *w, int64_t r, int64_t c, int64_t dim, con
             continue;
         }
         const uint8_t *row = w + id * c;
-        float sb[2];
-        memcpy(sb, row + c - 8, sizeof sb);
-        const __m512 vs = _mm512_set1_ps(sb[0]), vz = _mm512_set1_ps(sb[1] + 0.0f);
         float *o = out + b * dim;
-        for (int64_t d0 = 0; d0 < dim; d0 += 16) {
-            const __mmask16 k = lanes_mask(dim - d0);
-            const __m512 codes = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, row + d0)));
-            _mm512_mask_storeu_ps(o + d0, k, _mm512_fmadd_ps(vs, codes, vz));
+        if (b8) {
+            float sb[2];
+            memcpy(sb, row + c - 8, sizeof sb);
+            const __m512 vs = _mm512_set1_ps(sb[0]), vz = _mm512_set1_ps(sb[1] + 0.0f);
+            for (int64_t d0 = 0; d0 < dim; d0 += 16) {
+                const __mmask16 k = lanes_mask(dim - d0);
+                const __m512 codes = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, row + d0)));
+                _mm512_mask_storeu_ps(o + d0, k, _mm512_fmadd_ps(vs, codes, vz));
+            }
+        } else {
+            uint16_t hb[2];
+            memcpy(hb, row + c - 4, sizeof hb);
+            const __m512 vs = _mm512_set1_ps(_cvtsh_ss(hb[0])), vz = _mm512_set1_ps(_cvtsh_ss(hb[1]) + 0.0f); /* F16C: exact */
+            for (int64_t d0 = 0; d0 < dim; d0 += 16) {
+                const int64_t len = dim - d0 < 16 ? dim - d0 : 16;
+                const __m128i packed = _mm_maskz_loadu_epi8(lanes_mask((len + 1) / 2), row + d0 / 2);
+                const __m128i lo = _mm_and_si128(packed, _mm_set1_epi8(15));
+                const __m128i hi = _mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(15));
+                const __m512 codes = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)));
+                _mm512_mask_storeu_ps(o + d0, lanes_mask(len), _mm512_fmadd_ps(vs, codes, vz));
+            }
         }
     }
     return oob;
 }
-#define HAVE_SINGLE_ROWS8 1
+#define HAVE_SINGLE_ROWS 1
 #endif
 
 int hw_rowwise_bags(const uint8_t *const *weights, const int64_t *meta, int64_t ntab, int64_t dim, const void *idx, int is64, int64_t ts, int64_t is, int64_t n,
@@ -233,9 +247,9 @@ int hw_rowwise_bags(const uint8_t *const *weights, const int64_t *meta, int64_t 
         const uint8_t *w = weights[t];
         const int64_t r = rows[t], c = cols[t], first = t * ts;
         const int b8 = bits[t] == 8;
-#ifdef HAVE_SINGLE_ROWS8
-        if (single && b8) {
-            oob |= single_rows8(w, r, c, dim, idx, is64, first, is, b0, b1, out + t * nbags * dim);
+#ifdef HAVE_SINGLE_ROWS
+        if (single) {
+            oob |= single_rows(w, r, c, b8, dim, idx, is64, first, is, b0, b1, out + t * nbags * dim);
             continue;
         }
 #endif
