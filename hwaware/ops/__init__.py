@@ -485,7 +485,8 @@ def embedding_bag_rowwise(weight: Tensor, bits: int, dim: int, indices: Tensor, 
     their sum divided by the bag sizes, and max dequantizes only the gathered rows (fbgemm
     ``embedding_bag_{byte,4bit}_unpack``) and reduces them with ``F.embedding_bag``. (A C bag kernel
     of our own, bounds check included, measured no faster than this fbgemm call plus the C check
-    at 2048 single-row bags of dim 16, so fbgemm stays.)
+    at 2048 single-row bags of dim 16, so fbgemm stays. What the C pass does win is doing many tables
+    in one call: ``embedding_bags_rowwise``.)
     """
     _check_embedding_bag(weight, bits, dim, indices, offsets, mode, per_sample_weights, include_last_offset)
     weight, indices, offsets = weight.contiguous(), indices.contiguous(), offsets.contiguous()

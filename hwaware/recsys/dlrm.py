@@ -2,6 +2,7 @@
 
     dense [B, 13] -> bottom MLP -> x [B, D]
     sparse [B, 26] -> 26 EmbeddingBag(sum, single-hot) -> e_1..e_26 [B, D]
+    (held in an ``EmbeddingBagList``: once exported, one table-batched op looks all 26 up)
     pairwise dots of (x, e_1..e_26): strictly upper triangle of [27, 27] -> [B, 351]
     cat(x, dots) [B, D + 351] -> top MLP -> logit [B]
     (the last two lines are one op, ``hwaware::dot_interaction``: a C pass on CPU)
