@@ -35,6 +35,7 @@ CPU_KERNELS = {
     "int4": "hwaware::int4_linear [cpu: weight dequantized once to fp32; no fast int4 kernel on AVX2]",
     "rowwise_int8": "hwaware::embedding_bag_rowwise [cpu: fbgemm embedding_bag_byte_rowwise_offsets]",
     "rowwise_int4": "hwaware::embedding_bag_rowwise [cpu: fbgemm embedding_bag_4bit_rowwise_offsets]",
+    "rowwise_batched": "hwaware::embedding_bags_rowwise [cpu: all of its EmbeddingBagList's tables in one C pass]",
     "sparse24": "hwaware::sparse24_linear [cpu: measured choice, see selection]",
     "sparse24_int8": "hwaware::sparse24_linear [cpu: measured choice, see selection]",
 }
@@ -179,6 +180,11 @@ def _build_deploy(model: nn.Module, states: Dict[str, QuantState], sparse24: boo
         for name, m in modules.items():
             if isinstance(m, (nn.Conv1d, nn.Conv2d)) and name not in layers and is_24(m.weight.detach().reshape(m.weight.shape[0], -1)):
                 dense[name] = (dense[name] + "; " if name in dense else "") + "2:4 conv: no hwaware conv op, stored and run dense"
+    from hwaware.recsys.embedding import EmbeddingBagList  # recsys imports the ops and Lightning: at call time
+
+    for name, meta in layers.items():  # tables an EmbeddingBagList looks up together (one op call per batch)
+        if isinstance(modules.get(name.rpartition(".")[0]), EmbeddingBagList) and EmbeddingBagList.batched(_get_module(deploy, name)):
+            meta["kernel"] = {"cpu": CPU_KERNELS["rowwise_batched"]}
     detach_quantization(deploy)  # dense leftovers compute exactly as their FP32 originals
     deploy.eval()
     return deploy, layers, dense

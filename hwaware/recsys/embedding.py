@@ -27,6 +27,14 @@ class EmbeddingBagList(nn.ModuleList):
     every table. Returns T tensors ``[B, D_t]``.
     """
 
+    @staticmethod
+    def batched(table: nn.Module) -> bool:
+        """Whether ``table`` is looked up by the table-batched op (a row-wise deploy table, sum or mean,
+        without ``include_last_offset``) rather than called on its own."""
+        from hwaware.export.deploy import RowwiseEmbeddingBag
+
+        return type(table) is RowwiseEmbeddingBag and table.mode in ("sum", "mean") and not table.include_last_offset
+
     def forward(self, ids: Tensor, offsets: Tensor) -> list[Tensor]:
         if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.shape[0] != len(self):
             shape = list(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__
@@ -37,7 +45,7 @@ class EmbeddingBagList(nn.ModuleList):
         groups: dict[tuple, list[int]] = defaultdict(list)  # row-wise deploy tables by (dim, mode)
         plain: list[int] = []
         for t, m in enumerate(modules):
-            if type(m) is RowwiseEmbeddingBag and m.mode in ("sum", "mean") and not m.include_last_offset:
+            if type(m) is RowwiseEmbeddingBag and m.mode in ("sum", "mean") and not m.include_last_offset:  # = batched()
                 groups[(m.dim, m.mode)].append(t)
             else:
                 plain.append(t)

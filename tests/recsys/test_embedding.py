@@ -76,6 +76,8 @@ def test_exported_dlrm_serves_its_tables_with_one_call(tmp_path):
     art = hwaware.export(model, str(tmp_path / "a"), example_inputs=(dense, sparse))
     served = hwaware.load(art.path)
     assert all(type(m) is RowwiseEmbeddingBag for m in served.embeddings)
+    kernels = {art.manifest["layers"][f"embeddings.{t}"]["kernel"]["cpu"].split(" [")[0] for t in range(len(TINY_TABLES))}
+    assert kernels == {"hwaware::embedding_bags_rowwise"}  # what the manifest (hwaware inspect) says runs them
     program = torch.export.load(os.path.join(art.path, "program.pt2"))
     targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
     assert targets.count("hwaware.embedding_bags_rowwise.default") == 1
