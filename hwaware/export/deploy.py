@@ -11,11 +11,11 @@ import torch
 from torch import Tensor, nn
 
 import hwaware.ops  # noqa: F401  (registers torch.ops.hwaware.*)
-from hwaware.ops import packing
+from hwaware.ops import INT8_KERNELS, packing
 from hwaware.quant.attach import QuantState
 
 __all__ = ["Int8Linear", "Int4Linear", "Sparse24Linear", "RowwiseEmbeddingBag", "RowwiseEmbedding", "DEPLOY_TYPES",
-           "fuse_relu"]
+           "fuse_relu", "Int8Chain", "chain_int8"]
 
 _MODES = {"sum": 0, "mean": 1, "max": 2}
 
@@ -253,3 +253,80 @@ def fuse_relu(model: nn.Module) -> Dict[str, str]:
                 prefix = f"{seq_name}." if seq_name else ""
                 fused[prefix + a] = prefix + b
     return fused
+
+
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+def _cpu_impl(m: "Int8Linear") -> str:
+    impl = m.kernels.get("cpu", "auto")
+    return INT8_KERNELS["cpu"][0] if impl == "auto" else impl  # "auto" is the device's first
+
+
+def _int_mm_run(mods: list, start: int) -> tuple:
+    """The :class:`Int8Linear` layers from ``mods[start]`` on that run ``int_mm`` on CPU, chained output
+    to input with only hook-free ``nn.Identity`` between them, and the index after the last."""
+    run, end, i = [], start, start
+    while i < len(mods):
+        m = mods[i]
+        if type(m) is nn.Identity and run and not _hooked(m):
+            i += 1
+            continue
+        if (type(m) is not Int8Linear or _hooked(m) or _cpu_impl(m) != "int_mm"
+                or (run and m.in_features != run[-1].out_features)):
+            break
+        run.append(m)
+        i += 1
+        end = i
+    return run, end
+
+
+class Int8Chain(nn.Sequential):
+    """An ``nn.Sequential`` whose runs of two or more :class:`Int8Linear` layers that run ``int_mm``
+    (with only ``nn.Identity``, e.g. a fused ReLU's slot, between them) are one ``hwaware::int8_mlp``
+    call on CPU: each layer's epilogue writes the next layer's int8 codes, so the float activations
+    between them are never written and read back. Bit for bit the same as calling the children in
+    turn (tested). Children with hooks, inputs off CPU or not float32, and other implementations
+    run one by one.
+    The ``state_dict`` keys are the ``nn.Sequential``'s; :func:`chain_int8` makes one."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        mods = list(self._modules.values())
+        device = input.device.type if isinstance(input, Tensor) else None  # a non-tensor: child by child
+        x, i = input, 0
+        while i < len(mods):
+            # float32 only: per layer, other dtypes round each intermediate activation to that dtype
+            run, end = _int_mm_run(mods, i) if device == "cpu" and input.dtype == torch.float32 else ([], i)
+            if len(run) >= 2:
+                x = torch.ops.hwaware.int8_mlp.default(x, [m.qweight for m in run], [m.w_scale for m in run],
+                                                       [m.bias for m in run], [m.relu for m in run])
+                i = end
+            else:
+                x = mods[i](x)
+                i += 1
+        return x
+
+
+def chain_int8(model: nn.Module) -> Dict[str, list]:
+    """Make every plain ``nn.Sequential`` holding a run of two or more CPU ``int_mm``
+    :class:`Int8Linear` layers an :class:`Int8Chain` (in place: the same children and keys).
+    Returns ``{sequential name: [[layer names of each run], ...]}``."""
+    chained: Dict[str, list] = {}
+    for seq_name, seq in model.named_modules():
+        if type(seq) is not nn.Sequential:
+            continue
+        names, mods = list(seq._modules), list(seq._modules.values())
+        runs, i = [], 0
+        while i < len(mods):
+            run, end = _int_mm_run(mods, i)
+            if len(run) >= 2:
+                prefix = f"{seq_name}." if seq_name else ""
+                runs.append([prefix + names[mods.index(m)] for m in run])
+                i = end
+            else:
+                i += 1
+        if runs:
+            seq.__class__ = Int8Chain
+            chained[seq_name] = runs
+    return chained

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from hwaware.export.artifact import ArtifactError, read_tensors, verify_artifact, write_artifact
-from hwaware.export.deploy import DEPLOY_TYPES, Int4Linear, Int8Linear, RowwiseEmbedding, RowwiseEmbeddingBag, Sparse24Linear, fuse_relu
+from hwaware.export.deploy import (DEPLOY_TYPES, Int4Linear, Int8Linear, RowwiseEmbedding, RowwiseEmbeddingBag, Sparse24Linear,
+                                   chain_int8, fuse_relu)
 from hwaware.export.selection import capture_rows, select_int8_kernels, select_sparse24_kernels
 from hwaware.ops import INT8_KERNELS, SPARSE24_KERNELS
 from hwaware.ops.packing import is_24
@@ -416,6 +417,12 @@ def export(
                 layers[name]["kernels"] = dict(deploy.get_submodule(name).kernels)
                 layers[name]["kernel"] = {"cpu": f"hwaware::{op_name} [cpu: {rec['op_kernel']}; chosen {rec['chosen']}]"}
                 layers[name]["selection"] = {"cpu": rec}
+    for runs in chain_int8(deploy).values():  # int_mm layers in a row: one int8_mlp call (deploy.Int8Chain)
+        for run in runs:
+            for name in run:
+                layers[name]["chain"] = run
+                layers[name]["kernel"] = {"cpu": f"hwaware::int8_mlp [cpu: int_mm, {run[0]} .. {run[-1]} in one call, "
+                                                 "each epilogue writing the next layer's int8 input]"}
 
     report = None
     if val_dataloader is not None:
@@ -538,6 +545,7 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
             if kernel != "auto" and kernel not in INT8_KERNELS["cpu"]:
                 raise ArtifactError(f"{path}/manifest.json: layer {name!r} names CPU kernel {kernel!r}; "
                                     f"expected 'auto' or one of {INT8_KERNELS['cpu']}")
+    chain_int8(model)  # as at export: CPU int_mm layers in a row run as one int8_mlp call
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t is not None and t.is_meta]
     if missing:
         raise ArtifactError(f"{path}: the model holds tensors the artifact does not restore: {missing[:5]}")

@@ -13,6 +13,9 @@ Ops (shapes; ``...`` = any leading dims):
   relu=False) -> [..., N]`` W8A8: dynamic per-token symmetric int8 activations, per-channel int8
   weights; ``impl`` names the implementation (:data:`INT8_KERNELS`; the export measures and records
   it per layer); ``relu`` applies a fused following ReLU.
+- ``hwaware::int8_mlp(x [..., K] float, qweights [L x int8 [N_i, K_i]], w_scales, biases, relus) -> [..., N_L]``:
+  L ``int8_linear`` layers (``impl="int_mm"``) in a row, bit for bit, without writing the float
+  activations between them.
 - ``hwaware::int4_linear(x [..., K] float, packed uint8 [N, K/2], scales float32 [N, K/g],
   zeros int8 [N, K/g]?, group_size, bias [N]?) -> [..., N]``: weight-only int4, group-wise.
 - ``hwaware::embedding_bag_rowwise(weight uint8 [R, cols], bits, dim, indices [L], offsets [B(+1)],
@@ -45,7 +48,7 @@ from hwaware.ops.packing import decompress_24, dequantize_int4_weight, rowwise_c
 from hwaware.ops.reference import (dot_interaction_backward_ref, dot_interaction_ref, quantize_per_token_ref,
                                    w8a8_epilogue_ref)
 
-__all__ = ["int8_linear", "int4_linear", "embedding_bag_rowwise", "embedding_bags_rowwise", "sparse24_linear", "dot_interaction",
+__all__ = ["int8_linear", "int8_mlp", "int4_linear", "embedding_bag_rowwise", "embedding_bags_rowwise", "sparse24_linear", "dot_interaction",
            "INT8_KERNELS", "SPARSE24_KERNELS", "REDUCE_RANGE", "clear_cache"]
 
 _FLOAT_X = (torch.float32, torch.bfloat16, torch.float16)
@@ -391,6 +394,74 @@ def _int8_linear_int_mm(x: Tensor, wt: Tensor, w_scale: Tensor, bias: Optional[T
         out = w8a8_epilogue_ref(acc, sx, w_scale, b).float()
         out = out.relu_() if relu else out
     return out.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+# -- hwaware::int8_mlp: consecutive int_mm layers, the float activations between them never written --
+
+def _check_int8_mlp(x: Tensor, qweights: Sequence[Tensor], w_scales: Sequence[Tensor],
+                    biases: Sequence[Optional[Tensor]], relus: Sequence[bool]) -> None:
+    if not (len(qweights) == len(w_scales) == len(biases) == len(relus)) or len(qweights) == 0:
+        raise ValueError(f"int8_mlp needs one qweight, w_scale, bias (or None) and relu per layer and at least one "
+                         f"layer, got {len(qweights)}, {len(w_scales)}, {len(biases)}, {len(relus)}")
+    _check_int8_linear(x, qweights[0], w_scales[0], biases[0])
+    for i in range(1, len(qweights)):
+        qw, prev = qweights[i], qweights[i - 1]
+        _dt(f"qweights[{i}]", qw, (torch.int8,), "[N, K] int8")
+        if qw.dim() != 2 or qw.shape[1] != prev.shape[0]:
+            raise ValueError(f"qweights[{i}] must be [N, K] with K = {prev.shape[0]} (layer {i - 1}'s outputs), "
+                             f"got {list(qw.shape)}")
+        _dt(f"w_scales[{i}]", w_scales[i], (torch.float32,), "[N] float32")
+        _shape(f"w_scales[{i}]", w_scales[i], (qw.shape[0],), "[N]")
+        _check_bias(biases[i], qw.shape[0])
+
+
+@_define("int8_mlp(Tensor x, Tensor[] qweights, Tensor[] w_scales, Tensor?[] biases, bool[] relus) -> Tensor")
+def int8_mlp(x: Tensor, qweights: List[Tensor], w_scales: List[Tensor], biases: List[Optional[Tensor]],
+             relus: List[bool]) -> Tensor:
+    """Consecutive W8A8 layers, each ``int8_linear(..., impl="int_mm", relu=relus[i])`` of the previous
+    one's output, bit for bit. Between two layers the epilogue of the first writes the int8 codes
+    and scales of the second's input directly (``native.w8a8_epilogue_quant``): the float
+    activations between layers are never written and read back. The exported model runs a
+    ``nn.Sequential``'s chain of ``int_mm`` layers this way (``deploy.Int8Chain``)."""
+    from hwaware.quant import native  # hwaware.quant imports hwaware.ops.packing: import at call time
+
+    _check_int8_mlp(x, qweights, w_scales, biases, relus)
+    last = len(qweights) - 1
+    k = qweights[0].shape[1]
+    x2d = x.reshape(-1, k)
+    m = x2d.shape[0]
+    if m == 0 or native._load() is None:  # per layer: the same arithmetic
+        for i in range(last + 1):
+            x = _int8_linear_int_mm(x, qweights[i].t(), w_scales[i], biases[i], relus[i])
+        return x
+    xf = x2d.float().contiguous()
+    q_buf = _workspace("q", m * k, torch.int8).view(m, k)
+    q, sx = native.quant_tokens_i8(xf, out=q_buf)
+    for i in range(last + 1):
+        n = qweights[i].shape[0]
+        acc = torch._int_mm(q, qweights[i].t(), out=_workspace("acc", m * n, torch.int32).view(m, n))
+        sw = w_scales[i].contiguous()
+        b = None if biases[i] is None else biases[i].float().contiguous()
+        if i == last:
+            out = native.w8a8_epilogue(acc, sx, sw, b, relus[i])
+            return out.to(x.dtype).reshape(*x.shape[:-1], n)
+        # q is dead once _int_mm has read it: the next codes may reuse its buffer
+        q, sx = native.w8a8_epilogue_quant(acc, sx, sw, b, relus[i], _workspace("q", m * n, torch.int8).view(m, n))
+    raise AssertionError("unreachable")
+
+
+@int8_mlp.register_fake
+def _(x, qweights, w_scales, biases, relus):
+    _check_int8_mlp(x, qweights, w_scales, biases, relus)
+    return x.new_empty((*x.shape[:-1], qweights[-1].shape[0]))
+
+
+@int8_mlp.register_kernel("cuda")
+def _(x, qweights, w_scales, biases, relus):  # one int8_linear launch per layer
+    _check_int8_mlp(x, qweights, w_scales, biases, relus)
+    for qw, s, b, relu in zip(qweights, w_scales, biases, relus):
+        x = torch.ops.hwaware.int8_linear.default(x, qw, s, b, "auto", relu)
+    return x
 
 
 def _linear_fp32(x: Tensor, w: Tensor, bias: Optional[Tensor], relu: bool = False) -> Tensor:

@@ -31,7 +31,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["native_status", "fq_sym_rows", "fq_affine_rows", "quant_tokens_i8", "w8a8_epilogue", "check_bags", "rowwise_bags",
+__all__ = ["native_status", "fq_sym_rows", "fq_affine_rows", "quant_tokens_i8", "w8a8_epilogue", "w8a8_epilogue_quant", "check_bags", "rowwise_bags",
            "dot_interaction", "dot_interaction_backward"]
 
 _SRCS = [Path(__file__).parent / "_native" / n for n in ("rowwise_fq.c", "w8a8.c", "bags.c", "interact.c")]
@@ -100,6 +100,8 @@ def _load() -> Optional[ctypes.CDLL]:
         lib.hw_w8a8_epilogue.argtypes = [f32p, i64, i64, f32p, f32p, f32p, i32, f32p]
         for fn in (lib.hw_fq_sym_rows, lib.hw_fq_affine_rows, lib.hw_quant_tokens_i8, lib.hw_w8a8_epilogue):
             fn.restype = None
+        lib.hw_w8a8_epilogue_quant.argtypes = [f32p, i64, i64, f32p, f32p, f32p, i32, f32p, f32p]
+        lib.hw_w8a8_epilogue_quant.restype = i32
         lib.hw_check_bags.argtypes = [f32p, i64, f32p, i64, i32, i64, i32, f32p]
         lib.hw_check_bags.restype = i32
         lib.hw_rowwise_bags.argtypes = [f32p, f32p, i64, i64, f32p, i32, i64, i64, i64, f32p, i64, i32, f32p, f32p]
@@ -173,6 +175,23 @@ def w8a8_epilogue(acc: Tensor, sx: Tensor, sw: Tensor, bias: Optional[Tensor], r
     _lib.hw_w8a8_epilogue(acc.data_ptr(), acc.shape[0], acc.shape[1], sx.data_ptr(), sw.data_ptr(),
                           None if bias is None else bias.data_ptr(), int(relu), out.data_ptr())
     return out
+
+
+def w8a8_epilogue_quant(acc: Tensor, sx: Tensor, sw: Tensor, bias: Optional[Tensor], relu: bool,
+                        out: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+    """:func:`quant_tokens_i8` of :func:`w8a8_epilogue`'s output, bit for bit, in one pass that never
+    writes that float output: ``(q int8 [M, N] (= out), scale float32 [M])``. ``out``: a contiguous
+    int8 ``[M, N]`` tensor for the codes. None: use the two passes."""
+    if acc.numel() == 0 or not acc.is_contiguous() or _load() is None:
+        return None
+    if out.shape != acc.shape or out.dtype != torch.int8 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous int8 tensor of shape {list(acc.shape)}, got {out.dtype} {list(out.shape)}")
+    scale = torch.empty(acc.shape[0], dtype=torch.float32)
+    if _lib.hw_w8a8_epilogue_quant(acc.data_ptr(), acc.shape[0], acc.shape[1], sx.data_ptr(), sw.data_ptr(),
+                                   None if bias is None else bias.data_ptr(), int(relu), out.data_ptr(),
+                                   scale.data_ptr()) != 0:
+        raise MemoryError(f"w8a8_epilogue_quant: no memory for a row buffer of {acc.shape[1]} floats")
+    return out, scale
 
 
 _BAG_INFO = threading.local()

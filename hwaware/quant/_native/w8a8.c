@@ -12,6 +12,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -80,19 +81,45 @@ void hw_quant_tokens_i8(const float *x, int64_t rows, int64_t cols, int8_t *q, f
     for (int64_t r = 0; r < rows; ++r) quant_row(x + r * cols, cols, q + r * cols, scale_out + r);
 }
 
+static inline void epilogue_row(const int32_t *ar, int64_t cols, float sxr, const float *sw, const float *bias, int relu,
+                                float *outr) {
+    const double a = (double)sxr;
+    /* relu: max(v, 0) as torch.relu, in the same pass: NaN stays NaN (v < 0 is false for NaN), -0.0 stays */
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) {
+        double d = (double)ar[c] * a * (double)sw[c];
+        float v = (float)(bias ? d + (double)bias[c] : d);
+        outr[c] = relu && v < 0.0f ? 0.0f : v;
+    }
+}
+
 void hw_w8a8_epilogue(const int32_t *acc, int64_t rows, int64_t cols, const float *sx, const float *sw,
                       const float *bias, int relu, float *out) {
 #pragma omp parallel for schedule(static) if (rows * cols >= PAR_MIN)
-    for (int64_t r = 0; r < rows; ++r) {
-        const int32_t *ar = acc + r * cols;
-        float *outr = out + r * cols;
-        double a = (double)sx[r];
-        /* relu: max(v, 0) as torch.relu, in the same pass: NaN stays NaN (v < 0 is false for NaN), -0.0 stays */
-#pragma omp simd
-        for (int64_t c = 0; c < cols; ++c) {
-            double d = (double)ar[c] * a * (double)sw[c];
-            float v = (float)(bias ? d + (double)bias[c] : d);
-            outr[c] = relu && v < 0.0f ? 0.0f : v;
+    for (int64_t r = 0; r < rows; ++r) epilogue_row(acc + r * cols, cols, sx[r], sw, bias, relu, out + r * cols);
+}
+
+/* hw_w8a8_epilogue then hw_quant_tokens_i8 on its output, one row at a time through a per-thread
+ * row buffer: the codes and scales of the next int8 layer's input, bit for bit what the two passes
+ * give, without writing the [rows, cols] float output and reading it back (an MLP of int8 layers,
+ * hwaware::int8_mlp). Returns 0, or -1 when a row buffer cannot be allocated. */
+int hw_w8a8_epilogue_quant(const int32_t *acc, int64_t rows, int64_t cols, const float *sx, const float *sw,
+                           const float *bias, int relu, int8_t *q, float *scale_out) {
+    int failed = 0;
+#pragma omp parallel if (rows * cols >= PAR_MIN)
+    {
+        float *buf = (float *)malloc((size_t)cols * sizeof(float));
+        if (buf == NULL) {
+#pragma omp atomic write
+            failed = 1;
         }
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; ++r) {
+            if (buf == NULL) continue;
+            epilogue_row(acc + r * cols, cols, sx[r], sw, bias, relu, buf);
+            quant_row(buf, cols, q + r * cols, scale_out + r);
+        }
+        free(buf);
     }
+    return failed ? -1 : 0;
 }
