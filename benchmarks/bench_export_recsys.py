@@ -12,6 +12,8 @@ torchmetrics on the same validation split. Targets (issue 3): size <= 25% (int8 
 Experiment, not shipped (``exported_per_tensor_act``): the same artifact with every int8 Linear
 served by fbgemm's own dynamic linear (per-TENSOR uint8 activations, no per-token rescale around
 it): speed and AUROC of the alternative the team has to decide on (README, "Measured").
+Ablation (``exported_unchained``): the artifact with its int8 layers called one by one instead of
+as ``hwaware::int8_mlp`` chains (the same output bits, so speed only).
 """
 from __future__ import annotations
 
@@ -64,6 +66,18 @@ def per_tensor_variant(served: nn.Module) -> nn.Module:
     return variant
 
 
+def unchained(served: nn.Module) -> nn.Module:
+    """Ablation: the same artifact with every ``Int8Chain`` back to a plain ``nn.Sequential`` (each
+    int8 layer its own call, float activations written between them): what ``hwaware::int8_mlp`` buys."""
+    from hwaware.export.deploy import Int8Chain
+
+    variant = copy.deepcopy(served)
+    for m in variant.modules():
+        if type(m) is Int8Chain:
+            m.__class__ = nn.Sequential
+    return variant
+
+
 def one(bits: int, fast: bool, out_dir: str) -> dict:
     argv = ["--no-progress", "--embedding-bits", str(bits), "--export-dir", os.path.join(out_dir, f"int{bits}"), "--max-drop", "0.01"]
     if fast:
@@ -79,7 +93,8 @@ def one(bits: int, fast: bool, out_dir: str) -> dict:
     infer.setup("fit")
     batches = [(b["dense"], b["sparse"]) for _, b in zip(range(4 if fast else 10), infer.val_dataloader())]
     timing = compare_throughput({"fp32": fp32, "quantize_dynamic": qdyn, "exported": served,
-                                 "exported_per_tensor_act": per_tensor}, batches, batch_size=2048, rounds=2 if fast else 6)
+                                 "exported_per_tensor_act": per_tensor, "exported_unchained": unchained(served)},
+                                batches, batch_size=2048, rounds=2 if fast else 6)
     val = dm.val_dataloader()
     auroc = {"fp32": report["fp32"]["auroc"], "quantize_dynamic": evaluate_auroc(qdyn, val), "exported": report["export"]["auroc"],
              "exported_per_tensor_act": evaluate_auroc(per_tensor, val)}
@@ -115,7 +130,8 @@ def gemm_heavy(fast: bool, out_dir: str) -> dict:
     served = hwaware.load(path)
     qdyn = torch.ao.quantization.quantize_dynamic(copy.deepcopy(fp32), {nn.Linear}, dtype=torch.qint8)
     timing = compare_throughput({"fp32": fp32, "quantize_dynamic": qdyn, "exported": served,
-                                 "exported_per_tensor_act": per_tensor_variant(served)}, batches,
+                                 "exported_per_tensor_act": per_tensor_variant(served),
+                                 "exported_unchained": unchained(served)}, batches,
                                 batch_size=2048, rounds=2 if fast else 4)
     return {"model": hp, "throughput": timing, "note": "post-training export of random weights: speed only, no AUROC"}
 
