@@ -430,7 +430,7 @@ def int8_mlp(x: Tensor, qweights: List[Tensor], w_scales: List[Tensor], biases: 
     k = qweights[0].shape[1]
     x2d = x.reshape(-1, k)
     m = x2d.shape[0]
-    if m == 0 or native._load() is None:  # per layer: the same arithmetic
+    if m == 0 or k == 0 or any(qw.shape[0] == 0 for qw in qweights) or native._load() is None:  # per layer: same math
         for i in range(last + 1):
             x = _int8_linear_int_mm(x, qweights[i].t(), w_scales[i], biases[i], relus[i])
         return x
