@@ -256,7 +256,11 @@ def fuse_relu(model: nn.Module) -> Dict[str, str]:
 
 
 def _hooked(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks)
+    """Hooks on ``m``, or global module hooks (which would see every fused child called)."""
+    from torch.nn.modules import module as _module
+
+    return bool(m._forward_hooks or m._forward_pre_hooks or _module._global_forward_hooks
+                or _module._global_forward_pre_hooks)
 
 
 def _cpu_impl(m: "Int8Linear") -> str:
@@ -287,17 +291,18 @@ class Int8Chain(nn.Sequential):
     (with only ``nn.Identity``, e.g. a fused ReLU's slot, between them) are one ``hwaware::int8_mlp``
     call on CPU: each layer's epilogue writes the next layer's int8 codes, so the float activations
     between them are never written and read back. Bit for bit the same as calling the children in
-    turn (tested). Children with hooks, inputs off CPU or not float32, and other implementations
-    run one by one.
+    turn (tested). Children with hooks (or any global module hook), inputs off CPU or not float32
+    where the run starts, and other implementations run one by one.
     The ``state_dict`` keys are the ``nn.Sequential``'s; :func:`chain_int8` makes one."""
 
     def forward(self, input: Tensor) -> Tensor:
         mods = list(self._modules.values())
-        device = input.device.type if isinstance(input, Tensor) else None  # a non-tensor: child by child
         x, i = input, 0
         while i < len(mods):
-            # float32 only: per layer, other dtypes round each intermediate activation to that dtype
-            run, end = _int_mm_run(mods, i) if device == "cpu" and input.dtype == torch.float32 else ([], i)
+            # CPU float32 input to the run only (checked where each run starts: an earlier child or
+            # autocast may change it): per layer, other dtypes round each activation to that dtype
+            fusable = isinstance(x, Tensor) and x.device.type == "cpu" and x.dtype == torch.float32
+            run, end = _int_mm_run(mods, i) if fusable else ([], i)
             if len(run) >= 2:
                 x = torch.ops.hwaware.int8_mlp.default(x, [m.qweight for m in run], [m.w_scale for m in run],
                                                        [m.bias for m in run], [m.relu for m in run])

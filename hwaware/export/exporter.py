@@ -36,7 +36,8 @@ CPU_KERNELS = {
     "int4": "hwaware::int4_linear [cpu: weight dequantized once to fp32; no fast int4 kernel on AVX2]",
     "rowwise_int8": "hwaware::embedding_bag_rowwise [cpu: fbgemm embedding_bag_byte_rowwise_offsets]",
     "rowwise_int4": "hwaware::embedding_bag_rowwise [cpu: fbgemm embedding_bag_4bit_rowwise_offsets]",
-    "rowwise_batched": "hwaware::embedding_bags_rowwise [cpu: all of its EmbeddingBagList's tables in one C pass]",
+    "rowwise_batched": ("hwaware::embedding_bags_rowwise [cpu: when the model calls its EmbeddingBagList, one C pass for "
+                        "the list's row-wise tables of the same dim and mode; called alone: embedding_bag_rowwise]"),
     "sparse24": "hwaware::sparse24_linear [cpu: measured choice, see selection]",
     "sparse24_int8": "hwaware::sparse24_linear [cpu: measured choice, see selection]",
 }

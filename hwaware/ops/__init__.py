@@ -419,7 +419,7 @@ def _check_int8_mlp(x: Tensor, qweights: Sequence[Tensor], w_scales: Sequence[Te
 def int8_mlp(x: Tensor, qweights: List[Tensor], w_scales: List[Tensor], biases: List[Optional[Tensor]],
              relus: List[bool]) -> Tensor:
     """Consecutive W8A8 layers, each ``int8_linear(..., impl="int_mm", relu=relus[i])`` of the previous
-    one's output, bit for bit. Between two layers the epilogue of the first writes the int8 codes
+    one's output, bit for bit (any float ``x``; bf16/fp16 run layer by layer). Between two layers the epilogue of the first writes the int8 codes
     and scales of the second's input directly (``native.w8a8_epilogue_quant``): the float
     activations between layers are never written and read back. The exported model runs a
     ``nn.Sequential``'s chain of ``int_mm`` layers this way (``deploy.Int8Chain``)."""
@@ -430,7 +430,10 @@ def int8_mlp(x: Tensor, qweights: List[Tensor], w_scales: List[Tensor], biases: 
     k = qweights[0].shape[1]
     x2d = x.reshape(-1, k)
     m = x2d.shape[0]
-    if m == 0 or k == 0 or any(qw.shape[0] == 0 for qw in qweights) or native._load() is None:  # per layer: same math
+    # per layer (the same math): no native library, empty shapes, and inputs other than float32,
+    # whose per-layer path rounds every intermediate activation to x.dtype
+    if (m == 0 or k == 0 or x.dtype != torch.float32 or any(qw.shape[0] == 0 for qw in qweights)
+            or native._load() is None):
         for i in range(last + 1):
             x = _int8_linear_int_mm(x, qweights[i].t(), w_scales[i], biases[i], relus[i])
         return x
@@ -836,9 +839,19 @@ def _dot_interaction_fake(vectors: List[Tensor], pad: int) -> Tensor:
     return vectors[0].new_empty((batch, dim + nvec * (nvec - 1) // 2 + pad))
 
 
+def _check_dot_interaction_backward(grad: Tensor, vectors: List[Tensor], pad: int) -> None:
+    _check_dot_interaction(vectors, pad)
+    nvec, (batch, dim) = len(vectors), vectors[0].shape
+    width = dim + nvec * (nvec - 1) // 2 + pad
+    if grad.dtype != vectors[0].dtype or grad.device != vectors[0].device or tuple(grad.shape) != (batch, width):
+        raise ValueError(f"grad must be {vectors[0].dtype} [B, D + V(V-1)/2 + pad] = {[batch, width]} on "
+                         f"{vectors[0].device}, got {grad.dtype} {list(grad.shape)} on {grad.device}")
+
+
 def _dot_interaction_backward_cpu(grad: Tensor, vectors: List[Tensor], pad: int) -> List[Tensor]:
     from hwaware.quant import native
 
+    _check_dot_interaction_backward(grad, vectors, pad)
     if not all(v.is_contiguous() for v in vectors):
         vectors = [v.contiguous() for v in vectors]
     grads = native.dot_interaction_backward(grad.contiguous(), vectors, pad)

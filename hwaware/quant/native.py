@@ -238,9 +238,9 @@ def _ptrs(tensors: Sequence[Tensor]) -> ctypes.Array:
 
 
 def _interaction_usable(vectors: Sequence[Tensor]) -> bool:
-    """float32 CPU contiguous vectors (the op has checked that all share vectors[0]'s dtype and device)."""
-    return (len(vectors) > 0 and vectors[0].dtype == torch.float32 and vectors[0].device.type == "cpu"
-            and all(v.is_contiguous() for v in vectors) and _load() is not None)
+    """Every vector float32, on CPU, contiguous: the C pass reads raw pointers, so each one is checked."""
+    return (len(vectors) > 0 and all(v.dtype == torch.float32 and v.device.type == "cpu" and v.is_contiguous()
+                                     for v in vectors) and _load() is not None)
 
 
 def dot_interaction(vectors: Sequence[Tensor], pad: int) -> Optional[Tensor]:

@@ -24,29 +24,31 @@ class EmbeddingBagList(nn.ModuleList):
 
     ``ids``: ``[T, N]`` int64/int32, row t holding table t's ids (a strided view such as
     ``sparse.t()`` of a ``[B, T]`` batch is fine); ``offsets``: ``[B]``, the bag starts, shared by
-    every table. Returns T tensors ``[B, D_t]``.
+    every table. Returns T tensors ``[B, D_t]``. A table with hooks (or any global module hook) is
+    called on its own, so the hooks run.
     """
 
     @staticmethod
     def batched(table: nn.Module) -> bool:
         """Whether ``table`` is looked up by the table-batched op (a row-wise deploy table, sum or mean,
-        without ``include_last_offset``) rather than called on its own."""
-        from hwaware.export.deploy import RowwiseEmbeddingBag
+        without ``include_last_offset``, and no hooks to call) rather than called on its own."""
+        from hwaware.export.deploy import RowwiseEmbeddingBag, _hooked
 
-        return type(table) is RowwiseEmbeddingBag and table.mode in ("sum", "mean") and not table.include_last_offset
+        return (type(table) is RowwiseEmbeddingBag and table.mode in ("sum", "mean") and not table.include_last_offset
+                and not _hooked(table))
 
     def forward(self, ids: Tensor, offsets: Tensor) -> list[Tensor]:
         if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.shape[0] != len(self):
             shape = list(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__
             raise ValueError(f"ids must be [T, N] with T = {len(self)} tables (row t: table t's ids), got {shape}")
-        from hwaware.export.deploy import RowwiseEmbeddingBag  # deploy imports hwaware.quant: import at call time
+        from hwaware.export.deploy import RowwiseEmbeddingBag, _hooked  # deploy imports hwaware.quant: at call time
 
         modules = list(self._modules.values())
         groups: dict[tuple, list[int]] = defaultdict(list)  # row-wise deploy tables by (dim, mode)
         plain: list[int] = []
         for t, m in enumerate(modules):
-            if type(m) is RowwiseEmbeddingBag and m.mode in ("sum", "mean") and not m.include_last_offset:  # = batched()
-                groups[(m.dim, m.mode)].append(t)
+            if type(m) is RowwiseEmbeddingBag and m.mode in ("sum", "mean") and not m.include_last_offset and not _hooked(m):
+                groups[(m.dim, m.mode)].append(t)  # = batched(m)
             else:
                 plain.append(t)
         out: list[Tensor | None] = [None] * len(modules)
@@ -60,8 +62,16 @@ class EmbeddingBagList(nn.ModuleList):
             else:
                 rows, tables = ids[torch.tensor(members, device=ids.device)], [modules[t] for t in members]
             off = offsets if offsets.dtype == ids.dtype else offsets.to(ids.dtype)
-            pooled = torch.ops.hwaware.embedding_bags_rowwise.default(
-                [m.weight for m in tables], [m.bits for m in tables], dim, rows, off, 0 if mode == "sum" else 1)
+            try:
+                pooled = torch.ops.hwaware.embedding_bags_rowwise.default(
+                    [m.weight for m in tables], [m.bits for m in tables], dim, rows, off, 0 if mode == "sum" else 1)
+            except IndexError:  # the op numbers the tables it was given; name the table of this list
+                for t in members:
+                    bad = ((ids[t] < 0) | (ids[t] >= modules[t].num_embeddings)).nonzero()
+                    if bad.numel():
+                        raise IndexError(f"ids[{t}] (table {t}) must lie in [0, {modules[t].num_embeddings}), "
+                                         f"got {int(ids[t, bad[0, 0]])}") from None
+                raise
             if len(members) == len(modules):
                 return list(pooled.unbind(0))
             for t, v in zip(members, pooled.unbind(0)):

@@ -98,3 +98,35 @@ def test_export_records_the_chain_and_load_rebuilds_it(tmp_path, monkeypatch):
     targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
     assert "hwaware.int8_mlp.default" in targets and "hwaware.int8_linear.default" not in targets
     torch.testing.assert_close(program.module()(dense, ids), loaded(dense, ids), atol=0, rtol=0)
+
+
+def test_the_dtype_where_a_run_starts_decides_not_the_sequentials_input(calls):
+    """A float32 input that an earlier child (or autocast) turns bf16 reaches the run as bf16: layer by
+    layer then, as the plain Sequential computes it."""
+    class ToBf16(nn.Module):
+        def forward(self, x):
+            return x.bfloat16()
+
+    seq = nn.Sequential(ToBf16(), *_mlp())
+    plain = copy.deepcopy(seq)
+    assert chain_int8(seq) == {"": [["1", "3", "5"]]}
+    x = torch.randn(40, 24)
+    assert torch.equal(seq(x), plain(x)) and calls == []
+    lin = nn.Sequential(nn.Linear(24, 24), *_mlp())
+    plain = copy.deepcopy(lin)
+    chain_int8(lin)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert torch.equal(lin(x), plain(x)) and calls == []
+    assert torch.equal(lin(x), plain(x)) and calls == [3]  # float32 all the way: fused
+
+
+def test_a_global_module_hook_sees_every_layer(calls):
+    seq = _mlp()
+    chain_int8(seq)
+    seen = []
+    handle = nn.modules.module.register_module_forward_hook(lambda m, a, o: seen.append(type(m).__name__))
+    try:
+        seq(torch.randn(3, 24))
+    finally:
+        handle.remove()
+    assert calls == [] and seen.count("Int8Linear") == 3

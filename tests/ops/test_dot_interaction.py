@@ -109,6 +109,15 @@ def test_non_contiguous_inputs_other_dtypes_and_the_eager_fallback(monkeypatch):
     assert all(torch.equal(leaf.grad, e) for leaf, e in zip(leaves, expected))
 
 
+def test_the_backward_op_checks_what_it_hands_the_c_pass():
+    vs = _vectors(6, 3, 4)
+    grad = torch.randn(6, 4 + 3)
+    with pytest.raises(TypeError, match=r"vectors\[1\] is torch.float64"):
+        torch.ops.hwaware.dot_interaction_backward(grad, [vs[0], vs[1].double(), vs[2]], 0)
+    with pytest.raises(ValueError, match=r"grad must be torch.float32 \[B, D \+ V\(V-1\)/2 \+ pad\] = \[6, 7\]"):
+        torch.ops.hwaware.dot_interaction_backward(grad[:, :5], vs, 0)
+
+
 def test_double_backward_raises():
     leaves = [v.requires_grad_(True) for v in _vectors(4, 3, 5)]
     out = ops.dot_interaction(leaves, 0).sum()

@@ -45,11 +45,17 @@ def impl(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture
+def native_only():  # the fallback is T calls of embedding_bag_rowwise: the very thing these compare with
+    if native._load() is None:
+        pytest.skip(f"native library unavailable: {native.native_status()}")
+
+
 @pytest.mark.parametrize("bits", [8, 4, (8, 4, 8)], ids=["int8", "int4", "mixed"])
 @pytest.mark.parametrize("dim", [16, 7, 40, 1])
 @pytest.mark.parametrize("mode", [0, 1])
 @pytest.mark.parametrize("per_bag", [1, 3, None], ids=["single", "fixed3", "ragged"])
-def test_equals_per_table_calls_bit_for_bit(impl, bits, dim, mode, per_bag):
+def test_equals_per_table_calls_bit_for_bit(native_only, bits, dim, mode, per_bag):
     weights, bits = _tables(bits, dim)
     ids, offsets = _ids([w.shape[0] for w in weights], 37, per_bag)
     out = bags(weights, bits, dim, ids, offsets, mode)
@@ -58,7 +64,7 @@ def test_equals_per_table_calls_bit_for_bit(impl, bits, dim, mode, per_bag):
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
-def test_strided_ids_of_a_batch_and_int32(impl, dtype):
+def test_strided_ids_of_a_batch_and_int32(native_only, dtype):
     """DLRM passes sparse.t() of a [B, T] batch: a [T, B] view with strides (1, T), no copy."""
     weights, bits = _tables(8, 16, rows=(50, 7, 300, 20))
     g = torch.Generator().manual_seed(3)
@@ -90,6 +96,15 @@ def test_empty_batch_and_no_ids(impl):
     assert empty.shape == (3, 0, 16)
     zeros = bags(weights, bits, 16, torch.zeros(3, 0, dtype=torch.int64), torch.zeros(4, dtype=torch.int64), 1)
     assert torch.equal(zeros, torch.zeros(3, 4, 16))  # empty bags sum (and average) to 0, as F.embedding_bag
+
+
+def test_ids_are_checked_even_when_no_bag_reads_them(impl):
+    weights, bits = _tables(8, 16)
+    ids = torch.tensor([[3], [9], [1]])  # table 1 has 7 rows
+    with pytest.raises(IndexError, match=r"indices\[1\] must lie in \[0, 7\) \(rows of weights\[1\]\), got 9"):
+        bags(weights, bits, 16, ids, torch.zeros(0, dtype=torch.int64), 0)
+    with pytest.raises(IndexError):  # as the per-table op does
+        one(weights[1], 8, 16, ids[1], torch.zeros(0, dtype=torch.int64), 0, None, False)
 
 
 def test_rejects_bad_inputs(impl):
@@ -159,7 +174,7 @@ def test_export_with_a_dynamic_batch(tmp_path):
 
 
 @pytest.mark.parametrize("scale", [1e-6, 3e4])
-def test_int4_half_scales_at_the_ends_of_float16(impl, scale):
+def test_int4_half_scales_at_the_ends_of_float16(native_only, scale):
     """Row scales and offsets are float16 in the int4 layout: subnormal ones (a 1e-6 table) and large
     ones convert exactly, as fbgemm converts them."""
     g = torch.Generator().manual_seed(7)

@@ -61,6 +61,35 @@ def test_mixed_tables_group_what_they_can():
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
+def test_hooked_tables_are_called_so_their_hooks_run(monkeypatch):
+    tables = EmbeddingBagList([_rowwise(50, 16, 8), _rowwise(7, 16, 4, seed=1), _rowwise(30, 16, 8, seed=2)])
+    sparse = _ids((50, 7, 30), 12)
+    tables[1].register_forward_hook(lambda m, a, o: torch.zeros_like(o))  # replaces that table's output
+    calls = []
+    real = torch.ops.hwaware.embedding_bags_rowwise.default
+    monkeypatch.setattr(torch.ops.hwaware.embedding_bags_rowwise, "default",
+                        lambda *a: calls.append(len(a[0])) or real(*a))
+    got = tables(sparse.t(), torch.arange(12))
+    assert calls == [2] and torch.equal(got[1], torch.zeros(12, 16))
+    assert torch.equal(got[2], tables[2](sparse[:, 2].contiguous(), torch.arange(12)))
+    seen = []
+    handle = nn.modules.module.register_module_forward_hook(lambda m, a, o: seen.append(m))
+    try:
+        tables(sparse.t(), torch.arange(12))
+    finally:
+        handle.remove()
+    assert calls == [2] and sum(m is t for m in seen for t in tables) == 3  # a global hook: every table called
+
+
+def test_an_out_of_range_id_names_the_lists_table():
+    torch.manual_seed(0)
+    tables = EmbeddingBagList([nn.EmbeddingBag(9, 16, mode="sum"), _rowwise(10, 16, 8), _rowwise(5, 16, 8, seed=1)])
+    sparse = _ids((9, 10, 5), 4)
+    sparse[1, 2] = 7
+    with pytest.raises(IndexError, match=r"ids\[2\] \(table 2\) must lie in \[0, 5\), got 7"):
+        tables(sparse.t(), torch.arange(4))
+
+
 def test_ids_must_be_one_row_per_table():
     tables = EmbeddingBagList(nn.EmbeddingBag(5, 4) for _ in range(3))
     with pytest.raises(ValueError, match=r"ids must be \[T, N\] with T = 3 tables"):

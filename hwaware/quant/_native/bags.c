@@ -207,6 +207,21 @@ static int single_rows(const uint8_t *w, int64_t r, int64_t c, int b8, int64_t d
 #define HAVE_SINGLE_ROWS 1
 #endif
 
+/* 1 with info = (table, id) for the first id outside [0, rows[t]) in table then position order, else 0 */
+static int first_bad_id(const int64_t *rows, int64_t ntab, const void *idx, int is64, int64_t ts, int64_t is, int64_t n,
+                        int64_t *info) {
+    for (int64_t t = 0; t < ntab; ++t)
+        for (int64_t i = 0; i < n; ++i) {
+            const int64_t id = id_at(idx, is64, t * ts + i * is);
+            if ((uint64_t)id >= (uint64_t)rows[t]) {
+                info[0] = t;
+                info[1] = id;
+                return 1;
+            }
+        }
+    return 0;
+}
+
 int hw_rowwise_bags(const uint8_t *const *weights, const int64_t *meta, int64_t ntab, int64_t dim, const void *idx, int is64, int64_t ts, int64_t is, int64_t n,
                     const void *offsets, int64_t nbags, int mean, float *out, int64_t *info) {
     const int64_t *rows = meta, *cols = meta + ntab, *bits = meta + 2 * ntab;
@@ -223,6 +238,7 @@ int hw_rowwise_bags(const uint8_t *const *weights, const int64_t *meta, int64_t 
     int oob = 0;
     /* table-major: one table's rows stay in cache while its bags are summed (sample-major order,
      * all T tables per sample, ran 2-3x slower than fbgemm's per-table calls on the recipe DLRM) */
+    if (nbags == 0) return first_bad_id(rows, ntab, idx, is64, ts, is, n, info); /* no bag reads an id; all are checked */
     int single = n == nbags; /* one id per bag (offsets 0, 1, ..., n - 1): the common CTR case */
     for (int64_t b = 0; single && b < nbags; ++b) single = id_at(offsets, is64, b) == b;
     const int64_t nchunk = (nbags + BAGS_CHUNK - 1) / BAGS_CHUNK; /* work items: (table, run of bags) */
@@ -251,16 +267,5 @@ int hw_rowwise_bags(const uint8_t *const *weights, const int64_t *meta, int64_t 
                                  dim - d0 < BAG_LANES ? dim - d0 : BAG_LANES, mean, out + (t * nbags + b) * dim);
         }
     }
-    if (oob) { /* the first bad id, in table then position order, for the error message */
-        for (int64_t t = 0; t < ntab; ++t)
-            for (int64_t i = 0; i < n; ++i) {
-                const int64_t id = id_at(idx, is64, t * ts + i * is);
-                if ((uint64_t)id >= (uint64_t)rows[t]) {
-                    info[0] = t;
-                    info[1] = id;
-                    return 1;
-                }
-            }
-    }
-    return 0;
+    return oob ? first_bad_id(rows, ntab, idx, is64, ts, is, n, info) : 0;
 }
