@@ -346,7 +346,7 @@ def int8_linear(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tens
     _check_int8_linear(x, qweight, w_scale, bias)
     impl = _check_int8_kernel(impl, "cpu")
     if impl == "int_mm":
-        return _int8_linear_int_mm(x, qweight.t(), w_scale, bias, relu)  # a [K, N] view: as fast as a copy here
+        return _int_mm_layers(x, [qweight.t()], [w_scale], [bias], [relu])  # a [K, N] view: as fast as a copy here
     if impl == "dequant":
         w = _CACHE.get((qweight, w_scale), ("int8_dequant",), lambda: qweight.float() * w_scale[:, None])
         return _linear_fp32(x, w, bias, relu)
@@ -373,27 +373,41 @@ def _workspace(kind: str, numel: int, dtype: torch.dtype) -> Tensor:
     return buf[:numel]
 
 
-def _int8_linear_int_mm(x: Tensor, wt: Tensor, w_scale: Tensor, bias: Optional[Tensor], relu: bool = False) -> Tensor:
-    """Exact W8A8: native (or reference) per-token codes, ``torch._int_mm`` against ``wt [K, N]``,
-    float64 epilogue (native or eager, same arithmetic as ``int8_linear_ref``), then ReLU if ``relu``."""
+def _int_mm_layers(x: Tensor, wts: Sequence[Tensor], w_scales: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
+                   relus: Sequence[bool]) -> Tensor:
+    """Exact W8A8 layers in a row (one layer: int8_linear's ``"int_mm"``): native (or reference)
+    per-token codes, ``torch._int_mm`` against each ``wt [K, N]``, float64 epilogue (native or
+    eager, same arithmetic as ``int8_linear_ref``), then ReLU where ``relus`` says. Between two
+    layers the epilogue writes the next layer's codes (``native.w8a8_epilogue_quant``; without the
+    native library: the epilogue, then the quantize, the same math), so the float activations in
+    between stay float32 and are never written: callers chain only float32 ``x``."""
     from hwaware.quant import native  # hwaware.quant imports hwaware.ops.packing: import at call time
 
-    k, n = wt.shape
+    k, last = wts[0].shape[0], len(wts) - 1
     x2d = x.reshape(-1, k)
     if x2d.shape[0] == 0:
-        return x.new_zeros((*x.shape[:-1], n))
+        return x.new_zeros((*x.shape[:-1], wts[-1].shape[1]))
     xf = x2d.float().contiguous()
     m = xf.shape[0]
-    q_buf = _workspace("q", m * k, torch.int8).view(m, k)
-    qs = native.quant_tokens_i8(xf, out=q_buf)
+    qs = native.quant_tokens_i8(xf, out=_workspace("q", m * k, torch.int8).view(m, k))
     q, sx = qs if qs is not None else quantize_per_token_ref(xf)
-    acc = torch._int_mm(q, wt, out=_workspace("acc", m * n, torch.int32).view(m, n))  # int32 [M, N], exact
-    b = None if bias is None else bias.float().contiguous()
-    out = native.w8a8_epilogue(acc, sx, w_scale.contiguous(), b, relu)
-    if out is None:
-        out = w8a8_epilogue_ref(acc, sx, w_scale, b).float()
-        out = out.relu_() if relu else out
-    return out.to(x.dtype).reshape(*x.shape[:-1], n)
+    for i, (wt, w_scale, bias, relu) in enumerate(zip(wts, w_scales, biases, relus)):
+        n = wt.shape[1]
+        acc = torch._int_mm(q, wt, out=_workspace("acc", m * n, torch.int32).view(m, n))  # int32 [M, N], exact
+        sw, b = w_scale.contiguous(), None if bias is None else bias.float().contiguous()
+        if i < last:  # q is dead once _int_mm has read it: the next codes may reuse its buffer
+            qs = native.w8a8_epilogue_quant(acc, sx, sw, b, relu, _workspace("q", m * n, torch.int8).view(m, n))
+            if qs is not None:
+                q, sx = qs
+                continue
+        out = native.w8a8_epilogue(acc, sx, sw, b, relu)
+        if out is None:
+            out = w8a8_epilogue_ref(acc, sx, sw, b).float()
+            out = out.relu_() if relu else out
+        if i == last:
+            return out.to(x.dtype).reshape(*x.shape[:-1], n)
+        q, sx = quantize_per_token_ref(out)
+    raise AssertionError("unreachable")
 
 
 # -- hwaware::int8_mlp: consecutive int_mm layers, the float activations between them never written --
@@ -419,38 +433,20 @@ def _check_int8_mlp(x: Tensor, qweights: Sequence[Tensor], w_scales: Sequence[Te
 def int8_mlp(x: Tensor, qweights: List[Tensor], w_scales: List[Tensor], biases: List[Optional[Tensor]],
              relus: List[bool]) -> Tensor:
     """Consecutive W8A8 layers, each ``int8_linear(..., impl="int_mm", relu=relus[i])`` of the previous
-    one's output, bit for bit (any float ``x``; bf16/fp16 run layer by layer). Between two layers the epilogue of the first writes the int8 codes
-    and scales of the second's input directly (``native.w8a8_epilogue_quant``): the float
-    activations between layers are never written and read back. The exported model runs a
-    ``nn.Sequential``'s chain of ``int_mm`` layers this way (``deploy.Int8Chain``)."""
-    from hwaware.quant import native  # hwaware.quant imports hwaware.ops.packing: import at call time
-
+    one's output, bit for bit (any float ``x``; bf16/fp16 run layer by layer). Between two layers
+    the epilogue of the first writes the int8 codes and scales of the second's input directly
+    (``native.w8a8_epilogue_quant``): the float activations between layers are never written and
+    read back. The exported model runs a ``nn.Sequential``'s chain of ``int_mm`` layers this way
+    (``deploy.Int8Chain``)."""
     _check_int8_mlp(x, qweights, w_scales, biases, relus)
-    last = len(qweights) - 1
-    k = qweights[0].shape[1]
-    x2d = x.reshape(-1, k)
-    m = x2d.shape[0]
-    # per layer (the same math): no native library, empty shapes, and inputs other than float32,
-    # whose per-layer path rounds every intermediate activation to x.dtype
-    if (m == 0 or k == 0 or x.dtype != torch.float32 or any(qw.shape[0] == 0 for qw in qweights)
-            or native._load() is None):
-        for i in range(last + 1):
-            x = _int8_linear_int_mm(x, qweights[i].t(), w_scales[i], biases[i], relus[i])
+    wts = [qw.t() for qw in qweights]
+    # layer by layer: inputs other than float32 (each layer's output is rounded to x.dtype before
+    # the next quantizes it) and zero-width layers
+    if x.dtype != torch.float32 or qweights[0].shape[1] == 0 or any(qw.shape[0] == 0 for qw in qweights):
+        for i in range(len(wts)):
+            x = _int_mm_layers(x, wts[i:i + 1], w_scales[i:i + 1], biases[i:i + 1], relus[i:i + 1])
         return x
-    xf = x2d.float().contiguous()
-    q_buf = _workspace("q", m * k, torch.int8).view(m, k)
-    q, sx = native.quant_tokens_i8(xf, out=q_buf)
-    for i in range(last + 1):
-        n = qweights[i].shape[0]
-        acc = torch._int_mm(q, qweights[i].t(), out=_workspace("acc", m * n, torch.int32).view(m, n))
-        sw = w_scales[i].contiguous()
-        b = None if biases[i] is None else biases[i].float().contiguous()
-        if i == last:
-            out = native.w8a8_epilogue(acc, sx, sw, b, relus[i])
-            return out.to(x.dtype).reshape(*x.shape[:-1], n)
-        # q is dead once _int_mm has read it: the next codes may reuse its buffer
-        q, sx = native.w8a8_epilogue_quant(acc, sx, sw, b, relus[i], _workspace("q", m * n, torch.int8).view(m, n))
-    raise AssertionError("unreachable")
+    return _int_mm_layers(x, wts, w_scales, biases, relus)
 
 
 @int8_mlp.register_fake
@@ -756,7 +752,7 @@ def sparse24_linear(x: Tensor, values: Tensor, meta: Tensor, w_scale: Optional[T
     if values.dtype == torch.int8:
         if kernel == "dense":  # int8_linear's exact "int_mm" math on the decompressed codes
             wt = _CACHE.get((values, meta), ("sparse24_int8_t",), lambda: decompress_24(values, meta, k).t())
-            return _int8_linear_int_mm(x, wt, w_scale, bias)
+            return _int_mm_layers(x, [wt], [w_scale], [bias], [False])
         if kernel == "fbgemm":  # int8_linear's "fbgemm" implementation on the decompressed codes
             packed = _CACHE.get((values, meta, w_scale), ("sparse24_int8",),
                                 lambda: _prepack_int8(decompress_24(values, meta, k), w_scale))
