@@ -9,6 +9,7 @@ from typing import Any, Dict, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _torch_module
 
 import hwaware.ops  # noqa: F401  (registers torch.ops.hwaware.*)
 from hwaware.ops import INT8_KERNELS, packing
@@ -257,10 +258,8 @@ def fuse_relu(model: nn.Module) -> Dict[str, str]:
 
 def _hooked(m: nn.Module) -> bool:
     """Hooks on ``m``, or global module hooks (which would see every fused child called)."""
-    from torch.nn.modules import module as _module
-
-    return bool(m._forward_hooks or m._forward_pre_hooks or _module._global_forward_hooks
-                or _module._global_forward_pre_hooks)
+    return bool(m._forward_hooks or m._forward_pre_hooks or _torch_module._global_forward_hooks
+                or _torch_module._global_forward_pre_hooks)
 
 
 def _cpu_impl(m: "Int8Linear") -> str:
@@ -269,8 +268,9 @@ def _cpu_impl(m: "Int8Linear") -> str:
 
 
 def _int_mm_run(mods: list, start: int) -> tuple:
-    """The :class:`Int8Linear` layers from ``mods[start]`` on that run ``int_mm`` on CPU, chained output
-    to input with only hook-free ``nn.Identity`` between them, and the index after the last."""
+    """The indices of the :class:`Int8Linear` layers from ``mods[start]`` on that run ``int_mm`` on CPU,
+    chained output to input with only hook-free ``nn.Identity`` between them, and the index after
+    the last."""
     run, end, i = [], start, start
     while i < len(mods):
         m = mods[i]
@@ -278,9 +278,9 @@ def _int_mm_run(mods: list, start: int) -> tuple:
             i += 1
             continue
         if (type(m) is not Int8Linear or _hooked(m) or _cpu_impl(m) != "int_mm"
-                or (run and m.in_features != run[-1].out_features)):
+                or (run and m.in_features != mods[run[-1]].out_features)):
             break
-        run.append(m)
+        run.append(i)
         i += 1
         end = i
     return run, end
@@ -304,8 +304,9 @@ class Int8Chain(nn.Sequential):
             fusable = isinstance(x, Tensor) and x.device.type == "cpu" and x.dtype == torch.float32
             run, end = _int_mm_run(mods, i) if fusable else ([], i)
             if len(run) >= 2:
-                x = torch.ops.hwaware.int8_mlp.default(x, [m.qweight for m in run], [m.w_scale for m in run],
-                                                       [m.bias for m in run], [m.relu for m in run])
+                layers = [mods[j] for j in run]
+                x = torch.ops.hwaware.int8_mlp.default(x, [m.qweight for m in layers], [m.w_scale for m in layers],
+                                                       [m.bias for m in layers], [m.relu for m in layers])
                 i = end
             else:
                 x = mods[i](x)
@@ -327,7 +328,7 @@ def chain_int8(model: nn.Module) -> Dict[str, list]:
             run, end = _int_mm_run(mods, i)
             if len(run) >= 2:
                 prefix = f"{seq_name}." if seq_name else ""
-                runs.append([prefix + names[mods.index(m)] for m in run])
+                runs.append([prefix + names[j] for j in run])
                 i = end
             else:
                 i += 1

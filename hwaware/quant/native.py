@@ -197,15 +197,21 @@ def w8a8_epilogue_quant(acc: Tensor, sx: Tensor, sw: Tensor, bias: Optional[Tens
 _BAG_INFO = threading.local()
 
 
+def _bag_info() -> ctypes.Array:
+    """This thread's two int64 slots the bag passes report a failing rule's values in."""
+    info = getattr(_BAG_INFO, "buf", None)
+    if info is None:
+        info = _BAG_INFO.buf = (ctypes.c_int64 * 2)()
+    return info
+
+
 def check_bags(indices: Tensor, offsets: Tensor, rows: int, include_last_offset: bool) -> Optional[Tuple[int, int, int]]:
     """Bounds-check an embedding-bag call in C (``_native/bags.c``): ``(rule, a, b)`` where rule 0 is
     valid and 1/2/3 name the failing rule (see there) with its two values; None: check in Python.
     ``indices`` and ``offsets``: contiguous 1-D CPU tensors of one dtype, int64 or int32."""
     if _load() is None or indices.dtype != offsets.dtype or indices.dtype not in (torch.int64, torch.int32):
         return None
-    info = getattr(_BAG_INFO, "buf", None)
-    if info is None:
-        info = _BAG_INFO.buf = (ctypes.c_int64 * 2)()
+    info = _bag_info()
     rule = _lib.hw_check_bags(indices.data_ptr(), indices.numel(), offsets.data_ptr(), offsets.numel(),
                               int(indices.dtype == torch.int64), rows, int(include_last_offset), info)
     return rule, info[0], info[1]
@@ -224,9 +230,7 @@ def rowwise_bags(weights: Sequence[Tensor], bits: Sequence[int], dim: int, indic
     batch = offsets.shape[0]
     out = torch.empty(ntab, batch, dim, dtype=torch.float32)
     meta = (ctypes.c_int64 * (3 * ntab))(*[w.shape[0] for w in weights], *[w.shape[1] for w in weights], *bits)
-    info = getattr(_BAG_INFO, "buf", None)
-    if info is None:
-        info = _BAG_INFO.buf = (ctypes.c_int64 * 2)()
+    info = _bag_info()
     rule = _lib.hw_rowwise_bags(_ptrs(weights), meta, ntab, dim, indices.data_ptr(), int(indices.dtype == torch.int64),
                                 indices.stride(0), indices.stride(1), n, offsets.data_ptr(), batch, int(mean),
                                 out.data_ptr(), info)

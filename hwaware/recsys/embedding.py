@@ -16,6 +16,8 @@ from collections import defaultdict
 import torch
 from torch import Tensor, nn
 
+from hwaware.export.deploy import RowwiseEmbeddingBag, _hooked
+
 __all__ = ["EmbeddingBagList"]
 
 
@@ -32,8 +34,6 @@ class EmbeddingBagList(nn.ModuleList):
     def batched(table: nn.Module) -> bool:
         """Whether ``table`` is looked up by the table-batched op (a row-wise deploy table, sum or mean,
         without ``include_last_offset``, and no hooks to call) rather than called on its own."""
-        from hwaware.export.deploy import RowwiseEmbeddingBag, _hooked
-
         return (type(table) is RowwiseEmbeddingBag and table.mode in ("sum", "mean") and not table.include_last_offset
                 and not _hooked(table))
 
@@ -41,14 +41,12 @@ class EmbeddingBagList(nn.ModuleList):
         if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.shape[0] != len(self):
             shape = list(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__
             raise ValueError(f"ids must be [T, N] with T = {len(self)} tables (row t: table t's ids), got {shape}")
-        from hwaware.export.deploy import RowwiseEmbeddingBag, _hooked  # deploy imports hwaware.quant: at call time
-
         modules = list(self._modules.values())
         groups: dict[tuple, list[int]] = defaultdict(list)  # row-wise deploy tables by (dim, mode)
         plain: list[int] = []
         for t, m in enumerate(modules):
-            if type(m) is RowwiseEmbeddingBag and m.mode in ("sum", "mean") and not m.include_last_offset and not _hooked(m):
-                groups[(m.dim, m.mode)].append(t)  # = batched(m)
+            if self.batched(m):
+                groups[(m.dim, m.mode)].append(t)
             else:
                 plain.append(t)
         out: list[Tensor | None] = [None] * len(modules)
