@@ -35,6 +35,7 @@ __all__ = ["native_status", "fq_sym_rows", "fq_affine_rows", "quant_tokens_i8", 
            "dot_interaction", "dot_interaction_backward"]
 
 _SRCS = [Path(__file__).parent / "_native" / n for n in ("rowwise_fq.c", "w8a8.c", "bags.c", "interact.c")]
+_HEADERS = [Path(__file__).parent / "_native" / "rows.h"]  # included by the sources: part of the build key
 # -ffp-contract=off: no fused multiply-add, so results equal torch's separate mul and add.
 # -fopenmp: the `omp simd` loops vectorize and the W8A8 passes split rows over threads. libgomp is
 # linked by soname, and torch's wheel has already loaded its own libgomp.so.1 by then, so the
@@ -87,7 +88,7 @@ def _load() -> Optional[ctypes.CDLL]:
         _status = "disabled by HWAWARE_NO_NATIVE"
         return None
     try:
-        key = hashlib.sha256(b"".join(p.read_bytes() for p in _SRCS) + repr((_FLAGS, _OPENMP_FLAGS)).encode()
+        key = hashlib.sha256(b"".join(p.read_bytes() for p in _SRCS + _HEADERS) + repr((_FLAGS, _OPENMP_FLAGS)).encode()
                              + _cpu_fingerprint().encode()).hexdigest()[:16]
         target = Path(os.environ.get("HWAWARE_CACHE", Path.home() / ".cache" / "hwaware")) / f"native-{key}.so"
         if not target.exists():

@@ -9,6 +9,8 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "rows.h"
+
 #define EPS 1.1920928955078125e-07f /* torch.finfo(torch.float32).eps */
 #define F16_TINY 6.103515625e-05f   /* torch.finfo(torch.float16).tiny */
 #define F16_MAX 65504.0f
@@ -24,14 +26,8 @@ void hw_fq_sym_rows(const float *x, float *y, float *scale_out, int64_t rows, in
     for (int64_t r = 0; r < rows; ++r) {
         const float *xr = x + r * cols;
         float *yr = y + r * cols;
-        float m = 0.0f;
-        int bad = 0;
-#pragma omp simd reduction(max : m) reduction(| : bad)
-        for (int64_t c = 0; c < cols; ++c) {
-            float a = fabsf(xr[c]);
-            bad |= !(a <= 3.4028234663852886e+38f);
-            m = a > m ? a : m;
-        }
+        int bad;
+        float m = row_absmax(xr, cols, &bad);
         float s = m / (float)qmax;
         s = s < EPS ? EPS : s;
         if (fp16_scale) s = round_f16(s);

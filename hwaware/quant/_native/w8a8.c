@@ -12,6 +12,8 @@
  */
 #include <math.h>
 #include <stdint.h>
+
+#include "rows.h"
 #include <stdlib.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -49,14 +51,8 @@ static void quant_row(const float *xr, int64_t cols, int8_t *qr, float *scale_ou
 }
 #else
 static void quant_row(const float *xr, int64_t cols, int8_t *qr, float *scale_out) {
-    float m = 0.0f;
-    int bad = 0;
-#pragma omp simd reduction(max : m) reduction(| : bad)
-    for (int64_t c = 0; c < cols; ++c) {
-        float a = fabsf(xr[c]);
-        bad |= !(a <= 3.4028234663852886e+38f);
-        m = a > m ? a : m;
-    }
+    int bad;
+    float m = row_absmax(xr, cols, &bad);
     float s = m / 127.0f;
     s = s < EPS ? EPS : s;
     float inv = 1.0f / s;
