@@ -307,10 +307,12 @@ def _prepack_int8(qweight: Tensor, w_scale: Tensor):
 
 # CPU implementations of hwaware::int8_linear (the export times both per layer and records its choice):
 #   "int_mm": the op's exact math. Per-token int8 codes (native C pass, = quantize_per_token_ref),
-#             torch._int_mm (oneDNN int8 x int8 -> int32; AMX / VNNI where the CPU has them), and a
-#             float64 epilogue: bit-identical to int8_linear_ref for float32 inputs. On a Xeon with
-#             AMX-INT8 it ran 5-10x faster than fp32 F.linear at M=2048 (benchmarks/bench_export_recsys.py);
-#             DESIGN.md measured _int_mm 10-100x slower than fp32 on AVX2-only CPUs.
+#             an exact int8 x int8 -> int32 product, and a float64 epilogue: bit-identical to
+#             int8_linear_ref for float32 inputs. The product is torch._int_mm (oneDNN's s8s8s32
+#             gemm: VNNI, not AMX, in torch 2.13); where the CPU and OS have AMX-INT8 the whole
+#             layer (or int8_mlp's run of layers) is instead one C pass on AMX tiles
+#             (native.amx_mlp), the same bits. DESIGN.md measured _int_mm 10-100x slower than fp32
+#             on AVX2-only CPUs.
 #   "fbgemm": fbgemm's dynamic linear on per-token pre-scaled rows (below): fast on AVX2 too, but
 #             fbgemm quantizes per tensor (uint8 affine), so it approximates the per-token math
 #             (~42 dB SQNR against int8_linear_ref).
@@ -375,8 +377,9 @@ def _workspace(kind: str, numel: int, dtype: torch.dtype) -> Tensor:
 
 def _int_mm_layers(x: Tensor, wts: Sequence[Tensor], w_scales: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
                    relus: Sequence[bool]) -> Tensor:
-    """Exact W8A8 layers in a row (one layer: int8_linear's ``"int_mm"``): native (or reference)
-    per-token codes, ``torch._int_mm`` against each ``wt [K, N]``, float64 epilogue (native or
+    """Exact W8A8 layers in a row (one layer: int8_linear's ``"int_mm"``). With AMX-INT8: one C pass
+    (``native.amx_mlp``, weights packed once into its tile layout and cached). Otherwise native (or
+    reference) per-token codes, ``torch._int_mm`` against each ``wt [K, N]``, float64 epilogue (native or
     eager, same arithmetic as ``int8_linear_ref``), then ReLU where ``relus`` says. Between two
     layers the epilogue writes the next layer's codes (``native.w8a8_epilogue_quant``; without the
     native library: the epilogue, then the quantize, the same math), so the float activations in
@@ -389,6 +392,13 @@ def _int_mm_layers(x: Tensor, wts: Sequence[Tensor], w_scales: Sequence[Tensor],
         return x.new_zeros((*x.shape[:-1], wts[-1].shape[1]))
     xf = x2d.float().contiguous()
     m = xf.shape[0]
+    dims = [k] + [wt.shape[1] for wt in wts]
+    if native.amx_available() and min(dims) > 0:  # the same bits, on AMX tiles, a block of rows at a time
+        out = native.amx_mlp(xf, [_CACHE.get((wt,), ("amx",), lambda wt=wt: native.amx_pack(wt.t())) for wt in wts], dims,
+                             [s.contiguous() for s in w_scales], [None if b is None else b.float().contiguous() for b in biases],
+                             relus)
+        if out is not None:
+            return out.to(x.dtype).reshape(*x.shape[:-1], dims[-1])
     qs = native.quant_tokens_i8(xf, out=_workspace("q", m * k, torch.int8).view(m, k))
     q, sx = qs if qs is not None else quantize_per_token_ref(xf)
     for i, (wt, w_scale, bias, relu) in enumerate(zip(wts, w_scales, biases, relus)):

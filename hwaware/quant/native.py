@@ -6,7 +6,10 @@ QAT steps 1.4x FP32. ``_native/rowwise_fq.c`` does the same arithmetic in one pa
 bit-identical to the eager path (tests hold it to atol=0).
 
 ``_native/w8a8.c`` holds the two float passes of the W8A8 ``int_mm`` kernel (hwaware/ops):
-per-token int8 quantization and the int32 -> float epilogue, bit-identical to the references.
+per-token int8 quantization and the int32 -> float epilogue, bit-identical to the references; and,
+where the CPU and OS have AMX-INT8, the whole kernel (``hw_amx_mlp``): the same passes around an
+int8 tile product, a block of rows at a time through every layer of an int8 MLP, the same bits
+(``HWAWARE_NO_AMX=1`` turns it off).
 ``_native/bags.c`` bounds-checks embedding-bag calls; ``_native/interact.c`` is DLRM's dot
 interaction (``hwaware::dot_interaction``) forward and backward.
 
@@ -32,7 +35,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["native_status", "fq_sym_rows", "fq_affine_rows", "quant_tokens_i8", "w8a8_epilogue", "w8a8_epilogue_quant", "check_bags", "rowwise_bags",
-           "dot_interaction", "dot_interaction_backward"]
+           "dot_interaction", "dot_interaction_backward", "amx_available", "amx_pack", "amx_mlp"]
 
 _SRCS = [Path(__file__).parent / "_native" / n for n in ("rowwise_fq.c", "w8a8.c", "bags.c", "interact.c")]
 _HEADERS = [Path(__file__).parent / "_native" / "rows.h"]  # included by the sources: part of the build key
@@ -46,6 +49,7 @@ _OPENMP_FLAGS = (["-fopenmp"], ["-fopenmp-simd"])  # tried in this order
 _lib: Optional[ctypes.CDLL] = None
 _status = "not loaded yet"
 _tried = False
+_amx: Optional[bool] = None
 
 
 def _cpu_fingerprint() -> str:
@@ -110,6 +114,12 @@ def _load() -> Optional[ctypes.CDLL]:
         lib.hw_dot_interaction_fwd.argtypes = [f32p, i64, i64, i64, i64, f32p]
         lib.hw_dot_interaction_bwd.argtypes = [f32p, f32p, i64, i64, i64, i64, f32p]
         lib.hw_dot_interaction_fwd.restype = lib.hw_dot_interaction_bwd.restype = i32
+        lib.hw_amx_available.argtypes = []
+        lib.hw_amx_available.restype = i32
+        lib.hw_amx_pack.argtypes = [f32p, i64, i64, f32p]
+        lib.hw_amx_pack.restype = None
+        lib.hw_amx_mlp.argtypes = [f32p, i64, i32, f32p, f32p, f32p, f32p, f32p, f32p]
+        lib.hw_amx_mlp.restype = i32
         _lib, _status = lib, f"loaded {target}"
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", "") or ""
@@ -193,6 +203,42 @@ def w8a8_epilogue_quant(acc: Tensor, sx: Tensor, sw: Tensor, bias: Optional[Tens
                                    scale.data_ptr()) != 0:
         raise MemoryError(f"w8a8_epilogue_quant: no memory for a row buffer of {acc.shape[1]} floats")
     return out, scale
+
+
+def amx_available() -> bool:
+    """Whether :func:`amx_mlp` runs here: the library was built with AMX support, and the CPU and OS
+    have AMX-INT8 (``HWAWARE_NO_AMX=1`` says no, for comparisons)."""
+    global _amx
+    if _amx is None:
+        _amx = _load() is not None and not os.environ.get("HWAWARE_NO_AMX") and bool(_lib.hw_amx_available())
+    return _amx
+
+
+def amx_pack(qweight: Tensor) -> Tensor:
+    """``qweight`` int8 ``[N, K]`` (any strides) in the AMX tile layout :func:`amx_mlp` reads
+    (``_native/w8a8.c``, ``hw_amx_pack``): a flat uint8-sized int8 tensor, K padded to 64, N to 16."""
+    n, k = qweight.shape
+    w = qweight.contiguous()
+    out = torch.empty(((n + 15) // 16) * 16 * ((k + 63) // 64) * 64, dtype=torch.int8)
+    _lib.hw_amx_pack(w.data_ptr(), n, k, out.data_ptr())
+    return out
+
+
+def amx_mlp(x2d: Tensor, packed: Sequence[Tensor], dims: Sequence[int], w_scales: Sequence[Tensor],
+            biases: Sequence[Optional[Tensor]], relus: Sequence[bool]) -> Optional[Tensor]:
+    """W8A8 layers on AMX tiles (``hw_amx_mlp``), bit for bit the ``int_mm`` passes: ``x2d``
+    contiguous float32 ``[M, dims[0]]`` -> float32 ``[M, dims[-1]]``; ``packed[i]`` from
+    :func:`amx_pack`, ``w_scales``/``biases`` contiguous float32. None: not available here."""
+    if not (amx_available() and _usable(x2d)):
+        return None
+    nl = len(packed)
+    out = torch.empty(x2d.shape[0], dims[-1], dtype=torch.float32)
+    rc = _lib.hw_amx_mlp(x2d.data_ptr(), x2d.shape[0], nl, (ctypes.c_int64 * (nl + 1))(*dims), _ptrs(packed),
+                         _ptrs(w_scales), (ctypes.c_void_p * nl)(*[None if b is None else b.data_ptr() for b in biases]),
+                         (ctypes.c_int32 * nl)(*map(int, relus)), out.data_ptr())
+    if rc == -1:
+        raise MemoryError(f"amx_mlp: no memory for the per-thread buffers (dims {list(dims)})")
+    return out if rc == 0 else None
 
 
 _BAG_INFO = threading.local()

@@ -15,6 +15,7 @@
 
 #include "rows.h"
 #include <stdlib.h>
+#include <string.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -23,6 +24,8 @@
 
 #ifdef __AVX512F__
 static inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
+
+static void quant_scaled(const float *xr, int64_t cols, float m, int8_t *qr, float *scale_out);
 
 /* One row, AVX-512 (gcc's auto-vectorized generic loop ran 2-3x slower, mostly in its scalar tails). */
 static void quant_row(const float *xr, int64_t cols, int8_t *qr, float *scale_out) {
@@ -34,12 +37,17 @@ static void quant_row(const float *xr, int64_t cols, int8_t *qr, float *scale_ou
     }
     for (; c < cols; c += 16)
         vm0 = _mm512_max_ps(vm0, _mm512_abs_ps(_mm512_maskz_loadu_ps(tail_mask(cols - c), xr + c)));
-    float m = _mm512_reduce_max_ps(_mm512_max_ps(vm0, vm1)); /* NaN is dropped here, caught below */
+    quant_scaled(xr, cols, _mm512_reduce_max_ps(_mm512_max_ps(vm0, vm1)), qr, scale_out);
+}
+
+/* quant_row after its max pass: m = max |x| over the row (a NaN there may be dropped: the NaN scan
+ * below catches it) */
+static void quant_scaled(const float *xr, int64_t cols, float m, int8_t *qr, float *scale_out) {
     float s = m / 127.0f;
     s = s < EPS ? EPS : s;
     const __m512 vinv = _mm512_set1_ps(1.0f / s), lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
     __mmask16 nan = 0;
-    for (c = 0; c < cols; c += 16) {
+    for (int64_t c = 0; c < cols; c += 16) {
         __mmask16 k = tail_mask(cols - c);
         __m512 xv = _mm512_maskz_loadu_ps(k, xr + c);
         nan = _kor_mask16(nan, _mm512_cmp_ps_mask(xv, xv, _CMP_UNORD_Q));
@@ -118,4 +126,213 @@ int hw_w8a8_epilogue_quant(const int32_t *acc, int64_t rows, int64_t cols, const
         free(buf);
     }
     return failed ? -1 : 0;
+}
+
+/* ---- hw_amx_mlp: the W8A8 layers on Intel AMX tiles, one pass over a block of rows ----------------
+ *
+ * The same arithmetic as the passes above around torch._int_mm: per-token codes (quant_row), an exact
+ * int32 product (TDPBSSD sums int8 x int8 into int32, exact in any order, as _int_mm), the float64
+ * epilogue (epilogue_row), and between two layers the next layer's codes (quant_row). So the output
+ * is bit for bit what hw_quant_tokens_i8 -> _int_mm -> hw_w8a8_epilogue_quant -> ... ->
+ * hw_w8a8_epilogue gives. What changes is where the data lives: a thread takes AMX_ROWS rows at a
+ * time through every layer, so the codes and int32 accumulators of a block stay in L1/L2 and the
+ * activations between layers never reach memory.
+ *
+ * Weights come packed by hw_amx_pack: [N, K] int8 -> tiles of 16 output columns x 64 k, each tile
+ * 16 rows of 64 bytes where row r holds, for its 16 columns n, the 4 codes k = 4r .. 4r+3 (the
+ * layout TDPBSSD reads its second operand in); K padded to a multiple of 64 and N to 16 with zero
+ * codes. Tiles of one column block are consecutive over k. A zero weight code makes whatever sits in
+ * the padded code columns of the activations irrelevant, so those are never cleared. */
+#define AMX_ROWS 32 /* two 16-row A tiles: a 2 x 2 tile block of C per step */
+
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__) && defined(__AVX512DQ__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <cpuid.h>
+#define HW_AMX 1
+
+/* epilogue_row's arithmetic, 16 columns a step, with sw and bias already widened to double (swd,
+ * bd): the same operations in the same order, so the same bits */
+static float epilogue_row_wide(const int32_t *ar, int64_t cols, float sxr, const double *swd, const double *bd,
+                               int relu, float *outr) {
+    const __m512d va = _mm512_set1_pd((double)sxr);
+    const __m512 zero = _mm512_setzero_ps();
+    __m512 vm = zero; /* max |v| as quant_row takes it, for the next layer's codes */
+    for (int64_t c = 0; c < cols; c += 16) {
+        const __mmask16 k = tail_mask(cols - c);
+        const __mmask8 klo = (__mmask8)k, khi = (__mmask8)(k >> 8);
+        const __m512i acc = _mm512_maskz_loadu_epi32(k, ar + c);
+        __m512d lo = _mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(acc)), va);
+        __m512d hi = _mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(acc, 1)), va);
+        lo = _mm512_mul_pd(lo, _mm512_maskz_loadu_pd(klo, swd + c));
+        hi = _mm512_mul_pd(hi, _mm512_maskz_loadu_pd(khi, swd + c + 8));
+        if (bd != NULL) {
+            lo = _mm512_add_pd(lo, _mm512_maskz_loadu_pd(klo, bd + c));
+            hi = _mm512_add_pd(hi, _mm512_maskz_loadu_pd(khi, bd + c + 8));
+        }
+        __m512 v = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(lo)), _mm512_cvtpd_ps(hi), 1);
+        if (relu) v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), zero); /* NaN, -0.0 pass */
+        _mm512_mask_storeu_ps(outr + c, k, v);
+        vm = _mm512_max_ps(vm, _mm512_abs_ps(v)); /* masked-off lanes are 0 */
+    }
+    return _mm512_reduce_max_ps(vm);
+}
+
+typedef struct {
+    uint8_t palette_id, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((packed)) amx_tilecfg;
+
+static void amx_configure(void) { /* tiles 0-7: 16 rows x 64 bytes each (A, B and int32 C alike) */
+    amx_tilecfg cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette_id = 1;
+    for (int t = 0; t < 8; ++t) {
+        cfg.colsb[t] = 64;
+        cfg.rows[t] = 16;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+/* acc[AMX_ROWS, nb_n*16] (row stride ldc int32) = a[AMX_ROWS, kb_n*64] (row stride lda) x packed w */
+static void amx_block(const int8_t *a, int64_t lda, int64_t kb_n, const int8_t *w, int64_t nb_n, int32_t *acc,
+                      int64_t ldc) {
+    const int64_t tile = 1024, ldcb = ldc * 4;
+    int64_t nb = 0;
+    for (; nb + 2 <= nb_n; nb += 2) {
+        const int8_t *b0 = w + nb * kb_n * tile, *b1 = b0 + kb_n * tile;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t kb = 0; kb < kb_n; ++kb) {
+            _tile_loadd(4, a + kb * 64, lda);
+            _tile_loadd(5, a + 16 * lda + kb * 64, lda);
+            _tile_loadd(6, b0 + kb * tile, 64);
+            _tile_loadd(7, b1 + kb * tile, 64);
+            _tile_dpbssd(0, 4, 6);
+            _tile_dpbssd(1, 4, 7);
+            _tile_dpbssd(2, 5, 6);
+            _tile_dpbssd(3, 5, 7);
+        }
+        _tile_stored(0, acc + nb * 16, ldcb);
+        _tile_stored(1, acc + nb * 16 + 16, ldcb);
+        _tile_stored(2, acc + 16 * ldc + nb * 16, ldcb);
+        _tile_stored(3, acc + 16 * ldc + nb * 16 + 16, ldcb);
+    }
+    if (nb < nb_n) { /* an odd last column block */
+        const int8_t *b0 = w + nb * kb_n * tile;
+        _tile_zero(0);
+        _tile_zero(2);
+        for (int64_t kb = 0; kb < kb_n; ++kb) {
+            _tile_loadd(4, a + kb * 64, lda);
+            _tile_loadd(5, a + 16 * lda + kb * 64, lda);
+            _tile_loadd(6, b0 + kb * tile, 64);
+            _tile_dpbssd(0, 4, 6);
+            _tile_dpbssd(2, 5, 6);
+        }
+        _tile_stored(0, acc + nb * 16, ldcb);
+        _tile_stored(2, acc + 16 * ldc + nb * 16, ldcb);
+    }
+}
+#endif
+
+/* 1 when this process may run hw_amx_mlp: built with AMX support, the CPU has AMX-TILE and AMX-INT8,
+ * the OS enabled the tile state (XCR0 bits 17-18) and granted this process the tile data
+ * (arch_prctl ARCH_REQ_XCOMP_PERM; a process-wide permission, asking again is harmless). */
+int hw_amx_available(void) {
+#ifdef HW_AMX
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !((c >> 27) & 1u)) return 0; /* OSXSAVE */
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((d >> 24) & 1u) || !((d >> 25) & 1u)) return 0;
+    uint32_t lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if ((lo & (3u << 17)) != (3u << 17)) return 0;
+    if (syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) != 0) return 0;
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* w [n, k] int8 (row stride k) -> the tile layout above, out: roundup(n,16) * roundup(k,64) bytes */
+void hw_amx_pack(const int8_t *w, int64_t n, int64_t k, int8_t *out) {
+    const int64_t kb_n = (k + 63) / 64, nb_n = (n + 15) / 16;
+    memset(out, 0, (size_t)(nb_n * kb_n * 1024));
+    for (int64_t c = 0; c < n; ++c) {
+        int8_t *col = out + (c / 16) * kb_n * 1024 + (c % 16) * 4;
+        for (int64_t j = 0; j < k; ++j) col[(j / 64) * 1024 + ((j % 64) / 4) * 64 + (j % 4)] = w[c * k + j];
+    }
+}
+
+/* nlayers W8A8 layers: x [rows, dims[0]] float32 -> out [rows, dims[nlayers]] float32, layer i
+ * dims[i] -> dims[i+1] with packed weights w[i] (hw_amx_pack), scales sw[i], bias[i] (or NULL) and
+ * ReLU when relus[i]. Returns 0, -1 when per-thread buffers cannot be allocated, -2 without AMX. */
+int hw_amx_mlp(const float *x, int64_t rows, int32_t nlayers, const int64_t *dims, const int8_t *const *w,
+               const float *const *sw, const float *const *bias, const int32_t *relus, float *out) {
+#ifdef HW_AMX
+    int64_t kmax = 0, nmax = 0;
+    for (int32_t i = 0; i <= nlayers; ++i) {
+        int64_t kp = (dims[i] + 63) / 64 * 64;
+        kmax = kp > kmax ? kp : kmax;
+        nmax = dims[i] > nmax ? dims[i] : nmax;
+    }
+    const int64_t blocks = (rows + AMX_ROWS - 1) / AMX_ROWS;
+    int failed = 0;
+#pragma omp parallel if (rows * dims[0] >= PAR_MIN)
+    {
+        /* two code buffers (this layer's input, the next one's), the int32 block, a float row */
+        int8_t *codes = (int8_t *)calloc((size_t)(2 * AMX_ROWS * kmax), 1);
+        int32_t *acc = (int32_t *)malloc((size_t)(AMX_ROWS * kmax) * sizeof(int32_t));
+        float *buf = (float *)malloc((size_t)nmax * sizeof(float));
+        double *wide = (double *)malloc((size_t)(2 * nmax) * sizeof(double)); /* sw, bias of a layer */
+        float scales[2][AMX_ROWS];
+        if (codes == NULL || acc == NULL || buf == NULL || wide == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+            amx_configure();
+        }
+#pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < blocks; ++blk) {
+            if (codes == NULL || acc == NULL || buf == NULL || wide == NULL) continue;
+            const int64_t r0 = blk * AMX_ROWS, nr = rows - r0 < AMX_ROWS ? rows - r0 : AMX_ROWS;
+            int cur = 0;
+            int64_t lda = (dims[0] + 63) / 64 * 64;
+            for (int64_t r = 0; r < nr; ++r)
+                quant_row(x + (r0 + r) * dims[0], dims[0], codes + r * lda, &scales[0][r]);
+            for (int32_t i = 0; i < nlayers; ++i) {
+                const int64_t n = dims[i + 1], nb_n = (n + 15) / 16, ldc = nb_n * 16;
+                amx_block(codes + cur * AMX_ROWS * kmax, lda, lda / 64, w[i], nb_n, acc, ldc);
+                double *swd = wide, *bd = bias[i] != NULL ? wide + nmax : NULL;
+                for (int64_t c = 0; c < n; ++c) swd[c] = (double)sw[i][c];
+                if (bd != NULL)
+                    for (int64_t c = 0; c < n; ++c) bd[c] = (double)bias[i][c];
+                if (i == nlayers - 1) {
+                    for (int64_t r = 0; r < nr; ++r)
+                        (void)epilogue_row_wide(acc + r * ldc, n, scales[cur][r], swd, bd, relus[i], out + (r0 + r) * n);
+                    break;
+                }
+                const int64_t ldn = (n + 63) / 64 * 64;
+                int8_t *next = codes + (1 - cur) * AMX_ROWS * kmax;
+                for (int64_t r = 0; r < nr; ++r) {
+                    float m = epilogue_row_wide(acc + r * ldc, n, scales[cur][r], swd, bd, relus[i], buf);
+                    quant_scaled(buf, n, m, next + r * ldn, &scales[1 - cur][r]);
+                }
+                cur = 1 - cur;
+                lda = ldn;
+            }
+        }
+        if (codes != NULL && acc != NULL && buf != NULL && wide != NULL) _tile_release();
+        free(wide);
+        free(codes);
+        free(acc);
+        free(buf);
+    }
+    return failed ? -1 : 0;
+#else
+    (void)x, (void)rows, (void)nlayers, (void)dims, (void)w, (void)sw, (void)bias, (void)relus, (void)out;
+    return -2;
+#endif
 }
