@@ -348,7 +348,7 @@ def int8_linear(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tens
     _check_int8_linear(x, qweight, w_scale, bias)
     impl = _check_int8_kernel(impl, "cpu")
     if impl == "int_mm":
-        return _int_mm_layers(x, [qweight.t()], [w_scale], [bias], [relu])  # a [K, N] view: as fast as a copy here
+        return _int_mm_layers(x, [qweight], [w_scale], [bias], [relu])
     if impl == "dequant":
         w = _CACHE.get((qweight, w_scale), ("int8_dequant",), lambda: qweight.float() * w_scale[:, None])
         return _linear_fp32(x, w, bias, relu)
@@ -375,33 +375,35 @@ def _workspace(kind: str, numel: int, dtype: torch.dtype) -> Tensor:
     return buf[:numel]
 
 
-def _int_mm_layers(x: Tensor, wts: Sequence[Tensor], w_scales: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
+def _int_mm_layers(x: Tensor, qweights: Sequence[Tensor], w_scales: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
                    relus: Sequence[bool]) -> Tensor:
     """Exact W8A8 layers in a row (one layer: int8_linear's ``"int_mm"``). With AMX-INT8: one C pass
     (``native.amx_mlp``, weights packed once into its tile layout and cached). Otherwise native (or
-    reference) per-token codes, ``torch._int_mm`` against each ``wt [K, N]``, float64 epilogue (native or
+    reference) per-token codes, ``torch._int_mm`` against each ``qweight [N, K]`` transposed, float64 epilogue (native or
     eager, same arithmetic as ``int8_linear_ref``), then ReLU where ``relus`` says. Between two
     layers the epilogue writes the next layer's codes (``native.w8a8_epilogue_quant``; without the
     native library: the epilogue, then the quantize, the same math), so the float activations in
     between stay float32 and are never written: callers chain only float32 ``x``."""
     from hwaware.quant import native  # hwaware.quant imports hwaware.ops.packing: import at call time
 
-    k, last = wts[0].shape[0], len(wts) - 1
+    k, last = qweights[0].shape[1], len(qweights) - 1
     x2d = x.reshape(-1, k)
     if x2d.shape[0] == 0:
-        return x.new_zeros((*x.shape[:-1], wts[-1].shape[1]))
+        return x.new_zeros((*x.shape[:-1], qweights[-1].shape[0]))
     xf = x2d.float().contiguous()
     m = xf.shape[0]
-    dims = [k] + [wt.shape[1] for wt in wts]
+    dims = [k] + [qw.shape[0] for qw in qweights]
     if native.amx_available() and min(dims) > 0:  # the same bits, on AMX tiles, a block of rows at a time
-        out = native.amx_mlp(xf, [_CACHE.get((wt,), ("amx",), lambda wt=wt: native.amx_pack(wt.t())) for wt in wts], dims,
+        # keyed on the [N, K] weights the caller holds (a transposed view made per call would miss)
+        out = native.amx_mlp(xf, [_CACHE.get((qw,), ("amx",), lambda qw=qw: native.amx_pack(qw)) for qw in qweights], dims,
                              [s.contiguous() for s in w_scales], [None if b is None else b.float().contiguous() for b in biases],
                              relus)
         if out is not None:
             return out.to(x.dtype).reshape(*x.shape[:-1], dims[-1])
     qs = native.quant_tokens_i8(xf, out=_workspace("q", m * k, torch.int8).view(m, k))
     q, sx = qs if qs is not None else quantize_per_token_ref(xf)
-    for i, (wt, w_scale, bias, relu) in enumerate(zip(wts, w_scales, biases, relus)):
+    for i, (qw, w_scale, bias, relu) in enumerate(zip(qweights, w_scales, biases, relus)):
+        wt = qw.t()  # a [K, N] view: _int_mm takes it as fast as a copy here
         n = wt.shape[1]
         acc = torch._int_mm(q, wt, out=_workspace("acc", m * n, torch.int32).view(m, n))  # int32 [M, N], exact
         sw, b = w_scale.contiguous(), None if bias is None else bias.float().contiguous()
@@ -449,14 +451,13 @@ def int8_mlp(x: Tensor, qweights: List[Tensor], w_scales: List[Tensor], biases: 
     read back. The exported model runs a ``nn.Sequential``'s chain of ``int_mm`` layers this way
     (``deploy.Int8Chain``)."""
     _check_int8_mlp(x, qweights, w_scales, biases, relus)
-    wts = [qw.t() for qw in qweights]
     # layer by layer: inputs other than float32 (each layer's output is rounded to x.dtype before
     # the next quantizes it) and zero-width layers
     if x.dtype != torch.float32 or qweights[0].shape[1] == 0 or any(qw.shape[0] == 0 for qw in qweights):
-        for i in range(len(wts)):
-            x = _int_mm_layers(x, wts[i:i + 1], w_scales[i:i + 1], biases[i:i + 1], relus[i:i + 1])
+        for i in range(len(qweights)):
+            x = _int_mm_layers(x, qweights[i:i + 1], w_scales[i:i + 1], biases[i:i + 1], relus[i:i + 1])
         return x
-    return _int_mm_layers(x, wts, w_scales, biases, relus)
+    return _int_mm_layers(x, qweights, w_scales, biases, relus)
 
 
 @int8_mlp.register_fake
@@ -761,8 +762,8 @@ def sparse24_linear(x: Tensor, values: Tensor, meta: Tensor, w_scale: Optional[T
     n, k = values.shape[0], 2 * values.shape[1]
     if values.dtype == torch.int8:
         if kernel == "dense":  # int8_linear's exact "int_mm" math on the decompressed codes
-            wt = _CACHE.get((values, meta), ("sparse24_int8_t",), lambda: decompress_24(values, meta, k).t())
-            return _int_mm_layers(x, [wt], [w_scale], [bias], [False])
+            w = _CACHE.get((values, meta), ("sparse24_int8_codes",), lambda: decompress_24(values, meta, k))
+            return _int_mm_layers(x, [w], [w_scale], [bias], [False])
         if kernel == "fbgemm":  # int8_linear's "fbgemm" implementation on the decompressed codes
             packed = _CACHE.get((values, meta, w_scale), ("sparse24_int8",),
                                 lambda: _prepack_int8(decompress_24(values, meta, k), w_scale))

@@ -279,8 +279,10 @@ int hw_amx_mlp(const float *x, int64_t rows, int32_t nlayers, const int64_t *dim
         nmax = dims[i] > nmax ? dims[i] : nmax;
     }
     const int64_t blocks = (rows + AMX_ROWS - 1) / AMX_ROWS;
+    int64_t width = 0; /* floats each row goes through in the passes: what the work scales with */
+    for (int32_t i = 0; i <= nlayers; ++i) width += dims[i];
     int failed = 0;
-#pragma omp parallel if (rows * dims[0] >= PAR_MIN)
+#pragma omp parallel if (rows * width >= PAR_MIN)
     {
         /* two code buffers (this layer's input, the next one's), the int32 block, a float row */
         int8_t *codes = (int8_t *)calloc((size_t)(2 * AMX_ROWS * kmax), 1);
