@@ -38,7 +38,7 @@ from __future__ import annotations
 import threading
 import warnings
 import weakref
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +48,7 @@ from hwaware.ops.packing import decompress_24, dequantize_int4_weight, rowwise_c
 from hwaware.ops.reference import (dot_interaction_backward_ref, dot_interaction_ref, quantize_per_token_ref,
                                    w8a8_epilogue_ref)
 
-__all__ = ["int8_linear", "int8_mlp", "int4_linear", "embedding_bag_rowwise", "embedding_bags_rowwise", "sparse24_linear", "dot_interaction",
+__all__ = ["int8_linear", "int8_mlp", "int8_mlp_quantized", "dot_interaction_int8", "int4_linear", "embedding_bag_rowwise", "embedding_bags_rowwise", "sparse24_linear", "dot_interaction",
            "INT8_KERNELS", "SPARSE24_KERNELS", "REDUCE_RANGE", "clear_cache"]
 
 _FLOAT_X = (torch.float32, torch.bfloat16, torch.float16)
@@ -375,33 +375,43 @@ def _workspace(kind: str, numel: int, dtype: torch.dtype) -> Tensor:
     return buf[:numel]
 
 
-def _int_mm_layers(x: Tensor, qweights: Sequence[Tensor], w_scales: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
-                   relus: Sequence[bool]) -> Tensor:
+def _int_mm_layers(x: Optional[Tensor], qweights: Sequence[Tensor], w_scales: Sequence[Tensor],
+                   biases: Sequence[Optional[Tensor]], relus: Sequence[bool],
+                   quantized: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
     """Exact W8A8 layers in a row (one layer: int8_linear's ``"int_mm"``). With AMX-INT8: one C pass
     (``native.amx_mlp``, weights packed once into its tile layout and cached). Otherwise native (or
     reference) per-token codes, ``torch._int_mm`` against each ``qweight [N, K]`` transposed, float64 epilogue (native or
     eager, same arithmetic as ``int8_linear_ref``), then ReLU where ``relus`` says. Between two
     layers the epilogue writes the next layer's codes (``native.w8a8_epilogue_quant``; without the
     native library: the epilogue, then the quantize, the same math), so the float activations in
-    between stay float32 and are never written: callers chain only float32 ``x``."""
+    between stay float32 and are never written: callers chain only float32 ``x``.
+    ``quantized``: ``(codes int8 [M, K], scales float32 [M])`` contiguous, the first layer's input
+    already quantized (``x`` is then None; the output is float32 ``[M, N]``)."""
     from hwaware.quant import native  # hwaware.quant imports hwaware.ops.packing: import at call time
 
     k, last = qweights[0].shape[1], len(qweights) - 1
-    x2d = x.reshape(-1, k)
-    if x2d.shape[0] == 0:
-        return x.new_zeros((*x.shape[:-1], qweights[-1].shape[0]))
-    xf = x2d.float().contiguous()
-    m = xf.shape[0]
+    if quantized is not None:
+        x2d = xf = None
+        q, sx = quantized
+        m, lead, dtype = q.shape[0], (q.shape[0],), torch.float32
+    else:
+        x2d = x.reshape(-1, k)
+        m, lead, dtype = x2d.shape[0], tuple(x.shape[:-1]), x.dtype
+    if m == 0:
+        return torch.zeros((*lead, qweights[-1].shape[0]), dtype=dtype)
     dims = [k] + [qw.shape[0] for qw in qweights]
+    if x2d is not None:
+        xf = x2d.float().contiguous()
     if native.amx_available() and min(dims) > 0:  # the same bits, on AMX tiles, a block of rows at a time
         # keyed on the [N, K] weights the caller holds (a transposed view made per call would miss)
         out = native.amx_mlp(xf, [_CACHE.get((qw,), ("amx",), lambda qw=qw: native.amx_pack(qw)) for qw in qweights], dims,
                              [s.contiguous() for s in w_scales], [None if b is None else b.float().contiguous() for b in biases],
-                             relus)
+                             relus, quantized)
         if out is not None:
-            return out.to(x.dtype).reshape(*x.shape[:-1], dims[-1])
-    qs = native.quant_tokens_i8(xf, out=_workspace("q", m * k, torch.int8).view(m, k))
-    q, sx = qs if qs is not None else quantize_per_token_ref(xf)
+            return out.to(dtype).reshape(*lead, dims[-1])
+    if quantized is None:
+        qs = native.quant_tokens_i8(xf, out=_workspace("q", m * k, torch.int8).view(m, k))
+        q, sx = qs if qs is not None else quantize_per_token_ref(xf)
     for i, (qw, w_scale, bias, relu) in enumerate(zip(qweights, w_scales, biases, relus)):
         wt = qw.t()  # a [K, N] view: _int_mm takes it as fast as a copy here
         n = wt.shape[1]
@@ -417,7 +427,7 @@ def _int_mm_layers(x: Tensor, qweights: Sequence[Tensor], w_scales: Sequence[Ten
             out = w8a8_epilogue_ref(acc, sx, sw, b).float()
             out = out.relu_() if relu else out
         if i == last:
-            return out.to(x.dtype).reshape(*x.shape[:-1], n)
+            return out.to(dtype).reshape(*lead, n)
         q, sx = quantize_per_token_ref(out)
     raise AssertionError("unreachable")
 
@@ -472,6 +482,59 @@ def _(x, qweights, w_scales, biases, relus):  # one int8_linear launch per layer
     for qw, s, b, relu in zip(qweights, w_scales, biases, relus):
         x = torch.ops.hwaware.int8_linear.default(x, qw, s, b, "auto", relu)
     return x
+
+
+# -- hwaware::int8_mlp_quantized: int8_mlp whose input arrives as per-token codes and scales ---------
+
+def _check_int8_mlp_quantized(codes: Tensor, scales: Tensor, qweights: Sequence[Tensor], w_scales: Sequence[Tensor],
+                              biases: Sequence[Optional[Tensor]], relus: Sequence[bool]) -> None:
+    _dt("codes", codes, (torch.int8,), "[M, K] int8 per-token codes")
+    _dt("scales", scales, (torch.float32,), "[M] float32 per-token scales")
+    if codes.dim() != 2 or scales.shape != codes.shape[:1] or scales.device != codes.device:
+        raise ValueError(f"codes must be [M, K] and scales [M] on one device, got {list(codes.shape)} on {codes.device} "
+                         f"and {list(scales.shape)} on {scales.device}")
+    if len(qweights) and qweights[0].dim() == 2 and codes.shape[1] != qweights[0].shape[1]:
+        raise ValueError(f"codes must be [M, K] with K = qweights[0].shape[1] = {qweights[0].shape[1]}, "
+                         f"got {list(codes.shape)}")
+    # the layers' own checks, on an empty float input of codes' width
+    _check_int8_mlp(codes.new_empty((0, codes.shape[1]), dtype=torch.float32), qweights, w_scales, biases, relus)
+
+
+@_define("int8_mlp_quantized(Tensor codes, Tensor scales, Tensor[] qweights, Tensor[] w_scales, Tensor?[] biases, "
+         "bool[] relus) -> Tensor")
+def int8_mlp_quantized(codes: Tensor, scales: Tensor, qweights: List[Tensor], w_scales: List[Tensor],
+                       biases: List[Optional[Tensor]], relus: List[bool]) -> Tensor:
+    """:func:`int8_mlp` of a float32 ``x`` given as its per-token int8 quantization, ``(codes, scales)
+    = quantize_per_token_ref(x)``: bit for bit ``int8_mlp(x, ...)`` whenever the codes are those of
+    ``x`` (a NaN scale makes its row NaN, as a NaN or inf in ``x`` does). Float32 ``[M, N]``. The
+    producer quantizes while it writes (``dot_interaction_int8``), so the float ``x`` never exists."""
+    _check_int8_mlp_quantized(codes, scales, qweights, w_scales, biases, relus)
+    if any(qw.shape[0] == 0 for qw in qweights) or codes.shape[1] == 0:
+        return _int8_mlp_quantized_any(codes, scales, qweights, w_scales, biases, relus)
+    return _int_mm_layers(None, qweights, w_scales, biases, relus, quantized=(codes.contiguous(), scales.contiguous()))
+
+
+def _int8_mlp_quantized_any(codes, scales, qweights, w_scales, biases, relus):
+    """The reference math on any device: exact float64 products, float64 epilogue, and between
+    layers the next input quantized as ``quantize_per_token_ref`` (``int8_linear_ref`` layer by layer)."""
+    _check_int8_mlp_quantized(codes, scales, qweights, w_scales, biases, relus)
+    q, sx = codes, scales
+    for i, (qw, s, b, relu) in enumerate(zip(qweights, w_scales, biases, relus)):
+        out = w8a8_epilogue_ref(q.double() @ qw.double().t(), sx, s, b).float()  # exact: |acc| << 2^53
+        out = out.relu_() if relu else out
+        if i == len(qweights) - 1:
+            return out
+        q, sx = quantize_per_token_ref(out)
+    raise AssertionError("unreachable")
+
+
+@int8_mlp_quantized.register_fake
+def _(codes, scales, qweights, w_scales, biases, relus):
+    _check_int8_mlp_quantized(codes, scales, qweights, w_scales, biases, relus)
+    return codes.new_empty((codes.shape[0], qweights[-1].shape[0]), dtype=torch.float32)
+
+
+int8_mlp_quantized.register_kernel("cuda")(_int8_mlp_quantized_any)
 
 
 def _linear_fp32(x: Tensor, w: Tensor, bias: Optional[Tensor], relu: bool = False) -> Tensor:
@@ -878,6 +941,42 @@ _LIB.define("dot_interaction(Tensor[] vectors, SymInt pad) -> Tensor")
 _LIB.impl("dot_interaction", _dot_interaction_cpu, "CPU")
 _LIB.impl("dot_interaction", _dot_interaction_any, "CompositeExplicitAutograd")  # CUDA and the rest: torch ops
 torch.library.register_fake("hwaware::dot_interaction", _dot_interaction_fake, lib=_LIB)
+@_define("dot_interaction_int8(Tensor[] vectors, SymInt pad) -> (Tensor, Tensor)")
+def dot_interaction_int8(vectors: List[Tensor], pad: int) -> Tuple[Tensor, Tensor]:
+    """``quantize_per_token_ref(dot_interaction(vectors, pad))``: the interaction's rows as the int8
+    codes and scales the top MLP's first int8 layer would quantize them to, without writing them as
+    floats (a deploy op: no backward; feed it to :func:`int8_mlp_quantized`). Bit for bit those two
+    ops in turn for rows without NaN or inf (such a row gets a NaN scale either way). CPU float32
+    with AVX-512: one C pass (``native.dot_interaction_int8``); otherwise the float rows, then the
+    quantize."""
+    from hwaware.quant import native
+
+    _check_dot_interaction(vectors, pad)
+    if not all(v.is_contiguous() for v in vectors):
+        vectors = [v.contiguous() for v in vectors]
+    got = native.dot_interaction_int8(vectors, pad)
+    if got is not None:
+        return got
+    z = _dot_interaction_cpu(vectors, pad).float()
+    qs = native.quant_tokens_i8(z) if z.numel() else None
+    return qs if qs is not None else quantize_per_token_ref(z)
+
+
+def _dot_interaction_int8_any(vectors: List[Tensor], pad: int) -> Tuple[Tensor, Tensor]:
+    _check_dot_interaction(vectors, pad)
+    return quantize_per_token_ref(dot_interaction_ref(vectors, pad))
+
+
+def _dot_interaction_int8_fake(vectors: List[Tensor], pad: int) -> Tuple[Tensor, Tensor]:
+    _check_dot_interaction(vectors, pad)
+    nvec, (batch, dim) = len(vectors), vectors[0].shape
+    x = vectors[0]
+    return (x.new_empty((batch, dim + nvec * (nvec - 1) // 2 + pad), dtype=torch.int8),
+            x.new_empty((batch,), dtype=torch.float32))
+
+
+dot_interaction_int8.register_fake(_dot_interaction_int8_fake)
+_LIB.impl("dot_interaction_int8", _dot_interaction_int8_any, "CompositeExplicitAutograd")  # CUDA, the rest, no tensors
 _LIB.define("dot_interaction_backward(Tensor grad, Tensor[] vectors, SymInt pad) -> Tensor[]")
 _LIB.impl("dot_interaction_backward", _dot_interaction_backward_cpu, "CPU")
 _LIB.impl("dot_interaction_backward", dot_interaction_backward_ref, "CompositeExplicitAutograd")

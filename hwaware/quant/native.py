@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["native_status", "fq_sym_rows", "fq_affine_rows", "quant_tokens_i8", "w8a8_epilogue", "w8a8_epilogue_quant", "check_bags", "rowwise_bags",
-           "dot_interaction", "dot_interaction_backward", "amx_available", "amx_pack", "amx_mlp"]
+           "dot_interaction", "dot_interaction_backward", "dot_interaction_int8", "amx_available", "amx_pack", "amx_mlp"]
 
 _SRCS = [Path(__file__).parent / "_native" / n for n in ("rowwise_fq.c", "w8a8.c", "bags.c", "interact.c")]
 _HEADERS = [Path(__file__).parent / "_native" / "rows.h"]  # included by the sources: part of the build key
@@ -118,7 +118,9 @@ def _load() -> Optional[ctypes.CDLL]:
         lib.hw_amx_available.restype = i32
         lib.hw_amx_pack.argtypes = [f32p, i64, i64, f32p]
         lib.hw_amx_pack.restype = None
-        lib.hw_amx_mlp.argtypes = [f32p, i64, i32, f32p, f32p, f32p, f32p, f32p, f32p]
+        lib.hw_amx_mlp.argtypes = [f32p, f32p, f32p, i64, i32, f32p, f32p, f32p, f32p, f32p, f32p]
+        lib.hw_dot_interaction_fwd_q.argtypes = [f32p, i64, i64, i64, i64, f32p, f32p]
+        lib.hw_dot_interaction_fwd_q.restype = i32
         lib.hw_amx_mlp.restype = i32
         _lib, _status = lib, f"loaded {target}"
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
@@ -225,15 +227,25 @@ def amx_pack(qweight: Tensor) -> Tensor:
 
 
 def amx_mlp(x2d: Tensor, packed: Sequence[Tensor], dims: Sequence[int], w_scales: Sequence[Tensor],
-            biases: Sequence[Optional[Tensor]], relus: Sequence[bool]) -> Optional[Tensor]:
+            biases: Sequence[Optional[Tensor]], relus: Sequence[bool],
+            quantized: Optional[Tuple[Tensor, Tensor]] = None) -> Optional[Tensor]:
     """W8A8 layers on AMX tiles (``hw_amx_mlp``), bit for bit the ``int_mm`` passes: ``x2d``
     contiguous float32 ``[M, dims[0]]`` -> float32 ``[M, dims[-1]]``; ``packed[i]`` from
-    :func:`amx_pack`, ``w_scales``/``biases`` contiguous float32. None: not available here."""
-    if not (amx_available() and _usable(x2d)):
-        return None
+    :func:`amx_pack`, ``w_scales``/``biases`` contiguous float32. ``quantized``: instead of ``x2d``
+    (pass None), its per-token codes and scales, contiguous int8 ``[M, dims[0]]`` and float32 ``[M]``.
+    None: not available here."""
+    if quantized is not None:
+        q, sx = quantized
+        if not (amx_available() and q.numel() > 0):
+            return None
+        rows, args = q.shape[0], (None, q.data_ptr(), sx.data_ptr())
+    else:
+        if not (amx_available() and _usable(x2d)):
+            return None
+        rows, args = x2d.shape[0], (x2d.data_ptr(), None, None)
     nl = len(packed)
-    out = torch.empty(x2d.shape[0], dims[-1], dtype=torch.float32)
-    rc = _lib.hw_amx_mlp(x2d.data_ptr(), x2d.shape[0], nl, (ctypes.c_int64 * (nl + 1))(*dims), _ptrs(packed),
+    out = torch.empty(rows, dims[-1], dtype=torch.float32)
+    rc = _lib.hw_amx_mlp(*args, rows, nl, (ctypes.c_int64 * (nl + 1))(*dims), _ptrs(packed),
                          _ptrs(w_scales), (ctypes.c_void_p * nl)(*[None if b is None else b.data_ptr() for b in biases]),
                          (ctypes.c_int32 * nl)(*map(int, relus)), out.data_ptr())
     if rc == -1:
@@ -305,6 +317,23 @@ def dot_interaction(vectors: Sequence[Tensor], pad: int) -> Optional[Tensor]:
     if batch and _lib.hw_dot_interaction_fwd(_ptrs(vectors), batch, nvec, dim, pad, out.data_ptr()) != 0:
         raise MemoryError(f"dot_interaction: no memory for the per-thread scratch (V={nvec}, D={dim})")
     return out
+
+
+def dot_interaction_int8(vectors: Sequence[Tensor], pad: int) -> Optional[Tuple[Tensor, Tensor]]:
+    """:func:`quant_tokens_i8` of :func:`dot_interaction`'s output, bit for bit for finite rows, in
+    one pass that never writes the float rows (``hw_dot_interaction_fwd_q``): ``(codes int8 [B, W],
+    scales float32 [B])``. None: use the two passes (no AVX-512, or no native library)."""
+    if not _interaction_usable(vectors):
+        return None
+    (batch, dim), nvec = vectors[0].shape, len(vectors)
+    codes = torch.empty(batch, dim + nvec * (nvec - 1) // 2 + pad, dtype=torch.int8)
+    scales = torch.empty(batch, dtype=torch.float32)
+    if batch == 0:
+        return codes, scales
+    rc = _lib.hw_dot_interaction_fwd_q(_ptrs(vectors), batch, nvec, dim, pad, codes.data_ptr(), scales.data_ptr())
+    if rc == -1:
+        raise MemoryError(f"dot_interaction_int8: no memory for the per-thread scratch (V={nvec}, D={dim})")
+    return (codes, scales) if rc == 0 else None
 
 
 def dot_interaction_backward(grad: Tensor, vectors: Sequence[Tensor], pad: int) -> Optional[List[Tensor]]:

@@ -28,6 +28,7 @@
  * Samples are independent: split over torch's OpenMP pool (see w8a8.c) above PAR_MIN
  * multiply-adds. Returns 0, or -1 when a scratch allocation fails.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -83,8 +84,8 @@ static inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? (__mmask16)0xF
  * input transposed 16 x 16 at a time), p: [npair] lane vectors. Each dot is
  * fma(v_i[d], v_j[d], acc) over d = 0..dim-1 in order, the same for every lane, so a sample's
  * result depends neither on its position in the batch nor on the thread count. */
-static void fwd_block16(const float *const *vecs, int64_t b0, int64_t n, int64_t nvec, int64_t dim, int64_t width,
-                        __m512 *x, __m512 *p, float *out) {
+static int64_t block16_dots(const float *const *vecs, int64_t b0, int64_t n, int64_t nvec, int64_t dim, __m512 *x,
+                            __m512 *p) {
     for (int64_t j = 0; j < nvec; ++j)
         for (int64_t c0 = 0; c0 < dim; c0 += 16) {
             const int64_t cols = dim - c0 < 16 ? dim - c0 : 16;
@@ -114,6 +115,12 @@ static void fwd_block16(const float *const *vecs, int64_t b0, int64_t n, int64_t
             p[q] = a;
         }
     }
+    return q;
+}
+
+/* fwd_block16's output: sample-major rows [x | pairs | pad zeros] of `width` floats */
+static void store_block16(const float *const *vecs, int64_t b0, int64_t n, int64_t dim, int64_t q, int64_t width,
+                          const __m512 *p, float *out) {
     for (int64_t l = 0; l < n; ++l) { /* x, then zeros past the pairs */
         float *o = out + (b0 + l) * width;
         memcpy(o, vecs[0] + (b0 + l) * dim, (size_t)dim * sizeof(float));
@@ -126,6 +133,61 @@ static void fwd_block16(const float *const *vecs, int64_t b0, int64_t n, int64_t
         transpose16(r);
         const __mmask16 k = first_lanes(cnt);
         for (int64_t l = 0; l < n; ++l) _mm512_mask_storeu_ps(out + (b0 + l) * width + dim + p0, k, r[l]);
+    }
+}
+
+static void fwd_block16(const float *const *vecs, int64_t b0, int64_t n, int64_t nvec, int64_t dim, int64_t width,
+                        __m512 *x, __m512 *p, float *out) {
+    store_block16(vecs, b0, n, dim, block16_dots(vecs, b0, n, nvec, dim, x, p), width, p, out);
+}
+
+#define EPS 1.1920928955078125e-07f /* torch.finfo(torch.float32).eps, as w8a8.c */
+
+/* 16 floats -> int8 codes as w8a8.c's quant_scaled does them: clamp(round_half_even(v * inv), +-127) */
+static inline void codes16(__m512 v, __m512 inv, __mmask16 k, int8_t *dst) {
+    const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+    v = _mm512_roundscale_ps(_mm512_mul_ps(v, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm512_mask_cvtepi32_storeu_epi8(dst, k, _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(v, lo), hi)));
+}
+
+/* The same rows as store_block16, written as w8a8.c's hw_quant_tokens_i8 would quantize them: per-row
+ * (per-lane here: a lane is a sample) s = max(max|v| / 127, eps), codes clamp(rint(v / s)); a row
+ * holding NaN or inf gets a NaN scale. Bit for bit hw_quant_tokens_i8 of store_block16's floats for
+ * finite rows (the max is exact in any order; then the same operations per value). */
+static void store_block16_codes(const float *const *vecs, int64_t b0, int64_t n, int64_t dim, int64_t q,
+                                int64_t width, const __m512 *x, const __m512 *p, int8_t *codes, float *scales) {
+    __m512 vm = _mm512_setzero_ps();
+    __mmask16 bad = 0;
+    for (int64_t d = 0; d < dim; ++d) { /* vector 0 (x) goes into the row as is */
+        bad |= _mm512_cmp_ps_mask(x[d], x[d], _CMP_UNORD_Q);
+        vm = _mm512_max_ps(vm, _mm512_abs_ps(x[d]));
+    }
+    for (int64_t i = 0; i < q; ++i) {
+        bad |= _mm512_cmp_ps_mask(p[i], p[i], _CMP_UNORD_Q);
+        vm = _mm512_max_ps(vm, _mm512_abs_ps(p[i]));
+    }
+    bad |= _mm512_cmp_ps_mask(vm, _mm512_set1_ps(3.4028234663852886e+38f), _CMP_NLE_UQ); /* inf */
+    __m512 s = _mm512_div_ps(vm, _mm512_set1_ps(127.0f));
+    s = _mm512_mask_mov_ps(s, _mm512_cmp_ps_mask(s, _mm512_set1_ps(EPS), _CMP_LT_OQ), _mm512_set1_ps(EPS));
+    float inv[16];
+    _mm512_storeu_ps(inv, _mm512_div_ps(_mm512_set1_ps(1.0f), s));
+    _mm512_mask_storeu_ps(scales + b0, first_lanes(n), _mm512_mask_mov_ps(s, bad, _mm512_set1_ps(NAN)));
+    for (int64_t l = 0; l < n; ++l) { /* x, then zeros past the pairs */
+        int8_t *o = codes + (b0 + l) * width;
+        const __m512 vinv = _mm512_set1_ps(inv[l]);
+        for (int64_t c = 0; c < dim; c += 16) {
+            const __mmask16 k = first_lanes(dim - c);
+            codes16(_mm512_maskz_loadu_ps(k, vecs[0] + (b0 + l) * dim + c), vinv, k, o + c);
+        }
+        memset(o + dim + q, 0, (size_t)(width - dim - q));
+    }
+    for (int64_t p0 = 0; p0 < q; p0 += 16) { /* pairs back to sample-major, 16 at a time */
+        const int64_t cnt = q - p0 < 16 ? q - p0 : 16;
+        __m512 r[16];
+        for (int64_t m = 0; m < 16; ++m) r[m] = m < cnt ? p[p0 + m] : _mm512_setzero_ps();
+        transpose16(r);
+        const __mmask16 k = first_lanes(cnt);
+        for (int64_t l = 0; l < n; ++l) codes16(r[l], _mm512_set1_ps(inv[l]), k, codes + (b0 + l) * width + dim + p0);
     }
 }
 #endif
@@ -188,6 +250,37 @@ static int fwd_per_sample(const float *const *vecs, int64_t batch, int64_t nvec,
 }
 
 #endif
+
+/* hw_dot_interaction_fwd's rows as int8 codes [batch, width] and per-row scales [batch], never
+ * written as floats (the int8 input of the top MLP's first layer). Returns 0, -1 when a scratch
+ * allocation fails, -2 without AVX-512 (the caller quantizes hw_dot_interaction_fwd's output). */
+int hw_dot_interaction_fwd_q(const float *const *vecs, int64_t batch, int64_t nvec, int64_t dim, int64_t pad,
+                             int8_t *codes, float *scales) {
+#ifdef SIMD_FWD
+    const int64_t npair = nvec * (nvec - 1) / 2, width = dim + npair + pad, nblock = (batch + 15) / 16;
+    int failed = 0;
+#pragma omp parallel if (batch * nvec * nvec * dim >= PAR_MIN)
+    {
+        __m512 *x = (__m512 *)_mm_malloc((size_t)(nvec * dim + npair + 1) * sizeof(__m512), 64);
+        if (x == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < nblock; ++blk) {
+            if (x == NULL) continue;
+            const int64_t b0 = blk * 16, n = batch - b0 < 16 ? batch - b0 : 16;
+            const int64_t q = block16_dots(vecs, b0, n, nvec, dim, x, x + nvec * dim);
+            store_block16_codes(vecs, b0, n, dim, q, width, x, x + nvec * dim, codes, scales);
+        }
+        _mm_free(x);
+    }
+    return failed ? -1 : 0;
+#else
+    (void)vecs, (void)batch, (void)nvec, (void)dim, (void)pad, (void)codes, (void)scales;
+    return -2;
+#endif
+}
 
 int hw_dot_interaction_fwd(const float *const *vecs, int64_t batch, int64_t nvec, int64_t dim, int64_t pad,
                            float *out) {

@@ -268,8 +268,10 @@ void hw_amx_pack(const int8_t *w, int64_t n, int64_t k, int8_t *out) {
 
 /* nlayers W8A8 layers: x [rows, dims[0]] float32 -> out [rows, dims[nlayers]] float32, layer i
  * dims[i] -> dims[i+1] with packed weights w[i] (hw_amx_pack), scales sw[i], bias[i] (or NULL) and
- * ReLU when relus[i]. Returns 0, -1 when per-thread buffers cannot be allocated, -2 without AMX. */
-int hw_amx_mlp(const float *x, int64_t rows, int32_t nlayers, const int64_t *dims, const int8_t *const *w,
+ * ReLU when relus[i]. x NULL: the input comes quantized instead, codes qx [rows, dims[0]] int8 and
+ * scales sx [rows] (what hw_quant_tokens_i8 of x gives). Returns 0, -1 when per-thread buffers
+ * cannot be allocated, -2 without AMX. */
+int hw_amx_mlp(const float *x, const int8_t *qx, const float *sx, int64_t rows, int32_t nlayers, const int64_t *dims, const int8_t *const *w,
                const float *const *sw, const float *const *bias, const int32_t *relus, float *out) {
 #ifdef HW_AMX
     int64_t kmax = 0, nmax = 0;
@@ -301,12 +303,23 @@ int hw_amx_mlp(const float *x, int64_t rows, int32_t nlayers, const int64_t *dim
             if (codes == NULL || acc == NULL || buf == NULL || wide == NULL) continue;
             const int64_t r0 = blk * AMX_ROWS, nr = rows - r0 < AMX_ROWS ? rows - r0 : AMX_ROWS;
             int cur = 0;
-            int64_t lda = (dims[0] + 63) / 64 * 64;
-            for (int64_t r = 0; r < nr; ++r)
-                quant_row(x + (r0 + r) * dims[0], dims[0], codes + r * lda, &scales[0][r]);
+            const int64_t k0 = dims[0], kp0 = (k0 + 63) / 64 * 64;
+            int64_t lda = kp0;
+            const int8_t *a = codes;
+            if (qx == NULL) {
+                for (int64_t r = 0; r < nr; ++r) quant_row(x + (r0 + r) * k0, k0, codes + r * kp0, &scales[0][r]);
+            } else {
+                memcpy(scales[0], sx + r0, (size_t)nr * sizeof(float));
+                if ((r0 + AMX_ROWS - 1) * k0 + kp0 <= rows * k0) { /* the tile loads stay inside qx: read it there */
+                    a = qx + r0 * k0;
+                    lda = k0;
+                } else {
+                    for (int64_t r = 0; r < nr; ++r) memcpy(codes + r * kp0, qx + (r0 + r) * k0, (size_t)k0);
+                }
+            }
             for (int32_t i = 0; i < nlayers; ++i) {
                 const int64_t n = dims[i + 1], nb_n = (n + 15) / 16, ldc = nb_n * 16;
-                amx_block(codes + cur * AMX_ROWS * kmax, lda, lda / 64, w[i], nb_n, acc, ldc);
+                amx_block(i == 0 ? a : codes + cur * AMX_ROWS * kmax, lda, (dims[i] + 63) / 64, w[i], nb_n, acc, ldc);
                 double *swd = wide, *bd = bias[i] != NULL ? wide + nmax : NULL;
                 for (int64_t c = 0; c < n; ++c) swd[c] = (double)sw[i][c];
                 if (bd != NULL)
@@ -334,7 +347,7 @@ int hw_amx_mlp(const float *x, int64_t rows, int32_t nlayers, const int64_t *dim
     }
     return failed ? -1 : 0;
 #else
-    (void)x, (void)rows, (void)nlayers, (void)dims, (void)w, (void)sw, (void)bias, (void)relus, (void)out;
+    (void)x, (void)qx, (void)sx, (void)rows, (void)nlayers, (void)dims, (void)w, (void)sw, (void)bias, (void)relus, (void)out;
     return -2;
 #endif
 }
