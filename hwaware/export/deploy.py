@@ -296,8 +296,32 @@ class Int8Chain(nn.Sequential):
     The ``state_dict`` keys are the ``nn.Sequential``'s; :func:`chain_int8` makes one."""
 
     def forward(self, input: Tensor) -> Tensor:
+        return self._forward_from(input, 0)
+
+    def takes_quantized(self) -> bool:
+        """Whether :meth:`forward_quantized` applies: the first child starts a run of CPU ``int_mm``
+        layers, and no hook (on this module or global) would miss seeing a float input."""
         mods = list(self._modules.values())
-        x, i = input, 0
+        return not _hooked(self) and bool(mods) and bool(_int_mm_run(mods, 0)[0])
+
+    def forward_quantized(self, codes: Tensor, scales: Tensor) -> Tensor:
+        """``self(x)`` given ``(codes, scales) = quantize_per_token_ref(x)`` for a float32 CPU ``x``
+        [M, K]: bit for bit the same, the first run through ``hwaware::int8_mlp_quantized``. A producer
+        that quantizes while it writes (DLRM's ``hwaware::dot_interaction_int8``) never writes ``x``.
+        Check :meth:`takes_quantized` first."""
+        mods = list(self._modules.values())
+        run, end = _int_mm_run(mods, 0)
+        if not run:
+            raise RuntimeError("forward_quantized: the first child is not a CPU int_mm Int8Linear (check takes_quantized())")
+        layers = [mods[j] for j in run]
+        x = torch.ops.hwaware.int8_mlp_quantized.default(codes, scales, [m.qweight for m in layers],
+                                                         [m.w_scale for m in layers], [m.bias for m in layers],
+                                                         [m.relu for m in layers])
+        return self._forward_from(x, end)
+
+    def _forward_from(self, input: Tensor, start: int) -> Tensor:
+        mods = list(self._modules.values())
+        x, i = input, start
         while i < len(mods):
             # CPU float32 input to the run only (checked where each run starts: an earlier child or
             # autocast may change it): per layer, other dtypes round each activation to that dtype

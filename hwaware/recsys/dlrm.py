@@ -25,6 +25,7 @@ from torchmetrics.classification import BinaryAUROC
 
 import hwaware.ops  # noqa: F401  (registers torch.ops.hwaware.dot_interaction)
 from hwaware.recsys.criteo import DEFAULT_TABLE_SIZES, NUM_DENSE
+from hwaware.export.deploy import Int8Chain
 from hwaware.recsys.embedding import EmbeddingBagList
 
 __all__ = ["DLRM", "evaluate_auroc"]
@@ -140,6 +141,13 @@ class DLRM(pl.LightningModule):
         vectors = [x] + self.embeddings(sparse.t(), offsets)  # ids [T, B]; V = T + 1 of [B, D]
         dtype = functools.reduce(torch.promote_types, (v.dtype for v in vectors))  # bf16 MLP + fp32 tables: fp32
         vectors = [v if v.dtype == dtype else v.to(dtype) for v in vectors]
+        top = self.top_mlp
+        if type(top) is Int8Chain and dtype == torch.float32 and x.device.type == "cpu" and top.takes_quantized():
+            # exported, with the top MLP's first layers an int8 chain: the interaction writes its rows as
+            # that chain's int8 input (codes and per-row scales, bit for bit what the chain would make of
+            # the float rows), so the [B, D + P] float rows are never written and read back
+            codes, scales = torch.ops.hwaware.dot_interaction_int8.default(vectors, self._pad)
+            return top.forward_quantized(codes, scales).squeeze(1)
         # [x | pairwise dots, strictly upper triangle of [V, V] row-major | pad zeros]: [B, D + V(V-1)/2 + pad],
         # one fused op (hwaware/ops: stack + bmm + index_select + cat in one C pass on CPU, with its backward)
         z = torch.ops.hwaware.dot_interaction(vectors, self._pad)
