@@ -2,7 +2,7 @@
 that computes the layer's math, and record all of it in the manifest.
 
 int8 layers (:class:`Int8Linear`): ``hwaware::int8_linear``'s CPU implementations, all on the same
-int8 weight codes: ``int_mm`` (the exact per-token W8A8 math through ``torch._int_mm``), ``fbgemm``
+int8 weight codes: ``int_mm`` (the exact per-token W8A8 math: AMX tiles or ``torch._int_mm``), ``fbgemm``
 (fbgemm's per-tensor dynamic GEMM on per-token pre-scaled rows, ~42 dB from the exact math) and
 ``dequant`` (the codes dequantized once to fp32, activations not quantized: the same weights at
 higher activation precision, fp32 speed). Which is fastest depends on the CPU (AMX/VNNI vs AVX2)
@@ -41,7 +41,8 @@ from hwaware.ops import INT8_KERNELS, packing
 __all__ = ["capture_rows", "select_sparse24_kernels", "select_int8_kernels", "time_us"]
 
 _INT8_NOTES = {
-    "int_mm": "exact per-token W8A8 (torch._int_mm, oneDNN; bit-identical to int8_linear_ref)",
+    "int_mm": ("exact per-token W8A8, bit-identical to int8_linear_ref (one C pass on AMX tiles where the CPU has "
+               "AMX-INT8, else torch._int_mm)"),
     "fbgemm": "fbgemm dynamic linear on per-token pre-scaled rows (per-tensor uint8 inside; ~42 dB from exact)",
     "dequant": "int8 codes dequantized once to an fp32 weight, F.linear on unquantized activations "
                "(W8A32: higher precision than W8A8; an fp32 copy of the weight in memory)",
@@ -126,7 +127,7 @@ def _candidates(layer: Sparse24Linear) -> Dict[str, Tuple[Optional[Callable[[Ten
         "dense": (lambda x: op(x, vf, meta, None, bias, "dense"), not is_int8, "dense",
                   "decompressed once to an FP32 weight, F.linear"),
         "int8": (lambda x: op(x, vq, int8_meta, sq, bias, "dense"), is_int8, "dense",
-                 "decompressed once to int8 codes, exact W8A8 through torch._int_mm"),
+                 "decompressed once to int8 codes, exact W8A8 (int8_linear's int_mm path)"),
         "int8_fbgemm": (lambda x: op(x, vq, int8_meta, sq, bias, "fbgemm"), is_int8, "fbgemm",
                         "decompressed once to int8 codes, W8A8 through fbgemm (per-tensor inside)"),
         "int8_dequant": (lambda x: op(x, vq, int8_meta, sq, bias, "dequant"), is_int8, "dequant",
