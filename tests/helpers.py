@@ -85,3 +85,18 @@ def train_with_quant(tmp_path, model: Optional[pl.LightningModule] = None, max_e
     train, val = loaders()
     trainer.fit(model, train, val)
     return trainer, model, cb
+
+
+def int8_layers(dims, seed: int = 0):
+    """Int8 MLP layers ``dims[0] -> dims[1] -> ...``: ``(qweights, w_scales, biases)``, a bias on
+    every other layer (layer 0 has one), weights quantized per channel from a seeded normal."""
+    from hwaware.ops.packing import quantize_int8_weight
+
+    g = torch.Generator().manual_seed(seed)
+    qws, scales, biases = [], [], []
+    for i, (k, n) in enumerate(zip(dims, dims[1:])):
+        qw, s = quantize_int8_weight(torch.randn(n, k, generator=g) / k**0.5)
+        qws.append(qw)
+        scales.append(s)
+        biases.append(torch.randn(n, generator=g) if i % 2 == 0 else None)
+    return qws, scales, biases

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import hwaware.ops as ops
-from hwaware.ops.packing import quantize_int8_weight
 from hwaware.ops.reference import int8_linear_ref
 from hwaware.quant import native
+from tests.helpers import int8_layers
 
 pytestmark = pytest.mark.skipif(not native.amx_available(),
                                 reason=f"no AMX-INT8 here (native: {native.native_status()})")
@@ -26,14 +26,8 @@ def int_mm_path(monkeypatch):
 
 
 def _layers(dims, bias, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    qws, scales, biases = [], [], []
-    for i, (k, n) in enumerate(zip(dims, dims[1:])):
-        qw, s = quantize_int8_weight(torch.randn(n, k, generator=g) / k**0.5)
-        qws.append(qw)
-        scales.append(s)
-        biases.append(torch.randn(n, generator=g) if bias and i % 2 == 0 else None)
-    return qws, scales, biases
+    qws, scales, biases = int8_layers(dims, seed)
+    return qws, scales, biases if bias else [None] * len(biases)
 
 
 def _reference_packing(w: torch.Tensor) -> torch.Tensor:

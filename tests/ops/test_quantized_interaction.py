@@ -11,6 +11,7 @@ import hwaware.ops as ops
 from hwaware.ops.packing import quantize_int8_weight
 from hwaware.ops.reference import quantize_per_token_ref
 from hwaware.quant import native
+from tests.helpers import int8_layers
 
 
 def _vectors(batch, nvec, dim, seed=0):
@@ -22,17 +23,6 @@ def _quantize(z):
     """The codes and scales int8_mlp's first layer makes of float rows z (native pass, or the reference)."""
     got = native.quant_tokens_i8(z.contiguous()) if z.numel() else None
     return got if got is not None else quantize_per_token_ref(z)
-
-
-def _layers(dims, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    qws, scales, biases = [], [], []
-    for i, (k, n) in enumerate(zip(dims, dims[1:])):
-        qw, s = quantize_int8_weight(torch.randn(n, k, generator=g) / k**0.5)
-        qws.append(qw)
-        scales.append(s)
-        biases.append(torch.randn(n, generator=g) if i % 2 == 0 else None)
-    return qws, scales, biases
 
 
 @pytest.mark.parametrize("batch,nvec,dim,pad", [(2048, 27, 16, 0), (33, 5, 7, 3), (1, 2, 40, 1), (16, 27, 16, 4),
@@ -85,7 +75,7 @@ def test_mlp_of_the_codes_is_the_mlp_of_the_floats(monkeypatch, rows, dims, amx)
         pytest.skip("no AMX-INT8 here")
     if not amx:
         monkeypatch.setattr(native, "_amx", False)
-    qws, scales, biases = _layers(dims)
+    qws, scales, biases = int8_layers(dims)
     relus = [True] * (len(dims) - 2) + [False]
     x = torch.randn(rows, dims[0]) * 2
     codes, sx = _quantize(x)
@@ -96,7 +86,7 @@ def test_mlp_of_the_codes_is_the_mlp_of_the_floats(monkeypatch, rows, dims, amx)
 
 
 def test_mlp_of_the_codes_reads_strided_and_empty_inputs():
-    qws, scales, biases = _layers((40, 24, 8))
+    qws, scales, biases = int8_layers((40, 24, 8))
     x = torch.randn(70, 40)
     codes, sx = _quantize(x)
     wide = torch.zeros(70, 64, dtype=torch.int8)
@@ -108,7 +98,7 @@ def test_mlp_of_the_codes_reads_strided_and_empty_inputs():
 
 
 def test_rejects_bad_inputs():
-    qws, scales, biases = _layers((16, 8))
+    qws, scales, biases = int8_layers((16, 8))
     codes, sx = _quantize(torch.randn(5, 16))
     with pytest.raises(TypeError, match="codes must be .*int8"):
         ops.int8_mlp_quantized(codes.float(), sx, qws, scales, biases, [False])
@@ -127,7 +117,7 @@ def test_rejects_bad_inputs():
 
 
 def test_opcheck():
-    qws, scales, biases = _layers((16, 8, 4))
+    qws, scales, biases = int8_layers((16, 8, 4))
     codes, sx = _quantize(torch.randn(6, 16))
     torch.library.opcheck(torch.ops.hwaware.int8_mlp_quantized.default, (codes, sx, qws, scales, biases, [True, False]))
     torch.library.opcheck(torch.ops.hwaware.dot_interaction_int8.default, (_vectors(6, 4, 8), 3))
@@ -159,11 +149,17 @@ def _unfused(model, dense, sparse):
     return model.top_mlp(ops.dot_interaction(vectors, model._pad)).squeeze(1)
 
 
-def test_dlrm_feeds_the_int8_chain_codes_and_gets_the_same_bits(monkeypatch):
-    model, dense, sparse = _exported_dlrm()
-    seen = []
+@pytest.fixture
+def seen(monkeypatch):
+    """Records each call of hwaware::dot_interaction_int8 (as DLRM makes it, through .default)."""
+    calls = []
     real = torch.ops.hwaware.dot_interaction_int8.default
-    monkeypatch.setattr(torch.ops.hwaware.dot_interaction_int8, "default", lambda v, p: seen.append(1) or real(v, p))
+    monkeypatch.setattr(torch.ops.hwaware.dot_interaction_int8, "default", lambda v, p: calls.append(1) or real(v, p))
+    return calls
+
+
+def test_dlrm_feeds_the_int8_chain_codes_and_gets_the_same_bits(seen):
+    model, dense, sparse = _exported_dlrm()
     with torch.no_grad():
         out = model(dense, sparse)
         assert seen == [1]
@@ -174,11 +170,8 @@ def test_dlrm_feeds_the_int8_chain_codes_and_gets_the_same_bits(monkeypatch):
     assert torch.equal(program.module()(dense, sparse), out)
 
 
-def test_dlrm_keeps_the_float_rows_where_something_would_see_them(monkeypatch):
+def test_dlrm_keeps_the_float_rows_where_something_would_see_them(seen):
     model, dense, sparse = _exported_dlrm()
-    seen = []
-    real = torch.ops.hwaware.dot_interaction_int8.default
-    monkeypatch.setattr(torch.ops.hwaware.dot_interaction_int8, "default", lambda v, p: seen.append(1) or real(v, p))
     with torch.no_grad():
         want = _unfused(model, dense, sparse)
     inputs = []

@@ -118,7 +118,7 @@ static int64_t block16_dots(const float *const *vecs, int64_t b0, int64_t n, int
     return q;
 }
 
-/* fwd_block16's output: sample-major rows [x | pairs | pad zeros] of `width` floats */
+/* block16_dots's samples as sample-major float rows [x | pairs | pad zeros] of `width` floats */
 static void store_block16(const float *const *vecs, int64_t b0, int64_t n, int64_t dim, int64_t q, int64_t width,
                           const __m512 *p, float *out) {
     for (int64_t l = 0; l < n; ++l) { /* x, then zeros past the pairs */
@@ -134,11 +134,6 @@ static void store_block16(const float *const *vecs, int64_t b0, int64_t n, int64
         const __mmask16 k = first_lanes(cnt);
         for (int64_t l = 0; l < n; ++l) _mm512_mask_storeu_ps(out + (b0 + l) * width + dim + p0, k, r[l]);
     }
-}
-
-static void fwd_block16(const float *const *vecs, int64_t b0, int64_t n, int64_t nvec, int64_t dim, int64_t width,
-                        __m512 *x, __m512 *p, float *out) {
-    store_block16(vecs, b0, n, dim, block16_dots(vecs, b0, n, nvec, dim, x, p), width, p, out);
 }
 
 #define EPS 1.1920928955078125e-07f /* torch.finfo(torch.float32).eps, as w8a8.c */
@@ -251,12 +246,11 @@ static int fwd_per_sample(const float *const *vecs, int64_t batch, int64_t nvec,
 
 #endif
 
-/* hw_dot_interaction_fwd's rows as int8 codes [batch, width] and per-row scales [batch], never
- * written as floats (the int8 input of the top MLP's first layer). Returns 0, -1 when a scratch
- * allocation fails, -2 without AVX-512 (the caller quantizes hw_dot_interaction_fwd's output). */
-int hw_dot_interaction_fwd_q(const float *const *vecs, int64_t batch, int64_t nvec, int64_t dim, int64_t pad,
-                             int8_t *codes, float *scales) {
 #ifdef SIMD_FWD
+/* The forward over 16-sample blocks split across threads, writing float rows (out) or, with out
+ * NULL, int8 codes and scales (store_block16 / store_block16_codes). */
+static int fwd_blocks(const float *const *vecs, int64_t batch, int64_t nvec, int64_t dim, int64_t pad, float *out,
+                      int8_t *codes, float *scales) {
     const int64_t npair = nvec * (nvec - 1) / 2, width = dim + npair + pad, nblock = (batch + 15) / 16;
     int failed = 0;
 #pragma omp parallel if (batch * nvec * nvec * dim >= PAR_MIN)
@@ -271,11 +265,24 @@ int hw_dot_interaction_fwd_q(const float *const *vecs, int64_t batch, int64_t nv
             if (x == NULL) continue;
             const int64_t b0 = blk * 16, n = batch - b0 < 16 ? batch - b0 : 16;
             const int64_t q = block16_dots(vecs, b0, n, nvec, dim, x, x + nvec * dim);
-            store_block16_codes(vecs, b0, n, dim, q, width, x, x + nvec * dim, codes, scales);
+            if (out != NULL)
+                store_block16(vecs, b0, n, dim, q, width, x + nvec * dim, out);
+            else
+                store_block16_codes(vecs, b0, n, dim, q, width, x, x + nvec * dim, codes, scales);
         }
         _mm_free(x);
     }
     return failed ? -1 : 0;
+}
+#endif
+
+/* hw_dot_interaction_fwd's rows as int8 codes [batch, width] and per-row scales [batch], never
+ * written as floats (the int8 input of the top MLP's first layer). Returns 0, -1 when a scratch
+ * allocation fails, -2 without AVX-512 (the caller quantizes hw_dot_interaction_fwd's output). */
+int hw_dot_interaction_fwd_q(const float *const *vecs, int64_t batch, int64_t nvec, int64_t dim, int64_t pad,
+                             int8_t *codes, float *scales) {
+#ifdef SIMD_FWD
+    return fwd_blocks(vecs, batch, nvec, dim, pad, NULL, codes, scales);
 #else
     (void)vecs, (void)batch, (void)nvec, (void)dim, (void)pad, (void)codes, (void)scales;
     return -2;
@@ -285,24 +292,7 @@ int hw_dot_interaction_fwd_q(const float *const *vecs, int64_t batch, int64_t nv
 int hw_dot_interaction_fwd(const float *const *vecs, int64_t batch, int64_t nvec, int64_t dim, int64_t pad,
                            float *out) {
 #ifdef SIMD_FWD
-    const int64_t npair = nvec * (nvec - 1) / 2, width = dim + npair + pad, nblock = (batch + 15) / 16;
-    int failed = 0;
-#pragma omp parallel if (batch * nvec * nvec * dim >= PAR_MIN)
-    {
-        __m512 *x = (__m512 *)_mm_malloc((size_t)(nvec * dim + npair + 1) * sizeof(__m512), 64);
-        if (x == NULL) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp for schedule(static)
-        for (int64_t blk = 0; blk < nblock; ++blk) {
-            if (x == NULL) continue;
-            const int64_t b0 = blk * 16;
-            fwd_block16(vecs, b0, batch - b0 < 16 ? batch - b0 : 16, nvec, dim, width, x, x + nvec * dim, out);
-        }
-        _mm_free(x);
-    }
-    return failed ? -1 : 0;
+    return fwd_blocks(vecs, batch, nvec, dim, pad, out, NULL, NULL);
 #else
     return fwd_per_sample(vecs, batch, nvec, dim, pad, out);
 #endif
