@@ -118,6 +118,15 @@ static int64_t block16_dots(const float *const *vecs, int64_t b0, int64_t n, int
     return q;
 }
 
+/* Pairs p0 .. p0 + 15 (those below q) back to sample-major: r[l] holds sample l's; returns the
+ * mask of the pair lanes that exist */
+static inline __mmask16 pairs16(const __m512 *p, int64_t p0, int64_t q, __m512 r[16]) {
+    const int64_t cnt = q - p0 < 16 ? q - p0 : 16;
+    for (int64_t m = 0; m < 16; ++m) r[m] = m < cnt ? p[p0 + m] : _mm512_setzero_ps();
+    transpose16(r);
+    return first_lanes(cnt);
+}
+
 /* block16_dots's samples as sample-major float rows [x | pairs | pad zeros] of `width` floats */
 static void store_block16(const float *const *vecs, int64_t b0, int64_t n, int64_t dim, int64_t q, int64_t width,
                           const __m512 *p, float *out) {
@@ -126,12 +135,9 @@ static void store_block16(const float *const *vecs, int64_t b0, int64_t n, int64
         memcpy(o, vecs[0] + (b0 + l) * dim, (size_t)dim * sizeof(float));
         for (int64_t k2 = dim + q; k2 < width; ++k2) o[k2] = 0.0f;
     }
-    for (int64_t p0 = 0; p0 < q; p0 += 16) { /* pairs back to sample-major, 16 at a time */
-        const int64_t cnt = q - p0 < 16 ? q - p0 : 16;
+    for (int64_t p0 = 0; p0 < q; p0 += 16) {
         __m512 r[16];
-        for (int64_t m = 0; m < 16; ++m) r[m] = m < cnt ? p[p0 + m] : _mm512_setzero_ps();
-        transpose16(r);
-        const __mmask16 k = first_lanes(cnt);
+        const __mmask16 k = pairs16(p, p0, q, r);
         for (int64_t l = 0; l < n; ++l) _mm512_mask_storeu_ps(out + (b0 + l) * width + dim + p0, k, r[l]);
     }
 }
@@ -176,12 +182,9 @@ static void store_block16_codes(const float *const *vecs, int64_t b0, int64_t n,
         }
         memset(o + dim + q, 0, (size_t)(width - dim - q));
     }
-    for (int64_t p0 = 0; p0 < q; p0 += 16) { /* pairs back to sample-major, 16 at a time */
-        const int64_t cnt = q - p0 < 16 ? q - p0 : 16;
+    for (int64_t p0 = 0; p0 < q; p0 += 16) {
         __m512 r[16];
-        for (int64_t m = 0; m < 16; ++m) r[m] = m < cnt ? p[p0 + m] : _mm512_setzero_ps();
-        transpose16(r);
-        const __mmask16 k = first_lanes(cnt);
+        const __mmask16 k = pairs16(p, p0, q, r);
         for (int64_t l = 0; l < n; ++l) codes16(r[l], _mm512_set1_ps(inv[l]), k, codes + (b0 + l) * width + dim + p0);
     }
 }
