@@ -45,8 +45,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hwaware.ops.packing import decompress_24, dequantize_int4_weight, rowwise_cols
-from hwaware.ops.reference import (dot_interaction_backward_ref, dot_interaction_ref, quantize_per_token_ref,
-                                   w8a8_epilogue_ref)
+from hwaware.ops.reference import (dot_interaction_backward_ref, dot_interaction_ref, int8_linear_ref,
+                                   quantize_per_token_ref, w8a8_epilogue_ref)
 
 __all__ = ["int8_linear", "int8_mlp", "int8_mlp_quantized", "dot_interaction_int8", "int4_linear", "embedding_bag_rowwise", "embedding_bags_rowwise", "sparse24_linear", "dot_interaction",
            "INT8_KERNELS", "SPARSE24_KERNELS", "REDUCE_RANGE", "clear_cache"]
@@ -515,17 +515,15 @@ def int8_mlp_quantized(codes: Tensor, scales: Tensor, qweights: List[Tensor], w_
 
 
 def _int8_mlp_quantized_any(codes, scales, qweights, w_scales, biases, relus):
-    """The reference math on any device: exact float64 products, float64 epilogue, and between
-    layers the next input quantized as ``quantize_per_token_ref`` (``int8_linear_ref`` layer by layer)."""
+    """The reference math on any device: the first layer as ``int8_linear_ref`` does it after its
+    quantize (exact float64 product, float64 epilogue), the rest ``int8_linear_ref`` layer by layer."""
     _check_int8_mlp_quantized(codes, scales, qweights, w_scales, biases, relus)
-    q, sx = codes, scales
-    for i, (qw, s, b, relu) in enumerate(zip(qweights, w_scales, biases, relus)):
-        out = w8a8_epilogue_ref(q.double() @ qw.double().t(), sx, s, b).float()  # exact: |acc| << 2^53
+    out = w8a8_epilogue_ref(codes.double() @ qweights[0].double().t(), scales, w_scales[0], biases[0]).float()
+    out = out.relu_() if relus[0] else out
+    for qw, s, b, relu in zip(qweights[1:], w_scales[1:], biases[1:], relus[1:]):
+        out = int8_linear_ref(out, qw, s, b)
         out = out.relu_() if relu else out
-        if i == len(qweights) - 1:
-            return out
-        q, sx = quantize_per_token_ref(out)
-    raise AssertionError("unreachable")
+    return out
 
 
 @int8_mlp_quantized.register_fake

@@ -24,8 +24,8 @@ from torch import Tensor, nn
 from torchmetrics.classification import BinaryAUROC
 
 import hwaware.ops  # noqa: F401  (registers torch.ops.hwaware.dot_interaction)
-from hwaware.recsys.criteo import DEFAULT_TABLE_SIZES, NUM_DENSE
 from hwaware.export.deploy import Int8Chain
+from hwaware.recsys.criteo import DEFAULT_TABLE_SIZES, NUM_DENSE
 from hwaware.recsys.embedding import EmbeddingBagList
 
 __all__ = ["DLRM", "evaluate_auroc"]

@@ -25,8 +25,6 @@
 #ifdef __AVX512F__
 static inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
 
-static void quant_scaled(const float *xr, int64_t cols, float m, int8_t *qr, float *scale_out);
-
 /* One row, AVX-512 (gcc's auto-vectorized generic loop ran 2-3x slower, mostly in its scalar tails). */
 static void quant_row(const float *xr, int64_t cols, int8_t *qr, float *scale_out) {
     __m512 vm0 = _mm512_setzero_ps(), vm1 = _mm512_setzero_ps();
@@ -37,17 +35,12 @@ static void quant_row(const float *xr, int64_t cols, int8_t *qr, float *scale_ou
     }
     for (; c < cols; c += 16)
         vm0 = _mm512_max_ps(vm0, _mm512_abs_ps(_mm512_maskz_loadu_ps(tail_mask(cols - c), xr + c)));
-    quant_scaled(xr, cols, _mm512_reduce_max_ps(_mm512_max_ps(vm0, vm1)), qr, scale_out);
-}
-
-/* quant_row after its max pass: m = max |x| over the row (a NaN there may be dropped: the NaN scan
- * below catches it) */
-static void quant_scaled(const float *xr, int64_t cols, float m, int8_t *qr, float *scale_out) {
+    float m = _mm512_reduce_max_ps(_mm512_max_ps(vm0, vm1)); /* NaN is dropped here, caught below */
     float s = m / 127.0f;
     s = s < EPS ? EPS : s;
     const __m512 vinv = _mm512_set1_ps(1.0f / s), lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
     __mmask16 nan = 0;
-    for (int64_t c = 0; c < cols; c += 16) {
+    for (c = 0; c < cols; c += 16) {
         __mmask16 k = tail_mask(cols - c);
         __m512 xv = _mm512_maskz_loadu_ps(k, xr + c);
         nan = _kor_mask16(nan, _mm512_cmp_ps_mask(xv, xv, _CMP_UNORD_Q));
@@ -145,38 +138,11 @@ int hw_w8a8_epilogue_quant(const int32_t *acc, int64_t rows, int64_t cols, const
  * the padded code columns of the activations irrelevant, so those are never cleared. */
 #define AMX_ROWS 32 /* two 16-row A tiles: a 2 x 2 tile block of C per step */
 
-#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__) && defined(__AVX512DQ__)
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__)
 #include <sys/syscall.h>
 #include <unistd.h>
 #include <cpuid.h>
 #define HW_AMX 1
-
-/* epilogue_row's arithmetic, 16 columns a step, with sw and bias already widened to double (swd,
- * bd): the same operations in the same order, so the same bits */
-static float epilogue_row_wide(const int32_t *ar, int64_t cols, float sxr, const double *swd, const double *bd,
-                               int relu, float *outr) {
-    const __m512d va = _mm512_set1_pd((double)sxr);
-    const __m512 zero = _mm512_setzero_ps();
-    __m512 vm = zero; /* max |v| as quant_row takes it, for the next layer's codes */
-    for (int64_t c = 0; c < cols; c += 16) {
-        const __mmask16 k = tail_mask(cols - c);
-        const __mmask8 klo = (__mmask8)k, khi = (__mmask8)(k >> 8);
-        const __m512i acc = _mm512_maskz_loadu_epi32(k, ar + c);
-        __m512d lo = _mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(acc)), va);
-        __m512d hi = _mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(acc, 1)), va);
-        lo = _mm512_mul_pd(lo, _mm512_maskz_loadu_pd(klo, swd + c));
-        hi = _mm512_mul_pd(hi, _mm512_maskz_loadu_pd(khi, swd + c + 8));
-        if (bd != NULL) {
-            lo = _mm512_add_pd(lo, _mm512_maskz_loadu_pd(klo, bd + c));
-            hi = _mm512_add_pd(hi, _mm512_maskz_loadu_pd(khi, bd + c + 8));
-        }
-        __m512 v = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(lo)), _mm512_cvtpd_ps(hi), 1);
-        if (relu) v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), zero); /* NaN, -0.0 pass */
-        _mm512_mask_storeu_ps(outr + c, k, v);
-        vm = _mm512_max_ps(vm, _mm512_abs_ps(v)); /* masked-off lanes are 0 */
-    }
-    return _mm512_reduce_max_ps(vm);
-}
 
 typedef struct {
     uint8_t palette_id, start_row, reserved[14];
@@ -290,9 +256,8 @@ int hw_amx_mlp(const float *x, const int8_t *qx, const float *sx, int64_t rows, 
         int8_t *codes = (int8_t *)calloc((size_t)(2 * AMX_ROWS * kmax), 1);
         int32_t *acc = (int32_t *)malloc((size_t)(AMX_ROWS * kmax) * sizeof(int32_t));
         float *buf = (float *)malloc((size_t)nmax * sizeof(float));
-        double *wide = (double *)malloc((size_t)(2 * nmax) * sizeof(double)); /* sw, bias of a layer */
         float scales[2][AMX_ROWS];
-        if (codes == NULL || acc == NULL || buf == NULL || wide == NULL) {
+        if (codes == NULL || acc == NULL || buf == NULL) {
 #pragma omp atomic write
             failed = 1;
         } else {
@@ -300,7 +265,7 @@ int hw_amx_mlp(const float *x, const int8_t *qx, const float *sx, int64_t rows, 
         }
 #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < blocks; ++blk) {
-            if (codes == NULL || acc == NULL || buf == NULL || wide == NULL) continue;
+            if (codes == NULL || acc == NULL || buf == NULL) continue;
             const int64_t r0 = blk * AMX_ROWS, nr = rows - r0 < AMX_ROWS ? rows - r0 : AMX_ROWS;
             int cur = 0;
             const int64_t k0 = dims[0], kp0 = (k0 + 63) / 64 * 64;
@@ -320,27 +285,22 @@ int hw_amx_mlp(const float *x, const int8_t *qx, const float *sx, int64_t rows, 
             for (int32_t i = 0; i < nlayers; ++i) {
                 const int64_t n = dims[i + 1], nb_n = (n + 15) / 16, ldc = nb_n * 16;
                 amx_block(i == 0 ? a : codes + cur * AMX_ROWS * kmax, lda, (dims[i] + 63) / 64, w[i], nb_n, acc, ldc);
-                double *swd = wide, *bd = bias[i] != NULL ? wide + nmax : NULL;
-                for (int64_t c = 0; c < n; ++c) swd[c] = (double)sw[i][c];
-                if (bd != NULL)
-                    for (int64_t c = 0; c < n; ++c) bd[c] = (double)bias[i][c];
                 if (i == nlayers - 1) {
                     for (int64_t r = 0; r < nr; ++r)
-                        (void)epilogue_row_wide(acc + r * ldc, n, scales[cur][r], swd, bd, relus[i], out + (r0 + r) * n);
+                        epilogue_row(acc + r * ldc, n, scales[cur][r], sw[i], bias[i], relus[i], out + (r0 + r) * n);
                     break;
                 }
                 const int64_t ldn = (n + 63) / 64 * 64;
                 int8_t *next = codes + (1 - cur) * AMX_ROWS * kmax;
                 for (int64_t r = 0; r < nr; ++r) {
-                    float m = epilogue_row_wide(acc + r * ldc, n, scales[cur][r], swd, bd, relus[i], buf);
-                    quant_scaled(buf, n, m, next + r * ldn, &scales[1 - cur][r]);
+                    epilogue_row(acc + r * ldc, n, scales[cur][r], sw[i], bias[i], relus[i], buf);
+                    quant_row(buf, n, next + r * ldn, &scales[1 - cur][r]);
                 }
                 cur = 1 - cur;
                 lda = ldn;
             }
         }
-        if (codes != NULL && acc != NULL && buf != NULL && wide != NULL) _tile_release();
-        free(wide);
+        if (codes != NULL && acc != NULL && buf != NULL) _tile_release();
         free(codes);
         free(acc);
         free(buf);
