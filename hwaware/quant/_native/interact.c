@@ -80,12 +80,31 @@ static inline void transpose16(__m512 r[16]) {
 
 static inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
 
+/* The pairs a block computes outside whole runs of 8 in one row (the last (V - 1 - i) % 8 of row i),
+ * as (i, j, q) triples in row-major order; built once per call (pair_tails) and shared by every block.
+ * Grouping them 8 at a time across rows keeps 8 accumulator chains busy where a chain per pair would
+ * wait on the FMA latency at every step. */
+typedef struct {
+    int32_t i, j, q;
+} pair_ref;
+
+static int64_t pair_tails(int64_t nvec, pair_ref *tails) {
+    int64_t q = 0, nt = 0;
+    for (int64_t i = 0; i + 1 < nvec; ++i) {
+        const int64_t runs = (nvec - 1 - i) / 8 * 8;
+        q += runs;
+        for (int64_t j = i + 1 + runs; j < nvec; ++j, ++q) tails[nt++] = (pair_ref){(int32_t)i, (int32_t)j, (int32_t)q};
+    }
+    return nt;
+}
+
 /* Samples b0 .. b0 + n - 1 (n <= 16), one per lane. x: [nvec][dim] lane vectors (sample-major
  * input transposed 16 x 16 at a time), p: [npair] lane vectors. Each dot is
- * fma(v_i[d], v_j[d], acc) over d = 0..dim-1 in order, the same for every lane, so a sample's
- * result depends neither on its position in the batch nor on the thread count. */
-static int64_t block16_dots(const float *const *vecs, int64_t b0, int64_t n, int64_t nvec, int64_t dim, __m512 *x,
-                            __m512 *p) {
+ * fma(v_i[d], v_j[d], acc) over d = 0..dim-1 in order from zero, the same for every lane, so a
+ * sample's result depends neither on its position in the batch nor on the thread count (nor on
+ * which group of chains computed it). tails: pair_tails' nt triples. */
+static int64_t block16_dots(const float *const *vecs, int64_t b0, int64_t n, int64_t nvec, int64_t dim,
+                            const pair_ref *tails, int64_t nt, __m512 *x, __m512 *p) {
     for (int64_t j = 0; j < nvec; ++j)
         for (int64_t c0 = 0; c0 < dim; c0 += 16) {
             const int64_t cols = dim - c0 < 16 ? dim - c0 : 16;
@@ -94,13 +113,17 @@ static int64_t block16_dots(const float *const *vecs, int64_t b0, int64_t n, int
             for (int64_t l = 0; l < 16; ++l)
                 r[l] = l < n ? _mm512_maskz_loadu_ps(k, vecs[j] + (b0 + l) * dim + c0) : _mm512_setzero_ps();
             transpose16(r);
-            for (int64_t m = 0; m < cols; ++m) x[j * dim + c0 + m] = r[m];
+            __m512 *dst = x + j * dim + c0;
+            if (cols == 16) { /* a constant count: stored from the registers (a variable one went through the stack) */
+                for (int m = 0; m < 16; ++m) dst[m] = r[m];
+            } else {
+                for (int64_t m = 0; m < cols; ++m) dst[m] = r[m];
+            }
         }
     int64_t q = 0;
     for (int64_t i = 0; i + 1 < nvec; ++i) {
         const __m512 *xi = x + i * dim;
-        int64_t j = i + 1;
-        for (; j + 8 <= nvec; j += 8, q += 8) { /* 8 independent chains: FMA latency, not loads, bounds one */
+        for (int64_t j = i + 1; j + 8 <= nvec; j += 8, q += 8) { /* 8 independent chains sharing v_i's loads */
             __m512 a[8];
             for (int k2 = 0; k2 < 8; ++k2) a[k2] = _mm512_setzero_ps();
             for (int64_t d = 0; d < dim; ++d) {
@@ -109,11 +132,21 @@ static int64_t block16_dots(const float *const *vecs, int64_t b0, int64_t n, int
             }
             for (int k2 = 0; k2 < 8; ++k2) p[q + k2] = a[k2];
         }
-        for (; j < nvec; ++j, ++q) {
-            __m512 a = _mm512_setzero_ps();
-            for (int64_t d = 0; d < dim; ++d) a = _mm512_fmadd_ps(xi[d], x[j * dim + d], a);
-            p[q] = a;
+        q += (nvec - 1 - i) % 8;
+    }
+    for (int64_t t0 = 0; t0 < nt; t0 += 8) { /* the rest, 8 pairs of any rows at a time */
+        const int64_t cnt = nt - t0 < 8 ? nt - t0 : 8;
+        const __m512 *u[8], *w[8];
+        for (int k2 = 0; k2 < 8; ++k2) { /* a short last group repeats its first pair, not stored */
+            const pair_ref t = tails[t0 + (k2 < cnt ? k2 : 0)];
+            u[k2] = x + t.i * dim;
+            w[k2] = x + t.j * dim;
         }
+        __m512 a[8];
+        for (int k2 = 0; k2 < 8; ++k2) a[k2] = _mm512_setzero_ps();
+        for (int64_t d = 0; d < dim; ++d)
+            for (int k2 = 0; k2 < 8; ++k2) a[k2] = _mm512_fmadd_ps(u[k2][d], w[k2][d], a[k2]);
+        for (int64_t k2 = 0; k2 < cnt; ++k2) p[tails[t0 + k2].q] = a[k2];
     }
     return q;
 }
@@ -157,18 +190,29 @@ static inline void codes16(__m512 v, __m512 inv, __mmask16 k, int8_t *dst) {
  * finite rows (the max is exact in any order; then the same operations per value). */
 static void store_block16_codes(const float *const *vecs, int64_t b0, int64_t n, int64_t dim, int64_t q,
                                 int64_t width, const __m512 *x, const __m512 *p, int8_t *codes, float *scales) {
-    __m512 vm = _mm512_setzero_ps();
-    __mmask16 bad = 0;
+    /* per lane: max |v| over the row, and whether it holds NaN or inf (v * 0 is NaN exactly then, and
+     * NaN stays in a sum); four chains each, so the adds and maxes do not wait on each other */
+    __m512 vm[4], chk[4];
+    for (int c = 0; c < 4; ++c) vm[c] = chk[c] = _mm512_setzero_ps();
+    const __m512 zero = _mm512_setzero_ps();
     for (int64_t d = 0; d < dim; ++d) { /* vector 0 (x) goes into the row as is */
-        bad |= _mm512_cmp_ps_mask(x[d], x[d], _CMP_UNORD_Q);
-        vm = _mm512_max_ps(vm, _mm512_abs_ps(x[d]));
+        vm[d & 3] = _mm512_max_ps(vm[d & 3], _mm512_abs_ps(x[d]));
+        chk[d & 3] = _mm512_add_ps(chk[d & 3], _mm512_mul_ps(x[d], zero));
     }
-    for (int64_t i = 0; i < q; ++i) {
-        bad |= _mm512_cmp_ps_mask(p[i], p[i], _CMP_UNORD_Q);
-        vm = _mm512_max_ps(vm, _mm512_abs_ps(p[i]));
+    int64_t i = 0;
+    for (; i + 4 <= q; i += 4)
+        for (int c = 0; c < 4; ++c) {
+            vm[c] = _mm512_max_ps(vm[c], _mm512_abs_ps(p[i + c]));
+            chk[c] = _mm512_add_ps(chk[c], _mm512_mul_ps(p[i + c], zero));
+        }
+    for (; i < q; ++i) {
+        vm[0] = _mm512_max_ps(vm[0], _mm512_abs_ps(p[i]));
+        chk[0] = _mm512_add_ps(chk[0], _mm512_mul_ps(p[i], zero));
     }
-    bad |= _mm512_cmp_ps_mask(vm, _mm512_set1_ps(3.4028234663852886e+38f), _CMP_NLE_UQ); /* inf */
-    __m512 s = _mm512_div_ps(vm, _mm512_set1_ps(127.0f));
+    const __m512 vmax = _mm512_max_ps(_mm512_max_ps(vm[0], vm[1]), _mm512_max_ps(vm[2], vm[3]));
+    const __m512 vchk = _mm512_add_ps(_mm512_add_ps(chk[0], chk[1]), _mm512_add_ps(chk[2], chk[3]));
+    const __mmask16 bad = _mm512_cmp_ps_mask(vchk, vchk, _CMP_UNORD_Q);
+    __m512 s = _mm512_div_ps(vmax, _mm512_set1_ps(127.0f));
     s = _mm512_mask_mov_ps(s, _mm512_cmp_ps_mask(s, _mm512_set1_ps(EPS), _CMP_LT_OQ), _mm512_set1_ps(EPS));
     float inv[16];
     _mm512_storeu_ps(inv, _mm512_div_ps(_mm512_set1_ps(1.0f), s));
@@ -255,6 +299,9 @@ static int fwd_per_sample(const float *const *vecs, int64_t batch, int64_t nvec,
 static int fwd_blocks(const float *const *vecs, int64_t batch, int64_t nvec, int64_t dim, int64_t pad, float *out,
                       int8_t *codes, float *scales) {
     const int64_t npair = nvec * (nvec - 1) / 2, width = dim + npair + pad, nblock = (batch + 15) / 16;
+    pair_ref *tails = (pair_ref *)malloc((size_t)(7 * nvec + 1) * sizeof(pair_ref)); /* at most 7 a row */
+    if (tails == NULL) return -1;
+    const int64_t nt = pair_tails(nvec, tails);
     int failed = 0;
 #pragma omp parallel if (batch * nvec * nvec * dim >= PAR_MIN)
     {
@@ -267,7 +314,7 @@ static int fwd_blocks(const float *const *vecs, int64_t batch, int64_t nvec, int
         for (int64_t blk = 0; blk < nblock; ++blk) {
             if (x == NULL) continue;
             const int64_t b0 = blk * 16, n = batch - b0 < 16 ? batch - b0 : 16;
-            const int64_t q = block16_dots(vecs, b0, n, nvec, dim, x, x + nvec * dim);
+            const int64_t q = block16_dots(vecs, b0, n, nvec, dim, tails, nt, x, x + nvec * dim);
             if (out != NULL)
                 store_block16(vecs, b0, n, dim, q, width, x + nvec * dim, out);
             else
@@ -275,6 +322,7 @@ static int fwd_blocks(const float *const *vecs, int64_t batch, int64_t nvec, int
         }
         _mm_free(x);
     }
+    free(tails);
     return failed ? -1 : 0;
 }
 #endif
