@@ -140,6 +140,10 @@ def _check_embedding_bag(weight: Tensor, bits: int, dim: int, indices: Tensor, o
 # Kept alive for the life of the process: dropping a Library object unregisters its ops.
 _LIB = torch.library.Library("hwaware", "DEF")
 _AFTER_AUTOGRAD = torch._C._after_autograd_keyset
+# What is left of a call's keys below autograd when every tensor is a plain CPU tensor (inference
+# tensors lack ADInplaceOrView): nothing but the CPU kernel would run, so _Op calls it directly.
+_PLAIN_CPU = tuple(torch._C.DispatchKeySet(k).raw_repr() for k in (torch._C.DispatchKey.CPU,)) + (
+    (torch._C.DispatchKeySet(torch._C.DispatchKey.CPU) | torch._C.DispatchKeySet(torch._C.DispatchKey.ADInplaceOrView)).raw_repr(),)
 _DEVICE_KEYS = {"cuda": "CUDA"}
 
 
@@ -183,8 +187,13 @@ class _Op:
     def _autograd(self, keyset, *args):
         if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
             return _NoBackward.apply(self.default, keyset, *args)
+        below = keyset & _AFTER_AUTOGRAD
         with torch._C._AutoDispatchBelowAutograd():  # the kernel's own aten calls skip autograd too
-            return self.default.redispatch(keyset & _AFTER_AUTOGRAD, *args)
+            if below.raw_repr() in _PLAIN_CPU:
+                # plain CPU tensors, no mode or subclass below autograd: the redispatch would land on
+                # the CPU kernel, through one more C++ -> Python crossing (about a third of a small op's cost)
+                return self.__wrapped__(*args)
+            return self.default.redispatch(below, *args)
 
     def __call__(self, *args, **kwargs) -> Tensor:
         return self.default(*args, **kwargs)

@@ -16,6 +16,8 @@ from collections import defaultdict
 import torch
 from torch import Tensor, nn
 
+from torch.nn.modules import module as _torch_module
+
 from hwaware.export.deploy import RowwiseEmbeddingBag, _hooked
 
 __all__ = ["EmbeddingBagList"]
@@ -37,11 +39,51 @@ class EmbeddingBagList(nn.ModuleList):
         return (type(table) is RowwiseEmbeddingBag and table.mode in ("sum", "mean") and not table.include_last_offset
                 and not _hooked(table))
 
+    @staticmethod
+    def _one_group(modules: list) -> tuple | None:
+        """``(weights, bits, dim, mode)`` when every table is :meth:`batched` with one ``(dim, mode)``,
+        else None. One pass over the tables, reading buffers and hook dicts directly: ``nn.Module``
+        attribute lookups cost about a microsecond a table, a visible share of a small batch."""
+        if not modules or _torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks:
+            return None
+        first = modules[0]
+        if type(first) is not RowwiseEmbeddingBag:
+            return None
+        dim, mode = first.dim, first.mode
+        if mode not in ("sum", "mean"):
+            return None
+        weights, bits = [], []
+        for m in modules:
+            if (type(m) is not RowwiseEmbeddingBag or m.dim != dim or m.mode != mode or m.include_last_offset
+                    or m._forward_hooks or m._forward_pre_hooks):
+                return None
+            weights.append(m._buffers["weight"])
+            bits.append(m.bits)
+        return weights, bits, dim, 0 if mode == "sum" else 1
+
+    @staticmethod
+    def _name_bad_table(ids: Tensor, modules: list, members) -> None:
+        """The op numbers the tables it was given: raise the IndexError naming the table of this list."""
+        for t in members:
+            bad = ((ids[t] < 0) | (ids[t] >= modules[t].num_embeddings)).nonzero()
+            if bad.numel():
+                raise IndexError(f"ids[{t}] (table {t}) must lie in [0, {modules[t].num_embeddings}), "
+                                 f"got {int(ids[t, bad[0, 0]])}") from None
+
     def forward(self, ids: Tensor, offsets: Tensor) -> list[Tensor]:
         if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.shape[0] != len(self):
             shape = list(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__
             raise ValueError(f"ids must be [T, N] with T = {len(self)} tables (row t: table t's ids), got {shape}")
         modules = list(self._modules.values())
+        whole = self._one_group(modules)
+        if whole is not None:  # the usual deployed model: every table in one call
+            weights, bits, dim, mode = whole
+            off = offsets if offsets.dtype == ids.dtype else offsets.to(ids.dtype)
+            try:
+                return list(torch.ops.hwaware.embedding_bags_rowwise.default(weights, bits, dim, ids, off, mode).unbind(0))
+            except IndexError:
+                self._name_bad_table(ids, modules, range(len(modules)))
+                raise
         groups: dict[tuple, list[int]] = defaultdict(list)  # row-wise deploy tables by (dim, mode)
         plain: list[int] = []
         for t, m in enumerate(modules):
@@ -63,12 +105,8 @@ class EmbeddingBagList(nn.ModuleList):
             try:
                 pooled = torch.ops.hwaware.embedding_bags_rowwise.default(
                     [m.weight for m in tables], [m.bits for m in tables], dim, rows, off, 0 if mode == "sum" else 1)
-            except IndexError:  # the op numbers the tables it was given; name the table of this list
-                for t in members:
-                    bad = ((ids[t] < 0) | (ids[t] >= modules[t].num_embeddings)).nonzero()
-                    if bad.numel():
-                        raise IndexError(f"ids[{t}] (table {t}) must lie in [0, {modules[t].num_embeddings}), "
-                                         f"got {int(ids[t, bad[0, 0]])}") from None
+            except IndexError:
+                self._name_bad_table(ids, modules, members)
                 raise
             if len(members) == len(modules):
                 return list(pooled.unbind(0))

@@ -332,6 +332,41 @@ def test_ops_are_inference_only_backward_raises_and_no_grad_builds_no_graph():
         ops.embedding_bag_rowwise(w, 8, 16, idx, off, 0, torch.rand(idx.shape[0], requires_grad=True), False).sum().backward()
 
 
+def test_plain_cpu_calls_skip_the_redispatch_but_modes_and_subclasses_still_see_the_op(monkeypatch):
+    """_Op calls the CPU kernel straight from its autograd kernel only when nothing but that kernel
+    would run: a TorchDispatchMode, fake tensors and inference tensors all still get the op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    x, qw, s, b, _ = _int8_args(4, 16, 8)
+    redispatched = []
+    real = torch._ops.OpOverload.redispatch
+    monkeypatch.setattr(torch._ops.OpOverload, "redispatch",
+                        lambda self, ks, *a, **k: (redispatched.append(self.name()), real(self, ks, *a, **k))[1])
+    with torch.no_grad():
+        assert torch.equal(ops.int8_linear(x, qw, s, b), int8_linear_ref(x, qw, s, b))
+    assert redispatched == []  # the direct call
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Seen() as mode:
+        y = ops.int8_linear(x, qw, s, b)
+    assert "hwaware.int8_linear.default" in mode.ops and torch.equal(y, int8_linear_ref(x, qw, s, b))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as fm:
+        fy = ops.int8_linear(fm.from_tensor(x), fm.from_tensor(qw), fm.from_tensor(s), fm.from_tensor(b))
+    assert type(fy).__name__ == "FakeTensor" and fy.shape == (4, 8)
+    with torch.inference_mode():  # inference tensors: below autograd entirely, the CPU kernel as before
+        xi = x.clone()
+        assert torch.equal(ops.int8_linear(xi, qw, s, b), int8_linear_ref(x, qw, s, b))
+
+
 def test_register_kernel_rejects_unknown_devices():
     with pytest.raises(ValueError, match=r"device='mps'; expected one of \('cuda',\)"):
         ops.int8_linear.register_kernel("mps")
