@@ -48,7 +48,7 @@ from hwaware.ops.packing import decompress_24, dequantize_int4_weight, rowwise_c
 from hwaware.ops.reference import (dot_interaction_backward_ref, dot_interaction_ref, int8_linear_ref,
                                    quantize_per_token_ref, w8a8_epilogue_ref)
 
-__all__ = ["int8_linear", "int8_mlp", "int8_mlp_quantized", "dot_interaction_int8", "int4_linear", "embedding_bag_rowwise", "embedding_bags_rowwise", "sparse24_linear", "dot_interaction",
+__all__ = ["int8_linear", "int8_mlp", "int8_mlp_quantized", "dot_interaction_int8", "embedding_interaction_int8", "int4_linear", "embedding_bag_rowwise", "embedding_bags_rowwise", "sparse24_linear", "dot_interaction",
            "INT8_KERNELS", "SPARSE24_KERNELS", "REDUCE_RANGE", "clear_cache"]
 
 _FLOAT_X = (torch.float32, torch.bfloat16, torch.float16)
@@ -672,24 +672,31 @@ def _(weight, bits, dim, indices, offsets, mode, per_sample_weights, include_las
 
 def _check_embedding_bags(weights: Sequence[Tensor], bits: Sequence[int], dim: int, indices: Tensor, offsets: Tensor,
                           mode: int) -> None:
+    if mode not in (0, 1):
+        raise ValueError(f"mode={mode} is not supported by the table-batched op; expected 0 (sum) or 1 (mean) "
+                         "(max: embedding_bag_rowwise per table)")
+    _check_tables(weights, bits, dim, indices)
+    _dt("offsets", offsets, (torch.int64, torch.int32), "[B] int (bag starts, shared by every table)")
+    if offsets.dtype != indices.dtype:
+        raise TypeError(f"indices ({indices.dtype}) and offsets ({offsets.dtype}) must have the same dtype")
+    if offsets.dim() != 1:
+        raise ValueError(f"offsets must be 1-D [B], got shape {list(offsets.shape)}")
+    if offsets.device != indices.device:
+        raise ValueError(f"offsets are on {offsets.device} but indices are on {indices.device}")
+
+
+def _check_tables(weights: Sequence[Tensor], bits: Sequence[int], dim: int, indices: Tensor) -> None:
+    """T row-wise tables of width ``dim`` and their ``[T, N]`` ids (embedding_bags_rowwise's table arguments)."""
     if len(weights) == 0:
         raise ValueError("weights must hold at least one row-wise table, got an empty list")
     if len(bits) != len(weights):
         raise ValueError(f"bits must give one width per table: {len(weights)} weights, got {len(bits)} bits {list(bits)}")
-    if mode not in (0, 1):
-        raise ValueError(f"mode={mode} is not supported by the table-batched op; expected 0 (sum) or 1 (mean) "
-                         "(max: embedding_bag_rowwise per table)")
     if dim < 1:
         raise ValueError(f"dim={dim} must be >= 1")
     _dt("indices", indices, (torch.int64, torch.int32), "[T, N] int64 or int32")
     if indices.dim() != 2 or indices.shape[0] != len(weights):
         raise ValueError(f"indices must be 2-D [T, N] with T = len(weights) = {len(weights)} (row t: table t's ids), "
                          f"got shape {list(indices.shape)}")
-    _dt("offsets", offsets, (torch.int64, torch.int32), "[B] int (bag starts, shared by every table)")
-    if offsets.dtype != indices.dtype:
-        raise TypeError(f"indices ({indices.dtype}) and offsets ({offsets.dtype}) must have the same dtype")
-    if offsets.dim() != 1:
-        raise ValueError(f"offsets must be 1-D [B], got shape {list(offsets.shape)}")
     cols = {8: rowwise_cols(dim, 8), 4: rowwise_cols(dim, 4)}
     device, uint8 = indices.device, torch.uint8
     for t, (w, b) in enumerate(zip(weights, bits)):  # one cheap test per table; the message only on failure
@@ -702,8 +709,6 @@ def _check_embedding_bags(weights: Sequence[Tensor], bits: Sequence[int], dim: i
             raise ValueError(f"weights[{t}] must have shape [R, {cols[b]}] for a {b}-bit row-wise table of dim={dim}, "
                              f"got {list(w.shape)}")
         raise ValueError(f"weights[{t}] is on {w.device} but indices are on {device}")
-    if offsets.device != indices.device:
-        raise ValueError(f"offsets are on {offsets.device} but indices are on {indices.device}")
 
 
 def _embedding_bags_per_table(weights: List[Tensor], bits: List[int], dim: int, indices: Tensor, offsets: Tensor,
@@ -984,6 +989,65 @@ def _dot_interaction_int8_fake(vectors: List[Tensor], pad: int) -> Tuple[Tensor,
 
 dot_interaction_int8.register_fake(_dot_interaction_int8_fake)
 _LIB.impl("dot_interaction_int8", _dot_interaction_int8_any, "CompositeExplicitAutograd")  # CUDA, the rest, no tensors
+
+# -- hwaware::embedding_interaction_int8 (the deployed DLRM's lookups and interaction in one pass) ---
+
+def _check_embedding_interaction(x: Tensor, weights: List[Tensor], bits: List[int], indices: Tensor, pad: int) -> None:
+    _dt("x", x, (torch.float32,), "[B, D] float32 (the bottom MLP output)")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [B, D], got shape {list(x.shape)}")
+    if pad < 0:
+        raise ValueError(f"pad={pad} must be >= 0")
+    _check_tables(weights, bits, x.shape[1], indices)
+    if indices.shape[1] != x.shape[0]:
+        raise ValueError(f"indices must be [T, B] with B = x.shape[0] = {x.shape[0]} (one id per sample and table), "
+                         f"got shape {list(indices.shape)}")
+    if x.device != indices.device:
+        raise ValueError(f"x is on {x.device} but indices are on {indices.device}")
+
+
+@_define("embedding_interaction_int8(Tensor x, Tensor[] weights, int[] bits, Tensor indices, SymInt pad) -> (Tensor, Tensor)")
+def embedding_interaction_int8(x: Tensor, weights: List[Tensor], bits: List[int], indices: Tensor,
+                               pad: int) -> Tuple[Tensor, Tensor]:
+    """``dot_interaction_int8([x] + list(embedding_bags_rowwise(weights, bits, D, indices, arange(B), 0)), pad)``,
+    bit for bit: a deployed DLRM's T one-id lookups and its interaction, as the int8 codes and scales of
+    the top MLP's input (a deploy op: no backward; feed it to :func:`int8_mlp_quantized`). ``x``
+    float32 ``[B, D]``; ``indices`` ``[T, B]``, one id per sample and table (a strided view such as
+    ``sparse.t()`` is fine). CPU with AVX-512: one C pass whose blocks read the table rows straight
+    into the interaction, so the ``[T, B, D]`` lookups (3.4 MB at the recipe's batch 2048) are never
+    written and read back; otherwise the two ops."""
+    from hwaware.quant import native
+
+    _check_embedding_interaction(x, weights, bits, indices, pad)
+    if not all(w.is_contiguous() for w in weights):
+        weights = [w.contiguous() for w in weights]
+    got = native.bags_interaction_int8(x.contiguous(), weights, bits, indices, pad) if x.device.type == "cpu" else None
+    if got is None:
+        return _embedding_interaction_int8_any(x, weights, bits, indices, pad)
+    codes, scales, (rule, t, bad) = got
+    if rule == 1:
+        raise IndexError(f"indices[{t}] must lie in [0, {weights[t].shape[0]}) (rows of weights[{t}]), got {bad}")
+    return codes, scales
+
+
+def _embedding_interaction_int8_any(x: Tensor, weights: List[Tensor], bits: List[int], indices: Tensor,
+                                    pad: int) -> Tuple[Tensor, Tensor]:
+    _check_embedding_interaction(x, weights, bits, indices, pad)
+    offsets = torch.arange(x.shape[0], dtype=indices.dtype, device=indices.device)
+    bags = torch.ops.hwaware.embedding_bags_rowwise.default(weights, bits, x.shape[1], indices, offsets, 0)
+    return torch.ops.hwaware.dot_interaction_int8.default([x] + list(bags.unbind(0)), pad)
+
+
+@embedding_interaction_int8.register_fake
+def _(x, weights, bits, indices, pad):
+    _check_embedding_interaction(x, weights, bits, indices, pad)
+    (batch, dim), nvec = x.shape, len(weights) + 1
+    return (x.new_empty((batch, dim + nvec * (nvec - 1) // 2 + pad), dtype=torch.int8),
+            x.new_empty((batch,), dtype=torch.float32))
+
+
+_LIB.impl("embedding_interaction_int8", _embedding_interaction_int8_any, "CompositeExplicitAutograd")  # CUDA, the rest
+
 _LIB.define("dot_interaction_backward(Tensor grad, Tensor[] vectors, SymInt pad) -> Tensor[]")
 _LIB.impl("dot_interaction_backward", _dot_interaction_backward_cpu, "CPU")
 _LIB.impl("dot_interaction_backward", dot_interaction_backward_ref, "CompositeExplicitAutograd")

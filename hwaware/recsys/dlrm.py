@@ -136,12 +136,22 @@ class DLRM(pl.LightningModule):
             raise ValueError(f"sparse must be [B, {len(self.embeddings)}], got shape {tuple(sparse.shape)}")
         batch = dense.shape[0]
         x = self.bottom_mlp(dense)  # [B, D]
+        top = self.top_mlp
+        if type(top) is Int8Chain and x.dtype == torch.float32 and x.device.type == "cpu":
+            tables = self._deployed_tables(x.shape[1])
+            if tables is not None and top.takes_quantized():
+                # exported, every table a row-wise deploy table and the top MLP starting with an int8 chain:
+                # one pass looks the rows up into the interaction and writes its rows as that chain's int8
+                # input (bit for bit the lookups, the interaction and the chain's quantize in turn), so
+                # neither the [T, B, D] lookups nor the [B, D + P] float rows are written and read back
+                codes, scales = torch.ops.hwaware.embedding_interaction_int8.default(x, tables[0], tables[1], sparse.t(),
+                                                                                     self._pad)
+                return top.forward_quantized(codes, scales).squeeze(1)
         # [B] one id per bag (single-hot); microseconds to build, and no cache keeps it export-friendly
         offsets = torch.arange(batch, device=sparse.device)
         vectors = [x] + self.embeddings(sparse.t(), offsets)  # ids [T, B]; V = T + 1 of [B, D]
         dtype = functools.reduce(torch.promote_types, (v.dtype for v in vectors))  # bf16 MLP + fp32 tables: fp32
         vectors = [v if v.dtype == dtype else v.to(dtype) for v in vectors]
-        top = self.top_mlp
         if type(top) is Int8Chain and dtype == torch.float32 and x.device.type == "cpu" and top.takes_quantized():
             # exported, with the top MLP's first layers an int8 chain: the interaction writes its rows as
             # that chain's int8 input (codes and per-row scales, bit for bit what the chain would make of
@@ -152,6 +162,16 @@ class DLRM(pl.LightningModule):
         # one fused op (hwaware/ops: stack + bmm + index_select + cat in one C pass on CPU, with its backward)
         z = torch.ops.hwaware.dot_interaction(vectors, self._pad)
         return self.top_mlp(z).squeeze(1)  # [B]
+
+    def _deployed_tables(self, dim: int) -> tuple | None:
+        """``(weights, bits)`` when the tables are row-wise deploy tables served by one table-batched call
+        (``EmbeddingBagList._one_group``) of width ``dim``, sum or mean (the same for one id a bag), and
+        no hook on the table list would miss its call; else None."""
+        emb = self.embeddings
+        if type(emb) is not EmbeddingBagList or emb._forward_hooks or emb._forward_pre_hooks:
+            return None
+        group = emb._one_group(list(emb._modules.values()))
+        return None if group is None or group[2] != dim else group[:2]
 
     def _loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         logits = self(batch["dense"], batch["sparse"])  # [B]

@@ -95,46 +95,7 @@ static inline float half_to_float(uint16_t h) { /* IEEE binary16 -> float32, exa
     return f;
 }
 
-static inline int64_t id_at(const void *idx, int is64, int64_t k) {
-    return is64 ? ((const int64_t *)idx)[k] : ((const int32_t *)idx)[k];
-}
-
-/* The row of the id at position k, or NULL (and *oob = 1) when the id is outside [0, r) */
-static inline const uint8_t *row_at(const uint8_t *w, int64_t r, int64_t c, const void *idx, int is64, int64_t k,
-                                    int *oob) {
-    const int64_t id = id_at(idx, is64, k);
-    if ((uint64_t)id >= (uint64_t)r) {
-        *oob = 1;
-        return NULL;
-    }
-    return w + id * c;
-}
-
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#include <immintrin.h>
-#define BAG_LANES 16
-static inline __mmask16 lanes_mask(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
-
-/* Columns d0 .. d0 + len - 1 (len <= 16) of a row as floats, and the row's scale and bias */
-static inline __m512 row_codes(const uint8_t *row, int64_t c, int b8, int64_t d0, int64_t len, __m512 *vs, __m512 *vz) {
-    if (b8) {
-        float sb[2];
-        memcpy(sb, row + c - 8, sizeof sb);
-        *vs = _mm512_set1_ps(sb[0]);
-        *vz = _mm512_set1_ps(sb[1]);
-        return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(lanes_mask(len), row + d0)));
-    }
-    uint16_t hb[2];
-    memcpy(hb, row + c - 4, sizeof hb);
-    *vs = _mm512_set1_ps(_cvtsh_ss(hb[0])); /* F16C: exact */
-    *vz = _mm512_set1_ps(_cvtsh_ss(hb[1]));
-    const __m128i packed = _mm_maskz_loadu_epi8(lanes_mask((len + 1) / 2), row + d0 / 2);
-    const __m128i lo = _mm_and_si128(packed, _mm_set1_epi8(15)), hi = _mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(15));
-    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi))); /* d even: low nibble */
-}
-#else
-#define BAG_LANES 16
-#endif
+#include "tables.h"
 
 /* acc[0..len) of one bag over one table, columns d0 .. d0 + len - 1 (len <= BAG_LANES), into o */
 static inline int bag_chunk(const uint8_t *w, int64_t r, int64_t c, int b8, const void *idx, int is64, int64_t first,
@@ -196,31 +157,13 @@ static int single_rows(const uint8_t *w, int64_t r, int64_t c, int b8, int64_t d
         if (row == NULL) continue;
         for (int64_t d0 = 0; d0 < dim; d0 += 16) {
             const int64_t len = dim - d0 < 16 ? dim - d0 : 16;
-            __m512 vs, vz;
-            const __m512 codes = row_codes(row, c, b8, d0, len, &vs, &vz);
-            /* + 0.0f: fma(scale, code, 0 + bias) as bag_chunk computes it (-0.0 bias becomes +0.0) */
-            _mm512_mask_storeu_ps(out + b * dim + d0, lanes_mask(len), _mm512_fmadd_ps(vs, codes, _mm512_add_ps(vz, _mm512_setzero_ps())));
+            _mm512_mask_storeu_ps(out + b * dim + d0, lanes_mask(len), row_value16(row, c, b8, d0, len));
         }
     }
     return oob;
 }
 #define HAVE_SINGLE_ROWS 1
 #endif
-
-/* 1 with info = (table, id) for the first id outside [0, rows[t]) in table then position order, else 0 */
-static int first_bad_id(const int64_t *rows, int64_t ntab, const void *idx, int is64, int64_t ts, int64_t is, int64_t n,
-                        int64_t *info) {
-    for (int64_t t = 0; t < ntab; ++t)
-        for (int64_t i = 0; i < n; ++i) {
-            const int64_t id = id_at(idx, is64, t * ts + i * is);
-            if ((uint64_t)id >= (uint64_t)rows[t]) {
-                info[0] = t;
-                info[1] = id;
-                return 1;
-            }
-        }
-    return 0;
-}
 
 int hw_rowwise_bags(const uint8_t *const *weights, const int64_t *meta, int64_t ntab, int64_t dim, const void *idx, int is64, int64_t ts, int64_t is, int64_t n,
                     const void *offsets, int64_t nbags, int mean, float *out, int64_t *info) {

@@ -33,6 +33,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "tables.h"
+
 #define PAR_MIN 65536
 #define LANES 16
 
@@ -98,20 +100,62 @@ static int64_t pair_tails(int64_t nvec, pair_ref *tails) {
     return nt;
 }
 
+/* Where the V vectors come from: vecs[j], row-major [batch, dim] floats; or, with tables (w not
+ * NULL), vecs[0] (the bottom MLP output) and then, for j >= 1, table t = j - 1's one-id bag of sample
+ * b, id idx[t * ts + b * is]: the row-wise row's value (row_value16), the float a bag pass would have
+ * written, read here straight into the block instead of through a [T, batch, dim] tensor. */
+typedef struct {
+    const float *const *vecs;
+    const uint8_t *const *w;
+    const int64_t *rows, *cols, *bits;
+    const void *idx;
+    int is64;
+    int64_t ts, is, batch;
+} sources;
+
+/* Rows b0 .. b0 + n - 1 (n <= 16), columns c0 .. c0 + 15 (k: those < dim) of vector j, one row per
+ * register; an id outside its table sets *oob and reads as zeros */
+static inline void load_rows16(const sources *src, int64_t j, int64_t b0, int64_t n, int64_t dim, int64_t c0,
+                               int64_t cols, __mmask16 k, __m512 r[16], int *oob) {
+#ifdef HAVE_ROW_VALUE16
+    if (src->w != NULL && j > 0) {
+        const int64_t t = j - 1, nr = src->rows[t], c = src->cols[t], b8 = src->bits[t] == 8;
+        const uint8_t *w = src->w[t];
+        for (int64_t l = 0; l < 16; ++l) {
+            r[l] = _mm512_setzero_ps();
+            if (l >= n) continue;
+            const int64_t id = id_at(src->idx, src->is64, t * src->ts + (b0 + l) * src->is);
+            if ((uint64_t)id >= (uint64_t)nr)
+                *oob = 1;
+            else
+                r[l] = row_value16(w + id * c, c, b8, c0, cols);
+        }
+        if (c0 == 0) /* the next block's rows are random reads: ask for them now */
+            for (int64_t b = b0 + 16; b < b0 + 32 && b < src->batch; ++b) {
+                const int64_t id = id_at(src->idx, src->is64, t * src->ts + b * src->is);
+                if ((uint64_t)id < (uint64_t)nr) __builtin_prefetch(w + id * c);
+            }
+        return;
+    }
+#endif
+    (void)oob;
+    for (int64_t l = 0; l < 16; ++l)
+        r[l] = l < n ? _mm512_maskz_loadu_ps(k, src->vecs[j] + (b0 + l) * dim + c0) : _mm512_setzero_ps();
+}
+
 /* Samples b0 .. b0 + n - 1 (n <= 16), one per lane. x: [nvec][dim] lane vectors (sample-major
  * input transposed 16 x 16 at a time), p: [npair] lane vectors. Each dot is
  * fma(v_i[d], v_j[d], acc) over d = 0..dim-1 in order from zero, the same for every lane, so a
  * sample's result depends neither on its position in the batch nor on the thread count (nor on
  * which group of chains computed it). tails: pair_tails' nt triples. */
-static int64_t block16_dots(const float *const *vecs, int64_t b0, int64_t n, int64_t nvec, int64_t dim,
-                            const pair_ref *tails, int64_t nt, __m512 *x, __m512 *p) {
+static int64_t block16_dots(const sources *src, int64_t b0, int64_t n, int64_t nvec, int64_t dim,
+                            const pair_ref *tails, int64_t nt, __m512 *x, __m512 *p, int *oob) {
     for (int64_t j = 0; j < nvec; ++j)
         for (int64_t c0 = 0; c0 < dim; c0 += 16) {
             const int64_t cols = dim - c0 < 16 ? dim - c0 : 16;
             const __mmask16 k = first_lanes(cols);
             __m512 r[16];
-            for (int64_t l = 0; l < 16; ++l)
-                r[l] = l < n ? _mm512_maskz_loadu_ps(k, vecs[j] + (b0 + l) * dim + c0) : _mm512_setzero_ps();
+            load_rows16(src, j, b0, n, dim, c0, cols, k, r, oob);
             transpose16(r);
             __m512 *dst = x + j * dim + c0;
             if (cols == 16) { /* a constant count: stored from the registers (a variable one went through the stack) */
@@ -295,15 +339,16 @@ static int fwd_per_sample(const float *const *vecs, int64_t batch, int64_t nvec,
 
 #ifdef SIMD_FWD
 /* The forward over 16-sample blocks split across threads, writing float rows (out) or, with out
- * NULL, int8 codes and scales (store_block16 / store_block16_codes). */
-static int fwd_blocks(const float *const *vecs, int64_t batch, int64_t nvec, int64_t dim, int64_t pad, float *out,
-                      int8_t *codes, float *scales) {
-    const int64_t npair = nvec * (nvec - 1) / 2, width = dim + npair + pad, nblock = (batch + 15) / 16;
+ * NULL, int8 codes and scales (store_block16 / store_block16_codes). Returns 0, -1 when a scratch
+ * allocation fails, 1 when an id is outside its table (src->w only). */
+static int fwd_blocks(const sources *src, int64_t nvec, int64_t dim, int64_t pad, float *out, int8_t *codes,
+                      float *scales) {
+    const int64_t batch = src->batch, npair = nvec * (nvec - 1) / 2, width = dim + npair + pad, nblock = (batch + 15) / 16;
     pair_ref *tails = (pair_ref *)malloc((size_t)(7 * nvec + 1) * sizeof(pair_ref)); /* at most 7 a row */
     if (tails == NULL) return -1;
     const int64_t nt = pair_tails(nvec, tails);
-    int failed = 0;
-#pragma omp parallel if (batch * nvec * nvec * dim >= PAR_MIN)
+    int failed = 0, oob = 0;
+#pragma omp parallel if (batch * nvec * nvec * dim >= PAR_MIN) reduction(| : oob)
     {
         __m512 *x = (__m512 *)_mm_malloc((size_t)(nvec * dim + npair + 1) * sizeof(__m512), 64);
         if (x == NULL) {
@@ -314,16 +359,16 @@ static int fwd_blocks(const float *const *vecs, int64_t batch, int64_t nvec, int
         for (int64_t blk = 0; blk < nblock; ++blk) {
             if (x == NULL) continue;
             const int64_t b0 = blk * 16, n = batch - b0 < 16 ? batch - b0 : 16;
-            const int64_t q = block16_dots(vecs, b0, n, nvec, dim, tails, nt, x, x + nvec * dim);
+            const int64_t q = block16_dots(src, b0, n, nvec, dim, tails, nt, x, x + nvec * dim, &oob);
             if (out != NULL)
-                store_block16(vecs, b0, n, dim, q, width, x + nvec * dim, out);
+                store_block16(src->vecs, b0, n, dim, q, width, x + nvec * dim, out);
             else
-                store_block16_codes(vecs, b0, n, dim, q, width, x, x + nvec * dim, codes, scales);
+                store_block16_codes(src->vecs, b0, n, dim, q, width, x, x + nvec * dim, codes, scales);
         }
         _mm_free(x);
     }
     free(tails);
-    return failed ? -1 : 0;
+    return failed ? -1 : (oob ? 1 : 0);
 }
 #endif
 
@@ -333,7 +378,8 @@ static int fwd_blocks(const float *const *vecs, int64_t batch, int64_t nvec, int
 int hw_dot_interaction_fwd_q(const float *const *vecs, int64_t batch, int64_t nvec, int64_t dim, int64_t pad,
                              int8_t *codes, float *scales) {
 #ifdef SIMD_FWD
-    return fwd_blocks(vecs, batch, nvec, dim, pad, NULL, codes, scales);
+    const sources src = {vecs, NULL, NULL, NULL, NULL, NULL, 0, 0, 0, batch};
+    return fwd_blocks(&src, nvec, dim, pad, NULL, codes, scales);
 #else
     (void)vecs, (void)batch, (void)nvec, (void)dim, (void)pad, (void)codes, (void)scales;
     return -2;
@@ -343,9 +389,32 @@ int hw_dot_interaction_fwd_q(const float *const *vecs, int64_t batch, int64_t nv
 int hw_dot_interaction_fwd(const float *const *vecs, int64_t batch, int64_t nvec, int64_t dim, int64_t pad,
                            float *out) {
 #ifdef SIMD_FWD
-    return fwd_blocks(vecs, batch, nvec, dim, pad, out, NULL, NULL);
+    const sources src = {vecs, NULL, NULL, NULL, NULL, NULL, 0, 0, 0, batch};
+    return fwd_blocks(&src, nvec, dim, pad, out, NULL, NULL);
 #else
     return fwd_per_sample(vecs, batch, nvec, dim, pad, out);
+#endif
+}
+
+/* hw_dot_interaction_fwd_q of [x, bag_0, ..., bag_{T-1}] where bag_t is table t's one-id bag of each
+ * sample (hw_rowwise_bags with offsets 0, 1, ..., batch - 1), bit for bit, without writing the bags:
+ * each block reads its rows from the tables (tables and ids as hw_rowwise_bags takes them: weights,
+ * meta = rows[T], cols[T], bits[T], ids idx[t * ts + b * is]). x: [batch, dim] float32. Returns 0;
+ * 1 (info = table, id) for the first id, in table then position order, outside its table; -1 when a
+ * scratch allocation fails; -2 without AVX-512 (BW, VL) (the caller runs the two ops). */
+int hw_bags_interaction_fwd_q(const float *x, const uint8_t *const *weights, const int64_t *meta, int64_t ntab,
+                              int64_t dim, const void *idx, int is64, int64_t ts, int64_t is, int64_t batch,
+                              int64_t pad, int8_t *codes, float *scales, int64_t *info) {
+#if defined(SIMD_FWD) && defined(HAVE_ROW_VALUE16)
+    const float *xv[1] = {x};
+    const sources src = {xv, weights, meta, meta + ntab, meta + 2 * ntab, idx, is64, ts, is, batch};
+    const int rc = fwd_blocks(&src, ntab + 1, dim, pad, NULL, codes, scales);
+    if (rc == 1) return first_bad_id(meta, ntab, idx, is64, ts, is, batch, info);
+    return rc;
+#else
+    (void)x, (void)weights, (void)meta, (void)ntab, (void)dim, (void)idx, (void)is64, (void)ts, (void)is, (void)batch;
+    (void)pad, (void)codes, (void)scales, (void)info;
+    return -2;
 #endif
 }
 
