@@ -15,6 +15,11 @@ What the whole-model numbers in benchmarks/bench_export_recsys.py are made of, a
 - interaction: ``hwaware::dot_interaction`` (one C pass) against the torch ops it replaces
   (stack, bmm, index_select, cat: ``dot_interaction_ref``) on 27 vectors of [2048, 16], forward
   alone and forward + backward;
+- lookups + interaction (the exported DLRM's middle, x [2048, 16] and the 26 int8 tables above):
+  ``hwaware::embedding_interaction_int8`` (one pass: the rows go straight into the interaction's
+  blocks, its output is the top MLP's int8 input) against the two ops it fuses
+  (``EmbeddingBagList`` + ``hwaware::dot_interaction_int8``, bit for bit the same) and against what
+  the FP32 model runs (``nn.EmbeddingBag`` per table + ``hwaware::dot_interaction``);
 - dispatch: an op that returns an empty tensor, registered as the hwaware ops are
   (``hwaware.ops._Op``) and with ``torch.library.custom_op``, called under ``torch.no_grad()`` and
   ``torch.inference_mode()`` (aten's own ``empty_like`` for scale).
@@ -126,6 +131,30 @@ def embedding_tables(rounds: int) -> dict:
             "time_vs_fp32": {name: t / us["fp32_per_table"] for name, t in us.items()}}
 
 
+def lookups_and_interaction(rounds: int) -> dict:
+    from hwaware.recsys import DEFAULT_TABLE_SIZES, CriteoDataModule, EmbeddingBagList
+
+    dm = CriteoDataModule(num_samples=20_000, batch_size=BATCH, seed=0)
+    dm.setup("fit")
+    sparse = next(iter(dm.val_dataloader()))["sparse"]
+    g = torch.Generator().manual_seed(0)
+    tables = [torch.randn(n, 16, generator=g) * n**-0.5 for n in DEFAULT_TABLE_SIZES]
+    fp32 = EmbeddingBagList(nn.EmbeddingBag.from_pretrained(t, mode="sum") for t in tables)
+    deploy = EmbeddingBagList(RowwiseEmbeddingBag(packing.quantize_rowwise(t, 8), 8, 16, "sum", False) for t in tables)
+    weights, bits = [m.weight for m in deploy], [m.bits for m in deploy]
+    x, offsets, ids = torch.randn(BATCH, 16, generator=g), torch.arange(BATCH), sparse.t()
+    ops = torch.ops.hwaware
+    fns = {
+        "fp32_tables_then_interaction": lambda: ops.dot_interaction.default([x] + fp32(ids, offsets), 0),
+        "deploy_two_ops": lambda: ops.dot_interaction_int8.default([x] + deploy(ids, offsets), 0),
+        "deploy_one_pass": lambda: ops.embedding_interaction_int8.default(x, weights, bits, ids, 0),
+    }
+    us = _interleaved_us(fns, rounds, calls=10)
+    return {"shape": {"batch": BATCH, "tables": len(tables), "dim": 16}, "us": us,
+            "time_vs_fp32": {name: t / us["fp32_tables_then_interaction"] for name, t in us.items()},
+            "one_pass_vs_two_ops": us["deploy_one_pass"] / us["deploy_two_ops"]}
+
+
 def interaction(rounds: int) -> dict:
     from hwaware.ops.reference import dot_interaction_ref
 
@@ -180,6 +209,7 @@ def main() -> None:
             "linears": linears(args.rounds),
             "embedding": embedding(args.rounds),
             "embedding_tables": embedding_tables(args.rounds),
+            "lookups_and_interaction": lookups_and_interaction(args.rounds),
         }
     result["interaction"] = interaction(args.rounds)  # sets its own grad modes
     result["dispatch"] = dispatch(args.rounds)
@@ -187,6 +217,7 @@ def main() -> None:
         print(r["shape"], {k: round(v) for k, v in r["us"].items()})
     print("embedding", {k: round(v, 1) for k, v in result["embedding"]["us"].items()})
     print("embedding tables", {k: round(v, 2) for k, v in result["embedding_tables"]["time_vs_fp32"].items()})
+    print("lookups + interaction", {k: round(v, 2) for k, v in result["lookups_and_interaction"]["time_vs_fp32"].items()})
     print("interaction", result["interaction"]["time_vs_torch_ops"])
     for mode, r in result["dispatch"].items():
         print("dispatch", mode, {k: round(v, 2) for k, v in r["us"].items()})
