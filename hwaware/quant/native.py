@@ -248,7 +248,7 @@ def amx_mlp(x2d: Tensor, packed: Sequence[Tensor], dims: Sequence[int], w_scales
         rows, args = x2d.shape[0], (x2d.data_ptr(), None, None)
     nl = len(packed)
     out = torch.empty(rows, dims[-1], dtype=torch.float32)
-    dims_a, w_a, s_a, b_a, r_a = _i64s(dims), _ptrs(packed), _ptrs(w_scales), _ptrs(biases), array("i", map(int, relus))
+    dims_a, w_a, s_a, b_a, r_a = _i64s(dims), _ptrs(packed), _ptrs(w_scales), _optional_ptrs(biases), array("i", map(int, relus))
     rc = _lib.hw_amx_mlp(*args, rows, nl, _addr(dims_a), _addr(w_a), _addr(s_a), _addr(b_a), _addr(r_a), out.data_ptr())
     if rc == -1:
         raise MemoryError(f"amx_mlp: no memory for the per-thread buffers (dims {list(dims)})")
@@ -299,10 +299,15 @@ def rowwise_bags(weights: Sequence[Tensor], bits: Sequence[int], dim: int, indic
     return out, (rule, info[0], info[1])
 
 
-def _ptrs(tensors: Sequence[Optional[Tensor]]) -> array:
-    """The tensors' data pointers (0 for None) as a C array of pointers: pass :func:`_addr` of it, and
-    keep the array referenced until the call returns. (An ``array`` builds in about half the time of a
-    ctypes array; per-call marshalling is a visible share of a small batch's forward.)"""
+def _ptrs(tensors: Sequence[Tensor]) -> array:
+    """The tensors' data pointers as a C array of pointers: pass :func:`_addr` of it, and keep the
+    array referenced until the call returns. (An ``array`` builds in about half the time of a ctypes
+    array; per-call marshalling is a visible share of a small batch's forward.)"""
+    return array("Q", [t.data_ptr() for t in tensors])
+
+
+def _optional_ptrs(tensors: Sequence[Optional[Tensor]]) -> array:
+    """:func:`_ptrs` where None is allowed (a NULL pointer: a layer without bias)."""
     return array("Q", [0 if t is None else t.data_ptr() for t in tensors])
 
 
