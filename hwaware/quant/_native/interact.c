@@ -87,7 +87,7 @@ static inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? (__mmask16)0xF
  * Grouping them 8 at a time across rows keeps 8 accumulator chains busy where a chain per pair would
  * wait on the FMA latency at every step. */
 typedef struct {
-    int32_t i, j, q;
+    int64_t i, j, q;
 } pair_ref;
 
 static int64_t pair_tails(int64_t nvec, pair_ref *tails) {
@@ -95,7 +95,7 @@ static int64_t pair_tails(int64_t nvec, pair_ref *tails) {
     for (int64_t i = 0; i + 1 < nvec; ++i) {
         const int64_t runs = (nvec - 1 - i) / 8 * 8;
         q += runs;
-        for (int64_t j = i + 1 + runs; j < nvec; ++j, ++q) tails[nt++] = (pair_ref){(int32_t)i, (int32_t)j, (int32_t)q};
+        for (int64_t j = i + 1 + runs; j < nvec; ++j, ++q) tails[nt++] = (pair_ref){i, j, q};
     }
     return nt;
 }
