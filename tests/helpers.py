@@ -100,3 +100,40 @@ def int8_layers(dims, seed: int = 0):
         scales.append(s)
         biases.append(torch.randn(n, generator=g) if i % 2 == 0 else None)
     return qws, scales, biases
+
+
+def int8_chain_top(model) -> None:
+    """``model.top_mlp`` as export leaves it with every Linear on ``int_mm``, in place: an ``Int8Chain``
+    of ``Int8Linear`` (weights quantized per channel, a following ReLU fused) and ``nn.Identity``."""
+    import torch
+    from hwaware.export.deploy import Int8Chain, Int8Linear
+    from hwaware.ops.packing import quantize_int8_weight
+
+    layers, seq = list(model.top_mlp), []
+    for i, m in enumerate(layers):
+        if isinstance(m, torch.nn.Linear):
+            qw, s = quantize_int8_weight(m.weight.detach())
+            relu = i + 1 < len(layers) and isinstance(layers[i + 1], torch.nn.ReLU)
+            seq.append(Int8Linear(qw, s, m.bias.detach().clone(), {"cpu": "int_mm"}, relu))
+        else:
+            seq.append(torch.nn.Identity())
+    model.top_mlp = Int8Chain(*seq)
+
+
+def dlrm_unfused(model, dense, sparse):
+    """DLRM's forward with every part called on its own: bottom MLP, the table list, the float
+    interaction, the top MLP (what the fused paths must match bit for bit)."""
+    import torch
+    import hwaware.ops as ops
+
+    x = model.bottom_mlp(dense)
+    vectors = [x] + model.embeddings(sparse.t(), torch.arange(dense.shape[0]))
+    return model.top_mlp(ops.dot_interaction(vectors, model._pad)).squeeze(1)
+
+
+def record_calls(monkeypatch, overload_packet) -> list:
+    """Appends 1 to the returned list on each call of ``overload_packet.default`` (as DLRM makes them)."""
+    calls = []
+    real = overload_packet.default
+    monkeypatch.setattr(overload_packet, "default", lambda *a: calls.append(1) or real(*a))
+    return calls

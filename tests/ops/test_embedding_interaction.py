@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import hwaware.ops as ops
-from hwaware.export.deploy import Int8Chain, Int8Linear, RowwiseEmbeddingBag
-from hwaware.ops.packing import quantize_int8_weight, quantize_rowwise
+from hwaware.export.deploy import RowwiseEmbeddingBag
+from hwaware.ops.packing import quantize_rowwise
 from hwaware.quant import native
+from tests.helpers import dlrm_unfused, int8_chain_top, record_calls
 
 OP = torch.ops.hwaware.embedding_interaction_int8.default
 
@@ -118,32 +119,13 @@ def _deployed_dlrm(table_bits=(8, 4, 8), top=(32, 16)):
     model = DLRM(table_sizes=sizes, embedding_dim=8, bottom_mlp=(16, 8), top_mlp=top).eval()
     for t, b in enumerate(table_bits):
         model.embeddings[t] = RowwiseEmbeddingBag(quantize_rowwise(model.embeddings[t].weight.detach(), b), b, 8, "sum", False)
-    layers, seq = list(model.top_mlp), []
-    for i, m in enumerate(layers):
-        if isinstance(m, torch.nn.Linear):
-            qw, s = quantize_int8_weight(m.weight.detach())
-            relu = i + 1 < len(layers) and isinstance(layers[i + 1], torch.nn.ReLU)
-            seq.append(Int8Linear(qw, s, m.bias.detach().clone(), {"cpu": "int_mm"}, relu))
-        else:
-            seq.append(torch.nn.Identity())
-    model.top_mlp = Int8Chain(*seq)
-    dense, sparse = torch.randn(45, 13), _ids(sizes, 45)
-    return model, dense, sparse
-
-
-def _unfused(model, dense, sparse):
-    x = model.bottom_mlp(dense)
-    vectors = [x] + model.embeddings(sparse.t(), torch.arange(dense.shape[0]))
-    return model.top_mlp(ops.dot_interaction(vectors, model._pad)).squeeze(1)
+    int8_chain_top(model)
+    return model, torch.randn(45, 13), _ids(sizes, 45)
 
 
 @pytest.fixture
 def fused_calls(monkeypatch):
-    calls = []
-    real = torch.ops.hwaware.embedding_interaction_int8.default
-    monkeypatch.setattr(torch.ops.hwaware.embedding_interaction_int8, "default",
-                        lambda *a: calls.append(1) or real(*a))
-    return calls
+    return record_calls(monkeypatch, torch.ops.hwaware.embedding_interaction_int8)
 
 
 def test_deployed_dlrm_takes_the_one_pass_and_gets_the_same_bits(fused_calls):
@@ -151,7 +133,7 @@ def test_deployed_dlrm_takes_the_one_pass_and_gets_the_same_bits(fused_calls):
     with torch.no_grad():
         out = model(dense, sparse)
         assert fused_calls == [1]
-        assert torch.equal(out, _unfused(model, dense, sparse))
+        assert torch.equal(out, dlrm_unfused(model, dense, sparse))
     program = torch.export.export(model, (dense, sparse))
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
     assert {"hwaware.embedding_interaction_int8.default", "hwaware.int8_mlp_quantized.default"} <= targets
@@ -162,7 +144,7 @@ def test_deployed_dlrm_takes_the_one_pass_and_gets_the_same_bits(fused_calls):
 def test_deployed_dlrm_keeps_the_lookups_where_something_would_see_them(fused_calls):
     model, dense, sparse = _deployed_dlrm()
     with torch.no_grad():
-        want = _unfused(model, dense, sparse)
+        want = dlrm_unfused(model, dense, sparse)
     seen = []
     table_hook = copy.deepcopy(model)
     table_hook.embeddings[1].register_forward_hook(lambda m, a, o: seen.append(o))

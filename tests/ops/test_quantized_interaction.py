@@ -8,10 +8,9 @@ import pytest
 import torch
 
 import hwaware.ops as ops
-from hwaware.ops.packing import quantize_int8_weight
 from hwaware.ops.reference import quantize_per_token_ref
 from hwaware.quant import native
-from tests.helpers import int8_layers
+from tests.helpers import dlrm_unfused, int8_chain_top, int8_layers, record_calls
 
 
 def _vectors(batch, nvec, dim, seed=0):
@@ -124,38 +123,19 @@ def test_opcheck():
 
 
 def _exported_dlrm(top=(32, 16)):
-    from hwaware.export.deploy import Int8Chain, Int8Linear
     from hwaware.recsys import DLRM
 
     torch.manual_seed(0)
     model = DLRM(table_sizes=(50, 30, 20), embedding_dim=8, bottom_mlp=(16, 8), top_mlp=top).eval()
-    layers = list(model.top_mlp)
-    seq = []
-    for i, m in enumerate(layers):
-        if isinstance(m, torch.nn.Linear):
-            qw, s = quantize_int8_weight(m.weight.detach())
-            relu = i + 1 < len(layers) and isinstance(layers[i + 1], torch.nn.ReLU)
-            seq.append(Int8Linear(qw, s, m.bias.detach().clone(), {"cpu": "int_mm"}, relu))
-        else:
-            seq.append(torch.nn.Identity())
-    model.top_mlp = Int8Chain(*seq)
+    int8_chain_top(model)
     dense, sparse = torch.randn(45, 13), torch.stack([torch.randint(0, n, (45,)) for n in (50, 30, 20)], 1)
     return model, dense, sparse
-
-
-def _unfused(model, dense, sparse):
-    x = model.bottom_mlp(dense)
-    vectors = [x] + model.embeddings(sparse.t(), torch.arange(dense.shape[0]))
-    return model.top_mlp(ops.dot_interaction(vectors, model._pad)).squeeze(1)
 
 
 @pytest.fixture
 def seen(monkeypatch):
     """Records each call of hwaware::dot_interaction_int8 (as DLRM makes it, through .default)."""
-    calls = []
-    real = torch.ops.hwaware.dot_interaction_int8.default
-    monkeypatch.setattr(torch.ops.hwaware.dot_interaction_int8, "default", lambda v, p: calls.append(1) or real(v, p))
-    return calls
+    return record_calls(monkeypatch, torch.ops.hwaware.dot_interaction_int8)
 
 
 def test_dlrm_feeds_the_int8_chain_codes_and_gets_the_same_bits(seen):
@@ -163,7 +143,7 @@ def test_dlrm_feeds_the_int8_chain_codes_and_gets_the_same_bits(seen):
     with torch.no_grad():
         out = model(dense, sparse)
         assert seen == [1]
-        assert torch.equal(out, _unfused(model, dense, sparse))
+        assert torch.equal(out, dlrm_unfused(model, dense, sparse))
     program = torch.export.export(model, (dense, sparse))
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
     assert {"hwaware.dot_interaction_int8.default", "hwaware.int8_mlp_quantized.default"} <= targets
@@ -173,7 +153,7 @@ def test_dlrm_feeds_the_int8_chain_codes_and_gets_the_same_bits(seen):
 def test_dlrm_keeps_the_float_rows_where_something_would_see_them(seen):
     model, dense, sparse = _exported_dlrm()
     with torch.no_grad():
-        want = _unfused(model, dense, sparse)
+        want = dlrm_unfused(model, dense, sparse)
     inputs = []
     hooked = copy.deepcopy(model)
     hooked.top_mlp.register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
