@@ -174,6 +174,11 @@ class _Op:
     (``benchmarks/bench_ops_cpu.py``, "dispatch"), and a row-wise lookup of 2048 ids is only a few
     times that. The schemas are the ones ``custom_op`` inferred, so programs exported with it still
     load. Calling an ``_Op`` calls its ``.default`` overload. ``lib``: the library to define in.
+
+    On plain CPU tensors (no mode, subclass or fake tensor below autograd) the autograd kernel calls
+    the CPU kernel given here directly rather than through a second dispatcher crossing, so a CPU
+    kernel registered for the op later from outside would be reached only under inference mode:
+    change the CPU implementation here, not by overriding the registration.
     """
 
     def __init__(self, schema: str, cpu_kernel: Callable, lib: torch.library.Library = _LIB) -> None:

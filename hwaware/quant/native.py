@@ -290,6 +290,8 @@ def rowwise_bags(weights: Sequence[Tensor], bits: Sequence[int], dim: int, indic
     ntab, n = indices.shape
     batch = offsets.shape[0]
     out = torch.empty(ntab, batch, dim, dtype=torch.float32)
+    if len(bits) != len(weights):  # C reads one width per table: never past the end of meta
+        raise ValueError(f"bits must give one width per table: {len(weights)} weights, got {len(bits)} bits")
     shapes = [w.shape for w in weights]
     meta = _i64s([s[0] for s in shapes] + [s[1] for s in shapes] + list(bits))
     ptrs, info = _ptrs(weights), _bag_info()
@@ -371,6 +373,8 @@ def bags_interaction_int8(x: Tensor, weights: Sequence[Tensor], bits: Sequence[i
     (batch, dim), ntab = x.shape, len(weights)
     codes = torch.empty(batch, dim + (ntab + 1) * ntab // 2 + pad, dtype=torch.int8)
     scales = torch.empty(batch, dtype=torch.float32)
+    if len(bits) != len(weights):  # C reads one width per table: never past the end of meta
+        raise ValueError(f"bits must give one width per table: {len(weights)} weights, got {len(bits)} bits")
     shapes = [w.shape for w in weights]
     meta = _i64s([s[0] for s in shapes] + [s[1] for s in shapes] + list(bits))
     ptrs, info = _ptrs(weights), _bag_info()

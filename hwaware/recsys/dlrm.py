@@ -135,6 +135,9 @@ class DLRM(pl.LightningModule):
         if sparse.dim() != 2 or sparse.shape[1] != len(self.embeddings):
             raise ValueError(f"sparse must be [B, {len(self.embeddings)}], got shape {tuple(sparse.shape)}")
         batch = dense.shape[0]
+        if sparse.shape[0] != batch:
+            raise ValueError(f"dense and sparse must hold the same batch, got dense {tuple(dense.shape)} and "
+                             f"sparse {tuple(sparse.shape)}")
         x = self.bottom_mlp(dense)  # [B, D]
         top = self.top_mlp
         if type(top) is Int8Chain and x.dtype == torch.float32 and x.device.type == "cpu":

@@ -16,8 +16,6 @@ from collections import defaultdict
 import torch
 from torch import Tensor, nn
 
-from torch.nn.modules import module as _torch_module
-
 from hwaware.export.deploy import RowwiseEmbeddingBag, _hooked
 
 __all__ = ["EmbeddingBagList"]
@@ -39,23 +37,17 @@ class EmbeddingBagList(nn.ModuleList):
         return (type(table) is RowwiseEmbeddingBag and table.mode in ("sum", "mean") and not table.include_last_offset
                 and not _hooked(table))
 
-    @staticmethod
-    def _one_group(modules: list) -> tuple | None:
+    def _one_group(self, modules: list) -> tuple | None:
         """``(weights, bits, dim, mode)`` when every table is :meth:`batched` with one ``(dim, mode)``,
-        else None. One pass over the tables, reading buffers and hook dicts directly: ``nn.Module``
-        attribute lookups cost about a microsecond a table, a visible share of a small batch."""
-        if not modules or _torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks:
+        else None; ``mode`` as the op takes it (0 sum, 1 mean). Buffers are read from ``_buffers``:
+        ``nn.Module`` attribute lookups cost about a microsecond a table, a visible share of a small batch."""
+        if not modules:
             return None
         first = modules[0]
-        if type(first) is not RowwiseEmbeddingBag:
-            return None
-        dim, mode = first.dim, first.mode
-        if mode not in ("sum", "mean"):
-            return None
+        dim, mode = getattr(first, "dim", None), getattr(first, "mode", None)
         weights, bits = [], []
         for m in modules:
-            if (type(m) is not RowwiseEmbeddingBag or m.dim != dim or m.mode != mode or m.include_last_offset
-                    or m._forward_hooks or m._forward_pre_hooks):
+            if not self.batched(m) or m.dim != dim or m.mode != mode:
                 return None
             weights.append(m._buffers["weight"])
             bits.append(m.bits)

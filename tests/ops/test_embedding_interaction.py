@@ -164,3 +164,20 @@ def test_deployed_dlrm_bad_id_names_the_table(fused_calls):
     sparse[7, 2] = 20
     with torch.no_grad(), pytest.raises(IndexError, match=r"indices\[2\] must lie in \[0, 20\) \(rows of weights\[2\]\), got 20"):
         model(dense, sparse)
+
+
+def test_native_wrappers_refuse_a_bits_list_of_another_length():
+    """The C passes read one width per table: a short list must not reach them."""
+    bits, rows = [8, 8], [10, 10]
+    weights, x, ids = _tables(bits, rows, 16), torch.randn(4, 16), _ids(rows, 4).t()
+    for call in (lambda: native.bags_interaction_int8(x, weights, bits[:1], ids, 0),
+                 lambda: native.rowwise_bags(weights, bits[:1], 16, ids, torch.arange(4), False)):
+        with pytest.raises(ValueError, match=r"bits must give one width per table: 2 weights, got 1 bits"):
+            call()
+
+
+def test_deployed_dlrm_rejects_a_sparse_batch_of_another_size():
+    model, dense, sparse = _deployed_dlrm()
+    with torch.no_grad(), pytest.raises(ValueError, match=r"dense and sparse must hold the same batch, got dense \(45, 13\) "
+                                                          r"and sparse \(44, 3\)"):
+        model(dense, sparse[:44])
