@@ -6,7 +6,8 @@
 For each table width (int8, int4 rows) the recipe trains FP32 -> QAT and exports; then, in one
 interleaved timing run at batch 2048, FP32 eager, `quantize_dynamic` (its Linears, the baseline a
 user already has) and the artifact loaded from disk are compared. AUROC of all three comes from
-torchmetrics on the same validation split. Targets (issue 3): size <= 25% (int8 tables) / 15%
+torchmetrics on the same validation split. Peak memory of serving FP32 and the artifact at batch 2048
+is measured in a fresh process each (``hwaware.export.memory``). Targets (issue 3): size <= 25% (int8 tables) / 15%
 (int4) of FP32; throughput >= 2x FP32 and above quantize_dynamic; AUROC drop <= 0.001.
 
 Experiment, not shipped (``exported_per_tensor_act``): the same artifact with every int8 Linear
@@ -33,6 +34,7 @@ import qat_recsys  # noqa: E402
 
 import hwaware  # noqa: E402
 from hwaware.export.bench import compare_throughput  # noqa: E402
+from hwaware.export.memory import peak_memory  # noqa: E402
 from hwaware.recsys import DLRM, CriteoDataModule, evaluate_auroc  # noqa: E402
 
 from _results import cpu_device, write_json  # noqa: E402  (benchmarks/_results.py)
@@ -99,6 +101,8 @@ def one(bits: int, fast: bool, out_dir: str) -> dict:
     auroc = {"fp32": report["fp32"]["auroc"], "quantize_dynamic": evaluate_auroc(qdyn, val), "exported": report["export"]["auroc"],
              "exported_per_tensor_act": evaluate_auroc(per_tensor, val)}
     e = report["export"]
+    # peak RSS of serving each, one fresh process per model (hwaware.export.memory, as `hwaware bench`)
+    memory = {which: peak_memory(e["path"], which, 2048, 4 if fast else 10) for which in ("fp32", "artifact")}
     return {
         "embedding_bits": bits,
         "size": {"artifact_bytes": e["size_bytes"], "fp32_bytes": e["fp32_size_bytes"], "fraction": e["size_fraction"],
@@ -110,6 +114,7 @@ def one(bits: int, fast: bool, out_dir: str) -> dict:
         "auroc_drop_quantize_dynamic": auroc["fp32"] - auroc["quantize_dynamic"],
         "auroc_passed": auroc["fp32"] - auroc["exported"] <= 0.001,
         "dense_layers": e["dense_layers"],
+        "memory_mib": memory,
     }
 
 
@@ -152,6 +157,7 @@ def main() -> None:
     for r in result["runs"]:
         print(json.dumps({k: r[k] for k in ("embedding_bits", "size", "auroc", "auroc_drop_exported")}, indent=1))
         print({k: round(v["ratio"], 3) for k, v in r["throughput"]["models"].items()})
+        print("peak memory (MiB over the imports):", {k: v and round(v["peak_mib"], 1) for k, v in r["memory_mib"].items()})
     print("gemm-heavy model:", {k: round(v["ratio"], 3) for k, v in result["gemm_heavy"]["throughput"]["models"].items()})
     write_json(result, args.out)
 

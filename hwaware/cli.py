@@ -140,7 +140,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    """Artifact vs its FP32 architecture, same inputs, interleaved: throughput ratio and latencies."""
+    """Artifact vs its FP32 architecture, same inputs, interleaved: throughput ratio and latencies;
+    then the peak memory of serving each, one fresh process per model."""
     from hwaware.export import ArtifactError, load, read_manifest
     from hwaware.export.bench import compare_throughput
     from hwaware.export.exporter import make_inputs, model_class
@@ -163,6 +164,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     for name, r in result["models"].items():
         print(f"{name:10s} {r['samples_per_s']:>12,.0f} samples/s  x{r['ratio']:.2f}  "
               f"p50 {r['latency_ms_p50']:.2f} ms  p90 {r['latency_ms_p90']:.2f} ms  p99 {r['latency_ms_p99']:.2f} ms")
+    if not args.no_memory:
+        from hwaware.export.memory import peak_memory
+
+        # each model in its own fresh process: one process's RSS high-water mark would hold both
+        mem = {name: peak_memory(args.path, name, args.batch_size, args.batches) for name in ("fp32", "artifact")}
+        result["memory"] = {"method": "peak RSS over the imports, one fresh process per model (hwaware.export.memory)",
+                            **mem}
+        for name, m in mem.items():
+            if m is None:
+                print(f"{name:10s} peak memory: n/a (needs Linux /proc)")
+            else:
+                print(f"{name:10s} peak memory {m['peak_mib']:.1f} MiB (load {m['load_peak_mib']:.1f} MiB, "
+                      f"resident model {m['model_resident_mib']:.1f} MiB), over the process after its imports")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
@@ -185,6 +199,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--batches", type=int, default=8)
     bench.add_argument("--rounds", type=int, default=5)
     bench.add_argument("--json", default=None, help="also write the results here")
+    bench.add_argument("--no-memory", action="store_true",
+                       help="skip the peak-memory measurement (two child processes)")
     bench.set_defaults(func=_cmd_bench)
     return p
 

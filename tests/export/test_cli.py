@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import os
+
 import pytest
 import torch
 
@@ -94,7 +96,34 @@ def test_bench_times_artifact_against_fp32(tmp_path, capsys):
     r = _json.loads(out.read_text())
     assert set(r["models"]) == {"fp32", "artifact"} and r["models"]["fp32"]["ratio"] == 1.0
     assert r["models"]["artifact"]["samples_per_s"] > 0 and r["batch_size"] == 16
-    assert "samples/s" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "samples/s" in printed
+    if os.path.exists("/proc/self/clear_refs"):
+        for name in ("fp32", "artifact"):
+            m = r["memory"][name]
+            assert 0 <= m["model_resident_mib"] <= m["peak_mib"] <= m["process_peak_mib"]
+            assert f"{name:10s} peak memory" in printed
+    assert main(["bench", art.path, "--batch-size", "4", "--batches", "1", "--rounds", "1", "--no-memory", "--json", str(out)]) == 0
+    assert "memory" not in _json.loads(out.read_text())
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS is read from Linux /proc")
+def test_bench_memory_shows_the_artifact_serving_in_less_memory_than_fp32(tmp_path):
+    """A 64 MB FP32 table is 24 MB of int8 rows: serving the artifact must peak lower than FP32, each
+    measured in its own process (hwaware.export.memory)."""
+    import torch
+
+    from hwaware.export import export
+    from hwaware.export.memory import peak_memory
+    from tests.helpers import TinyCTR
+
+    torch.manual_seed(0)
+    art = export(TinyCTR(vocab=1_000_000, dim=16), tmp_path / "big", example_inputs=(torch.randn(8, 4), torch.randint(0, 1000, (8,))))
+    fp32, served = (peak_memory(art.path, which, 64, 2) for which in ("fp32", "artifact"))
+    assert fp32["model_resident_mib"] > 55 and 20 < served["model_resident_mib"] < 40
+    assert served["peak_mib"] < fp32["peak_mib"] - 20
+    with pytest.raises(ValueError, match=r"which='gpu'; expected 'artifact' or 'fp32'"):
+        peak_memory(art.path, "gpu", 4, 1)
 
 
 def test_bench_needs_recorded_inputs(tmp_path, capsys):

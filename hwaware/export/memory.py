@@ -1,0 +1,82 @@
+"""Peak resident memory of serving a model: an artifact or its FP32 architecture, each in a fresh process.
+
+RSS is per process and its high-water mark only rises, so two models measured in one process would
+each see the other's pages. ``peak_memory`` therefore runs this module as a child process per model
+(``python -m hwaware.export.memory PATH fp32|artifact ...``): after the imports it resets the
+high-water mark (``/proc/self/clear_refs``), builds the model (``hwaware.load`` for the artifact;
+the recorded class from its hyperparameters for FP32, as ``hwaware bench`` times it), runs the
+recorded inputs through it once per batch under ``torch.inference_mode()``, and reads
+``/proc/self/status``. Reported in MiB, over what the process held after its imports:
+
+- ``load_peak``: the high-water mark while building it (a load that copies the weights shows here);
+- ``model_resident``: resident once every weight has been read (a page of each touched): an artifact
+  is memory-mapped, so right after ``load`` only the pages verification and use touched are resident,
+  and serving traffic eventually reads them all;
+- ``peak``: the high-water mark after the batches too (weights, activations, workspaces).
+
+Linux only (``/proc``); elsewhere :func:`peak_memory` returns None.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any, Dict, Optional
+
+__all__ = ["peak_memory"]
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+
+def _probe(path: str, which: str, batch_size: int, batches: int) -> Dict[str, float]:
+    import torch
+
+    from hwaware.export import load, read_manifest
+    from hwaware.export.exporter import make_inputs, model_class
+
+    manifest = read_manifest(path)
+    inputs = [make_inputs(manifest["inputs"], batch_size, seed=i) for i in range(batches)]
+    with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
+        f.write("5")
+    base = _status_kib("VmRSS")
+    if which == "artifact":
+        model = load(path)
+    else:
+        model = model_class(manifest, path)(**(manifest["model"].get("hparams") or {}))
+    model.eval()
+    load_peak = _status_kib("VmHWM")
+    with torch.no_grad():  # every weight read once, as serving traffic eventually does: a memory-mapped
+        for t in list(model.parameters()) + list(model.buffers()):  # artifact is resident only where touched
+            if t.numel():
+                t.reshape(-1)[:: max(1, 4096 // t.element_size())].sum()  # one element per page
+    resident = _status_kib("VmRSS")
+    with torch.inference_mode():
+        for x in inputs:
+            model(*x)
+    peak = _status_kib("VmHWM")
+    mib = 1024.0
+    return {"load_peak_mib": (load_peak - base) / mib, "model_resident_mib": (resident - base) / mib,
+            "peak_mib": (peak - base) / mib, "process_peak_mib": peak / mib}
+
+
+def peak_memory(path: str, which: str, batch_size: int, batches: int, timeout: float = 600) -> Optional[Dict[str, Any]]:
+    """Memory of serving ``which`` (``"artifact"`` or ``"fp32"``) for the artifact at ``path``, measured
+    in a child process (see the module docstring); None where ``/proc`` is missing (not Linux)."""
+    if which not in ("artifact", "fp32"):
+        raise ValueError(f"which={which!r}; expected 'artifact' or 'fp32'")
+    if not os.path.exists("/proc/self/clear_refs"):
+        return None
+    cmd = [sys.executable, "-m", "hwaware.export.memory", os.fspath(path), which, str(batch_size), str(batches)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory probe of {which} failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    path_, which_, batch_, batches_ = sys.argv[1:5]
+    print(json.dumps(_probe(path_, which_, int(batch_), int(batches_))))
