@@ -181,3 +181,11 @@ def test_deployed_dlrm_rejects_a_sparse_batch_of_another_size():
     with torch.no_grad(), pytest.raises(ValueError, match=r"dense and sparse must hold the same batch, got dense \(45, 13\) "
                                                           r"and sparse \(44, 3\)"):
         model(dense, sparse[:44])
+
+
+def test_deployed_dlrm_runs_under_torch_compile_fullgraph():
+    model, dense, sparse = _deployed_dlrm()
+    with torch.no_grad():
+        want = model(dense, sparse)
+        got = torch.compile(model, fullgraph=True)(dense, sparse)  # default backend: inductor
+    assert torch.equal(got, want)
