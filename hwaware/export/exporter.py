@@ -37,7 +37,8 @@ CPU_KERNELS = {
     "rowwise_int8": "hwaware::embedding_bag_rowwise [cpu: fbgemm embedding_bag_byte_rowwise_offsets]",
     "rowwise_int4": "hwaware::embedding_bag_rowwise [cpu: fbgemm embedding_bag_4bit_rowwise_offsets]",
     "rowwise_batched": ("hwaware::embedding_bags_rowwise [cpu: when the model calls its EmbeddingBagList, one C pass for "
-                        "the list's row-wise tables of the same dim and mode; called alone: embedding_bag_rowwise]"),
+                        "the list's row-wise tables of the same dim and mode (hwaware.recsys.DLRM reads them inside its "
+                        "interaction instead: hwaware::embedding_interaction, _int8); called alone: embedding_bag_rowwise]"),
     "sparse24": "hwaware::sparse24_linear [cpu: measured choice, see selection]",
     "sparse24_int8": "hwaware::sparse24_linear [cpu: measured choice, see selection]",
 }

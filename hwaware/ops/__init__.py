@@ -48,7 +48,7 @@ from hwaware.ops.packing import decompress_24, dequantize_int4_weight, rowwise_c
 from hwaware.ops.reference import (dot_interaction_backward_ref, dot_interaction_ref, int8_linear_ref,
                                    quantize_per_token_ref, w8a8_epilogue_ref)
 
-__all__ = ["int8_linear", "int8_mlp", "int8_mlp_quantized", "dot_interaction_int8", "embedding_interaction_int8", "int4_linear", "embedding_bag_rowwise", "embedding_bags_rowwise", "sparse24_linear", "dot_interaction",
+__all__ = ["int8_linear", "int8_mlp", "int8_mlp_quantized", "dot_interaction_int8", "embedding_interaction", "embedding_interaction_int8", "int4_linear", "embedding_bag_rowwise", "embedding_bags_rowwise", "sparse24_linear", "dot_interaction",
            "INT8_KERNELS", "SPARSE24_KERNELS", "REDUCE_RANGE", "clear_cache"]
 
 _FLOAT_X = (torch.float32, torch.bfloat16, torch.float16)
@@ -1011,47 +1011,81 @@ def _check_embedding_interaction(x: Tensor, weights: List[Tensor], bits: List[in
         raise ValueError(f"x is on {x.device} but indices are on {indices.device}")
 
 
-@_define("embedding_interaction_int8(Tensor x, Tensor[] weights, int[] bits, Tensor indices, SymInt pad) -> (Tensor, Tensor)")
-def embedding_interaction_int8(x: Tensor, weights: List[Tensor], bits: List[int], indices: Tensor,
-                               pad: int) -> Tuple[Tensor, Tensor]:
-    """``dot_interaction_int8([x] + list(embedding_bags_rowwise(weights, bits, D, indices, arange(B), 0)), pad)``,
-    bit for bit: a deployed DLRM's T one-id lookups and its interaction, as the int8 codes and scales of
-    the top MLP's input (a deploy op: no backward; feed it to :func:`int8_mlp_quantized`). ``x``
-    float32 ``[B, D]``; ``indices`` ``[T, B]``, one id per sample and table (a strided view such as
-    ``sparse.t()`` is fine). CPU with AVX-512: one C pass whose blocks read the table rows straight
-    into the interaction, so the ``[T, B, D]`` lookups (3.4 MB at the recipe's batch 2048) are never
-    written and read back; otherwise the two ops."""
+def _embedding_interaction_cpu(x: Tensor, weights: List[Tensor], bits: List[int], indices: Tensor, pad: int,
+                               quantized: bool) -> Tuple[Tensor, ...]:
+    """Both ops' CPU kernel: the one native pass, or the two ops where it is not available."""
     from hwaware.quant import native
 
     _check_embedding_interaction(x, weights, bits, indices, pad)
     if not all(w.is_contiguous() for w in weights):
         weights = [w.contiguous() for w in weights]
-    got = native.bags_interaction_int8(x.contiguous(), weights, bits, indices, pad) if x.device.type == "cpu" else None
+    got = native.bags_interaction(x.contiguous(), weights, bits, indices, pad, quantized)
     if got is None:
-        return _embedding_interaction_int8_any(x, weights, bits, indices, pad)
-    codes, scales, (rule, t, bad) = got
+        return _embedding_interaction_any(x, weights, bits, indices, pad, quantized)
+    outs, (rule, t, bad) = got
     if rule == 1:
         raise IndexError(f"indices[{t}] must lie in [0, {weights[t].shape[0]}) (rows of weights[{t}]), got {bad}")
-    return codes, scales
+    return outs
 
 
-def _embedding_interaction_int8_any(x: Tensor, weights: List[Tensor], bits: List[int], indices: Tensor,
-                                    pad: int) -> Tuple[Tensor, Tensor]:
+def _embedding_interaction_any(x: Tensor, weights: List[Tensor], bits: List[int], indices: Tensor, pad: int,
+                               quantized: bool) -> Tuple[Tensor, ...]:
+    """The two ops in turn (CUDA and where the native pass is not available)."""
     _check_embedding_interaction(x, weights, bits, indices, pad)
     offsets = torch.arange(x.shape[0], dtype=indices.dtype, device=indices.device)
     bags = torch.ops.hwaware.embedding_bags_rowwise.default(weights, bits, x.shape[1], indices, offsets, 0)
-    return torch.ops.hwaware.dot_interaction_int8.default([x] + list(bags.unbind(0)), pad)
+    vectors = [x] + list(bags.unbind(0))
+    if quantized:
+        return torch.ops.hwaware.dot_interaction_int8.default(vectors, pad)
+    return (torch.ops.hwaware.dot_interaction.default(vectors, pad),)  # below autograd here: no graph
+
+
+def _embedding_interaction_width(x: Tensor, weights: List[Tensor], pad: int) -> int:
+    nvec = len(weights) + 1
+    return x.shape[1] + nvec * (nvec - 1) // 2 + pad
+
+
+@_define("embedding_interaction(Tensor x, Tensor[] weights, int[] bits, Tensor indices, SymInt pad) -> Tensor")
+def embedding_interaction(x: Tensor, weights: List[Tensor], bits: List[int], indices: Tensor, pad: int) -> Tensor:
+    """``dot_interaction([x] + list(embedding_bags_rowwise(weights, bits, D, indices, arange(B), 0)), pad)``,
+    bit for bit: a deployed DLRM's T one-id lookups and its interaction rows ``[B, D + T(T+1)/2 + pad]``
+    float32 (a deploy op: no backward), for a top MLP that takes float input. ``x`` float32 ``[B, D]``;
+    ``indices`` ``[T, B]``, one id per sample and table (a strided view such as ``sparse.t()`` is
+    fine). CPU with AVX-512: one C pass whose blocks read the table rows straight into the
+    interaction, so the ``[T, B, D]`` lookups (3.4 MB at the recipe's batch 2048) are never written
+    and read back; otherwise the two ops."""
+    return _embedding_interaction_cpu(x, weights, bits, indices, pad, quantized=False)[0]
+
+
+@embedding_interaction.register_fake
+def _(x, weights, bits, indices, pad):
+    _check_embedding_interaction(x, weights, bits, indices, pad)
+    return x.new_empty((x.shape[0], _embedding_interaction_width(x, weights, pad)))
+
+
+_LIB.impl("embedding_interaction", lambda *a: _embedding_interaction_any(*a, quantized=False)[0],
+          "CompositeExplicitAutograd")  # CUDA, the rest
+
+
+@_define("embedding_interaction_int8(Tensor x, Tensor[] weights, int[] bits, Tensor indices, SymInt pad) -> (Tensor, Tensor)")
+def embedding_interaction_int8(x: Tensor, weights: List[Tensor], bits: List[int], indices: Tensor,
+                               pad: int) -> Tuple[Tensor, Tensor]:
+    """``dot_interaction_int8([x] + list(embedding_bags_rowwise(weights, bits, D, indices, arange(B), 0)), pad)``,
+    bit for bit: :func:`embedding_interaction`'s rows as the int8 codes and scales of the top MLP's
+    first int8 layer (a deploy op: no backward; feed it to :func:`int8_mlp_quantized`), so neither
+    the lookups nor the float rows are written."""
+    return _embedding_interaction_cpu(x, weights, bits, indices, pad, quantized=True)
 
 
 @embedding_interaction_int8.register_fake
 def _(x, weights, bits, indices, pad):
     _check_embedding_interaction(x, weights, bits, indices, pad)
-    (batch, dim), nvec = x.shape, len(weights) + 1
-    return (x.new_empty((batch, dim + nvec * (nvec - 1) // 2 + pad), dtype=torch.int8),
-            x.new_empty((batch,), dtype=torch.float32))
+    return (x.new_empty((x.shape[0], _embedding_interaction_width(x, weights, pad)), dtype=torch.int8),
+            x.new_empty((x.shape[0],), dtype=torch.float32))
 
 
-_LIB.impl("embedding_interaction_int8", _embedding_interaction_int8_any, "CompositeExplicitAutograd")  # CUDA, the rest
+_LIB.impl("embedding_interaction_int8", lambda *a: _embedding_interaction_any(*a, quantized=True),
+          "CompositeExplicitAutograd")  # CUDA, the rest
 
 _LIB.define("dot_interaction_backward(Tensor grad, Tensor[] vectors, SymInt pad) -> Tensor[]")
 _LIB.impl("dot_interaction_backward", _dot_interaction_backward_cpu, "CPU")

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["native_status", "fq_sym_rows", "fq_affine_rows", "quant_tokens_i8", "w8a8_epilogue", "w8a8_epilogue_quant", "check_bags", "rowwise_bags",
-           "dot_interaction", "dot_interaction_backward", "dot_interaction_int8", "bags_interaction_int8", "amx_available", "amx_pack", "amx_mlp"]
+           "dot_interaction", "dot_interaction_backward", "dot_interaction_int8", "bags_interaction", "amx_available", "amx_pack", "amx_mlp"]
 
 _SRCS = [Path(__file__).parent / "_native" / n for n in ("rowwise_fq.c", "w8a8.c", "bags.c", "interact.c")]
 _HEADERS = [Path(__file__).parent / "_native" / n for n in ("rows.h", "tables.h")]  # included by the sources: part of the build key
@@ -124,6 +124,8 @@ def _load() -> Optional[ctypes.CDLL]:
         lib.hw_dot_interaction_fwd_q.restype = i32
         lib.hw_bags_interaction_fwd_q.argtypes = [f32p, f32p, f32p, i64, i64, f32p, i32, i64, i64, i64, i64, f32p, f32p, f32p]
         lib.hw_bags_interaction_fwd_q.restype = i32
+        lib.hw_bags_interaction_fwd.argtypes = [f32p, f32p, f32p, i64, i64, f32p, i32, i64, i64, i64, i64, f32p, f32p]
+        lib.hw_bags_interaction_fwd.restype = i32
         lib.hw_amx_mlp.restype = i32
         _lib, _status = lib, f"loaded {target}"
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
@@ -359,33 +361,40 @@ def dot_interaction_int8(vectors: Sequence[Tensor], pad: int) -> Optional[Tuple[
     return (codes, scales) if rc == 0 else None
 
 
-def bags_interaction_int8(x: Tensor, weights: Sequence[Tensor], bits: Sequence[int], indices: Tensor,
-                          pad: int) -> Optional[Tuple[Tensor, Tensor, Tuple[int, int, int]]]:
-    """:func:`dot_interaction_int8` of ``[x] + `` the T tables' one-id bags (:func:`rowwise_bags` with
-    offsets ``0 .. B-1``), bit for bit, in one pass that reads the table rows into the interaction's
-    blocks and never writes the ``[T, B, dim]`` bags (``hw_bags_interaction_fwd_q``):
-    ``(codes int8 [B, W], scales float32 [B], (rule, table, id))``, rule 1 when ``indices[table]``
-    holds ``id`` outside that table (codes then undefined), else 0. ``x``: contiguous float32 CPU
-    ``[B, dim]``; ``weights``: contiguous uint8 CPU tables; ``indices``: ``[T, B]`` int64/int32, any
-    strides; the caller checks shapes. None: not available here (no AVX-512 or no native library)."""
+def bags_interaction(x: Tensor, weights: Sequence[Tensor], bits: Sequence[int], indices: Tensor, pad: int,
+                     quantized: bool) -> Optional[Tuple[Tuple[Tensor, ...], Tuple[int, int, int]]]:
+    """:func:`dot_interaction` (``quantized``: :func:`dot_interaction_int8`) of ``[x] + `` the T tables'
+    one-id bags (:func:`rowwise_bags` with offsets ``0 .. B-1``), bit for bit, in one pass that reads
+    the table rows into the interaction's blocks and never writes the ``[T, B, dim]`` bags
+    (``hw_bags_interaction_fwd`` / ``_fwd_q``): ``((rows float32 [B, W],) or (codes int8 [B, W],
+    scales float32 [B]), (rule, table, id))``, rule 1 when ``indices[table]`` holds ``id`` outside that
+    table (the output is then undefined), else 0. ``x``: contiguous float32 CPU ``[B, dim]``;
+    ``weights``: contiguous uint8 CPU tables; ``indices``: ``[T, B]`` int64/int32, any strides; the
+    caller checks shapes. None: not available here (no AVX-512 or no native library)."""
     if not _usable(x) or _load() is None:
         return None
-    (batch, dim), ntab = x.shape, len(weights)
-    codes = torch.empty(batch, dim + (ntab + 1) * ntab // 2 + pad, dtype=torch.int8)
-    scales = torch.empty(batch, dtype=torch.float32)
     if len(bits) != len(weights):  # C reads one width per table: never past the end of meta
         raise ValueError(f"bits must give one width per table: {len(weights)} weights, got {len(bits)} bits")
+    (batch, dim), ntab = x.shape, len(weights)
+    width = dim + (ntab + 1) * ntab // 2 + pad
+    if quantized:
+        outs = (torch.empty(batch, width, dtype=torch.int8), torch.empty(batch, dtype=torch.float32))
+    else:
+        outs = (torch.empty(batch, width, dtype=torch.float32),)
     shapes = [w.shape for w in weights]
     meta = _i64s([s[0] for s in shapes] + [s[1] for s in shapes] + list(bits))
     ptrs, info = _ptrs(weights), _bag_info()
-    rc = _lib.hw_bags_interaction_fwd_q(x.data_ptr(), _addr(ptrs), _addr(meta), ntab, dim, indices.data_ptr(),
-                                        int(indices.dtype == torch.int64), indices.stride(0), indices.stride(1), batch,
-                                        pad, codes.data_ptr(), scales.data_ptr(), info)
+    args = (x.data_ptr(), _addr(ptrs), _addr(meta), ntab, dim, indices.data_ptr(), int(indices.dtype == torch.int64),
+            indices.stride(0), indices.stride(1), batch, pad)
+    if quantized:
+        rc = _lib.hw_bags_interaction_fwd_q(*args, outs[0].data_ptr(), outs[1].data_ptr(), info)
+    else:
+        rc = _lib.hw_bags_interaction_fwd(*args, outs[0].data_ptr(), info)
     if rc == -2:
         return None
     if rc == -1:
-        raise MemoryError(f"bags_interaction_int8: no memory for the per-thread scratch (T={ntab}, D={dim})")
-    return codes, scales, (rc, info[0], info[1])
+        raise MemoryError(f"bags_interaction: no memory for the per-thread scratch (T={ntab}, D={dim})")
+    return outs, (rc, info[0], info[1])
 
 
 def dot_interaction_backward(grad: Tensor, vectors: Sequence[Tensor], pad: int) -> Optional[List[Tensor]]:

@@ -140,16 +140,18 @@ class DLRM(pl.LightningModule):
                              f"sparse {tuple(sparse.shape)}")
         x = self.bottom_mlp(dense)  # [B, D]
         top = self.top_mlp
-        if type(top) is Int8Chain and x.dtype == torch.float32 and x.device.type == "cpu":
-            tables = self._deployed_tables(x.shape[1])
-            if tables is not None and top.takes_quantized():
-                # exported, every table a row-wise deploy table and the top MLP starting with an int8 chain:
-                # one pass looks the rows up into the interaction and writes its rows as that chain's int8
-                # input (bit for bit the lookups, the interaction and the chain's quantize in turn), so
-                # neither the [T, B, D] lookups nor the [B, D + P] float rows are written and read back
-                codes, scales = torch.ops.hwaware.embedding_interaction_int8.default(x, tables[0], tables[1], sparse.t(),
-                                                                                     self._pad)
+        tables = self._deployed_tables(x) if x.dtype == torch.float32 and x.device.type == "cpu" else None
+        if tables is not None:
+            # exported, every table a row-wise deploy table: one pass looks the rows up into the
+            # interaction (bit for bit the lookups and the interaction in turn), so the [T, B, D]
+            # lookups are never written and read back
+            if type(top) is Int8Chain and top.takes_quantized():
+                # ... and writes its rows as the top int8 chain's input (codes and per-row scales, what
+                # the chain would make of them), so the [B, D + P] float rows are not written either
+                codes, scales = torch.ops.hwaware.embedding_interaction_int8.default(x, *tables, sparse.t(), self._pad)
                 return top.forward_quantized(codes, scales).squeeze(1)
+            z = torch.ops.hwaware.embedding_interaction.default(x, *tables, sparse.t(), self._pad)
+            return top(z).squeeze(1)
         # [B] one id per bag (single-hot); microseconds to build, and no cache keeps it export-friendly
         offsets = torch.arange(batch, device=sparse.device)
         vectors = [x] + self.embeddings(sparse.t(), offsets)  # ids [T, B]; V = T + 1 of [B, D]
@@ -166,15 +168,16 @@ class DLRM(pl.LightningModule):
         z = torch.ops.hwaware.dot_interaction(vectors, self._pad)
         return self.top_mlp(z).squeeze(1)  # [B]
 
-    def _deployed_tables(self, dim: int) -> tuple | None:
+    def _deployed_tables(self, x: Tensor) -> tuple | None:
         """``(weights, bits)`` when the tables are row-wise deploy tables served by one table-batched call
-        (``EmbeddingBagList._one_group``) of width ``dim``, sum or mean (the same for one id a bag), and
-        no hook on the table list would miss its call; else None."""
+        (``EmbeddingBagList._one_group``) of ``x``'s width, sum or mean (the same for one id a bag), and
+        no hook on the table list would miss its call; else None. (The fused ops serve inference, like
+        every deploy op: a backward through them raises.)"""
         emb = self.embeddings
         if type(emb) is not EmbeddingBagList or emb._forward_hooks or emb._forward_pre_hooks:
             return None
         group = emb._one_group(list(emb._modules.values()))
-        return None if group is None or group[2] != dim else group[:2]
+        return None if group is None or group[2] != x.shape[1] else group[:2]
 
     def _loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         logits = self(batch["dense"], batch["sparse"])  # [B]

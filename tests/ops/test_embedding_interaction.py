@@ -1,8 +1,8 @@
-"""``hwaware::embedding_interaction_int8``: a deployed DLRM's one-id lookups and its interaction in one
-pass are bit for bit ``embedding_bags_rowwise`` then ``dot_interaction_int8`` (native pass, no-native
-path, mixed 8/4-bit tables, odd widths, strided and int32 ids, NaN rows), bad ids and arguments get
-the table-batched op's errors, and DLRM's exported forward takes the pass only where it gives the
-same bits."""
+"""``hwaware::embedding_interaction`` and ``_int8``: a deployed DLRM's one-id lookups and its
+interaction in one pass are bit for bit ``embedding_bags_rowwise`` then ``dot_interaction`` /
+``dot_interaction_int8`` (native pass, no-native path, mixed 8/4-bit tables, odd widths, strided and
+int32 ids, NaN rows), bad ids and arguments get the table-batched op's errors, and DLRM's exported
+forward takes the pass only where it gives the same bits."""
 import copy
 
 import pytest
@@ -15,6 +15,7 @@ from hwaware.quant import native
 from tests.helpers import dlrm_unfused, int8_chain_top, record_calls
 
 OP = torch.ops.hwaware.embedding_interaction_int8.default
+FLOAT_OP = torch.ops.hwaware.embedding_interaction.default
 
 
 def _tables(bits, rows, dim, seed=0):
@@ -28,10 +29,11 @@ def _ids(rows, batch, dtype=torch.int64, seed=1):
     return torch.stack([torch.randint(0, r, (batch,), generator=g) for r in rows], 1).to(dtype)
 
 
-def _two_ops(x, weights, bits, ids, pad):
+def _two_ops(x, weights, bits, ids, pad, quantized=True):
     offsets = torch.arange(x.shape[0], dtype=ids.dtype)
     bags = ops.embedding_bags_rowwise(weights, bits, x.shape[1], ids, offsets, 0)
-    return ops.dot_interaction_int8([x] + list(bags.unbind(0)), pad)
+    vectors = [x] + list(bags.unbind(0))
+    return ops.dot_interaction_int8(vectors, pad) if quantized else ops.dot_interaction(vectors, pad)
 
 
 @pytest.mark.parametrize("batch,bits,dim,pad,dtype", [
@@ -51,15 +53,18 @@ def test_one_pass_is_the_lookups_then_the_interaction_bit_for_bit(batch, bits, d
     assert codes.shape == (batch, dim + (len(bits) + 1) * len(bits) // 2 + pad)
     assert torch.equal(codes, want_codes) and torch.equal(scales, want_scales)
     assert torch.equal(OP(x, weights, bits, ids.contiguous(), pad)[0], codes)
+    rows = FLOAT_OP(x, weights, bits, ids, pad)
+    assert rows.dtype == torch.float32 and torch.equal(rows, _two_ops(x, weights, bits, ids, pad, quantized=False))
 
 
 def test_without_the_native_pass_the_two_ops_run_and_give_the_same(monkeypatch):
     bits, rows = [8, 4, 8], [40, 30, 20]
     weights, x = _tables(bits, rows, 16), torch.randn(45, 16)
     ids = _ids(rows, 45).t()
-    fused = OP(x, weights, bits, ids, 1)
-    monkeypatch.setattr(native, "bags_interaction_int8", lambda *a: None)
+    fused, rows = OP(x, weights, bits, ids, 1), FLOAT_OP(x, weights, bits, ids, 1)
+    monkeypatch.setattr(native, "bags_interaction", lambda *a: None)
     assert all(torch.equal(a, b) for a, b in zip(OP(x, weights, bits, ids, 1), fused))
+    assert torch.equal(FLOAT_OP(x, weights, bits, ids, 1), rows)
 
 
 def test_a_nan_row_of_x_gets_a_nan_scale_and_the_rest_are_untouched():
@@ -82,15 +87,17 @@ def test_an_id_outside_its_table_names_the_first_one_in_table_then_position_orde
     with pytest.raises(IndexError, match=r"indices\[1\] must lie in \[0, 7\) \(rows of weights\[1\]\), got 9"):
         OP(x, weights, bits, sparse.t(), 0)
     sparse[20, 1], sparse[25, 1] = 0, 0
-    with pytest.raises(IndexError, match=r"indices\[2\] must lie in \[0, 300\) \(rows of weights\[2\]\), got -1"):
-        OP(x, weights, bits, sparse.t(), 0)
+    for op in (OP, FLOAT_OP):
+        with pytest.raises(IndexError, match=r"indices\[2\] must lie in \[0, 300\) \(rows of weights\[2\]\), got -1"):
+            op(x, weights, bits, sparse.t(), 0)
 
 
 def test_rejects_bad_arguments():
     bits, rows = [8, 8], [10, 10]
     weights, x, ids = _tables(bits, rows, 16), torch.randn(4, 16), _ids(rows, 4).t()
-    with pytest.raises(TypeError, match=r"x must be \[B, D\] float32"):
-        OP(x.double(), weights, bits, ids, 0)
+    for op in (OP, FLOAT_OP):
+        with pytest.raises(TypeError, match=r"x must be \[B, D\] float32"):
+            op(x.double(), weights, bits, ids, 0)
     with pytest.raises(ValueError, match=r"indices must be \[T, B\] with B = x.shape\[0\] = 4"):
         OP(x, weights, bits, ids[:, :3], 0)
     with pytest.raises(ValueError, match=r"indices must be 2-D \[T, N\] with T = len\(weights\) = 2"):
@@ -107,7 +114,8 @@ def test_rejects_bad_arguments():
 
 def test_opcheck():
     bits, rows = [8, 4], [10, 12]
-    torch.library.opcheck(OP, (torch.randn(6, 8), _tables(bits, rows, 8), bits, _ids(rows, 6).t(), 3))
+    for op in (OP, FLOAT_OP):
+        torch.library.opcheck(op, (torch.randn(6, 8), _tables(bits, rows, 8), bits, _ids(rows, 6).t(), 3))
 
 
 def _deployed_dlrm(table_bits=(8, 4, 8), top=(32, 16)):
@@ -170,7 +178,7 @@ def test_native_wrappers_refuse_a_bits_list_of_another_length():
     """The C passes read one width per table: a short list must not reach them."""
     bits, rows = [8, 8], [10, 10]
     weights, x, ids = _tables(bits, rows, 16), torch.randn(4, 16), _ids(rows, 4).t()
-    for call in (lambda: native.bags_interaction_int8(x, weights, bits[:1], ids, 0),
+    for call in (lambda: native.bags_interaction(x, weights, bits[:1], ids, 0, True),
                  lambda: native.rowwise_bags(weights, bits[:1], 16, ids, torch.arange(4), False)):
         with pytest.raises(ValueError, match=r"bits must give one width per table: 2 weights, got 1 bits"):
             call()
@@ -189,3 +197,19 @@ def test_deployed_dlrm_runs_under_torch_compile_fullgraph():
         want = model(dense, sparse)
         got = torch.compile(model, fullgraph=True)(dense, sparse)  # default backend: inductor
     assert torch.equal(got, want)
+
+
+def test_deployed_dlrm_with_a_float_top_still_reads_the_tables_in_the_interaction(monkeypatch):
+    model, dense, sparse = _deployed_dlrm()
+    model.top_mlp[0].kernels = {"cpu": "dequant"}  # the chain no longer starts with int_mm: float rows
+    with torch.no_grad():
+        want = dlrm_unfused(model, dense, sparse)
+    calls = record_calls(monkeypatch, torch.ops.hwaware.embedding_interaction)
+    seen = []
+    model.top_mlp.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with torch.no_grad():
+        assert torch.equal(model(dense, sparse), want)
+    assert calls == [1] and len(seen) == 1 and seen[0].shape == (45, 8 + 6)  # the hook saw the float rows
+    # the bottom MLP is still a float nn.Linear here, but the deploy ops serve inference only
+    with pytest.raises(RuntimeError, match=r"hwaware::\w+ is an inference op and has no backward"):
+        model(dense, sparse).sum().backward()

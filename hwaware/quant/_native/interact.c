@@ -396,26 +396,39 @@ int hw_dot_interaction_fwd(const float *const *vecs, int64_t batch, int64_t nvec
 #endif
 }
 
-/* hw_dot_interaction_fwd_q of [x, bag_0, ..., bag_{T-1}] where bag_t is table t's one-id bag of each
- * sample (hw_rowwise_bags with offsets 0, 1, ..., batch - 1), bit for bit, without writing the bags:
- * each block reads its rows from the tables (tables and ids as hw_rowwise_bags takes them: weights,
- * meta = rows[T], cols[T], bits[T], ids idx[t * ts + b * is]). x: [batch, dim] float32. Returns 0;
- * 1 (info = table, id) for the first id, in table then position order, outside its table; -1 when a
- * scratch allocation fails; -2 without AVX-512 (BW, VL) (the caller runs the two ops). */
-int hw_bags_interaction_fwd_q(const float *x, const uint8_t *const *weights, const int64_t *meta, int64_t ntab,
-                              int64_t dim, const void *idx, int is64, int64_t ts, int64_t is, int64_t batch,
-                              int64_t pad, int8_t *codes, float *scales, int64_t *info) {
+/* hw_dot_interaction_fwd (out, float rows) or hw_dot_interaction_fwd_q (out NULL: codes and scales) of
+ * [x, bag_0, ..., bag_{T-1}] where bag_t is table t's one-id bag of each sample (hw_rowwise_bags with
+ * offsets 0, 1, ..., batch - 1), bit for bit, without writing the bags: each block reads its rows
+ * from the tables (tables and ids as hw_rowwise_bags takes them: weights, meta = rows[T], cols[T],
+ * bits[T], ids idx[t * ts + b * is]). x: [batch, dim] float32. Returns 0; 1 (info = table, id) for
+ * the first id, in table then position order, outside its table; -1 when a scratch allocation
+ * fails; -2 without AVX-512 (BW, VL) (the caller runs the two ops). */
+static int bags_interaction(const float *x, const uint8_t *const *weights, const int64_t *meta, int64_t ntab,
+                            int64_t dim, const void *idx, int is64, int64_t ts, int64_t is, int64_t batch, int64_t pad,
+                            float *out, int8_t *codes, float *scales, int64_t *info) {
 #if defined(SIMD_FWD) && defined(HAVE_ROW_VALUE16)
     const float *xv[1] = {x};
     const sources src = {xv, weights, meta, meta + ntab, meta + 2 * ntab, idx, is64, ts, is, batch};
-    const int rc = fwd_blocks(&src, ntab + 1, dim, pad, NULL, codes, scales);
+    const int rc = fwd_blocks(&src, ntab + 1, dim, pad, out, codes, scales);
     if (rc == 1) return first_bad_id(meta, ntab, idx, is64, ts, is, batch, info);
     return rc;
 #else
     (void)x, (void)weights, (void)meta, (void)ntab, (void)dim, (void)idx, (void)is64, (void)ts, (void)is, (void)batch;
-    (void)pad, (void)codes, (void)scales, (void)info;
+    (void)pad, (void)out, (void)codes, (void)scales, (void)info;
     return -2;
 #endif
+}
+
+int hw_bags_interaction_fwd_q(const float *x, const uint8_t *const *weights, const int64_t *meta, int64_t ntab,
+                              int64_t dim, const void *idx, int is64, int64_t ts, int64_t is, int64_t batch,
+                              int64_t pad, int8_t *codes, float *scales, int64_t *info) {
+    return bags_interaction(x, weights, meta, ntab, dim, idx, is64, ts, is, batch, pad, NULL, codes, scales, info);
+}
+
+int hw_bags_interaction_fwd(const float *x, const uint8_t *const *weights, const int64_t *meta, int64_t ntab,
+                            int64_t dim, const void *idx, int is64, int64_t ts, int64_t is, int64_t batch, int64_t pad,
+                            float *out, int64_t *info) {
+    return bags_interaction(x, weights, meta, ntab, dim, idx, is64, ts, is, batch, pad, out, NULL, NULL, info);
 }
 
 int hw_dot_interaction_bwd(const float *grad, const float *const *vecs, int64_t batch, int64_t nvec, int64_t dim,
