@@ -142,8 +142,8 @@ _LIB = torch.library.Library("hwaware", "DEF")
 _AFTER_AUTOGRAD = torch._C._after_autograd_keyset
 # What is left of a call's keys below autograd when every tensor is a plain CPU tensor (inference
 # tensors lack ADInplaceOrView): nothing but the CPU kernel would run, so _Op calls it directly.
-_PLAIN_CPU = tuple(torch._C.DispatchKeySet(k).raw_repr() for k in (torch._C.DispatchKey.CPU,)) + (
-    (torch._C.DispatchKeySet(torch._C.DispatchKey.CPU) | torch._C.DispatchKeySet(torch._C.DispatchKey.ADInplaceOrView)).raw_repr(),)
+_CPU_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+_PLAIN_CPU = (_CPU_KEYS.raw_repr(), (_CPU_KEYS | torch._C.DispatchKeySet(torch._C.DispatchKey.ADInplaceOrView)).raw_repr())
 _DEVICE_KEYS = {"cuda": "CUDA"}
 
 
