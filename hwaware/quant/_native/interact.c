@@ -21,6 +21,11 @@
  * Either way the result differs from torch's bmm in the last bits (another summation order), which
  * tests bound against a float64 reference.
  *
+ * The deployed DLRM's variant (hw_bags_interaction_fwd / _fwd_q) takes x and T row-wise tables with
+ * one id per sample instead of V arrays: each block reads its 16 samples' table rows straight into
+ * the registers the transposes start from (tables.h, the value a one-id bag pass would write), so
+ * the [T, B, D] lookups never exist, and the output is the same bits as the lookups then the pass.
+ *
  * Backward: with G the symmetric [V, V] matrix of the pair gradients (zero diagonal),
  * grad v_k[b] = sum_j G[k][j] v_j[b] (over j = 0..V-1 in order, starting from grad x for k = 0
  * and from 0 otherwise).
