@@ -103,10 +103,37 @@ static inline void epilogue_row_d(const int32_t *ar, int64_t cols, float sxr, co
     }
 }
 
+/* sw[0..n) then bias[0..n) (zeros without bias) as doubles, for epilogue_row_d; NULL when out of
+ * memory (the caller then runs epilogue_row: the same bits, two more conversions per output) */
+static void widen_into(double *w, const float *sw, const float *bias, int64_t n) {
+    for (int64_t c = 0; c < n; ++c) w[c] = (double)sw[c];
+    for (int64_t c = 0; c < n; ++c) w[n + c] = bias ? (double)bias[c] : 0.0;
+}
+
+static double *widen(const float *sw, const float *bias, int64_t n) {
+    double *w = (double *)malloc((size_t)(2 * n) * sizeof(double));
+    if (w != NULL) widen_into(w, sw, bias, n);
+    return w;
+}
+
+static inline void epilogue_row_any(const int32_t *ar, int64_t cols, float sxr, const float *sw, const float *bias,
+                                    const double *wide, int relu, float *outr) {
+    if (wide != NULL)
+        epilogue_row_d(ar, cols, sxr, wide, bias ? wide + cols : NULL, relu, outr);
+    else
+        epilogue_row(ar, cols, sxr, sw, bias, relu, outr);
+}
+
 void hw_w8a8_epilogue(const int32_t *acc, int64_t rows, int64_t cols, const float *sx, const float *sw,
                       const float *bias, int relu, float *out) {
-#pragma omp parallel for schedule(static) if (rows * cols >= PAR_MIN)
-    for (int64_t r = 0; r < rows; ++r) epilogue_row(acc + r * cols, cols, sx[r], sw, bias, relu, out + r * cols);
+#pragma omp parallel if (rows * cols >= PAR_MIN)
+    {
+        double *wide = widen(sw, bias, cols);
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; ++r)
+            epilogue_row_any(acc + r * cols, cols, sx[r], sw, bias, wide, relu, out + r * cols);
+        free(wide);
+    }
 }
 
 /* hw_w8a8_epilogue then hw_quant_tokens_i8 on its output, one row at a time through a per-thread
@@ -119,6 +146,7 @@ int hw_w8a8_epilogue_quant(const int32_t *acc, int64_t rows, int64_t cols, const
 #pragma omp parallel if (rows * cols >= PAR_MIN)
     {
         float *buf = (float *)malloc((size_t)cols * sizeof(float));
+        double *wide = widen(sw, bias, cols);
         if (buf == NULL) {
 #pragma omp atomic write
             failed = 1;
@@ -126,10 +154,11 @@ int hw_w8a8_epilogue_quant(const int32_t *acc, int64_t rows, int64_t cols, const
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; ++r) {
             if (buf == NULL) continue;
-            epilogue_row(acc + r * cols, cols, sx[r], sw, bias, relu, buf);
+            epilogue_row_any(acc + r * cols, cols, sx[r], sw, bias, wide, relu, buf);
             quant_row(buf, cols, q + r * cols, scale_out + r);
         }
         free(buf);
+        free(wide);
     }
     return failed ? -1 : 0;
 }
@@ -274,15 +303,8 @@ int hw_amx_mlp(const float *x, const int8_t *qx, const float *sx, int64_t rows, 
         int64_t nsum = 0;
         for (int32_t i = 0; i < nlayers; ++i) nsum += dims[i + 1];
         double *wide = (double *)malloc((size_t)(2 * nsum) * sizeof(double)); /* per layer: sw, then bias */
-        if (wide != NULL) {
-            double *p = wide;
-            for (int32_t i = 0; i < nlayers; ++i) {
-                const int64_t n = dims[i + 1];
-                for (int64_t c = 0; c < n; ++c) p[c] = (double)sw[i][c];
-                for (int64_t c = 0; c < n; ++c) p[n + c] = bias[i] ? (double)bias[i][c] : 0.0;
-                p += 2 * n;
-            }
-        }
+        if (wide != NULL)
+            for (int64_t i = 0, off = 0; i < nlayers; off += 2 * dims[i + 1], ++i) widen_into(wide + off, sw[i], bias[i], dims[i + 1]);
         float scales[2][AMX_ROWS];
         if (codes == NULL || acc == NULL || buf == NULL || wide == NULL) {
 #pragma omp atomic write
