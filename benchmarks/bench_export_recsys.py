@@ -13,8 +13,10 @@ is measured in a fresh process each (``hwaware.export.memory``). Targets (issue 
 Experiment, not shipped (``exported_per_tensor_act``): the same artifact with every int8 Linear
 served by fbgemm's own dynamic linear (per-TENSOR uint8 activations, no per-token rescale around
 it): speed and AUROC of the alternative the team has to decide on (README, "Measured").
-Ablation (``exported_unchained``): the artifact with its int8 layers called one by one instead of
-as ``hwaware::int8_mlp`` chains (the same output bits, so speed only).
+Ablations: ``exported_unchained``, the artifact with its int8 layers called one by one instead of
+as ``hwaware::int8_mlp`` chains, and with the lookups and the float interaction rows written out (the
+same output bits, so speed only); ``exported_without_amx``, the artifact with the AMX path switched
+off, as a CPU without AMX-INT8 would run it.
 """
 from __future__ import annotations
 
@@ -68,6 +70,25 @@ def per_tensor_variant(served: nn.Module) -> nn.Module:
     return variant
 
 
+class _WithoutAMX(nn.Module):
+    """Ablation: the same artifact with hwaware's AMX path switched off around each call, so its int_mm
+    layers run through ``torch._int_mm`` (VNNI here): this artifact on a CPU without AMX-INT8 (an export
+    made on one would time its layers there and might choose other implementations)."""
+
+    def __init__(self, served: nn.Module) -> None:
+        super().__init__()
+        self.served = served
+
+    def forward(self, *args):
+        from hwaware.quant import native
+
+        saved, native._amx = native._amx, False
+        try:
+            return self.served(*args)
+        finally:
+            native._amx = saved
+
+
 def unchained(served: nn.Module) -> nn.Module:
     """Ablation: the same artifact with every ``Int8Chain`` back to a plain ``nn.Sequential`` (each
     int8 layer its own call, float activations written between them): what ``hwaware::int8_mlp`` buys."""
@@ -95,7 +116,8 @@ def one(bits: int, fast: bool, out_dir: str) -> dict:
     infer.setup("fit")
     batches = [(b["dense"], b["sparse"]) for _, b in zip(range(4 if fast else 10), infer.val_dataloader())]
     timing = compare_throughput({"fp32": fp32, "quantize_dynamic": qdyn, "exported": served,
-                                 "exported_per_tensor_act": per_tensor, "exported_unchained": unchained(served)},
+                                 "exported_per_tensor_act": per_tensor, "exported_unchained": unchained(served),
+                                 "exported_without_amx": _WithoutAMX(served)},
                                 batches, batch_size=2048, rounds=2 if fast else 6)
     val = dm.val_dataloader()
     auroc = {"fp32": report["fp32"]["auroc"], "quantize_dynamic": evaluate_auroc(qdyn, val), "exported": report["export"]["auroc"],
@@ -136,8 +158,8 @@ def gemm_heavy(fast: bool, out_dir: str) -> dict:
     qdyn = torch.ao.quantization.quantize_dynamic(copy.deepcopy(fp32), {nn.Linear}, dtype=torch.qint8)
     timing = compare_throughput({"fp32": fp32, "quantize_dynamic": qdyn, "exported": served,
                                  "exported_per_tensor_act": per_tensor_variant(served),
-                                 "exported_unchained": unchained(served)}, batches,
-                                batch_size=2048, rounds=2 if fast else 4)
+                                 "exported_unchained": unchained(served), "exported_without_amx": _WithoutAMX(served)},
+                                batches, batch_size=2048, rounds=2 if fast else 4)
     return {"model": hp, "throughput": timing, "note": "post-training export of random weights: speed only, no AUROC"}
 
 
