@@ -286,6 +286,14 @@ def _int_mm_run(mods: list, start: int) -> tuple:
     return run, end
 
 
+def _run_args(layers: list) -> tuple:
+    """``(qweights, w_scales, biases, relus)`` of :class:`Int8Linear` layers, read from their buffer
+    dicts (``nn.Module`` attribute lookups cost about a microsecond each, per call)."""
+    bufs = [m._buffers for m in layers]
+    return ([b["qweight"] for b in bufs], [b["w_scale"] for b in bufs], [b["bias"] for b in bufs],
+            [m.relu for m in layers])
+
+
 class Int8Chain(nn.Sequential):
     """An ``nn.Sequential`` whose runs of two or more :class:`Int8Linear` layers that run ``int_mm``
     (with only ``nn.Identity``, e.g. a fused ReLU's slot, between them) are one ``hwaware::int8_mlp``
@@ -313,10 +321,7 @@ class Int8Chain(nn.Sequential):
         run, end = _int_mm_run(mods, 0)
         if not run:
             raise RuntimeError("forward_quantized: the first child is not a CPU int_mm Int8Linear (check takes_quantized())")
-        layers = [mods[j] for j in run]
-        x = torch.ops.hwaware.int8_mlp_quantized.default(codes, scales, [m.qweight for m in layers],
-                                                         [m.w_scale for m in layers], [m.bias for m in layers],
-                                                         [m.relu for m in layers])
+        x = torch.ops.hwaware.int8_mlp_quantized.default(codes, scales, *_run_args([mods[j] for j in run]))
         return self._forward_from(x, end)
 
     def _forward_from(self, input: Tensor, start: int) -> Tensor:
@@ -328,9 +333,7 @@ class Int8Chain(nn.Sequential):
             fusable = isinstance(x, Tensor) and x.device.type == "cpu" and x.dtype == torch.float32
             run, end = _int_mm_run(mods, i) if fusable else ([], i)
             if len(run) >= 2:
-                layers = [mods[j] for j in run]
-                x = torch.ops.hwaware.int8_mlp.default(x, [m.qweight for m in layers], [m.w_scale for m in layers],
-                                                       [m.bias for m in layers], [m.relu for m in layers])
+                x = torch.ops.hwaware.int8_mlp.default(x, *_run_args([mods[j] for j in run]))
                 i = end
             else:
                 x = mods[i](x)
