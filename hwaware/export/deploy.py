@@ -61,7 +61,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:  # nn.Linear's argument name: keyword calls keep working
         impl = self.kernels.get(input.device.type, "auto")
-        return torch.ops.hwaware.int8_linear.default(input, self.qweight, self.w_scale, self.bias, impl, self.relu)
+        b = self._buffers  # not self.qweight etc.: nn.Module's attribute lookup costs ~1 us a buffer per call
+        return torch.ops.hwaware.int8_linear.default(input, b["qweight"], b["w_scale"], b["bias"], impl, self.relu)
 
     def describe(self) -> Dict[str, Any]:
         return {"scheme": self.scheme, "shape": [self.out_features, self.in_features], "bias": self.bias is not None,
