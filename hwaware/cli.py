@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -168,12 +169,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from hwaware.export.memory import peak_memory
 
         # each model in its own fresh process: one process's RSS high-water mark would hold both
-        mem = {name: peak_memory(args.path, name, args.batch_size, args.batches) for name in ("fp32", "artifact")}
+        mem: Dict[str, Any] = {}
+        for name in ("fp32", "artifact"):
+            try:
+                mem[name] = peak_memory(args.path, name, args.batch_size, args.batches)
+            except (RuntimeError, OSError, subprocess.SubprocessError) as e:  # the timing above still stands
+                mem[name] = {"error": str(e)[-500:]}
         result["memory"] = {"method": "peak RSS over the imports, one fresh process per model (hwaware.export.memory)",
                             **mem}
         for name, m in mem.items():
             if m is None:
                 print(f"{name:10s} peak memory: n/a (needs Linux /proc)")
+            elif "error" in m:
+                print(f"{name:10s} peak memory: n/a (the probe process failed: {m['error'].splitlines()[-1] if m['error'] else '?'})")
             else:
                 print(f"{name:10s} peak memory {m['peak_mib']:.1f} MiB (load {m['load_peak_mib']:.1f} MiB, "
                       f"resident model {m['model_resident_mib']:.1f} MiB), over the process after its imports")

@@ -133,3 +133,22 @@ def test_bench_needs_recorded_inputs(tmp_path, capsys):
     art = export(TinyCTR(), tmp_path / "noinputs")
     assert main(["bench", art.path]) == 2
     assert "records no example inputs" in capsys.readouterr().err
+
+
+def test_bench_reports_a_failed_memory_probe_and_keeps_the_timing(tmp_path, capsys, monkeypatch):
+    import json as _json
+
+    import hwaware.export.memory as memory
+    from hwaware.export import export
+    from tests.helpers import TinyCTR
+
+    art = export(TinyCTR(), tmp_path / "tiny", example_inputs=(torch.randn(8, 4), torch.randint(0, 50, (8,))))
+
+    def fail(*a, **k):
+        raise RuntimeError("memory probe of fp32 failed (exit 1): ModuleNotFoundError: No module named 'mymodels'")
+    monkeypatch.setattr(memory, "peak_memory", fail)
+    out = tmp_path / "bench.json"
+    assert main(["bench", art.path, "--batch-size", "4", "--batches", "1", "--rounds", "1", "--json", str(out)]) == 0
+    r = _json.loads(out.read_text())
+    assert r["models"]["artifact"]["samples_per_s"] > 0 and "No module named 'mymodels'" in r["memory"]["fp32"]["error"]
+    assert "peak memory: n/a (the probe process failed: " in capsys.readouterr().out
