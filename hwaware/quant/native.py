@@ -280,6 +280,14 @@ def check_bags(indices: Tensor, offsets: Tensor, rows: int, include_last_offset:
     return rule, info[0], info[1]
 
 
+def _table_args(weights: Sequence[Tensor], bits: Sequence[int]) -> Tuple[array, array]:
+    """The row-wise tables as the C passes take them: their pointers, and meta = rows[T], cols[T], bits[T]."""
+    if len(bits) != len(weights):  # C reads one width per table: never past the end of meta
+        raise ValueError(f"bits must give one width per table: {len(weights)} weights, got {len(bits)} bits")
+    shapes = [w.shape for w in weights]
+    return _ptrs(weights), _i64s([s[0] for s in shapes] + [s[1] for s in shapes] + list(bits))
+
+
 def rowwise_bags(weights: Sequence[Tensor], bits: Sequence[int], dim: int, indices: Tensor, offsets: Tensor,
                  mean: bool) -> Optional[Tuple[Tensor, Tuple[int, int, int]]]:
     """T row-wise tables' bags in one C pass (``_native/bags.c``, ``hw_rowwise_bags``):
@@ -292,11 +300,8 @@ def rowwise_bags(weights: Sequence[Tensor], bits: Sequence[int], dim: int, indic
     ntab, n = indices.shape
     batch = offsets.shape[0]
     out = torch.empty(ntab, batch, dim, dtype=torch.float32)
-    if len(bits) != len(weights):  # C reads one width per table: never past the end of meta
-        raise ValueError(f"bits must give one width per table: {len(weights)} weights, got {len(bits)} bits")
-    shapes = [w.shape for w in weights]
-    meta = _i64s([s[0] for s in shapes] + [s[1] for s in shapes] + list(bits))
-    ptrs, info = _ptrs(weights), _bag_info()
+    ptrs, meta = _table_args(weights, bits)
+    info = _bag_info()
     rule = _lib.hw_rowwise_bags(_addr(ptrs), _addr(meta), ntab, dim, indices.data_ptr(), int(indices.dtype == torch.int64),
                                 indices.stride(0), indices.stride(1), n, offsets.data_ptr(), batch, int(mean),
                                 out.data_ptr(), info)
@@ -373,17 +378,14 @@ def bags_interaction(x: Tensor, weights: Sequence[Tensor], bits: Sequence[int], 
     caller checks shapes. None: not available here (no AVX-512 or no native library)."""
     if not _usable(x) or _load() is None:
         return None
-    if len(bits) != len(weights):  # C reads one width per table: never past the end of meta
-        raise ValueError(f"bits must give one width per table: {len(weights)} weights, got {len(bits)} bits")
     (batch, dim), ntab = x.shape, len(weights)
     width = dim + (ntab + 1) * ntab // 2 + pad
     if quantized:
         outs = (torch.empty(batch, width, dtype=torch.int8), torch.empty(batch, dtype=torch.float32))
     else:
         outs = (torch.empty(batch, width, dtype=torch.float32),)
-    shapes = [w.shape for w in weights]
-    meta = _i64s([s[0] for s in shapes] + [s[1] for s in shapes] + list(bits))
-    ptrs, info = _ptrs(weights), _bag_info()
+    ptrs, meta = _table_args(weights, bits)
+    info = _bag_info()
     args = (x.data_ptr(), _addr(ptrs), _addr(meta), ntab, dim, indices.data_ptr(), int(indices.dtype == torch.int64),
             indices.stride(0), indices.stride(1), batch, pad)
     if quantized:
