@@ -16,7 +16,9 @@ interaction (``hwaware::dot_interaction``) forward and backward.
 The C files are compiled on first use with the system C compiler (gcc/cc; no torch headers needed)
 into ``$HWAWARE_CACHE`` (default ``~/.cache/hwaware``), keyed by source, flags and CPU, and loaded
 with ctypes. Without a compiler, or with ``HWAWARE_NO_NATIVE=1``, everything runs on the eager
-path and :func:`native_status` says why.
+path and :func:`native_status` says why. ``HWAWARE_NATIVE_ARCH`` (e.g. ``x86-64-v3``: AVX2 and FMA,
+no AVX-512) builds for that ``-march`` instead of ``native``: how the tests run the C paths of CPUs
+without AVX-512 on one that has it, and how a deployment builds for the oldest CPU of its fleet.
 """
 from __future__ import annotations
 
@@ -46,6 +48,19 @@ _HEADERS = [Path(__file__).parent / "_native" / n for n in ("rows.h", "tables.h"
 # library runs on torch's OpenMP pool (one runtime, torch.set_num_threads applies). A compiler
 # without OpenMP support builds with -fopenmp-simd instead: vectorized, single-threaded.
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC"]
+_ARCH_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.")
+
+
+def _flags() -> List[str]:
+    """The compile flags, ``-march`` from ``HWAWARE_NATIVE_ARCH`` when it is set."""
+    arch = os.environ.get("HWAWARE_NATIVE_ARCH")
+    if not arch:
+        return list(_FLAGS)
+    if not set(arch.lower()) <= _ARCH_CHARS:
+        raise ValueError(f"HWAWARE_NATIVE_ARCH={arch!r}: expected a -march name such as 'x86-64-v3' or 'skylake-avx512'")
+    return [f"-march={arch}" if f == "-march=native" else f for f in _FLAGS]
+
+
 _OPENMP_FLAGS = (["-fopenmp"], ["-fopenmp-simd"])  # tried in this order
 _lib: Optional[ctypes.CDLL] = None
 _status = "not loaded yet"
@@ -72,7 +87,7 @@ def _build(target: Path) -> None:
     try:
         for i, omp in enumerate(_OPENMP_FLAGS):
             try:
-                subprocess.run([cc, *_FLAGS, *omp, "-o", tmp, *map(str, _SRCS)], check=True, capture_output=True,
+                subprocess.run([cc, *_flags(), *omp, "-o", tmp, *map(str, _SRCS)], check=True, capture_output=True,
                                text=True, timeout=120)
                 break
             except subprocess.CalledProcessError:
@@ -93,7 +108,7 @@ def _load() -> Optional[ctypes.CDLL]:
         _status = "disabled by HWAWARE_NO_NATIVE"
         return None
     try:
-        key = hashlib.sha256(b"".join(p.read_bytes() for p in _SRCS + _HEADERS) + repr((_FLAGS, _OPENMP_FLAGS)).encode()
+        key = hashlib.sha256(b"".join(p.read_bytes() for p in _SRCS + _HEADERS) + repr((_flags(), _OPENMP_FLAGS)).encode()
                              + _cpu_fingerprint().encode()).hexdigest()[:16]
         target = Path(os.environ.get("HWAWARE_CACHE", Path.home() / ".cache" / "hwaware")) / f"native-{key}.so"
         if not target.exists():

@@ -1,8 +1,10 @@
 """The native row-wise fake quant equals the eager torch path bit for bit, and really is in use."""
 import os
+import platform
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,6 +84,51 @@ def test_disabled_by_environment(tmp_path):
     code = "from hwaware.quant import native; print(native.native_status())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.stdout.strip() == "disabled by HWAWARE_NO_NATIVE"
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((l for l in f if l.startswith("flags")), "").split())
+    except OSError:
+        return set()
+
+
+# the test files whose kernels have a C path per instruction set (AVX-512 blocks vs AVX2 loops)
+_NATIVE_TESTS = ["tests/quant/test_native.py", "tests/ops/test_dot_interaction.py", "tests/ops/test_embedding_bags.py",
+                 "tests/ops/test_embedding_interaction.py", "tests/ops/test_quantized_interaction.py",
+                 "tests/ops/test_int8_mlp.py"]
+
+
+def test_the_c_paths_of_cpus_without_avx512_pass_the_native_tests(tmp_path):
+    # The C files have AVX-512 blocks with plain loops for other CPUs (AVX2 deployments). On a CPU
+    # with AVX-512 only the first would ever be tested: build for x86-64-v3 (AVX2 + FMA) and run the
+    # native tests against that library, which must load (test_native checks it is in use).
+    if platform.machine() not in ("x86_64", "AMD64") or "avx2" not in _cpu_flags():
+        pytest.skip("not an x86-64 CPU with AVX2")
+    if "avx512f" not in _cpu_flags():
+        pytest.skip("this CPU has no AVX-512: the native library is already the AVX2 build")
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler: the eager path is used (tested above)")
+    env = {**os.environ, "HWAWARE_CACHE": str(tmp_path), "HWAWARE_NATIVE_ARCH": "x86-64-v3"}
+    root = Path(__file__).resolve().parents[2]
+    skip = "not from_scratch and not disabled_by_environment and not without_avx512 and not torch_compile"
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", skip, *_NATIVE_TESTS],
+                         capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout.splitlines()[-1], out.stdout[-500:]
+    code = "from hwaware.quant import native; print(native.native_status()); print(native.amx_available())"
+    probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    status, amx = probe.stdout.split("\n")[:2]
+    assert status.startswith(f"loaded {tmp_path}") and amx == "False", probe.stdout + probe.stderr
+
+
+def test_a_bad_native_arch_is_refused(monkeypatch):
+    monkeypatch.setenv("HWAWARE_NATIVE_ARCH", "native; rm -rf /")
+    with pytest.raises(ValueError, match="HWAWARE_NATIVE_ARCH"):
+        native._flags()
+    monkeypatch.setenv("HWAWARE_NATIVE_ARCH", "x86-64-v3")
+    assert "-march=x86-64-v3" in native._flags() and "-march=native" not in native._flags()
 
 
 @pytest.mark.parametrize("spec", [SPECS[2], SPECS[3]], ids=lambda s: s.short() + "/" + s.scale_dtype)
