@@ -6,12 +6,12 @@ README.md for the quickstart and ``python recipes/qat_recsys.py`` for the end-to
 """
 import hwaware.export  # noqa: F401  (callable: hwaware.export(model, path, ...))
 from hwaware.callbacks import ProgressiveQuantization, SemiStructuredSparsity
-from hwaware.export import Artifact, ArtifactError, RegressionError, load
+from hwaware.export import Artifact, ArtifactError, KernelPortabilityWarning, RegressionError, load
 from hwaware.quant import KLViolationError, QuantSpec, quant_states
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ProgressiveQuantization", "SemiStructuredSparsity", "QuantSpec", "KLViolationError", "quant_states", "export", "load", "Artifact",
-    "ArtifactError", "RegressionError", "__version__",
+    "ArtifactError", "KernelPortabilityWarning", "RegressionError", "__version__",
 ]

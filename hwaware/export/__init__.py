@@ -12,11 +12,11 @@ from hwaware.export.artifact import (
     verify_artifact,
     write_artifact,
 )
-from hwaware.export.exporter import Artifact, RegressionError, export, load
+from hwaware.export.exporter import Artifact, KernelPortabilityWarning, RegressionError, export, load
 
 __all__ = [
     "FORMAT_NAME", "FORMAT_VERSION", "ArtifactError", "artifact_size_bytes", "read_manifest", "read_tensors",
-    "verify_artifact", "write_artifact", "Artifact", "RegressionError", "export", "load",
+    "verify_artifact", "write_artifact", "Artifact", "KernelPortabilityWarning", "RegressionError", "export", "load",
 ]
 
 

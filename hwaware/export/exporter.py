@@ -13,6 +13,7 @@ import importlib
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple, Union
 
@@ -22,13 +23,14 @@ from torch import Tensor, nn
 from hwaware.export.artifact import ArtifactError, read_tensors, verify_artifact, write_artifact
 from hwaware.export.deploy import (DEPLOY_TYPES, Int4Linear, Int8Linear, RowwiseEmbedding, RowwiseEmbeddingBag, Sparse24Linear,
                                    chain_int8, fuse_relu)
-from hwaware.export.selection import capture_rows, select_int8_kernels, select_sparse24_kernels
+from hwaware.export.selection import (SPARSE24_INT8_CANDIDATE, capture_rows, cpu_profile, lost_features, select_int8_kernels,
+                                      select_sparse24_kernels)
 from hwaware.ops import INT8_KERNELS, SPARSE24_KERNELS
 from hwaware.ops.packing import is_24
 from hwaware.quant.attach import QuantState, attach_quantization, detach_quantization, find_quantizable, fp32_reference, quant_states
 from hwaware.quant.spec import QuantSpec
 
-__all__ = ["export", "load", "Artifact", "RegressionError", "METRICS"]
+__all__ = ["export", "load", "Artifact", "RegressionError", "KernelPortabilityWarning", "METRICS"]
 
 METRICS = ("auroc", "accuracy")
 CPU_KERNELS = {
@@ -53,6 +55,15 @@ class RegressionError(RuntimeError):
     def __init__(self, message: str, report: Dict[str, Any]) -> None:
         super().__init__(message)
         self.report = report
+
+
+class KernelPortabilityWarning(UserWarning):
+    """An artifact's kernels were timed on a CPU with instruction sets this one lacks: the recorded
+    choice may be many times slower here (``load(path, kernels="measure")`` re-times them)."""
+
+
+# an int8 2:4 layer's op kernel for each int8_linear implementation (the same math on its codes)
+_SPARSE24_INT8_KERNEL = {"int_mm": "dense", "fbgemm": "fbgemm", "dequant": "dequant"}
 
 
 @dataclass
@@ -242,6 +253,38 @@ def _evaluate(module: nn.Module, loader: Iterable, metric: str, output_fn: Optio
     if not preds:
         raise ValueError("export: val_dataloader yielded no batches")
     return _metric_value(metric, torch.cat(preds), torch.cat(targets))
+
+
+def _int8_layers(model: nn.Module) -> list:
+    """The layers whose CPU kernel is one of ``int8_linear``'s implementations: :class:`Int8Linear`
+    and int8-valued :class:`Sparse24Linear`."""
+    return [m for m in model.modules()
+            if isinstance(m, Int8Linear) or (isinstance(m, Sparse24Linear) and m.values.dtype == torch.int8)]
+
+
+def _set_impl(m: nn.Module, impl: str) -> None:
+    m.kernels["cpu"] = impl if isinstance(m, Int8Linear) else _SPARSE24_INT8_KERNEL[impl]
+
+
+def _gate_each_impl(deploy: nn.Module, loader: Iterable, metric: str, output_fn: Optional[Callable], ref_value: float,
+                    max_drop: float, chosen_value: float) -> Dict[str, Dict[str, Any]]:
+    """The metric with every int8 layer on one ``int8_linear`` implementation, for each of them: which
+    ones a deployment may switch to (another CPU, where another is fastest) and stay gated."""
+    layers = _int8_layers(deploy)
+    saved = [dict(m.kernels) for m in layers]
+    out: Dict[str, Dict[str, Any]] = {}
+    try:
+        for impl in INT8_KERNELS["cpu"]:
+            for m in layers:
+                _set_impl(m, impl)
+            same = all(m.kernels == k for m, k in zip(layers, saved))  # the configuration the gate just ran
+            value = chosen_value if same else _evaluate(deploy, loader, metric, output_fn)
+            out[impl] = {"exported": value, "drop": ref_value - value, "passed": ref_value - value <= max_drop}
+    finally:
+        for m, k in zip(layers, saved):
+            m.kernels.clear()
+            m.kernels.update(k)
+    return out
 
 
 def _reference_module(model: nn.Module, reference: Union[None, nn.Module, Dict[str, Tensor]]) -> nn.Module:
@@ -437,6 +480,8 @@ def export(
             raise RegressionError(
                 f"export refused: {metric} dropped {drop:.5f} (reference {ref_value:.5f} -> exported {exp_value:.5f}), "
                 f"more than max_drop={max_drop}; nothing was written at {path!r}", report)
+        if _int8_layers(deploy):  # what load(kernels="measure") may switch to on another CPU
+            report["by_impl"] = _gate_each_impl(deploy, val_dataloader, metric, output_fn, ref_value, float(max_drop), exp_value)
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in deploy.state_dict().items()}
     # non-persistent buffers (e.g. an index table built in __init__) travel too, so load can build
@@ -456,6 +501,8 @@ def export(
         "fp32_bytes": fp32_bytes,
         "packed_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
     }
+    if any("selection" in meta for meta in layers.values()):
+        manifest["selection_cpu"] = cpu_profile()  # what the kernels were timed on (load compares it)
     if example_inputs is not None:
         manifest["inputs"] = [_describe_input(x) for x in example_inputs]
     program_writer = None
@@ -479,7 +526,43 @@ def model_class(manifest: Dict[str, Any], path: str) -> type:
     return cls
 
 
-def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, nn.Module, type] = None) -> nn.Module:
+def _remeasure(model: nn.Module, manifest: Dict[str, Any], path: str) -> Dict[str, Dict[str, Any]]:
+    """Re-time the measured layers' kernels on this CPU, at the input shapes export timed them at,
+    among the ``int8_linear`` implementations that passed the regression gate on their own
+    (``regression.by_impl``). Returns ``{name: selection record}``."""
+    rows: Dict[str, int] = {}
+    for name, meta in manifest["layers"].items():
+        shape = ((meta.get("selection") or {}).get("cpu") or {}).get("input_shape")
+        if isinstance(shape, list) and shape and type(shape[0]) is int and shape[0] > 0:
+            rows[name] = shape[0]
+    reg = manifest.get("regression")
+    by_impl = reg.get("by_impl") if isinstance(reg, dict) else None
+    if isinstance(by_impl, dict):
+        allowed: Optional[list] = [i for i, r in by_impl.items() if isinstance(r, dict) and r.get("passed") is True]
+        basis = f"implementations that passed the regression gate on every int8 layer: {allowed}"
+    else:
+        allowed = None
+        basis = ("every implementation: the artifact has no per-implementation gate (exported without val_dataloader, "
+                 "or by an hwaware before it)")
+    int8_names = {n for n, m in model.named_modules() if m in _int8_layers(model)}
+    if allowed == []:
+        warnings.warn(f"{path}: load(kernels='measure'): no int8_linear implementation passed the regression gate on "
+                      "every layer by itself (only the recorded mix did); the int8 layers keep their recorded kernels",
+                      KernelPortabilityWarning, stacklevel=3)
+        rows = {n: r for n, r in rows.items() if n not in int8_names}
+        allowed = None
+    here = cpu_profile()
+    records: Dict[str, Dict[str, Any]] = {}
+    before = {n: dict(m.kernels) for n, m in model.named_modules() if n in rows}
+    records.update(select_sparse24_kernels(model, rows, device="cpu", allowed=allowed, only=set(rows)))
+    records.update(select_int8_kernels(model, rows, device="cpu", allowed=allowed, only=set(rows)))
+    for name, rec in records.items():
+        rec.update(recorded=before[name].get("cpu"), measured_on=here, allowed=basis)
+    return records
+
+
+def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, nn.Module, type] = None,
+         kernels: str = "recorded") -> nn.Module:
     """Rebuild the deployed model from an artifact: verified first, never unpickled.
 
     The architecture comes from ``model`` (an instance, modified in place, or a class built with
@@ -491,7 +574,17 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
     ``device="cuda"`` (or ``"cuda:N"``) moves the loaded model there; its packed layers then run the
     Triton kernels registered as the ops' CUDA implementations (2:4 layers: the kernel the
     manifest chose for ``cuda``, else ``"dense"``). Export measures kernels on CPU only for now.
+
+    ``kernels``: ``"recorded"`` runs the CPU kernels export chose, timed on the export machine
+    (manifest ``selection_cpu``); when this CPU lacks an instruction set that one had (AMX-INT8,
+    VNNI, AVX-512, ...), a :class:`KernelPortabilityWarning` says which layers may be much slower
+    here. ``"measure"`` re-times the candidates on this CPU at the shapes export timed them at and
+    runs the fastest, choosing int8 layers' implementations only among those that passed the
+    regression gate on their own (manifest ``regression.by_impl``); the new records are in the
+    returned model's ``hwaware_selection``.
     """
+    if kernels not in ("recorded", "measure"):
+        raise ValueError(f"kernels={kernels!r}; expected 'recorded' (export's choice) or 'measure' (re-time on this CPU)")
     if not isinstance(device, str) or not (device == "cpu" or device == "cuda" or device.startswith("cuda:")):
         raise ValueError(f"device={device!r}; expected 'cpu', 'cuda' or 'cuda:N'")
     if device != "cpu" and not torch.cuda.is_available():
@@ -547,6 +640,17 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
             if kernel != "auto" and kernel not in INT8_KERNELS["cpu"]:
                 raise ArtifactError(f"{path}/manifest.json: layer {name!r} names CPU kernel {kernel!r}; "
                                     f"expected 'auto' or one of {INT8_KERNELS['cpu']}")
+    if device == "cpu" and kernels == "measure":
+        model.hwaware_selection = _remeasure(model, manifest, path)
+    elif device == "cpu" and isinstance(manifest.get("selection_cpu"), dict):
+        lost = lost_features(manifest["selection_cpu"], cpu_profile())
+        timed = [n for n, meta in manifest["layers"].items() if "selection" in meta]
+        if lost and timed:
+            warnings.warn(
+                f"{path}: its CPU kernels were timed on {manifest['selection_cpu'].get('model', '?')!r}, which has "
+                f"{', '.join(lost)} and this CPU has not: the recorded choice for {len(timed)} layers ({', '.join(timed[:4])}"
+                f"{', ...' if len(timed) > 4 else ''}) may be many times slower here; load(path, kernels='measure') "
+                "re-times them on this CPU", KernelPortabilityWarning, stacklevel=2)
     chain_int8(model)  # as at export: CPU int_mm layers in a row run as one int8_mlp call
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t is not None and t.is_meta]
     if missing:

@@ -27,9 +27,10 @@ implementations) — an int8 2:4 kernel would be one more.
 """
 from __future__ import annotations
 
+import platform
 import statistics
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Collection, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -37,8 +38,48 @@ from torch import Tensor, nn
 import hwaware.ops  # noqa: F401
 from hwaware.export.deploy import Int8Linear, Sparse24Linear
 from hwaware.ops import INT8_KERNELS, packing
+from hwaware.quant import native
 
-__all__ = ["capture_rows", "select_sparse24_kernels", "select_int8_kernels", "time_us"]
+__all__ = ["capture_rows", "select_sparse24_kernels", "select_int8_kernels", "time_us", "cpu_profile", "lost_features",
+           "SPARSE24_INT8_CANDIDATE"]
+
+# The CPU features that decide which int8 implementation is fast: AMX-INT8 (hwaware's tile pass),
+# VNNI (oneDNN's _int_mm, fbgemm's 512-bit kernels), AVX-512 and AVX2/FMA (everything's width).
+# A kernel timed on a CPU with one of them can be many times slower on a CPU without it
+# (DESIGN.md: _int_mm 10-100x fp32's time on AVX2).
+_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8")
+
+# an int8 2:4 layer's candidate that runs each int8_linear implementation on its decompressed codes
+SPARSE24_INT8_CANDIDATE = {"int_mm": "int8", "fbgemm": "int8_fbgemm", "dequant": "int8_dequant"}
+
+
+def cpu_profile() -> Dict[str, Any]:
+    """The CPU kernels are timed on, as the manifest records it (``selection_cpu``): its model name,
+    which of the instruction sets that decide the int8 kernels' speed it has, and whether hwaware's
+    AMX pass is in use (the CPU and OS allow it, ``HWAWARE_NO_AMX`` is unset)."""
+    name, flags = "", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not name and line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                elif not flags and line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                if name and flags:
+                    break
+    except OSError:
+        pass
+    return {"model": name or platform.processor() or platform.machine(), "isa": [f for f in _ISA_FLAGS if f in flags],
+            "amx_in_use": bool(native.amx_available())}
+
+
+def lost_features(measured_on: Dict[str, Any], here: Dict[str, Any]) -> List[str]:
+    """What the CPU of ``measured_on`` (a :func:`cpu_profile`) had that ``here`` lacks: the
+    instruction sets, and ``"hwaware AMX pass"`` when it ran there and cannot run here."""
+    lost = [f for f in measured_on.get("isa", []) if f not in here.get("isa", [])]
+    if measured_on.get("amx_in_use") and not here.get("amx_in_use"):
+        lost.append("hwaware AMX pass")
+    return lost
 
 _INT8_NOTES = {
     "int_mm": ("exact per-token W8A8, bit-identical to int8_linear_ref (one C pass on AMX tiles where the CPU has "
@@ -139,15 +180,20 @@ def _candidates(layer: Sparse24Linear) -> Dict[str, Tuple[Optional[Callable[[Ten
     }
 
 
-def select_sparse24_kernels(model: nn.Module, rows: Dict[str, int], device: str = "cpu") -> Dict[str, Dict[str, Any]]:
-    """Measure, choose and set ``layer.kernels[device]`` for every :class:`Sparse24Linear`.
+def select_sparse24_kernels(model: nn.Module, rows: Dict[str, int], device: str = "cpu",
+                            allowed: Optional[Collection[str]] = None, only: Optional[Collection[str]] = None
+                            ) -> Dict[str, Dict[str, Any]]:
+    """Measure, choose and set ``layer.kernels[device]`` for every :class:`Sparse24Linear` (those
+    named in ``only``, when given).
 
     Returns ``{name: selection record}`` for the manifest. Layers missing from ``rows`` (no input
-    to size them) run ``dense`` and say so.
+    to size them) run ``dense`` and say so. ``allowed``: the ``int8_linear`` implementations an
+    int8 layer may run (:data:`SPARSE24_INT8_CANDIDATE`); the others are recorded as not allowed.
     """
     records: Dict[str, Dict[str, Any]] = {}
+    barred = set() if allowed is None else {c for impl, c in SPARSE24_INT8_CANDIDATE.items() if impl not in allowed}
     for name, layer in model.named_modules():
-        if not isinstance(layer, Sparse24Linear):
+        if not isinstance(layer, Sparse24Linear) or (only is not None and name not in only):
             continue
         cands = _candidates(layer)
         if name not in rows:
@@ -163,6 +209,8 @@ def select_sparse24_kernels(model: nn.Module, rows: Dict[str, int], device: str 
                 entry: Dict[str, Any] = {"keeps_math": keeps, "note": note}
                 if fn is None:
                     entry["available"] = False
+                elif cname in barred:
+                    entry.update(available=False, note=note + " (not allowed: its regression gate did not pass)")
                 else:
                     entry.update(_timed(lambda: fn(x), note, measured))
                 measured[cname] = entry
@@ -184,22 +232,29 @@ def select_sparse24_kernels(model: nn.Module, rows: Dict[str, int], device: str 
     return records
 
 
-def select_int8_kernels(model: nn.Module, rows: Dict[str, int], device: str = "cpu") -> Dict[str, Dict[str, Any]]:
-    """Time every ``INT8_KERNELS[device]`` implementation on each :class:`Int8Linear`'s input shape,
-    set ``layer.kernels[device]`` to the fastest and return ``{name: selection record}``.
+def select_int8_kernels(model: nn.Module, rows: Dict[str, int], device: str = "cpu",
+                        allowed: Optional[Collection[str]] = None, only: Optional[Collection[str]] = None
+                        ) -> Dict[str, Dict[str, Any]]:
+    """Time every ``INT8_KERNELS[device]`` implementation (those in ``allowed``, when given) on each
+    :class:`Int8Linear`'s input shape (those named in ``only``, when given), set
+    ``layer.kernels[device]`` to the fastest and return ``{name: selection record}``.
 
     A layer missing from ``rows`` is timed at :data:`NOMINAL_ROWS` rows, and its record says so.
     """
     op = torch.ops.hwaware.int8_linear
+    impls = [i for i in INT8_KERNELS[device] if allowed is None or i in allowed]
+    if not impls:
+        raise ValueError(f"allowed={sorted(allowed or ())!r} leaves no int8_linear implementation; expected some of "
+                         f"{INT8_KERNELS[device]}")
     records: Dict[str, Dict[str, Any]] = {}
     for name, layer in model.named_modules():
-        if not isinstance(layer, Int8Linear):
+        if not isinstance(layer, Int8Linear) or (only is not None and name not in only):
             continue
         m = rows.get(name, NOMINAL_ROWS)
         x = torch.randn(m, layer.in_features, generator=torch.Generator().manual_seed(0))
         measured: Dict[str, Any] = {}
         with torch.no_grad():
-            for impl in INT8_KERNELS[device]:
+            for impl in impls:
                 measured[impl] = {"keeps_math": True, **_timed(
                     lambda: op(x, layer.qweight, layer.w_scale, layer.bias, impl, layer.relu), _INT8_NOTES.get(impl, impl), measured)}
         chosen = min(measured, key=lambda c: measured[c]["us"])

@@ -1,0 +1,145 @@
+"""An artifact served on another CPU: export records the CPU its kernels were timed on and gates every
+int8 implementation on its own; load warns when this CPU lacks what that one had, and
+``kernels="measure"`` re-times the layers here among the implementations that passed the gate."""
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+
+from hwaware.export import KernelPortabilityWarning, export, load
+from hwaware.export import exporter
+from hwaware.export.deploy import Int8Linear
+from hwaware.export.exporter import _evaluate
+from hwaware.export.selection import cpu_profile, lost_features
+from hwaware.ops import INT8_KERNELS
+from tests.helpers import loaders, train_with_quant
+
+EXPORT_CPU = {"model": "Export Xeon", "isa": ["avx2", "fma", "avx512f", "avx512_vnni", "amx_tile", "amx_int8"], "amx_in_use": True}
+AVX2_CPU = {"model": "Old box", "isa": ["avx2", "fma"], "amx_in_use": False}
+
+
+@pytest.fixture(scope="module")
+def qat(tmp_path_factory):
+    _, model, _ = train_with_quant(tmp_path_factory.mktemp("qat"), max_epochs=3, start_epoch=1, calibration_batches=2)
+    return model
+
+
+@pytest.fixture(scope="module")
+def art(qat, tmp_path_factory):
+    _, val = loaders()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(exporter, "cpu_profile", lambda: dict(EXPORT_CPU))
+        return export(qat, tmp_path_factory.mktemp("art") / "a", val_dataloader=val, max_drop=0.05)
+
+
+def _outputs(module, loader):
+    with torch.no_grad():
+        return torch.cat([module.predict_step(b, 0) for b in loader])
+
+
+def test_the_manifest_records_the_cpu_and_a_gate_per_implementation(art):
+    _, val = loaders()
+    m = art.manifest
+    assert m["selection_cpu"] == EXPORT_CPU
+    by_impl = m["regression"]["by_impl"]
+    assert set(by_impl) == set(INT8_KERNELS["cpu"])
+    int8 = [mod for mod in art.model.modules() if isinstance(mod, Int8Linear)]
+    chosen = [dict(mod.kernels) for mod in int8]
+    ref = m["regression"]["reference"]
+    for impl, rec in by_impl.items():  # each is the metric with every int8 layer on that implementation
+        for mod in int8:
+            mod.kernels["cpu"] = impl
+        value = _evaluate(art.model, val, "auroc", None)
+        assert rec["exported"] == value and rec["drop"] == ref - value
+        assert rec["passed"] == (ref - value <= m["regression"]["max_drop"])
+    for mod, k in zip(int8, chosen):  # the gate restored export's choice
+        mod.kernels.clear()
+        mod.kernels.update(k)
+    assert [dict(mod.kernels) for mod in int8] == [{"cpu": meta["kernels"]["cpu"]} for name, meta in m["layers"].items()
+                                                  if meta["module"] == "Int8Linear"]
+    # a uniform configuration that is export's own choice is the gated value itself
+    for impl, rec in by_impl.items():
+        if all(k["cpu"] == impl for k in chosen):
+            assert rec["exported"] == m["regression"]["exported"]
+
+
+def test_a_cpu_without_what_export_timed_on_gets_a_warning(art, monkeypatch):
+    assert lost_features(EXPORT_CPU, AVX2_CPU) == ["avx512f", "avx512_vnni", "amx_tile", "amx_int8", "hwaware AMX pass"]
+    monkeypatch.setattr(exporter, "cpu_profile", lambda: dict(AVX2_CPU))
+    with pytest.warns(KernelPortabilityWarning, match=r"Export Xeon.*avx512f.*amx_int8.*mlp\.0.*kernels='measure'"):
+        load(art.path)
+    # the same CPU, or one with more: nothing to warn about
+    for here in (EXPORT_CPU, {**EXPORT_CPU, "isa": EXPORT_CPU["isa"] + ["avx512_bf16"]}):
+        monkeypatch.setattr(exporter, "cpu_profile", lambda here=here: dict(here))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", KernelPortabilityWarning)
+            load(art.path)
+
+
+def test_measure_re_times_on_this_cpu_and_serves_the_same_bits_as_that_choice(art):
+    _, val = loaders()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KernelPortabilityWarning)  # measuring here: no portability warning
+        model = load(art.path, kernels="measure")
+    sel = model.hwaware_selection
+    timed = {n for n, meta in art.manifest["layers"].items() if "selection" in meta}
+    assert set(sel) == timed and timed
+    passed = [i for i, r in art.manifest["regression"]["by_impl"].items() if r["passed"]]
+    for name, rec in sel.items():
+        layer = model.get_submodule(name)
+        assert layer.kernels["cpu"] == rec["chosen"] and rec["chosen"] in passed
+        assert rec["input_shape"] == art.manifest["layers"][name]["selection"]["cpu"]["input_shape"]
+        assert rec["recorded"] == art.manifest["layers"][name]["kernels"]["cpu"] and rec["measured_on"] == cpu_profile()
+        assert set(rec["measured"]) == set(passed)
+        art.model.get_submodule(name).kernels["cpu"] = rec["chosen"]
+    try:  # the re-timed model is the in-memory deploy model on the same kernels, bit for bit
+        torch.testing.assert_close(_outputs(model, val), _outputs(art.model, val), atol=0, rtol=0)
+    finally:
+        for name in sel:
+            art.model.get_submodule(name).kernels["cpu"] = art.manifest["layers"][name]["kernels"]["cpu"]
+
+
+def _manifest(art, by_impl):
+    m = copy.deepcopy(art.manifest)
+    if by_impl is None:
+        m["regression"].pop("by_impl")
+    else:
+        for impl, ok in by_impl.items():
+            m["regression"]["by_impl"][impl]["passed"] = ok
+    return m
+
+
+def test_measure_chooses_only_implementations_that_passed_the_gate(art):
+    model = load(art.path)
+    m = _manifest(art, {"int_mm": False, "fbgemm": False, "dequant": True})
+    sel = exporter._remeasure(model, m, art.path)
+    for name, rec in sel.items():
+        assert rec["chosen"] == "dequant" and model.get_submodule(name).kernels["cpu"] == "dequant"
+        assert set(rec["measured"]) == {"dequant"} and "['dequant']" in rec["allowed"]
+
+
+def test_measure_keeps_the_recorded_kernels_when_no_implementation_passed_alone(art):
+    model = load(art.path)
+    with pytest.warns(KernelPortabilityWarning, match="keep their recorded kernels"):
+        sel = exporter._remeasure(model, _manifest(art, {i: False for i in INT8_KERNELS["cpu"]}), art.path)
+    assert sel == {}
+    for name, meta in art.manifest["layers"].items():
+        if meta["module"] == "Int8Linear":
+            assert model.get_submodule(name).kernels["cpu"] == meta["kernels"]["cpu"]
+
+
+def test_measure_on_an_artifact_without_a_gate_per_implementation_says_so(art):
+    model = load(art.path)
+    sel = exporter._remeasure(model, _manifest(art, None), art.path)
+    assert sel and all(set(r["measured"]) == set(INT8_KERNELS["cpu"]) for r in sel.values())
+    assert all("no per-implementation gate" in r["allowed"] for r in sel.values())
+    json.dumps(sel)  # records are plain JSON, as the manifest's
+
+
+def test_bad_kernels_argument(art):
+    with pytest.raises(ValueError, match="kernels='fastest'.*'recorded'.*'measure'"):
+        load(art.path, kernels="fastest")
