@@ -88,8 +88,7 @@ def _selection_lines(layers: Mapping[str, Any]) -> List[str]:
 
 def _regression_line(reg: Mapping[str, Any]) -> str:
     def num(k: str) -> str:
-        v = reg.get(k)
-        return f"{v:.6g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else ("-" if v is None else str(v))
+        return _regression_num(reg, k)
 
     passed = reg.get("passed")
     verdict = "PASSED" if passed is True else "FAILED" if passed is False else "not judged"
@@ -126,7 +125,34 @@ def _inspect_text(path: str, manifest: Dict[str, Any], on_disk: int) -> str:
     out.append(total)
     reg = manifest.get("regression")
     out.append(_regression_line(reg) if isinstance(reg, Mapping) else "regression: not measured")
+    by_impl = reg.get("by_impl") if isinstance(reg, Mapping) else None
+    if isinstance(by_impl, Mapping) and by_impl:
+        out.append("  every int8 layer on one implementation: " + ", ".join(
+            f"{impl} {_regression_num(r, 'exported')} (drop {_regression_num(r, 'drop')}, "
+            f"{'passed' if r.get('passed') is True else 'FAILED'})" for impl, r in by_impl.items() if isinstance(r, Mapping)))
+    out += _cpu_lines(manifest.get("selection_cpu"))
     return "\n".join(out)
+
+
+def _regression_num(rec: Mapping[str, Any], key: str) -> str:
+    v = rec.get(key)
+    return f"{v:.6g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else ("-" if v is None else str(v))
+
+
+def _cpu_lines(cpu: Any) -> list:
+    """Where the kernels were timed, and what this CPU lacks of it."""
+    if not isinstance(cpu, Mapping):
+        return []
+    from hwaware.export.selection import cpu_profile, lost_features
+
+    isa = cpu.get("isa") if isinstance(cpu.get("isa"), list) else []
+    out = [f"kernels timed on: {cpu.get('model', '?')} ({' '.join(map(str, isa)) or 'none of the listed ISAs'}; "
+           f"hwaware AMX pass {'in use' if cpu.get('amx_in_use') else 'not in use'})"]
+    lost = lost_features(dict(cpu, isa=isa), cpu_profile())
+    if lost:
+        out.append(f"  this CPU lacks {', '.join(lost)}: the recorded kernels may be much slower here "
+                   "(hwaware bench PATH --kernels measure; hwaware.load(PATH, kernels='measure'))")
+    return out
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -148,7 +174,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from hwaware.export.exporter import make_inputs, model_class
 
     try:
-        served = load(args.path)
+        served = load(args.path, kernels=args.kernels)
         manifest = read_manifest(args.path)
         cls = model_class(manifest, args.path)
     except ArtifactError as e:
@@ -162,6 +188,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     inputs = [make_inputs(manifest["inputs"], args.batch_size, seed=i) for i in range(args.batches)]
     result = compare_throughput({"fp32": fp32, "artifact": served}, inputs, batch_size=args.batch_size, rounds=args.rounds)
     result["artifact"] = args.path
+    result["kernels"] = args.kernels
+    if args.kernels == "measure":
+        result["selection"] = served.hwaware_selection
+        print("kernels re-timed on this CPU: " + ", ".join(f"{n} {r['recorded']}->{r['chosen']}"
+                                                           for n, r in served.hwaware_selection.items()))
     for name, r in result["models"].items():
         print(f"{name:10s} {r['samples_per_s']:>12,.0f} samples/s  x{r['ratio']:.2f}  "
               f"p50 {r['latency_ms_p50']:.2f} ms  p90 {r['latency_ms_p90']:.2f} ms  p99 {r['latency_ms_p99']:.2f} ms")
@@ -172,7 +203,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         mem: Dict[str, Any] = {}
         for name in ("fp32", "artifact"):
             try:
-                mem[name] = peak_memory(args.path, name, args.batch_size, args.batches)
+                mem[name] = peak_memory(args.path, name, args.batch_size, args.batches, kernels=args.kernels)
             except (RuntimeError, OSError, subprocess.SubprocessError) as e:  # the timing above still stands
                 mem[name] = {"error": str(e)[-500:]}
         result["memory"] = {"method": "peak RSS over the imports, one fresh process per model (hwaware.export.memory)",
@@ -209,6 +240,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", default=None, help="also write the results here")
     bench.add_argument("--no-memory", action="store_true",
                        help="skip the peak-memory measurement (two child processes)")
+    bench.add_argument("--kernels", choices=("recorded", "measure"), default="recorded",
+                       help="recorded: the CPU kernels export timed fastest on its machine; measure: re-time them on "
+                            "this CPU (among the implementations that passed the regression gate)")
     bench.set_defaults(func=_cmd_bench)
     return p
 

@@ -32,7 +32,7 @@ def _status_kib(key: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
 
 
-def _probe(path: str, which: str, batch_size: int, batches: int) -> Dict[str, float]:
+def _probe(path: str, which: str, batch_size: int, batches: int, kernels: str = "recorded") -> Dict[str, float]:
     import torch
 
     from hwaware.export import load, read_manifest
@@ -44,7 +44,7 @@ def _probe(path: str, which: str, batch_size: int, batches: int) -> Dict[str, fl
         f.write("5")
     base = _status_kib("VmRSS")
     if which == "artifact":
-        model = load(path)
+        model = load(path, kernels=kernels)  # "measure": the load peak includes re-timing the kernels
     else:
         model = model_class(manifest, path)(**(manifest["model"].get("hparams") or {}))
     model.eval()
@@ -63,14 +63,19 @@ def _probe(path: str, which: str, batch_size: int, batches: int) -> Dict[str, fl
             "peak_mib": (peak - base) / mib, "process_peak_mib": peak / mib}
 
 
-def peak_memory(path: str, which: str, batch_size: int, batches: int, timeout: float = 600) -> Optional[Dict[str, Any]]:
+def peak_memory(path: str, which: str, batch_size: int, batches: int, timeout: float = 600,
+                kernels: str = "recorded") -> Optional[Dict[str, Any]]:
     """Memory of serving ``which`` (``"artifact"`` or ``"fp32"``) for the artifact at ``path``, measured
-    in a child process (see the module docstring); None where ``/proc`` is missing (not Linux)."""
+    in a child process (see the module docstring); None where ``/proc`` is missing (not Linux).
+    ``kernels``: :func:`hwaware.load`'s, for the artifact (its kernels decide which derived weights
+    are cached, e.g. ``dequant``'s fp32 copy)."""
     if which not in ("artifact", "fp32"):
         raise ValueError(f"which={which!r}; expected 'artifact' or 'fp32'")
+    if kernels not in ("recorded", "measure"):
+        raise ValueError(f"kernels={kernels!r}; expected 'recorded' or 'measure'")
     if not os.path.exists("/proc/self/clear_refs"):
         return None
-    cmd = [sys.executable, "-m", "hwaware.export.memory", os.fspath(path), which, str(batch_size), str(batches)]
+    cmd = [sys.executable, "-m", "hwaware.export.memory", os.fspath(path), which, str(batch_size), str(batches), kernels]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"memory probe of {which} failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
@@ -79,4 +84,4 @@ def peak_memory(path: str, which: str, batch_size: int, batches: int, timeout: f
 
 if __name__ == "__main__":
     path_, which_, batch_, batches_ = sys.argv[1:5]
-    print(json.dumps(_probe(path_, which_, int(batch_), int(batches_))))
+    print(json.dumps(_probe(path_, which_, int(batch_), int(batches_), *sys.argv[5:6])))

@@ -152,3 +152,40 @@ def test_bench_reports_a_failed_memory_probe_and_keeps_the_timing(tmp_path, caps
     r = _json.loads(out.read_text())
     assert r["models"]["artifact"]["samples_per_s"] > 0 and "No module named 'mymodels'" in r["memory"]["fp32"]["error"]
     assert "peak memory: n/a (the probe process failed: " in capsys.readouterr().out
+
+
+def test_inspect_shows_the_gate_per_implementation_and_where_kernels_were_timed(tmp_path, capsys, monkeypatch):
+    from hwaware.export import exporter, selection
+
+    manifest = {**MANIFEST, "regression": {**MANIFEST["regression"], "by_impl": {
+        "int_mm": {"exported": 0.7998, "drop": 0.0014, "passed": True},
+        "fbgemm": {"exported": 0.7971, "drop": 0.0041, "passed": False}}},
+        "selection_cpu": {"model": "Export Xeon", "isa": ["avx2", "amx_int8"], "amx_in_use": True}}
+    write_artifact(tmp_path / "a", manifest, {"w": torch.zeros(8, dtype=torch.int8)})
+    monkeypatch.setattr(selection, "cpu_profile", lambda: {"model": "here", "isa": ["avx2"], "amx_in_use": False})
+    assert main(["inspect", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert ("every int8 layer on one implementation: fbgemm 0.7971 (drop 0.0041, FAILED), "
+            "int_mm 0.7998 (drop 0.0014, passed)") in out  # the manifest's key order
+    assert "kernels timed on: Export Xeon (avx2 amx_int8; hwaware AMX pass in use)" in out
+    assert "this CPU lacks amx_int8, hwaware AMX pass" in out and "--kernels measure" in out
+    monkeypatch.setattr(selection, "cpu_profile", lambda: {"model": "same", "isa": ["avx2", "amx_int8"], "amx_in_use": True})
+    assert main(["inspect", str(tmp_path / "a")]) == 0
+    assert "this CPU lacks" not in capsys.readouterr().out
+
+
+def test_bench_can_re_time_the_kernels_on_this_cpu(tmp_path, capsys):
+    from hwaware.export import export
+    from tests.helpers import TinyCTR, loaders
+
+    torch.manual_seed(0)
+    _, val = loaders()
+    art = export(TinyCTR(), tmp_path / "tiny", val_dataloader=val, max_drop=0.05,
+                 example_inputs=(torch.randn(8, 4), torch.randint(0, 50, (8,))))
+    out = tmp_path / "bench.json"
+    assert main(["bench", art.path, "--batch-size", "8", "--batches", "1", "--rounds", "1", "--no-memory",
+                 "--kernels", "measure", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["kernels"] == "measure" and set(r["selection"]) == {"mlp.0", "mlp.2"}
+    assert all(rec["chosen"] in art.manifest["regression"]["by_impl"] for rec in r["selection"].values())
+    assert "kernels re-timed on this CPU: mlp.0 " in capsys.readouterr().out
