@@ -123,6 +123,46 @@ def test_the_c_paths_of_cpus_without_avx512_pass_the_native_tests(tmp_path):
     assert status.startswith(f"loaded {tmp_path}") and amx == "False", probe.stdout + probe.stderr
 
 
+_INTERACTION_BITS = """
+import sys, torch
+import hwaware.ops
+from hwaware.ops.packing import quantize_rowwise
+g = torch.Generator().manual_seed(0)
+out = {}
+for batch, ntab, dim, pad in [(2048, 26, 16, 1), (33, 5, 7, 0), (17, 3, 20, 3), (1, 1, 16, 0)]:
+    vecs = [torch.randn(batch, dim, generator=g) for _ in range(ntab + 1)]
+    out[f"float{batch}"] = torch.ops.hwaware.dot_interaction(vecs, pad)
+    out[f"codes{batch}"], out[f"scales{batch}"] = torch.ops.hwaware.dot_interaction_int8.default(vecs, pad)
+    bits = [8 if t % 2 else 4 for t in range(ntab)]
+    w = [quantize_rowwise(torch.randn(50, dim, generator=g), b) for b in bits]
+    ids = torch.randint(0, 50, (ntab, batch), generator=g)
+    out[f"fused{batch}"] = torch.ops.hwaware.embedding_interaction.default(vecs[0], w, bits, ids, pad)
+    out[f"fused_codes{batch}"], out[f"fused_scales{batch}"] = torch.ops.hwaware.embedding_interaction_int8.default(
+        vecs[0], w, bits, ids, pad)
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_the_avx2_build_gives_the_avx512_build_s_interaction_bits(tmp_path):
+    # the 8-lane (AVX2) and 16-lane (AVX-512) blocks compute every dot as the same fma chain: a model
+    # serves the same interaction (and int8 codes) on either CPU
+    if "avx512f" not in _cpu_flags() or not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("needs an AVX-512 CPU to compare its build with the AVX2 one")
+    script = tmp_path / "bits.py"
+    script.write_text(_INTERACTION_BITS)
+    root = Path(__file__).resolve().parents[2]
+    results = {}
+    for arch in ("native", "x86-64-v3"):
+        env = {**os.environ, "HWAWARE_CACHE": str(tmp_path / arch), "HWAWARE_NATIVE_ARCH": arch, "PYTHONPATH": str(root)}
+        proc = subprocess.run([sys.executable, str(script), str(tmp_path / f"{arch}.pt")], capture_output=True, text=True,
+                              env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        results[arch] = torch.load(tmp_path / f"{arch}.pt")
+    assert results["native"].keys() == results["x86-64-v3"].keys()
+    for key, value in results["native"].items():
+        assert torch.equal(value, results["x86-64-v3"][key]), key
+
+
 def test_a_bad_native_arch_is_refused(monkeypatch):
     monkeypatch.setenv("HWAWARE_NATIVE_ARCH", "native; rm -rf /")
     with pytest.raises(ValueError, match="HWAWARE_NATIVE_ARCH"):

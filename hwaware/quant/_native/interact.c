@@ -6,23 +6,26 @@
  * which is torch.cat([x, bmm(S, S^T).flatten(1)[:, triu(offset=1)], zeros]) of hwaware's DLRM,
  * without the [B, V, D] stack, the [B, V, V] product and the two copies around it.
  *
- * With AVX-512: 16 samples at a time, one per lane. Each vector's [16, D] block is transposed in
- * registers (16 x 16 at a time) so that every pair dot is D fused multiply-adds on whole
- * registers, 16 samples at once, with no lane wasted on the lower triangle; the [pairs, 16] result
- * is transposed back the same way. Each dot is fma(v_i[d], v_j[d], acc) over d = 0..D-1 in order
- * for every sample (the last block is padded with zero samples), so a sample's result depends on
- * neither the thread count nor its position in the batch. Against the per-sample pass below (whose
- * scalar transposition into T[d][j] took ~40% of its time) the forward went from 0.57x to 0.36x
- * the torch ops' time (benchmarks/bench_ops_cpu.py, "interaction").
+ * With AVX-512 (16 lanes) or AVX2 + FMA (8 lanes): VL samples at a time, one per lane. Each
+ * vector's [VL, D] block is transposed in registers (VL x VL at a time) so that every pair dot is D
+ * fused multiply-adds on whole registers, VL samples at once, with no lane wasted on the lower
+ * triangle; the [pairs, VL] result is transposed back the same way. Each dot is
+ * fma(v_i[d], v_j[d], acc) over d = 0..D-1 in order for every sample (the last block is padded with
+ * zero samples), so a sample's result depends neither on the thread count nor on its position in
+ * the batch, and is the same bits with AVX-512 and with AVX2 (tested). Against the per-sample pass
+ * below (whose scalar transposition into T[d][j] took ~40% of its time) the forward went from 0.57x
+ * to 0.36x the torch ops' time with AVX-512 (benchmarks/bench_ops_cpu.py, "interaction"); built for
+ * AVX2 (x86-64-v3) the 8-lane blocks took the recipe DLRM's interaction from 3.65 to 1.26 ms a batch
+ * of 2048 (torch.profiler under the AVX2 caps of benchmarks/bench_export_portability.py).
  *
- * Without AVX-512, per sample: the V vectors are transposed into T[d][j] (j padded to a multiple of
+ * Without either, per sample: the V vectors are transposed into T[d][j] (j padded to a multiple of
  * 16 with zeros) so 16 dots of row i are D multiply-adds on one register, accumulated over d in
  * order (a multiply, then an add: the library is built with -ffp-contract=off).
  * Either way the result differs from torch's bmm in the last bits (another summation order), which
  * tests bound against a float64 reference.
  *
  * The deployed DLRM's variant (hw_bags_interaction_fwd / _fwd_q) takes x and T row-wise tables with
- * one id per sample instead of V arrays: each block reads its 16 samples' table rows straight into
+ * one id per sample instead of V arrays: each block reads its VL samples' table rows straight into
  * the registers the transposes start from (tables.h, the value a one-id bag pass would write), so
  * the [T, B, D] lookups never exist, and the output is the same bits as the lookups then the pass.
  *
@@ -56,11 +59,36 @@ static inline vlanes load_lanes(const float *p) {
 
 #define ROWS 4 /* rows of S S^T per block pass: independent accumulator chains sharing each load */
 
+/* The block forward on VL samples at a time, one per lane, written once over a few vector helpers:
+ * AVX-512 (VL 16) or AVX2 + FMA (VL 8). Both compute every dot as fma(v_i[d], v_j[d], acc) over d in
+ * order from zero, so a sample's result is the same bits on either (and on any thread count). */
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define SIMD_FWD 1
+#define VL 16
+typedef __m512 vf;
+typedef __mmask16 vmask;
+static inline vmask first_lanes(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
+static inline vf vf_zero(void) { return _mm512_setzero_ps(); }
+static inline vf vf_set1(float a) { return _mm512_set1_ps(a); }
+static inline vf vf_fma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vf vf_add(vf a, vf b) { return _mm512_add_ps(a, b); }
+static inline vf vf_mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+static inline vf vf_div(vf a, vf b) { return _mm512_div_ps(a, b); }
+static inline vf vf_max(vf a, vf b) { return _mm512_max_ps(a, b); }
+static inline vf vf_abs(vf a) { return _mm512_abs_ps(a); }
+static inline vf vf_loadn(vmask k, const float *p) { return _mm512_maskz_loadu_ps(k, p); }
+static inline void vf_storen(float *p, vmask k, vf v) { _mm512_mask_storeu_ps(p, k, v); }
+static inline void vf_store(float *p, vf v) { _mm512_storeu_ps(p, v); }
+/* a's lanes, with b where a is below EPS (NaN stays: an ordered compare) */
+static inline vf vf_floor_eps(vf a, float eps) {
+    return _mm512_mask_mov_ps(a, _mm512_cmp_ps_mask(a, _mm512_set1_ps(eps), _CMP_LT_OQ), _mm512_set1_ps(eps));
+}
+/* a's lanes, NaN where c is NaN */
+static inline vf vf_nan_where_nan(vf a, vf c) { return _mm512_mask_mov_ps(a, _mm512_cmp_ps_mask(c, c, _CMP_UNORD_Q), _mm512_set1_ps(NAN)); }
+
 /* 16 x 16 floats in registers: on return r[i] holds column i (lane l = old row l) */
-static inline void transpose16(__m512 r[16]) {
+static inline void transpose_vl(__m512 r[16]) {
     __m512 t[16], u[16];
     for (int k = 0; k < 8; ++k) {
         t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
@@ -85,8 +113,82 @@ static inline void transpose16(__m512 r[16]) {
     }
 }
 
-static inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
+/* The first cnt (<= 16) of 16 floats -> int8 codes as w8a8.c's quant_scaled does them: clamp(round_half_even(v * inv), +-127) */
+static inline void codes_vl(vf v, vf inv, int64_t cnt, int8_t *dst) {
+    const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+    v = _mm512_roundscale_ps(_mm512_mul_ps(v, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm512_mask_cvtepi32_storeu_epi8(dst, first_lanes(cnt), _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(v, lo), hi)));
+}
+#ifdef HAVE_ROW_VALUE16
+#define row_value_vl row_value16
+#define HAVE_ROW_VALUE_VL 1
+#endif
 
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define SIMD_FWD 1
+#define VL 8
+typedef __m256 vf;
+typedef __m256i vmask; /* all-ones lanes */
+static inline vmask first_lanes(int64_t n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n < 8 ? n : 8)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+static inline vf vf_zero(void) { return _mm256_setzero_ps(); }
+static inline vf vf_set1(float a) { return _mm256_set1_ps(a); }
+static inline vf vf_fma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vf vf_add(vf a, vf b) { return _mm256_add_ps(a, b); }
+static inline vf vf_mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+static inline vf vf_div(vf a, vf b) { return _mm256_div_ps(a, b); }
+static inline vf vf_max(vf a, vf b) { return _mm256_max_ps(a, b); }
+static inline vf vf_abs(vf a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+static inline vf vf_loadn(vmask k, const float *p) { return _mm256_maskload_ps(p, k); } /* masked lanes: 0, never read */
+static inline void vf_storen(float *p, vmask k, vf v) { _mm256_maskstore_ps(p, k, v); }
+static inline void vf_store(float *p, vf v) { _mm256_storeu_ps(p, v); }
+static inline vf vf_floor_eps(vf a, float eps) {
+    return _mm256_blendv_ps(a, _mm256_set1_ps(eps), _mm256_cmp_ps(a, _mm256_set1_ps(eps), _CMP_LT_OQ));
+}
+static inline vf vf_nan_where_nan(vf a, vf c) { return _mm256_blendv_ps(a, _mm256_set1_ps(NAN), _mm256_cmp_ps(c, c, _CMP_UNORD_Q)); }
+
+/* 8 x 8 floats in registers: on return r[i] holds column i (lane l = old row l) */
+static inline void transpose_vl(__m256 r[8]) {
+    __m256 t[8], u[8];
+    for (int k = 0; k < 4; ++k) {
+        t[2 * k] = _mm256_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+        t[2 * k + 1] = _mm256_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+    }
+    for (int k = 0; k < 2; ++k) {
+        u[4 * k] = _mm256_shuffle_ps(t[4 * k], t[4 * k + 2], 0x44);
+        u[4 * k + 1] = _mm256_shuffle_ps(t[4 * k], t[4 * k + 2], 0xEE);
+        u[4 * k + 2] = _mm256_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0x44);
+        u[4 * k + 3] = _mm256_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0xEE);
+    }
+    for (int m = 0; m < 4; ++m) {
+        r[m] = _mm256_permute2f128_ps(u[m], u[4 + m], 0x20);
+        r[4 + m] = _mm256_permute2f128_ps(u[m], u[4 + m], 0x31);
+    }
+}
+
+static inline void codes_vl(vf v, vf inv, int64_t cnt, int8_t *dst) {
+    const __m256 lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+    v = _mm256_round_ps(_mm256_mul_ps(v, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i q = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(v, lo), hi));
+    const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1)); /* in +-127: exact */
+    const __m128i b8 = _mm_packs_epi16(w16, w16);
+    if (cnt >= 8) {
+        _mm_storel_epi64((__m128i *)dst, b8);
+    } else {
+        int8_t tmp[16];
+        _mm_storeu_si128((__m128i *)tmp, b8);
+        memcpy(dst, tmp, (size_t)cnt);
+    }
+}
+#ifdef HAVE_ROW_VALUE8
+#define row_value_vl row_value8
+#define HAVE_ROW_VALUE_VL 1
+#endif
+#endif
+
+#ifdef SIMD_FWD
 /* The pairs a block computes outside whole runs of 8 in one row (the last (V - 1 - i) % 8 of row i),
  * as (i, j, q) triples in row-major order; built once per call (pair_tails) and shared by every block.
  * Grouping them 8 at a time across rows keeps 8 accumulator chains busy where a chain per pair would
@@ -107,7 +209,7 @@ static int64_t pair_tails(int64_t nvec, pair_ref *tails) {
 
 /* Where the V vectors come from: vecs[j], row-major [batch, dim] floats; or, with tables (w not
  * NULL), vecs[0] (the bottom MLP output) and then, for j >= 1, table t = j - 1's one-id bag of sample
- * b, id idx[t * ts + b * is]: the row-wise row's value (row_value16), the float a bag pass would have
+ * b, id idx[t * ts + b * is]: the row-wise row's value (row_value_vl), the float a bag pass would have
  * written, read here straight into the block instead of through a [T, batch, dim] tensor. */
 typedef struct {
     const float *const *vecs;
@@ -118,25 +220,25 @@ typedef struct {
     int64_t ts, is, batch;
 } sources;
 
-/* Rows b0 .. b0 + n - 1 (n <= 16), columns c0 .. c0 + 15 (k: those < dim) of vector j, one row per
+/* Rows b0 .. b0 + n - 1 (n <= VL), columns c0 .. c0 + VL - 1 (k: those < dim) of vector j, one row per
  * register; an id outside its table sets *oob and reads as zeros */
-static inline void load_rows16(const sources *src, int64_t j, int64_t b0, int64_t n, int64_t dim, int64_t c0,
-                               int64_t cols, __mmask16 k, __m512 r[16], int *oob) {
-#ifdef HAVE_ROW_VALUE16
+static inline void load_rows(const sources *src, int64_t j, int64_t b0, int64_t n, int64_t dim, int64_t c0,
+                             int64_t cols, vmask k, vf r[VL], int *oob) {
+#ifdef HAVE_ROW_VALUE_VL
     if (src->w != NULL && j > 0) {
         const int64_t t = j - 1, nr = src->rows[t], c = src->cols[t], b8 = src->bits[t] == 8;
         const uint8_t *w = src->w[t];
-        for (int64_t l = 0; l < 16; ++l) {
-            r[l] = _mm512_setzero_ps();
+        for (int64_t l = 0; l < VL; ++l) {
+            r[l] = vf_zero();
             if (l >= n) continue;
             const int64_t id = id_at(src->idx, src->is64, t * src->ts + (b0 + l) * src->is);
             if ((uint64_t)id >= (uint64_t)nr)
                 *oob = 1;
             else
-                r[l] = row_value16(w + id * c, c, b8, c0, cols);
+                r[l] = row_value_vl(w + id * c, c, b8, c0, cols);
         }
         if (c0 == 0) /* the next block's rows are random reads: ask for them now */
-            for (int64_t b = b0 + 16; b < b0 + 32 && b < src->batch; ++b) {
+            for (int64_t b = b0 + VL; b < b0 + 2 * VL && b < src->batch; ++b) {
                 const int64_t id = id_at(src->idx, src->is64, t * src->ts + b * src->is);
                 if ((uint64_t)id < (uint64_t)nr) __builtin_prefetch(w + id * c);
             }
@@ -144,40 +246,39 @@ static inline void load_rows16(const sources *src, int64_t j, int64_t b0, int64_
     }
 #endif
     (void)oob;
-    for (int64_t l = 0; l < 16; ++l)
-        r[l] = l < n ? _mm512_maskz_loadu_ps(k, src->vecs[j] + (b0 + l) * dim + c0) : _mm512_setzero_ps();
+    for (int64_t l = 0; l < VL; ++l)
+        r[l] = l < n ? vf_loadn(k, src->vecs[j] + (b0 + l) * dim + c0) : vf_zero();
 }
 
-/* Samples b0 .. b0 + n - 1 (n <= 16), one per lane. x: [nvec][dim] lane vectors (sample-major
- * input transposed 16 x 16 at a time), p: [npair] lane vectors. Each dot is
+/* Samples b0 .. b0 + n - 1 (n <= VL), one per lane. x: [nvec][dim] lane vectors (sample-major
+ * input transposed VL x VL at a time), p: [npair] lane vectors. Each dot is
  * fma(v_i[d], v_j[d], acc) over d = 0..dim-1 in order from zero, the same for every lane, so a
  * sample's result depends neither on its position in the batch nor on the thread count (nor on
  * which group of chains computed it). tails: pair_tails' nt triples. */
-static int64_t block16_dots(const sources *src, int64_t b0, int64_t n, int64_t nvec, int64_t dim,
-                            const pair_ref *tails, int64_t nt, __m512 *x, __m512 *p, int *oob) {
+static int64_t block_dots(const sources *src, int64_t b0, int64_t n, int64_t nvec, int64_t dim,
+                          const pair_ref *tails, int64_t nt, vf *x, vf *p, int *oob) {
     for (int64_t j = 0; j < nvec; ++j)
-        for (int64_t c0 = 0; c0 < dim; c0 += 16) {
-            const int64_t cols = dim - c0 < 16 ? dim - c0 : 16;
-            const __mmask16 k = first_lanes(cols);
-            __m512 r[16];
-            load_rows16(src, j, b0, n, dim, c0, cols, k, r, oob);
-            transpose16(r);
-            __m512 *dst = x + j * dim + c0;
-            if (cols == 16) { /* a constant count: stored from the registers (a variable one went through the stack) */
-                for (int m = 0; m < 16; ++m) dst[m] = r[m];
+        for (int64_t c0 = 0; c0 < dim; c0 += VL) {
+            const int64_t cols = dim - c0 < VL ? dim - c0 : VL;
+            vf r[VL];
+            load_rows(src, j, b0, n, dim, c0, cols, first_lanes(cols), r, oob);
+            transpose_vl(r);
+            vf *dst = x + j * dim + c0;
+            if (cols == VL) { /* a constant count: stored from the registers (a variable one went through the stack) */
+                for (int m = 0; m < VL; ++m) dst[m] = r[m];
             } else {
                 for (int64_t m = 0; m < cols; ++m) dst[m] = r[m];
             }
         }
     int64_t q = 0;
     for (int64_t i = 0; i + 1 < nvec; ++i) {
-        const __m512 *xi = x + i * dim;
+        const vf *xi = x + i * dim;
         for (int64_t j = i + 1; j + 8 <= nvec; j += 8, q += 8) { /* 8 independent chains sharing v_i's loads */
-            __m512 a[8];
-            for (int k2 = 0; k2 < 8; ++k2) a[k2] = _mm512_setzero_ps();
+            vf a[8];
+            for (int k2 = 0; k2 < 8; ++k2) a[k2] = vf_zero();
             for (int64_t d = 0; d < dim; ++d) {
-                const __m512 v = xi[d];
-                for (int k2 = 0; k2 < 8; ++k2) a[k2] = _mm512_fmadd_ps(v, x[(j + k2) * dim + d], a[k2]);
+                const vf v = xi[d];
+                for (int k2 = 0; k2 < 8; ++k2) a[k2] = vf_fma(v, x[(j + k2) * dim + d], a[k2]);
             }
             for (int k2 = 0; k2 < 8; ++k2) p[q + k2] = a[k2];
         }
@@ -185,105 +286,97 @@ static int64_t block16_dots(const sources *src, int64_t b0, int64_t n, int64_t n
     }
     for (int64_t t0 = 0; t0 < nt; t0 += 8) { /* the rest, 8 pairs of any rows at a time */
         const int64_t cnt = nt - t0 < 8 ? nt - t0 : 8;
-        const __m512 *u[8], *w[8];
+        const vf *u[8], *w[8];
         for (int k2 = 0; k2 < 8; ++k2) { /* a short last group repeats its first pair, not stored */
             const pair_ref t = tails[t0 + (k2 < cnt ? k2 : 0)];
             u[k2] = x + t.i * dim;
             w[k2] = x + t.j * dim;
         }
-        __m512 a[8];
-        for (int k2 = 0; k2 < 8; ++k2) a[k2] = _mm512_setzero_ps();
+        vf a[8];
+        for (int k2 = 0; k2 < 8; ++k2) a[k2] = vf_zero();
         for (int64_t d = 0; d < dim; ++d)
-            for (int k2 = 0; k2 < 8; ++k2) a[k2] = _mm512_fmadd_ps(u[k2][d], w[k2][d], a[k2]);
+            for (int k2 = 0; k2 < 8; ++k2) a[k2] = vf_fma(u[k2][d], w[k2][d], a[k2]);
         for (int64_t k2 = 0; k2 < cnt; ++k2) p[tails[t0 + k2].q] = a[k2];
     }
     return q;
 }
 
-/* Pairs p0 .. p0 + 15 (those below q) back to sample-major: r[l] holds sample l's; returns the
- * mask of the pair lanes that exist */
-static inline __mmask16 pairs16(const __m512 *p, int64_t p0, int64_t q, __m512 r[16]) {
-    const int64_t cnt = q - p0 < 16 ? q - p0 : 16;
-    for (int64_t m = 0; m < 16; ++m) r[m] = m < cnt ? p[p0 + m] : _mm512_setzero_ps();
-    transpose16(r);
-    return first_lanes(cnt);
+/* Pairs p0 .. p0 + VL - 1 (those below q) back to sample-major: r[l] holds sample l's; returns how
+ * many pair lanes exist */
+static inline int64_t pairs_vl(const vf *p, int64_t p0, int64_t q, vf r[VL]) {
+    const int64_t cnt = q - p0 < VL ? q - p0 : VL;
+    for (int64_t m = 0; m < VL; ++m) r[m] = m < cnt ? p[p0 + m] : vf_zero();
+    transpose_vl(r);
+    return cnt;
 }
 
-/* block16_dots's samples as sample-major float rows [x | pairs | pad zeros] of `width` floats */
-static void store_block16(const float *const *vecs, int64_t b0, int64_t n, int64_t dim, int64_t q, int64_t width,
-                          const __m512 *p, float *out) {
+/* block_dots's samples as sample-major float rows [x | pairs | pad zeros] of `width` floats */
+static void store_block(const float *const *vecs, int64_t b0, int64_t n, int64_t dim, int64_t q, int64_t width,
+                        const vf *p, float *out) {
     for (int64_t l = 0; l < n; ++l) { /* x, then zeros past the pairs */
         float *o = out + (b0 + l) * width;
         memcpy(o, vecs[0] + (b0 + l) * dim, (size_t)dim * sizeof(float));
         for (int64_t k2 = dim + q; k2 < width; ++k2) o[k2] = 0.0f;
     }
-    for (int64_t p0 = 0; p0 < q; p0 += 16) {
-        __m512 r[16];
-        const __mmask16 k = pairs16(p, p0, q, r);
-        for (int64_t l = 0; l < n; ++l) _mm512_mask_storeu_ps(out + (b0 + l) * width + dim + p0, k, r[l]);
+    for (int64_t p0 = 0; p0 < q; p0 += VL) {
+        vf r[VL];
+        const vmask k = first_lanes(pairs_vl(p, p0, q, r));
+        for (int64_t l = 0; l < n; ++l) vf_storen(out + (b0 + l) * width + dim + p0, k, r[l]);
     }
 }
 
 #define EPS 1.1920928955078125e-07f /* torch.finfo(torch.float32).eps, as w8a8.c */
 
-/* 16 floats -> int8 codes as w8a8.c's quant_scaled does them: clamp(round_half_even(v * inv), +-127) */
-static inline void codes16(__m512 v, __m512 inv, __mmask16 k, int8_t *dst) {
-    const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
-    v = _mm512_roundscale_ps(_mm512_mul_ps(v, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    _mm512_mask_cvtepi32_storeu_epi8(dst, k, _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(v, lo), hi)));
-}
-
-/* The same rows as store_block16, written as w8a8.c's hw_quant_tokens_i8 would quantize them: per-row
+/* The same rows as store_block, written as w8a8.c's hw_quant_tokens_i8 would quantize them: per-row
  * (per-lane here: a lane is a sample) s = max(max|v| / 127, eps), codes clamp(rint(v / s)); a row
- * holding NaN or inf gets a NaN scale. Bit for bit hw_quant_tokens_i8 of store_block16's floats for
+ * holding NaN or inf gets a NaN scale. Bit for bit hw_quant_tokens_i8 of store_block's floats for
  * finite rows (the max is exact in any order; then the same operations per value). */
-static void store_block16_codes(const float *const *vecs, int64_t b0, int64_t n, int64_t dim, int64_t q,
-                                int64_t width, const __m512 *x, const __m512 *p, int8_t *codes, float *scales) {
+static void store_block_codes(const float *const *vecs, int64_t b0, int64_t n, int64_t dim, int64_t q,
+                              int64_t width, const vf *x, const vf *p, int8_t *codes, float *scales) {
     /* per lane: max |v| over the row, and whether it holds NaN or inf (v * 0 is NaN exactly then, and
      * NaN stays in a sum); four chains each, so the adds and maxes do not wait on each other */
-    __m512 vm[4], chk[4];
-    for (int c = 0; c < 4; ++c) vm[c] = chk[c] = _mm512_setzero_ps();
-    const __m512 zero = _mm512_setzero_ps();
+    vf vm[4], chk[4];
+    for (int c = 0; c < 4; ++c) vm[c] = chk[c] = vf_zero();
+    const vf zero = vf_zero();
     for (int64_t d = 0; d < dim; ++d) { /* vector 0 (x) goes into the row as is */
-        vm[d & 3] = _mm512_max_ps(vm[d & 3], _mm512_abs_ps(x[d]));
-        chk[d & 3] = _mm512_add_ps(chk[d & 3], _mm512_mul_ps(x[d], zero));
+        vm[d & 3] = vf_max(vm[d & 3], vf_abs(x[d]));
+        chk[d & 3] = vf_add(chk[d & 3], vf_mul(x[d], zero));
     }
     int64_t i = 0;
     for (; i + 4 <= q; i += 4)
         for (int c = 0; c < 4; ++c) {
-            vm[c] = _mm512_max_ps(vm[c], _mm512_abs_ps(p[i + c]));
-            chk[c] = _mm512_add_ps(chk[c], _mm512_mul_ps(p[i + c], zero));
+            vm[c] = vf_max(vm[c], vf_abs(p[i + c]));
+            chk[c] = vf_add(chk[c], vf_mul(p[i + c], zero));
         }
     for (; i < q; ++i) {
-        vm[0] = _mm512_max_ps(vm[0], _mm512_abs_ps(p[i]));
-        chk[0] = _mm512_add_ps(chk[0], _mm512_mul_ps(p[i], zero));
+        vm[0] = vf_max(vm[0], vf_abs(p[i]));
+        chk[0] = vf_add(chk[0], vf_mul(p[i], zero));
     }
-    const __m512 vmax = _mm512_max_ps(_mm512_max_ps(vm[0], vm[1]), _mm512_max_ps(vm[2], vm[3]));
-    const __m512 vchk = _mm512_add_ps(_mm512_add_ps(chk[0], chk[1]), _mm512_add_ps(chk[2], chk[3]));
-    const __mmask16 bad = _mm512_cmp_ps_mask(vchk, vchk, _CMP_UNORD_Q);
-    __m512 s = _mm512_div_ps(vmax, _mm512_set1_ps(127.0f));
-    s = _mm512_mask_mov_ps(s, _mm512_cmp_ps_mask(s, _mm512_set1_ps(EPS), _CMP_LT_OQ), _mm512_set1_ps(EPS));
-    float inv[16];
-    _mm512_storeu_ps(inv, _mm512_div_ps(_mm512_set1_ps(1.0f), s));
-    _mm512_mask_storeu_ps(scales + b0, first_lanes(n), _mm512_mask_mov_ps(s, bad, _mm512_set1_ps(NAN)));
+    const vf vmax = vf_max(vf_max(vm[0], vm[1]), vf_max(vm[2], vm[3]));
+    const vf vchk = vf_add(vf_add(chk[0], chk[1]), vf_add(chk[2], chk[3]));
+    const vf s = vf_floor_eps(vf_div(vmax, vf_set1(127.0f)), EPS);
+    float inv[VL], sc[VL];
+    vf_store(inv, vf_div(vf_set1(1.0f), s));
+    vf_store(sc, vf_nan_where_nan(s, vchk));
+    memcpy(scales + b0, sc, (size_t)n * sizeof(float));
     for (int64_t l = 0; l < n; ++l) { /* x, then zeros past the pairs */
         int8_t *o = codes + (b0 + l) * width;
-        const __m512 vinv = _mm512_set1_ps(inv[l]);
-        for (int64_t c = 0; c < dim; c += 16) {
-            const __mmask16 k = first_lanes(dim - c);
-            codes16(_mm512_maskz_loadu_ps(k, vecs[0] + (b0 + l) * dim + c), vinv, k, o + c);
+        const vf vinv = vf_set1(inv[l]);
+        for (int64_t c = 0; c < dim; c += VL) {
+            const int64_t cnt = dim - c < VL ? dim - c : VL;
+            codes_vl(vf_loadn(first_lanes(cnt), vecs[0] + (b0 + l) * dim + c), vinv, cnt, o + c);
         }
         memset(o + dim + q, 0, (size_t)(width - dim - q));
     }
-    for (int64_t p0 = 0; p0 < q; p0 += 16) {
-        __m512 r[16];
-        const __mmask16 k = pairs16(p, p0, q, r);
-        for (int64_t l = 0; l < n; ++l) codes16(r[l], _mm512_set1_ps(inv[l]), k, codes + (b0 + l) * width + dim + p0);
+    for (int64_t p0 = 0; p0 < q; p0 += VL) {
+        vf r[VL];
+        const int64_t cnt = pairs_vl(p, p0, q, r);
+        for (int64_t l = 0; l < n; ++l) codes_vl(r[l], vf_set1(inv[l]), cnt, codes + (b0 + l) * width + dim + p0);
     }
 }
 #endif
 
-#ifndef SIMD_FWD /* CPUs without AVX-512: one sample at a time */
+#ifndef SIMD_FWD /* CPUs without AVX-512 or AVX2 + FMA: one sample at a time */
 static int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 static int fwd_per_sample(const float *const *vecs, int64_t batch, int64_t nvec, int64_t dim, int64_t pad,
@@ -348,14 +441,14 @@ static int fwd_per_sample(const float *const *vecs, int64_t batch, int64_t nvec,
  * allocation fails, 1 when an id is outside its table (src->w only). */
 static int fwd_blocks(const sources *src, int64_t nvec, int64_t dim, int64_t pad, float *out, int8_t *codes,
                       float *scales) {
-    const int64_t batch = src->batch, npair = nvec * (nvec - 1) / 2, width = dim + npair + pad, nblock = (batch + 15) / 16;
+    const int64_t batch = src->batch, npair = nvec * (nvec - 1) / 2, width = dim + npair + pad, nblock = (batch + VL - 1) / VL;
     pair_ref *tails = (pair_ref *)malloc((size_t)(7 * nvec + 1) * sizeof(pair_ref)); /* at most 7 a row */
     if (tails == NULL) return -1;
     const int64_t nt = pair_tails(nvec, tails);
     int failed = 0, oob = 0;
 #pragma omp parallel if (batch * nvec * nvec * dim >= PAR_MIN) reduction(| : oob)
     {
-        __m512 *x = (__m512 *)_mm_malloc((size_t)(nvec * dim + npair + 1) * sizeof(__m512), 64);
+        vf *x = (vf *)_mm_malloc((size_t)(nvec * dim + npair + 1) * sizeof(vf), 64);
         if (x == NULL) {
 #pragma omp atomic write
             failed = 1;
@@ -363,12 +456,12 @@ static int fwd_blocks(const sources *src, int64_t nvec, int64_t dim, int64_t pad
 #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < nblock; ++blk) {
             if (x == NULL) continue;
-            const int64_t b0 = blk * 16, n = batch - b0 < 16 ? batch - b0 : 16;
-            const int64_t q = block16_dots(src, b0, n, nvec, dim, tails, nt, x, x + nvec * dim, &oob);
+            const int64_t b0 = blk * VL, n = batch - b0 < VL ? batch - b0 : VL;
+            const int64_t q = block_dots(src, b0, n, nvec, dim, tails, nt, x, x + nvec * dim, &oob);
             if (out != NULL)
-                store_block16(src->vecs, b0, n, dim, q, width, x + nvec * dim, out);
+                store_block(src->vecs, b0, n, dim, q, width, x + nvec * dim, out);
             else
-                store_block16_codes(src->vecs, b0, n, dim, q, width, x, x + nvec * dim, codes, scales);
+                store_block_codes(src->vecs, b0, n, dim, q, width, x, x + nvec * dim, codes, scales);
         }
         _mm_free(x);
     }
@@ -379,7 +472,7 @@ static int fwd_blocks(const sources *src, int64_t nvec, int64_t dim, int64_t pad
 
 /* hw_dot_interaction_fwd's rows as int8 codes [batch, width] and per-row scales [batch], never
  * written as floats (the int8 input of the top MLP's first layer). Returns 0, -1 when a scratch
- * allocation fails, -2 without AVX-512 (the caller quantizes hw_dot_interaction_fwd's output). */
+ * allocation fails, -2 without AVX-512 or AVX2 + FMA (the caller quantizes hw_dot_interaction_fwd's output). */
 int hw_dot_interaction_fwd_q(const float *const *vecs, int64_t batch, int64_t nvec, int64_t dim, int64_t pad,
                              int8_t *codes, float *scales) {
 #ifdef SIMD_FWD
@@ -407,11 +500,11 @@ int hw_dot_interaction_fwd(const float *const *vecs, int64_t batch, int64_t nvec
  * from the tables (tables and ids as hw_rowwise_bags takes them: weights, meta = rows[T], cols[T],
  * bits[T], ids idx[t * ts + b * is]). x: [batch, dim] float32. Returns 0; 1 (info = table, id) for
  * the first id, in table then position order, outside its table; -1 when a scratch allocation
- * fails; -2 without AVX-512 (BW, VL) (the caller runs the two ops). */
+ * fails; -2 without AVX-512 (BW, VL) or AVX2 + FMA + F16C (the caller runs the two ops). */
 static int bags_interaction(const float *x, const uint8_t *const *weights, const int64_t *meta, int64_t ntab,
                             int64_t dim, const void *idx, int is64, int64_t ts, int64_t is, int64_t batch, int64_t pad,
                             float *out, int8_t *codes, float *scales, int64_t *info) {
-#if defined(SIMD_FWD) && defined(HAVE_ROW_VALUE16)
+#if defined(SIMD_FWD) && defined(HAVE_ROW_VALUE_VL)
     const float *xv[1] = {x};
     const sources src = {xv, weights, meta, meta + ntab, meta + 2 * ntab, idx, is64, ts, is, batch};
     const int rc = fwd_blocks(&src, ntab + 1, dim, pad, out, codes, scales);

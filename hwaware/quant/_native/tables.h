@@ -53,6 +53,39 @@ static inline __m512 row_value16(const uint8_t *row, int64_t c, int b8, int64_t 
     return _mm512_fmadd_ps(vs, codes, _mm512_add_ps(vz, _mm512_setzero_ps()));
 }
 #define HAVE_ROW_VALUE16 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define BAG_LANES 16
+/* Columns d0 .. d0 + 7 of the one-id bag of `row` (those at or past len: 0), the value a bag pass
+ * writes, fma(scale, code, 0 + bias). Reads 8 bytes (8-bit) or 4 (4-bit) of codes from column d0
+ * on: inside the row, whose scale and bias follow its codes. */
+static inline __m256 row_value8(const uint8_t *row, int64_t c, int b8, int64_t d0, int64_t len) {
+    __m256 vs, vz, codes;
+    if (b8) {
+        float sb[2];
+        int64_t raw;
+        memcpy(sb, row + c - 8, sizeof sb);
+        memcpy(&raw, row + d0, sizeof raw);
+        vs = _mm256_set1_ps(sb[0]);
+        vz = _mm256_set1_ps(sb[1]);
+        codes = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(raw)));
+    } else {
+        uint16_t hb[2];
+        int32_t raw;
+        memcpy(hb, row + c - 4, sizeof hb);
+        memcpy(&raw, row + d0 / 2, sizeof raw);
+        vs = _mm256_set1_ps(_cvtsh_ss(hb[0])); /* F16C: exact */
+        vz = _mm256_set1_ps(_cvtsh_ss(hb[1]));
+        const __m128i packed = _mm_cvtsi32_si128(raw);
+        const __m128i lo = _mm_and_si128(packed, _mm_set1_epi8(15)), hi = _mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(15));
+        codes = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi))); /* d even: low nibble */
+    }
+    const __m256 v = _mm256_fmadd_ps(vs, codes, _mm256_add_ps(vz, _mm256_setzero_ps()));
+    if (len >= 8) return v;
+    const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)len), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    return _mm256_and_ps(v, _mm256_castsi256_ps(keep));
+}
+#define HAVE_ROW_VALUE8 1
 #else
 #define BAG_LANES 16
 #endif
