@@ -52,7 +52,7 @@ def child(path: str, batches: int, rounds: int, num_samples: int) -> dict:
     from hwaware.recsys import CriteoDataModule, evaluate_auroc
 
     manifest = read_manifest(path)
-    # (no KernelPortabilityWarning here: /proc/cpuinfo still lists what the caps switch off)
+    # (the ISA caps do not show in /proc/cpuinfo: only a lost AMX pass can warn here)
     recorded = hwaware.load(path)
     measured = hwaware.load(path, kernels="measure")
     fp32 = model_class(manifest, path)(**(manifest["model"].get("hparams") or {})).eval()
@@ -65,7 +65,7 @@ def child(path: str, batches: int, rounds: int, num_samples: int) -> dict:
     return {
         "native": native.native_status(), "amx_in_use": native.amx_available(),
         "torch_capability": torch.backends.cpu.get_cpu_capability(),
-        "kernels": {name: {"recorded": r["recorded"], "measured_here": r["chosen"],
+        "kernels": {name: {"recorded": r["recorded"], "measured_here": r["op_kernel"],
                            "us": {c: e.get("us") for c, e in r["measured"].items()}}
                     for name, r in measured.hwaware_selection.items()},
         "throughput": timing,

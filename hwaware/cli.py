@@ -191,7 +191,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     result["kernels"] = args.kernels
     if args.kernels == "measure":
         result["selection"] = served.hwaware_selection
-        print("kernels re-timed on this CPU: " + ", ".join(f"{n} {r['recorded']}->{r['chosen']}"
+        print("kernels re-timed on this CPU: " + ", ".join(f"{n} {r['recorded']}->{r['op_kernel']}"
                                                            for n, r in served.hwaware_selection.items()))
     for name, r in result["models"].items():
         print(f"{name:10s} {r['samples_per_s']:>12,.0f} samples/s  x{r['ratio']:.2f}  "

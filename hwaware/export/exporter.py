@@ -25,6 +25,7 @@ from hwaware.export.deploy import (DEPLOY_TYPES, Int4Linear, Int8Linear, Rowwise
                                    chain_int8, fuse_relu)
 from hwaware.export.selection import (SPARSE24_INT8_CANDIDATE, capture_rows, cpu_profile, lost_features, select_int8_kernels,
                                       select_sparse24_kernels)
+import hwaware.ops as hwaware_ops
 from hwaware.ops import INT8_KERNELS, SPARSE24_KERNELS
 from hwaware.ops.packing import is_24
 from hwaware.quant.attach import QuantState, attach_quantization, detach_quantization, find_quantizable, fp32_reference, quant_states
@@ -526,19 +527,32 @@ def model_class(manifest: Dict[str, Any], path: str) -> type:
     return cls
 
 
+def _selection_record(meta: Dict[str, Any], name: str, path: str) -> Optional[Dict[str, Any]]:
+    """A layer's recorded CPU selection, or None; ArtifactError when the manifest holds another type."""
+    sel = meta.get("selection")
+    if sel is None:
+        return None
+    rec = sel.get("cpu") if isinstance(sel, dict) else None
+    if not isinstance(rec, dict):
+        raise ArtifactError(f"{path}/manifest.json: layer {name!r} has selection {sel!r}; expected {{'cpu': {{...}}}}")
+    return rec
+
+
 def _remeasure(model: nn.Module, manifest: Dict[str, Any], path: str) -> Dict[str, Dict[str, Any]]:
     """Re-time the measured layers' kernels on this CPU, at the input shapes export timed them at,
     among the ``int8_linear`` implementations that passed the regression gate on their own
-    (``regression.by_impl``). Returns ``{name: selection record}``."""
+    (``regression.by_impl``). Returns ``{name: selection record}``. The choice is per layer, so it
+    can be a mix no gate ran as a whole (each implementation was gated on every layer at once)."""
     rows: Dict[str, int] = {}
     for name, meta in manifest["layers"].items():
-        shape = ((meta.get("selection") or {}).get("cpu") or {}).get("input_shape")
+        rec = _selection_record(meta, name, path)
+        shape = rec.get("input_shape") if rec is not None else None
         if isinstance(shape, list) and shape and type(shape[0]) is int and shape[0] > 0:
             rows[name] = shape[0]
     reg = manifest.get("regression")
     by_impl = reg.get("by_impl") if isinstance(reg, dict) else None
-    if isinstance(by_impl, dict):
-        allowed: Optional[list] = [i for i, r in by_impl.items() if isinstance(r, dict) and r.get("passed") is True]
+    if isinstance(by_impl, dict):  # names this hwaware does not know (a newer one wrote them) are left out
+        allowed: Optional[list] = [i for i in INT8_KERNELS["cpu"] if isinstance(by_impl.get(i), dict) and by_impl[i].get("passed") is True]
         basis = f"implementations that passed the regression gate on every int8 layer: {allowed}"
     else:
         allowed = None
@@ -546,19 +560,45 @@ def _remeasure(model: nn.Module, manifest: Dict[str, Any], path: str) -> Dict[st
                  "or by an hwaware before it)")
     int8_names = {n for n, m in model.named_modules() if m in _int8_layers(model)}
     if allowed == []:
-        warnings.warn(f"{path}: load(kernels='measure'): no int8_linear implementation passed the regression gate on "
-                      "every layer by itself (only the recorded mix did); the int8 layers keep their recorded kernels",
-                      KernelPortabilityWarning, stacklevel=3)
+        warnings.warn(f"{path}: load(kernels='measure'): no int8_linear implementation this hwaware runs passed the "
+                      "regression gate on every layer by itself (only the recorded mix did); the int8 layers keep their "
+                      "recorded kernels", KernelPortabilityWarning, stacklevel=3)
         rows = {n: r for n, r in rows.items() if n not in int8_names}
         allowed = None
     here = cpu_profile()
     records: Dict[str, Dict[str, Any]] = {}
-    before = {n: dict(m.kernels) for n, m in model.named_modules() if n in rows}
+    timed = {n: m for n, m in model.named_modules() if n in rows}
+    before = {n: dict(m.kernels) for n, m in timed.items()}
     records.update(select_sparse24_kernels(model, rows, device="cpu", allowed=allowed, only=set(rows)))
     records.update(select_int8_kernels(model, rows, device="cpu", allowed=allowed, only=set(rows)))
     for name, rec in records.items():
         rec.update(recorded=before[name].get("cpu"), measured_on=here, allowed=basis)
+    # timing built every candidate's derived weights (fp32 copies, prepacked ones): keep none of them,
+    # the chosen kernel's are rebuilt on its first call
+    hwaware_ops._CACHE.drop([t for m in timed.values() for t in m.buffers()])
     return records
+
+
+def _portability_warning(manifest: Dict[str, Any], path: str) -> None:
+    """KernelPortabilityWarning when this CPU lacks what the kernels were timed on (and it matters)."""
+    measured_on = manifest.get("selection_cpu")
+    if measured_on is None:
+        return
+    if not isinstance(measured_on, dict) or not (measured_on.get("isa") is None or (
+            isinstance(measured_on.get("isa"), list) and all(isinstance(f, str) for f in measured_on["isa"]))):
+        raise ArtifactError(f"{path}/manifest.json: selection_cpu {measured_on!r}; expected "
+                            "{'model': str, 'isa': [str, ...], 'amx_in_use': bool}")
+    recs = {n: _selection_record(meta, n, path) for n, meta in manifest["layers"].items()}
+    timed = [n for n, rec in recs.items() if rec is not None and "measured" in rec]
+    int_mm = any(rec is not None and rec.get("op_kernel") in ("int_mm", "dense") and rec.get("chosen") in ("int_mm", "int8")
+                 for rec in recs.values())
+    lost = lost_features(measured_on, cpu_profile(), amx_matters=int_mm)
+    if lost and timed:
+        warnings.warn(
+            f"{path}: its CPU kernels were timed on {measured_on.get('model', '?')!r}, which has {', '.join(lost)} and "
+            f"this CPU has not: the recorded choice for {len(timed)} layers ({', '.join(timed[:4])}"
+            f"{', ...' if len(timed) > 4 else ''}) may be many times slower here; load(path, kernels='measure') "
+            "re-times them on this CPU", KernelPortabilityWarning, stacklevel=3)
 
 
 def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, nn.Module, type] = None,
@@ -642,15 +682,8 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
                                     f"expected 'auto' or one of {INT8_KERNELS['cpu']}")
     if device == "cpu" and kernels == "measure":
         model.hwaware_selection = _remeasure(model, manifest, path)
-    elif device == "cpu" and isinstance(manifest.get("selection_cpu"), dict):
-        lost = lost_features(manifest["selection_cpu"], cpu_profile())
-        timed = [n for n, meta in manifest["layers"].items() if "selection" in meta]
-        if lost and timed:
-            warnings.warn(
-                f"{path}: its CPU kernels were timed on {manifest['selection_cpu'].get('model', '?')!r}, which has "
-                f"{', '.join(lost)} and this CPU has not: the recorded choice for {len(timed)} layers ({', '.join(timed[:4])}"
-                f"{', ...' if len(timed) > 4 else ''}) may be many times slower here; load(path, kernels='measure') "
-                "re-times them on this CPU", KernelPortabilityWarning, stacklevel=2)
+    elif device == "cpu":
+        _portability_warning(manifest, path)
     chain_int8(model)  # as at export: CPU int_mm layers in a row run as one int8_mlp call
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t is not None and t.is_meta]
     if missing:

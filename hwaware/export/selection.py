@@ -56,27 +56,35 @@ def cpu_profile() -> Dict[str, Any]:
     """The CPU kernels are timed on, as the manifest records it (``selection_cpu``): its model name,
     which of the instruction sets that decide the int8 kernels' speed it has, and whether hwaware's
     AMX pass is in use (the CPU and OS allow it, ``HWAWARE_NO_AMX`` is unset)."""
-    name, flags = "", set()
+    name, flags = "", None
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if not name and line.startswith("model name"):
                     name = line.split(":", 1)[1].strip()
-                elif not flags and line.startswith("flags"):
+                elif flags is None and line.startswith("flags"):
                     flags = set(line.split(":", 1)[1].split())
-                if name and flags:
+                if name and flags is not None:
                     break
     except OSError:
         pass
-    return {"model": name or platform.processor() or platform.machine(), "isa": [f for f in _ISA_FLAGS if f in flags],
-            "amx_in_use": bool(native.amx_available())}
+    # isa None: this CPU's flags could not be read (not Linux, a sandbox hiding /proc/cpuinfo)
+    return {"model": name or platform.processor() or platform.machine(),
+            "isa": None if flags is None else [f for f in _ISA_FLAGS if f in flags], "amx_in_use": bool(native.amx_available())}
 
 
-def lost_features(measured_on: Dict[str, Any], here: Dict[str, Any]) -> List[str]:
+def _isa_list(profile: Any) -> Optional[List[str]]:
+    isa = profile.get("isa") if isinstance(profile, dict) else None
+    return isa if isinstance(isa, list) and all(isinstance(f, str) for f in isa) else None
+
+
+def lost_features(measured_on: Dict[str, Any], here: Dict[str, Any], amx_matters: bool = True) -> List[str]:
     """What the CPU of ``measured_on`` (a :func:`cpu_profile`) had that ``here`` lacks: the
-    instruction sets, and ``"hwaware AMX pass"`` when it ran there and cannot run here."""
-    lost = [f for f in measured_on.get("isa", []) if f not in here.get("isa", [])]
-    if measured_on.get("amx_in_use") and not here.get("amx_in_use"):
+    instruction sets (none when either side's are unknown), and ``"hwaware AMX pass"`` when it ran
+    there and cannot run here (only when ``amx_matters``: some layer runs ``int_mm``)."""
+    then, now = _isa_list(measured_on), _isa_list(here)
+    lost = [f for f in then if f not in now] if then is not None and now is not None else []
+    if amx_matters and measured_on.get("amx_in_use") is True and not here.get("amx_in_use"):
         lost.append("hwaware AMX pass")
     return lost
 
@@ -135,7 +143,7 @@ def _timed(fn: Callable[[], Any], note: str, measured: Dict[str, Any]) -> Dict[s
     best = min((e["us"] for e in measured.values() if "us" in e), default=None)
     us = time_us(fn, give_up_us=None if best is None else 20 * best)
     if best is not None and us > 20 * best:
-        note += " (timed once: over 20x the fastest so far)"
+        note += " (timed twice: both runs over 20x the fastest so far)"
     return {"available": True, "us": round(us, 2), "note": note}
 
 

@@ -272,6 +272,14 @@ class _PackCache:
     def clear(self) -> None:
         self._entries.clear()
 
+    def drop(self, tensors: Sequence[Tensor]) -> int:
+        """Drop every entry derived from one of ``tensors``; returns how many went."""
+        ids = {id(t) for t in tensors}
+        gone = [k for k, (refs, _, _, _) in self._entries.items() if any(id(r()) in ids for r in refs if r() is not None)]
+        for k in gone:
+            del self._entries[k]
+        return len(gone)
+
     def __len__(self) -> int:
         return len(self._entries)
 

@@ -103,6 +103,8 @@ def _load() -> Optional[ctypes.CDLL]:
     global _lib, _status, _tried
     if _tried:
         return _lib
+    if not os.environ.get("HWAWARE_NO_NATIVE"):
+        _flags()  # a bad HWAWARE_NATIVE_ARCH raises its ValueError on every call, not once then silently eager
     _tried = True
     if os.environ.get("HWAWARE_NO_NATIVE"):
         _status = "disabled by HWAWARE_NO_NATIVE"

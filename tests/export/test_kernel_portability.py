@@ -143,3 +143,57 @@ def test_measure_on_an_artifact_without_a_gate_per_implementation_says_so(art):
 def test_bad_kernels_argument(art):
     with pytest.raises(ValueError, match="kernels='fastest'.*'recorded'.*'measure'"):
         load(art.path, kernels="fastest")
+
+
+def test_unreadable_cpu_flags_are_not_lost_features(art, monkeypatch):
+    # a CPU whose flags cannot be read (no /proc/cpuinfo): nothing to compare, no warning about ISAs
+    import builtins
+
+    real_open = builtins.open
+
+    def no_cpuinfo(file, *a, **k):
+        if str(file) == "/proc/cpuinfo":
+            raise OSError("hidden")
+        return real_open(file, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", no_cpuinfo)
+    here = cpu_profile()
+    assert here["isa"] is None
+    assert lost_features(EXPORT_CPU, {**here, "amx_in_use": True}) == []
+    assert lost_features(EXPORT_CPU, here, amx_matters=False) == []
+
+
+def test_the_amx_pass_matters_only_where_a_layer_runs_int_mm():
+    assert lost_features(EXPORT_CPU, {**EXPORT_CPU, "amx_in_use": False}) == ["hwaware AMX pass"]
+    assert lost_features(EXPORT_CPU, {**EXPORT_CPU, "amx_in_use": False}, amx_matters=False) == []
+
+
+def test_a_malformed_selection_cpu_is_an_artifact_error(tmp_path):
+    from hwaware.export import ArtifactError, write_artifact
+    from hwaware.export.exporter import _portability_warning
+
+    for bad in ({"isa": "avx2 fma"}, {"isa": [1, 2]}, "xeon"):
+        manifest = {"layers": {}, "selection_cpu": bad}
+        with pytest.raises(ArtifactError, match="selection_cpu"):
+            _portability_warning(manifest, "p")
+    with pytest.raises(ArtifactError, match="selection"):
+        _portability_warning({"layers": {"mlp.0": {"selection": "x"}}, "selection_cpu": EXPORT_CPU}, "p")
+
+
+def test_measure_leaves_out_implementations_this_hwaware_does_not_know(art):
+    model = load(art.path)
+    m = copy.deepcopy(art.manifest)
+    m["regression"]["by_impl"] = {"onednn": {"passed": True}, "int_mm": {"passed": False}}
+    with pytest.warns(KernelPortabilityWarning, match="keep their recorded kernels"):
+        assert exporter._remeasure(model, m, art.path) == {}
+
+
+def test_measure_keeps_no_derived_weights_of_the_candidates_it_timed(art):
+    from hwaware.ops import _CACHE, clear_cache
+
+    clear_cache()
+    model = load(art.path, kernels="measure")
+    mine = {id(t) for t in model.buffers()}
+    assert not any(any(r() is not None and id(r()) in mine for r in refs) for refs, *_ in _CACHE._entries.values())
+    _, val = loaders()
+    _outputs(model, val)  # the chosen kernels build what they use on their first call

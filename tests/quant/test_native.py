@@ -167,6 +167,11 @@ def test_a_bad_native_arch_is_refused(monkeypatch):
     monkeypatch.setenv("HWAWARE_NATIVE_ARCH", "native; rm -rf /")
     with pytest.raises(ValueError, match="HWAWARE_NATIVE_ARCH"):
         native._flags()
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_lib", None)
+    for _ in range(2):  # on every call, not once and then the eager path in silence
+        with pytest.raises(ValueError, match="HWAWARE_NATIVE_ARCH"):
+            native._load()
     monkeypatch.setenv("HWAWARE_NATIVE_ARCH", "x86-64-v3")
     assert "-march=x86-64-v3" in native._flags() and "-march=native" not in native._flags()
 
