@@ -123,6 +123,16 @@ def _inspect_text(path: str, manifest: Dict[str, Any], on_disk: int) -> str:
     if isinstance(fp32, (int, float)) and not isinstance(fp32, bool) and fp32 > 0:
         total += f" vs fp32 {_fmt_bytes(fp32)} ({fp32} bytes): {on_disk / fp32:.1%} of fp32"
     out.append(total)
+    files = manifest.get("files")
+    program = files.get("program.pt2") if isinstance(files, Mapping) else None
+    if isinstance(program, Mapping) and isinstance(program.get("bytes"), int):
+        # program.pt2 carries its own copy of the weights: what a deployment loads is one or the other
+        served = sum(e.get("bytes", 0) for n, e in files.items() if n != "program.pt2" and isinstance(e, Mapping)
+                     and isinstance(e.get("bytes"), int))
+        line = f"  without program.pt2 ({_fmt_bytes(program['bytes'])}, its own copy of the weights): {_fmt_bytes(served)}"
+        if isinstance(fp32, (int, float)) and not isinstance(fp32, bool) and fp32 > 0:
+            line += f", {served / fp32:.1%} of fp32"
+        out.append(line)
     reg = manifest.get("regression")
     out.append(_regression_line(reg) if isinstance(reg, Mapping) else "regression: not measured")
     by_impl = reg.get("by_impl") if isinstance(reg, Mapping) else None

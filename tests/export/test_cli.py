@@ -189,3 +189,15 @@ def test_bench_can_re_time_the_kernels_on_this_cpu(tmp_path, capsys):
     assert r["kernels"] == "measure" and set(r["selection"]) == {"mlp.0", "mlp.2"}
     assert all(rec["chosen"] in art.manifest["regression"]["by_impl"] for rec in r["selection"].values())
     assert "kernels re-timed on this CPU: mlp.0 " in capsys.readouterr().out
+
+
+def test_inspect_gives_the_share_of_fp32_without_the_program_s_copy_of_the_weights(tmp_path, capsys):
+    from hwaware.export import export
+    from tests.helpers import TinyCTR
+
+    torch.manual_seed(0)
+    art = export(TinyCTR(), tmp_path / "tiny", example_inputs=(torch.randn(8, 4), torch.randint(0, 50, (8,))))
+    assert main(["inspect", art.path]) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith("  without program.pt2"))
+    assert f"{art.size_bytes / art.manifest['fp32_bytes']:.1%} of fp32" in line
