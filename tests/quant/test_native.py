@@ -97,7 +97,7 @@ def _cpu_flags() -> set:
 # the test files whose kernels have a C path per instruction set (AVX-512 blocks vs AVX2 loops)
 _NATIVE_TESTS = ["tests/quant/test_native.py", "tests/ops/test_dot_interaction.py", "tests/ops/test_embedding_bags.py",
                  "tests/ops/test_embedding_interaction.py", "tests/ops/test_quantized_interaction.py",
-                 "tests/ops/test_int8_mlp.py"]
+                 "tests/ops/test_int8_mlp.py", "tests/ops/test_ops.py"]
 
 
 def test_the_c_paths_of_cpus_without_avx512_pass_the_native_tests(tmp_path):

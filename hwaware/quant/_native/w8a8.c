@@ -16,7 +16,7 @@
 #include "rows.h"
 #include <stdlib.h>
 #include <string.h>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -49,6 +49,52 @@ static void quant_row(const float *xr, int64_t cols, int8_t *qr, float *scale_ou
         _mm512_mask_cvtepi32_storeu_epi8(qr + c, k, _mm512_cvtps_epi32(v));
     }
     *scale_out = (nan || !(m <= 3.4028234663852886e+38f)) ? NAN : s;
+}
+#elif defined(__AVX2__)
+/* One row, AVX2: the AVX-512 pass on 8 lanes (the generic loop's max reduction did not vectorize:
+ * 2.5x this pass's time at 2048 x 367). The max is exact in any order; the codes are the same
+ * operations per value, so the same bits as the generic loop and the AVX-512 pass. */
+static void quant_row(const float *xr, int64_t cols, int8_t *qr, float *scale_out) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 vm0 = _mm256_setzero_ps(), vm1 = _mm256_setzero_ps();
+    int64_t c = 0;
+    for (; c + 16 <= cols; c += 16) { /* two chains: max latency, not loads, bounds one */
+        vm0 = _mm256_max_ps(vm0, _mm256_and_ps(_mm256_loadu_ps(xr + c), absmask));
+        vm1 = _mm256_max_ps(vm1, _mm256_and_ps(_mm256_loadu_ps(xr + c + 8), absmask));
+    }
+    if (c + 8 <= cols) {
+        vm0 = _mm256_max_ps(vm0, _mm256_and_ps(_mm256_loadu_ps(xr + c), absmask));
+        c += 8;
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, _mm256_max_ps(vm0, vm1));
+    float m = 0.0f;
+    for (int l = 0; l < 8; ++l) m = lanes[l] > m ? lanes[l] : m; /* NaN is dropped here, caught below */
+    for (; c < cols; ++c) {
+        const float a = fabsf(xr[c]);
+        m = a > m ? a : m;
+    }
+    float s = m / 127.0f;
+    s = s < EPS ? EPS : s;
+    const float inv = 1.0f / s;
+    const __m256 vinv = _mm256_set1_ps(inv), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+    __m256 nan = _mm256_setzero_ps();
+    for (c = 0; c + 8 <= cols; c += 8) {
+        const __m256 xv = _mm256_loadu_ps(xr + c);
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(xv, xv, _CMP_UNORD_Q));
+        __m256 v = _mm256_round_ps(_mm256_mul_ps(xv, vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m256i q = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(v, lo), hi));
+        const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1)); /* in +-127: exact */
+        _mm_storel_epi64((__m128i *)(qr + c), _mm_packs_epi16(w16, w16));
+    }
+    int bad = _mm256_movemask_ps(nan) != 0;
+    for (; c < cols; ++c) {
+        bad |= xr[c] != xr[c];
+        float v = rintf(xr[c] * inv);
+        v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
+        qr[c] = (int8_t)(int32_t)v;
+    }
+    *scale_out = (bad || !(m <= 3.4028234663852886e+38f)) ? NAN : s;
 }
 #else
 static void quant_row(const float *xr, int64_t cols, int8_t *qr, float *scale_out) {
