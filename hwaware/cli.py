@@ -158,7 +158,7 @@ def _cpu_lines(cpu: Any) -> list:
     isa = cpu.get("isa") if isinstance(cpu.get("isa"), list) else []
     out = [f"kernels timed on: {cpu.get('model', '?')} ({' '.join(map(str, isa)) or 'none of the listed ISAs'}; "
            f"hwaware AMX pass {'in use' if cpu.get('amx_in_use') else 'not in use'})"]
-    lost = lost_features(dict(cpu, isa=isa), cpu_profile())
+    lost = lost_features(dict(cpu), cpu_profile())  # a malformed isa compares as unknown
     if lost:
         out.append(f"  this CPU lacks {', '.join(lost)}: the recorded kernels may be much slower here "
                    "(hwaware bench PATH --kernels measure; hwaware.load(PATH, kernels='measure'))")

@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from hwaware.export.artifact import ArtifactError, read_tensors, verify_artifact, write_artifact
 from hwaware.export.deploy import (DEPLOY_TYPES, Int4Linear, Int8Linear, RowwiseEmbedding, RowwiseEmbeddingBag, Sparse24Linear,
                                    chain_int8, fuse_relu)
-from hwaware.export.selection import (SPARSE24_INT8_CANDIDATE, capture_rows, cpu_profile, lost_features, select_int8_kernels,
-                                      select_sparse24_kernels)
+from hwaware.export.selection import (SPARSE24_INT8_KERNEL, capture_rows, cpu_profile, isa_list, lost_features,
+                                      select_int8_kernels, select_sparse24_kernels)
 import hwaware.ops as hwaware_ops
 from hwaware.ops import INT8_KERNELS, SPARSE24_KERNELS
 from hwaware.ops.packing import is_24
@@ -62,9 +62,6 @@ class KernelPortabilityWarning(UserWarning):
     """An artifact's kernels were timed on a CPU with instruction sets this one lacks: the recorded
     choice may be many times slower here (``load(path, kernels="measure")`` re-times them)."""
 
-
-# an int8 2:4 layer's op kernel for each int8_linear implementation (the same math on its codes)
-_SPARSE24_INT8_KERNEL = {"int_mm": "dense", "fbgemm": "fbgemm", "dequant": "dequant"}
 
 
 @dataclass
@@ -264,7 +261,7 @@ def _int8_layers(model: nn.Module) -> list:
 
 
 def _set_impl(m: nn.Module, impl: str) -> None:
-    m.kernels["cpu"] = impl if isinstance(m, Int8Linear) else _SPARSE24_INT8_KERNEL[impl]
+    m.kernels["cpu"] = impl if isinstance(m, Int8Linear) else SPARSE24_INT8_KERNEL[impl]
 
 
 def _gate_each_impl(deploy: nn.Module, loader: Iterable, metric: str, output_fn: Optional[Callable], ref_value: float,
@@ -558,12 +555,12 @@ def _remeasure(model: nn.Module, manifest: Dict[str, Any], path: str) -> Dict[st
         allowed = None
         basis = ("every implementation: the artifact has no per-implementation gate (exported without val_dataloader, "
                  "or by an hwaware before it)")
-    int8_names = {n for n, m in model.named_modules() if m in _int8_layers(model)}
     if allowed == []:
         warnings.warn(f"{path}: load(kernels='measure'): no int8_linear implementation this hwaware runs passed the "
                       "regression gate on every layer by itself (only the recorded mix did); the int8 layers keep their "
                       "recorded kernels", KernelPortabilityWarning, stacklevel=3)
-        rows = {n: r for n, r in rows.items() if n not in int8_names}
+        int8 = {id(m) for m in _int8_layers(model)}
+        rows = {n: r for n, r in rows.items() if id(model.get_submodule(n)) not in int8}
         allowed = None
     here = cpu_profile()
     records: Dict[str, Dict[str, Any]] = {}
@@ -584,14 +581,12 @@ def _portability_warning(manifest: Dict[str, Any], path: str) -> None:
     measured_on = manifest.get("selection_cpu")
     if measured_on is None:
         return
-    if not isinstance(measured_on, dict) or not (measured_on.get("isa") is None or (
-            isinstance(measured_on.get("isa"), list) and all(isinstance(f, str) for f in measured_on["isa"]))):
+    if not isinstance(measured_on, dict) or (measured_on.get("isa") is not None and isa_list(measured_on) is None):
         raise ArtifactError(f"{path}/manifest.json: selection_cpu {measured_on!r}; expected "
                             "{'model': str, 'isa': [str, ...], 'amx_in_use': bool}")
     recs = {n: _selection_record(meta, n, path) for n, meta in manifest["layers"].items()}
     timed = [n for n, rec in recs.items() if rec is not None and "measured" in rec]
-    int_mm = any(rec is not None and rec.get("op_kernel") in ("int_mm", "dense") and rec.get("chosen") in ("int_mm", "int8")
-                 for rec in recs.values())
+    int_mm = any(rec is not None and rec.get("chosen") in ("int_mm", "int8") for rec in recs.values())  # int8: 2:4 on int_mm
     lost = lost_features(measured_on, cpu_profile(), amx_matters=int_mm)
     if lost and timed:
         warnings.warn(

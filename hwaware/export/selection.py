@@ -40,7 +40,7 @@ from hwaware.ops import INT8_KERNELS, packing
 from hwaware.quant import native
 
 __all__ = ["capture_rows", "select_sparse24_kernels", "select_int8_kernels", "time_us", "cpu_profile", "lost_features",
-           "SPARSE24_INT8_CANDIDATE"]
+           "isa_list", "SPARSE24_INT8_CANDIDATE", "SPARSE24_INT8_KERNEL"]
 
 # The CPU features that decide which int8 implementation is fast: AMX-INT8 (hwaware's tile pass),
 # VNNI (oneDNN's _int_mm, fbgemm's 512-bit kernels), AVX-512 and AVX2/FMA (everything's width).
@@ -48,8 +48,10 @@ __all__ = ["capture_rows", "select_sparse24_kernels", "select_int8_kernels", "ti
 # (DESIGN.md: _int_mm 10-100x fp32's time on AVX2).
 _ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8")
 
-# an int8 2:4 layer's candidate that runs each int8_linear implementation on its decompressed codes
+# an int8 2:4 layer's candidate (selection's name) and op kernel (sparse24_linear's) that run each
+# int8_linear implementation on its decompressed codes
 SPARSE24_INT8_CANDIDATE = {"int_mm": "int8", "fbgemm": "int8_fbgemm", "dequant": "int8_dequant"}
+SPARSE24_INT8_KERNEL = {"int_mm": "dense", "fbgemm": "fbgemm", "dequant": "dequant"}
 
 
 def cpu_profile() -> Dict[str, Any]:
@@ -73,7 +75,8 @@ def cpu_profile() -> Dict[str, Any]:
             "isa": None if flags is None else [f for f in _ISA_FLAGS if f in flags], "amx_in_use": bool(native.amx_available())}
 
 
-def _isa_list(profile: Any) -> Optional[List[str]]:
+def isa_list(profile: Any) -> Optional[List[str]]:
+    """A :func:`cpu_profile`'s ``isa`` when it is a list of names, else None (unknown or malformed)."""
     isa = profile.get("isa") if isinstance(profile, dict) else None
     return isa if isinstance(isa, list) and all(isinstance(f, str) for f in isa) else None
 
@@ -82,7 +85,7 @@ def lost_features(measured_on: Dict[str, Any], here: Dict[str, Any], amx_matters
     """What the CPU of ``measured_on`` (a :func:`cpu_profile`) had that ``here`` lacks: the
     instruction sets (none when either side's are unknown), and ``"hwaware AMX pass"`` when it ran
     there and cannot run here (only when ``amx_matters``: some layer runs ``int_mm``)."""
-    then, now = _isa_list(measured_on), _isa_list(here)
+    then, now = isa_list(measured_on), isa_list(here)
     lost = [f for f in then if f not in now] if then is not None and now is not None else []
     if amx_matters and measured_on.get("amx_in_use") is True and not here.get("amx_in_use"):
         lost.append("hwaware AMX pass")
@@ -115,23 +118,24 @@ def time_us(fn: Callable[[], Any], budget_s: float = 0.05, min_runs: int = 5, wa
     can take seconds on a big layer (two, so that one run delayed by the scheduler is not enough).
     """
     fn()  # the first call builds caches (decompressed / prepacked weights): never timed
-    times = []
-    for _ in range(2 if give_up_us is not None else 0):
+
+    def once() -> float:
         t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-        if times[-1] * 1e6 <= give_up_us:
-            break
-    else:
-        if times:  # both over the limit
-            return min(times) * 1e6
+        return time.perf_counter() - t0
+
+    times = []
+    if give_up_us is not None:
+        times.append(once())
+        if times[-1] * 1e6 > give_up_us:
+            times.append(once())
+            if times[-1] * 1e6 > give_up_us:  # both over the limit
+                return min(times) * 1e6
     for _ in range(warmup - 1 - len(times)):
         fn()
     start = time.perf_counter()
     while len(times) < min_runs or time.perf_counter() - start < budget_s:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+        times.append(once())
         if len(times) >= 200:
             break
     return min(times) * 1e6

@@ -275,7 +275,7 @@ class _PackCache:
     def drop(self, tensors: Sequence[Tensor]) -> int:
         """Drop every entry derived from one of ``tensors``; returns how many went."""
         ids = {id(t) for t in tensors}
-        gone = [k for k, (refs, _, _, _) in self._entries.items() if any(id(r()) in ids for r in refs if r() is not None)]
+        gone = [k for k, (refs, _, _, _) in self._entries.items() if any(id(r()) in ids for r in refs)]  # dead ref: id(None)
         for k in gone:
             del self._entries[k]
         return len(gone)
