@@ -41,6 +41,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "rows.h"
 #include "tables.h"
 
 #define PAR_MIN 65536
@@ -113,12 +114,8 @@ static inline void transpose_vl(__m512 r[16]) {
     }
 }
 
-/* The first cnt (<= 16) of 16 floats -> int8 codes as w8a8.c's quant_scaled does them: clamp(round_half_even(v * inv), +-127) */
-static inline void codes_vl(vf v, vf inv, int64_t cnt, int8_t *dst) {
-    const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
-    v = _mm512_roundscale_ps(_mm512_mul_ps(v, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    _mm512_mask_cvtepi32_storeu_epi8(dst, first_lanes(cnt), _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(v, lo), hi)));
-}
+/* The first cnt (<= 16) lanes -> int8 codes (rows.h) */
+static inline void codes_vl(vf v, vf inv, int64_t cnt, int8_t *dst) { codes16(v, inv, first_lanes(cnt), dst); }
 #ifdef HAVE_ROW_VALUE16
 #define row_value_vl row_value16
 #define HAVE_ROW_VALUE_VL 1
@@ -168,20 +165,7 @@ static inline void transpose_vl(__m256 r[8]) {
     }
 }
 
-static inline void codes_vl(vf v, vf inv, int64_t cnt, int8_t *dst) {
-    const __m256 lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
-    v = _mm256_round_ps(_mm256_mul_ps(v, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m256i q = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(v, lo), hi));
-    const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1)); /* in +-127: exact */
-    const __m128i b8 = _mm_packs_epi16(w16, w16);
-    if (cnt >= 8) {
-        _mm_storel_epi64((__m128i *)dst, b8);
-    } else {
-        int8_t tmp[16];
-        _mm_storeu_si128((__m128i *)tmp, b8);
-        memcpy(dst, tmp, (size_t)cnt);
-    }
-}
+static inline void codes_vl(vf v, vf inv, int64_t cnt, int8_t *dst) { codes8(v, inv, cnt, dst); }
 #ifdef HAVE_ROW_VALUE8
 #define row_value_vl row_value8
 #define HAVE_ROW_VALUE_VL 1

@@ -38,15 +38,13 @@ static void quant_row(const float *xr, int64_t cols, int8_t *qr, float *scale_ou
     float m = _mm512_reduce_max_ps(_mm512_max_ps(vm0, vm1)); /* NaN is dropped here, caught below */
     float s = m / 127.0f;
     s = s < EPS ? EPS : s;
-    const __m512 vinv = _mm512_set1_ps(1.0f / s), lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+    const __m512 vinv = _mm512_set1_ps(1.0f / s);
     __mmask16 nan = 0;
     for (c = 0; c < cols; c += 16) {
         __mmask16 k = tail_mask(cols - c);
         __m512 xv = _mm512_maskz_loadu_ps(k, xr + c);
         nan = _kor_mask16(nan, _mm512_cmp_ps_mask(xv, xv, _CMP_UNORD_Q));
-        __m512 v = _mm512_roundscale_ps(_mm512_mul_ps(xv, vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
-        _mm512_mask_cvtepi32_storeu_epi8(qr + c, k, _mm512_cvtps_epi32(v));
+        codes16(xv, vinv, k, qr + c);
     }
     *scale_out = (nan || !(m <= 3.4028234663852886e+38f)) ? NAN : s;
 }
@@ -77,15 +75,12 @@ static void quant_row(const float *xr, int64_t cols, int8_t *qr, float *scale_ou
     float s = m / 127.0f;
     s = s < EPS ? EPS : s;
     const float inv = 1.0f / s;
-    const __m256 vinv = _mm256_set1_ps(inv), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+    const __m256 vinv = _mm256_set1_ps(inv);
     __m256 nan = _mm256_setzero_ps();
     for (c = 0; c + 8 <= cols; c += 8) {
         const __m256 xv = _mm256_loadu_ps(xr + c);
         nan = _mm256_or_ps(nan, _mm256_cmp_ps(xv, xv, _CMP_UNORD_Q));
-        __m256 v = _mm256_round_ps(_mm256_mul_ps(xv, vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        const __m256i q = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(v, lo), hi));
-        const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1)); /* in +-127: exact */
-        _mm_storel_epi64((__m128i *)(qr + c), _mm_packs_epi16(w16, w16));
+        codes8(xv, vinv, 8, qr + c);
     }
     int bad = _mm256_movemask_ps(nan) != 0;
     for (; c < cols; ++c) {
