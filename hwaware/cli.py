@@ -149,6 +149,11 @@ def _regression_num(rec: Mapping[str, Any], key: str) -> str:
     return f"{v:.6g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else ("-" if v is None else str(v))
 
 
+def _engine_words(cpu: Mapping) -> str:
+    engine = cpu.get("int8_engine", "amx" if cpu.get("amx_in_use") else "unknown")  # older artifacts: amx_in_use only
+    return {"amx": "AMX tiles", "vnni": "VNNI", None: "none, torch._int_mm"}.get(engine, str(engine))
+
+
 def _cpu_lines(cpu: Any) -> list:
     """Where the kernels were timed, and what this CPU lacks of it."""
     if not isinstance(cpu, Mapping):
@@ -157,7 +162,7 @@ def _cpu_lines(cpu: Any) -> list:
 
     isa = cpu.get("isa") if isinstance(cpu.get("isa"), list) else []
     out = [f"kernels timed on: {cpu.get('model', '?')} ({' '.join(map(str, isa)) or 'none of the listed ISAs'}; "
-           f"hwaware AMX pass {'in use' if cpu.get('amx_in_use') else 'not in use'})"]
+           f"hwaware int8 pass: {_engine_words(cpu)})"]
     lost = lost_features(dict(cpu), cpu_profile())  # a malformed isa compares as unknown
     if lost:
         out.append(f"  this CPU lacks {', '.join(lost)}: the recorded kernels may be much slower here "

@@ -581,9 +581,10 @@ def _portability_warning(manifest: Dict[str, Any], path: str) -> None:
     measured_on = manifest.get("selection_cpu")
     if measured_on is None:
         return
-    if not isinstance(measured_on, dict) or (measured_on.get("isa") is not None and isa_list(measured_on) is None):
+    if (not isinstance(measured_on, dict) or (measured_on.get("isa") is not None and isa_list(measured_on) is None)
+            or measured_on.get("int8_engine") not in ("amx", "vnni", None)):
         raise ArtifactError(f"{path}/manifest.json: selection_cpu {measured_on!r}; expected "
-                            "{'model': str, 'isa': [str, ...], 'amx_in_use': bool}")
+                            "{'model': str, 'isa': [str, ...], 'amx_in_use': bool, 'int8_engine': 'amx' | 'vnni' | None}")
     recs = {n: _selection_record(meta, n, path) for n, meta in manifest["layers"].items()}
     timed = [n for n, rec in recs.items() if rec is not None and "measured" in rec]
     int_mm = any(rec is not None and rec.get("chosen") in ("int_mm", "int8") for rec in recs.values())  # int8: 2:4 on int_mm

@@ -2,7 +2,8 @@
 that computes the layer's math, and record all of it in the manifest.
 
 int8 layers (:class:`Int8Linear`): ``hwaware::int8_linear``'s CPU implementations, all on the same
-int8 weight codes: ``int_mm`` (the exact per-token W8A8 math: AMX tiles or ``torch._int_mm``), ``fbgemm``
+int8 weight codes: ``int_mm`` (the exact per-token W8A8 math: hwaware's C pass on AMX tiles or VNNI,
+else ``torch._int_mm``), ``fbgemm``
 (fbgemm's per-tensor dynamic GEMM on per-token pre-scaled rows, ~42 dB from the exact math) and
 ``dequant`` (the codes dequantized once to fp32, activations not quantized: the same weights at
 higher activation precision, fp32 speed). Which is fastest depends on the CPU (AMX/VNNI vs AVX2)
@@ -42,8 +43,8 @@ from hwaware.quant import native
 __all__ = ["capture_rows", "select_sparse24_kernels", "select_int8_kernels", "time_us", "cpu_profile", "lost_features",
            "isa_list", "SPARSE24_INT8_CANDIDATE", "SPARSE24_INT8_KERNEL"]
 
-# The CPU features that decide which int8 implementation is fast: AMX-INT8 (hwaware's tile pass),
-# VNNI (oneDNN's _int_mm, fbgemm's 512-bit kernels), AVX-512 and AVX2/FMA (everything's width).
+# The CPU features that decide which int8 implementation is fast: AMX-INT8 and VNNI (hwaware's int8
+# pass, oneDNN's _int_mm, fbgemm's 512-bit kernels), AVX-512 and AVX2/FMA (everything's width).
 # A kernel timed on a CPU with one of them can be many times slower on a CPU without it
 # (DESIGN.md: _int_mm 10-100x fp32's time on AVX2).
 _ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8")
@@ -56,8 +57,9 @@ SPARSE24_INT8_KERNEL = {"int_mm": "dense", "fbgemm": "fbgemm", "dequant": "dequa
 
 def cpu_profile() -> Dict[str, Any]:
     """The CPU kernels are timed on, as the manifest records it (``selection_cpu``): its model name,
-    which of the instruction sets that decide the int8 kernels' speed it has, and whether hwaware's
-    AMX pass is in use (the CPU and OS allow it, ``HWAWARE_NO_AMX`` is unset)."""
+    which of the instruction sets that decide the int8 kernels' speed it has, whether hwaware's
+    AMX pass is in use (the CPU and OS allow it, ``HWAWARE_NO_AMX`` is unset), and the engine of
+    hwaware's int8 pass (``native.int8_engine``: ``"amx"``, ``"vnni"`` or None)."""
     name, flags = "", None
     try:
         with open("/proc/cpuinfo") as f:
@@ -72,7 +74,19 @@ def cpu_profile() -> Dict[str, Any]:
         pass
     # isa None: this CPU's flags could not be read (not Linux, a sandbox hiding /proc/cpuinfo)
     return {"model": name or platform.processor() or platform.machine(),
-            "isa": None if flags is None else [f for f in _ISA_FLAGS if f in flags], "amx_in_use": bool(native.amx_available())}
+            "isa": None if flags is None else [f for f in _ISA_FLAGS if f in flags], "amx_in_use": bool(native.amx_available()),
+            "int8_engine": native.int8_engine()}
+
+
+def _lost_engine(then: Dict[str, Any], now: Dict[str, Any]) -> Optional[str]:
+    """The engine of hwaware's int8 pass ``then`` ran on that ``now`` runs a slower one than (AMX,
+    then VNNI, then none), or None. Profiles from before the VNNI engine say only ``amx_in_use``."""
+    was = then.get("int8_engine", "amx" if then.get("amx_in_use") is True else None)
+    if was == "amx":
+        return was if not (now.get("int8_engine") == "amx" or ("int8_engine" not in now and now.get("amx_in_use"))) else None
+    if was == "vnni":
+        return was if "int8_engine" in now and now["int8_engine"] is None else None
+    return None
 
 
 def isa_list(profile: Any) -> Optional[List[str]]:
@@ -83,17 +97,19 @@ def isa_list(profile: Any) -> Optional[List[str]]:
 
 def lost_features(measured_on: Dict[str, Any], here: Dict[str, Any], amx_matters: bool = True) -> List[str]:
     """What the CPU of ``measured_on`` (a :func:`cpu_profile`) had that ``here`` lacks: the
-    instruction sets (none when either side's are unknown), and ``"hwaware AMX pass"`` when it ran
-    there and cannot run here (only when ``amx_matters``: some layer runs ``int_mm``)."""
+    instruction sets (none when either side's are unknown), and ``"hwaware AMX pass"`` /
+    ``"hwaware VNNI pass"`` when the int8 pass ran on that engine there and runs on a slower one (or
+    none) here (only when ``amx_matters``: some layer runs ``int_mm``)."""
     then, now = isa_list(measured_on), isa_list(here)
     lost = [f for f in then if f not in now] if then is not None and now is not None else []
-    if amx_matters and measured_on.get("amx_in_use") is True and not here.get("amx_in_use"):
-        lost.append("hwaware AMX pass")
+    engine = _lost_engine(measured_on, here) if amx_matters else None
+    if engine is not None:
+        lost.append(f"hwaware {engine.upper()} pass")
     return lost
 
 _INT8_NOTES = {
-    "int_mm": ("exact per-token W8A8, bit-identical to int8_linear_ref (one C pass on AMX tiles where the CPU has "
-               "AMX-INT8, else torch._int_mm)"),
+    "int_mm": ("exact per-token W8A8, bit-identical to int8_linear_ref (one C pass on AMX tiles or VNNI where the "
+               "CPU has them, else torch._int_mm)"),
     "fbgemm": "fbgemm dynamic linear on per-token pre-scaled rows (per-tensor uint8 inside; ~42 dB from exact)",
     "dequant": "int8 codes dequantized once to an fp32 weight, F.linear on unquantized activations "
                "(W8A32: higher precision than W8A8; an fp32 copy of the weight in memory)",

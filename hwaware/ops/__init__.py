@@ -330,11 +330,12 @@ def _prepack_int8(qweight: Tensor, w_scale: Tensor):
 # CPU implementations of hwaware::int8_linear (the export times both per layer and records its choice):
 #   "int_mm": the op's exact math. Per-token int8 codes (native C pass, = quantize_per_token_ref),
 #             an exact int8 x int8 -> int32 product, and a float64 epilogue: bit-identical to
-#             int8_linear_ref for float32 inputs. The product is torch._int_mm (oneDNN's s8s8s32
-#             gemm: VNNI, not AMX, in torch 2.13); where the CPU and OS have AMX-INT8 the whole
-#             layer (or int8_mlp's run of layers) is instead one C pass on AMX tiles
-#             (native.amx_mlp), the same bits. DESIGN.md measured _int_mm 10-100x slower than fp32
-#             on AVX2-only CPUs.
+#             int8_linear_ref for float32 inputs. Where the CPU has AMX-INT8 (and the OS allows it)
+#             or VNNI (AVX-512 VNNI, AVX-VNNI), the whole layer (or int8_mlp's run of layers) is one
+#             C pass, a block of rows at a time through every layer, its product on AMX tiles or
+#             VPDPBUSD (native.int8_mlp), the same bits. Elsewhere the product is torch._int_mm
+#             (oneDNN's s8s8s32 gemm). DESIGN.md measured _int_mm 10-100x slower than fp32 on
+#             AVX2-only CPUs.
 #   "fbgemm": fbgemm's dynamic linear on per-token pre-scaled rows (below): fast on AVX2 too, but
 #             fbgemm quantizes per tensor (uint8 affine), so it approximates the per-token math
 #             (~42 dB SQNR against int8_linear_ref).
@@ -400,8 +401,8 @@ def _workspace(kind: str, numel: int, dtype: torch.dtype) -> Tensor:
 def _int_mm_layers(x: Optional[Tensor], qweights: Sequence[Tensor], w_scales: Sequence[Tensor],
                    biases: Sequence[Optional[Tensor]], relus: Sequence[bool],
                    quantized: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
-    """Exact W8A8 layers in a row (one layer: int8_linear's ``"int_mm"``). With AMX-INT8: one C pass
-    (``native.amx_mlp``, weights packed once into its tile layout and cached). Otherwise native (or
+    """Exact W8A8 layers in a row (one layer: int8_linear's ``"int_mm"``). With AMX-INT8 or VNNI: one C
+    pass (``native.int8_mlp``, weights packed once into its tile layout and cached). Otherwise native (or
     reference) per-token codes, ``torch._int_mm`` against each ``qweight [N, K]`` transposed, float64 epilogue (native or
     eager, same arithmetic as ``int8_linear_ref``), then ReLU where ``relus`` says. Between two
     layers the epilogue writes the next layer's codes (``native.w8a8_epilogue_quant``; without the
@@ -424,11 +425,11 @@ def _int_mm_layers(x: Optional[Tensor], qweights: Sequence[Tensor], w_scales: Se
     dims = [k] + [qw.shape[0] for qw in qweights]
     if x2d is not None:
         xf = x2d.float().contiguous()
-    if native.amx_available() and min(dims) > 0:  # the same bits, on AMX tiles, a block of rows at a time
+    if native.int8_engine() and min(dims) > 0:  # the same bits, on AMX tiles or VNNI, a block of rows at a time
         # keyed on the [N, K] weights the caller holds (a transposed view made per call would miss)
-        out = native.amx_mlp(xf, [_CACHE.get((qw,), ("amx",), lambda qw=qw: native.amx_pack(qw)) for qw in qweights], dims,
-                             [s.contiguous() for s in w_scales], [None if b is None else b.float().contiguous() for b in biases],
-                             relus, quantized)
+        out = native.int8_mlp(xf, [_CACHE.get((qw,), ("int8_pack",), lambda qw=qw: native.int8_pack(qw)) for qw in qweights],
+                              dims, [s.contiguous() for s in w_scales],
+                              [None if b is None else b.float().contiguous() for b in biases], relus, quantized)
         if out is not None:
             return out.to(dtype).reshape(*lead, dims[-1])
     if quantized is None:

@@ -7,9 +7,10 @@ bit-identical to the eager path (tests hold it to atol=0).
 
 ``_native/w8a8.c`` holds the two float passes of the W8A8 ``int_mm`` kernel (hwaware/ops):
 per-token int8 quantization and the int32 -> float epilogue, bit-identical to the references; and,
-where the CPU and OS have AMX-INT8, the whole kernel (``hw_amx_mlp``): the same passes around an
-int8 tile product, a block of rows at a time through every layer of an int8 MLP, the same bits
-(``HWAWARE_NO_AMX=1`` turns it off).
+where the CPU has AMX-INT8 (and the OS allows it) or else VNNI (AVX-512 VNNI or AVX-VNNI), the whole
+kernel (``hw_int8_mlp``): the same passes around an int8 product on AMX tiles or VPDPBUSD, a block
+of rows at a time through every layer of an int8 MLP, the same bits (``HWAWARE_NO_AMX=1`` and
+``HWAWARE_NO_VNNI=1`` turn the engines off).
 ``_native/bags.c`` bounds-checks embedding-bag calls; ``_native/interact.c`` is DLRM's dot
 interaction (``hwaware::dot_interaction``) forward and backward.
 
@@ -38,7 +39,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["native_status", "fq_sym_rows", "fq_affine_rows", "quant_tokens_i8", "w8a8_epilogue", "w8a8_epilogue_quant", "check_bags", "rowwise_bags",
-           "dot_interaction", "dot_interaction_backward", "dot_interaction_int8", "bags_interaction", "amx_available", "amx_pack", "amx_mlp"]
+           "dot_interaction", "dot_interaction_backward", "dot_interaction_int8", "bags_interaction", "amx_available", "vnni_available", "int8_engine", "int8_pack", "int8_mlp"]
 
 _SRCS = [Path(__file__).parent / "_native" / n for n in ("rowwise_fq.c", "w8a8.c", "bags.c", "interact.c")]
 _HEADERS = [Path(__file__).parent / "_native" / n for n in ("rows.h", "tables.h")]  # included by the sources: part of the build key
@@ -66,6 +67,7 @@ _lib: Optional[ctypes.CDLL] = None
 _status = "not loaded yet"
 _tried = False
 _amx: Optional[bool] = None
+_vnni: Optional[bool] = None
 
 
 def _cpu_fingerprint() -> str:
@@ -134,16 +136,20 @@ def _load() -> Optional[ctypes.CDLL]:
         lib.hw_dot_interaction_fwd.restype = lib.hw_dot_interaction_bwd.restype = i32
         lib.hw_amx_available.argtypes = []
         lib.hw_amx_available.restype = i32
-        lib.hw_amx_pack.argtypes = [f32p, i64, i64, f32p]
-        lib.hw_amx_pack.restype = None
-        lib.hw_amx_mlp.argtypes = [f32p, f32p, f32p, i64, i32, f32p, f32p, f32p, f32p, f32p, f32p]
+        lib.hw_vnni_lanes.argtypes = []
+        lib.hw_vnni_lanes.restype = i32
+        lib.hw_int8_pack_bytes.argtypes = [i64, i64]
+        lib.hw_int8_pack_bytes.restype = i64
+        lib.hw_int8_pack.argtypes = [f32p, i64, i64, f32p]
+        lib.hw_int8_pack.restype = None
+        lib.hw_int8_mlp.argtypes = [i32, f32p, f32p, f32p, i64, i32, f32p, f32p, f32p, f32p, f32p, f32p]
         lib.hw_dot_interaction_fwd_q.argtypes = [f32p, i64, i64, i64, i64, f32p, f32p]
         lib.hw_dot_interaction_fwd_q.restype = i32
         lib.hw_bags_interaction_fwd_q.argtypes = [f32p, f32p, f32p, i64, i64, f32p, i32, i64, i64, i64, i64, f32p, f32p, f32p]
         lib.hw_bags_interaction_fwd_q.restype = i32
         lib.hw_bags_interaction_fwd.argtypes = [f32p, f32p, f32p, i64, i64, f32p, i32, i64, i64, i64, i64, f32p, f32p]
         lib.hw_bags_interaction_fwd.restype = i32
-        lib.hw_amx_mlp.restype = i32
+        lib.hw_int8_mlp.restype = i32
         _lib, _status = lib, f"loaded {target}"
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", "") or ""
@@ -230,47 +236,70 @@ def w8a8_epilogue_quant(acc: Tensor, sx: Tensor, sw: Tensor, bias: Optional[Tens
 
 
 def amx_available() -> bool:
-    """Whether :func:`amx_mlp` runs here: the library was built with AMX support, and the CPU and OS
-    have AMX-INT8 (``HWAWARE_NO_AMX=1`` says no, for comparisons)."""
+    """Whether :func:`int8_mlp` runs on AMX tiles here: the library was built with AMX support, and
+    the CPU and OS have AMX-INT8 (``HWAWARE_NO_AMX=1`` says no, for comparisons)."""
     global _amx
     if _amx is None:
         _amx = _load() is not None and not os.environ.get("HWAWARE_NO_AMX") and bool(_lib.hw_amx_available())
     return _amx
 
 
-def amx_pack(qweight: Tensor) -> Tensor:
-    """``qweight`` int8 ``[N, K]`` (any strides) in the AMX tile layout :func:`amx_mlp` reads
-    (``_native/w8a8.c``, ``hw_amx_pack``): a flat uint8-sized int8 tensor, K padded to 64, N to 16."""
+def vnni_available() -> bool:
+    """Whether :func:`int8_mlp` can run on VNNI here: the library was built for a CPU with AVX-512
+    VNNI or AVX-VNNI (``HWAWARE_NO_VNNI=1`` says no, for comparisons)."""
+    global _vnni
+    if _vnni is None:
+        _vnni = _load() is not None and not os.environ.get("HWAWARE_NO_VNNI") and _lib.hw_vnni_lanes() > 0
+    return _vnni
+
+
+def int8_engine() -> Optional[str]:
+    """The engine :func:`int8_mlp` runs on here: ``"amx"``, ``"vnni"`` (where there is no AMX), or
+    None (no native pass: the ``torch._int_mm`` passes)."""
+    return "amx" if amx_available() else "vnni" if vnni_available() else None
+
+
+_ENGINES = {"amx": 1, "vnni": 2}
+
+
+def int8_pack(qweight: Tensor) -> Tensor:
+    """``qweight`` int8 ``[N, K]`` (any strides) in the layout :func:`int8_mlp` reads
+    (``_native/w8a8.c``, ``hw_int8_pack``): a flat int8 tensor, 16-column x 64-code tiles (K padded
+    to 64, N to 16), then the int32 column sums times 128 the VNNI engine subtracts."""
+    if _load() is None:
+        raise RuntimeError(f"int8_pack needs the native library: {_status}")
     n, k = qweight.shape
     w = qweight.contiguous()
-    out = torch.empty(((n + 15) // 16) * 16 * ((k + 63) // 64) * 64, dtype=torch.int8)
-    _lib.hw_amx_pack(w.data_ptr(), n, k, out.data_ptr())
+    out = torch.empty(_lib.hw_int8_pack_bytes(n, k), dtype=torch.int8)
+    _lib.hw_int8_pack(w.data_ptr(), n, k, out.data_ptr())
     return out
 
 
-def amx_mlp(x2d: Tensor, packed: Sequence[Tensor], dims: Sequence[int], w_scales: Sequence[Tensor],
-            biases: Sequence[Optional[Tensor]], relus: Sequence[bool],
-            quantized: Optional[Tuple[Tensor, Tensor]] = None) -> Optional[Tensor]:
-    """W8A8 layers on AMX tiles (``hw_amx_mlp``), bit for bit the ``int_mm`` passes: ``x2d``
-    contiguous float32 ``[M, dims[0]]`` -> float32 ``[M, dims[-1]]``; ``packed[i]`` from
-    :func:`amx_pack`, ``w_scales``/``biases`` contiguous float32. ``quantized``: instead of ``x2d``
-    (pass None), its per-token codes and scales, contiguous int8 ``[M, dims[0]]`` and float32 ``[M]``.
-    None: not available here."""
+def int8_mlp(x2d: Tensor, packed: Sequence[Tensor], dims: Sequence[int], w_scales: Sequence[Tensor],
+             biases: Sequence[Optional[Tensor]], relus: Sequence[bool],
+             quantized: Optional[Tuple[Tensor, Tensor]] = None) -> Optional[Tensor]:
+    """W8A8 layers in one C pass on :func:`int8_engine` (``hw_int8_mlp``), bit for bit the ``int_mm``
+    passes: ``x2d`` contiguous float32 ``[M, dims[0]]`` -> float32 ``[M, dims[-1]]``; ``packed[i]``
+    from :func:`int8_pack`, ``w_scales``/``biases`` contiguous float32. ``quantized``: instead of
+    ``x2d`` (pass None), its per-token codes and scales, contiguous int8 ``[M, dims[0]]`` and float32
+    ``[M]``. None: no engine here."""
+    engine = int8_engine()
     if quantized is not None:
         q, sx = quantized
-        if not (amx_available() and q.numel() > 0):
+        if not (engine and q.numel() > 0):
             return None
         rows, args = q.shape[0], (None, q.data_ptr(), sx.data_ptr())
     else:
-        if not (amx_available() and _usable(x2d)):
+        if not (engine and _usable(x2d)):
             return None
         rows, args = x2d.shape[0], (x2d.data_ptr(), None, None)
     nl = len(packed)
     out = torch.empty(rows, dims[-1], dtype=torch.float32)
     dims_a, w_a, s_a, b_a, r_a = _i64s(dims), _ptrs(packed), _ptrs(w_scales), _optional_ptrs(biases), array("i", map(int, relus))
-    rc = _lib.hw_amx_mlp(*args, rows, nl, _addr(dims_a), _addr(w_a), _addr(s_a), _addr(b_a), _addr(r_a), out.data_ptr())
+    rc = _lib.hw_int8_mlp(_ENGINES[engine], *args, rows, nl, _addr(dims_a), _addr(w_a), _addr(s_a), _addr(b_a), _addr(r_a),
+                          out.data_ptr())
     if rc == -1:
-        raise MemoryError(f"amx_mlp: no memory for the per-thread buffers (dims {list(dims)})")
+        raise MemoryError(f"int8_mlp: no memory for the per-thread buffers (dims {list(dims)})")
     return out if rc == 0 else None
 
 

@@ -167,11 +167,20 @@ def test_inspect_shows_the_gate_per_implementation_and_where_kernels_were_timed(
     out = capsys.readouterr().out
     assert ("every int8 layer on one implementation: fbgemm 0.7971 (drop 0.0041, FAILED), "
             "int_mm 0.7998 (drop 0.0014, passed)") in out  # the manifest's key order
-    assert "kernels timed on: Export Xeon (avx2 amx_int8; hwaware AMX pass in use)" in out
+    assert "kernels timed on: Export Xeon (avx2 amx_int8; hwaware int8 pass: AMX tiles)" in out  # older: amx_in_use only
     assert "this CPU lacks amx_int8, hwaware AMX pass" in out and "--kernels measure" in out
-    monkeypatch.setattr(selection, "cpu_profile", lambda: {"model": "same", "isa": ["avx2", "amx_int8"], "amx_in_use": True})
+    monkeypatch.setattr(selection, "cpu_profile", lambda: {"model": "same", "isa": ["avx2", "amx_int8"], "amx_in_use": True,
+                                                          "int8_engine": "amx"})
     assert main(["inspect", str(tmp_path / "a")]) == 0
     assert "this CPU lacks" not in capsys.readouterr().out
+    manifest["selection_cpu"] = {"model": "Zen 4", "isa": ["avx2", "avx512_vnni"], "amx_in_use": False, "int8_engine": "vnni"}
+    write_artifact(tmp_path / "b", manifest, {"w": torch.zeros(8, dtype=torch.int8)})
+    monkeypatch.setattr(selection, "cpu_profile", lambda: {"model": "old", "isa": ["avx2"], "amx_in_use": False,
+                                                          "int8_engine": None})
+    assert main(["inspect", str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert "kernels timed on: Zen 4 (avx2 avx512_vnni; hwaware int8 pass: VNNI)" in out
+    assert "this CPU lacks avx512_vnni, hwaware VNNI pass" in out
 
 
 def test_bench_can_re_time_the_kernels_on_this_cpu(tmp_path, capsys):

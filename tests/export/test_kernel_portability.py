@@ -159,7 +159,7 @@ def test_unreadable_cpu_flags_are_not_lost_features(art, monkeypatch):
     monkeypatch.setattr(builtins, "open", no_cpuinfo)
     here = cpu_profile()
     assert here["isa"] is None
-    assert lost_features(EXPORT_CPU, {**here, "amx_in_use": True}) == []
+    assert lost_features(EXPORT_CPU, {**here, "amx_in_use": True, "int8_engine": "amx"}) == []
     assert lost_features(EXPORT_CPU, here, amx_matters=False) == []
 
 
@@ -168,11 +168,23 @@ def test_the_amx_pass_matters_only_where_a_layer_runs_int_mm():
     assert lost_features(EXPORT_CPU, {**EXPORT_CPU, "amx_in_use": False}, amx_matters=False) == []
 
 
+def test_an_int8_pass_on_a_slower_engine_is_lost_and_a_faster_one_is_not():
+    amx, vnni = {**EXPORT_CPU, "int8_engine": "amx"}, {**EXPORT_CPU, "amx_in_use": False, "int8_engine": "vnni"}
+    none = {**EXPORT_CPU, "amx_in_use": False, "int8_engine": None}
+    assert lost_features(amx, vnni) == lost_features(amx, none) == ["hwaware AMX pass"]
+    assert lost_features(vnni, none) == ["hwaware VNNI pass"]
+    assert lost_features(vnni, amx) == lost_features(vnni, vnni) == lost_features(none, none) == []
+    # an artifact from before the VNNI engine: amx_in_use False says nothing about VNNI
+    old = {k: v for k, v in vnni.items() if k != "int8_engine"}
+    assert lost_features(old, none) == []
+    assert lost_features(EXPORT_CPU, vnni) == ["hwaware AMX pass"]
+
+
 def test_a_malformed_selection_cpu_is_an_artifact_error(tmp_path):
     from hwaware.export import ArtifactError, write_artifact
     from hwaware.export.exporter import _portability_warning
 
-    for bad in ({"isa": "avx2 fma"}, {"isa": [1, 2]}, "xeon"):
+    for bad in ({"isa": "avx2 fma"}, {"isa": [1, 2]}, "xeon", {"isa": ["avx2"], "int8_engine": "gpu"}):
         manifest = {"layers": {}, "selection_cpu": bad}
         with pytest.raises(ArtifactError, match="selection_cpu"):
             _portability_warning(manifest, "p")

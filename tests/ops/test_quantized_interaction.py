@@ -68,12 +68,17 @@ def test_other_dtypes_quantize_the_float32_rows():
 
 @pytest.mark.parametrize("rows", [1, 31, 32, 33, 64, 100, 2048])
 @pytest.mark.parametrize("dims", [(367, 256, 128), (13, 64, 16), (65, 17, 33, 1), (64, 48)])
-@pytest.mark.parametrize("amx", [True, False])
-def test_mlp_of_the_codes_is_the_mlp_of_the_floats(monkeypatch, rows, dims, amx):
-    if amx and not native.amx_available():
+@pytest.mark.parametrize("engine", ["amx", "vnni", None])
+def test_mlp_of_the_codes_is_the_mlp_of_the_floats(monkeypatch, rows, dims, engine):
+    if engine == "amx" and not native.amx_available():
         pytest.skip("no AMX-INT8 here")
-    if not amx:
+    if engine == "vnni" and not native.vnni_available():
+        pytest.skip("no VNNI here")
+    if engine != "amx":
         monkeypatch.setattr(native, "_amx", False)
+    if engine is None:
+        monkeypatch.setattr(native, "_vnni", False)
+    assert native.int8_engine() == engine
     qws, scales, biases = int8_layers(dims)
     relus = [True] * (len(dims) - 2) + [False]
     x = torch.randn(rows, dims[0]) * 2

@@ -204,22 +204,33 @@ int hw_w8a8_epilogue_quant(const int32_t *acc, int64_t rows, int64_t cols, const
     return failed ? -1 : 0;
 }
 
-/* ---- hw_amx_mlp: the W8A8 layers on Intel AMX tiles, one pass over a block of rows ----------------
+/* ---- hw_int8_mlp: the W8A8 layers in one pass over a block of rows, on AMX tiles or VNNI ---------
  *
  * The same arithmetic as the passes above around torch._int_mm: per-token codes (quant_row), an exact
- * int32 product (TDPBSSD sums int8 x int8 into int32, exact in any order, as _int_mm), the float64
- * epilogue (epilogue_row), and between two layers the next layer's codes (quant_row). So the output
- * is bit for bit what hw_quant_tokens_i8 -> _int_mm -> hw_w8a8_epilogue_quant -> ... ->
- * hw_w8a8_epilogue gives. What changes is where the data lives: a thread takes AMX_ROWS rows at a
- * time through every layer, so the codes and int32 accumulators of a block stay in L1/L2 and the
- * activations between layers never reach memory.
+ * int32 product, the float64 epilogue (epilogue_row), and between two layers the next layer's codes
+ * (quant_row). So the output is bit for bit what hw_quant_tokens_i8 -> _int_mm ->
+ * hw_w8a8_epilogue_quant -> ... -> hw_w8a8_epilogue gives. What changes is where the data lives: a
+ * thread takes MLP_ROWS rows at a time through every layer, so the codes and int32 accumulators of a
+ * block stay in L1/L2 and the activations between layers never reach memory.
  *
- * Weights come packed by hw_amx_pack: [N, K] int8 -> tiles of 16 output columns x 64 k, each tile
+ * The int32 product of a block runs on one of two engines:
+ * - ENGINE_AMX: Intel AMX tiles (TDPBSSD sums int8 x int8 into int32, exact in any order, as _int_mm).
+ * - ENGINE_VNNI: VPDPBUSD (AVX-512 VNNI, 16 columns a vector; or AVX-VNNI, 8). It multiplies unsigned
+ *   by signed bytes, so the block's codes a are stored as a + 128 (a ^ 0x80) and the product is
+ *   sum((a + 128) w) - 128 sum(w): the second term per output column is packed with the weights.
+ *   Both sums wrap modulo 2^32 and the difference is the exact product wherever that fits in int32
+ *   (as _int_mm's: K up to 2^31 / 127^2 = 133,000).
+ *
+ * Weights come packed by hw_int8_pack: [N, K] int8 -> tiles of 16 output columns x 64 k, each tile
  * 16 rows of 64 bytes where row r holds, for its 16 columns n, the 4 codes k = 4r .. 4r+3 (the
- * layout TDPBSSD reads its second operand in); K padded to a multiple of 64 and N to 16 with zero
- * codes. Tiles of one column block are consecutive over k. A zero weight code makes whatever sits in
- * the padded code columns of the activations irrelevant, so those are never cleared. */
-#define AMX_ROWS 32 /* two 16-row A tiles: a 2 x 2 tile block of C per step */
+ * layout TDPBSSD reads its second operand in, and VPDPBUSD's 4-byte lanes); K padded to a multiple
+ * of 64 and N to 16 with zero codes. Tiles of one column block are consecutive over k, so a column
+ * block's 4-code rows form one run of 64-byte vectors. After the tiles: int32 off[n] = 128 sum_k w[n,k]
+ * for the padded N (the VNNI engine's correction). A zero weight code makes whatever sits in the
+ * padded code columns of the activations irrelevant, so those are never cleared. */
+#define MLP_ROWS 32 /* AMX: two 16-row A tiles, a 2 x 2 tile block of C per step */
+#define ENGINE_AMX 1
+#define ENGINE_VNNI 2
 
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__)
 #include <sys/syscall.h>
@@ -244,7 +255,7 @@ static void amx_configure(void) { /* tiles 0-7: 16 rows x 64 bytes each (A, B an
     _tile_loadconfig(&cfg);
 }
 
-/* acc[AMX_ROWS, nb_n*16] (row stride ldc int32) = a[AMX_ROWS, kb_n*64] (row stride lda) x packed w */
+/* acc[MLP_ROWS, nb_n*16] (row stride ldc int32) = a[MLP_ROWS, kb_n*64] (row stride lda) x packed w */
 static void amx_block(const int8_t *a, int64_t lda, int64_t kb_n, const int8_t *w, int64_t nb_n, int32_t *acc,
                       int64_t ldc) {
     const int64_t tile = 1024, ldcb = ldc * 4;
@@ -287,8 +298,107 @@ static void amx_block(const int8_t *a, int64_t lda, int64_t kb_n, const int8_t *
 }
 #endif
 
-/* 1 when this process may run hw_amx_mlp: built with AMX support, the CPU has AMX-TILE and AMX-INT8,
- * the OS enabled the tile state (XCR0 bits 17-18) and granted this process the tile data
+/* VNNI: a register block of MR rows x NV vectors of VL columns, one VPDPBUSD per pair and 4-code step */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define HW_VNNI 1
+#define VL 16
+#define VNNI_MR 8
+#define VNNI_NV 3 /* 24 accumulators + 3 weight vectors + 1 broadcast of 32 registers */
+typedef __m512i vi;
+static inline vi vi_zero(void) { return _mm512_setzero_si512(); }
+static inline vi vi_load(const void *p) { return _mm512_loadu_si512(p); }
+static inline vi vi_bcast(int32_t v) { return _mm512_set1_epi32(v); }
+/* c += a (unsigned bytes) . b (signed bytes): VPDPBUSD written as asm with its accumulator tied, since
+ * gcc 12 copied (or spilled) every accumulator once per step around the intrinsic */
+static inline vi vi_dp(vi c, vi a, vi b) {
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(c) : "v"(a), "v"(b));
+    return c;
+}
+static inline void vi_store_sub(int32_t *p, vi c, vi off) { _mm512_storeu_si512(p, _mm512_sub_epi32(c, off)); }
+#elif defined(__AVXVNNI__) && defined(__AVX2__)
+#define HW_VNNI 1
+#define VL 8
+#define VNNI_MR 6
+#define VNNI_NV 2 /* 12 accumulators + 2 weight vectors + 1 broadcast of 16 registers */
+typedef __m256i vi;
+static inline vi vi_zero(void) { return _mm256_setzero_si256(); }
+static inline vi vi_load(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
+static inline vi vi_bcast(int32_t v) { return _mm256_set1_epi32(v); }
+static inline vi vi_dp(vi c, vi a, vi b) { /* asm, as the AVX-512 one; %{vex%}: the AVX-VNNI encoding */
+    __asm__("%{vex%} vpdpbusd %2, %1, %0" : "+x"(c) : "x"(a), "x"(b));
+    return c;
+}
+static inline void vi_store_sub(int32_t *p, vi c, vi off) { _mm256_storeu_si256((__m256i *)p, _mm256_sub_epi32(c, off)); }
+#endif
+
+#ifdef HW_VNNI
+/* acc[mr, nv*VL] (row stride ldc) = the mr rows of unsigned codes a (row stride lda) x the nv column
+ * vectors starting at column c0 of packed w (steps 4-code rows; a column block's run is `panel` bytes
+ * long), minus off[c]. mr (<= 8) and nv (<= 3) are constants at every call site, and each accumulator
+ * is its own variable (gcc kept an array of them on the stack): the block lives in registers. */
+#define VNNI_ROW(i)                                                                                                     \
+    if (i < mr) {                                                                                                       \
+        int32_t four;                                                                                                   \
+        memcpy(&four, a + i * lda + t * 4, 4);                                                                          \
+        const vi av = vi_bcast(four);                                                                                   \
+        c##i##0 = vi_dp(c##i##0, av, b0);                                                                               \
+        if (nv > 1) c##i##1 = vi_dp(c##i##1, av, b1);                                                                   \
+        if (nv > 2) c##i##2 = vi_dp(c##i##2, av, b2);                                                                   \
+    }
+#define VNNI_STORE(i)                                                                                                   \
+    if (i < mr) {                                                                                                       \
+        vi_store_sub(acc + i * ldc + c0, c##i##0, o0);                                                                  \
+        if (nv > 1) vi_store_sub(acc + i * ldc + c0 + VL, c##i##1, o1);                                                 \
+        if (nv > 2) vi_store_sub(acc + i * ldc + c0 + 2 * VL, c##i##2, o2);                                             \
+    }
+#define VNNI_ZERO(i) vi c##i##0 = vi_zero(), c##i##1 = vi_zero(), c##i##2 = vi_zero();
+
+static inline __attribute__((always_inline)) void vnni_tile(const uint8_t *a, int64_t lda, int64_t steps, const int8_t *w,
+                                                             int64_t panel, const int32_t *off, int64_t c0, int32_t *acc,
+                                                             int64_t ldc, const int mr, const int nv) {
+    VNNI_ZERO(0) VNNI_ZERO(1) VNNI_ZERO(2) VNNI_ZERO(3) VNNI_ZERO(4) VNNI_ZERO(5) VNNI_ZERO(6) VNNI_ZERO(7)
+    /* column c of packed w: block c / 16, bytes 4 (c % 16) of each 64-byte 4-code row */
+    const int8_t *p0 = w + (c0 / 16) * panel + (c0 % 16) * 4;
+    const int8_t *p1 = w + ((c0 + VL) / 16) * panel + ((c0 + VL) % 16) * 4;
+    const int8_t *p2 = w + ((c0 + 2 * VL) / 16) * panel + ((c0 + 2 * VL) % 16) * 4;
+    for (int64_t t = 0; t < steps; ++t) {
+        const vi b0 = vi_load(p0 + t * 64), b1 = nv > 1 ? vi_load(p1 + t * 64) : b0, b2 = nv > 2 ? vi_load(p2 + t * 64) : b0;
+        VNNI_ROW(0) VNNI_ROW(1) VNNI_ROW(2) VNNI_ROW(3) VNNI_ROW(4) VNNI_ROW(5) VNNI_ROW(6) VNNI_ROW(7)
+    }
+    const vi o0 = vi_load(off + c0), o1 = nv > 1 ? vi_load(off + c0 + VL) : o0, o2 = nv > 2 ? vi_load(off + c0 + 2 * VL) : o0;
+    VNNI_STORE(0) VNNI_STORE(1) VNNI_STORE(2) VNNI_STORE(3) VNNI_STORE(4) VNNI_STORE(5) VNNI_STORE(6) VNNI_STORE(7)
+}
+
+/* the rows from r on, in register blocks of VNNI_MR rows and then the tail, for nv column vectors */
+#define VNNI_ROWS(NV)                                                                                                   \
+    do {                                                                                                                \
+        int64_t r = 0;                                                                                                  \
+        for (; r + VNNI_MR <= nr; r += VNNI_MR)                                                                         \
+            vnni_tile(a + r * lda, lda, steps, w, panel, off, c0, acc + r * ldc, ldc, VNNI_MR, NV);                     \
+        for (; r + 4 <= nr; r += 4) vnni_tile(a + r * lda, lda, steps, w, panel, off, c0, acc + r * ldc, ldc, 4, NV);   \
+        for (; r + 2 <= nr; r += 2) vnni_tile(a + r * lda, lda, steps, w, panel, off, c0, acc + r * ldc, ldc, 2, NV);   \
+        for (; r < nr; ++r) vnni_tile(a + r * lda, lda, steps, w, panel, off, c0, acc + r * ldc, ldc, 1, NV);           \
+    } while (0)
+
+/* acc[nr, nb_n*16] (row stride ldc) = a[nr, kb_n*64] unsigned codes (row stride lda) x packed w */
+static __attribute__((noinline)) void vnni_block(const uint8_t *a, int64_t lda, int64_t kb_n, const int8_t *w, int64_t nb_n, int32_t *acc,
+                       int64_t ldc, int64_t nr) {
+    const int64_t steps = kb_n * 16, panel = kb_n * 1024, nvec = nb_n * 16 / VL;
+    const int32_t *off = (const int32_t *)(w + nb_n * panel);
+    int64_t v = 0;
+    for (; v + VNNI_NV <= nvec; v += VNNI_NV) { /* a panel of columns stays in L1 while the rows pass */
+        const int64_t c0 = v * VL;
+        VNNI_ROWS(VNNI_NV);
+    }
+    for (; v < nvec; ++v) {
+        const int64_t c0 = v * VL;
+        VNNI_ROWS(1);
+    }
+}
+#endif
+
+/* 1 when this process may run the AMX engine: built with AMX support, the CPU has AMX-TILE and
+ * AMX-INT8, the OS enabled the tile state (XCR0 bits 17-18) and granted this process the tile data
  * (arch_prctl ARCH_REQ_XCOMP_PERM; a process-wide permission, asking again is harmless). */
 int hw_amx_available(void) {
 #ifdef HW_AMX
@@ -305,31 +415,65 @@ int hw_amx_available(void) {
 #endif
 }
 
-/* w [n, k] int8 (row stride k) -> the tile layout above, out: roundup(n,16) * roundup(k,64) bytes */
-void hw_amx_pack(const int8_t *w, int64_t n, int64_t k, int8_t *out) {
+/* The VNNI engine's vector width in int32 lanes (16: AVX-512 VNNI, 8: AVX-VNNI), 0 when the library
+ * was built without either (the build targets this CPU, or HWAWARE_NATIVE_ARCH's, so built means usable) */
+int hw_vnni_lanes(void) {
+#ifdef HW_VNNI
+    return VL;
+#else
+    return 0;
+#endif
+}
+
+/* w [n, k] int8 (row stride k) -> the tile layout above, then off[]; out: hw_int8_pack_bytes(n, k) bytes */
+int64_t hw_int8_pack_bytes(int64_t n, int64_t k) { return (n + 15) / 16 * 16 * ((k + 63) / 64 * 64 + 4); }
+
+void hw_int8_pack(const int8_t *w, int64_t n, int64_t k, int8_t *out) {
     const int64_t kb_n = (k + 63) / 64, nb_n = (n + 15) / 16;
-    memset(out, 0, (size_t)(nb_n * kb_n * 1024));
+    memset(out, 0, (size_t)hw_int8_pack_bytes(n, k));
+    int32_t *off = (int32_t *)(out + nb_n * kb_n * 1024); /* 4-aligned: the tiles are whole KiB */
     for (int64_t c = 0; c < n; ++c) {
         int8_t *col = out + (c / 16) * kb_n * 1024 + (c % 16) * 4;
-        for (int64_t j = 0; j < k; ++j) col[(j / 64) * 1024 + ((j % 64) / 4) * 64 + (j % 4)] = w[c * k + j];
+        int64_t sum = 0;
+        for (int64_t j = 0; j < k; ++j) {
+            col[(j / 64) * 1024 + ((j % 64) / 4) * 64 + (j % 4)] = w[c * k + j];
+            sum += w[c * k + j];
+        }
+        off[c] = (int32_t)(uint32_t)((uint64_t)sum * 128u); /* modulo 2^32, as the sums it corrects */
     }
 }
 
+/* the rows' codes as VPDPBUSD's unsigned operand: a + 128 */
+static inline void to_unsigned(const int8_t *src, uint8_t *dst, int64_t cols) {
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) dst[c] = (uint8_t)src[c] ^ 0x80u;
+}
+
 /* nlayers W8A8 layers: x [rows, dims[0]] float32 -> out [rows, dims[nlayers]] float32, layer i
- * dims[i] -> dims[i+1] with packed weights w[i] (hw_amx_pack), scales sw[i], bias[i] (or NULL) and
- * ReLU when relus[i]. x NULL: the input comes quantized instead, codes qx [rows, dims[0]] int8 and
- * scales sx [rows] (what hw_quant_tokens_i8 of x gives). Returns 0, -1 when per-thread buffers
- * cannot be allocated, -2 without AMX. */
-int hw_amx_mlp(const float *x, const int8_t *qx, const float *sx, int64_t rows, int32_t nlayers, const int64_t *dims, const int8_t *const *w,
-               const float *const *sw, const float *const *bias, const int32_t *relus, float *out) {
+ * dims[i] -> dims[i+1] with packed weights w[i] (hw_int8_pack), scales sw[i], bias[i] (or NULL) and
+ * ReLU when relus[i], on `engine` (ENGINE_AMX or ENGINE_VNNI). x NULL: the input comes quantized
+ * instead, codes qx [rows, dims[0]] int8 and scales sx [rows] (what hw_quant_tokens_i8 of x gives).
+ * Returns 0, -1 when per-thread buffers cannot be allocated, -2 when the engine is not built in. */
+int hw_int8_mlp(int32_t engine, const float *x, const int8_t *qx, const float *sx, int64_t rows, int32_t nlayers,
+                const int64_t *dims, const int8_t *const *w, const float *const *sw, const float *const *bias,
+                const int32_t *relus, float *out) {
 #ifdef HW_AMX
+    const int amx = engine == ENGINE_AMX;
+#else
+    const int amx = 0;
+    if (engine == ENGINE_AMX) return -2;
+#endif
+#ifndef HW_VNNI
+    if (engine == ENGINE_VNNI) return -2;
+#endif
+    if (engine != ENGINE_AMX && engine != ENGINE_VNNI) return -2;
     int64_t kmax = 0, nmax = 0;
     for (int32_t i = 0; i <= nlayers; ++i) {
         int64_t kp = (dims[i] + 63) / 64 * 64;
         kmax = kp > kmax ? kp : kmax;
         nmax = dims[i] > nmax ? dims[i] : nmax;
     }
-    const int64_t blocks = (rows + AMX_ROWS - 1) / AMX_ROWS;
+    const int64_t blocks = (rows + MLP_ROWS - 1) / MLP_ROWS;
     int64_t width = 0; /* floats each row goes through in the passes: what the work scales with */
     for (int32_t i = 0; i <= nlayers; ++i) width += dims[i];
     int failed = 0;
@@ -338,35 +482,41 @@ int hw_amx_mlp(const float *x, const int8_t *qx, const float *sx, int64_t rows, 
         /* two code buffers (this layer's input, the next one's), the int32 block, a float row, and every
          * layer's scales and bias widened to double once (epilogue_row_d: two fewer conversions per
          * output than epilogue_row, 0.89-0.92x this pass's time at 367->256->128 in an in-process A/B) */
-        int8_t *codes = (int8_t *)calloc((size_t)(2 * AMX_ROWS * kmax), 1);
-        int32_t *acc = (int32_t *)malloc((size_t)(AMX_ROWS * kmax) * sizeof(int32_t));
+        int8_t *codes = (int8_t *)calloc((size_t)(2 * MLP_ROWS * kmax), 1);
+        int32_t *acc = (int32_t *)malloc((size_t)(MLP_ROWS * kmax) * sizeof(int32_t));
         float *buf = (float *)malloc((size_t)nmax * sizeof(float));
         int64_t nsum = 0;
         for (int32_t i = 0; i < nlayers; ++i) nsum += dims[i + 1];
         double *wide = (double *)malloc((size_t)(2 * nsum) * sizeof(double)); /* per layer: sw, then bias */
         if (wide != NULL)
             for (int64_t i = 0, off = 0; i < nlayers; off += 2 * dims[i + 1], ++i) widen_into(wide + off, sw[i], bias[i], dims[i + 1]);
-        float scales[2][AMX_ROWS];
-        if (codes == NULL || acc == NULL || buf == NULL || wide == NULL) {
+        const int ready = codes != NULL && acc != NULL && buf != NULL && wide != NULL;
+        float scales[2][MLP_ROWS];
+        if (!ready) {
 #pragma omp atomic write
             failed = 1;
-        } else {
-            amx_configure();
         }
+#ifdef HW_AMX
+        if (ready && amx) amx_configure();
+#endif
 #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < blocks; ++blk) {
-            if (codes == NULL || acc == NULL || buf == NULL || wide == NULL) continue;
+            if (!ready) continue;
             const double *wl = wide;
-            const int64_t r0 = blk * AMX_ROWS, nr = rows - r0 < AMX_ROWS ? rows - r0 : AMX_ROWS;
+            const int64_t r0 = blk * MLP_ROWS, nr = rows - r0 < MLP_ROWS ? rows - r0 : MLP_ROWS;
             int cur = 0;
             const int64_t k0 = dims[0], kp0 = (k0 + 63) / 64 * 64;
             int64_t lda = kp0;
             const int8_t *a = codes;
             if (qx == NULL) {
                 for (int64_t r = 0; r < nr; ++r) quant_row(x + (r0 + r) * k0, k0, codes + r * kp0, &scales[0][r]);
+                if (!amx)
+                    for (int64_t r = 0; r < nr; ++r) to_unsigned(codes + r * kp0, (uint8_t *)codes + r * kp0, k0);
             } else {
                 memcpy(scales[0], sx + r0, (size_t)nr * sizeof(float));
-                if ((r0 + AMX_ROWS - 1) * k0 + kp0 <= rows * k0) { /* the tile loads stay inside qx: read it there */
+                if (!amx) {
+                    for (int64_t r = 0; r < nr; ++r) to_unsigned(qx + (r0 + r) * k0, (uint8_t *)codes + r * kp0, k0);
+                } else if ((r0 + MLP_ROWS - 1) * k0 + kp0 <= rows * k0) { /* the tile loads stay inside qx: read it there */
                     a = qx + r0 * k0;
                     lda = k0;
                 } else {
@@ -374,8 +524,15 @@ int hw_amx_mlp(const float *x, const int8_t *qx, const float *sx, int64_t rows, 
                 }
             }
             for (int32_t i = 0; i < nlayers; ++i) {
-                const int64_t n = dims[i + 1], nb_n = (n + 15) / 16, ldc = nb_n * 16;
-                amx_block(i == 0 ? a : codes + cur * AMX_ROWS * kmax, lda, (dims[i] + 63) / 64, w[i], nb_n, acc, ldc);
+                const int64_t n = dims[i + 1], nb_n = (n + 15) / 16, ldc = nb_n * 16, kb_n = (dims[i] + 63) / 64;
+                const int8_t *ai = i == 0 ? a : codes + cur * MLP_ROWS * kmax;
+                (void)ai, (void)kb_n; /* a build with neither engine returned -2 above */
+#ifdef HW_AMX
+                if (amx) amx_block(ai, lda, kb_n, w[i], nb_n, acc, ldc);
+#endif
+#ifdef HW_VNNI
+                if (!amx) vnni_block((const uint8_t *)ai, lda, kb_n, w[i], nb_n, acc, ldc, nr);
+#endif
                 const double *swd = wl, *bd = bias[i] ? wl + n : NULL;
                 wl += 2 * n;
                 if (i == nlayers - 1) {
@@ -384,24 +541,23 @@ int hw_amx_mlp(const float *x, const int8_t *qx, const float *sx, int64_t rows, 
                     break;
                 }
                 const int64_t ldn = (n + 63) / 64 * 64;
-                int8_t *next = codes + (1 - cur) * AMX_ROWS * kmax;
+                int8_t *next = codes + (1 - cur) * MLP_ROWS * kmax;
                 for (int64_t r = 0; r < nr; ++r) {
                     epilogue_row_d(acc + r * ldc, n, scales[cur][r], swd, bd, relus[i], buf);
                     quant_row(buf, n, next + r * ldn, &scales[1 - cur][r]);
+                    if (!amx) to_unsigned(next + r * ldn, (uint8_t *)next + r * ldn, n);
                 }
                 cur = 1 - cur;
                 lda = ldn;
             }
         }
-        if (codes != NULL && acc != NULL && buf != NULL && wide != NULL) _tile_release();
+#ifdef HW_AMX
+        if (ready && amx) _tile_release();
+#endif
         free(codes);
         free(acc);
         free(buf);
         free(wide);
     }
     return failed ? -1 : 0;
-#else
-    (void)x, (void)qx, (void)sx, (void)rows, (void)nlayers, (void)dims, (void)w, (void)sw, (void)bias, (void)relus, (void)out;
-    return -2;
-#endif
 }

@@ -1,8 +1,11 @@
-"""The W8A8 layers on AMX tiles (``native.amx_mlp``, ``_native/w8a8.c``): the tile layout, and every
-output equal bit for bit to the ``torch._int_mm`` passes it replaces (which equal ``int8_linear_ref``).
+"""The W8A8 layers in one C pass (``native.int8_mlp``, ``_native/w8a8.c``) on each engine this
+CPU has, AMX tiles and VNNI: the packed layout, and every output equal bit for bit to the
+``torch._int_mm`` passes it replaces (which equal ``int8_linear_ref``).
 
-These run only where the CPU and OS have AMX-INT8; elsewhere ``int8_linear`` / ``int8_mlp`` never take
-this path, and the tests say so in their skip reason."""
+An engine's tests run only where the CPU (and for AMX the OS) has it, and say so in their skip
+reason; elsewhere ``int8_linear`` / ``int8_mlp`` never take that path.
+``tests/quant/test_native.py`` runs this file again against builds for other CPUs (AVX-512 VNNI
+without AMX, AVX-VNNI without AVX-512) where this one can run their code."""
 import pytest
 import torch
 
@@ -11,16 +14,29 @@ from hwaware.ops.reference import int8_linear_ref
 from hwaware.quant import native
 from tests.helpers import int8_layers
 
-pytestmark = pytest.mark.skipif(not native.amx_available(),
-                                reason=f"no AMX-INT8 here (native: {native.native_status()})")
+_HAVE = {"amx": native.amx_available(), "vnni": native.vnni_available()}
+
+
+@pytest.fixture(params=["amx", "vnni"])
+def engine(request, monkeypatch):
+    """Run the test on one engine: AMX as found, or VNNI with AMX switched off."""
+    name = request.param
+    if not _HAVE[name]:
+        pytest.skip(f"no {name} engine here (native: {native.native_status()})")
+    if name == "vnni":
+        monkeypatch.setattr(native, "_amx", False)
+    assert native.int8_engine() == name
+    return name
 
 
 @pytest.fixture
 def int_mm_path(monkeypatch):
-    """Call ``f`` with AMX switched off: the _int_mm passes the AMX path must equal."""
+    """Call ``f`` with both engines switched off: the _int_mm passes the engines must equal."""
     def run(f, *args):
         with monkeypatch.context() as m:
             m.setattr(native, "_amx", False)
+            m.setattr(native, "_vnni", False)
+            assert native.int8_engine() is None
             return f(*args)
     return run
 
@@ -31,20 +47,24 @@ def _layers(dims, bias, seed=0):
 
 
 def _reference_packing(w: torch.Tensor) -> torch.Tensor:
-    """The tile layout in torch ops: pad [N, K] to [16a, 64b], then tile (column block, k block)
-    holds row r = k // 4 of 16 columns x 4 codes."""
+    """The layout in torch ops: pad [N, K] to [16a, 64b], then tile (column block, k block) holds
+    row r = k // 4 of 16 columns x 4 codes; then int32 128 * sum_k w[n, k] over the padded N."""
     n, k = w.shape
     npad, kpad = -n % 16, -k % 64
     wp = torch.nn.functional.pad(w, (0, kpad, 0, npad))
     nb, kb = wp.shape[0] // 16, wp.shape[1] // 64
-    return wp.view(nb, 16, kb, 16, 4).permute(0, 2, 3, 1, 4).reshape(-1)
+    tiles = wp.view(nb, 16, kb, 16, 4).permute(0, 2, 3, 1, 4).reshape(-1)
+    offsets = (wp.long().sum(1) * 128).to(torch.int32)
+    return torch.cat([tiles, offsets.view(torch.int8)])
 
 
 @pytest.mark.parametrize("n,k", [(1, 1), (16, 64), (17, 65), (48, 13), (256, 367), (5, 130)])
-def test_pack_is_the_tile_layout(n, k):
+def test_pack_is_the_tile_layout_then_the_column_offsets(n, k):
+    if native.int8_engine() is None:
+        pytest.skip(f"no int8 engine here (native: {native.native_status()})")
     w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
-    assert torch.equal(native.amx_pack(w), _reference_packing(w))
-    assert torch.equal(native.amx_pack(w.t().contiguous().t()), _reference_packing(w))  # strided input
+    assert torch.equal(native.int8_pack(w), _reference_packing(w))
+    assert torch.equal(native.int8_pack(w.t().contiguous().t()), _reference_packing(w))  # strided input
 
 
 @pytest.mark.parametrize("rows", [1, 31, 32, 33, 100, 1000])
@@ -52,7 +72,7 @@ def test_pack_is_the_tile_layout(n, k):
                                         ((65, 17, 33, 1), (True, False, False)), ((64, 48), (False,)),
                                         ((1, 1), (True,)), ((130, 5), (False,))])
 @pytest.mark.parametrize("bias", [True, False])
-def test_mlp_equals_the_int_mm_passes(int_mm_path, rows, dims, relus, bias):
+def test_mlp_equals_the_int_mm_passes(engine, int_mm_path, rows, dims, relus, bias):
     qws, scales, biases = _layers(dims, bias)
     x = torch.randn(rows, dims[0]) * 3
     got = ops.int8_mlp(x, qws, scales, biases, list(relus))
@@ -60,14 +80,14 @@ def test_mlp_equals_the_int_mm_passes(int_mm_path, rows, dims, relus, bias):
     assert torch.equal(got, want)
 
 
-def test_single_layer_equals_the_reference_bit_for_bit():
+def test_single_layer_equals_the_reference_bit_for_bit(engine):
     qws, scales, biases = _layers((367, 256), True)
     x = torch.randn(517, 367)
     got = ops.int8_linear(x, qws[0], scales[0], biases[0], "int_mm")
     assert torch.equal(got, int8_linear_ref(x, qws[0], scales[0], biases[0]))
 
 
-def test_full_range_codes_accumulate_exactly(int_mm_path):
+def test_full_range_codes_accumulate_exactly(engine, int_mm_path):
     """Every weight and activation code at +-127 over K = 4096: int32 sums of 66e6, exact."""
     k, n = 4096, 48
     qw = torch.where(torch.rand(n, k) < 0.5, 127, -127).to(torch.int8)
@@ -80,7 +100,25 @@ def test_full_range_codes_accumulate_exactly(int_mm_path):
     assert torch.equal(got, int_mm_path(ops.int8_linear, x, qw, s, None, "int_mm"))
 
 
-def test_non_finite_rows_stay_in_their_rows(int_mm_path):
+def test_sums_past_int32_wrap_back_to_the_exact_product(engine, int_mm_path):
+    """K = 70,000 codes of 127: the exact product 127^2 K = 1.13e9 fits in int32, but the VNNI
+    engine's sum((a + 128) w) = 255 * 127 * K = 2.27e9 does not; it wraps, and so does the column
+    offset it subtracts, so the difference is exact again."""
+    k = 70_000
+    qw = torch.full((3, k), 127, dtype=torch.int8)
+    qw[1] = -127
+    qw[2, ::2] = -127
+    x = torch.ones(5, k)
+    x[1] = -1.0
+    s = torch.full((3,), 1e-3)
+    got = ops.int8_linear(x, qw, s, None, "int_mm")
+    assert got[0, 0].item() == pytest.approx(127 * k * 1e-3, rel=1e-6)
+    assert got[1, 1].item() == pytest.approx(127 * k * 1e-3, rel=1e-6)
+    assert torch.equal(got, int_mm_path(ops.int8_linear, x, qw, s, None, "int_mm"))
+    assert torch.equal(got, int8_linear_ref(x, qw, s, None))
+
+
+def test_non_finite_rows_stay_in_their_rows(engine, int_mm_path):
     qws, scales, biases = _layers((70, 40, 24), True)
     x = torch.randn(50, 70)
     x[3, 5], x[34, 0], x[49, 69] = float("nan"), float("inf"), -float("inf")
@@ -93,7 +131,7 @@ def test_non_finite_rows_stay_in_their_rows(int_mm_path):
     assert torch.equal(got[keep], want[keep])
 
 
-def test_thread_count_does_not_change_bits():
+def test_thread_count_does_not_change_bits(engine):
     qws, scales, biases = _layers((367, 256, 128), True)
     x = torch.randn(2048, 367)
     threads = torch.get_num_threads()
@@ -107,7 +145,7 @@ def test_thread_count_does_not_change_bits():
     assert torch.equal(one, two)
 
 
-def test_half_input_single_layer(int_mm_path):
+def test_half_input_single_layer(engine, int_mm_path):
     qws, scales, biases = _layers((96, 40), True)
     x = torch.randn(33, 96).to(torch.bfloat16)
     got = ops.int8_linear(x, qws[0], scales[0], biases[0], "int_mm", True)
@@ -115,7 +153,7 @@ def test_half_input_single_layer(int_mm_path):
     assert torch.equal(got, int_mm_path(ops.int8_linear, x, qws[0], scales[0], biases[0], "int_mm", True))
 
 
-def test_an_in_place_weight_update_repacks(int_mm_path):
+def test_an_in_place_weight_update_repacks(engine, int_mm_path):
     qws, scales, biases = _layers((64, 32), False)
     x = torch.randn(20, 64)
     before = ops.int8_linear(x, qws[0], scales[0], None, "int_mm")
