@@ -15,8 +15,8 @@ served by fbgemm's own dynamic linear (per-TENSOR uint8 activations, no per-toke
 it): speed and AUROC of the alternative the team has to decide on (README, "Measured").
 Ablations: ``exported_unchained``, the artifact with its int8 layers called one by one instead of
 as ``hwaware::int8_mlp`` chains, and with the lookups and the float interaction rows written out (the
-same output bits, so speed only); ``exported_without_amx``, the artifact with the AMX path switched
-off, as a CPU without AMX-INT8 would run it.
+same output bits, so speed only); ``exported_without_amx``, the artifact with the AMX engine switched
+off, so its int8 pass runs on VNNI, as a CPU with VNNI but without AMX-INT8 would run it.
 """
 from __future__ import annotations
 
@@ -71,9 +71,10 @@ def per_tensor_variant(served: nn.Module) -> nn.Module:
 
 
 class _WithoutAMX(nn.Module):
-    """Ablation: the same artifact with hwaware's AMX path switched off around each call, so its int_mm
-    layers run through ``torch._int_mm`` (VNNI here): this artifact on a CPU without AMX-INT8 (an export
-    made on one would time its layers there and might choose other implementations)."""
+    """Ablation: the same artifact with hwaware's AMX engine switched off around each call, so its
+    int_mm layers run on the VNNI engine (where the CPU has VNNI; else ``torch._int_mm``): this
+    artifact on a CPU with VNNI but without AMX-INT8 (an export made on one would time its layers
+    there and might choose other implementations)."""
 
     def __init__(self, served: nn.Module) -> None:
         super().__init__()

@@ -6,6 +6,10 @@ What the whole-model numbers in benchmarks/bench_export_recsys.py are made of, a
 - every Linear of the recipe's DLRM (13->64, 64->16, 367->256, 256->128, 128->1), each followed by
   its ReLU where the model has one: ``hwaware::int8_linear`` with each CPU implementation (ReLU
   fused), against fp32 ``F.linear`` + ``torch.relu``;
+- the top MLP's int8 layers (367->256->128, ReLU after each) from the interaction's int8 codes,
+  ``hwaware::int8_mlp_quantized``, on each engine of hwaware's int8 pass this CPU has (AMX tiles;
+  VNNI, which a CPU without AMX runs) and with neither (``torch._int_mm`` between the C passes:
+  oneDNN, which uses AMX itself where it may), against fp32 ``F.linear`` + ``torch.relu`` twice;
 - one embedding lookup (2048 single-row bags, 16 wide, a 48,000-row table): the deploy module, the
   op, fbgemm's kernel alone, the op's bounds check alone, and FP32 ``nn.EmbeddingBag``;
 - all 26 tables of the recipe DLRM (dim 16, int8 rows, one batch of generated Criteo-schema ids):
@@ -42,6 +46,7 @@ from torch import nn
 import hwaware.ops  # noqa: F401  (registers torch.ops.hwaware.*)
 from hwaware.export.deploy import RowwiseEmbeddingBag
 from hwaware.ops import INT8_KERNELS, packing
+from hwaware.ops.reference import quantize_per_token_ref
 from hwaware.quant import native
 
 from _results import cpu_device, write_json  # benchmarks/_results.py
@@ -81,6 +86,37 @@ def linears(rounds: int) -> list:
         rows.append({"shape": [BATCH, k, n], "relu": relu, "us": us,
                      "time_vs_fp32": {name: t / us["fp32"] for name, t in us.items()}})
     return rows
+
+
+def top_mlp(rounds: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    x = torch.relu(torch.randn(BATCH, 367, generator=g))
+    ws = [torch.randn(n, k, generator=g) / k**0.5 for k, n in ((367, 256), (256, 128))]
+    bs = [torch.randn(n, generator=g) for n in (256, 128)]
+    qws, scales = zip(*(packing.quantize_int8_weight(w) for w in ws))
+    codes, sx = quantize_per_token_ref(x)
+
+    def on(amx: bool, vnni: bool) -> Callable[[], object]:
+        def run():
+            saved = native._amx, native._vnni
+            native._amx, native._vnni = amx, vnni
+            try:
+                return torch.ops.hwaware.int8_mlp_quantized(codes, sx, list(qws), list(scales), bs, [True, True])
+            finally:
+                native._amx, native._vnni = saved
+        return run
+
+    fns = {"fp32": lambda: torch.relu(F.linear(torch.relu(F.linear(x, ws[0], bs[0])), ws[1], bs[1]))}
+    if native.amx_available():
+        fns["amx"] = on(True, False)
+    if native.vnni_available():
+        fns["vnni"] = on(False, True)
+    fns["int_mm_passes"] = on(False, False)
+    outs = {name: fn() for name, fn in fns.items() if name != "fp32"}
+    first = next(iter(outs.values()))
+    assert all(torch.equal(o, first) for o in outs.values()), "the engines must give the same bits"
+    us = _interleaved_us(fns, rounds, calls=5)
+    return {"shape": [BATCH, 367, 256, 128], "us": us, "time_vs_fp32": {name: t / us["fp32"] for name, t in us.items()}}
 
 
 def embedding(rounds: int) -> dict:
@@ -212,6 +248,7 @@ def main() -> None:
             "device": cpu_device(),
             "torch": torch.__version__,
             "linears": linears(args.rounds),
+            "top_mlp": top_mlp(args.rounds),
             "embedding": embedding(args.rounds),
             "embedding_tables": embedding_tables(args.rounds),
             "lookups_and_interaction": lookups_and_interaction(args.rounds),
@@ -220,6 +257,7 @@ def main() -> None:
     result["dispatch"] = dispatch(args.rounds)
     for r in result["linears"]:
         print(r["shape"], {k: round(v) for k, v in r["us"].items()})
+    print("top MLP", {k: round(v) for k, v in result["top_mlp"]["us"].items()})
     print("embedding", {k: round(v, 1) for k, v in result["embedding"]["us"].items()})
     print("embedding tables", {k: round(v, 2) for k, v in result["embedding_tables"]["time_vs_fp32"].items()})
     print("lookups + interaction", {k: round(v, 2) for k, v in result["lookups_and_interaction"]["time_vs_fp32"].items()})
