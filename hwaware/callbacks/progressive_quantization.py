@@ -79,7 +79,7 @@ class ProgressiveQuantization(Callback):
             the FBGEMM layout; ``None`` leaves tables in FP32). Must be ``per_row``.
         skip: ``fnmatch`` patterns of layer names to leave in FP32 (``"top_mlp.4"``, ``"*.head"``).
         kl_threshold: per-layer KL (nats, mean per sample, see :func:`hwaware.quant.kl.channel_kl`) above
-            which a layer violates; 0.01 is about 17 dB SQNR (int8 layers read ~1e-5, int4 ~3e-3).
+            which a layer violates; by channel_kl's ``0.5 * 10^(-SQNR/10)``, 0.01 is about 17 dB SQNR.
         on_kl_violation: ``"fallback"`` (raise the layer's precision to int8, then FP32, and
             re-validate), ``"warn"`` or ``"raise"`` (:class:`hwaware.quant.kl.KLViolationError`).
         validation_batches: validation batches used for KL (logged each epoch and at the end).

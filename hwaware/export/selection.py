@@ -45,8 +45,9 @@ __all__ = ["capture_rows", "select_sparse24_kernels", "select_int8_kernels", "ti
 
 # The CPU features that decide which int8 implementation is fast: AMX-INT8 and VNNI (hwaware's int8
 # pass, oneDNN's _int_mm, fbgemm's 512-bit kernels), AVX-512 and AVX2/FMA (everything's width).
-# A kernel timed on a CPU with one of them can be many times slower on a CPU without it
-# (DESIGN.md: _int_mm 10-100x fp32's time on AVX2).
+# A kernel timed on a CPU with one of them can be many times slower on a CPU without it, and each
+# implementation's speed depends on the CPU, which is why the export times them (see
+# benchmarks/results/export_portability_cpu.json: runs with cpu "avx2" against "this_cpu", kernels.*.us).
 _ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8")
 
 # an int8 2:4 layer's candidate (selection's name) and op kernel (sparse24_linear's) that run each
@@ -126,7 +127,7 @@ def time_us(fn: Callable[[], Any], budget_s: float = 0.05, min_runs: int = 5, wa
 
     The minimum, not the median: on a machine busy with other work (another process, a second
     OpenMP thread descheduled for a scheduler tick) most runs of a multi-threaded kernel can take
-    milliseconds longer than the kernel does, which chose a 10x slower implementation here under
+    milliseconds longer than the kernel does, which chose a much slower implementation here under
     load; interference only ever adds time, so the fastest run is the kernel's own cost.
 
     With ``give_up_us``, a candidate whose first two runs are both slower than that returns the

@@ -229,7 +229,7 @@ def _define(schema: str) -> Callable[[Callable], _Op]:
 
 def _version(t: Tensor) -> int:
     # inference tensors track no version (they are not modified outside inference mode); asking
-    # raises, and the raise cost ~19 us per tensor, more than the cached op's whole overhead
+    # raises, and the raise costs more than the cached op's whole overhead
     return -1 if t.is_inference() else t._version
 
 
@@ -243,7 +243,7 @@ class _PackCache:
     tensor never returns a stale entry). An entry is dropped when one of its source tensors is
     freed, so there is no count limit: serving holds one derived copy per live weight. (A 32-entry
     LRU used to be here; a model with more cached layers than that missed on every call and
-    rebuilt every weight, 5x the int4 layer's time at 40 layers.)
+    rebuilt every weight, which made the int4 layer several times slower.)
     """
 
     def __init__(self) -> None:
@@ -334,8 +334,10 @@ def _prepack_int8(qweight: Tensor, w_scale: Tensor):
 #             or VNNI (AVX-512 VNNI, AVX-VNNI), the whole layer (or int8_mlp's run of layers) is one
 #             C pass, a block of rows at a time through every layer, its product on AMX tiles or
 #             VPDPBUSD (native.int8_mlp), the same bits. Elsewhere the product is torch._int_mm
-#             (oneDNN's s8s8s32 gemm). DESIGN.md measured _int_mm 10-100x slower than fp32 on
-#             AVX2-only CPUs.
+#             (oneDNN's s8s8s32 gemm), whose speed against fp32 depends on the CPU and the layer:
+#             under AVX2 caps it beat "dequant" (an fp32 GEMM) on the recipe's large layers and lost
+#             on the small ones (benchmarks/results/export_portability_cpu.json, runs with cpu "avx2",
+#             kernels.*.us), which is why the export times every implementation.
 #   "fbgemm": fbgemm's dynamic linear on per-token pre-scaled rows (below): fast on AVX2 too, but
 #             fbgemm quantizes per tensor (uint8 affine), so it approximates the per-token math
 #             (~42 dB SQNR against int8_linear_ref).
@@ -381,8 +383,8 @@ def int8_linear(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tens
 
 
 # Scratch buffers of the int_mm path (codes, int32 accumulator), reused across calls per thread.
-# Fresh multi-MB temporaries come back from glibc as new pages every call: at M=2048, K=N=1024 the
-# op took 3,700 page faults and 7.7 ms per call against 3.0 ms for its three parts run alone.
+# Fresh multi-MB temporaries come back from glibc as new pages every call, and the page faults made
+# the op much slower than its three parts run alone.
 _SCRATCH = threading.local()
 
 
@@ -570,7 +572,7 @@ def _int8_linear_prepacked(x: Tensor, packed, n: int, bias: Optional[Tensor]) ->
     x2d = x.reshape(-1, k).float()
     if x2d.shape[0] == 0:
         return x.new_zeros((*x.shape[:-1], n))
-    # max|x| per row as max(amax, -amin): two reductions, no |x| temporary (~15% faster than abs().amax here)
+    # max|x| per row as max(amax, -amin): two reductions, no |x| temporary (faster than abs().amax here)
     a = torch.maximum(x2d.amax(dim=1, keepdim=True), x2d.amin(dim=1, keepdim=True).neg_())
     a = torch.where(a > 0, a, torch.ones_like(a))  # all-zero rows stay zero
     y = torch.ops.quantized.linear_dynamic(x2d / a, packed, REDUCE_RANGE)
@@ -593,8 +595,8 @@ def int4_linear(x: Tensor, packed: Tensor, scales: Tensor, zeros: Optional[Tenso
                 bias: Optional[Tensor]) -> Tensor:
     """Weight-only int4 linear, CPU: the weight is dequantized once to fp32 (cached), then F.linear.
 
-    No int4 CPU kernel here beats that: ``aten._weight_int4pack_mm_for_cpu`` is 10-100x slower than
-    fp32 on these machines (DESIGN.md, "Measured facts").
+    No int4 CPU kernel here beats that: ``aten._weight_int4pack_mm_for_cpu`` was much slower than
+    fp32 on the CPUs this was developed on.
     """
     _check_int4_linear(x, packed, scales, zeros, group_size, bias)
     w = _CACHE.get((packed, scales, zeros), ("int4_linear", group_size),

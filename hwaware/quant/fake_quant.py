@@ -123,7 +123,7 @@ class FakeQuantizer(nn.Module):
             if not self.quantize:
                 return x
             y, _, _, stat = P.fake_quantize_dynamic(x, self.spec)
-            self.__dict__["_last_range"] = (stat,)  # hot path: skip nn.Module.__setattr__ (~11 us)
+            self.__dict__["_last_range"] = (stat,)  # hot path: skip nn.Module.__setattr__ (slow)
             return y
         if self.learned_scale is not None:  # LSQ: the scale is a parameter, nothing is observed
             if not self.quantize:

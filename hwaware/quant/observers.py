@@ -282,8 +282,8 @@ def _window_kl(hist: np.ndarray, a: np.ndarray, b: np.ndarray, num_levels: int) 
 
     Q is constant within a level, so the sum over bins collapses to sums over levels of prefix
     sums (counts, non-zero counts, ``h log h``): ``[K, num_levels]`` work instead of ``[K, B]``.
-    numpy, not torch: these ops are ~0.5M elements, where torch goes multi-threaded, and on this
-    2-core CPU shared with other jobs each such op took ~8 ms instead of ~0.1 ms.
+    numpy, not torch: these ops are ~0.5M elements, where torch goes multi-threaded, and on a small
+    CPU shared with other jobs each such op took many times longer than it does single-threaded.
     """
     m = num_levels
     total = hist.sum()

@@ -60,8 +60,8 @@ def channel_minmax(x2d: Tensor) -> Tuple[Tensor, Tensor]:
 
 # Row offsets below this are flushed to exactly 0 (row-wise FBGEMM layout). Adam's weight decay
 # drives rarely seen embedding rows geometrically toward 0 (~3e-38 after a few epochs of the
-# recipe); their products in a dot interaction are denormal, which x86 computes ~10x slower
-# (bmm 4.8 ms vs 0.46 ms on the recipe's [2048, 27, 16] interaction). No model can tell 5e-20 from 0.
+# recipe); their products in a dot interaction are denormal, which x86 computes far more slowly
+# (the recipe's bmm interaction slowed down markedly). No model can tell 5e-20 from 0.
 OFFSET_FLUSH = 2.0 ** -64
 
 
@@ -73,8 +73,8 @@ def channel_range(x2d: Tensor, spec: QuantSpec) -> Tuple[Tensor, Tensor]:
     """What :func:`compute_qparams` needs of a ``[C, n]`` view, as cheaply as possible.
 
     Narrow-range symmetric qparams depend only on ``max|x|``, so ``(-max|x|, max|x|)`` gives
-    identical scales; ``abs().amax()`` is ~7x faster than ``aminmax`` on a [1024, 367] activation
-    here (58 vs 391 us). Everything else gets the true per-row ``(min, max)``.
+    identical scales; ``abs().amax()`` was much faster than ``aminmax`` on the recipe's activations
+    here. Everything else gets the true per-row ``(min, max)``.
     """
     if spec.symmetric and spec.narrow_range:
         a = x2d.detach().abs().amax(dim=1).float()

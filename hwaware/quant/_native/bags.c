@@ -143,7 +143,7 @@ static inline int bag_chunk(const uint8_t *w, int64_t r, int64_t c, int b8, cons
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 /* Single-id bags (DLRM's lookups): out row b = fma(scale, codes, 0 + bias), the value bag_chunk
- * gives, with one id load per row and no bag bookkeeping (bag_chunk's generality cost ~2x here).
+ * gives, with one id load per row and no bag bookkeeping (bag_chunk's generality was slower here).
  * Returns 1 when an id is out of range (that row is left unwritten). */
 static int single_rows(const uint8_t *w, int64_t r, int64_t c, int b8, int64_t dim, const void *idx, int is64,
                        int64_t first, int64_t is, int64_t b0, int64_t b1, float *out) {
@@ -180,7 +180,7 @@ int hw_rowwise_bags(const uint8_t *const *weights, const int64_t *meta, int64_t 
     }
     int oob = 0;
     /* table-major: one table's rows stay in cache while its bags are summed (sample-major order,
-     * all T tables per sample, ran 2-3x slower than fbgemm's per-table calls on the recipe DLRM) */
+     * all T tables per sample, ran slower than fbgemm's per-table calls on the recipe DLRM) */
     if (nbags == 0) return first_bad_id(rows, ntab, idx, is64, ts, is, n, info); /* no bag reads an id; all are checked */
     int single = n == nbags; /* one id per bag (offsets 0, 1, ..., n - 1): the common CTR case */
     for (int64_t b = 0; single && b < nbags; ++b) single = id_at(offsets, is64, b) == b;

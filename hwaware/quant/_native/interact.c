@@ -13,10 +13,9 @@
  * fma(v_i[d], v_j[d], acc) over d = 0..D-1 in order for every sample (the last block is padded with
  * zero samples), so a sample's result depends neither on the thread count nor on its position in
  * the batch, and is the same bits with AVX-512 and with AVX2 (tested). Against the per-sample pass
- * below (whose scalar transposition into T[d][j] took ~40% of its time) the forward went from 0.57x
- * to 0.36x the torch ops' time with AVX-512 (benchmarks/bench_ops_cpu.py, "interaction"); built for
- * AVX2 (x86-64-v3) the 8-lane blocks took the recipe DLRM's interaction from 3.65 to 1.26 ms a batch
- * of 2048 (torch.profiler under the AVX2 caps of benchmarks/bench_export_portability.py).
+ * below (whose scalar transposition into T[d][j] took a large share of its time) the blocks made the
+ * forward faster, with AVX-512 and built for AVX2 (x86-64-v3) alike; benchmarks/bench_ops_cpu.py
+ * writes the forward's time against the torch ops' to benchmarks/results/ops_cpu.json ("interaction").
  *
  * Without either, per sample: the V vectors are transposed into T[d][j] (j padded to a multiple of
  * 16 with zeros) so 16 dots of row i are D multiply-adds on one register, accumulated over d in

@@ -25,7 +25,7 @@
 #ifdef __AVX512F__
 static inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
 
-/* One row, AVX-512 (gcc's auto-vectorized generic loop ran 2-3x slower, mostly in its scalar tails). */
+/* One row, AVX-512 (gcc's auto-vectorized generic loop was slower, mostly in its scalar tails). */
 static void quant_row(const float *xr, int64_t cols, int8_t *qr, float *scale_out) {
     __m512 vm0 = _mm512_setzero_ps(), vm1 = _mm512_setzero_ps();
     int64_t c = 0;
@@ -49,8 +49,8 @@ static void quant_row(const float *xr, int64_t cols, int8_t *qr, float *scale_ou
     *scale_out = (nan || !(m <= 3.4028234663852886e+38f)) ? NAN : s;
 }
 #elif defined(__AVX2__)
-/* One row, AVX2: the AVX-512 pass on 8 lanes (the generic loop's max reduction did not vectorize:
- * 2.5x this pass's time at 2048 x 367). The max is exact in any order; the codes are the same
+/* One row, AVX2: the AVX-512 pass on 8 lanes (the generic loop's max reduction did not vectorize,
+ * which made it much slower). The max is exact in any order; the codes are the same
  * operations per value, so the same bits as the generic loop and the AVX-512 pass. */
 static void quant_row(const float *xr, int64_t cols, int8_t *qr, float *scale_out) {
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
@@ -481,7 +481,7 @@ int hw_int8_mlp(int32_t engine, const float *x, const int8_t *qx, const float *s
     {
         /* two code buffers (this layer's input, the next one's), the int32 block, a float row, and every
          * layer's scales and bias widened to double once (epilogue_row_d: two fewer conversions per
-         * output than epilogue_row, 0.89-0.92x this pass's time at 367->256->128 in an in-process A/B) */
+         * output than epilogue_row, which made this pass a little faster) */
         int8_t *codes = (int8_t *)calloc((size_t)(2 * MLP_ROWS * kmax), 1);
         int32_t *acc = (int32_t *)malloc((size_t)(MLP_ROWS * kmax) * sizeof(int32_t));
         float *buf = (float *)malloc((size_t)nmax * sizeof(float));
