@@ -9,14 +9,15 @@ the fastest; ``int_mm`` wins on AMX tiles. The older CPUs are this one with each
 its own switch, in one child process each:
 
 ``no_amx``  hwaware's AMX pass off (``HWAWARE_NO_AMX=1``) and oneDNN capped below AMX
-            (``ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI``; uncapped, its ``_int_mm`` uses the tiles, 230 µs
-            against 300 µs at 2048x368x256 here): an AVX-512 VNNI server.
+            (``ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI``; uncapped, its ``_int_mm`` runs faster, on the
+            tiles): an AVX-512 VNNI server.
 ``avx2``    also torch (``ATEN_CPU_CAPABILITY=avx2``), oneDNN (``ONEDNN_MAX_CPU_ISA=AVX2``),
             fbgemm (``FBGEMM_ENABLE_INSTRUCTIONS=AVX2``) and MKL capped at AVX2, and hwaware's C
             library built for ``x86-64-v3`` (``HWAWARE_NATIVE_ARCH``): an AVX2-only CPU.
 
 In each, interleaved at batch 2048: FP32 eager (the recipe's architecture; its weights do not change
-speed), the artifact on its recorded kernels, and the artifact re-timed there; plus the AUROC of
+speed), the artifact on its recorded kernels, the artifact re-timed there, and where hwaware's int8
+pass has an engine there (AMX tiles; VNNI), the recorded artifact with it switched off; plus the AUROC of
 both artifact variants on the recipe's validation split (the re-timed one may only pick
 implementations that passed the export gate on their own, ``regression.by_impl``).
 """
@@ -45,6 +46,25 @@ CPUS = {
 NUM_SAMPLES, SEED = 400_000, 0
 
 
+class _WithoutEngine(torch.nn.Module):
+    """The artifact with hwaware's int8 pass switched off around each call: its int_mm layers run
+    ``torch._int_mm`` between the C passes (oneDNN, capped like the rest of the process)."""
+
+    def __init__(self, served: torch.nn.Module) -> None:
+        super().__init__()
+        self.served = served
+
+    def forward(self, *args):
+        from hwaware.quant import native
+
+        saved = native._amx, native._vnni
+        native._amx, native._vnni = False, False
+        try:
+            return self.served(*args)
+        finally:
+            native._amx, native._vnni = saved
+
+
 def child(path: str, batches: int, rounds: int, num_samples: int) -> dict:
     import hwaware
     from hwaware.export import read_manifest
@@ -61,11 +81,13 @@ def child(path: str, batches: int, rounds: int, num_samples: int) -> dict:
     dm = CriteoDataModule(num_samples=num_samples, batch_size=2048, seed=SEED)
     dm.setup("fit")
     inputs = [(b["dense"], b["sparse"]) for _, b in zip(range(batches), dm.val_dataloader())]
-    timing = compare_throughput({"fp32": fp32, "recorded_kernels": recorded, "measured_here": measured}, inputs,
-                                batch_size=2048, rounds=rounds)
+    contenders = {"fp32": fp32, "recorded_kernels": recorded, "measured_here": measured}
+    if native.int8_engine() is not None:  # what hwaware's int8 pass buys on this CPU: the same bits without it
+        contenders["recorded_without_int8_engine"] = _WithoutEngine(recorded)
+    timing = compare_throughput(contenders, inputs, batch_size=2048, rounds=rounds)
     val = dm.val_dataloader()
     return {
-        "native": native.native_status(), "amx_in_use": native.amx_available(),
+        "native": native.native_status(), "amx_in_use": native.amx_available(), "int8_engine": native.int8_engine(),
         "torch_capability": torch.backends.cpu.get_cpu_capability(),
         "kernels": {name: {"recorded": r["recorded"], "measured_here": r["op_kernel"],
                            "us": {c: e.get("us") for c, e in r["measured"].items()}}
@@ -104,7 +126,9 @@ def main() -> None:
             models = r["throughput"]["models"]
             changes = ", ".join(f"{n} {k['recorded']}->{k['measured_here']}" for n, k in r["kernels"].items())
             print(f"{os.path.basename(path)} on {cpu}: FP32 1.00x, recorded kernels {models['recorded_kernels']['ratio']:.2f}x, "
-                  f"re-timed here {models['measured_here']['ratio']:.2f}x; AUROC {r['auroc']['recorded_kernels']:.5f} / "
+                  f"re-timed here {models['measured_here']['ratio']:.2f}x"
+                  + (f", without the {r['int8_engine']} engine {models['recorded_without_int8_engine']['ratio']:.2f}x"
+                     if r["int8_engine"] else "") + f"; AUROC {r['auroc']['recorded_kernels']:.5f} / "
                   f"{r['auroc']['measured_here']:.5f}; {changes}")
             runs.append({"artifact": path, "cpu": cpu, "env": env, "exported_on": manifest.get("selection_cpu"),
                          "gate_by_impl": (manifest.get("regression") or {}).get("by_impl"), **r})
