@@ -84,6 +84,8 @@ def recipe_drop(argv: list) -> dict:
         "fp32_auroc": report["fp32"]["auroc"], "qat_auroc": report["qat"]["auroc"],
         "auroc_drop": report["auroc_drop"], "target_max_drop": 0.001, "passed": report["auroc_drop"] <= 0.001,
         "fallback_layers": report["fallback_layers"], "output_kl": report["output_kl"], "seconds": report["seconds"],
+        # the QAT weights evaluated with quantization off: how much of the drop is quantization itself
+        "qat_weights_fp32_auroc": report["qat_weights_fp32_auroc"], "quantization_cost": report["quantization_cost"],
     }
 
 
