@@ -334,10 +334,10 @@ def _prepack_int8(qweight: Tensor, w_scale: Tensor):
 #             or VNNI (AVX-512 VNNI, AVX-VNNI), the whole layer (or int8_mlp's run of layers) is one
 #             C pass, a block of rows at a time through every layer, its product on AMX tiles or
 #             VPDPBUSD (native.int8_mlp), the same bits. Elsewhere the product is torch._int_mm
-#             (oneDNN's s8s8s32 gemm), whose speed against fp32 depends on the CPU and the layer:
-#             under AVX2 caps it beat "dequant" (an fp32 GEMM) on the recipe's large layers and lost
-#             on the small ones (benchmarks/results/export_portability_cpu.json, runs with cpu "avx2",
-#             kernels.*.us), which is why the export times every implementation.
+#             (oneDNN's s8s8s32 gemm) where it is exact, and on CPUs where it saturates (no VNNI,
+#             no AMX: _int_mm_exact_here) an fp32 GEMM over the codes, exact too, at about fp32's
+#             speed plus the two C passes. Each implementation's speed depends on the CPU and the
+#             layer, which is why the export times them all.
 #   "fbgemm": fbgemm's dynamic linear on per-token pre-scaled rows (below): fast on AVX2 too, but
 #             fbgemm quantizes per tensor (uint8 affine), so it approximates the per-token math
 #             (~42 dB SQNR against int8_linear_ref).
@@ -400,6 +400,55 @@ def _workspace(kind: str, numel: int, dtype: torch.dtype) -> Tensor:
     return buf[:numel]
 
 
+# torch._int_mm on CPU is oneDNN's s8s8s32 gemm. On CPUs without VNNI or AMX its kernels multiply
+# unsigned by signed bytes in pairs that saturate at int16 (VPMADDUBSW on the codes + 128): the
+# int32 "product" is then off by up to ~1.6e7 at K = 1024 with full-range codes (measured here with
+# oneDNN capped at AVX2 or AVX-512 without VNNI; tests/ops/test_int8_linear_exact.py). hwaware's
+# int8 pass covers the CPUs with VNNI or AMX; on the others the product runs as an fp32 GEMM, exact.
+_INT_MM_EXACT: Optional[bool] = None
+_EXACT_FP32_K = 1024  # 1024 * 127^2 < 2^24: every partial sum of a chunk is an integer fp32 holds exactly
+
+
+def _int_mm_exact_here() -> bool:
+    """Whether ``torch._int_mm`` gives the exact product on this CPU: probed once, on codes at +-127
+    (where the saturating kernels go wrong) at a small and a GEMM-sized shape."""
+    global _INT_MM_EXACT
+    if _INT_MM_EXACT is None:
+        ok = True
+        for m, k, n in ((8, 64, 16), (64, 512, 64)):
+            a = torch.full((m, k), 127, dtype=torch.int8)
+            a[1::2] = -127
+            b = torch.full((k, n), 127, dtype=torch.int8)
+            b[:, 1::2] = -127
+            b[: k // 3, 2::4] = 5
+            ok = ok and torch.equal(torch._int_mm(a, b), (a.double() @ b.double()).to(torch.int32))
+        _INT_MM_EXACT = ok
+    return _INT_MM_EXACT
+
+
+def _fp32_matmul_is_ieee() -> bool:
+    """False when the user let float32 matmuls run at lower precision (bf16 / tf32 on CPU)."""
+    mkl = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    return torch.get_float32_matmul_precision() == "highest" and getattr(mkl, "fp32_precision", "none") in ("none", "ieee")
+
+
+def _int_mm_fp32(q: Tensor, qw: Tensor, out: Tensor) -> Tensor:
+    """``torch._int_mm(q, qw.t())``, exactly, as float GEMMs: the codes as float32 in K-chunks of
+    ``_EXACT_FP32_K`` (each chunk's sums are integers below 2^24, exact in any summation order),
+    the chunks added in int32; float64 where float32 matmuls may run at lower precision."""
+    k = q.shape[1]
+    if not _fp32_matmul_is_ieee():
+        return out.copy_(torch.mm(q.double(), qw.double().t()))  # |sum| < 2^53 for any K that fits int32
+    wf = _CACHE.get((qw,), ("int_mm_fp32",), lambda: qw.float())  # [N, K], as dequant keeps its fp32 weight
+    for c in range(0, k, _EXACT_FP32_K):
+        part = torch.mm(q[:, c:c + _EXACT_FP32_K].float(), wf[:, c:c + _EXACT_FP32_K].t())
+        if c == 0:
+            out.copy_(part)
+        else:
+            out.add_(part.to(torch.int32))
+    return out
+
+
 def _int_mm_layers(x: Optional[Tensor], qweights: Sequence[Tensor], w_scales: Sequence[Tensor],
                    biases: Sequence[Optional[Tensor]], relus: Sequence[bool],
                    quantized: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
@@ -438,9 +487,16 @@ def _int_mm_layers(x: Optional[Tensor], qweights: Sequence[Tensor], w_scales: Se
         qs = native.quant_tokens_i8(xf, out=_workspace("q", m * k, torch.int8).view(m, k))
         q, sx = qs if qs is not None else quantize_per_token_ref(xf)
     for i, (qw, w_scale, bias, relu) in enumerate(zip(qweights, w_scales, biases, relus)):
-        wt = qw.t()  # a [K, N] view: _int_mm takes it as fast as a copy here
-        n = wt.shape[1]
-        acc = torch._int_mm(q, wt, out=_workspace("acc", m * n, torch.int32).view(m, n))  # int32 [M, N], exact
+        n = qw.shape[0]
+        # a [K, N] view: _int_mm takes it as fast as a copy here. At K = 1 the transpose of the
+        # contiguous [N, 1] codes has strides (1, 1), which torch 2.13's _int_mm reads past the end
+        # (garbage for N >= 2); the reshape is the same [1, N] with strides (N, 1).
+        wt = qw.t() if qw.shape[1] > 1 else qw.reshape(1, n)
+        acc = _workspace("acc", m * n, torch.int32).view(m, n)
+        if _int_mm_exact_here():
+            torch._int_mm(q, wt, out=acc)  # int32 [M, N], exact
+        else:
+            _int_mm_fp32(q, qw, acc)
         sw, b = w_scale.contiguous(), None if bias is None else bias.float().contiguous()
         if i < last:  # q is dead once _int_mm has read it: the next codes may reuse its buffer
             qs = native.w8a8_epilogue_quant(acc, sx, sw, b, relu, _workspace("q", m * n, torch.int8).view(m, n))
