@@ -275,6 +275,34 @@ def int8_pack(qweight: Tensor) -> Tensor:
     return out
 
 
+def _check_int8_mlp_args(x2d, packed, dims, w_scales, biases, relus, quantized) -> None:
+    """The C pass reads every buffer at the sizes ``dims`` imply: check them (ValueError) first."""
+    def flat(name, t, dtype, numel):
+        if not (isinstance(t, Tensor) and t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous()
+                and t.numel() == numel):
+            got = f"{t.dtype} {list(t.shape)} on {t.device}" if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"int8_mlp: {name} must be a contiguous CPU {dtype} tensor of {numel} elements, got {got}")
+
+    nl = len(packed)
+    if nl < 1 or not (len(dims) == nl + 1 and len(w_scales) == len(biases) == len(relus) == nl):
+        raise ValueError(f"int8_mlp: one packed weight, scale, bias and relu per layer and nlayers + 1 dims, got "
+                         f"{nl}, {len(w_scales)}, {len(biases)}, {len(relus)} and dims {list(dims)}")
+    if _load() is None:
+        return
+    for i in range(nl):
+        flat(f"packed[{i}]", packed[i], torch.int8, _lib.hw_int8_pack_bytes(dims[i + 1], dims[i]))
+        flat(f"w_scales[{i}]", w_scales[i], torch.float32, dims[i + 1])
+        if biases[i] is not None:
+            flat(f"biases[{i}]", biases[i], torch.float32, dims[i + 1])
+    if quantized is not None:
+        q, sx = quantized
+        rows = q.shape[0] if isinstance(q, Tensor) and q.dim() == 2 else -1
+        flat("codes", q, torch.int8, rows * dims[0])
+        flat("scales", sx, torch.float32, rows)
+    elif not (isinstance(x2d, Tensor) and x2d.dim() == 2 and x2d.shape[1] == dims[0]):
+        raise ValueError(f"int8_mlp: x2d must be [M, {dims[0]}], got {getattr(x2d, 'shape', type(x2d).__name__)}")
+
+
 def int8_mlp(x2d: Tensor, packed: Sequence[Tensor], dims: Sequence[int], w_scales: Sequence[Tensor],
              biases: Sequence[Optional[Tensor]], relus: Sequence[bool],
              quantized: Optional[Tuple[Tensor, Tensor]] = None) -> Optional[Tensor]:
@@ -284,6 +312,7 @@ def int8_mlp(x2d: Tensor, packed: Sequence[Tensor], dims: Sequence[int], w_scale
     ``x2d`` (pass None), its per-token codes and scales, contiguous int8 ``[M, dims[0]]`` and float32
     ``[M]``. None: no engine here."""
     engine = int8_engine()
+    _check_int8_mlp_args(x2d, packed, dims, w_scales, biases, relus, quantized)
     if quantized is not None:
         q, sx = quantized
         if not (engine and q.numel() > 0):

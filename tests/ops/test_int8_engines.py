@@ -67,10 +67,11 @@ def test_pack_is_the_tile_layout_then_the_column_offsets(n, k):
     assert torch.equal(native.int8_pack(w.t().contiguous().t()), _reference_packing(w))  # strided input
 
 
-@pytest.mark.parametrize("rows", [1, 31, 32, 33, 100, 1000])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 9, 17, 31, 32, 33, 100, 1000])
 @pytest.mark.parametrize("dims,relus", [((367, 256, 128), (True, True)), ((13, 64, 16), (True, False)),
                                         ((65, 17, 33, 1), (True, False, False)), ((64, 48), (False,)),
-                                        ((1, 1), (True,)), ((130, 5), (False,))])
+                                        ((1, 1), (True,)), ((1, 8), (False,)), ((1, 17, 3), (True, False)),
+                                        ((130, 5), (False,))])
 @pytest.mark.parametrize("bias", [True, False])
 def test_mlp_equals_the_int_mm_passes(engine, int_mm_path, rows, dims, relus, bias):
     qws, scales, biases = _layers(dims, bias)
@@ -78,6 +79,39 @@ def test_mlp_equals_the_int_mm_passes(engine, int_mm_path, rows, dims, relus, bi
     got = ops.int8_mlp(x, qws, scales, biases, list(relus))
     want = int_mm_path(ops.int8_mlp, x, qws, scales, biases, list(relus))
     assert torch.equal(got, want)
+    if len(dims) == 2:  # and the reference itself (K = 1 once tripped torch._int_mm on a strided view)
+        ref = int8_linear_ref(x, qws[0], scales[0], biases[0])
+        assert torch.equal(got, ref.relu() if relus[0] else ref)
+
+
+def test_codes_of_minus_128_multiply_exactly(engine, int_mm_path):
+    """Codes the per-token quantizer never makes (it stops at -127), handed in directly: the VNNI
+    engine's a + 128 is then 0, and the column offset still makes the product exact."""
+    qws, scales, biases = _layers((100, 40, 24), True)
+    g = torch.Generator().manual_seed(3)
+    codes = torch.randint(-128, 128, (37, 100), dtype=torch.int8, generator=g)
+    codes[0], codes[1, ::2] = -128, -128
+    sx = torch.rand(37, generator=g) * 1e-2
+    got = ops.int8_mlp_quantized(codes, sx, qws, scales, biases, [True, False])
+    want = int_mm_path(ops.int8_mlp_quantized, codes, sx, qws, scales, biases, [True, False])
+    assert torch.equal(got, want)
+    assert torch.equal(got, ops._int8_mlp_quantized_any(codes, sx, qws, scales, biases, [True, False]))
+
+
+def test_the_pass_checks_its_buffers_before_reading_them(engine):
+    w = torch.randint(-127, 128, (16, 64), dtype=torch.int8)
+    packed, s, b, x = native.int8_pack(w), torch.rand(16), torch.randn(16), torch.randn(5, 64)
+    assert torch.equal(native.int8_mlp(x, [packed], [64, 16], [s], [b], [True]),
+                       torch.relu(int8_linear_ref(x, w, s, b)))
+    for args, match in [(([packed[:-1]], [64, 16], [s], [b]), r"packed\[0\] must be .* of 1088 elements"),
+                        (([packed], [64, 17], [s], [b]), r"packed\[0\] must be .* of 2176 elements"),
+                        (([packed], [64, 16], [s[:3]], [b]), r"w_scales\[0\]"),
+                        (([packed], [64, 16], [s], [b.double()]), r"biases\[0\]"),
+                        (([packed], [64, 16, 8], [s], [b]), "nlayers \\+ 1 dims")]:
+        with pytest.raises(ValueError, match=match):
+            native.int8_mlp(x, *args, [True])
+    with pytest.raises(ValueError, match="codes must be"):
+        native.int8_mlp(None, [packed], [64, 16], [s], [b], [True], quantized=(torch.zeros(5, 63, dtype=torch.int8), s[:5]))
 
 
 def test_single_layer_equals_the_reference_bit_for_bit(engine):

@@ -334,7 +334,7 @@ static inline void vi_store_sub(int32_t *p, vi c, vi off) { _mm256_storeu_si256(
 #ifdef HW_VNNI
 /* acc[mr, nv*VL] (row stride ldc) = the mr rows of unsigned codes a (row stride lda) x the nv column
  * vectors starting at column c0 of packed w (steps 4-code rows; a column block's run is `panel` bytes
- * long), minus off[c]. mr (<= 8) and nv (<= 3) are constants at every call site, and each accumulator
+ * long), minus off[c]. mr (<= VNNI_MR) and nv (<= VNNI_NV) are constants at every call site, and each accumulator
  * is its own variable (gcc kept an array of them on the stack): the block lives in registers. */
 #define VNNI_ROW(i)                                                                                                     \
     if (i < mr) {                                                                                                       \
@@ -358,9 +358,9 @@ static inline __attribute__((always_inline)) void vnni_tile(const uint8_t *a, in
                                                              int64_t ldc, const int mr, const int nv) {
     VNNI_ZERO(0) VNNI_ZERO(1) VNNI_ZERO(2) VNNI_ZERO(3) VNNI_ZERO(4) VNNI_ZERO(5) VNNI_ZERO(6) VNNI_ZERO(7)
     /* column c of packed w: block c / 16, bytes 4 (c % 16) of each 64-byte 4-code row */
-    const int8_t *p0 = w + (c0 / 16) * panel + (c0 % 16) * 4;
-    const int8_t *p1 = w + ((c0 + VL) / 16) * panel + ((c0 + VL) % 16) * 4;
-    const int8_t *p2 = w + ((c0 + 2 * VL) / 16) * panel + ((c0 + 2 * VL) % 16) * 4;
+    const int8_t *p0 = w + (c0 / 16) * panel + (c0 % 16) * 4, *p1 = p0, *p2 = p0; /* p1, p2 only where used */
+    if (nv > 1) p1 = w + ((c0 + VL) / 16) * panel + ((c0 + VL) % 16) * 4;
+    if (nv > 2) p2 = w + ((c0 + 2 * VL) / 16) * panel + ((c0 + 2 * VL) % 16) * 4;
     for (int64_t t = 0; t < steps; ++t) {
         const vi b0 = vi_load(p0 + t * 64), b1 = nv > 1 ? vi_load(p1 + t * 64) : b0, b2 = nv > 2 ? vi_load(p2 + t * 64) : b0;
         VNNI_ROW(0) VNNI_ROW(1) VNNI_ROW(2) VNNI_ROW(3) VNNI_ROW(4) VNNI_ROW(5) VNNI_ROW(6) VNNI_ROW(7)
@@ -369,16 +369,16 @@ static inline __attribute__((always_inline)) void vnni_tile(const uint8_t *a, in
     VNNI_STORE(0) VNNI_STORE(1) VNNI_STORE(2) VNNI_STORE(3) VNNI_STORE(4) VNNI_STORE(5) VNNI_STORE(6) VNNI_STORE(7)
 }
 
-/* the rows from r on, in register blocks of VNNI_MR rows and then the tail, for nv column vectors */
-#define VNNI_ROWS(NV)                                                                                                   \
-    do {                                                                                                                \
-        int64_t r = 0;                                                                                                  \
-        for (; r + VNNI_MR <= nr; r += VNNI_MR)                                                                         \
-            vnni_tile(a + r * lda, lda, steps, w, panel, off, c0, acc + r * ldc, ldc, VNNI_MR, NV);                     \
-        for (; r + 4 <= nr; r += 4) vnni_tile(a + r * lda, lda, steps, w, panel, off, c0, acc + r * ldc, ldc, 4, NV);   \
-        for (; r + 2 <= nr; r += 2) vnni_tile(a + r * lda, lda, steps, w, panel, off, c0, acc + r * ldc, ldc, 2, NV);   \
-        for (; r < nr; ++r) vnni_tile(a + r * lda, lda, steps, w, panel, off, c0, acc + r * ldc, ldc, 1, NV);           \
-    } while (0)
+/* nr rows in register blocks of VNNI_MR rows, then 4, 2, 1, for nv (a constant) column vectors at c0 */
+static inline __attribute__((always_inline)) void vnni_rows(const uint8_t *a, int64_t lda, int64_t steps, const int8_t *w,
+                                                             int64_t panel, const int32_t *off, int64_t c0, int32_t *acc,
+                                                             int64_t ldc, int64_t nr, const int nv) {
+    int64_t r = 0;
+    for (; r + VNNI_MR <= nr; r += VNNI_MR) vnni_tile(a + r * lda, lda, steps, w, panel, off, c0, acc + r * ldc, ldc, VNNI_MR, nv);
+    for (; r + 4 <= nr; r += 4) vnni_tile(a + r * lda, lda, steps, w, panel, off, c0, acc + r * ldc, ldc, 4, nv);
+    for (; r + 2 <= nr; r += 2) vnni_tile(a + r * lda, lda, steps, w, panel, off, c0, acc + r * ldc, ldc, 2, nv);
+    for (; r < nr; ++r) vnni_tile(a + r * lda, lda, steps, w, panel, off, c0, acc + r * ldc, ldc, 1, nv);
+}
 
 /* acc[nr, nb_n*16] (row stride ldc) = a[nr, kb_n*64] unsigned codes (row stride lda) x packed w */
 static __attribute__((noinline)) void vnni_block(const uint8_t *a, int64_t lda, int64_t kb_n, const int8_t *w, int64_t nb_n, int32_t *acc,
@@ -386,14 +386,9 @@ static __attribute__((noinline)) void vnni_block(const uint8_t *a, int64_t lda, 
     const int64_t steps = kb_n * 16, panel = kb_n * 1024, nvec = nb_n * 16 / VL;
     const int32_t *off = (const int32_t *)(w + nb_n * panel);
     int64_t v = 0;
-    for (; v + VNNI_NV <= nvec; v += VNNI_NV) { /* a panel of columns stays in L1 while the rows pass */
-        const int64_t c0 = v * VL;
-        VNNI_ROWS(VNNI_NV);
-    }
-    for (; v < nvec; ++v) {
-        const int64_t c0 = v * VL;
-        VNNI_ROWS(1);
-    }
+    for (; v + VNNI_NV <= nvec; v += VNNI_NV) /* a panel of columns stays in L1 while the rows pass */
+        vnni_rows(a, lda, steps, w, panel, off, v * VL, acc, ldc, nr, VNNI_NV);
+    for (; v < nvec; ++v) vnni_rows(a, lda, steps, w, panel, off, v * VL, acc, ldc, nr, 1);
 }
 #endif
 
@@ -453,7 +448,7 @@ static inline void to_unsigned(const int8_t *src, uint8_t *dst, int64_t cols) {
  * dims[i] -> dims[i+1] with packed weights w[i] (hw_int8_pack), scales sw[i], bias[i] (or NULL) and
  * ReLU when relus[i], on `engine` (ENGINE_AMX or ENGINE_VNNI). x NULL: the input comes quantized
  * instead, codes qx [rows, dims[0]] int8 and scales sx [rows] (what hw_quant_tokens_i8 of x gives).
- * Returns 0, -1 when per-thread buffers cannot be allocated, -2 when the engine is not built in. */
+ * Returns 0, -1 when per-thread buffers cannot be allocated, -2 when the engine is not built in (or nlayers < 1). */
 int hw_int8_mlp(int32_t engine, const float *x, const int8_t *qx, const float *sx, int64_t rows, int32_t nlayers,
                 const int64_t *dims, const int8_t *const *w, const float *const *sw, const float *const *bias,
                 const int32_t *relus, float *out) {
@@ -466,8 +461,8 @@ int hw_int8_mlp(int32_t engine, const float *x, const int8_t *qx, const float *s
 #ifndef HW_VNNI
     if (engine == ENGINE_VNNI) return -2;
 #endif
-    if (engine != ENGINE_AMX && engine != ENGINE_VNNI) return -2;
-    int64_t kmax = 0, nmax = 0;
+    if ((engine != ENGINE_AMX && engine != ENGINE_VNNI) || nlayers <= 0) return -2;
+    int64_t kmax = 0, nmax = 0; /* kmax covers dims[nlayers] too: the int32 block's rows are roundup(N, 16) wide */
     for (int32_t i = 0; i <= nlayers; ++i) {
         int64_t kp = (dims[i] + 63) / 64 * 64;
         kmax = kp > kmax ? kp : kmax;
