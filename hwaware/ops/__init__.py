@@ -35,6 +35,7 @@ triton itself is imported on the first CUDA call, so this module imports without
 """
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 import weakref
@@ -296,6 +297,10 @@ def clear_cache() -> None:
 # -- hwaware::int8_linear -----------------------------------------------------------------------
 
 def _has_vnni() -> bool:
+    """Whether fbgemm runs its VNNI kernels here: the CPU has VNNI, and fbgemm is not capped below
+    it (``FBGEMM_ENABLE_INSTRUCTIONS=AVX2`` or ``AVX512``, how older CPUs are emulated)."""
+    if os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "").upper() in ("AVX2", "AVX512"):
+        return False
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()

@@ -181,6 +181,39 @@ def test_int8_linear_reduce_range_choice(capsys):
     assert got[ops.REDUCE_RANGE] >= got[not ops.REDUCE_RANGE] - 0.5
 
 
+_FBGEMM_CAPPED = """
+import json, torch, hwaware.ops as ops
+from hwaware.ops.reference import int8_linear_ref
+from hwaware.ops.packing import quantize_int8_weight
+from hwaware.quant.primitives import sqnr_db
+g = torch.Generator().manual_seed(0)
+x, w = torch.randn(512, 256, generator=g), torch.randn(128, 256, generator=g) / 16
+qw, s = quantize_int8_weight(w)
+ref, packed, a = int8_linear_ref(x, qw, s, None), ops._prepack_int8(qw, s), x.abs().amax(dim=1, keepdim=True)
+db = {str(rr): sqnr_db(ref, torch.ops.quantized.linear_dynamic(x / a, packed, rr) * a) for rr in (False, True)}
+print(json.dumps({"reduce_range": ops.REDUCE_RANGE, "db": db,
+                  "op_db": sqnr_db(ref, torch.ops.hwaware.int8_linear(x, qw, s, None, "fbgemm"))}))
+"""
+
+
+def test_fbgemm_capped_below_vnni_takes_the_reduced_range():
+    """fbgemm capped at AVX2 (an AVX2 CPU's kernels) saturates at full range: REDUCE_RANGE follows the cap."""
+    import json
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("fbgemm's instruction cap is an x86 switch")
+    out = subprocess.run([sys.executable, "-c", _FBGEMM_CAPPED], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["reduce_range"] is True
+    assert r["op_db"] == pytest.approx(r["db"]["True"]) and r["op_db"] >= MIN_SQNR_VS_REF_DB_REDUCED
+
+
 def test_int8_linear_cache_tracks_inplace_updates_and_lives_as_long_as_the_weights(monkeypatch):
     import gc
 
