@@ -28,7 +28,8 @@ from hwaware.export.selection import (SPARSE24_INT8_KERNEL, capture_rows, cpu_pr
 import hwaware.ops as hwaware_ops
 from hwaware.ops import INT8_KERNELS, SPARSE24_KERNELS
 from hwaware.ops.packing import is_24
-from hwaware.quant.attach import QuantState, attach_quantization, detach_quantization, find_quantizable, fp32_reference, quant_states
+from hwaware.quant.attach import (QuantState, attach_quantization, detach_quantization, find_quantizable, fp32_reference,
+                                  keep_layers_called, quant_states, weight_read_by_parent)
 from hwaware.quant.spec import QuantSpec
 
 __all__ = ["export", "load", "Artifact", "RegressionError", "KernelPortabilityWarning", "METRICS"]
@@ -146,18 +147,6 @@ def _deploy_module(name: str, module: nn.Module, st: QuantState, sparse24: bool)
     return None, f"no deploy op for {spec.short()} {st.kind}"
 
 
-# Parents that read a child Linear's .weight directly instead of calling it: a deploy module there
-# would never run (and has no .weight), so the child stays dense.
-_WEIGHT_READING_PARENTS = (nn.MultiheadAttention,)
-
-
-def _read_by_parent(modules: Dict[str, nn.Module], name: str) -> Optional[str]:
-    parent = modules.get(name.rpartition(".")[0])
-    if isinstance(parent, _WEIGHT_READING_PARENTS):
-        return f"its parent {type(parent).__name__} reads .weight directly instead of calling the layer: runs dense"
-    return None
-
-
 def _build_deploy(model: nn.Module, states: Dict[str, QuantState], sparse24: bool = True
                   ) -> Tuple[nn.Module, Dict[str, Dict[str, Any]], Dict[str, str]]:
     deploy = _copy_model(model)
@@ -176,7 +165,7 @@ def _build_deploy(model: nn.Module, states: Dict[str, QuantState], sparse24: boo
         layers[name] = meta
 
     for name, st in states.items():
-        reason = _read_by_parent(modules, name)
+        reason = weight_read_by_parent(modules, name)  # a deploy module there would never run
         new, reason = (None, reason) if reason else _deploy_module(name, modules[name], st, sparse24)
         if new is None:
             dense[name] = reason
@@ -186,7 +175,7 @@ def _build_deploy(model: nn.Module, states: Dict[str, QuantState], sparse24: boo
     # the FP32 values are exact, so this is lossless and halves their bytes
     if sparse24:
         for name, m in modules.items():
-            if name in layers or not isinstance(m, nn.Linear) or _read_by_parent(modules, name) or not is_24(m.weight.detach()):
+            if name in layers or not isinstance(m, nn.Linear) or weight_read_by_parent(modules, name) or not is_24(m.weight.detach()):
                 continue
             add(name, Sparse24Linear.from_linear(m), None, note=dense.pop(name, None))
         for name, m in modules.items():
@@ -198,6 +187,7 @@ def _build_deploy(model: nn.Module, states: Dict[str, QuantState], sparse24: boo
         if isinstance(modules.get(name.rpartition(".")[0]), EmbeddingBagList) and EmbeddingBagList.batched(_get_module(deploy, name)):
             meta["kernel"] = {"cpu": CPU_KERNELS["rowwise_batched"]}
     detach_quantization(deploy)  # dense leftovers compute exactly as their FP32 originals
+    keep_layers_called(deploy)
     deploy.eval()
     return deploy, layers, dense
 
@@ -676,6 +666,7 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
             if kernel != "auto" and kernel not in INT8_KERNELS["cpu"]:
                 raise ArtifactError(f"{path}/manifest.json: layer {name!r} names CPU kernel {kernel!r}; "
                                     f"expected 'auto' or one of {INT8_KERNELS['cpu']}")
+    keep_layers_called(model)  # a fresh TransformerEncoderLayer would multiply its deploy layers' (absent) .weight
     if device == "cpu" and kernels == "measure":
         model.hwaware_selection = _remeasure(model, manifest, path)
     elif device == "cpu":

@@ -12,7 +12,12 @@ uses), so ``isinstance(layer, nn.Linear)`` keeps working. Unlike parametrization
   alone, so this equals quantizing the whole table, at a cost proportional to the lookups.
 
 Modules whose class overrides ``forward`` (a user's ``LoRALinear(nn.Linear)``) are never touched:
-they are reported as skipped with the reason.
+they are reported as skipped with the reason. So are layers whose parent multiplies their weight
+itself instead of calling them (``nn.MultiheadAttention``'s ``out_proj``; its ``in_proj_weight`` is a
+bare Parameter and is reported too): fake quant on them would never run. ``nn.TransformerEncoderLayer``
+calls its ``linear1`` / ``linear2`` in training, but in eval under ``no_grad`` torch's fused fast
+path reads their weights directly; where those layers are quantized (or replaced by deploy modules)
+:func:`keep_layers_called` turns that layer's fast path off, so eval runs what training ran.
 """
 from __future__ import annotations
 
@@ -89,7 +94,7 @@ def _linear_forward(self, input: Tensor) -> Tensor:
     if not st.enabled:
         return st.original_class.forward(self, input)
     if st.activation is not None:
-        input = st.activation(input)
+        input = st.activation(input, self.training)  # observers record training batches only
     return F.linear(input, st.weight(self.weight), self.bias)
 
 
@@ -98,7 +103,7 @@ def _conv_forward(self, input: Tensor) -> Tensor:
     if not st.enabled:
         return st.original_class.forward(self, input)
     if st.activation is not None:
-        input = st.activation(input)
+        input = st.activation(input, self.training)  # observers record training batches only
     return self._conv_forward(input, st.weight(self.weight), self.bias)
 
 
@@ -233,15 +238,55 @@ def _specs_for(module: nn.Module, kind: str, weight_spec: QuantSpec, activation_
     return weight_spec, activation_spec, None
 
 
+# Parents that multiply a child Linear's .weight themselves instead of calling the child
+_WEIGHT_READING_PARENTS = (nn.MultiheadAttention,)
+
+
+def weight_read_by_parent(modules: Dict[str, nn.Module], name: str) -> Optional[str]:
+    """Why layer ``name`` never runs its own forward (its parent reads ``.weight`` directly), or None."""
+    parent = modules.get(name.rpartition(".")[0]) if "." in name else None
+    if isinstance(parent, _WEIGHT_READING_PARENTS):
+        return (f"its parent {type(parent).__name__} multiplies .weight itself and never calls the layer, so a "
+                "quantized or deploy version would not run: stays FP32")
+    return None
+
+
+def _bare_weights(name: str, module: nn.Module) -> Dict[str, str]:
+    """Weights a module multiplies as bare Parameters, which hwaware (quantizing layers) leaves FP32."""
+    if not isinstance(module, nn.MultiheadAttention):
+        return {}
+    reason = "a bare Parameter nn.MultiheadAttention multiplies itself; hwaware quantizes layers, not parameters: stays FP32"
+    prefix = f"{name}." if name else ""
+    return {prefix + p: reason for p in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+            if getattr(module, p, None) is not None}
+
+
+def keep_layers_called(model: nn.Module) -> None:
+    """Turn off torch's fused fast path in every ``nn.TransformerEncoderLayer`` whose ``linear1`` or
+    ``linear2`` is not a plain ``nn.Linear`` any more (quantized, or an exported deploy module): in
+    eval under ``no_grad`` that path multiplies their ``.weight`` directly, skipping fake quant (and
+    a deploy module has no ``.weight``). The switch is the instance's ``activation_relu_or_gelu``,
+    which only the fast-path check reads; the activation itself is unchanged."""
+    for m in model.modules():
+        if isinstance(m, nn.TransformerEncoderLayer) and hasattr(m, "activation_relu_or_gelu"):
+            if any(type(lin) is not nn.Linear for lin in (m.linear1, m.linear2)):
+                m.activation_relu_or_gelu = 0
+
+
 def find_quantizable(model: nn.Module, *, weight_spec: QuantSpec, activation_spec: Optional[QuantSpec] = None,
                      embedding_spec: Optional[QuantSpec] = None, skip: Sequence[str] = ()) -> Tuple[Dict[str, Tuple[str, QuantSpec, Optional[QuantSpec]]], Dict[str, str]]:
     """Plan without touching the model: ``({name: (kind, weight_spec, act_spec)}, {name: skip reason})``."""
     plan, skipped = {}, {}
-    for name, module in model.named_modules():
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
+        skipped.update(_bare_weights(name, module))
         kind, reason = _kind_of(module)
         if kind is None:
             if reason:
                 skipped[name] = reason
+            continue
+        if kind == "linear" and (reason := weight_read_by_parent(modules, name)):
+            skipped[name] = reason
             continue
         if (pat := _matches(name, skip)) is not None:
             skipped[name] = f"matches skip pattern {pat!r}"
@@ -275,6 +320,7 @@ def attach_quantization(model: nn.Module, plan: Dict[str, Tuple[str, QuantSpec, 
         m.__dict__[_ATTR] = st
         m.__class__ = _quantized_class(original, kind)
         states[name] = st
+    keep_layers_called(model)
     return states
 
 

@@ -1,0 +1,81 @@
+"""Transformer layers whose parents bypass their forward: ``nn.MultiheadAttention`` multiplies its
+``out_proj.weight`` and ``in_proj_weight`` itself, and ``nn.TransformerEncoderLayer``'s fused fast
+path (eval, ``no_grad``) multiplies ``linear1`` / ``linear2``'s weights itself. A quantized or
+deploy layer there must either be skipped with its reason or be called for real."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from hwaware import QuantSpec
+from hwaware.export import export, load
+from hwaware.export.deploy import Int8Linear
+from hwaware.quant import quant_states
+from hwaware.quant.attach import attach_quantization, find_quantizable
+
+
+class TinyEncoder(nn.Module):
+    def __init__(self, vocab: int = 64, dim: int = 32, classes: int = 4) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.enc = nn.TransformerEncoderLayer(dim, 4, 64, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(self.emb(x)).mean(1))
+
+    def predict_step(self, batch, batch_idx):
+        return self(batch[0])
+
+
+def _model():
+    torch.manual_seed(0)
+    return TinyEncoder().eval()
+
+
+def _val():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 64, (96, 12), generator=g)
+    return DataLoader(TensorDataset(x, (x < 16).sum(1) % 4), batch_size=32)
+
+
+def test_attention_weights_are_reported_not_silently_left_fp32():
+    plan, skipped = find_quantizable(_model(), weight_spec=QuantSpec(bits=8, granularity="per_channel"))
+    assert sorted(plan) == ["enc.linear1", "enc.linear2", "head"]
+    assert "never calls the layer" in skipped["enc.self_attn.out_proj"]
+    assert "bare Parameter" in skipped["enc.self_attn.in_proj_weight"]
+
+
+def test_eval_without_grad_runs_the_quantized_layers():
+    m = _model()
+    x = next(iter(_val()))[0]
+    with torch.no_grad():
+        fp32 = m(x)
+    plan, _ = find_quantizable(m, weight_spec=QuantSpec(bits=4, granularity="per_channel"))
+    for st in attach_quantization(m, plan).values():
+        for q in st.quantizers():
+            q.quantize = True  # weights: min-max of the live weight, fake-quantized from now on
+    m.eval()
+    with torch.no_grad():
+        fast = m(x)  # the fused fast path would multiply linear1/linear2's FP32 weights here
+    with torch.enable_grad():
+        slow = m(x).detach()  # never the fast path: the layers' own forwards
+    assert m.enc.activation_relu_or_gelu == 0  # the encoder's fused fast path is off
+    # the same layers either way (MultiheadAttention's own fused kernel still sums in another order)
+    assert (fast - slow).abs().max() < 1e-5
+    assert (fast - fp32).abs().max() > 1e-3  # and they are the quantized layers
+
+
+def test_export_and_load_run_the_deploy_layers_under_no_grad(tmp_path):
+    m = _model()
+    art = export(m, tmp_path / "art", val_dataloader=_val(), metric="accuracy", max_drop=1.0)
+    layers, dense = art.manifest["layers"], art.manifest.get("dense_layers", {})
+    assert layers["enc.linear1"]["scheme"] == "int8" and layers["enc.linear2"]["scheme"] == "int8"
+    assert "never calls the layer" in str(dense.get("enc.self_attn.out_proj", "")) or "enc.self_attn.out_proj" not in layers
+    assert isinstance(art.model.enc.linear1, Int8Linear)
+    x = next(iter(_val()))[0]
+    loaded = load(art.path, model=TinyEncoder())
+    with torch.no_grad():
+        assert torch.equal(loaded(x), art.model(x))
+    assert set(quant_states(m)) == set()  # post-training: the user's model is left as it was
