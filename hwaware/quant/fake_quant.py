@@ -118,7 +118,12 @@ class FakeQuantizer(nn.Module):
         return self.learned_scale.detach() if self.learned_scale is not None else self.scale
 
     # -- forward ----------------------------------------------------------------------------
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, observe: bool = True) -> Tensor:
+        """Fake-quantize ``x``. ``observe=False`` (the layer is in eval mode: validation, the
+        sanity check, KL validation) leaves a static observer's statistics alone: ranges come from
+        training batches only, so validation data never calibrates and a run resumed from a
+        checkpoint (whose sanity check runs validation batches again) ends where the uninterrupted
+        one did."""
         if self.spec.dynamic:
             if not self.quantize:
                 return x
@@ -129,7 +134,7 @@ class FakeQuantizer(nn.Module):
             if not self.quantize:
                 return x
             return P.fake_quantize_learnable(x, self.learned_scale, self.zero_point, self.spec)
-        if self.observe and not self._is_frozen:
+        if self.observe and observe and not self._is_frozen:
             if self._tracks_weight:
                 if self.quantize:  # calibration does not need weight scales yet
                     y, scale, zp, stat = P.fake_quantize_dynamic(x, self.spec)

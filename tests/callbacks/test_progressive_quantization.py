@@ -288,7 +288,9 @@ def _ckpt_run(tmp_path, ckpt_path=None, extra=()):
     mc = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_top_k=-1, every_n_epochs=1, filename="{epoch}")
     model = TinyCTR()
     model.configure_optimizers = lambda: torch.optim.Adam(model.parameters(), lr=1e-2)
-    trainer = make_trainer(tmp_path, [cb, mc, *extra], max_epochs=4, enable_checkpointing=True)
+    # Lightning's default sanity check: its validation batches must not move the static observers,
+    # or a resumed run (which runs it again) would not end where the uninterrupted one did
+    trainer = make_trainer(tmp_path, [cb, mc, *extra], max_epochs=4, enable_checkpointing=True, num_sanity_val_steps=2)
     train, val = loaders()
     trainer.fit(model, train, val, ckpt_path=ckpt_path)
     return model, cb
