@@ -508,7 +508,8 @@ def model_class(manifest: Dict[str, Any], path: str) -> type:
     try:
         cls = getattr(importlib.import_module(module_name), qualname)
     except (ImportError, AttributeError) as e:
-        raise ArtifactError(f"{path}/manifest.json: model class {name!r} is not importable here ({e}); pass load(..., model=...)") from None
+        raise ArtifactError(f"{path}/manifest.json: model class {name!r} is not importable here ({e}); pass "
+                            f"load(..., model=...), or (from the shell too) put module {module_name!r} on PYTHONPATH") from None
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise ArtifactError(f"{path}/manifest.json: model class {name!r} is not an nn.Module")
     return cls

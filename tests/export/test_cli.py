@@ -135,6 +135,19 @@ def test_bench_needs_recorded_inputs(tmp_path, capsys):
     assert "records no example inputs" in capsys.readouterr().err
 
 
+def test_bench_of_a_model_class_not_importable_here_says_how_to_fix_it(tmp_path, capsys):
+    from hwaware.export import export, read_manifest
+    from hwaware.export.artifact import write_artifact
+    from tests.helpers import TinyCTR
+
+    art = export(TinyCTR(), tmp_path / "a")
+    manifest = {**read_manifest(art.path), "model": {**read_manifest(art.path)["model"], "class": "user_models.TinyTF"}}
+    write_artifact(tmp_path / "b", manifest, {"w": torch.zeros(1)})
+    assert main(["bench", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "model class 'user_models.TinyTF' is not importable here" in err and "'user_models' on PYTHONPATH" in err
+
+
 def test_bench_reports_a_failed_memory_probe_and_keeps_the_timing(tmp_path, capsys, monkeypatch):
     import json as _json
 
