@@ -147,6 +147,30 @@ def _deploy_module(name: str, module: nn.Module, st: QuantState, sparse24: bool)
     return None, f"no deploy op for {spec.short()} {st.kind}"
 
 
+_FLOAT_INPUT = "none: the input stays float"
+
+
+def _served_activation(m: nn.Module) -> Optional[str]:
+    """How the deploy layer's CPU kernel treats its input: the manifest's ``activation``. It can
+    differ from what QAT trained with (``qat_activation``): int4 layers are weight-only, and
+    ``dequant`` multiplies float inputs by the dequantized int8 weight. The gate measures what is
+    served."""
+    if isinstance(m, Int4Linear):
+        return f"{_FLOAT_INPUT} (int4 weight-only)"
+    if isinstance(m, Sparse24Linear) and m.values.dtype != torch.int8:
+        return f"{_FLOAT_INPUT} (FP32 2:4 values)"
+    if not isinstance(m, (Int8Linear, Sparse24Linear)):
+        return None
+    kernel = m.kernels.get("cpu", "auto")
+    if isinstance(m, Sparse24Linear):
+        kernel = {v: k for k, v in SPARSE24_INT8_KERNEL.items()}.get(kernel, kernel)
+    if kernel == "dequant":
+        return f"{_FLOAT_INPUT} (int8 weight dequantized)"
+    if kernel == "fbgemm":
+        return "uint8/per_tensor/affine/dyn (fbgemm) of per-token pre-scaled rows"
+    return "int8/per_row/sym/dyn"
+
+
 def _build_deploy(model: nn.Module, states: Dict[str, QuantState], sparse24: bool = True
                   ) -> Tuple[nn.Module, Dict[str, Dict[str, Any]], Dict[str, str]]:
     deploy = _copy_model(model)
@@ -159,7 +183,7 @@ def _build_deploy(model: nn.Module, states: Dict[str, QuantState], sparse24: boo
         meta["module"] = type(new).__name__
         meta["kernel"] = {"cpu": CPU_KERNELS[meta["scheme"]]}
         if st is not None and st.kind == "linear" and st.activation is not None:
-            meta["activation"] = st.activation.spec.short()
+            meta["qat_activation"] = st.activation.spec.short()  # what QAT trained with; "activation": what is served
         if note:
             meta["note"] = note
         layers[name] = meta
@@ -450,6 +474,10 @@ def export(
                 layers[name]["kernels"] = dict(deploy.get_submodule(name).kernels)
                 layers[name]["kernel"] = {"cpu": f"hwaware::{op_name} [cpu: {rec['op_kernel']}; chosen {rec['chosen']}]"}
                 layers[name]["selection"] = {"cpu": rec}
+    for name, meta in layers.items():  # what the chosen kernel does to the layer's input
+        served = _served_activation(deploy.get_submodule(name))
+        if served is not None:
+            meta["activation"] = served
     for runs in chain_int8(deploy).values():  # int_mm layers in a row: one int8_mlp call (deploy.Int8Chain)
         for run in runs:
             for name in run:

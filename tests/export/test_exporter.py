@@ -310,3 +310,35 @@ def test_relu_with_a_hook_or_outside_a_sequential_is_not_fused():
     assert fuse_relu(Custom(lin, nn.ReLU())) == {}
     assert fuse_relu(nn.Sequential(nn.ReLU(), lin)) == {}
     assert fuse_relu(nn.Sequential(lin, nn.ReLU())) == {"0": "1"} and lin.relu
+
+
+def test_int4_group_wise_qat_exports_weight_only_and_the_manifest_says_so(tmp_path):
+    """int4 deploy layers are weight-only (W4A16): QAT's int8 activation fake quant is not served. The
+    manifest's ``activation`` says what is served and ``qat_activation`` what QAT trained with; the
+    served model is QAT's with its activation quantizers off."""
+    from hwaware import QuantSpec
+
+    _, model, _ = train_with_quant(tmp_path, TinyCTR(dim=28), max_epochs=3, start_epoch=1, calibration_batches=2,
+                                   weight_spec=QuantSpec(bits=4, granularity="per_group", group_size=32))  # K = 32
+    _, val = loaders()
+    art = export(model, tmp_path / "art", val_dataloader=val, max_drop=1.0)
+    for name in ("mlp.0", "mlp.2"):
+        meta = art.manifest["layers"][name]
+        assert meta["module"] == "Int4Linear" and "weight-only" in meta["activation"], meta
+        assert meta["qat_activation"] == "int8/per_row/sym/dyn"
+    for st in quant_states(model).values():
+        if st.activation is not None:
+            st.activation.quantize = False
+    torch.testing.assert_close(_outputs(art.model, val), _outputs(model, val), rtol=1e-5, atol=1e-6)
+
+
+def test_the_manifest_says_what_each_int8_kernel_does_to_the_input(tmp_path):
+    model, _ = _trained(tmp_path)
+    _, val = loaders()
+    art = export(model, tmp_path / "art", val_dataloader=val, max_drop=1.0)
+    served = {"int_mm": "int8/per_row/sym/dyn", "fbgemm": "uint8/per_tensor/affine/dyn (fbgemm) of per-token pre-scaled rows",
+              "dequant": "none: the input stays float (int8 weight dequantized)"}
+    for name in ("mlp.0", "mlp.2"):
+        meta = art.manifest["layers"][name]
+        assert meta["activation"] == served[meta["kernels"]["cpu"]] and meta["qat_activation"] == "int8/per_row/sym/dyn"
+    assert "activation" not in art.manifest["layers"]["emb"]
