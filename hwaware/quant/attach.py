@@ -25,7 +25,7 @@ import fnmatch
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -251,14 +251,14 @@ def weight_read_by_parent(modules: Dict[str, nn.Module], name: str) -> Optional[
     return None
 
 
-def _bare_weights(name: str, module: nn.Module) -> Dict[str, str]:
-    """Weights a module multiplies as bare Parameters, which hwaware (quantizing layers) leaves FP32."""
+def bare_weights(name: str, module: nn.Module) -> List[str]:
+    """The weights ``module`` multiplies as bare Parameters (no layer of their own: hwaware's
+    callbacks, which work on layers, leave them FP32 and dense), by their full names."""
     if not isinstance(module, nn.MultiheadAttention):
-        return {}
-    reason = "a bare Parameter nn.MultiheadAttention multiplies itself; hwaware quantizes layers, not parameters: stays FP32"
+        return []
     prefix = f"{name}." if name else ""
-    return {prefix + p: reason for p in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
-            if getattr(module, p, None) is not None}
+    return [prefix + p for p in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+            if getattr(module, p, None) is not None]
 
 
 def keep_layers_called(model: nn.Module) -> None:
@@ -279,7 +279,8 @@ def find_quantizable(model: nn.Module, *, weight_spec: QuantSpec, activation_spe
     plan, skipped = {}, {}
     modules = dict(model.named_modules())
     for name, module in modules.items():
-        skipped.update(_bare_weights(name, module))
+        skipped.update(dict.fromkeys(bare_weights(name, module), "a bare Parameter nn.MultiheadAttention multiplies "
+                                     "itself; hwaware quantizes layers, not parameters: stays FP32"))
         kind, reason = _kind_of(module)
         if kind is None:
             if reason:

@@ -15,6 +15,8 @@ from typing import Dict, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from hwaware.quant.attach import bare_weights
+
 __all__ = [
     "PRUNABLE_TYPES", "find_prunable", "weight_2d", "magnitude_mask_24", "gradual_mask_24", "is_mask_24",
     "mask_sparsity", "cubic_fraction", "sr_ste_decay_",
@@ -42,6 +44,8 @@ def find_prunable(model: nn.Module, skip: Sequence[str] = ()) -> Tuple[Dict[str,
     tables = {id(m.weight): name for name, m in model.named_modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
     owners: Dict[int, str] = {}
     for name, m in model.named_modules():
+        skipped.update(dict.fromkeys(bare_weights(name, m), "a bare Parameter nn.MultiheadAttention multiplies itself; "
+                                     "2:4 masks apply to Linear and Conv layers: stays dense"))
         if not isinstance(m, PRUNABLE_TYPES) or not name:
             continue
         pattern = next((p for p in skip if fnmatch.fnmatchcase(name, p)), None)

@@ -47,6 +47,14 @@ def test_attention_weights_are_reported_not_silently_left_fp32():
     assert "bare Parameter" in skipped["enc.self_attn.in_proj_weight"]
 
 
+def test_2_4_pruning_reports_the_attention_input_projection_it_leaves_dense():
+    from hwaware.sparsity.masks import find_prunable
+
+    layers, skipped = find_prunable(_model())
+    assert sorted(layers) == ["enc.linear1", "enc.linear2", "enc.self_attn.out_proj", "head"]  # pruning edits .weight:
+    assert "bare Parameter" in skipped["enc.self_attn.in_proj_weight"]  # MHA reads the pruned out_proj fine
+
+
 def test_eval_without_grad_runs_the_quantized_layers():
     m = _model()
     x = next(iter(_val()))[0]
