@@ -92,10 +92,12 @@ def _regression_line(reg: Mapping[str, Any]) -> str:
 
     passed = reg.get("passed")
     verdict = "PASSED" if passed is True else "FAILED" if passed is False else "not judged"
-    return (
-        f"regression: {reg.get('metric', '?')} reference {num('reference')} exported {num('exported')} "
-        f"drop {num('drop')} (max_drop {num('max_drop')}): {verdict}"
-    )
+    line = (f"regression: {reg.get('metric', '?')} reference {num('reference')} exported {num('exported')} "
+            f"drop {num('drop')} (max_drop {num('max_drop')}): {verdict}")
+    if "quantization_drop" in reg:
+        line += (f"\n  final weights with quantization off {num('final_weights_fp32')}: the export costs "
+                 f"{num('quantization_drop')} of them (not gated)")
+    return line
 
 
 def _inspect_text(path: str, manifest: Dict[str, Any], on_disk: int) -> str:

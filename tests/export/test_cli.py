@@ -135,6 +135,13 @@ def test_bench_needs_recorded_inputs(tmp_path, capsys):
     assert "records no example inputs" in capsys.readouterr().err
 
 
+def test_inspect_shows_what_the_export_cost_against_the_final_weights(tmp_path, capsys):
+    reg = {**MANIFEST["regression"], "final_weights_fp32": 0.8021, "quantization_drop": 0.0023}
+    write_artifact(tmp_path / "a", {**MANIFEST, "regression": reg}, {"w": torch.zeros(8, dtype=torch.int8)})
+    assert main(["inspect", str(tmp_path / "a")]) == 0
+    assert "final weights with quantization off 0.8021: the export costs 0.0023 of them (not gated)" in capsys.readouterr().out
+
+
 def test_bench_of_a_model_class_not_importable_here_says_how_to_fix_it(tmp_path, capsys):
     from hwaware.export import export, read_manifest
     from hwaware.export.artifact import write_artifact

@@ -33,6 +33,15 @@ def test_export_after_qat_gates_and_loads_identically(tmp_path):
     assert m["layers"]["mlp.0"]["scheme"] == "int8" and m["layers"]["emb"]["scheme"] == "rowwise_int8"
     assert m["regression"]["passed"] and m["regression"]["metric"] == "auroc"
     assert abs(m["regression"]["drop"] - (m["regression"]["reference"] - m["regression"]["exported"])) < 1e-12
+    # not gated: the final weights with quantization off, and what the export costs against them
+    from hwaware.export.exporter import _evaluate
+    from hwaware.quant import quantization_disabled
+
+    with quantization_disabled(model):
+        final = _evaluate(model, val, "auroc", None)
+    assert m["regression"]["final_weights_fp32"] == pytest.approx(final, abs=0)
+    assert m["regression"]["quantization_drop"] == pytest.approx(final - m["regression"]["exported"], abs=1e-12)
+    assert "the export costs" in repr(art)
     assert isinstance(art.model.mlp[0], Int8Linear) and isinstance(art.model.emb, RowwiseEmbeddingBag)
     assert "auroc" in repr(art) and "PASSED" in repr(art)
     # the user's model is untouched: still fake-quantized, same classes
