@@ -28,8 +28,8 @@ from hwaware.export.selection import (SPARSE24_INT8_KERNEL, capture_rows, cpu_pr
 import hwaware.ops as hwaware_ops
 from hwaware.ops import INT8_KERNELS, SPARSE24_KERNELS
 from hwaware.ops.packing import is_24
-from hwaware.quant.attach import (QuantState, attach_quantization, detach_quantization, find_quantizable, fp32_reference,
-                                  keep_layers_called, quant_states, weight_read_by_parent)
+from hwaware.quant.attach import (QuantState, attach_quantization, bare_weights, detach_quantization, find_quantizable,
+                                  fp32_reference, keep_layers_called, quant_states, weight_read_by_parent)
 from hwaware.quant.spec import QuantSpec
 
 __all__ = ["export", "load", "Artifact", "RegressionError", "KernelPortabilityWarning", "METRICS"]
@@ -198,6 +198,10 @@ def _build_deploy(model: nn.Module, states: Dict[str, QuantState], sparse24: boo
             dense[name] = reason
             continue
         add(name, new, st)
+    for name, m in modules.items():  # FP32 because of how their parent uses them: say so in the manifest
+        if isinstance(m, nn.Linear) and name not in layers and (reason := weight_read_by_parent(modules, name)):
+            dense.setdefault(name, reason)
+        dense.update({w: "a bare Parameter nn.MultiheadAttention multiplies itself: runs FP32" for w in bare_weights(name, m)})
     # 2:4 Linear layers left in FP32 (not quantized, skipped, KL fallback) still pack compressed:
     # the FP32 values are exact, so this is lossless and halves their bytes
     if sparse24:

@@ -191,7 +191,8 @@ def test_layers_read_by_their_parent_stay_dense_and_keyword_calls_are_sized(tmp_
     x = torch.randn(3, 5, 16)
     art = export(model, tmp_path / "art", example_inputs=(x,))
     assert "att.out_proj" not in art.manifest["layers"]
-    assert "reads .weight directly" in art.manifest["dense_layers"]["att.out_proj"]
+    assert "never calls the layer" in art.manifest["dense_layers"]["att.out_proj"]
+    assert "bare Parameter" in art.manifest["dense_layers"]["att.in_proj_weight"]
     assert art.manifest["layers"]["proj"]["selection"]["cpu"]["input_shape"] == [15, 16]  # [3, 5] rows of K=16
     torch.testing.assert_close(art.model(x), model(x), atol=0.05, rtol=0.05)  # int8 PTQ of proj
 
