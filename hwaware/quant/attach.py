@@ -171,18 +171,29 @@ _STOCK_FORWARD = {nn.Linear: "linear", nn.Conv1d: "conv", nn.Conv2d: "conv", nn.
 _CLASS_CACHE: Dict[type, type] = {}
 
 
-def _quantized_class(cls: type, kind: str) -> type:
-    """``QuantizedLinear(nn.Linear)`` etc.: registered in this module so models stay picklable.
+def _reduce_quantized(self: nn.Module, protocol: int):
+    """Pickle (and deepcopy) a quantized layer as its original class plus kind, so it loads in a
+    fresh process where the generated class for a non-torch layer class does not exist yet."""
+    return _unpickle_quantized, (_state(self).original_class, _state(self).kind), self.__getstate__()
 
-    The five torch classes get theirs at import (so a pickled model loads in a fresh process);
-    any other class gets a name that includes its module, so two classes named ``Linear`` never
-    overwrite each other's entry.
+
+def _unpickle_quantized(original: type, kind: str) -> nn.Module:
+    cls = _quantized_class(original, kind)
+    return cls.__new__(cls)
+
+
+def _quantized_class(cls: type, kind: str) -> type:
+    """``QuantizedLinear(nn.Linear)`` etc., registered in this module under a name that includes the
+    original class's module for classes other than the five torch ones (two classes named
+    ``Linear`` never overwrite each other's entry). Instances pickle as their original class and
+    kind (:func:`_reduce_quantized`), so a pickled model loads in a fresh process whatever its
+    layer classes.
     """
     if cls not in _CLASS_CACHE:
         name = f"Quantized{cls.__name__}"
         if cls not in _STOCK_FORWARD:
             name = f"Quantized_{cls.__module__.replace('.', '_')}_{cls.__qualname__.replace('.', '_')}"
-        new = type(name, (cls,), {"forward": _FORWARDS[kind], "__module__": __name__})
+        new = type(name, (cls,), {"forward": _FORWARDS[kind], "__module__": __name__, "__reduce_ex__": _reduce_quantized})
         new.__qualname__ = name
         setattr(sys.modules[__name__], name, new)
         _CLASS_CACHE[cls] = new

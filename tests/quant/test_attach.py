@@ -398,6 +398,24 @@ def test_pickled_model_loads_in_a_fresh_interpreter(monkeypatch):
     torch.testing.assert_close(restored(torch.ones(2, 4)), out, atol=0, rtol=0)
 
 
+def test_a_layer_of_a_non_torch_class_unpickles_in_a_new_process(tmp_path):
+    """A Linear subclass that keeps nn.Linear's forward gets a generated class no fresh process has
+    until something attaches to that class: the pickle names the original class instead."""
+    import subprocess
+
+    from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+
+    net = nn.Sequential(NonDynamicallyQuantizableLinear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    _quantize(net)
+    x = torch.randn(3, 8)
+    torch.save((net, x, net(x)), tmp_path / "net.pt")
+    code = (f"import torch; net, x, y = torch.load({str(tmp_path / 'net.pt')!r}, weights_only=False); "
+            "from hwaware.quant import quant_states; print(type(net[0]).__name__, torch.equal(net(x), y), sorted(quant_states(net)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.split() == ["Quantized_torch_nn_modules_linear_NonDynamicallyQuantizableLinear", "True", "['0',", "'2']"], \
+        out.stderr[-2000:]
+
+
 class Linear(nn.Linear):  # noqa: D101 - a user class that shares nn.Linear's name (e.g. from a model zoo)
     pass
 
