@@ -124,9 +124,10 @@ class Observer(nn.Module):
     def sync_(self) -> None:
         """All-reduce the statistics so every rank holds identical ones; a no-op without distributed.
 
-        min via ``ReduceOp.MIN``, max via ``ReduceOp.MAX``, ``observed`` summed. Ranks that saw
-        nothing contribute the identity (``+inf``/``-inf``). Call it once, after calibration, on
-        every rank (it is a collective).
+        min via ``ReduceOp.MIN``, max via ``ReduceOp.MAX``, ``observed`` summed over what each rank
+        counted since the previous sync. Ranks that saw nothing contribute the identity
+        (``+inf``/``-inf``). A collective: call it on every rank; calling it again later adds only
+        the batches observed in between.
         """
         if not _dist_ready():
             return
@@ -182,9 +183,19 @@ class Observer(nn.Module):
         )
 
     def _sync_observed(self) -> None:
-        obs = self.observed.clone()
-        dist.all_reduce(obs, op=dist.ReduceOp.SUM)
-        self.observed.copy_(obs)
+        # incremental: add what every rank counted since the previous sync (or load), so a second
+        # sync (the callback syncs at QAT start and again when it freezes the observers) does not
+        # count the first one's batches again
+        base = getattr(self, "_synced_observed", None)
+        base = torch.zeros_like(self.observed) if base is None else base
+        delta = self.observed - base
+        dist.all_reduce(delta, op=dist.ReduceOp.SUM)
+        self.observed.copy_(base + delta)
+        self._synced_observed = self.observed.clone()
+
+    def _mark_synced(self) -> None:
+        """What every rank holds alike (after a sync, or loaded from a checkpoint): later syncs add to it."""
+        self._synced_observed = self.observed.clone()
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -200,6 +211,7 @@ class Observer(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        self._mark_synced()  # every rank loads the same checkpoint
 
     def _can_resize(self, name: str, src: Tensor) -> bool:
         return src.dim() == 1
@@ -453,7 +465,9 @@ class HistogramObserver(Observer):
     def sync_(self) -> None:
         """All-reduce min/max, re-bin every rank's histogram onto the common range, sum the histograms.
 
-        Not idempotent (a second call doubles the counts): call it once, after calibration.
+        Incremental: the histogram every rank held alike after the previous sync (or load) is
+        counted once, and each rank adds only what it observed since, so the callback's second
+        sync (when it freezes the observers) does not count the calibration batches twice.
         """
         if not _dist_ready():
             return
@@ -462,15 +476,24 @@ class HistogramObserver(Observer):
         mn, mx = self._local_or_identity(1)
         dist.all_reduce(mn, op=dist.ReduceOp.MIN)
         dist.all_reduce(mx, op=dist.ReduceOp.MAX)
-        if self.initialized:
-            old = self._range(self.min_val, self.max_val)
-            new = self._range(mn, mx)
-            hist = _rebin(self.histogram, old[0], old[1], new[0], new[1]) if new != old else self.histogram.clone()
-        else:
-            hist = torch.zeros(self.bins, dtype=torch.float64, device=self.observed.device)
-        dist.all_reduce(hist, op=dist.ReduceOp.SUM)
-        self.min_val, self.max_val, self.histogram = mn, mx, hist
+        new = self._range(mn, mx)
+        zeros = torch.zeros(self.bins, dtype=torch.float64, device=self.observed.device)
+
+        def onto_new(hist: Tensor, rng: Tuple[float, float]) -> Tensor:
+            return _rebin(hist, rng[0], rng[1], new[0], new[1]) if rng != new else hist.clone()
+
+        hist = onto_new(self.histogram, self._range(self.min_val, self.max_val)) if self.initialized else zeros
+        synced = getattr(self, "_synced_hist", None)
+        base = onto_new(*synced) if synced is not None else zeros
+        delta = hist - base
+        dist.all_reduce(delta, op=dist.ReduceOp.SUM)
+        self.min_val, self.max_val, self.histogram = mn, mx, base + delta
+        self._synced_hist = (self.histogram.clone(), new)
         self._sync_observed()
+
+    def _mark_synced(self) -> None:
+        super()._mark_synced()
+        self._synced_hist = (self.histogram.clone(), self._range(self.min_val, self.max_val)) if self.initialized else None
 
     @torch.no_grad()
     def calculate_qparams(self) -> Tuple[Tensor, Tensor]:

@@ -356,6 +356,15 @@ def _sync_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         hist(data.reshape(-1) * (3 if rank == 1 else 1))
         for obs in (mm, ma, hist):
             obs.sync_()
+        first_mass = float(hist.histogram.sum())
+        # more batches after the first sync (QAT with live observers), then the second sync (freeze):
+        # each rank adds only what it saw in between, nothing is counted twice
+        more = torch.randn(4, 16, generator=g) * 5  # the same 4 channels, 16 more values each
+        mm(more)
+        hist(more.reshape(-1))
+        hist(more.reshape(-1)[:7])
+        for obs in (mm, hist):
+            obs.sync_()
         hist.calculate_qparams()
         torch.save(
             {
@@ -364,6 +373,8 @@ def _sync_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                 "ma": ma.state_dict(),
                 "hist": hist.state_dict(),
                 "hist_range": hist.last_range,
+                "first_mass": first_mass,
+                "more": more,
             },
             f"{out_dir}/rank{rank}.pt",
         )
@@ -384,16 +395,19 @@ def test_sync_across_two_gloo_ranks(tmp_path):
     for key in ("mm", "ma", "hist"):
         for name, v in r0[key].items():
             torch.testing.assert_close(v, r1[key][name], atol=0, rtol=0, msg=f"{key}.{name}")
-    both = torch.cat([r0["data"], r1["data"]], dim=1)  # [4, 64]
+    both = torch.cat([r0["data"], r1["data"], r0["more"], r1["more"]], dim=1)  # [4, 96]
     torch.testing.assert_close(r0["mm"]["min_val"], both.amin(1), atol=0, rtol=0)
     torch.testing.assert_close(r0["mm"]["max_val"], both.amax(1), atol=0, rtol=0)
-    assert int(r0["mm"]["observed"]) == 2
+    assert int(r0["mm"]["observed"]) == 4  # 2 ranks x (1 + 1) batches, each counted once over two syncs
     torch.testing.assert_close(r0["ma"]["min_val"], r0["data"].amin(1), atol=0, rtol=0)
     assert int(r0["ma"]["observed"]) == 1
     hist_vals = torch.cat([r0["data"].reshape(-1), r1["data"].reshape(-1) * 3])
-    assert float(r0["hist"]["histogram"].sum()) == pytest.approx(hist_vals.numel(), rel=1e-12)
-    assert float(r0["hist"]["min_val"]) == float(hist_vals.min())
-    assert float(r0["hist"]["max_val"]) == float(hist_vals.max())
+    assert r0["first_mass"] == pytest.approx(hist_vals.numel(), rel=1e-12)
+    more = torch.cat([r["more"].reshape(-1) for r in (r0, r1)] + [r["more"].reshape(-1)[:7] for r in (r0, r1)])
+    assert float(r0["hist"]["histogram"].sum()) == pytest.approx(hist_vals.numel() + more.numel(), rel=1e-12)
+    assert int(r0["hist"]["observed"]) == 6
+    assert float(r0["hist"]["min_val"]) == float(torch.cat([hist_vals, more]).min())
+    assert float(r0["hist"]["max_val"]) == float(torch.cat([hist_vals, more]).max())
     assert r0["hist_range"] == r1["hist_range"]
 
 
