@@ -43,3 +43,17 @@ def _scale_lr(trainer: "pl.Trainer", factor: float) -> None:
         base = getattr(config.scheduler, "base_lrs", None)
         if isinstance(base, list):
             config.scheduler.base_lrs = [lr * factor for lr in base]
+
+
+def _refuse_multiprocessing_launch(trainer: "pl.Trainer", who: str) -> None:
+    """A callback's state (phases, quantizers, the FP32 reference) lives in the process that trains.
+    Under a multiprocessing launcher (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``) that is a child:
+    the model the user holds afterwards has the trained weights but none of that state, so an
+    export would silently quantize it post-training. ``strategy="ddp"`` runs the script itself as
+    rank 0 and keeps it."""
+    launcher = getattr(getattr(trainer, "strategy", None), "launcher", None)
+    if type(launcher).__name__ == "_MultiProcessingLauncher":
+        method = getattr(trainer.strategy, "_start_method", "spawn")
+        raise ValueError(f"{who} does not support Trainer(strategy=...) launched by multiprocessing (start method "
+                         f"{method!r}): its state would stay in the child processes and the model you export afterwards "
+                         "would have none of it. Use strategy='ddp', which runs this script as rank 0")

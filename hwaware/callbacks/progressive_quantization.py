@@ -26,7 +26,8 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from hwaware.callbacks._common import _check_choice, _check_int, _scale_lr, _scalar_metrics
+from hwaware._predict import model_predictions
+from hwaware.callbacks._common import _refuse_multiprocessing_launch, _check_choice, _check_int, _scale_lr, _scalar_metrics
 from hwaware.quant.attach import (
     QuantState, attach_quantization, find_quantizable, quantization_disabled, set_fp32_reference,
 )
@@ -84,7 +85,8 @@ class ProgressiveQuantization(Callback):
             re-validate), ``"warn"`` or ``"raise"`` (:class:`hwaware.quant.kl.KLViolationError`).
         validation_batches: validation batches used for KL (logged each epoch and at the end).
         output_fn: ``fn(pl_module, batch) -> Tensor`` giving the model output for the output KL;
-            default ``pl_module.predict_step(batch, 0)``.
+            default ``pl_module.predict_step(batch, 0)`` where its class defines one, else
+            ``pl_module(*batch[:-1])`` for a tuple batch.
 
     Raises:
         ValueError: any argument outside its allowed set (raised here, at construction); a model
@@ -208,6 +210,7 @@ class ProgressiveQuantization(Callback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
+        _refuse_multiprocessing_launch(trainer, "ProgressiveQuantization")
         plan, skipped = self._plan(pl_module)
         if not plan:
             raise ValueError(
@@ -557,7 +560,8 @@ class ProgressiveQuantization(Callback):
         return batches
 
     def _model_output(self, pl_module: "pl.LightningModule", batch: Any) -> Optional[Tensor]:
-        out = self.output_fn(pl_module, batch) if self.output_fn is not None else pl_module.predict_step(batch, 0)
+        out = (self.output_fn(pl_module, batch) if self.output_fn is not None
+               else model_predictions(pl_module, batch, "ProgressiveQuantization (output KL)"))
         if isinstance(out, (list, tuple)):
             out = out[0]
         if isinstance(out, dict):

@@ -31,7 +31,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from hwaware.callbacks._common import _check_choice, _check_int, _scale_lr, _scalar_metrics
+from hwaware.callbacks._common import _refuse_multiprocessing_launch, _check_choice, _check_int, _scale_lr, _scalar_metrics
 from hwaware.sparsity.masks import (
     cubic_fraction, find_prunable, gradual_mask_24, is_mask_24, magnitude_mask_24, mask_sparsity, sr_ste_decay_,
     weight_2d,
@@ -149,6 +149,7 @@ class SemiStructuredSparsity(Callback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
+        _refuse_multiprocessing_launch(trainer, "SemiStructuredSparsity")
         if self._model_ref is not None and self._model_ref() is not pl_module:
             self._reset()  # a new model: this callback's masks and dense weights belong to the old one
         self._model_ref = weakref.ref(pl_module)

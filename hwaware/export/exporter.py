@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from hwaware.export.artifact import ArtifactError, read_tensors, verify_artifact, write_artifact
+from hwaware._predict import model_predictions
 from hwaware.export.deploy import (DEPLOY_TYPES, Int4Linear, Int8Linear, RowwiseEmbedding, RowwiseEmbeddingBag, Sparse24Linear,
                                    chain_int8, fuse_relu)
 from hwaware.export.selection import (SPARSE24_INT8_KERNEL, capture_rows, cpu_profile, isa_list, lost_features,
@@ -239,8 +240,7 @@ def _default_output(module: nn.Module, batch: Any) -> Tuple[Tensor, Tensor]:
     if target is None:
         raise ValueError("export could not find the target in a validation batch (dict keys "
                          f"{_TARGET_KEYS} or the last element of a tuple); pass output_fn=lambda model, batch: (preds, target)")
-    preds = module.predict_step(batch, 0) if hasattr(module, "predict_step") else module(batch)
-    return preds, target
+    return model_predictions(module, batch, "export"), target
 
 
 def _metric_value(metric: str, preds: Tensor, target: Tensor) -> float:
@@ -414,7 +414,8 @@ def export(
         example_inputs: when given, ``program.pt2`` (a ``torch.export`` program on ``hwaware::*``) is written,
             with the batch dimension dynamic where the model's code allows it (manifest ``program``).
         device: ``"cpu"`` (GPU kernels come with the Triton issue).
-        output_fn: ``fn(model, batch) -> (preds, target)``; default: ``predict_step`` and the
+        output_fn: ``fn(model, batch) -> (preds, target)``; default: ``predict_step`` (where the
+            model's class defines one, else ``model(*batch[:-1])`` for a tuple batch) and the
             batch's ``label``/``target``/last element.
         embedding_bits: 8 or 4, for tables of a model quantized post-training.
         sparse24: pack every 2:4 Linear (e.g. pruned by :class:`SemiStructuredSparsity`) in the

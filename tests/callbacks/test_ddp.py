@@ -1,4 +1,5 @@
 """ProgressiveQuantization + SemiStructuredSparsity under 2-process DDP with the gloo backend on CPU."""
+import pytest
 import json
 import os
 import subprocess
@@ -24,3 +25,24 @@ def test_ddp_gloo_two_ranks_agree(tmp_path):
     assert r0["sparse_phase"] == "sparse" and set(r0["masks"]) == {"mlp.0", "mlp.2"}
     assert r0["masks"] == r1["masks"] and r0["dense"] == r1["dense"]
     assert sum(r0["mask_changes"]) > 0
+
+
+@pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_fork"])
+def test_multiprocessing_launched_ddp_is_refused_with_the_reason(tmp_path, strategy):
+    """Under ddp_spawn the callbacks' state stays in the children: the model exported afterwards
+    would silently be post-training. The callbacks refuse it in setup (which runs in each child,
+    whose error reaches the parent), naming strategy='ddp'."""
+    import multiprocessing
+
+    import pytorch_lightning as pl
+
+    from hwaware import ProgressiveQuantization, SemiStructuredSparsity
+    from tests.helpers import TinyCTR
+
+    if strategy == "ddp_fork" and "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork here")
+    trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=2, logger=False, default_root_dir=str(tmp_path),
+                         max_epochs=2)
+    for cb in (ProgressiveQuantization(start_epoch=1), SemiStructuredSparsity(start_epoch=1)):
+        with pytest.raises(ValueError, match=r"launched by multiprocessing .* Use strategy='ddp'"):
+            cb.setup(trainer, TinyCTR(), "fit")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from torch import nn
 
@@ -351,3 +352,37 @@ def test_the_manifest_says_what_each_int8_kernel_does_to_the_input(tmp_path):
         meta = art.manifest["layers"][name]
         assert meta["activation"] == served[meta["kernels"]["cpu"]] and meta["qat_activation"] == "int8/per_row/sym/dyn"
     assert "activation" not in art.manifest["layers"]["emb"]
+
+
+class _NoPredictStep(pl.LightningModule):
+    """Lightning's default predict_step calls self(batch): an (x, y) batch does not fit it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _class_batches():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, generator=g)
+    return [(x[i:i + 32], x[i:i + 32].argmax(1) + 1) for i in (0, 32)]
+
+
+def test_a_lightning_model_without_predict_step_runs_on_its_inputs(tmp_path):
+    torch.manual_seed(0)
+    model = _NoPredictStep()
+    art = export(model, tmp_path / "a", val_dataloader=_class_batches(), metric="accuracy", max_drop=1.0)
+    assert art.report["metric"] == "accuracy" and "net.0" in art.manifest["layers"]
+    with pytest.raises(ValueError, match=r"metric='auroc' expects one logit"):  # the mismatch, not a deep error
+        export(model, tmp_path / "b", val_dataloader=_class_batches(), metric="auroc")
+
+
+def test_a_batch_the_model_cannot_take_names_the_call_and_the_fix(tmp_path):
+    model = _NoPredictStep()
+    batches = [{"x": b[0], "label": b[1]} for b in _class_batches()]  # a dict: the model gets the dict
+    with pytest.raises(ValueError, match=r"export: ran the model on a batch \(dict\) as _NoPredictStep\(batch\), which "
+                                         r"raised .*Define predict_step\(batch, batch_idx\)"):
+        export(model, tmp_path / "a", val_dataloader=batches, metric="accuracy")
