@@ -119,6 +119,9 @@ def _inspect_text(path: str, manifest: Dict[str, Any], on_disk: int) -> str:
         selection = _selection_lines(layers)
         if selection:
             out += ["", "kernel selection (measured at export; * = chosen, the fastest that keeps the layer's math):"] + selection
+    dense = manifest.get("dense_layers")
+    if isinstance(dense, Mapping) and dense:
+        out += ["", f"left dense ({len(dense)}):"] + [f"  {name}: {reason}" for name, reason in dense.items()]
     out.append("")
     fp32 = manifest.get("fp32_bytes")
     total = f"total: {_fmt_bytes(on_disk)} on disk ({on_disk} bytes)"

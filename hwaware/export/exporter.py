@@ -250,11 +250,20 @@ def _metric_value(metric: str, preds: Tensor, target: Tensor) -> float:
         if preds.dim() > 2 or (preds.dim() == 2 and preds.shape[1] != 1):
             raise ValueError(f"metric='auroc' expects one logit or probability per sample; the model outputs shape "
                              f"{tuple(preds.shape)} (use metric='accuracy' for class scores)")
-        return float(BinaryAUROC()(preds.reshape(-1).float(), target.reshape(-1).long()))
+        t = target.reshape(-1)
+        if not bool(((t == 0) | (t == 1)).all()):
+            bad = t[(t != 0) & (t != 1)][:3].tolist()
+            raise ValueError(f"metric='auroc' expects binary targets (0 or 1); the validation targets include {bad} "
+                             "(soft labels or class ids would be cut to integers silently)")
+        return float(BinaryAUROC()(preds.reshape(-1).float(), t.long()))
     if preds.dim() != 2 or preds.shape[1] < 2:
         raise ValueError(f"metric='accuracy' expects class scores of shape [B, C>=2]; the model outputs shape "
                          f"{tuple(preds.shape)} (use metric='auroc' for a single logit)")
-    return float(MulticlassAccuracy(num_classes=preds.shape[1], average="micro")(preds.float(), target.reshape(-1).long()))
+    t = target.reshape(-1)
+    if t.is_floating_point() and not bool((t == t.round()).all()) or not bool(((t >= 0) & (t < preds.shape[1])).all()):
+        raise ValueError(f"metric='accuracy' expects class ids in [0, {preds.shape[1]}) for the model's "
+                         f"{preds.shape[1]} classes; the validation targets include {t[:3].tolist()}")
+    return float(MulticlassAccuracy(num_classes=preds.shape[1], average="micro")(preds.float(), t.long()))
 
 
 def _evaluate(module: nn.Module, loader: Iterable, metric: str, output_fn: Optional[Callable]) -> float:

@@ -1,9 +1,10 @@
 """ProgressiveQuantization + SemiStructuredSparsity under 2-process DDP with the gloo backend on CPU."""
-import pytest
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "ddp_quant_script.py")
 

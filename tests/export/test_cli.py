@@ -135,6 +135,14 @@ def test_bench_needs_recorded_inputs(tmp_path, capsys):
     assert "records no example inputs" in capsys.readouterr().err
 
 
+def test_inspect_lists_the_layers_left_dense_with_their_reasons(tmp_path, capsys):
+    manifest = {**MANIFEST, "dense_layers": {"c1": "no hwaware conv op yet: runs dense"}}
+    write_artifact(tmp_path / "a", manifest, {"w": torch.zeros(8, dtype=torch.int8)})
+    assert main(["inspect", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "left dense (1):" in out and "  c1: no hwaware conv op yet: runs dense" in out
+
+
 def test_inspect_shows_what_the_export_cost_against_the_final_weights(tmp_path, capsys):
     reg = {**MANIFEST["regression"], "final_weights_fp32": 0.8021, "quantization_drop": 0.0023}
     write_artifact(tmp_path / "a", {**MANIFEST, "regression": reg}, {"w": torch.zeros(8, dtype=torch.int8)})

@@ -386,3 +386,14 @@ def test_a_batch_the_model_cannot_take_names_the_call_and_the_fix(tmp_path):
     with pytest.raises(ValueError, match=r"export: ran the model on a batch \(dict\) as _NoPredictStep\(batch\), which "
                                          r"raised .*Define predict_step\(batch, batch_idx\)"):
         export(model, tmp_path / "a", val_dataloader=batches, metric="accuracy")
+
+
+def test_targets_that_do_not_fit_the_metric_are_refused(tmp_path):
+    model = _NoPredictStep()
+    soft = [(x, torch.rand(len(x))) for x, _ in _class_batches()]
+    one = nn.Sequential(nn.Linear(8, 1), nn.Flatten(0))
+    with pytest.raises(ValueError, match=r"metric='auroc' expects binary targets \(0 or 1\)"):
+        export(one, tmp_path / "a", val_dataloader=soft, metric="auroc")
+    ids = [(x, y + 10) for x, y in _class_batches()]
+    with pytest.raises(ValueError, match=r"metric='accuracy' expects class ids in \[0, 10\)"):
+        export(model, tmp_path / "b", val_dataloader=ids, metric="accuracy")
