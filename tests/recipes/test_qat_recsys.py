@@ -66,3 +66,26 @@ def test_fast_recipe_with_2_4_sparsity(tmp_path):
         assert sel["chosen"] == min(eligible, key=eligible.get)  # the int8 codes, whichever kernel timed fastest
     assert manifest["layers"]["bottom_mlp.0"]["scheme"] == "int8"
     assert r["export"]["auroc"] > 0.5
+
+
+def test_a_small_data_file_reports_the_batch_it_timed(tmp_path):
+    """A validation split smaller than --infer-batch-size: the report's batch_size is the rows timed."""
+    import random
+
+    rng = random.Random(0)
+    lines = []
+    for _ in range(1500):
+        dense = [str(rng.randint(0, 50)) for _ in range(13)]
+        cats = [f"{rng.randint(0, 40):08x}" for _ in range(26)]
+        label = int(int(dense[0]) + int(cats[0], 16) > 45)
+        lines.append("\t".join([str(label)] + dense + cats))
+    path = tmp_path / "small.tsv"
+    path.write_text("\n".join(lines) + "\n")
+    report_path = tmp_path / "r.json"
+    proc = _run("--fast", "--no-progress", "--data", str(path), "--batch-size", "64", "--max-drop", "1.0",
+                "--export-dir", str(tmp_path / "art"), "--report", str(report_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(report_path.read_text())["export"]
+    assert 0 < r["batch_size"] < 2048 and f"batches of {r['batch_size']} rows" in proc.stdout
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert manifest["inputs"][0]["shape"][0] == r["batch_size"]
