@@ -437,9 +437,16 @@ class ProgressiveQuantization(Callback):
             for name, (kind, w, a) in plan.items()
         }
         self._attach(pl_module, self._layers)
+        # the FP32 model as trained, on CPU: the reference for KL and for export's gate. Taken before
+        # the calibration batches, which run in train mode and move BatchNorm's running statistics
+        self._keep_fp32_reference(pl_module)
         self._mark("calibrate", trainer)
         self._apply_phase_flags()
         rank_zero_info(f"ProgressiveQuantization: calibrating {len(plan)} layers for {self.calibration_batches} batches")
+
+    def _keep_fp32_reference(self, pl_module: "pl.LightningModule") -> None:
+        self.fp32_reference = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+        set_fp32_reference(pl_module, self.fp32_reference)
 
     def _enter_qat(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._sync_observers()
@@ -448,9 +455,8 @@ class ProgressiveQuantization(Callback):
             st.weight.check_finite()
             if st.activation is not None and not st.activation.spec.dynamic and st.activation.observer.initialized:
                 st.activation.update_qparams()
-        # the FP32 model at the start of QAT, on CPU: the reference for KL and for export's gate
-        self.fp32_reference = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
-        set_fp32_reference(pl_module, self.fp32_reference)
+        if self.fp32_reference is None:  # a checkpoint from calibration written before the reference moved there
+            self._keep_fp32_reference(pl_module)
         self._mark("qat", trainer)
         self._apply_phase_flags()
         if self.lr_scale != 1.0:

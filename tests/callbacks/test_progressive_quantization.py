@@ -335,3 +335,25 @@ def test_resume_mid_qat_restores_identical_state(tmp_path):
     _assert_state_equal(cb_a.state_dict(), cb_b.state_dict())
     _assert_state_equal(model_a.state_dict(), model_b.state_dict())
     assert cb_a.report == cb_b.report
+
+
+def test_the_fp32_reference_is_taken_before_calibration_moves_batchnorm(tmp_path):
+    """Calibration batches run in train mode and move BatchNorm's running statistics: the reference
+    is the model as FP32 training left it, before them."""
+    seen = {}
+
+    class AtFp32End(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 0:  # the last FP32 epoch (QAT starts at epoch 1)
+                seen.update({k: v.detach().clone() for k, v in pl_module.state_dict().items() if "mlp.1." in k})
+
+    pl.seed_everything(0, verbose=False)
+    model = TinyCTR(bn=True)
+    cb = ProgressiveQuantization(start_epoch=1, calibration_batches=4)
+    trainer = make_trainer(tmp_path / "b", [cb, AtFp32End()], max_epochs=2)
+    train, val = loaders()
+    trainer.fit(model, train, val)
+    assert seen and int(seen["mlp.1.num_batches_tracked"]) > 0
+    for k, v in seen.items():
+        assert torch.equal(cb.fp32_reference[k], v), k
+    assert int(model.state_dict()["mlp.1.num_batches_tracked"]) > int(seen["mlp.1.num_batches_tracked"])  # they moved
