@@ -437,15 +437,18 @@ class ProgressiveQuantization(Callback):
             for name, (kind, w, a) in plan.items()
         }
         self._attach(pl_module, self._layers)
-        # the FP32 model as trained, on CPU: the reference for KL and for export's gate. Taken before
-        # the calibration batches, which run in train mode and move BatchNorm's running statistics
-        self._keep_fp32_reference(pl_module)
+        # the buffers as FP32 training left them: the calibration batches run in train mode and move
+        # BatchNorm's running statistics, which the FP32 reference taken at QAT start must not see
+        self._fp32_buffers = {k: b.detach().cpu().clone() for k, b in pl_module.named_buffers()}
         self._mark("calibrate", trainer)
         self._apply_phase_flags()
         rank_zero_info(f"ProgressiveQuantization: calibrating {len(plan)} layers for {self.calibration_batches} batches")
 
     def _keep_fp32_reference(self, pl_module: "pl.LightningModule") -> None:
-        self.fp32_reference = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+        ref = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+        ref.update({k: v for k, v in (getattr(self, "_fp32_buffers", None) or {}).items() if k in ref})
+        self._fp32_buffers = None
+        self.fp32_reference = ref
         set_fp32_reference(pl_module, self.fp32_reference)
 
     def _enter_qat(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -455,8 +458,10 @@ class ProgressiveQuantization(Callback):
             st.weight.check_finite()
             if st.activation is not None and not st.activation.spec.dynamic and st.activation.observer.initialized:
                 st.activation.update_qparams()
-        if self.fp32_reference is None:  # a checkpoint from calibration written before the reference moved there
-            self._keep_fp32_reference(pl_module)
+        # the FP32 model at the start of QAT, on CPU: the reference for KL and for export's gate. Its
+        # weights are QAT's starting weights (after any pruning that started with it), its buffers the
+        # ones FP32 training left (when this run saw calibration start; a resumed one has only its own)
+        self._keep_fp32_reference(pl_module)
         self._mark("qat", trainer)
         self._apply_phase_flags()
         if self.lr_scale != 1.0:
