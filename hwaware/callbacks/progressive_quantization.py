@@ -198,6 +198,7 @@ class ProgressiveQuantization(Callback):
         self._metrics_before: Dict[str, float] = {}
         self._metrics_after: Dict[str, float] = {}
         self.fp32_reference: Optional[Dict[str, Tensor]] = None
+        self._fp32_buffers: Optional[Dict[str, Tensor]] = None  # buffers at calibration start, for the reference
         self._pending_quantizers: Optional[Dict[str, Dict[str, Any]]] = None
         self._states: Dict[str, QuantState] = {}
         self._bn: List[nn.Module] = []
@@ -446,7 +447,7 @@ class ProgressiveQuantization(Callback):
 
     def _keep_fp32_reference(self, pl_module: "pl.LightningModule") -> None:
         ref = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
-        ref.update({k: v for k, v in (getattr(self, "_fp32_buffers", None) or {}).items() if k in ref})
+        ref.update({k: v for k, v in (self._fp32_buffers or {}).items() if k in ref})
         self._fp32_buffers = None
         self.fp32_reference = ref
         set_fp32_reference(pl_module, self.fp32_reference)

@@ -485,7 +485,8 @@ def _int_mm_layers(x: Optional[Tensor], qweights: Sequence[Tensor], w_scales: Se
         # keyed on the [N, K] weights the caller holds (a transposed view made per call would miss)
         out = native.int8_mlp(xf, [_CACHE.get((qw,), ("int8_pack",), lambda qw=qw: native.int8_pack(qw)) for qw in qweights],
                               dims, [s.contiguous() for s in w_scales],
-                              [None if b is None else b.float().contiguous() for b in biases], relus, quantized)
+                              [None if b is None else b.float().contiguous() for b in biases], relus, quantized,
+                              check=False)  # _check_int8_mlp ran on the op's arguments; int8_pack made the rest
         if out is not None:
             return out.to(dtype).reshape(*lead, dims[-1])
     if quantized is None:

@@ -305,14 +305,17 @@ def _check_int8_mlp_args(x2d, packed, dims, w_scales, biases, relus, quantized) 
 
 def int8_mlp(x2d: Tensor, packed: Sequence[Tensor], dims: Sequence[int], w_scales: Sequence[Tensor],
              biases: Sequence[Optional[Tensor]], relus: Sequence[bool],
-             quantized: Optional[Tuple[Tensor, Tensor]] = None) -> Optional[Tensor]:
+             quantized: Optional[Tuple[Tensor, Tensor]] = None, check: bool = True) -> Optional[Tensor]:
     """W8A8 layers in one C pass on :func:`int8_engine` (``hw_int8_mlp``), bit for bit the ``int_mm``
     passes: ``x2d`` contiguous float32 ``[M, dims[0]]`` -> float32 ``[M, dims[-1]]``; ``packed[i]``
     from :func:`int8_pack`, ``w_scales``/``biases`` contiguous float32. ``quantized``: instead of
     ``x2d`` (pass None), its per-token codes and scales, contiguous int8 ``[M, dims[0]]`` and float32
-    ``[M]``. None: no engine here."""
+    ``[M]``. None: no engine here. ``check=False``: the caller has validated every buffer
+    (``hwaware::int8_mlp`` checks its arguments and packs with :func:`int8_pack`), so the per-call
+    Python checks are skipped on the serving path."""
     engine = int8_engine()
-    _check_int8_mlp_args(x2d, packed, dims, w_scales, biases, relus, quantized)
+    if check:
+        _check_int8_mlp_args(x2d, packed, dims, w_scales, biases, relus, quantized)
     if quantized is not None:
         q, sx = quantized
         if not (engine and q.numel() > 0):

@@ -75,6 +75,7 @@ class Observer(nn.Module):
         self.register_buffer("min_val", torch.empty(0))
         self.register_buffer("max_val", torch.empty(0))
         self.register_buffer("observed", torch.zeros((), dtype=torch.int64))
+        self._synced_observed: Optional[Tensor] = None  # what every rank held alike at the last sync or load
 
     # -- public API ------------------------------------------------------------------------------
     @property
@@ -186,8 +187,7 @@ class Observer(nn.Module):
         # incremental: add what every rank counted since the previous sync (or load), so a second
         # sync (the callback syncs at QAT start and again when it freezes the observers) does not
         # count the first one's batches again
-        base = getattr(self, "_synced_observed", None)
-        base = torch.zeros_like(self.observed) if base is None else base
+        base = torch.zeros_like(self.observed) if self._synced_observed is None else self._synced_observed
         delta = self.observed - base
         dist.all_reduce(delta, op=dist.ReduceOp.SUM)
         self.observed.copy_(base + delta)
@@ -430,6 +430,7 @@ class HistogramObserver(Observer):
         self.num_quant_bins = num_quant_bins
         self.register_buffer("histogram", torch.empty(0, dtype=torch.float64))  # [bins] counts
         self.last_range: Optional[Tuple[float, float]] = None
+        self._synced_hist: Optional[Tuple[Tensor, Tuple[float, float]]] = None  # (histogram, its range) at the last sync
 
     def _can_resize(self, name: str, src: Tensor) -> bool:
         if name == "histogram":  # a different bin count is a real mismatch: let the loader report it
@@ -483,8 +484,7 @@ class HistogramObserver(Observer):
             return _rebin(hist, rng[0], rng[1], new[0], new[1]) if rng != new else hist.clone()
 
         hist = onto_new(self.histogram, self._range(self.min_val, self.max_val)) if self.initialized else zeros
-        synced = getattr(self, "_synced_hist", None)
-        base = onto_new(*synced) if synced is not None else zeros
+        base = onto_new(*self._synced_hist) if self._synced_hist is not None else zeros
         delta = hist - base
         dist.all_reduce(delta, op=dist.ReduceOp.SUM)
         self.min_val, self.max_val, self.histogram = mn, mx, base + delta
