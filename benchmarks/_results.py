@@ -19,3 +19,22 @@ def write_json(result: dict, path: str) -> None:
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {path}")
+
+
+class WithEngines(torch.nn.Module):
+    """A served model with hwaware's int8 pass engines set around each call (``amx`` / ``vnni``:
+    False switches that engine off; the output bits do not change, only the speed)."""
+
+    def __init__(self, served: torch.nn.Module, amx: bool, vnni: bool) -> None:
+        super().__init__()
+        self.served, self.flags = served, (amx, vnni)
+
+    def forward(self, *args):
+        from hwaware.quant import native
+
+        saved = native.amx_available(), native.vnni_available()  # resolved, so restoring them is exact
+        native._amx, native._vnni = saved[0] and self.flags[0], saved[1] and self.flags[1]
+        try:
+            return self.served(*args)
+        finally:
+            native._amx, native._vnni = saved

@@ -34,7 +34,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _results import cpu_device, write_json  # noqa: E402  (benchmarks/_results.py)
+from _results import WithEngines, cpu_device, write_json  # noqa: E402  (benchmarks/_results.py)
 
 CPUS = {
     "this_cpu": {},
@@ -44,25 +44,6 @@ CPUS = {
 }
 # the recipe's defaults (recipes/qat_recsys.py): the same synthetic data, so the same validation split
 NUM_SAMPLES, SEED = 400_000, 0
-
-
-class _WithoutEngine(torch.nn.Module):
-    """The artifact with hwaware's int8 pass switched off around each call: its int_mm layers run
-    ``torch._int_mm`` between the C passes (oneDNN, capped like the rest of the process)."""
-
-    def __init__(self, served: torch.nn.Module) -> None:
-        super().__init__()
-        self.served = served
-
-    def forward(self, *args):
-        from hwaware.quant import native
-
-        saved = native._amx, native._vnni
-        native._amx, native._vnni = False, False
-        try:
-            return self.served(*args)
-        finally:
-            native._amx, native._vnni = saved
 
 
 def child(path: str, batches: int, rounds: int, num_samples: int) -> dict:
@@ -83,7 +64,7 @@ def child(path: str, batches: int, rounds: int, num_samples: int) -> dict:
     inputs = [(b["dense"], b["sparse"]) for _, b in zip(range(batches), dm.val_dataloader())]
     contenders = {"fp32": fp32, "recorded_kernels": recorded, "measured_here": measured}
     if native.int8_engine() is not None:  # what hwaware's int8 pass buys on this CPU: the same bits without it
-        contenders["recorded_without_int8_engine"] = _WithoutEngine(recorded)
+        contenders["recorded_without_int8_engine"] = WithEngines(recorded, amx=False, vnni=False)
     timing = compare_throughput(contenders, inputs, batch_size=2048, rounds=rounds)
     val = dm.val_dataloader()
     return {

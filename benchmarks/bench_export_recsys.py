@@ -39,7 +39,7 @@ from hwaware.export.bench import compare_throughput  # noqa: E402
 from hwaware.export.memory import peak_memory  # noqa: E402
 from hwaware.recsys import DLRM, CriteoDataModule, evaluate_auroc  # noqa: E402
 
-from _results import cpu_device, write_json  # noqa: E402  (benchmarks/_results.py)
+from _results import WithEngines, cpu_device, write_json  # noqa: E402  (benchmarks/_results.py)
 
 
 class _PerTensorActLinear(nn.Module):
@@ -70,24 +70,10 @@ def per_tensor_variant(served: nn.Module) -> nn.Module:
     return variant
 
 
-class _WithoutAMX(nn.Module):
-    """Ablation: the same artifact with hwaware's AMX engine switched off around each call, so its
-    int_mm layers run on the VNNI engine (where the CPU has VNNI; else ``torch._int_mm``): this
-    artifact on a CPU with VNNI but without AMX-INT8 (an export made on one would time its layers
-    there and might choose other implementations)."""
-
-    def __init__(self, served: nn.Module) -> None:
-        super().__init__()
-        self.served = served
-
-    def forward(self, *args):
-        from hwaware.quant import native
-
-        saved, native._amx = native._amx, False
-        try:
-            return self.served(*args)
-        finally:
-            native._amx = saved
+# Ablation ``exported_without_amx``: the same artifact with hwaware's AMX engine switched off around
+# each call, so its int_mm layers run on the VNNI engine (where the CPU has VNNI; else torch._int_mm):
+# this artifact on a CPU with VNNI but without AMX-INT8 (an export made on one would time its layers
+# there and might choose other implementations).
 
 
 def unchained(served: nn.Module) -> nn.Module:
@@ -118,7 +104,7 @@ def one(bits: int, fast: bool, out_dir: str) -> dict:
     batches = [(b["dense"], b["sparse"]) for _, b in zip(range(4 if fast else 10), infer.val_dataloader())]
     timing = compare_throughput({"fp32": fp32, "quantize_dynamic": qdyn, "exported": served,
                                  "exported_per_tensor_act": per_tensor, "exported_unchained": unchained(served),
-                                 "exported_without_amx": _WithoutAMX(served)},
+                                 "exported_without_amx": WithEngines(served, amx=False, vnni=True)},
                                 batches, batch_size=2048, rounds=2 if fast else 6)
     val = dm.val_dataloader()
     auroc = {"fp32": report["fp32"]["auroc"], "quantize_dynamic": evaluate_auroc(qdyn, val), "exported": report["export"]["auroc"],
@@ -159,7 +145,7 @@ def gemm_heavy(fast: bool, out_dir: str) -> dict:
     qdyn = torch.ao.quantization.quantize_dynamic(copy.deepcopy(fp32), {nn.Linear}, dtype=torch.qint8)
     timing = compare_throughput({"fp32": fp32, "quantize_dynamic": qdyn, "exported": served,
                                  "exported_per_tensor_act": per_tensor_variant(served),
-                                 "exported_unchained": unchained(served), "exported_without_amx": _WithoutAMX(served)},
+                                 "exported_unchained": unchained(served), "exported_without_amx": WithEngines(served, amx=False, vnni=True)},
                                 batches, batch_size=2048, rounds=2 if fast else 4)
     return {"model": hp, "throughput": timing, "note": "post-training export of random weights: speed only, no AUROC"}
 
