@@ -22,19 +22,16 @@ def write_json(result: dict, path: str) -> None:
 
 
 class WithEngines(torch.nn.Module):
-    """A served model with hwaware's int8 pass engines set around each call (``amx`` / ``vnni``:
-    False switches that engine off; the output bits do not change, only the speed)."""
+    """A served model whose calls run with hwaware's int8 pass limited to the named engines
+    (``native.only_engines``; none named: the ``torch._int_mm`` passes). The output bits do not
+    change, only the speed."""
 
-    def __init__(self, served: torch.nn.Module, amx: bool, vnni: bool) -> None:
+    def __init__(self, served: torch.nn.Module, *engines: str) -> None:
         super().__init__()
-        self.served, self.flags = served, (amx, vnni)
+        self.served, self.engines = served, engines
 
     def forward(self, *args):
         from hwaware.quant import native
 
-        saved = native.amx_available(), native.vnni_available()  # resolved, so restoring them is exact
-        native._amx, native._vnni = saved[0] and self.flags[0], saved[1] and self.flags[1]
-        try:
+        with native.only_engines(*self.engines):
             return self.served(*args)
-        finally:
-            native._amx, native._vnni = saved

@@ -64,7 +64,7 @@ def child(path: str, batches: int, rounds: int, num_samples: int) -> dict:
     inputs = [(b["dense"], b["sparse"]) for _, b in zip(range(batches), dm.val_dataloader())]
     contenders = {"fp32": fp32, "recorded_kernels": recorded, "measured_here": measured}
     if native.int8_engine() is not None:  # what hwaware's int8 pass buys on this CPU: the same bits without it
-        contenders["recorded_without_int8_engine"] = WithEngines(recorded, amx=False, vnni=False)
+        contenders["recorded_without_int8_engine"] = WithEngines(recorded)
     timing = compare_throughput(contenders, inputs, batch_size=2048, rounds=rounds)
     val = dm.val_dataloader()
     return {

@@ -104,7 +104,7 @@ def one(bits: int, fast: bool, out_dir: str) -> dict:
     batches = [(b["dense"], b["sparse"]) for _, b in zip(range(4 if fast else 10), infer.val_dataloader())]
     timing = compare_throughput({"fp32": fp32, "quantize_dynamic": qdyn, "exported": served,
                                  "exported_per_tensor_act": per_tensor, "exported_unchained": unchained(served),
-                                 "exported_without_amx": WithEngines(served, amx=False, vnni=True)},
+                                 "exported_without_amx": WithEngines(served, "vnni", "vpmaddwd")},
                                 batches, batch_size=2048, rounds=2 if fast else 6)
     val = dm.val_dataloader()
     auroc = {"fp32": report["fp32"]["auroc"], "quantize_dynamic": evaluate_auroc(qdyn, val), "exported": report["export"]["auroc"],
@@ -145,7 +145,7 @@ def gemm_heavy(fast: bool, out_dir: str) -> dict:
     qdyn = torch.ao.quantization.quantize_dynamic(copy.deepcopy(fp32), {nn.Linear}, dtype=torch.qint8)
     timing = compare_throughput({"fp32": fp32, "quantize_dynamic": qdyn, "exported": served,
                                  "exported_per_tensor_act": per_tensor_variant(served),
-                                 "exported_unchained": unchained(served), "exported_without_amx": WithEngines(served, amx=False, vnni=True)},
+                                 "exported_unchained": unchained(served), "exported_without_amx": WithEngines(served, "vnni", "vpmaddwd")},
                                 batches, batch_size=2048, rounds=2 if fast else 4)
     return {"model": hp, "throughput": timing, "note": "post-training export of random weights: speed only, no AUROC"}
 

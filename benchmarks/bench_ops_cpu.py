@@ -8,8 +8,9 @@ What the whole-model numbers in benchmarks/bench_export_recsys.py are made of, a
   fused), against fp32 ``F.linear`` + ``torch.relu``;
 - the top MLP's int8 layers (367->256->128, ReLU after each) from the interaction's int8 codes,
   ``hwaware::int8_mlp_quantized``, on each engine of hwaware's int8 pass this CPU has (AMX tiles;
-  VNNI, which a CPU without AMX runs) and with neither (``torch._int_mm`` between the C passes:
-  oneDNN, which uses AMX itself where it may), against fp32 ``F.linear`` + ``torch.relu`` twice;
+  VNNI, which a CPU without AMX runs; VPMADDWD, which a CPU without VNNI runs) and with none
+  (``torch._int_mm`` between the C passes: oneDNN, which uses AMX itself where it may), against
+  fp32 ``F.linear`` + ``torch.relu`` twice;
 - one embedding lookup (2048 single-row bags, 16 wide, a 48,000-row table): the deploy module, the
   op, fbgemm's kernel alone, the op's bounds check alone, and FP32 ``nn.EmbeddingBag``;
 - all 26 tables of the recipe DLRM (dim 16, int8 rows, one batch of generated Criteo-schema ids):
@@ -96,22 +97,17 @@ def top_mlp(rounds: int) -> dict:
     qws, scales = zip(*(packing.quantize_int8_weight(w) for w in ws))
     codes, sx = quantize_per_token_ref(x)
 
-    def on(amx: bool, vnni: bool) -> Callable[[], object]:
+    def on(*engines: str) -> Callable[[], object]:
         def run():
-            saved = native._amx, native._vnni
-            native._amx, native._vnni = amx, vnni
-            try:
+            with native.only_engines(*engines):
                 return torch.ops.hwaware.int8_mlp_quantized(codes, sx, list(qws), list(scales), bs, [True, True])
-            finally:
-                native._amx, native._vnni = saved
         return run
 
     fns = {"fp32": lambda: torch.relu(F.linear(torch.relu(F.linear(x, ws[0], bs[0])), ws[1], bs[1]))}
-    if native.amx_available():
-        fns["amx"] = on(True, False)
-    if native.vnni_available():
-        fns["vnni"] = on(False, True)
-    fns["int_mm_passes"] = on(False, False)
+    for engine, have in zip(native.ENGINES, (native.amx_available(), native.vnni_available(), native.vpmaddwd_available())):
+        if have:
+            fns[engine] = on(engine)
+    fns["int_mm_passes"] = on()
     outs = {name: fn() for name, fn in fns.items() if name != "fp32"}
     first = next(iter(outs.values()))
     assert all(torch.equal(o, first) for o in outs.values()), "the engines must give the same bits"

@@ -156,7 +156,7 @@ def _regression_num(rec: Mapping[str, Any], key: str) -> str:
 
 def _engine_words(cpu: Mapping) -> str:
     engine = cpu.get("int8_engine", "amx" if cpu.get("amx_in_use") else "unknown")  # older artifacts: amx_in_use only
-    return {"amx": "AMX tiles", "vnni": "VNNI", None: "none, torch._int_mm"}.get(engine, str(engine))
+    return {"amx": "AMX tiles", "vnni": "VNNI", "vpmaddwd": "VPMADDWD", None: "none, torch._int_mm"}.get(engine, str(engine))
 
 
 def _cpu_lines(cpu: Any) -> list:

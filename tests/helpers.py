@@ -137,3 +137,18 @@ def record_calls(monkeypatch, overload_packet) -> list:
     real = overload_packet.default
     monkeypatch.setattr(overload_packet, "default", lambda *a: calls.append(1) or real(*a))
     return calls
+
+
+def use_int8_engine(monkeypatch, name: Optional[str]) -> None:
+    """Run the rest of a test with hwaware's int8 pass on engine ``name`` (of ``native.ENGINES``;
+    None: the ``torch._int_mm`` passes), the faster ones switched off; skip where this CPU (or the
+    build) lacks it."""
+    import pytest
+    from hwaware.quant import native
+
+    have = dict(zip(native.ENGINES, (native.amx_available(), native.vnni_available(), native.vpmaddwd_available())))
+    if name is not None and not have[name]:
+        pytest.skip(f"no {name} engine here (native: {native.native_status()})")
+    for attr, engine in zip(("_amx", "_vnni", "_madd"), native.ENGINES):
+        monkeypatch.setattr(native, attr, have[engine] and engine == name)
+    assert native.int8_engine() == name

@@ -29,6 +29,7 @@ from hwaware.export.selection import (SPARSE24_INT8_KERNEL, capture_rows, cpu_pr
 import hwaware.ops as hwaware_ops
 from hwaware.ops import INT8_KERNELS, SPARSE24_KERNELS
 from hwaware.ops.packing import is_24
+from hwaware.quant import native
 from hwaware.quant.attach import (QuantState, attach_quantization, bare_weights, detach_quantization, find_quantizable,
                                   fp32_reference, keep_layers_called, quant_states, weight_read_by_parent)
 from hwaware.quant.spec import QuantSpec
@@ -626,9 +627,10 @@ def _portability_warning(manifest: Dict[str, Any], path: str) -> None:
     if measured_on is None:
         return
     if (not isinstance(measured_on, dict) or (measured_on.get("isa") is not None and isa_list(measured_on) is None)
-            or measured_on.get("int8_engine") not in ("amx", "vnni", None)):
+            or measured_on.get("int8_engine") not in (*native.ENGINES, None)):
         raise ArtifactError(f"{path}/manifest.json: selection_cpu {measured_on!r}; expected "
-                            "{'model': str, 'isa': [str, ...], 'amx_in_use': bool, 'int8_engine': 'amx' | 'vnni' | None}")
+                            "{'model': str, 'isa': [str, ...], 'amx_in_use': bool, 'int8_engine': "
+                            f"{' | '.join(map(repr, native.ENGINES))} | None}}")
     recs = {n: _selection_record(meta, n, path) for n, meta in manifest["layers"].items()}
     timed = [n for n, rec in recs.items() if rec is not None and "measured" in rec]
     int_mm = any(rec is not None and rec.get("chosen") in ("int_mm", "int8") for rec in recs.values())  # int8: 2:4 on int_mm

@@ -60,7 +60,7 @@ def cpu_profile() -> Dict[str, Any]:
     """The CPU kernels are timed on, as the manifest records it (``selection_cpu``): its model name,
     which of the instruction sets that decide the int8 kernels' speed it has, whether hwaware's
     AMX pass is in use (the CPU and OS allow it, ``HWAWARE_NO_AMX`` is unset), and the engine of
-    hwaware's int8 pass (``native.int8_engine``: ``"amx"``, ``"vnni"`` or None)."""
+    hwaware's int8 pass (``native.int8_engine``: ``"amx"``, ``"vnni"``, ``"vpmaddwd"`` or None)."""
     name, flags = "", None
     try:
         with open("/proc/cpuinfo") as f:
@@ -80,14 +80,20 @@ def cpu_profile() -> Dict[str, Any]:
 
 
 def _lost_engine(then: Dict[str, Any], now: Dict[str, Any]) -> Optional[str]:
-    """The engine of hwaware's int8 pass ``then`` ran on that ``now`` runs a slower one than (AMX,
-    then VNNI, then none), or None. Profiles from before the VNNI engine say only ``amx_in_use``."""
+    """The engine of hwaware's int8 pass ``then`` ran on that ``now`` runs a slower one than (in the
+    order of ``native.ENGINES``: AMX, VNNI, VPMADDWD, then none), or None. Profiles from before the
+    VNNI engine say only ``amx_in_use``: of those, only a lost AMX is known."""
+    rank = {e: i for i, e in enumerate(native.ENGINES)}
     was = then.get("int8_engine", "amx" if then.get("amx_in_use") is True else None)
-    if was == "amx":
-        return was if not (now.get("int8_engine") == "amx" or ("int8_engine" not in now and now.get("amx_in_use"))) else None
-    if was == "vnni":
-        return was if "int8_engine" in now and now["int8_engine"] is None else None
-    return None
+    if was not in rank:
+        return None
+    if "int8_engine" in now:
+        engine = now["int8_engine"]
+    elif now.get("amx_in_use"):
+        engine = "amx"
+    else:
+        return was if was == "amx" else None
+    return was if rank.get(engine, len(rank)) > rank[was] else None
 
 
 def isa_list(profile: Any) -> Optional[List[str]]:
@@ -99,7 +105,7 @@ def isa_list(profile: Any) -> Optional[List[str]]:
 def lost_features(measured_on: Dict[str, Any], here: Dict[str, Any], amx_matters: bool = True) -> List[str]:
     """What the CPU of ``measured_on`` (a :func:`cpu_profile`) had that ``here`` lacks: the
     instruction sets (none when either side's are unknown), and ``"hwaware AMX pass"`` /
-    ``"hwaware VNNI pass"`` when the int8 pass ran on that engine there and runs on a slower one (or
+    ``"hwaware VNNI pass"`` / ``"hwaware VPMADDWD pass"`` when the int8 pass ran on that engine there and runs on a slower one (or
     none) here (only when ``amx_matters``: some layer runs ``int_mm``)."""
     then, now = isa_list(measured_on), isa_list(here)
     lost = [f for f in then if f not in now] if then is not None and now is not None else []

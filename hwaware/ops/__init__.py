@@ -335,12 +335,13 @@ def _prepack_int8(qweight: Tensor, w_scale: Tensor):
 # CPU implementations of hwaware::int8_linear (the export times both per layer and records its choice):
 #   "int_mm": the op's exact math. Per-token int8 codes (native C pass, = quantize_per_token_ref),
 #             an exact int8 x int8 -> int32 product, and a float64 epilogue: bit-identical to
-#             int8_linear_ref for float32 inputs. Where the CPU has AMX-INT8 (and the OS allows it)
-#             or VNNI (AVX-512 VNNI, AVX-VNNI), the whole layer (or int8_mlp's run of layers) is one
-#             C pass, a block of rows at a time through every layer, its product on AMX tiles or
-#             VPDPBUSD (native.int8_mlp), the same bits. Elsewhere the product is torch._int_mm
-#             (oneDNN's s8s8s32 gemm) where it is exact, and on CPUs where it saturates (no VNNI,
-#             no AMX: _int_mm_exact_here) an fp32 GEMM over the codes, exact too, at about fp32's
+#             int8_linear_ref for float32 inputs. Where hwaware's C library has an engine for this
+#             CPU (native.int8_engine: AMX tiles; VPDPBUSD with AVX-512 VNNI or AVX-VNNI; VPMADDWD on
+#             int16 codes with AVX2 or AVX-512BW), the whole layer (or int8_mlp's run of layers) is
+#             one C pass, a block of rows at a time through every layer, the same bits. Elsewhere
+#             (no compiler, another architecture) the product is torch._int_mm (oneDNN's s8s8s32
+#             gemm) where it is exact, and where it saturates (x86 without VNNI or AMX:
+#             _int_mm_exact_here) an fp32 GEMM over the codes, exact too, at about fp32's
 #             speed plus the two C passes. Each implementation's speed depends on the CPU and the
 #             layer, which is why the export times them all.
 #   "fbgemm": fbgemm's dynamic linear on per-token pre-scaled rows (below): fast on AVX2 too, but
@@ -409,7 +410,8 @@ def _workspace(kind: str, numel: int, dtype: torch.dtype) -> Tensor:
 # unsigned by signed bytes in pairs that saturate at int16 (VPMADDUBSW on the codes + 128): the
 # int32 "product" is then off by up to ~1.6e7 at K = 1024 with full-range codes (measured here with
 # oneDNN capped at AVX2 or AVX-512 without VNNI; tests/ops/test_int8_linear_exact.py). hwaware's
-# int8 pass covers the CPUs with VNNI or AMX; on the others the product runs as an fp32 GEMM, exact.
+# int8 pass has an exact engine for those CPUs too (VPMADDWD); where the native library is not in use
+# the product runs as an fp32 GEMM, exact.
 _INT_MM_EXACT: Optional[bool] = None
 _EXACT_FP32_K = 1024  # 1024 * 127^2 < 2^24: every partial sum of a chunk is an integer fp32 holds exactly
 
@@ -457,8 +459,9 @@ def _int_mm_fp32(q: Tensor, qw: Tensor, out: Tensor) -> Tensor:
 def _int_mm_layers(x: Optional[Tensor], qweights: Sequence[Tensor], w_scales: Sequence[Tensor],
                    biases: Sequence[Optional[Tensor]], relus: Sequence[bool],
                    quantized: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
-    """Exact W8A8 layers in a row (one layer: int8_linear's ``"int_mm"``). With AMX-INT8 or VNNI: one C
-    pass (``native.int8_mlp``, weights packed once into its tile layout and cached). Otherwise native (or
+    """Exact W8A8 layers in a row (one layer: int8_linear's ``"int_mm"``). Where the native library has
+    an engine for this CPU: one C pass (``native.int8_mlp``, weights packed once into its tile layout
+    and cached). Otherwise native (or
     reference) per-token codes, ``torch._int_mm`` against each ``qweight [N, K]`` transposed, float64 epilogue (native or
     eager, same arithmetic as ``int8_linear_ref``), then ReLU where ``relus`` says. Between two
     layers the epilogue writes the next layer's codes (``native.w8a8_epilogue_quant``; without the
@@ -481,7 +484,7 @@ def _int_mm_layers(x: Optional[Tensor], qweights: Sequence[Tensor], w_scales: Se
     dims = [k] + [qw.shape[0] for qw in qweights]
     if x2d is not None:
         xf = x2d.float().contiguous()
-    if native.int8_engine() and min(dims) > 0:  # the same bits, on AMX tiles or VNNI, a block of rows at a time
+    if native.int8_engine() and min(dims) > 0:  # the same bits, on the engine, a block of rows at a time
         # keyed on the [N, K] weights the caller holds (a transposed view made per call would miss)
         out = native.int8_mlp(xf, [_CACHE.get((qw,), ("int8_pack",), lambda qw=qw: native.int8_pack(qw)) for qw in qweights],
                               dims, [s.contiguous() for s in w_scales],

@@ -7,10 +7,11 @@ pass pair per row, bit-identical to the eager path (tests hold it to atol=0).
 
 ``_native/w8a8.c`` holds the two float passes of the W8A8 ``int_mm`` kernel (hwaware/ops):
 per-token int8 quantization and the int32 -> float epilogue, bit-identical to the references; and,
-where the CPU has AMX-INT8 (and the OS allows it) or else VNNI (AVX-512 VNNI or AVX-VNNI), the whole
-kernel (``hw_int8_mlp``): the same passes around an int8 product on AMX tiles or VPDPBUSD, a block
-of rows at a time through every layer of an int8 MLP, the same bits (``HWAWARE_NO_AMX=1`` and
-``HWAWARE_NO_VNNI=1`` turn the engines off).
+the whole kernel (``hw_int8_mlp``): the same passes around an exact int8 product, a block of rows at
+a time through every layer of an int8 MLP, the same bits, on the best engine the CPU has: AMX tiles
+(AMX-INT8, where the OS allows it), VPDPBUSD (AVX-512 VNNI or AVX-VNNI), or VPMADDWD on int16 codes
+(AVX2, AVX-512BW: the CPUs without VNNI). ``HWAWARE_NO_AMX=1``, ``HWAWARE_NO_VNNI=1`` and
+``HWAWARE_NO_VPMADDWD=1`` turn them off.
 ``_native/bags.c`` bounds-checks embedding-bag calls; ``_native/interact.c`` is DLRM's dot
 interaction (``hwaware::dot_interaction``) forward and backward.
 
@@ -23,6 +24,7 @@ without AVX-512 on one that has it, and how a deployment builds for the oldest C
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 from array import array
@@ -33,13 +35,13 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 __all__ = ["native_status", "fq_sym_rows", "fq_affine_rows", "quant_tokens_i8", "w8a8_epilogue", "w8a8_epilogue_quant", "check_bags", "rowwise_bags",
-           "dot_interaction", "dot_interaction_backward", "dot_interaction_int8", "bags_interaction", "amx_available", "vnni_available", "int8_engine", "int8_pack", "int8_mlp"]
+           "dot_interaction", "dot_interaction_backward", "dot_interaction_int8", "bags_interaction", "amx_available", "vnni_available", "vpmaddwd_available", "ENGINES", "int8_engine", "only_engines", "int8_pack", "int8_mlp"]
 
 _SRCS = [Path(__file__).parent / "_native" / n for n in ("rowwise_fq.c", "w8a8.c", "bags.c", "interact.c")]
 _HEADERS = [Path(__file__).parent / "_native" / n for n in ("rows.h", "tables.h")]  # included by the sources: part of the build key
@@ -68,6 +70,7 @@ _status = "not loaded yet"
 _tried = False
 _amx: Optional[bool] = None
 _vnni: Optional[bool] = None
+_madd: Optional[bool] = None
 
 
 def _cpu_fingerprint() -> str:
@@ -138,6 +141,8 @@ def _load() -> Optional[ctypes.CDLL]:
         lib.hw_amx_available.restype = i32
         lib.hw_vnni_lanes.argtypes = []
         lib.hw_vnni_lanes.restype = i32
+        lib.hw_madd_lanes.argtypes = []
+        lib.hw_madd_lanes.restype = i32
         lib.hw_int8_pack_bytes.argtypes = [i64, i64]
         lib.hw_int8_pack_bytes.restype = i64
         lib.hw_int8_pack.argtypes = [f32p, i64, i64, f32p]
@@ -253,13 +258,45 @@ def vnni_available() -> bool:
     return _vnni
 
 
+def vpmaddwd_available() -> bool:
+    """Whether :func:`int8_mlp` can run on VPMADDWD here: the library was built for a CPU with AVX2
+    or AVX-512BW (``HWAWARE_NO_VPMADDWD=1`` says no, for comparisons)."""
+    global _madd
+    if _madd is None:
+        _madd = _load() is not None and not os.environ.get("HWAWARE_NO_VPMADDWD") and _lib.hw_madd_lanes() > 0
+    return _madd
+
+
+# fastest first: what int8_engine picks, and how selection ranks a serving CPU against the export's
+ENGINES = ("amx", "vnni", "vpmaddwd")
+
+
 def int8_engine() -> Optional[str]:
-    """The engine :func:`int8_mlp` runs on here: ``"amx"``, ``"vnni"`` (where there is no AMX), or
-    None (no native pass: the ``torch._int_mm`` passes)."""
-    return "amx" if amx_available() else "vnni" if vnni_available() else None
+    """The engine :func:`int8_mlp` runs on here, the first this CPU has of :data:`ENGINES`:
+    ``"amx"``, ``"vnni"``, ``"vpmaddwd"`` (AVX2 or AVX-512 without VNNI); None: no native pass
+    (the ``torch._int_mm`` passes)."""
+    return ("amx" if amx_available() else "vnni" if vnni_available() else
+            "vpmaddwd" if vpmaddwd_available() else None)
 
 
-_ENGINES = {"amx": 1, "vnni": 2}
+_ENGINES = {"amx": 1, "vnni": 2, "vpmaddwd": 3}
+
+
+@contextlib.contextmanager
+def only_engines(*names: str) -> Iterator[None]:
+    """Inside the block, :func:`int8_mlp` may run only on the named engines (those of :data:`ENGINES`
+    this CPU has); none named: the ``torch._int_mm`` passes. The output bits do not change, only the
+    speed: for benchmarks and tests comparing engines in one process (process-wide, not per thread)."""
+    unknown = [n for n in names if n not in ENGINES]
+    if unknown:
+        raise ValueError(f"only_engines: unknown engine(s) {unknown}; expected names from {ENGINES}")
+    global _amx, _vnni, _madd
+    saved = amx_available(), vnni_available(), vpmaddwd_available()  # resolved, so restoring them is exact
+    _amx, _vnni, _madd = (have and name in names for have, name in zip(saved, ENGINES))
+    try:
+        yield
+    finally:
+        _amx, _vnni, _madd = saved
 
 
 def int8_pack(qweight: Tensor) -> Tensor:

@@ -171,9 +171,12 @@ def test_the_amx_pass_matters_only_where_a_layer_runs_int_mm():
 def test_an_int8_pass_on_a_slower_engine_is_lost_and_a_faster_one_is_not():
     amx, vnni = {**EXPORT_CPU, "int8_engine": "amx"}, {**EXPORT_CPU, "amx_in_use": False, "int8_engine": "vnni"}
     none = {**EXPORT_CPU, "amx_in_use": False, "int8_engine": None}
-    assert lost_features(amx, vnni) == lost_features(amx, none) == ["hwaware AMX pass"]
-    assert lost_features(vnni, none) == ["hwaware VNNI pass"]
+    madd = {**EXPORT_CPU, "amx_in_use": False, "int8_engine": "vpmaddwd"}
+    assert lost_features(amx, vnni) == lost_features(amx, none) == lost_features(amx, madd) == ["hwaware AMX pass"]
+    assert lost_features(vnni, none) == lost_features(vnni, madd) == ["hwaware VNNI pass"]
+    assert lost_features(madd, none) == ["hwaware VPMADDWD pass"]
     assert lost_features(vnni, amx) == lost_features(vnni, vnni) == lost_features(none, none) == []
+    assert lost_features(madd, vnni) == lost_features(madd, madd) == lost_features(none, madd) == []
     # an artifact from before the VNNI engine: amx_in_use False says nothing about VNNI
     old = {k: v for k, v in vnni.items() if k != "int8_engine"}
     assert lost_features(old, none) == []

@@ -1,41 +1,32 @@
 """The W8A8 layers in one C pass (``native.int8_mlp``, ``_native/w8a8.c``) on each engine this
-CPU has, AMX tiles and VNNI: the packed layout, and every output equal bit for bit to the
+CPU has, AMX tiles, VNNI and VPMADDWD: the packed layout, and every output equal bit for bit to the
 ``torch._int_mm`` passes it replaces (which equal ``int8_linear_ref``).
 
 An engine's tests run only where the CPU (and for AMX the OS) has it, and say so in their skip
 reason; elsewhere ``int8_linear`` / ``int8_mlp`` never take that path.
 ``tests/quant/test_native.py`` runs this file again against builds for other CPUs (AVX-512 VNNI
-without AMX, AVX-VNNI without AVX-512) where this one can run their code."""
+without AMX, AVX-VNNI without AVX-512, AVX2 alone, AVX-512 without VNNI) where this one can run
+their code."""
 import pytest
 import torch
 
 import hwaware.ops as ops
 from hwaware.ops.reference import int8_linear_ref
 from hwaware.quant import native
-from tests.helpers import int8_layers
+from tests.helpers import int8_layers, use_int8_engine
 
-_HAVE = {"amx": native.amx_available(), "vnni": native.vnni_available()}
-
-
-@pytest.fixture(params=["amx", "vnni"])
+@pytest.fixture(params=list(native.ENGINES))
 def engine(request, monkeypatch):
-    """Run the test on one engine: AMX as found, or VNNI with AMX switched off."""
-    name = request.param
-    if not _HAVE[name]:
-        pytest.skip(f"no {name} engine here (native: {native.native_status()})")
-    if name == "vnni":
-        monkeypatch.setattr(native, "_amx", False)
-    assert native.int8_engine() == name
-    return name
+    """Run the test on one engine, the faster ones switched off."""
+    use_int8_engine(monkeypatch, request.param)
+    return request.param
 
 
 @pytest.fixture
-def int_mm_path(monkeypatch):
-    """Call ``f`` with both engines switched off: the _int_mm passes the engines must equal."""
+def int_mm_path():
+    """Call ``f`` with every engine switched off: the _int_mm passes the engines must equal."""
     def run(f, *args):
-        with monkeypatch.context() as m:
-            m.setattr(native, "_amx", False)
-            m.setattr(native, "_vnni", False)
+        with native.only_engines():
             assert native.int8_engine() is None
             return f(*args)
     return run

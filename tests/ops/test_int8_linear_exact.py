@@ -18,14 +18,13 @@ import torch
 import hwaware.ops as ops
 from hwaware.ops.reference import int8_linear_ref
 from hwaware.quant import native
-from tests.helpers import int8_layers
+from tests.helpers import int8_layers, use_int8_engine
 
 
 @pytest.fixture
 def fp32_product(monkeypatch):
-    """The op with both native engines off and torch._int_mm treated as saturating."""
-    monkeypatch.setattr(native, "_amx", False)
-    monkeypatch.setattr(native, "_vnni", False)
+    """The op with every native engine off and torch._int_mm treated as saturating."""
+    use_int8_engine(monkeypatch, None)
     monkeypatch.setattr(ops, "_INT_MM_EXACT", False)
 
 
@@ -89,7 +88,8 @@ print(json.dumps({"engine": native.int8_engine(), "probe": ops._int_mm_exact_her
 def test_with_onednn_capped_at_avx2_the_op_stays_exact(tmp_path):
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("oneDNN's ISA cap is an x86 switch")
-    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "HWAWARE_NO_AMX": "1", "HWAWARE_NO_VNNI": "1"}
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "HWAWARE_NO_AMX": "1", "HWAWARE_NO_VNNI": "1",
+           "HWAWARE_NO_VPMADDWD": "1"}
     out = subprocess.run([sys.executable, "-c", _CAPPED], capture_output=True, text=True, env=env, timeout=300,
                          cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 0, out.stderr[-2000:]

@@ -10,7 +10,7 @@ import torch
 import hwaware.ops as ops
 from hwaware.ops.reference import quantize_per_token_ref
 from hwaware.quant import native
-from tests.helpers import dlrm_unfused, int8_chain_top, int8_layers, record_calls
+from tests.helpers import dlrm_unfused, int8_chain_top, int8_layers, record_calls, use_int8_engine
 
 
 def _vectors(batch, nvec, dim, seed=0):
@@ -68,17 +68,9 @@ def test_other_dtypes_quantize_the_float32_rows():
 
 @pytest.mark.parametrize("rows", [1, 31, 32, 33, 64, 100, 2048])
 @pytest.mark.parametrize("dims", [(367, 256, 128), (13, 64, 16), (65, 17, 33, 1), (64, 48)])
-@pytest.mark.parametrize("engine", ["amx", "vnni", None])
+@pytest.mark.parametrize("engine", [*native.ENGINES, None])
 def test_mlp_of_the_codes_is_the_mlp_of_the_floats(monkeypatch, rows, dims, engine):
-    if engine == "amx" and not native.amx_available():
-        pytest.skip("no AMX-INT8 here")
-    if engine == "vnni" and not native.vnni_available():
-        pytest.skip("no VNNI here")
-    if engine != "amx":
-        monkeypatch.setattr(native, "_amx", False)
-    if engine is None:
-        monkeypatch.setattr(native, "_vnni", False)
-    assert native.int8_engine() == engine
+    use_int8_engine(monkeypatch, engine)
     qws, scales, biases = int8_layers(dims)
     relus = [True] * (len(dims) - 2) + [False]
     x = torch.randn(rows, dims[0]) * 2

@@ -116,7 +116,7 @@ def test_the_c_paths_of_cpus_without_avx512_pass_the_native_tests(tmp_path):
     root = Path(__file__).resolve().parents[2]
     # (and not the tests that build or launch other configurations themselves: they run on their own)
     skip = ("not from_scratch and not disabled_by_environment and not without_avx512 and not torch_compile "
-            "and not vnni_engine_of_other and not avx2_build_gives and not capped_below_vnni")
+            "and not int8_engine_of_other and not avx2_build_gives and not capped_below_vnni")
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", skip, *_NATIVE_TESTS],
                          capture_output=True, text=True, env=env, cwd=root, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
@@ -127,25 +127,30 @@ def test_the_c_paths_of_cpus_without_avx512_pass_the_native_tests(tmp_path):
     assert status.startswith(f"loaded {tmp_path}") and amx == "False", probe.stdout + probe.stderr
 
 
-@pytest.mark.parametrize("arch,needs,lanes", [("icelake-server", {"avx512_vnni", "avx512bw", "avx512vl"}, 16),
-                                               ("alderlake", {"avx_vnni", "avx2", "fma"}, 8)])
-def test_the_vnni_engine_of_other_cpus_equals_the_int_mm_passes(tmp_path, arch, needs, lanes):
-    # A CPU with AMX runs int8_mlp on AMX, and its own build has the AVX-512 VNNI engine: built for
-    # icelake-server (AVX-512 VNNI, no AMX) and alderlake (AVX-VNNI, no AVX-512), the engine tests
-    # run the VNNI engine of those CPUs, 16 and 8 lanes wide, against the _int_mm passes.
+@pytest.mark.parametrize("arch,needs,engine,lanes", [
+    ("icelake-server", {"avx512_vnni", "avx512bw", "avx512vl"}, "vnni", 16),
+    ("alderlake", {"avx_vnni", "avx2", "fma"}, "vnni", 8),
+    ("skylake-avx512", {"avx512bw", "avx512vl", "avx512dq", "avx512cd"}, "vpmaddwd", 16),
+    ("x86-64-v3", {"avx2", "fma"}, "vpmaddwd", 8)])
+def test_the_int8_engine_of_other_cpus_equals_the_int_mm_passes(tmp_path, arch, needs, engine, lanes):
+    # A CPU with AMX runs int8_mlp on AMX, and its own build has the AVX-512 engines: built for
+    # icelake-server (AVX-512 VNNI, no AMX), alderlake (AVX-VNNI, no AVX-512), skylake-avx512
+    # (AVX-512 without VNNI) and x86-64-v3 (AVX2 alone), the engine tests run the engine those CPUs
+    # get (VPDPBUSD or VPMADDWD, 16 or 8 lanes wide) against the _int_mm passes.
     if platform.machine() not in ("x86_64", "AMD64") or not needs <= _cpu_flags():
         pytest.skip(f"this CPU cannot run a build for {arch} (needs {sorted(needs)})")
     if not (shutil.which("cc") or shutil.which("gcc")):
         pytest.skip("no C compiler: the eager path is used (tested above)")
     env = {**os.environ, "HWAWARE_CACHE": str(tmp_path), "HWAWARE_NATIVE_ARCH": arch}
+    lanes_fn = "hw_vnni_lanes" if engine == "vnni" else "hw_madd_lanes"
     code = ("from hwaware.quant import native; print(native.native_status()); print(native.amx_available(), "
-            "native.int8_engine(), native._lib.hw_vnni_lanes())")
+            f"native.int8_engine(), native._lib.{lanes_fn}())")
     probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    status, engine = probe.stdout.split("\n")[:2]
-    assert status.startswith(f"loaded {tmp_path}") and engine == f"False vnni {lanes}", probe.stdout + probe.stderr
+    status, found = probe.stdout.split("\n")[:2]
+    assert status.startswith(f"loaded {tmp_path}") and found == f"False {engine} {lanes}", probe.stdout + probe.stderr
     root = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/ops/test_int8_engines.py",
-                          "-k", "vnni or tile_layout"], capture_output=True, text=True, env=env, cwd=root, timeout=600)
+                          "-k", f"{engine} or tile_layout"], capture_output=True, text=True, env=env, cwd=root, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert " passed" in out.stdout.splitlines()[-1] and "skipped" not in out.stdout.splitlines()[-1], out.stdout[-500:]
 

@@ -220,6 +220,15 @@ int hw_w8a8_epilogue_quant(const int32_t *acc, int64_t rows, int64_t cols, const
  *   sum((a + 128) w) - 128 sum(w): the second term per output column is packed with the weights.
  *   Both sums wrap modulo 2^32 and the difference is the exact product wherever that fits in int32
  *   (as _int_mm's: K up to 2^31 / 127^2 = 133,000).
+ * - ENGINE_MADD: VPMADDWD, for CPUs without VNNI (AVX2: Haswell to Comet Lake, Zen 1-3; AVX-512
+ *   without VNNI: Skylake-SP). The block's codes are widened to int16 and each instruction multiplies
+ *   two int16 pairs per int32 lane and adds the pair: exact (|a w| <= 128^2, no pair reaches the one
+ *   saturating case, -32768^2 twice), then VPADDD sums modulo 2^32 as the others do. It reads the
+ *   same packed weights, 16 bytes (AVX2; 32 with AVX-512) sign-extended per load: each int32 lane
+ *   holds half of one column's 4-code step, and the lane pairs are added once at the end. Two
+ *   instructions per 2 x (lanes) products instead of VNNI's one per 4 x lanes, but exact where
+ *   VPMADDUBSW (what oneDNN and fbgemm use there) saturates at int16, and about 1.5x the
+ *   multiply-adds per cycle of fp32 FMA on such CPUs.
  *
  * Weights come packed by hw_int8_pack: [N, K] int8 -> tiles of 16 output columns x 64 k, each tile
  * 16 rows of 64 bytes where row r holds, for its 16 columns n, the 4 codes k = 4r .. 4r+3 (the
@@ -231,6 +240,7 @@ int hw_w8a8_epilogue_quant(const int32_t *acc, int64_t rows, int64_t cols, const
 #define MLP_ROWS 32 /* AMX: two 16-row A tiles, a 2 x 2 tile block of C per step */
 #define ENGINE_AMX 1
 #define ENGINE_VNNI 2
+#define ENGINE_MADD 3
 
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__)
 #include <sys/syscall.h>
@@ -392,6 +402,115 @@ static __attribute__((noinline)) void vnni_block(const uint8_t *a, int64_t lda, 
 }
 #endif
 
+/* MADD: a register block of MADD_MR rows x MADD_NV vectors, each vector MVL int32 lanes = MVL / 2
+ * columns x (two halves of a 4-code step); AVX-512BW (no VNNI) where the build has it, else AVX2 */
+#if defined(__AVX512BW__)
+#define HW_MADD 1
+#define MVL 16
+#define MADD_MR 6
+#define MADD_NV 4 /* 24 accumulators + 4 weight vectors + 1 broadcast of 32 registers */
+typedef __m512i mi;
+static inline mi mi_zero(void) { return _mm512_setzero_si512(); }
+/* 8 columns x 4 codes, sign-extended to int16 */
+static inline mi mi_wload(const int8_t *p) { return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)p)); }
+static inline mi mi_bcast(const int16_t *p) { /* one row's 4 int16 codes in every 64-bit lane */
+    int64_t v;
+    memcpy(&v, p, 8);
+    return _mm512_set1_epi64(v);
+}
+/* c += the pair sums of a * w, as asm with one scratch register: with the intrinsics, gcc gave every
+ * product its own register and spilled accumulators to the stack (as for VPDPBUSD above) */
+static inline mi mi_dp(mi c, mi a, mi w) {
+    mi t;
+    __asm__("vpmaddwd %3, %2, %1\n\tvpaddd %1, %0, %0" : "+v"(c), "=&v"(t) : "v"(a), "v"(w));
+    return c;
+}
+/* x: lanes 2j, 2j+1 = the two halves of column j (0..7), y: of columns 8..15 -> the 16 sums in order */
+static inline void mi_store_pairs(int32_t *p, mi x, mi y) {
+    const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i od = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    _mm512_storeu_si512(p, _mm512_add_epi32(_mm512_permutex2var_epi32(x, ev, y), _mm512_permutex2var_epi32(x, od, y)));
+}
+#elif defined(__AVX2__)
+#define HW_MADD 1
+#define MVL 8
+#define MADD_MR 6
+#define MADD_NV 2 /* 12 accumulators + 2 weight vectors + 1 broadcast of 16 registers */
+typedef __m256i mi;
+static inline mi mi_zero(void) { return _mm256_setzero_si256(); }
+static inline mi mi_wload(const int8_t *p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p)); }
+static inline mi mi_bcast(const int16_t *p) {
+    int64_t v;
+    memcpy(&v, p, 8);
+    return _mm256_set1_epi64x(v);
+}
+static inline mi mi_dp(mi c, mi a, mi w) {
+    mi t;
+    __asm__("vpmaddwd %3, %2, %1\n\tvpaddd %1, %0, %0" : "+x"(c), "=&x"(t) : "x"(a), "x"(w));
+    return c;
+}
+/* hadd gives columns (0 1 4 5 | 2 3 6 7); the 64-bit permute puts them in order */
+static inline void mi_store_pairs(int32_t *p, mi x, mi y) {
+    _mm256_storeu_si256((__m256i *)p, _mm256_permute4x64_epi64(_mm256_hadd_epi32(x, y), 0xD8));
+}
+#endif
+
+#ifdef HW_MADD
+#define MADD_ROW(i)                                                                                                     \
+    if (i < mr) {                                                                                                       \
+        const mi av = mi_bcast(a + i * lda + t * 4);                                                                    \
+        c##i##0 = mi_dp(c##i##0, av, b0);                                                                               \
+        c##i##1 = mi_dp(c##i##1, av, b1);                                                                               \
+        if (nv > 2) c##i##2 = mi_dp(c##i##2, av, b2);                                                                   \
+        if (nv > 2) c##i##3 = mi_dp(c##i##3, av, b3);                                                                   \
+    }
+#define MADD_STORE(i)                                                                                                   \
+    if (i < mr) {                                                                                                       \
+        mi_store_pairs(acc + i * ldc + c0, c##i##0, c##i##1);                                                           \
+        if (nv > 2) mi_store_pairs(acc + i * ldc + c0 + MVL, c##i##2, c##i##3);                                         \
+    }
+#define MADD_ZERO(i) mi c##i##0 = mi_zero(), c##i##1 = mi_zero(), c##i##2 = mi_zero(), c##i##3 = mi_zero();
+
+/* acc[mr, nv * MVL / 2] (row stride ldc) = the mr rows of int16 codes a (row stride lda) x the nv
+ * column vectors starting at column c0 of packed w; nv is 2 or 4 (whole pairs), mr <= MADD_MR */
+static inline __attribute__((always_inline)) void madd_tile(const int16_t *a, int64_t lda, int64_t steps, const int8_t *w,
+                                                             int64_t panel, int64_t c0, int32_t *acc, int64_t ldc,
+                                                             const int mr, const int nv) {
+    MADD_ZERO(0) MADD_ZERO(1) MADD_ZERO(2) MADD_ZERO(3) MADD_ZERO(4) MADD_ZERO(5)
+    const int64_t cv = MVL / 2; /* columns per vector */
+    const int8_t *p[4];
+    for (int v = 0; v < 4; ++v) {
+        const int64_t c = c0 + (v < nv ? v : 0) * cv;
+        p[v] = w + (c / 16) * panel + (c % 16) * 4;
+    }
+    for (int64_t t = 0; t < steps; ++t) {
+        const mi b0 = mi_wload(p[0] + t * 64), b1 = mi_wload(p[1] + t * 64);
+        const mi b2 = nv > 2 ? mi_wload(p[2] + t * 64) : b0, b3 = nv > 2 ? mi_wload(p[3] + t * 64) : b0;
+        MADD_ROW(0) MADD_ROW(1) MADD_ROW(2) MADD_ROW(3) MADD_ROW(4) MADD_ROW(5)
+    }
+    MADD_STORE(0) MADD_STORE(1) MADD_STORE(2) MADD_STORE(3) MADD_STORE(4) MADD_STORE(5)
+}
+
+static inline __attribute__((always_inline)) void madd_rows(const int16_t *a, int64_t lda, int64_t steps, const int8_t *w,
+                                                             int64_t panel, int64_t c0, int32_t *acc, int64_t ldc,
+                                                             int64_t nr, const int nv) {
+    int64_t r = 0;
+    for (; r + MADD_MR <= nr; r += MADD_MR) madd_tile(a + r * lda, lda, steps, w, panel, c0, acc + r * ldc, ldc, MADD_MR, nv);
+    for (; r + 4 <= nr; r += 4) madd_tile(a + r * lda, lda, steps, w, panel, c0, acc + r * ldc, ldc, 4, nv);
+    for (; r + 2 <= nr; r += 2) madd_tile(a + r * lda, lda, steps, w, panel, c0, acc + r * ldc, ldc, 2, nv);
+    for (; r < nr; ++r) madd_tile(a + r * lda, lda, steps, w, panel, c0, acc + r * ldc, ldc, 1, nv);
+}
+
+/* acc[nr, nb_n*16] (row stride ldc) = a[nr, kb_n*64] int16 codes (row stride lda) x packed w */
+static __attribute__((noinline)) void madd_block(const int16_t *a, int64_t lda, int64_t kb_n, const int8_t *w, int64_t nb_n,
+                                                 int32_t *acc, int64_t ldc, int64_t nr) {
+    const int64_t steps = kb_n * 16, panel = kb_n * 1024, ncols = nb_n * 16, span = MADD_NV * MVL / 2;
+    int64_t c = 0;
+    for (; c + span <= ncols; c += span) madd_rows(a, lda, steps, w, panel, c, acc, ldc, nr, MADD_NV);
+    for (; c < ncols; c += MVL) madd_rows(a, lda, steps, w, panel, c, acc, ldc, nr, 2); /* AVX-512: 16 columns left */
+}
+#endif
+
 /* 1 when this process may run the AMX engine: built with AMX support, the CPU has AMX-TILE and
  * AMX-INT8, the OS enabled the tile state (XCR0 bits 17-18) and granted this process the tile data
  * (arch_prctl ARCH_REQ_XCOMP_PERM; a process-wide permission, asking again is harmless). */
@@ -415,6 +534,15 @@ int hw_amx_available(void) {
 int hw_vnni_lanes(void) {
 #ifdef HW_VNNI
     return VL;
+#else
+    return 0;
+#endif
+}
+
+/* The VPMADDWD engine's vector width in int32 lanes (16: AVX-512BW, 8: AVX2), 0 when not built in */
+int hw_madd_lanes(void) {
+#ifdef HW_MADD
+    return MVL;
 #else
     return 0;
 #endif
@@ -444,11 +572,25 @@ static inline void to_unsigned(const int8_t *src, uint8_t *dst, int64_t cols) {
     for (int64_t c = 0; c < cols; ++c) dst[c] = (uint8_t)src[c] ^ 0x80u;
 }
 
+/* one row of int8 codes into a block buffer row, as the engine reads them: VNNI's a + 128, MADD's int16 */
+static inline void stage_row(int32_t engine, const int8_t *src, int8_t *dst, int64_t cols) {
+    if (engine == ENGINE_MADD) {
+        int16_t *d = (int16_t *)dst;
+#pragma omp simd
+        for (int64_t c = 0; c < cols; ++c) d[c] = src[c];
+    } else if (engine == ENGINE_VNNI) {
+        to_unsigned(src, (uint8_t *)dst, cols);
+    } else {
+        memcpy(dst, src, (size_t)cols);
+    }
+}
+
 /* nlayers W8A8 layers: x [rows, dims[0]] float32 -> out [rows, dims[nlayers]] float32, layer i
  * dims[i] -> dims[i+1] with packed weights w[i] (hw_int8_pack), scales sw[i], bias[i] (or NULL) and
- * ReLU when relus[i], on `engine` (ENGINE_AMX or ENGINE_VNNI). x NULL: the input comes quantized
- * instead, codes qx [rows, dims[0]] int8 and scales sx [rows] (what hw_quant_tokens_i8 of x gives).
- * Returns 0, -1 when per-thread buffers cannot be allocated, -2 when the engine is not built in (or nlayers < 1). */
+ * ReLU when relus[i], on `engine` (ENGINE_AMX, ENGINE_VNNI or ENGINE_MADD). x NULL: the input comes
+ * quantized instead, codes qx [rows, dims[0]] int8 and scales sx [rows] (what hw_quant_tokens_i8 of x
+ * gives). Returns 0, -1 when per-thread buffers cannot be allocated, -2 when the engine is not built
+ * in (or nlayers < 1). */
 int hw_int8_mlp(int32_t engine, const float *x, const int8_t *qx, const float *sx, int64_t rows, int32_t nlayers,
                 const int64_t *dims, const int8_t *const *w, const float *const *sw, const float *const *bias,
                 const int32_t *relus, float *out) {
@@ -461,7 +603,11 @@ int hw_int8_mlp(int32_t engine, const float *x, const int8_t *qx, const float *s
 #ifndef HW_VNNI
     if (engine == ENGINE_VNNI) return -2;
 #endif
-    if ((engine != ENGINE_AMX && engine != ENGINE_VNNI) || nlayers <= 0) return -2;
+#ifndef HW_MADD
+    if (engine == ENGINE_MADD) return -2;
+#endif
+    if ((engine != ENGINE_AMX && engine != ENGINE_VNNI && engine != ENGINE_MADD) || nlayers <= 0) return -2;
+    const int64_t esz = engine == ENGINE_MADD ? 2 : 1; /* bytes per code in the block buffers */
     int64_t kmax = 0, nmax = 0; /* kmax covers dims[nlayers] too: the int32 block's rows are roundup(N, 16) wide */
     for (int32_t i = 0; i <= nlayers; ++i) {
         int64_t kp = (dims[i] + 63) / 64 * 64;
@@ -474,10 +620,12 @@ int hw_int8_mlp(int32_t engine, const float *x, const int8_t *qx, const float *s
     int failed = 0;
 #pragma omp parallel if (rows * width >= PAR_MIN)
     {
-        /* two code buffers (this layer's input, the next one's), the int32 block, a float row, and every
-         * layer's scales and bias widened to double once (epilogue_row_d: two fewer conversions per
-         * output than epilogue_row, which made this pass a little faster) */
-        int8_t *codes = (int8_t *)calloc((size_t)(2 * MLP_ROWS * kmax), 1);
+        /* two code buffers (this layer's input, the next one's) in the engine's format, a row of int8
+         * codes, the int32 block, a float row, and every layer's scales and bias widened to double once
+         * (epilogue_row_d: two fewer conversions per output than epilogue_row, which made this pass a
+         * little faster) */
+        int8_t *codes = (int8_t *)calloc((size_t)(2 * MLP_ROWS * kmax * esz), 1);
+        int8_t *row8 = (int8_t *)malloc((size_t)kmax);
         int32_t *acc = (int32_t *)malloc((size_t)(MLP_ROWS * kmax) * sizeof(int32_t));
         float *buf = (float *)malloc((size_t)nmax * sizeof(float));
         int64_t nsum = 0;
@@ -485,7 +633,7 @@ int hw_int8_mlp(int32_t engine, const float *x, const int8_t *qx, const float *s
         double *wide = (double *)malloc((size_t)(2 * nsum) * sizeof(double)); /* per layer: sw, then bias */
         if (wide != NULL)
             for (int64_t i = 0, off = 0; i < nlayers; off += 2 * dims[i + 1], ++i) widen_into(wide + off, sw[i], bias[i], dims[i + 1]);
-        const int ready = codes != NULL && acc != NULL && buf != NULL && wide != NULL;
+        const int ready = codes != NULL && row8 != NULL && acc != NULL && buf != NULL && wide != NULL;
         float scales[2][MLP_ROWS];
         if (!ready) {
 #pragma omp atomic write
@@ -501,16 +649,21 @@ int hw_int8_mlp(int32_t engine, const float *x, const int8_t *qx, const float *s
             const int64_t r0 = blk * MLP_ROWS, nr = rows - r0 < MLP_ROWS ? rows - r0 : MLP_ROWS;
             int cur = 0;
             const int64_t k0 = dims[0], kp0 = (k0 + 63) / 64 * 64;
-            int64_t lda = kp0;
+            int64_t lda = kp0; /* in codes */
             const int8_t *a = codes;
             if (qx == NULL) {
-                for (int64_t r = 0; r < nr; ++r) quant_row(x + (r0 + r) * k0, k0, codes + r * kp0, &scales[0][r]);
-                if (!amx)
-                    for (int64_t r = 0; r < nr; ++r) to_unsigned(codes + r * kp0, (uint8_t *)codes + r * kp0, k0);
+                for (int64_t r = 0; r < nr; ++r) {
+                    if (amx) {
+                        quant_row(x + (r0 + r) * k0, k0, codes + r * kp0, &scales[0][r]);
+                    } else {
+                        quant_row(x + (r0 + r) * k0, k0, row8, &scales[0][r]);
+                        stage_row(engine, row8, codes + r * kp0 * esz, k0);
+                    }
+                }
             } else {
                 memcpy(scales[0], sx + r0, (size_t)nr * sizeof(float));
                 if (!amx) {
-                    for (int64_t r = 0; r < nr; ++r) to_unsigned(qx + (r0 + r) * k0, (uint8_t *)codes + r * kp0, k0);
+                    for (int64_t r = 0; r < nr; ++r) stage_row(engine, qx + (r0 + r) * k0, codes + r * kp0 * esz, k0);
                 } else if ((r0 + MLP_ROWS - 1) * k0 + kp0 <= rows * k0) { /* the tile loads stay inside qx: read it there */
                     a = qx + r0 * k0;
                     lda = k0;
@@ -520,13 +673,16 @@ int hw_int8_mlp(int32_t engine, const float *x, const int8_t *qx, const float *s
             }
             for (int32_t i = 0; i < nlayers; ++i) {
                 const int64_t n = dims[i + 1], nb_n = (n + 15) / 16, ldc = nb_n * 16, kb_n = (dims[i] + 63) / 64;
-                const int8_t *ai = i == 0 ? a : codes + cur * MLP_ROWS * kmax;
-                (void)ai, (void)kb_n; /* a build with neither engine returned -2 above */
+                const int8_t *ai = i == 0 ? a : codes + cur * MLP_ROWS * kmax * esz;
+                (void)ai, (void)kb_n; /* a build with no engine returned -2 above */
 #ifdef HW_AMX
-                if (amx) amx_block(ai, lda, kb_n, w[i], nb_n, acc, ldc);
+                if (engine == ENGINE_AMX) amx_block(ai, lda, kb_n, w[i], nb_n, acc, ldc);
 #endif
 #ifdef HW_VNNI
-                if (!amx) vnni_block((const uint8_t *)ai, lda, kb_n, w[i], nb_n, acc, ldc, nr);
+                if (engine == ENGINE_VNNI) vnni_block((const uint8_t *)ai, lda, kb_n, w[i], nb_n, acc, ldc, nr);
+#endif
+#ifdef HW_MADD
+                if (engine == ENGINE_MADD) madd_block((const int16_t *)ai, lda, kb_n, w[i], nb_n, acc, ldc, nr);
 #endif
                 const double *swd = wl, *bd = bias[i] ? wl + n : NULL;
                 wl += 2 * n;
@@ -536,11 +692,15 @@ int hw_int8_mlp(int32_t engine, const float *x, const int8_t *qx, const float *s
                     break;
                 }
                 const int64_t ldn = (n + 63) / 64 * 64;
-                int8_t *next = codes + (1 - cur) * MLP_ROWS * kmax;
+                int8_t *next = codes + (1 - cur) * MLP_ROWS * kmax * esz;
                 for (int64_t r = 0; r < nr; ++r) {
                     epilogue_row_d(acc + r * ldc, n, scales[cur][r], swd, bd, relus[i], buf);
-                    quant_row(buf, n, next + r * ldn, &scales[1 - cur][r]);
-                    if (!amx) to_unsigned(next + r * ldn, (uint8_t *)next + r * ldn, n);
+                    if (amx) {
+                        quant_row(buf, n, next + r * ldn, &scales[1 - cur][r]);
+                    } else {
+                        quant_row(buf, n, row8, &scales[1 - cur][r]);
+                        stage_row(engine, row8, next + r * ldn * esz, n);
+                    }
                 }
                 cur = 1 - cur;
                 lda = ldn;
@@ -550,6 +710,7 @@ int hw_int8_mlp(int32_t engine, const float *x, const int8_t *qx, const float *s
         if (ready && amx) _tile_release();
 #endif
         free(codes);
+        free(row8);
         free(acc);
         free(buf);
         free(wide);
