@@ -105,6 +105,58 @@ class DenseSnapshot(pl.Callback):
             self.state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
 
 
+def calibration_batches(args: argparse.Namespace) -> int:
+    return 8 if args.fast else 32
+
+
+def max_epochs(args: argparse.Namespace) -> int:
+    return args.fp32_epochs + (args.sparse_epochs if args.sparsity != "none" else 0) + args.qat_epochs
+
+
+def check_qat_schedule(args: argparse.Namespace, qat: ProgressiveQuantization, dm: CriteoDataModule) -> None:
+    """Refuse, before any training, a fixed schedule under which QAT cannot run on this data.
+
+    With ``--start epoch`` calibration begins at epoch ``qat.start_epoch`` (after the FP32 and any
+    sparse epochs), takes ``qat.calibration_batches`` training batches, and QAT trains on what is
+    left of the ``--qat-epochs`` epochs; a small data file or a large ``--batch-size`` gives too few
+    batches per epoch for that. ``--start plateau`` is not checked here (when FP32 ends is only
+    known during training): run() still checks after fit that QAT started.
+
+    Raises:
+        ValueError: naming the rows, the batches per epoch, what the schedule needs and the flags
+            that would make it fit.
+    """
+    if qat.start != "epoch":
+        return
+    per_epoch = len(dm.train_dataloader())  # the sampler's batches, the last one possibly short
+    epochs = max_epochs(args) - qat.start_epoch
+    available = epochs * per_epoch
+    calib = qat.calibration_batches
+    need = calib + 1  # calibration, then at least one QAT training batch
+    if available >= need:
+        return
+    train_rows, rows = len(dm.train_set), len(dm.train_set) + len(dm.val_set)
+    source = f"--data {args.data}" if args.data is not None else f"--num-samples {args.num_samples}"
+    before = f"{args.fp32_epochs} FP32 epoch(s)" + (
+        f" and {args.sparse_epochs} sparse epoch(s)" if args.sparsity != "none" else "")
+    fixes = [f"--qat-epochs {-(-need // per_epoch)} or more"]  # epochs == args.qat_epochs with --start epoch
+    k = -(-need // epochs)  # batches per epoch the schedule needs at the current --qat-epochs (k >= 2 here)
+    if k <= train_rows:
+        fixes.append(f"--batch-size {-(-train_rows // (k - 1)) - 1} or less")
+    need_train = (k - 1) * args.batch_size + 1  # training rows that give k batches at --batch-size
+    n = math.ceil(need_train / (1 - dm.val_fraction))
+    while n - int(round(n * dm.val_fraction)) < need_train:
+        n += 1
+    fixes.append(f"a --data file of {n} rows or more" if args.data is not None else f"--num-samples {n} or more")
+    raise ValueError(
+        f"QAT cannot start with this data and these flags: {source} gives {rows} rows, {train_rows} of them "
+        f"for training, which at --batch-size {args.batch_size} is {per_epoch} batch(es) per epoch; after "
+        f"{before}, --qat-epochs {args.qat_epochs} leaves {epochs} x {per_epoch} = {available} batch(es), "
+        f"but the schedule needs {need}: {calib} to calibrate ({'--fast' if args.fast else 'without --fast'}) "
+        f"and at least 1 to train with QAT. Expected {', or '.join(fixes)}"
+    )
+
+
 def build_callback(args: argparse.Namespace) -> ProgressiveQuantization:
     table_spec = QuantSpec(
         bits=args.embedding_bits, granularity="per_row", symmetric=False, dynamic=True,
@@ -112,7 +164,7 @@ def build_callback(args: argparse.Namespace) -> ProgressiveQuantization:
         scale_dtype="float16" if args.embedding_bits == 4 else "float32",
     )
     common = dict(
-        monitor="val_auroc", mode="max", calibration_batches=8 if args.fast else 32,
+        monitor="val_auroc", mode="max", calibration_batches=calibration_batches(args),
         freeze_observers_after=50 if args.fast else 200, embedding_spec=table_spec,
         kl_threshold=args.kl_threshold, validation_batches=8,
         # relative to the rate when QAT starts: after sparse fine-tuning that is already scaled
@@ -239,18 +291,22 @@ def run(args: argparse.Namespace):
         model_kwargs["interaction_pad"] = 4
     model = DLRM(**model_kwargs)
     cb = build_callback(args)
+    try:  # before any training: a fixed schedule that cannot reach QAT on this data is refused now
+        check_qat_schedule(args, cb, dm)
+    except ValueError as e:
+        raise SystemExit(f"qat_recsys.py: error: {e}") from None
     trajectory = FP32Trajectory(cb)
     callbacks = [cb, StopAfterQAT(cb, args.qat_epochs), trajectory]
     if sparsity is not None:
         snapshot = DenseSnapshot(args.fp32_epochs)
         callbacks += [sparsity, snapshot]
     trainer = pl.Trainer(
-        max_epochs=args.fp32_epochs + (args.sparse_epochs if sparsity is not None else 0) + args.qat_epochs,
+        max_epochs=max_epochs(args),
         accelerator="cpu", devices=1, callbacks=callbacks, logger=False, enable_checkpointing=False,
         enable_model_summary=False, enable_progress_bar=not args.no_progress, num_sanity_val_steps=0,
     )
     trainer.fit(model, datamodule=dm)
-    if cb.fp32_reference is None:
+    if cb.fp32_reference is None:  # the backstop: --start plateau cannot be checked before training
         raise RuntimeError(f"QAT never started (phase {cb.phase!r}); raise the epoch budget")
 
     fp32 = DLRM(**model_kwargs)
