@@ -269,6 +269,8 @@ del _c
 def _describe_bad_line(line: str, path: str, lineno: int) -> str:
     fields = line.split("\t")
     where = f"{path}, line {lineno}"
+    if line == "":
+        return f"{where}: empty line; expected {_NUM_FIELDS} tab-separated fields (label, I1-I13, C1-C26)"
     if len(fields) != _NUM_FIELDS:
         return (
             f"{where}: expected {_NUM_FIELDS} tab-separated fields (label, I1-I13, C1-C26), "
@@ -297,6 +299,37 @@ def _validate_tsv(path: str) -> int:
     if rows == 0:
         raise ValueError(f"{path}: no rows; expected lines of {_NUM_FIELDS} tab-separated fields")
     return rows
+
+
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _describe_out_of_int64(table, path: str) -> str | None:
+    """The first dense field (line-major, as an editor reads the file) whose integer does not fit
+    int64, described as `_describe_bad_line` does; None if every value fits. Row r is line r + 1:
+    `_validate_tsv` has refused blank lines, so every line is a row."""
+    import pyarrow.compute as pc
+
+    first = None  # (row, column index, column name, value)
+    for j, name in enumerate(_COLUMN_NAMES[1 : 1 + NUM_DENSE]):
+        col = table.column(name)
+        # |x| < 10**18 always fits: only fields of 19+ characters can be out of range
+        long = pc.greater_equal(pc.utf8_length(col), 19).to_numpy(zero_copy_only=False)
+        for row in np.flatnonzero(long):
+            if first is not None and (row, j) >= first[:2]:
+                break
+            value = col[int(row)].as_py()
+            if not _INT64[0] <= int(value) <= _INT64[1]:
+                first = (int(row), j, name, value)
+                break
+    if first is None:
+        return None
+    row, _, name, value = first
+    shown = repr(value) if len(value) <= 40 else f"'{value[:20]}...{value[-8:]}' ({len(value.lstrip('-'))} digits)"
+    return (
+        f"{path}, line {row + 1}: {name} must be an integer in the int64 range "
+        f"[{_INT64[0]}, {_INT64[1]}] or empty, got {shown}"
+    )
 
 
 def _hex_mod(values: np.ndarray, table_size: int) -> np.ndarray:
@@ -338,8 +371,9 @@ def load_criteo_tsv(
 
     Raises:
         FileNotFoundError: if `path` does not exist.
-        ValueError: on the first malformed line (wrong field count, label not 0/1, a dense field
-            that is not an integer, a category that is not hex), naming the path and 1-based line.
+        ValueError: on the first malformed line (empty, wrong field count, label not 0/1, a dense
+            field that is not an integer or does not fit int64, a category that is not hex), naming
+            the path, the 1-based line, the column and the value.
     """
     path = os.fspath(path)
     sizes = _check_table_sizes(table_sizes)
@@ -372,7 +406,10 @@ def load_criteo_tsv(
     def ints(name: str) -> np.ndarray:
         col = table.column(name)
         col = pc.if_else(pc.equal(col, ""), "0", col)
-        return pc.cast(col, pa.int64()).to_numpy()
+        try:
+            return pc.cast(col, pa.int64()).to_numpy()
+        except pa.ArrowInvalid as e:  # the scan checked the digits, not the range: name the line
+            raise ValueError(_describe_out_of_int64(table, path) or f"{path}: {name}: {e}") from None
 
     label = torch.from_numpy(ints("label").astype(np.float32))  # [N]
     dense = torch.from_numpy(np.stack([ints(f"I{j}") for j in range(1, NUM_DENSE + 1)], axis=1).astype(np.float32))

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RECIPE = os.path.join(ROOT, "recipes", "qat_recsys.py")
 
@@ -37,14 +39,18 @@ def test_missing_data_file_names_the_file(tmp_path):
     assert str(missing) in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_malformed_data_file_names_file_and_line(tmp_path):
+@pytest.mark.parametrize(("bad", "message"), [
+    (["0"] + ["3"] * 13 + ["a1b2"] * 25, "expected 40 tab-separated fields (label, I1-I13, C1-C26), got 39"),
+    (["0"] + ["3"] * 4 + ["1" * 30] + ["3"] * 8 + ["a1b2"] * 26,  # I5 does not fit int64
+     f"I5 must be an integer in the int64 range [{-2**63}, {2**63 - 1}] or empty, got '{'1' * 30}'"),
+])
+def test_malformed_data_file_names_file_and_line(tmp_path, bad, message):
     good = "\t".join(["1"] + ["3"] * 13 + ["a1b2"] * 26)
-    bad = "\t".join(["0"] + ["3"] * 13 + ["a1b2"] * 25)  # 39 fields
     path = tmp_path / "day_0.tsv"
-    path.write_text("\n".join([good, good, bad, good]) + "\n")
+    path.write_text("\n".join([good, good, "\t".join(bad), good]) + "\n")
     proc = _run("--fast", "--no-progress", "--data", str(path), timeout=120)
-    assert proc.returncode != 0
-    assert str(path) in proc.stderr and "line 3" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert f"qat_recsys.py: error: --data: {path}, line 3: {message}" in proc.stderr
 
 
 def test_fast_recipe_with_2_4_sparsity(tmp_path):

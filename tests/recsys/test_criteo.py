@@ -170,6 +170,15 @@ def test_load_tsv_missing_file(tmp_path):
         (_good_row()[:2] + ["1.5"] + _good_row()[3:], 2, "I2 must be an integer or empty, got '1.5'"),
         (_good_row()[:13] + ["-"] + _good_row()[14:], 4, "I13 must be an integer or empty, got '-'"),
         (["2"] + _good_row()[1:], 1, "label must be 0 or 1, got '2'"),
+        ([], 3, "empty line; expected 40 tab-separated fields (label, I1-I13, C1-C26)"),
+        (_good_row()[:5] + ["1" * 30] + _good_row()[6:], 2,
+         f"I5 must be an integer in the int64 range [{-2**63}, {2**63 - 1}] or empty, got '{'1' * 30}'"),
+        (_good_row()[:1] + [str(2**63)] + _good_row()[2:], 4,
+         f"I1 must be an integer in the int64 range [{-2**63}, {2**63 - 1}] or empty, got '{2**63}'"),
+        (_good_row()[:13] + [str(-2**63 - 1)] + _good_row()[14:], 1,
+         f"I13 must be an integer in the int64 range [{-2**63}, {2**63 - 1}] or empty, got '{-2**63 - 1}'"),
+        (_good_row()[:7] + ["9" * 60] + _good_row()[8:], 2,
+         f"I7 must be an integer in the int64 range [{-2**63}, {2**63 - 1}] or empty, got '{'9' * 20}...99999999' (60 digits)"),
     ],
 )
 def test_load_tsv_malformed_line(tmp_path, bad_row, lineno, message):
@@ -177,6 +186,27 @@ def test_load_tsv_malformed_line(tmp_path, bad_row, lineno, message):
     rows.insert(lineno - 1, bad_row)
     path = _write_tsv(tmp_path / "bad.tsv", rows)
     with pytest.raises(ValueError, match=re.escape(f"{path}, line {lineno}: {message}")):
+        load_criteo_tsv(path, cache_dir=tmp_path / "cache")
+
+
+def test_load_tsv_int64_bounds_and_the_first_bad_line_is_named(tmp_path):
+    """Both int64 bounds (and leading zeros) load; of several values too large the first in the
+    file (line, then column) is named, whichever column holds it."""
+    ok = _good_row()[:1] + [str(2**63 - 1), str(-2**63), "0" * 30 + "7"] + _good_row()[4:]
+    d = load_criteo_tsv(_write_tsv(tmp_path / "ok.tsv", [_good_row(), ok]), cache_dir=tmp_path / "cache")
+    assert d["dense"][1, :3].tolist() == [float(2**63 - 1), float(-2**63), 7.0]
+
+    late_column = _good_row()[:9] + ["9" * 20] + _good_row()[10:]  # I9 on line 2
+    early_column = _good_row()[:2] + ["9" * 20] + _good_row()[3:]  # I2 on line 3
+    path = _write_tsv(tmp_path / "bad.tsv", [_good_row(), late_column, early_column, late_column])
+    with pytest.raises(ValueError, match=re.escape(f"{path}, line 2: I9 must be an integer in the int64 range")):
+        load_criteo_tsv(path, cache_dir=tmp_path / "cache")
+    both = _good_row()[:2] + ["9" * 20] + _good_row()[3:9] + ["9" * 20] + _good_row()[10:]
+    path = _write_tsv(tmp_path / "both.tsv", [_good_row(), late_column, both])
+    with pytest.raises(ValueError, match=re.escape(f"{path}, line 2: I9 ")):
+        load_criteo_tsv(path, cache_dir=tmp_path / "cache")
+    path = _write_tsv(tmp_path / "both2.tsv", [_good_row(), both, late_column])
+    with pytest.raises(ValueError, match=re.escape(f"{path}, line 2: I2 ")):
         load_criteo_tsv(path, cache_dir=tmp_path / "cache")
 
 
