@@ -91,7 +91,9 @@ class ProgressiveQuantization(Callback):
     Raises:
         ValueError: any argument outside its allowed set (raised here, at construction); a model
             with no quantizable layer (raised at ``setup``); NaN/inf seen while quantizing (names
-            the layer); ``monitor`` never logged with ``start="plateau"``.
+            the layer); ``monitor`` never logged with ``start="plateau"``; a model that cannot be
+            run on its batches the way the output KL runs it (checked once, at the first validation
+            batch, or at the first calibration batch if none came before: not after training).
         TypeError: a spec that is not a :class:`QuantSpec`.
     """
 
@@ -205,6 +207,7 @@ class ProgressiveQuantization(Callback):
         self._collector: Optional[LayerErrorCollector] = None
         self._collecting = False
         self._val_batches_seen = 0
+        self._call_checked = False  # not saved: a resumed fit checks again, once
 
     # ================================================================================ hooks ===
     @override
@@ -245,6 +248,10 @@ class ProgressiveQuantization(Callback):
 
     @override
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if not self._call_checked and self.phase in ("calibrate", "qat"):
+            # no validation batch has come yet (no sanity check, start_epoch=0, or no validation):
+            # check before the first quantized step, on the batches the output KL would use now
+            self._check_model_call(trainer, pl_module, batch if trainer.val_dataloaders is None else None)
         if self.phase == "qat" and self.freeze_bn:
             for bn in self._bn:
                 bn.eval()
@@ -289,6 +296,11 @@ class ProgressiveQuantization(Callback):
         if self.phase == "qat" and not trainer.sanity_checking:
             self._collector = LayerErrorCollector(self._enabled_states()).attach_to(pl_module)
             self._collecting = True
+
+    @override
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if not self._call_checked and dataloader_idx == 0:  # the loader the output KL reads (the sanity check's too)
+            self._check_model_call(trainer, pl_module, batch)
 
     @override
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
@@ -555,21 +567,48 @@ class ProgressiveQuantization(Callback):
         self._collecting = False
 
     # ========================================================================= validation ===
-    def _validation_batches(self, trainer: "pl.Trainer") -> List[Any]:
+    def _validation_batches(self, trainer: "pl.Trainer", limit: Optional[int] = None) -> List[Any]:
         loaders = trainer.val_dataloaders
         if loaders is None:
             loaders = trainer.train_dataloader
-            rank_zero_warn("ProgressiveQuantization: no validation dataloader; KL validation uses training batches")
+            if limit is None:
+                rank_zero_warn("ProgressiveQuantization: no validation dataloader; KL validation uses training batches")
         if isinstance(loaders, (list, tuple)):
             loaders = loaders[0]
         if loaders is None:
             raise ValueError("ProgressiveQuantization: KL validation needs a val_dataloader (or train_dataloader)")
         batches = []
         for i, batch in enumerate(loaders):
-            if i >= self.validation_batches:
+            if i >= (self.validation_batches if limit is None else limit):
                 break
             batches.append(trainer.strategy.batch_to_device(batch))
         return batches
+
+    def _check_model_call(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any) -> None:
+        """Once per fit, at the first batch the callback is handed: run the model on a batch the way
+        the output KL at the end of fit will (:meth:`_model_output`: ``output_fn``, ``predict_step``
+        or the call on the batch's inputs), so that a model which cannot take its batches raises that
+        error now, not after all of training. ``batch=None``: there is no validation batch yet though
+        a validation loader exists, so its first batch is read (once).
+
+        Free of side effects: eval mode (BatchNorm statistics and observers stay), no gradients,
+        quantization off (no quantizer and no KL collector sees the batch), RNG state restored and
+        every submodule's train/eval flag put back as it was."""
+        self._call_checked = True
+        if batch is None:
+            first = self._validation_batches(trainer, limit=1)
+            if not first:  # an empty loader: the output KL will have nothing to run either
+                return
+            batch = first[0]
+        modes = [(m, m.training) for m in pl_module.modules()]
+        cuda = [pl_module.device.index or 0] if pl_module.device.type == "cuda" else []
+        try:
+            pl_module.eval()
+            with torch.random.fork_rng(devices=cuda), torch.no_grad(), quantization_disabled(pl_module):
+                self._model_output(pl_module, batch)
+        finally:
+            for m, training in modes:
+                m.training = training
 
     def _model_output(self, pl_module: "pl.LightningModule", batch: Any) -> Optional[Tensor]:
         out = (self.output_fn(pl_module, batch) if self.output_fn is not None

@@ -357,3 +357,101 @@ def test_the_fp32_reference_is_taken_before_calibration_moves_batchnorm(tmp_path
     for k, v in seen.items():
         assert torch.equal(cb.fp32_reference[k], v), k
     assert int(model.state_dict()["mlp.1.num_batches_tracked"]) > int(seen["mlp.1.num_batches_tracked"])  # they moved
+
+
+class _DictBatches(torch.utils.data.Dataset):
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        dense, ids, y = self.data[i]
+        return {"dense": dense, "ids": ids, "y": y}
+
+
+class DictCTR(TinyCTR):
+    """Trains on dict batches but has no predict_step: the output KL's default call, ``model(batch)``,
+    does not fit its ``forward(dense, ids)``."""
+
+    predict_step = pl.LightningModule.predict_step
+
+    def _loss(self, batch):
+        return nn.functional.binary_cross_entropy_with_logits(self(batch["dense"], batch["ids"]), batch["y"])
+
+
+def _dict_loaders():
+    from tests.helpers import tiny_data
+
+    return (torch.utils.data.DataLoader(_DictBatches(tiny_data(512)), batch_size=32),
+            torch.utils.data.DataLoader(_DictBatches(tiny_data(256, seed=1)), batch_size=32))
+
+
+_CANNOT_CALL = (r"ProgressiveQuantization \(output KL\): ran the model on a batch \(dict\) as DictCTR\(batch\), which "
+                r"raised TypeError: .*missing 1 required positional argument: 'ids'\. Define predict_step\(batch, "
+                r"batch_idx\) returning the predictions, or pass output_fn=")
+
+
+class _Steps(Callback):
+    """The phase and global step of every training batch: how far fit got before it raised."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seen.append(trainer.global_step)
+
+
+@pytest.mark.parametrize(("sanity", "start_epoch", "with_val", "steps_before"), [
+    (2, 2, True, 0),  # Lightning's default sanity check: its first validation batch, before any training
+    (0, 2, True, 8),  # no sanity check: the first validation, after the first FP32 epoch (8 batches)
+    (0, 0, True, 0),  # QAT from epoch 0, no validation yet: the first validation batch, read before calibrating
+    (0, 2, False, 16),  # no validation loader: the output KL reads training batches; the first calibration one
+])
+def test_a_model_that_cannot_take_its_batches_fails_at_the_first_batch_not_after_fit(
+        tmp_path, sanity, start_epoch, with_val, steps_before):
+    pl.seed_everything(0, verbose=False)
+    steps = _Steps()
+    cb = ProgressiveQuantization(start_epoch=start_epoch, calibration_batches=2)
+    trainer = make_trainer(tmp_path, [cb, steps], max_epochs=4, num_sanity_val_steps=sanity)
+    train, val = _dict_loaders()
+    with pytest.raises(ValueError, match=_CANNOT_CALL):
+        trainer.fit(DictCTR(), train, val if with_val else None)
+    assert len(steps.seen) == steps_before  # the fit would have run 32 batches
+    assert cb.phase == ("fp32" if with_val and start_epoch else "calibrate") and cb.fp32_reference is None
+
+
+@pytest.mark.parametrize("with_val", [True, False])
+def test_the_call_check_has_no_side_effects(tmp_path, with_val):
+    """With an output_fn the same model trains. The one-time check (on the sanity check's first
+    batch, or without validation on the first calibration batch, mid-training) leaves every module's
+    mode, BatchNorm statistics, observers and the RNG as they were: the fit matches one whose check
+    is a no-op."""
+    class Modes(Callback):
+        def __init__(self):
+            self.rows = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.rows.append((pl_module.training, pl_module.mlp[0].training, pl_module.mlp[1].training))
+
+    def fit(check):
+        pl.seed_everything(0, verbose=False)
+        model = DictCTR(bn=True)
+        model.mlp[1].eval()  # a submodule the user keeps in eval mode (statistics frozen)
+        calls, modes = [], Modes()
+        cb = ProgressiveQuantization(start_epoch=1, calibration_batches=2, activation_spec=STATIC_ACT,
+                                     output_fn=lambda m, b: calls.append(m.training) or m(b["dense"], b["ids"]))
+        if not check:
+            cb._check_model_call = lambda *a: setattr(cb, "_call_checked", True)
+        trainer = make_trainer(tmp_path / str(check), [cb, modes], max_epochs=3, num_sanity_val_steps=2)
+        train, val = _dict_loaders()
+        trainer.fit(model, train, val if with_val else None)
+        return model, cb, calls, modes.rows
+
+    model_a, cb_a, calls_a, modes_a = fit(True)
+    model_b, cb_b, calls_b, modes_b = fit(False)
+    assert calls_a[0] is False and len(calls_a) == len(calls_b) + 1  # the check: one call, in eval mode
+    assert modes_a == modes_b and set(modes_a) == {(True, True, False)}
+    _assert_state_equal(model_a.state_dict(), model_b.state_dict())
+    _assert_state_equal(cb_a.state_dict(), cb_b.state_dict())
