@@ -650,13 +650,18 @@ class ProgressiveQuantization(Callback):
             self._output_kl = None
 
     def _fall_back(self, pl_module: nn.Module, name: str) -> str:
-        """Raise one layer's precision one step: sub-8-bit -> int8, int8 -> FP32. Returns the new label."""
+        """Raise one layer's precision one step: sub-8-bit -> int8, int8 -> FP32. Returns the new label.
+
+        A group-wise sub-8-bit weight becomes int8 per output channel: what the int8 deploy op packs
+        (int8 group-wise would train, then be left FP32 by export), and per-group int8 scales buy
+        little over per-channel ones at 8 bits."""
         info = self._layers[name]
         st = self._states[name]
         w = QuantSpec.from_dict(info["weight_spec"])
         a = QuantSpec.from_dict(info["activation_spec"]) if info["activation_spec"] is not None else None
         if w.bits < 8 or (a is not None and a.bits < 8):
-            w8 = w.replace(bits=8)
+            w8 = (w.replace(bits=8, granularity="per_channel", group_size=None) if w.granularity == "per_group"
+                  else w.replace(bits=8))
             a8 = a.replace(bits=8) if a is not None else None
             old_act = st.activation
             new = attach_quantization(pl_module, {name: (info["kind"], w8, a8)})[name]

@@ -157,6 +157,22 @@ def test_kl_fallback_raises_precision_and_revalidates(tmp_path):
     assert all(r["kl"][n] <= 0.005 for n in r["kl"])  # re-validated after the fallback
 
 
+def test_a_group_wise_int4_layer_falls_back_to_int8_per_channel_which_export_packs(tmp_path):
+    # int4 g32 on both Linears (TinyCTR(dim=28): K = 32 and 32); mlp.0's KL is ~2e-3 and its int8
+    # fallback ~2e-5. Raising only the bit width kept per_group: "int8/g32", which no deploy op
+    # packs, so export left the layer FP32 while the report said int8.
+    import hwaware
+
+    w4 = QuantSpec(bits=4, granularity="per_group", group_size=32)
+    _, model, cb = train_with_quant(tmp_path, model=TinyCTR(dim=28), max_epochs=2, start_epoch=1,
+                                    calibration_batches=2, weight_spec=w4, kl_threshold=1e-4)
+    r = cb.report
+    assert r["fallbacks"] == {"mlp.0": "int8"}
+    assert r["layers"]["mlp.0"]["weight"] == "int8/per_channel/sym" and r["layers"]["mlp.2"]["weight"] == "int4/g32/sym"
+    art = hwaware.export(model, tmp_path / "art", val_dataloader=loaders()[1], max_drop=1.0)
+    assert art.manifest["layers"]["mlp.0"]["scheme"] == "int8" and art.manifest["layers"]["mlp.2"]["scheme"] == "int4"
+
+
 def test_kl_violation_raise_and_warn(tmp_path):
     w2 = QuantSpec(bits=2, granularity="per_channel")
     with pytest.raises(KLViolationError, match=r"over kl_threshold=1e-09.*mlp\.0"):
