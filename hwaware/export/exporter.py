@@ -12,11 +12,13 @@ import copy
 import importlib
 import json
 import math
+import numbers
 import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple, Union
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -393,6 +395,24 @@ def _jsonable(obj: Any) -> Any:
         return None
 
 
+def _real_scalar(name: str, value: Any) -> float:
+    """``float(value)`` for a finite real scalar >= 0: any ``numbers.Real`` (Python int/float, numpy
+    integer/floating scalars), a 0-d numpy array or a 0-d torch tensor of a real dtype. ``bool``
+    (Python, numpy or tensor), NaN, inf, negatives and non-scalars raise ``ValueError`` naming the
+    value and its type."""
+    if isinstance(value, Tensor):
+        ok = value.dim() == 0 and value.dtype != torch.bool and not value.is_complex()
+    elif isinstance(value, np.ndarray):
+        ok = value.ndim == 0 and value.dtype.kind in "fiu"
+    else:  # np.bool_ is not a numbers.Real; Python's bool is
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    number = float(value) if ok else math.nan
+    if not (math.isfinite(number) and number >= 0):
+        raise ValueError(f"{name}={value!r} of type {type(value).__module__}.{type(value).__qualname__}; expected a finite "
+                         "real number >= 0 (a Python int/float, a numpy scalar or a 0-d tensor; not a bool)")
+    return number
+
+
 def export(
     model: nn.Module,
     path: Union[str, os.PathLike],
@@ -449,8 +469,7 @@ def export(
     """
     if metric not in METRICS:
         raise ValueError(f"metric={metric!r}; expected one of {METRICS}")
-    if not isinstance(max_drop, (int, float)) or isinstance(max_drop, bool) or not max_drop >= 0 or not math.isfinite(max_drop):
-        raise ValueError(f"max_drop={max_drop!r}; expected a finite float >= 0")
+    max_drop = _real_scalar("max_drop", max_drop)
     if device != "cpu":
         raise ValueError(f"device={device!r}; export measures and gates on 'cpu' only for now (the CUDA kernels are "
                          f"registered: hwaware.load(path, device='cuda') runs an artifact on them)")
