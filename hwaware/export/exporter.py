@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import inspect as _inspect
 import json
 import math
 import numbers
@@ -332,6 +333,38 @@ def _reference_module(model: nn.Module, reference: Union[None, nn.Module, Dict[s
 # -- export / load ------------------------------------------------------------------------------
 
 
+def _given(x: Any) -> str:
+    return f"Tensor{list(x.shape)} {str(x.dtype).replace('torch.', '')}" if isinstance(x, Tensor) else type(x).__name__
+
+
+def _check_example_inputs(model: nn.Module, example_inputs: Any) -> Tuple[Any, ...]:
+    """``example_inputs`` as a tuple, checked before any work: a tuple/list of tensors that binds to
+    ``model.forward``'s parameters (as ``model(*example_inputs)`` would). TypeError naming
+    ``example_inputs``, what forward expects and what was given, otherwise."""
+    if isinstance(example_inputs, Tensor) or not isinstance(example_inputs, (tuple, list)):
+        raise TypeError(f"example_inputs={_given(example_inputs)}; expected a tuple of the tensors "
+                        f"{type(model).__name__}.forward takes, e.g. (x,) for one input")
+    example_inputs = tuple(example_inputs)
+    try:
+        sig = _inspect.signature(model.forward)
+    except (TypeError, ValueError):  # no introspectable signature: torch.export will say
+        sig = None
+    if sig is not None:
+        try:
+            sig.bind(*example_inputs)
+        except TypeError as e:
+            given = ", ".join(_given(x) for x in example_inputs) or "nothing"
+            bare = sig.replace(parameters=[p.replace(annotation=p.empty) for p in sig.parameters.values()],
+                               return_annotation=sig.empty)  # the names forward takes, without type hints
+            raise TypeError(f"example_inputs does not fit {type(model).__name__}.forward{bare}: {e}; "
+                            f"given {len(example_inputs)} input(s): ({given})") from None
+    bad = [f"[{i}] {_given(x)}" for i, x in enumerate(example_inputs) if not isinstance(x, Tensor)]
+    if bad:
+        raise TypeError(f"example_inputs must all be tensors (their shapes and dtypes are recorded for hwaware bench); "
+                        f"got {', '.join(bad)}")
+    return example_inputs
+
+
 def _describe_input(x: Any) -> Dict[str, Any]:
     """Shape/dtype of one example input (batch dim first) and, for index tensors, the largest id per
     column: enough for ``hwaware bench`` to generate valid batches without storing any data."""
@@ -477,6 +510,8 @@ def export(
         raise ValueError(f"embedding_bits={embedding_bits!r}; expected 4 or 8")
     if not isinstance(model, nn.Module):
         raise TypeError(f"export expects an nn.Module, got {type(model).__name__}")
+    if example_inputs is not None:
+        example_inputs = _check_example_inputs(model, example_inputs)
     path = os.fspath(path)
 
     states = quant_states(model)

@@ -38,3 +38,34 @@ def test_max_drop_rejects_non_real_non_finite_negative_or_non_scalar_values(tmp_
                        + r".*; expected a finite real number >= 0"):
         export(model, tmp_path / "art", val_dataloader=val, max_drop=value)
     assert not (tmp_path / "art").exists()
+
+
+class _CountingLoader:
+    """Validation batches that count how often the gate (or anything) iterates them."""
+
+    def __init__(self, batches):
+        self.batches, self.iterated = batches, 0
+
+    def __iter__(self):
+        self.iterated += 1
+        return iter(self.batches)
+
+
+@pytest.mark.parametrize("given, match", [
+    (lambda d, i: (d,), r"does not fit TinyCTR\.forward\(dense, ids\): missing a required argument: 'ids'; given 1 input\(s\): \(Tensor\[8, 4\] float32\)"),
+    (lambda d, i: (d, i, i), r"does not fit TinyCTR\.forward.*too many positional arguments; given 3 input\(s\)"),
+    (lambda d, i: d, r"example_inputs=Tensor\[8, 4\] float32; expected a tuple of the tensors TinyCTR\.forward takes"),
+    (lambda d, i: (d, [1, 2]), r"example_inputs must all be tensors .*got \[1\] list"),
+])
+def test_example_inputs_that_do_not_fit_forward_fail_first_and_say_so(tmp_path, given, match):
+    from tests.helpers import TinyCTR, loaders
+
+    _, val = loaders()
+    val = _CountingLoader(list(val))
+    dense, ids = torch.randn(8, 4), torch.randint(0, 50, (8,))
+    with pytest.raises(TypeError, match=match):
+        export(TinyCTR(), tmp_path / "art", val_dataloader=val, max_drop=1.0, example_inputs=given(dense, ids))
+    assert val.iterated == 0 and not (tmp_path / "art").exists()  # refused before the gate ran
+    # the same, fitting forward: exported (a list is taken as the tuple of inputs)
+    art = export(TinyCTR(), tmp_path / "art", val_dataloader=val, max_drop=1.0, example_inputs=[dense, ids])
+    assert len(art.manifest["inputs"]) == 2 and val.iterated > 0
