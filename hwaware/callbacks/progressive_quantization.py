@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import pytorch_lightning as pl
 import torch
@@ -29,7 +29,8 @@ from typing_extensions import override
 from hwaware._predict import model_predictions
 from hwaware.callbacks._common import _refuse_multiprocessing_launch, _check_choice, _check_int, _scale_lr, _scalar_metrics
 from hwaware.quant.attach import (
-    QuantState, attach_quantization, find_quantizable, quantization_disabled, set_fp32_reference,
+    QuantState, attach_quantization, find_quantizable, layer_specs_to_state, normalize_layer_specs, quantization_disabled,
+    set_fp32_reference,
 )
 from hwaware.quant.kl import KLViolationError, LayerErrorCollector, collect_layer_errors, output_kl
 from hwaware.quant.spec import QuantSpec
@@ -45,6 +46,13 @@ _DEFAULT = object()
 DEFAULT_WEIGHT_SPEC = QuantSpec(bits=8, granularity="per_channel", symmetric=True)
 DEFAULT_ACTIVATION_SPEC = QuantSpec(bits=8, granularity="per_row", symmetric=True, dynamic=True)
 DEFAULT_EMBEDDING_SPEC = QuantSpec(bits=8, granularity="per_row", symmetric=False, dynamic=True)
+
+
+def _describe_specs(state: List[List[Any]]) -> str:
+    """``{pattern: {key: short label}}`` of saved layer_specs, for messages."""
+    return "{" + ", ".join(
+        f"{p!r}: {{" + ", ".join(f"{k!r}: {QuantSpec.from_dict(v).short() if v is not None else None}" for k, v in e.items()) + "}"
+        for p, e in state) + "}"
 
 
 class ProgressiveQuantization(Callback):
@@ -79,6 +87,19 @@ class ProgressiveQuantization(Callback):
         embedding_spec: row-wise quantization of embedding tables (default int8 affine per row,
             the FBGEMM layout; ``None`` leaves tables in FP32). Must be ``per_row``.
         skip: ``fnmatch`` patterns of layer names to leave in FP32 (``"top_mlp.4"``, ``"*.head"``).
+        layer_specs: per-layer overrides of the specs above, ``{fnmatch pattern: override}`` with the
+            patterns matched like ``skip``. An override is a :class:`QuantSpec` (the weight spec of
+            a Linear/Conv, the table spec of an embedding) or a dict with keys among ``"weight"``
+            and ``"activation"`` (a QuantSpec, or ``None`` for weight-only); keys left out keep the
+            global spec. The first matching pattern (in the mapping's order) wins, and ``skip`` wins
+            over ``layer_specs``. Example: ``{"top_mlp.0": QuantSpec(bits=4, granularity="per_group",
+            group_size=128), "top_mlp.*": {"activation": None}}``. Checked when the model is first
+            seen (``setup``): a pattern that matches no quantizable layer (or only layers an earlier
+            pattern claims) or an override invalid for a layer's kind raises ``ValueError``; an
+            override the layer cannot take (``per_group`` on a conv, a ``group_size`` that does not
+            divide ``in_features``) skips the layer with the reason, as the global ``weight_spec``
+            does. Saved in checkpoints: a run resumed after calibration started must pass the same
+            ``layer_specs`` (the layers' specs are restored from the checkpoint).
         kl_threshold: per-layer KL (nats, mean per sample, see :func:`hwaware.quant.kl.channel_kl`) above
             which a layer violates; by channel_kl's ``0.5 * 10^(-SQNR/10)``, 0.01 is about 17 dB SQNR.
         on_kl_violation: ``"fallback"`` (raise the layer's precision to int8, then FP32, and
@@ -94,7 +115,11 @@ class ProgressiveQuantization(Callback):
             the layer); ``monitor`` never logged with ``start="plateau"``; a model that cannot be
             run on its batches the way the output KL runs it (checked once, at the first validation
             batch, or at the first calibration batch if none came before: not after training).
-        TypeError: a spec that is not a :class:`QuantSpec`.
+            A ``layer_specs`` pattern that matches no quantizable layer or an override invalid for
+            its layer's kind (at ``setup``); a checkpoint written with other ``layer_specs`` once
+            quantization started (at resume).
+        TypeError: a spec that is not a :class:`QuantSpec`; ``layer_specs`` values that are not a
+            QuantSpec or a dict of them (``"activation"`` may be None).
     """
 
     def __init__(
@@ -114,6 +139,7 @@ class ProgressiveQuantization(Callback):
         activation_spec: Optional[QuantSpec] = _DEFAULT,  # type: ignore[assignment]
         embedding_spec: Optional[QuantSpec] = _DEFAULT,  # type: ignore[assignment]
         skip: Union[str, Sequence[str]] = (),
+        layer_specs: Optional[Mapping[str, Union[QuantSpec, Mapping[str, Optional[QuantSpec]]]]] = None,
         kl_threshold: float = 0.01,
         on_kl_violation: str = "fallback",
         validation_batches: int = 8,
@@ -157,6 +183,7 @@ class ProgressiveQuantization(Callback):
             skip = (skip,)
         if not all(isinstance(p, str) for p in skip):
             raise ValueError(f"skip={skip!r} is invalid; expected a sequence of fnmatch patterns (str)")
+        layer_specs = normalize_layer_specs(layer_specs)
         if not isinstance(kl_threshold, (int, float)) or not kl_threshold > 0 or not math.isfinite(kl_threshold):
             raise ValueError(f"kl_threshold={kl_threshold!r} is invalid; expected a finite float > 0")
         _check_choice("on_kl_violation", on_kl_violation, _VIOLATIONS)
@@ -176,6 +203,7 @@ class ProgressiveQuantization(Callback):
         self.activation_spec = activation_spec
         self.embedding_spec = embedding_spec
         self.skip = tuple(skip)
+        self.layer_specs = layer_specs  # {pattern: {"weight"?: QuantSpec, "activation"?: QuantSpec | None}}, in order
         self.kl_threshold = float(kl_threshold)
         self.on_kl_violation = on_kl_violation
         self.validation_batches = validation_batches
@@ -374,6 +402,7 @@ class ProgressiveQuantization(Callback):
             "kl_history": copy.deepcopy(self._kl_history),
             "metrics_before": dict(self._metrics_before),
             "metrics_after": dict(self._metrics_after),
+            "layer_specs": layer_specs_to_state(self.layer_specs),
             "fp32_reference": self.fp32_reference,
             "quantizers": quantizers,
         }
@@ -382,6 +411,15 @@ class ProgressiveQuantization(Callback):
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         phase = state_dict["phase"]
         _check_choice("checkpoint phase", phase, PHASES)
+        saved_specs = state_dict.get("layer_specs", [])  # absent: written before layer_specs existed (none)
+        if state_dict["layers"] and saved_specs != layer_specs_to_state(self.layer_specs):
+            # the layers' specs come from the checkpoint: resuming under other overrides would
+            # silently train what the checkpoint planned, not what this callback says
+            raise ValueError(
+                f"the checkpoint was written by ProgressiveQuantization(layer_specs={_describe_specs(saved_specs)}) in phase "
+                f"{phase!r} (layers already quantized), but this callback has layer_specs="
+                f"{_describe_specs(layer_specs_to_state(self.layer_specs))}; resume with the layer_specs= the checkpoint "
+                "was written with")
         self.phase = phase
         self._history = copy.deepcopy(state_dict["history"])
         self._calib_seen = state_dict["calib_seen"]
@@ -421,7 +459,7 @@ class ProgressiveQuantization(Callback):
     def _plan(self, pl_module: nn.Module):
         return find_quantizable(
             pl_module, weight_spec=self.weight_spec, activation_spec=self.activation_spec,
-            embedding_spec=self.embedding_spec, skip=self.skip,
+            embedding_spec=self.embedding_spec, skip=self.skip, layer_specs=self.layer_specs,
         )
 
     def _attach(self, pl_module: nn.Module, layers: Dict[str, Dict[str, Any]]) -> None:

@@ -25,7 +25,7 @@ import fnmatch
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,7 @@ __all__ = [
     "attach_quantization",
     "detach_quantization",
     "find_quantizable",
+    "normalize_layer_specs",
     "quant_state",
     "quant_states",
     "set_fp32_reference",
@@ -284,11 +285,113 @@ def keep_layers_called(model: nn.Module) -> None:
                 m.activation_relu_or_gelu = 0
 
 
+LAYER_SPEC_KEYS = ("weight", "activation")
+LayerSpecs = Dict[str, Dict[str, Optional[QuantSpec]]]
+
+
+def normalize_layer_specs(layer_specs: Optional[Mapping[str, Any]]) -> LayerSpecs:
+    """Check the kind-independent shape of per-layer overrides and give them one form.
+
+    ``layer_specs`` maps ``fnmatch`` patterns (matched like ``skip``: a pattern also matches every
+    layer under a matching name) to a :class:`QuantSpec` (the weight spec of a Linear/Conv, the
+    table spec of an embedding) or a dict with keys among ``"weight"`` (a QuantSpec) and
+    ``"activation"`` (a QuantSpec, or None for weight-only). Returns ``{pattern: {key: spec}}`` in
+    the given order (the first matching pattern wins) with only the keys given. What depends on a
+    layer's kind is checked by :func:`find_quantizable`.
+
+    Raises:
+        TypeError: not a mapping, a pattern that is not a str, a value that is neither a QuantSpec
+            nor a dict, a ``"weight"`` that is not a QuantSpec or an ``"activation"`` that is
+            neither a QuantSpec nor None.
+        ValueError: an empty pattern or unknown dict keys.
+    """
+    if layer_specs is None:
+        return {}
+    if not isinstance(layer_specs, Mapping):
+        raise TypeError(f"layer_specs must be a mapping {{fnmatch pattern: QuantSpec or dict}}, got {type(layer_specs).__name__}")
+    out: LayerSpecs = {}
+    for pattern, value in layer_specs.items():
+        if not isinstance(pattern, str):
+            raise TypeError(f"layer_specs key {pattern!r} is a {type(pattern).__name__}; expected an fnmatch pattern (str)")
+        if not pattern:
+            raise ValueError("layer_specs key '' is invalid; expected a non-empty fnmatch pattern of layer names")
+        if isinstance(value, QuantSpec):
+            out[pattern] = {"weight": value}
+            continue
+        if not isinstance(value, Mapping):
+            raise TypeError(f"layer_specs[{pattern!r}] is a {type(value).__name__}; expected a hwaware.QuantSpec or a dict "
+                            f"with keys among {LAYER_SPEC_KEYS}")
+        unknown = [k for k in value if k not in LAYER_SPEC_KEYS]
+        if unknown:
+            raise ValueError(f"layer_specs[{pattern!r}] has unknown keys {unknown}; expected keys among {LAYER_SPEC_KEYS}")
+        entry: Dict[str, Optional[QuantSpec]] = {}
+        if "weight" in value:
+            if not isinstance(value["weight"], QuantSpec):
+                raise TypeError(f"layer_specs[{pattern!r}]['weight'] must be a hwaware.QuantSpec, got "
+                                f"{type(value['weight']).__name__} (use skip= to leave a layer in FP32)")
+            entry["weight"] = value["weight"]
+        if "activation" in value:
+            if value["activation"] is not None and not isinstance(value["activation"], QuantSpec):
+                raise TypeError(f"layer_specs[{pattern!r}]['activation'] must be a hwaware.QuantSpec or None "
+                                f"(weight-only), got {type(value['activation']).__name__}")
+            entry["activation"] = value["activation"]
+        out[pattern] = entry
+    return out
+
+
+def layer_specs_to_state(layer_specs: LayerSpecs) -> List[List[Any]]:
+    """``[[pattern, {key: spec dict or None}], ...]`` (plain types, for checkpoints; order kept)."""
+    return [[p, {k: (v.to_dict() if v is not None else None) for k, v in e.items()}] for p, e in layer_specs.items()]
+
+
+def _override_specs(pattern: str, entry: Dict[str, Optional[QuantSpec]], name: str, kind: str, weight_spec: QuantSpec,
+                    activation_spec: Optional[QuantSpec], embedding_spec: Optional[QuantSpec]):
+    """The global specs with layer ``name``'s override applied, checked for its kind (ValueError)."""
+    where = f"layer_specs[{pattern!r}] for {kind} layer {name!r}"
+    if kind in ("embedding", "embedding_bag"):
+        if entry.get("activation") is not None:
+            raise ValueError(f"{where}: an activation spec is invalid; embedding layers quantize their table rows only "
+                             "(give the table spec as the QuantSpec or 'weight')")
+        table = entry.get("weight", embedding_spec)
+        if "weight" in entry:
+            if table.granularity != "per_row":
+                raise ValueError(f"{where}: granularity={table.granularity!r} ({table.short()}) is invalid for an "
+                                 "embedding table; expected 'per_row' (row-wise, the FBGEMM layout)")
+            if table.learnable:
+                raise ValueError(f"{where}: learnable=True is invalid; row-wise table scales are computed from each row")
+            if not table.dynamic:
+                table = table.replace(dynamic=True)  # row scales always follow the row
+        return weight_spec, None, table
+    w = entry.get("weight", weight_spec)
+    if w.dynamic:
+        raise ValueError(f"{where}: weight dynamic=True ({w.short()}) is invalid; weights are quantized with fixed scales")
+    if w.granularity == "per_row":
+        raise ValueError(f"{where}: weight granularity='per_row' is invalid; expected 'per_channel', 'per_group' or 'per_tensor'")
+    return w, entry.get("activation", activation_spec), embedding_spec
+
+
 def find_quantizable(model: nn.Module, *, weight_spec: QuantSpec, activation_spec: Optional[QuantSpec] = None,
-                     embedding_spec: Optional[QuantSpec] = None, skip: Sequence[str] = ()) -> Tuple[Dict[str, Tuple[str, QuantSpec, Optional[QuantSpec]]], Dict[str, str]]:
-    """Plan without touching the model: ``({name: (kind, weight_spec, act_spec)}, {name: skip reason})``."""
+                     embedding_spec: Optional[QuantSpec] = None, skip: Sequence[str] = (),
+                     layer_specs: Optional[Mapping[str, Union[QuantSpec, Mapping[str, Optional[QuantSpec]]]]] = None,
+                     ) -> Tuple[Dict[str, Tuple[str, QuantSpec, Optional[QuantSpec]]], Dict[str, str]]:
+    """Plan without touching the model: ``({name: (kind, weight_spec, act_spec)}, {name: skip reason})``.
+
+    ``layer_specs`` (see :func:`normalize_layer_specs`) overrides the global specs per layer: the
+    first pattern that matches a layer's name gives its overrides; ``skip`` wins over it. A layer
+    an override makes unquantizable (``per_group`` on a conv, a ``group_size`` that does not divide
+    ``in_features``) is skipped with the reason, as under the global ``weight_spec``.
+
+    Raises:
+        ValueError: a ``layer_specs`` pattern that matches no quantizable layer, or that matches
+            only layers an earlier pattern already claims (it would never apply); an override
+            invalid for a layer's kind (a table spec that is not ``per_row`` or is learnable, an
+            activation spec on an embedding, a dynamic or ``per_row`` Linear/Conv weight).
+    """
+    overrides = normalize_layer_specs(layer_specs)
     plan, skipped = {}, {}
     modules = dict(model.named_modules())
+    eligible: List[str] = []
+    won: Dict[str, int] = dict.fromkeys(overrides, 0)
     for name, module in modules.items():
         skipped.update(dict.fromkeys(bare_weights(name, module), "a bare Parameter nn.MultiheadAttention multiplies "
                                      "itself; hwaware quantizes layers, not parameters: stays FP32"))
@@ -300,14 +403,32 @@ def find_quantizable(model: nn.Module, *, weight_spec: QuantSpec, activation_spe
         if kind == "linear" and (reason := weight_read_by_parent(modules, name)):
             skipped[name] = reason
             continue
+        eligible.append(name)
+        over = _matches(name, list(overrides))
+        if over is not None:
+            won[over] += 1
         if (pat := _matches(name, skip)) is not None:
-            skipped[name] = f"matches skip pattern {pat!r}"
+            skipped[name] = f"matches skip pattern {pat!r}" + (f" (skip wins over layer_specs[{over!r}])" if over is not None else "")
             continue
-        w, a, reason = _specs_for(module, kind, weight_spec, activation_spec, embedding_spec)
+        w, a, e = weight_spec, activation_spec, embedding_spec
+        if over is not None:
+            w, a, e = _override_specs(over, overrides[over], name, kind, weight_spec, activation_spec, embedding_spec)
+        w, a, reason = _specs_for(module, kind, w, a, e)
         if reason:
-            skipped[name] = reason
+            skipped[name] = reason + (f" (layer_specs[{over!r}])" if over is not None else "")
             continue
         plan[name] = (kind, w, a)
+    for pattern, n in won.items():
+        if n:
+            continue
+        some = ", ".join(eligible[:12]) + (f", ... ({len(eligible)} in all)" if len(eligible) > 12 else "")
+        matched = [name for name in eligible if _matches(name, [pattern])]
+        if matched:
+            raise ValueError(
+                f"layer_specs pattern {pattern!r} never applies: every layer it matches ({', '.join(matched[:12])}) is "
+                f"matched by an earlier pattern first (the first matching pattern wins; put more specific patterns first)")
+        raise ValueError(f"layer_specs pattern {pattern!r} matches no quantizable layer of {type(model).__name__}; "
+                         f"quantizable layers are: {some or 'none'}")
     return plan, skipped
 
 

@@ -298,9 +298,10 @@ def test_model_without_quantizable_layer(tmp_path):
         _fit(tmp_path, ProgressiveQuantization(start_epoch=1, skip=["emb"]), model=NoLayers())
 
 
-def _ckpt_run(tmp_path, ckpt_path=None, extra=()):
+def _ckpt_run(tmp_path, ckpt_path=None, extra=(), **cb_kwargs):
     pl.seed_everything(0, verbose=False)
-    cb = ProgressiveQuantization(start_epoch=1, calibration_batches=4, freeze_observers_after=30, activation_spec=STATIC_ACT)
+    cb = ProgressiveQuantization(start_epoch=1, calibration_batches=4, freeze_observers_after=30, activation_spec=STATIC_ACT,
+                                 **cb_kwargs)
     mc = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_top_k=-1, every_n_epochs=1, filename="{epoch}")
     model = TinyCTR()
     model.configure_optimizers = lambda: torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -471,3 +472,160 @@ def test_the_call_check_has_no_side_effects(tmp_path, with_val):
     assert modes_a == modes_b and set(modes_a) == {(True, True, False)}
     _assert_state_equal(model_a.state_dict(), model_b.state_dict())
     _assert_state_equal(cb_a.state_dict(), cb_b.state_dict())
+
+
+# ------------------------------------------------------------------------------------------------
+# layer_specs: per-layer overrides of the global specs
+# ------------------------------------------------------------------------------------------------
+INT4_G32 = QuantSpec(bits=4, granularity="per_group", group_size=32)
+INT4_ROWS = QuantSpec(bits=4, granularity="per_row", symmetric=False)
+
+
+def test_layer_specs_mix_int4_and_int8_through_qat_report_and_export(tmp_path):
+    # TinyCTR(dim=28): mlp.0 and mlp.2 both have K = 32. int4 group-wise weight-only on mlp.0, an
+    # int4 table on emb, the global int8 per-channel weights and per-token activations on mlp.2
+    import hwaware
+
+    _, model, cb = train_with_quant(
+        tmp_path, model=TinyCTR(dim=28), max_epochs=2, start_epoch=1, calibration_batches=2,
+        layer_specs={"mlp.0": {"weight": INT4_G32, "activation": None}, "emb": INT4_ROWS})
+    r = cb.report
+    assert r["phase"] == "done" and r["fallbacks"] == {}
+    assert r["layers"]["mlp.0"]["weight"] == "int4/g32/sym" and r["layers"]["mlp.0"]["activation"] is None
+    assert r["layers"]["mlp.2"]["weight"] == "int8/per_channel/sym" and r["layers"]["mlp.2"]["activation"] == "int8/per_row/sym/dyn"
+    assert r["layers"]["emb"]["weight"] == "int4/per_row/asym/dyn"  # table scales follow the rows, as for embedding_spec
+    assert cb.quant_states["mlp.0"].weight.spec == INT4_G32 and cb.quant_states["mlp.0"].activation is None
+    assert set(r["kl"]) == {"emb", "mlp.0", "mlp.2"} and all(v <= cb.kl_threshold for v in r["kl"].values())
+    art = hwaware.export(model, tmp_path / "art", val_dataloader=loaders()[1], max_drop=1.0)
+    schemes = {n: m["scheme"] for n, m in art.manifest["layers"].items()}
+    assert schemes == {"mlp.0": "int4", "mlp.2": "int8", "emb": "rowwise_int4"}
+
+
+def test_layer_specs_the_first_matching_pattern_wins(tmp_path):
+    per_tensor = QuantSpec(bits=8, granularity="per_tensor")
+    _, _, cb = train_with_quant(
+        tmp_path, model=TinyCTR(dim=28), max_epochs=2, start_epoch=1, calibration_batches=2,
+        layer_specs={"mlp.0": INT4_G32, "mlp.*": per_tensor, "*": {"activation": None}})
+    layers = cb.report["layers"]
+    # mlp.0 matches all three patterns: the first gives its weight; "*"'s weight-only does not apply
+    assert layers["mlp.0"]["weight"] == "int4/g32/sym" and layers["mlp.0"]["activation"] == "int8/per_row/sym/dyn"
+    assert layers["mlp.2"]["weight"] == "int8/per_tensor/sym" and layers["mlp.2"]["activation"] == "int8/per_row/sym/dyn"
+    assert layers["emb"]["weight"] == "int8/per_row/asym/dyn"  # "*" keeps the global table spec
+    # a parent name matches every layer under it, as in skip
+    _, _, cb = train_with_quant(tmp_path / "parent", model=TinyCTR(dim=28), max_epochs=2, start_epoch=1,
+                                calibration_batches=2, layer_specs={"mlp": INT4_G32})
+    assert {n: i["weight"] for n, i in cb.report["layers"].items()} == {
+        "emb": "int8/per_row/asym/dyn", "mlp.0": "int4/g32/sym", "mlp.2": "int4/g32/sym"}
+
+
+def test_skip_wins_over_layer_specs(tmp_path):
+    _, model, cb = train_with_quant(tmp_path, model=TinyCTR(dim=28), max_epochs=2, start_epoch=1, calibration_batches=2,
+                                    skip=["mlp.0"], layer_specs={"mlp.*": INT4_G32})
+    assert set(cb.quant_states) == {"emb", "mlp.2"} and type(model.mlp[0]) is nn.Linear
+    assert cb.report["skipped"]["mlp.0"] == "matches skip pattern 'mlp.0' (skip wins over layer_specs['mlp.*'])"
+    assert cb.report["layers"]["mlp.2"]["weight"] == "int4/g32/sym"
+
+
+def test_a_layer_specs_group_size_that_does_not_divide_in_features_skips_the_layer(tmp_path):
+    # TinyCTR(dim=8): mlp.0 has K = 12, mlp.2 K = 32; as with a global per_group weight_spec
+    _, _, cb = train_with_quant(tmp_path, max_epochs=2, start_epoch=1, calibration_batches=2, layer_specs={"mlp.*": INT4_G32})
+    assert set(cb.quant_states) == {"emb", "mlp.2"}
+    assert cb.report["skipped"]["mlp.0"] == "in_features=12 is not a multiple of group_size=32 (layer_specs['mlp.*'])"
+
+
+def test_a_layer_specs_group_wise_int4_layer_falls_back_to_int8_per_channel(tmp_path):
+    # as test_a_group_wise_int4_layer_falls_back_to_int8_per_channel_which_export_packs, per layer
+    import hwaware
+
+    _, model, cb = train_with_quant(tmp_path, model=TinyCTR(dim=28), max_epochs=2, start_epoch=1, calibration_batches=2,
+                                    layer_specs={"mlp.*": INT4_G32}, embedding_spec=None, kl_threshold=1e-4)
+    r = cb.report
+    assert r["fallbacks"] == {"mlp.0": "int8"}
+    assert r["layers"]["mlp.0"]["weight"] == "int8/per_channel/sym" and r["layers"]["mlp.2"]["weight"] == "int4/g32/sym"
+    art = hwaware.export(model, tmp_path / "art", val_dataloader=loaders()[1], max_drop=1.0)
+    assert art.manifest["layers"]["mlp.0"]["scheme"] == "int8" and art.manifest["layers"]["mlp.2"]["scheme"] == "int4"
+
+
+@pytest.mark.parametrize(
+    "layer_specs, error, match",
+    [
+        ([("mlp.0", INT4_G32)], TypeError, "layer_specs must be a mapping"),
+        ({0: INT4_G32}, TypeError, "layer_specs key 0 is a int; expected an fnmatch pattern"),
+        ({"": INT4_G32}, ValueError, "layer_specs key '' is invalid"),
+        ({"mlp.0": {"bits": 4}}, ValueError, r"layer_specs\['mlp.0'\] has unknown keys \['bits'\].*\('weight', 'activation'\)"),
+        ({"mlp.0": "int4"}, TypeError, r"layer_specs\['mlp.0'\] is a str; expected a hwaware.QuantSpec or a dict"),
+        ({"mlp.0": {"weight": {"bits": 4}}}, TypeError, r"layer_specs\['mlp.0'\]\['weight'\] must be a hwaware.QuantSpec, got dict"),
+        ({"mlp.0": {"weight": None}}, TypeError, r"\['weight'\] must be a hwaware.QuantSpec, got NoneType \(use skip="),
+        ({"mlp.0": {"activation": 8}}, TypeError, r"\['activation'\] must be a hwaware.QuantSpec or None"),
+    ],
+)
+def test_layer_specs_refused_at_construction(layer_specs, error, match):
+    with pytest.raises(error, match=match):
+        ProgressiveQuantization(layer_specs=layer_specs)
+
+
+@pytest.mark.parametrize(
+    "layer_specs, match",
+    [
+        ({"mlp.0": INT4_G32, "top_mlp.*": INT4_G32},
+         r"layer_specs pattern 'top_mlp.\*' matches no quantizable layer of TinyCTR; quantizable layers are: emb, mlp.0, mlp.2"),
+        ({"mlp.*": INT4_G32, "mlp.2": QuantSpec()},
+         r"layer_specs pattern 'mlp.2' never applies: every layer it matches \(mlp.2\) is matched by an earlier pattern"),
+        ({"emb": INT4_G32}, r"layer_specs\['emb'\] for embedding_bag layer 'emb': granularity='per_group' .*expected 'per_row'"),
+        ({"emb": QuantSpec(bits=8)}, r"layer_specs\['emb'\] for embedding_bag layer 'emb': granularity='per_channel'"),
+        ({"emb": QuantSpec(granularity="per_row", symmetric=True, learnable=True)}, r"layer_specs\['emb'\].*learnable=True is invalid"),
+        ({"e*": {"activation": QuantSpec(granularity="per_row", dynamic=True)}},
+         r"layer_specs\['e\*'\] for embedding_bag layer 'emb': an activation spec is invalid"),
+        ({"mlp.0": QuantSpec(granularity="per_row", dynamic=True)}, r"layer_specs\['mlp.0'\] for linear layer 'mlp.0': weight dynamic=True"),
+        ({"mlp.0": QuantSpec(granularity="per_row")}, r"layer_specs\['mlp.0'\] for linear layer 'mlp.0': weight granularity='per_row'"),
+    ],
+)
+def test_layer_specs_refused_when_the_model_is_first_seen(tmp_path, layer_specs, match):
+    steps = _Steps()
+    with pytest.raises(ValueError, match=match):
+        _fit(tmp_path, ProgressiveQuantization(start_epoch=1, layer_specs=layer_specs), extra=[steps], max_epochs=2)
+    assert steps.seen == []  # at setup, before any training
+
+
+_MIXED = {"mlp.2": {"weight": INT4_G32, "activation": None}, "emb": INT4_ROWS}
+
+
+def test_resume_mid_qat_restores_identical_per_layer_specs(tmp_path):
+    model_a, cb_a = _ckpt_run(tmp_path / "a", layer_specs=_MIXED)
+    ckpt = str(tmp_path / "a" / "ckpt" / "epoch=1.ckpt")
+    saved = torch.load(ckpt, weights_only=True)
+    saved_cb = next(v for k, v in saved["callbacks"].items() if "ProgressiveQuantization" in k)
+    assert saved_cb["phase"] == "qat"
+    assert saved_cb["layer_specs"] == [["mlp.2", {"weight": INT4_G32.to_dict(), "activation": None}],
+                                       ["emb", {"weight": INT4_ROWS.to_dict()}]]
+    assert saved_cb["layers"]["mlp.2"]["weight_spec"] == INT4_G32.to_dict() and saved_cb["layers"]["mlp.2"]["activation_spec"] is None
+
+    restored = {}
+
+    class Capture(Callback):
+        def on_train_start(self, trainer, pl_module):
+            cb = next(c for c in trainer.callbacks if isinstance(c, ProgressiveQuantization))
+            restored.update(copy.deepcopy(cb.state_dict()))
+            restored["specs"] = {n: (st.weight.spec, st.activation.spec if st.activation else None) for n, st in cb.quant_states.items()}
+
+    model_b, cb_b = _ckpt_run(tmp_path / "b", ckpt_path=ckpt, extra=[Capture()], layer_specs=_MIXED)
+    specs = restored.pop("specs")
+    _assert_state_equal(saved_cb, restored)
+    assert specs["mlp.2"] == (INT4_G32, None) and specs["emb"] == (INT4_ROWS.replace(dynamic=True), None)
+    assert specs["mlp.0"] == (QuantSpec(), STATIC_ACT)
+    _assert_state_equal(cb_a.state_dict(), cb_b.state_dict())
+    _assert_state_equal(model_a.state_dict(), model_b.state_dict())
+    assert cb_a.report == cb_b.report
+
+
+@pytest.mark.parametrize("other", [None, {"mlp.2": INT4_G32, "emb": INT4_ROWS}])
+def test_resume_with_other_layer_specs_is_refused(tmp_path, other):
+    _ckpt_run(tmp_path / "a", layer_specs=_MIXED)
+    ckpt = str(tmp_path / "a" / "ckpt" / "epoch=1.ckpt")
+    with pytest.raises(ValueError, match=r"checkpoint was written by ProgressiveQuantization\(layer_specs=\{'mlp.2': "
+                                         r"\{'weight': int4/g32/sym, 'activation': None\}.*resume with the layer_specs="):
+        _ckpt_run(tmp_path / "b", ckpt_path=ckpt, layer_specs=other)
+    # a checkpoint from the FP32 phase has no quantized layer yet: the new layer_specs simply apply
+    _, cb = _ckpt_run(tmp_path / "c", ckpt_path=str(tmp_path / "a" / "ckpt" / "epoch=0.ckpt"), layer_specs=other)
+    assert cb.report["layers"]["mlp.2"]["weight"] == ("int8/per_channel/sym" if other is None else "int4/g32/sym")
+    assert cb.report["layers"]["mlp.2"]["activation"] == STATIC_ACT.short()

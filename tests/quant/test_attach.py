@@ -329,6 +329,33 @@ def test_per_group_skips_with_reason():
     }
 
 
+def test_layer_specs_override_per_layer_and_keep_the_global_skip_reasons():
+    model = nn.Sequential(nn.Linear(64, 8), nn.Linear(8, 40), nn.Conv1d(2, 2, 3), nn.Embedding(4, 4), nn.Linear(40, 2))
+    rows4 = QuantSpec(bits=4, granularity="per_row", symmetric=False)
+    plan, skipped = find_quantizable(
+        model, weight_spec=WEIGHT_SPEC, activation_spec=ACT_SPEC, skip=["4"],
+        layer_specs={"0": {"weight": INT4_G32, "activation": None}, "[12]": INT4_G32, "3": rows4, "4": INT4_G32})
+    # layer 0: its own weight, weight-only; an embedding gets a table even with embedding_spec=None
+    assert plan == {"0": ("linear", INT4_G32, None), "3": ("embedding", rows4.replace(dynamic=True), None)}
+    assert skipped == {
+        "1": "in_features=8 is not a multiple of group_size=32 (layer_specs['[12]'])",
+        "2": "per_group weights are defined for Linear layers only (layer_specs['[12]'])",
+        "4": "matches skip pattern '4' (skip wins over layer_specs['4'])",  # matching only a skipped layer is fine
+    }
+    # no layer_specs: the global specs everywhere, as before
+    assert find_quantizable(model, weight_spec=WEIGHT_SPEC)[0]["0"] == ("linear", WEIGHT_SPEC, None)
+
+
+def test_layer_specs_errors_name_the_pattern_and_the_layers():
+    model = nn.Sequential(nn.Linear(64, 8), nn.Embedding(4, 4))
+    with pytest.raises(ValueError, match=r"pattern 'head' matches no quantizable layer of Sequential; quantizable layers are: 0, 1"):
+        find_quantizable(model, weight_spec=WEIGHT_SPEC, layer_specs={"head": INT4_G32})
+    with pytest.raises(ValueError, match=r"pattern '0' never applies: every layer it matches \(0\) is matched by an earlier"):
+        find_quantizable(model, weight_spec=WEIGHT_SPEC, layer_specs={"*": {"activation": None}, "0": INT4_G32})
+    with pytest.raises(ValueError, match=r"layer_specs\['1'\] for embedding layer '1': granularity='per_group'"):
+        find_quantizable(model, weight_spec=WEIGHT_SPEC, layer_specs={"1": INT4_G32})
+
+
 def test_plan_is_side_effect_free_and_unknown_layer_errors():
     model = nn.Sequential(nn.Linear(4, 4))
     plan, _ = find_quantizable(model, weight_spec=WEIGHT_SPEC)
