@@ -18,9 +18,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 __all__ = ["main"]
 
 # Layer-entry keys shown first, in this order; any other keys follow alphabetically, except the
-# measured kernel selection of int8 and 2:4 layers, which gets its own section.
+# measured kernel selection of int8 and 2:4 layers and the layers' notes (sentences), which get their own sections.
 _LAYER_COLUMNS = ("scheme", "shape", "group_size", "bytes", "kernel")
-_OWN_SECTION = ("selection",)
+_OWN_SECTION = ("selection", "note")
 
 
 def _fmt_bytes(n: Any) -> str:
@@ -116,6 +116,9 @@ def _inspect_text(path: str, manifest: Dict[str, Any], on_disk: int) -> str:
     layers = manifest.get("layers")
     if isinstance(layers, Mapping) and layers:
         out += ["", _layers_table(layers)]
+        notes = [f"  {name}: {e['note']}" for name, e in layers.items() if isinstance(e, Mapping) and e.get("note")]
+        if notes:
+            out += ["", "notes:"] + notes
         selection = _selection_lines(layers)
         if selection:
             out += ["", "kernel selection (measured at export; * = chosen, the fastest that keeps the layer's math):"] + selection

@@ -51,6 +51,9 @@ CPU_KERNELS = {
     "sparse24": "hwaware::sparse24_linear [cpu: measured choice, see selection]",
     "sparse24_int8": "hwaware::sparse24_linear [cpu: measured choice, see selection]",
 }
+INT4_24_NOTE = ("2:4-sparse weight: its 2:4 pattern is kept in the int4 values (zeros stay zeros) but not packed, "
+                "there is no int4 2:4 format; stored and run as dense int4 (quantize it int8 per_channel to pack it "
+                "2:4 as sparse24_int8)")
 _BUFFER_PREFIX = "__nonpersistent__."
 _PTQ_WEIGHT = QuantSpec(bits=8, granularity="per_channel")
 _PTQ_ACT = QuantSpec(bits=8, granularity="per_row", dynamic=True)
@@ -203,6 +206,9 @@ def _build_deploy(model: nn.Module, states: Dict[str, QuantState], sparse24: boo
             dense[name] = reason
             continue
         add(name, new, st)
+        if sparse24 and isinstance(new, Int4Linear) and is_24(modules[name].weight.detach()):
+            # 2:4-pruned and int4-quantized: packed int4, the 2:4 compression is not applied
+            layers[name].update(sparse24_unpacked=True, note=INT4_24_NOTE)
     for name, m in modules.items():  # FP32 because of how their parent uses them: say so in the manifest
         if isinstance(m, nn.Linear) and name not in layers and (reason := weight_read_by_parent(modules, name)):
             dense.setdefault(name, reason)
@@ -530,6 +536,12 @@ def export(
             detach_quantization(model)
     if not layers:
         raise ValueError(f"nothing to pack: every quantized layer stays dense ({dense})")
+    unpacked24 = [name for name, meta in layers.items() if meta.get("sparse24_unpacked")]
+    if unpacked24:
+        warnings.warn(f"export: {len(unpacked24)} 2:4-pruned layer(s) quantized int4 are packed as dense int4, without "
+                      f"the 2:4 compression (no int4 2:4 format): {', '.join(unpacked24)}. Their 2:4 pattern stays in the "
+                      "values; the manifest notes it. Quantize them int8 per_channel to get sparse24_int8 packing",
+                      UserWarning, stacklevel=2)
     for name, relu_name in fuse_relu(deploy).items():
         layers[name].update(relu=True, fused_relu=relu_name)
 

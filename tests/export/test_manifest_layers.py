@@ -1,0 +1,60 @@
+"""What the manifest (and ``hwaware inspect``) says about each layer after a real fit: 2:4 layers packed
+int4 (the 2:4 structure is not packed), and the layers QAT left out, with the callback's reasons."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import pytorch_lightning as pl
+
+from hwaware import QuantSpec
+from hwaware.callbacks import ProgressiveQuantization, SemiStructuredSparsity
+from hwaware.cli import main
+from hwaware.export import export
+from hwaware.export.deploy import Int4Linear
+from hwaware.ops.packing import dequantize_int4_weight, is_24
+from tests.helpers import TinyCTR, loaders, make_trainer
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """TinyCTR(dim=8): mlp.0 is 12 -> 32 (K=12: no int4 group of 32; QAT skips it) and left dense by the
+    pruner; mlp.2 is 32 -> 1, 2:4-pruned and int4 g32; the table is skipped by a pattern."""
+    pl.seed_everything(0, verbose=False)
+    model = TinyCTR(dim=8, hidden=32)
+    sparse = SemiStructuredSparsity(start_epoch=1, skip=["mlp.0"])
+    qat = ProgressiveQuantization(start_epoch=2, calibration_batches=2, skip=["emb"],
+                                  weight_spec=QuantSpec(bits=4, granularity="per_group", group_size=32))
+    make_trainer(tmp_path_factory.mktemp("fit"), [sparse, qat], max_epochs=3).fit(model, *loaders())
+    assert sparse.report["layers"]["mlp.2"]["verified_24"]
+    assert set(qat.report["skipped"]) == {"emb", "mlp.0"}
+    return model, qat
+
+
+def _export(model, path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        art = export(model, path, val_dataloader=loaders()[1], max_drop=1.0)
+    return art, [str(w.message) for w in caught]
+
+
+def test_a_2_4_layer_quantized_int4_is_packed_int4_and_the_manifest_inspect_and_a_warning_say_so(tmp_path, fitted, capsys):
+    model, _ = fitted
+    art, caught = _export(model, tmp_path / "art")
+    meta = art.manifest["layers"]["mlp.2"]
+    assert meta["scheme"] == "int4" and isinstance(art.model.mlp[2], Int4Linear)
+    assert meta["sparse24_unpacked"] is True
+    assert "2:4 pattern is kept in the int4 values" in meta["note"] and "no int4 2:4 format" in meta["note"]
+    # the values do keep it: the packed int4 weight dequantizes to a 2:4 matrix
+    m = art.model.mlp[2]
+    assert is_24(dequantize_int4_weight(m.packed, m.scales, m.zeros, m.group_size))
+    warned = [w for w in caught if "2:4-pruned layer(s) quantized int4" in w]
+    assert len(warned) == 1 and "mlp.2" in warned[0] and "no int4 2:4 format" in warned[0]
+    assert main(["inspect", art.path]) == 0
+    out = capsys.readouterr().out
+    assert "notes:\n  mlp.2: 2:4-sparse weight: its 2:4 pattern is kept in the int4 values" in out
+    # sparse24=False asks for no 2:4 packing at all: nothing to note or warn about
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        art = export(model, tmp_path / "nosparse", val_dataloader=loaders()[1], max_drop=1.0, sparse24=False)
+    assert "note" not in art.manifest["layers"]["mlp.2"] and not any("2:4" in str(w.message) for w in caught)
