@@ -57,6 +57,7 @@ INT4_24_NOTE = ("2:4-sparse weight: its 2:4 pattern is kept in the int4 values (
 _BUFFER_PREFIX = "__nonpersistent__."
 _PTQ_WEIGHT = QuantSpec(bits=8, granularity="per_channel")
 _PTQ_ACT = QuantSpec(bits=8, granularity="per_row", dynamic=True)
+_PTQ_TABLE = QuantSpec(bits=8, granularity="per_row", symmetric=False, dynamic=True)
 
 
 class RegressionError(RuntimeError):
@@ -182,8 +183,35 @@ def _served_activation(m: nn.Module) -> Optional[str]:
     return "int8/per_row/sym/dyn"
 
 
-def _build_deploy(model: nn.Module, states: Dict[str, QuantState], sparse24: bool = True
+def _qat_skipped(model: nn.Module, states: Dict[str, QuantState]) -> Dict[str, str]:
+    """``{layer: why QAT left it unquantized}`` for a model that went through QAT: the reasons in the
+    :class:`~hwaware.callbacks.ProgressiveQuantization` report (``report["skipped"]``: a ``skip=``
+    pattern, ``in_features`` not a multiple of the group size, ...), found on the trainer the model
+    was fitted with (Lightning keeps it on the module) when that callback quantized exactly these
+    layers. Without it (no trainer kept), every quantizable layer with nothing attached is listed
+    with a generic reason."""
+    trainer = model.__dict__.get("_trainer")
+    if trainer is not None:
+        from hwaware.callbacks.progressive_quantization import ProgressiveQuantization  # Lightning: at call time
+
+        for cb in getattr(trainer, "callbacks", None) or []:
+            if isinstance(cb, ProgressiveQuantization):
+                rep = cb.report
+                if set(rep.get("layers") or {}) == set(states):
+                    return {name: f"skipped by QAT: {why}" for name, why in rep.get("skipped", {}).items()}
+    plan, skipped = find_quantizable(model, weight_spec=_PTQ_WEIGHT, embedding_spec=_PTQ_TABLE)
+    out = {name: f"skipped by QAT: {why}" for name, why in skipped.items() if name not in states}
+    out.update({name: ("not quantized by QAT (the ProgressiveQuantization report's 'skipped' says why; export found no "
+                       "trainer with that callback on the model)") for name in plan if name not in states})
+    return out
+
+
+def _build_deploy(model: nn.Module, states: Dict[str, QuantState], sparse24: bool = True,
+                  skipped: Optional[Dict[str, str]] = None
                   ) -> Tuple[nn.Module, Dict[str, Dict[str, Any]], Dict[str, str]]:
+    """The deploy model, its packed layers' manifest entries and ``{layer: why it stays dense}``.
+    ``skipped``: layers the quantization planning left out, with reasons (listed as dense unless
+    packed anyway, e.g. 2:4 with FP32 values)."""
     deploy = _copy_model(model)
     modules = dict(model.named_modules())
     layers, dense = {}, {}
@@ -213,6 +241,9 @@ def _build_deploy(model: nn.Module, states: Dict[str, QuantState], sparse24: boo
         if isinstance(m, nn.Linear) and name not in layers and (reason := weight_read_by_parent(modules, name)):
             dense.setdefault(name, reason)
         dense.update({w: "a bare Parameter nn.MultiheadAttention multiplies itself: runs FP32" for w in bare_weights(name, m)})
+    for name, why in (skipped or {}).items():  # left out of quantization: dense, with the planner's reason
+        if name not in layers:
+            dense.setdefault(name, why)
     # 2:4 Linear layers left in FP32 (not quantized, skipped, KL fallback) still pack compressed:
     # the FP32 values are exact, so this is lossless and halves their bytes
     if sparse24:
@@ -528,9 +559,12 @@ def export(
         plan, skipped = find_quantizable(model, weight_spec=_PTQ_WEIGHT, activation_spec=_PTQ_ACT, embedding_spec=table)
         if not plan:
             raise ValueError(f"{type(model).__name__} has no quantized or quantizable layer to export (skipped: {skipped or 'none found'})")
+        skipped = {name: f"skipped by post-training quantization: {why}" for name, why in skipped.items()}
         states = attach_quantization(model, plan)
+    else:
+        skipped = _qat_skipped(model, states)
     try:
-        deploy, layers, dense = _build_deploy(model, states, sparse24=bool(sparse24))
+        deploy, layers, dense = _build_deploy(model, states, sparse24=bool(sparse24), skipped=skipped)
     finally:
         if ptq:
             detach_quantization(model)

@@ -58,3 +58,46 @@ def test_a_2_4_layer_quantized_int4_is_packed_int4_and_the_manifest_inspect_and_
         warnings.simplefilter("always")
         art = export(model, tmp_path / "nosparse", val_dataloader=loaders()[1], max_drop=1.0, sparse24=False)
     assert "note" not in art.manifest["layers"]["mlp.2"] and not any("2:4" in str(w.message) for w in caught)
+
+
+def test_layers_qat_skipped_are_listed_dense_with_the_callback_s_reason(tmp_path, fitted, capsys):
+    model, qat = fitted
+    art, _ = _export(model, tmp_path / "art")
+    dense = art.manifest["dense_layers"]
+    for name, why in qat.report["skipped"].items():
+        assert dense[name] == f"skipped by QAT: {why}"
+    assert dense["mlp.0"] == "skipped by QAT: in_features=12 is not a multiple of group_size=32"
+    assert dense["emb"] == "skipped by QAT: matches skip pattern 'emb'"
+    assert main(["inspect", art.path]) == 0
+    out = capsys.readouterr().out
+    assert "left dense (2):" in out
+    assert "  mlp.0: skipped by QAT: in_features=12 is not a multiple of group_size=32" in out
+    assert "  emb: skipped by QAT: matches skip pattern 'emb'" in out
+
+
+def test_without_the_trainer_the_unquantized_layers_are_still_listed(tmp_path, fitted):
+    model, _ = fitted
+    trainer = model._trainer
+    model.trainer = None  # e.g. a model handed on without its trainer: no callback report to read
+    try:
+        art, _ = _export(model, tmp_path / "art")
+    finally:
+        model.trainer = trainer
+    dense = art.manifest["dense_layers"]
+    assert set(dense) == {"emb", "mlp.0"} and all("not quantized by QAT" in why for why in dense.values())
+
+
+def test_post_training_export_lists_the_layers_it_could_not_quantize(tmp_path):
+    import torch
+    from torch import nn
+
+    class Scaled(nn.Linear):  # a custom forward: hwaware leaves such layers untouched
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), Scaled(16, 1))
+    art = export(model, tmp_path / "art")
+    assert art.manifest["post_training"] and set(art.manifest["layers"]) == {"0"}
+    assert art.manifest["dense_layers"] == {
+        "2": "skipped by post-training quantization: Scaled overrides forward(); hwaware leaves custom layers untouched"}
