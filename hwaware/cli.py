@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from typing import Any, Dict, List, Mapping, Optional, Sequence
@@ -189,6 +190,26 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_option(spec: Optional[str]) -> Optional[type]:
+    """``--model module:Class`` imported (None without it), the current directory searched first as
+    ``python -m`` would (a console script's path holds only its own directory)."""
+    if spec is None:
+        return None
+    from hwaware.export.exporter import import_model_class
+
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        return import_model_class(spec)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"--model: {e}") from None
+    finally:
+        if added:
+            sys.path.remove(cwd)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     """Artifact vs its FP32 architecture, same inputs, interleaved: throughput ratio and latencies;
     then the peak memory of serving each, one fresh process per model."""
@@ -197,10 +218,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from hwaware.export.exporter import make_inputs, model_class
 
     try:
-        served = load(args.path, kernels=args.kernels)
+        cls = _model_option(args.model)
+        served = load(args.path, kernels=args.kernels, model=cls)
         manifest = read_manifest(args.path)
-        cls = model_class(manifest, args.path)
-    except ArtifactError as e:
+        cls = cls or model_class(manifest, args.path)
+    except (ArtifactError, ValueError, TypeError) as e:
         print(f"hwaware: error: {e}", file=sys.stderr)
         return 2
     if not manifest.get("inputs"):
@@ -226,7 +248,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         mem: Dict[str, Any] = {}
         for name in ("fp32", "artifact"):
             try:
-                mem[name] = peak_memory(args.path, name, args.batch_size, args.batches, kernels=args.kernels)
+                mem[name] = peak_memory(args.path, name, args.batch_size, args.batches, kernels=args.kernels,
+                                        model=args.model)
             except (RuntimeError, OSError, subprocess.SubprocessError) as e:  # the timing above still stands
                 mem[name] = {"error": str(e)[-500:]}
         result["memory"] = {"method": "peak RSS over the imports, one fresh process per model (hwaware.export.memory)",
@@ -266,6 +289,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--kernels", choices=("recorded", "measure"), default="recorded",
                        help="recorded: the CPU kernels export timed fastest on its machine; measure: re-time them on "
                             "this CPU (among the implementations that passed the regression gate)")
+    bench.add_argument("--model", metavar="MODULE:CLASS", default=None,
+                       help="the model class to build, e.g. mypkg.models:CTR (default: the class recorded at export); "
+                            "needed when it was defined in the exporting script (__main__). The module is imported "
+                            "(its top-level code runs), searched from the current directory first")
     bench.set_defaults(func=_cmd_bench)
     return p
 

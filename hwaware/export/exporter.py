@@ -15,6 +15,7 @@ import json
 import math
 import numbers
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple, Union
@@ -106,6 +107,16 @@ class Artifact:
                 lines.append(f"  final weights with quantization off {r['final_weights_fp32']:.5f}: the export costs "
                              f"{r['quantization_drop']:+.5f} of them (not gated)")
         return "\n".join(lines)
+
+
+def _user_stacklevel() -> int:
+    """``warnings.warn``'s ``stacklevel`` that points at the first caller outside ``hwaware.export``
+    (``hwaware.export(...)`` goes through the package's ``__call__``), for a warning raised in the
+    function that calls this."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and str(frame.f_globals.get("__name__", "")).startswith("hwaware.export"):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 # -- module surgery -----------------------------------------------------------------------------
@@ -575,7 +586,7 @@ def export(
         warnings.warn(f"export: {len(unpacked24)} 2:4-pruned layer(s) quantized int4 are packed as dense int4, without "
                       f"the 2:4 compression (no int4 2:4 format): {', '.join(unpacked24)}. Their 2:4 pattern stays in the "
                       "values; the manifest notes it. Quantize them int8 per_channel to get sparse24_int8 packing",
-                      UserWarning, stacklevel=2)
+                      UserWarning, stacklevel=_user_stacklevel())
     for name, relu_name in fuse_relu(deploy).items():
         layers[name].update(relu=True, fused_relu=relu_name)
 
@@ -633,6 +644,12 @@ def export(
             tensors[_BUFFER_PREFIX + name] = buf.detach().contiguous().cpu()
     fp32_bytes = sum(p.numel() * 4 for p in model.state_dict().values() if p.is_floating_point())
     cls = type(model)
+    if cls.__module__ == "__main__":
+        warnings.warn(f"export: the model's class {cls.__qualname__} is defined in __main__ (the running script), so the "
+                      f"artifact records '__main__.{cls.__qualname__}', which no other process can import: load it "
+                      f"elsewhere with hwaware.load(path, model={cls.__qualname__}), and bench it with hwaware bench PATH "
+                      f"--model module:{cls.__qualname__} once the class lives in an importable module", UserWarning,
+                      stacklevel=_user_stacklevel())
     hparams = getattr(model, "hparams", None)
     manifest = {
         "model": {"class": f"{cls.__module__}.{cls.__qualname__}", "hparams": _jsonable(dict(hparams)) if hparams is not None else None},
@@ -662,11 +679,39 @@ def model_class(manifest: Dict[str, Any], path: str) -> type:
     try:
         cls = getattr(importlib.import_module(module_name), qualname)
     except (ImportError, AttributeError) as e:
+        if module_name == "__main__":  # defined in the exporting script: no module to put on PYTHONPATH
+            raise ArtifactError(
+                f"{path}/manifest.json: model class {name!r} was defined in the script that exported it (module "
+                f"'__main__'), which cannot be imported here; pass the class: hwaware.load({path!r}, model={qualname}), "
+                f"or from the shell, with the class in an importable module: hwaware bench {path} --model "
+                f"yourmodule:{qualname}") from None
         raise ArtifactError(f"{path}/manifest.json: model class {name!r} is not importable here ({e}); pass "
-                            f"load(..., model=...), or (from the shell too) put module {module_name!r} on PYTHONPATH") from None
+                            f"load(..., model=...) (hwaware bench: --model module:Class), or (from the shell too) put "
+                            f"module {module_name!r} on PYTHONPATH") from None
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise ArtifactError(f"{path}/manifest.json: model class {name!r} is not an nn.Module")
     return cls
+
+
+def import_model_class(spec: str) -> type:
+    """The ``nn.Module`` class named ``"module:Class"`` (``Class`` may be dotted: ``module:Outer.Inner``),
+    imported. ``ValueError`` naming ``spec`` when it is malformed or not importable, ``TypeError``
+    when it names something other than an ``nn.Module`` class."""
+    module_name, sep, qualname = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    if not (sep and module_name and qualname):
+        raise ValueError(f"model class {spec!r}; expected 'module:Class', e.g. 'mypkg.models:CTR'")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"model class {spec!r}: module {module_name!r} is not importable here ({e}); run from the "
+                         "directory that holds it or put that directory on PYTHONPATH") from None
+    for part in qualname.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"model class {spec!r}: module {module_name!r} has no {qualname!r}")
+        obj = getattr(obj, part)
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+        raise TypeError(f"model class {spec!r} is {obj!r}; expected an nn.Module subclass")
+    return obj
 
 
 def _selection_record(meta: Dict[str, Any], name: str, path: str) -> Optional[Dict[str, Any]]:

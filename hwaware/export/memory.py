@@ -32,31 +32,33 @@ def _status_kib(key: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
 
 
-def _probe(path: str, which: str, batch_size: int, batches: int, kernels: str = "recorded") -> Dict[str, float]:
+def _probe(path: str, which: str, batch_size: int, batches: int, kernels: str = "recorded",
+           model: Optional[str] = None) -> Dict[str, float]:
     import torch
 
     from hwaware.export import load, read_manifest
-    from hwaware.export.exporter import make_inputs, model_class
+    from hwaware.export.exporter import import_model_class, make_inputs, model_class
 
     manifest = read_manifest(path)
+    cls = import_model_class(model) if model else None  # imported before the baseline, as the recorded class is
     inputs = [make_inputs(manifest["inputs"], batch_size, seed=i) for i in range(batches)]
     with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
         f.write("5")
     base = _status_kib("VmRSS")
     if which == "artifact":
-        model = load(path, kernels=kernels)  # "measure": the load peak includes re-timing the kernels
+        net = load(path, kernels=kernels, model=cls)  # "measure": the load peak includes re-timing the kernels
     else:
-        model = model_class(manifest, path)(**(manifest["model"].get("hparams") or {}))
-    model.eval()
+        net = (cls or model_class(manifest, path))(**(manifest["model"].get("hparams") or {}))
+    net.eval()
     load_peak = _status_kib("VmHWM")
     with torch.no_grad():  # every weight read once, as serving traffic eventually does: a memory-mapped
-        for t in list(model.parameters()) + list(model.buffers()):  # artifact is resident only where touched
+        for t in list(net.parameters()) + list(net.buffers()):  # artifact is resident only where touched
             if t.numel():
                 t.reshape(-1)[:: max(1, 4096 // t.element_size())].sum()  # one element per page
     resident = _status_kib("VmRSS")
     with torch.inference_mode():
         for x in inputs:
-            model(*x)
+            net(*x)
     peak = _status_kib("VmHWM")
     mib = 1024.0
     return {"load_peak_mib": (load_peak - base) / mib, "model_resident_mib": (resident - base) / mib,
@@ -64,18 +66,21 @@ def _probe(path: str, which: str, batch_size: int, batches: int, kernels: str = 
 
 
 def peak_memory(path: str, which: str, batch_size: int, batches: int, timeout: float = 600,
-                kernels: str = "recorded") -> Optional[Dict[str, Any]]:
+                kernels: str = "recorded", model: Optional[str] = None) -> Optional[Dict[str, Any]]:
     """Memory of serving ``which`` (``"artifact"`` or ``"fp32"``) for the artifact at ``path``, measured
     in a child process (see the module docstring); None where ``/proc`` is missing (not Linux).
     ``kernels``: :func:`hwaware.load`'s, for the artifact (its kernels decide which derived weights
-    are cached, e.g. ``dequant``'s fp32 copy)."""
+    are cached, e.g. ``dequant``'s fp32 copy). ``model``: ``"module:Class"`` to build instead of the class
+    recorded at export (``hwaware bench --model``), imported in the child (from its working directory,
+    this process's)."""
     if which not in ("artifact", "fp32"):
         raise ValueError(f"which={which!r}; expected 'artifact' or 'fp32'")
     if kernels not in ("recorded", "measure"):
         raise ValueError(f"kernels={kernels!r}; expected 'recorded' or 'measure'")
     if not os.path.exists("/proc/self/clear_refs"):
         return None
-    cmd = [sys.executable, "-m", "hwaware.export.memory", os.fspath(path), which, str(batch_size), str(batches), kernels]
+    cmd = [sys.executable, "-m", "hwaware.export.memory", os.fspath(path), which, str(batch_size), str(batches), kernels,
+           *([model] if model else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"memory probe of {which} failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
@@ -84,4 +89,4 @@ def peak_memory(path: str, which: str, batch_size: int, batches: int, timeout: f
 
 if __name__ == "__main__":
     path_, which_, batch_, batches_ = sys.argv[1:5]
-    print(json.dumps(_probe(path_, which_, int(batch_), int(batches_), *sys.argv[5:6])))
+    print(json.dumps(_probe(path_, which_, int(batch_), int(batches_), *sys.argv[5:7])))
