@@ -61,8 +61,22 @@ def _layers_table(layers: Mapping[str, Any]) -> str:
     present = {k for e in entries.values() for k in e} - set(_OWN_SECTION)
     cols = [c for c in _LAYER_COLUMNS if c in present] + sorted(present - set(_LAYER_COLUMNS))
     rows = [["layer"] + cols]
-    rows += [[name] + [_fmt_cell(c, e.get(c)) for c in cols] for name, e in entries.items()]
+    rows += [[name] + [_kernels_cell(e) if c == "kernels" else _fmt_cell(c, e.get(c)) for c in cols]
+             for name, e in entries.items()]
     return _table(rows)
+
+
+def _kernels_cell(entry: Mapping[str, Any]) -> str:
+    """The ``kernels`` cell: the op's kernel argument per device; for a 2:4 layer with int8 values also
+    the ``int8_linear`` implementation it runs on the decompressed codes (its ``dense`` is ``int_mm``)."""
+    kernels = entry.get("kernels")
+    if entry.get("scheme") != "sparse24_int8" or not isinstance(kernels, Mapping):
+        return _fmt_cell("kernels", kernels)
+    from hwaware.export.selection import SPARSE24_INT8_KERNEL
+
+    impl = {v: k for k, v in SPARSE24_INT8_KERNEL.items()}
+    return ",".join(f"{d}={_fmt_cell('', k)}" + (f" (int8 {impl[k]})" if d == "cpu" and k in impl else "")
+                    for d, k in kernels.items())
 
 
 def _selection_lines(layers: Mapping[str, Any]) -> List[str]:

@@ -184,7 +184,7 @@ class RowwiseEmbeddingBag(nn.Module):
     @classmethod
     def from_quantized(cls, m: nn.EmbeddingBag, st: QuantState) -> "RowwiseEmbeddingBag":
         if m.padding_idx is not None:
-            raise ValueError(f"{st.name}: embedding bags with padding_idx are not supported by the row-wise op yet")
+            raise ValueError("embedding bags with padding_idx are not supported by the row-wise op yet")
         fused = packing.quantize_rowwise(m.weight.detach().float(), st.weight.spec.bits)
         return cls(fused, st.weight.spec.bits, m.embedding_dim, m.mode, m.include_last_offset)
 
@@ -219,7 +219,7 @@ class RowwiseEmbedding(RowwiseEmbeddingBag):
     @classmethod
     def from_quantized(cls, m: nn.Embedding, st: QuantState) -> "RowwiseEmbedding":
         if m.padding_idx is not None or m.max_norm is not None:
-            raise ValueError(f"{st.name}: embeddings with padding_idx/max_norm are not supported by the row-wise op yet")
+            raise ValueError("embeddings with padding_idx/max_norm are not supported by the row-wise op yet")
         fused = packing.quantize_rowwise(m.weight.detach().float(), st.weight.spec.bits)
         return cls(fused, st.weight.spec.bits, m.embedding_dim, "sum", False)
 

@@ -43,7 +43,7 @@ __all__ = ["export", "load", "Artifact", "RegressionError", "KernelPortabilityWa
 METRICS = ("auroc", "accuracy")
 CPU_KERNELS = {
     "int8": "hwaware::int8_linear [cpu: measured choice, see selection]",
-    "int4": "hwaware::int4_linear [cpu: weight dequantized once to fp32; no fast int4 kernel on AVX2]",
+    "int4": "hwaware::int4_linear [cpu: no fast CPU int4 kernel: weight dequantized once to fp32, fp32 matmul]",
     "rowwise_int8": "hwaware::embedding_bag_rowwise [cpu: fbgemm embedding_bag_byte_rowwise_offsets]",
     "rowwise_int4": "hwaware::embedding_bag_rowwise [cpu: fbgemm embedding_bag_4bit_rowwise_offsets]",
     "rowwise_batched": ("hwaware::embedding_bags_rowwise [cpu: when the model calls its EmbeddingBagList, one C pass for "
@@ -217,12 +217,25 @@ def _qat_skipped(model: nn.Module, states: Dict[str, QuantState]) -> Dict[str, s
     return out
 
 
+def _selected_label(op_name: str, m: nn.Module, rec: Dict[str, Any]) -> str:
+    """The manifest's ``kernel`` label of a layer whose CPU kernel export timed: what runs. A 2:4 layer
+    with int8 values runs ``int8_linear``'s implementation on its decompressed codes (its op kernel
+    ``"dense"`` is ``int_mm``: the codes are decompressed, not dequantized)."""
+    op_kernel = rec["op_kernel"]
+    if isinstance(m, Sparse24Linear) and m.values.dtype == torch.int8:
+        impl = {v: k for k, v in SPARSE24_INT8_KERNEL.items()}.get(op_kernel, op_kernel)
+        return (f"hwaware::{op_name} [cpu: {op_kernel} = int8_linear {impl} on the int8 codes decompressed once; "
+                f"chosen {rec['chosen']}]")
+    return f"hwaware::{op_name} [cpu: {op_kernel}; chosen {rec['chosen']}]"
+
+
 def _build_deploy(model: nn.Module, states: Dict[str, QuantState], sparse24: bool = True,
-                  skipped: Optional[Dict[str, str]] = None
+                  skipped: Optional[Dict[str, str]] = None, qat: bool = True
                   ) -> Tuple[nn.Module, Dict[str, Dict[str, Any]], Dict[str, str]]:
     """The deploy model, its packed layers' manifest entries and ``{layer: why it stays dense}``.
     ``skipped``: layers the quantization planning left out, with reasons (listed as dense unless
-    packed anyway, e.g. 2:4 with FP32 values)."""
+    packed anyway, e.g. 2:4 with FP32 values); ``qat``: the states were trained by QAT (their
+    activation specs are recorded as ``qat_activation``), not attached here post-training."""
     deploy = _copy_model(model)
     modules = dict(model.named_modules())
     layers, dense = {}, {}
@@ -232,7 +245,7 @@ def _build_deploy(model: nn.Module, states: Dict[str, QuantState], sparse24: boo
         meta = new.describe()
         meta["module"] = type(new).__name__
         meta["kernel"] = {"cpu": CPU_KERNELS[meta["scheme"]]}
-        if st is not None and st.kind == "linear" and st.activation is not None:
+        if qat and st is not None and st.kind == "linear" and st.activation is not None:
             meta["qat_activation"] = st.activation.spec.short()  # what QAT trained with; "activation": what is served
         if note:
             meta["note"] = note
@@ -446,8 +459,39 @@ def _export_program(deploy: nn.Module, example_inputs: Tuple[Any, ...]):
         r = program.range_constraints[size.node.expr]
         hi = None if math.isinf(float(r.upper)) else int(r.upper)  # torch's int_oo says is_finite
         ranges.append([int(r.lower), hi])
-    return program, {"batch_range": ranges, "note": "batch sizes each input of program.pt2 accepts ([lo, hi]; hi null: "
-                                                    "unbounded); torch.export specializes sizes 0 and 1"}
+    note = "batch sizes each input of program.pt2 accepts ([lo, hi]; hi null: unbounded)"
+    if any(r is not None and r[0] == 2 for r in ranges):
+        # torch.export's ranges start at 2 (it specializes sizes 0 and 1), but the program may serve a
+        # batch of 1 all the same: run one through it, and say 1 only when it matches the deploy model
+        if _serves_batch_of_one(program, deploy, example_inputs, [r is not None and r[0] == 2 for r in ranges]):
+            ranges = [[1, r[1]] if r is not None and r[0] == 2 else r for r in ranges]
+            note += "; torch.export's range starts at 2 (it specializes sizes 0 and 1): a batch of 1 was run through " \
+                    "the program at export and matched the deploy model, so the range says 1"
+        else:
+            note += "; torch.export specializes sizes 0 and 1, and a batch of 1 failed or differed through the program"
+    return program, {"batch_range": ranges, "note": note}
+
+
+def _serves_batch_of_one(program: Any, deploy: nn.Module, example_inputs: Tuple[Any, ...], dynamic: list) -> bool:
+    """Whether ``program`` runs the example's first row (of every input whose batch is dynamic) and
+    gives the deploy model's output for it."""
+    one = tuple(x[:1] if dyn else x for x, dyn in zip(example_inputs, dynamic))
+    try:
+        with torch.no_grad():
+            got = program.module()(*one)
+            want = deploy(*one)
+        got_leaves, got_spec = torch.utils._pytree.tree_flatten(got)
+        want_leaves, want_spec = torch.utils._pytree.tree_flatten(want)
+        if got_spec != want_spec:
+            return False
+        for g, w in zip(got_leaves, want_leaves):
+            if isinstance(w, Tensor):
+                torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+            elif g != w:
+                return False
+        return True
+    except Exception:  # noqa: BLE001  any failure means: do not claim batch 1
+        return False
 
 
 def make_inputs(description: Iterable[Dict[str, Any]], batch_size: int, seed: int = 0) -> Tuple[Tensor, ...]:
@@ -575,7 +619,7 @@ def export(
     else:
         skipped = _qat_skipped(model, states)
     try:
-        deploy, layers, dense = _build_deploy(model, states, sparse24=bool(sparse24), skipped=skipped)
+        deploy, layers, dense = _build_deploy(model, states, sparse24=bool(sparse24), skipped=skipped, qat=not ptq)
     finally:
         if ptq:
             detach_quantization(model)
@@ -601,7 +645,7 @@ def export(
         for op_name, select in (("sparse24_linear", select_sparse24_kernels), ("int8_linear", select_int8_kernels)):
             for name, rec in select(deploy, rows, device="cpu").items():
                 layers[name]["kernels"] = dict(deploy.get_submodule(name).kernels)
-                layers[name]["kernel"] = {"cpu": f"hwaware::{op_name} [cpu: {rec['op_kernel']}; chosen {rec['chosen']}]"}
+                layers[name]["kernel"] = {"cpu": _selected_label(op_name, deploy.get_submodule(name), rec)}
                 layers[name]["selection"] = {"cpu": rec}
     for name, meta in layers.items():  # what the chosen kernel does to the layer's input
         served = _served_activation(deploy.get_submodule(name))

@@ -101,3 +101,95 @@ def test_post_training_export_lists_the_layers_it_could_not_quantize(tmp_path):
     assert art.manifest["post_training"] and set(art.manifest["layers"]) == {"0"}
     assert art.manifest["dense_layers"] == {
         "2": "skipped by post-training quantization: Scaled overrides forward(); hwaware leaves custom layers untouched"}
+
+
+def test_the_int4_kernel_label_claims_no_instruction_set(tmp_path, fitted):
+    model, _ = fitted
+    art, _ = _export(model, tmp_path / "art")
+    label = art.manifest["layers"]["mlp.2"]["kernel"]["cpu"]
+    assert "no fast CPU int4 kernel" in label and "AVX" not in label.upper()
+
+
+def test_post_training_layers_record_no_qat_activation_and_dense_reasons_name_the_layer_once(tmp_path):
+    import torch
+    from torch import nn
+
+    class Bags(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.EmbeddingBag(20, 8, mode="mean", padding_idx=0)
+            self.lin = nn.Linear(8, 1)
+
+        def forward(self, ids):
+            return self.lin(self.emb(ids))
+
+    torch.manual_seed(0)
+    art = export(Bags(), tmp_path / "art")
+    assert art.manifest["post_training"] and not any("qat_activation" in m for m in art.manifest["layers"].values())
+    assert art.manifest["layers"]["lin"]["activation"]  # what is served is still recorded
+    assert art.manifest["dense_layers"]["emb"] == "embedding bags with padding_idx are not supported by the row-wise op yet"
+
+
+def test_qat_layers_record_what_qat_trained_with(tmp_path):
+    from tests.helpers import train_with_quant
+
+    _, model, _ = train_with_quant(tmp_path, max_epochs=2, start_epoch=1, calibration_batches=2)
+    art = export(model, tmp_path / "art", val_dataloader=loaders()[1], max_drop=1.0)
+    assert art.manifest["layers"]["mlp.0"]["qat_activation"] == "int8/per_row/sym/dyn"
+
+
+def test_a_2_4_layer_with_int8_values_says_which_int8_kernel_runs(tmp_path, capsys):
+    import torch
+    from torch import nn
+
+    from hwaware.export.selection import SPARSE24_INT8_KERNEL
+    from hwaware.sparsity import magnitude_mask_24
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 1))
+    with torch.no_grad():
+        model[0].weight.mul_(magnitude_mask_24(model[0].weight))
+    art = export(model, tmp_path / "art", example_inputs=(torch.randn(64, 32),))
+    meta = art.manifest["layers"]["0"]
+    assert meta["scheme"] == "sparse24_int8"
+    op_kernel = meta["kernels"]["cpu"]
+    impl = {v: k for k, v in SPARSE24_INT8_KERNEL.items()}[op_kernel]
+    assert f"{op_kernel} = int8_linear {impl} on the int8 codes" in meta["kernel"]["cpu"]
+    assert main(["inspect", art.path]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("0 "))
+    assert f"cpu={op_kernel} (int8 {impl})" in row
+
+
+def test_program_batch_range_says_1_when_a_batch_of_1_runs_through_the_saved_program(tmp_path, capsys):
+    import os
+
+    import torch
+
+    torch.manual_seed(0)
+    art = export(TinyCTR(), tmp_path / "art", example_inputs=(torch.randn(16, 4), torch.randint(0, 50, (16,))))
+    assert art.manifest["program"]["batch_range"] == [[1, None], [1, None]]
+    assert "a batch of 1 was run through the program" in art.manifest["program"]["note"]
+    program = torch.export.load(os.path.join(art.path, "program.pt2")).module()
+    dense, ids = torch.randn(1, 4), torch.randint(0, 50, (1,))
+    with torch.no_grad():
+        torch.testing.assert_close(program(dense, ids), art.model(dense, ids), atol=0, rtol=0)
+    assert main(["inspect", art.path]) == 0
+    assert "program.pt2: batch per input 1..any, 1..any" in capsys.readouterr().out
+
+
+def test_program_batch_range_stays_at_2_when_a_batch_of_1_gives_another_result(tmp_path):
+    import torch
+    from torch import nn
+
+    class Odd(nn.Module):  # batch 1 takes another branch: the program (traced at 16) would not follow it
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 1)
+
+        def forward(self, x):
+            return self.lin(x) * (2.0 if x.shape[0] == 1 else 1.0)
+
+    torch.manual_seed(0)
+    art = export(Odd(), tmp_path / "art", example_inputs=(torch.randn(16, 8),))
+    assert art.manifest["program"]["batch_range"] == [[2, None]]
+    assert "a batch of 1 failed or differed" in art.manifest["program"]["note"]
