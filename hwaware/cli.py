@@ -228,7 +228,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     """Artifact vs its FP32 architecture, same inputs, interleaved: throughput ratio and latencies;
     then the peak memory of serving each, one fresh process per model."""
     from hwaware.export import ArtifactError, load, read_manifest
-    from hwaware.export.bench import compare_throughput
+    from hwaware.export.bench import compare_throughput, instability_warning
     from hwaware.export.exporter import make_inputs, model_class
 
     try:
@@ -253,8 +253,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print("kernels re-timed on this CPU: " + ", ".join(f"{n} {r['recorded']}->{r['op_kernel']}"
                                                            for n, r in served.hwaware_selection.items()))
     for name, r in result["models"].items():
-        print(f"{name:10s} {r['samples_per_s']:>12,.0f} samples/s  x{r['ratio']:.2f}  "
+        rounds = f" (rounds x{r['ratio_min']:.2f}..x{r['ratio_max']:.2f})" if name != result["baseline"] and args.rounds > 1 else ""
+        print(f"{name:10s} {r['samples_per_s']:>12,.0f} samples/s  x{r['ratio']:.2f}{rounds}  "
               f"p50 {r['latency_ms_p50']:.2f} ms  p90 {r['latency_ms_p90']:.2f} ms  p99 {r['latency_ms_p99']:.2f} ms")
+    if instability_warning(result):
+        print(instability_warning(result))
     if not args.no_memory:
         from hwaware.export.memory import peak_memory
 

@@ -12,7 +12,10 @@ from typing import Any, Callable, Dict, List, Sequence
 import torch
 from torch import nn
 
-__all__ = ["compare_throughput"]
+__all__ = ["compare_throughput", "UNSTABLE_SPREAD", "instability_warning"]
+
+#: round ratios of one contender further apart than this (max / min - 1) make the comparison "unstable"
+UNSTABLE_SPREAD = 0.25
 
 
 def _percentile(xs: List[float], q: float) -> float:
@@ -32,13 +35,18 @@ def compare_throughput(
     """Time ``run(model, x)`` for every ``x`` in ``inputs``, per model, interleaved over ``rounds``.
 
     Returns per model: samples/s (from the median batch latency), latency p50/p90/p99 in ms, and
-    ``ratio``: its throughput over the first model's (the baseline).
+    ``ratio``: its throughput over the first model's (the baseline). The spread across rounds, per
+    model: ``round_samples_per_s`` (each round's median), ``round_ratios`` (each round's throughput
+    over the baseline's in the same round), ``ratio_min``/``ratio_max`` and ``ratio_spread``
+    (``ratio_max / ratio_min - 1``). ``unstable`` lists the models whose round ratios disagree by
+    more than ``UNSTABLE_SPREAD`` (25%): timings a busy machine disturbed.
     """
     if not models:
         raise ValueError("compare_throughput needs at least one model")
     if rounds < 1 or not inputs:
         raise ValueError(f"rounds={rounds} and {len(inputs)} inputs; expected rounds >= 1 and at least one input")
     lat: Dict[str, List[float]] = {name: [] for name in models}
+    per_round: Dict[str, List[List[float]]] = {name: [[] for _ in range(rounds)] for name in models}
     with torch.inference_mode():
         for m in models.values():
             m.eval()
@@ -51,16 +59,36 @@ def compare_throughput(
                 for x in inputs:
                     t0 = time.perf_counter()
                     run(m, x)
-                    lat[name].append(time.perf_counter() - t0)
+                    dt = time.perf_counter() - t0
+                    lat[name].append(dt)
+                    per_round[name][r].append(dt)
     base = None
+    base_rounds: List[float] = []
     out: Dict[str, Any] = {}
     for name, xs in lat.items():
         med = statistics.median(xs)
         thr = batch_size / med
         base = base or thr
+        round_thr = [batch_size / statistics.median(ys) for ys in per_round[name]]
+        base_rounds = base_rounds or round_thr
+        round_ratios = [t / b for t, b in zip(round_thr, base_rounds)]
         out[name] = {
             "samples_per_s": thr, "ratio": thr / base, "latency_ms_p50": 1e3 * med,
             "latency_ms_p90": 1e3 * _percentile(xs, 0.9), "latency_ms_p99": 1e3 * _percentile(xs, 0.99), "batches": len(xs),
+            "round_samples_per_s": round_thr, "round_ratios": round_ratios, "ratio_min": min(round_ratios),
+            "ratio_max": max(round_ratios), "ratio_spread": max(round_ratios) / min(round_ratios) - 1,
         }
+    unstable = [name for name, r in out.items() if r["ratio_spread"] > UNSTABLE_SPREAD]
     return {"batch_size": batch_size, "rounds": rounds, "baseline": next(iter(models)), "models": out,
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(), "unstable": unstable, "unstable_spread": UNSTABLE_SPREAD}
+
+
+def instability_warning(result: Dict[str, Any]) -> str:
+    """The warning line for a :func:`compare_throughput` result whose rounds disagree, else ``""``."""
+    unstable = result.get("unstable") or []
+    if not unstable:
+        return ""
+    models = result["models"]
+    spans = ", ".join(f"{n} x{models[n]['ratio_min']:.2f}..x{models[n]['ratio_max']:.2f}" for n in unstable)
+    return (f"warning: timings unstable: the machine may be busy (round ratios vs {result['baseline']} differ by more "
+            f"than {UNSTABLE_SPREAD:.0%}: {spans}); rerun on an idle machine or with more --rounds")
