@@ -169,12 +169,18 @@ class Sparse24Linear(nn.Module):
 class RowwiseEmbeddingBag(nn.Module):
     """Row-wise int8/int4 embedding bag in the FBGEMM fused layout (codes + scale + offset per row)."""
 
-    def __init__(self, weight: Tensor, bits: int, dim: int, mode: str, include_last_offset: bool) -> None:
+    def __init__(self, weight: Tensor, bits: int, dim: int, mode: str, include_last_offset: bool,
+                 padding_idx: Optional[int] = None) -> None:
         super().__init__()
         if mode not in _MODES:
             raise ValueError(f"RowwiseEmbeddingBag mode={mode!r}; expected one of {tuple(_MODES)}")
+        if padding_idx is not None and (isinstance(padding_idx, bool) or not isinstance(padding_idx, int)
+                                        or not 0 <= padding_idx < weight.shape[0] or mode == "max"):
+            raise ValueError(f"RowwiseEmbeddingBag padding_idx={padding_idx!r}; expected None or a row index in "
+                             f"[0, {weight.shape[0]}) with mode 'sum' or 'mean' (got mode {mode!r})")
         self.register_buffer("weight", weight)  # uint8 [R, cols]
         self.bits, self.dim, self.mode, self.include_last_offset = bits, dim, mode, include_last_offset
+        self.padding_idx = padding_idx
         self.num_embeddings = weight.shape[0]
 
     @property
@@ -183,15 +189,17 @@ class RowwiseEmbeddingBag(nn.Module):
 
     @classmethod
     def from_quantized(cls, m: nn.EmbeddingBag, st: QuantState) -> "RowwiseEmbeddingBag":
-        if m.padding_idx is not None:
-            raise ValueError("embedding bags with padding_idx are not supported by the row-wise op yet")
+        if m.padding_idx is not None and m.mode == "max":
+            raise ValueError("embedding bags with padding_idx in mode 'max' are not supported by the row-wise op "
+                             "(mode 'sum' and 'mean' are)")
         fused = packing.quantize_rowwise(m.weight.detach().float(), st.weight.spec.bits)
-        return cls(fused, st.weight.spec.bits, m.embedding_dim, m.mode, m.include_last_offset)
+        return cls(fused, st.weight.spec.bits, m.embedding_dim, m.mode, m.include_last_offset, m.padding_idx)
 
     @classmethod
     def empty(cls, meta: Dict[str, Any]) -> "RowwiseEmbeddingBag":
         r, d = meta["shape"]
-        return cls(torch.empty(r, meta["cols"], dtype=torch.uint8), meta["bits"], d, meta["mode"], meta["include_last_offset"])
+        return cls(torch.empty(r, meta["cols"], dtype=torch.uint8), meta["bits"], d, meta["mode"], meta["include_last_offset"],
+                   meta.get("padding_idx"))
 
     def forward(self, input: Tensor, offsets: Optional[Tensor] = None, per_sample_weights: Optional[Tensor] = None) -> Tensor:
         if input.dim() == 2:  # [B, L] fixed-length bags
@@ -204,12 +212,31 @@ class RowwiseEmbeddingBag(nn.Module):
             raise ValueError("RowwiseEmbeddingBag: 1-D input needs offsets")
         if offsets.dtype != input.dtype:
             offsets = offsets.to(input.dtype)
+        if self.padding_idx is not None:
+            return self._padded(input, offsets, per_sample_weights)
         return torch.ops.hwaware.embedding_bag_rowwise.default(
             self.weight, self.bits, self.dim, input, offsets, _MODES[self.mode], per_sample_weights, self.include_last_offset)
+
+    def _padded(self, input: Tensor, offsets: Tensor, per_sample_weights: Optional[Tensor]) -> Tensor:
+        """``nn.EmbeddingBag``'s padding_idx: entries at it are left out of the bag. A sum weighs them
+        by 0 (exactly the sum without them: the rows are finite); a mean divides that sum by the bags'
+        counts of other entries (a bag of padding only, or empty, gives zeros, as torch's does)."""
+        keep = input != self.padding_idx
+        w = keep.to(torch.float32) if per_sample_weights is None else per_sample_weights * keep
+        out = torch.ops.hwaware.embedding_bag_rowwise.default(
+            self.weight, self.bits, self.dim, input, offsets, _MODES["sum"], w, self.include_last_offset)
+        if self.mode == "sum":
+            return out
+        ends = offsets[1:] if self.include_last_offset else torch.cat([offsets[1:], offsets.new_full((1,), input.numel())])
+        starts = offsets[:-1] if self.include_last_offset else offsets
+        kept = torch.cat([keep.new_zeros(1, dtype=torch.int64), torch.cumsum(keep, 0)])
+        count = (kept[ends] - kept[starts]).clamp_(min=1).to(out.dtype)
+        return out / count[:, None]
 
     def describe(self) -> Dict[str, Any]:
         return {"scheme": self.scheme, "shape": [self.num_embeddings, self.dim], "bits": self.bits, "cols": self.weight.shape[1],
                 "mode": self.mode, "include_last_offset": self.include_last_offset,
+                **({"padding_idx": self.padding_idx} if self.padding_idx is not None else {}),
                 "bytes": _bytes(self.weight), "dense_bytes": 4 * self.num_embeddings * self.dim}
 
 
@@ -218,8 +245,8 @@ class RowwiseEmbedding(RowwiseEmbeddingBag):
 
     @classmethod
     def from_quantized(cls, m: nn.Embedding, st: QuantState) -> "RowwiseEmbedding":
-        if m.padding_idx is not None or m.max_norm is not None:
-            raise ValueError("embeddings with padding_idx/max_norm are not supported by the row-wise op yet")
+        if m.max_norm is not None:  # (padding_idx only stops gradients: a lookup returns the row as stored)
+            raise ValueError("embeddings with max_norm (renormalized rows on lookup) are not supported by the row-wise op")
         fused = packing.quantize_rowwise(m.weight.detach().float(), st.weight.spec.bits)
         return cls(fused, st.weight.spec.bits, m.embedding_dim, "sum", False)
 
