@@ -688,11 +688,13 @@ def export(
             tensors[_BUFFER_PREFIX + name] = buf.detach().contiguous().cpu()
     fp32_bytes = sum(p.numel() * 4 for p in model.state_dict().values() if p.is_floating_point())
     cls = type(model)
-    if cls.__module__ == "__main__":
-        warnings.warn(f"export: the model's class {cls.__qualname__} is defined in __main__ (the running script), so the "
-                      f"artifact records '__main__.{cls.__qualname__}', which no other process can import: load it "
-                      f"elsewhere with hwaware.load(path, model={cls.__qualname__}), and bench it with hwaware bench PATH "
-                      f"--model module:{cls.__qualname__} once the class lives in an importable module", UserWarning,
+    if cls.__module__ == "__main__" or "<locals>" in cls.__qualname__:
+        where = ("in __main__ (the running script)" if cls.__module__ == "__main__" else
+                 f"inside a function ({cls.__module__}.{cls.__qualname__})")
+        warnings.warn(f"export: the model's class {cls.__name__} is defined {where}, so the artifact records "
+                      f"'{cls.__module__}.{cls.__qualname__}', which no other process can import: load it "
+                      f"elsewhere with hwaware.load(path, model={cls.__name__}), and bench it with hwaware bench PATH "
+                      f"--model module:{cls.__name__} once the class lives at the top of an importable module", UserWarning,
                       stacklevel=_user_stacklevel())
     hparams = getattr(model, "hparams", None)
     manifest = {
@@ -716,13 +718,36 @@ def export(
     return Artifact(path=path, manifest=verify_artifact(path), report=report, model=deploy)
 
 
+def _import_qualified(name: str) -> Any:
+    """``module.Qual.Name`` -> the object: the longest importable module prefix, then attributes (a
+    class nested in another class has a dotted qualname, so the last dot need not end the module)."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError as e:
+            if i == 1:
+                raise
+            if e.name is not None and not ".".join(parts[:i]).startswith(e.name):
+                raise  # the module exists but failed inside its own imports: say so, do not look further up
+            continue
+        for attr in parts[i:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(f"no module in {name!r}")
+
+
 def model_class(manifest: Dict[str, Any], path: str) -> type:
     """The model class recorded at export, imported from *this* environment (never from the artifact)."""
     name = manifest["model"]["class"]
     module_name, _, qualname = name.rpartition(".")
     try:
-        cls = getattr(importlib.import_module(module_name), qualname)
+        cls = _import_qualified(name)
     except (ImportError, AttributeError) as e:
+        if "<locals>" in name:  # defined inside a function: importable nowhere
+            raise ArtifactError(
+                f"{path}/manifest.json: model class {name!r} was defined inside a function, so no process can import "
+                f"it; pass the class: hwaware.load({path!r}, model=TheClass), or move it to the top of a module") from None
         if module_name == "__main__":  # defined in the exporting script: no module to put on PYTHONPATH
             raise ArtifactError(
                 f"{path}/manifest.json: model class {name!r} was defined in the script that exported it (module "

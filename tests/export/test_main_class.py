@@ -9,7 +9,9 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
+import hwaware
 from hwaware.cli import main
 from hwaware.export import ArtifactError, load
 
@@ -107,3 +109,39 @@ def test_bench_model_option_errors_name_the_value(script_artifact, capsys, monke
         sys.modules.pop("tiny_models", None)
     err = capsys.readouterr().err
     assert err.startswith("hwaware: error: ") and re.search(match, err), err
+
+
+class Outer:
+    class Nested(torch.nn.Module):  # a class nested in a class: a dotted qualname
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 1)
+
+        def forward(self, x):
+            return self.lin(x)
+
+
+def test_a_class_nested_in_a_class_loads_by_its_dotted_name(tmp_path):
+    torch.manual_seed(0)
+    art = hwaware.export(Outer.Nested(), tmp_path / "art")
+    assert art.manifest["model"]["class"] == f"{__name__}.Outer.Nested"
+    x = torch.randn(3, 8)
+    assert torch.equal(load(tmp_path / "art")(x), art.model(x))
+
+
+def test_a_class_defined_inside_a_function_warns_at_export_and_load_says_to_pass_it(tmp_path):
+    class Local(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 1)
+
+        def forward(self, x):
+            return self.lin(x)
+
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match=r"Local is defined inside a function .* hwaware.load\(path, model=Local\)"):
+        hwaware.export(Local(), tmp_path / "art")
+    with pytest.raises(ArtifactError, match=r"defined inside a function, so no process can import it; pass the class"):
+        load(tmp_path / "art")
+    x = torch.randn(2, 8)
+    assert load(tmp_path / "art", model=Local)(x).shape == (2, 1)
