@@ -295,17 +295,17 @@ def _cpu_impl(m: "Int8Linear") -> str:
     return INT8_KERNELS["cpu"][0] if impl == "auto" else impl  # "auto" is the device's first
 
 
-def _int_mm_run(mods: list, start: int) -> tuple:
-    """The indices of the :class:`Int8Linear` layers from ``mods[start]`` on that run ``int_mm`` on CPU,
-    chained output to input with only hook-free ``nn.Identity`` between them, and the index after
-    the last."""
+def _int_mm_run(mods: list, start: int, any_impl: bool = False) -> tuple:
+    """The indices of the :class:`Int8Linear` layers from ``mods[start]`` on that run ``int_mm`` on CPU
+    (``any_impl``: that would chain if they did), chained output to input with only hook-free
+    ``nn.Identity`` between them, and the index after the last."""
     run, end, i = [], start, start
     while i < len(mods):
         m = mods[i]
         if type(m) is nn.Identity and run and not _hooked(m):
             i += 1
             continue
-        if (type(m) is not Int8Linear or _hooked(m) or _cpu_impl(m) != "int_mm"
+        if (type(m) is not Int8Linear or _hooked(m) or (not any_impl and _cpu_impl(m) != "int_mm")
                 or (run and m.in_features != mods[run[-1]].out_features)):
             break
         run.append(i)

@@ -29,7 +29,7 @@ from hwaware._predict import model_predictions
 from hwaware.export.deploy import (DEPLOY_TYPES, Int4Linear, Int8Linear, RowwiseEmbedding, RowwiseEmbeddingBag, Sparse24Linear,
                                    chain_int8, fuse_relu)
 from hwaware.export.selection import (SPARSE24_INT8_KERNEL, capture_rows, cpu_profile, isa_list, lost_features,
-                                      select_int8_kernels, select_sparse24_kernels)
+                                      select_int8_chains, select_int8_kernels, select_sparse24_kernels)
 import hwaware.ops as hwaware_ops
 from hwaware.ops import INT8_KERNELS, SPARSE24_KERNELS
 from hwaware.ops.packing import is_24
@@ -642,7 +642,9 @@ def export(
             rows = capture_rows(deploy, lambda: (output_fn or _default_output)(deploy, first))
         else:
             rows = {}
-        for op_name, select in (("sparse24_linear", select_sparse24_kernels), ("int8_linear", select_int8_kernels)):
+        selects = (("sparse24_linear", select_sparse24_kernels),
+                   ("int8_linear", lambda *a, **k: select_int8_chains(deploy, select_int8_kernels(*a, **k))))
+        for op_name, select in selects:
             for name, rec in select(deploy, rows, device="cpu").items():
                 layers[name]["kernels"] = dict(deploy.get_submodule(name).kernels)
                 layers[name]["kernel"] = {"cpu": _selected_label(op_name, deploy.get_submodule(name), rec)}
@@ -826,7 +828,8 @@ def _remeasure(model: nn.Module, manifest: Dict[str, Any], path: str) -> Dict[st
     timed = {n: m for n, m in model.named_modules() if n in rows}
     before = {n: dict(m.kernels) for n, m in timed.items()}
     records.update(select_sparse24_kernels(model, rows, device="cpu", allowed=allowed, only=set(rows)))
-    records.update(select_int8_kernels(model, rows, device="cpu", allowed=allowed, only=set(rows)))
+    records.update(select_int8_chains(model, select_int8_kernels(model, rows, device="cpu", allowed=allowed, only=set(rows)),
+                                      allowed=allowed))
     for name, rec in records.items():
         rec.update(recorded=before[name].get("cpu"), measured_on=here, allowed=basis)
     # timing built every candidate's derived weights (fp32 copies, prepacked ones): keep none of them,

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 import hwaware.ops  # noqa: F401
-from hwaware.export.deploy import Int8Linear, Sparse24Linear
+from hwaware.export.deploy import Int8Chain, Int8Linear, Sparse24Linear, _int_mm_run, _run_args
 from hwaware.ops import INT8_KERNELS, packing
 from hwaware.quant import native
 
@@ -310,4 +310,55 @@ def select_int8_kernels(model: nn.Module, rows: Dict[str, int], device: str = "c
             why += f"; M={m} is nominal: export got neither val_dataloader nor example_inputs to size the layer"
         records[name] = {"input_shape": [m, layer.in_features], "measured": measured, "chosen": chosen,
                          "op_kernel": chosen, "why": why}
+    return records
+
+
+def select_int8_chains(model: nn.Module, records: Dict[str, Dict[str, Any]], device: str = "cpu",
+                       allowed: Optional[Collection[str]] = None) -> Dict[str, Dict[str, Any]]:
+    """Second pass over :func:`select_int8_kernels`' ``records``: a run of :class:`Int8Linear` layers
+    in an ``nn.Sequential`` that would be one ``hwaware::int8_mlp`` call if every layer ran ``int_mm``
+    (``deploy.chain_int8``) is timed as that call, against the sum of its layers' chosen times. Timed
+    one by one, each ``int_mm`` layer pays for quantizing its float input and writing its float
+    output, which the chain does not (its epilogues write the next layer's codes), so a per-layer
+    choice can miss the faster whole. When the chain is faster, every layer of the run switches to
+    ``int_mm``. Each timed run's layers get ``records[name]["chain"]`` (the run, both times, the
+    outcome). Returns ``records``."""
+    if device != "cpu" or "int_mm" not in INT8_KERNELS[device] or (allowed is not None and "int_mm" not in allowed):
+        return records
+    for seq_name, seq in model.named_modules():
+        if type(seq) not in (nn.Sequential, Int8Chain):
+            continue
+        names, mods = list(seq._modules), list(seq._modules.values())
+        prefix = f"{seq_name}." if seq_name else ""
+        i = 0
+        while i < len(mods):
+            run, end = _int_mm_run(mods, i, any_impl=True)
+            if len(run) < 2:
+                i += 1
+                continue
+            i = end
+            layer_names = [prefix + names[j] for j in run]
+            if not all(n in records for n in layer_names):
+                continue
+            chosen = [records[n]["chosen"] for n in layer_names]
+            per_layer = sum(records[n]["measured"][c]["us"] for n, c in zip(layer_names, chosen))
+            layers = [mods[j] for j in run]
+            m = records[layer_names[0]]["input_shape"][0]
+            x = torch.randn(m, layers[0].in_features, generator=torch.Generator().manual_seed(0))
+            args = _run_args(layers)
+            with torch.no_grad():
+                us = time_us(lambda: torch.ops.hwaware.int8_mlp(x, *args))
+            faster = us < per_layer and any(c != "int_mm" for c in chosen)
+            info = {"layers": layer_names, "int8_mlp_us": round(us, 2), "per_layer_choices": dict(zip(layer_names, chosen)),
+                    "per_layer_us": round(per_layer, 2), "chosen": "int8_mlp" if faster or all(c == "int_mm" for c in chosen)
+                    else "per_layer"}
+            for name, layer in zip(layer_names, layers):
+                rec = records[name]
+                rec["chain"] = info
+                if faster and rec["chosen"] != "int_mm":
+                    layer.kernels[device] = "int_mm"
+                    rec["why"] = (f"int_mm as one int8_mlp call with {', '.join(n for n in layer_names if n != name)}: "
+                                  f"{us:.0f} us for the run at M={m}, against {per_layer:.0f} us for the per-layer "
+                                  f"choices ({rec['chosen']} here: {rec['why']})")
+                    rec["chosen"] = rec["op_kernel"] = "int_mm"
     return records
