@@ -11,13 +11,17 @@ its own switch, in one child process each:
 ``no_amx``  hwaware's AMX pass off (``HWAWARE_NO_AMX=1``) and oneDNN capped below AMX
             (``ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI``; uncapped, its ``_int_mm`` runs faster, on the
             tiles): an AVX-512 VNNI server.
+``avx512_no_vnni``  oneDNN capped at ``AVX512_CORE``, fbgemm at ``AVX512`` (its non-VNNI kernels) and
+            hwaware's C library built for ``skylake-avx512``: a Skylake-SP server, AVX-512 without
+            VNNI, where hwaware's int8 pass runs on VPMADDWD.
 ``avx2``    also torch (``ATEN_CPU_CAPABILITY=avx2``), oneDNN (``ONEDNN_MAX_CPU_ISA=AVX2``),
             fbgemm (``FBGEMM_ENABLE_INSTRUCTIONS=AVX2``) and MKL capped at AVX2, and hwaware's C
-            library built for ``x86-64-v3`` (``HWAWARE_NATIVE_ARCH``): an AVX2-only CPU.
+            library built for ``x86-64-v3`` (``HWAWARE_NATIVE_ARCH``): an AVX2-only CPU (hwaware's
+            int8 pass on VPMADDWD, 8 lanes).
 
 In each, interleaved at batch 2048: FP32 eager (the recipe's architecture; its weights do not change
 speed), the artifact on its recorded kernels, the artifact re-timed there, and where hwaware's int8
-pass has an engine there (AMX tiles; VNNI), the recorded artifact with it switched off; plus the AUROC of
+pass has an engine there (AMX tiles; VNNI; VPMADDWD), the recorded artifact with it switched off; plus the AUROC of
 both artifact variants on the recipe's validation split (the re-timed one may only pick
 implementations that passed the export gate on their own, ``regression.by_impl``).
 """
@@ -39,6 +43,8 @@ from _results import WithEngines, cpu_device, write_json  # noqa: E402  (benchma
 CPUS = {
     "this_cpu": {},
     "no_amx": {"HWAWARE_NO_AMX": "1", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"},
+    "avx512_no_vnni": {"HWAWARE_NO_AMX": "1", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX512",
+                       "HWAWARE_NATIVE_ARCH": "skylake-avx512"},
     "avx2": {"HWAWARE_NO_AMX": "1", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
              "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "HWAWARE_NATIVE_ARCH": "x86-64-v3"},
 }
