@@ -247,8 +247,14 @@ def test_int8_layers_run_the_implementation_the_export_timed_fastest(tmp_path):
         sel = meta["selection"]["cpu"]
         assert set(sel["measured"]) == set(INT8_KERNELS["cpu"]) and sel["input_shape"][0] == first_batch
         fastest = min(sel["measured"], key=lambda c: sel["measured"][c]["us"])
-        assert sel["chosen"] == fastest and meta["kernels"] == {"cpu": fastest}
-        assert art.model.get_submodule(name).kernels == {"cpu": fastest}
+        # mlp.0 -> ReLU -> mlp.2 would be one int8_mlp call on int_mm: also timed so, and it may win
+        chain = sel["chain"]
+        assert chain["layers"] == ["mlp.0", "mlp.2"] and chain["per_layer_choices"][name] == fastest
+        want = "int_mm" if chain["chosen"] == "int8_mlp" else fastest
+        all_int_mm = set(chain["per_layer_choices"].values()) == {"int_mm"}
+        assert (chain["chosen"] == "int8_mlp") == (chain["int8_mlp_us"] < chain["per_layer_us"] or all_int_mm)
+        assert sel["chosen"] == want and meta["kernels"] == {"cpu": want}
+        assert art.model.get_submodule(name).kernels == {"cpu": want}
     loaded = load(art.path)
     assert loaded.get_submodule("mlp.0").kernels == art.model.get_submodule("mlp.0").kernels
     torch.testing.assert_close(_outputs(loaded, val), _outputs(art.model, val), atol=0, rtol=0)
