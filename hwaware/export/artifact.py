@@ -238,6 +238,30 @@ def _prepare_tensors(tensors: Mapping[str, Tensor], path: str) -> Dict[str, Tens
     return out
 
 
+def _umask() -> int:
+    """This process's umask (read without changing it where /proc says it; else set and restore)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _set_modes(tmp: str) -> None:
+    """The modes a plain ``mkdir`` and ``open`` give under the umask (usually 0755 and 0644): the
+    temporary directory is created 0700 (``mkdtemp``), and a writer may create its file 0600, which
+    left a published artifact unreadable by a serving user other than the exporter."""
+    mask = _umask()
+    for fname in os.listdir(tmp):
+        os.chmod(os.path.join(tmp, fname), 0o666 & ~mask)
+    os.chmod(tmp, 0o777 & ~mask)
+
+
 def write_artifact(
     path: str | os.PathLike,
     manifest: Mapping[str, Any],
@@ -316,6 +340,7 @@ def write_artifact(
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(tmp)
+        _set_modes(tmp)
 
         _check_target(path, overwrite)  # again: something may have appeared while we wrote
         _publish(tmp, path)

@@ -100,6 +100,25 @@ def test_round_trip_preserves_tensors_dtypes_and_manifest(tmp_path):
     assert text == json.dumps(json.loads(text), sort_keys=True, indent=2) + "\n"
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_a_published_artifact_has_the_modes_mkdir_and_open_give(tmp_path, umask):
+    # mkdtemp makes the directory 0700 and a writer may create its file 0600 (torch.export.save's
+    # program did here): the artifact was unreadable to a serving user other than the exporter
+    def writer(p):
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.write(fd, b"program")
+        os.close(fd)
+
+    old = os.umask(umask)
+    try:
+        write_artifact(tmp_path / "art", {}, _tensors(), program_writer=writer)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "art").stat().st_mode & 0o777 == 0o777 & ~umask
+    for f in ("manifest.json", "weights.safetensors", "program.pt2"):
+        assert (tmp_path / "art" / f).stat().st_mode & 0o777 == 0o666 & ~umask, f
+
+
 def test_tied_tensors_and_program_writer(tmp_path):
     w = torch.randn(4, 4)
     path = tmp_path / "art"
