@@ -413,18 +413,8 @@ typedef __m512i mi;
 static inline mi mi_zero(void) { return _mm512_setzero_si512(); }
 /* 8 columns x 4 codes, sign-extended to int16 */
 static inline mi mi_wload(const int8_t *p) { return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)p)); }
-static inline mi mi_bcast(const int16_t *p) { /* one row's 4 int16 codes in every 64-bit lane */
-    int64_t v;
-    memcpy(&v, p, 8);
-    return _mm512_set1_epi64(v);
-}
-/* c += the pair sums of a * w, as asm with one scratch register: with the intrinsics, gcc gave every
- * product its own register and spilled accumulators to the stack (as for VPDPBUSD above) */
-static inline mi mi_dp(mi c, mi a, mi w) {
-    mi t;
-    __asm__("vpmaddwd %3, %2, %1\n\tvpaddd %1, %0, %0" : "+v"(c), "=&v"(t) : "v"(a), "v"(w));
-    return c;
-}
+#define MI_SET1_64 _mm512_set1_epi64
+#define MI_REG "v" /* any of the 32 vector registers */
 /* x: lanes 2j, 2j+1 = the two halves of column j (0..7), y: of columns 8..15 -> the 16 sums in order */
 static inline void mi_store_pairs(int32_t *p, mi x, mi y) {
     const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
@@ -439,16 +429,8 @@ static inline void mi_store_pairs(int32_t *p, mi x, mi y) {
 typedef __m256i mi;
 static inline mi mi_zero(void) { return _mm256_setzero_si256(); }
 static inline mi mi_wload(const int8_t *p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p)); }
-static inline mi mi_bcast(const int16_t *p) {
-    int64_t v;
-    memcpy(&v, p, 8);
-    return _mm256_set1_epi64x(v);
-}
-static inline mi mi_dp(mi c, mi a, mi w) {
-    mi t;
-    __asm__("vpmaddwd %3, %2, %1\n\tvpaddd %1, %0, %0" : "+x"(c), "=&x"(t) : "x"(a), "x"(w));
-    return c;
-}
+#define MI_SET1_64 _mm256_set1_epi64x
+#define MI_REG "x"
 /* hadd gives columns (0 1 4 5 | 2 3 6 7); the 64-bit permute puts them in order */
 static inline void mi_store_pairs(int32_t *p, mi x, mi y) {
     _mm256_storeu_si256((__m256i *)p, _mm256_permute4x64_epi64(_mm256_hadd_epi32(x, y), 0xD8));
@@ -456,6 +438,19 @@ static inline void mi_store_pairs(int32_t *p, mi x, mi y) {
 #endif
 
 #ifdef HW_MADD
+static inline mi mi_bcast(const int16_t *p) { /* one row's 4 int16 codes in every 64-bit lane */
+    int64_t v;
+    memcpy(&v, p, 8);
+    return MI_SET1_64(v);
+}
+/* c += the pair sums of a * w, as asm with one scratch register: with the intrinsics, gcc gave every
+ * product its own register and spilled accumulators to the stack (as for VPDPBUSD above) */
+static inline mi mi_dp(mi c, mi a, mi w) {
+    mi t;
+    __asm__("vpmaddwd %3, %2, %1\n\tvpaddd %1, %0, %0" : "+" MI_REG(c), "=&" MI_REG(t) : MI_REG(a), MI_REG(w));
+    return c;
+}
+
 #define MADD_ROW(i)                                                                                                     \
     if (i < mr) {                                                                                                       \
         const mi av = mi_bcast(a + i * lda + t * 4);                                                                    \
