@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 
@@ -30,23 +31,93 @@ from hwaware.export.bench import compare_throughput
 from hwaware.recsys import DLRM, CriteoDataModule, evaluate_auroc
 
 
+def _int_at_least(lo: int):
+    """argparse type: an integer >= ``lo``; the error names the value and the range."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer; expected an integer >= {lo}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"{v} is invalid; expected an integer >= {lo}")
+        return v
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
+def _float_in(lo: float, *, lo_open: bool, hi: float = math.inf, hi_open: bool = True):
+    """argparse type: a finite float in the given interval; the error names the value and the range."""
+    rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number; expected a finite number in {rng}") from None
+        if not (math.isfinite(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)):
+            raise argparse.ArgumentTypeError(f"{text} is invalid; expected a finite number in {rng}")
+        return v
+    parse.__name__ = f"number in {rng}"
+    return parse
+
+
+ARTIFACT_FORMAT = "hwaware-artifact"
+
+
+def default_export_dir(args: argparse.Namespace) -> str:
+    """out/qat_recsys-int<bits>, with -24 for a 2:4 run: a sparse run does not replace the dense artifact."""
+    return os.path.join("out", f"qat_recsys-int{args.embedding_bits}" + ("-24" if args.sparsity == "2:4" else ""))
+
+
+def is_artifact(path: str) -> bool:
+    try:
+        with open(os.path.join(path, "manifest.json"), "rb") as f:
+            return json.loads(f.read().decode("utf-8")).get("format") == ARTIFACT_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def export_dir_problem(path: str):
+    """Why the export cannot write to ``path`` (the rules hwaware.export applies), else None."""
+    if not os.path.lexists(path):
+        parent = os.path.dirname(os.path.abspath(path))
+        while not os.path.lexists(parent):
+            parent = os.path.dirname(parent)
+        return None if os.path.isdir(parent) else f"{parent} is not a directory"
+    if os.path.islink(path):
+        return "is a symlink; pass the real directory"
+    if not os.path.isdir(path):
+        return "exists and is not a directory; the artifact is a directory"
+    if os.listdir(path) and not is_artifact(path):
+        return ("exists, is not empty and is not an hwaware artifact (no manifest.json with format "
+                f"{ARTIFACT_FORMAT!r}); pass an empty or new directory")
+    return None
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="Criteo-format TSV file (default: generated Criteo-schema data)")
-    p.add_argument("--num-samples", type=int, default=None, help="synthetic samples (default 400000; --fast 24000)")
-    p.add_argument("--start", choices=("plateau", "epoch"), default="plateau",
-                   help="plateau: FP32 until val_auroc stops improving (default); epoch: after --fp32-epochs")
-    p.add_argument("--fp32-epochs", type=int, default=None,
-                   help="FP32 epochs (--start epoch, default 3) or the FP32 cap (--start plateau, default 8); --fast 1")
-    p.add_argument("--qat-epochs", type=int, default=None, help="QAT fine-tuning epochs (default 1)")
-    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--num-samples", type=_int_at_least(1), default=None,
+                   help="synthetic samples (default 400000; --fast 24000)")
+    p.add_argument("--start", choices=("plateau", "epoch"), default=None,
+                   help="plateau: FP32 until val_auroc stops improving (default; --fast: epoch); "
+                        "epoch: after --fp32-epochs")
+    p.add_argument("--fp32-epochs", type=_int_at_least(0), default=None,
+                   help="FP32 epochs (--start epoch, default 3, --fast 1; 0: QAT from the start) or the FP32 cap "
+                        "(--start plateau, default 8, --fast 4; at least 2)")
+    p.add_argument("--qat-epochs", type=_int_at_least(1), default=None, help="QAT fine-tuning epochs (default 1)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=1024)
     p.add_argument("--embedding-bits", type=int, default=8, choices=(8, 4), help="row-wise bits of the embedding tables")
-    p.add_argument("--kl-threshold", type=float, default=0.01)
-    p.add_argument("--qat-lr-scale", type=float, default=0.01, help="QAT fine-tunes at this fraction of the FP32 learning rate")
-    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: the model's)")
-    p.add_argument("--max-drop", type=float, default=0.001, help="export gate: largest AUROC drop allowed")
-    p.add_argument("--export-dir", default=None, help="artifact directory (default out/qat_recsys-int<bits>)")
-    p.add_argument("--infer-batch-size", type=int, default=2048, help="batch for the exported-vs-FP32 throughput ratio")
+    p.add_argument("--kl-threshold", type=_float_in(0, lo_open=True), default=0.01)
+    p.add_argument("--qat-lr-scale", type=_float_in(0, lo_open=True, hi=1, hi_open=False), default=0.01,
+                   help="QAT fine-tunes at this fraction of the FP32 learning rate")
+    p.add_argument("--lr", type=_float_in(0, lo_open=True), default=None, help="Adam learning rate (default: the model's)")
+    p.add_argument("--max-drop", type=_float_in(0, lo_open=False), default=0.001,
+                   help="export gate: largest AUROC drop allowed")
+    p.add_argument("--export-dir", default=None,
+                   help="artifact directory (default out/qat_recsys-int<bits>, -24 appended with --sparsity 2:4)")
+    p.add_argument("--infer-batch-size", type=_int_at_least(1), default=2048,
+                   help="batch for the exported-vs-FP32 throughput ratio")
     p.add_argument("--no-export", action="store_true", help="stop after QAT")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fast", action="store_true", help="tiny run for smoke tests")
@@ -55,34 +126,63 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sparsity", choices=("none", "2:4"), default="none",
                    help="2:4: after the FP32 epochs (default 2) prune every MLP layer 2:4, train sparse, then int8 QAT "
                         "(the top MLP input is zero-padded 367 -> 368 so that its K is a multiple of 4)")
-    p.add_argument("--sparsity-method", choices=("sr_ste", "magnitude"), default="sr_ste")
-    p.add_argument("--sparsity-skip", default="",
-                   help="comma-separated fnmatch patterns of MLP layers to keep dense (e.g. top_mlp.4)")
-    p.add_argument("--sparse-epochs", type=int, default=1, help="sparse training epochs before QAT (--sparsity 2:4)")
-    p.add_argument("--sparse-lr-scale", type=float, default=1.0,
-                   help="sparse training at this fraction of the FP32 learning rate (QAT still runs at --qat-lr-scale of it)")
+    p.add_argument("--sparsity-method", choices=("sr_ste", "magnitude"), default=None,
+                   help="with --sparsity 2:4 (default sr_ste)")
+    p.add_argument("--sparsity-skip", default=None,
+                   help="with --sparsity 2:4: comma-separated fnmatch patterns of MLP layers to keep dense (e.g. top_mlp.4)")
+    p.add_argument("--sparse-epochs", type=_int_at_least(1), default=None,
+                   help="sparse training epochs before QAT (--sparsity 2:4; default 1)")
+    p.add_argument("--sparse-lr-scale", type=_float_in(0, lo_open=True, hi=1, hi_open=False), default=None,
+                   help="sparse training at this fraction of the FP32 learning rate (--sparsity 2:4; default 1.0; "
+                        "QAT still runs at --qat-lr-scale of it)")
     args = p.parse_args(argv)
 
-    args.num_samples = args.num_samples or (24_000 if args.fast else 400_000)
-    if args.fast:
-        args.start = "epoch" if args.start == "plateau" and args.fp32_epochs is None else args.start
-        args.fp32_epochs = args.fp32_epochs or 1
-        args.qat_epochs = args.qat_epochs or 1
+    sparse_only = {"--sparsity-method": args.sparsity_method, "--sparsity-skip": args.sparsity_skip,
+                   "--sparse-epochs": args.sparse_epochs, "--sparse-lr-scale": args.sparse_lr_scale}
+    given = [flag for flag, v in sparse_only.items() if v is not None]
+    if args.sparsity == "none" and given:
+        p.error(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} with --sparsity 2:4")
+    args.sparsity_method = args.sparsity_method or "sr_ste"
+    args.sparsity_skip = args.sparsity_skip or ""
+    args.sparse_epochs = args.sparse_epochs if args.sparse_epochs is not None else 1
+    args.sparse_lr_scale = args.sparse_lr_scale if args.sparse_lr_scale is not None else 1.0
+
+    args.num_samples = args.num_samples if args.num_samples is not None else (24_000 if args.fast else 400_000)
     if args.sparsity != "none":
         # FP32 -> 2:4 -> QAT on a fixed schedule: prune after 2 FP32 epochs, while val_auroc still rises
         # (the dense model peaks after 3), so the sparse epoch trains on rather than re-fits a converged
         # model; benchmarks/bench_sparsity_recsys.py compares against the converged dense model
+        if args.start == "plateau":
+            p.error("--start plateau cannot be combined with --sparsity 2:4: the 2:4 schedule is fixed "
+                    "(prune after --fp32-epochs, then --sparse-epochs, then QAT); use --fp32-epochs")
         args.start = "epoch"
         if args.fp32_epochs is None:
-            args.fp32_epochs = 2
-        if args.sparse_epochs < 1:
-            p.error(f"--sparse-epochs={args.sparse_epochs} must be >= 1")
-        if not 0 < args.sparse_lr_scale <= 1:
-            p.error(f"--sparse-lr-scale={args.sparse_lr_scale} must be in (0, 1]")
-    args.fp32_epochs = args.fp32_epochs if args.fp32_epochs is not None else (8 if args.start == "plateau" else 3)
+            args.fp32_epochs = 1 if args.fast else 2
+    if args.start is None:  # --fast runs a fixed short schedule unless --start plateau is asked for
+        args.start = "epoch" if args.fast else "plateau"
+    if args.fp32_epochs is None:
+        args.fp32_epochs = {("epoch", True): 1, ("epoch", False): 3, ("plateau", True): 4, ("plateau", False): 8}[
+            (args.start, args.fast)]
     args.qat_epochs = args.qat_epochs if args.qat_epochs is not None else 1
-    if args.fp32_epochs < 1 or args.qat_epochs < 1:
-        p.error(f"--fp32-epochs={args.fp32_epochs} and --qat-epochs={args.qat_epochs} must both be >= 1")
+    if args.start == "plateau" and args.fp32_epochs < 2:
+        # plateau needs one validation to set the best val_auroc and one more that does not improve on it
+        p.error(f"--fp32-epochs {args.fp32_epochs} is too small for --start plateau: it caps the FP32 epochs, and "
+                "a plateau needs at least 2 (one to set the best val_auroc, one that does not improve on it); "
+                "expected --fp32-epochs 2 or more, or --start epoch")
+
+    if args.report is not None:
+        if os.path.isdir(args.report):
+            p.error(f"--report {args.report}: is a directory; expected a file path")
+        parent = os.path.dirname(os.path.abspath(args.report))
+        while not os.path.lexists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            p.error(f"--report {args.report}: {parent} is not a directory")
+    if not args.no_export:
+        args.export_dir = args.export_dir or default_export_dir(args)
+        problem = export_dir_problem(args.export_dir)
+        if problem:
+            p.error(f"--export-dir {args.export_dir}: {problem}")
     return args
 
 
@@ -189,14 +289,18 @@ class StopAfterQAT(pl.Callback):
 
 
 class FP32Trajectory(pl.Callback):
-    """val_auroc after every epoch, so the report shows whether FP32 had converged."""
+    """val_auroc after every epoch, so the report shows whether FP32 had converged; the phase is QAT's,
+    or ``sparse`` for the 2:4 epochs before QAT (QAT's phase is still ``fp32`` then)."""
 
-    def __init__(self, qat: ProgressiveQuantization) -> None:
-        self.qat, self.rows = qat, []
+    def __init__(self, qat: ProgressiveQuantization, sparsity=None) -> None:
+        self.qat, self.sparsity, self.rows = qat, sparsity, []
 
     def on_validation_end(self, trainer, pl_module):
         if not trainer.sanity_checking and "val_auroc" in trainer.callback_metrics:
-            self.rows.append({"epoch": trainer.current_epoch, "phase": self.qat.phase,
+            phase = self.qat.phase
+            if phase == "fp32" and self.sparsity is not None and self.sparsity.phase != "dense":
+                phase = "sparse"
+            self.rows.append({"epoch": trainer.current_epoch, "phase": phase,
                               "val_auroc": float(trainer.callback_metrics["val_auroc"])})
 
 
@@ -230,9 +334,9 @@ def print_table(report: dict) -> None:
     print("phases: " + ", ".join(f"{p['phase']}@epoch{p['start_epoch']}/step{p['start_step']}" for p in report["phases"]))
 
 
-def export_and_bench(args, model, fp32, dm, fp32_auroc) -> dict:
+def export_and_bench(args, model, fp32, dm, fp32_auroc, state: dict) -> dict:
     """Pack, gate (AUROC through the deploy ops), reload from disk, and time exported vs FP32."""
-    path = args.export_dir or os.path.join("out", f"qat_recsys-int{args.embedding_bits}")
+    path = args.export_dir or default_export_dir(args)
     infer = CriteoDataModule(data=args.data, num_samples=args.num_samples, batch_size=args.infer_batch_size, seed=args.seed)
     infer.setup("fit")
     batches = [(b["dense"], b["sparse"]) for _, b in zip(range(4 if args.fast else 8), infer.val_dataloader())]
@@ -243,8 +347,11 @@ def export_and_bench(args, model, fp32, dm, fp32_auroc) -> dict:
         print(f"note: the validation split gives batches of {rows} rows, fewer than --infer-batch-size "
               f"{args.infer_batch_size}: the throughput ratio is measured at {rows}")
     # example_inputs at the serving batch: the export times each layer's kernels at these rows
+    if is_artifact(path):
+        print(f"replacing the artifact at {path}")
     art = hwaware.export(model, path, val_dataloader=dm.val_dataloader(), metric="auroc", max_drop=args.max_drop,
                          example_inputs=batches[0])  # also writes program.pt2
+    state["written"] = True
     served = hwaware.load(path)  # what a deployment runs: verified, rebuilt from the artifact
     auroc = evaluate_auroc(served, dm.val_dataloader())
     timing = compare_throughput({"fp32": fp32, "exported": served}, batches, batch_size=rows,
@@ -270,18 +377,50 @@ def _strict_json(obj):
     return obj
 
 
+def _fail(message: str, status: int = 1):
+    """One line on stderr, no traceback."""
+    print(f"qat_recsys.py: error: {' '.join(message.split())}", file=sys.stderr)
+    raise SystemExit(status)
+
+
+def check_sparsity_skip(args: argparse.Namespace, model: torch.nn.Module) -> None:
+    """Every --sparsity-skip pattern must name at least one Linear layer (a typo would prune it)."""
+    import fnmatch
+
+    layers = [n for n, m in model.named_modules() if n and isinstance(m, torch.nn.Linear)]
+    for pattern in (q for q in args.sparsity_skip.split(",") if q):
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in layers):
+            _fail(f"--sparsity-skip: pattern {pattern!r} matches no layer; the MLP layers are {', '.join(layers)}", 2)
+
+
 def main(argv=None) -> dict:
-    return run(parse_args(argv))[0]
+    args = parse_args(argv)
+    state = {"written": False}
+    existed = not args.no_export and is_artifact(args.export_dir)
+    try:
+        return run(args, state)[0]
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C does not interrupt the message
+        if args.no_export:
+            what = "no artifact was written (--no-export)"
+        elif state["written"]:
+            what = f"the artifact at {args.export_dir} was written"
+        elif existed:
+            what = f"no artifact was written; the previous artifact at {args.export_dir} is intact"
+        else:
+            what = "no artifact was written"
+        print(f"\ninterrupted; {what}", file=sys.stderr)
+        raise SystemExit(130)
 
 
-def run(args: argparse.Namespace):
+def run(args: argparse.Namespace, state: dict = None):
     """The recipe; returns ``(report, {"fp32": model, "qat": model, "datamodule": dm})`` for benchmarks."""
     pl.seed_everything(args.seed, verbose=False)
     t0 = time.perf_counter()
     dm = CriteoDataModule(data=args.data, num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed)
     try:
         dm.setup("fit")
-    except (FileNotFoundError, ValueError) as e:  # names the file (and line) already
+    except (OSError, ValueError) as e:  # names the file (and line) already; a directory, too
         raise SystemExit(f"qat_recsys.py: error: --data: {e}") from None
     model_kwargs = {"table_sizes": dm.table_sizes}
     if args.lr is not None:
@@ -290,12 +429,14 @@ def run(args: argparse.Namespace):
     if sparsity is not None:
         model_kwargs["interaction_pad"] = 4
     model = DLRM(**model_kwargs)
+    if sparsity is not None:
+        check_sparsity_skip(args, model)
     cb = build_callback(args)
     try:  # before any training: a fixed schedule that cannot reach QAT on this data is refused now
         check_qat_schedule(args, cb, dm)
     except ValueError as e:
         raise SystemExit(f"qat_recsys.py: error: {e}") from None
-    trajectory = FP32Trajectory(cb)
+    trajectory = FP32Trajectory(cb, sparsity)
     callbacks = [cb, StopAfterQAT(cb, args.qat_epochs), trajectory]
     if sparsity is not None:
         snapshot = DenseSnapshot(args.fp32_epochs)
@@ -306,8 +447,11 @@ def run(args: argparse.Namespace):
         enable_model_summary=False, enable_progress_bar=not args.no_progress, num_sanity_val_steps=0,
     )
     trainer.fit(model, datamodule=dm)
+    if trainer.interrupted:  # Lightning caught a Ctrl-C and stopped training
+        raise KeyboardInterrupt
     if cb.fp32_reference is None:  # the backstop: --start plateau cannot be checked before training
-        raise RuntimeError(f"QAT never started (phase {cb.phase!r}); raise the epoch budget")
+        _fail(f"QAT never started (phase {cb.phase!r}); raise the epoch budget (--fp32-epochs caps the FP32 "
+              f"epochs under --start plateau: val_auroc was still improving after {args.fp32_epochs})")
 
     fp32 = DLRM(**model_kwargs)
     fp32.load_state_dict(cb.fp32_reference)
@@ -331,7 +475,12 @@ def run(args: argparse.Namespace):
             "dense_fp32_auroc": dense_auroc, "sparse_fp32_auroc": fp32_auroc,
             "auroc": qat_auroc, "auroc_drop": dense_auroc - qat_auroc,
         }
-    export_report = None if args.no_export else export_and_bench(args, model, fp32, dm, fp32_auroc)
+    state = state if state is not None else {"written": False}
+    try:
+        export_report = None if args.no_export else export_and_bench(args, model, fp32, dm, fp32_auroc, state)
+    except hwaware.RegressionError as e:  # the gate refused: nothing was written
+        kept = f"; the previous artifact at {args.export_dir} is intact" if is_artifact(args.export_dir) else ""
+        _fail(f"export refused: {e}{kept}")
     report = {
         "fp32": {"auroc": fp32_auroc},
         "qat": {"auroc": qat_auroc},

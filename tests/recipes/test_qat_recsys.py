@@ -39,6 +39,12 @@ def test_missing_data_file_names_the_file(tmp_path):
     assert str(missing) in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_data_directory_is_called_a_directory(tmp_path):
+    proc = _run("--fast", "--no-progress", "--data", str(tmp_path), timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert f"qat_recsys.py: error: --data: {str(tmp_path)!r} is a directory; expected a Criteo TSV file" in proc.stderr
+
+
 @pytest.mark.parametrize(("bad", "message"), [
     (["0"] + ["3"] * 13 + ["a1b2"] * 25, "expected 40 tab-separated fields (label, I1-I13, C1-C26), got 39"),
     (["0"] + ["3"] * 4 + ["1" * 30] + ["3"] * 8 + ["a1b2"] * 26,  # I5 does not fit int64
@@ -74,6 +80,9 @@ def test_fast_recipe_with_2_4_sparsity(tmp_path):
         assert sel["chosen"] == min(eligible, key=eligible.get)  # the int8 codes, whichever kernel timed fastest
     assert manifest["layers"]["bottom_mlp.0"]["scheme"] == "int8"
     assert r["export"]["auroc"] > 0.5
+    # epoch 0 FP32, epoch 1 trained 2:4 before QAT: labelled sparse, not fp32
+    assert [e["phase"] for e in r["val_auroc_by_epoch"]][:2] == ["fp32", "sparse"]
+    assert "(sparse)" in proc.stdout
 
 
 def _small_tsv(path, rows):
@@ -95,11 +104,14 @@ def test_a_small_data_file_reports_the_batch_it_timed(tmp_path):
     """A validation split smaller than --infer-batch-size: the report's batch_size is the rows timed."""
     path = _small_tsv(tmp_path / "small.tsv", 1500)
     report_path = tmp_path / "r.json"
+    (tmp_path / "art").mkdir()  # a previous artifact there: replaced, and said so
+    (tmp_path / "art" / "manifest.json").write_text(json.dumps({"format": "hwaware-artifact"}))
     proc = _run("--fast", "--no-progress", "--data", str(path), "--batch-size", "64", "--max-drop", "1.0",
                 "--export-dir", str(tmp_path / "art"), "--report", str(report_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(report_path.read_text())["export"]
     assert 0 < r["batch_size"] < 2048 and f"batches of {r['batch_size']} rows" in proc.stdout
+    assert f"replacing the artifact at {tmp_path / 'art'}" in proc.stdout
     manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
     assert manifest["inputs"][0]["shape"][0] == r["batch_size"]
 
@@ -137,10 +149,141 @@ def test_the_largest_batch_size_the_refusal_names_runs_qat(tmp_path):
 
 def test_plateau_start_is_not_refused_up_front(tmp_path):
     """With --start plateau when FP32 ends is not known before training: no up-front refusal; the
-    after-training check still says that QAT never started."""
+    after-training check still says that QAT never started (one line, no traceback)."""
     path = _small_tsv(tmp_path / "small.tsv", 2000)
-    proc = _run("--fast", "--no-progress", "--data", str(path), "--start", "plateau", "--fp32-epochs", "1",
+    proc = _run("--fast", "--no-progress", "--data", str(path), "--start", "plateau", "--fp32-epochs", "2",
                 "--batch-size", "512", "--no-export", timeout=300)
-    assert proc.returncode != 0
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "QAT cannot start" not in proc.stderr and "GPU available" in proc.stderr  # it trained
     assert "QAT never started (phase 'fp32'); raise the epoch budget" in proc.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--batch-size", "0"], "argument --batch-size: 0 is invalid; expected an integer >= 1"),
+    (["--num-samples", "-5"], "argument --num-samples: -5 is invalid; expected an integer >= 1"),
+    (["--num-samples", "0"], "argument --num-samples: 0 is invalid; expected an integer >= 1"),
+    (["--kl-threshold", "-1"], "argument --kl-threshold: -1 is invalid; expected a finite number in (0, inf)"),
+    (["--max-drop", "-0.5"], "argument --max-drop: -0.5 is invalid; expected a finite number in [0, inf)"),
+    (["--fp32-epochs", "-1"], "argument --fp32-epochs: -1 is invalid; expected an integer >= 0"),
+    (["--sparsity-method", "magnitude"], "--sparsity-method only applies with --sparsity 2:4"),
+    (["--sparse-epochs", "2", "--sparsity-skip", "top_mlp.4"], "--sparsity-skip, --sparse-epochs only apply with --sparsity 2:4"),
+    (["--start", "plateau", "--fp32-epochs", "1"], "--fp32-epochs 1 is too small for --start plateau"),
+    (["--start", "plateau", "--sparsity", "2:4"], "--start plateau cannot be combined with --sparsity 2:4"),
+])
+def test_bad_flags_are_usage_errors(args, message):
+    proc = _run("--fast", "--no-progress", *args, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"qat_recsys.py: error: {message}" in proc.stderr
+
+
+def test_bad_output_paths_are_refused_before_training(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    notart = tmp_path / "notart"
+    notart.mkdir()
+    (notart / "keep.txt").write_text("mine")
+    cases = [
+        (["--export-dir", str(afile)], f"--export-dir {afile}: exists and is not a directory"),
+        (["--export-dir", str(notart)], f"--export-dir {notart}: exists, is not empty and is not an hwaware artifact"),
+        (["--report", str(tmp_path)], f"--report {tmp_path}: is a directory; expected a file path"),
+    ]
+    for args, message in cases:
+        proc = _run("--fast", "--no-progress", *args, timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert f"qat_recsys.py: error: {message}" in proc.stderr and "GPU available" not in proc.stderr
+    assert (notart / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("fp32_epochs", ["0", "1"])
+def test_fast_with_explicit_fp32_epochs_runs_that_epoch_schedule(tmp_path, fp32_epochs):
+    report_path = tmp_path / "r.json"
+    proc = _run("--fast", "--no-progress", "--fp32-epochs", fp32_epochs, "--num-samples", "6000",
+                "--batch-size", "256", "--no-export", "--report", str(report_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(report_path.read_text())
+    assert r["config"]["start"] == "epoch" and r["config"]["fp32_epochs"] == int(fp32_epochs)
+    qat = next(p for p in r["phases"] if p["phase"] == "calibrate")
+    assert qat["start_epoch"] == int(fp32_epochs)
+
+
+def test_fast_honours_start_plateau():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("qat_recsys_recipe", RECIPE)
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    args = recipe.parse_args(["--fast", "--start", "plateau", "--no-export"])
+    assert (args.start, args.fp32_epochs) == ("plateau", 4)
+    assert recipe.build_callback(args).start == "plateau"
+    assert recipe.parse_args(["--fast", "--no-export"]).start == "epoch"
+    assert recipe.default_export_dir(recipe.parse_args(["--fast", "--sparsity", "2:4"])).endswith("qat_recsys-int8-24")
+    assert recipe.default_export_dir(recipe.parse_args(["--fast"])).endswith("qat_recsys-int8")
+
+
+def test_sparsity_skip_pattern_matching_no_layer_is_refused(tmp_path):
+    proc = _run("--fast", "--no-progress", "--sparsity", "2:4", "--sparsity-skip", "nomatch", "--num-samples", "3000",
+                "--no-export", timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert ("qat_recsys.py: error: --sparsity-skip: pattern 'nomatch' matches no layer; the MLP layers are "
+            "bottom_mlp.0, bottom_mlp.2, top_mlp.0, top_mlp.2, top_mlp.4") in proc.stderr
+    assert "GPU available" not in proc.stderr
+
+
+def _load_recipe():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("qat_recsys_recipe", RECIPE)
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    return recipe
+
+
+@pytest.mark.parametrize(("previous", "written", "message"), [
+    (False, False, "interrupted; no artifact was written"),
+    (True, False, "interrupted; no artifact was written; the previous artifact at {path} is intact"),
+    (True, True, "interrupted; the artifact at {path} was written"),
+])
+def test_ctrl_c_after_fit_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys, previous, written, message):
+    recipe = _load_recipe()
+    art = tmp_path / "art"
+    if previous:
+        art.mkdir()
+        (art / "manifest.json").write_text(json.dumps({"format": "hwaware-artifact"}))
+
+    def interrupted_run(args, state):
+        state["written"] = written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recipe, "run", interrupted_run)
+    import signal
+
+    old = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as e:
+            recipe.main(["--fast", "--export-dir", str(art)])
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert e.value.code == 130
+    err = capsys.readouterr().err.strip()
+    assert err == message.format(path=art)
+
+
+def test_regression_error_is_one_line(tmp_path, monkeypatch, capsys):
+    recipe = _load_recipe()
+
+    def refused(*a, **k):
+        raise recipe.hwaware.RegressionError("auroc dropped 0.2 > max_drop 0.001;\nnothing was written", {})
+
+    monkeypatch.setattr(recipe, "export_and_bench", refused)
+    import signal
+
+    old = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as e:
+            recipe.main(["--fast", "--no-progress", "--num-samples", "6000", "--batch-size", "256",
+                         "--export-dir", str(tmp_path / "art")])
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == "qat_recsys.py: error: export refused: auroc dropped 0.2 > max_drop 0.001; nothing was written"
