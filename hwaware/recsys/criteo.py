@@ -371,12 +371,15 @@ def load_criteo_tsv(
 
     Raises:
         FileNotFoundError: if `path` does not exist.
+        IsADirectoryError: if `path` is a directory.
         ValueError: on the first malformed line (empty, wrong field count, label not 0/1, a dense
             field that is not an integer or does not fit int64, a category that is not hex), naming
             the path, the 1-based line, the column and the value.
     """
     path = os.fspath(path)
     sizes = _check_table_sizes(table_sizes)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path!r} is a directory; expected a Criteo TSV file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Criteo TSV file not found: {path!r}")
     num_rows = _validate_tsv(path)

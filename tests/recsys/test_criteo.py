@@ -161,6 +161,12 @@ def test_load_tsv_missing_file(tmp_path):
         load_criteo_tsv(path)
 
 
+def test_load_tsv_directory_says_directory(tmp_path):
+    """A directory exists: say it is one, not that the file is missing."""
+    with pytest.raises(IsADirectoryError, match=re.escape(f"{str(tmp_path)!r} is a directory; expected a Criteo TSV file")):
+        load_criteo_tsv(tmp_path)
+
+
 @pytest.mark.parametrize(
     ("bad_row", "lineno", "message"),
     [
