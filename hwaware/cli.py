@@ -56,6 +56,10 @@ def _table(rows: List[List[str]]) -> str:
     return "\n".join(lines)
 
 
+#: a layer-table cell longer than this is shortened to ``<start>... [n]``; its full text follows the table once
+_MAX_CELL = 48
+
+
 def _layers_table(layers: Mapping[str, Any]) -> str:
     entries = {name: (e if isinstance(e, Mapping) else {"value": e}) for name, e in layers.items()}
     present = {k for e in entries.values() for k in e} - set(_OWN_SECTION)
@@ -63,7 +67,21 @@ def _layers_table(layers: Mapping[str, Any]) -> str:
     rows = [["layer"] + cols]
     rows += [[name] + [_kernels_cell(e) if c == "kernels" else _fmt_cell(c, e.get(c)) for c in cols]
              for name, e in entries.items()]
-    return _table(rows)
+    # long cells (a kernel's description runs to ~300 characters): shortened, the full text once below
+    full: Dict[str, int] = {}
+    for r in rows[1:]:
+        for i, cell in enumerate(r):
+            if i and len(cell) > _MAX_CELL:
+                n = full.setdefault(cell, len(full) + 1)
+                mark = f"... [{n}]"
+                r[i] = cell[:_MAX_CELL - len(mark)].rstrip() + mark
+    out = _table(rows)
+    if full:
+        import textwrap
+
+        out += "\n\n" + "\n".join(textwrap.fill(text, width=110, initial_indent=f"  [{n}] ", subsequent_indent="      ",
+                                                 break_on_hyphens=False) for text, n in full.items())
+    return out
 
 
 def _kernels_cell(entry: Mapping[str, Any]) -> str:
@@ -224,6 +242,20 @@ def _model_option(spec: Optional[str]) -> Optional[type]:
             sys.path.remove(cwd)
 
 
+def _int_at_least(lo: int):
+    """argparse type: an integer >= ``lo`` (``argument --rounds: 0 is invalid; expected an integer >= 1``)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer; expected an integer >= {lo}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"{v} is invalid; expected an integer >= {lo}")
+        return v
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     """Artifact vs its FP32 architecture, same inputs, interleaved: throughput ratio and latencies;
     then the peak memory of serving each, one fresh process per model."""
@@ -245,6 +277,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     # FP32 reference: the same architecture with dense float weights (their values do not change speed)
     fp32 = cls(**(manifest["model"].get("hparams") or {}))
     inputs = [make_inputs(manifest["inputs"], args.batch_size, seed=i) for i in range(args.batches)]
+    print(f"batch size {args.batch_size}: {args.batches} batches x {args.rounds} rounds per model (generated inputs)")
     result = compare_throughput({"fp32": fp32, "artifact": served}, inputs, batch_size=args.batch_size, rounds=args.rounds)
     result["artifact"] = args.path
     result["kernels"] = args.kernels
@@ -297,9 +330,9 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="time an artifact against its FP32 architecture, side by side")
     bench.add_argument("path", metavar="PATH", help="artifact directory (exported with example_inputs)")
-    bench.add_argument("--batch-size", type=int, default=2048)
-    bench.add_argument("--batches", type=int, default=8)
-    bench.add_argument("--rounds", type=int, default=5)
+    bench.add_argument("--batch-size", type=_int_at_least(1), default=2048, help="rows per batch (default 2048)")
+    bench.add_argument("--batches", type=_int_at_least(1), default=8, help="batches per round (default 8)")
+    bench.add_argument("--rounds", type=_int_at_least(1), default=5, help="interleaved rounds (default 5)")
     bench.add_argument("--json", default=None, help="also write the results here")
     bench.add_argument("--no-memory", action="store_true",
                        help="skip the peak-memory measurement (two child processes)")

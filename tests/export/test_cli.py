@@ -80,6 +80,36 @@ def test_usage_errors_exit_2():
     assert e.value.code == 2
 
 
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--batch-size", "0", "argument --batch-size: 0 is invalid; expected an integer >= 1"),
+    ("--batches", "-1", "argument --batches: -1 is invalid; expected an integer >= 1"),
+    ("--rounds", "0", "argument --rounds: 0 is invalid; expected an integer >= 1"),
+    ("--rounds", "x", "argument --rounds: 'x' is not an integer; expected an integer >= 1"),
+])
+def test_bench_bad_numbers_are_usage_errors(art, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", str(art), flag, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == f"hwaware bench: error: {message}" and "Traceback" not in err
+
+
+def test_inspect_shortens_long_table_cells_and_gives_them_once_below(tmp_path, capsys):
+    long = "cpu=hwaware::embedding_bags_rowwise [cpu: " + "a long description of the kernel " * 8 + "]"
+    manifest = {"layers": {f"emb.{i}": {"scheme": "rowwise_int8", "kernel": long} for i in range(3)}}
+    path = tmp_path / "a"
+    write_artifact(path, manifest, {"w": torch.zeros(8, dtype=torch.int8)})
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("layer"):out.index("[1] ") ]
+    assert max(len(line) for line in table.splitlines()) < 120
+    assert "cpu=hwaware::embedding_bags_rowwise [cpu:... [1]" in table
+    assert out.count("[1] cpu=hwaware::embedding_bags_rowwise") == 1  # the full text once, wrapped
+    assert " ".join(out[out.index("[1] cpu="):].split()).startswith(" ".join(f"[1] {long}".split()))
+    assert main(["inspect", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["layers"]["emb.0"]["kernel"] == long
+
+
 def test_bench_times_artifact_against_fp32(tmp_path, capsys):
     import json as _json
 
@@ -97,7 +127,7 @@ def test_bench_times_artifact_against_fp32(tmp_path, capsys):
     assert set(r["models"]) == {"fp32", "artifact"} and r["models"]["fp32"]["ratio"] == 1.0
     assert r["models"]["artifact"]["samples_per_s"] > 0 and r["batch_size"] == 16
     printed = capsys.readouterr().out
-    assert "samples/s" in printed
+    assert "samples/s" in printed and "batch size 16: 2 batches x 1 rounds per model" in printed
     if os.path.exists("/proc/self/clear_refs"):
         for name in ("fp32", "artifact"):
             m = r["memory"][name]
