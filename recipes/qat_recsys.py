@@ -1,6 +1,6 @@
 """Headline recipe: a DLRM-style CTR model goes FP32 -> channel-wise int8 QAT -> KL-validated.
 
-    python recipes/qat_recsys.py                      # synthetic Criteo-schema clicks, ~5 min on 2 cores
+    python recipes/qat_recsys.py                      # synthetic Criteo-schema clicks (48 s here, benchmarks/results/qat_recsys_cpu.json)
     python recipes/qat_recsys.py --fast               # smoke run, well under a minute
     python recipes/qat_recsys.py --data train.tsv     # real Criteo-format TSV (label, I1-I13, C1-C26)
     python recipes/qat_recsys.py --report out.json    # also write the JSON report
