@@ -242,8 +242,9 @@ def _model_option(spec: Optional[str]) -> Optional[type]:
             sys.path.remove(cwd)
 
 
-def _int_at_least(lo: int):
-    """argparse type: an integer >= ``lo`` (``argument --rounds: 0 is invalid; expected an integer >= 1``)."""
+def int_at_least(lo: int):
+    """argparse type: an integer >= ``lo``; the error names the value and the range
+    (``argument --rounds: 0 is invalid; expected an integer >= 1``). The recipes use it too."""
     def parse(text: str) -> int:
         try:
             v = int(text)
@@ -330,9 +331,9 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="time an artifact against its FP32 architecture, side by side")
     bench.add_argument("path", metavar="PATH", help="artifact directory (exported with example_inputs)")
-    bench.add_argument("--batch-size", type=_int_at_least(1), default=2048, help="rows per batch (default 2048)")
-    bench.add_argument("--batches", type=_int_at_least(1), default=8, help="batches per round (default 8)")
-    bench.add_argument("--rounds", type=_int_at_least(1), default=5, help="interleaved rounds (default 5)")
+    bench.add_argument("--batch-size", type=int_at_least(1), default=2048, help="rows per batch (default 2048)")
+    bench.add_argument("--batches", type=int_at_least(1), default=8, help="batches per round (default 8)")
+    bench.add_argument("--rounds", type=int_at_least(1), default=5, help="interleaved rounds (default 5)")
     bench.add_argument("--json", default=None, help="also write the results here")
     bench.add_argument("--no-memory", action="store_true",
                        help="skip the peak-memory measurement (two child processes)")

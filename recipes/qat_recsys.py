@@ -27,22 +27,9 @@ import torch
 import hwaware
 from hwaware import ProgressiveQuantization, QuantSpec, SemiStructuredSparsity
 from hwaware.quant import quantization_disabled
+from hwaware.cli import int_at_least
 from hwaware.export.bench import compare_throughput
 from hwaware.recsys import DLRM, CriteoDataModule, evaluate_auroc
-
-
-def _int_at_least(lo: int):
-    """argparse type: an integer >= ``lo``; the error names the value and the range."""
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer; expected an integer >= {lo}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"{v} is invalid; expected an integer >= {lo}")
-        return v
-    parse.__name__ = f"integer >= {lo}"
-    return parse
 
 
 def _float_in(lo: float, *, lo_open: bool, hi: float = math.inf, hi_open: bool = True):
@@ -97,16 +84,16 @@ def export_dir_problem(path: str):
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="Criteo-format TSV file (default: generated Criteo-schema data)")
-    p.add_argument("--num-samples", type=_int_at_least(1), default=None,
+    p.add_argument("--num-samples", type=int_at_least(1), default=None,
                    help="synthetic samples (default 400000; --fast 24000)")
     p.add_argument("--start", choices=("plateau", "epoch"), default=None,
                    help="plateau: FP32 until val_auroc stops improving (default; --fast: epoch); "
                         "epoch: after --fp32-epochs")
-    p.add_argument("--fp32-epochs", type=_int_at_least(0), default=None,
+    p.add_argument("--fp32-epochs", type=int_at_least(0), default=None,
                    help="FP32 epochs (--start epoch, default 3, --fast 1; 0: QAT from the start) or the FP32 cap "
                         "(--start plateau, default 8, --fast 4; at least 2)")
-    p.add_argument("--qat-epochs", type=_int_at_least(1), default=None, help="QAT fine-tuning epochs (default 1)")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=1024)
+    p.add_argument("--qat-epochs", type=int_at_least(1), default=None, help="QAT fine-tuning epochs (default 1)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=1024)
     p.add_argument("--embedding-bits", type=int, default=8, choices=(8, 4), help="row-wise bits of the embedding tables")
     p.add_argument("--kl-threshold", type=_float_in(0, lo_open=True), default=0.01)
     p.add_argument("--qat-lr-scale", type=_float_in(0, lo_open=True, hi=1, hi_open=False), default=0.01,
@@ -116,7 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="export gate: largest AUROC drop allowed")
     p.add_argument("--export-dir", default=None,
                    help="artifact directory (default out/qat_recsys-int<bits>, -24 appended with --sparsity 2:4)")
-    p.add_argument("--infer-batch-size", type=_int_at_least(1), default=2048,
+    p.add_argument("--infer-batch-size", type=int_at_least(1), default=2048,
                    help="batch for the exported-vs-FP32 throughput ratio")
     p.add_argument("--no-export", action="store_true", help="stop after QAT")
     p.add_argument("--seed", type=int, default=0)
@@ -130,7 +117,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="with --sparsity 2:4 (default sr_ste)")
     p.add_argument("--sparsity-skip", default=None,
                    help="with --sparsity 2:4: comma-separated fnmatch patterns of MLP layers to keep dense (e.g. top_mlp.4)")
-    p.add_argument("--sparse-epochs", type=_int_at_least(1), default=None,
+    p.add_argument("--sparse-epochs", type=int_at_least(1), default=None,
                    help="sparse training epochs before QAT (--sparsity 2:4; default 1)")
     p.add_argument("--sparse-lr-scale", type=_float_in(0, lo_open=True, hi=1, hi_open=False), default=None,
                    help="sparse training at this fraction of the FP32 learning rate (--sparsity 2:4; default 1.0; "
