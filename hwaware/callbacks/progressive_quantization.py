@@ -48,6 +48,11 @@ DEFAULT_ACTIVATION_SPEC = QuantSpec(bits=8, granularity="per_row", symmetric=Tru
 DEFAULT_EMBEDDING_SPEC = QuantSpec(bits=8, granularity="per_row", symmetric=False, dynamic=True)
 
 
+def _short(spec: Optional[Dict[str, Any]]) -> str:
+    """A saved spec dict as QuantSpec's short label (None: 'None')."""
+    return "None" if spec is None else QuantSpec.from_dict(spec).short()
+
+
 def _describe_specs(state: List[List[Any]]) -> str:
     """``{pattern: {key: short label}}`` of saved layer_specs, for messages."""
     return "{" + ", ".join(
@@ -403,9 +408,15 @@ class ProgressiveQuantization(Callback):
             "metrics_before": dict(self._metrics_before),
             "metrics_after": dict(self._metrics_after),
             "layer_specs": layer_specs_to_state(self.layer_specs),
+            "global_specs": self._global_specs(),
             "fp32_reference": self.fp32_reference,
             "quantizers": quantizers,
         }
+
+    def _global_specs(self) -> Dict[str, Optional[Dict[str, Any]]]:
+        """weight_spec / activation_spec / embedding_spec as saved in a checkpoint (dicts or None)."""
+        return {k: (None if v is None else v.to_dict()) for k, v in
+                (("weight", self.weight_spec), ("activation", self.activation_spec), ("embedding", self.embedding_spec))}
 
     @override
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -420,6 +431,15 @@ class ProgressiveQuantization(Callback):
                 f"{phase!r} (layers already quantized), but this callback has layer_specs="
                 f"{_describe_specs(layer_specs_to_state(self.layer_specs))}; resume with the layer_specs= the checkpoint "
                 "was written with")
+        saved = state_dict.get("global_specs")  # absent: written before the specs were saved (not checked)
+        here = self._global_specs()
+        if state_dict["layers"] and saved is not None and saved != here:
+            # as for layer_specs: the quantized layers' specs come from the checkpoint
+            diff = ", ".join(f"{k}_spec: checkpoint {_short(saved.get(k))}, this callback {_short(here.get(k))}"
+                             for k in here if saved.get(k) != here.get(k))
+            raise ValueError(f"the checkpoint was written in phase {phase!r} (layers already quantized) by a "
+                             f"ProgressiveQuantization with other specs ({diff}); resume with the specs the "
+                             "checkpoint was written with")
         self.phase = phase
         self._history = copy.deepcopy(state_dict["history"])
         self._calib_seen = state_dict["calib_seen"]

@@ -618,6 +618,19 @@ def test_resume_mid_qat_restores_identical_per_layer_specs(tmp_path):
     assert cb_a.report == cb_b.report
 
 
+def test_resume_with_other_global_specs_is_refused(tmp_path):
+    # the quantized layers' specs come from the checkpoint: resuming under another weight_spec
+    # silently trained what the checkpoint planned, not what the callback said
+    _ckpt_run(tmp_path / "a")
+    ckpt = str(tmp_path / "a" / "ckpt" / "epoch=1.ckpt")
+    w4 = QuantSpec(bits=4, granularity="per_group", group_size=32)
+    with pytest.raises(ValueError, match=r"other specs \(weight_spec: checkpoint int8/per_channel/sym, this callback "
+                                         r"int4/g32/sym\); resume with the specs the checkpoint was written with"):
+        _ckpt_run(tmp_path / "b", ckpt_path=ckpt, weight_spec=w4)
+    _, cb = _ckpt_run(tmp_path / "c", ckpt_path=str(tmp_path / "a" / "ckpt" / "epoch=0.ckpt"), weight_spec=w4)
+    assert cb.report["layers"]["mlp.2"]["weight"] == "int4/g32/sym"  # from FP32: the new spec applies
+
+
 @pytest.mark.parametrize("other", [None, {"mlp.2": INT4_G32, "emb": INT4_ROWS}])
 def test_resume_with_other_layer_specs_is_refused(tmp_path, other):
     _ckpt_run(tmp_path / "a", layer_specs=_MIXED)
