@@ -104,7 +104,7 @@ def top_mlp(rounds: int) -> dict:
         return run
 
     fns = {"fp32": lambda: torch.relu(F.linear(torch.relu(F.linear(x, ws[0], bs[0])), ws[1], bs[1]))}
-    for engine, have in zip(native.ENGINES, (native.amx_available(), native.vnni_available(), native.vpmaddwd_available())):
+    for engine, have in native.engines_available().items():
         if have:
             fns[engine] = on(engine)
     fns["int_mm_passes"] = on()

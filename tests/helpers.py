@@ -146,7 +146,7 @@ def use_int8_engine(monkeypatch, name: Optional[str]) -> None:
     import pytest
     from hwaware.quant import native
 
-    have = dict(zip(native.ENGINES, (native.amx_available(), native.vnni_available(), native.vpmaddwd_available())))
+    have = native.engines_available()
     if name is not None and not have[name]:
         pytest.skip(f"no {name} engine here (native: {native.native_status()})")
     for attr, engine in zip(("_amx", "_vnni", "_madd"), native.ENGINES):

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["native_status", "fq_sym_rows", "fq_affine_rows", "quant_tokens_i8", "w8a8_epilogue", "w8a8_epilogue_quant", "check_bags", "rowwise_bags",
-           "dot_interaction", "dot_interaction_backward", "dot_interaction_int8", "bags_interaction", "amx_available", "vnni_available", "vpmaddwd_available", "ENGINES", "int8_engine", "only_engines", "int8_pack", "int8_mlp"]
+           "dot_interaction", "dot_interaction_backward", "dot_interaction_int8", "bags_interaction", "amx_available", "vnni_available", "vpmaddwd_available", "ENGINES", "engines_available", "int8_engine", "only_engines", "int8_pack", "int8_mlp"]
 
 _SRCS = [Path(__file__).parent / "_native" / n for n in ("rowwise_fq.c", "w8a8.c", "bags.c", "interact.c")]
 _HEADERS = [Path(__file__).parent / "_native" / n for n in ("rows.h", "tables.h")]  # included by the sources: part of the build key
@@ -271,15 +271,19 @@ def vpmaddwd_available() -> bool:
 ENGINES = ("amx", "vnni", "vpmaddwd")
 
 
+def engines_available() -> dict:
+    """``{engine: whether int8_mlp may run on it here}`` for every engine of :data:`ENGINES`."""
+    return dict(zip(ENGINES, (amx_available(), vnni_available(), vpmaddwd_available())))
+
+
 def int8_engine() -> Optional[str]:
     """The engine :func:`int8_mlp` runs on here, the first this CPU has of :data:`ENGINES`:
     ``"amx"``, ``"vnni"``, ``"vpmaddwd"`` (AVX2 or AVX-512 without VNNI); None: no native pass
     (the ``torch._int_mm`` passes)."""
-    return ("amx" if amx_available() else "vnni" if vnni_available() else
-            "vpmaddwd" if vpmaddwd_available() else None)
+    return next((e for e, have in engines_available().items() if have), None)
 
 
-_ENGINES = {"amx": 1, "vnni": 2, "vpmaddwd": 3}
+_ENGINES = {e: i + 1 for i, e in enumerate(ENGINES)}  # w8a8.c's ENGINE_AMX = 1, ENGINE_VNNI = 2, ENGINE_MADD = 3
 
 
 @contextlib.contextmanager
@@ -291,7 +295,7 @@ def only_engines(*names: str) -> Iterator[None]:
     if unknown:
         raise ValueError(f"only_engines: unknown engine(s) {unknown}; expected names from {ENGINES}")
     global _amx, _vnni, _madd
-    saved = amx_available(), vnni_available(), vpmaddwd_available()  # resolved, so restoring them is exact
+    saved = tuple(engines_available().values())  # resolved, so restoring them is exact
     _amx, _vnni, _madd = (have and name in names for have, name in zip(saved, ENGINES))
     try:
         yield
