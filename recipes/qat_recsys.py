@@ -28,6 +28,7 @@ import hwaware
 from hwaware import ProgressiveQuantization, QuantSpec, SemiStructuredSparsity
 from hwaware.quant import quantization_disabled
 from hwaware.cli import int_at_least
+from hwaware.export import FORMAT_NAME, is_artifact
 from hwaware.export.bench import compare_throughput
 from hwaware.recsys import DLRM, CriteoDataModule, evaluate_auroc
 
@@ -48,7 +49,6 @@ def _float_in(lo: float, *, lo_open: bool, hi: float = math.inf, hi_open: bool =
     return parse
 
 
-ARTIFACT_FORMAT = "hwaware-artifact"
 
 
 def default_export_dir(args: argparse.Namespace) -> str:
@@ -56,20 +56,18 @@ def default_export_dir(args: argparse.Namespace) -> str:
     return os.path.join("out", f"qat_recsys-int{args.embedding_bits}" + ("-24" if args.sparsity == "2:4" else ""))
 
 
-def is_artifact(path: str) -> bool:
-    try:
-        with open(os.path.join(path, "manifest.json"), "rb") as f:
-            return json.loads(f.read().decode("utf-8")).get("format") == ARTIFACT_FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+def _nearest_existing_parent(path: str) -> str:
+    """The closest existing ancestor of ``path`` (what creating its missing folders would start from)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    return parent
 
 
 def export_dir_problem(path: str):
     """Why the export cannot write to ``path`` (the rules hwaware.export applies), else None."""
     if not os.path.lexists(path):
-        parent = os.path.dirname(os.path.abspath(path))
-        while not os.path.lexists(parent):
-            parent = os.path.dirname(parent)
+        parent = _nearest_existing_parent(path)
         return None if os.path.isdir(parent) else f"{parent} is not a directory"
     if os.path.islink(path):
         return "is a symlink; pass the real directory"
@@ -77,7 +75,7 @@ def export_dir_problem(path: str):
         return "exists and is not a directory; the artifact is a directory"
     if os.listdir(path) and not is_artifact(path):
         return ("exists, is not empty and is not an hwaware artifact (no manifest.json with format "
-                f"{ARTIFACT_FORMAT!r}); pass an empty or new directory")
+                f"{FORMAT_NAME!r}); pass an empty or new directory")
     return None
 
 
@@ -160,9 +158,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.report is not None:
         if os.path.isdir(args.report):
             p.error(f"--report {args.report}: is a directory; expected a file path")
-        parent = os.path.dirname(os.path.abspath(args.report))
-        while not os.path.lexists(parent):
-            parent = os.path.dirname(parent)
+        parent = _nearest_existing_parent(args.report)
         if not os.path.isdir(parent):
             p.error(f"--report {args.report}: {parent} is not a directory")
     if not args.no_export:
@@ -323,7 +319,7 @@ def print_table(report: dict) -> None:
 
 def export_and_bench(args, model, fp32, dm, fp32_auroc, state: dict) -> dict:
     """Pack, gate (AUROC through the deploy ops), reload from disk, and time exported vs FP32."""
-    path = args.export_dir or default_export_dir(args)
+    path = args.export_dir
     infer = CriteoDataModule(data=args.data, num_samples=args.num_samples, batch_size=args.infer_batch_size, seed=args.seed)
     infer.setup("fit")
     batches = [(b["dense"], b["sparse"]) for _, b in zip(range(4 if args.fast else 8), infer.val_dataloader())]

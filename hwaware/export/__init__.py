@@ -7,6 +7,7 @@ from hwaware.export.artifact import (
     FORMAT_VERSION,
     ArtifactError,
     artifact_size_bytes,
+    is_artifact,
     read_manifest,
     read_tensors,
     verify_artifact,
@@ -15,7 +16,7 @@ from hwaware.export.artifact import (
 from hwaware.export.exporter import Artifact, KernelPortabilityWarning, RegressionError, export, load
 
 __all__ = [
-    "FORMAT_NAME", "FORMAT_VERSION", "ArtifactError", "artifact_size_bytes", "read_manifest", "read_tensors",
+    "FORMAT_NAME", "FORMAT_VERSION", "ArtifactError", "artifact_size_bytes", "is_artifact", "read_manifest", "read_tensors",
     "verify_artifact", "write_artifact", "Artifact", "KernelPortabilityWarning", "RegressionError", "export", "load",
 ]
 

@@ -191,6 +191,15 @@ def _versions() -> Dict[str, str]:
 # ------------------------------------------------------------------------------------------------
 # writing
 # ------------------------------------------------------------------------------------------------
+def is_artifact(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a ``manifest.json`` of this format (unverified: what export may replace)."""
+    try:
+        with open(os.path.join(path, MANIFEST_FILE), "rb") as f:
+            return json.loads(f.read().decode("utf-8")).get("format") == FORMAT_NAME
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _check_target(path: str, overwrite: bool) -> None:
     """Refuse to clobber anything at ``path`` that is not a previous artifact or an empty dir."""
     if not os.path.lexists(path):
@@ -201,13 +210,7 @@ def _check_target(path: str, overwrite: bool) -> None:
         raise ArtifactError(f"{path}: exists and is not a directory; refusing to overwrite it")
     if not os.listdir(path):
         return
-    mpath = os.path.join(path, MANIFEST_FILE)
-    try:
-        with open(mpath, "rb") as f:
-            fmt = json.loads(f.read().decode("utf-8")).get("format")
-    except (OSError, ValueError, AttributeError):
-        fmt = None
-    if fmt != FORMAT_NAME:
+    if not is_artifact(path):
         raise ArtifactError(
             f"{path}: exists, is not empty and is not an hwaware artifact (no {MANIFEST_FILE} with "
             f"format {FORMAT_NAME!r}); refusing to overwrite it"
