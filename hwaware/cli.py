@@ -90,9 +90,8 @@ def _kernels_cell(entry: Mapping[str, Any]) -> str:
     kernels = entry.get("kernels")
     if entry.get("scheme") != "sparse24_int8" or not isinstance(kernels, Mapping):
         return _fmt_cell("kernels", kernels)
-    from hwaware.export.selection import SPARSE24_INT8_KERNEL
+    from hwaware.export.selection import SPARSE24_INT8_IMPL as impl
 
-    impl = {v: k for k, v in SPARSE24_INT8_KERNEL.items()}
     return ",".join(f"{d}={_fmt_cell('', k)}" + (f" (int8 {impl[k]})" if d == "cpu" and k in impl else "")
                     for d, k in kernels.items())
 
@@ -290,8 +289,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         rounds = f" (rounds x{r['ratio_min']:.2f}..x{r['ratio_max']:.2f})" if name != result["baseline"] and args.rounds > 1 else ""
         print(f"{name:10s} {r['samples_per_s']:>12,.0f} samples/s  x{r['ratio']:.2f}{rounds}  "
               f"p50 {r['latency_ms_p50']:.2f} ms  p90 {r['latency_ms_p90']:.2f} ms  p99 {r['latency_ms_p99']:.2f} ms")
-    if instability_warning(result):
-        print(instability_warning(result))
+    warning = instability_warning(result)
+    if warning:
+        print(warning)
     if not args.no_memory:
         from hwaware.export.memory import peak_memory
 

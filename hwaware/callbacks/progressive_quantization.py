@@ -56,7 +56,7 @@ def _short(spec: Optional[Dict[str, Any]]) -> str:
 def _describe_specs(state: List[List[Any]]) -> str:
     """``{pattern: {key: short label}}`` of saved layer_specs, for messages."""
     return "{" + ", ".join(
-        f"{p!r}: {{" + ", ".join(f"{k!r}: {QuantSpec.from_dict(v).short() if v is not None else None}" for k, v in e.items()) + "}"
+        f"{p!r}: {{" + ", ".join(f"{k!r}: {_short(v)}" for k, v in e.items()) + "}"
         for p, e in state) + "}"
 
 

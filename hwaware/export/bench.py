@@ -45,7 +45,6 @@ def compare_throughput(
         raise ValueError("compare_throughput needs at least one model")
     if rounds < 1 or not inputs:
         raise ValueError(f"rounds={rounds} and {len(inputs)} inputs; expected rounds >= 1 and at least one input")
-    lat: Dict[str, List[float]] = {name: [] for name in models}
     per_round: Dict[str, List[List[float]]] = {name: [[] for _ in range(rounds)] for name in models}
     with torch.inference_mode():
         for m in models.values():
@@ -60,16 +59,16 @@ def compare_throughput(
                     t0 = time.perf_counter()
                     run(m, x)
                     dt = time.perf_counter() - t0
-                    lat[name].append(dt)
                     per_round[name][r].append(dt)
     base = None
     base_rounds: List[float] = []
     out: Dict[str, Any] = {}
-    for name, xs in lat.items():
+    for name, rounds_dt in per_round.items():
+        xs = [dt for ys in rounds_dt for dt in ys]
         med = statistics.median(xs)
         thr = batch_size / med
         base = base or thr
-        round_thr = [batch_size / statistics.median(ys) for ys in per_round[name]]
+        round_thr = [batch_size / statistics.median(ys) for ys in rounds_dt]
         base_rounds = base_rounds or round_thr
         round_ratios = [t / b for t, b in zip(round_thr, base_rounds)]
         out[name] = {

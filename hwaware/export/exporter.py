@@ -28,7 +28,7 @@ from hwaware.export.artifact import ArtifactError, read_tensors, verify_artifact
 from hwaware._predict import model_predictions
 from hwaware.export.deploy import (DEPLOY_TYPES, Int4Linear, Int8Linear, RowwiseEmbedding, RowwiseEmbeddingBag, Sparse24Linear,
                                    chain_int8, fuse_relu)
-from hwaware.export.selection import (SPARSE24_INT8_KERNEL, capture_rows, cpu_profile, isa_list, lost_features,
+from hwaware.export.selection import (SPARSE24_INT8_IMPL, SPARSE24_INT8_KERNEL, capture_rows, cpu_profile, isa_list, lost_features,
                                       select_int8_chains, select_int8_kernels, select_sparse24_kernels)
 import hwaware.ops as hwaware_ops
 from hwaware.ops import INT8_KERNELS, SPARSE24_KERNELS
@@ -132,6 +132,13 @@ def _copy_model(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def _fp32_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with its quantization detached: its weights as FP32 layers run them."""
+    ref = _copy_model(model)
+    detach_quantization(ref)
+    return ref
+
+
 def _get_module(root: nn.Module, name: Any) -> Optional[nn.Module]:
     """The submodule at ``name``, or None where there is none (or ``name`` is not a string)."""
     try:
@@ -186,7 +193,7 @@ def _served_activation(m: nn.Module) -> Optional[str]:
         return None
     kernel = m.kernels.get("cpu", "auto")
     if isinstance(m, Sparse24Linear):
-        kernel = {v: k for k, v in SPARSE24_INT8_KERNEL.items()}.get(kernel, kernel)
+        kernel = SPARSE24_INT8_IMPL.get(kernel, kernel)
     if kernel == "dequant":
         return f"{_FLOAT_INPUT} (int8 weight dequantized)"
     if kernel == "fbgemm":
@@ -223,7 +230,7 @@ def _selected_label(op_name: str, m: nn.Module, rec: Dict[str, Any]) -> str:
     ``"dense"`` is ``int_mm``: the codes are decompressed, not dequantized)."""
     op_kernel = rec["op_kernel"]
     if isinstance(m, Sparse24Linear) and m.values.dtype == torch.int8:
-        impl = {v: k for k, v in SPARSE24_INT8_KERNEL.items()}.get(op_kernel, op_kernel)
+        impl = SPARSE24_INT8_IMPL.get(op_kernel, op_kernel)
         return (f"hwaware::{op_name} [cpu: {op_kernel} = int8_linear {impl} on the int8 codes decompressed once; "
                 f"chosen {rec['chosen']}]")
     return f"hwaware::{op_name} [cpu: {op_kernel}; chosen {rec['chosen']}]"
@@ -383,8 +390,7 @@ def _gate_each_impl(deploy: nn.Module, loader: Iterable, metric: str, output_fn:
 def _reference_module(model: nn.Module, reference: Union[None, nn.Module, Dict[str, Tensor]]) -> nn.Module:
     if isinstance(reference, nn.Module):
         return reference
-    ref = _copy_model(model)
-    detach_quantization(ref)
+    ref = _fp32_copy(model)
     sd = reference if reference is not None else fp32_reference(model)
     if sd is not None:  # otherwise the model's own weights are FP32 (post-training quantization)
         ref.load_state_dict(sd)
@@ -671,8 +677,7 @@ def export(
             # The gate's reference is the FP32 model at QAT start, so training during QAT moves the
             # drop too. Not gated, recorded: the final weights with quantization off, and how much of
             # the metric the export itself costs against them.
-            final = _copy_model(model)
-            detach_quantization(final)
+            final = _fp32_copy(model)
             report["final_weights_fp32"] = _evaluate(final, val_dataloader, metric, output_fn)
             report["quantization_drop"] = report["final_weights_fp32"] - exp_value
         if not report["passed"]:

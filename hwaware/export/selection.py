@@ -54,6 +54,8 @@ _ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "
 # int8_linear implementation on its decompressed codes
 SPARSE24_INT8_CANDIDATE = {"int_mm": "int8", "fbgemm": "int8_fbgemm", "dequant": "int8_dequant"}
 SPARSE24_INT8_KERNEL = {"int_mm": "dense", "fbgemm": "fbgemm", "dequant": "dequant"}
+# its reverse: the int8_linear implementation a sparse24_linear kernel name runs
+SPARSE24_INT8_IMPL = {k: i for i, k in SPARSE24_INT8_KERNEL.items()}
 
 
 def cpu_profile() -> Dict[str, Any]:
