@@ -31,6 +31,7 @@ from hwaware.cli import int_at_least
 from hwaware.export import FORMAT_NAME, is_artifact
 from hwaware.export.bench import compare_throughput
 from hwaware.recsys import DLRM, CriteoDataModule, evaluate_auroc
+from hwaware.sparsity import find_prunable
 
 
 def _float_in(lo: float, *, lo_open: bool, hi: float = math.inf, hi_open: bool = True):
@@ -367,13 +368,11 @@ def _fail(message: str, status: int = 1):
 
 
 def check_sparsity_skip(args: argparse.Namespace, model: torch.nn.Module) -> None:
-    """Every --sparsity-skip pattern must name at least one Linear layer (a typo would prune it)."""
-    import fnmatch
-
-    layers = [n for n, m in model.named_modules() if n and isinstance(m, torch.nn.Linear)]
-    for pattern in (q for q in args.sparsity_skip.split(",") if q):
-        if not any(fnmatch.fnmatchcase(n, pattern) for n in layers):
-            _fail(f"--sparsity-skip: pattern {pattern!r} matches no layer; the MLP layers are {', '.join(layers)}", 2)
+    """Every --sparsity-skip pattern must name a layer (a typo would prune it): refused before training."""
+    try:
+        find_prunable(model, [q for q in args.sparsity_skip.split(",") if q])
+    except ValueError as e:
+        _fail(f"--sparsity-skip: {e}", 2)
 
 
 def main(argv=None) -> dict:

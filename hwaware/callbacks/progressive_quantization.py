@@ -91,7 +91,10 @@ class ProgressiveQuantization(Callback):
             ``None`` for weight-only).
         embedding_spec: row-wise quantization of embedding tables (default int8 affine per row,
             the FBGEMM layout; ``None`` leaves tables in FP32). Must be ``per_row``.
-        skip: ``fnmatch`` patterns of layer names to leave in FP32 (``"top_mlp.4"``, ``"*.head"``).
+        skip: ``fnmatch`` patterns of layer names to leave in FP32 (``"top_mlp.4"``, ``"*.head"``);
+            a pattern matching a parent's name (``"top_mlp"``) skips every layer under it. A pattern
+            that matches nothing in the model raises ``ValueError`` at ``setup`` (a typo there would
+            quantize the layer it meant to keep).
         layer_specs: per-layer overrides of the specs above, ``{fnmatch pattern: override}`` with the
             patterns matched like ``skip``. An override is a :class:`QuantSpec` (the weight spec of
             a Linear/Conv, the table spec of an embedding) or a dict with keys among ``"weight"``
@@ -120,8 +123,9 @@ class ProgressiveQuantization(Callback):
             the layer); ``monitor`` never logged with ``start="plateau"``; a model that cannot be
             run on its batches the way the output KL runs it (checked once, at the first validation
             batch, or at the first calibration batch if none came before: not after training).
-            A ``layer_specs`` pattern that matches no quantizable layer or an override invalid for
-            its layer's kind (at ``setup``); a checkpoint written with other ``layer_specs`` once
+            A ``skip`` pattern that matches nothing in the model, a ``layer_specs`` pattern that
+            matches no quantizable layer or an override invalid for its layer's kind (at
+            ``setup``); a checkpoint written with other ``layer_specs`` once
             quantization started (at resume).
         TypeError: a spec that is not a :class:`QuantSpec`; ``layer_specs`` values that are not a
             QuantSpec or a dict of them (``"activation"`` may be None).

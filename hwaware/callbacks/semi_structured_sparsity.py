@@ -66,9 +66,11 @@ class SemiStructuredSparsity(Callback):
         ramp_epochs: ``"magnitude"`` only: epochs over which the fraction of pruned groups rises
             from 0 to 1 (cubic schedule, updated every optimizer step); 0 prunes in one shot.
         sr_ste_lambda: ``"sr_ste"`` only: the decay ``λ_W`` on pruned weights (paper: 2e-4).
-        skip: ``fnmatch`` patterns of layer names to leave dense. Embedding tables are never pruned;
-            layers whose input dimension is not a multiple of 4 are skipped with the reason in
-            ``report["skipped"]``.
+        skip: ``fnmatch`` patterns of layer names to leave dense, matched as ProgressiveQuantization
+            matches its ``skip`` (a parent's name skips every layer under it); a pattern that matches
+            nothing in the model raises ``ValueError`` at ``setup``. Embedding tables are never
+            pruned; layers whose input dimension is not a multiple of 4 are skipped with the reason
+            in ``report["skipped"]``.
         monitor: logged metric reported before pruning and at the end (e.g. ``"val_auroc"``);
             every logged scalar is recorded either way.
         lr_scale: multiply every optimizer learning rate by this when pruning starts (sparse
@@ -78,8 +80,8 @@ class SemiStructuredSparsity(Callback):
     Raises:
         ValueError: an unknown ``method``, a negative ``start_epoch`` / ``ramp_epochs``, a ramp with
             ``"sr_ste"``, a bad ``sr_ste_lambda``, ``skip`` or ``lr_scale`` (at construction); ``start_epoch`` (+
-            ``ramp_epochs``) beyond the Trainer's ``max_epochs`` or a model with no prunable layer
-            (at ``setup``, the first moment the Trainer is known); a checkpoint written by a
+            ``ramp_epochs``) beyond the Trainer's ``max_epochs``, a model with no prunable layer or a
+            ``skip`` pattern that matches nothing in it (at ``setup``, the first moment the Trainer is known); a checkpoint written by a
             different method (at resume).
     """
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import fnmatch
 import sys
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -224,11 +225,25 @@ def quant_states(model: nn.Module) -> Dict[str, QuantState]:
     return {name: st for name, m in model.named_modules() if (st := quant_state(m)) is not None}
 
 
-def _matches(name: str, patterns: Sequence[str]) -> Optional[str]:
+def matching_pattern(name: str, patterns: Sequence[str]) -> Optional[str]:
+    """The first pattern matching ``name`` or a parent of it (``"top_mlp"`` matches ``"top_mlp.0"``)."""
     for p in patterns:
         if fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, p + ".*"):
             return p
     return None
+
+
+def check_skip_matches(model: nn.Module, skip: Sequence[str], layers: Sequence[str], what: str) -> None:
+    """Refuse a ``skip`` pattern that names nothing in ``model``: a typo there would silently
+    quantize or prune the layer the user meant to keep. ``layers`` (the candidates) go in the
+    message; a pattern matching any module or bare weight, candidate or not, is accepted."""
+    names = [n for n, m in model.named_modules() if n]
+    names += [w for n, m in model.named_modules() for w in bare_weights(n, m)]
+    for pattern in skip:
+        if not any(matching_pattern(n, [pattern]) for n in names):
+            some = ", ".join(layers[:12]) + (f", ... ({len(layers)} in all)" if len(layers) > 12 else "")
+            raise ValueError(f"skip pattern {pattern!r} matches no layer of {type(model).__name__}; "
+                             f"the {what} layers are: {some or 'none'}")
 
 
 def _specs_for(module: nn.Module, kind: str, weight_spec: QuantSpec, activation_spec: Optional[QuantSpec],
@@ -382,7 +397,8 @@ def find_quantizable(model: nn.Module, *, weight_spec: QuantSpec, activation_spe
     ``in_features``) is skipped with the reason, as under the global ``weight_spec``.
 
     Raises:
-        ValueError: a ``layer_specs`` pattern that matches no quantizable layer, or that matches
+        ValueError: a ``skip`` pattern that matches no module of ``model``; a ``layer_specs``
+            pattern that matches no quantizable layer, or that matches
             only layers an earlier pattern already claims (it would never apply); an override
             invalid for a layer's kind (a table spec that is not ``per_row`` or is learnable, an
             activation spec on an embedding, a dynamic or ``per_row`` Linear/Conv weight).
@@ -392,6 +408,7 @@ def find_quantizable(model: nn.Module, *, weight_spec: QuantSpec, activation_spe
     modules = dict(model.named_modules())
     eligible: List[str] = []
     won: Dict[str, int] = dict.fromkeys(overrides, 0)
+    overridden_by_skip: Dict[str, List[str]] = {p: [] for p in overrides}
     for name, module in modules.items():
         skipped.update(dict.fromkeys(bare_weights(name, module), "a bare Parameter nn.MultiheadAttention multiplies "
                                      "itself; hwaware quantizes layers, not parameters: stays FP32"))
@@ -404,11 +421,13 @@ def find_quantizable(model: nn.Module, *, weight_spec: QuantSpec, activation_spe
             skipped[name] = reason
             continue
         eligible.append(name)
-        over = _matches(name, list(overrides))
+        over = matching_pattern(name, list(overrides))
         if over is not None:
             won[over] += 1
-        if (pat := _matches(name, skip)) is not None:
+        if (pat := matching_pattern(name, skip)) is not None:
             skipped[name] = f"matches skip pattern {pat!r}" + (f" (skip wins over layer_specs[{over!r}])" if over is not None else "")
+            if over is not None:
+                overridden_by_skip[over].append(name)
             continue
         w, a, e = weight_spec, activation_spec, embedding_spec
         if over is not None:
@@ -422,13 +441,19 @@ def find_quantizable(model: nn.Module, *, weight_spec: QuantSpec, activation_spe
         if n:
             continue
         some = ", ".join(eligible[:12]) + (f", ... ({len(eligible)} in all)" if len(eligible) > 12 else "")
-        matched = [name for name in eligible if _matches(name, [pattern])]
+        matched = [name for name in eligible if matching_pattern(name, [pattern])]
         if matched:
             raise ValueError(
                 f"layer_specs pattern {pattern!r} never applies: every layer it matches ({', '.join(matched[:12])}) is "
                 f"matched by an earlier pattern first (the first matching pattern wins; put more specific patterns first)")
         raise ValueError(f"layer_specs pattern {pattern!r} matches no quantizable layer of {type(model).__name__}; "
                          f"quantizable layers are: {some or 'none'}")
+    for pattern, names in overridden_by_skip.items():
+        if names and len(names) == won[pattern]:
+            warnings.warn(f"layer_specs pattern {pattern!r} applies to no layer: every layer it matches "
+                          f"({', '.join(names[:12])}) is skipped by skip= (skip wins over layer_specs), so they stay FP32",
+                          UserWarning, stacklevel=2)
+    check_skip_matches(model, skip, eligible, "quantizable")
     return plan, skipped
 
 

@@ -9,13 +9,12 @@ Masks are ``bool`` tensors shaped like the weight (``True`` = kept). Pure functi
 """
 from __future__ import annotations
 
-import fnmatch
 from typing import Dict, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from hwaware.quant.attach import bare_weights
+from hwaware.quant.attach import matching_pattern, bare_weights, check_skip_matches
 
 __all__ = [
     "PRUNABLE_TYPES", "find_prunable", "weight_2d", "magnitude_mask_24", "gradual_mask_24", "is_mask_24",
@@ -36,7 +35,12 @@ def find_prunable(model: nn.Module, skip: Sequence[str] = ()) -> Tuple[Dict[str,
 
     Embedding tables are never pruned (a row-wise table has no K dimension to make 2:4); a layer
     whose K (input dimension, im2col for convs) is not a multiple of 4 is skipped with its reason,
-    as is any name matching an ``fnmatch`` pattern in ``skip``.
+    as is any layer matching an ``fnmatch`` pattern in ``skip`` (by its name or a parent's, as
+    ProgressiveQuantization matches: ``"top_mlp"`` skips ``top_mlp.0``).
+
+    Raises:
+        ValueError: a ``skip`` pattern that matches no module of ``model`` (a typo would prune
+            the layer it meant to keep).
     """
     layers, skipped = {}, {}
     # a weight tied to an embedding table is a table (never pruned); one shared by two layers is
@@ -48,7 +52,7 @@ def find_prunable(model: nn.Module, skip: Sequence[str] = ()) -> Tuple[Dict[str,
                                      "2:4 masks apply to Linear and Conv layers: stays dense"))
         if not isinstance(m, PRUNABLE_TYPES) or not name:
             continue
-        pattern = next((p for p in skip if fnmatch.fnmatchcase(name, p)), None)
+        pattern = matching_pattern(name, skip)
         if pattern is not None:
             skipped[name] = f"matches skip pattern {pattern!r}"
             continue
@@ -65,6 +69,8 @@ def find_prunable(model: nn.Module, skip: Sequence[str] = ()) -> Tuple[Dict[str,
             continue
         owners[id(m.weight)] = name
         layers[name] = m
+    check_skip_matches(model, skip, [n for n, m in model.named_modules() if n and isinstance(m, PRUNABLE_TYPES)],
+                       "Linear/Conv")
     return layers, skipped
 
 

@@ -316,6 +316,13 @@ def test_skip_patterns():
     assert set(plan) == {"head"}
     assert skipped["encoder.0"] == skipped["encoder.1"] == "matches skip pattern 'encoder'"
     assert skipped["emb"] == "matches skip pattern 'e*'"
+    # a typo would quantize the layer it meant to keep: refused, with the candidates
+    with pytest.raises(ValueError, match=r"skip pattern 'haed' matches no layer of Sequential; the quantizable layers "
+                                         r"are: encoder\.0, encoder\.1, head, emb"):
+        find_quantizable(model, weight_spec=WEIGHT_SPEC, embedding_spec=EMB_SPEC, skip=["haed"])
+    # a pattern naming a module that is no candidate (a container, a norm) is accepted
+    model.add_module("norm", nn.LayerNorm(4))
+    find_quantizable(model, weight_spec=WEIGHT_SPEC, embedding_spec=EMB_SPEC, skip=["norm"])
 
 
 def test_per_group_skips_with_reason():
@@ -332,15 +339,17 @@ def test_per_group_skips_with_reason():
 def test_layer_specs_override_per_layer_and_keep_the_global_skip_reasons():
     model = nn.Sequential(nn.Linear(64, 8), nn.Linear(8, 40), nn.Conv1d(2, 2, 3), nn.Embedding(4, 4), nn.Linear(40, 2))
     rows4 = QuantSpec(bits=4, granularity="per_row", symmetric=False)
-    plan, skipped = find_quantizable(
-        model, weight_spec=WEIGHT_SPEC, activation_spec=ACT_SPEC, skip=["4"],
-        layer_specs={"0": {"weight": INT4_G32, "activation": None}, "[12]": INT4_G32, "3": rows4, "4": INT4_G32})
+    with pytest.warns(UserWarning, match=r"layer_specs pattern '4' applies to no layer: every layer it matches \(4\) is "
+                                         r"skipped by skip="):
+        plan, skipped = find_quantizable(
+            model, weight_spec=WEIGHT_SPEC, activation_spec=ACT_SPEC, skip=["4"],
+            layer_specs={"0": {"weight": INT4_G32, "activation": None}, "[12]": INT4_G32, "3": rows4, "4": INT4_G32})
     # layer 0: its own weight, weight-only; an embedding gets a table even with embedding_spec=None
     assert plan == {"0": ("linear", INT4_G32, None), "3": ("embedding", rows4.replace(dynamic=True), None)}
     assert skipped == {
         "1": "in_features=8 is not a multiple of group_size=32 (layer_specs['[12]'])",
         "2": "per_group weights are defined for Linear layers only (layer_specs['[12]'])",
-        "4": "matches skip pattern '4' (skip wins over layer_specs['4'])",  # matching only a skipped layer is fine
+        "4": "matches skip pattern '4' (skip wins over layer_specs['4'])",  # matching only skipped layers: a warning
     }
     # no layer_specs: the global specs everywhere, as before
     assert find_quantizable(model, weight_spec=WEIGHT_SPEC)[0]["0"] == ("linear", WEIGHT_SPEC, None)

@@ -264,8 +264,8 @@ def test_sparsity_skip_pattern_matching_no_layer_is_refused(run_main):
     code, _, err = run_main("--fast", "--no-progress", "--sparsity", "2:4", "--sparsity-skip", "nomatch",
                             "--num-samples", "3000", "--no-export")
     assert code == 2
-    assert ("qat_recsys.py: error: --sparsity-skip: pattern 'nomatch' matches no layer; the MLP layers are "
-            "bottom_mlp.0, bottom_mlp.2, top_mlp.0, top_mlp.2, top_mlp.4") in err
+    assert ("qat_recsys.py: error: --sparsity-skip: skip pattern 'nomatch' matches no layer of DLRM; the "
+            "Linear/Conv layers are: bottom_mlp.0, bottom_mlp.2, top_mlp.0, top_mlp.2, top_mlp.4") in err
 
 
 @pytest.mark.parametrize(("previous", "written", "message"), [

@@ -58,6 +58,15 @@ def test_find_prunable_skips_with_reasons():
     assert "4" not in skipped  # embeddings are never candidates
 
 
+def test_find_prunable_skip_matches_parents_and_refuses_typos():
+    model = nn.Sequential(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)), nn.Linear(8, 4))
+    layers, skipped = find_prunable(model, skip=["0"])  # a parent's name skips its layers, as in QAT
+    assert set(layers) == {"1"} and set(skipped) == {"0.0", "0.1"}
+    with pytest.raises(ValueError, match=r"skip pattern 'O\.\*' matches no layer of Sequential; the Linear/Conv "
+                                         r"layers are: 0\.0, 0\.1, 1"):
+        find_prunable(model, skip=["O.*"])
+
+
 def test_conv_im2col_view():
     conv = nn.Conv2d(4, 6, 3)
     w2d = weight_2d(conv)
