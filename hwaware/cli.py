@@ -18,9 +18,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 __all__ = ["main"]
 
-# Layer-entry keys shown first, in this order; any other keys follow alphabetically, except the
-# measured kernel selection of int8 and 2:4 layers and the layers' notes (sentences), which get their own sections.
-_LAYER_COLUMNS = ("scheme", "shape", "group_size", "bytes", "kernel")
+# Layer-entry keys shown first, in this order; with --wide any other keys follow alphabetically, except
+# the measured kernel selection of int8 and 2:4 layers and the layers' notes (sentences), which get their own sections.
+_LAYER_COLUMNS = ("scheme", "shape", "group_size", "bytes", "kernel", "activation")
 _OWN_SECTION = ("selection", "note")
 
 
@@ -56,14 +56,27 @@ def _table(rows: List[List[str]]) -> str:
     return "\n".join(lines)
 
 
-#: a layer-table cell longer than this is shortened to ``<start>... [n]``; its full text follows the table once
-_MAX_CELL = 48
+#: a layer-table cell longer than this is shortened (to its head before `` [`` or ``:``, else cut with
+#: ``...``) and marked ``[n]``; its full text follows the table once
+_MAX_CELL = 40
 
 
-def _layers_table(layers: Mapping[str, Any]) -> str:
+def _short_cell(cell: str, n: int) -> str:
+    mark = f" [{n}]"
+    for sep in (" [", ":"):
+        head = cell.split(sep, 1)[0]
+        if head != cell and len(head) + len(mark) <= _MAX_CELL:
+            return head + mark
+    return cell[:_MAX_CELL - len(mark) - 3].rstrip() + "..." + mark
+
+
+def _layers_table(layers: Mapping[str, Any], wide: bool = False) -> str:
+    """The layer table: the ``_LAYER_COLUMNS`` a layer has, and with ``wide`` every other field too
+    (without it, a line after the table names the fields left out)."""
     entries = {name: (e if isinstance(e, Mapping) else {"value": e}) for name, e in layers.items()}
     present = {k for e in entries.values() for k in e} - set(_OWN_SECTION)
-    cols = [c for c in _LAYER_COLUMNS if c in present] + sorted(present - set(_LAYER_COLUMNS))
+    more = sorted(present - set(_LAYER_COLUMNS))
+    cols = [c for c in _LAYER_COLUMNS if c in present] + (more if wide else [])
     rows = [["layer"] + cols]
     rows += [[name] + [_kernels_cell(e) if c == "kernels" else _fmt_cell(c, e.get(c)) for c in cols]
              for name, e in entries.items()]
@@ -72,15 +85,13 @@ def _layers_table(layers: Mapping[str, Any]) -> str:
     for r in rows[1:]:
         for i, cell in enumerate(r):
             if i and len(cell) > _MAX_CELL:
-                n = full.setdefault(cell, len(full) + 1)
-                mark = f"... [{n}]"
-                r[i] = cell[:_MAX_CELL - len(mark)].rstrip() + mark
+                r[i] = _short_cell(cell, full.setdefault(cell, len(full) + 1))
     out = _table(rows)
     if full:
-        import textwrap
-
-        out += "\n\n" + "\n".join(textwrap.fill(text, width=110, initial_indent=f"  [{n}] ", subsequent_indent="      ",
-                                                 break_on_hyphens=False) for text, n in full.items())
+        out += "\n\n" + "\n".join(_wrap(text, f"  [{n}] ", "      ") for text, n in full.items())
+    if more and not wide:
+        out += "\n\n" + _wrap(f"more per-layer fields (--wide shows them, --json gives the manifest): {', '.join(more)}",
+                              "", "  ")
     return out
 
 
@@ -94,6 +105,12 @@ def _kernels_cell(entry: Mapping[str, Any]) -> str:
 
     return ",".join(f"{d}={_fmt_cell('', k)}" + (f" (int8 {impl[k]})" if d == "cpu" and k in impl else "")
                     for d, k in kernels.items())
+
+
+def _wrap(text: str, first: str, rest: str) -> str:
+    import textwrap
+
+    return textwrap.fill(text, width=110, initial_indent=first, subsequent_indent=rest, break_on_hyphens=False)
 
 
 def _selection_lines(layers: Mapping[str, Any]) -> List[str]:
@@ -114,7 +131,7 @@ def _selection_lines(layers: Mapping[str, Any]) -> List[str]:
                 cands.append(f"{c} {t}{'*' if c == rec.get('chosen') else ''}{keeps}")
             out.append(f"  {name} [{device}, input {shape}]: " + (" | ".join(cands) or "not measured"))
             if rec.get("why"):
-                out.append(f"    -> {rec.get('chosen')}: {rec['why']}")
+                out.append(_wrap(f"-> {rec.get('chosen')}: {rec['why']}", "    ", "       "))
     return out
 
 
@@ -132,7 +149,7 @@ def _regression_line(reg: Mapping[str, Any]) -> str:
     return line
 
 
-def _inspect_text(path: str, manifest: Dict[str, Any], on_disk: int) -> str:
+def _inspect_text(path: str, manifest: Dict[str, Any], on_disk: int, wide: bool = False) -> str:
     out = [
         f"artifact: {path}",
         f"format: {manifest.get('format')} v{manifest.get('format_version')}  "
@@ -147,7 +164,7 @@ def _inspect_text(path: str, manifest: Dict[str, Any], on_disk: int) -> str:
         out.append("program.pt2: batch per input " + ", ".join(spans))
     layers = manifest.get("layers")
     if isinstance(layers, Mapping) and layers:
-        out += ["", _layers_table(layers)]
+        out += ["", _layers_table(layers, wide)]
         notes = [f"  {name}: {e['note']}" for name, e in layers.items() if isinstance(e, Mapping) and e.get("note")]
         if notes:
             out += ["", "notes:"] + notes
@@ -177,9 +194,10 @@ def _inspect_text(path: str, manifest: Dict[str, Any], on_disk: int) -> str:
     out.append(_regression_line(reg) if isinstance(reg, Mapping) else "regression: not measured")
     by_impl = reg.get("by_impl") if isinstance(reg, Mapping) else None
     if isinstance(by_impl, Mapping) and by_impl:
-        out.append("  every int8 layer on one implementation: " + ", ".join(
+        out.append(_wrap("every int8 layer on one implementation: " + ", ".join(
             f"{impl} {_regression_num(r, 'exported')} (drop {_regression_num(r, 'drop')}, "
-            f"{'passed' if r.get('passed') is True else 'FAILED'})" for impl, r in by_impl.items() if isinstance(r, Mapping)))
+            f"{'passed' if r.get('passed') is True else 'FAILED'})" for impl, r in by_impl.items() if isinstance(r, Mapping)),
+            "  ", "    "))
     out += _cpu_lines(manifest.get("selection_cpu"))
     return "\n".join(out)
 
@@ -201,8 +219,8 @@ def _cpu_lines(cpu: Any) -> list:
     from hwaware.export.selection import cpu_profile, lost_features
 
     isa = cpu.get("isa") if isinstance(cpu.get("isa"), list) else []
-    out = [f"kernels timed on: {cpu.get('model', '?')} ({' '.join(map(str, isa)) or 'none of the listed ISAs'}; "
-           f"hwaware int8 pass: {_engine_words(cpu)})"]
+    out = [_wrap(f"kernels timed on: {cpu.get('model', '?')} ({' '.join(map(str, isa)) or 'none of the listed ISAs'}; "
+                 f"hwaware int8 pass: {_engine_words(cpu)})", "", "  ")]
     lost = lost_features(dict(cpu), cpu_profile())  # a malformed isa compares as unknown
     if lost:
         out.append(f"  this CPU lacks {', '.join(lost)}: the recorded kernels may be much slower here "
@@ -217,7 +235,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(manifest, indent=2, sort_keys=True))
     else:
-        print(_inspect_text(args.path, manifest, artifact_size_bytes(args.path)))
+        print(_inspect_text(args.path, manifest, artifact_size_bytes(args.path), args.wide))
     return 0
 
 
@@ -327,6 +345,7 @@ def _parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="verify an artifact and print its layers, size and regression report")
     ins.add_argument("path", metavar="PATH", help="artifact directory")
     ins.add_argument("--json", action="store_true", help="print the verified manifest as JSON")
+    ins.add_argument("--wide", action="store_true", help="every per-layer field of the manifest in the layer table")
     ins.set_defaults(func=_cmd_inspect)
 
     bench = sub.add_parser("bench", help="time an artifact against its FP32 architecture, side by side")

@@ -38,11 +38,30 @@ def test_inspect_prints_layers_totals_and_regression(art, capsys):
     for name in MANIFEST["layers"]:
         assert name in out
     assert "w8a8" in out and "64x13" in out and "cpu=int8_mm,cuda=w8_triton" in out
-    assert "group_size" in out and "speedup_cpu" in out and "1.8" in out
+    assert "group_size" in out and "1.8" not in out  # the main columns; other fields named below the table
+    assert "more per-layer fields (--wide shows them, --json gives the manifest): speedup_cpu" in out
     assert f"({artifact_size_bytes(art)} bytes)" in out and "fp32" in out and "(80000 bytes)" in out
     assert "program.pt2: batch per input 2..any, 5..5, -" in out
     reg = [line for line in out.splitlines() if line.startswith("regression:")]
     assert reg == ["regression: auroc reference 0.8012 exported 0.7998 drop 0.0014 (max_drop 0.003): PASSED"]
+
+
+def test_inspect_wide_shows_every_layer_field_and_the_default_fits_a_terminal(art, capsys, tmp_path):
+    assert main(["inspect", str(art), "--wide"]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("layer "))
+    assert header.split() == ["layer", "scheme", "shape", "group_size", "bytes", "kernel", "speedup_cpu"]
+    assert "1.8" in out and "more per-layer fields" not in out
+    # a real export's manifest (kernel descriptions, activation sentences, kernel selection): every line
+    # of the default view within 120 columns
+    from hwaware.export import export
+    from tests.helpers import TinyCTR
+
+    torch.manual_seed(0)
+    art = export(TinyCTR(), tmp_path / "real", example_inputs=(torch.randn(8, 4), torch.randint(0, 50, (8,))))
+    assert main(["inspect", art.path]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in lines) <= 120, max(lines, key=len)
 
 
 def test_inspect_tolerates_a_bare_manifest(tmp_path, capsys):
@@ -103,7 +122,7 @@ def test_inspect_shortens_long_table_cells_and_gives_them_once_below(tmp_path, c
     out = capsys.readouterr().out
     table = out[out.index("layer"):out.index("[1] ") ]
     assert max(len(line) for line in table.splitlines()) < 120
-    assert "cpu=hwaware::embedding_bags_rowwise [cpu:... [1]" in table
+    assert "cpu=hwaware::embedding_bags_rowwise [1]" in table  # shortened at its " [" (else cut with "...")
     assert out.count("[1] cpu=hwaware::embedding_bags_rowwise") == 1  # the full text once, wrapped
     assert " ".join(out[out.index("[1] cpu="):].split()).startswith(" ".join(f"[1] {long}".split()))
     assert main(["inspect", str(path), "--json"]) == 0
@@ -222,7 +241,7 @@ def test_inspect_shows_the_gate_per_implementation_and_where_kernels_were_timed(
     write_artifact(tmp_path / "a", manifest, {"w": torch.zeros(8, dtype=torch.int8)})
     monkeypatch.setattr(selection, "cpu_profile", lambda: {"model": "here", "isa": ["avx2"], "amx_in_use": False})
     assert main(["inspect", str(tmp_path / "a")]) == 0
-    out = capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())  # long lines are wrapped at 110 columns
     assert ("every int8 layer on one implementation: fbgemm 0.7971 (drop 0.0041, FAILED), "
             "int_mm 0.7998 (drop 0.0014, passed)") in out  # the manifest's key order
     assert "kernels timed on: Export Xeon (avx2 amx_int8; hwaware int8 pass: AMX tiles)" in out  # older: amx_in_use only
@@ -236,7 +255,7 @@ def test_inspect_shows_the_gate_per_implementation_and_where_kernels_were_timed(
     monkeypatch.setattr(selection, "cpu_profile", lambda: {"model": "old", "isa": ["avx2"], "amx_in_use": False,
                                                           "int8_engine": None})
     assert main(["inspect", str(tmp_path / "b")]) == 0
-    out = capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())
     assert "kernels timed on: Zen 4 (avx2 avx512_vnni; hwaware int8 pass: VNNI)" in out
     assert "this CPU lacks avx512_vnni, hwaware VNNI pass" in out
 
