@@ -2,6 +2,8 @@
 
     python benchmarks/bench_export_recsys.py            # trains via the recipe (~1-2 min per table width)
     python benchmarks/bench_export_recsys.py --fast     # smoke
+    python benchmarks/bench_export_recsys.py --embedding-dim 64   # DESIGN.md's 64-dim tables ->
+                                                       # results/export_recsys_d64_cpu.json
 
 For each table width (int8, int4 rows) the recipe trains FP32 -> QAT and exports; then, in one
 interleaved timing run at batch 2048, FP32 eager, `quantize_dynamic` (its Linears, the baseline a
@@ -88,8 +90,9 @@ def unchained(served: nn.Module) -> nn.Module:
     return variant
 
 
-def one(bits: int, fast: bool, out_dir: str) -> dict:
-    argv = ["--no-progress", "--embedding-bits", str(bits), "--export-dir", os.path.join(out_dir, f"int{bits}"), "--max-drop", "0.01"]
+def one(bits: int, fast: bool, out_dir: str, model_argv=()) -> dict:
+    argv = ["--no-progress", "--embedding-bits", str(bits), "--export-dir", os.path.join(out_dir, f"int{bits}"), "--max-drop", "0.01",
+            *model_argv]
     if fast:
         argv.append("--fast")
     args = qat_recsys.parse_args(argv)
@@ -114,6 +117,7 @@ def one(bits: int, fast: bool, out_dir: str) -> dict:
     memory = {which: peak_memory(e["path"], which, 2048, 4 if fast else 10) for which in ("fp32", "artifact")}
     return {
         "embedding_bits": bits,
+        "model": {k: report["config"][k] for k in ("embedding_dim", "bottom_mlp", "top_mlp")},
         "size": {"artifact_bytes": e["size_bytes"], "fp32_bytes": e["fp32_size_bytes"], "fraction": e["size_fraction"],
                  "target_max_fraction": 0.25 if bits == 8 else 0.15, "passed": e["size_fraction"] <= (0.25 if bits == 8 else 0.15)},
         "throughput": timing,
@@ -152,23 +156,33 @@ def gemm_heavy(fast: bool, out_dir: str) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "export_recsys_cpu.json"))
+    p.add_argument("--out", default=None, help="default: results/export_recsys_cpu.json, export_recsys_d<D>_cpu.json "
+                                               "with another --embedding-dim")
     p.add_argument("--artifacts", default=os.path.join(ROOT, "out", "bench_export"))
     p.add_argument("--fast", action="store_true")
+    p.add_argument("--embedding-dim", type=int, default=16, help="the recipe's --embedding-dim (default 16)")
+    p.add_argument("--top-mlp", default=None, help="the recipe's --top-mlp (default: the recipe's)")
     args = p.parse_args()
+    model_argv = ["--embedding-dim", str(args.embedding_dim)] + ([] if args.top_mlp is None else ["--top-mlp", args.top_mlp])
+    default = args.embedding_dim == 16 and args.top_mlp is None
+    out = args.out or os.path.join(ROOT, "benchmarks", "results", "export_recsys_cpu.json" if default else
+                                   f"export_recsys_d{args.embedding_dim}{'' if args.top_mlp is None else '_top' + args.top_mlp.replace(',', '-')}_cpu.json")
+    artifacts = args.artifacts if default else os.path.join(args.artifacts, f"d{args.embedding_dim}")
     result = {
         "benchmark": "export_recsys",
         "device": cpu_device(),
         "torch": torch.__version__,
-        "runs": [one(bits, args.fast, args.artifacts) for bits in (8, 4)],
-        "gemm_heavy": gemm_heavy(args.fast, args.artifacts),
+        "runs": [one(bits, args.fast, artifacts, model_argv) for bits in (8, 4)],
     }
+    if default:  # the recipe's model; the GEMM-heavy model is the same at every recipe width
+        result["gemm_heavy"] = gemm_heavy(args.fast, args.artifacts)
     for r in result["runs"]:
         print(json.dumps({k: r[k] for k in ("embedding_bits", "size", "auroc", "auroc_drop_exported")}, indent=1))
         print({k: round(v["ratio"], 3) for k, v in r["throughput"]["models"].items()})
         print("peak memory (MiB over the imports):", {k: v and round(v["peak_mib"], 1) for k, v in r["memory_mib"].items()})
-    print("gemm-heavy model:", {k: round(v["ratio"], 3) for k, v in result["gemm_heavy"]["throughput"]["models"].items()})
-    write_json(result, args.out)
+    if "gemm_heavy" in result:
+        print("gemm-heavy model:", {k: round(v["ratio"], 3) for k, v in result["gemm_heavy"]["throughput"]["models"].items()})
+    write_json(result, out)
 
 
 if __name__ == "__main__":

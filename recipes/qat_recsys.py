@@ -52,6 +52,28 @@ def _float_in(lo: float, *, lo_open: bool, hi: float = math.inf, hi_open: bool =
 
 
 
+def _widths(text: str) -> tuple:
+    """``"512,256"`` -> (512, 256): comma-separated positive ints ("" for none)."""
+    parts = [q.strip() for q in text.split(",")] if text.strip() else []
+    if not all(q.isdigit() and int(q) > 0 for q in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid; expected comma-separated positive ints, e.g. 512,256")
+    return tuple(int(q) for q in parts)
+
+
+_widths.__name__ = "layer widths"
+
+
+def model_kwargs(args: argparse.Namespace, table_sizes) -> dict:
+    """DLRM's arguments from the flags: the bottom MLP runs 13 -> --bottom-mlp -> --embedding-dim."""
+    kwargs = {"table_sizes": table_sizes, "embedding_dim": args.embedding_dim,
+              "bottom_mlp": (*args.bottom_mlp, args.embedding_dim), "top_mlp": args.top_mlp}
+    if args.lr is not None:
+        kwargs["lr"] = args.lr
+    if args.sparsity != "none":
+        kwargs["interaction_pad"] = 4
+    return kwargs
+
+
 def default_export_dir(args: argparse.Namespace) -> str:
     """out/qat_recsys-int<bits>, with -24 for a 2:4 run: a sparse run does not replace the dense artifact."""
     return os.path.join("out", f"qat_recsys-int{args.embedding_bits}" + ("-24" if args.sparsity == "2:4" else ""))
@@ -94,6 +116,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--qat-epochs", type=int_at_least(1), default=None, help="QAT fine-tuning epochs (default 1)")
     p.add_argument("--batch-size", type=int_at_least(1), default=1024)
     p.add_argument("--embedding-bits", type=int, default=8, choices=(8, 4), help="row-wise bits of the embedding tables")
+    p.add_argument("--embedding-dim", type=int_at_least(1), default=16,
+                   help="width of every table and of the bottom MLP output (default 16)")
+    p.add_argument("--bottom-mlp", type=_widths, default=(64,), metavar="WIDTHS",
+                   help="hidden widths of the bottom MLP before --embedding-dim (default 64)")
+    p.add_argument("--top-mlp", type=_widths, default=(256, 128), metavar="WIDTHS",
+                   help="hidden widths of the top MLP before its output (default 256,128; '' for none)")
     p.add_argument("--kl-threshold", type=_float_in(0, lo_open=True), default=0.01)
     p.add_argument("--qat-lr-scale", type=_float_in(0, lo_open=True, hi=1, hi_open=False), default=0.01,
                    help="QAT fine-tunes at this fraction of the FP32 learning rate")
@@ -111,7 +139,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true", help="hide Lightning's progress bar")
     p.add_argument("--sparsity", choices=("none", "2:4"), default="none",
                    help="2:4: after the FP32 epochs (default 2) prune every MLP layer 2:4, train sparse, then int8 QAT "
-                        "(the top MLP input is zero-padded 367 -> 368 so that its K is a multiple of 4)")
+                        "(the top MLP input is zero-padded to a multiple of 4, 367 -> 368 by default, so that its K is one)")
     p.add_argument("--sparsity-method", choices=("sr_ste", "magnitude"), default=None,
                    help="with --sparsity 2:4 (default sr_ste)")
     p.add_argument("--sparsity-skip", default=None,
@@ -404,13 +432,9 @@ def run(args: argparse.Namespace, state: dict = None):
         dm.setup("fit")
     except (OSError, ValueError) as e:  # names the file (and line) already; a directory, too
         raise SystemExit(f"qat_recsys.py: error: --data: {e}") from None
-    model_kwargs = {"table_sizes": dm.table_sizes}
-    if args.lr is not None:
-        model_kwargs["lr"] = args.lr
+    kwargs = model_kwargs(args, dm.table_sizes)
     sparsity = build_sparsity(args)
-    if sparsity is not None:
-        model_kwargs["interaction_pad"] = 4
-    model = DLRM(**model_kwargs)
+    model = DLRM(**kwargs)
     if sparsity is not None:
         check_sparsity_skip(args, model)
     cb = build_callback(args)
@@ -435,7 +459,7 @@ def run(args: argparse.Namespace, state: dict = None):
         _fail(f"QAT never started (phase {cb.phase!r}); raise the epoch budget (--fp32-epochs caps the FP32 "
               f"epochs under --start plateau: val_auroc was still improving after {args.fp32_epochs})")
 
-    fp32 = DLRM(**model_kwargs)
+    fp32 = DLRM(**kwargs)
     fp32.load_state_dict(cb.fp32_reference)
     val = dm.val_dataloader()
     fp32_auroc = evaluate_auroc(fp32, val)
@@ -447,7 +471,7 @@ def run(args: argparse.Namespace, state: dict = None):
     r = cb.report
     sparsity_report = None
     if sparsity is not None:
-        dense = DLRM(**model_kwargs)
+        dense = DLRM(**kwargs)
         dense.load_state_dict(snapshot.state)
         dense_auroc = evaluate_auroc(dense, val)
         sr = sparsity.report
@@ -484,6 +508,7 @@ def run(args: argparse.Namespace, state: dict = None):
         "config": {
             "data": args.data or "synthetic", "num_samples": args.num_samples, "fp32_epochs": args.fp32_epochs,
             "qat_epochs": args.qat_epochs, "batch_size": args.batch_size, "embedding_bits": args.embedding_bits,
+            "embedding_dim": args.embedding_dim, "bottom_mlp": list(args.bottom_mlp), "top_mlp": list(args.top_mlp),
             "start": args.start, "qat_lr_scale": args.qat_lr_scale, "seed": args.seed, "fast": args.fast, "torch": torch.__version__,
             "sparsity": args.sparsity, "sparsity_method": args.sparsity_method, "sparse_epochs": args.sparse_epochs,
             "sparse_lr_scale": args.sparse_lr_scale, "sparsity_skip": args.sparsity_skip,

@@ -205,6 +205,9 @@ def test_plateau_start_is_not_refused_up_front(tmp_path):
     (["--sparse-epochs", "2", "--sparsity-skip", "top_mlp.4"], "--sparsity-skip, --sparse-epochs only apply with --sparsity 2:4"),
     (["--start", "plateau", "--fp32-epochs", "1"], "--fp32-epochs 1 is too small for --start plateau"),
     (["--start", "plateau", "--sparsity", "2:4"], "--start plateau cannot be combined with --sparsity 2:4"),
+    (["--embedding-dim", "0"], "argument --embedding-dim: 0 is invalid; expected an integer >= 1"),
+    (["--top-mlp", "256,0"], "argument --top-mlp: '256,0' is invalid; expected comma-separated positive ints, e.g. 512,256"),
+    (["--bottom-mlp", "64x"], "argument --bottom-mlp: '64x' is invalid; expected comma-separated positive ints"),
 ])
 def test_bad_flags_are_usage_errors(run_main, args, message):
     code, _, err = run_main("--fast", "--no-progress", *args)
@@ -234,16 +237,23 @@ def test_bad_output_paths_are_refused_before_training(tmp_path, run_main):
     assert (notart / "keep.txt").read_text() == "mine"
 
 
-@pytest.mark.parametrize("fp32_epochs", ["0", "1"])
-def test_fast_with_explicit_fp32_epochs_runs_that_epoch_schedule(tmp_path, fp32_epochs):
+@pytest.mark.parametrize(("fp32_epochs", "shape"), [
+    ("0", []), ("1", ["--embedding-dim", "8", "--bottom-mlp", "32,16", "--top-mlp", "64"])])
+def test_fast_with_explicit_fp32_epochs_runs_that_epoch_schedule(tmp_path, fp32_epochs, shape):
     report_path = tmp_path / "r.json"
     proc = _run("--fast", "--no-progress", "--fp32-epochs", fp32_epochs, "--num-samples", "6000",
-                "--batch-size", "256", "--no-export", "--report", str(report_path))
+                "--batch-size", "256", "--no-export", "--report", str(report_path), *shape)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(report_path.read_text())
     assert r["config"]["start"] == "epoch" and r["config"]["fp32_epochs"] == int(fp32_epochs)
     qat = next(p for p in r["phases"] if p["phase"] == "calibrate")
     assert qat["start_epoch"] == int(fp32_epochs)
+    model = {k: r["config"][k] for k in ("embedding_dim", "bottom_mlp", "top_mlp")}
+    assert model == ({"embedding_dim": 8, "bottom_mlp": [32, 16], "top_mlp": [64]} if shape else
+                     {"embedding_dim": 16, "bottom_mlp": [64], "top_mlp": [256, 128]})
+    # the layers the flags asked for: 13 -> 32 -> 16 -> 8; 8 + 27*26/2 -> 64 -> 1
+    assert {n for n in r["kl"] if "mlp" in n} == ({"bottom_mlp.0", "bottom_mlp.2", "bottom_mlp.4", "top_mlp.0", "top_mlp.2"}
+                                                  if shape else {"bottom_mlp.0", "bottom_mlp.2", "top_mlp.0", "top_mlp.2", "top_mlp.4"})
 
 
 def test_fast_honours_start_plateau():
