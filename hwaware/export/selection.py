@@ -166,13 +166,21 @@ def time_us(fn: Callable[[], Any], budget_s: float = 0.05, min_runs: int = 5, wa
     return min(times) * 1e6
 
 
+#: ``_timed`` gives up on a candidate only when its first two runs each take longer than this too:
+#: on a busy machine a multi-threaded kernel of ~100 us can wait a few scheduler ticks (ms each) at
+#: an OpenMP barrier in both runs, and giving up on it then chose a 10x slower implementation; the
+#: give-up is for candidates whose full timing would cost seconds.
+GIVE_UP_FLOOR_US = 50_000.0
+
+
 def _timed(fn: Callable[[], Any], note: str, measured: Dict[str, Any]) -> Dict[str, Any]:
-    """``{"available", "us", "note"}`` for one candidate; one run only when it is over 20x the
-    fastest candidate in ``measured`` so far (it cannot win)."""
+    """``{"available", "us", "note"}`` for one candidate; two runs only when both are over 20x the
+    fastest candidate in ``measured`` so far (it cannot win) and over ``GIVE_UP_FLOOR_US``."""
     best = min((e["us"] for e in measured.values() if "us" in e), default=None)
-    us = time_us(fn, give_up_us=None if best is None else 20 * best)
-    if best is not None and us > 20 * best:
-        note += " (timed twice: both runs over 20x the fastest so far)"
+    limit = None if best is None else max(20 * best, GIVE_UP_FLOOR_US)
+    us = time_us(fn, give_up_us=limit)
+    if limit is not None and us > limit:
+        note += f" (timed twice: both runs over 20x the fastest so far and over {GIVE_UP_FLOOR_US / 1e3:.0f} ms)"
     return {"available": True, "us": round(us, 2), "note": note}
 
 

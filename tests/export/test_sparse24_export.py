@@ -229,3 +229,25 @@ def test_time_us_does_not_give_up_on_one_run_delayed_by_the_scheduler():
 
     us = time_us(kernel, give_up_us=5000.0, budget_s=0.0, min_runs=5)
     assert len(calls) == 1 + 5 and us < 5000.0
+
+
+def test_a_candidate_delayed_in_both_first_runs_is_still_timed_in_full():
+    # ~100 us kernels on a busy machine: the candidate's first two runs each wait ~20 ms at an OpenMP
+    # barrier (20x the fastest so far, 2 ms, is not enough to give up): timed in full, its own cost wins
+    import time
+
+    from hwaware.export.selection import GIVE_UP_FLOOR_US, _timed
+
+    calls = []
+
+    def kernel():
+        calls.append(1)
+        time.sleep(0.02 if len(calls) in (2, 3) else 0.0001)
+
+    rec = _timed(kernel, "int_mm", {"dequant": {"available": True, "us": 100.0}})
+    assert rec["us"] < 2000 and "timed twice" not in rec["note"] and len(calls) > 3
+    calls.clear()
+    # a hopeless one (each run over the floor too) still gives up after two runs
+    rec = _timed(lambda: (calls.append(1), time.sleep(GIVE_UP_FLOOR_US * 1.2e-6)), "dequant",
+                 {"int_mm": {"available": True, "us": 100.0}})
+    assert len(calls) == 3 and "timed twice" in rec["note"]
