@@ -150,6 +150,8 @@ def _regression_line(reg: Mapping[str, Any]) -> str:
 
 
 def _inspect_text(path: str, manifest: Dict[str, Any], on_disk: int, wide: bool = False) -> str:
+    from hwaware.export.artifact import unlisted_entries
+
     out = [
         f"artifact: {path}",
         f"format: {manifest.get('format')} v{manifest.get('format_version')}  "
@@ -157,6 +159,9 @@ def _inspect_text(path: str, manifest: Dict[str, Any], on_disk: int, wide: bool 
         "files: "
         + ", ".join(f"{n} ({_fmt_bytes(e.get('bytes'))})" for n, e in sorted(manifest.get("files", {}).items())),
     ]
+    extra = unlisted_entries(path, manifest) if os.path.isdir(path) else []
+    if extra:
+        out.append(f"not part of the artifact (unlisted in the manifest; never read, not counted): {', '.join(extra)}")
     program = manifest.get("program")
     if isinstance(program, Mapping) and isinstance(program.get("batch_range"), list):
         spans = [("-" if r is None else f"{r[0]}..{'any' if r[1] is None else r[1]}")

@@ -24,8 +24,9 @@ Guarantees:
   the next write to the same ``path`` removes those older than an hour.
 - Verified reads. :func:`read_manifest` checks the format name and version, the manifest's own
   hash (``manifest_sha256``, so an edited manifest is refused) and the size and sha256 of every
-  listed file before returning; :func:`read_tensors` reads the weights only after that. Nothing
-  is unpickled or executed; every refusal is an :class:`ArtifactError` naming the file and why.
+  listed file before returning; :func:`read_tensors` reads the weights into memory once and
+  hashes and parses those bytes (never a file mapping the served model would keep depending on).
+  Nothing is unpickled or executed; every refusal is an :class:`ArtifactError` naming the file and why.
 
 The hashes detect corruption, truncation and edits made without re-hashing; they are not a
 signature (anyone who can write the directory can re-hash it).
@@ -370,12 +371,18 @@ def read_manifest(path: str | os.PathLike) -> Dict[str, Any]:
     Checks, in order: ``path`` is a directory with ``manifest.json``; the manifest is a JSON
     object; its ``format`` is ours; its ``format_version`` is one this hwaware reads; its
     ``manifest_sha256`` matches its content; every file in ``files`` exists with the recorded
-    byte size and sha256. Nothing in the artifact is unpickled or executed.
+    byte size and sha256; a ``program.pt2`` in the directory is one the manifest lists (one
+    copied in afterwards would pass for verified, and ``torch.export.load`` unpickles it). Other
+    files the manifest does not list are not part of the artifact: ignored (``hwaware inspect``
+    names them). Nothing in the artifact is unpickled or executed.
 
     Raises:
         ArtifactError: any check fails; the message names the file and the reason.
     """
-    path = os.fspath(path)
+    return _read_manifest(os.fspath(path), hash_weights=True)
+
+
+def _read_manifest(path: str, hash_weights: bool) -> Dict[str, Any]:
     if not os.path.lexists(path):
         raise ArtifactError(f"{path}: no such artifact (path does not exist){_missing_hint(path)}")
     if not os.path.isdir(path):
@@ -419,11 +426,23 @@ def read_manifest(path: str | os.PathLike) -> Dict[str, Any]:
     if not isinstance(files, dict) or WEIGHTS_FILE not in files:
         raise ArtifactError(f"{mpath}: 'files' does not list {WEIGHTS_FILE}")
     for fname, entry in files.items():
-        _verify_file(path, fname, entry)
+        _verify_file(path, fname, entry, hash_it=hash_weights or fname != WEIGHTS_FILE)
+    if PROGRAM_FILE not in files and os.path.lexists(os.path.join(path, PROGRAM_FILE)):
+        raise ArtifactError(f"{os.path.join(path, PROGRAM_FILE)}: not listed in {MANIFEST_FILE} (this export wrote no "
+                            f"program; the file was added afterwards and nothing vouches for it): remove it, or re-export "
+                            f"with example_inputs")
     return manifest
 
 
-def _verify_file(path: str, fname: str, entry: Any) -> None:
+def unlisted_entries(path: str | os.PathLike, manifest: Mapping[str, Any]) -> list:
+    """Names in the artifact directory that are neither ``manifest.json`` nor a file the manifest
+    lists: not part of the artifact (never read, not counted in its size)."""
+    files = manifest.get("files")
+    listed = set(files) if isinstance(files, Mapping) else set()
+    return sorted(n for n in os.listdir(os.fspath(path)) if n != MANIFEST_FILE and n not in listed)
+
+
+def _verify_file(path: str, fname: str, entry: Any, hash_it: bool = True) -> None:
     fpath = os.path.join(path, fname)
     if (
         not isinstance(fname, str)
@@ -443,11 +462,15 @@ def _verify_file(path: str, fname: str, entry: Any) -> None:
     if size != entry["bytes"]:
         what = "truncated" if size < entry["bytes"] else "has extra bytes"
         raise ArtifactError(f"{fpath}: {what}: {size} bytes, {MANIFEST_FILE} records {entry['bytes']}")
-    digest = _sha256_file(fpath)
-    if digest != entry["sha256"]:
+    if hash_it:
+        _check_digest(fpath, _sha256_file(fpath), entry["sha256"])
+
+
+def _check_digest(fpath: str, digest: str, recorded: str) -> None:
+    if digest != recorded:
         raise ArtifactError(
             f"{fpath}: corrupted or tampered: sha256 {digest[:16]}... does not match the "
-            f"{entry['sha256'][:16]}... recorded in {MANIFEST_FILE}"
+            f"{recorded[:16]}... recorded in {MANIFEST_FILE}"
         )
 
 
@@ -469,25 +492,103 @@ def read_tensors(
 ) -> Dict[str, Tensor]:
     """Return the tensors of the artifact at ``path``, loaded onto ``device``, after verification.
 
-    Always runs :func:`read_manifest` first (so the weights' sha256 is checked before they are
-    parsed); a ``manifest`` passed in must equal the verified one, which catches an artifact
-    replaced between the caller's read and this one. Loading is safetensors only: no pickle.
+    The manifest and every other listed file are verified first (:func:`read_manifest`'s
+    checks); a ``manifest`` passed in must equal the verified one, which catches an artifact
+    replaced between the caller's read and this one. ``weights.safetensors`` is then read into
+    memory once, and those bytes are what is hashed against the manifest and what the tensors
+    are: no file mapping, so replacing or truncating the file afterwards cannot change (or,
+    with SIGBUS, crash) a model being served, and nothing changes between the check and the use.
+    The tensors share that one buffer: loading costs one copy of the weights. safetensors
+    only, parsed here (JSON header + raw bytes): no pickle.
 
     Raises:
         ArtifactError: verification fails, ``manifest`` differs from the one on disk, or the
-            safetensors header cannot be parsed.
+            safetensors header is malformed.
     """
-    from safetensors.torch import load_file
-
     path = os.fspath(path)
-    verified = read_manifest(path)
+    verified, tensors = read_verified(path)
     if manifest is not None and dict(manifest) != verified:
         raise ArtifactError(f"{os.path.join(path, MANIFEST_FILE)}: changed since the manifest passed in was read")
+    device = torch.device(device)
+    return tensors if device.type == "cpu" else {k: t.to(device) for k, t in tensors.items()}
+
+
+def read_verified(path: str | os.PathLike):
+    """``(manifest, CPU tensors)`` of the artifact at ``path``, every file read and hashed once
+    (:func:`read_tensors` says how the weights are read)."""
+    path = os.fspath(path)
+    verified = _read_manifest(path, hash_weights=False)
     wpath = os.path.join(path, WEIGHTS_FILE)
+    entry = verified["files"][WEIGHTS_FILE]
+    with open(wpath, "rb") as f:
+        buf = bytearray(entry["bytes"])
+        got = f.readinto(buf)
+        more = f.read(1)
+    if got != entry["bytes"] or more:  # the file changed size since it was checked
+        raise ArtifactError(f"{wpath}: {'truncated' if got < entry['bytes'] else 'has extra bytes'} while being read "
+                            f"({MANIFEST_FILE} records {entry['bytes']} bytes)")
+    _check_digest(wpath, hashlib.sha256(buf).hexdigest(), entry["sha256"])
+    return verified, _parse_safetensors(buf, wpath)
+
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _parse_safetensors(buf: bytearray, wpath: str) -> Dict[str, Tensor]:
+    """The tensors of a safetensors file held in ``buf``, as views of it (a tensor whose offset is
+    not a multiple of its element size, which safetensors' writer never produces, is copied)."""
+    def bad(why: str) -> ArtifactError:
+        return ArtifactError(f"{wpath}: safetensors header unreadable ({why})")
+
+    if len(buf) < 8:
+        raise bad(f"{len(buf)} bytes, shorter than the 8-byte header length")
+    n = int.from_bytes(buf[:8], "little")
+    if n > len(buf) - 8:
+        raise bad(f"header length {n} runs past the end of the file ({len(buf)} bytes)")
     try:
-        return load_file(wpath, device=str(device))
-    except Exception as e:
-        raise ArtifactError(f"{wpath}: safetensors header unreadable ({e})") from e
+        header = json.loads(bytes(buf[8:8 + n]).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise bad(f"header is not JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    header.pop("__metadata__", None)
+    start, size = 8 + n, len(buf) - 8 - n
+    spans, out = [], {}
+    for name, e in header.items():
+        if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
+            raise bad(f"entry {name!r} is not {{dtype, shape, data_offsets}}")
+        dtype, shape, offsets = _ST_DTYPES.get(e["dtype"]) if isinstance(e["dtype"], str) else None, e["shape"], e["data_offsets"]
+        if dtype is None:
+            raise bad(f"entry {name!r} has dtype {e['dtype']!r}; expected one of {sorted(_ST_DTYPES)}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise bad(f"entry {name!r} has shape {shape!r}; expected a list of non-negative ints")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1] <= size):
+            raise bad(f"entry {name!r} has data_offsets {offsets!r}; expected [begin, end] within the {size} data bytes")
+        numel = 1
+        for d in shape:
+            numel *= d
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if offsets[1] - offsets[0] != numel * itemsize:
+            raise bad(f"entry {name!r}: {offsets[1] - offsets[0]} bytes for shape {shape} of {e['dtype']} "
+                      f"({numel * itemsize} expected)")
+        spans.append((offsets[0], offsets[1], name))
+        at = start + offsets[0]
+        if numel == 0:
+            out[name] = torch.empty(shape, dtype=dtype)
+        elif at % itemsize:
+            out[name] = torch.frombuffer(buf, dtype=torch.uint8, count=numel * itemsize, offset=at).clone().view(dtype).reshape(shape)
+        else:
+            out[name] = torch.frombuffer(buf, dtype=dtype, count=numel, offset=at).reshape(shape)
+    spans.sort()
+    for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
+        if begin < end:
+            raise bad(f"entries {a!r} and {b!r} overlap")
+    return out
 
 
 def verify_artifact(path: str | os.PathLike) -> Dict[str, Any]:
@@ -506,7 +607,9 @@ def verify_artifact(path: str | os.PathLike) -> Dict[str, Any]:
 
 
 def artifact_size_bytes(path: str | os.PathLike) -> int:
-    """Bytes on disk of every regular file in the artifact directory (manifest included).
+    """Bytes on disk of the artifact: ``manifest.json`` and the files it lists (anything else in
+    the directory is not part of it); every regular file in the directory when the manifest
+    cannot be read.
 
     Raises:
         ArtifactError: ``path`` is not a directory.
@@ -514,10 +617,17 @@ def artifact_size_bytes(path: str | os.PathLike) -> int:
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise ArtifactError(f"{path}: not an hwaware artifact (not a directory)")
+    try:
+        with open(os.path.join(path, MANIFEST_FILE), "rb") as f:
+            files = json.loads(f.read().decode("utf-8")).get("files")
+        names = [MANIFEST_FILE, *files] if isinstance(files, dict) else None
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        names = None
+    if names is None:
+        names = [os.path.relpath(os.path.join(root, n), path) for root, _dirs, ns in os.walk(path) for n in ns]
     total = 0
-    for root, _dirs, names in os.walk(path):
-        for n in names:
-            p = os.path.join(root, n)
-            if os.path.isfile(p) and not os.path.islink(p):
-                total += os.path.getsize(p)
+    for n in names:
+        p = os.path.join(path, n)
+        if isinstance(n, str) and os.path.isfile(p) and not os.path.islink(p):
+            total += os.path.getsize(p)
     return total

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from hwaware.export.artifact import ArtifactError, read_tensors, verify_artifact, write_artifact
+from hwaware.export.artifact import ArtifactError, read_verified, verify_artifact, write_artifact
 from hwaware._predict import model_predictions
 from hwaware.export.deploy import (DEPLOY_TYPES, Int4Linear, Int8Linear, RowwiseEmbedding, RowwiseEmbeddingBag, Sparse24Linear,
                                    chain_int8, fuse_relu)
@@ -865,6 +865,21 @@ def _portability_warning(manifest: Dict[str, Any], path: str) -> None:
             "re-times them on this CPU", KernelPortabilityWarning, stacklevel=3)
 
 
+def _load_device(device: Any) -> str:
+    """``"cpu"`` or ``"cuda[:N]"`` from a string or ``torch.device`` (``"cpu:0"`` is the CPU)."""
+    if not isinstance(device, (str, torch.device)):
+        raise ValueError(f"device={device!r}; expected 'cpu', 'cuda', 'cuda:N' or a torch.device")
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        d = None
+    if d is None or d.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r}; expected 'cpu', 'cuda' or 'cuda:N'")
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but torch sees no CUDA device (torch {torch.__version__}); load with device='cpu'")
+    return "cpu" if d.type == "cpu" else str(d)
+
+
 def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, nn.Module, type] = None,
          kernels: str = "recorded") -> nn.Module:
     """Rebuild the deployed model from an artifact: verified first, never unpickled.
@@ -889,24 +904,38 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
     """
     if kernels not in ("recorded", "measure"):
         raise ValueError(f"kernels={kernels!r}; expected 'recorded' (export's choice) or 'measure' (re-time on this CPU)")
-    if not isinstance(device, str) or not (device == "cpu" or device == "cuda" or device.startswith("cuda:")):
-        raise ValueError(f"device={device!r}; expected 'cpu', 'cuda' or 'cuda:N'")
-    if device != "cpu" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but torch sees no CUDA device (torch {torch.__version__}); load with device='cpu'")
+    device = _load_device(device)
+    if model is not None and not isinstance(model, (nn.Module, type)):
+        raise TypeError(f"load(model={model!r}): expected an nn.Module class or instance (import the class; the "
+                        "CLI's --model MODULE:CLASS is a command-line form)")
     path = os.fspath(path)
-    manifest = verify_artifact(path)
-    info = manifest["model"]
+    manifest, tensors = read_verified(path)  # every file hashed once; the weights are the bytes hashed
+    mpath = os.path.join(path, "manifest.json")
+    info, layers = manifest.get("model"), manifest.get("layers")
+    if not isinstance(info, dict) or not isinstance(info.get("class"), str):
+        raise ArtifactError(f"{mpath}: 'model' is {info!r}; expected {{'class': str, 'hparams': {{...}}}}")
+    if not isinstance(layers, dict) or not all(isinstance(m, dict) for m in layers.values()):
+        raise ArtifactError(f"{mpath}: 'layers' is not an object of layer entries")
+    given = model is not None and not isinstance(model, type)
     if model is None or isinstance(model, type):
         if model is not None and not issubclass(model, nn.Module):
             raise ArtifactError(f"load(model={model!r}): expected an nn.Module class or instance")
         cls = model or model_class(manifest, path)
         with torch.device("meta"):  # a skeleton: its FP32 weights are never allocated
             model = cls(**(info.get("hparams") or {}))
-    for name, meta in manifest["layers"].items():
-        if meta["module"] not in DEPLOY_TYPES:
-            raise ArtifactError(f"{path}/manifest.json: layer {name!r} has unknown module {meta['module']!r}")
-        with torch.device("meta"):
-            _set_module(model, name, DEPLOY_TYPES[meta["module"]].empty(meta))
+    for name, meta in layers.items():
+        if meta.get("module") not in DEPLOY_TYPES:
+            raise ArtifactError(f"{mpath}: layer {name!r} has unknown module {meta.get('module')!r}")
+        if _get_module(model, name) is None:
+            whose = "the model passed as model=" if given else f"{type(model).__name__}({info.get('hparams') or {}})"
+            raise ArtifactError(f"{mpath}: layer {name!r} is not a module of {whose}: not the model this artifact "
+                                "was exported from")
+        try:
+            with torch.device("meta"):
+                _set_module(model, name, DEPLOY_TYPES[meta["module"]].empty(meta))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(f"{mpath}: layer {name!r} ({meta['module']}): its entry is malformed ({type(e).__name__}: "
+                                f"{e})") from None
         if "fused_relu" in meta:  # export folded the ReLU after this layer into it (deploy.fuse_relu)
             relu_name = meta["fused_relu"]
             relu = _get_module(model, relu_name)
@@ -916,12 +945,17 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
             _set_module(model, relu_name, nn.Identity())
         elif meta.get("relu", False) is not False:
             raise ArtifactError(f"{path}/manifest.json: layer {name!r} has relu={meta['relu']!r} without fused_relu")
-    tensors = read_tensors(path)
     extra = {k[len(_BUFFER_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(_BUFFER_PREFIX)}
-    expected = set(model.state_dict())
-    if set(tensors) != expected:
-        raise ArtifactError(f"{path}/weights.safetensors does not match the model: missing {sorted(expected - set(tensors))[:5]}, "
-                            f"unexpected {sorted(set(tensors) - expected)[:5]}")
+    expected = model.state_dict()
+    if set(tensors) != set(expected):
+        raise ArtifactError(f"{path}/weights.safetensors does not match the model: missing {sorted(set(expected) - set(tensors))[:5]}, "
+                            f"unexpected {sorted(set(tensors) - set(expected))[:5]}")
+    for k, t in tensors.items():  # load_state_dict(assign=True) would take any dtype, and fail in the op
+        want = expected[k]
+        if t.dtype != want.dtype or t.shape != want.shape:
+            raise ArtifactError(f"{path}/weights.safetensors: {k!r} is {t.dtype} {tuple(t.shape)}; the model (and "
+                                f"{mpath}) expect {want.dtype} {tuple(want.shape)}")
+    del expected
     model.load_state_dict(tensors, strict=True, assign=True)  # assign: the loaded tensors are the weights
     for name, buf in extra.items():
         owner_name, _, leaf = name.rpartition(".")

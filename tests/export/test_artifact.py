@@ -459,3 +459,77 @@ def test_killed_between_fallback_renames_names_the_old_artifact(tmp_path):
         read_manifest(path)
     (aside,) = glob.glob(str(path) + ".hwaware-old-*")
     assert verify_artifact(aside) == old
+
+
+# ------------------------------------------------------------------------------------------------
+# the weights are read once, into memory: hashed and parsed from the same bytes
+# ------------------------------------------------------------------------------------------------
+def test_parser_matches_safetensors_on_every_dtype(tmp_path):
+    from safetensors.torch import load as st_load
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"t_{dt}".replace("torch.", ""): torch.randn(3, 5, generator=g).mul(50).to(dt)
+               for dt in (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+                          torch.int16, torch.int8, torch.uint8, torch.bool)}
+    tensors["empty"], tensors["scalar"] = torch.zeros(0, 4), torch.tensor(3.5)
+    path = tmp_path / "art"
+    write_artifact(path, {}, tensors)
+    raw = (path / "weights.safetensors").read_bytes()
+    ours, theirs = read_tensors(path), st_load(raw)
+    assert ours.keys() == theirs.keys() == tensors.keys()
+    for k, t in ours.items():
+        assert t.dtype == theirs[k].dtype and t.shape == theirs[k].shape and torch.equal(t, theirs[k]), k
+
+
+@pytest.mark.parametrize(("edit", "why"), [
+    (lambda h: h["a"].update(data_offsets=[0, 10**6]), r"'a' has data_offsets \[0, 1000000\]; expected \[begin, end\] within"),
+    (lambda h: h["a"].update(dtype="F8_E4M3"), r"'a' has dtype 'F8_E4M3'; expected one of"),
+    (lambda h: h["a"].update(shape=[3, 3]), r"'a': 64 bytes for shape \[3, 3\] of F32 \(36 expected\)"),
+    (lambda h: h["a"].update(shape=[-4, -4]), r"'a' has shape \[-4, -4\]; expected a list of non-negative ints"),
+    (lambda h: h["b"].update(data_offsets=h["a"]["data_offsets"]), r"entries 'a' and 'b' overlap"),
+    (lambda h: h.update(c=[1, 2]), r"entry 'c' is not \{dtype, shape, data_offsets\}"),
+])
+def test_parser_refuses_a_malformed_header_even_when_rehashed(tmp_path, edit, why):
+    path = tmp_path / "art"
+    write_artifact(path, {}, {"a": torch.ones(4, 4), "b": torch.ones(4, 4)})
+    w = path / "weights.safetensors"
+    raw = w.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    hb = json.dumps(header).encode()
+    hb += b" " * (-len(hb) % 8)
+    w.write_bytes(len(hb).to_bytes(8, "little") + hb + raw[8 + n:])
+    _rehash(path, lambda m: m["files"].update({"weights.safetensors": {
+        "sha256": hashlib.sha256(w.read_bytes()).hexdigest(), "bytes": w.stat().st_size}}))
+    with pytest.raises(ArtifactError, match=r"weights.safetensors: safetensors header unreadable \(.*" + why):
+        read_tensors(path)
+
+
+def test_tensors_do_not_depend_on_the_file_after_reading(tmp_path):
+    # a redeploy that rewrites or truncates weights.safetensors in place (cp, rsync --inplace) must
+    # not change, or with SIGBUS kill, a model serving the tensors read before: no file mapping
+    path = tmp_path / "art"
+    _write(path)
+    tensors = read_tensors(path)
+    w = path / "weights.safetensors"
+    size = w.stat().st_size
+    with open(w, "r+b") as f:
+        f.write(b"\xff" * size)
+        f.truncate(16)
+    for k, t in _tensors().items():
+        assert torch.equal(tensors[k], t), k
+
+
+def test_an_unlisted_program_is_refused_and_other_unlisted_files_are_not_the_artifact(tmp_path):
+    path = tmp_path / "art"
+    _write(path)  # no program
+    size = artifact_size_bytes(path)
+    (path / "notes.txt").write_text("deployed 2026-11-22")
+    assert artifact_size_bytes(path) == size  # not part of the artifact
+    assert A.unlisted_entries(path, read_manifest(path)) == ["notes.txt"]
+    (path / "program.pt2").write_bytes(b"PK\x03\x04 someone else's program")
+    with pytest.raises(ArtifactError, match=r"program.pt2: not listed in manifest.json \(this export wrote no program"):
+        read_manifest(path)
+    with pytest.raises(ArtifactError, match=r"program.pt2: not listed"):
+        read_tensors(path)

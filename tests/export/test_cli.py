@@ -64,6 +64,15 @@ def test_inspect_wide_shows_every_layer_field_and_the_default_fits_a_terminal(ar
     assert max(len(line) for line in lines) <= 120, max(lines, key=len)
 
 
+def test_inspect_names_files_that_are_not_part_of_the_artifact(art, capsys):
+    (art / "README.txt").write_text("ours")
+    assert main(["inspect", str(art)]) == 0
+    out = capsys.readouterr().out
+    assert "not part of the artifact (unlisted in the manifest; never read, not counted): README.txt" in out
+    assert f"({artifact_size_bytes(art)} bytes)" in out and artifact_size_bytes(art) == sum(
+        os.path.getsize(art / n) for n in ("manifest.json", "weights.safetensors"))
+
+
 def test_inspect_tolerates_a_bare_manifest(tmp_path, capsys):
     path = tmp_path / "bare"
     write_artifact(path, {}, {"w": torch.ones(2)})

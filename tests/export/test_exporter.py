@@ -403,3 +403,74 @@ def test_targets_that_do_not_fit_the_metric_are_refused(tmp_path):
     ids = [(x, y + 10) for x, y in _class_batches()]
     with pytest.raises(ValueError, match=r"metric='accuracy' expects class ids in \[0, 10\)"):
         export(model, tmp_path / "b", val_dataloader=ids, metric="accuracy")
+
+
+def test_load_serves_the_bytes_it_verified_whatever_happens_to_the_file(tmp_path):
+    torch.manual_seed(0)
+    art = export(TinyCTR(), tmp_path / "art")
+    served = load(art.path)
+    dense, ids = torch.randn(8, 4), torch.randint(0, 50, (8,))
+    before = served(dense, ids)
+    weights = os.path.join(art.path, "weights.safetensors")
+    with open(weights, "r+b") as f:  # a redeploy rewriting the file in place, then a truncation
+        f.write(b"\x00" * os.path.getsize(weights))
+        f.truncate(8)
+    torch.testing.assert_close(served(dense, ids), before, atol=0, rtol=0)  # was: changed outputs, then SIGBUS
+
+
+def _rewrite(path, manifest_edit=None, tensor_edit=None):
+    """Edit an artifact's tensors and/or manifest and re-hash both: only load's own checks can tell."""
+    import hashlib
+    import json
+
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save_file
+
+    w = os.path.join(path, "weights.safetensors")
+    if tensor_edit is not None:
+        with open(w, "rb") as f:
+            tensors = st_load(f.read())
+        tensor_edit(tensors)
+        save_file(tensors, w)
+    mpath = os.path.join(path, "manifest.json")
+    with open(mpath) as f:
+        m = json.load(f)
+    if manifest_edit is not None:
+        manifest_edit(m)
+    with open(w, "rb") as f:
+        data = f.read()
+    m["files"]["weights.safetensors"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    m.pop("manifest_sha256")
+    m["manifest_sha256"] = hashlib.sha256(json.dumps(m, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    with open(mpath, "w") as f:
+        json.dump(m, f)
+
+
+@pytest.mark.parametrize(("manifest_edit", "tensor_edit", "match"), [
+    (None, lambda t: t.update({"mlp.0.qweight": t["mlp.0.qweight"].float()}),
+     r"weights.safetensors: 'mlp.0.qweight' is torch.float32 \(32, 12\); the model \(and .*manifest.json\) expect torch.int8 \(32, 12\)"),
+    (lambda m: m["layers"]["mlp.0"].update(module="Int4Linear"), None, r"manifest.json: layer 'mlp.0' \(Int4Linear\): its entry is malformed"),
+    (lambda m: m["layers"].update({"head": m["layers"].pop("mlp.2")}), None,
+     r"manifest.json: layer 'head' is not a module of TinyCTR\(.*\): not the model this artifact was exported from"),
+    (lambda m: m.update(layers=list(m["layers"])), None, r"manifest.json: 'layers' is not an object of layer entries"),
+    (lambda m: m.pop("model"), None, r"manifest.json: 'model' is None; expected \{'class': str"),
+])
+def test_load_refuses_a_rehashed_artifact_that_does_not_fit_the_model(tmp_path, manifest_edit, tensor_edit, match):
+    torch.manual_seed(0)
+    art = export(TinyCTR(), tmp_path / "art")
+    _rewrite(art.path, manifest_edit, tensor_edit)
+    with pytest.raises(ArtifactError, match=match):
+        load(art.path)
+
+
+def test_load_argument_forms(tmp_path):
+    torch.manual_seed(0)
+    art = export(TinyCTR(), tmp_path / "art")
+    dense, ids = torch.randn(4, 4), torch.randint(0, 50, (4,))
+    want = load(art.path)(dense, ids)
+    for device in (torch.device("cpu"), "cpu:0"):
+        torch.testing.assert_close(load(art.path, device=device)(dense, ids), want, atol=0, rtol=0)
+    with pytest.raises(TypeError, match=r"load\(model='tests.helpers:TinyCTR'\): expected an nn.Module class or instance"):
+        load(art.path, model="tests.helpers:TinyCTR")
+    with pytest.raises(ArtifactError, match=r"layer 'emb' is not a module of the model passed as model="):
+        load(art.path, model=torch.nn.Linear(2, 2))

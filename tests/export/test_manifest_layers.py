@@ -156,7 +156,7 @@ def test_a_2_4_layer_with_int8_values_says_which_int8_kernel_runs(tmp_path, caps
     op_kernel = meta["kernels"]["cpu"]
     impl = {v: k for k, v in SPARSE24_INT8_KERNEL.items()}[op_kernel]
     assert f"{op_kernel} = int8_linear {impl} on the int8 codes" in meta["kernel"]["cpu"]
-    assert main(["inspect", art.path]) == 0
+    assert main(["inspect", art.path, "--wide"]) == 0  # the kernels column
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("0 "))
     assert f"cpu={op_kernel} (int8 {impl})" in row
 
