@@ -9,9 +9,9 @@ recorded inputs through it once per batch under ``torch.inference_mode()``, and 
 ``/proc/self/status``. Reported in MiB, over what the process held after its imports:
 
 - ``load_peak``: the high-water mark while building it (a load that copies the weights shows here);
-- ``model_resident``: resident once every weight has been read (a page of each touched): an artifact
-  is memory-mapped, so right after ``load`` only the pages verification and use touched are resident,
-  and serving traffic eventually reads them all;
+- ``model_resident``: resident once every weight has been read (a page of each touched; an
+  artifact's weights are read into memory at load, so this adds little for it; an FP32 model's
+  lazily zeroed pages are resident only once touched);
 - ``peak``: the high-water mark after the batches too (weights, activations, workspaces).
 
 Linux only (``/proc``); elsewhere :func:`peak_memory` returns None.
@@ -51,8 +51,8 @@ def _probe(path: str, which: str, batch_size: int, batches: int, kernels: str = 
         net = (cls or model_class(manifest, path))(**(manifest["model"].get("hparams") or {}))
     net.eval()
     load_peak = _status_kib("VmHWM")
-    with torch.no_grad():  # every weight read once, as serving traffic eventually does: a memory-mapped
-        for t in list(net.parameters()) + list(net.buffers()):  # artifact is resident only where touched
+    with torch.no_grad():  # every weight read once, as serving traffic eventually does: lazily
+        for t in list(net.parameters()) + list(net.buffers()):  # allocated pages are resident only once touched
             if t.numel():
                 t.reshape(-1)[:: max(1, 4096 // t.element_size())].sum()  # one element per page
     resident = _status_kib("VmRSS")
