@@ -220,6 +220,25 @@ def _check_target(path: str, overwrite: bool) -> None:
         raise ArtifactError(f"{path}: an artifact already exists there and overwrite=False")
 
 
+def check_target(path: str | os.PathLike) -> None:
+    """What :func:`write_artifact` will refuse at ``path``, checked before any work: something there
+    that is not an earlier artifact or an empty directory, or a parent that is no directory or
+    cannot be written.
+
+    Raises:
+        ArtifactError: naming ``path`` and the reason.
+    """
+    path = os.path.abspath(os.fspath(path))
+    _check_target(path, overwrite=True)
+    parent = os.path.dirname(path)
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ArtifactError(f"{path}: cannot be created: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ArtifactError(f"{path}: cannot be created: no write permission in {parent}")
+
+
 def _prepare_tensors(tensors: Mapping[str, Tensor], path: str) -> Dict[str, Tensor]:
     if not isinstance(tensors, Mapping):
         raise TypeError(f"tensors must be a dict of name -> Tensor, got {type(tensors).__name__}")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from hwaware.export.artifact import ArtifactError, read_verified, verify_artifact, write_artifact
+from hwaware.export.artifact import ArtifactError, check_target, read_verified, verify_artifact, write_artifact
 from hwaware._predict import model_predictions
 from hwaware.export.deploy import (DEPLOY_TYPES, Int4Linear, Int8Linear, RowwiseEmbedding, RowwiseEmbeddingBag, Sparse24Linear,
                                    chain_int8, fuse_relu)
@@ -366,10 +366,23 @@ def _set_impl(m: nn.Module, impl: str) -> None:
     m.kernels["cpu"] = impl if isinstance(m, Int8Linear) else SPARSE24_INT8_KERNEL[impl]
 
 
+def _impl_of(m: nn.Module) -> Optional[str]:
+    """The ``int8_linear`` implementation an int8 layer runs on the CPU (a 2:4 layer's via its kernel)."""
+    kernel = m.kernels.get("cpu")
+    return kernel if isinstance(m, Int8Linear) else SPARSE24_INT8_IMPL.get(kernel)
+
+
+def _first_batch(loader: Iterable) -> Any:
+    for batch in loader:
+        return batch
+    raise ValueError("export: val_dataloader yielded no batches")
+
+
 def _gate_each_impl(deploy: nn.Module, loader: Iterable, metric: str, output_fn: Optional[Callable], ref_value: float,
-                    max_drop: float, chosen_value: float) -> Dict[str, Dict[str, Any]]:
+                    max_drop: float) -> Dict[str, Dict[str, Any]]:
     """The metric with every int8 layer on one ``int8_linear`` implementation, for each of them: which
-    ones a deployment may switch to (another CPU, where another is fastest) and stay gated."""
+    ones export may choose, and a deployment may switch to (another CPU, where another is fastest),
+    and stay gated."""
     layers = _int8_layers(deploy)
     saved = [dict(m.kernels) for m in layers]
     out: Dict[str, Dict[str, Any]] = {}
@@ -377,8 +390,7 @@ def _gate_each_impl(deploy: nn.Module, loader: Iterable, metric: str, output_fn:
         for impl in INT8_KERNELS["cpu"]:
             for m in layers:
                 _set_impl(m, impl)
-            same = all(m.kernels == k for m, k in zip(layers, saved))  # the configuration the gate just ran
-            value = chosen_value if same else _evaluate(deploy, loader, metric, output_fn)
+            value = _evaluate(deploy, loader, metric, output_fn)
             out[impl] = {"exported": value, "drop": ref_value - value, "passed": ref_value - value <= max_drop}
     finally:
         for m, k in zip(layers, saved):
@@ -590,13 +602,19 @@ def export(
     fast where the CPU has AMX/VNNI; ``fbgemm``: fbgemm's per-tensor GEMM on pre-scaled rows, fast
     on AVX2; ``dequant``: the codes dequantized once to fp32, for layers too small for int8 to pay
     off), at :data:`hwaware.export.selection.NOMINAL_ROWS` rows when no input sizes it; the
-    fastest runs in the regression gate and in the artifact. Pass ``example_inputs`` at the
-    serving batch size: which implementation is fastest depends on the row count.
+    fastest runs in the artifact. With ``val_dataloader``, each implementation is first gated on
+    its own (every int8 layer on it; manifest ``regression.by_impl``) and only those that pass are
+    timed: they differ in what they do to the input, and the verdict must not depend on timing. Pass
+    ``example_inputs`` at the serving batch size: which implementation is fastest depends on the
+    row count.
 
     Raises:
         ValueError: bad arguments, a model with nothing to quantize, a metric that does not match
             the model's output.
-        RegressionError: the exported model's metric dropped more than ``max_drop``.
+        RegressionError: the exported model's metric dropped more than ``max_drop`` (with int8
+            layers: on every implementation, or on the chosen mix of them).
+        TypeError: ``val_dataloader`` is a one-use iterator (export reads it several times).
+        ArtifactError: ``path`` cannot take an artifact (checked before any work).
     """
     if metric not in METRICS:
         raise ValueError(f"metric={metric!r}; expected one of {METRICS}")
@@ -610,7 +628,12 @@ def export(
         raise TypeError(f"export expects an nn.Module, got {type(model).__name__}")
     if example_inputs is not None:
         example_inputs = _check_example_inputs(model, example_inputs)
+    if val_dataloader is not None and iter(val_dataloader) is val_dataloader:
+        raise TypeError(f"val_dataloader is a one-use iterator ({type(val_dataloader).__name__}): export reads it several "
+                        "times (the reference, each int8 implementation, the exported model); pass a DataLoader or a list "
+                        "of batches")
     path = os.fspath(path)
+    check_target(path)  # an unwritable path is refused now, not after the gate
 
     states = quant_states(model)
     ptq = not states
@@ -640,18 +663,37 @@ def export(
     for name, relu_name in fuse_relu(deploy).items():
         layers[name].update(relu=True, fused_relu=relu_name)
 
+    report, allowed, ref_value = None, None, None
+    if val_dataloader is not None:
+        ref_value = _evaluate(_reference_module(model, reference), val_dataloader, metric, output_fn)
+        if _int8_layers(deploy):
+            # every int8 implementation gated on its own before any is timed: they differ in what they
+            # do to the input (dequant keeps it float), so a choice by time alone made the gate's
+            # verdict depend on a timing race; only those that pass may be chosen
+            by_impl = _gate_each_impl(deploy, val_dataloader, metric, output_fn, ref_value, float(max_drop))
+            allowed = [impl for impl, r in by_impl.items() if r["passed"]]
+            if not allowed:
+                best = max(by_impl, key=lambda i: by_impl[i]["exported"])
+                report = {"metric": metric, "reference": ref_value, "exported": by_impl[best]["exported"],
+                          "drop": by_impl[best]["drop"], "max_drop": float(max_drop), "passed": False,
+                          "measured_on": "cpu, hwaware deploy ops", "by_impl": by_impl}
+                raise RegressionError(
+                    f"export refused: {metric} dropped {by_impl[best]['drop']:.5f} (reference {ref_value:.5f} -> exported "
+                    f"{by_impl[best]['exported']:.5f} on {best}, the best of the int8 implementations; "
+                    + ", ".join(f"{i} {r['exported']:.5f}" for i, r in by_impl.items() if i != best)
+                    + f"), more than max_drop={max_drop}; nothing was written at {path!r}", report)
     if any(isinstance(m, (Sparse24Linear, Int8Linear)) for m in deploy.modules()):
         if example_inputs is not None:
             rows = capture_rows(deploy, lambda: deploy(*example_inputs))
         elif val_dataloader is not None:
-            first = next(iter(val_dataloader))
+            first = _first_batch(val_dataloader)
             rows = capture_rows(deploy, lambda: (output_fn or _default_output)(deploy, first))
         else:
             rows = {}
         selects = (("sparse24_linear", select_sparse24_kernels),
-                   ("int8_linear", lambda *a, **k: select_int8_chains(deploy, select_int8_kernels(*a, **k))))
+                   ("int8_linear", lambda *a, **k: select_int8_chains(deploy, select_int8_kernels(*a, **k), allowed=allowed)))
         for op_name, select in selects:
-            for name, rec in select(deploy, rows, device="cpu").items():
+            for name, rec in select(deploy, rows, device="cpu", allowed=allowed).items():
                 layers[name]["kernels"] = dict(deploy.get_submodule(name).kernels)
                 layers[name]["kernel"] = {"cpu": _selected_label(op_name, deploy.get_submodule(name), rec)}
                 layers[name]["selection"] = {"cpu": rec}
@@ -666,10 +708,12 @@ def export(
                 layers[name]["kernel"] = {"cpu": f"hwaware::int8_mlp [cpu: int_mm, {run[0]} .. {run[-1]} in one call, "
                                                  "each epilogue writing the next layer's int8 input]"}
 
-    report = None
     if val_dataloader is not None:
-        ref_value = _evaluate(_reference_module(model, reference), val_dataloader, metric, output_fn)
-        exp_value = _evaluate(deploy, val_dataloader, metric, output_fn)
+        chosen = {_impl_of(m) for m in _int8_layers(deploy)}
+        if allowed and len(chosen) == 1 and next(iter(chosen)) in by_impl:
+            exp_value = by_impl[chosen.pop()]["exported"]  # one implementation everywhere: gated above, the same bits
+        else:
+            exp_value = _evaluate(deploy, val_dataloader, metric, output_fn)
         drop = ref_value - exp_value
         report = {"metric": metric, "reference": ref_value, "exported": exp_value, "drop": drop,
                   "max_drop": float(max_drop), "passed": drop <= max_drop, "measured_on": "cpu, hwaware deploy ops"}
@@ -680,12 +724,12 @@ def export(
             final = _fp32_copy(model)
             report["final_weights_fp32"] = _evaluate(final, val_dataloader, metric, output_fn)
             report["quantization_drop"] = report["final_weights_fp32"] - exp_value
+        if allowed is not None:  # what load(kernels="measure") may switch to on another CPU
+            report["by_impl"] = by_impl
         if not report["passed"]:
             raise RegressionError(
                 f"export refused: {metric} dropped {drop:.5f} (reference {ref_value:.5f} -> exported {exp_value:.5f}), "
                 f"more than max_drop={max_drop}; nothing was written at {path!r}", report)
-        if _int8_layers(deploy):  # what load(kernels="measure") may switch to on another CPU
-            report["by_impl"] = _gate_each_impl(deploy, val_dataloader, metric, output_fn, ref_value, float(max_drop), exp_value)
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in deploy.state_dict().items()}
     # non-persistent buffers (e.g. an index table built in __init__) travel too, so load can build

@@ -297,6 +297,7 @@ def select_int8_kernels(model: nn.Module, rows: Dict[str, int], device: str = "c
     """
     op = torch.ops.hwaware.int8_linear
     impls = [i for i in INT8_KERNELS[device] if allowed is None or i in allowed]
+    barred = [i for i in INT8_KERNELS[device] if i not in impls]
     if not impls:
         raise ValueError(f"allowed={sorted(allowed or ())!r} leaves no int8_linear implementation; expected some of "
                          f"{INT8_KERNELS[device]}")
@@ -315,6 +316,9 @@ def select_int8_kernels(model: nn.Module, rows: Dict[str, int], device: str = "c
         layer.kernels[device] = chosen
         others = ", ".join(f"{c} {measured[c]['us'] / measured[chosen]['us']:.2f}x its time"
                            for c in measured if c != chosen)
+        for impl in barred:
+            measured[impl] = {"keeps_math": True, "available": False,
+                              "note": _INT8_NOTES.get(impl, impl) + " (not allowed: its regression gate did not pass)"}
         why = f"fastest at M={m}" + (f" ({others})" if others else "")
         if name not in rows:
             why += f"; M={m} is nominal: export got neither val_dataloader nor example_inputs to size the layer"

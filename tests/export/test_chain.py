@@ -73,8 +73,8 @@ def test_what_breaks_a_run(calls):
 def test_export_records_the_chain_and_load_rebuilds_it(tmp_path, monkeypatch):
     real = exporter.select_int8_kernels
 
-    def all_int_mm(model, rows, device="cpu"):  # the timing decides int_mm vs dequant; fix it here
-        records = real(model, rows, device)
+    def all_int_mm(model, rows, device="cpu", allowed=None):  # the timing decides int_mm vs dequant; fix it here
+        records = real(model, rows, device, allowed)
         for name, rec in records.items():
             model.get_submodule(name).kernels[device] = rec["chosen"] = rec["op_kernel"] = "int_mm"
         return records

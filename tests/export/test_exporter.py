@@ -474,3 +474,47 @@ def test_load_argument_forms(tmp_path):
         load(art.path, model="tests.helpers:TinyCTR")
     with pytest.raises(ArtifactError, match=r"layer 'emb' is not a module of the model passed as model="):
         load(art.path, model=torch.nn.Linear(2, 2))
+
+
+def test_the_gate_verdict_does_not_depend_on_which_implementation_times_fastest(tmp_path):
+    # int8 implementations differ in what they do to the input (dequant keeps it float, int_mm
+    # quantizes it per token): each is gated on its own first and only those that pass may be timed
+    # and chosen. A reference equal to the int_mm configuration's metric makes int_mm the only one
+    # that passes max_drop=0; before, dequant (fastest for these tiny layers) was chosen and refused.
+    torch.manual_seed(0)
+    model = TinyCTR()
+    _, val = loaders()
+    first = export(model, tmp_path / "a", val_dataloader=val, max_drop=1.0)
+    by_impl = first.manifest["regression"]["by_impl"]
+    assert len({r["exported"] for r in by_impl.values()}) == 3  # the three differ on this model
+    ref = load(first.path)
+    for m in ref.modules():
+        if isinstance(m, Int8Linear):
+            m.kernels["cpu"] = "int_mm"
+    art = export(model, tmp_path / "b", val_dataloader=val, max_drop=0.0, reference=ref)
+    reg = art.manifest["regression"]
+    assert reg["passed"] and reg["drop"] == 0.0 and reg["exported"] == by_impl["int_mm"]["exported"]
+    assert {i for i, r in reg["by_impl"].items() if r["passed"]} == {"int_mm"}
+    for name in ("mlp.0", "mlp.2"):
+        sel = art.manifest["layers"][name]["selection"]["cpu"]
+        assert sel["chosen"] == "int_mm" and not sel["measured"]["dequant"]["available"]
+        assert "regression gate" in sel["measured"]["dequant"]["note"]
+
+
+def test_export_refuses_bad_loaders_and_targets_before_any_work(tmp_path):
+    torch.manual_seed(0)
+    model = TinyCTR()
+    _, val = loaders()
+    with pytest.raises(TypeError, match=r"val_dataloader is a one-use iterator \(generator\): export reads it several times"):
+        export(model, tmp_path / "a", val_dataloader=(b for b in val))
+    with pytest.raises(ValueError, match=r"export: val_dataloader yielded no batches"):
+        export(model, tmp_path / "a", val_dataloader=[])
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ArtifactError, match=r"cannot be created: .*file is not a directory"):
+        export(model, blocker / "art", val_dataloader=val)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("x")
+    with pytest.raises(ArtifactError, match=r"mine: exists, is not empty and is not an hwaware artifact"):
+        export(model, tmp_path / "mine", val_dataloader=val)
+    assert not (tmp_path / "a").exists() and (tmp_path / "mine" / "keep.txt").read_text() == "x"

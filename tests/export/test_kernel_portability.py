@@ -119,7 +119,8 @@ def test_measure_chooses_only_implementations_that_passed_the_gate(art):
     sel = exporter._remeasure(model, m, art.path)
     for name, rec in sel.items():
         assert rec["chosen"] == "dequant" and model.get_submodule(name).kernels["cpu"] == "dequant"
-        assert set(rec["measured"]) == {"dequant"} and "['dequant']" in rec["allowed"]
+        assert {c for c, e in rec["measured"].items() if e["available"]} == {"dequant"} and "['dequant']" in rec["allowed"]
+        assert all("not allowed: its regression gate did not pass" in rec["measured"][c]["note"] for c in ("int_mm", "fbgemm"))
 
 
 def test_measure_keeps_the_recorded_kernels_when_no_implementation_passed_alone(art):
