@@ -129,6 +129,10 @@ class ProgressiveQuantization(Callback):
             quantization started (at resume).
         TypeError: a spec that is not a :class:`QuantSpec`; ``layer_specs`` values that are not a
             QuantSpec or a dict of them (``"activation"`` may be None).
+        RuntimeError: a fit that would train on after this callback finished (phase ``"done"``: a
+            second ``fit`` with the same callback, or a resume from a checkpoint written after it
+            finished), at the first epoch it would train: the weights would move away from the
+            scales QAT froze and validated, and export would clip them.
     """
 
     def __init__(
@@ -273,6 +277,13 @@ class ProgressiveQuantization(Callback):
 
     @override
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.phase == "done":
+            done = next((p for p in reversed(self._history) if p["phase"] == "done"), {})
+            raise RuntimeError(
+                f"ProgressiveQuantization already finished (QAT validated, phase 'done' at epoch {done.get('epoch', '?')}): "
+                "training on would move the weights away from the scales it froze and validated, and export would clip "
+                "them silently. Train longer within one fit (a larger max_epochs), or start a new run with a new "
+                "ProgressiveQuantization")
         if self.phase != "fp32" or trainer.current_epoch < self.start_epoch:
             return
         if self.start == "plateau":

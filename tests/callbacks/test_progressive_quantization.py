@@ -642,3 +642,16 @@ def test_resume_with_other_layer_specs_is_refused(tmp_path, other):
     _, cb = _ckpt_run(tmp_path / "c", ckpt_path=str(tmp_path / "a" / "ckpt" / "epoch=0.ckpt"), layer_specs=other)
     assert cb.report["layers"]["mlp.2"]["weight"] == ("int8/per_channel/sym" if other is None else "int4/g32/sym")
     assert cb.report["layers"]["mlp.2"]["activation"] == STATIC_ACT.short()
+
+
+def test_a_second_fit_after_qat_finished_is_refused_before_it_trains(tmp_path):
+    # the scales were frozen and validated on the final weights: training on would move the weights
+    # past them and export would clip them silently
+    cb = ProgressiveQuantization(start_epoch=1, calibration_batches=2)
+    _, model = _fit(tmp_path, cb, max_epochs=2)
+    assert cb.phase == "done"
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"ProgressiveQuantization already finished \(QAT validated, phase 'done' at "
+                                           r"epoch 2\): training on would move the weights away from the scales"):
+        _fit(tmp_path / "again", cb, model=model, max_epochs=2)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())  # not one step was taken
