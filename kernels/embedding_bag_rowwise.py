@@ -187,4 +187,5 @@ def _check_index_values(rows: int, indices: Tensor, offsets: Tensor, include_las
             raise ValueError(f"offsets must start at 0, be non-decreasing and not exceed len(indices)={n}, "
                              f"got first={first}, last={last}")
         if include_last_offset and last != n:
-            raise ValueError(f"with include_last_offset=True the last offset must equal len(indices)={n}, got {last}")
+            raise ValueError(f"with include_last_offset=True the last offset must equal len(indices)={n}, got {last}: "
+                             "ids after it would be in no bag (refused, as by the CPU op)")

@@ -166,12 +166,25 @@ class Sparse24Linear(nn.Module):
                 "dense_bytes": 4 * self.out_features * (self.in_features + 1)}
 
 
+_OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def _out_dtype(meta: Dict[str, Any]) -> torch.dtype:
+    name = meta.get("dtype", "float32")
+    if name not in _OUT_DTYPES:
+        raise ValueError(f"dtype {name!r}; expected one of {sorted(_OUT_DTYPES)}")
+    return _OUT_DTYPES[name]
+
+
 class RowwiseEmbeddingBag(nn.Module):
     """Row-wise int8/int4 embedding bag in the FBGEMM fused layout (codes + scale + offset per row)."""
 
     def __init__(self, weight: Tensor, bits: int, dim: int, mode: str, include_last_offset: bool,
-                 padding_idx: Optional[int] = None) -> None:
+                 padding_idx: Optional[int] = None, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
+        if dtype not in _OUT_DTYPES.values():
+            raise ValueError(f"{type(self).__name__} dtype={dtype!r}; expected one of {sorted(_OUT_DTYPES)}")
+        self.out_dtype = dtype  # the table's dtype before packing: what a lookup returns, as the original layer did
         if mode not in _MODES:
             raise ValueError(f"RowwiseEmbeddingBag mode={mode!r}; expected one of {tuple(_MODES)}")
         if padding_idx is not None and (isinstance(padding_idx, bool) or not isinstance(padding_idx, int)
@@ -193,16 +206,26 @@ class RowwiseEmbeddingBag(nn.Module):
             raise ValueError("embedding bags with padding_idx in mode 'max' are not supported by the row-wise op "
                              "(mode 'sum' and 'mean' are)")
         fused = packing.quantize_rowwise(m.weight.detach().float(), st.weight.spec.bits)
-        return cls(fused, st.weight.spec.bits, m.embedding_dim, m.mode, m.include_last_offset, m.padding_idx)
+        return cls(fused, st.weight.spec.bits, m.embedding_dim, m.mode, m.include_last_offset, m.padding_idx, m.weight.dtype)
 
     @classmethod
     def empty(cls, meta: Dict[str, Any]) -> "RowwiseEmbeddingBag":
         r, d = meta["shape"]
         return cls(torch.empty(r, meta["cols"], dtype=torch.uint8), meta["bits"], d, meta["mode"], meta["include_last_offset"],
-                   meta.get("padding_idx"))
+                   meta.get("padding_idx"), _out_dtype(meta))
 
     def forward(self, input: Tensor, offsets: Optional[Tensor] = None, per_sample_weights: Optional[Tensor] = None) -> Tensor:
+        out = self._bags(input, offsets, per_sample_weights)
+        return out if self.out_dtype == torch.float32 else out.to(self.out_dtype)
+
+    def _bags(self, input: Tensor, offsets: Optional[Tensor], per_sample_weights: Optional[Tensor]) -> Tensor:
+        if offsets is not None and (offsets.is_floating_point() or offsets.is_complex() or offsets.dtype == torch.bool):
+            raise TypeError(f"{type(self).__name__}: offsets must be an int64 or int32 tensor, got {offsets.dtype} "
+                            "(as nn.EmbeddingBag refuses it)")
         if input.dim() == 2:  # [B, L] fixed-length bags
+            if offsets is not None:
+                raise ValueError(f"{type(self).__name__}: 2-D input is a batch of fixed-length bags and takes no offsets, "
+                                 f"got offsets of shape {list(offsets.shape)} (as nn.EmbeddingBag refuses it)")
             b, l = input.shape
             offsets = torch.arange(0, b * l, l, device=input.device, dtype=input.dtype)
             input = input.reshape(-1)
@@ -237,6 +260,7 @@ class RowwiseEmbeddingBag(nn.Module):
         return {"scheme": self.scheme, "shape": [self.num_embeddings, self.dim], "bits": self.bits, "cols": self.weight.shape[1],
                 "mode": self.mode, "include_last_offset": self.include_last_offset,
                 **({"padding_idx": self.padding_idx} if self.padding_idx is not None else {}),
+                **({"dtype": str(self.out_dtype).replace("torch.", "")} if self.out_dtype != torch.float32 else {}),
                 "bytes": _bytes(self.weight), "dense_bytes": 4 * self.num_embeddings * self.dim}
 
 
@@ -248,13 +272,14 @@ class RowwiseEmbedding(RowwiseEmbeddingBag):
         if m.max_norm is not None:  # (padding_idx only stops gradients: a lookup returns the row as stored)
             raise ValueError("embeddings with max_norm (renormalized rows on lookup) are not supported by the row-wise op")
         fused = packing.quantize_rowwise(m.weight.detach().float(), st.weight.spec.bits)
-        return cls(fused, st.weight.spec.bits, m.embedding_dim, "sum", False)
+        return cls(fused, st.weight.spec.bits, m.embedding_dim, "sum", False, dtype=m.weight.dtype)
 
     def forward(self, input: Tensor) -> Tensor:  # input: any shape -> [*input.shape, D]
         flat = input.reshape(-1)
         offsets = torch.arange(flat.numel(), device=flat.device, dtype=flat.dtype)
         out = torch.ops.hwaware.embedding_bag_rowwise(self.weight, self.bits, self.dim, flat, offsets, 0, None, False)
-        return out.reshape(*input.shape, self.dim)
+        out = out.reshape(*input.shape, self.dim)
+        return out if self.out_dtype == torch.float32 else out.to(self.out_dtype)
 
 
 DEPLOY_TYPES = {c.__name__: c for c in (Int8Linear, Int4Linear, Sparse24Linear, RowwiseEmbeddingBag, RowwiseEmbedding)}

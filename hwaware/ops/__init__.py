@@ -705,7 +705,9 @@ def _check_index_values(weight: Tensor, indices: Tensor, offsets: Tensor, includ
         raise ValueError(f"offsets must start at 0, be non-decreasing and not exceed len(indices)={n}, "
                          f"got first={a}, last={b}")
     if rule == 3:
-        raise ValueError(f"with include_last_offset=True the last offset must equal len(indices)={n}, got {b}")
+        raise ValueError(f"with include_last_offset=True the last offset must equal len(indices)={n}, got {b}: ids after "
+                         "it would be in no bag (torch's float embedding_bag is inconsistent there: sum drops them, mean "
+                         "counts them, max reads them; its quantized row-wise ops refuse it, as this op does)")
 
 
 @_define('embedding_bag_rowwise(Tensor weight, SymInt bits, SymInt dim, Tensor indices, Tensor offsets, SymInt mode, Tensor? per_sample_weights, bool include_last_offset) -> Tensor')

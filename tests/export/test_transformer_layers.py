@@ -88,3 +88,16 @@ def test_export_and_load_run_the_deploy_layers_under_no_grad(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x), art.model(x))
     assert set(quant_states(m)) == set()  # post-training: the user's model is left as it was
+
+
+def test_a_bf16_model_exports_and_serves_in_bf16(tmp_path):
+    # the packed tables returned float32 into a bf16 model: its attention then refused the mix
+    model = _model().to(torch.bfloat16)
+    x = next(iter(_val()))[0]
+    art = export(model, tmp_path / "a", val_dataloader=_val(), metric="accuracy", max_drop=1.0, example_inputs=(x,))
+    assert art.manifest["layers"]["emb"]["dtype"] == "bfloat16"
+    served = load(art.path)
+    with torch.no_grad():
+        y = served(x)
+        assert y.dtype == torch.bfloat16 and served.emb(x).dtype == torch.bfloat16
+        torch.testing.assert_close(y, art.model(x), atol=0, rtol=0)
