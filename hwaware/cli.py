@@ -279,13 +279,31 @@ def int_at_least(lo: int):
     return parse
 
 
+def _json_target_problem(path: str) -> Optional[str]:
+    """Why a JSON file cannot be written at ``path``, else None."""
+    if os.path.isdir(path):
+        return "is a directory; expected a file path"
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        return f"{parent} is not a directory (create it first)"
+    if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        return "not writable"
+    return None
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     """Artifact vs its FP32 architecture, same inputs, interleaved: throughput ratio and latencies;
     then the peak memory of serving each, one fresh process per model."""
     from hwaware.export import ArtifactError, load, read_manifest
     from hwaware.export.bench import compare_throughput, instability_warning
     from hwaware.export.exporter import make_inputs, model_class
+    import torch
 
+    if args.json:  # refused now, not after the benchmark ran
+        problem = _json_target_problem(args.json)
+        if problem:
+            print(f"hwaware bench: error: --json {args.json}: {problem}", file=sys.stderr)
+            return 2
     try:
         cls = _model_option(args.model)
         served = load(args.path, kernels=args.kernels, model=cls)
@@ -300,6 +318,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     # FP32 reference: the same architecture with dense float weights (their values do not change speed)
     fp32 = cls(**(manifest["model"].get("hparams") or {}))
     inputs = [make_inputs(manifest["inputs"], args.batch_size, seed=i) for i in range(args.batches)]
+    for name, model in (("fp32", fp32), ("artifact", served)):
+        try:  # generated from the recorded shapes: a model whose inputs are not one row per sample refuses them
+            with torch.no_grad():
+                model.eval()(*inputs[0])
+        except Exception as e:  # noqa: BLE001 (any refusal of the inputs: the message says what to do instead)
+            print(f"hwaware bench: error: the {name} model refused the inputs bench generated from the recorded example "
+                  f"shapes ({', '.join('x'.join(map(str, d['shape'])) for d in manifest['inputs'])}, with {args.batch_size} "
+                  f"rows each): {type(e).__name__}: {' '.join(str(e).split())[:300]}. bench makes one row per sample per "
+                  "input; for inputs that are not (e.g. EmbeddingBag ids + offsets), time the artifact on your own batches "
+                  "with hwaware.export.bench.compare_throughput", file=sys.stderr)
+            return 2
     print(f"batch size {args.batch_size}: {args.batches} batches x {args.rounds} rounds per model (generated inputs)")
     result = compare_throughput({"fp32": fp32, "artifact": served}, inputs, batch_size=args.batch_size, rounds=args.rounds)
     result["artifact"] = args.path

@@ -296,3 +296,30 @@ def test_inspect_gives_the_share_of_fp32_without_the_program_s_copy_of_the_weigh
     out = capsys.readouterr().out
     line = next(ln for ln in out.splitlines() if ln.startswith("  without program.pt2"))
     assert f"{art.size_bytes / art.manifest['fp32_bytes']:.1%} of fp32" in line
+
+
+class OffsetsBag(torch.nn.Module):
+    """A model whose inputs are not one row per sample: flat ids plus bag offsets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.EmbeddingBag(50, 8, mode="sum")
+        self.head = torch.nn.Linear(8, 1)
+
+    def forward(self, ids, offsets):
+        return self.head(self.emb(ids, offsets)).squeeze(-1)
+
+
+def test_bench_says_what_to_do_for_inputs_it_cannot_generate_and_refuses_a_bad_json_path_first(tmp_path, capsys):
+    from hwaware.export import export
+
+    torch.manual_seed(0)
+    ids, offsets = torch.randint(0, 50, (12,)), torch.tensor([0, 3, 5, 9])
+    art = export(OffsetsBag(), tmp_path / "bag", example_inputs=(ids, offsets))
+    assert main(["bench", art.path, "--batch-size", "8", "--batches", "1", "--rounds", "1", "--no-memory"]) == 2
+    err = capsys.readouterr().err
+    assert "hwaware bench: error: the fp32 model refused the inputs bench generated from the recorded example shapes (12, 4" in err
+    assert "hwaware.export.bench.compare_throughput" in err and "Traceback" not in err
+    missing = tmp_path / "no" / "such" / "dir" / "b.json"
+    assert main(["bench", art.path, "--json", str(missing)]) == 2  # before any timing
+    assert f"--json {missing}: {missing.parent} is not a directory (create it first)" in capsys.readouterr().err
