@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any, Dict, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _torch_module
 
@@ -250,11 +251,13 @@ class RowwiseEmbeddingBag(nn.Module):
             self.weight, self.bits, self.dim, input, offsets, _MODES["sum"], w, self.include_last_offset)
         if self.mode == "sum":
             return out
-        ends = offsets[1:] if self.include_last_offset else torch.cat([offsets[1:], offsets.new_full((1,), input.numel())])
-        starts = offsets[:-1] if self.include_last_offset else offsets
-        kept = torch.cat([keep.new_zeros(1, dtype=torch.int64), torch.cumsum(keep, 0)])
-        count = (kept[ends] - kept[starts]).clamp_(min=1).to(out.dtype)
-        return out / count[:, None]
+        # each bag's count of kept entries: a sum bag over a one-entry table of ones, weighted by keep
+        # (the same offsets rule as the lookup; no slicing of offsets, so torch.export keeps the
+        # batch dynamic down to 1)
+        ones = torch.ones(1, 1, dtype=torch.float32, device=input.device)
+        count = F.embedding_bag(torch.zeros_like(input), ones, offsets, mode="sum", per_sample_weights=keep.to(torch.float32),
+                                include_last_offset=self.include_last_offset)
+        return out / count.clamp_(min=1)
 
     def describe(self) -> Dict[str, Any]:
         return {"scheme": self.scheme, "shape": [self.num_embeddings, self.dim], "bits": self.bits, "cols": self.weight.shape[1],

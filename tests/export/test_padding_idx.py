@@ -93,3 +93,23 @@ def test_export_packs_padded_tables_and_load_keeps_padding_idx(tmp_path):
         torch.testing.assert_close(loaded(ids), model(ids), atol=0.05, rtol=0.05)  # int8 rows vs FP32
         # the padded entries are left out: bag 1 of `a` is the mean of its one other row
         torch.testing.assert_close(loaded.a(ids)[1], loaded.a(torch.tensor([[19]]))[0])
+
+
+class FlatBag(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(20, 4, mode="mean", padding_idx=0)
+
+    def forward(self, ids, offsets):
+        return self.bag(ids, offsets)
+
+
+def test_the_program_of_a_padded_mean_bag_serves_batch_1_and_2(tmp_path):
+    # the mean's per-bag counts sliced offsets[1:], so torch.export fixed the batch at 3 or more
+    torch.manual_seed(0)
+    ids, offsets = torch.tensor([0, 3, 4, 0, 5, 6, 7, 0]), torch.tensor([0, 2, 5])
+    art = hwaware.export(FlatBag(), tmp_path / "art", example_inputs=(ids, offsets))
+    assert art.manifest["program"]["batch_range"][1][0] <= 1
+    program = torch.export.load(str(tmp_path / "art" / "program.pt2")).module()
+    for ids_b, off_b in ((ids[:3], offsets[:1]), (ids[:5], offsets[:2]), (ids, offsets)):
+        torch.testing.assert_close(program(ids_b, off_b), art.model(ids_b, off_b), atol=0, rtol=0)
