@@ -306,6 +306,10 @@ def _default_output(module: nn.Module, batch: Any) -> Tuple[Tensor, Tensor]:
         key = next((k for k in _TARGET_KEYS if k in batch), None)
         target = batch[key] if key else None
     elif isinstance(batch, (list, tuple)):
+        if len(batch) < 2:
+            raise ValueError(f"export: a validation batch is a {type(batch).__name__} of {len(batch)} element(s); the gate "
+                             "needs (inputs..., target) to measure the metric. Pass batches with their targets, or "
+                             "output_fn=lambda model, batch: (preds, target)")
         target = batch[-1]
     else:
         target = None
@@ -323,6 +327,9 @@ def _metric_value(metric: str, preds: Tensor, target: Tensor) -> float:
             raise ValueError(f"metric='auroc' expects one logit or probability per sample; the model outputs shape "
                              f"{tuple(preds.shape)} (use metric='accuracy' for class scores)")
         t = target.reshape(-1)
+        if t.numel() != preds.numel():
+            raise ValueError(f"metric='auroc' expects one binary target per sample; got targets of shape "
+                             f"{tuple(target.shape)} for {preds.numel()} predictions")
         if not bool(((t == 0) | (t == 1)).all()):
             bad = t[(t != 0) & (t != 1)][:3].tolist()
             raise ValueError(f"metric='auroc' expects binary targets (0 or 1); the validation targets include {bad} "
@@ -331,6 +338,10 @@ def _metric_value(metric: str, preds: Tensor, target: Tensor) -> float:
     if preds.dim() != 2 or preds.shape[1] < 2:
         raise ValueError(f"metric='accuracy' expects class scores of shape [B, C>=2]; the model outputs shape "
                          f"{tuple(preds.shape)} (use metric='auroc' for a single logit)")
+    if target.numel() != preds.shape[0]:
+        raise ValueError(f"metric='accuracy' expects one class id per sample (targets of shape [B]); got targets of shape "
+                         f"{tuple(target.shape)} for {preds.shape[0]} samples" + (
+                             " (one-hot targets? pass output_fn returning target.argmax(1))" if target.shape == preds.shape else ""))
     t = target.reshape(-1)
     if t.is_floating_point() and not bool((t == t.round()).all()) or not bool(((t >= 0) & (t < preds.shape[1])).all()):
         raise ValueError(f"metric='accuracy' expects class ids in [0, {preds.shape[1]}) for the model's "

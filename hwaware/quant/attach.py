@@ -297,7 +297,11 @@ def keep_layers_called(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, nn.TransformerEncoderLayer) and hasattr(m, "activation_relu_or_gelu"):
             if any(type(lin) is not nn.Linear for lin in (m.linear1, m.linear2)):
+                m.__dict__.setdefault(_FAST_PATH_ATTR, m.activation_relu_or_gelu)  # for detach_quantization
                 m.activation_relu_or_gelu = 0
+
+
+_FAST_PATH_ATTR = "_hwaware_activation_relu_or_gelu"
 
 
 LAYER_SPEC_KEYS = ("weight", "activation")
@@ -409,6 +413,7 @@ def find_quantizable(model: nn.Module, *, weight_spec: QuantSpec, activation_spe
     eligible: List[str] = []
     won: Dict[str, int] = dict.fromkeys(overrides, 0)
     overridden_by_skip: Dict[str, List[str]] = {p: [] for p in overrides}
+    refused: List[str] = []  # layers an explicit override made unquantizable
     for name, module in modules.items():
         skipped.update(dict.fromkeys(bare_weights(name, module), "a bare Parameter nn.MultiheadAttention multiplies "
                                      "itself; hwaware quantizes layers, not parameters: stays FP32"))
@@ -435,6 +440,8 @@ def find_quantizable(model: nn.Module, *, weight_spec: QuantSpec, activation_spe
         w, a, reason = _specs_for(module, kind, w, a, e)
         if reason:
             skipped[name] = reason + (f" (layer_specs[{over!r}])" if over is not None else "")
+            if over is not None:
+                refused.append(f"{name}: {reason} (layer_specs[{over!r}])")
             continue
         plan[name] = (kind, w, a)
     for pattern, n in won.items():
@@ -453,6 +460,9 @@ def find_quantizable(model: nn.Module, *, weight_spec: QuantSpec, activation_spe
             warnings.warn(f"layer_specs pattern {pattern!r} applies to no layer: every layer it matches "
                           f"({', '.join(names[:12])}) is skipped by skip= (skip wins over layer_specs), so they stay FP32",
                           UserWarning, stacklevel=2)
+    if refused:
+        warnings.warn(f"layer_specs: {len(refused)} layer(s) cannot take the spec asked for and stay FP32: "
+                      + "; ".join(refused[:8]) + (" ..." if len(refused) > 8 else ""), UserWarning, stacklevel=2)
     check_skip_matches(model, skip, eligible, "quantizable")
     return plan, skipped
 
@@ -483,11 +493,15 @@ def attach_quantization(model: nn.Module, plan: Dict[str, Tuple[str, QuantSpec, 
 
 
 def detach_quantization(model: nn.Module) -> None:
-    """Remove every attachment: layers get their original classes back; weights are untouched."""
+    """Remove every attachment: layers get their original classes back (and transformer layers
+    their fused fast path, where :func:`keep_layers_called` turned it off); weights are untouched."""
     for m in model.modules():
         st = m.__dict__.pop(_ATTR, None)
         if st is not None:
             m.__class__ = st.original_class
+    for m in model.modules():
+        if _FAST_PATH_ATTR in m.__dict__ and all(type(lin) is nn.Linear for lin in (m.linear1, m.linear2)):
+            m.activation_relu_or_gelu = m.__dict__.pop(_FAST_PATH_ATTR)
 
 
 def set_fp32_reference(model: nn.Module, state_dict: Optional[Dict[str, Tensor]]) -> None:

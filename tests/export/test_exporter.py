@@ -403,6 +403,13 @@ def test_targets_that_do_not_fit_the_metric_are_refused(tmp_path):
     ids = [(x, y + 10) for x, y in _class_batches()]
     with pytest.raises(ValueError, match=r"metric='accuracy' expects class ids in \[0, 10\)"):
         export(model, tmp_path / "b", val_dataloader=ids, metric="accuracy")
+    one_hot = [(x, nn.functional.one_hot(y, 10).float()) for x, y in _class_batches()]  # passed the id check as 0/1
+    with pytest.raises(ValueError, match=r"metric='accuracy' expects one class id per sample \(targets of shape \[B\]\); got "
+                                         r"targets of shape \(\d+, 10\) for \d+ samples \(one-hot targets\?"):
+        export(model, tmp_path / "c", val_dataloader=one_hot, metric="accuracy")
+    no_target = [(x,) for x, _ in _class_batches()]  # the input was taken for the target
+    with pytest.raises(ValueError, match=r"a validation batch is a tuple of 1 element\(s\); the gate needs \(inputs..., target\)"):
+        export(model, tmp_path / "d", val_dataloader=no_target, metric="accuracy")
 
 
 def test_load_serves_the_bytes_it_verified_whatever_happens_to_the_file(tmp_path):

@@ -88,6 +88,7 @@ def test_export_and_load_run_the_deploy_layers_under_no_grad(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x), art.model(x))
     assert set(quant_states(m)) == set()  # post-training: the user's model is left as it was
+    assert m.enc.activation_relu_or_gelu == 1  # its fused fast path too (export turned it off while it ran)
 
 
 def test_a_bf16_model_exports_and_serves_in_bf16(tmp_path):

@@ -339,8 +339,7 @@ def test_per_group_skips_with_reason():
 def test_layer_specs_override_per_layer_and_keep_the_global_skip_reasons():
     model = nn.Sequential(nn.Linear(64, 8), nn.Linear(8, 40), nn.Conv1d(2, 2, 3), nn.Embedding(4, 4), nn.Linear(40, 2))
     rows4 = QuantSpec(bits=4, granularity="per_row", symmetric=False)
-    with pytest.warns(UserWarning, match=r"layer_specs pattern '4' applies to no layer: every layer it matches \(4\) is "
-                                         r"skipped by skip="):
+    with pytest.warns(UserWarning) as caught:
         plan, skipped = find_quantizable(
             model, weight_spec=WEIGHT_SPEC, activation_spec=ACT_SPEC, skip=["4"],
             layer_specs={"0": {"weight": INT4_G32, "activation": None}, "[12]": INT4_G32, "3": rows4, "4": INT4_G32})
@@ -351,6 +350,11 @@ def test_layer_specs_override_per_layer_and_keep_the_global_skip_reasons():
         "2": "per_group weights are defined for Linear layers only (layer_specs['[12]'])",
         "4": "matches skip pattern '4' (skip wins over layer_specs['4'])",  # matching only skipped layers: a warning
     }
+    messages = [str(w.message) for w in caught]
+    assert any("layer_specs pattern '4' applies to no layer: every layer it matches (4) is skipped by skip=" in m for m in messages)
+    # an explicit override a layer cannot take leaves it FP32: said, not only listed in the report
+    assert ("layer_specs: 2 layer(s) cannot take the spec asked for and stay FP32: 1: in_features=8 is not a multiple of "
+            "group_size=32 (layer_specs['[12]']); 2: per_group weights are defined for Linear layers only") in " ".join(messages)
     # no layer_specs: the global specs everywhere, as before
     assert find_quantizable(model, weight_spec=WEIGHT_SPEC)[0]["0"] == ("linear", WEIGHT_SPEC, None)
 
