@@ -18,7 +18,7 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -268,6 +268,16 @@ def _build_deploy(model: nn.Module, states: Dict[str, QuantState], sparse24: boo
         if sparse24 and isinstance(new, Int4Linear) and is_24(modules[name].weight.detach()):
             # 2:4-pruned and int4-quantized: packed int4, the 2:4 compression is not applied
             layers[name].update(sparse24_unpacked=True, note=INT4_24_NOTE)
+    tied: Dict[int, List[str]] = {}  # one weight shared by several packed layers (tied input/output embeddings)
+    for name in layers:
+        tied.setdefault(id(modules[name].weight), []).append(name)
+    for names in (n for n in tied.values() if len(n) > 1):
+        for name in names:
+            others = ", ".join(repr(o) for o in names if o != name)
+            note = (f"its weight is tied to {others}: each layer is packed in its own format, so the artifact stores "
+                    f"that weight {len(names)} times (FP32 stored it once)")
+            layers[name]["note"] = f"{layers[name]['note']}; {note}" if layers[name].get("note") else note
+            layers[name]["tied_to"] = [o for o in names if o != name]
     for name, m in modules.items():  # FP32 because of how their parent uses them: say so in the manifest
         if isinstance(m, nn.Linear) and name not in layers and (reason := weight_read_by_parent(modules, name)):
             dense.setdefault(name, reason)
@@ -748,7 +758,9 @@ def export(
     for name, buf in deploy.named_buffers():
         if name not in tensors and buf is not None:
             tensors[_BUFFER_PREFIX + name] = buf.detach().contiguous().cpu()
-    fp32_bytes = sum(p.numel() * 4 for p in model.state_dict().values() if p.is_floating_point())
+    # each floating tensor once: a weight tied to two layers is two state_dict entries but one tensor
+    fp32_bytes = sum(t.numel() * 4 for t in {(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)): t
+                                             for t in model.state_dict().values() if t.is_floating_point()}.values())
     cls = type(model)
     if cls.__module__ == "__main__" or "<locals>" in cls.__qualname__:
         where = ("in __main__ (the running script)" if cls.__module__ == "__main__" else

@@ -14,7 +14,7 @@ from typing import Dict, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from hwaware.quant.attach import matching_pattern, bare_weights, check_skip_matches
+from hwaware.quant.attach import bare_weights, check_skip_matches, matching_pattern, weight_read_by_parent
 
 __all__ = [
     "PRUNABLE_TYPES", "find_prunable", "weight_2d", "magnitude_mask_24", "gradual_mask_24", "is_mask_24",
@@ -33,8 +33,10 @@ def weight_2d(module: nn.Module) -> Tensor:
 def find_prunable(model: nn.Module, skip: Sequence[str] = ()) -> Tuple[Dict[str, nn.Module], Dict[str, str]]:
     """``(layers to prune, {name: reason} for every Linear/Conv left dense)``.
 
-    Embedding tables are never pruned (a row-wise table has no K dimension to make 2:4); a layer
-    whose K (input dimension, im2col for convs) is not a multiple of 4 is skipped with its reason,
+    Embedding tables are never pruned (a row-wise table has no K dimension to make 2:4); neither is
+    a layer whose parent multiplies its ``.weight`` itself (``nn.MultiheadAttention``'s
+    ``out_proj``: no 2:4 kernel would run it). A layer whose K (input dimension, im2col for convs)
+    is not a multiple of 4 is skipped with its reason,
     as is any layer matching an ``fnmatch`` pattern in ``skip`` (by its name or a parent's, as
     ProgressiveQuantization matches: ``"top_mlp"`` skips ``top_mlp.0``).
 
@@ -45,7 +47,8 @@ def find_prunable(model: nn.Module, skip: Sequence[str] = ()) -> Tuple[Dict[str,
     layers, skipped = {}, {}
     # a weight tied to an embedding table is a table (never pruned); one shared by two layers is
     # pruned once, under its first name
-    tables = {id(m.weight): name for name, m in model.named_modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
+    modules = dict(model.named_modules())
+    tables = {id(m.weight): name for name, m in modules.items() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
     owners: Dict[int, str] = {}
     for name, m in model.named_modules():
         skipped.update(dict.fromkeys(bare_weights(name, m), "a bare Parameter nn.MultiheadAttention multiplies itself; "
@@ -55,6 +58,11 @@ def find_prunable(model: nn.Module, skip: Sequence[str] = ()) -> Tuple[Dict[str,
         pattern = matching_pattern(name, skip)
         if pattern is not None:
             skipped[name] = f"matches skip pattern {pattern!r}"
+            continue
+        if weight_read_by_parent(modules, name):
+            parent = modules[name.rpartition(".")[0]]
+            skipped[name] = (f"its parent {type(parent).__name__} multiplies .weight itself, so no 2:4 kernel runs it and "
+                             "export stores it dense: pruning it would cost accuracy for nothing")
             continue
         if id(m.weight) in tables:
             skipped[name] = f"its weight is tied to embedding {tables[id(m.weight)]!r}; embedding tables are never pruned"

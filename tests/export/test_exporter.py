@@ -525,3 +525,28 @@ def test_export_refuses_bad_loaders_and_targets_before_any_work(tmp_path):
     with pytest.raises(ArtifactError, match=r"mine: exists, is not empty and is not an hwaware artifact"):
         export(model, tmp_path / "mine", val_dataloader=val)
     assert not (tmp_path / "a").exists() and (tmp_path / "mine" / "keep.txt").read_text() == "x"
+
+
+class TiedLM(nn.Module):
+    """Input embedding and output projection share one weight (tied)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(40, 16)
+        self.body = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 40, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.out(torch.relu(self.body(self.emb(ids))).mean(1))
+
+
+def test_a_tied_weight_is_noted_and_counted_once_in_the_fp32_size(tmp_path):
+    torch.manual_seed(0)
+    model = TiedLM()
+    art = export(model, tmp_path / "a", example_inputs=(torch.randint(0, 40, (4, 6)),))
+    layers = art.manifest["layers"]
+    assert layers["emb"]["tied_to"] == ["out"] and layers["out"]["tied_to"] == ["emb"]
+    assert "its weight is tied to 'out': each layer is packed in its own format, so the artifact stores that weight 2 times" \
+        in layers["emb"]["note"]
+    assert art.manifest["fp32_bytes"] == 4 * (40 * 16 + 16 * 16 + 16)  # the tied weight once

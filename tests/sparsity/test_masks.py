@@ -100,3 +100,12 @@ def test_weights_tied_to_embeddings_or_shared_are_not_pruned_twice():
     layers, skipped = find_prunable(LM())
     assert set(layers) == {"a"}
     assert "tied to embedding 'emb'" in skipped["head"] and "shares its weight with 'a'" in skipped["b"]
+
+
+def test_find_prunable_leaves_a_layer_its_parent_multiplies_itself():
+    # MultiheadAttention reads out_proj.weight directly: a 2:4 mask there costs accuracy and no kernel uses it
+    enc = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    layers, skipped = find_prunable(enc)
+    assert set(layers) == {"linear1", "linear2"}
+    assert skipped["self_attn.out_proj"].startswith("its parent MultiheadAttention multiplies .weight itself, so no 2:4 "
+                                                    "kernel runs it and export stores it dense")
