@@ -161,13 +161,18 @@ def main() -> None:
     p.add_argument("--artifacts", default=os.path.join(ROOT, "out", "bench_export"))
     p.add_argument("--fast", action="store_true")
     p.add_argument("--embedding-dim", type=int, default=16, help="the recipe's --embedding-dim (default 16)")
+    p.add_argument("--bottom-mlp", default=None, help="the recipe's --bottom-mlp (default: the recipe's)")
     p.add_argument("--top-mlp", default=None, help="the recipe's --top-mlp (default: the recipe's)")
     args = p.parse_args()
-    model_argv = ["--embedding-dim", str(args.embedding_dim)] + ([] if args.top_mlp is None else ["--top-mlp", args.top_mlp])
-    default = args.embedding_dim == 16 and args.top_mlp is None
-    out = args.out or os.path.join(ROOT, "benchmarks", "results", "export_recsys_cpu.json" if default else
-                                   f"export_recsys_d{args.embedding_dim}{'' if args.top_mlp is None else '_top' + args.top_mlp.replace(',', '-')}_cpu.json")
-    artifacts = args.artifacts if default else os.path.join(args.artifacts, f"d{args.embedding_dim}")
+    model_argv = ["--embedding-dim", str(args.embedding_dim)]
+    tag = f"d{args.embedding_dim}"
+    for flag, value in (("--bottom-mlp", args.bottom_mlp), ("--top-mlp", args.top_mlp)):
+        if value is not None:
+            model_argv += [flag, value]
+            tag += f"_{flag[2:-4]}{value.replace(',', '-') or 'none'}"
+    default = model_argv == ["--embedding-dim", "16"]
+    out = args.out or os.path.join(ROOT, "benchmarks", "results", "export_recsys_cpu.json" if default else f"export_recsys_{tag}_cpu.json")
+    artifacts = args.artifacts if default else os.path.join(args.artifacts, tag)
     result = {
         "benchmark": "export_recsys",
         "device": cpu_device(),

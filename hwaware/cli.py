@@ -175,7 +175,10 @@ def _inspect_text(path: str, manifest: Dict[str, Any], on_disk: int, wide: bool 
             out += ["", "notes:"] + notes
         selection = _selection_lines(layers)
         if selection:
-            out += ["", "kernel selection (measured at export; * = chosen: the fastest of those that passed the gate on their own):"] + selection
+            reg = manifest.get("regression")
+            gated = isinstance(reg, Mapping) and isinstance(reg.get("by_impl"), Mapping)
+            out += ["", "kernel selection (measured at export; * = chosen: the fastest that keeps the layer's math"
+                    + (", int8 layers among the implementations that passed the gate on their own):" if gated else "):")] + selection
     dense = manifest.get("dense_layers")
     if isinstance(dense, Mapping) and dense:
         out += ["", f"left dense ({len(dense)}):"] + [f"  {name}: {reason}" for name, reason in dense.items()]

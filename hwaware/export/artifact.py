@@ -525,10 +525,13 @@ def read_tensors(
             safetensors header is malformed.
     """
     path = os.fspath(path)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r}; expected a torch device ('cpu', 'cuda', 'cuda:N')") from e
     verified, tensors = read_verified(path)
     if manifest is not None and dict(manifest) != verified:
         raise ArtifactError(f"{os.path.join(path, MANIFEST_FILE)}: changed since the manifest passed in was read")
-    device = torch.device(device)
     return tensors if device.type == "cpu" else {k: t.to(device) for k, t in tensors.items()}
 
 
@@ -536,6 +539,15 @@ def read_verified(path: str | os.PathLike):
     """``(manifest, CPU tensors)`` of the artifact at ``path``, every file read and hashed once
     (:func:`read_tensors` says how the weights are read)."""
     path = os.fspath(path)
+    try:
+        return _read_verified_once(path)
+    except ArtifactError:
+        # an export may have replaced the artifact (an atomic directory swap) between reading its
+        # manifest and its weights: read it once more, whole; a damaged artifact fails again
+        return _read_verified_once(path)
+
+
+def _read_verified_once(path: str):
     verified = _read_manifest(path, hash_weights=False)
     wpath = os.path.join(path, WEIGHTS_FILE)
     entry = verified["files"][WEIGHTS_FILE]
@@ -550,19 +562,29 @@ def read_verified(path: str | os.PathLike):
     return verified, _parse_safetensors(buf, wpath)
 
 
-_ST_DTYPES = {
+# safetensors' dtype names (those this torch has)
+_ST_DTYPES = {name: dt for name, dt in {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+    "U16": getattr(torch, "uint16", None), "U32": getattr(torch, "uint32", None), "U64": getattr(torch, "uint64", None),
+    "BOOL": torch.bool, "C64": torch.complex64,
+    "F8_E4M3": getattr(torch, "float8_e4m3fn", None), "F8_E5M2": getattr(torch, "float8_e5m2", None),
+    "F8_E4M3FNUZ": getattr(torch, "float8_e4m3fnuz", None), "F8_E5M2FNUZ": getattr(torch, "float8_e5m2fnuz", None),
+}.items() if dt is not None}
 
 
 def _parse_safetensors(buf: bytearray, wpath: str) -> Dict[str, Tensor]:
-    """The tensors of a safetensors file held in ``buf``, as views of it (a tensor whose offset is
-    not a multiple of its element size, which safetensors' writer never produces, is copied)."""
+    """The tensors of a safetensors file held in ``buf``, as views of it (a tensor whose address is
+    not a multiple of its element size, which safetensors' writer never produces, is copied).
+    Checked as safetensors checks a file: a JSON object header, every entry's dtype, shape and
+    byte range, and the ranges tiling the data section exactly (no gap, no overlap)."""
+    import sys
+
     def bad(why: str) -> ArtifactError:
         return ArtifactError(f"{wpath}: safetensors header unreadable ({why})")
 
+    if sys.byteorder != "little":
+        raise ArtifactError(f"{wpath}: this reader serves little-endian hosts only (safetensors data is little-endian)")
     if len(buf) < 8:
         raise bad(f"{len(buf)} bytes, shorter than the 8-byte header length")
     n = int.from_bytes(buf[:8], "little")
@@ -570,12 +592,13 @@ def _parse_safetensors(buf: bytearray, wpath: str) -> Dict[str, Tensor]:
         raise bad(f"header length {n} runs past the end of the file ({len(buf)} bytes)")
     try:
         header = json.loads(bytes(buf[8:8 + n]).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise bad(f"header is not JSON: {e}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise bad(f"header is not JSON: {type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
     header.pop("__metadata__", None)
     start, size = 8 + n, len(buf) - 8 - n
+    base = torch.frombuffer(buf, dtype=torch.uint8).data_ptr() if len(buf) else 0
     spans, out = [], {}
     for name, e in header.items():
         if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
@@ -583,7 +606,7 @@ def _parse_safetensors(buf: bytearray, wpath: str) -> Dict[str, Tensor]:
         dtype, shape, offsets = _ST_DTYPES.get(e["dtype"]) if isinstance(e["dtype"], str) else None, e["shape"], e["data_offsets"]
         if dtype is None:
             raise bad(f"entry {name!r} has dtype {e['dtype']!r}; expected one of {sorted(_ST_DTYPES)}")
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**62 for d in shape):
             raise bad(f"entry {name!r} has shape {shape!r}; expected a list of non-negative ints")
         if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
                 or not 0 <= offsets[0] <= offsets[1] <= size):
@@ -597,16 +620,25 @@ def _parse_safetensors(buf: bytearray, wpath: str) -> Dict[str, Tensor]:
                       f"({numel * itemsize} expected)")
         spans.append((offsets[0], offsets[1], name))
         at = start + offsets[0]
-        if numel == 0:
-            out[name] = torch.empty(shape, dtype=dtype)
-        elif at % itemsize:
-            out[name] = torch.frombuffer(buf, dtype=torch.uint8, count=numel * itemsize, offset=at).clone().view(dtype).reshape(shape)
-        else:
-            out[name] = torch.frombuffer(buf, dtype=dtype, count=numel, offset=at).reshape(shape)
+        try:
+            if numel == 0:
+                out[name] = torch.empty(shape, dtype=dtype)
+            elif (base + at) % itemsize:
+                raw = torch.frombuffer(buf, dtype=torch.uint8, count=numel * itemsize, offset=at).clone()
+                out[name] = raw.view(dtype).reshape(shape)
+            else:
+                out[name] = torch.frombuffer(buf, dtype=dtype, count=numel, offset=at).reshape(shape)
+        except (TypeError, RuntimeError, OverflowError) as err:
+            raise bad(f"entry {name!r} with shape {shape}: {type(err).__name__}: {str(err)[:200]}") from None
     spans.sort()
-    for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
-        if begin < end:
-            raise bad(f"entries {a!r} and {b!r} overlap")
+    end = 0
+    for begin, stop, name in spans:
+        if begin != end:
+            raise bad(f"entry {name!r} starts at data byte {begin}, expected {end} (the tensors must tile the data with "
+                      f"no {'overlap' if begin < end else 'gap'})")
+        end = stop
+    if end != size:
+        raise bad(f"the tensors end at data byte {end} of {size}: {size - end} trailing bytes")
     return out
 
 

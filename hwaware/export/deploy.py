@@ -223,6 +223,8 @@ class RowwiseEmbeddingBag(nn.Module):
         if offsets is not None and (offsets.is_floating_point() or offsets.is_complex() or offsets.dtype == torch.bool):
             raise TypeError(f"{type(self).__name__}: offsets must be an int64 or int32 tensor, got {offsets.dtype} "
                             "(as nn.EmbeddingBag refuses it)")
+        if per_sample_weights is not None and per_sample_weights.dtype != torch.float32:
+            per_sample_weights = per_sample_weights.float()  # a bf16/fp16 model passes its own dtype; the op sums in fp32
         if input.dim() == 2:  # [B, L] fixed-length bags
             if offsets is not None:
                 raise ValueError(f"{type(self).__name__}: 2-D input is a batch of fixed-length bags and takes no offsets, "

@@ -251,9 +251,12 @@ def select_sparse24_kernels(model: nn.Module, rows: Dict[str, int], device: str 
             continue
         cands = _candidates(layer)
         if name not in rows:
-            layer.kernels[device] = "dense"
-            records[name] = {"chosen": "int8" if layer.values.dtype == torch.int8 else "dense", "op_kernel": "dense",
-                             "why": "not measured: export got neither val_dataloader nor example_inputs to size the layer"}
+            kernel, why = "dense", "not measured: export got neither val_dataloader nor example_inputs to size the layer"
+            if layer.values.dtype == torch.int8 and allowed is not None and "int_mm" not in allowed:
+                impl = next(i for i in INT8_KERNELS[device] if i in allowed)  # int_mm ("dense") failed its gate
+                kernel, why = SPARSE24_INT8_KERNEL[impl], why + f"; runs {impl}, an implementation that passed the gate"
+            layer.kernels[device] = kernel
+            records[name] = {"chosen": "int8" if layer.values.dtype == torch.int8 else "dense", "op_kernel": kernel, "why": why}
             continue
         m = rows[name]
         x = torch.randn(m, layer.in_features, generator=torch.Generator().manual_seed(0))

@@ -465,12 +465,13 @@ def test_killed_between_fallback_renames_names_the_old_artifact(tmp_path):
 # the weights are read once, into memory: hashed and parsed from the same bytes
 # ------------------------------------------------------------------------------------------------
 def test_parser_matches_safetensors_on_every_dtype(tmp_path):
+    from safetensors.torch import _TYPES  # every dtype safetensors writes (this torch has)
     from safetensors.torch import load as st_load
 
     g = torch.Generator().manual_seed(0)
-    tensors = {f"t_{dt}".replace("torch.", ""): torch.randn(3, 5, generator=g).mul(50).to(dt)
-               for dt in (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
-                          torch.int16, torch.int8, torch.uint8, torch.bool)}
+    tensors = {f"t_{name}": torch.randn(3, 5, generator=g).mul(50).to(torch.int64 if name.startswith("U") else torch.float32)
+               .to(dt) for name, dt in _TYPES.items() if dt is not None}
+    assert A._ST_DTYPES.keys() >= {n for n, dt in _TYPES.items() if dt is not None}
     tensors["empty"], tensors["scalar"] = torch.zeros(0, 4), torch.tensor(3.5)
     path = tmp_path / "art"
     write_artifact(path, {}, tensors)
@@ -478,15 +479,67 @@ def test_parser_matches_safetensors_on_every_dtype(tmp_path):
     ours, theirs = read_tensors(path), st_load(raw)
     assert ours.keys() == theirs.keys() == tensors.keys()
     for k, t in ours.items():
-        assert t.dtype == theirs[k].dtype and t.shape == theirs[k].shape and torch.equal(t, theirs[k]), k
+        assert t.dtype == theirs[k].dtype and t.shape == theirs[k].shape, k
+        assert torch.equal(t.view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8),
+                           theirs[k].view(torch.uint8) if t.dim() else theirs[k].reshape(1).view(torch.uint8)), k
+
+
+def _raw_artifact(path, header: dict, data: bytes):
+    """An artifact whose weights file is this header and data, hashed into the manifest."""
+    write_artifact(path, {}, {"a": torch.ones(1)})
+    w = path / "weights.safetensors"
+    hb = json.dumps(header).encode()
+    hb += b" " * (-len(hb) % 8)
+    w.write_bytes(len(hb).to_bytes(8, "little") + hb + data)
+    _rehash(path, lambda m: m["files"].update({"weights.safetensors": {
+        "sha256": hashlib.sha256(w.read_bytes()).hexdigest(), "bytes": w.stat().st_size}}))
+
+
+def test_parser_copies_a_misaligned_tensor_and_reads_zero_size_ones_at_any_offset(tmp_path):
+    data = bytes([7]) + torch.arange(4, dtype=torch.float32).numpy().tobytes()  # the float32s start at byte 1
+    _raw_artifact(tmp_path / "a", {"b": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
+                                   "f": {"dtype": "F32", "shape": [2, 2], "data_offsets": [1, 17]},
+                                   "z": {"dtype": "F32", "shape": [0, 3], "data_offsets": [17, 17]}}, data)
+    t = read_tensors(tmp_path / "a")
+    assert t["b"].tolist() == [7] and t["f"].tolist() == [[0, 1], [2, 3]] and t["z"].shape == (0, 3)
+    assert t["f"].data_ptr() % 4 == 0  # copied to an aligned buffer, not a misaligned view
+
+
+@pytest.mark.parametrize(("raw", "why"), [
+    (b"\x00" * 4, r"4 bytes, shorter than the 8-byte header length"),
+    ((10**6).to_bytes(8, "little") + b"{}", r"header length 1000000 runs past the end of the file"),
+    ((4).to_bytes(8, "little") + b"{no}", r"header is not JSON"),
+    ((8).to_bytes(8, "little") + b"[1, 2]  ", r"header is not a JSON object"),
+    ((4000).to_bytes(8, "little") + b"[" * 4000, r"header is not JSON"),  # nested past the recursion limit
+])
+def test_parser_refuses_a_file_that_is_no_safetensors(tmp_path, raw, why):
+    path = tmp_path / "art"
+    write_artifact(path, {}, {"a": torch.ones(1)})
+    w = path / "weights.safetensors"
+    w.write_bytes(raw)
+    _rehash(path, lambda m: m["files"].update({"weights.safetensors": {
+        "sha256": hashlib.sha256(raw).hexdigest(), "bytes": len(raw)}}))
+    with pytest.raises(ArtifactError, match=r"weights.safetensors: safetensors header unreadable \(" + why):
+        read_tensors(path)
+
+
+@pytest.mark.parametrize(("header", "data", "why"), [
+    ({"a": {"dtype": "F32", "shape": [0, 2**70], "data_offsets": [0, 0]}}, b"", r"'a' has shape \[0, 1180591620717411303424\]"),
+    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\x00" * 8, r"'a' starts at data byte 4, expected 0 .*no gap"),
+    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\x00" * 8, r"the tensors end at data byte 4 of 8: 4 trailing"),
+])
+def test_parser_refuses_shapes_torch_cannot_hold_and_data_the_tensors_do_not_tile(tmp_path, header, data, why):
+    _raw_artifact(tmp_path / "a", header, data)
+    with pytest.raises(ArtifactError, match=r"safetensors header unreadable \(.*" + why):
+        read_tensors(tmp_path / "a")
 
 
 @pytest.mark.parametrize(("edit", "why"), [
     (lambda h: h["a"].update(data_offsets=[0, 10**6]), r"'a' has data_offsets \[0, 1000000\]; expected \[begin, end\] within"),
-    (lambda h: h["a"].update(dtype="F8_E4M3"), r"'a' has dtype 'F8_E4M3'; expected one of"),
+    (lambda h: h["a"].update(dtype="F7"), r"'a' has dtype 'F7'; expected one of"),
     (lambda h: h["a"].update(shape=[3, 3]), r"'a': 64 bytes for shape \[3, 3\] of F32 \(36 expected\)"),
     (lambda h: h["a"].update(shape=[-4, -4]), r"'a' has shape \[-4, -4\]; expected a list of non-negative ints"),
-    (lambda h: h["b"].update(data_offsets=h["a"]["data_offsets"]), r"entries 'a' and 'b' overlap"),
+    (lambda h: h["b"].update(data_offsets=h["a"]["data_offsets"]), r"entry 'b' starts at data byte 0, expected 64 .*no overlap"),
     (lambda h: h.update(c=[1, 2]), r"entry 'c' is not \{dtype, shape, data_offsets\}"),
 ])
 def test_parser_refuses_a_malformed_header_even_when_rehashed(tmp_path, edit, why):

@@ -203,12 +203,12 @@ def test_load_costs_at_most_one_extra_copy_of_the_weights(tmp_path):
     assert r["finite"]
 
 
-@pytest.mark.parametrize("device, match", [("tpu", r"device='tpu'; expected 'cpu', 'cuda' or 'cuda:N'"),
-                                           (0, r"device=0; expected")])
-def test_load_device_misconfiguration(tmp_path, device, match):
+@pytest.mark.parametrize("device, error, match", [("tpu", ValueError, r"device='tpu'; expected 'cpu', 'cuda' or 'cuda:N'"),
+                                                  (0, TypeError, r"device=0; expected")])
+def test_load_device_misconfiguration(tmp_path, device, error, match):
     model, _ = _trained(tmp_path)
     art = export(model, tmp_path / "art")
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         load(art.path, device=device)
 
 
@@ -508,14 +508,22 @@ def test_the_gate_verdict_does_not_depend_on_which_implementation_times_fastest(
         assert "regression gate" in sel["measured"]["dequant"]["note"]
 
 
-def test_export_refuses_bad_loaders_and_targets_before_any_work(tmp_path):
+def test_export_refuses_bad_loaders_and_targets_before_any_work(tmp_path, monkeypatch):
+    from hwaware.export import exporter
+
+    def no_work(*a, **k):
+        raise AssertionError("export started building the deploy model before refusing")
+
+    monkeypatch.setattr(exporter, "_build_deploy", no_work)
     torch.manual_seed(0)
     model = TinyCTR()
     _, val = loaders()
     with pytest.raises(TypeError, match=r"val_dataloader is a one-use iterator \(generator\): export reads it several times"):
         export(model, tmp_path / "a", val_dataloader=(b for b in val))
-    with pytest.raises(ValueError, match=r"export: val_dataloader yielded no batches"):
+    with pytest.raises(ValueError, match=r"export: val_dataloader yielded no batches \(it is empty\)"):
         export(model, tmp_path / "a", val_dataloader=[])
+    with pytest.raises(TypeError, match=r"val_dataloader=int; expected a DataLoader or a list of batches"):
+        export(model, tmp_path / "a", val_dataloader=3)
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(ArtifactError, match=r"cannot be created: .*file is not a directory"):
@@ -550,3 +558,38 @@ def test_a_tied_weight_is_noted_and_counted_once_in_the_fp32_size(tmp_path):
     assert "its weight is tied to 'out': each layer is packed in its own format, so the artifact stores that weight 2 times" \
         in layers["emb"]["note"]
     assert art.manifest["fp32_bytes"] == 4 * (40 * 16 + 16 * 16 + 16)  # the tied weight once
+
+
+def test_a_mix_of_implementations_that_fails_the_gate_falls_back_to_the_best_that_passed_alone(tmp_path, monkeypatch):
+    # output_fn makes the metric depend on the kernel configuration: perfect when every int8 layer runs one
+    # implementation (and for the FP32 reference), inverted for a mix; selection is forced to a mix
+    from hwaware.export import exporter
+
+    real = exporter.select_int8_kernels
+
+    def mixed(model, rows, device="cpu", allowed=None):
+        records = real(model, rows, device, allowed)
+        for name, impl in zip(records, ("dequant", "int_mm")):
+            model.get_submodule(name).kernels[device] = records[name]["chosen"] = records[name]["op_kernel"] = impl
+        return records
+
+    def output_fn(model, batch):
+        dense, ids, y = batch
+        impls = {m.kernels.get("cpu") for m in model.modules() if isinstance(m, Int8Linear)}
+        return (y.float() if len(impls) <= 1 else 1 - y.float()), y
+
+    monkeypatch.setattr(exporter, "select_int8_kernels", mixed)
+    monkeypatch.setattr(exporter, "select_int8_chains", lambda model, records, device="cpu", allowed=None: records)
+    torch.manual_seed(0)
+    _, val = loaders()
+    art = export(TinyCTR(), tmp_path / "a", val_dataloader=val, max_drop=0.0, output_fn=output_fn)
+    reg = art.manifest["regression"]
+    assert reg["passed"] and reg["exported"] == 1.0 and all(r["passed"] for r in reg["by_impl"].values())
+    from hwaware.ops import INT8_KERNELS
+
+    best = max(INT8_KERNELS["cpu"], key=lambda i: reg["by_impl"][i]["exported"])  # ties: the first, as export picks
+    for name in ("mlp.0", "mlp.2"):
+        layer = art.manifest["layers"][name]
+        assert layer["kernels"]["cpu"] == best and layer["selection"]["cpu"]["chosen"] == best
+        assert "the per-layer fastest mix dropped 1.00000 > max_drop, so every int8 layer runs" in layer["selection"]["cpu"]["why"]
+    assert {m.kernels["cpu"] for m in art.model.modules() if isinstance(m, Int8Linear)} == {best}
