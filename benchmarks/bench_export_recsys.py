@@ -7,7 +7,9 @@
 
 For each table width (int8, int4 rows) the recipe trains FP32 -> QAT and exports; then, in one
 interleaved timing run at batch 2048, FP32 eager, `quantize_dynamic` (its Linears, the baseline a
-user already has) and the artifact loaded from disk are compared. AUROC of all three comes from
+user already has) and the artifact loaded from disk are compared. FP32 is timed again with flush-to-zero on
+in a fresh process (``throughput_ftz``; see ``ftz_timing``: FP32's subnormal weights), and the 2x
+target is judged on the lower of the two ratios (``exported_ratio_worst_of_default_and_ftz``). AUROC of all three comes from
 torchmetrics on the same validation split. Peak memory of serving FP32 and the artifact at batch 2048
 is measured in a fresh process each (``hwaware.export.memory``). Targets (issue 3): size <= 25% (int8 tables) / 15%
 (int4) of FP32; throughput >= 2x FP32 and above quantize_dynamic; AUROC drop <= 0.001.
@@ -90,6 +92,33 @@ def unchained(served: nn.Module) -> nn.Module:
     return variant
 
 
+def ftz_timing(path: str, fp32: nn.Module, num_samples: int, seed: int, batches: int, rounds: int) -> dict:
+    """FP32 eager, quantize_dynamic and the artifact timed again in a fresh process with flush-to-zero
+    on in every thread (``_ftz_timing.py``). Adam with L2 weight decay drives the rows of rare ids
+    toward 0: the recipe's 64-wide model trained on 400k samples had 2.5M subnormal weights, and
+    their products in the interaction and top MLP run many times slower on x86 (45 ms vs 6 ms per
+    batch there), a cost int8 does not share. A server with FTZ/DAZ does not pay it either."""
+    import subprocess
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = os.path.join(tmp, "fp32.safetensors")
+        save_file({k: v.contiguous() for k, v in fp32.state_dict().items()}, weights)
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "_ftz_timing.py"), path, weights,
+                               str(num_samples), str(seed), str(batches), str(rounds)],
+                              capture_output=True, text=True, cwd=ROOT, timeout=1800)
+    if proc.returncode:
+        raise RuntimeError(f"_ftz_timing.py failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def subnormal_weights(model: nn.Module) -> int:
+    tiny = torch.finfo(torch.float32).tiny
+    return sum(int(((p != 0) & (p.abs() < tiny)).sum()) for p in model.parameters() if p.is_floating_point())
+
+
 def one(bits: int, fast: bool, out_dir: str, model_argv=()) -> dict:
     argv = ["--no-progress", "--embedding-bits", str(bits), "--export-dir", os.path.join(out_dir, f"int{bits}"), "--max-drop", "0.01",
             *model_argv]
@@ -113,6 +142,8 @@ def one(bits: int, fast: bool, out_dir: str, model_argv=()) -> dict:
     auroc = {"fp32": report["fp32"]["auroc"], "quantize_dynamic": evaluate_auroc(qdyn, val), "exported": report["export"]["auroc"],
              "exported_per_tensor_act": evaluate_auroc(per_tensor, val)}
     e = report["export"]
+    ftz = ftz_timing(e["path"], fp32, args.num_samples, args.seed, 4 if fast else 10, 2 if fast else 6)
+    fair = min(timing["models"]["exported"]["ratio"], ftz["models"]["exported"]["ratio"])
     # peak RSS of serving each, one fresh process per model (hwaware.export.memory, as `hwaware bench`)
     memory = {which: peak_memory(e["path"], which, 2048, 4 if fast else 10) for which in ("fp32", "artifact")}
     return {
@@ -121,7 +152,11 @@ def one(bits: int, fast: bool, out_dir: str, model_argv=()) -> dict:
         "size": {"artifact_bytes": e["size_bytes"], "fp32_bytes": e["fp32_size_bytes"], "fraction": e["size_fraction"],
                  "target_max_fraction": 0.25 if bits == 8 else 0.15, "passed": e["size_fraction"] <= (0.25 if bits == 8 else 0.15)},
         "throughput": timing,
-        "throughput_passed": timing["models"]["exported"]["ratio"] >= 2.0
+        # the target judged on the lower of the two ratios: as served by default, and with FTZ/DAZ
+        "fp32_subnormal_weights": subnormal_weights(fp32),
+        "throughput_ftz": ftz,
+        "exported_ratio_worst_of_default_and_ftz": fair,
+        "throughput_passed": fair >= 2.0
         and timing["models"]["exported"]["ratio"] > timing["models"]["quantize_dynamic"]["ratio"],
         "auroc": auroc, "auroc_drop_exported": auroc["fp32"] - auroc["exported"],
         "auroc_drop_quantize_dynamic": auroc["fp32"] - auroc["quantize_dynamic"],
@@ -182,7 +217,9 @@ def main() -> None:
     if default:  # the recipe's model; the GEMM-heavy model is the same at every recipe width
         result["gemm_heavy"] = gemm_heavy(args.fast, args.artifacts)
     for r in result["runs"]:
-        print(json.dumps({k: r[k] for k in ("embedding_bits", "size", "auroc", "auroc_drop_exported")}, indent=1))
+        print(json.dumps({k: r[k] for k in ("embedding_bits", "size", "auroc", "auroc_drop_exported", "fp32_subnormal_weights",
+                                             "exported_ratio_worst_of_default_and_ftz")}, indent=1))
+        print("with FTZ:", {k: round(v["ratio"], 3) for k, v in r["throughput_ftz"]["models"].items()})
         print({k: round(v["ratio"], 3) for k, v in r["throughput"]["models"].items()})
         print("peak memory (MiB over the imports):", {k: v and round(v["peak_mib"], 1) for k, v in r["memory_mib"].items()})
     if "gemm_heavy" in result:
