@@ -368,11 +368,18 @@ def export_and_bench(args, model, fp32, dm, fp32_auroc, state: dict) -> dict:
     auroc = evaluate_auroc(served, dm.val_dataloader())
     timing = compare_throughput({"fp32": fp32, "exported": served}, batches, batch_size=rows,
                                 rounds=2 if args.fast else 5)
+    tiny = torch.finfo(torch.float32).tiny
+    subnormal = sum(int(((p != 0) & (p.abs() < tiny)).sum()) for p in fp32.parameters())
+    if subnormal:  # Adam + L2 weight decay drives rare ids' rows toward 0: FP32 eager pays for subnormal math
+        print(f"note: the FP32 model holds {subnormal:,} subnormal weights, which make FP32 eager slower on x86 than it "
+              "is with flush-to-zero (torch.set_flush_denormal(True) before any op): the throughput ratio is against FP32 "
+              "as trained; benchmarks/bench_export_recsys.py times both")
     return {
         "path": path, "auroc": auroc, "auroc_drop": fp32_auroc - auroc,
         "size_bytes": art.size_bytes, "fp32_size_bytes": art.manifest["fp32_bytes"],
         "size_fraction": art.size_bytes / art.manifest["fp32_bytes"],
         "throughput_ratio": timing["models"]["exported"]["ratio"], "batch_size": rows,
+        "fp32_subnormal_weights": subnormal,
         "latency_ms_p50": {k: v["latency_ms_p50"] for k, v in timing["models"].items()},
         "gate": art.report, "dense_layers": art.manifest["dense_layers"],
     }

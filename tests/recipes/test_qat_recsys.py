@@ -151,6 +151,9 @@ def test_a_small_data_file_reports_the_batch_it_timed(tmp_path):
     assert f"replacing the artifact at {tmp_path / 'art'}" in proc.stdout
     manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
     assert manifest["inputs"][0]["shape"][0] == r["batch_size"]
+    # the FP32 baseline's subnormal weights are counted (and said, when there are any)
+    assert isinstance(r["fp32_subnormal_weights"], int) and r["fp32_subnormal_weights"] >= 0
+    assert ("subnormal weights" in proc.stdout) == (r["fp32_subnormal_weights"] > 0)
 
 
 def test_a_schedule_that_cannot_reach_qat_is_refused_before_training(tmp_path, run_main):
