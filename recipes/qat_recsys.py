@@ -28,7 +28,8 @@ import hwaware
 from hwaware import ProgressiveQuantization, QuantSpec, SemiStructuredSparsity
 from hwaware.quant import quantization_disabled
 from hwaware.cli import int_at_least
-from hwaware.export import FORMAT_NAME, is_artifact
+from hwaware.export import ArtifactError, is_artifact
+from hwaware.export.artifact import check_target, nearest_existing_parent
 from hwaware.export.bench import compare_throughput
 from hwaware.recsys import DLRM, CriteoDataModule, evaluate_auroc
 from hwaware.sparsity import find_prunable
@@ -79,26 +80,13 @@ def default_export_dir(args: argparse.Namespace) -> str:
     return os.path.join("out", f"qat_recsys-int{args.embedding_bits}" + ("-24" if args.sparsity == "2:4" else ""))
 
 
-def _nearest_existing_parent(path: str) -> str:
-    """The closest existing ancestor of ``path`` (what creating its missing folders would start from)."""
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.lexists(parent):
-        parent = os.path.dirname(parent)
-    return parent
-
-
 def export_dir_problem(path: str):
-    """Why the export cannot write to ``path`` (the rules hwaware.export applies), else None."""
-    if not os.path.lexists(path):
-        parent = _nearest_existing_parent(path)
-        return None if os.path.isdir(parent) else f"{parent} is not a directory"
-    if os.path.islink(path):
-        return "is a symlink; pass the real directory"
-    if not os.path.isdir(path):
-        return "exists and is not a directory; the artifact is a directory"
-    if os.listdir(path) and not is_artifact(path):
-        return ("exists, is not empty and is not an hwaware artifact (no manifest.json with format "
-                f"{FORMAT_NAME!r}); pass an empty or new directory")
+    """Why the export cannot write to ``path`` (hwaware.export's own check), else None."""
+    try:
+        check_target(path)
+    except ArtifactError as e:
+        prefix = f"{os.path.abspath(path)}: "
+        return str(e)[len(prefix):] if str(e).startswith(prefix) else str(e)
     return None
 
 
@@ -187,7 +175,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.report is not None:
         if os.path.isdir(args.report):
             p.error(f"--report {args.report}: is a directory; expected a file path")
-        parent = _nearest_existing_parent(args.report)
+        parent = nearest_existing_parent(args.report)
         if not os.path.isdir(parent):
             p.error(f"--report {args.report}: {parent} is not a directory")
     if not args.no_export:

@@ -220,6 +220,14 @@ def _check_target(path: str, overwrite: bool) -> None:
         raise ArtifactError(f"{path}: an artifact already exists there and overwrite=False")
 
 
+def nearest_existing_parent(path: str | os.PathLike) -> str:
+    """The closest existing ancestor of ``path`` (what creating its missing folders would start from)."""
+    parent = os.path.dirname(os.path.abspath(os.fspath(path)))
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    return parent
+
+
 def check_target(path: str | os.PathLike) -> None:
     """What :func:`write_artifact` will refuse at ``path``, checked before any work: something there
     that is not an earlier artifact or an empty directory, or a parent that is no directory or
@@ -230,9 +238,7 @@ def check_target(path: str | os.PathLike) -> None:
     """
     path = os.path.abspath(os.fspath(path))
     _check_target(path, overwrite=True)
-    parent = os.path.dirname(path)
-    while not os.path.lexists(parent):
-        parent = os.path.dirname(parent)
+    parent = nearest_existing_parent(path)
     if not os.path.isdir(parent):
         raise ArtifactError(f"{path}: cannot be created: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):

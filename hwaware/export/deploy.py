@@ -153,9 +153,10 @@ class Sparse24Linear(nn.Module):
                    torch.empty(n, (k // 4 + 1) // 2, dtype=torch.uint8), torch.empty(n) if int8 else None,
                    torch.empty(n) if meta.get("bias") else None, meta.get("kernels"))
 
-    def verify(self) -> None:
-        """Raise ``ValueError`` unless ``meta`` obeys the 2:4 rule (two distinct positions per group)."""
-        packing.check_24_meta(self.metadata, self.in_features, name="metadata")
+    def verify(self, metadata: Optional[Tensor] = None) -> None:
+        """Raise ``ValueError`` unless the layer's ``metadata`` (or the one given, e.g. read for it
+        before it is loaded) obeys the 2:4 rule (two distinct positions per group)."""
+        packing.check_24_meta(self.metadata if metadata is None else metadata, self.in_features, name="metadata")
 
     def forward(self, input: Tensor) -> Tensor:
         kernel = self.kernels.get(input.device.type, "dense")
@@ -216,7 +217,10 @@ class RowwiseEmbeddingBag(nn.Module):
                    meta.get("padding_idx"), _out_dtype(meta))
 
     def forward(self, input: Tensor, offsets: Optional[Tensor] = None, per_sample_weights: Optional[Tensor] = None) -> Tensor:
-        out = self._bags(input, offsets, per_sample_weights)
+        return self._in_table_dtype(self._bags(input, offsets, per_sample_weights))
+
+    def _in_table_dtype(self, out: Tensor) -> Tensor:
+        """The op's float32 rows as the dtype of the table they replaced."""
         return out if self.out_dtype == torch.float32 else out.to(self.out_dtype)
 
     def _bags(self, input: Tensor, offsets: Optional[Tensor], per_sample_weights: Optional[Tensor]) -> Tensor:
@@ -283,8 +287,7 @@ class RowwiseEmbedding(RowwiseEmbeddingBag):
         flat = input.reshape(-1)
         offsets = torch.arange(flat.numel(), device=flat.device, dtype=flat.dtype)
         out = torch.ops.hwaware.embedding_bag_rowwise(self.weight, self.bits, self.dim, flat, offsets, 0, None, False)
-        out = out.reshape(*input.shape, self.dim)
-        return out if self.out_dtype == torch.float32 else out.to(self.out_dtype)
+        return self._in_table_dtype(out.reshape(*input.shape, self.dim))
 
 
 DEPLOY_TYPES = {c.__name__: c for c in (Int8Linear, Int4Linear, Sparse24Linear, RowwiseEmbeddingBag, RowwiseEmbedding)}

@@ -32,7 +32,7 @@ from hwaware.export.deploy import (DEPLOY_TYPES, Int4Linear, Int8Linear, Rowwise
 from hwaware.export.selection import (SPARSE24_INT8_IMPL, SPARSE24_INT8_KERNEL, capture_rows, cpu_profile, isa_list, lost_features,
                                       select_int8_chains, select_int8_kernels, select_sparse24_kernels)
 import hwaware.ops as hwaware_ops
-from hwaware.ops import INT8_KERNELS, SPARSE24_KERNELS, packing
+from hwaware.ops import INT8_KERNELS, SPARSE24_KERNELS
 from hwaware.ops.packing import is_24
 from hwaware.quant import native
 from hwaware.quant.attach import (QuantState, attach_quantization, bare_weights, detach_quantization, find_quantizable,
@@ -700,6 +700,8 @@ def export(
         layers[name].update(relu=True, fused_relu=relu_name)
 
     report, allowed, ref_value = None, None, None
+    by_impl: Dict[str, Dict[str, Any]] = {}  # filled when int8 layers are gated (allowed then lists the passing ones)
+    gated_configs: Dict[str, Dict[str, Dict[str, str]]] = {}
     if val_dataloader is not None:
         ref_value = _evaluate(_reference_module(model, reference), val_dataloader, metric, output_fn)
         if _int8_layers(deploy):
@@ -734,8 +736,7 @@ def export(
                 layers[name]["kernel"] = {"cpu": _selected_label(op_name, deploy.get_submodule(name), rec)}
                 layers[name]["selection"] = {"cpu": rec}
     if val_dataloader is not None:
-        exp_value = _gated_value(deploy, val_dataloader, metric, output_fn, by_impl if allowed else {},
-                                 gated_configs if allowed else {})
+        exp_value = _gated_value(deploy, val_dataloader, metric, output_fn, by_impl, gated_configs)
         if allowed and ref_value - exp_value > max_drop:
             # the per-layer fastest mix fails where every layer on one passing implementation passed:
             # serve the best of those everywhere (measured above), so the verdict never depends on timing
@@ -1062,7 +1063,7 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
     for name, new in new_layers.items():
         if isinstance(new, Sparse24Linear):
             try:
-                packing.check_24_meta(tensors[f"{name}.metadata"], new.in_features, name="metadata")
+                new.verify(tensors[f"{name}.metadata"])
             except ValueError as e:
                 raise ArtifactError(f"{path}/weights.safetensors: layer {name!r}: {e}") from None
             kernel, allowed_kernels, expect = new.kernels.get("cpu", "dense"), SPARSE24_KERNELS["cpu"], "one of"

@@ -50,7 +50,7 @@ def find_prunable(model: nn.Module, skip: Sequence[str] = ()) -> Tuple[Dict[str,
     modules = dict(model.named_modules())
     tables = {id(m.weight): name for name, m in modules.items() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
     owners: Dict[int, str] = {}
-    for name, m in model.named_modules():
+    for name, m in modules.items():
         skipped.update(dict.fromkeys(bare_weights(name, m), "a bare Parameter nn.MultiheadAttention multiplies itself; "
                                      "2:4 masks apply to Linear and Conv layers: stays dense"))
         if not isinstance(m, PRUNABLE_TYPES) or not name:
@@ -77,8 +77,7 @@ def find_prunable(model: nn.Module, skip: Sequence[str] = ()) -> Tuple[Dict[str,
             continue
         owners[id(m.weight)] = name
         layers[name] = m
-    check_skip_matches(model, skip, [n for n, m in model.named_modules() if n and isinstance(m, PRUNABLE_TYPES)],
-                       "Linear/Conv")
+    check_skip_matches(model, skip, [n for n, m in modules.items() if n and isinstance(m, PRUNABLE_TYPES)], "Linear/Conv")
     return layers, skipped
 
 
