@@ -33,10 +33,11 @@ class EmbeddingBagList(nn.ModuleList):
     @staticmethod
     def batched(table: nn.Module) -> bool:
         """Whether ``table`` is looked up by the table-batched op (a row-wise deploy table, sum or mean,
-        without ``include_last_offset`` or ``padding_idx``, and no hooks to call) rather than called on
-        its own."""
+        without ``include_last_offset`` or ``padding_idx``, returning float32 as the op does, and no hooks
+        to call) rather than called on its own. (A table packed from bf16/fp16 returns its own dtype:
+        called on its own, it does.)"""
         return (type(table) is RowwiseEmbeddingBag and table.mode in ("sum", "mean") and not table.include_last_offset
-                and table.padding_idx is None and not _hooked(table))
+                and table.padding_idx is None and table.out_dtype == torch.float32 and not _hooked(table))
 
     def _one_group(self, modules: list) -> tuple | None:
         """``(weights, bits, dim, mode)`` when every table is :meth:`batched` with one ``(dim, mode)``,

@@ -121,3 +121,26 @@ def test_exported_dlrm_serves_its_tables_with_one_call(tmp_path):
         offsets = torch.arange(9)
         vectors = served.embeddings(s2.t(), offsets)
         assert all(torch.equal(v, m(s2[:, t].contiguous(), offsets)) for t, (v, m) in enumerate(zip(vectors, served.embeddings)))
+
+
+def test_tables_packed_from_bf16_are_called_on_their_own_and_return_bf16(tmp_path):
+    """The table-batched op returns float32; a table packed from bf16 returns bf16 (what the layer it
+    replaced returned), so it is not batched, in the list or in DLRM's fused lookup, and the manifest
+    names the per-table op."""
+    torch.manual_seed(0)
+    model = DLRM(**TINY).to(torch.bfloat16).eval()
+    dense, sparse = _inputs(16)
+    art = hwaware.export(model, str(tmp_path / "a"), example_inputs=(dense.bfloat16(), sparse))
+    served = hwaware.load(art.path)
+    assert all(type(m) is RowwiseEmbeddingBag and m.out_dtype == torch.bfloat16 for m in served.embeddings)
+    kernels = {art.manifest["layers"][f"embeddings.{t}"]["kernel"]["cpu"].split(" [")[0] for t in range(len(TINY_TABLES))}
+    assert kernels == {"hwaware::embedding_bag_rowwise"}
+    offsets = torch.arange(16)
+    vectors = served.embeddings(sparse.t(), offsets)
+    assert all(v.dtype == torch.bfloat16 and torch.equal(v, m(sparse[:, t].contiguous(), offsets))
+               for t, (v, m) in enumerate(zip(vectors, served.embeddings)))
+    with torch.no_grad():
+        out = served(dense.bfloat16(), sparse)
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(torch.export.load(os.path.join(art.path, "program.pt2")).module()(dense.bfloat16(), sparse),
+                                   out, atol=0, rtol=0)
