@@ -636,6 +636,8 @@ def _parse_safetensors(buf: bytearray, wpath: str) -> Dict[str, Tensor]:
                 out[name] = torch.frombuffer(buf, dtype=dtype, count=numel, offset=at).reshape(shape)
         except (TypeError, RuntimeError, OverflowError) as err:
             raise bad(f"entry {name!r} with shape {shape}: {type(err).__name__}: {str(err)[:200]}") from None
+        if dtype == torch.bool and numel and int(torch.frombuffer(buf, dtype=torch.uint8, count=numel, offset=at).max()) > 1:
+            raise bad(f"entry {name!r} is BOOL with a byte other than 0 or 1")  # torch would read it as neither
     spans.sort()
     end = 0
     for begin, stop, name in spans:

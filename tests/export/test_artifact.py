@@ -527,6 +527,7 @@ def test_parser_refuses_a_file_that_is_no_safetensors(tmp_path, raw, why):
     ({"a": {"dtype": "F32", "shape": [0, 2**70], "data_offsets": [0, 0]}}, b"", r"'a' has shape \[0, 1180591620717411303424\]"),
     ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\x00" * 8, r"'a' starts at data byte 4, expected 0 .*no gap"),
     ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\x00" * 8, r"the tensors end at data byte 4 of 8: 4 trailing"),
+    ({"a": {"dtype": "BOOL", "shape": [3], "data_offsets": [0, 3]}}, b"\x01\x00\x02", r"'a' is BOOL with a byte other than 0 or 1"),
 ])
 def test_parser_refuses_shapes_torch_cannot_hold_and_data_the_tensors_do_not_tile(tmp_path, header, data, why):
     _raw_artifact(tmp_path / "a", header, data)
