@@ -654,7 +654,11 @@ class ProgressiveQuantization(Callback):
         for i, batch in enumerate(loaders):
             if i >= (self.validation_batches if limit is None else limit):
                 break
-            batches.append(trainer.strategy.batch_to_device(batch))
+            # as Lightning's loops hand a batch to the model: the precision's dtype ("bf16-true",
+            # "64-true" cast float inputs), the module's on_before_batch_transfer, then the device
+            batch = trainer.precision_plugin.convert_input(batch)
+            batch = trainer.lightning_module._on_before_batch_transfer(batch, dataloader_idx=0)
+            batches.append(trainer.strategy.batch_to_device(batch, dataloader_idx=0))
         return batches
 
     def _check_model_call(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any) -> None:

@@ -655,3 +655,23 @@ def test_a_second_fit_after_qat_finished_is_refused_before_it_trains(tmp_path):
                                            r"epoch 2\): training on would move the weights away from the scales"):
         _fit(tmp_path / "again", cb, model=model, max_epochs=2)
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())  # not one step was taken
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "64-true"])
+def test_kl_validation_feeds_batches_as_lightning_does(tmp_path, precision):
+    """End-of-fit KL validation casts the batches to the precision's dtype and runs the module's
+    on_before_batch_transfer, as Lightning's loops do (it fed raw float32 batches: a bf16-true or
+    64-true model crashed after all of training with a dtype mismatch)."""
+    seen = []
+
+    class Hooked(TinyCTR):
+        def on_before_batch_transfer(self, batch, dataloader_idx):
+            seen.append(batch[0].dtype)
+            return batch
+
+    trainer, model, cb = train_with_quant(tmp_path, model=Hooked(), max_epochs=2, start_epoch=1, calibration_batches=2,
+                                          trainer_kwargs={"precision": precision})
+    dtype = torch.bfloat16 if precision == "bf16-true" else torch.float64
+    assert cb.phase == "done" and cb.report["output_kl"] is not None and all(k >= 0 for k in cb.report["kl"].values())
+    assert set(seen) == {dtype}  # every batch, the callback's too, cast before the hook as Lightning casts it
+    assert len(seen) == 2 * 4 + 2 * 8 + cb.validation_batches  # the loops' val and train batches, and the KL pass's
