@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import pytorch_lightning as pl
@@ -125,8 +126,10 @@ class ProgressiveQuantization(Callback):
             batch, or at the first calibration batch if none came before: not after training).
             A ``skip`` pattern that matches nothing in the model, a ``layer_specs`` pattern that
             matches no quantizable layer or an override invalid for its layer's kind (at
-            ``setup``); a checkpoint written with other ``layer_specs`` once
-            quantization started (at resume).
+            ``setup``); a checkpoint written with other ``layer_specs``, specs or ``skip`` once
+            quantization started (at resume); ``calibration_batches=0`` with
+            ``freeze_observers_after=0`` and a static activation spec (its ranges would never be
+            observed).
         TypeError: a spec that is not a :class:`QuantSpec`; ``layer_specs`` values that are not a
             QuantSpec or a dict of them (``"activation"`` may be None).
         RuntimeError: a fit that would train on after this callback finished (phase ``"done"``: a
@@ -201,6 +204,16 @@ class ProgressiveQuantization(Callback):
             raise ValueError(f"kl_threshold={kl_threshold!r} is invalid; expected a finite float > 0")
         _check_choice("on_kl_violation", on_kl_violation, _VIOLATIONS)
         _check_int("validation_batches", validation_batches, 1)
+        if calibration_batches == 0 and freeze_observers_after == 0:
+            static = [f"layer_specs[{p!r}]" for p, o in layer_specs.items()
+                      if o.get("activation") is not None and not o["activation"].dynamic]
+            if activation_spec is not None and not activation_spec.dynamic:
+                static.insert(0, "activation_spec")
+            if static:
+                raise ValueError(
+                    f"calibration_batches=0 with freeze_observers_after=0 leaves the static activation ranges of "
+                    f"{', '.join(static)} unobserved (they are set from the batches observed before freezing); "
+                    "expected calibration_batches >= 1, freeze_observers_after >= 1 or None, or a dynamic activation spec")
 
         self.start_epoch = start_epoch
         self.start = start
@@ -234,6 +247,7 @@ class ProgressiveQuantization(Callback):
         self._layers: Dict[str, Dict[str, Any]] = {}  # name -> {"kind", "weight_spec", "activation_spec", "enabled"}
         self._skipped: Dict[str, str] = {}
         self._fallbacks: Dict[str, str] = {}
+        self._fallback_kl: Dict[str, List[float]] = {}  # the KL of each step down, in order
         self._kl: Dict[str, float] = {}
         self._sqnr: Dict[str, float] = {}
         self._output_kl: Optional[float] = None
@@ -416,6 +430,7 @@ class ProgressiveQuantization(Callback):
             "layers": copy.deepcopy(self._layers),
             "skipped": dict(self._skipped),
             "fallbacks": dict(self._fallbacks),
+            "fallback_kl": copy.deepcopy(self._fallback_kl),
             "kl": dict(self._kl),
             "sqnr": dict(self._sqnr),
             "output_kl": self._output_kl,
@@ -424,6 +439,7 @@ class ProgressiveQuantization(Callback):
             "metrics_after": dict(self._metrics_after),
             "layer_specs": layer_specs_to_state(self.layer_specs),
             "global_specs": self._global_specs(),
+            "skip": list(self.skip),
             "fp32_reference": self.fp32_reference,
             "quantizers": quantizers,
         }
@@ -455,6 +471,14 @@ class ProgressiveQuantization(Callback):
             raise ValueError(f"the checkpoint was written in phase {phase!r} (layers already quantized) by a "
                              f"ProgressiveQuantization with other specs ({diff}); resume with the specs the "
                              "checkpoint was written with")
+        saved_skip = state_dict.get("skip")  # absent: written before skip was saved (not checked)
+        if state_dict["layers"] and saved_skip is not None and list(saved_skip) != list(self.skip):
+            # as for layer_specs: which layers are quantized comes from the checkpoint, so another
+            # skip= would be ignored while this callback says it holds
+            raise ValueError(
+                f"the checkpoint was written in phase {phase!r} (layers already quantized) by a ProgressiveQuantization "
+                f"with skip={list(saved_skip)}, but this callback has skip={list(self.skip)}; resume with the skip= the "
+                "checkpoint was written with")
         self.phase = phase
         self._history = copy.deepcopy(state_dict["history"])
         self._calib_seen = state_dict["calib_seen"]
@@ -466,6 +490,7 @@ class ProgressiveQuantization(Callback):
         self._layers = copy.deepcopy(state_dict["layers"])
         self._skipped = dict(state_dict["skipped"])
         self._fallbacks = dict(state_dict["fallbacks"])
+        self._fallback_kl = copy.deepcopy(state_dict.get("fallback_kl", {}))
         self._kl = dict(state_dict["kl"])
         self._sqnr = dict(state_dict["sqnr"])
         self._output_kl = state_dict["output_kl"]
@@ -516,7 +541,9 @@ class ProgressiveQuantization(Callback):
         self._history.append({"phase": phase, "epoch": trainer.current_epoch, "step": trainer.global_step})
 
     def _enter_calibrate(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        plan, skipped = self._plan(pl_module)
+        with warnings.catch_warnings():  # the plan's warnings were given at setup, on the same model
+            warnings.simplefilter("ignore", UserWarning)
+            plan, skipped = self._plan(pl_module)
         self._skipped = skipped
         self._layers = {
             name: {"kind": kind, "weight_spec": w.to_dict(), "activation_spec": a.to_dict() if a is not None else None, "enabled": True}
@@ -538,6 +565,12 @@ class ProgressiveQuantization(Callback):
         set_fp32_reference(pl_module, self.fp32_reference)
 
     def _enter_qat(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # calibration observes, it does not train: with gradient accumulation, the gradients of the
+        # calibration batches since the last optimizer step would otherwise reach QAT's first step
+        for p in pl_module.parameters():
+            p.grad = None
+        for opt in trainer.optimizers:
+            opt.zero_grad(set_to_none=True)
         self._sync_observers()
         for name, st in self._states.items():
             st.weight.update_qparams(self._weight_of(pl_module, name))
@@ -755,6 +788,7 @@ class ProgressiveQuantization(Callback):
             info["enabled"] = False
             label = "fp32"
         self._fallbacks[name] = label
+        self._fallback_kl.setdefault(name, []).append(self._kl[name])
         self._apply_phase_flags()
         return label
 
@@ -821,6 +855,7 @@ class ProgressiveQuantization(Callback):
             "kl_history": copy.deepcopy(self._kl_history),
             "fallback_layers": sorted(self._fallbacks),
             "fallbacks": dict(self._fallbacks),
+            "fallback_kl": copy.deepcopy(self._fallback_kl),
             "monitor": self.monitor,
             "metrics_before": dict(self._metrics_before),
             "metrics_after": dict(self._metrics_after),

@@ -154,6 +154,10 @@ def test_kl_fallback_raises_precision_and_revalidates(tmp_path):
             assert r["layers"][name]["weight"].startswith("int8")
         else:
             assert r["layers"][name]["enabled"] is False and r["kl"][name] == 0.0
+        # the KL of each step down stays in the report (the current KL of an FP32 layer is 0)
+        assert len(r["fallback_kl"][name]) == (1 if label == "int8" else 2)
+        assert all(k > 0.005 for k in r["fallback_kl"][name])
+    assert set(r["fallback_kl"]) == set(r["fallbacks"])
     assert all(r["kl"][n] <= 0.005 for n in r["kl"])  # re-validated after the fallback
 
 
@@ -631,6 +635,18 @@ def test_resume_with_other_global_specs_is_refused(tmp_path):
     assert cb.report["layers"]["mlp.2"]["weight"] == "int4/g32/sym"  # from FP32: the new spec applies
 
 
+def test_resume_with_another_skip_is_refused(tmp_path):
+    # which layers are quantized comes from the checkpoint: a new skip= was ignored while the callback
+    # said it held (the layer trained and exported int8)
+    _ckpt_run(tmp_path / "a")
+    ckpt = str(tmp_path / "a" / "ckpt" / "epoch=1.ckpt")
+    with pytest.raises(ValueError, match=r"by a ProgressiveQuantization with skip=\[\], but this callback has "
+                                         r"skip=\['mlp.2'\]; resume with the skip= the checkpoint was written with"):
+        _ckpt_run(tmp_path / "b", ckpt_path=ckpt, skip=["mlp.2"])
+    _, cb = _ckpt_run(tmp_path / "c", ckpt_path=str(tmp_path / "a" / "ckpt" / "epoch=0.ckpt"), skip=["mlp.2"])
+    assert "mlp.2" not in cb.report["layers"] and "mlp.2" in cb.report["skipped"]  # from FP32: the new skip applies
+
+
 @pytest.mark.parametrize("other", [None, {"mlp.2": INT4_G32, "emb": INT4_ROWS}])
 def test_resume_with_other_layer_specs_is_refused(tmp_path, other):
     _ckpt_run(tmp_path / "a", layer_specs=_MIXED)
@@ -675,3 +691,36 @@ def test_kl_validation_feeds_batches_as_lightning_does(tmp_path, precision):
     assert cb.phase == "done" and cb.report["output_kl"] is not None and all(k >= 0 for k in cb.report["kl"].values())
     assert set(seen) == {dtype}  # every batch, the callback's too, cast before the hook as Lightning casts it
     assert len(seen) == 2 * 4 + 2 * 8 + cb.validation_batches  # the loops' val and train batches, and the KL pass's
+
+
+def test_calibration_gradients_do_not_reach_the_first_qat_step(tmp_path):
+    """With gradient accumulation the calibration batches since the last optimizer step left their
+    FP32 gradients for QAT's first step ("calibration observes, it does not train")."""
+    grads = {}
+
+    class Probe(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if cb.phase == "qat" and "first" not in grads:
+                w = pl_module.mlp[2].weight.grad
+                grads["first"] = None if w is None else float(w.norm())
+
+    cb = ProgressiveQuantization(start_epoch=1, calibration_batches=6)  # 8 batches an epoch, steps after 4 and 8
+    _fit(tmp_path, cb, extra=[Probe()], max_epochs=2, accumulate_grad_batches=4)
+    assert cb.phase == "done" and grads["first"] in (None, 0.0)
+
+
+def test_static_activation_ranges_that_would_never_be_observed_are_refused():
+    with pytest.raises(ValueError, match=r"calibration_batches=0 with freeze_observers_after=0 leaves the static activation "
+                                         r"ranges of activation_spec unobserved"):
+        ProgressiveQuantization(calibration_batches=0, freeze_observers_after=0, activation_spec=STATIC_ACT)
+    with pytest.raises(ValueError, match=r"ranges of layer_specs\['mlp.0'\] unobserved"):
+        ProgressiveQuantization(calibration_batches=0, freeze_observers_after=0, layer_specs={"mlp.0": {"activation": STATIC_ACT}})
+    ProgressiveQuantization(calibration_batches=0, freeze_observers_after=0)  # dynamic activations: nothing to observe
+    ProgressiveQuantization(calibration_batches=0, freeze_observers_after=1, activation_spec=STATIC_ACT)
+
+
+def test_an_override_a_layer_cannot_take_warns_once(tmp_path):
+    int4 = QuantSpec(bits=4, granularity="per_group", group_size=64)  # mlp.0 has K = 12
+    with pytest.warns(UserWarning) as record:
+        _fit(tmp_path, ProgressiveQuantization(start_epoch=1, calibration_batches=2, layer_specs={"mlp.0": int4}), max_epochs=2)
+    assert len([w for w in record if "cannot take" in str(w.message)]) == 1
