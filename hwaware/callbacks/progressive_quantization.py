@@ -30,8 +30,8 @@ from typing_extensions import override
 from hwaware._predict import model_predictions
 from hwaware.callbacks._common import _refuse_multiprocessing_launch, _check_choice, _check_int, _scale_lr, _scalar_metrics
 from hwaware.quant.attach import (
-    QuantState, attach_quantization, find_quantizable, layer_specs_to_state, normalize_layer_specs, quantization_disabled,
-    set_fp32_reference,
+    QuantState, attach_quantization, detach_quantization, find_quantizable, layer_specs_to_state, normalize_layer_specs,
+    quantization_disabled, set_fp32_reference,
 )
 from hwaware.quant.kl import KLViolationError, LayerErrorCollector, collect_layer_errors, output_kl
 from hwaware.quant.spec import QuantSpec
@@ -65,7 +65,10 @@ class ProgressiveQuantization(Callback):
     r"""Train FP32, then fine-tune with channel-wise fake quantization, then validate it with KL.
 
     Works on an unmodified LightningModule: supported layers (``nn.Linear``, ``nn.Conv1d/2d``,
-    ``nn.Embedding``, ``nn.EmbeddingBag``) keep their types and ``state_dict`` keys.
+    ``nn.Embedding``, ``nn.EmbeddingBag``) keep their types and ``state_dict`` keys. Fake
+    quantization runs in a layer's ``forward``: a layer the model never calls from calibration to
+    the end of the first QAT epoch (its forward reads the weight itself, ``F.linear(x, l.weight)``)
+    is left FP32, with a warning and the reason in ``report["skipped"]``.
 
     Example::
 
@@ -263,6 +266,11 @@ class ProgressiveQuantization(Callback):
         self._collecting = False
         self._val_batches_seen = 0
         self._call_checked = False  # not saved: a resumed fit checks again, once
+        # layers whose forward ran since calibration started, until the end of the first epoch with
+        # QAT (None: not tracking); a layer never called is left FP32 (:meth:`_drop_uncalled`)
+        self._called: Optional[set] = None
+        self._call_hooks: List[Any] = []
+        self._resume_called: Optional[set] = None
 
     # ================================================================================ hooks ===
     @override
@@ -353,6 +361,11 @@ class ProgressiveQuantization(Callback):
                     g.div_(world)
 
     @override
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self._called is not None and self.phase == "qat":  # after this epoch's validation too
+            self._drop_uncalled(trainer, pl_module)
+
+    @override
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self._val_batches_seen = 0
         if self.phase == "qat" and not trainer.sanity_checking:
@@ -440,6 +453,7 @@ class ProgressiveQuantization(Callback):
             "layer_specs": layer_specs_to_state(self.layer_specs),
             "global_specs": self._global_specs(),
             "skip": list(self.skip),
+            "called": None if self._called is None else sorted(self._called),
             "fp32_reference": self.fp32_reference,
             "quantizers": quantizers,
         }
@@ -499,6 +513,8 @@ class ProgressiveQuantization(Callback):
         self._metrics_after = dict(state_dict["metrics_after"])
         self.fp32_reference = state_dict["fp32_reference"]
         self._pending_quantizers = state_dict["quantizers"] if self._layers else None
+        called = state_dict.get("called")
+        self._resume_called = None if called is None else set(called)
 
     def _restore_quantizers(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         saved = self._pending_quantizers
@@ -510,6 +526,9 @@ class ProgressiveQuantization(Callback):
             if st.activation is not None:
                 st.activation.load_state_dict(saved[name]["activation"])
         self._pending_quantizers = None
+        if self._resume_called is not None:  # tracking was under way: it goes on with what it had seen
+            self._track_calls(pl_module, self._resume_called)
+            self._resume_called = None
         if self.fp32_reference is not None:
             set_fp32_reference(pl_module, self.fp32_reference)
         self._apply_phase_flags()
@@ -550,6 +569,7 @@ class ProgressiveQuantization(Callback):
             for name, (kind, w, a) in plan.items()
         }
         self._attach(pl_module, self._layers)
+        self._track_calls(pl_module, set())
         # the buffers as FP32 training left them: the calibration batches run in train mode and move
         # BatchNorm's running statistics, which the FP32 reference taken at QAT start must not see
         self._fp32_buffers = {k: b.detach().cpu().clone() for k, b in pl_module.named_buffers()}
@@ -672,6 +692,42 @@ class ProgressiveQuantization(Callback):
         self._collector.__exit__(None, None, None)  # removes the hooks; results stay
         self._collecting = False
 
+    def _track_calls(self, pl_module: nn.Module, called: set) -> None:
+        """Record which quantized layers the model calls (a forward pre-hook each), from calibration
+        to the end of the first epoch with QAT, training and validation batches alike."""
+        self._called = called
+        modules = dict(pl_module.named_modules())
+        for name in self._states:
+            self._call_hooks.append(modules[name].register_forward_pre_hook(lambda m, a, name=name: called.add(name)))
+
+    def _drop_uncalled(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """Stop tracking; leave FP32 every quantized layer the model never called while it was tracked.
+
+        Its fake quantization runs in its forward, so a model that reads the layer's weight itself
+        (``F.linear(x, self.proj.weight)``) trained it in FP32: quantizing it at export would pack
+        weights QAT never saw (and a deploy module has no ``weight`` for that code to read)."""
+        for h in self._call_hooks:
+            h.remove()
+        self._call_hooks = []
+        called, self._called = self._called, None
+        if called is None:
+            return
+        names = sorted(self._states)
+        flags = torch.tensor([n in called for n in names], dtype=torch.float32, device=pl_module.device)
+        if trainer.world_size > 1:  # a layer any rank called counts as called: every rank decides alike
+            flags = trainer.strategy.reduce(flags, reduce_op="sum")
+        uncalled = [n for n, f in zip(names, flags.tolist()) if f == 0]
+        if not uncalled:
+            return
+        detach_quantization(pl_module, uncalled)
+        why = ("never called by the model between calibration and the end of the first QAT epoch (forward reads its "
+               "weight directly, e.g. F.linear(x, layer.weight), or does not use the layer): fake quantization never "
+               "ran on it; left FP32")
+        for n in uncalled:
+            del self._states[n], self._layers[n]
+            self._skipped[n] = why
+        rank_zero_warn(f"ProgressiveQuantization: {len(uncalled)} quantized layer(s) {uncalled} were {why}")
+
     # ========================================================================= validation ===
     def _validation_batches(self, trainer: "pl.Trainer", limit: Optional[int] = None) -> List[Any]:
         loaders = trainer.val_dataloaders
@@ -793,6 +849,8 @@ class ProgressiveQuantization(Callback):
         return label
 
     def _validate(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._called is not None:  # fit stopped within the first QAT epoch
+            self._drop_uncalled(trainer, pl_module)
         self._mark("validate", trainer)
         # final weights -> final weight scales: exactly what export will pack
         for name, st in self._states.items():

@@ -492,10 +492,14 @@ def attach_quantization(model: nn.Module, plan: Dict[str, Tuple[str, QuantSpec, 
     return states
 
 
-def detach_quantization(model: nn.Module) -> None:
-    """Remove every attachment: layers get their original classes back (and transformer layers
-    their fused fast path, where :func:`keep_layers_called` turned it off); weights are untouched."""
-    for m in model.modules():
+def detach_quantization(model: nn.Module, names: Optional[Iterable[str]] = None) -> None:
+    """Remove every attachment (or those of the layers ``names``): layers get their original classes
+    back (and transformer layers their fused fast path, where :func:`keep_layers_called` turned it
+    off and no quantized layer is left in them); weights are untouched."""
+    chosen = None if names is None else set(names)
+    for name, m in model.named_modules():
+        if chosen is not None and name not in chosen:
+            continue
         st = m.__dict__.pop(_ATTR, None)
         if st is not None:
             m.__class__ = st.original_class

@@ -724,3 +724,31 @@ def test_an_override_a_layer_cannot_take_warns_once(tmp_path):
     with pytest.warns(UserWarning) as record:
         _fit(tmp_path, ProgressiveQuantization(start_epoch=1, calibration_batches=2, layer_specs={"mlp.0": int4}), max_epochs=2)
     assert len([w for w in record if "cannot take" in str(w.message)]) == 1
+
+
+class ReadsWeight(TinyCTR):
+    """mlp.0's weight is read by forward itself (F.linear), the module never called."""
+
+    def forward(self, dense, ids):
+        e = self.emb(ids, torch.arange(ids.shape[0], device=ids.device))
+        h = torch.nn.functional.linear(torch.cat([dense, e], dim=1), self.mlp[0].weight, self.mlp[0].bias)
+        return self.mlp[2](self.mlp[1](h)).squeeze(-1)
+
+
+def test_a_layer_the_model_never_calls_is_left_fp32_with_the_reason(tmp_path):
+    """Fake quantization runs in the layer's forward: a weight read directly trained in FP32. The
+    report said int8 with KL 0 and export packed it (then crashed: a deploy module has no weight)."""
+    import hwaware
+
+    cb = ProgressiveQuantization(start_epoch=1, calibration_batches=2)
+    with pytest.warns(UserWarning, match=r"1 quantized layer\(s\) \['mlp.0'\] were never called by the model"):
+        _, model = _fit(tmp_path, cb, model=ReadsWeight(), max_epochs=2)
+    r = cb.report
+    assert sorted(r["layers"]) == ["emb", "mlp.2"] and "mlp.0" not in r["kl"]
+    assert r["skipped"]["mlp.0"].startswith("never called by the model") and type(model.mlp[0]) is nn.Linear
+    art = hwaware.export(model, tmp_path / "art", val_dataloader=loaders()[1], max_drop=1.0)
+    assert art.manifest["layers"]["mlp.2"]["scheme"] == "int8" and "mlp.0" in art.manifest["dense_layers"]
+    assert "never called" in art.manifest["dense_layers"]["mlp.0"]
+    dense, ids, _ = next(iter(loaders()[1]))
+    served = hwaware.load(art.path)
+    torch.testing.assert_close(served(dense, ids), art.model(dense, ids), atol=0, rtol=0)
