@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import math
 import weakref
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import pytorch_lightning as pl
 import torch
@@ -66,7 +66,7 @@ class SemiStructuredSparsity(Callback):
         ramp_epochs: ``"magnitude"`` only: epochs over which the fraction of pruned groups rises
             from 0 to 1 (cubic schedule, updated every optimizer step); 0 prunes in one shot.
         sr_ste_lambda: ``"sr_ste"`` only: the decay ``λ_W`` on pruned weights (paper: 2e-4).
-        skip: ``fnmatch`` patterns of layer names to leave dense, matched as ProgressiveQuantization
+        skip: ``fnmatch`` patterns (a str: one) of layer names to leave dense, matched as ProgressiveQuantization
             matches its ``skip`` (a parent's name skips every layer under it); a pattern that matches
             nothing in the model raises ``ValueError`` at ``setup``. Embedding tables are never
             pruned; layers whose input dimension is not a multiple of 4 are skipped with the reason
@@ -91,7 +91,7 @@ class SemiStructuredSparsity(Callback):
         start_epoch: int = 1,
         ramp_epochs: int = 0,
         sr_ste_lambda: float = 2e-4,
-        skip: Sequence[str] = (),
+        skip: Union[str, Sequence[str]] = (),
         monitor: Optional[str] = None,
         lr_scale: float = 1.0,
     ) -> None:
@@ -105,7 +105,9 @@ class SemiStructuredSparsity(Callback):
         if (not isinstance(sr_ste_lambda, (int, float)) or isinstance(sr_ste_lambda, bool)
                 or not math.isfinite(sr_ste_lambda) or sr_ste_lambda < 0):
             raise ValueError(f"sr_ste_lambda={sr_ste_lambda!r} is invalid; expected a finite float >= 0")
-        if isinstance(skip, str) or not all(isinstance(p, str) for p in skip):
+        if isinstance(skip, str):  # one pattern, as ProgressiveQuantization takes it
+            skip = (skip,)
+        if not all(isinstance(p, str) for p in skip):
             raise ValueError(f"skip={skip!r} is invalid; expected a list of fnmatch patterns (strings)")
         if (not isinstance(lr_scale, (int, float)) or isinstance(lr_scale, bool) or not math.isfinite(lr_scale)
                 or lr_scale <= 0):
@@ -138,6 +140,7 @@ class SemiStructuredSparsity(Callback):
         self._pending: Optional[Dict[str, Any]] = None
         self._batch_stepped = False
         self._model_ref: Optional[weakref.ref] = None
+        self._training = False  # on_train_start ran for the fit under way (its setup too)
 
     def _reset(self) -> None:
         """Back to dense, for a fit on another model."""
@@ -189,6 +192,7 @@ class SemiStructuredSparsity(Callback):
         # so it is an optimizer step post-hook; Lightning has no callback hook at that point. Which
         # pruned layers an optimizer updates is read at every step (layers may be unfrozen later).
         self._remove_hooks()
+        self._training = True
         for opt in trainer.optimizers:
             self._handles.append(opt.register_step_post_hook(self._after_step))
         with torch.no_grad():  # the model may have moved since the masks were made
@@ -202,12 +206,19 @@ class SemiStructuredSparsity(Callback):
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._remove_hooks()
+        self._training = False
 
     @override
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         # pruning starts at the first batch of start_epoch rather than at epoch start, so that every
         # other callback's on_train_epoch_start (in whatever order) has run on the dense model
         self._batch_stepped = False
+        if not self._training:
+            # added to trainer.callbacks after fit started: setup (which finds the layers) and
+            # on_train_start (the optimizer hook that re-masks after each step) never ran
+            raise RuntimeError("SemiStructuredSparsity joined a fit already under way (its setup and on_train_start "
+                               "never ran, so it found no layer to prune and could not hook the optimizer); pass it "
+                               "in Trainer(callbacks=[...]) before fit")
         if self.phase == "dense" and trainer.current_epoch >= self.start_epoch:
             self._start(trainer)
 
@@ -279,6 +290,7 @@ class SemiStructuredSparsity(Callback):
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         self._unswap()  # the model the user keeps holds masked weights
         self._remove_hooks()
+        self._training = False
 
     def _unswap(self) -> None:
         if self._swapped:

@@ -200,7 +200,7 @@ def test_checkpoint_from_another_method_is_refused():
     (dict(method="sr_ste", ramp_epochs=2), r"ramp_epochs=2 is invalid with method='sr_ste'"),
     (dict(sr_ste_lambda=float("nan")), r"sr_ste_lambda=nan"),
     (dict(sr_ste_lambda=-1.0), r"sr_ste_lambda=-1.0"),
-    (dict(skip="mlp.0"), r"skip='mlp.0'.*list"),
+    (dict(skip=["mlp.0", 3]), r"skip=\['mlp.0', 3\].*list"),
     (dict(start_epoch=1.5), r"start_epoch=1.5"),
     (dict(lr_scale=0.0), r"lr_scale=0.0.*> 0"),
 ])
@@ -464,3 +464,23 @@ def test_an_exception_mid_step_leaves_masked_weights_and_no_hooks(tmp_path):
     for n in LAYERS:
         assert torch.equal(_w(model, n), sp._dense[n] * sp.masks[n])
     assert not holder["opt"]._optimizer_step_post_hooks
+
+
+def test_skip_takes_one_pattern_as_a_string(tmp_path):
+    _, model = _fit(tmp_path, [sp := SemiStructuredSparsity(start_epoch=1, skip="mlp.2")], max_epochs=2)
+    assert set(sp.report["layers"]) == {"mlp.0"} and "mlp.2" in sp.report["skipped"]
+
+
+def test_joining_a_fit_under_way_is_refused(tmp_path):
+    """Appended to trainer.callbacks after fit started, its setup and on_train_start never ran: it
+    went to phase 'sparse' with no layer and no optimizer hook, and the model stayed dense."""
+    sp = SemiStructuredSparsity(start_epoch=1)
+
+    class AddLater(Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if sp not in trainer.callbacks:
+                trainer.callbacks.append(sp)
+
+    with pytest.raises(RuntimeError, match=r"SemiStructuredSparsity joined a fit already under way .* pass it in "
+                                           r"Trainer\(callbacks=\[...\]\) before fit"):
+        _fit(tmp_path, [AddLater()], max_epochs=2)
