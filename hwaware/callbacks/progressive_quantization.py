@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
@@ -297,6 +298,24 @@ class ProgressiveQuantization(Callback):
         if self._pending_quantizers is not None:
             self._restore_quantizers(trainer, pl_module)
 
+    def _restore_for_evaluation(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # trainer.validate / test / predict(ckpt_path=...) restore this callback's state too (there is
+        # no on_fit_start): attach the quantizers, so the model runs (and exports) as QAT left it
+        if self._pending_quantizers is not None and trainer.state.fn != TrainerFn.FITTING:
+            self._restore_quantizers(trainer, pl_module)
+
+    @override
+    def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._restore_for_evaluation(trainer, pl_module)
+
+    @override
+    def on_test_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._restore_for_evaluation(trainer, pl_module)
+
+    @override
+    def on_predict_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._restore_for_evaluation(trainer, pl_module)
+
     @override
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.phase == "done":
@@ -526,9 +545,10 @@ class ProgressiveQuantization(Callback):
             if st.activation is not None:
                 st.activation.load_state_dict(saved[name]["activation"])
         self._pending_quantizers = None
-        if self._resume_called is not None:  # tracking was under way: it goes on with what it had seen
+        if self._resume_called is not None and trainer.state.fn == TrainerFn.FITTING:
+            # tracking was under way: it goes on with what it had seen
             self._track_calls(pl_module, self._resume_called)
-            self._resume_called = None
+        self._resume_called = None
         if self.fp32_reference is not None:
             set_fp32_reference(pl_module, self.fp32_reference)
         self._apply_phase_flags()

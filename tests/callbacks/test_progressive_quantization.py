@@ -752,3 +752,32 @@ def test_a_layer_the_model_never_calls_is_left_fp32_with_the_reason(tmp_path):
     dense, ids, _ = next(iter(loaders()[1]))
     served = hwaware.load(art.path)
     torch.testing.assert_close(served(dense, ids), art.model(dense, ids), atol=0, rtol=0)
+
+
+def test_validate_or_predict_from_a_checkpoint_runs_and_exports_the_quantized_model(tmp_path):
+    """A fresh Trainer(callbacks=[ProgressiveQuantization()]).validate/predict(model, ckpt_path=...)
+    restored the callback to phase 'done' but ran the model in FP32, and export then re-quantized it
+    post-training (losing skip and fallback decisions). The quantizers are now attached as QAT left them."""
+    import hwaware
+
+    cb = ProgressiveQuantization(start_epoch=1, calibration_batches=2, skip=["mlp.2"])
+    trainer, model = _fit(tmp_path, cb, max_epochs=2)
+    ckpt = str(tmp_path / "final.ckpt")
+    trainer.save_checkpoint(ckpt)
+    val = loaders()[1]
+    want = trainer.validate(model, val, verbose=False)
+    preds_want = torch.cat(trainer.predict(model, val))
+    art_want = hwaware.export(model, tmp_path / "want", val_dataloader=val, max_drop=1.0)
+
+    pl.seed_everything(0, verbose=False)
+    fresh, cb2 = TinyCTR(), ProgressiveQuantization(start_epoch=1, calibration_batches=2, skip=["mlp.2"])
+    t2 = make_trainer(tmp_path / "b", [cb2])
+    assert t2.validate(fresh, val, ckpt_path=ckpt, verbose=False) == want
+    assert cb2.phase == "done" and sorted(hwaware.quant_states(fresh)) == ["emb", "mlp.0"]
+    art = hwaware.export(fresh, tmp_path / "got", val_dataloader=val, max_drop=1.0)
+    assert art.manifest["post_training"] is False and art.report == art_want.report
+    assert {k: v["scheme"] for k, v in art.manifest["layers"].items()} == {"emb": "rowwise_int8", "mlp.0": "int8"}
+
+    other = TinyCTR()
+    t3 = make_trainer(tmp_path / "c", [ProgressiveQuantization(start_epoch=1, calibration_batches=2, skip=["mlp.2"])])
+    torch.testing.assert_close(torch.cat(t3.predict(other, val, ckpt_path=ckpt)), preds_want, atol=0, rtol=0)
