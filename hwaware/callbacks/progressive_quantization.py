@@ -597,11 +597,15 @@ class ProgressiveQuantization(Callback):
         self._apply_phase_flags()
         rank_zero_info(f"ProgressiveQuantization: calibrating {len(plan)} layers for {self.calibration_batches} batches")
 
-    def _keep_fp32_reference(self, pl_module: "pl.LightningModule") -> None:
-        ref = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
-        ref.update({k: v for k, v in (self._fp32_buffers or {}).items() if k in ref})
-        self._fp32_buffers = None
-        self.fp32_reference = ref
+    def _keep_fp32_reference(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._fp32_buffers, buffers = None, self._fp32_buffers
+        dense = [cb.dense_reference for cb in trainer.callbacks if getattr(cb, "dense_reference", None) is not None]
+        if dense:  # 2:4 pruning started before QAT: the gate compares against the dense model
+            self.fp32_reference = dense[0]
+        else:
+            ref = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+            ref.update({k: v for k, v in (buffers or {}).items() if k in ref})
+            self.fp32_reference = ref
         set_fp32_reference(pl_module, self.fp32_reference)
 
     def _enter_qat(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -617,10 +621,11 @@ class ProgressiveQuantization(Callback):
             st.weight.check_finite()
             if st.activation is not None and not st.activation.spec.dynamic and st.activation.observer.initialized:
                 st.activation.update_qparams()
-        # the FP32 model at the start of QAT, on CPU: the reference for KL and for export's gate. Its
-        # weights are QAT's starting weights (after any pruning that started with it), its buffers the
-        # ones FP32 training left (when this run saw calibration start; a resumed one has only its own)
-        self._keep_fp32_reference(pl_module)
+        # the FP32 model at the start of QAT, on CPU: the reference for export's gate. Its weights are
+        # QAT's starting weights, its buffers the ones FP32 training left (when this run saw
+        # calibration start; a resumed one has only its own). When 2:4 pruning started before QAT,
+        # the dense model SemiStructuredSparsity kept instead: the gate then covers pruning too
+        self._keep_fp32_reference(trainer, pl_module)
         self._mark("qat", trainer)
         self._apply_phase_flags()
         if self.lr_scale != 1.0:

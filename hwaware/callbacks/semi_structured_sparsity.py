@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from hwaware.callbacks._common import _refuse_multiprocessing_launch, _check_choice, _check_int, _scale_lr, _scalar_metrics
+from hwaware.quant.attach import set_fp32_reference
 from hwaware.sparsity.masks import (
     cubic_fraction, find_prunable, gradual_mask_24, is_mask_24, magnitude_mask_24, mask_sparsity, sr_ste_decay_,
     weight_2d,
@@ -76,6 +77,12 @@ class SemiStructuredSparsity(Callback):
         lr_scale: multiply every optimizer learning rate by this when pruning starts (sparse
             fine-tuning at a lower rate; 1.0 leaves it). Stored in the optimizer state, so a
             resume keeps it.
+
+    When pruning starts, the dense model (its ``state_dict``, on CPU) is kept as
+    ``dense_reference`` and set as the model's FP32 reference: ``hwaware.export``'s regression gate
+    compares the exported model against the dense model, so the accuracy pruning cost is gated
+    with the quantization's (a :class:`ProgressiveQuantization` that starts QAT later takes this
+    reference instead of its own; one that started QAT before pruning already holds a dense one).
 
     Raises:
         ValueError: an unknown ``method``, a negative ``start_epoch`` / ``ramp_epochs``, a ramp with
@@ -139,6 +146,7 @@ class SemiStructuredSparsity(Callback):
         self._metrics_after: Dict[str, float] = {}
         self._pending: Optional[Dict[str, Any]] = None
         self._batch_stepped = False
+        self.dense_reference: Optional[Dict[str, Tensor]] = None  # the model when pruning started (CPU)
         self._model_ref: Optional[weakref.ref] = None
         self._training = False  # on_train_start ran for the fit under way (its setup too)
 
@@ -148,6 +156,7 @@ class SemiStructuredSparsity(Callback):
         self._masks, self._dense, self._swapped = {}, {}, set()
         self._step = self._ramp_steps = self._mask_changes = 0
         self._history, self._metrics_before, self._metrics_after = [], {}, {}
+        self.dense_reference = None
 
     # ================================================================================ hooks ===
     @override
@@ -183,7 +192,7 @@ class SemiStructuredSparsity(Callback):
                 raise ValueError(
                     f"the checkpoint prunes layers {saved['names']} but this callback (skip={list(self.skip)}) would "
                     f"prune {self._names}; resume with the skip= the checkpoint was written with")
-            self._restore(saved)
+            self._restore(saved, pl_module)
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -347,6 +356,7 @@ class SemiStructuredSparsity(Callback):
             "history": copy.deepcopy(self._history),
             "metrics_before": dict(self._metrics_before),
             "metrics_after": dict(self._metrics_after),
+            "dense_reference": self.dense_reference,
         }
 
     @override
@@ -366,10 +376,13 @@ class SemiStructuredSparsity(Callback):
         self._metrics_before = dict(state_dict["metrics_before"])
         self._metrics_after = dict(state_dict["metrics_after"])
         self._pending = {"names": list(state_dict["names"]), "masks": state_dict["masks"], "dense": state_dict["dense"]}
+        self.dense_reference = state_dict.get("dense_reference")
 
-    def _restore(self, saved: Dict[str, Any]) -> None:
+    def _restore(self, saved: Dict[str, Any], pl_module: nn.Module) -> None:
         if self.phase == "dense":
             return
+        if self.dense_reference is not None:
+            set_fp32_reference(pl_module, self.dense_reference)
         with torch.no_grad():
             for name in self._names:
                 w = self._layers[name].weight
@@ -384,8 +397,18 @@ class SemiStructuredSparsity(Callback):
                 w.mul_(mask)
 
     # ================================================================== phase transitions ===
+    def _keep_dense_reference(self, trainer: "pl.Trainer") -> None:
+        """The dense model as the export gate's reference, unless a quantization callback already keeps
+        one from before pruning (QAT started first: its reference is dense)."""
+        pl_module = trainer.lightning_module
+        if any(getattr(cb, "fp32_reference", None) is not None for cb in trainer.callbacks if cb is not self):
+            return
+        self.dense_reference = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+        set_fp32_reference(pl_module, self.dense_reference)
+
     def _start(self, trainer: "pl.Trainer") -> None:
         self._metrics_before = self._metrics_before or _scalar_metrics(trainer)
+        self._keep_dense_reference(trainer)
         self._step = 0
         if self.lr_scale != 1.0:
             _scale_lr(trainer, self.lr_scale)

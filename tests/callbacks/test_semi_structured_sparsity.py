@@ -153,9 +153,11 @@ def test_composes_with_progressive_quantization_in_either_order(tmp_path, quant_
         fq = states[n].weight(w)  # the weight the quantized forward uses
         # quantization never refills a pruned position (a kept weight may round to 0: still 2:4)
         assert bool((fq[w == 0] == 0).all()) and is_mask_24(fq != 0)
-    # QAT started from the 2:4 model: its FP32 reference is already sparse
+    # QAT started after pruning: its FP32 reference (export's gate) is the dense model pruning started
+    # from, so the gate covers what pruning cost too
+    assert q.fp32_reference is sp.dense_reference
     for n in LAYERS:
-        assert is_mask_24(q.fp32_reference[f"{n}.weight"] != 0)
+        assert not is_mask_24(q.fp32_reference[f"{n}.weight"] != 0)
     sp2, q2, model2 = run(tmp_path / "b", not quant_first)
     _assert_state_equal(model.state_dict(), model2.state_dict())
     _assert_state_equal(sp.state_dict(), sp2.state_dict())
@@ -484,3 +486,36 @@ def test_joining_a_fit_under_way_is_refused(tmp_path):
     with pytest.raises(RuntimeError, match=r"SemiStructuredSparsity joined a fit already under way .* pass it in "
                                            r"Trainer\(callbacks=\[...\]\) before fit"):
         _fit(tmp_path, [AddLater()], max_epochs=2)
+
+
+def test_export_gates_against_the_dense_model_pruning_started_from(tmp_path):
+    """The export gate's reference was the model at QAT start, already 2:4: a pruning that cost the
+    model its accuracy passed the gate (trial: 0.043 AUROC lost to pruning, exported PASSED)."""
+    import hwaware
+
+    dense_model = None
+
+    class KeepDense(Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            nonlocal dense_model
+            if trainer.current_epoch == 1:
+                dense_model = copy.deepcopy(pl_module)
+
+    sp = SemiStructuredSparsity(start_epoch=1)
+    q = ProgressiveQuantization(start_epoch=2, calibration_batches=2)
+    _, model = _fit(tmp_path, [KeepDense(), sp, q], max_epochs=3)
+    assert q.fp32_reference is sp.dense_reference
+    want = {k: v for k, v in dense_model.state_dict().items()}
+    assert all(torch.equal(sp.dense_reference[k], v) for k, v in want.items())
+    val = loaders()[1]
+    art = hwaware.export(model, tmp_path / "art", val_dataloader=val, max_drop=1.0)
+    with torch.no_grad():
+        from hwaware.export.exporter import _evaluate
+        dense_auroc = _evaluate(dense_model.eval(), val, "auroc", None)
+    assert art.report["reference"] == pytest.approx(dense_auroc, abs=0)
+
+    # 2:4 alone (no QAT): the same dense reference
+    sp2 = SemiStructuredSparsity(start_epoch=1)
+    _, model2 = _fit(tmp_path / "b", [sp2], max_epochs=2)
+    from hwaware.quant.attach import fp32_reference
+    assert fp32_reference(model2) is sp2.dense_reference and not is_mask_24(sp2.dense_reference["mlp.0.weight"] != 0)
