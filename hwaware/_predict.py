@@ -1,29 +1,59 @@
 """How hwaware runs a user's model on one of their batches (export's gate, the callback's output KL)."""
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from typing import Any, Callable, Tuple
 
-from torch import nn
+from torch import Tensor, nn
+
+
+def defines_predict_step(module: nn.Module) -> bool:
+    """Whether ``module``'s class defines its own ``predict_step`` (not Lightning's default, which
+    calls ``module(batch)``)."""
+    step = getattr(type(module), "predict_step", None)
+    return step is not None and not getattr(step, "__qualname__", "").startswith("LightningModule.")
+
+
+def _call(module: nn.Module, batch: Any) -> Tuple[Callable, Tuple[Any, ...], str]:
+    """(what is called, its arguments, how to say so) for ``module`` on ``batch``."""
+    if defines_predict_step(module):
+        return module.predict_step, (batch, 0), "its predict_step(batch, 0)"
+    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
+        return module, tuple(batch[:-1]), f"{type(module).__name__}(*batch[:-1])"
+    return module, (batch,), f"{type(module).__name__}(batch)"
+
+
+def _not_fed(fn: Callable, args: Tuple[Any, ...], error: Exception) -> bool:
+    """Whether ``error`` (a ``TypeError`` / ``AttributeError`` from ``fn(*args)``) says the batch
+    does not fit the call, rather than something failing inside a model that took it: the arguments
+    do not bind to the signature, or (``fn`` the model) the error names the type of an argument that
+    is not a tensor (a dict batch given to ``forward(x)``: ``... must be Tensor, not dict``)."""
+    model = isinstance(fn, nn.Module)
+    try:
+        inspect.signature(fn.forward if model else fn).bind(*args)
+    except (TypeError, ValueError):  # ValueError: no signature to read; the batch stays the suspect
+        return True
+    text = str(error)
+    return model and any(not isinstance(a, Tensor) and type(a).__name__ in text for a in args)
 
 
 def model_predictions(module: nn.Module, batch: Any, who: str) -> Any:
     """``module``'s predictions for ``batch``: its ``predict_step(batch, 0)`` where its class defines
     one (Lightning's own default calls ``module(batch)``, which a ``(x, y)`` batch does not fit); else
-    ``module(*inputs)`` for an ``(inputs..., target)`` tuple or list; else ``module(batch)``. A
-    call that does not fit the model (``TypeError`` / ``AttributeError``) raises a ``ValueError``
-    saying so and what to pass instead, from the original error."""
-    step = getattr(type(module), "predict_step", None)
-    custom = step is not None and not getattr(step, "__qualname__", "").startswith("LightningModule.")
+    ``module(*inputs)`` for an ``(inputs..., target)`` tuple or list; else ``module(batch)``.
+
+    A batch that does not fit the call (the arguments do not bind, or the model refuses a non-tensor
+    argument by its type; ``TypeError`` / ``AttributeError``) raises a ``ValueError`` saying so and
+    what to pass instead, from the original error. An error raised inside a model that took the
+    batch (a dtype its ops do not serve, a bug) propagates as it is, with a note naming the call."""
+    fn, args, how = _call(module, batch)
     try:
-        if custom:
-            return module.predict_step(batch, 0)
-        if isinstance(batch, (list, tuple)) and len(batch) >= 2:
-            return module(*batch[:-1])
-        return module(batch)
+        return fn(*args)
     except (TypeError, AttributeError) as e:
-        how = ("its predict_step(batch, 0)" if custom else
-               f"{type(module).__name__}(*batch[:-1])" if isinstance(batch, (list, tuple)) and len(batch) >= 2 else
-               f"{type(module).__name__}(batch)")
+        if not _not_fed(fn, args, e):
+            e.add_note(f"{who}: raised inside the model, run on a batch ({type(batch).__name__}) as {how}")
+            raise
+        fix = ("Define predict_step(batch, batch_idx) returning the predictions" if isinstance(fn, nn.Module) else
+               "Make predict_step take (batch, batch_idx) and return the predictions")
         raise ValueError(f"{who}: ran the model on a batch ({type(batch).__name__}) as {how}, which raised "
-                         f"{type(e).__name__}: {e}. Define predict_step(batch, batch_idx) returning the predictions, "
-                         "or pass output_fn=") from e
+                         f"{type(e).__name__}: {e}. {fix}, or pass output_fn=") from e

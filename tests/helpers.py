@@ -104,19 +104,19 @@ def int8_layers(dims, seed: int = 0):
 
 def int8_chain_top(model) -> None:
     """``model.top_mlp`` as export leaves it with every Linear on ``int_mm``, in place: an ``Int8Chain``
-    of ``Int8Linear`` (weights quantized per channel, a following ReLU fused) and ``nn.Identity``."""
+    of ``Int8Linear`` (weights quantized per channel) and the ``nn.ReLU`` after each (which the chain
+    applies in that layer's epilogue)."""
     import torch
     from hwaware.export.deploy import Int8Chain, Int8Linear
     from hwaware.ops.packing import quantize_int8_weight
 
-    layers, seq = list(model.top_mlp), []
-    for i, m in enumerate(layers):
+    seq = []
+    for m in model.top_mlp:
         if isinstance(m, torch.nn.Linear):
             qw, s = quantize_int8_weight(m.weight.detach())
-            relu = i + 1 < len(layers) and isinstance(layers[i + 1], torch.nn.ReLU)
-            seq.append(Int8Linear(qw, s, m.bias.detach().clone(), {"cpu": "int_mm"}, relu))
+            seq.append(Int8Linear(qw, s, m.bias.detach().clone(), {"cpu": "int_mm"}))
         else:
-            seq.append(torch.nn.Identity())
+            seq.append(m)
     model.top_mlp = Int8Chain(*seq)
 
 

@@ -5,7 +5,7 @@ Each has ``from_quantized(module, state)`` (pack exactly the scales QAT trained 
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +31,9 @@ class Int8Linear(nn.Module):
 
     ``kernels`` maps a device type to the ``hwaware::int8_linear`` implementation (``impl``) the
     export measured fastest for this layer (manifest ``selection``); ``"auto"`` where none was chosen.
-    ``relu``: the layer also applies the ``nn.ReLU`` that followed it (export fuses the pair in an
-    ``nn.Sequential``; see :func:`fuse_relu`), so its output is ``torch.relu`` of the linear.
+    ``relu``: the layer's own output is ``torch.relu`` of the linear (for a layer built that way by
+    hand; export never sets it: a ReLU that follows an exported layer stays a module of its own, and
+    the :class:`Int8Chain` holding the pair applies it in the layer's epilogue, see :func:`fuse_relu`).
     """
 
     scheme = "int8"
@@ -58,12 +59,21 @@ class Int8Linear(nn.Module):
     def empty(cls, meta: Dict[str, Any]) -> "Int8Linear":
         n, k = meta["shape"]
         bias = torch.empty(n) if meta.get("bias") else None
-        return cls(torch.empty(n, k, dtype=torch.int8), torch.empty(n), bias, meta.get("kernels"), meta.get("relu", False))
+        # the manifest's relu=True names the ReLU module after the layer (fused_relu) that its
+        # Int8Chain applies in the epilogue: the layer's own output stays the linear's
+        relu = meta.get("relu", False) and "fused_relu" not in meta
+        return cls(torch.empty(n, k, dtype=torch.int8), torch.empty(n), bias, meta.get("kernels"), relu)
 
     def forward(self, input: Tensor) -> Tensor:  # nn.Linear's argument name: keyword calls keep working
         impl = self.kernels.get(input.device.type, "auto")
         b = self._buffers  # not self.qweight etc.: nn.Module.__getattr__ is slow, per buffer per call
         return torch.ops.hwaware.int8_linear.default(input, b["qweight"], b["w_scale"], b["bias"], impl, self.relu)
+
+    def forward_relu(self, input: Tensor) -> Tensor:
+        """``torch.relu(self(input))`` in one op call (the ReLU in the epilogue), bit for bit; no hooks run."""
+        impl = self.kernels.get(input.device.type, "auto")
+        b = self._buffers
+        return torch.ops.hwaware.int8_linear.default(input, b["qweight"], b["w_scale"], b["bias"], impl, True)
 
     def describe(self) -> Dict[str, Any]:
         return {"scheme": self.scheme, "shape": [self.out_features, self.in_features], "bias": self.bias is not None,
@@ -293,34 +303,42 @@ class RowwiseEmbedding(RowwiseEmbeddingBag):
 DEPLOY_TYPES = {c.__name__: c for c in (Int8Linear, Int4Linear, Sparse24Linear, RowwiseEmbeddingBag, RowwiseEmbedding)}
 
 
-def fuse_relu(model: nn.Module) -> Dict[str, str]:
-    """Fold each ``nn.ReLU`` that directly follows an :class:`Int8Linear` in an ``nn.Sequential`` into
-    the layer (``relu=True``; its epilogue applies it) and put an ``nn.Identity`` in the ReLU's slot.
-
-    Only plain ``nn.Sequential`` containers qualify: their forward is "each child on the previous
-    output", so the pair's composition is known. A ReLU with hooks stays. The result is bit-identical
-    (the epilogue applies ``torch.relu``'s max(v, 0)). Returns ``{linear name: relu name}``.
-    """
-    fused: Dict[str, str] = {}
-    for seq_name, seq in model.named_modules():
-        if type(seq) is not nn.Sequential:
-            continue
-        names = list(seq._modules)
-        for a, b in zip(names, names[1:]):
-            lin, act = seq._modules[a], seq._modules[b]
-            if (isinstance(lin, Int8Linear) and not lin.relu and type(act) is nn.ReLU
-                    and not (act._forward_hooks or act._forward_pre_hooks)):
-                lin.relu = True
-                seq._modules[b] = nn.Identity()
-                prefix = f"{seq_name}." if seq_name else ""
-                fused[prefix + a] = prefix + b
-    return fused
-
-
 def _hooked(m: nn.Module) -> bool:
     """Hooks on ``m``, or global module hooks (which would see every fused child called)."""
     return bool(m._forward_hooks or m._forward_pre_hooks or _torch_module._global_forward_hooks
                 or _torch_module._global_forward_pre_hooks)
+
+
+def _relu_follows(mods: list, i: int) -> bool:
+    """Whether ``mods[i + 1]`` is a ReLU that an :class:`Int8Chain` applies in the epilogue of the
+    :class:`Int8Linear` ``mods[i]``: a plain ``nn.ReLU`` with no hook (nor a global one) to see it called."""
+    return i + 1 < len(mods) and type(mods[i + 1]) is nn.ReLU and not _hooked(mods[i + 1])
+
+
+def fuse_relu(model: nn.Module) -> Dict[str, str]:
+    """Make every plain ``nn.Sequential`` in which an :class:`Int8Linear` is directly followed by an
+    ``nn.ReLU`` an :class:`Int8Chain` (in place: the same children and keys), whose forward runs the
+    pair as one ``int8_linear`` call with the ReLU in the layer's epilogue. Bit-identical (the
+    epilogue applies ``torch.relu``'s max(v, 0)).
+
+    The fusion lives in the container's forward only: both children stay as they were, so a model
+    that also calls the layer on its own (``self.mlp[0](x)``, a pre-activation tap) or the ReLU on its
+    own gets what they computed before. Only plain ``nn.Sequential`` containers qualify: their forward
+    is "each child on the previous output", so the pair's composition is known. A ReLU with hooks is
+    not fused. Returns ``{linear name: relu name}`` (the manifest's ``fused_relu``).
+    """
+    fused: Dict[str, str] = {}
+    for seq_name, seq in model.named_modules():
+        if type(seq) not in (nn.Sequential, Int8Chain):
+            continue
+        names, mods = list(seq._modules), list(seq._modules.values())
+        prefix = f"{seq_name}." if seq_name else ""
+        pairs = {prefix + names[i]: prefix + names[i + 1] for i, m in enumerate(mods)
+                 if type(m) is Int8Linear and _relu_follows(mods, i)}
+        if pairs:
+            seq.__class__ = Int8Chain
+            fused.update(pairs)
+    return fused
 
 
 def _cpu_impl(m: "Int8Linear") -> str:
@@ -328,12 +346,15 @@ def _cpu_impl(m: "Int8Linear") -> str:
     return INT8_KERNELS["cpu"][0] if impl == "auto" else impl  # "auto" is the device's first
 
 
-def _int_mm_run(mods: list, start: int, any_impl: bool = False) -> tuple:
+def _int_mm_run(mods: list, start: int, any_impl: bool = False) -> Tuple[List[int], List[bool], int]:
     """The indices of the :class:`Int8Linear` layers from ``mods[start]`` on that run ``int_mm`` on CPU
     (``any_impl``: that would chain if they did), chained output to input with only hook-free
-    ``nn.Identity`` between them, and the index after the last."""
-    run, end, i = [], start, start
-    while i < len(mods):
+    ``nn.Identity`` between them, whether each applies a ReLU (its own ``relu``, or the plain
+    ``nn.ReLU`` right after it: :func:`_relu_follows`), and the index after the last (after its ReLU)."""
+    run: List[int] = []
+    relus: List[bool] = []
+    end, i, n = start, start, len(mods)
+    while i < n:
         m = mods[i]
         if type(m) is nn.Identity and run and not _hooked(m):
             i += 1
@@ -343,26 +364,33 @@ def _int_mm_run(mods: list, start: int, any_impl: bool = False) -> tuple:
             break
         run.append(i)
         i += 1
+        if i < n and type(mods[i]) is nn.ReLU and not _hooked(mods[i]):  # _relu_follows, inlined: per call
+            relus.append(True)
+            i += 1
+        else:
+            relus.append(m.relu)
         end = i
-    return run, end
+    return run, relus, end
 
 
-def _run_args(layers: list) -> tuple:
+def _run_args(layers: list, relus: List[bool]) -> tuple:
     """``(qweights, w_scales, biases, relus)`` of :class:`Int8Linear` layers, read from their buffer
     dicts (``nn.Module`` attribute lookups cost about a microsecond each, per call)."""
     bufs = [m._buffers for m in layers]
-    return ([b["qweight"] for b in bufs], [b["w_scale"] for b in bufs], [b["bias"] for b in bufs],
-            [m.relu for m in layers])
+    return [b["qweight"] for b in bufs], [b["w_scale"] for b in bufs], [b["bias"] for b in bufs], relus
 
 
 class Int8Chain(nn.Sequential):
-    """An ``nn.Sequential`` whose runs of two or more :class:`Int8Linear` layers that run ``int_mm``
-    (with only ``nn.Identity``, e.g. a fused ReLU's slot, between them) are one ``hwaware::int8_mlp``
-    call on CPU: each layer's epilogue writes the next layer's int8 codes, so the float activations
-    between them are never written and read back. Bit for bit the same as calling the children in
-    turn (tested). Children with hooks (or any global module hook), inputs off CPU or not float32
-    where the run starts, and other implementations run one by one.
-    The ``state_dict`` keys are the ``nn.Sequential``'s; :func:`chain_int8` makes one."""
+    """An ``nn.Sequential`` that runs its :class:`Int8Linear` layers fused with what follows them:
+    a run of two or more that run ``int_mm`` (with only ``nn.Identity`` or the ReLUs below between
+    them) is one ``hwaware::int8_mlp`` call on CPU: each layer's epilogue writes the next layer's int8
+    codes, so the float activations between them are never written and read back; and a plain,
+    hook-free ``nn.ReLU`` right after an :class:`Int8Linear` is applied in that layer's epilogue, not
+    called. Bit for bit the same as calling the children in turn (tested), and the children are
+    untouched: called on their own they compute what they did. Children with hooks (or any global
+    module hook), inputs off CPU or not float32 where a run starts, and other implementations run
+    one by one (a ReLU still in the epilogue). The ``state_dict`` keys are the ``nn.Sequential``'s;
+    :func:`chain_int8` and :func:`fuse_relu` make one."""
 
     def forward(self, input: Tensor) -> Tensor:
         return self._forward_from(input, 0)
@@ -379,10 +407,10 @@ class Int8Chain(nn.Sequential):
         that quantizes while it writes (DLRM's ``hwaware::dot_interaction_int8``) never writes ``x``.
         Check :meth:`takes_quantized` first."""
         mods = list(self._modules.values())
-        run, end = _int_mm_run(mods, 0)
+        run, relus, end = _int_mm_run(mods, 0)
         if not run:
             raise RuntimeError("forward_quantized: the first child is not a CPU int_mm Int8Linear (check takes_quantized())")
-        x = torch.ops.hwaware.int8_mlp_quantized.default(codes, scales, *_run_args([mods[j] for j in run]))
+        x = torch.ops.hwaware.int8_mlp_quantized.default(codes, scales, *_run_args([mods[j] for j in run], relus))
         return self._forward_from(x, end)
 
     def _forward_from(self, input: Tensor, start: int) -> Tensor:
@@ -392,10 +420,13 @@ class Int8Chain(nn.Sequential):
             # CPU float32 input to the run only (checked where each run starts: an earlier child or
             # autocast may change it): per layer, other dtypes round each activation to that dtype
             fusable = isinstance(x, Tensor) and x.device.type == "cpu" and x.dtype == torch.float32
-            run, end = _int_mm_run(mods, i) if fusable else ([], i)
+            run, relus, end = _int_mm_run(mods, i) if fusable else ([], [], i)
             if len(run) >= 2:
-                x = torch.ops.hwaware.int8_mlp.default(x, *_run_args([mods[j] for j in run]))
+                x = torch.ops.hwaware.int8_mlp.default(x, *_run_args([mods[j] for j in run], relus))
                 i = end
+            elif type(mods[i]) is Int8Linear and not _hooked(mods[i]) and _relu_follows(mods, i):
+                x = mods[i].forward_relu(x)  # the ReLU in the epilogue
+                i += 2
             else:
                 x = mods[i](x)
                 i += 1
@@ -408,12 +439,12 @@ def chain_int8(model: nn.Module) -> Dict[str, list]:
     Returns ``{sequential name: [[layer names of each run], ...]}``."""
     chained: Dict[str, list] = {}
     for seq_name, seq in model.named_modules():
-        if type(seq) is not nn.Sequential:
+        if type(seq) not in (nn.Sequential, Int8Chain):
             continue
         names, mods = list(seq._modules), list(seq._modules.values())
         runs, i = [], 0
         while i < len(mods):
-            run, end = _int_mm_run(mods, i)
+            run, _, end = _int_mm_run(mods, i)
             if len(run) >= 2:
                 prefix = f"{seq_name}." if seq_name else ""
                 runs.append([prefix + names[j] for j in run])

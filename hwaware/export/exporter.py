@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from hwaware.export.artifact import ArtifactError, check_target, read_verified, verify_artifact, write_artifact
-from hwaware._predict import model_predictions
+from hwaware._predict import defines_predict_step, model_predictions
 from hwaware.export.deploy import (DEPLOY_TYPES, Int4Linear, Int8Linear, RowwiseEmbedding, RowwiseEmbeddingBag, Sparse24Linear,
                                    chain_int8, fuse_relu)
 from hwaware.export.selection import (SPARSE24_INT8_IMPL, SPARSE24_INT8_KERNEL, capture_rows, cpu_profile, isa_list, lost_features,
@@ -237,6 +237,26 @@ def _selected_label(op_name: str, m: nn.Module, rec: Dict[str, Any]) -> str:
     return f"hwaware::{op_name} [cpu: {op_kernel}; chosen {rec['chosen']}]"
 
 
+def _check_served_dtypes(model: nn.Module, states: Dict[str, QuantState]) -> None:
+    """Refuse, before any pass over the data, a model whose linear layers to pack hold a dtype no
+    deploy op takes (``hwaware::int8_linear`` / ``int4_linear`` / ``sparse24_linear``: float32,
+    bfloat16, float16 inputs), e.g. a float64 model: it would fail inside the first forward."""
+    modules = dict(model.named_modules())
+    bad: Dict[str, torch.dtype] = {}
+    for name, st in states.items():
+        w = getattr(modules.get(name), "weight", None)
+        if st.kind == "linear" and st.enabled and isinstance(w, Tensor) and w.dtype not in hwaware_ops._FLOAT_X:
+            bad[name] = w.dtype
+    if bad:
+        dtypes = sorted({str(d).replace("torch.", "") for d in bad.values()})
+        served = ", ".join(str(d).replace("torch.", "") for d in hwaware_ops._FLOAT_X)
+        names = list(bad)
+        raise TypeError(f"export: {type(model).__name__} has {' and '.join(dtypes)} linear layers ({names[:5]}"
+                        f"{f' and {len(names) - 5} more' if len(names) > 5 else ''}), and no deploy op serves "
+                        f"{' or '.join(dtypes)}: hwaware's int8 / int4 / 2:4 linear ops take {served} inputs. Convert "
+                        f"the model (e.g. model.float()) and its inputs before export")
+
+
 def _build_deploy(model: nn.Module, states: Dict[str, QuantState], sparse24: bool = True,
                   skipped: Optional[Dict[str, str]] = None, qat: bool = True
                   ) -> Tuple[nn.Module, Dict[str, Dict[str, Any]], Dict[str, str]]:
@@ -360,6 +380,39 @@ def _metric_value(metric: str, preds: Tensor, target: Tensor) -> float:
     return float(MulticlassAccuracy(num_classes=preds.shape[1], average="micro")(preds.float(), t.long()))
 
 
+def _what(x: Any) -> str:
+    """A returned value as an error message names it: a dict by its keys, a tuple by its length."""
+    if isinstance(x, dict):
+        keys = list(x)
+        return f"a dict (keys {keys[:8]}{' ...' if len(keys) > 8 else ''})"
+    if isinstance(x, (tuple, list)):
+        return f"a {type(x).__name__} (len {len(x)})"
+    return f"a {type(x).__name__}"
+
+
+def _gate_pair(module: nn.Module, batch: Any, output_fn: Optional[Callable]) -> Tuple[Tensor, Tensor]:
+    """``(predictions, target)`` for one validation batch, both tensors, or a ``TypeError`` that says
+    which of them is not and what picks the tensor."""
+    out = (output_fn or _default_output)(module, batch)
+    if output_fn is not None and not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise TypeError(f"export: output_fn returned {_what(out)}; expected (predictions, target), two tensors")
+    preds, target = out
+    if not isinstance(preds, Tensor):
+        pick = "the logits tensor" + (" (e.g. out['logits'])" if isinstance(preds, dict) else
+                                      " (e.g. out[0])" if isinstance(preds, (tuple, list)) else "")
+        if output_fn is not None:
+            raise TypeError(f"export: output_fn returned predictions as {_what(preds)}; the regression gate needs "
+                            f"one tensor of predictions: return {pick}")
+        who = "its predict_step" if defines_predict_step(module) else "the model"
+        raise TypeError(f"export: {who} returned {_what(preds)} on a validation batch; the regression gate needs one "
+                        f"tensor of predictions. Pass output_fn=lambda model, batch: (preds, target) returning "
+                        f"{pick}, or define predict_step(batch, batch_idx) returning it")
+    if not isinstance(target, Tensor):
+        raise TypeError(f"export: the validation target is {_what(target)}; expected a tensor (pass "
+                        "output_fn=lambda model, batch: (preds, target) to pick it)")
+    return preds, target
+
+
 def _evaluate(module: nn.Module, loader: Iterable, metric: str, output_fn: Optional[Callable]) -> float:
     preds, targets = [], []
     was_training = module.training
@@ -367,7 +420,7 @@ def _evaluate(module: nn.Module, loader: Iterable, metric: str, output_fn: Optio
     try:
         with torch.no_grad():
             for batch in loader:
-                p, t = (output_fn or _default_output)(module, batch)
+                p, t = _gate_pair(module, batch, output_fn)
                 preds.append(p.detach().cpu())
                 targets.append(t.detach().cpu())
     finally:
@@ -645,7 +698,10 @@ def export(
             the model's output.
         RegressionError: the exported model's metric dropped more than ``max_drop`` (with int8
             layers: on every implementation, or on the chosen mix of them).
-        TypeError: ``val_dataloader`` is a one-use iterator (export reads it several times).
+        TypeError: ``val_dataloader`` is a one-use iterator (export reads it several times); a layer
+            to pack holds a dtype no deploy op serves (float64: they take float32, bfloat16, float16;
+            checked before any pass over the data); the model (or ``output_fn``) gives the gate a
+            dict or tuple where it needs the predictions tensor.
         ArtifactError: ``path`` cannot take an artifact (checked before any work).
     """
     if metric not in METRICS:
@@ -684,6 +740,7 @@ def export(
     else:
         skipped = _qat_skipped(model, states)
     try:
+        _check_served_dtypes(model, states)
         deploy, layers, dense = _build_deploy(model, states, sparse24=bool(sparse24), skipped=skipped, qat=not ptq)
     finally:
         if ptq:
@@ -1021,7 +1078,6 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
             model = cls(**(info.get("hparams") or {}))
     # every check first, the model changed only after: a refused artifact leaves a model passed in as it was
     new_layers: Dict[str, nn.Module] = {}
-    fused: List[str] = []
     for name, meta in layers.items():
         if meta.get("module") not in DEPLOY_TYPES:
             raise ArtifactError(f"{mpath}: layer {name!r} has unknown module {meta.get('module')!r}")
@@ -1035,19 +1091,18 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
         except (KeyError, TypeError, ValueError) as e:
             raise ArtifactError(f"{mpath}: layer {name!r} ({meta['module']}): its entry is malformed ({type(e).__name__}: "
                                 f"{e})") from None
-        if "fused_relu" in meta:  # export folded the ReLU after this layer into it (deploy.fuse_relu)
+        if "fused_relu" in meta:  # the ReLU module after this layer runs in its epilogue (deploy.fuse_relu)
             relu_name = meta["fused_relu"]
             relu = _get_module(model, relu_name)
             if meta["module"] != "Int8Linear" or meta.get("relu") is not True or type(relu) is not nn.ReLU:
                 raise ArtifactError(f"{path}/manifest.json: layer {name!r} says it fused the ReLU {relu_name!r}, but "
                                     f"the model has {type(relu).__name__ if relu is not None else 'no module'} there")
-            fused.append(relu_name)
         elif meta.get("relu", False) is not False:
             raise ArtifactError(f"{path}/manifest.json: layer {name!r} has relu={meta['relu']!r} without fused_relu")
     extra = {k[len(_BUFFER_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(_BUFFER_PREFIX)}
     # the state_dict the model will have once the deploy layers are in
     expected = {k: v for k, v in model.state_dict().items()
-                if not any(k.startswith(name + ".") for name in (*new_layers, *fused))}
+                if not any(k.startswith(name + ".") for name in new_layers)}
     for name, new in new_layers.items():
         expected.update({f"{name}.{k}": v for k, v in new.state_dict().items()})
     if set(tensors) != set(expected):
@@ -1083,8 +1138,6 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
         owners[name] = (owner, leaf)
     for name, new in new_layers.items():
         _set_module(model, name, new)
-    for relu_name in fused:
-        _set_module(model, relu_name, nn.Identity())
     model.load_state_dict(tensors, strict=True, assign=True)  # assign: the loaded tensors are the weights
     for name, buf in extra.items():
         owner, leaf = owners[name]
@@ -1094,7 +1147,10 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
         model.hwaware_selection = _remeasure(model, manifest, path)
     elif device == "cpu":
         _portability_warning(manifest, path)
-    chain_int8(model)  # as at export: CPU int_mm layers in a row run as one int8_mlp call
+    # as at export: each ReLU after an int8 layer in its epilogue (the ReLU module stays: a direct call
+    # of either child computes what it did), CPU int_mm layers in a row as one int8_mlp call
+    fuse_relu(model)
+    chain_int8(model)
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t is not None and t.is_meta]
     if missing:
         raise ArtifactError(f"{path}: the model holds tensors the artifact does not restore: {missing[:5]}")

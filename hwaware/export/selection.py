@@ -349,7 +349,7 @@ def select_int8_chains(model: nn.Module, records: Dict[str, Dict[str, Any]], dev
         prefix = f"{seq_name}." if seq_name else ""
         i = 0
         while i < len(mods):
-            run, end = _int_mm_run(mods, i, any_impl=True)
+            run, relus, end = _int_mm_run(mods, i, any_impl=True)
             if len(run) < 2:
                 i += 1
                 continue
@@ -362,7 +362,7 @@ def select_int8_chains(model: nn.Module, records: Dict[str, Dict[str, Any]], dev
             layers = [mods[j] for j in run]
             m = records[layer_names[0]]["input_shape"][0]
             x = torch.randn(m, layers[0].in_features, generator=torch.Generator().manual_seed(0))
-            args = _run_args(layers)
+            args = _run_args(layers, relus)
             with torch.no_grad():
                 us = time_us(lambda: torch.ops.hwaware.int8_mlp(x, *args))
             faster = us < per_layer and any(c != "int_mm" for c in chosen)

@@ -11,7 +11,7 @@ from torch import nn
 import hwaware
 from hwaware.export import RegressionError, export, load
 from hwaware.export.artifact import ArtifactError, verify_artifact
-from hwaware.export.deploy import Int8Linear, RowwiseEmbeddingBag
+from hwaware.export.deploy import Int8Chain, Int8Linear, RowwiseEmbeddingBag
 from hwaware.quant import quant_states
 from tests.helpers import TinyCTR, loaders, train_with_quant
 
@@ -292,12 +292,13 @@ def test_relu_after_an_int8_linear_is_fused_exactly_and_reloaded(tmp_path):
     meta = art.manifest["layers"]["mlp.0"]
     assert meta["relu"] is True and meta["fused_relu"] == "mlp.1"
     assert art.manifest["layers"]["mlp.2"]["relu"] is False and "fused_relu" not in art.manifest["layers"]["mlp.2"]
-    assert isinstance(art.model.mlp[1], nn.Identity)
+    # the Sequential runs the pair in one call; both children stay as they were
+    assert type(art.model.mlp) is Int8Chain and type(art.model.mlp[1]) is nn.ReLU and not art.model.mlp[0].relu
     loaded = load(art.path)
-    assert loaded.mlp[0].relu and isinstance(loaded.mlp[1], nn.Identity)
+    assert type(loaded.mlp) is Int8Chain and type(loaded.mlp[1]) is nn.ReLU and not loaded.mlp[0].relu
     # bit-identical to the layer followed by its ReLU module
     unfused = load(art.path)
-    unfused.mlp[0].relu, unfused.mlp[1] = False, nn.ReLU()
+    unfused.mlp.__class__ = nn.Sequential
     assert torch.equal(_outputs(loaded, val), _outputs(unfused, val))
 
     manifest, tensors = read_manifest(art.path), read_tensors(art.path)
@@ -318,14 +319,15 @@ def test_relu_with_a_hook_or_outside_a_sequential_is_not_fused():
     lin = Int8Linear(torch.ones(4, 4, dtype=torch.int8), torch.ones(4), None)
     hooked = nn.Sequential(lin, nn.ReLU())
     hooked[1].register_forward_hook(lambda *a: None)
-    assert fuse_relu(hooked) == {} and not lin.relu
+    assert fuse_relu(hooked) == {} and type(hooked) is nn.Sequential
 
     class Custom(nn.Sequential):  # a subclass may override forward: its order is not known
         pass
 
     assert fuse_relu(Custom(lin, nn.ReLU())) == {}
     assert fuse_relu(nn.Sequential(nn.ReLU(), lin)) == {}
-    assert fuse_relu(nn.Sequential(lin, nn.ReLU())) == {"0": "1"} and lin.relu
+    seq = nn.Sequential(lin, nn.ReLU())
+    assert fuse_relu(seq) == {"0": "1"} and type(seq) is Int8Chain and type(seq[1]) is nn.ReLU and not lin.relu
 
 
 def test_int4_group_wise_qat_exports_weight_only_and_the_manifest_says_so(tmp_path):

@@ -1,0 +1,119 @@
+"""The regression gate's errors: what the model returned when it is not a tensor, a dtype no deploy op
+serves (refused before any pass over the data), and the "predict_step / output_fn" advice only
+where the batch did not fit the call."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import hwaware.export.exporter as exporter
+from hwaware.export import export
+
+
+def _class_batches(dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, generator=g, dtype=dtype)
+    return [(x[i:i + 32], x[i:i + 32, :4].argmax(1)) for i in (0, 32)]
+
+
+class _Net(nn.Module):
+    """Class scores [B, 4], returned as a tensor, a dict or a tuple (with a feature map)."""
+
+    def __init__(self, out: str = "tensor") -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+        self.head = nn.Linear(16, 4)
+        self.out = out
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        h = self.body(x)
+        logits = self.head(h)
+        return {"logits": logits, "feat": h} if self.out == "dict" else (logits, h) if self.out == "tuple" else logits
+
+
+class _WithPredictStep(_Net):
+    def predict_step(self, batch, batch_idx=0):
+        return self(batch[0])
+
+
+@pytest.mark.parametrize("out, what, pick", [("dict", r"a dict \(keys \['logits', 'feat'\]\)", r"out\['logits'\]"),
+                                             ("tuple", r"a tuple \(len 2\)", r"out\[0\]")])
+def test_a_dict_or_tuple_output_names_what_was_returned_and_the_fix(tmp_path, out, what, pick):
+    with pytest.raises(TypeError, match=rf"export: the model returned {what} on a validation batch; the regression gate "
+                                        rf"needs one tensor of predictions\. Pass output_fn=.*{pick}.*define predict_step"):
+        export(_Net(out), tmp_path / "a", val_dataloader=_class_batches(), metric="accuracy", max_drop=1.0)
+    with pytest.raises(TypeError, match=rf"export: its predict_step returned {what}"):
+        export(_WithPredictStep(out), tmp_path / "a", val_dataloader=_class_batches(), metric="accuracy", max_drop=1.0)
+    with pytest.raises(TypeError, match=rf"export: output_fn returned predictions as {what}; .* return the logits tensor"):
+        export(_Net(out), tmp_path / "a", val_dataloader=_class_batches(), metric="accuracy", max_drop=1.0,
+               output_fn=lambda model, batch: (model(batch[0]), batch[1]))
+    with pytest.raises(TypeError, match=r"export: output_fn returned a Tensor; expected \(predictions, target\)"):
+        export(_Net(out), tmp_path / "a", val_dataloader=_class_batches(), metric="accuracy", max_drop=1.0,
+               output_fn=lambda model, batch: batch[1])
+    assert not (tmp_path / "a").exists()
+    # output_fn picking the logits: the same model exports
+    take = (lambda o: o["logits"]) if out == "dict" else (lambda o: o[0])
+    art = export(_Net(out), tmp_path / "ok", val_dataloader=_class_batches(), metric="accuracy", max_drop=1.0,
+                 output_fn=lambda model, batch: (take(model(batch[0])), batch[1]))
+    assert art.report["passed"]
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_a_float64_model_is_refused_up_front_naming_the_dtypes(tmp_path, monkeypatch, gated):
+    model = _WithPredictStep().double()
+    monkeypatch.setattr(exporter, "_evaluate", lambda *a, **k: pytest.fail("a reference pass ran"))
+    kwargs = dict(val_dataloader=_class_batches(torch.float64), metric="accuracy", max_drop=1.0) if gated else {}
+    with pytest.raises(TypeError, match=r"export: _WithPredictStep has float64 linear layers \(\['body\.0', 'head'\]\), "
+                                        r"and no deploy op serves float64: .* take float32, bfloat16, float16 inputs\. "
+                                        r"Convert the model \(e\.g\. model\.float\(\)\)") as info:
+        export(model, tmp_path / "a", **kwargs)
+    assert "predict_step" not in str(info.value) and "output_fn" not in str(info.value)
+    assert model.calls == 0 and not (tmp_path / "a").exists()
+
+
+class _FailsInside(_Net):
+    """Takes the batch, then fails inside (a TypeError of its own)."""
+
+    def forward(self, x):
+        h = self.body(x)
+        raise TypeError(f"unsupported feature width {h.shape[1]}")
+
+
+class _FailsInsideWithPredictStep(_FailsInside):
+    def predict_step(self, batch, batch_idx=0):
+        return self(batch[0])
+
+
+@pytest.mark.parametrize("cls, how", [(_FailsInside, r"_FailsInside\(\*batch\[:-1\]\)"),
+                                      (_FailsInsideWithPredictStep, r"its predict_step\(batch, 0\)")])
+def test_an_error_inside_a_model_that_took_the_batch_propagates_without_the_advice(tmp_path, cls, how):
+    with pytest.raises(TypeError) as info:
+        export(cls(), tmp_path / "a", val_dataloader=_class_batches(), metric="accuracy", max_drop=1.0)
+    assert str(info.value) == "unsupported feature width 16"  # the model's own error, as raised
+    notes = getattr(info.value, "__notes__", [])
+    assert len(notes) == 1 and "raised inside the model" in notes[0] and how.replace("\\", "") in notes[0]
+    assert "output_fn" not in notes[0]
+
+
+class _TwoInputs(_Net):
+    def forward(self, x, ids):
+        return super().forward(x)
+
+
+class _PredictStepWithoutIndex(_Net):
+    def predict_step(self, batch):
+        return self(batch[0])
+
+
+@pytest.mark.parametrize("cls, match", [
+    (_TwoInputs, r"as _TwoInputs\(\*batch\[:-1\]\), which raised TypeError: .*'ids'\. Define predict_step\(batch, "
+                 r"batch_idx\) returning the predictions, or pass output_fn="),
+    (_PredictStepWithoutIndex, r"as its predict_step\(batch, 0\), which raised TypeError: .*\. Make predict_step take "
+                               r"\(batch, batch_idx\) and return the predictions, or pass output_fn="),
+])
+def test_a_batch_that_does_not_fit_the_call_keeps_the_advice(tmp_path, cls, match):
+    with pytest.raises(ValueError, match=match):
+        export(cls(), tmp_path / "a", val_dataloader=_class_batches(), metric="accuracy", max_drop=1.0)
