@@ -365,6 +365,11 @@ def _metric_value(metric: str, preds: Tensor, target: Tensor) -> float:
             bad = t[(t != 0) & (t != 1)][:3].tolist()
             raise ValueError(f"metric='auroc' expects binary targets (0 or 1); the validation targets include {bad} "
                              "(soft labels or class ids would be cut to integers silently)")
+        if t.numel() and bool((t == t[0]).all()):
+            # torchmetrics returns 0 for both models: a drop of 0 that would pass any gate
+            raise ValueError(f"metric='auroc' is undefined on these validation batches: all {t.numel()} targets are "
+                             f"{int(t[0])} (AUROC ranks positives above negatives; it needs both). Gate on a validation "
+                             "split holding both classes (a log sorted by label puts one class at its end)")
         return float(BinaryAUROC()(preds.reshape(-1).float(), t.long()))
     if preds.dim() != 2 or preds.shape[1] < 2:
         raise ValueError(f"metric='accuracy' expects class scores of shape [B, C>=2]; the model outputs shape "

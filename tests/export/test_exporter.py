@@ -402,6 +402,10 @@ def test_targets_that_do_not_fit_the_metric_are_refused(tmp_path):
     one = nn.Sequential(nn.Linear(8, 1), nn.Flatten(0))
     with pytest.raises(ValueError, match=r"metric='auroc' expects binary targets \(0 or 1\)"):
         export(one, tmp_path / "a", val_dataloader=soft, metric="auroc")
+    negatives = [(x, torch.zeros(len(x))) for x, _ in _class_batches()]  # torchmetrics: AUROC 0 for both, drop 0
+    with pytest.raises(ValueError, match=r"metric='auroc' is undefined on these validation batches: all \d+ targets are 0"):
+        export(one, tmp_path / "a1", val_dataloader=negatives, metric="auroc")
+    assert not (tmp_path / "a1").exists()
     ids = [(x, y + 10) for x, y in _class_batches()]
     with pytest.raises(ValueError, match=r"metric='accuracy' expects class ids in \[0, 10\)"):
         export(model, tmp_path / "b", val_dataloader=ids, metric="accuracy")
