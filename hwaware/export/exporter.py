@@ -549,7 +549,13 @@ def _export_program(deploy: nn.Module, example_inputs: Tuple[Any, ...]):
     """``torch.export`` of the deploy model with the batch (dim 0 of every tensor input) left to
     export to make dynamic (``Dim.AUTO``): a program that serves any batch the model's code allows,
     not only the example's. Returns the program and its manifest entry: per input, the batch range
-    the program accepts (``[n, n]``: the model's code fixed it to the example's size)."""
+    the program accepts (``[n, n]``: the model's code fixed it to the example's size).
+
+    An example of batch 1 (every tensor input one row) is traced as two copies of that row:
+    torch.export specializes a size of 1, so the program would serve batch 1 only."""
+    batched = [x for x in example_inputs if isinstance(x, Tensor) and x.dim()]
+    if batched and all(x.shape[0] == 1 for x in batched):
+        example_inputs = tuple(torch.cat([x, x]) if isinstance(x, Tensor) and x.dim() else x for x in example_inputs)
     dynamic = tuple({0: torch.export.Dim.AUTO} if isinstance(x, Tensor) and x.dim() else None for x in example_inputs)
     program = torch.export.export(deploy, example_inputs, dynamic_shapes=dynamic)
     user_inputs = [spec.arg.name for spec in program.graph_signature.input_specs

@@ -152,6 +152,20 @@ def test_program_serves_batch_sizes_other_than_the_example(tmp_path):
         torch.testing.assert_close(program(dense, ids), art.model(dense, ids), atol=0, rtol=0)
 
 
+def test_an_example_of_batch_one_gives_a_program_for_every_batch(tmp_path):
+    """torch.export specializes a size of 1: an example at serving batch 1 gave a program that refused
+    batch 2 (Guard failed). The example is traced as two copies of its row."""
+    torch.manual_seed(0)
+    dense, ids = torch.randn(1, 4), torch.randint(0, 50, (1,))
+    art = export(TinyCTR(), tmp_path / "art", example_inputs=(dense, ids))
+    assert art.manifest["program"]["batch_range"] == [[1, None], [1, None]]
+    assert art.manifest["inputs"][0]["shape"] == [1, 4]  # the example as given
+    program = torch.export.load(os.path.join(art.path, "program.pt2")).module()
+    for batch in (1, 2, 7):
+        d, i = torch.randn(batch, 4), torch.randint(0, 50, (batch,))
+        torch.testing.assert_close(program(d, i), art.model(d, i), atol=0, rtol=0)
+
+
 def test_load_refuses_a_tampered_artifact(tmp_path):
     art = export(TinyCTR(), tmp_path / "art")
     weights = os.path.join(art.path, "weights.safetensors")
