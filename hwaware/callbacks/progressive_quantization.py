@@ -285,6 +285,13 @@ class ProgressiveQuantization(Callback):
                 f"{type(pl_module).__name__} has no quantizable layer (nn.Linear, nn.Conv1d, nn.Conv2d, "
                 f"nn.Embedding, nn.EmbeddingBag) outside skip={list(self.skip)}; skipped: {skipped or 'none found'}"
             )
+        from hwaware.export.deploy import no_deploy_op  # (export imports this module's package at call time)
+
+        unpackable = {n: why for n, (kind, w, _) in plan.items() if kind != "conv" and (why := no_deploy_op(kind, w))}
+        if unpackable:  # a spec choice: training them quantized buys nothing at export
+            rank_zero_warn(f"ProgressiveQuantization: {len(unpackable)} layer(s) will train with specs no hwaware deploy op "
+                           "packs, and hwaware.export will leave them dense (FP32): "
+                           + "; ".join(f"{n}: {why}" for n, why in unpackable.items()))
         if trainer.max_epochs is not None and trainer.max_epochs >= 0 and self.start_epoch >= trainer.max_epochs:
             raise ValueError(
                 f"start_epoch={self.start_epoch} is invalid for Trainer(max_epochs={trainer.max_epochs}); "

@@ -15,6 +15,7 @@ from torch.nn.modules import module as _torch_module
 import hwaware.ops  # noqa: F401  (registers torch.ops.hwaware.*)
 from hwaware.ops import INT8_KERNELS, packing
 from hwaware.quant.attach import QuantState
+from hwaware.quant.spec import QuantSpec
 
 __all__ = ["Int8Linear", "Int4Linear", "Sparse24Linear", "RowwiseEmbeddingBag", "RowwiseEmbedding", "DEPLOY_TYPES",
            "fuse_relu", "Int8Chain", "chain_int8"]
@@ -301,6 +302,22 @@ class RowwiseEmbedding(RowwiseEmbeddingBag):
 
 
 DEPLOY_TYPES = {c.__name__: c for c in (Int8Linear, Int4Linear, Sparse24Linear, RowwiseEmbeddingBag, RowwiseEmbedding)}
+
+
+def no_deploy_op(kind: str, weight_spec: QuantSpec) -> Optional[str]:
+    """Why a layer of ``kind`` quantized with ``weight_spec`` has no deploy op (export leaves it
+    dense), or None when one packs it: int8 per-channel symmetric or int4 group-wise linear weights,
+    int8 or int4 row-wise tables."""
+    if kind == "linear":
+        if (weight_spec.bits == 8 and weight_spec.granularity == "per_channel" and weight_spec.symmetric) or (
+                weight_spec.bits == 4 and weight_spec.granularity == "per_group"):
+            return None
+        return f"no deploy op for {weight_spec.short()} linear weights (int8 per_channel sym or int4 per_group)"
+    if kind in ("embedding_bag", "embedding"):
+        return None if weight_spec.bits in (4, 8) else f"no deploy op for {weight_spec.short()} {kind} tables (int8 or int4 rows)"
+    if kind == "conv":
+        return "no hwaware conv op yet: runs dense"
+    return f"no deploy op for {weight_spec.short()} {kind}"
 
 
 def _hooked(m: nn.Module) -> bool:

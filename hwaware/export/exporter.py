@@ -2,8 +2,8 @@
 `load`: artifact -> ``nn.Module`` on ``torch.ops.hwaware.*`` (verified before any tensor is read).
 
 Export never knows about Lightning: it reads the quantization attached to the model
-(:func:`hwaware.quant.quant_states`) and the FP32 weights kept at QAT start
-(:func:`hwaware.quant.fp32_reference`). A model that never saw QAT is quantized post-training
+(:func:`hwaware.quant.quant_states`) and the FP32 weights kept at QAT start, or at 2:4 pruning
+start when pruning came first (:func:`hwaware.quant.fp32_reference`). A model that never saw QAT is quantized post-training
 (int8 per-channel weights, dynamic per-token activations, row-wise tables: nothing to calibrate).
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from hwaware.export.artifact import ArtifactError, check_target, read_verified, verify_artifact, write_artifact
 from hwaware._predict import defines_predict_step, model_predictions
 from hwaware.export.deploy import (DEPLOY_TYPES, Int4Linear, Int8Linear, RowwiseEmbedding, RowwiseEmbeddingBag, Sparse24Linear,
-                                   chain_int8, fuse_relu)
+                                   chain_int8, fuse_relu, no_deploy_op)
 from hwaware.export.selection import (SPARSE24_INT8_IMPL, SPARSE24_INT8_KERNEL, capture_rows, cpu_profile, isa_list, lost_features,
                                       select_int8_chains, select_int8_kernels, select_sparse24_kernels)
 import hwaware.ops as hwaware_ops
@@ -159,23 +159,20 @@ def _deploy_module(name: str, module: nn.Module, st: QuantState, sparse24: bool)
     if not st.enabled:
         return None, "kept in FP32 by KL fallback"
     spec = st.weight.spec
+    why = no_deploy_op(st.kind, spec)
+    if why is not None:
+        return None, why
     if st.kind == "linear":
-        if spec.bits == 8 and spec.granularity == "per_channel" and spec.symmetric:
+        if spec.bits == 8:
             if sparse24 and is_24(module.weight.detach()):
                 return Sparse24Linear.from_linear(module, st), None
             return Int8Linear.from_quantized(module, st), None
-        if spec.bits == 4 and spec.granularity == "per_group":
-            return Int4Linear.from_quantized(module, st), None
-        return None, f"no deploy op for {spec.short()} linear weights (int8 per_channel sym or int4 per_group)"
-    if st.kind in ("embedding_bag", "embedding") and spec.bits in (4, 8):
-        cls = RowwiseEmbeddingBag if st.kind == "embedding_bag" else RowwiseEmbedding
-        try:
-            return cls.from_quantized(module, st), None
-        except ValueError as e:
-            return None, str(e)
-    if st.kind == "conv":
-        return None, "no hwaware conv op yet: runs dense"
-    return None, f"no deploy op for {spec.short()} {st.kind}"
+        return Int4Linear.from_quantized(module, st), None
+    cls = RowwiseEmbeddingBag if st.kind == "embedding_bag" else RowwiseEmbedding
+    try:
+        return cls.from_quantized(module, st), None
+    except ValueError as e:
+        return None, str(e)
 
 
 _FLOAT_INPUT = "none: the input stays float"
@@ -678,8 +675,9 @@ def export(
         metric: ``"auroc"`` (one logit per sample) or ``"accuracy"`` (class scores).
         max_drop: largest allowed ``reference - exported`` metric; above it :class:`RegressionError`
             is raised and nothing is written.
-        reference: FP32 reference (module or state_dict); default: the weights the callback kept
-            at QAT start, else the model itself with quantization off.
+        reference: FP32 reference (module or state_dict); default: the weights the callbacks kept
+            (at QAT start; the dense model at 2:4 pruning start when pruning came first), else the
+            model itself with quantization off.
         example_inputs: when given, ``program.pt2`` (a ``torch.export`` program on ``hwaware::*``) is written,
             with the batch dimension dynamic where the model's code allows it (manifest ``program``).
         device: ``"cpu"`` (GPU kernels come with the Triton issue).
@@ -758,6 +756,10 @@ def export(
             detach_quantization(model)
     if not layers:
         raise ValueError(f"nothing to pack: every quantized layer stays dense ({dense})")
+    unpackable = {n: why for n, st in states.items() if st.enabled and (why := no_deploy_op(st.kind, st.weight.spec))}
+    if unpackable and not ptq:
+        warnings.warn(f"export: {len(unpackable)} layer(s) QAT quantized have no deploy op and are exported dense (FP32): "
+                      + "; ".join(f"{n}: {why}" for n, why in unpackable.items()), UserWarning, stacklevel=_user_stacklevel())
     unpacked24 = [name for name, meta in layers.items() if meta.get("sparse24_unpacked")]
     if unpacked24:
         warnings.warn(f"export: {len(unpacked24)} 2:4-pruned layer(s) quantized int4 are packed as dense int4, without "
@@ -837,7 +839,7 @@ def export(
         report = {"metric": metric, "reference": ref_value, "exported": exp_value, "drop": drop,
                   "max_drop": float(max_drop), "passed": drop <= max_drop, "measured_on": "cpu, hwaware deploy ops"}
         if reference is None and fp32_reference(model) is not None:
-            # The gate's reference is the FP32 model at QAT start, so training during QAT moves the
+            # The gate's reference is the FP32 model at QAT (or pruning) start, so training since moves the
             # drop too. Not gated, recorded: the final weights with quantization off, and how much of
             # the metric the export itself costs against them.
             final = _fp32_copy(model)

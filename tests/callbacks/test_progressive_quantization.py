@@ -781,3 +781,19 @@ def test_validate_or_predict_from_a_checkpoint_runs_and_exports_the_quantized_mo
     other = TinyCTR()
     t3 = make_trainer(tmp_path / "c", [ProgressiveQuantization(start_epoch=1, calibration_batches=2, skip=["mlp.2"])])
     torch.testing.assert_close(torch.cat(t3.predict(other, val, ckpt_path=ckpt)), preds_want, atol=0, rtol=0)
+
+
+def test_specs_no_deploy_op_packs_warn_at_setup_and_at_export(tmp_path):
+    """A per-tensor (or int4 per-channel) weight spec trained fine and export left every such layer
+    FP32, saying so only in dense_layers."""
+    import hwaware
+
+    per_tensor = QuantSpec(granularity="per_tensor")
+    cb = ProgressiveQuantization(start_epoch=1, calibration_batches=2, weight_spec=per_tensor)
+    with pytest.warns(UserWarning, match=r"2 layer\(s\) will train with specs no hwaware deploy op packs.*mlp.0: no deploy "
+                                         r"op for int8/per_tensor/sym linear weights"):
+        _, model = _fit(tmp_path, cb, max_epochs=2)
+    with pytest.warns(UserWarning, match=r"export: 2 layer\(s\) QAT quantized have no deploy op and are exported dense "
+                                         r"\(FP32\): mlp.0: no deploy op"):
+        art = hwaware.export(model, tmp_path / "art")
+    assert set(art.manifest["layers"]) == {"emb"} and {"mlp.0", "mlp.2"} <= set(art.manifest["dense_layers"])
