@@ -19,7 +19,7 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -464,7 +464,7 @@ def _gated_value(deploy: nn.Module, loader: Iterable, metric: str, output_fn: Op
 
 
 def _gate_each_impl(deploy: nn.Module, loader: Iterable, metric: str, output_fn: Optional[Callable], ref_value: float,
-                    max_drop: float) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, Dict[str, Dict[str, str]]]]:
+                    max_drop: float, impls: Sequence[str]) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, Dict[str, Dict[str, str]]]]:
     """The metric with every int8 layer on one ``int8_linear`` implementation, for each of them: which
     ones export may choose, and a deployment may switch to (another CPU, where another is fastest),
     and stay gated. Also returns each run's kernel configuration (:func:`_kernel_config`)."""
@@ -473,7 +473,7 @@ def _gate_each_impl(deploy: nn.Module, loader: Iterable, metric: str, output_fn:
     out: Dict[str, Dict[str, Any]] = {}
     configs: Dict[str, Dict[str, Dict[str, str]]] = {}
     try:
-        for impl in INT8_KERNELS["cpu"]:
+        for impl in impls:
             for m in layers:
                 _set_impl(m, impl)
             value = _evaluate(deploy, loader, metric, output_fn)
@@ -662,6 +662,7 @@ def export(
     output_fn: Optional[Callable[[nn.Module, Any], Tuple[Tensor, Tensor]]] = None,
     embedding_bits: int = 8,
     sparse24: bool = True,
+    int8_impls: Optional[Sequence[str]] = None,
 ) -> Artifact:
     """Pack every quantized layer, gate on ``metric`` through the deploy ops, write the artifact.
 
@@ -690,6 +691,10 @@ def export(
             kernels are timed on the layer's shape (rows from the first validation batch or
             ``example_inputs``) and the fastest that keeps its math is used; the manifest's
             ``selection`` records every measurement and the choice.
+        int8_impls: the ``int8_linear`` CPU implementations export may choose from (default: all of
+            ``"int_mm"``, ``"fbgemm"``, ``"dequant"``). They differ in what they do to the input, so
+            two exports of the same weights choosing by timing can serve slightly different outputs;
+            one implementation (``("int_mm",)``) makes the served numbers the same for every export.
 
     Every int8 Linear is timed the same way under each CPU implementation of
     ``hwaware::int8_linear`` (``int_mm``: the exact per-token math through ``torch._int_mm``,
@@ -721,6 +726,11 @@ def export(
                          f"registered: hwaware.load(path, device='cuda') runs an artifact on them)")
     if embedding_bits not in (4, 8):
         raise ValueError(f"embedding_bits={embedding_bits!r}; expected 4 or 8")
+    if int8_impls is not None:
+        given = int8_impls
+        int8_impls = (int8_impls,) if isinstance(int8_impls, str) else tuple(int8_impls) if isinstance(int8_impls, Iterable) else None
+        if not int8_impls or not all(isinstance(i, str) and i in INT8_KERNELS["cpu"] for i in int8_impls):
+            raise ValueError(f"int8_impls={given!r}; expected None or some of {INT8_KERNELS['cpu']}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"export expects an nn.Module, got {type(model).__name__}")
     if example_inputs is not None:
@@ -778,7 +788,8 @@ def export(
             # every int8 implementation gated on its own before any is timed: they differ in what they
             # do to the input (dequant keeps it float), so a choice by time alone made the gate's
             # verdict depend on a timing race; only those that pass may be chosen
-            by_impl, gated_configs = _gate_each_impl(deploy, val_dataloader, metric, output_fn, ref_value, float(max_drop))
+            by_impl, gated_configs = _gate_each_impl(deploy, val_dataloader, metric, output_fn, ref_value, float(max_drop),
+                                                     int8_impls or INT8_KERNELS["cpu"])
             allowed = [impl for impl, r in by_impl.items() if r["passed"]]
             if not allowed:
                 best = max(by_impl, key=lambda i: by_impl[i]["exported"])
@@ -790,6 +801,8 @@ def export(
                     f"{by_impl[best]['exported']:.5f} on {best}, the best of the int8 implementations; "
                     + ", ".join(f"{i} {r['exported']:.5f}" for i, r in by_impl.items() if i != best)
                     + f"), more than max_drop={max_drop}; nothing was written at {path!r}", report)
+    if allowed is None and int8_impls is not None:  # no gate ran: the implementations the caller allowed
+        allowed = list(int8_impls)
     if any(isinstance(m, (Sparse24Linear, Int8Linear)) for m in deploy.modules()):
         if example_inputs is not None:
             rows = capture_rows(deploy, lambda: deploy(*example_inputs))
@@ -881,6 +894,8 @@ def export(
         "fp32_bytes": fp32_bytes,
         "packed_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
     }
+    if int8_impls is not None:
+        manifest["int8_impls"] = list(int8_impls)  # what the caller let export choose from
     if any("selection" in meta for meta in layers.values()):
         manifest["selection_cpu"] = cpu_profile()  # what the kernels were timed on (load compares it)
     if example_inputs is not None:
@@ -989,6 +1004,10 @@ def _remeasure(model: nn.Module, manifest: Dict[str, Any], path: str) -> Dict[st
         allowed = None
         basis = ("every implementation: the artifact has no per-implementation gate (exported without val_dataloader, "
                  "or by an hwaware before it)")
+    pinned = manifest.get("int8_impls")
+    if isinstance(pinned, list) and allowed is None:  # export(int8_impls=...) without a gate: those only
+        allowed = [i for i in INT8_KERNELS["cpu"] if i in pinned]
+        basis = f"the implementations export was given (int8_impls): {allowed}"
     if allowed == []:
         warnings.warn(f"{path}: load(kernels='measure'): no int8_linear implementation this hwaware runs passed the "
                       "regression gate on every layer by itself (only the recorded mix did); the int8 layers keep their "

@@ -267,7 +267,7 @@ def select_sparse24_kernels(model: nn.Module, rows: Dict[str, int], device: str 
                 if fn is None:
                     entry["available"] = False
                 elif cname in barred:
-                    entry.update(available=False, note=note + " (not allowed: its regression gate did not pass)")
+                    entry.update(available=False, note=note + " (not allowed: its regression gate did not pass, or export's int8_impls left it out)")
                 else:
                     entry.update(_timed(lambda: fn(x), note, measured))
                 measured[cname] = entry
@@ -321,7 +321,7 @@ def select_int8_kernels(model: nn.Module, rows: Dict[str, int], device: str = "c
                            for c in measured if c != chosen)
         for impl in barred:
             measured[impl] = {"keeps_math": True, "available": False,
-                              "note": _INT8_NOTES.get(impl, impl) + " (not allowed: its regression gate did not pass)"}
+                              "note": _INT8_NOTES.get(impl, impl) + " (not allowed: its regression gate did not pass, or export's int8_impls left it out)"}
         why = f"fastest at M={m}" + (f" ({others})" if others else "")
         if name not in rows:
             why += f"; M={m} is nominal: export got neither val_dataloader nor example_inputs to size the layer"

@@ -613,3 +613,23 @@ def test_a_mix_of_implementations_that_fails_the_gate_falls_back_to_the_best_tha
         assert layer["kernels"]["cpu"] == best and layer["selection"]["cpu"]["chosen"] == best
         assert "the per-layer fastest mix dropped 1.00000 > max_drop, so every int8 layer runs" in layer["selection"]["cpu"]["why"]
     assert {m.kernels["cpu"] for m in art.model.modules() if isinstance(m, Int8Linear)} == {best}
+
+
+def test_int8_impls_pins_what_export_may_choose(tmp_path):
+    """Two exports of the same weights chose int_mm and dequant by timing and served different
+    numbers (trial); int8_impls=("int_mm",) makes every export serve the same ones."""
+    torch.manual_seed(0)
+    model = TinyCTR()
+    val = loaders()[1]
+    arts = [export(model, tmp_path / f"a{i}", val_dataloader=val, max_drop=1.0, int8_impls=("int_mm",)) for i in range(2)]
+    for art in arts:
+        assert art.manifest["int8_impls"] == ["int_mm"] and set(art.manifest["regression"]["by_impl"]) == {"int_mm"}
+        assert all(m["kernels"]["cpu"] == "int_mm" for m in art.manifest["layers"].values() if m["scheme"] == "int8")
+    dense, ids, _ = next(iter(val))
+    torch.testing.assert_close(load(arts[0].path)(dense, ids), load(arts[1].path)(dense, ids), atol=0, rtol=0)
+    nogate = export(model, tmp_path / "b", int8_impls="dequant")
+    assert all(m["kernels"]["cpu"] == "dequant" for m in nogate.manifest["layers"].values() if m["scheme"] == "int8")
+    assert all(m.kernels["cpu"] == "dequant" for m in load(nogate.path, kernels="measure").modules() if isinstance(m, Int8Linear))
+    for bad in ((), ("int_mm", "fast"), 3):
+        with pytest.raises(ValueError, match=r"int8_impls=.*; expected None or some of \('int_mm', 'fbgemm', 'dequant'\)"):
+            export(model, tmp_path / "c", int8_impls=bad)
