@@ -14,15 +14,18 @@ Uses only hwaware's public API.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import signal
 import sys
+import threading
 import time
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 import hwaware
 from hwaware import ProgressiveQuantization, QuantSpec, SemiStructuredSparsity
@@ -94,7 +97,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="Criteo-format TSV file (default: generated Criteo-schema data)")
     p.add_argument("--num-samples", type=int_at_least(1), default=None,
-                   help="synthetic samples (default 400000; --fast 24000)")
+                   help="synthetic samples (default 400000; --fast 24000); not with --data, which uses every row")
     p.add_argument("--start", choices=("plateau", "epoch"), default=None,
                    help="plateau: FP32 until val_auroc stops improving (default; --fast: epoch); "
                         "epoch: after --fp32-epochs")
@@ -149,6 +152,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.sparse_epochs = args.sparse_epochs if args.sparse_epochs is not None else 1
     args.sparse_lr_scale = args.sparse_lr_scale if args.sparse_lr_scale is not None else 1.0
 
+    if args.data is not None and args.num_samples is not None:
+        p.error(f"--num-samples {args.num_samples} only applies to the synthetic data; --data uses every row of its file")
     args.num_samples = args.num_samples if args.num_samples is not None else (24_000 if args.fast else 400_000)
     if args.sparsity != "none":
         # FP32 -> 2:4 -> QAT on a fixed schedule: prune after 2 FP32 epochs, while val_auroc still rises
@@ -213,23 +218,30 @@ def max_epochs(args: argparse.Namespace) -> int:
     return args.fp32_epochs + (args.sparse_epochs if args.sparsity != "none" else 0) + args.qat_epochs
 
 
-def check_qat_schedule(args: argparse.Namespace, qat: ProgressiveQuantization, dm: CriteoDataModule) -> None:
-    """Refuse, before any training, a fixed schedule under which QAT cannot run on this data.
+def earliest_calibration_epoch(qat: ProgressiveQuantization) -> int:
+    """The first epoch calibration can begin: ``start_epoch``; under ``start="plateau"`` also not before
+    ``patience + 1`` validations (one sets the best val_auroc, ``patience`` more do not improve on it)."""
+    return qat.start_epoch if qat.start == "epoch" else max(qat.start_epoch, qat.patience + 1)
 
-    With ``--start epoch`` calibration begins at epoch ``qat.start_epoch`` (after the FP32 and any
-    sparse epochs), takes ``qat.calibration_batches`` training batches, and QAT trains on what is
-    left of the ``--qat-epochs`` epochs; a small data file or a large ``--batch-size`` gives too few
-    batches per epoch for that. ``--start plateau`` is not checked here (when FP32 ends is only
-    known during training): run() still checks after fit that QAT started.
+
+def check_qat_schedule(args: argparse.Namespace, qat: ProgressiveQuantization, dm: CriteoDataModule) -> None:
+    """Refuse, before any training, a schedule under which QAT cannot run on this data.
+
+    Calibration begins at an epoch (``--start epoch``: after the FP32 and any sparse epochs;
+    ``--start plateau``: once val_auroc stops improving, epoch 2 at the earliest), takes
+    ``qat.calibration_batches`` training batches, and QAT trains on what is left of the
+    ``--fp32-epochs`` + ``--qat-epochs`` epochs; a small data file or a large ``--batch-size`` gives
+    too few batches per epoch for that. Under ``--start plateau`` the check assumes the earliest
+    plateau, so it refuses only schedules that cannot fit at all; run() still checks after fit that
+    QAT started (a later plateau leaves fewer batches).
 
     Raises:
         ValueError: naming the rows, the batches per epoch, what the schedule needs and the flags
             that would make it fit.
     """
-    if qat.start != "epoch":
-        return
     per_epoch = len(dm.train_dataloader())  # the sampler's batches, the last one possibly short
-    epochs = max_epochs(args) - qat.start_epoch
+    first = earliest_calibration_epoch(qat)
+    epochs = max_epochs(args) - first
     available = epochs * per_epoch
     calib = qat.calibration_batches
     need = calib + 1  # calibration, then at least one QAT training batch
@@ -237,9 +249,16 @@ def check_qat_schedule(args: argparse.Namespace, qat: ProgressiveQuantization, d
         return
     train_rows, rows = len(dm.train_set), len(dm.train_set) + len(dm.val_set)
     source = f"--data {args.data}" if args.data is not None else f"--num-samples {args.num_samples}"
-    before = f"{args.fp32_epochs} FP32 epoch(s)" + (
-        f" and {args.sparse_epochs} sparse epoch(s)" if args.sparsity != "none" else "")
-    fixes = [f"--qat-epochs {-(-need // per_epoch)} or more"]  # epochs == args.qat_epochs with --start epoch
+    if qat.start == "epoch":
+        before = f"{args.fp32_epochs} FP32 epoch(s)" + (
+            f" and {args.sparse_epochs} sparse epoch(s)" if args.sparsity != "none" else "")
+        budget = f"after {before}, --qat-epochs {args.qat_epochs} leaves"
+    else:
+        budget = (f"under --start plateau calibration begins at epoch {first} at the earliest (one validation "
+                  f"sets the best val_auroc, one more that does not improve on it reaches the plateau), so "
+                  f"--fp32-epochs {args.fp32_epochs} + --qat-epochs {args.qat_epochs} = {max_epochs(args)} epochs "
+                  f"leave at most")
+    fixes = [f"--qat-epochs {args.qat_epochs + -(-need // per_epoch) - epochs} or more"]
     k = -(-need // epochs)  # batches per epoch the schedule needs at the current --qat-epochs (k >= 2 here)
     if k <= train_rows:
         fixes.append(f"--batch-size {-(-train_rows // (k - 1)) - 1} or less")
@@ -250,10 +269,36 @@ def check_qat_schedule(args: argparse.Namespace, qat: ProgressiveQuantization, d
     fixes.append(f"a --data file of {n} rows or more" if args.data is not None else f"--num-samples {n} or more")
     raise ValueError(
         f"QAT cannot start with this data and these flags: {source} gives {rows} rows, {train_rows} of them "
-        f"for training, which at --batch-size {args.batch_size} is {per_epoch} batch(es) per epoch; after "
-        f"{before}, --qat-epochs {args.qat_epochs} leaves {epochs} x {per_epoch} = {available} batch(es), "
+        f"for training, which at --batch-size {args.batch_size} is {per_epoch} batch(es) per epoch; {budget} "
+        f"{epochs} x {per_epoch} = {available} batch(es), "
         f"but the schedule needs {need}: {calib} to calibrate ({'--fast' if args.fast else 'without --fast'}) "
         f"and at least 1 to train with QAT. Expected {', or '.join(fixes)}"
+        + (" (enough only if val_auroc stops improving at once: a later plateau needs more)"
+           if qat.start == "plateau" else "")
+    )
+
+
+def qat_never_started(args: argparse.Namespace, qat: ProgressiveQuantization, per_epoch: int, global_step: int) -> str:
+    """Why fit ended before QAT: the backstop for ``--start plateau``, whose FP32 length is known only
+    in training. ``global_step`` is the trainer's at the end (calibration batches count as steps)."""
+    budget = f"{max_epochs(args)} epochs (--fp32-epochs {args.fp32_epochs} + --qat-epochs {args.qat_epochs})"
+    if qat.phase == "calibrate":
+        calib = next(p for p in qat.report["phases"] if p["phase"] == "calibrate")
+        seen = global_step - calib["start_step"]
+        left = qat.calibration_batches - seen + 1  # the rest of calibration, then one QAT batch
+        return (
+            f"QAT never started: the run ended in phase 'calibrate'. val_auroc stopped improving after epoch "
+            f"{calib['start_epoch'] - 1} and calibration began at epoch {calib['start_epoch']}, but the {budget} "
+            f"ran out after {seen} of its {qat.calibration_batches} calibration batches "
+            f"({'--fast' if args.fast else 'without --fast'}; {per_epoch} training batch(es) per epoch at "
+            f"--batch-size {args.batch_size}); it needed {left} more: {left - 1} to finish calibrating and 1 to "
+            f"train with QAT. Expected --qat-epochs "
+            f"{args.qat_epochs + -(-left // per_epoch)} or more, or a smaller --batch-size, or more rows"
+        )
+    return (
+        f"QAT never started: the run ended in phase {qat.phase!r}: val_auroc did not stop improving before the "
+        f"last of the {budget}, so calibration never began (--fp32-epochs caps the FP32 epochs under --start "
+        f"plateau). Expected a larger --fp32-epochs, or --start epoch"
     )
 
 
@@ -304,6 +349,21 @@ class FP32Trajectory(pl.Callback):
                               "val_auroc": float(trainer.callback_metrics["val_auroc"])})
 
 
+def qat_label(embedding_bits: int) -> str:
+    """The table's name for the QAT row: the MLPs are int8; the tables are --embedding-bits."""
+    return "QAT (int8, validated)" if embedding_bits == 8 else f"QAT (int8, int{embedding_bits} tables)"
+
+
+def throughput_warning(export: dict) -> str:
+    """The warning line for an export whose throughput rounds disagree (a busy machine), else ``""``."""
+    if not export.get("throughput_unstable"):
+        return ""
+    return (f"warning: throughput timings unstable: the exported/FP32 ratio ran x{export['throughput_ratio_min']:.2f}"
+            f"..x{export['throughput_ratio_max']:.2f} over {export['throughput_rounds']} rounds, more than "
+            f"{export['throughput_unstable_spread']:.0%} apart; the machine may be busy: rerun on an idle machine "
+            "before quoting the ratio")
+
+
 def print_table(report: dict) -> None:
     print()
     print(f"{'':24s}{'AUROC':>10s}")
@@ -311,7 +371,7 @@ def print_table(report: dict) -> None:
     if sp:
         print(f"{'FP32 dense, at pruning':24s}{sp['dense_fp32_auroc']:>10.5f}")
     print(f"{'FP32 (at QAT start)':24s}{report['fp32']['auroc']:>10.5f}")
-    print(f"{'QAT (int8, validated)':24s}{report['qat']['auroc']:>10.5f}")
+    print(f"{qat_label(report['config']['embedding_bits']):24s}{report['qat']['auroc']:>10.5f}")
     print(f"{'drop':24s}{report['auroc_drop']:>10.5f}")
     if sp:
         print(f"{'2:4 + int8 drop vs dense':24s}{sp['auroc_drop']:>10.5f}   ({sp['method']}; 2:4 layers: "
@@ -330,7 +390,8 @@ def print_table(report: dict) -> None:
     if e:
         print(f"export: {e['path']}  AUROC through the deploy ops {e['auroc']:.5f} (drop {e['auroc_drop']:.5f}); "
               f"{e['size_bytes']:,} bytes = {e['size_fraction']:.1%} of FP32; "
-              f"throughput {e['throughput_ratio']:.2f}x FP32 at batch {e['batch_size']}")
+              f"throughput {e['throughput_ratio']:.2f}x FP32 at batch {e['batch_size']}"
+              + (" (UNSTABLE: see the warning)" if e.get("throughput_unstable") else ""))
     print("phases: " + ", ".join(f"{p['phase']}@epoch{p['start_epoch']}/step{p['start_step']}" for p in report["phases"]))
 
 
@@ -356,6 +417,15 @@ def export_and_bench(args, model, fp32, dm, fp32_auroc, state: dict) -> dict:
     auroc = evaluate_auroc(served, dm.val_dataloader())
     timing = compare_throughput({"fp32": fp32, "exported": served}, batches, batch_size=rows,
                                 rounds=2 if args.fast else 5)
+    exported = timing["models"]["exported"]
+    stability = {
+        "throughput_unstable": "exported" in timing["unstable"], "throughput_rounds": timing["rounds"],
+        "throughput_round_ratios": exported["round_ratios"], "throughput_ratio_min": exported["ratio_min"],
+        "throughput_ratio_max": exported["ratio_max"], "throughput_ratio_spread": exported["ratio_spread"],
+        "throughput_unstable_spread": timing["unstable_spread"],
+    }
+    if throughput_warning(stability):
+        print(throughput_warning(stability), file=sys.stderr)
     tiny = torch.finfo(torch.float32).tiny
     subnormal = sum(int(((p != 0) & (p.abs() < tiny)).sum()) for p in fp32.parameters())
     if subnormal:  # Adam + L2 weight decay drives rare ids' rows toward 0: FP32 eager pays for subnormal math
@@ -366,7 +436,7 @@ def export_and_bench(args, model, fp32, dm, fp32_auroc, state: dict) -> dict:
         "path": path, "auroc": auroc, "auroc_drop": fp32_auroc - auroc,
         "size_bytes": art.size_bytes, "fp32_size_bytes": art.manifest["fp32_bytes"],
         "size_fraction": art.size_bytes / art.manifest["fp32_bytes"],
-        "throughput_ratio": timing["models"]["exported"]["ratio"], "batch_size": rows,
+        "throughput_ratio": exported["ratio"], "batch_size": rows, **stability,
         "fp32_subnormal_weights": subnormal,
         "latency_ms_p50": {k: v["latency_ms_p50"] for k, v in timing["models"].items()},
         "gate": art.report, "dense_layers": art.manifest["dense_layers"],
@@ -398,14 +468,49 @@ def check_sparsity_skip(args: argparse.Namespace, model: torch.nn.Module) -> Non
         _fail(f"--sparsity-skip: {e}", 2)
 
 
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM, raised where the signal arrives. Not a KeyboardInterrupt: Lightning's fit
+    catches that and calls sys.exit(1), and turns SIGTERM into a SystemExit without a code (exit
+    status 0); an exception of its own passes through fit (after its on_exception hooks) to main()."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """SIGINT and SIGTERM raise :class:`Interrupted` inside the block. A handler already set, or an
+    ignored signal (nohup, a background job's SIGINT), is left alone; the old handlers come back after."""
+    installed = {}
+    if threading.current_thread() is threading.main_thread():  # signal.signal works only there
+        for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+            if signal.getsignal(sig) is default:
+                installed[sig] = signal.signal(sig, _raise_interrupted)
+    try:
+        yield
+    finally:
+        for sig, old in installed.items():
+            signal.signal(sig, old)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     state = {"written": False}
     existed = not args.no_export and is_artifact(args.export_dir)
     try:
-        return run(args, state)[0]
-    except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C does not interrupt the message
+        with stop_signals():
+            return run(args, state)[0]
+    except (KeyboardInterrupt, Interrupted, SIGTERMException) as e:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal does not interrupt the message
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(sig, signal.SIG_IGN)
+        # SIGTERMException: Lightning's own SIGTERM handling, where a handler set before ours kept SIGTERM
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGTERM if isinstance(e, SIGTERMException) else None
         if args.no_export:
             what = "no artifact was written (--no-export)"
         elif state["written"]:
@@ -414,8 +519,8 @@ def main(argv=None) -> dict:
             what = f"no artifact was written; the previous artifact at {args.export_dir} is intact"
         else:
             what = "no artifact was written"
-        print(f"\ninterrupted; {what}", file=sys.stderr)
-        raise SystemExit(130)
+        print(f"\ninterrupted{f' by {signal.Signals(signum).name}' if signum else ''}; {what}", file=sys.stderr)
+        raise SystemExit(128 + (signum or signal.SIGINT))  # the shell's status for a signal: 130, 143
 
 
 def run(args: argparse.Namespace, state: dict = None):
@@ -447,12 +552,16 @@ def run(args: argparse.Namespace, state: dict = None):
         accelerator="cpu", devices=1, callbacks=callbacks, logger=False, enable_checkpointing=False,
         enable_model_summary=False, enable_progress_bar=not args.no_progress, num_sanity_val_steps=0,
     )
-    trainer.fit(model, datamodule=dm)
-    if trainer.interrupted:  # Lightning caught a Ctrl-C and stopped training
-        raise KeyboardInterrupt
-    if cb.fp32_reference is None:  # the backstop: --start plateau cannot be checked before training
-        _fail(f"QAT never started (phase {cb.phase!r}); raise the epoch budget (--fp32-epochs caps the FP32 "
-              f"epochs under --start plateau: val_auroc was still improving after {args.fp32_epochs})")
+    try:
+        trainer.fit(model, datamodule=dm)
+    except SIGTERMException:  # SIGTERM under a handler set before main()'s: main() says so
+        raise
+    except SystemExit:  # Lightning's own Ctrl-C handling (outside main()'s stop_signals) is sys.exit(1)
+        if trainer.interrupted:
+            raise KeyboardInterrupt from None
+        raise
+    if cb.fp32_reference is None:  # the backstop: when --start plateau reaches QAT is only known in training
+        _fail(qat_never_started(args, cb, len(dm.train_dataloader()), trainer.global_step))
 
     fp32 = DLRM(**kwargs)
     fp32.load_state_dict(cb.fp32_reference)
@@ -501,7 +610,8 @@ def run(args: argparse.Namespace, state: dict = None):
         "export": export_report,
         "sparsity": sparsity_report,
         "config": {
-            "data": args.data or "synthetic", "num_samples": args.num_samples, "fp32_epochs": args.fp32_epochs,
+            "data": args.data or "synthetic", "num_samples": None if args.data is not None else args.num_samples,
+            "rows": len(dm.train_set) + len(dm.val_set), "fp32_epochs": args.fp32_epochs,
             "qat_epochs": args.qat_epochs, "batch_size": args.batch_size, "embedding_bits": args.embedding_bits,
             "embedding_dim": args.embedding_dim, "bottom_mlp": list(args.bottom_mlp), "top_mlp": list(args.top_mlp),
             "start": args.start, "qat_lr_scale": args.qat_lr_scale, "seed": args.seed, "fast": args.fast, "torch": torch.__version__,

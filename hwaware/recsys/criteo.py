@@ -21,15 +21,18 @@ whole-batch tensor slices, so the loader costs next to nothing per training step
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import re
+import stat
 from collections.abc import Iterator, Sequence
 from typing import Union
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -348,6 +351,64 @@ def _hex_mod(values: np.ndarray, table_size: int) -> np.ndarray:
     return (acc % np.uint64(table_size)).astype(np.int64)
 
 
+# Compressed files a user may pass as they were downloaded (Criteo ships day_N.gz): their magic bytes.
+_COMPRESSED = (
+    (b"\x1f\x8b", "gzip", "gunzip -k"), (b"BZh", "bzip2", "bunzip2 -k"), (b"\xfd7zXZ\x00", "xz", "unxz -k"),
+    (b"\x28\xb5\x2f\xfd", "zstd", "unzstd"), (b"PK\x03\x04", "zip", "unzip"),
+)
+# Written into the `datasets` cache directory of a parsed file: the identity of the file it was parsed from.
+_CACHE_STAMP = "hwaware_source.json"
+
+
+def _check_regular_file(path: str) -> os.stat_result:
+    """`os.stat(path)` of a regular, uncompressed file, else the error a user can act on."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"Criteo TSV file not found: {path!r}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(f"{path!r} is a directory; expected a Criteo TSV file")
+    if not stat.S_ISREG(st.st_mode):
+        # a pipe (`--data <(zcat day_0.gz)`), FIFO or device: the file is read twice (a checking scan,
+        # then the parse) and cached by its identity on disk, neither of which a stream allows
+        raise ValueError(f"{path!r} is not a regular file (a pipe, FIFO or device); expected a Criteo TSV file "
+                         "on disk: write the stream to a file first")
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    for magic, kind, tool in _COMPRESSED:
+        if head.startswith(magic):
+            raise ValueError(f"{path}: the file is {kind}-compressed; expected an uncompressed Criteo TSV "
+                             f"(tab-separated text): decompress it first, e.g. `{tool} {path}`")
+    return st
+
+
+def _file_identity(st: os.stat_result) -> dict[str, int]:
+    """What any rewrite or replacement of a file changes. A copy that keeps the modification time
+    (cp -p, rsync -t, tar x, os.utime) keeps mtime and often the size, but not ctime, which no user
+    call can set; a file replaced by a rename is a new inode."""
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+            "inode": st.st_ino, "device": st.st_dev}
+
+
+def _read_stamp(path: str) -> dict | None:
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
+def _write_stamp(path: str, identity: dict[str, int]) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(identity, fh)
+        os.replace(tmp, path)  # atomic: a reader sees the old stamp or the new one
+    except OSError:  # a read-only cache still loads; it re-parses next time
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def load_criteo_tsv(
     path: Union[str, os.PathLike],
     *,
@@ -356,13 +417,18 @@ def load_criteo_tsv(
 ) -> dict[str, Tensor]:
     """Read a Criteo-format TSV (no header) into the same dict as `generate_criteo_like`.
 
-    The file is checked line by line first (one regex per line), then parsed by
-    `datasets.load_dataset("csv")` into an Arrow cache under `cache_dir` and converted with
-    vectorised Arrow/numpy code. Empty dense fields become 0 and negative counts are kept raw
-    (`preprocess_dense` clamps them); categories become `int(hex, 16) % table_sizes[f]`, empty -> 0.
+    The file is checked line by line first (one regex per line), then parsed by the `datasets`
+    csv builder into an Arrow cache under `cache_dir` and converted with vectorised Arrow/numpy
+    code. Empty dense fields become 0 and negative counts are kept raw (`preprocess_dense` clamps
+    them); categories become `int(hex, 16) % table_sizes[f]`, empty -> 0.
+
+    `datasets` keys its cache on the path and the modification time only, so a file replaced by
+    one with the same mtime (cp -p, rsync -t, tar x) would load the old rows. The cache is reused
+    only when the file's size, mtime, ctime, inode and device all match those it was parsed from
+    (kept next to the Arrow files); otherwise the file is parsed again.
 
     Args:
-        path: the TSV file: label, I1..I13, C1..C26, tab-separated.
+        path: the TSV file: label, I1..I13, C1..C26, tab-separated, uncompressed.
         table_sizes: 26 table cardinalities to hash categories into.
         cache_dir: where `datasets` keeps its Arrow cache (default: the HF datasets cache).
 
@@ -372,16 +438,15 @@ def load_criteo_tsv(
     Raises:
         FileNotFoundError: if `path` does not exist.
         IsADirectoryError: if `path` is a directory.
-        ValueError: on the first malformed line (empty, wrong field count, label not 0/1, a dense
-            field that is not an integer or does not fit int64, a category that is not hex), naming
-            the path, the 1-based line, the column and the value.
+        ValueError: if `path` is not a regular file (a pipe, FIFO or device), is compressed (gzip,
+            bzip2, xz, zstd, zip), changed while it was read, or on the first malformed line (empty,
+            wrong field count, label not 0/1, a dense field that is not an integer or does not fit
+            int64, a category that is not hex), naming the path, the 1-based line, the column and
+            the value.
     """
     path = os.fspath(path)
     sizes = _check_table_sizes(table_sizes)
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"{path!r} is a directory; expected a Criteo TSV file")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Criteo TSV file not found: {path!r}")
+    identity = _file_identity(_check_regular_file(path))
     num_rows = _validate_tsv(path)
 
     import datasets  # deferred: importing `datasets` costs ~1 s and only this function needs it
@@ -389,10 +454,9 @@ def load_criteo_tsv(
     import pyarrow.compute as pc
 
     features = datasets.Features({name: datasets.Value("string") for name in _COLUMN_NAMES})
-    ds = datasets.load_dataset(
+    builder = datasets.load_dataset_builder(
         "csv",
         data_files=os.path.abspath(path),
-        split="train",
         delimiter="\t",
         column_names=_COLUMN_NAMES,
         header=None,
@@ -402,6 +466,14 @@ def load_criteo_tsv(
         skip_blank_lines=False,
         cache_dir=None if cache_dir is None else os.fspath(cache_dir),
     )
+    stamp = os.path.join(builder.cache_dir, _CACHE_STAMP)
+    cached = _read_stamp(stamp) == identity  # else: parsed from another file at this path, or by older code
+    builder.download_and_prepare(download_mode="reuse_dataset_if_exists" if cached else "force_redownload")
+    ds = builder.as_dataset(split="train")  # memory-mapped from the Arrow cache
+    if _file_identity(os.stat(path)) != identity:
+        raise ValueError(f"{path}: the file changed while it was being read; load it again once it is complete")
+    if not cached:
+        _write_stamp(stamp, identity)
     if ds.num_rows != num_rows:  # defensive: the scan and the parser must agree
         raise ValueError(f"{path}: parsed {ds.num_rows} rows but the file has {num_rows} lines")
     table = ds.data.table  # pyarrow.Table, memory-mapped from the Arrow cache
@@ -445,15 +517,21 @@ class _TensorBatchDataset(Dataset):
 class _BatchIndexSampler(Sampler):
     """Yields int64 index tensors of `batch_size` (the last may be shorter).
 
-    Shuffled order is a function of (seed, epoch) only; Lightning calls `set_epoch` each epoch,
-    so training order is reproducible and survives a resume.
+    Shuffled order is a function of (seed, epoch) only; Lightning calls `set_epoch` each epoch.
+    `state_dict` records the epoch and how many of its batches were handed out; after
+    `load_state_dict` the next iteration of that epoch starts after them, so a run resumed from a
+    mid-epoch checkpoint sees exactly the batches an uninterrupted run would.
     """
 
     def __init__(self, num_samples: int, batch_size: int, *, shuffle: bool, seed: int) -> None:
         self.num_samples, self.batch_size, self.shuffle, self.seed = num_samples, batch_size, shuffle, seed
         self.epoch = 0
+        self._served = 0  # batches of `epoch` handed out so far
+        self._resume_at: tuple[int, int] | None = None  # (epoch, batches already seen) from a checkpoint
 
     def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self._served = 0
         self.epoch = epoch
 
     def __len__(self) -> int:
@@ -465,7 +543,39 @@ class _BatchIndexSampler(Sampler):
             order = torch.randperm(self.num_samples, generator=g)
         else:
             order = torch.arange(self.num_samples)
-        yield from order.split(self.batch_size)
+        resume, self._resume_at = self._resume_at, None
+        start = resume[1] if resume is not None and resume[0] == self.epoch else 0  # a checkpoint's position
+        self._served = start
+        for batch in order.split(self.batch_size)[start:]:
+            self._served += 1  # counted before the yield: a checkpoint taken after this batch trained counts it
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches": self._served, "num_samples": self.num_samples,
+                "batch_size": self.batch_size, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        saved = {k: state.get(k) for k in ("num_samples", "batch_size", "seed")}
+        mine = {"num_samples": self.num_samples, "batch_size": self.batch_size, "seed": self.seed}
+        if saved != mine:  # another order or other batches: the saved position means nothing here
+            rank_zero_warn(
+                f"CriteoDataModule: the checkpoint's training loader had {saved}, this one has {mine}; the resumed "
+                "epoch starts from its first batch instead of where the checkpoint stopped"
+            )
+            return
+        self.epoch, self._served = int(state["epoch"]), int(state["batches"])
+        self._resume_at = (self.epoch, self._served)
+
+
+class _ResumableDataLoader(DataLoader):
+    """A DataLoader whose position Lightning saves in checkpoints and restores on `ckpt_path` resume:
+    its fit loop calls `state_dict` / `load_state_dict` on any train loader that has them."""
+
+    def state_dict(self) -> dict[str, int]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.load_state_dict(state)
 
 
 class CriteoDataModule(pl.LightningDataModule):
@@ -474,7 +584,10 @@ class CriteoDataModule(pl.LightningDataModule):
     Batches are {"dense": float32 [B, 13] (log1p-transformed), "sparse": int64 [B, 26],
     "label": float32 [B]}. The last `val_fraction` of the rows is the validation split (the real
     log is time-ordered, so this is the usual "train on the past" split); `test_dataloader`
-    serves the same rows. Training order is shuffled per epoch from (`seed`, epoch).
+    serves the same rows. Training order is shuffled per epoch from (`seed`, epoch), and the
+    training loader is resumable: Lightning saves its position in every checkpoint, so a fit
+    resumed from a mid-epoch checkpoint (`ckpt_path`) trains on exactly the batches an
+    uninterrupted run would have.
 
     Example::
 
@@ -553,7 +666,8 @@ class CriteoDataModule(pl.LightningDataModule):
             raise RuntimeError("CriteoDataModule.setup() must run before asking for a dataloader")
         sampler = _BatchIndexSampler(len(dataset), self.batch_size, shuffle=shuffle, seed=self.seed)
         # batch_size=None: the sampler yields whole index batches, the dataset slices them.
-        return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=0)
+        loader = _ResumableDataLoader if shuffle else DataLoader  # only the training order has a position to keep
+        return loader(dataset, sampler=sampler, batch_size=None, num_workers=0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)

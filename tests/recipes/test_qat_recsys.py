@@ -96,6 +96,27 @@ def test_malformed_data_file_names_file_and_line(tmp_path, run_main, bad, messag
     assert f"qat_recsys.py: error: --data: {path}, line 3: {message}" in err
 
 
+def test_compressed_data_file_is_called_compressed(tmp_path, run_main):
+    import gzip
+
+    path = tmp_path / "day_0.gz"
+    with gzip.open(path, "wt") as fh:
+        fh.write("\t".join(["1"] + ["3"] * 13 + ["a1b2"] * 26) + "\n")
+    code, _, err = run_main("--fast", "--no-progress", "--data", str(path))
+    assert code != 0
+    assert (f"qat_recsys.py: error: --data: {path}: the file is gzip-compressed; expected an uncompressed Criteo TSV "
+            f"(tab-separated text): decompress it first, e.g. `gunzip -k {path}`") in err
+
+
+def test_data_from_a_pipe_is_not_called_missing(tmp_path, run_main):
+    """`--data <(zcat day_0.gz)` hands the recipe /dev/fd/63, which exists but is a pipe."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    code, _, err = run_main("--fast", "--no-progress", "--data", str(fifo))
+    assert code != 0 and "not found" not in err
+    assert f"qat_recsys.py: error: --data: {str(fifo)!r} is not a regular file (a pipe, FIFO or device)" in err
+
+
 def test_fast_recipe_with_2_4_sparsity(tmp_path):
     report_path = tmp_path / "report.json"
     proc = _run("--fast", "--no-progress", "--sparsity", "2:4", "--export-dir", str(tmp_path / "art"),
@@ -148,12 +169,53 @@ def test_a_small_data_file_reports_the_batch_it_timed(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(report_path.read_text())["export"]
     assert 0 < r["batch_size"] < 2048 and f"batches of {r['batch_size']} rows" in proc.stdout
+    config = json.loads(report_path.read_text())["config"]
+    assert config["num_samples"] is None and config["rows"] == 1500  # the file's rows; --num-samples does not apply
+    # the timing's stability is reported with the ratio
+    assert isinstance(r["throughput_unstable"], bool) and r["throughput_rounds"] == 2
+    assert 0 < r["throughput_ratio_min"] <= r["throughput_ratio_max"] and r["throughput_ratio"] > 0
+    assert len(r["throughput_round_ratios"]) == 2 and r["throughput_unstable_spread"] == 0.25
+    assert abs(r["throughput_ratio_spread"] - (r["throughput_ratio_max"] / r["throughput_ratio_min"] - 1)) < 1e-9
     assert f"replacing the artifact at {tmp_path / 'art'}" in proc.stdout
     manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
     assert manifest["inputs"][0]["shape"][0] == r["batch_size"]
     # the FP32 baseline's subnormal weights are counted (and said, when there are any)
     assert isinstance(r["fp32_subnormal_weights"], int) and r["fp32_subnormal_weights"] >= 0
     assert ("subnormal weights" in proc.stdout) == (r["fp32_subnormal_weights"] > 0)
+
+
+def test_int4_tables_and_unstable_timings_are_said(tmp_path, monkeypatch, capsys):
+    """--embedding-bits 4: the table names int4 tables, not int8 everywhere. Throughput rounds that disagree
+    (a busy machine, forced here): a warning, and the flag and the rounds' spread in the report's export."""
+    import signal
+
+    recipe = _load_recipe()
+    real = recipe.compare_throughput
+
+    def busy(*a, **k):
+        result = real(*a, **k)
+        ratios = result["models"]["exported"]
+        ratios.update(round_ratios=[1.0, 2.0], ratio_min=1.0, ratio_max=2.0, ratio_spread=1.0)
+        return {**result, "unstable": ["exported"]}
+
+    monkeypatch.setattr(recipe, "compare_throughput", busy)
+    path = _small_tsv(tmp_path / "small.tsv", 1500)
+    report_path = tmp_path / "r.json"
+    old = signal.getsignal(signal.SIGINT)
+    try:
+        report = recipe.main(["--fast", "--no-progress", "--data", str(path), "--batch-size", "64", "--embedding-bits",
+                              "4", "--max-drop", "1.0", "--export-dir", str(tmp_path / "art"), "--report", str(report_path)])
+    finally:
+        signal.signal(signal.SIGINT, old)
+    out, err = capsys.readouterr()
+    assert "QAT (int8, int4 tables)" in out and "QAT (int8, validated)" not in out
+    assert ("warning: throughput timings unstable: the exported/FP32 ratio ran x1.00..x2.00 over 2 rounds, more "
+            "than 25% apart") in err
+    assert "(UNSTABLE: see the warning)" in out
+    e = json.loads(report_path.read_text())["export"]
+    assert e["throughput_unstable"] is True and e["throughput_ratio_spread"] == 1.0
+    assert e["throughput_round_ratios"] == [1.0, 2.0] and "throughput_ratio" in e and "latency_ms_p50" in e
+    assert report["export"]["throughput_unstable"] is True
 
 
 def test_a_schedule_that_cannot_reach_qat_is_refused_before_training(tmp_path, run_main):
@@ -186,15 +248,89 @@ def test_the_largest_batch_size_the_refusal_names_runs_qat(tmp_path, run_main):
     assert qat["end_step"] - qat["start_step"] == 1  # 9 batches: 8 calibrate, 1 trains with QAT
 
 
-def test_plateau_start_is_not_refused_up_front(tmp_path):
-    """With --start plateau when FP32 ends is not known before training: no up-front refusal; the
-    after-training check still says that QAT never started (one line, no traceback)."""
+def test_plateau_schedule_that_cannot_fit_is_refused_before_training(tmp_path, run_main):
+    """--start plateau: calibration begins at epoch 2 at the earliest, so 2000 rows at --batch-size 512 (4
+    batches per epoch) under --fp32-epochs 2 + --qat-epochs 1 leave at most 4 batches for the 9 that
+    calibration and QAT need, whenever val_auroc stops improving: refused before the Trainer exists."""
+    path = _small_tsv(tmp_path / "small.tsv", 2000)
+    code, _, err = run_main("--fast", "--no-progress", "--data", str(path), "--start", "plateau", "--fp32-epochs", "2",
+                            "--batch-size", "512", "--no-export")
+    assert code != 0
+    assert (f"QAT cannot start with this data and these flags: --data {path} gives 2000 rows, 1600 of them for "
+            "training, which at --batch-size 512 is 4 batch(es) per epoch; under --start plateau calibration begins "
+            "at epoch 2 at the earliest (one validation sets the best val_auroc, one more that does not improve on "
+            "it reaches the plateau), so --fp32-epochs 2 + --qat-epochs 1 = 3 epochs leave at most 1 x 4 = 4 "
+            "batch(es), but the schedule needs 9: 8 to calibrate (--fast) and at least 1 to train with QAT. Expected "
+            "--qat-epochs 3 or more, or --batch-size 199 or less, or a --data file of 5122 rows or more (enough only "
+            "if val_auroc stops improving at once: a later plateau needs more)") in err
+
+
+def test_plateau_that_never_comes_says_so_after_training(tmp_path):
+    """A schedule that fits but whose val_auroc keeps improving: the after-training check says QAT never
+    started and why (one line, no traceback)."""
     path = _small_tsv(tmp_path / "small.tsv", 2000)
     proc = _run("--fast", "--no-progress", "--data", str(path), "--start", "plateau", "--fp32-epochs", "2",
-                "--batch-size", "512", "--no-export", timeout=300)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+                "--batch-size", "128", "--no-export", timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "QAT cannot start" not in proc.stderr and "GPU available" in proc.stderr  # it trained
-    assert "QAT never started (phase 'fp32'); raise the epoch budget" in proc.stderr
+    assert ("qat_recsys.py: error: QAT never started: the run ended in phase 'fp32': val_auroc did not stop "
+            "improving before the last of the 3 epochs (--fp32-epochs 2 + --qat-epochs 1), so calibration never "
+            "began") in proc.stderr
+
+
+def _saturating_tsv(path, rows=3000):
+    """The label is I1 > 25, flipped for 10% of rows: val_auroc rises for 3 epochs at --lr 0.01 and
+    --batch-size 400, then falls back."""
+    import random
+
+    rng = random.Random(0)
+    lines = []
+    for _ in range(rows):
+        dense = [str(rng.randint(0, 50)) for _ in range(13)]
+        cats = [f"{rng.randint(0, 40):08x}" for _ in range(26)]
+        label = int(int(dense[0]) > 25)
+        if rng.random() < 0.1:
+            label = 1 - label
+        lines.append("\t".join([str(label)] + dense + cats))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_plateau_reached_too_late_to_calibrate_says_what_happened(tmp_path):
+    """The plateau came after epoch 3; calibration began at epoch 4 and the last epoch gave 6 of its 8
+    batches: the message names the phase, the batches seen and needed, and the fix, which works."""
+    path = _saturating_tsv(tmp_path / "sat.tsv")
+    flags = ["--fast", "--no-progress", "--data", str(path), "--start", "plateau", "--fp32-epochs", "4",
+             "--batch-size", "400", "--lr", "0.01", "--no-export"]
+    proc = _run(*flags, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "did not stop improving" not in proc.stderr
+    assert ("qat_recsys.py: error: QAT never started: the run ended in phase 'calibrate'. val_auroc stopped "
+            "improving after epoch 3 and calibration began at epoch 4, but the 5 epochs (--fp32-epochs 4 + "
+            "--qat-epochs 1) ran out after 6 of its 8 calibration batches (--fast; 6 training batch(es) per epoch "
+            "at --batch-size 400); it needed 3 more: 2 to finish calibrating and 1 to train with QAT. Expected "
+            "--qat-epochs 2 or more, or a smaller --batch-size, or more rows") in proc.stderr
+    report_path = tmp_path / "r.json"
+    proc = _run(*flags, "--qat-epochs", "2", "--report", str(report_path), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    phases = json.loads(report_path.read_text())["phases"]
+    assert [(p["phase"], p["start_epoch"]) for p in phases][:3] == [("fp32", 0), ("calibrate", 4), ("qat", 5)]
+
+
+def test_qat_never_started_message_counts_calibration_batches():
+    """The message's arithmetic, on the trial's case: 32 calibration batches, 3 per epoch, calibration from
+    epoch 6 (step 18) and the run ending at step 27 (9 seen): 24 more, 8 more epochs."""
+    from types import SimpleNamespace
+
+    recipe = _load_recipe()
+    args = recipe.parse_args(["--data", "x.tsv", "--no-export"])
+    qat = SimpleNamespace(phase="calibrate", calibration_batches=32, report={"phases": [
+        {"phase": "fp32", "start_epoch": 0, "start_step": 0},
+        {"phase": "calibrate", "start_epoch": 6, "start_step": 18}]})
+    message = recipe.qat_never_started(args, qat, 3, 27)
+    assert ("the 9 epochs (--fp32-epochs 8 + --qat-epochs 1) ran out after 9 of its 32 calibration batches "
+            "(without --fast; 3 training batch(es) per epoch at --batch-size 1024); it needed 24 more: 23 to finish "
+            "calibrating and 1 to train with QAT. Expected --qat-epochs 9 or more") in message
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -209,6 +345,8 @@ def test_plateau_start_is_not_refused_up_front(tmp_path):
     (["--start", "plateau", "--fp32-epochs", "1"], "--fp32-epochs 1 is too small for --start plateau"),
     (["--start", "plateau", "--sparsity", "2:4"], "--start plateau cannot be combined with --sparsity 2:4"),
     (["--embedding-dim", "0"], "argument --embedding-dim: 0 is invalid; expected an integer >= 1"),
+    (["--data", "day_0.tsv", "--num-samples", "5000"],
+     "--num-samples 5000 only applies to the synthetic data; --data uses every row of its file"),
     (["--top-mlp", "256,0"], "argument --top-mlp: '256,0' is invalid; expected comma-separated positive ints, e.g. 512,256"),
     (["--bottom-mlp", "64x"], "argument --bottom-mlp: '64x' is invalid; expected comma-separated positive ints"),
 ])
@@ -309,6 +447,48 @@ def test_ctrl_c_after_fit_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys
     assert e.value.code == 130
     err = capsys.readouterr().err.strip()
     assert err == message.format(path=art)
+
+
+@pytest.mark.parametrize(("signame", "status"), [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_stop_signal_during_training_exits_nonzero_with_one_line(tmp_path, signame, status):
+    """A scheduler's preemption (SIGTERM) or Ctrl-C (SIGINT) while Lightning trains: Lightning would exit
+    0 (SIGTERM) or 1 (SIGINT) on its own. The recipe exits 128 + signal with one line, and exports nothing."""
+    import signal
+    import threading
+    import time
+
+    art = tmp_path / "art"
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": path}
+    proc = subprocess.Popen(
+        [sys.executable, RECIPE, "--fast", "--no-progress", "--num-samples", "3000", "--batch-size", "64",
+         "--fp32-epochs", "1", "--qat-epochs", "200", "--embedding-dim", "4", "--bottom-mlp", "8", "--top-mlp", "8",
+         "--export-dir", str(art)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+        # a background job's SIGINT is ignored, and the child would inherit that: the recipe honours it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 240
+        # printed at the start of epoch 1, inside fit: training is under way
+        while not any("ProgressiveQuantization: calibrating" in line for line in lines):
+            assert proc.poll() is None, "".join(lines)[-3000:]
+            assert time.monotonic() < deadline, "training did not start in time"
+            time.sleep(0.1)
+        proc.send_signal(getattr(signal, signame))
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    reader.join(timeout=10)
+    err = "".join(lines)
+    assert proc.returncode == status, err[-3000:]
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"interrupted by {signame}; no artifact was written"
+    assert not art.exists()
 
 
 def test_regression_error_is_one_line(tmp_path, monkeypatch, capsys):

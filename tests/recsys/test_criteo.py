@@ -1,6 +1,10 @@
 """Tests for hwaware.recsys.criteo: synthetic generator, TSV loader, DataModule."""
 
+import bz2
+import gzip
+import lzma
 import math
+import os
 import re
 
 import pytest
@@ -223,6 +227,56 @@ def test_load_tsv_empty_file(tmp_path):
         load_criteo_tsv(path)
 
 
+def test_load_tsv_replaced_file_with_the_same_mtime_is_reparsed(tmp_path):
+    """cp -p, rsync -t and tar x keep the modification time: a file replaced that way (same path, same
+    size, same mtime, every label flipped) must load its new rows, not the cached old ones."""
+    rows = [_good_row("1" if i % 3 else "0") for i in range(20)]
+    path = _write_tsv(tmp_path / "day_0.tsv", rows)
+    cache = tmp_path / "cache"
+    before = load_criteo_tsv(path, table_sizes=SMALL_TABLES, cache_dir=cache)
+    st = os.stat(path)
+    _write_tsv(path, [["1" if r[0] == "0" else "0"] + r[1:] for r in rows])  # in place: same inode, same size
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (os.stat(path).st_size, os.stat(path).st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    after = load_criteo_tsv(path, table_sizes=SMALL_TABLES, cache_dir=cache)
+    assert torch.equal(after["label"], 1 - before["label"])
+
+    replacement = _write_tsv(tmp_path / "new.tsv", rows)  # replaced by a rename: a new inode, same mtime
+    os.utime(replacement, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(replacement, path)
+    assert torch.equal(load_criteo_tsv(path, table_sizes=SMALL_TABLES, cache_dir=cache)["label"], before["label"])
+
+
+def test_load_tsv_unchanged_file_reuses_the_cache(tmp_path):
+    path = _write_tsv(tmp_path / "day_0.tsv", [_good_row(), _good_row("0")])
+    cache = tmp_path / "cache"
+    load_criteo_tsv(path, cache_dir=cache)
+    arrow = sorted(cache.rglob("*.arrow"))
+    assert arrow
+    stamps = [f.stat().st_mtime_ns for f in arrow]
+    d = load_criteo_tsv(path, cache_dir=cache)
+    assert sorted(cache.rglob("*.arrow")) == arrow and [f.stat().st_mtime_ns for f in arrow] == stamps
+    assert d["label"].tolist() == [1.0, 0.0]
+
+
+@pytest.mark.parametrize(("opener", "kind"), [(gzip.open, "gzip"), (bz2.open, "bzip2"), (lzma.open, "xz")])
+def test_load_tsv_compressed_file_says_compressed(tmp_path, opener, kind):
+    path = tmp_path / "day_0.tsv.gz"
+    with opener(path, "wt") as fh:
+        fh.write("\t".join(_good_row()) + "\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}: the file is {kind}-compressed; expected an uncompressed "
+                                                   "Criteo TSV (tab-separated text): decompress it first")):
+        load_criteo_tsv(path, cache_dir=tmp_path / "cache")
+
+
+def test_load_tsv_pipe_says_it_must_be_a_regular_file(tmp_path):
+    """`--data <(zcat day_0.gz)` passes /dev/fd/63: it exists, it is not a file that can be read twice."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match=re.escape(f"{str(fifo)!r} is not a regular file (a pipe, FIFO or device)")):
+        load_criteo_tsv(fifo)  # refused before any open, which would block on a FIFO
+
+
 # ---------------------------------------------------------------------------------------------
 # DataModule
 # ---------------------------------------------------------------------------------------------
@@ -304,3 +358,61 @@ def test_datamodule_empty_split():
     dm = CriteoDataModule(num_samples=4, val_fraction=0.01, table_sizes=SMALL_TABLES)
     with pytest.raises(ValueError, match="gives 0 validation rows; expected between 1 and 3"):
         dm.setup("fit")
+
+
+def _train_with_checkpoints(tmp_path, name, ckpt_path=None, every=None):
+    """A tiny DLRM on 700 synthetic rows (5 batches of 128 per epoch, 4 under limit_train_batches), 3 epochs;
+    checkpoints every ``every`` steps. Returns the final weights."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from hwaware.recsys import DLRM
+
+    pl.seed_everything(0, verbose=False)
+    dm = CriteoDataModule(num_samples=700, batch_size=128, table_sizes=SMALL_TABLES, seed=1)
+    model = DLRM(table_sizes=SMALL_TABLES, embedding_dim=4, bottom_mlp=(8, 4), top_mlp=(8,))
+    callbacks = [] if every is None else [ModelCheckpoint(dirpath=tmp_path / name, every_n_train_steps=every,
+                                                          save_top_k=-1, filename="{step}")]
+    trainer = pl.Trainer(max_epochs=3, limit_train_batches=4, accelerator="cpu", devices=1, logger=False,
+                         enable_checkpointing=every is not None, callbacks=callbacks, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    assert trainer.global_step == 12
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
+@pytest.mark.parametrize("step", [6, 4])  # mid-epoch (epoch 1, batch 2 of 4); the last batch of epoch 0
+def test_train_loader_resumes_mid_epoch(tmp_path, step):
+    """A fit resumed from a checkpoint taken inside an epoch ends with the weights of the uninterrupted
+    fit, bit for bit: the resumed epoch trains on the batches it had left, in their order."""
+    full = _train_with_checkpoints(tmp_path, "full", every=2)
+    ckpt = tmp_path / "full" / f"step={step}.ckpt"
+    assert ckpt.exists()
+    resumed = _train_with_checkpoints(tmp_path, "resumed", ckpt_path=str(ckpt))
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+
+
+def test_train_loader_state_round_trip():
+    dm = CriteoDataModule(num_samples=1000, batch_size=100, table_sizes=SMALL_TABLES, seed=2)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(3)
+    it = iter(loader)
+    seen = [next(it)["label"] for _ in range(3)]
+    state = loader.state_dict()
+    assert (state["epoch"], state["batches"]) == (3, 3)
+    rest = [b["label"] for b in it]
+    fresh = dm.train_dataloader()
+    fresh.load_state_dict(state)
+    fresh.sampler.set_epoch(3)  # as Lightning does before iterating
+    assert [torch.equal(a, b["label"]) for a, b in zip(rest, fresh)] == [True] * 5
+    assert [torch.equal(a, b["label"]) for a, b in zip(seen + rest, fresh)] == [True] * 8  # the next pass is whole
+    other = CriteoDataModule(num_samples=1000, batch_size=50, table_sizes=SMALL_TABLES, seed=2)
+    other.setup("fit")
+    mismatched = other.train_dataloader()
+    with pytest.warns(UserWarning, match="starts from its first batch"):
+        mismatched.load_state_dict(state)
+    mismatched.sampler.set_epoch(3)
+    assert len(list(mismatched)) == 16  # 800 training rows in 50s, from the first
