@@ -60,7 +60,7 @@ class _PerTensorActLinear(nn.Module):
     def forward(self, x):
         y = torch.ops.quantized.linear_dynamic(x, self.packed, self.reduce_range)
         y = y if self.bias is None else y + self.bias
-        return y.relu_() if self.relu else y  # the ReLU export fused into the layer
+        return y.relu_() if self.relu else y  # (export leaves the ReLU a module of its own: relu is False)
 
 
 def per_tensor_variant(served: nn.Module) -> nn.Module:
@@ -82,12 +82,18 @@ def per_tensor_variant(served: nn.Module) -> nn.Module:
 
 def unchained(served: nn.Module) -> nn.Module:
     """Ablation: the same artifact with every ``Int8Chain`` back to a plain ``nn.Sequential`` (each
-    int8 layer its own call, float activations written between them): what ``hwaware::int8_mlp`` buys."""
-    from hwaware.export.deploy import Int8Chain
+    int8 layer its own call, float activations written between them): what ``hwaware::int8_mlp`` buys.
+    A ReLU the chain applies in a layer's epilogue stays there (the layer's ``relu``, an Identity in
+    the ReLU's slot), so only the chaining is taken away."""
+    from hwaware.export.deploy import Int8Chain, Int8Linear
 
     variant = copy.deepcopy(served)
     for m in variant.modules():
         if type(m) is Int8Chain:
+            names = list(m._modules)
+            for a, b in zip(names, names[1:]):
+                if type(m._modules[a]) is Int8Linear and type(m._modules[b]) is nn.ReLU:
+                    m._modules[a].relu, m._modules[b] = True, nn.Identity()
             m.__class__ = nn.Sequential
     return variant
 
