@@ -438,10 +438,15 @@ class ProgressiveQuantization(Callback):
         if self.phase == "qat":
             self._validate(trainer, pl_module)
         elif self.phase in ("fp32", "calibrate"):
+            self._untrack_calls()  # (a resume from a checkpoint tracks again from what it saved)
             rank_zero_warn(
                 f"ProgressiveQuantization: fit ended in phase {self.phase!r}; QAT never ran "
                 f"(start={self.start!r}, start_epoch={self.start_epoch}, max_epochs={trainer.max_epochs})"
             )
+
+    @override
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        self._untrack_calls()  # no hook of this callback stays on the user's model
 
     # ===================================================================== state / resume ===
     @override
@@ -557,7 +562,7 @@ class ProgressiveQuantization(Callback):
             self._track_calls(pl_module, self._resume_called)
         self._resume_called = None
         if self.fp32_reference is not None:
-            set_fp32_reference(pl_module, self.fp32_reference)
+            self._set_gate_reference(trainer, pl_module)
         self._apply_phase_flags()
         self._add_lsq_params(trainer)
 
@@ -606,14 +611,17 @@ class ProgressiveQuantization(Callback):
 
     def _keep_fp32_reference(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._fp32_buffers, buffers = None, self._fp32_buffers
+        ref = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+        ref.update({k: v for k, v in (buffers or {}).items() if k in ref})
+        self.fp32_reference = ref
+        self._set_gate_reference(trainer, pl_module)
+
+    def _set_gate_reference(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """The model's FP32 reference for export's gate: this callback's (the model at QAT start), or
+        the dense model a SemiStructuredSparsity kept when 2:4 pruning started before QAT, so that
+        the gate covers what pruning cost too."""
         dense = [cb.dense_reference for cb in trainer.callbacks if getattr(cb, "dense_reference", None) is not None]
-        if dense:  # 2:4 pruning started before QAT: the gate compares against the dense model
-            self.fp32_reference = dense[0]
-        else:
-            ref = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
-            ref.update({k: v for k, v in (buffers or {}).items() if k in ref})
-            self.fp32_reference = ref
-        set_fp32_reference(pl_module, self.fp32_reference)
+        set_fp32_reference(pl_module, dense[0] if dense else self.fp32_reference)
 
     def _enter_qat(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # calibration observes, it does not train: with gradient accumulation, the gradients of the
@@ -689,6 +697,23 @@ class ProgressiveQuantization(Callback):
         if new:
             opt.add_param_group({"params": new, "weight_decay": 0.0})
 
+    def _drop_lsq_params(self, trainer: "pl.Trainer", names: List[str]) -> None:
+        """Take the learned scales of ``names`` out of the optimizer (and its state), so that a resume,
+        which adds the remaining layers' scales, rebuilds the same parameter groups."""
+        gone = {id(q.learned_scale) for n in names for q in self._states[n].quantizers() if q.learned_scale is not None}
+        if not gone:
+            return
+        for opt in trainer.optimizers:
+            for group in list(opt.param_groups):
+                kept = [p for p in group["params"] if id(p) not in gone]
+                for p in group["params"]:
+                    if id(p) in gone:
+                        opt.state.pop(p, None)
+                if len(kept) != len(group["params"]):
+                    group["params"] = kept
+                    if not kept:  # the group _add_lsq_params made, now empty: a resume would not make it
+                        opt.param_groups.remove(group)
+
     def _sync_observers(self) -> None:
         for st in self._states.values():
             for q in st.quantizers():
@@ -732,15 +757,18 @@ class ProgressiveQuantization(Callback):
         for name in self._states:
             self._call_hooks.append(modules[name].register_forward_pre_hook(lambda m, a, name=name: called.add(name)))
 
+    def _untrack_calls(self) -> None:
+        for h in self._call_hooks:
+            h.remove()
+        self._call_hooks = []
+
     def _drop_uncalled(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """Stop tracking; leave FP32 every quantized layer the model never called while it was tracked.
 
         Its fake quantization runs in its forward, so a model that reads the layer's weight itself
         (``F.linear(x, self.proj.weight)``) trained it in FP32: quantizing it at export would pack
         weights QAT never saw (and a deploy module has no ``weight`` for that code to read)."""
-        for h in self._call_hooks:
-            h.remove()
-        self._call_hooks = []
+        self._untrack_calls()
         called, self._called = self._called, None
         if called is None:
             return
@@ -751,6 +779,7 @@ class ProgressiveQuantization(Callback):
         uncalled = [n for n, f in zip(names, flags.tolist()) if f == 0]
         if not uncalled:
             return
+        self._drop_lsq_params(trainer, uncalled)
         detach_quantization(pl_module, uncalled)
         why = ("never called by the model between calibration and the end of the first QAT epoch (forward reads its "
                "weight directly, e.g. F.linear(x, layer.weight), or does not use the layer): fake quantization never "

@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
@@ -81,8 +82,10 @@ class SemiStructuredSparsity(Callback):
     When pruning starts, the dense model (its ``state_dict``, on CPU) is kept as
     ``dense_reference`` and set as the model's FP32 reference: ``hwaware.export``'s regression gate
     compares the exported model against the dense model, so the accuracy pruning cost is gated
-    with the quantization's (a :class:`ProgressiveQuantization` that starts QAT later takes this
-    reference instead of its own; one that started QAT before pruning already holds a dense one).
+    with the quantization's (a :class:`ProgressiveQuantization` that starts QAT later keeps its own
+    ``fp32_reference``, the sparse model at QAT start, but gives the gate this one; one that started
+    QAT before pruning already holds a dense one, and this callback keeps none). The copy is a
+    whole ``state_dict``: it is in memory and in every checkpoint from pruning start on.
 
     Raises:
         ValueError: an unknown ``method``, a negative ``start_epoch`` / ``ramp_epochs``, a ramp with
@@ -193,6 +196,26 @@ class SemiStructuredSparsity(Callback):
                     f"the checkpoint prunes layers {saved['names']} but this callback (skip={list(self.skip)}) would "
                     f"prune {self._names}; resume with the skip= the checkpoint was written with")
             self._restore(saved, pl_module)
+
+    def _restore_for_evaluation(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # trainer.validate / test / predict(ckpt_path=...) restore this callback's state (no
+        # on_fit_start): the model gets the dense reference back, for export's gate
+        if self._pending is not None and trainer.state.fn != TrainerFn.FITTING:
+            self._pending = None
+            if self.phase != "dense" and self.dense_reference is not None:
+                set_fp32_reference(pl_module, self.dense_reference)
+
+    @override
+    def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._restore_for_evaluation(trainer, pl_module)
+
+    @override
+    def on_test_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._restore_for_evaluation(trainer, pl_module)
+
+    @override
+    def on_predict_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._restore_for_evaluation(trainer, pl_module)
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

@@ -550,11 +550,17 @@ def _export_program(deploy: nn.Module, example_inputs: Tuple[Any, ...]):
 
     An example of batch 1 (every tensor input one row) is traced as two copies of that row:
     torch.export specializes a size of 1, so the program would serve batch 1 only."""
-    batched = [x for x in example_inputs if isinstance(x, Tensor) and x.dim()]
-    if batched and all(x.shape[0] == 1 for x in batched):
-        example_inputs = tuple(torch.cat([x, x]) if isinstance(x, Tensor) and x.dim() else x for x in example_inputs)
     dynamic = tuple({0: torch.export.Dim.AUTO} if isinstance(x, Tensor) and x.dim() else None for x in example_inputs)
-    program = torch.export.export(deploy, example_inputs, dynamic_shapes=dynamic)
+    batched = [x for x in example_inputs if isinstance(x, Tensor) and x.dim()]
+    program = None
+    if batched and all(x.shape[0] == 1 for x in batched):
+        doubled = tuple(torch.cat([x, x]) if isinstance(x, Tensor) and x.dim() else x for x in example_inputs)
+        try:
+            program, example_inputs = torch.export.export(deploy, doubled, dynamic_shapes=dynamic), doubled
+        except Exception:  # noqa: BLE001  a size-1 input that is no batch (a [1] scale): trace as given
+            program = None
+    if program is None:
+        program = torch.export.export(deploy, example_inputs, dynamic_shapes=dynamic)
     user_inputs = [spec.arg.name for spec in program.graph_signature.input_specs
                    if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT]
     nodes = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
@@ -766,7 +772,8 @@ def export(
             detach_quantization(model)
     if not layers:
         raise ValueError(f"nothing to pack: every quantized layer stays dense ({dense})")
-    unpackable = {n: why for n, st in states.items() if st.enabled and (why := no_deploy_op(st.kind, st.weight.spec))}
+    unpackable = {n: why for n, st in states.items()  # (conv layers: no op yet, as README and the manifest say)
+                  if st.enabled and st.kind != "conv" and (why := no_deploy_op(st.kind, st.weight.spec))}
     if unpackable and not ptq:
         warnings.warn(f"export: {len(unpackable)} layer(s) QAT quantized have no deploy op and are exported dense (FP32): "
                       + "; ".join(f"{n}: {why}" for n, why in unpackable.items()), UserWarning, stacklevel=_user_stacklevel())

@@ -515,7 +515,8 @@ def set_fp32_reference(model: nn.Module, state_dict: Optional[Dict[str, Tensor]]
 
 
 def fp32_reference(model: nn.Module) -> Optional[Dict[str, Tensor]]:
-    """The FP32 ``state_dict`` kept by :func:`set_fp32_reference` (QAT start), or None."""
+    """The FP32 ``state_dict`` kept by :func:`set_fp32_reference` (at QAT start, or the dense model at
+    2:4 pruning start when pruning came first), or None."""
     return model.__dict__.get(_REF_ATTR)
 
 

@@ -797,3 +797,45 @@ def test_specs_no_deploy_op_packs_warn_at_setup_and_at_export(tmp_path):
                                          r"\(FP32\): mlp.0: no deploy op"):
         art = hwaware.export(model, tmp_path / "art")
     assert set(art.manifest["layers"]) == {"emb"} and {"mlp.0", "mlp.2"} <= set(art.manifest["dense_layers"])
+
+
+def test_a_never_called_layers_learned_scale_leaves_the_optimizer_so_a_resume_matches(tmp_path):
+    """Its LSQ scale stayed in the optimizer's group after the layer was left FP32; a resume, which
+    adds the remaining layers' scales, then built a smaller group and Lightning refused the state."""
+    def run(path, ckpt=None):
+        pl.seed_everything(0, verbose=False)
+        cb = ProgressiveQuantization(start_epoch=1, calibration_batches=2, weight_spec=QuantSpec(learnable=True))
+        mc = ModelCheckpoint(dirpath=str(path / "ckpt"), save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+        model = ReadsWeight()
+        model.configure_optimizers = lambda: torch.optim.Adam(model.parameters(), lr=1e-2)
+        trainer = make_trainer(path, [cb, mc], max_epochs=3, enable_checkpointing=True)
+        trainer.fit(model, *loaders(), ckpt_path=ckpt)
+        return trainer, model, cb
+
+    with pytest.warns(UserWarning, match="never called"):
+        t1, m1, cb1 = run(tmp_path / "a")
+    assert [len(g["params"]) for g in t1.optimizers[0].param_groups] == [5, 1]  # mlp.0's scale is gone
+    t2, m2, cb2 = run(tmp_path / "b", ckpt=str(tmp_path / "a" / "ckpt" / "epoch=1.ckpt"))
+    _assert_state_equal(m1.state_dict(), m2.state_dict())
+    _assert_state_equal(cb1.state_dict(), cb2.state_dict())
+
+
+def test_no_call_tracking_hook_stays_on_the_model(tmp_path):
+    """The hooks that find never-called layers came off only at the end of the first QAT epoch: a fit
+    ending in calibration, or an error, left them on the user's model."""
+    def hooks(m):
+        return {n: len(mod._forward_pre_hooks) for n, mod in m.named_modules() if mod._forward_pre_hooks}
+
+    with pytest.warns(UserWarning, match="fit ended in phase 'calibrate'"):
+        _, model, _ = train_with_quant(tmp_path / "a", max_epochs=2, start_epoch=1, calibration_batches=100)
+    assert hooks(model) == {}
+
+    class Boom(TinyCTR):
+        def training_step(self, batch, i):
+            if self.trainer.global_step == 11:
+                raise RuntimeError("boom")
+            return super().training_step(batch, i)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        train_with_quant(tmp_path / "b", model=(boom := Boom()), max_epochs=2, start_epoch=1, calibration_batches=2)
+    assert hooks(boom) == {}

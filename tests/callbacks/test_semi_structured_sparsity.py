@@ -153,11 +153,12 @@ def test_composes_with_progressive_quantization_in_either_order(tmp_path, quant_
         fq = states[n].weight(w)  # the weight the quantized forward uses
         # quantization never refills a pruned position (a kept weight may round to 0: still 2:4)
         assert bool((fq[w == 0] == 0).all()) and is_mask_24(fq != 0)
-    # QAT started after pruning: its FP32 reference (export's gate) is the dense model pruning started
-    # from, so the gate covers what pruning cost too
-    assert q.fp32_reference is sp.dense_reference
+    # QAT started from the 2:4 model: its FP32 reference is sparse; export's gate compares against the
+    # dense model pruning started from, so that it covers what pruning cost too
+    from hwaware.quant.attach import fp32_reference
+    assert fp32_reference(model) is sp.dense_reference
     for n in LAYERS:
-        assert not is_mask_24(q.fp32_reference[f"{n}.weight"] != 0)
+        assert is_mask_24(q.fp32_reference[f"{n}.weight"] != 0) and not is_mask_24(sp.dense_reference[f"{n}.weight"] != 0)
     sp2, q2, model2 = run(tmp_path / "b", not quant_first)
     _assert_state_equal(model.state_dict(), model2.state_dict())
     _assert_state_equal(sp.state_dict(), sp2.state_dict())
@@ -504,7 +505,8 @@ def test_export_gates_against_the_dense_model_pruning_started_from(tmp_path):
     sp = SemiStructuredSparsity(start_epoch=1)
     q = ProgressiveQuantization(start_epoch=2, calibration_batches=2)
     _, model = _fit(tmp_path, [KeepDense(), sp, q], max_epochs=3)
-    assert q.fp32_reference is sp.dense_reference
+    from hwaware.quant.attach import fp32_reference
+    assert fp32_reference(model) is sp.dense_reference and q.fp32_reference is not sp.dense_reference
     want = {k: v for k, v in dense_model.state_dict().items()}
     assert all(torch.equal(sp.dense_reference[k], v) for k, v in want.items())
     val = loaders()[1]
@@ -519,3 +521,18 @@ def test_export_gates_against_the_dense_model_pruning_started_from(tmp_path):
     _, model2 = _fit(tmp_path / "b", [sp2], max_epochs=2)
     from hwaware.quant.attach import fp32_reference
     assert fp32_reference(model2) is sp2.dense_reference and not is_mask_24(sp2.dense_reference["mlp.0.weight"] != 0)
+
+
+def test_validate_from_a_checkpoint_restores_the_dense_reference(tmp_path):
+    """trainer.validate(ckpt_path=...) restores the callback without on_fit_start: the model gets the
+    dense reference back, so an export from there gates against the dense model as after fit."""
+    from hwaware.quant.attach import fp32_reference
+
+    sp = SemiStructuredSparsity(start_epoch=1)
+    trainer, model = _fit(tmp_path, [sp], max_epochs=2)
+    ckpt = str(tmp_path / "final.ckpt")
+    trainer.save_checkpoint(ckpt)
+    fresh, sp2 = _adam(TinyCTR()), SemiStructuredSparsity(start_epoch=1)
+    make_trainer(tmp_path / "b", [sp2]).validate(fresh, loaders()[1], ckpt_path=ckpt, verbose=False)
+    ref = fp32_reference(fresh)
+    assert ref is sp2.dense_reference and all(torch.equal(ref[k], v) for k, v in sp.dense_reference.items())

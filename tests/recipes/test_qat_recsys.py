@@ -129,7 +129,10 @@ def test_fast_recipe_with_2_4_sparsity(tmp_path):
     assert sp["layers"] == {"bottom_mlp.2": 0.5, "top_mlp.0": 0.5, "top_mlp.2": 0.5, "top_mlp.4": 0.5}
     assert sp["verified_24"] and "K=13" in sp["skipped"]["bottom_mlp.0"]
     assert abs(sp["auroc_drop"] - (sp["dense_fp32_auroc"] - sp["auroc"])) < 1e-12 and sp["auroc"] == r["qat"]["auroc"]
+    # the sparse FP32 model at QAT start is not the dense one pruning started from (export's gate reference)
+    assert sp["sparse_fp32_auroc"] != sp["dense_fp32_auroc"]
     manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert manifest["regression"]["reference"] == sp["dense_fp32_auroc"]
     for name in sp["layers"]:
         meta = manifest["layers"][name]
         sel = meta["selection"]["cpu"]
