@@ -34,7 +34,7 @@ from hwaware.cli import int_at_least
 from hwaware.export import ArtifactError, is_artifact
 from hwaware.export.artifact import check_target, nearest_existing_parent
 from hwaware.export.bench import compare_throughput
-from hwaware.recsys import DLRM, CriteoDataModule, evaluate_auroc
+from hwaware.recsys import DEFAULT_TABLE_SIZES, DLRM, NUM_SPARSE, CriteoDataModule, evaluate_auroc
 from hwaware.sparsity import find_prunable
 
 
@@ -54,6 +54,15 @@ def _float_in(lo: float, *, lo_open: bool, hi: float = math.inf, hi_open: bool =
     return parse
 
 
+
+
+def _table_sizes(text: str) -> tuple:
+    """``"100000"`` (every table) or 26 comma-separated positive ints -> the 26 table sizes."""
+    parts = [q.strip() for q in text.split(",")]
+    if not all(q.isdigit() and int(q) > 0 for q in parts) or len(parts) not in (1, NUM_SPARSE):
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid; expected one positive int (every table) or {NUM_SPARSE} "
+                                         "comma-separated positive ints (C1..C26)")
+    return tuple(int(q) for q in parts) * (NUM_SPARSE if len(parts) == 1 else 1)
 
 
 def _widths(text: str) -> tuple:
@@ -96,6 +105,11 @@ def export_dir_problem(path: str):
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="Criteo-format TSV file (default: generated Criteo-schema data)")
+    p.add_argument("--table-sizes", type=_table_sizes, default=DEFAULT_TABLE_SIZES, metavar="SIZES",
+                   help="rows of the 26 tables, one int for all or 26 comma-separated; --data categories are hashed "
+                        "into them (default: DLRM's Criteo-Kaggle sizes, 3 to 48000 rows)")
+    p.add_argument("--cache-dir", default=None,
+                   help="where --data's parsed rows are cached (default: the datasets library's cache)")
     p.add_argument("--num-samples", type=int_at_least(1), default=None,
                    help="synthetic samples (default 400000; --fast 24000); not with --data, which uses every row")
     p.add_argument("--start", choices=("plateau", "epoch"), default=None,
@@ -398,7 +412,8 @@ def print_table(report: dict) -> None:
 def export_and_bench(args, model, fp32, dm, fp32_auroc, state: dict) -> dict:
     """Pack, gate (AUROC through the deploy ops), reload from disk, and time exported vs FP32."""
     path = args.export_dir
-    infer = CriteoDataModule(data=args.data, num_samples=args.num_samples, batch_size=args.infer_batch_size, seed=args.seed)
+    infer = CriteoDataModule(data=args.data, num_samples=args.num_samples, batch_size=args.infer_batch_size, seed=args.seed,
+                             table_sizes=args.table_sizes, cache_dir=args.cache_dir)
     infer.setup("fit")
     batches = [(b["dense"], b["sparse"]) for _, b in zip(range(4 if args.fast else 8), infer.val_dataloader())]
     # a validation split smaller than --infer-batch-size gives smaller batches: time and report those
@@ -527,7 +542,8 @@ def run(args: argparse.Namespace, state: dict = None):
     """The recipe; returns ``(report, {"fp32": model, "qat": model, "datamodule": dm})`` for benchmarks."""
     pl.seed_everything(args.seed, verbose=False)
     t0 = time.perf_counter()
-    dm = CriteoDataModule(data=args.data, num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed)
+    dm = CriteoDataModule(data=args.data, num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed,
+                          table_sizes=args.table_sizes, cache_dir=args.cache_dir)
     try:
         dm.setup("fit")
     except (OSError, ValueError) as e:  # names the file (and line) already; a directory, too
@@ -611,7 +627,7 @@ def run(args: argparse.Namespace, state: dict = None):
         "sparsity": sparsity_report,
         "config": {
             "data": args.data or "synthetic", "num_samples": None if args.data is not None else args.num_samples,
-            "rows": len(dm.train_set) + len(dm.val_set), "fp32_epochs": args.fp32_epochs,
+            "rows": len(dm.train_set) + len(dm.val_set), "table_sizes": list(args.table_sizes), "fp32_epochs": args.fp32_epochs,
             "qat_epochs": args.qat_epochs, "batch_size": args.batch_size, "embedding_bits": args.embedding_bits,
             "embedding_dim": args.embedding_dim, "bottom_mlp": list(args.bottom_mlp), "top_mlp": list(args.top_mlp),
             "start": args.start, "qat_lr_scale": args.qat_lr_scale, "seed": args.seed, "fast": args.fast, "torch": torch.__version__,

@@ -168,12 +168,14 @@ def test_a_small_data_file_reports_the_batch_it_timed(tmp_path):
     (tmp_path / "art").mkdir()  # a previous artifact there: replaced, and said so
     (tmp_path / "art" / "manifest.json").write_text(json.dumps({"format": "hwaware-artifact"}))
     proc = _run("--fast", "--no-progress", "--data", str(path), "--batch-size", "64", "--max-drop", "1.0",
+                "--table-sizes", "97", "--cache-dir", str(tmp_path / "cache"),
                 "--export-dir", str(tmp_path / "art"), "--report", str(report_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(report_path.read_text())["export"]
     assert 0 < r["batch_size"] < 2048 and f"batches of {r['batch_size']} rows" in proc.stdout
     config = json.loads(report_path.read_text())["config"]
     assert config["num_samples"] is None and config["rows"] == 1500  # the file's rows; --num-samples does not apply
+    assert config["table_sizes"] == [97] * 26 and any((tmp_path / "cache").iterdir())  # the tables and cache asked for
     # the timing's stability is reported with the ratio
     assert isinstance(r["throughput_unstable"], bool) and r["throughput_rounds"] == 2
     assert 0 < r["throughput_ratio_min"] <= r["throughput_ratio_max"] and r["throughput_ratio"] > 0
@@ -513,3 +515,13 @@ def test_regression_error_is_one_line(tmp_path, monkeypatch, capsys):
     assert e.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == "qat_recsys.py: error: export refused: auroc dropped 0.2 > max_drop 0.001; nothing was written"
+
+
+def test_table_sizes_take_one_int_or_26(capsys):
+    recipe = _load_recipe()
+    assert recipe.parse_args(["--table-sizes", "1000"]).table_sizes == (1000,) * 26
+    assert recipe.parse_args(["--table-sizes", ",".join(map(str, range(1, 27)))]).table_sizes == tuple(range(1, 27))
+    for bad in ("0", "1,2,3", "x"):
+        with pytest.raises(SystemExit):
+            recipe.parse_args(["--table-sizes", bad])
+        assert f"'{bad}' is invalid; expected one positive int (every table) or 26" in capsys.readouterr().err
