@@ -32,7 +32,7 @@ from hwaware import ProgressiveQuantization, QuantSpec, SemiStructuredSparsity
 from hwaware.quant import quantization_disabled
 from hwaware.cli import int_at_least
 from hwaware.export import ArtifactError, is_artifact
-from hwaware.export.artifact import check_target, nearest_existing_parent
+from hwaware.export.artifact import artifact_size_bytes, check_target, nearest_existing_parent
 from hwaware.export.bench import compare_throughput
 from hwaware.recsys import DEFAULT_TABLE_SIZES, DLRM, NUM_SPARSE, CriteoDataModule, evaluate_auroc
 from hwaware.sparsity import find_prunable
@@ -403,7 +403,8 @@ def print_table(report: dict) -> None:
     e = report.get("export")
     if e:
         print(f"export: {e['path']}  AUROC through the deploy ops {e['auroc']:.5f} (drop {e['auroc_drop']:.5f}); "
-              f"{e['size_bytes']:,} bytes = {e['size_fraction']:.1%} of FP32; "
+              f"{e['size_bytes']:,} bytes = {e['size_fraction']:.1%} of FP32 ({e['artifact_bytes_on_disk']:,} on disk with "
+              "program.pt2); "
               f"throughput {e['throughput_ratio']:.2f}x FP32 at batch {e['batch_size']}"
               + (" (UNSTABLE: see the warning)" if e.get("throughput_unstable") else ""))
     print("phases: " + ", ".join(f"{p['phase']}@epoch{p['start_epoch']}/step{p['start_step']}" for p in report["phases"]))
@@ -451,6 +452,9 @@ def export_and_bench(args, model, fp32, dm, fp32_auroc, state: dict) -> dict:
         "path": path, "auroc": auroc, "auroc_drop": fp32_auroc - auroc,
         "size_bytes": art.size_bytes, "fp32_size_bytes": art.manifest["fp32_bytes"],
         "size_fraction": art.size_bytes / art.manifest["fp32_bytes"],
+        # size_bytes: the model (weights and manifest); on disk the artifact also holds program.pt2,
+        # a torch.export program with its own copy of the weights
+        "artifact_bytes_on_disk": artifact_size_bytes(path),
         "throughput_ratio": exported["ratio"], "batch_size": rows, **stability,
         "fp32_subnormal_weights": subnormal,
         "latency_ms_p50": {k: v["latency_ms_p50"] for k, v in timing["models"].items()},

@@ -176,6 +176,8 @@ def test_a_small_data_file_reports_the_batch_it_timed(tmp_path):
     config = json.loads(report_path.read_text())["config"]
     assert config["num_samples"] is None and config["rows"] == 1500  # the file's rows; --num-samples does not apply
     assert config["table_sizes"] == [97] * 26 and any((tmp_path / "cache").iterdir())  # the tables and cache asked for
+    on_disk = sum(f.stat().st_size for f in (tmp_path / "art").iterdir())  # with program.pt2
+    assert r["artifact_bytes_on_disk"] == on_disk > r["size_bytes"]
     # the timing's stability is reported with the ratio
     assert isinstance(r["throughput_unstable"], bool) and r["throughput_rounds"] == 2
     assert 0 < r["throughput_ratio_min"] <= r["throughput_ratio_max"] and r["throughput_ratio"] > 0
