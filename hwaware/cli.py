@@ -10,6 +10,7 @@ sha256, the safetensors header) before printing anything; a refused artifact pri
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -296,17 +297,33 @@ def _json_target_problem(path: str) -> Optional[str]:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     """Artifact vs its FP32 architecture, same inputs, interleaved: throughput ratio and latencies;
-    then the peak memory of serving each, one fresh process per model."""
+    then the peak memory of serving each, one fresh process per model. With ``--json -`` the
+    results are the only thing on stdout (the readable lines go to stderr)."""
+    if args.json == "-":
+        with contextlib.redirect_stdout(sys.stderr):
+            code, result = _bench(args)
+        if code == 0:
+            print(json.dumps(result, indent=2))
+        return code
+    code, result = _bench(args)
+    if code == 0 and args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.json}")
+    return code
+
+
+def _bench(args: argparse.Namespace) -> tuple:
     from hwaware.export import ArtifactError, load, read_manifest
     from hwaware.export.bench import compare_throughput, instability_warning
     from hwaware.export.exporter import make_inputs, model_class
     import torch
 
-    if args.json:  # refused now, not after the benchmark ran
+    if args.json and args.json != "-":  # refused now, not after the benchmark ran
         problem = _json_target_problem(args.json)
         if problem:
             print(f"hwaware bench: error: --json {args.json}: {problem}", file=sys.stderr)
-            return 2
+            return 2, None
     try:
         cls = _model_option(args.model)
         served = load(args.path, kernels=args.kernels, model=cls)
@@ -314,10 +331,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         cls = cls or model_class(manifest, args.path)
     except (ArtifactError, ValueError, TypeError) as e:
         print(f"hwaware: error: {e}", file=sys.stderr)
-        return 2
+        return 2, None
     if not manifest.get("inputs"):
         print(f"hwaware: error: {args.path}/manifest.json records no example inputs; export with example_inputs=... to bench", file=sys.stderr)
-        return 2
+        return 2, None
     # FP32 reference: the same architecture with dense float weights (their values do not change speed)
     fp32 = cls(**(manifest["model"].get("hparams") or {}))
     inputs = [make_inputs(manifest["inputs"], args.batch_size, seed=i) for i in range(args.batches)]
@@ -331,7 +348,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                   f"rows each): {type(e).__name__}: {' '.join(str(e).split())[:300]}. bench makes one row per sample per "
                   "input; for inputs that are not (e.g. EmbeddingBag ids + offsets), time the artifact on your own batches "
                   "with hwaware.export.bench.compare_throughput", file=sys.stderr)
-            return 2
+            return 2, None
     print(f"batch size {args.batch_size}: {args.batches} batches x {args.rounds} rounds per model (generated inputs)")
     result = compare_throughput({"fp32": fp32, "artifact": served}, inputs, batch_size=args.batch_size, rounds=args.rounds)
     result["artifact"] = args.path
@@ -368,11 +385,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             else:
                 print(f"{name:10s} peak memory {m['peak_mib']:.1f} MiB (load {m['load_peak_mib']:.1f} MiB, "
                       f"resident model {m['model_resident_mib']:.1f} MiB), over the process after its imports")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"wrote {args.json}")
-    return 0
+    return 0, result
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -390,7 +403,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", type=int_at_least(1), default=2048, help="rows per batch (default 2048)")
     bench.add_argument("--batches", type=int_at_least(1), default=8, help="batches per round (default 8)")
     bench.add_argument("--rounds", type=int_at_least(1), default=5, help="interleaved rounds (default 5)")
-    bench.add_argument("--json", default=None, help="also write the results here")
+    bench.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
+                       help="also write the results as JSON to FILE; --json alone (or --json -): JSON on stdout, the "
+                            "readable lines on stderr")
     bench.add_argument("--no-memory", action="store_true",
                        help="skip the peak-memory measurement (two child processes)")
     bench.add_argument("--kernels", choices=("recorded", "measure"), default="recorded",

@@ -228,16 +228,18 @@ def nearest_existing_parent(path: str | os.PathLike) -> str:
     return parent
 
 
-def check_target(path: str | os.PathLike) -> None:
-    """What :func:`write_artifact` will refuse at ``path``, checked before any work: something there
-    that is not an earlier artifact or an empty directory, or a parent that is no directory or
-    cannot be written.
+def check_target(path: str | os.PathLike, overwrite: bool = True) -> None:
+    """What :func:`write_artifact` will refuse at ``path``, checked before any work: an empty path,
+    something there that is not an earlier artifact or an empty directory (or an earlier artifact,
+    with ``overwrite=False``), or a parent that is no directory or cannot be written.
 
     Raises:
         ArtifactError: naming ``path`` and the reason.
     """
+    if not os.fspath(path):  # abspath("") is the working directory: never a target by accident
+        raise ArtifactError("path '' is empty; expected the artifact's directory")
     path = os.path.abspath(os.fspath(path))
-    _check_target(path, overwrite=True)
+    _check_target(path, overwrite=overwrite)
     parent = nearest_existing_parent(path)
     if not os.path.isdir(parent):
         raise ArtifactError(f"{path}: cannot be created: {parent} is not a directory")

@@ -669,6 +669,7 @@ def export(
     embedding_bits: int = 8,
     sparse24: bool = True,
     int8_impls: Optional[Sequence[str]] = None,
+    overwrite: bool = True,
 ) -> Artifact:
     """Pack every quantized layer, gate on ``metric`` through the deploy ops, write the artifact.
 
@@ -678,6 +679,8 @@ def export(
             ``embedding_bits`` tables).
         path: artifact directory, written atomically (an earlier artifact there is replaced only
             when the new one is complete).
+        overwrite: replace an earlier artifact at ``path`` (False: refuse, before any work, e.g. for
+            the path a server is loading from).
         val_dataloader: batches for the regression gate (skipped, and recorded as such, when None).
         metric: ``"auroc"`` (one logit per sample) or ``"accuracy"`` (class scores).
         max_drop: largest allowed ``reference - exported`` metric; above it :class:`RegressionError`
@@ -750,7 +753,9 @@ def export(
                         "times (the reference, each int8 implementation, the exported model); pass a DataLoader or a list "
                         "of batches")
     path = os.fspath(path)
-    check_target(path)  # an unwritable path is refused now, not after the gate
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite={overwrite!r}; expected True or False")
+    check_target(path, overwrite)  # an unwritable path is refused now, not after the gate
 
     states = quant_states(model)
     ptq = not states
@@ -911,7 +916,7 @@ def export(
     if example_inputs is not None:
         program, manifest["program"] = _export_program(deploy, tuple(example_inputs))
         program_writer = lambda p: torch.export.save(program, p)  # noqa: E731
-    write_artifact(path, manifest, tensors, program_writer=program_writer)
+    write_artifact(path, manifest, tensors, program_writer=program_writer, overwrite=overwrite)
     return Artifact(path=path, manifest=verify_artifact(path), report=report, model=deploy)
 
 
@@ -1111,6 +1116,18 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
     if not isinstance(layers, dict) or not all(isinstance(m, dict) for m in layers.values()):
         raise ArtifactError(f"{mpath}: 'layers' is not an object of layer entries")
     given = model is not None and not isinstance(model, type)
+    recorded = info.get("hparams")
+    if given and isinstance(recorded, dict) and getattr(model, "hparams", None) is not None:
+        here = _jsonable(dict(model.hparams))
+        diff = sorted(k for k in set(recorded) | set(here or {}) if (here or {}).get(k, "<unset>") != recorded.get(k, "<unset>"))
+        if here is not None and diff:
+            # the packed layers replace the instance's, but whatever forward reads from the instance
+            # (a scale, a width not in a packed layer) is the instance's: say it differs
+            warnings.warn(f"{path}: the model passed as model= was built with other hparams than the exported one ("
+                          + ", ".join(f"{k}: given {here.get(k, '<unset>')!r}, exported {recorded.get(k, '<unset>')!r}"
+                                      for k in diff[:8])
+                          + "); the packed layers come from the artifact, anything else forward reads from this instance",
+                          UserWarning, stacklevel=2)
     if not given:
         cls = model or model_class(manifest, path)
         with torch.device("meta"):  # a skeleton: its FP32 weights are never allocated

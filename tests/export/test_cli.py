@@ -163,6 +163,12 @@ def test_bench_times_artifact_against_fp32(tmp_path, capsys):
             assert f"{name:10s} peak memory" in printed
     assert main(["bench", art.path, "--batch-size", "4", "--batches", "1", "--rounds", "1", "--no-memory", "--json", str(out)]) == 0
     assert "memory" not in _json.loads(out.read_text())
+    capsys.readouterr()
+    for flag in (["--json"], ["--json", "-"]):  # JSON alone on stdout, the readable lines on stderr (no file named -)
+        assert main(["bench", art.path, "--batch-size", "4", "--batches", "1", "--rounds", "1", "--no-memory", *flag]) == 0
+        captured = capsys.readouterr()
+        assert _json.loads(captured.out)["batch_size"] == 4 and "samples/s" in captured.err
+    assert not os.path.exists("-")
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS is read from Linux /proc")

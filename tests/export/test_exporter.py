@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import pytorch_lightning as pl
@@ -633,3 +634,29 @@ def test_int8_impls_pins_what_export_may_choose(tmp_path):
     for bad in ((), ("int_mm", "fast"), 3):
         with pytest.raises(ValueError, match=r"int8_impls=.*; expected None or some of \('int_mm', 'fbgemm', 'dequant'\)"):
             export(model, tmp_path / "c", int8_impls=bad)
+
+
+def test_overwrite_false_and_an_empty_path_are_refused_before_any_work(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    art = export(TinyCTR(), tmp_path / "art")
+    before = (tmp_path / "art" / "manifest.json").read_bytes()
+    with pytest.raises(ArtifactError, match=r"an artifact already exists there and overwrite=False"):
+        export(TinyCTR(), art.path, overwrite=False)
+    assert (tmp_path / "art" / "manifest.json").read_bytes() == before
+    export(TinyCTR(), tmp_path / "new", overwrite=False)  # nothing there: written
+    monkeypatch.chdir(tmp_path / "art")  # "" was the working directory: this artifact
+    with pytest.raises(ArtifactError, match=r"path '' is empty; expected the artifact's directory"):
+        export(TinyCTR(), "")
+    assert (tmp_path / "art" / "manifest.json").read_bytes() == before
+
+
+def test_load_into_an_instance_built_with_other_hparams_warns(tmp_path):
+    """The packed layers come from the artifact, but what forward reads from the instance does not:
+    an instance built with other hparams served other numbers silently (trial: 1/3 of them)."""
+    torch.manual_seed(0)
+    art = export(TinyCTR(lr=0.05), tmp_path / "art")
+    with pytest.warns(UserWarning, match=r"built with other hparams than the exported one \(lr: given 0.5, exported 0.05\)"):
+        load(art.path, model=TinyCTR(lr=0.5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load(art.path, model=TinyCTR(lr=0.05))
