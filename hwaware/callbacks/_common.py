@@ -1,10 +1,34 @@
-"""Argument checks and metric reading shared by the callbacks."""
+"""Argument checks, metric reading and the evaluation-restore hooks shared by the callbacks."""
 from __future__ import annotations
 
 from typing import Any, Dict, Sequence
 
 import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor
+
+
+class _RestoresForEvaluation(Callback):
+    """``trainer.validate / test / predict(ckpt_path=...)`` restore a callback's state with no
+    ``on_fit_start`` to act on it: at the start of each, outside fit, :meth:`_restore_for_evaluation`
+    puts on the model what the callback's state says it holds."""
+
+    def _restore_for_evaluation(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        raise NotImplementedError
+
+    def _evaluation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if trainer.state.fn != TrainerFn.FITTING:
+            self._restore_for_evaluation(trainer, pl_module)
+
+    def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._evaluation_start(trainer, pl_module)
+
+    def on_test_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._evaluation_start(trainer, pl_module)
+
+    def on_predict_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._evaluation_start(trainer, pl_module)
 
 
 def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:

@@ -22,14 +22,15 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
 from hwaware._predict import model_predictions
-from hwaware.callbacks._common import _refuse_multiprocessing_launch, _check_choice, _check_int, _scale_lr, _scalar_metrics
+from hwaware.callbacks._common import (
+    _RestoresForEvaluation, _check_choice, _check_int, _refuse_multiprocessing_launch, _scalar_metrics, _scale_lr,
+)
 from hwaware.quant.attach import (
     QuantState, attach_quantization, detach_quantization, find_quantizable, layer_specs_to_state, normalize_layer_specs,
     quantization_disabled, set_fp32_reference,
@@ -62,7 +63,7 @@ def _describe_specs(state: List[List[Any]]) -> str:
         for p, e in state) + "}"
 
 
-class ProgressiveQuantization(Callback):
+class ProgressiveQuantization(_RestoresForEvaluation):
     r"""Train FP32, then fine-tune with channel-wise fake quantization, then validate it with KL.
 
     Works on an unmodified LightningModule: supported layers (``nn.Linear``, ``nn.Conv1d/2d``,
@@ -305,23 +306,12 @@ class ProgressiveQuantization(Callback):
         if self._pending_quantizers is not None:
             self._restore_quantizers(trainer, pl_module)
 
+    @override
     def _restore_for_evaluation(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        # trainer.validate / test / predict(ckpt_path=...) restore this callback's state too (there is
-        # no on_fit_start): attach the quantizers, so the model runs (and exports) as QAT left it
-        if self._pending_quantizers is not None and trainer.state.fn != TrainerFn.FITTING:
+        # validate / test / predict(ckpt_path=...): attach the quantizers, so the model runs (and
+        # exports) as QAT left it
+        if self._pending_quantizers is not None:
             self._restore_quantizers(trainer, pl_module)
-
-    @override
-    def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._restore_for_evaluation(trainer, pl_module)
-
-    @override
-    def on_test_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._restore_for_evaluation(trainer, pl_module)
-
-    @override
-    def on_predict_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._restore_for_evaluation(trainer, pl_module)
 
     @override
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

@@ -26,13 +26,13 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from hwaware.callbacks._common import _refuse_multiprocessing_launch, _check_choice, _check_int, _scale_lr, _scalar_metrics
+from hwaware.callbacks._common import (
+    _RestoresForEvaluation, _check_choice, _check_int, _refuse_multiprocessing_launch, _scalar_metrics, _scale_lr,
+)
 from hwaware.quant.attach import set_fp32_reference
 from hwaware.sparsity.masks import (
     cubic_fraction, find_prunable, gradual_mask_24, is_mask_24, magnitude_mask_24, mask_sparsity, sr_ste_decay_,
@@ -46,7 +46,7 @@ PHASES = ("dense", "pruning", "sparse")
 _STATE_VERSION = 1
 
 
-class SemiStructuredSparsity(Callback):
+class SemiStructuredSparsity(_RestoresForEvaluation):
     r"""Prune Linear/Conv weights to 2:4 (2 non-zeros in every 4 along the input dimension).
 
     Works on an unmodified LightningModule and composes with :class:`ProgressiveQuantization` in one
@@ -197,25 +197,13 @@ class SemiStructuredSparsity(Callback):
                     f"prune {self._names}; resume with the skip= the checkpoint was written with")
             self._restore(saved, pl_module)
 
+    @override
     def _restore_for_evaluation(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        # trainer.validate / test / predict(ckpt_path=...) restore this callback's state (no
-        # on_fit_start): the model gets the dense reference back, for export's gate
-        if self._pending is not None and trainer.state.fn != TrainerFn.FITTING:
+        # validate / test / predict(ckpt_path=...): the model gets the dense reference back, for export's gate
+        if self._pending is not None:
             self._pending = None
             if self.phase != "dense" and self.dense_reference is not None:
                 set_fp32_reference(pl_module, self.dense_reference)
-
-    @override
-    def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._restore_for_evaluation(trainer, pl_module)
-
-    @override
-    def on_test_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._restore_for_evaluation(trainer, pl_module)
-
-    @override
-    def on_predict_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._restore_for_evaluation(trainer, pl_module)
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
