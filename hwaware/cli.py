@@ -295,6 +295,27 @@ def _json_target_problem(path: str) -> Optional[str]:
     return None
 
 
+def _input_bytes(description: list, batch_size: int, batches: int) -> int:
+    """Bytes of the inputs bench generates from the recorded example shapes (ids are drawn through
+    float64: 8 bytes an element at least)."""
+    per_row = 0
+    for d in description:
+        n = 1
+        for k in d["shape"][1:]:
+            n *= int(k)
+        per_row += n * 8
+    return per_row * batch_size * batches
+
+
+def _available_bytes() -> Optional[int]:
+    """MemAvailable from /proc/meminfo (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     """Artifact vs its FP32 architecture, same inputs, interleaved: throughput ratio and latencies;
     then the peak memory of serving each, one fresh process per model. With ``--json -`` the
@@ -334,6 +355,12 @@ def _bench(args: argparse.Namespace) -> tuple:
         return 2, None
     if not manifest.get("inputs"):
         print(f"hwaware: error: {args.path}/manifest.json records no example inputs; export with example_inputs=... to bench", file=sys.stderr)
+        return 2, None
+    need, avail = _input_bytes(manifest["inputs"], args.batch_size, args.batches), _available_bytes()
+    if avail is not None and need > avail // 2:  # refused with a line, not killed by the kernel's OOM killer
+        print(f"hwaware bench: error: --batch-size {args.batch_size} x --batches {args.batches}: the generated inputs alone "
+              f"would take {need / 2**30:.1f} GiB, more than half the {avail / 2**30:.1f} GiB of memory available; "
+              "pass a smaller --batch-size or --batches", file=sys.stderr)
         return 2, None
     # FP32 reference: the same architecture with dense float weights (their values do not change speed)
     fp32 = cls(**(manifest["model"].get("hparams") or {}))

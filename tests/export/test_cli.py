@@ -329,3 +329,18 @@ def test_bench_says_what_to_do_for_inputs_it_cannot_generate_and_refuses_a_bad_j
     missing = tmp_path / "no" / "such" / "dir" / "b.json"
     assert main(["bench", art.path, "--json", str(missing)]) == 2  # before any timing
     assert f"--json {missing}: {missing.parent} is not a directory (create it first)" in capsys.readouterr().err
+
+
+def test_bench_refuses_a_batch_whose_inputs_cannot_fit_in_memory(tmp_path, capsys):
+    """--batch-size 100000000 was killed by the OOM killer with no message (exit 137)."""
+    import torch
+
+    from hwaware.export import export
+    from tests.helpers import TinyCTR
+
+    art = export(TinyCTR(), tmp_path / "tiny", example_inputs=(torch.randn(8, 4), torch.randint(0, 50, (8,))))
+    if not os.path.exists("/proc/meminfo"):
+        pytest.skip("available memory is read from Linux /proc/meminfo")
+    assert main(["bench", art.path, "--batch-size", str(10**11), "--no-memory"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the generated inputs alone would take" in err[0] and "pass a smaller --batch-size" in err[0]
