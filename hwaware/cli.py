@@ -108,10 +108,17 @@ def _kernels_cell(entry: Mapping[str, Any]) -> str:
                     for d, k in kernels.items())
 
 
+def _width() -> int:
+    """Columns to wrap at: the terminal's (``COLUMNS`` first), at most 110 and at least 60."""
+    import shutil
+
+    return max(60, min(110, shutil.get_terminal_size(fallback=(110, 24)).columns))
+
+
 def _wrap(text: str, first: str, rest: str) -> str:
     import textwrap
 
-    return textwrap.fill(text, width=110, initial_indent=first, subsequent_indent=rest, break_on_hyphens=False)
+    return textwrap.fill(text, width=_width(), initial_indent=first, subsequent_indent=rest, break_on_hyphens=False)
 
 
 def _selection_lines(layers: Mapping[str, Any]) -> List[str]:
@@ -130,7 +137,7 @@ def _selection_lines(layers: Mapping[str, Any]) -> List[str]:
                 t = f"{m['us']:.1f}us" if isinstance(m, Mapping) and m.get("available") else "n/a"
                 keeps = "" if isinstance(m, Mapping) and m.get("keeps_math") else " (other math)"
                 cands.append(f"{c} {t}{'*' if c == rec.get('chosen') else ''}{keeps}")
-            out.append(f"  {name} [{device}, input {shape}]: " + (" | ".join(cands) or "not measured"))
+            out.append(_wrap(f"{name} [{device}, input {shape}]: " + (" | ".join(cands) or "not measured"), "  ", "      "))
             if rec.get("why"):
                 out.append(_wrap(f"-> {rec.get('chosen')}: {rec['why']}", "    ", "       "))
     return out
@@ -178,11 +185,12 @@ def _inspect_text(path: str, manifest: Dict[str, Any], on_disk: int, wide: bool 
         if selection:
             reg = manifest.get("regression")
             gated = isinstance(reg, Mapping) and isinstance(reg.get("by_impl"), Mapping)
-            out += ["", "kernel selection (measured at export; * = chosen: the fastest that keeps the layer's math"
-                    + (", int8 layers among the implementations that passed the gate on their own):" if gated else "):")] + selection
+            out += ["", _wrap("kernel selection (measured at export; * = chosen: the fastest that keeps the layer's math"
+                              + (", int8 layers among the implementations that passed the gate on their own):" if gated
+                                 else "):"), "", "  ")] + selection
     dense = manifest.get("dense_layers")
     if isinstance(dense, Mapping) and dense:
-        out += ["", f"left dense ({len(dense)}):"] + [f"  {name}: {reason}" for name, reason in dense.items()]
+        out += ["", f"left dense ({len(dense)}):"] + [_wrap(f"{name}: {reason}", "  ", "      ") for name, reason in dense.items()]
     out.append("")
     fp32 = manifest.get("fp32_bytes")
     total = f"total: {_fmt_bytes(on_disk)} on disk ({on_disk} bytes)"
