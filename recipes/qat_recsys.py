@@ -440,8 +440,9 @@ def export_and_bench(args, model, fp32, dm, fp32_auroc, state: dict) -> dict:
         "throughput_ratio_max": exported["ratio_max"], "throughput_ratio_spread": exported["ratio_spread"],
         "throughput_unstable_spread": timing["unstable_spread"],
     }
-    if throughput_warning(stability):
-        print(throughput_warning(stability), file=sys.stderr)
+    warning = throughput_warning(stability)
+    if warning:
+        print(warning, file=sys.stderr)
     tiny = torch.finfo(torch.float32).tiny
     subnormal = sum(int(((p != 0) & (p.abs() < tiny)).sum()) for p in fp32.parameters())
     if subnormal:  # Adam + L2 weight decay drives rare ids' rows toward 0: FP32 eager pays for subnormal math

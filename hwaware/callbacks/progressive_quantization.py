@@ -286,9 +286,9 @@ class ProgressiveQuantization(_RestoresForEvaluation):
                 f"{type(pl_module).__name__} has no quantizable layer (nn.Linear, nn.Conv1d, nn.Conv2d, "
                 f"nn.Embedding, nn.EmbeddingBag) outside skip={list(self.skip)}; skipped: {skipped or 'none found'}"
             )
-        from hwaware.export.deploy import no_deploy_op  # (export imports this module's package at call time)
+        from hwaware.export.deploy import unpackable_specs  # (export imports this module's package at call time)
 
-        unpackable = {n: why for n, (kind, w, _) in plan.items() if kind != "conv" and (why := no_deploy_op(kind, w))}
+        unpackable = unpackable_specs({n: (kind, w) for n, (kind, w, _) in plan.items()})
         if unpackable:  # a spec choice: training them quantized buys nothing at export
             rank_zero_warn(f"ProgressiveQuantization: {len(unpackable)} layer(s) will train with specs no hwaware deploy op "
                            "packs, and hwaware.export will leave them dense (FP32): "
@@ -618,8 +618,6 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         # calibration batches since the last optimizer step would otherwise reach QAT's first step
         for p in pl_module.parameters():
             p.grad = None
-        for opt in trainer.optimizers:
-            opt.zero_grad(set_to_none=True)
         self._sync_observers()
         for name, st in self._states.items():
             st.weight.update_qparams(self._weight_of(pl_module, name))
@@ -900,8 +898,7 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         return label
 
     def _validate(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self._called is not None:  # fit stopped within the first QAT epoch
-            self._drop_uncalled(trainer, pl_module)
+        self._drop_uncalled(trainer, pl_module)  # (a no-op unless fit stopped within the first QAT epoch)
         self._mark("validate", trainer)
         # final weights -> final weight scales: exactly what export will pack
         for name, st in self._states.items():

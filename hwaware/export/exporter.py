@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from hwaware.export.artifact import ArtifactError, check_target, read_verified, verify_artifact, write_artifact
 from hwaware._predict import defines_predict_step, model_predictions
 from hwaware.export.deploy import (DEPLOY_TYPES, Int4Linear, Int8Linear, RowwiseEmbedding, RowwiseEmbeddingBag, Sparse24Linear,
-                                   chain_int8, fuse_relu, no_deploy_op)
+                                   chain_int8, fuse_relu, no_deploy_op, unpackable_specs)
 from hwaware.export.selection import (SPARSE24_INT8_IMPL, SPARSE24_INT8_KERNEL, capture_rows, cpu_profile, isa_list, lost_features,
                                       select_int8_chains, select_int8_kernels, select_sparse24_kernels)
 import hwaware.ops as hwaware_ops
@@ -777,8 +777,7 @@ def export(
             detach_quantization(model)
     if not layers:
         raise ValueError(f"nothing to pack: every quantized layer stays dense ({dense})")
-    unpackable = {n: why for n, st in states.items()  # (conv layers: no op yet, as README and the manifest say)
-                  if st.enabled and st.kind != "conv" and (why := no_deploy_op(st.kind, st.weight.spec))}
+    unpackable = unpackable_specs({n: (st.kind, st.weight.spec) for n, st in states.items() if st.enabled})
     if unpackable and not ptq:
         warnings.warn(f"export: {len(unpackable)} layer(s) QAT quantized have no deploy op and are exported dense (FP32): "
                       + "; ".join(f"{n}: {why}" for n, why in unpackable.items()), UserWarning, stacklevel=_user_stacklevel())
