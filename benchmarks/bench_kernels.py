@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _results import code_version  # noqa: E402  (benchmarks/_results.py)
 
 # Peak HBM bandwidth in TB/s from NVIDIA's product datasheets (H100 SXM5 80GB HBM3: 3.35; H100 PCIe:
 # 2.0; H100 NVL: 3.9; H200 141GB HBM3e: 4.8; A100 80GB SXM: 2.039, PCIe: 1.935; A100 40GB: 1.555;
@@ -296,6 +298,7 @@ def main(argv=None) -> int:
                        f"unknown device {name!r}: add it to PEAK_HBM_TBPS",
         "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
         "timing": args.timing, "rep_ms": args.rep, "gemm": gemms, "embedding_bag": bags, "targets": targets,
+        "code": code_version(),
     }
     out = args.out or os.path.join(ROOT, "benchmarks", "results", f"kernels_{_slug(name)}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
