@@ -154,6 +154,24 @@ def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent._modules[child] = new
 
 
+def module_aliases(model: nn.Module) -> Dict[str, str]:
+    """``{alias: name}`` for each module the model holds under a second attribute
+    (``self.author_table = self.user_table``): ``named_modules`` lists a shared module once, under
+    its first name, so export packs it there and points the alias at the same deploy module. Only
+    the outermost alias is listed (an aliased ``Sequential``'s children follow it)."""
+    first: Dict[int, str] = {}
+    aliases: Dict[str, str] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        canonical = first.setdefault(id(m), name)
+        if canonical != name and not any(name.startswith(a + ".") for a in aliases):
+            aliases[name] = canonical
+    return aliases
+
+
+def _under(key: str, prefixes: Iterable[str]) -> bool:
+    return any(key.startswith(p + ".") for p in prefixes)
+
+
 def _deploy_module(name: str, module: nn.Module, st: QuantState, sparse24: bool) -> Tuple[Optional[nn.Module], Optional[str]]:
     """(deploy module, None) or (None, why the layer stays dense)."""
     if not st.enabled:
@@ -318,6 +336,8 @@ def _build_deploy(model: nn.Module, states: Dict[str, QuantState], sparse24: boo
     for name, meta in layers.items():  # tables an EmbeddingBagList looks up together (one op call per batch)
         if isinstance(modules.get(name.rpartition(".")[0]), EmbeddingBagList) and EmbeddingBagList.batched(_get_module(deploy, name)):
             meta["kernel"] = {"cpu": CPU_KERNELS["rowwise_batched"]}
+    for alias, name in module_aliases(model).items():  # the alias runs what its module's name was replaced with
+        _set_module(deploy, alias, deploy.get_submodule(name))
     detach_quantization(deploy)  # dense leftovers compute exactly as their FP32 originals
     keep_layers_called(deploy)
     deploy.eval()
@@ -876,7 +896,8 @@ def export(
                 f"export refused: {metric} dropped {drop:.5f} (reference {ref_value:.5f} -> exported {exp_value:.5f}), "
                 f"more than max_drop={max_drop}; nothing was written at {path!r}", report)
 
-    tensors = {k: v.detach().contiguous().cpu() for k, v in deploy.state_dict().items()}
+    aliases = module_aliases(model)  # stored once, under the module's first name; load re-points them
+    tensors = {k: v.detach().contiguous().cpu() for k, v in deploy.state_dict().items() if not _under(k, aliases)}
     # non-persistent buffers (e.g. an index table built in __init__) travel too, so load can build
     # the model on the meta device and never allocate its FP32 weights
     for name, buf in deploy.named_buffers():
@@ -905,6 +926,8 @@ def export(
         "fp32_bytes": fp32_bytes,
         "packed_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
     }
+    if aliases:
+        manifest["module_aliases"] = aliases
     if int8_impls is not None:
         manifest["int8_impls"] = list(int8_impls)  # what the caller let export choose from
     if any("selection" in meta for meta in layers.values()):
@@ -1154,10 +1177,19 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
                                     f"the model has {type(relu).__name__ if relu is not None else 'no module'} there")
         elif meta.get("relu", False) is not False:
             raise ArtifactError(f"{path}/manifest.json: layer {name!r} has relu={meta['relu']!r} without fused_relu")
+    aliases = manifest.get("module_aliases", {})
+    if not isinstance(aliases, dict) or not all(isinstance(a, str) and isinstance(n, str) for a, n in aliases.items()):
+        raise ArtifactError(f"{mpath}: 'module_aliases' is {aliases!r}; expected {{alias: module name}}")
+    for alias, name in aliases.items():  # one module under two names: stored once, the alias re-pointed below
+        a, m = _get_module(model, alias), _get_module(model, name)
+        if a is None or m is None or a is not m:
+            raise ArtifactError(f"{mpath}: the exported model held module {name!r} also as {alias!r}; "
+                                f"{type(model).__name__} {'has no ' + repr(alias if a is None else name) if a is None or m is None else 'holds two different modules there'}"
+                                ": not the model this artifact was exported from")
     extra = {k[len(_BUFFER_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(_BUFFER_PREFIX)}
-    # the state_dict the model will have once the deploy layers are in
+    # the state_dict the model will have once the deploy layers are in (an alias's entries: its module's)
     expected = {k: v for k, v in model.state_dict().items()
-                if not any(k.startswith(name + ".") for name in new_layers)}
+                if not _under(k, new_layers) and not _under(k, aliases)}
     for name, new in new_layers.items():
         expected.update({f"{name}.{k}": v for k, v in new.state_dict().items()})
     if set(tensors) != set(expected):
@@ -1193,6 +1225,9 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
         owners[name] = (owner, leaf)
     for name, new in new_layers.items():
         _set_module(model, name, new)
+    for alias, name in aliases.items():
+        _set_module(model, alias, model.get_submodule(name))
+        tensors.update({alias + k[len(name):]: t for k, t in list(tensors.items()) if k.startswith(name + ".")})
     model.load_state_dict(tensors, strict=True, assign=True)  # assign: the loaded tensors are the weights
     for name, buf in extra.items():
         owner, leaf = owners[name]

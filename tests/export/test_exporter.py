@@ -581,6 +581,52 @@ def test_a_tied_weight_is_noted_and_counted_once_in_the_fp32_size(tmp_path):
     assert art.manifest["fp32_bytes"] == 4 * (40 * 16 + 16 * 16 + 16)  # the tied weight once
 
 
+class SharedTables(nn.Module):
+    """One table looked up under two names (user and author ids share a vocabulary), and one MLP
+    block held twice: ``named_modules`` lists each once, under its first name."""
+
+    def __init__(self, shared: bool = True) -> None:
+        super().__init__()
+        self.user = nn.EmbeddingBag(300, 16, mode="sum")
+        self.author = self.user if shared else nn.EmbeddingBag(300, 16, mode="sum")
+        self.block = nn.Sequential(nn.Linear(32, 32), nn.ReLU())
+        self.block_again = self.block
+        self.head = nn.Linear(32, 1)
+
+    def forward(self, users, authors):
+        x = torch.cat([self.user(users), self.author(authors)], 1)
+        return self.head(self.block_again(self.block(x)))
+
+
+def test_a_module_held_under_two_names_is_packed_served_and_stored_once(tmp_path):
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    model = SharedTables()
+    users, authors = torch.randint(0, 300, (64, 3)), torch.randint(0, 300, (64, 3))
+    art = export(model, tmp_path / "a", example_inputs=(users, authors))
+    deploy = art.model
+    # both names run the packed table (the alias was served FP32 and stored a second time, FP32)
+    assert isinstance(deploy.author, RowwiseEmbeddingBag) and deploy.author is deploy.user
+    assert deploy.block_again is deploy.block and isinstance(deploy.block[0], (Int8Linear, Int8Chain))
+    assert art.manifest["module_aliases"] == {"author": "user", "block_again": "block"}
+    assert art.manifest["dense_layers"] == {}
+    with safe_open(os.path.join(art.path, "weights.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert not any(k.startswith(("author.", "block_again.")) for k in keys) and "user.weight" in keys
+    assert art.manifest["packed_bytes"] < 0.5 * art.manifest["fp32_bytes"]  # was 1.37x FP32 with the alias stored FP32
+    loaded = load(art.path)
+    assert loaded.author is loaded.user and isinstance(loaded.author, RowwiseEmbeddingBag)
+    assert loaded.block_again is loaded.block
+    with torch.no_grad():
+        assert torch.equal(loaded(users, authors), deploy(users, authors))
+        # the alias computes what its module computes, quantized (not the FP32 table)
+        assert torch.equal(deploy.author(authors), deploy.user(authors))
+    with pytest.raises(ArtifactError, match=r"held module 'user' also as 'author'; SharedTables holds two different "
+                                             r"modules there: not the model this artifact was exported from"):
+        load(art.path, model=SharedTables(shared=False))
+
+
 def test_a_mix_of_implementations_that_fails_the_gate_falls_back_to_the_best_that_passed_alone(tmp_path, monkeypatch):
     # output_fn makes the metric depend on the kernel configuration: perfect when every int8 layer runs one
     # implementation (and for the FP32 reference), inverted for a mix; selection is forced to a mix
