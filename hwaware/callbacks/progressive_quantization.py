@@ -35,7 +35,7 @@ from hwaware.quant.attach import (
     QuantState, attach_quantization, detach_quantization, find_quantizable, layer_specs_to_state, normalize_layer_specs,
     quantization_disabled, set_fp32_reference,
 )
-from hwaware.quant.kl import KLViolationError, LayerErrorCollector, collect_layer_errors, output_kl
+from hwaware.quant.kl import OUTPUT_KINDS, KLViolationError, LayerErrorCollector, collect_layer_errors, output_kl
 from hwaware.quant.spec import QuantSpec
 
 __all__ = ["ProgressiveQuantization", "PHASES"]
@@ -122,6 +122,11 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         output_fn: ``fn(pl_module, batch) -> Tensor`` giving the model output for the output KL;
             default ``pl_module.predict_step(batch, 0)`` where its class defines one, else
             ``pl_module(*batch[:-1])`` for a tuple batch.
+        output_kind: what that output holds, for the output KL (:func:`hwaware.quant.kl.output_kl`):
+            ``"logits"`` (one column: a binary logit; more: class logits), ``"probabilities"``
+            (sigmoid / softmax already applied), ``"multilabel_logits"`` or
+            ``"multilabel_probabilities"`` (each column its own binary outcome: multi-task heads).
+            Outputs read as logits that all lie in [0, 1] get a warning (probabilities?).
 
     Raises:
         ValueError: any argument outside its allowed set (raised here, at construction); a model
@@ -165,6 +170,7 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         on_kl_violation: str = "fallback",
         validation_batches: int = 8,
         output_fn: Optional[Callable[["pl.LightningModule", Any], Tensor]] = None,
+        output_kind: str = "logits",
     ) -> None:
         _check_int("start_epoch", start_epoch, 0)
         _check_choice("start", start, _STARTS)
@@ -208,6 +214,7 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         if not isinstance(kl_threshold, (int, float)) or not kl_threshold > 0 or not math.isfinite(kl_threshold):
             raise ValueError(f"kl_threshold={kl_threshold!r} is invalid; expected a finite float > 0")
         _check_choice("on_kl_violation", on_kl_violation, _VIOLATIONS)
+        _check_choice("output_kind", output_kind, OUTPUT_KINDS)
         _check_int("validation_batches", validation_batches, 1)
         if calibration_batches == 0 and freeze_observers_after == 0:
             static = [f"layer_specs[{p!r}]" for p, o in layer_specs.items()
@@ -239,6 +246,7 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         self.on_kl_violation = on_kl_violation
         self.validation_batches = validation_batches
         self.output_fn = output_fn
+        self.output_kind = output_kind
 
         # -- state (everything below is saved by state_dict) ------------------------------------
         self.phase = "fp32"
@@ -256,6 +264,7 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         self._kl: Dict[str, float] = {}
         self._sqnr: Dict[str, float] = {}
         self._output_kl: Optional[float] = None
+        self._warned_probabilities = False  # not state: a warning per process
         self._kl_history: Dict[str, Dict[str, float]] = {}
         self._metrics_before: Dict[str, float] = {}
         self._metrics_after: Dict[str, float] = {}
@@ -860,7 +869,17 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         self._kl = {n: kl.get(n, 0.0) for n in self._states}
         self._sqnr = {n: sqnr.get(n, math.inf) for n in self._states}
         if all(o is not None for o in outs_q + outs_fp) and outs_q:
-            self._output_kl = output_kl(torch.cat(outs_fp), torch.cat(outs_q))
+            ref = torch.cat(outs_fp)
+            self._output_kl = output_kl(ref, torch.cat(outs_q), self.output_kind)
+            if self.output_kind.endswith("logits") and not self._warned_probabilities and ref.numel() > 1 \
+                    and 0 <= float(ref.min()) and float(ref.max()) <= 1:
+                self._warned_probabilities = True
+                rank_zero_warn(
+                    f"ProgressiveQuantization: every model output over the KL batches lies in [0, 1] "
+                    f"({ref.numel()} values), and output_kind={self.output_kind!r} reads them as logits. If forward "
+                    f"returns probabilities (sigmoid or softmax applied), pass output_kind="
+                    f"{self.output_kind.replace('logits', 'probabilities')!r}: read as logits, the output KL is "
+                    "understated", category=UserWarning)
         else:
             self._output_kl = None
 
@@ -957,6 +976,7 @@ class ProgressiveQuantization(_RestoresForEvaluation):
             "kl": dict(self._kl),
             "sqnr_db": dict(self._sqnr),
             "output_kl": self._output_kl,
+            "output_kind": self.output_kind,
             "kl_threshold": self.kl_threshold,
             "kl_history": copy.deepcopy(self._kl_history),
             "fallback_layers": sorted(self._fallbacks),

@@ -7,8 +7,9 @@ FP32 (P) against quantized (Q). SQNR (dB) is reported beside it. (A histogram of
 :func:`histogram_kl` computes, was tried first and rejected for this: it reads discrete-valued
 outputs such as a 3-row embedding table's as badly broken at int8, where the SQNR is high.)
 
-The model output is compared as a distribution per sample: Bernoulli(sigmoid(logit)) for a single
-logit (CTR models), softmax over the last dimension otherwise, averaged over samples.
+The model output is compared as a distribution per sample (:func:`output_kl`): by default
+Bernoulli(sigmoid(logit)) for a single logit (CTR models), softmax over the last dimension
+otherwise; probabilities and multi-label / multi-task outputs are read as the caller says.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from torch import Tensor
 
 from hwaware.quant.attach import QuantState
 
-__all__ = ["channel_kl", "histogram_kl", "output_kl", "LayerErrorCollector", "collect_layer_errors", "KLViolationError"]
+__all__ = ["OUTPUT_KINDS", "channel_kl", "histogram_kl", "output_kl", "LayerErrorCollector", "collect_layer_errors", "KLViolationError"]
 
 _EPS = 1e-8
 
@@ -60,19 +61,44 @@ def histogram_kl(reference: Tensor, approx: Tensor, bins: int = 128, min_per_bin
     return float((p * (p / q).log()).sum().clamp_min(0.0))
 
 
-def output_kl(reference: Tensor, approx: Tensor) -> float:
-    """Mean per-sample KL of the model's predictive distribution: FP32 (reference) vs quantized."""
+OUTPUT_KINDS = ("logits", "probabilities", "multilabel_logits", "multilabel_probabilities")
+
+
+def output_kl(reference: Tensor, approx: Tensor, kind: str = "logits") -> float:
+    """Mean per-sample KL of the model's predictive distribution: FP32 (reference) vs quantized.
+
+    ``kind`` says what the output's last dimension holds:
+    - ``"logits"``: one column (or a 1-D output) is a binary logit, Bernoulli(sigmoid(x)); more
+      columns are class logits, softmax over the last dimension;
+    - ``"probabilities"``: the same distributions, already applied (sigmoid / softmax in forward);
+    - ``"multilabel_logits"`` / ``"multilabel_probabilities"``: every column is its own binary
+      outcome (multi-task heads, multi-label), and a sample's KL is the sum over them (the KL of
+      the independent joint distribution).
+    Read with the wrong kind the number is wrong, not an error: probabilities read as logits
+    understate it (a trial read 2e-5 for a true 3.5e-4), two binary heads read as softmax logits
+    cancel a shift they share.
+    """
+    if kind not in OUTPUT_KINDS:
+        raise ValueError(f"output_kl kind={kind!r}; expected one of {OUTPUT_KINDS}")
     r = reference.detach().double()
     a = approx.detach().double()
     if r.shape != a.shape:
         raise ValueError(f"output_kl: shapes differ, {tuple(r.shape)} vs {tuple(a.shape)}")
-    if r.dim() <= 1 or r.shape[-1] == 1:
-        p = torch.sigmoid(r.flatten()).clamp(_EPS, 1 - _EPS)
-        q = torch.sigmoid(a.flatten()).clamp(_EPS, 1 - _EPS)
+    if r.dim() == 0:
+        r, a = r.reshape(1), a.reshape(1)
+    binary = kind.startswith("multilabel") or r.dim() == 1 or r.shape[-1] == 1
+    if binary:
+        if r.dim() == 1 or not kind.startswith("multilabel"):
+            r, a = r.reshape(-1, 1), a.reshape(-1, 1)
+        if kind.endswith("logits"):
+            r, a = torch.sigmoid(r), torch.sigmoid(a)
+        p, q = r.clamp(_EPS, 1 - _EPS), a.clamp(_EPS, 1 - _EPS)
         kl = p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()
-        return float(kl.mean())
-    logp = F.log_softmax(r, dim=-1)
-    logq = F.log_softmax(a, dim=-1)
+        return float(kl.reshape(-1, kl.shape[-1]).sum(-1).mean())
+    if kind == "logits":
+        logp, logq = F.log_softmax(r, dim=-1), F.log_softmax(a, dim=-1)
+    else:
+        logp, logq = r.clamp_min(_EPS).log(), a.clamp_min(_EPS).log()
     return float((logp.exp() * (logp - logq)).sum(-1).mean())
 
 

@@ -142,6 +142,31 @@ def test_validate_reports_kl_and_output_kl(tmp_path):
     assert r["fallback_layers"] == [] and r["phase"] == "done"
 
 
+class ProbabilityCTR(TinyCTR):
+    """TinyCTR whose forward returns the click probability (sigmoid applied), not the logit."""
+
+    def forward(self, dense, ids):
+        return torch.sigmoid(super().forward(dense, ids))
+
+    def _loss(self, batch):
+        dense, ids, y = batch
+        return torch.nn.functional.binary_cross_entropy(self(dense, ids), y)
+
+
+def test_output_kl_of_a_probability_output_follows_output_kind(tmp_path):
+    with pytest.warns(UserWarning, match=r"every model output over the KL batches lies in \[0, 1\].*pass "
+                                         r"output_kind='probabilities'"):
+        *_, as_logits = train_with_quant(tmp_path / "a", model=ProbabilityCTR(), max_epochs=2, start_epoch=1,
+                                         calibration_batches=2)
+    *_, told = train_with_quant(tmp_path / "b", model=ProbabilityCTR(), max_epochs=2, start_epoch=1,
+                                calibration_batches=2, output_kind="probabilities")
+    assert told.report["output_kind"] == "probabilities" and as_logits.report["output_kind"] == "logits"
+    # same seed, same run: the probabilities read as logits understate the KL several times over
+    assert 0 < as_logits.report["output_kl"] < 0.5 * told.report["output_kl"]
+    with pytest.raises(ValueError, match=r"output_kind='logit' is invalid; expected one of \('logits', 'probabilities'"):
+        ProgressiveQuantization(output_kind="logit")
+
+
 def test_kl_fallback_raises_precision_and_revalidates(tmp_path):
     w2 = QuantSpec(bits=2, granularity="per_channel")
     trainer, model, cb = train_with_quant(tmp_path, max_epochs=2, start_epoch=1, calibration_batches=2,

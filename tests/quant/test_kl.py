@@ -98,6 +98,28 @@ def test_output_kl_softmax_matches_torch_kl_div():
     assert output_kl(r, a) > 0.0
 
 
+def test_output_kl_reads_probabilities_and_multilabel_outputs_as_told():
+    # float64, so the sigmoid / softmax applied here rounds no more than output_kl's own
+    r = torch.randn(64, 1, generator=_gen(7)).double() * 2.0
+    a = r + torch.randn(64, 1, generator=_gen(8)).double() * 0.3
+    # a probability output (sigmoid in forward) carries the same distribution as its logit
+    assert output_kl(torch.sigmoid(r), torch.sigmoid(a), "probabilities") == pytest.approx(output_kl(r, a), rel=1e-9)
+    # ... and read as logits it is understated (what the default did to it, silently)
+    assert output_kl(torch.sigmoid(r), torch.sigmoid(a)) < 0.3 * output_kl(r, a)
+    c = torch.randn(32, 6, generator=_gen(9)).double()
+    d = c + torch.randn(32, 6, generator=_gen(10)).double() * 0.4
+    assert output_kl(c.softmax(-1), d.softmax(-1), "probabilities") == pytest.approx(output_kl(c, d), rel=1e-9)
+    # two binary heads: the sum over heads of each head's Bernoulli KL, per sample
+    h, g = torch.randn(40, 2, generator=_gen(11)).double(), torch.randn(40, 2, generator=_gen(12)).double() * 0.3
+    heads = sum(output_kl(h[:, i], (h + g)[:, i]) for i in range(2))
+    assert output_kl(h, h + g, "multilabel_logits") == pytest.approx(heads, rel=1e-9)
+    assert output_kl(h.sigmoid(), (h + g).sigmoid(), "multilabel_probabilities") == pytest.approx(heads, rel=1e-9)
+    # read as softmax logits, a shift both heads share cancels
+    assert output_kl(h, h + 0.5) < 1e-12 < output_kl(h, h + 0.5, "multilabel_logits")
+    with pytest.raises(ValueError, match=r"output_kl kind='logit'; expected one of \('logits', 'probabilities'"):
+        output_kl(r, a, "logit")
+
+
 def test_output_kl_shape_mismatch():
     with pytest.raises(ValueError, match=r"shapes differ, \(4, 3\) vs \(4, 2\)"):
         output_kl(torch.zeros(4, 3), torch.zeros(4, 2))
