@@ -562,6 +562,19 @@ def _describe_input(x: Any) -> Dict[str, Any]:
     return d
 
 
+def _batch_dynamic_shapes(deploy: nn.Module, example_inputs: Tuple[Any, ...]) -> Tuple[Any, ...]:
+    """``dynamic_shapes`` for ``torch.export``: dim 0 of each tensor input ``Dim.AUTO``, laid out as
+    forward's signature takes the inputs (the ones a ``*args`` parameter collects as one tuple:
+    torch.export matches the structure to the parameters, not to the flat inputs)."""
+    per_input = [{0: torch.export.Dim.AUTO} if isinstance(x, Tensor) and x.dim() else None for x in example_inputs]
+    try:
+        params = list(_inspect.signature(deploy.forward).parameters.values())
+    except (TypeError, ValueError):  # no signature to read: one entry per input
+        return tuple(per_input)
+    var = next((i for i, p in enumerate(params) if p.kind is _inspect.Parameter.VAR_POSITIONAL), None)
+    return tuple(per_input) if var is None else (*per_input[:var], tuple(per_input[var:]))
+
+
 def _export_program(deploy: nn.Module, example_inputs: Tuple[Any, ...]):
     """``torch.export`` of the deploy model with the batch (dim 0 of every tensor input) left to
     export to make dynamic (``Dim.AUTO``): a program that serves any batch the model's code allows,
@@ -570,7 +583,7 @@ def _export_program(deploy: nn.Module, example_inputs: Tuple[Any, ...]):
 
     An example of batch 1 (every tensor input one row) is traced as two copies of that row:
     torch.export specializes a size of 1, so the program would serve batch 1 only."""
-    dynamic = tuple({0: torch.export.Dim.AUTO} if isinstance(x, Tensor) and x.dim() else None for x in example_inputs)
+    dynamic = _batch_dynamic_shapes(deploy, example_inputs)
     batched = [x for x in example_inputs if isinstance(x, Tensor) and x.dim()]
     program = None
     if batched and all(x.shape[0] == 1 for x in batched):

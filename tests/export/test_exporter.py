@@ -627,6 +627,30 @@ def test_a_module_held_under_two_names_is_packed_served_and_stored_once(tmp_path
         load(art.path, model=SharedTables(shared=False))
 
 
+class VarArgs(nn.Module):
+    """forward(self, dense, *tables): a feature list of any length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables = nn.ModuleList(nn.Embedding(50, 8) for _ in range(3))
+        self.mlp = nn.Sequential(nn.Linear(4 + 3 * 8, 16), nn.ReLU(), nn.Linear(16, 1))
+
+    def forward(self, dense, *ids):
+        return self.mlp(torch.cat([dense, *(t(i) for t, i in zip(self.tables, ids))], 1))
+
+
+def test_a_star_args_forward_gets_a_program_dynamic_in_the_batch(tmp_path):
+    torch.manual_seed(0)
+    model = VarArgs()
+    example = (torch.randn(8, 4), *(torch.randint(0, 50, (8,)) for _ in range(3)))
+    art = export(model, tmp_path / "a", example_inputs=example)  # failed in torch.export: 4 dynamic_shapes for 2 parameters
+    assert art.manifest["program"]["batch_range"] == [[1, None]] * 4
+    program = torch.export.load(os.path.join(art.path, "program.pt2")).module()
+    other = (torch.randn(5, 4), *(torch.randint(0, 50, (5,)) for _ in range(3)))
+    with torch.no_grad():
+        assert torch.equal(program(*other), art.model(*other))
+
+
 def test_a_mix_of_implementations_that_fails_the_gate_falls_back_to_the_best_that_passed_alone(tmp_path, monkeypatch):
     # output_fn makes the metric depend on the kernel configuration: perfect when every int8 layer runs one
     # implementation (and for the FP32 reference), inverted for a mix; selection is forced to a mix
