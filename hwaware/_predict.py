@@ -44,16 +44,25 @@ def model_predictions(module: nn.Module, batch: Any, who: str) -> Any:
 
     A batch that does not fit the call (the arguments do not bind, or the model refuses a non-tensor
     argument by its type; ``TypeError`` / ``AttributeError``) raises a ``ValueError`` saying so and
-    what to pass instead, from the original error. An error raised inside a model that took the
-    batch (a dtype its ops do not serve, a bug) propagates as it is, with a note naming the call."""
+    what to pass instead, from the original error. Any other error raised inside the model (a dtype
+    its ops do not serve, a bug, inputs shifted by a ``(label, inputs...)`` batch) propagates as it
+    is, with a note naming the call and how the batch was split."""
     fn, args, how = _call(module, batch)
+    note = f"{who}: raised inside the model, run on a batch ({type(batch).__name__}) as {how}"
+    if fn is module and isinstance(batch, (list, tuple)) and len(batch) >= 2:
+        # a (label, inputs...) batch reaches the model shifted: torch's error says nothing of why
+        note += (f" (inputs: the batch's first {len(batch) - 1} elements; its last is read as the target). If the "
+                 "batch is laid out otherwise, define predict_step(batch, batch_idx) or pass output_fn=")
     try:
         return fn(*args)
     except (TypeError, AttributeError) as e:
         if not _not_fed(fn, args, e):
-            e.add_note(f"{who}: raised inside the model, run on a batch ({type(batch).__name__}) as {how}")
+            e.add_note(note)
             raise
         fix = ("Define predict_step(batch, batch_idx) returning the predictions" if isinstance(fn, nn.Module) else
                "Make predict_step take (batch, batch_idx) and return the predictions")
         raise ValueError(f"{who}: ran the model on a batch ({type(batch).__name__}) as {how}, which raised "
                          f"{type(e).__name__}: {e}. {fix}, or pass output_fn=") from e
+    except Exception as e:  # noqa: BLE001  re-raised as it is, with the note
+        e.add_note(note)
+        raise

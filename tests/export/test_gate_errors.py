@@ -95,7 +95,22 @@ def test_an_error_inside_a_model_that_took_the_batch_propagates_without_the_advi
     assert str(info.value) == "unsupported feature width 16"  # the model's own error, as raised
     notes = getattr(info.value, "__notes__", [])
     assert len(notes) == 1 and "raised inside the model" in notes[0] and how.replace("\\", "") in notes[0]
-    assert "output_fn" not in notes[0]
+    # how the batch was split is said, as a condition (the model took it; a bug of its own is likelier)
+    split = "(inputs: the batch's first 1 elements; its last is read as the target). If the batch is laid out otherwise"
+    assert (split in notes[0]) == (cls is _FailsInside)
+    assert cls is _FailsInside or "output_fn" not in notes[0]
+
+
+def test_a_label_first_batch_gets_the_split_in_the_models_own_error(tmp_path):
+    # (y, x): the model is called on the label; torch's error says nothing of the batch's layout
+    batches = [(y, x) for x, y in _class_batches()]
+    with pytest.raises(RuntimeError, match=r"mat1 and mat2 must have the same dtype") as info:
+        export(_Net(), tmp_path / "a", val_dataloader=batches, metric="accuracy", max_drop=1.0)
+    assert info.value.__notes__ == [
+        "export: raised inside the model, run on a batch (tuple) as _Net(*batch[:-1]) (inputs: the batch's first 1 "
+        "elements; its last is read as the target). If the batch is laid out otherwise, define "
+        "predict_step(batch, batch_idx) or pass output_fn="]
+    assert not (tmp_path / "a").exists()
 
 
 class _TwoInputs(_Net):
