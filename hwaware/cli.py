@@ -151,6 +151,8 @@ def _regression_line(reg: Mapping[str, Any]) -> str:
     verdict = "PASSED" if passed is True else "FAILED" if passed is False else "not judged"
     line = (f"regression: {reg.get('metric', '?')} reference {num('reference')} exported {num('exported')} "
             f"drop {num('drop')} (max_drop {num('max_drop')}): {verdict}")
+    if isinstance(reg.get("target"), str):
+        line += f"\n  targets: {reg['target']}"
     if "quantization_drop" in reg:
         line += (f"\n  final weights with quantization off {num('final_weights_fp32')}: the export costs "
                  f"{num('quantization_drop')} of them (not gated)")

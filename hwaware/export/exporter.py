@@ -367,6 +367,18 @@ def _default_output(module: nn.Module, batch: Any) -> Tuple[Tensor, Tensor]:
     return model_predictions(module, batch, "export"), target
 
 
+def _target_source(batch: Any, output_fn: Optional[Callable]) -> str:
+    """Where the gate took the targets from, as the report records it (read off the first batch)."""
+    if output_fn is not None:
+        return "output_fn"
+    if isinstance(batch, dict):
+        key = next((k for k in _TARGET_KEYS if k in batch), None)
+        return f"batch[{key!r}]"
+    if isinstance(batch, (list, tuple)):
+        return f"batch[-1] (the last of {len(batch)} elements)"
+    return "?"
+
+
 def _metric_value(metric: str, preds: Tensor, target: Tensor) -> float:
     from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy
 
@@ -435,13 +447,18 @@ def _gate_pair(module: nn.Module, batch: Any, output_fn: Optional[Callable]) -> 
     return preds, target
 
 
-def _evaluate(module: nn.Module, loader: Iterable, metric: str, output_fn: Optional[Callable]) -> float:
+def _evaluate(module: nn.Module, loader: Iterable, metric: str, output_fn: Optional[Callable],
+              target_source: Optional[List[str]] = None) -> float:
+    """``metric`` of ``module`` over ``loader``; ``target_source``, a list, gets where the targets
+    came from (:func:`_target_source` of the first batch) appended."""
     preds, targets = [], []
     was_training = module.training
     module.eval()
     try:
         with torch.no_grad():
             for batch in loader:
+                if target_source is not None and not target_source:
+                    target_source.append(_target_source(batch, output_fn))
                 p, t = _gate_pair(module, batch, output_fn)
                 preds.append(p.detach().cpu())
                 targets.append(t.detach().cpu())
@@ -827,7 +844,9 @@ def export(
     by_impl: Dict[str, Dict[str, Any]] = {}  # filled when int8 layers are gated (allowed then lists the passing ones)
     gated_configs: Dict[str, Dict[str, Dict[str, str]]] = {}
     if val_dataloader is not None:
-        ref_value = _evaluate(_reference_module(model, reference), val_dataloader, metric, output_fn)
+        sources: List[str] = []
+        ref_value = _evaluate(_reference_module(model, reference), val_dataloader, metric, output_fn, sources)
+        target_source = sources[0]
         if _int8_layers(deploy):
             # every int8 implementation gated on its own before any is timed: they differ in what they
             # do to the input (dequant keeps it float), so a choice by time alone made the gate's
@@ -839,7 +858,7 @@ def export(
                 best = max(by_impl, key=lambda i: by_impl[i]["exported"])
                 report = {"metric": metric, "reference": ref_value, "exported": by_impl[best]["exported"],
                           "drop": by_impl[best]["drop"], "max_drop": float(max_drop), "passed": False,
-                          "measured_on": "cpu, hwaware deploy ops", "by_impl": by_impl}
+                          "measured_on": "cpu, hwaware deploy ops", "target": target_source, "by_impl": by_impl}
                 raise RegressionError(
                     f"export refused: {metric} dropped {by_impl[best]['drop']:.5f} (reference {ref_value:.5f} -> exported "
                     f"{by_impl[best]['exported']:.5f} on {best}, the best of the int8 implementations; "
@@ -894,7 +913,8 @@ def export(
     if val_dataloader is not None:
         drop = ref_value - exp_value
         report = {"metric": metric, "reference": ref_value, "exported": exp_value, "drop": drop,
-                  "max_drop": float(max_drop), "passed": drop <= max_drop, "measured_on": "cpu, hwaware deploy ops"}
+                  "max_drop": float(max_drop), "passed": drop <= max_drop, "measured_on": "cpu, hwaware deploy ops",
+                  "target": target_source}
         if reference is None and fp32_reference(model) is not None:
             # The gate's reference is the FP32 model at QAT (or pruning) start, so training since moves the
             # drop too. Not gated, recorded: the final weights with quantization off, and how much of

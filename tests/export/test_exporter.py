@@ -64,6 +64,7 @@ def test_reference_is_the_fp32_model_kept_at_qat_start(tmp_path):
     from hwaware.export.exporter import _evaluate
 
     assert art.report["reference"] == pytest.approx(_evaluate(ref, val, "auroc", None), abs=0)
+    assert art.report["target"] == "batch[-1] (the last of 3 elements)"  # where the gate took the labels from
 
 
 def test_post_training_export_of_a_plain_fp32_model(tmp_path):
@@ -399,6 +400,9 @@ def test_a_lightning_model_without_predict_step_runs_on_its_inputs(tmp_path):
     model = _NoPredictStep()
     art = export(model, tmp_path / "a", val_dataloader=_class_batches(), metric="accuracy", max_drop=1.0)
     assert art.report["metric"] == "accuracy" and "net.0" in art.manifest["layers"]
+    by_key = export(model, tmp_path / "k", val_dataloader=[{"x": x, "y": y} for x, y in _class_batches()],
+                    metric="accuracy", max_drop=1.0, output_fn=lambda m, b: (m(b["x"]), b["y"]))
+    assert by_key.report["target"] == "output_fn"
     with pytest.raises(ValueError, match=r"metric='auroc' expects one logit"):  # the mismatch, not a deep error
         export(model, tmp_path / "b", val_dataloader=_class_batches(), metric="auroc")
 
