@@ -218,6 +218,13 @@ def _check_target(path: str, overwrite: bool) -> None:
         )
     if not overwrite:
         raise ArtifactError(f"{path}: an artifact already exists there and overwrite=False")
+    with open(os.path.join(path, MANIFEST_FILE), "rb") as f:  # is_artifact read it: JSON, an object
+        foreign = unlisted_entries(path, json.loads(f.read().decode("utf-8")))
+    if foreign:  # replacing the directory would delete them with the old artifact
+        raise ArtifactError(
+            f"{path}: holds an artifact and also {', '.join(map(repr, foreign[:5]))}"
+            f"{f' and {len(foreign) - 5} more' if len(foreign) > 5 else ''}, which are not part of it (the manifest "
+            "does not list them); replacing the artifact would delete them. Move them out, or export elsewhere")
 
 
 def nearest_existing_parent(path: str | os.PathLike) -> str:

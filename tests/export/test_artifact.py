@@ -301,6 +301,20 @@ def test_write_refuses_to_clobber_non_artifacts(tmp_path):
     with pytest.raises(ArtifactError, match=r"empty: an artifact already exists there and overwrite=False"):
         _write(e, overwrite=False)
     assert not _tmp_dirs(tmp_path)
+    # an artifact with the user's own files beside it: replacing it would delete them (it did)
+    (e / "eval_results.json").write_text("keep")
+    (e / "checkpoints").mkdir()
+    with pytest.raises(ArtifactError, match=r"empty: holds an artifact and also 'checkpoints', 'eval_results.json', "
+                                            r"which are not part of it .*replacing the artifact would delete them"):
+        _write(e)
+    assert sorted(os.listdir(e)) == ["checkpoints", "eval_results.json", "manifest.json", "weights.safetensors"]
+    # a project directory with a manifest-like file and nothing it lists
+    proj = tmp_path / "proj"
+    (proj / "src").mkdir(parents=True)
+    (proj / "manifest.json").write_text(json.dumps({"format": A.FORMAT_NAME}))
+    with pytest.raises(ArtifactError, match=r"proj: holds an artifact and also 'src'"):
+        _write(proj)
+    assert (proj / "src").is_dir() and not _tmp_dirs(tmp_path)
 
 
 def test_write_refuses_bad_inputs(tmp_path):
