@@ -8,9 +8,12 @@ start when pruning came first (:func:`hwaware.quant.fp32_reference`). A model th
 """
 from __future__ import annotations
 
+import ast
 import collections.abc
 import copy
 import importlib
+import importlib.machinery
+import importlib.util
 import inspect as _inspect
 import json
 import math
@@ -975,19 +978,83 @@ def export(
     return Artifact(path=path, manifest=verify_artifact(path), report=report, model=deploy)
 
 
-def _import_qualified(name: str) -> Any:
-    """``module.Qual.Name`` -> the object: the longest importable module prefix, then attributes (a
-    class nested in another class has a dotted qualname, so the last dot need not end the module)."""
-    parts = name.split(".")
+def _module_spec(modname: str) -> Any:
+    """The import spec of ``modname`` found without running any of its code (or its packages'):
+    a top-level name through the import system's finders, a submodule by its package's search path.
+    None where there is no such module."""
+    if modname in sys.modules:
+        return getattr(sys.modules[modname], "__spec__", None)
+    parts = modname.split(".")
+    spec = importlib.util.find_spec(parts[0])
+    for i in range(1, len(parts)):
+        if spec is None or spec.submodule_search_locations is None:
+            return None
+        name = ".".join(parts[:i + 1])
+        spec = (getattr(sys.modules[name], "__spec__", None) if name in sys.modules else
+                importlib.machinery.PathFinder.find_spec(name, list(spec.submodule_search_locations)))
+    return spec
+
+
+def _top_level_classes(source: str) -> set:
+    """Names of the classes a module's source defines at its top level (inside top-level if/try too)."""
+    names, todo = set(), list(ast.parse(source).body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, (ast.If, ast.Try, ast.With)):
+            todo += [*node.body, *getattr(node, "orelse", []), *getattr(node, "finalbody", []),
+                     *(s for h in getattr(node, "handlers", []) for s in h.body)]
+    return names
+
+
+def _import_recorded_class(name: str, path: str) -> Any:
+    """The class a manifest names (``module.Qual.Name``), imported only where that is safe: a
+    manifest can be edited, and importing a module runs it. Refused before anything runs: a name
+    that is not dotted identifiers, any ``__dunder__`` part (``venv.__main__`` runs a command line
+    on import), a module found inside the artifact's own directory (code shipped with the
+    artifact), and a module not yet imported whose Python source does not define the class at its
+    top level (a module imported for its side effects). The longest prefix that is a module is
+    the module; the rest are attributes (a nested class's qualname is dotted)."""
+    mpath = os.path.join(path, "manifest.json")
+    parts = name.split(".") if isinstance(name, str) else []
+    if len(parts) < 2 or not all(p.isidentifier() for p in parts):
+        raise ImportError(f"{name!r} is not a dotted 'module.Class' name")
+
+    def dunder(ps: Sequence[str]) -> bool:
+        return any(p.startswith("__") and p.endswith("__") for p in ps)
+
     for i in range(len(parts) - 1, 0, -1):
+        modname = ".".join(parts[:i])
+        if dunder(parts[i:]) or (modname not in sys.modules and dunder(parts[:i])):
+            # an imported __main__ (the exporting script, loading in its own process) runs nothing new
+            if modname == "__main__":
+                raise ImportError(f"no module '__main__' to import {name!r} from")  # the caller says what to do
+            raise ArtifactError(f"{mpath}: model class {name!r} has a __dunder__ part, and hwaware does not import such "
+                                "a name (venv.__main__ runs a program on import); pass model= with the class from your code")
         try:
-            obj = importlib.import_module(".".join(parts[:i]))
-        except ImportError as e:
-            if i == 1:
-                raise
-            if e.name is not None and not ".".join(parts[:i]).startswith(e.name):
-                raise  # the module exists but failed inside its own imports: say so, do not look further up
+            spec = _module_spec(modname)
+        except (ImportError, ValueError, AttributeError):
+            spec = None
+        if spec is None:
             continue
+        if modname not in sys.modules:
+            origin = spec.origin if isinstance(spec.origin, str) else ""
+            root = os.path.realpath(path)
+            if origin and os.path.realpath(origin).startswith(root + os.sep):
+                raise ArtifactError(f"{mpath}: model class {name!r} names module {modname!r}, which is found inside the "
+                                    f"artifact's directory ({origin}): hwaware never runs code that ships with an "
+                                    "artifact; pass model= with the class from your code")
+            try:
+                with open(origin, encoding="utf-8") as f:
+                    defined = _top_level_classes(f.read()) if origin.endswith(".py") else set()
+            except (OSError, SyntaxError, ValueError):
+                defined = set()
+            if parts[i] not in defined:
+                raise ArtifactError(f"{mpath}: model class {name!r}: module {modname!r} ({origin or spec.origin}) has no "
+                                    f"Python source defining class {parts[i]!r} at its top level, so hwaware does not "
+                                    "import it (importing runs the module); import it yourself first, or pass model=")
+        obj = importlib.import_module(modname)  # ImportError from inside the module's own imports: the caller says so
         for attr in parts[i:]:
             obj = getattr(obj, attr)
         return obj
@@ -999,7 +1066,7 @@ def model_class(manifest: Dict[str, Any], path: str) -> type:
     name = manifest["model"]["class"]
     module_name, _, qualname = name.rpartition(".")
     try:
-        cls = _import_qualified(name)
+        cls = _import_recorded_class(name, path)
     except (ImportError, AttributeError) as e:
         if "<locals>" in name:  # defined inside a function: importable nowhere
             raise ArtifactError(
