@@ -347,7 +347,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> tuple:
     from hwaware.export import ArtifactError, load, read_manifest
     from hwaware.export.bench import compare_throughput, instability_warning
-    from hwaware.export.exporter import make_inputs, model_class
+    from hwaware.export.exporter import build_recorded, float_bytes, make_inputs, model_class
     import torch
 
     if args.json and args.json != "-":  # refused now, not after the benchmark ran
@@ -372,8 +372,26 @@ def _bench(args: argparse.Namespace) -> tuple:
               f"would take {need / 2**30:.1f} GiB, more than half the {avail / 2**30:.1f} GiB of memory available; "
               "pass a smaller --batch-size or --batches", file=sys.stderr)
         return 2, None
-    # FP32 reference: the same architecture with dense float weights (their values do not change speed)
-    fp32 = cls(**(manifest["model"].get("hparams") or {}))
+    # FP32 reference: the same architecture with dense float weights (their values do not change speed),
+    # built on the meta device first: its size must be the exported model's, and must fit
+    try:
+        with torch.device("meta"):
+            skeleton = build_recorded(cls, manifest, args.path)
+    except ArtifactError as e:
+        print(f"hwaware: error: {e}", file=sys.stderr)
+        return 2, None
+    got, want = float_bytes(skeleton), manifest.get("fp32_bytes")
+    del skeleton
+    if isinstance(want, int) and got != want:
+        print(f"hwaware bench: error: {cls.__qualname__} built from {args.path}/manifest.json's hparams holds {got:,} bytes of "
+              f"float weights, and the manifest says the exported FP32 model held {want:,}: not the exported architecture "
+              "(an edited manifest, or a class changed since export); pass --model module:Class", file=sys.stderr)
+        return 2, None
+    if avail is not None and got > avail // 2:
+        print(f"hwaware bench: error: the FP32 reference would take {got / 2**30:.1f} GiB, more than half the "
+              f"{avail / 2**30:.1f} GiB of memory available", file=sys.stderr)
+        return 2, None
+    fp32 = build_recorded(cls, manifest, args.path)
     inputs = [make_inputs(manifest["inputs"], args.batch_size, seed=i) for i in range(args.batches)]
     for name, model in (("fp32", fp32), ("artifact", served)):
         try:  # generated from the recorded shapes: a model whose inputs are not one row per sample refuses them

@@ -22,7 +22,7 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -690,6 +690,56 @@ def _jsonable(obj: Any) -> Any:
         return None
 
 
+def _record_hparams(hparams: Any) -> Tuple[Optional[Dict[str, Any]], Dict[str, str]]:
+    """``(hparams the manifest can hold, {name: type} of those it cannot})``: JSON without NaN/inf,
+    one by one (a single ``pathlib.Path`` dropped them all, and load then built the class with its
+    defaults)."""
+    if hparams is None:
+        return None, {}
+    kept, unrecorded = {}, {}
+    for k, v in dict(hparams).items():
+        try:
+            json.dumps(v, allow_nan=False)
+            ok = isinstance(k, str)
+        except (TypeError, ValueError):
+            ok = False
+        if ok:
+            kept[k] = v
+        else:
+            unrecorded[str(k)] = f"{type(v).__module__}.{type(v).__qualname__}" + (
+                f" {v!r}" if isinstance(v, float) else "")
+    return kept, unrecorded
+
+
+def build_recorded(cls: type, manifest: Mapping[str, Any], path: str) -> nn.Module:
+    """``cls(**hparams recorded at export)``: the exported architecture. ``ArtifactError`` naming the
+    artifact and what to pass instead where the manifest could not record every hparam, or the class
+    no longer takes them (changed since export)."""
+    mpath = os.path.join(path, "manifest.json")
+    info = manifest.get("model") or {}
+    unrecorded = info.get("hparams_unrecorded")
+    if unrecorded:
+        raise ArtifactError(f"{mpath}: the exported model's hparams {', '.join(f'{k} ({t})' for k, t in dict(unrecorded).items())} "
+                            f"could not be recorded (not JSON), so {cls.__qualname__} cannot be rebuilt from the manifest; "
+                            f"build it as at export and pass it: hwaware.load({path!r}, model={cls.__qualname__}(...))")
+    hparams = info.get("hparams") or {}
+    if not isinstance(hparams, dict) or not all(isinstance(k, str) for k in hparams):
+        raise ArtifactError(f"{mpath}: 'model.hparams' is {hparams!r}; expected an object of keyword arguments")
+    try:
+        return cls(**hparams)
+    except TypeError as e:
+        raise ArtifactError(f"{mpath}: {cls.__qualname__}(**{hparams}) failed ({e}): the class takes other arguments than "
+                            f"when the artifact was exported; pass an instance built as then: hwaware.load({path!r}, "
+                            f"model={cls.__qualname__}(...))") from None
+
+
+def float_bytes(model: nn.Module) -> int:
+    """The bytes of ``model``'s floating weights and buffers at 4 bytes each, each tensor once (a
+    tied weight is one tensor): the manifest's ``fp32_bytes``, also for a model on the meta device."""
+    seen = {id(t): t for t in model.state_dict(keep_vars=True).values() if isinstance(t, Tensor) and t.is_floating_point()}
+    return sum(t.numel() * 4 for t in seen.values())
+
+
 def _real_scalar(name: str, value: Any) -> float:
     """``float(value)`` for a finite real scalar >= 0: any ``numbers.Real`` (Python int/float, numpy
     integer/floating scalars), a 0-d numpy array or a 0-d torch tensor of a real dtype. ``bool``
@@ -952,9 +1002,15 @@ def export(
                       f"elsewhere with hwaware.load(path, model={cls.__name__}), and bench it with hwaware bench PATH "
                       f"--model module:{cls.__name__} once the class lives at the top of an importable module", UserWarning,
                       stacklevel=_user_stacklevel())
-    hparams = getattr(model, "hparams", None)
+    hparams, unrecorded = _record_hparams(getattr(model, "hparams", None))
+    if unrecorded:
+        warnings.warn(f"export: the manifest cannot record the model's hparams "
+                      f"{', '.join(f'{k} ({t})' for k, t in unrecorded.items())} (not JSON): load will need the model "
+                      f"built by you, hwaware.load(path, model={cls.__qualname__}(...)), and so will hwaware bench",
+                      UserWarning, stacklevel=_user_stacklevel())
     manifest = {
-        "model": {"class": f"{cls.__module__}.{cls.__qualname__}", "hparams": _jsonable(dict(hparams)) if hparams is not None else None},
+        "model": {"class": f"{cls.__module__}.{cls.__qualname__}", "hparams": hparams,
+                  **({"hparams_unrecorded": unrecorded} if unrecorded else {})},
         "post_training": ptq,
         "layers": layers,
         "dense_layers": dense,
@@ -1253,7 +1309,7 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
     if not given:
         cls = model or model_class(manifest, path)
         with torch.device("meta"):  # a skeleton: its FP32 weights are never allocated
-            model = cls(**(info.get("hparams") or {}))
+            model = build_recorded(cls, manifest, path)
     # every check first, the model changed only after: a refused artifact leaves a model passed in as it was
     new_layers: Dict[str, nn.Module] = {}
     for name, meta in layers.items():

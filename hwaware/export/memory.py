@@ -37,7 +37,7 @@ def _probe(path: str, which: str, batch_size: int, batches: int, kernels: str = 
     import torch
 
     from hwaware.export import load, read_manifest
-    from hwaware.export.exporter import import_model_class, make_inputs, model_class
+    from hwaware.export.exporter import build_recorded, import_model_class, make_inputs, model_class
 
     manifest = read_manifest(path)
     cls = import_model_class(model) if model else None  # imported before the baseline, as the recorded class is
@@ -48,7 +48,7 @@ def _probe(path: str, which: str, batch_size: int, batches: int, kernels: str = 
     if which == "artifact":
         net = load(path, kernels=kernels, model=cls)  # "measure": the load peak includes re-timing the kernels
     else:
-        net = (cls or model_class(manifest, path))(**(manifest["model"].get("hparams") or {}))
+        net = build_recorded(cls or model_class(manifest, path), manifest, path)
     net.eval()
     load_peak = _status_kib("VmHWM")
     with torch.no_grad():  # every weight read once, as serving traffic eventually does: lazily

@@ -1,0 +1,73 @@
+"""What load builds the model from: the hparams recorded at export, each one that JSON holds; the
+rest named at export and at load (never silently the class's defaults), and a class whose
+arguments changed, or a manifest whose hparams build another architecture, refused with the fix."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from hwaware.cli import main
+from hwaware.export import ArtifactError, export, load
+from hwaware.export import artifact as A
+
+
+class Scaled(pl.LightningModule):
+    def __init__(self, width: int = 8, out_scale: float = 1.0, log_dir=None, max_norm: float = math.inf) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(nn.Linear(4, width), nn.ReLU(), nn.Linear(width, 1))
+
+    def forward(self, x):
+        return self.net(x) * self.hparams.out_scale
+
+
+def _rehashed(path, edit) -> None:
+    mpath = os.path.join(path, "manifest.json")
+    with open(mpath) as f:
+        m = json.load(f)
+    edit(m)
+    m["manifest_sha256"] = A._manifest_hash(m)
+    with open(mpath, "w") as f:
+        json.dump(m, f)
+
+
+def test_hparams_json_cannot_hold_are_named_and_load_refuses_to_guess_them(tmp_path):
+    torch.manual_seed(0)
+    model = Scaled(width=16, out_scale=3.0, log_dir=pathlib.Path("/runs/a"))
+    x = torch.randn(5, 4)
+    with pytest.warns(UserWarning, match=r"cannot record the model's hparams log_dir \(pathlib\.PosixPath\), max_norm "
+                                         r"\(builtins\.float inf\) \(not JSON\): load will need the model built by you"):
+        art = export(model, tmp_path / "a", example_inputs=(x,))  # inf made the manifest unwritable, after all the work
+    info = art.manifest["model"]
+    assert info["hparams"] == {"width": 16, "out_scale": 3.0}  # one Path dropped every hparam, out_scale back to 1.0
+    assert set(info["hparams_unrecorded"]) == {"log_dir", "max_norm"}
+    with pytest.raises(ArtifactError, match=r"hparams log_dir \(pathlib\.PosixPath\), max_norm \(builtins\.float inf\) "
+                                            r"could not be recorded .*pass it: hwaware\.load\(.*, model=Scaled\(\.\.\.\)\)"):
+        load(art.path)
+    served = load(art.path, model=Scaled(width=16, out_scale=3.0, log_dir=pathlib.Path("/runs/a")))
+    with torch.no_grad():
+        assert torch.equal(served(x), art.model(x))
+
+
+def test_a_changed_class_or_another_architecture_is_refused_naming_the_fix(tmp_path, capsys):
+    torch.manual_seed(0)
+    art = export(Scaled(width=16, max_norm=1.0), tmp_path / "a", example_inputs=(torch.randn(5, 4),))
+    _rehashed(art.path, lambda m: m["model"]["hparams"].update(dropout=0.1))  # an argument the class no longer takes
+    with pytest.raises(ArtifactError, match=r"Scaled\(\*\*\{.*'dropout': 0\.1.*\}\) failed \(.*unexpected keyword "
+                                            r"argument 'dropout'\): the class takes other arguments than when the "
+                                            r"artifact was exported"):
+        load(art.path)
+    assert main(["bench", art.path, "--batch-size", "4", "--batches", "1", "--rounds", "1", "--no-memory"]) == 2
+    assert "unexpected keyword argument 'dropout'" in capsys.readouterr().err
+    # hparams that build another (here: huge) model: bench compares the size before allocating it
+    _rehashed(art.path, lambda m: (m["model"]["hparams"].pop("dropout"), m["model"]["hparams"].update(width=10**9)))
+    assert main(["bench", art.path, "--batch-size", "4", "--batches", "1", "--rounds", "1", "--no-memory"]) == 2
+    err = capsys.readouterr().err
+    assert "holds 24,000,000,004 bytes of float weights, and the manifest says the exported FP32 model held 388" in err
