@@ -321,6 +321,20 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         # exports) as QAT left it
         if self._pending_quantizers is not None:
             self._restore_quantizers(trainer, pl_module)
+        if self.phase != "qat" or not self._states:
+            return
+        # A checkpoint Lightning saved during fit is always from before on_fit_end, where the KL
+        # validation and its fallbacks run: without them, export would pack every layer the run
+        # decided to keep at higher precision
+        if trainer.state.fn == TrainerFn.VALIDATING:
+            rank_zero_info("ProgressiveQuantization: this checkpoint is from before the end-of-fit KL validation (phase "
+                           "'qat'); running it now on the validation batches, as the end of fit would have")
+            self._validate(trainer, pl_module)
+        else:
+            rank_zero_warn(
+                f"ProgressiveQuantization: this checkpoint is from before the end-of-fit KL validation (phase 'qat'), and "
+                f"{trainer.state.fn.value} does not run it: the model is as QAT left it, with no KL fallback. Run "
+                "trainer.validate(model, datamodule, ckpt_path=...) before exporting, as the README shows")
 
     @override
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

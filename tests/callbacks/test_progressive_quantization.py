@@ -808,6 +808,37 @@ def test_validate_or_predict_from_a_checkpoint_runs_and_exports_the_quantized_mo
     torch.testing.assert_close(torch.cat(t3.predict(other, val, ckpt_path=ckpt)), preds_want, atol=0, rtol=0)
 
 
+def test_a_checkpoint_saved_during_fit_gets_the_end_of_fit_kl_validation_at_validate(tmp_path):
+    """Every checkpoint ModelCheckpoint writes during fit is from before on_fit_end, where the KL
+    validation and its fallbacks run: validate(ckpt_path=...) then export shipped int8 every layer the
+    run had kept at higher precision (trial: 9 fallbacks lost). validate runs that validation now;
+    test / predict, which cannot, warn."""
+    import hwaware
+
+    kw = dict(start_epoch=1, calibration_batches=2, weight_spec=QuantSpec(bits=2, granularity="per_channel"),
+              kl_threshold=0.005)
+    saver = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    trainer, model = _fit(tmp_path, ProgressiveQuantization(**kw), max_epochs=2, extra=[saver], enable_checkpointing=True)
+    val = loaders()[1]
+    want = hwaware.export(model, tmp_path / "want", val_dataloader=val, max_drop=1.0)
+    assert want.manifest["dense_layers"] or any(m["scheme"] == "int8" for m in want.manifest["layers"].values())
+    last = str(tmp_path / "ckpt" / "last.ckpt")
+    assert torch.load(last, weights_only=False)["callbacks"]
+    pl.seed_everything(0, verbose=False)
+    fresh, cb = TinyCTR(), ProgressiveQuantization(**kw)
+    make_trainer(tmp_path / "b", [cb]).validate(fresh, val, ckpt_path=last, verbose=False)
+    assert cb.phase == "done" and cb.report["fallbacks"]
+    got = hwaware.export(fresh, tmp_path / "got", val_dataloader=val, max_drop=1.0)
+    def schemes(art):
+        return {n: (m["scheme"], m.get("bits"), m.get("weight")) for n, m in art.manifest["layers"].items()}
+
+    assert schemes(got) == schemes(want) and got.manifest["dense_layers"] == want.manifest["dense_layers"]
+    assert got.report["by_impl"] == want.report["by_impl"]  # each int8 implementation: the same metric
+    with pytest.warns(UserWarning, match=r"from before the end-of-fit KL validation \(phase 'qat'\), and predict does "
+                                         r"not run it.*Run trainer.validate\(model, datamodule, ckpt_path=\.\.\.\)"):
+        make_trainer(tmp_path / "c", [ProgressiveQuantization(**kw)]).predict(TinyCTR(), val, ckpt_path=last)
+
+
 def test_specs_no_deploy_op_packs_warn_at_setup_and_at_export(tmp_path):
     """A per-tensor (or int4 per-channel) weight spec trained fine and export left every such layer
     FP32, saying so only in dense_layers."""
