@@ -275,13 +275,66 @@ def _check_served_dtypes(model: nn.Module, states: Dict[str, QuantState]) -> Non
                         f"the model (e.g. model.float()) and its inputs before export")
 
 
+def weights_read_outside_call(model: nn.Module, names: Iterable[str], run: Callable[[], Any]) -> Dict[str, str]:
+    """``{layer: why it stays dense}`` for the layers among ``names`` whose ``.weight`` the model reads
+    outside the layer's own call while ``run()`` runs it once: a tied head (``F.linear(h,
+    self.tok.weight)``), a scale from the table's width (``self.tok.weight.shape[-1]``). A packed
+    layer has no float weight there: its ``weight`` is the packed codes, so such a model computed
+    with the wrong shape or crashed. Run with quantization off, in eval mode, without gradients;
+    each module's class and train flag are put back."""
+    from hwaware.quant import quantization_disabled
+
+    modules = dict(model.named_modules())
+    reads: Dict[str, str] = {}
+    swapped: List[Tuple[nn.Module, type]] = []
+    hooks = []
+
+    def tracking(cls: type, name: str) -> type:
+        def __getattr__(self, attr):  # nn.Module's: parameters live in _parameters, not __dict__
+            if attr == "weight" and not self.__dict__.get("_hwaware_in_call"):
+                reads.setdefault(name, "")
+            return cls.__getattr__(self, attr)
+        return type(cls.__name__, (cls,), {"__getattr__": __getattr__, "__module__": cls.__module__,
+                                           "__qualname__": cls.__qualname__})
+
+    def enter(m, args):
+        m.__dict__["_hwaware_in_call"] = m.__dict__.get("_hwaware_in_call", 0) + 1
+
+    def leave(m, args, out):
+        m.__dict__["_hwaware_in_call"] -= 1
+
+    flags = {m: m.training for m in model.modules()}
+    try:
+        for name in names:
+            m = modules[name]
+            swapped.append((m, type(m)))
+            m.__class__ = tracking(type(m), name)
+            hooks += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave, always_call=True)]
+        model.eval()
+        with torch.no_grad(), quantization_disabled(model):
+            run()
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, cls in swapped:
+            m.__class__ = cls
+            m.__dict__.pop("_hwaware_in_call", None)
+        for m, training in flags.items():
+            m.training = training
+    return {name: f"the model reads {name}.weight outside {name}'s own call (a tied head, a scale from its width), and a "
+                  "packed layer has no float weight: left dense" for name in reads}
+
+
 def _build_deploy(model: nn.Module, states: Dict[str, QuantState], sparse24: bool = True,
-                  skipped: Optional[Dict[str, str]] = None, qat: bool = True
+                  skipped: Optional[Dict[str, str]] = None, qat: bool = True,
+                  read_outside: Optional[Dict[str, str]] = None,
                   ) -> Tuple[nn.Module, Dict[str, Dict[str, Any]], Dict[str, str]]:
     """The deploy model, its packed layers' manifest entries and ``{layer: why it stays dense}``.
     ``skipped``: layers the quantization planning left out, with reasons (listed as dense unless
     packed anyway, e.g. 2:4 with FP32 values); ``qat``: the states were trained by QAT (their
-    activation specs are recorded as ``qat_activation``), not attached here post-training."""
+    activation specs are recorded as ``qat_activation``), not attached here post-training;
+    ``read_outside``: layers whose weight the model reads itself (:func:`weights_read_outside_call`),
+    left dense with the reason."""
     deploy = _copy_model(model)
     modules = dict(model.named_modules())
     layers, dense = {}, {}
@@ -298,7 +351,7 @@ def _build_deploy(model: nn.Module, states: Dict[str, QuantState], sparse24: boo
         layers[name] = meta
 
     for name, st in states.items():
-        reason = weight_read_by_parent(modules, name)  # a deploy module there would never run
+        reason = weight_read_by_parent(modules, name) or (read_outside or {}).get(name)  # a deploy module would not serve it
         new, reason = (None, reason) if reason else _deploy_module(name, modules[name], st, sparse24)
         if new is None:
             dense[name] = reason
@@ -874,7 +927,13 @@ def export(
         skipped = _qat_skipped(model, states)
     try:
         _check_served_dtypes(model, states)
-        deploy, layers, dense = _build_deploy(model, states, sparse24=bool(sparse24), skipped=skipped, qat=not ptq)
+        read_outside = {}
+        if example_inputs is not None or val_dataloader is not None:  # one batch through the model, weights watched
+            run = ((lambda: model(*example_inputs)) if example_inputs is not None else
+                   (lambda: (output_fn or _default_output)(model, _first_batch(val_dataloader))))
+            read_outside = weights_read_outside_call(model, [n for n, st in states.items() if st.enabled], run)
+        deploy, layers, dense = _build_deploy(model, states, sparse24=bool(sparse24), skipped=skipped, qat=not ptq,
+                                              read_outside=read_outside)
     finally:
         if ptq:
             detach_quantization(model)

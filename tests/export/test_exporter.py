@@ -655,6 +655,37 @@ def test_a_star_args_forward_gets_a_program_dynamic_in_the_batch(tmp_path):
         assert torch.equal(program(*other), art.model(*other))
 
 
+class ReadsTableWeight(nn.Module):
+    """GPT-2 / T5 style: token table scaled by its width, and a head tied to it through F.linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(40, 16)
+        self.body = nn.Sequential(nn.Linear(16, 16), nn.ReLU())
+
+    def forward(self, ids):
+        h = self.tok(ids) * self.tok.weight.shape[-1] ** 0.5  # the packed table is [40, 24] uint8: sqrt(24)
+        return nn.functional.linear(self.body(h).mean(1), self.tok.weight)  # crashed: (., 16) x (24, 40)
+
+
+def test_a_layer_whose_weight_the_model_reads_itself_stays_dense(tmp_path):
+    torch.manual_seed(0)
+    model = ReadsTableWeight()
+    ids = torch.randint(0, 40, (8, 5))
+    batches = [(ids, torch.randint(0, 40, (8,)))]
+    art = export(model, tmp_path / "a", val_dataloader=batches, metric="accuracy", max_drop=1.0)
+    assert "tok" not in art.manifest["layers"] and "body.0" in art.manifest["layers"]
+    assert art.manifest["dense_layers"]["tok"].startswith("the model reads tok.weight outside tok's own call")
+    assert type(art.model.tok) is nn.Embedding and type(model.tok) is nn.Embedding and model.training  # put back
+    with torch.no_grad():
+        served = load(art.path)
+        assert torch.equal(served(ids), art.model(ids))
+        # only body.0 quantized: the rest is the FP32 model's math
+        assert (served(ids) - model(ids)).abs().max() < 0.05
+    art2 = export(model, tmp_path / "b", example_inputs=(ids,))  # found through example_inputs too
+    assert "tok" in art2.manifest["dense_layers"]
+
+
 def test_a_mix_of_implementations_that_fails_the_gate_falls_back_to_the_best_that_passed_alone(tmp_path, monkeypatch):
     # output_fn makes the metric depend on the kernel configuration: perfect when every int8 layer runs one
     # implementation (and for the FP32 reference), inverted for a mix; selection is forced to a mix
