@@ -253,8 +253,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     manifest = verify_artifact(args.path)
     if args.json:
         print(json.dumps(manifest, indent=2, sort_keys=True))
-    else:
-        print(_inspect_text(args.path, manifest, artifact_size_bytes(args.path), args.wide))
+        return 0
+    try:
+        text = _inspect_text(args.path, manifest, artifact_size_bytes(args.path), args.wide)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+        # verified, so written (and hashed) as it is: by another hwaware version, or edited and re-hashed
+        print(f"hwaware inspect: error: {os.path.join(args.path, 'manifest.json')}: a field holds what this hwaware does "
+              f"not write ({type(e).__name__}: {e}); --json prints the manifest as stored", file=sys.stderr)
+        return 2
+    print(text)
     return 0
 
 

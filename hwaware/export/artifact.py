@@ -197,7 +197,7 @@ def is_artifact(path: str | os.PathLike) -> bool:
     try:
         with open(os.path.join(path, MANIFEST_FILE), "rb") as f:
             return json.loads(f.read().decode("utf-8")).get("format") == FORMAT_NAME
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return False
 
 
@@ -354,9 +354,11 @@ def write_artifact(
     _remove_stale_tmp(parent, name)
 
     tmp = tempfile.mkdtemp(dir=parent, prefix=f"{_TMP_PREFIX}{name}-")
+    writing = WEIGHTS_FILE  # what an OSError (a full disk) was writing
     try:
         save_file(tensors, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
         if program_writer is not None:
+            writing = PROGRAM_FILE
             program_writer(os.path.join(tmp, PROGRAM_FILE))
             if not os.path.isfile(os.path.join(tmp, PROGRAM_FILE)):
                 raise ArtifactError(f"{path}: program_writer did not write {PROGRAM_FILE}")
@@ -369,6 +371,7 @@ def write_artifact(
             _fsync_file(fpath)
             files[fname] = {"sha256": _sha256_file(fpath), "bytes": os.path.getsize(fpath)}
 
+        writing = MANIFEST_FILE
         body.update(format=FORMAT_NAME, format_version=FORMAT_VERSION, files=files, **_versions())
         body["manifest_sha256"] = _manifest_hash(body)
         mpath = os.path.join(tmp, MANIFEST_FILE)
@@ -383,6 +386,10 @@ def write_artifact(
         _check_target(path, overwrite)  # again: something may have appeared while we wrote
         _publish(tmp, path)
         _fsync_dir(parent)
+    except OSError as e:  # a full disk, a quota: say where, and that nothing changed at path
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ArtifactError(f"{path}: writing {writing} failed ({e.strerror or e}); nothing was written at {path}"
+                            f"{' and the previous artifact there is intact' if is_artifact(path) else ''}") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -416,6 +423,17 @@ def read_manifest(path: str | os.PathLike) -> Dict[str, Any]:
     return _read_manifest(os.fspath(path), hash_weights=True)
 
 
+def _unique_keys(pairs: list) -> Dict[str, Any]:
+    """A JSON object whose keys are unique: a duplicate is read as the last value here and as the
+    first by other parsers, so the hash would vouch for two different manifests."""
+    obj: Dict[str, Any] = {}
+    for k, v in pairs:
+        if k in obj:
+            raise ValueError(f"key {k!r} appears twice in one object")
+        obj[k] = v
+    return obj
+
+
 def _read_manifest(path: str, hash_weights: bool) -> Dict[str, Any]:
     if not os.path.lexists(path):
         raise ArtifactError(f"{path}: no such artifact (path does not exist){_missing_hint(path)}")
@@ -426,9 +444,15 @@ def _read_manifest(path: str, hash_weights: bool) -> Dict[str, Any]:
         raise ArtifactError(f"{path}: not an hwaware artifact (no {MANIFEST_FILE})")
     try:
         with open(mpath, "rb") as f:
-            manifest = json.loads(f.read().decode("utf-8"))
+            raw = f.read()
+    except OSError as e:
+        raise ArtifactError(f"{mpath}: cannot be read ({e.strerror or e})") from e
+    try:
+        manifest = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, ValueError) as e:
         raise ArtifactError(f"{mpath}: {MANIFEST_FILE} is not valid JSON ({e})") from e
+    except RecursionError:
+        raise ArtifactError(f"{mpath}: {MANIFEST_FILE} nests too deeply to be a manifest") from None
     if not isinstance(manifest, dict):
         raise ArtifactError(f"{mpath}: {MANIFEST_FILE} is not a JSON object")
 
@@ -689,7 +713,7 @@ def artifact_size_bytes(path: str | os.PathLike) -> int:
         with open(os.path.join(path, MANIFEST_FILE), "rb") as f:
             files = json.loads(f.read().decode("utf-8")).get("files")
         names = [MANIFEST_FILE, *files] if isinstance(files, dict) else None
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, RecursionError):
         names = None
     if names is None:
         names = [os.path.relpath(os.path.join(root, n), path) for root, _dirs, ns in os.walk(path) for n in ns]

@@ -204,6 +204,10 @@ class RowwiseEmbeddingBag(nn.Module):
                                         or not 0 <= padding_idx < weight.shape[0] or mode == "max"):
             raise ValueError(f"RowwiseEmbeddingBag padding_idx={padding_idx!r}; expected None or a row index in "
                              f"[0, {weight.shape[0]}) with mode 'sum' or 'mean' (got mode {mode!r})")
+        if bits not in (4, 8) or isinstance(dim, bool) or not isinstance(dim, int) or dim < 1 \
+                or weight.dim() != 2 or weight.shape[1] != packing.rowwise_cols(dim, bits):
+            raise ValueError(f"{type(self).__name__} bits={bits!r}, dim={dim!r} with a packed table of shape "
+                             f"{tuple(weight.shape)}; expected bits 4 or 8 and [rows, rowwise_cols(dim, bits)]")
         self.register_buffer("weight", weight)  # uint8 [R, cols]
         self.bits, self.dim, self.mode, self.include_last_offset = bits, dim, mode, include_last_offset
         self.padding_idx = padding_idx

@@ -15,6 +15,7 @@ import importlib
 import importlib.machinery
 import importlib.util
 import inspect as _inspect
+import io
 import json
 import math
 import numbers
@@ -144,11 +145,17 @@ def _fp32_copy(model: nn.Module) -> nn.Module:
 
 
 def _get_module(root: nn.Module, name: Any) -> Optional[nn.Module]:
-    """The submodule at ``name``, or None where there is none (or ``name`` is not a string)."""
-    try:
-        return root.get_submodule(name) if isinstance(name, str) and name else None
-    except AttributeError:
+    """The submodule at ``name``, or None where there is none (or ``name`` is not a string). Walks
+    the registered submodules only: ``get_submodule`` reads attributes, and a name from a manifest
+    could be a property that raises (LightningModule's ``trainer``)."""
+    if not (isinstance(name, str) and name):
         return None
+    m: Optional[nn.Module] = root
+    for part in name.split("."):
+        m = m._modules.get(part) if isinstance(m, nn.Module) else None
+        if m is None:
+            return None
+    return m
 
 
 def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -635,6 +642,16 @@ def _describe_input(x: Any) -> Dict[str, Any]:
     return d
 
 
+def _save_program(program: Any, fpath: str) -> None:
+    """``torch.export.save`` into memory, then the bytes to ``fpath`` with Python's file I/O: torch's
+    archive writer, writing to a file that fails (a full disk), throws again from its destructor and
+    aborts the process (exit 134); an ``OSError`` here leaves the export's clean-up to run."""
+    buf = io.BytesIO()
+    torch.export.save(program, buf)
+    with open(fpath, "wb") as f:
+        f.write(buf.getbuffer())
+
+
 def _batch_dynamic_shapes(deploy: nn.Module, example_inputs: Tuple[Any, ...]) -> Tuple[Any, ...]:
     """``dynamic_shapes`` for ``torch.export``: dim 0 of each tensor input ``Dim.AUTO``, laid out as
     forward's signature takes the inputs (the ones a ``*args`` parameter collects as one tuple:
@@ -780,10 +797,11 @@ def build_recorded(cls: type, manifest: Mapping[str, Any], path: str) -> nn.Modu
         raise ArtifactError(f"{mpath}: 'model.hparams' is {hparams!r}; expected an object of keyword arguments")
     try:
         return cls(**hparams)
-    except TypeError as e:
-        raise ArtifactError(f"{mpath}: {cls.__qualname__}(**{hparams}) failed ({e}): the class takes other arguments than "
-                            f"when the artifact was exported; pass an instance built as then: hwaware.load({path!r}, "
-                            f"model={cls.__qualname__}(...))") from None
+    except (TypeError, ValueError, RuntimeError) as e:  # the class's own refusal of these arguments
+        why = ("the class takes other arguments than when the artifact was exported" if isinstance(e, TypeError) else
+               "the recorded hparams do not build the class")
+        raise ArtifactError(f"{mpath}: {cls.__qualname__}(**{hparams}) failed ({type(e).__name__}: {e}): {why}; pass an "
+                            f"instance built as at export: hwaware.load({path!r}, model={cls.__qualname__}(...))") from None
 
 
 def float_bytes(model: nn.Module) -> int:
@@ -1088,7 +1106,7 @@ def export(
     program_writer = None
     if example_inputs is not None:
         program, manifest["program"] = _export_program(deploy, tuple(example_inputs))
-        program_writer = lambda p: torch.export.save(program, p)  # noqa: E731
+        program_writer = lambda p: _save_program(program, p)  # noqa: E731
     write_artifact(path, manifest, tensors, program_writer=program_writer, overwrite=overwrite)
     return Artifact(path=path, manifest=verify_artifact(path), report=report, model=deploy)
 
@@ -1381,7 +1399,7 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
         try:
             with torch.device("meta"):
                 new_layers[name] = DEPLOY_TYPES[meta["module"]].empty(meta)
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # RuntimeError: torch refusing a negative size
             raise ArtifactError(f"{mpath}: layer {name!r} ({meta['module']}): its entry is malformed ({type(e).__name__}: "
                                 f"{e})") from None
         if "fused_relu" in meta:  # the ReLU module after this layer runs in its epilogue (deploy.fuse_relu)

@@ -601,3 +601,36 @@ def test_an_unlisted_program_is_refused_and_other_unlisted_files_are_not_the_art
         read_manifest(path)
     with pytest.raises(ArtifactError, match=r"program.pt2: not listed"):
         read_tensors(path)
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_previous_artifact(tmp_path):
+    import errno
+
+    path = tmp_path / "art"
+    old = _write(path, manifest={"v": "old"})
+
+    def full(p):
+        open(p, "wb").write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(ArtifactError, match=r"art: writing program.pt2 failed \(No space left on device\); nothing was "
+                                            r"written at .*art and the previous artifact there is intact"):
+        _write(path, manifest={"v": "new"}, program_writer=full)
+    assert verify_artifact(path) == old and not _tmp_dirs(tmp_path)
+
+
+def test_manifest_json_a_reader_could_read_two_ways_or_not_at_all_is_refused(tmp_path):
+    path = tmp_path / "art"
+    _write(path)
+    mpath = os.path.join(path, "manifest.json")
+    text = open(mpath).read()
+    # a duplicate key before the real one: Python keeps the last value (the hash still matched), jq the first
+    with open(mpath, "w") as f:
+        f.write(text.replace("{", '{"format_version": 99, ', 1))
+    with pytest.raises(ArtifactError, match=r"manifest.json is not valid JSON \(key 'format_version' appears twice"):
+        read_manifest(path)
+    with open(mpath, "w") as f:
+        f.write("[" * 100000 + "]" * 100000)
+    with pytest.raises(ArtifactError, match=r"manifest.json nests too deeply to be a manifest"):
+        read_manifest(path)
+    assert not A.is_artifact(path)

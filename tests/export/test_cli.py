@@ -344,3 +344,18 @@ def test_bench_refuses_a_batch_whose_inputs_cannot_fit_in_memory(tmp_path, capsy
     assert main(["bench", art.path, "--batch-size", str(10**11), "--no-memory"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "the generated inputs alone would take" in err[0] and "pass a smaller --batch-size" in err[0]
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m["layers"]["bot_mlp.0"].update(selection={"cpu": {"measured": {"int_mm": {"available": True, "us": None}}}}),
+    lambda m: m.update(selection_cpu={"int8_engine": []}),
+])
+def test_inspect_of_a_field_this_hwaware_does_not_write_is_one_error_line(tmp_path, capsys, edit):
+    manifest = json.loads(json.dumps(MANIFEST))
+    edit(manifest)  # written (and hashed) so: another hwaware version, or edited and re-hashed
+    write_artifact(tmp_path / "a", manifest, {"w": torch.zeros(8, dtype=torch.int8)})
+    assert main(["inspect", str(tmp_path / "a")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"hwaware inspect: error: {tmp_path / 'a' / 'manifest.json'}: a field holds "
+                                         "what this hwaware does not write (")
+    assert main(["inspect", str(tmp_path / "a"), "--json"]) == 0

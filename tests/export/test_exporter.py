@@ -486,6 +486,16 @@ def _rewrite(path, manifest_edit=None, tensor_edit=None):
      r"manifest.json: layer 'head' is not a module of TinyCTR\(.*\): not the model this artifact was exported from"),
     (lambda m: m.update(layers=list(m["layers"])), None, r"manifest.json: 'layers' is not an object of layer entries"),
     (lambda m: m.pop("model"), None, r"manifest.json: 'model' is None; expected \{'class': str"),
+    # a Lightning property (raises off a Trainer): get_submodule read it
+    (lambda m: m["layers"].update({"trainer": m["layers"].pop("mlp.2")}), None,
+     r"manifest.json: layer 'trainer' is not a module of TinyCTR"),
+    (lambda m: m["layers"]["mlp.0"].update(shape=[-1, 12]), None,
+     r"layer 'mlp.0' \(Int8Linear\): its entry is malformed \(RuntimeError: .*negative dimension"),
+    (lambda m: m["layers"]["emb"].update(bits=3), None,  # accepted, then the first lookup failed
+     r"layer 'emb' \(RowwiseEmbeddingBag\): its entry is malformed \(ValueError: RowwiseEmbeddingBag bits=3"),
+    (lambda m: m["model"].update(hparams=[1, 2]), None, r"'model.hparams' is \[1, 2\]; expected an object"),
+    (lambda m: m["model"]["hparams"].update(vocab=-5), None,
+     r"TinyCTR\(\*\*\{.*\}\) failed \(RuntimeError: .*negative dimension.*\): the recorded hparams do not build"),
 ])
 def test_load_refuses_a_rehashed_artifact_that_does_not_fit_the_model(tmp_path, manifest_edit, tensor_edit, match):
     torch.manual_seed(0)
