@@ -414,6 +414,7 @@ def find_quantizable(model: nn.Module, *, weight_spec: QuantSpec, activation_spe
     won: Dict[str, int] = dict.fromkeys(overrides, 0)
     overridden_by_skip: Dict[str, List[str]] = {p: [] for p in overrides}
     refused: List[str] = []  # layers an explicit override made unquantizable
+    refused_global: List[str] = []  # ... and the global weight_spec (a group_size that does not divide in_features)
     for name, module in modules.items():
         skipped.update(dict.fromkeys(bare_weights(name, module), "a bare Parameter nn.MultiheadAttention multiplies "
                                      "itself; hwaware quantizes layers, not parameters: stays FP32"))
@@ -442,6 +443,8 @@ def find_quantizable(model: nn.Module, *, weight_spec: QuantSpec, activation_spe
             skipped[name] = reason + (f" (layer_specs[{over!r}])" if over is not None else "")
             if over is not None:
                 refused.append(f"{name}: {reason} (layer_specs[{over!r}])")
+            elif kind not in ("embedding", "embedding_bag"):  # the global weight_spec: as silent a size loss
+                refused_global.append(f"{name}: {reason}")
             continue
         plan[name] = (kind, w, a)
     for pattern, n in won.items():
@@ -463,6 +466,11 @@ def find_quantizable(model: nn.Module, *, weight_spec: QuantSpec, activation_spe
     if refused:
         warnings.warn(f"layer_specs: {len(refused)} layer(s) cannot take the spec asked for and stay FP32: "
                       + "; ".join(refused[:8]) + (" ..." if len(refused) > 8 else ""), UserWarning, stacklevel=2)
+    if refused_global:
+        warnings.warn(f"weight_spec {weight_spec.short()}: {len(refused_global)} layer(s) cannot take it and stay FP32: "
+                      + "; ".join(refused_global[:8]) + (" ..." if len(refused_global) > 8 else "")
+                      + ". Give them another spec through layer_specs (e.g. int8 per_channel), or a group_size that "
+                      "divides their in_features", UserWarning, stacklevel=2)
     check_skip_matches(model, skip, eligible, "quantizable")
     return plan, skipped
 
