@@ -177,6 +177,12 @@ def _inspect_text(path: str, manifest: Dict[str, Any], on_disk: int, wide: bool 
         spans = [("-" if r is None else f"{r[0]}..{'any' if r[1] is None else r[1]}")
                  for r in program["batch_range"] if r is None or (isinstance(r, list) and len(r) == 2)]
         out.append("program.pt2: batch per input " + ", ".join(spans))
+        inputs = manifest.get("inputs")
+        fixed = [("x".join(map(str, d["shape"][1:])) if isinstance(d, Mapping) and isinstance(d.get("shape"), list)
+                  and len(d["shape"]) > 1 else None) for d in (inputs if isinstance(inputs, list) else [])]
+        if any(fixed):  # torch.export specializes them: a sequence length other than the example's fails a guard
+            out.append("  every other dimension as in example_inputs: " + ", ".join(f or "-" for f in fixed)
+                       + " (export with the shapes you serve; hwaware.load serves any)")
     layers = manifest.get("layers")
     if isinstance(layers, Mapping) and layers:
         out += ["", _layers_table(layers, wide)]

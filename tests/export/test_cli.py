@@ -359,3 +359,12 @@ def test_inspect_of_a_field_this_hwaware_does_not_write_is_one_error_line(tmp_pa
     assert out == "" and err.startswith(f"hwaware inspect: error: {tmp_path / 'a' / 'manifest.json'}: a field holds "
                                          "what this hwaware does not write (")
     assert main(["inspect", str(tmp_path / "a"), "--json"]) == 0
+
+
+def test_inspect_says_program_dimensions_other_than_the_batch_are_the_examples(tmp_path, capsys):
+    manifest = {**MANIFEST, "inputs": [{"dtype": "int64", "shape": [8, 16]}, {"dtype": "int64", "shape": [8, 16]},
+                                       {"dtype": "float32", "shape": [7]}]}
+    write_artifact(tmp_path / "a", manifest, {"w": torch.zeros(8, dtype=torch.int8)})
+    assert main(["inspect", str(tmp_path / "a")]) == 0
+    assert ("program.pt2: batch per input 2..any, 5..5, -\n  every other dimension as in example_inputs: 16, 16, - "
+            "(export with the shapes you serve; hwaware.load serves any)") in capsys.readouterr().out
