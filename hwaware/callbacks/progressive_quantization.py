@@ -270,6 +270,7 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         self._metrics_after: Dict[str, float] = {}
         self.fp32_reference: Optional[Dict[str, Tensor]] = None
         self._fp32_buffers: Optional[Dict[str, Tensor]] = None  # buffers at calibration start, for the reference
+        self._schedules_at_calibration: Optional[List[Any]] = None  # per-step LR schedules then (put back at QAT)
         self._pending_quantizers: Optional[Dict[str, Dict[str, Any]]] = None
         self._states: Dict[str, QuantState] = {}
         self._bn: List[nn.Module] = []
@@ -382,8 +383,9 @@ class ProgressiveQuantization(_RestoresForEvaluation):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self.phase == "calibrate":
             # calibration observes, it does not train: without gradients the optimizer skips every
-            # parameter (weights, Adam moments, weight decay and LR schedulers stay as they were),
-            # so the FP32 reference kept at QAT start is the FP32 model as trained
+            # parameter (weights, Adam moments and weight decay stay as they were; per-step LR
+            # schedules, which Lightning steps anyway, are put back at QAT start), so the FP32
+            # reference kept at QAT start is the FP32 model as trained
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     p.grad = None
@@ -618,6 +620,12 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         # the buffers as FP32 training left them: the calibration batches run in train mode and move
         # BatchNorm's running statistics, which the FP32 reference taken at QAT start must not see
         self._fp32_buffers = {k: b.detach().cpu().clone() for k, b in pl_module.named_buffers()}
+        # ... and the per-step LR schedules: Lightning steps them after every optimizer step, which
+        # calibration's gradient-free steps are too; QAT starts from where FP32 training left them
+        steps = [cfg.scheduler for cfg in trainer.lr_scheduler_configs if cfg.interval == "step"]
+        self._schedules_at_calibration = [
+            [(s, copy.deepcopy(s.state_dict())) for s in steps],
+            [[g["lr"] for g in opt.param_groups] for opt in trainer.optimizers]] if steps else None
         self._mark("calibrate", trainer)
         self._apply_phase_flags()
         rank_zero_info(f"ProgressiveQuantization: calibrating {len(plan)} layers for {self.calibration_batches} batches")
@@ -652,6 +660,14 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         # calibration start; a resumed one has only its own). When 2:4 pruning started before QAT,
         # the dense model SemiStructuredSparsity kept instead: the gate then covers pruning too
         self._keep_fp32_reference(trainer, pl_module)
+        if self._schedules_at_calibration is not None:
+            schedules, lrs = self._schedules_at_calibration
+            for sched, state in schedules:
+                sched.load_state_dict(state)
+            for opt, group_lrs in zip(trainer.optimizers, lrs):
+                for group, lr in zip(opt.param_groups, group_lrs):
+                    group["lr"] = lr
+            self._schedules_at_calibration = None
         self._mark("qat", trainer)
         self._apply_phase_flags()
         if self.lr_scale != 1.0:

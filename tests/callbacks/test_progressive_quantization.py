@@ -839,6 +839,34 @@ def test_a_checkpoint_saved_during_fit_gets_the_end_of_fit_kl_validation_at_vali
         make_trainer(tmp_path / "c", [ProgressiveQuantization(**kw)]).predict(TinyCTR(), val, ckpt_path=last)
 
 
+class StepScheduled(TinyCTR):
+    """TinyCTR with a per-step StepLR (gamma 0.5 per optimizer step)."""
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=self.lr)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5),
+                                                   "interval": "step"}}
+
+
+def test_calibration_leaves_a_per_step_lr_schedule_where_fp32_training_left_it(tmp_path):
+    """Lightning steps a per-step scheduler after calibration's gradient-free optimizer steps too:
+    16 calibration batches used up 16 steps of the schedule (trial). QAT now starts where FP32 left it."""
+    seen = {}
+
+    class AtQAT(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if cb.phase == "qat" and "lr" not in seen:
+                seen["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
+                seen["last_epoch"] = trainer.lr_scheduler_configs[0].scheduler.last_epoch
+
+    cb = ProgressiveQuantization(start_epoch=1, calibration_batches=4)
+    trainer, model = _fit(tmp_path, cb, model=StepScheduled(), max_epochs=2, extra=[AtQAT()])
+    # 8 FP32 steps in epoch 0; the 4 calibration steps of epoch 1 do not count
+    assert seen == {"lr": 0.05 * 0.5 ** 8, "last_epoch": 8}
+    sched = trainer.lr_scheduler_configs[0].scheduler
+    assert sched.last_epoch == 8 + 4 and trainer.optimizers[0].param_groups[0]["lr"] == 0.05 * 0.5 ** 12  # 4 QAT steps
+
+
 def test_specs_no_deploy_op_packs_warn_at_setup_and_at_export(tmp_path):
     """A per-tensor (or int4 per-channel) weight spec trained fine and export left every such layer
     FP32, saying so only in dense_layers."""
