@@ -384,11 +384,13 @@ def write_artifact(
         _set_modes(tmp)
 
         _check_target(path, overwrite)  # again: something may have appeared while we wrote
+        writing = None
         _publish(tmp, path)
         _fsync_dir(parent)
     except OSError as e:  # a full disk, a quota: say where, and that nothing changed at path
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ArtifactError(f"{path}: writing {writing} failed ({e.strerror or e}); nothing was written at {path}"
+        raise ArtifactError(f"{path}: {f'writing {writing}' if writing else 'moving the new artifact into place'} failed "
+                            f"({e.strerror or e}); nothing was written at {path}"
                             f"{' and the previous artifact there is intact' if is_artifact(path) else ''}") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
