@@ -662,7 +662,9 @@ def _batch_dynamic_shapes(deploy: nn.Module, example_inputs: Tuple[Any, ...]) ->
     except (TypeError, ValueError):  # no signature to read: one entry per input
         return tuple(per_input)
     var = next((i for i, p in enumerate(params) if p.kind is _inspect.Parameter.VAR_POSITIONAL), None)
-    return tuple(per_input) if var is None else (*per_input[:var], tuple(per_input[var:]))
+    if var is None or len(per_input) <= var:  # *args collects nothing: torch.export sees the named parameters only
+        return tuple(per_input)
+    return (*per_input[:var], tuple(per_input[var:]))
 
 
 def _export_program(deploy: nn.Module, example_inputs: Tuple[Any, ...]):
@@ -967,8 +969,11 @@ def export(
                       f"the 2:4 compression (no int4 2:4 format): {', '.join(unpacked24)}. Their 2:4 pattern stays in the "
                       "values; the manifest notes it. Quantize them int8 per_channel to get sparse24_int8 packing",
                       UserWarning, stacklevel=_user_stacklevel())
+    # a layer reached through a container under another name (self.proj also self.mlp[0]) is
+    # recorded under its first name: the one its manifest entry and weights have
+    first_name = {id(deploy.get_submodule(n)): n for n in layers}
     for name, relu_name in fuse_relu(deploy).items():
-        layers[name].update(relu=True, fused_relu=relu_name)
+        layers[first_name.get(id(deploy.get_submodule(name)), name)].update(relu=True, fused_relu=relu_name)
 
     report, allowed, ref_value = None, None, None
     by_impl: Dict[str, Dict[str, Any]] = {}  # filled when int8 layers are gated (allowed then lists the passing ones)
@@ -1036,6 +1041,7 @@ def export(
     for runs in chain_int8(deploy).values():  # int_mm layers in a row: one int8_mlp call (deploy.Int8Chain)
         for run in runs:
             for name in run:
+                name = first_name.get(id(deploy.get_submodule(name)), name)
                 layers[name]["chain"] = run
                 layers[name]["kernel"] = {"cpu": f"hwaware::int8_mlp [cpu: int_mm, {run[0]} .. {run[-1]} in one call, "
                                                  "each epilogue writing the next layer's int8 input]"}
@@ -1122,9 +1128,14 @@ def _module_spec(modname: str) -> Any:
     for i in range(1, len(parts)):
         if spec is None or spec.submodule_search_locations is None:
             return None
-        name = ".".join(parts[:i + 1])
+        parent, name = ".".join(parts[:i]), ".".join(parts[:i + 1])
+        if parent not in sys.modules and spec.origin is None:
+            importlib.import_module(parent)  # a namespace package: no __init__, nothing runs; its path needs it imported
+        locations = getattr(sys.modules[parent], "__path__", None) if parent in sys.modules else spec.submodule_search_locations
+        if locations is None:
+            return None
         spec = (getattr(sys.modules[name], "__spec__", None) if name in sys.modules else
-                importlib.machinery.PathFinder.find_spec(name, list(spec.submodule_search_locations)))
+                importlib.machinery.PathFinder.find_spec(name, list(locations)))
     return spec
 
 
@@ -1165,28 +1176,32 @@ def _import_recorded_class(name: str, path: str) -> Any:
                 raise ImportError(f"no module '__main__' to import {name!r} from")  # the caller says what to do
             raise ArtifactError(f"{mpath}: model class {name!r} has a __dunder__ part, and hwaware does not import such "
                                 "a name (venv.__main__ runs a program on import); pass model= with the class from your code")
+        if modname in sys.modules:  # imported already (the exporting script's __main__ too): nothing new runs
+            obj = sys.modules[modname]
+            for attr in parts[i:]:
+                obj = getattr(obj, attr)
+            return obj
         try:
             spec = _module_spec(modname)
-        except (ImportError, ValueError, AttributeError):
+        except (ImportError, ValueError, AttributeError, KeyError):
             spec = None
         if spec is None:
             continue
-        if modname not in sys.modules:
-            origin = spec.origin if isinstance(spec.origin, str) else ""
-            root = os.path.realpath(path)
-            if origin and os.path.realpath(origin).startswith(root + os.sep):
-                raise ArtifactError(f"{mpath}: model class {name!r} names module {modname!r}, which is found inside the "
-                                    f"artifact's directory ({origin}): hwaware never runs code that ships with an "
-                                    "artifact; pass model= with the class from your code")
-            try:
-                with open(origin, encoding="utf-8") as f:
-                    defined = _top_level_classes(f.read()) if origin.endswith(".py") else set()
-            except (OSError, SyntaxError, ValueError):
-                defined = set()
-            if parts[i] not in defined:
-                raise ArtifactError(f"{mpath}: model class {name!r}: module {modname!r} ({origin or spec.origin}) has no "
-                                    f"Python source defining class {parts[i]!r} at its top level, so hwaware does not "
-                                    "import it (importing runs the module); import it yourself first, or pass model=")
+        origin = spec.origin if isinstance(spec.origin, str) else ""
+        root = os.path.realpath(path)
+        if origin and os.path.realpath(origin).startswith(root + os.sep):
+            raise ArtifactError(f"{mpath}: model class {name!r} names module {modname!r}, which is found inside the "
+                                f"artifact's directory ({origin}): hwaware never runs code that ships with an "
+                                "artifact; pass model= with the class from your code")
+        try:
+            with open(origin, "rb") as f:  # decoded as Python does (a coding cookie, a BOM)
+                defined = _top_level_classes(importlib.util.decode_source(f.read())) if origin.endswith(".py") else set()
+        except (OSError, SyntaxError, ValueError):
+            defined = set()
+        if parts[i] not in defined:
+            raise ArtifactError(f"{mpath}: model class {name!r}: module {modname!r} ({origin or spec.origin}) has no "
+                                f"Python source defining class {parts[i]!r} at its top level, so hwaware does not "
+                                "import it (importing runs the module); import it yourself first, or pass model=")
         obj = importlib.import_module(modname)  # ImportError from inside the module's own imports: the caller says so
         for attr in parts[i:]:
             obj = getattr(obj, attr)

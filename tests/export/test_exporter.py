@@ -653,6 +653,40 @@ class VarArgs(nn.Module):
         return self.mlp(torch.cat([dense, *(t(i) for t, i in zip(self.tables, ids))], 1))
 
 
+class ProjInSequential(nn.Module):
+    """A layer defined as an attribute, then placed in a Sequential: its first name is 'proj', and
+    the Sequential's ReLU fusion and int8 chaining find it as 'mlp.0'."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(16, 32)
+        self.mlp = nn.Sequential(self.proj, nn.ReLU(), nn.Linear(32, 32), nn.Linear(32, 1))
+
+    def forward(self, x):
+        return self.mlp(x)
+
+
+def test_a_layer_a_sequential_holds_under_a_second_name_is_fused_and_chained(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(8, 16)
+    art = export(ProjInSequential(), tmp_path / "a", example_inputs=(x,), int8_impls="int_mm")  # KeyError 'mlp.0'
+    layers = art.manifest["layers"]
+    assert art.manifest["module_aliases"] == {"mlp.0": "proj"} and set(layers) == {"proj", "mlp.2", "mlp.3"}
+    assert layers["proj"]["fused_relu"] == "mlp.1" and layers["proj"]["chain"] == ["mlp.0", "mlp.2", "mlp.3"]
+    assert art.model.mlp[0] is art.model.proj and isinstance(art.model.proj, Int8Linear)
+    with torch.no_grad():
+        assert torch.equal(load(art.path)(x), art.model(x))
+
+
+class OptionalThenVarArgs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 1)
+
+    def forward(self, x, scale=None, *rest):
+        return self.fc(x) * (1.0 if scale is None else scale)
+
+
 def test_a_star_args_forward_gets_a_program_dynamic_in_the_batch(tmp_path):
     torch.manual_seed(0)
     model = VarArgs()
@@ -663,6 +697,9 @@ def test_a_star_args_forward_gets_a_program_dynamic_in_the_batch(tmp_path):
     other = (torch.randn(5, 4), *(torch.randint(0, 50, (5,)) for _ in range(3)))
     with torch.no_grad():
         assert torch.equal(program(*other), art.model(*other))
+    # fewer inputs than named parameters: *rest collects nothing, torch.export sees x alone
+    one = export(OptionalThenVarArgs(), tmp_path / "b", example_inputs=(torch.randn(8, 4),))
+    assert one.manifest["program"]["batch_range"] == [[1, None]]
 
 
 class ReadsTableWeight(nn.Module):

@@ -86,3 +86,39 @@ def test_a_module_not_yet_imported_that_defines_the_class_is_imported(tmp_path, 
     assert type(served).__module__ == "hw_user_models" and "hw_user_models" in sys.modules
     with torch.no_grad():
         assert torch.equal(served(x), art.model(x))
+
+
+def test_the_exporting_script_loads_its_own_class_and_namespace_and_latin1_modules_load(tmp_path, monkeypatch):
+    import subprocess
+
+    script = tmp_path / "train.py"
+    script.write_text(_MODULE + textwrap.dedent('''
+        import sys, warnings
+        import hwaware
+        warnings.simplefilter("ignore")
+        x = torch.randn(3, 4)
+        art = hwaware.export(Scorer(), sys.argv[1], example_inputs=(x,))
+        print("ok", torch.equal(hwaware.load(sys.argv[1])(x), art.model(x)))  # __main__ has no __spec__ here
+    '''))
+    run = subprocess.run([sys.executable, str(script), str(tmp_path / "art")], capture_output=True, text=True,
+                         cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert run.stdout.strip() == "ok True", run.stderr[-2000:]
+
+    # a class in a namespace package (no __init__.py) and one in a latin-1 module with a coding cookie
+    (tmp_path / "mods" / "hw_ns_pkg" / "inner").mkdir(parents=True)
+    (tmp_path / "mods" / "hw_ns_pkg" / "inner" / "ctr.py").write_text(_MODULE)
+    (tmp_path / "mods" / "hw_latin1.py").write_bytes(
+        b"# -*- coding: latin-1 -*-\n# caf\xe9\n" + _MODULE.encode())
+    monkeypatch.syspath_prepend(str(tmp_path / "mods"))
+    import hw_latin1
+    import hw_ns_pkg.inner.ctr
+
+    x = torch.randn(3, 4)
+    for i, cls in enumerate((hw_ns_pkg.inner.ctr.Scorer, hw_latin1.Scorer)):
+        art = export(cls(), tmp_path / f"a{i}", example_inputs=(x,))
+        for mod in [m for m in sys.modules if m.startswith(("hw_ns_pkg", "hw_latin1"))]:
+            monkeypatch.delitem(sys.modules, mod)  # a fresh serving process
+        served = load(art.path)
+        assert type(served).__module__ == cls.__module__
+        with torch.no_grad():
+            assert torch.equal(served(x), art.model(x))
