@@ -803,7 +803,7 @@ def build_recorded(cls: type, manifest: Mapping[str, Any], path: str) -> nn.Modu
         why = ("the class takes other arguments than when the artifact was exported" if isinstance(e, TypeError) else
                "the recorded hparams do not build the class")
         raise ArtifactError(f"{mpath}: {cls.__qualname__}(**{hparams}) failed ({type(e).__name__}: {e}): {why}; pass an "
-                            f"instance built as at export: hwaware.load({path!r}, model={cls.__qualname__}(...))") from None
+                            f"instance built as at export: hwaware.load({path!r}, model={cls.__qualname__}(...))") from e
 
 
 def float_bytes(model: nn.Module) -> int:
@@ -1089,7 +1089,8 @@ def export(
     if unrecorded:
         warnings.warn(f"export: the manifest cannot record the model's hparams "
                       f"{', '.join(f'{k} ({t})' for k, t in unrecorded.items())} (not JSON): load will need the model "
-                      f"built by you, hwaware.load(path, model={cls.__qualname__}(...)), and so will hwaware bench",
+                      f"built by you, hwaware.load(path, model={cls.__qualname__}(...)); hwaware bench cannot rebuild it (time it with "
+                      "hwaware.export.bench.compare_throughput)",
                       UserWarning, stacklevel=_user_stacklevel())
     manifest = {
         "model": {"class": f"{cls.__module__}.{cls.__qualname__}", "hparams": hparams,
