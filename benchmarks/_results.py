@@ -37,11 +37,14 @@ def cpu_device() -> str:
 
 def code_version() -> dict:
     """Which code produced the figures: the git commit of this checkout and whether tracked files
-    differed from it (``dirty``); ``{"commit": None}`` outside a git checkout."""
+    other than the results themselves differed from it (``dirty``; a benchmark writing its JSON
+    twice, or an earlier run's uncommitted JSON, is not a code change); ``{"commit": None}`` outside
+    a git checkout."""
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", ROOT, *args], capture_output=True, text=True, check=True).stdout.strip()
     try:
-        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+        return {"commit": git("rev-parse", "HEAD"),
+                "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results"))}
     except (OSError, subprocess.CalledProcessError):
         return {"commit": None}
 
