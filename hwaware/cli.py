@@ -359,7 +359,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> tuple:
     from hwaware.export import ArtifactError, load, read_manifest
-    from hwaware.export.bench import compare_throughput, instability_warning
+    from hwaware.export.bench import compare_throughput, instability_warning, read_inputs_file
     from hwaware.export.exporter import build_recorded, float_bytes, make_inputs, model_class
     import torch
 
@@ -376,10 +376,23 @@ def _bench(args: argparse.Namespace) -> tuple:
     except (ArtifactError, ValueError, TypeError) as e:
         print(f"hwaware: error: {e}", file=sys.stderr)
         return 2, None
-    if not manifest.get("inputs"):
-        print(f"hwaware: error: {args.path}/manifest.json records no example inputs; export with example_inputs=... to bench", file=sys.stderr)
+    given = None
+    if args.inputs:
+        try:
+            given = read_inputs_file(args.inputs)
+        except ValueError as e:
+            print(f"hwaware bench: error: {e}", file=sys.stderr)
+            return 2, None
+        if args.batch_size is None:  # the samples per batch: the first input's rows unless said
+            args.batch_size = given[0].shape[0] if given[0].dim() else 1
+    elif not manifest.get("inputs"):
+        print(f"hwaware: error: {args.path}/manifest.json records no example inputs; export with example_inputs=... to bench, "
+              "or pass --inputs FILE.safetensors", file=sys.stderr)
         return 2, None
-    need, avail = _input_bytes(manifest["inputs"], args.batch_size, args.batches), _available_bytes()
+    if args.batch_size is None:
+        args.batch_size = 2048
+    avail = _available_bytes()
+    need = 0 if given is not None else _input_bytes(manifest["inputs"], args.batch_size, args.batches)
     if avail is not None and need > avail // 2:  # refused with a line, not killed by the kernel's OOM killer
         print(f"hwaware bench: error: --batch-size {args.batch_size} x --batches {args.batches}: the generated inputs alone "
               f"would take {need / 2**30:.1f} GiB, more than half the {avail / 2**30:.1f} GiB of memory available; "
@@ -405,19 +418,25 @@ def _bench(args: argparse.Namespace) -> tuple:
               f"{avail / 2**30:.1f} GiB of memory available", file=sys.stderr)
         return 2, None
     fp32 = build_recorded(cls, manifest, args.path)
-    inputs = [make_inputs(manifest["inputs"], args.batch_size, seed=i) for i in range(args.batches)]
+    inputs = ([given] * args.batches if given is not None else
+              [make_inputs(manifest["inputs"], args.batch_size, seed=i) for i in range(args.batches)])
     for name, model in (("fp32", fp32), ("artifact", served)):
         try:  # generated from the recorded shapes: a model whose inputs are not one row per sample refuses them
             with torch.no_grad():
                 model.eval()(*inputs[0])
         except Exception as e:  # noqa: BLE001 (any refusal of the inputs: the message says what to do instead)
+            if given is not None:
+                print(f"hwaware bench: error: the {name} model refused the inputs in {args.inputs}: {type(e).__name__}: "
+                      f"{' '.join(str(e).split())[:300]}", file=sys.stderr)
+                return 2, None
             print(f"hwaware bench: error: the {name} model refused the inputs bench generated from the recorded example "
                   f"shapes ({', '.join('x'.join(map(str, d['shape'])) for d in manifest['inputs'])}, with {args.batch_size} "
                   f"rows each): {type(e).__name__}: {' '.join(str(e).split())[:300]}. bench makes one row per sample per "
-                  "input; for inputs that are not (e.g. EmbeddingBag ids + offsets), time the artifact on your own batches "
-                  "with hwaware.export.bench.compare_throughput", file=sys.stderr)
+                  "input; for inputs that are not (e.g. EmbeddingBag ids + offsets), save one batch of your own and pass "
+                  "--inputs FILE.safetensors (tensors '0', '1', ... in forward's order)", file=sys.stderr)
             return 2, None
-    print(f"batch size {args.batch_size}: {args.batches} batches x {args.rounds} rounds per model (generated inputs)")
+    print(f"batch size {args.batch_size}: {args.batches} batches x {args.rounds} rounds per model "
+          f"({'the batch in ' + args.inputs if given is not None else 'generated inputs'})")
     result = compare_throughput({"fp32": fp32, "artifact": served}, inputs, batch_size=args.batch_size, rounds=args.rounds)
     result["artifact"] = args.path
     result["kernels"] = args.kernels
@@ -440,7 +459,7 @@ def _bench(args: argparse.Namespace) -> tuple:
         for name in ("fp32", "artifact"):
             try:
                 mem[name] = peak_memory(args.path, name, args.batch_size, args.batches, kernels=args.kernels,
-                                        model=args.model)
+                                        model=args.model, inputs_file=args.inputs)
             except (RuntimeError, OSError, subprocess.SubprocessError) as e:  # the timing above still stands
                 mem[name] = {"error": str(e)[-500:]}
         result["memory"] = {"method": "peak RSS over the imports, one fresh process per model (hwaware.export.memory)",
@@ -468,7 +487,13 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="time an artifact against its FP32 architecture, side by side")
     bench.add_argument("path", metavar="PATH", help="artifact directory (exported with example_inputs)")
-    bench.add_argument("--batch-size", type=int_at_least(1), default=2048, help="rows per batch (default 2048)")
+    bench.add_argument("--batch-size", type=int_at_least(1), default=None,
+                       help="rows per batch (default 2048; with --inputs: the samples a batch counts for, default "
+                            "the first input's rows)")
+    bench.add_argument("--inputs", metavar="FILE", default=None,
+                       help="time on this batch instead of generated ones: a safetensors file of tensors named '0', '1', "
+                            "... (forward's positional inputs, e.g. ids and offsets); written with "
+                            "safetensors.torch.save_file")
     bench.add_argument("--batches", type=int_at_least(1), default=8, help="batches per round (default 8)")
     bench.add_argument("--rounds", type=int_at_least(1), default=5, help="interleaved rounds (default 5)")
     bench.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",

@@ -91,3 +91,23 @@ def instability_warning(result: Dict[str, Any]) -> str:
     spans = ", ".join(f"{n} x{models[n]['ratio_min']:.2f}..x{models[n]['ratio_max']:.2f}" for n in unstable)
     return (f"warning: timings unstable: the machine may be busy (round ratios vs {result['baseline']} differ by more "
             f"than {UNSTABLE_SPREAD:.0%}: {spans}); rerun on an idle machine or with more --rounds")
+
+
+def read_inputs_file(path: str) -> tuple:
+    """One batch of a model's positional inputs from a safetensors file whose tensors are named
+    ``"0"``, ``"1"``, ... in forward's order (what ``hwaware bench --inputs`` times; never unpickled).
+    Write one with ``safetensors.torch.save_file({"0": ids, "1": offsets}, "batch.safetensors")``.
+    ``ValueError`` naming the file and what is wrong."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(path)
+    except (OSError, SafetensorError, ValueError) as e:
+        raise ValueError(f"--inputs {path}: not a readable safetensors file ({e})") from None
+    want = [str(i) for i in range(len(tensors))]
+    if not tensors or set(tensors) != set(want):
+        raise ValueError(f"--inputs {path}: holds tensors named {sorted(tensors)[:8]}; expected '0', '1', ... (one per "
+                         "positional input of the model's forward, in order)")
+    return tuple(tensors[k] for k in want)
+

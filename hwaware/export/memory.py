@@ -33,7 +33,7 @@ def _status_kib(key: str) -> int:
 
 
 def _probe(path: str, which: str, batch_size: int, batches: int, kernels: str = "recorded",
-           model: Optional[str] = None) -> Dict[str, float]:
+           model: Optional[str] = None, inputs_file: Optional[str] = None) -> Dict[str, float]:
     import torch
 
     from hwaware.export import load, read_manifest
@@ -41,7 +41,12 @@ def _probe(path: str, which: str, batch_size: int, batches: int, kernels: str = 
 
     manifest = read_manifest(path)
     cls = import_model_class(model) if model else None  # imported before the baseline, as the recorded class is
-    inputs = [make_inputs(manifest["inputs"], batch_size, seed=i) for i in range(batches)]
+    if inputs_file:
+        from hwaware.export.bench import read_inputs_file
+
+        inputs = [read_inputs_file(inputs_file)] * batches
+    else:
+        inputs = [make_inputs(manifest["inputs"], batch_size, seed=i) for i in range(batches)]
     with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
         f.write("5")
     base = _status_kib("VmRSS")
@@ -66,13 +71,15 @@ def _probe(path: str, which: str, batch_size: int, batches: int, kernels: str = 
 
 
 def peak_memory(path: str, which: str, batch_size: int, batches: int, timeout: float = 600,
-                kernels: str = "recorded", model: Optional[str] = None) -> Optional[Dict[str, Any]]:
+                kernels: str = "recorded", model: Optional[str] = None,
+                inputs_file: Optional[str] = None) -> Optional[Dict[str, Any]]:
     """Memory of serving ``which`` (``"artifact"`` or ``"fp32"``) for the artifact at ``path``, measured
     in a child process (see the module docstring); None where ``/proc`` is missing (not Linux).
     ``kernels``: :func:`hwaware.load`'s, for the artifact (its kernels decide which derived weights
     are cached, e.g. ``dequant``'s fp32 copy). ``model``: ``"module:Class"`` to build instead of the class
     recorded at export (``hwaware bench --model``), imported in the child (from its working directory,
-    this process's)."""
+    this process's). ``inputs_file``: serve the batch in that file (``hwaware bench --inputs``)
+    instead of batches generated from the recorded example shapes."""
     if which not in ("artifact", "fp32"):
         raise ValueError(f"which={which!r}; expected 'artifact' or 'fp32'")
     if kernels not in ("recorded", "measure"):
@@ -80,7 +87,7 @@ def peak_memory(path: str, which: str, batch_size: int, batches: int, timeout: f
     if not os.path.exists("/proc/self/clear_refs"):
         return None
     cmd = [sys.executable, "-m", "hwaware.export.memory", os.fspath(path), which, str(batch_size), str(batches), kernels,
-           *([model] if model else [])]
+           model or "", os.path.abspath(inputs_file) if inputs_file else ""]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"memory probe of {which} failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
@@ -89,4 +96,4 @@ def peak_memory(path: str, which: str, batch_size: int, batches: int, timeout: f
 
 if __name__ == "__main__":
     path_, which_, batch_, batches_ = sys.argv[1:5]
-    print(json.dumps(_probe(path_, which_, int(batch_), int(batches_), *sys.argv[5:7])))
+    print(json.dumps(_probe(path_, which_, int(batch_), int(batches_), sys.argv[5], sys.argv[6] or None, sys.argv[7] or None)))

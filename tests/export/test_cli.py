@@ -325,10 +325,39 @@ def test_bench_says_what_to_do_for_inputs_it_cannot_generate_and_refuses_a_bad_j
     assert main(["bench", art.path, "--batch-size", "8", "--batches", "1", "--rounds", "1", "--no-memory"]) == 2
     err = capsys.readouterr().err
     assert "hwaware bench: error: the fp32 model refused the inputs bench generated from the recorded example shapes (12, 4" in err
-    assert "hwaware.export.bench.compare_throughput" in err and "Traceback" not in err
+    assert "pass --inputs FILE.safetensors (tensors '0', '1', ... in forward's order)" in err and "Traceback" not in err
     missing = tmp_path / "no" / "such" / "dir" / "b.json"
     assert main(["bench", art.path, "--json", str(missing)]) == 2  # before any timing
     assert f"--json {missing}: {missing.parent} is not a directory (create it first)" in capsys.readouterr().err
+
+
+def test_bench_times_a_batch_of_the_users_own_with_inputs(tmp_path, capsys):
+    """ids + offsets cannot be generated from the recorded shapes: --inputs gives bench the batch."""
+    from safetensors.torch import save_file
+
+    from hwaware.export import export
+
+    torch.manual_seed(0)
+    ids, offsets = torch.randint(0, 50, (12,)), torch.tensor([0, 3, 5, 9])
+    art = export(OffsetsBag(), tmp_path / "bag", example_inputs=(ids, offsets))
+    batch = tmp_path / "batch.safetensors"
+    save_file({"0": torch.randint(0, 50, (300,)), "1": torch.arange(0, 300, 3)}, str(batch))  # 100 bags
+    out_json = tmp_path / "b.json"
+    assert main(["bench", art.path, "--inputs", str(batch), "--batches", "2", "--rounds", "1",
+                 "--json", str(out_json)]) == 0
+    result = json.loads(out_json.read_text())
+    assert result["batch_size"] == 300  # the first input's rows, unless --batch-size says the samples
+    assert set(result["models"]) == {"fp32", "artifact"} and all("peak_mib" in result["memory"][m] for m in ("fp32", "artifact")), result["memory"]
+    assert main(["bench", art.path, "--inputs", str(batch), "--batch-size", "100", "--batches", "1", "--rounds", "1",
+                 "--no-memory", "--json", str(out_json)]) == 0
+    assert json.loads(out_json.read_text())["batch_size"] == 100
+    capsys.readouterr()
+    save_file({"ids": torch.zeros(3, dtype=torch.long)}, str(batch))
+    assert main(["bench", art.path, "--inputs", str(batch), "--no-memory"]) == 2
+    assert "holds tensors named ['ids']; expected '0', '1', ..." in capsys.readouterr().err
+    batch.write_bytes(b"not safetensors")
+    assert main(["bench", art.path, "--inputs", str(batch), "--no-memory"]) == 2
+    assert "not a readable safetensors file" in capsys.readouterr().err
 
 
 def test_bench_refuses_a_batch_whose_inputs_cannot_fit_in_memory(tmp_path, capsys):
