@@ -431,9 +431,9 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         if self._collector is not None:
             results = self._collector.results()
             self._collector = None
-            kl = {n: r["kl"] for n, r in results.items()}
+            kl = self._rank_mean(trainer, pl_module, {n: r["kl"] for n, r in results.items()})
             for name, value in kl.items():
-                pl_module.log(f"kl/{name}", value, sync_dist=True)
+                pl_module.log(f"kl/{name}", value)  # the mean over ranks already: what kl_history holds
             self._kl_history[str(trainer.current_epoch)] = kl
 
     @override
@@ -742,9 +742,12 @@ class ProgressiveQuantization(_RestoresForEvaluation):
                         opt.param_groups.remove(group)
 
     def _sync_observers(self) -> None:
+        # a collective on every rank, observed or not: a layer only some ranks' batches reach (a
+        # data-dependent branch) has no statistics on the others, which contribute the identity; a
+        # rank that skipped the call left the rest waiting in all_reduce forever (trial: a hang)
         for st in self._states.values():
             for q in st.quantizers():
-                if q.observer is not None and q.observer.initialized:
+                if q.observer is not None:
                     q.observer.sync_()
 
     def _update_plateau(self, metrics: Dict[str, float]) -> None:
@@ -889,18 +892,16 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         finally:
             pl_module.train(was_training)
         results = c.results()
-        kl = {n: r["kl"] for n, r in results.items()}
-        sqnr = {n: r["sqnr_db"] for n, r in results.items()}
-        if trainer.world_size > 1 and kl:  # decisions must be identical on every rank
-            names = sorted(kl)
-            t = torch.tensor([kl[n] for n in names], dtype=torch.float64, device=pl_module.device)
-            t = trainer.strategy.reduce(t, reduce_op="mean")
-            kl = {n: float(v) for n, v in zip(names, t.tolist())}
+        # decisions (and the report) must be identical on every rank: each is the mean over ranks
+        kl = self._rank_mean(trainer, pl_module, {n: r["kl"] for n, r in results.items()})
+        sqnr = self._rank_mean(trainer, pl_module, {n: r["sqnr_db"] for n, r in results.items()})
         self._kl = {n: kl.get(n, 0.0) for n in self._states}
         self._sqnr = {n: sqnr.get(n, math.inf) for n in self._states}
-        if all(o is not None for o in outs_q + outs_fp) and outs_q:
-            ref = torch.cat(outs_fp)
-            self._output_kl = output_kl(ref, torch.cat(outs_q), self.output_kind)
+        outputs = all(o is not None for o in outs_q + outs_fp) and bool(outs_q)
+        ref = torch.cat(outs_fp) if outputs else None
+        local = {"": output_kl(ref, torch.cat(outs_q), self.output_kind)} if outputs else {}
+        self._output_kl = self._rank_mean(trainer, pl_module, local).get("")  # a collective on every rank
+        if ref is not None:
             if self.output_kind.endswith("logits") and not self._warned_probabilities and ref.numel() > 1 \
                     and 0 <= float(ref.min()) and float(ref.max()) <= 1:
                 self._warned_probabilities = True
@@ -910,8 +911,6 @@ class ProgressiveQuantization(_RestoresForEvaluation):
                     f"returns probabilities (sigmoid or softmax applied), pass output_kind="
                     f"{self.output_kind.replace('logits', 'probabilities')!r}: read as logits, the output KL is "
                     "understated", category=UserWarning)
-        else:
-            self._output_kl = None
 
     def _fall_back(self, pl_module: nn.Module, name: str) -> str:
         """Raise one layer's precision one step: sub-8-bit -> int8, int8 -> FP32. Returns the new label.
@@ -976,6 +975,21 @@ class ProgressiveQuantization(_RestoresForEvaluation):
                 raise KLViolationError(msg)
             rank_zero_warn(msg)
         self._mark("done", trainer)
+
+    def _rank_mean(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", values: Dict[str, float]) -> Dict[str, float]:
+        """``values`` averaged over the ranks that have them, so that decisions and the report agree
+        on every rank; as given on one process. The names reduced are the same on every rank (the
+        quantized layers, and ``""`` for the output KL): a layer only some ranks' batches called
+        counts on those, and a rank without it still takes part in the collective."""
+        if trainer.world_size <= 1:
+            return values
+        names = sorted({*self._states, ""})
+        have = [n in values for n in names]
+        t = torch.tensor([values[n] if h else 0.0 for n, h in zip(names, have)] + [float(h) for h in have],
+                         dtype=torch.float64, device=pl_module.device)
+        t = trainer.strategy.reduce(t, reduce_op="sum").tolist()
+        k = len(names)
+        return {n: t[i] / t[k + i] for i, n in enumerate(names) if t[k + i] > 0}
 
     def _violators(self) -> List[str]:
         return [n for n, st in self._states.items() if st.enabled and self._kl.get(n, 0.0) > self.kl_threshold]

@@ -13,6 +13,38 @@ from hwaware import ProgressiveQuantization, QuantSpec, SemiStructuredSparsity  
 from tests.helpers import TinyCTR, loaders  # noqa: E402
 
 
+class Branchy(TinyCTR):
+    """A layer only rank 0's training batches reach (a data-dependent branch, an MoE expert)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aux = torch.nn.Linear(12, 12)
+
+    def forward(self, dense, ids):
+        x = torch.cat([dense, self.emb(ids, torch.arange(ids.shape[0], device=ids.device))], dim=1)
+        if self.training and self.global_rank == 0:
+            x = x + 0.1 * self.aux(x)
+        return self.mlp(x).squeeze(-1)
+
+
+def branch(out_dir: str) -> None:
+    """Calibration with static observers where one rank never calls ``aux``: its observer saw nothing
+    and skipped the all_reduce the other rank waited in (a hang)."""
+    pl.seed_everything(0, verbose=False)
+    cb = ProgressiveQuantization(start_epoch=1, calibration_batches=2, freeze_observers_after=2,
+                                 activation_spec=QuantSpec(granularity="per_tensor", observer="minmax"))
+    trainer = pl.Trainer(
+        strategy="ddp_find_unused_parameters_true", accelerator="cpu", devices=2, max_epochs=2, limit_train_batches=4,
+        limit_val_batches=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[cb],
+    )
+    train, val = loaders()
+    trainer.fit(Branchy(), train, val)
+    state = {"act_scales": {n: st.activation.scale.tolist() for n, st in cb.quant_states.items() if st.activation is not None}}
+    with open(os.path.join(out_dir, f"branch{trainer.global_rank}.json"), "w") as f:
+        json.dump(state, f)
+
+
 def main(out_dir: str) -> None:
     pl.seed_everything(0, verbose=False)
     cb = ProgressiveQuantization(
@@ -33,6 +65,9 @@ def main(out_dir: str) -> None:
         "phase": cb.phase,
         "report_phases": cb.report["phases"],
         "kl": cb.report["kl"],
+        "sqnr_db": cb.report["sqnr_db"],
+        "output_kl": cb.report["output_kl"],
+        "kl_history": cb.report["kl_history"],
         "fallbacks": cb.report["fallbacks"],
         "act_scales": {n: st.activation.scale.tolist() for n, st in cb.quant_states.items() if st.activation is not None},
         "weight_scales": {n: st.weight.scale.tolist() for n, st in cb.quant_states.items() if st.weight.has_qparams},
@@ -47,4 +82,4 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    (branch if sys.argv[2:] == ["branch"] else main)(sys.argv[1])
