@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Tuple
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Tuple
 
+import torch
 from torch import Tensor, nn
+
+from hwaware.quant.attach import quantization_disabled
 
 
 def defines_predict_step(module: nn.Module) -> bool:
@@ -66,3 +70,21 @@ def model_predictions(module: nn.Module, batch: Any, who: str) -> Any:
     except Exception as e:  # noqa: BLE001  re-raised as it is, with the note
         e.add_note(note)
         raise
+
+
+@contextmanager
+def side_effect_free(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` once without leaving a trace: eval mode (BatchNorm statistics stay), no
+    gradients, quantization off (no quantizer or KL collector sees the batch), the RNG state
+    restored, and every submodule's train/eval flag put back as it was."""
+    modes = [(m, m.training) for m in model.modules()]
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    try:
+        model.eval()
+        with torch.random.fork_rng(devices=cuda), torch.no_grad(), quantization_disabled(model):
+            yield
+    finally:
+        for m, training in modes:
+            m.training = training
+

@@ -27,7 +27,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from hwaware._predict import model_predictions
+from hwaware._predict import model_predictions, side_effect_free
 from hwaware.callbacks._common import (
     _RestoresForEvaluation, _check_choice, _check_int, _refuse_multiprocessing_launch, _scalar_metrics, _scale_lr,
 )
@@ -857,15 +857,8 @@ class ProgressiveQuantization(_RestoresForEvaluation):
             if not first:  # an empty loader: the output KL will have nothing to run either
                 return
             batch = first[0]
-        modes = [(m, m.training) for m in pl_module.modules()]
-        cuda = [pl_module.device.index or 0] if pl_module.device.type == "cuda" else []
-        try:
-            pl_module.eval()
-            with torch.random.fork_rng(devices=cuda), torch.no_grad(), quantization_disabled(pl_module):
-                self._model_output(pl_module, batch)
-        finally:
-            for m, training in modes:
-                m.training = training
+        with side_effect_free(pl_module):
+            self._model_output(pl_module, batch)
 
     def _model_output(self, pl_module: "pl.LightningModule", batch: Any) -> Optional[Tensor]:
         out = (self.output_fn(pl_module, batch) if self.output_fn is not None

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from hwaware.export.artifact import ArtifactError, check_target, read_verified, verify_artifact, write_artifact
-from hwaware._predict import defines_predict_step, model_predictions
+from hwaware._predict import defines_predict_step, model_predictions, side_effect_free
 from hwaware.export.deploy import (DEPLOY_TYPES, Int4Linear, Int8Linear, RowwiseEmbedding, RowwiseEmbeddingBag, Sparse24Linear,
                                    chain_int8, fuse_relu, no_deploy_op, unpackable_specs)
 from hwaware.export.selection import (SPARSE24_INT8_IMPL, SPARSE24_INT8_KERNEL, capture_rows, cpu_profile, isa_list, lost_features,
@@ -287,19 +287,16 @@ def weights_read_outside_call(model: nn.Module, names: Iterable[str], run: Calla
     outside the layer's own call while ``run()`` runs it once: a tied head (``F.linear(h,
     self.tok.weight)``), a scale from the table's width (``self.tok.weight.shape[-1]``). A packed
     layer has no float weight there: its ``weight`` is the packed codes, so such a model computed
-    with the wrong shape or crashed. Run with quantization off, in eval mode, without gradients;
-    each module's class and train flag are put back."""
-    from hwaware.quant import quantization_disabled
-
+    with the wrong shape or crashed. Run :func:`side_effect_free`; each module's class is put back."""
     modules = dict(model.named_modules())
-    reads: Dict[str, str] = {}
+    reads: Dict[str, None] = {}  # in the order first read
     swapped: List[Tuple[nn.Module, type]] = []
     hooks = []
 
     def tracking(cls: type, name: str) -> type:
         def __getattr__(self, attr):  # nn.Module's: parameters live in _parameters, not __dict__
             if attr == "weight" and not self.__dict__.get("_hwaware_in_call"):
-                reads.setdefault(name, "")
+                reads.setdefault(name)
             return cls.__getattr__(self, attr)
         return type(cls.__name__, (cls,), {"__getattr__": __getattr__, "__module__": cls.__module__,
                                            "__qualname__": cls.__qualname__})
@@ -310,15 +307,13 @@ def weights_read_outside_call(model: nn.Module, names: Iterable[str], run: Calla
     def leave(m, args, out):
         m.__dict__["_hwaware_in_call"] -= 1
 
-    flags = {m: m.training for m in model.modules()}
     try:
         for name in names:
             m = modules[name]
             swapped.append((m, type(m)))
             m.__class__ = tracking(type(m), name)
             hooks += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave, always_call=True)]
-        model.eval()
-        with torch.no_grad(), quantization_disabled(model):
+        with side_effect_free(model):
             run()
     finally:
         for h in hooks:
@@ -326,8 +321,6 @@ def weights_read_outside_call(model: nn.Module, names: Iterable[str], run: Calla
         for m, cls in swapped:
             m.__class__ = cls
             m.__dict__.pop("_hwaware_in_call", None)
-        for m, training in flags.items():
-            m.training = training
     return {name: f"the model reads {name}.weight outside {name}'s own call (a tied head, a scale from its width), and a "
                   "packed layer has no float weight: left dense" for name in reads}
 
