@@ -1065,10 +1065,7 @@ def export(
     for name, buf in deploy.named_buffers():
         if name not in tensors and buf is not None:
             tensors[_BUFFER_PREFIX + name] = buf.detach().contiguous().cpu()
-    # each floating tensor once: a weight tied to two layers is two state_dict entries but one tensor
-    fp32_bytes = sum(t.numel() * 4 for t in {(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
-                                              t.stride(), t.dtype): t
-                                             for t in model.state_dict().values() if t.is_floating_point()}.values())
+    fp32_bytes = float_bytes(model)  # each floating tensor once: a tied weight is two state_dict entries
     cls = type(model)
     if cls.__module__ == "__main__" or "<locals>" in cls.__qualname__:
         where = ("in __main__ (the running script)" if cls.__module__ == "__main__" else
