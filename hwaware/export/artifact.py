@@ -192,13 +192,20 @@ def _versions() -> Dict[str, str]:
 # ------------------------------------------------------------------------------------------------
 # writing
 # ------------------------------------------------------------------------------------------------
-def is_artifact(path: str | os.PathLike) -> bool:
-    """Whether ``path`` holds a ``manifest.json`` of this format (unverified: what export may replace)."""
+def _unverified_manifest(path: str | os.PathLike) -> Optional[Dict[str, Any]]:
+    """``path``'s ``manifest.json`` as a JSON object, unverified; None where there is none to read."""
     try:
         with open(os.path.join(path, MANIFEST_FILE), "rb") as f:
-            return json.loads(f.read().decode("utf-8")).get("format") == FORMAT_NAME
-    except (OSError, ValueError, AttributeError, RecursionError):
-        return False
+            manifest = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError, RecursionError):  # ValueError: UnicodeDecodeError and JSONDecodeError too
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def is_artifact(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a ``manifest.json`` of this format (unverified: what export may replace)."""
+    manifest = _unverified_manifest(path)
+    return manifest is not None and manifest.get("format") == FORMAT_NAME
 
 
 def _check_target(path: str, overwrite: bool) -> None:
@@ -211,15 +218,15 @@ def _check_target(path: str, overwrite: bool) -> None:
         raise ArtifactError(f"{path}: exists and is not a directory; refusing to overwrite it")
     if not os.listdir(path):
         return
-    if not is_artifact(path):
+    manifest = _unverified_manifest(path)
+    if manifest is None or manifest.get("format") != FORMAT_NAME:
         raise ArtifactError(
             f"{path}: exists, is not empty and is not an hwaware artifact (no {MANIFEST_FILE} with "
             f"format {FORMAT_NAME!r}); refusing to overwrite it"
         )
     if not overwrite:
         raise ArtifactError(f"{path}: an artifact already exists there and overwrite=False")
-    with open(os.path.join(path, MANIFEST_FILE), "rb") as f:  # is_artifact read it: JSON, an object
-        foreign = unlisted_entries(path, json.loads(f.read().decode("utf-8")))
+    foreign = unlisted_entries(path, manifest)
     if foreign:  # replacing the directory would delete them with the old artifact
         raise ArtifactError(
             f"{path}: holds an artifact and also {', '.join(map(repr, foreign[:5]))}"
@@ -711,12 +718,8 @@ def artifact_size_bytes(path: str | os.PathLike) -> int:
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise ArtifactError(f"{path}: not an hwaware artifact (not a directory)")
-    try:
-        with open(os.path.join(path, MANIFEST_FILE), "rb") as f:
-            files = json.loads(f.read().decode("utf-8")).get("files")
-        names = [MANIFEST_FILE, *files] if isinstance(files, dict) else None
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError, RecursionError):
-        names = None
+    files = (_unverified_manifest(path) or {}).get("files")
+    names = [MANIFEST_FILE, *files] if isinstance(files, dict) else None
     if names is None:
         names = [os.path.relpath(os.path.join(root, n), path) for root, _dirs, ns in os.walk(path) for n in ns]
     total = 0
