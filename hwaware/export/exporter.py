@@ -405,9 +405,14 @@ def _build_deploy(model: nn.Module, states: Dict[str, QuantState], sparse24: boo
 _TARGET_KEYS = ("label", "labels", "target", "targets", "y")
 
 
+def _target_key(batch: Mapping[str, Any]) -> Optional[str]:
+    """The key of a dict batch's targets: the first of ``_TARGET_KEYS`` it has."""
+    return next((k for k in _TARGET_KEYS if k in batch), None)
+
+
 def _default_output(module: nn.Module, batch: Any) -> Tuple[Tensor, Tensor]:
     if isinstance(batch, dict):
-        key = next((k for k in _TARGET_KEYS if k in batch), None)
+        key = _target_key(batch)
         target = batch[key] if key else None
     elif isinstance(batch, (list, tuple)):
         if len(batch) < 2:
@@ -428,8 +433,7 @@ def _target_source(batch: Any, output_fn: Optional[Callable]) -> str:
     if output_fn is not None:
         return "output_fn"
     if isinstance(batch, dict):
-        key = next((k for k in _TARGET_KEYS if k in batch), None)
-        return f"batch[{key!r}]"
+        return f"batch[{_target_key(batch)!r}]"
     if isinstance(batch, (list, tuple)):
         return f"batch[-1] (the last of {len(batch)} elements)"
     return "?"
@@ -1111,9 +1115,7 @@ def export(
 def _module_spec(modname: str) -> Any:
     """The import spec of ``modname`` found without running any of its code (or its packages'):
     a top-level name through the import system's finders, a submodule by its package's search path.
-    None where there is no such module."""
-    if modname in sys.modules:
-        return getattr(sys.modules[modname], "__spec__", None)
+    None where there is no such module. (The caller uses a module already imported as it is.)"""
     parts = modname.split(".")
     spec = importlib.util.find_spec(parts[0])
     for i in range(1, len(parts)):
