@@ -20,8 +20,11 @@ Guarantees:
   aside, renames the new one in and restores the old one on failure. A process killed at any
   point leaves at ``path`` either the previous artifact, intact, or nothing (only in the fallback,
   between its two renames; the previous artifact is then at ``<path>.hwaware-old-*`` and the
-  "missing" error names it). Stray ``.hwaware-tmp-*`` directories may be left next to ``path``;
-  the next write to the same ``path`` removes those older than an hour.
+  "missing" error names it). A killed write leaves its ``.hwaware-tmp-*`` directory next to
+  ``path``; the next write to the same ``path`` removes it. Each writer holds an ``flock`` on its
+  temp directory while it works (the kernel drops it when the process dies, ``kill -9`` too), so
+  only a directory no live process holds, and a minute old, is removed; where the filesystem has
+  no ``flock``, one an hour old.
 - Verified reads. :func:`read_manifest` checks the format name and version, the manifest's own
   hash (``manifest_sha256``, so an edited manifest is refused) and the size and sha256 of every
   listed file before returning; :func:`read_tensors` reads the weights into memory once and
@@ -75,7 +78,8 @@ _ADDED_FIELDS = ("format", "format_version", "hwaware_version", "torch_version",
 
 _TMP_PREFIX = ".hwaware-tmp-"
 _OLD_INFIX = ".hwaware-old-"
-_STALE_TMP_SECONDS = 3600.0
+_STALE_TMP_SECONDS = 3600.0  # without flock: a temp directory this old is a dead writer's
+_UNLOCKED_TMP_SECONDS = 60.0  # with flock: unlocked and this old (not one between mkdtemp and its lock)
 _CHUNK = 1 << 20
 
 
@@ -167,11 +171,52 @@ def _publish(tmp: str, path: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _try_lock(path: str) -> Optional[int]:
+    """Take an exclusive ``flock`` on directory ``path`` and return the fd holding it.
+
+    None where the platform or filesystem has no ``flock``; ``BlockingIOError`` where another open
+    file holds it (another writer, alive: the kernel drops a dead process's locks).
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise
+    except OSError:  # ENOLCK and the like
+        os.close(fd)
+        return None
+    return fd
+
+
+def _writer_alive(path: str) -> Optional[bool]:
+    """Whether a live process holds temp directory ``path``'s lock; None where flock cannot tell."""
+    try:
+        fd = _try_lock(path)
+    except BlockingIOError:
+        return True
+    if fd is None:
+        return None
+    os.close(fd)
+    return False
+
+
 def _remove_stale_tmp(parent: str, name: str) -> None:
     now = time.time()
     for d in glob.glob(os.path.join(glob.escape(parent), f"{_TMP_PREFIX}{glob.escape(name)}-*")):
         try:
-            if now - os.lstat(d).st_mtime > _STALE_TMP_SECONDS:
+            age = now - os.lstat(d).st_mtime
+            if os.path.islink(d) or not os.path.isdir(d):
+                continue
+            alive = _writer_alive(d)
+            if alive is False and age > _UNLOCKED_TMP_SECONDS or alive is None and age > _STALE_TMP_SECONDS:
                 shutil.rmtree(d, ignore_errors=True)
         except OSError:
             pass
@@ -361,6 +406,7 @@ def write_artifact(
     _remove_stale_tmp(parent, name)
 
     tmp = tempfile.mkdtemp(dir=parent, prefix=f"{_TMP_PREFIX}{name}-")
+    lock = _try_lock(tmp)  # held until we return: a later writer sees this directory is live
     writing = WEIGHTS_FILE  # what an OSError (a full disk) was writing
     try:
         save_file(tensors, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
@@ -402,6 +448,9 @@ def write_artifact(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if lock is not None:
+            os.close(lock)
     return body
 
 

@@ -377,15 +377,32 @@ def test_renameat2_exchange_is_used_where_available(tmp_path):
 
 
 def test_stale_temp_dirs_are_removed(tmp_path):
-    stale, fresh = tmp_path / ".hwaware-tmp-art-stale", tmp_path / ".hwaware-tmp-art-fresh"
-    other = tmp_path / ".hwaware-tmp-other-stale"
-    for d in (stale, fresh, other):
+    dead, fresh = tmp_path / ".hwaware-tmp-art-dead", tmp_path / ".hwaware-tmp-art-fresh"
+    live, other = tmp_path / ".hwaware-tmp-art-live", tmp_path / ".hwaware-tmp-other-dead"
+    for d in (dead, fresh, live, other):
         d.mkdir()
     two_hours_ago = time.time() - 7200
-    for d in (stale, other):
+    for d in (dead, live, other):
         os.utime(d, (two_hours_ago, two_hours_ago))
+    held = A._try_lock(str(live))  # a writer still at work, however long it has taken
+    if held is None:
+        pytest.skip("filesystem without flock")
+    try:
+        _write(tmp_path / "art")
+    finally:
+        os.close(held)
+    # dead: unlocked and old; fresh: unlocked but may be a writer between mkdtemp and its lock
+    assert not dead.exists() and fresh.exists() and live.exists() and other.exists()
+
+
+def test_without_flock_only_hour_old_temp_dirs_are_removed(tmp_path, monkeypatch):
+    old, recent = tmp_path / ".hwaware-tmp-art-old", tmp_path / ".hwaware-tmp-art-recent"
+    for d, age in ((old, 7200), (recent, 600)):
+        d.mkdir()
+        os.utime(d, (time.time() - age, time.time() - age))
+    monkeypatch.setattr(A, "_try_lock", lambda path: None)
     _write(tmp_path / "art")
-    assert not stale.exists() and fresh.exists() and other.exists()
+    assert not old.exists() and recent.exists()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -453,8 +470,13 @@ def test_killed_fresh_export_leaves_nothing_at_path(tmp_path):
     assert len(leftovers) == 1 and os.path.exists(os.path.join(leftovers[0], "program.pt2"))
     with pytest.raises(ArtifactError, match=r"art: no such artifact"):
         read_manifest(path)
-    _write(path)  # a later export succeeds next to the leftover
+    _write(path)  # a later export succeeds next to the leftover, a minute young: kept
     verify_artifact(path)
+    assert _tmp_dirs(tmp_path) == leftovers
+    two_minutes_ago = time.time() - 120
+    os.utime(leftovers[0], (two_minutes_ago, two_minutes_ago))
+    _write(path)  # the killed writer's lock died with it: its copy of the weights goes
+    assert _tmp_dirs(tmp_path) == [] and os.path.isdir(path)
 
 
 def test_killed_overwrite_keeps_old_artifact(tmp_path):
