@@ -27,7 +27,21 @@ def _bytes(*tensors: Optional[Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-class Int8Linear(nn.Module):
+class _Packed(nn.Module):
+    """A deploy layer whose ops cache weights derived from its buffers (fbgemm prepacked, dequantized).
+
+    The cache sees an in-place write through the tensor's version counter, which tensors made under
+    ``torch.inference_mode`` do not have: ``load_state_dict`` therefore drops this layer's entries
+    itself. (Other in-place writes to such tensors, or through ``.data``, need
+    :func:`hwaware.ops.clear_cache`.)
+    """
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        hwaware.ops._CACHE.drop([b for b in self._buffers.values() if b is not None])
+
+
+class Int8Linear(_Packed):
     """W8A8 linear: int8 per-output-channel weights, dynamic per-token int8 activations.
 
     ``kernels`` maps a device type to the ``hwaware::int8_linear`` implementation (``impl``) the
@@ -82,7 +96,7 @@ class Int8Linear(nn.Module):
                 "dense_bytes": 4 * self.out_features * (self.in_features + 1)}
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(_Packed):
     """W4A16 linear: int4 weights in groups of ``group_size`` along K, packed two per byte."""
 
     scheme = "int4"
@@ -122,7 +136,7 @@ class Int4Linear(nn.Module):
                 "bytes": _bytes(self.packed, self.scales, self.zeros, self.bias), "dense_bytes": 4 * self.out_features * (self.in_features + 1)}
 
 
-class Sparse24Linear(nn.Module):
+class Sparse24Linear(_Packed):
     """2:4 linear on the compressed form (``values [N, K/2]`` + 2-bit position ``meta``): float values
     (the layer's FP32 weights) or int8 values with per-channel ``w_scale`` (W8A8, as :class:`Int8Linear`).
 

@@ -191,11 +191,14 @@ def _deploy_module(name: str, module: nn.Module, st: QuantState, sparse24: bool)
     if why is not None:
         return None, why
     if st.kind == "linear":
-        if spec.bits == 8:
-            if sparse24 and is_24(module.weight.detach()):
-                return Sparse24Linear.from_linear(module, st), None
-            return Int8Linear.from_quantized(module, st), None
-        return Int4Linear.from_quantized(module, st), None
+        try:
+            if spec.bits == 8:
+                if sparse24 and is_24(module.weight.detach()):
+                    return Sparse24Linear.from_linear(module, st), None
+                return Int8Linear.from_quantized(module, st), None
+            return Int4Linear.from_quantized(module, st), None
+        except ValueError as e:  # a NaN / inf weight: the layer cannot be packed, and FP32 would not serve it either
+            raise ValueError(f"layer {name!r} cannot be packed: {e}") from None
     cls = RowwiseEmbeddingBag if st.kind == "embedding_bag" else RowwiseEmbedding
     try:
         return cls.from_quantized(module, st), None

@@ -74,12 +74,18 @@ def _check_bias(bias: Optional[Tensor], n) -> None:
         _shape("bias", bias, (n,), "[N]")
 
 
+def _check_width(name: str, n: int, k: int) -> None:
+    if n < 1 or k < 1:
+        raise ValueError(f"{name} describes a [N, K] = [{n}, {k}] weight; a packed layer needs N >= 1 and K >= 1")
+
+
 def _check_int8_linear(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> None:
     _dt("x", x, _FLOAT_X, "[..., K] float")
     _dt("qweight", qweight, (torch.int8,), "[N, K] int8")
     if qweight.dim() != 2:
         raise ValueError(f"qweight must be 2-D [N, K] int8, got shape {list(qweight.shape)}")
     n, k = qweight.shape
+    _check_width("qweight", n, k)
     if x.dim() < 1 or x.shape[-1] != k:
         raise ValueError(f"x must have shape [..., K] with K = qweight.shape[1] = {k}, got {list(x.shape)}")
     _dt("w_scale", w_scale, (torch.float32,), "[N] float32")
@@ -94,6 +100,7 @@ def _check_int4_linear(x: Tensor, packed: Tensor, scales: Tensor, zeros: Optiona
     if packed.dim() != 2:
         raise ValueError(f"packed must be 2-D [N, K/2] uint8, got shape {list(packed.shape)}")
     n, k = packed.shape[0], packed.shape[1] * 2
+    _check_width("packed", n, k)
     if group_size <= 0 or k % group_size != 0:
         raise ValueError(f"group_size={group_size} must be positive and divide K = 2 * packed.shape[1] = {k}")
     if x.dim() < 1 or x.shape[-1] != k:
@@ -229,8 +236,8 @@ def _define(schema: str) -> Callable[[Callable], _Op]:
 # -- packed-weight cache -----------------------------------------------------------------------
 
 def _version(t: Tensor) -> int:
-    # inference tensors track no version (they are not modified outside inference mode); asking
-    # raises, and the raise costs more than the cached op's whole overhead
+    # inference tensors track no version (asking raises, and the raise costs more than the cached
+    # op's whole overhead): an in-place write to one is not seen here (see _PackCache)
     return -1 if t.is_inference() else t._version
 
 
@@ -245,6 +252,11 @@ class _PackCache:
     freed, so there is no count limit: serving holds one derived copy per live weight. (A 32-entry
     LRU used to be here; a model with more cached layers than that missed on every call and
     rebuilt every weight, which made the int4 layer several times slower.)
+
+    Writes the version counter does not see: in place into a tensor made under
+    ``torch.inference_mode`` (inference tensors have no version), or through ``.data``. The deploy
+    layers drop their entries in ``load_state_dict``; after any other such write, call
+    :func:`clear_cache`.
     """
 
     def __init__(self) -> None:
@@ -353,11 +365,20 @@ def _prepack_int8(qweight: Tensor, w_scale: Tensor):
 #             speed, holding an fp32 copy of the weight (4x its codes) while in use. For layers too
 #             small for the int8 passes to pay off: at M=2048 the recipe DLRM's 13->64, 64->16 and
 #             128->1 ran 2-6x slower as int_mm than fp32 (benchmarks/bench_ops_cpu.py).
+# An input row holding NaN or inf comes out non-finite under each: NaN under int_mm (its per-token
+# scale is not finite); under fbgemm and dequant as float32 math on the dequantized weight has it.
 INT8_KERNELS = {"cpu": ("int_mm", "fbgemm", "dequant")}
 
 
 def _check_int8_kernel(impl: str, device: str) -> str:
-    """The implementation to run; ``"auto"`` is the device's first (on CPU: the exact ``int_mm``)."""
+    """The implementation to run; ``"auto"`` is the device's first (on CPU: the exact ``int_mm``).
+    A fake / meta call names no real device: any device's implementation passes there."""
+    if device not in INT8_KERNELS:
+        known = sorted({i for impls in INT8_KERNELS.values() for i in impls})
+        if impl != "auto" and impl not in known:
+            raise ValueError(f"impl={impl!r} is not an implementation of hwaware::int8_linear on any device; "
+                             f"expected 'auto' or one of {known}")
+        return impl
     if impl == "auto":
         return INT8_KERNELS[device][0]
     if impl not in INT8_KERNELS[device]:
@@ -380,11 +401,13 @@ def int8_linear(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tens
     impl = _check_int8_kernel(impl, "cpu")
     if impl == "int_mm":
         return _int_mm_layers(x, [qweight], [w_scale], [bias], [relu])
+    def dense() -> Tensor:
+        return _CACHE.get((qweight, w_scale), ("int8_dequant",), lambda: qweight.float() * w_scale[:, None])
+
     if impl == "dequant":
-        w = _CACHE.get((qweight, w_scale), ("int8_dequant",), lambda: qweight.float() * w_scale[:, None])
-        return _linear_fp32(x, w, bias, relu)
+        return _linear_fp32(x, dense(), bias, relu)
     packed = _CACHE.get((qweight, w_scale), ("int8_linear",), lambda: _prepack_int8(qweight, w_scale))
-    out = _int8_linear_prepacked(x, packed, qweight.shape[0], bias)
+    out = _int8_linear_prepacked(x, packed, qweight.shape[0], bias, dense)
     return out.relu_() if relu else out
 
 
@@ -632,24 +655,36 @@ def _linear_fp32(x: Tensor, w: Tensor, bias: Optional[Tensor], relu: bool = Fals
     return (out.relu_() if relu else out).to(x.dtype)
 
 
-def _int8_linear_prepacked(x: Tensor, packed, n: int, bias: Optional[Tensor]) -> Tensor:
+def _int8_linear_prepacked(x: Tensor, packed, n: int, bias: Optional[Tensor], dense: Callable[[], Tensor]) -> Tensor:
+    """fbgemm's dynamic linear on per-token pre-scaled rows. A row holding NaN or inf (fbgemm would
+    quantize it to finite codes and return finite numbers) is computed in float32 on the
+    dequantized weight ``dense()`` instead, so it comes out as the float math has it."""
     k = x.shape[-1]
     x2d = x.reshape(-1, k).float()
     if x2d.shape[0] == 0:
         return x.new_zeros((*x.shape[:-1], n))
     # max|x| per row as max(amax, -amin): two reductions, no |x| temporary (faster than abs().amax here)
     a = torch.maximum(x2d.amax(dim=1, keepdim=True), x2d.amin(dim=1, keepdim=True).neg_())
+    bad = ~torch.isfinite(a.squeeze(1))  # a is NaN / inf exactly where the row has one
     a = torch.where(a > 0, a, torch.ones_like(a))  # all-zero rows stay zero
-    y = torch.ops.quantized.linear_dynamic(x2d / a, packed, REDUCE_RANGE)
+    xs = x2d / a
+    any_bad = bool(bad.any())
+    if any_bad:  # zeroed: fbgemm's per-tensor range would take them in and move every other row's codes
+        xs[bad] = 0.0
+    y = torch.ops.quantized.linear_dynamic(xs, packed, REDUCE_RANGE)
     y.mul_(a)
     if bias is not None:
         y.add_(bias.float())
+    if any_bad:
+        rows = bad.nonzero().squeeze(1)
+        y[rows] = F.linear(x2d[rows], dense(), None if bias is None else bias.float())
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
 @int8_linear.register_fake
 def _(x, qweight, w_scale, bias, impl="auto", relu=False):
     _check_int8_linear(x, qweight, w_scale, bias)
+    _check_int8_kernel(impl, x.device.type)  # a typo fails at tracing (torch.export, compile), not when run
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
@@ -665,8 +700,19 @@ def int4_linear(x: Tensor, packed: Tensor, scales: Tensor, zeros: Optional[Tenso
     """
     _check_int4_linear(x, packed, scales, zeros, group_size, bias)
     w = _CACHE.get((packed, scales, zeros), ("int4_linear", group_size),
-                   lambda: dequantize_int4_weight(packed, scales, zeros, group_size))
+                   lambda: _dequantize_int4_checked(packed, scales, zeros, group_size))
     return _linear_fp32(x, w, bias)
+
+
+def _dequantize_int4_checked(packed: Tensor, scales: Tensor, zeros: Optional[Tensor], group_size: int) -> Tensor:
+    """:func:`dequantize_int4_weight` after the value checks a shape check cannot make (once per
+    weight: the result is cached)."""
+    if not bool((torch.isfinite(scales) & (scales > 0)).all()):
+        bad = (~(torch.isfinite(scales) & (scales > 0))).nonzero()[0].tolist()
+        raise ValueError(f"scales must be finite and > 0, got {float(scales[tuple(bad)])} at {bad}")
+    if zeros is not None and zeros.numel() and (int(zeros.min()) < 0 or int(zeros.max()) > 15):
+        raise ValueError(f"zeros must lie in [0, 15] (4-bit zero points), got values in [{int(zeros.min())}, {int(zeros.max())}]")
+    return dequantize_int4_weight(packed, scales, zeros, group_size)
 
 
 @int4_linear.register_fake
@@ -881,6 +927,7 @@ def _check_sparse24_linear(x: Tensor, values: Tensor, meta: Tensor, w_scale: Opt
     if values.dim() != 2:
         raise ValueError(f"values must be 2-D [N, K/2], got shape {list(values.shape)}")
     n, k = values.shape[0], 2 * values.shape[1]
+    _check_width("values", n, k)
     if k % 4:
         raise ValueError(f"values must have shape [N, K/2] with K a multiple of 4, got {list(values.shape)} (K={k})")
     if x.dim() < 1 or x.shape[-1] != k:
@@ -906,6 +953,12 @@ def _to_csr(w: Tensor) -> Tensor:
 
 
 def _check_sparse24_kernel(kernel: str, device: str) -> None:
+    if device not in SPARSE24_KERNELS:  # a fake / meta call: any device's implementation passes
+        known = sorted({k for kernels in SPARSE24_KERNELS.values() for k in kernels})
+        if kernel not in known:
+            raise ValueError(f"kernel={kernel!r} is not an implementation of hwaware::sparse24_linear on any device; "
+                             f"expected one of {known}")
+        return
     if kernel not in SPARSE24_KERNELS[device]:
         raise ValueError(f"kernel={kernel!r} is not a {device.upper()} implementation of hwaware::sparse24_linear; "
                          f"expected one of {SPARSE24_KERNELS[device]}")
@@ -925,7 +978,8 @@ def sparse24_linear(x: Tensor, values: Tensor, meta: Tensor, w_scale: Optional[T
         if kernel == "fbgemm":  # int8_linear's "fbgemm" implementation on the decompressed codes
             packed = _CACHE.get((values, meta, w_scale), ("sparse24_int8",),
                                 lambda: _prepack_int8(decompress_24(values, meta, k), w_scale))
-            return _int8_linear_prepacked(x, packed, n, bias)
+            return _int8_linear_prepacked(x, packed, n, bias, lambda: _CACHE.get(
+                (values, meta, w_scale), ("sparse24_int8_dequant",), lambda: decompress_24(values, meta, k).float() * w_scale[:, None]))
         if kernel == "dequant":  # int8_linear's "dequant" implementation on the decompressed codes
             w = _CACHE.get((values, meta, w_scale), ("sparse24_int8_dequant",),
                            lambda: decompress_24(values, meta, k).float() * w_scale[:, None])
@@ -948,6 +1002,7 @@ def sparse24_linear(x: Tensor, values: Tensor, meta: Tensor, w_scale: Optional[T
 @sparse24_linear.register_fake
 def _(x, values, meta, w_scale, bias, kernel):
     _check_sparse24_linear(x, values, meta, w_scale, bias, kernel)
+    _check_sparse24_kernel(kernel, x.device.type)
     return x.new_empty((*x.shape[:-1], values.shape[0]))
 
 

@@ -73,12 +73,29 @@ def _check_tensor(name: str, t, dtypes: Tuple[torch.dtype, ...], ndim: int, expe
         raise ValueError(f"{name} must be {ndim}-D {expected}, got shape {tuple(t.shape)}")
 
 
+def _check_positive_scale(scale: Tensor) -> None:
+    bad = ~(torch.isfinite(scale) & (scale > 0))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"scale must be finite and > 0 everywhere, got {float(scale[i])} at index {i}")
+
+
 def _check_bits(bits) -> None:
     if bits not in ROWWISE_BITS or isinstance(bits, bool):
         raise ValueError(f"bits={bits!r} is not supported; expected one of {ROWWISE_BITS}")
 
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_finite(name: str, t: Tensor, what: str = "") -> None:
+    """Refuse NaN / inf: one makes its whole channel, group or row non-finite once quantized (the
+    scale is taken from the range), where in FP32 it poisoned one weight's products."""
+    bad = ~torch.isfinite(t.detach())
+    if bool(bad.any()):
+        first = [int(i) for i in bad.nonzero()[0]]
+        raise ValueError(f"{name} has {int(bad.sum())} non-finite value(s) (NaN/inf), the first at index {first} "
+                         f"({float(t.detach()[tuple(first)])}){what}; a quantized format cannot hold them")
 
 
 # -- int4 nibbles -----------------------------------------------------------------------------
@@ -152,6 +169,14 @@ def pack_rowwise(codes: Tensor, scale: Tensor, offset: Tensor, bits: int) -> Ten
         _check_tensor(name, t, _FLOATS, 1, f"[R] = [{r}] float")
         if t.shape[0] != r:
             raise ValueError(f"{name} must have shape [R] = [{r}] to match codes {tuple(codes.shape)}, got {tuple(t.shape)}")
+    qdt = torch.float32 if bits == 8 else torch.float16
+    for name, t in (("scale", scale), ("offset", offset)):
+        stored = t.detach().to(qdt)
+        if not bool(torch.isfinite(stored).all()):
+            row = int((~torch.isfinite(stored)).nonzero()[0])
+            raise ValueError(f"row {row}'s {name} is {float(t[row])} as {str(qdt)[6:]}, which {bits}-bit rows store it in"
+                             + (": the row's values lie outside float16's range (|x| <= 65504); use 8-bit rows for this "
+                                "table" if bits == 4 else "; it must be finite"))
     if bits == 8:
         return torch.cat([codes, _as_bytes(scale, torch.float32), _as_bytes(offset, torch.float32)], dim=1)
     return torch.cat([pack_int4(codes), _as_bytes(scale, torch.float16), _as_bytes(offset, torch.float16)], dim=1)
@@ -193,6 +218,7 @@ def quantize_rowwise(table: Tensor, bits: int) -> Tensor:
     _check_tensor("table", table, _FLOATS, 2, "[R, D] float")
     if table.shape[1] < 1:
         raise ValueError(f"table must have at least one column, got shape {tuple(table.shape)}")
+    _check_finite("table", table)
     mn, mx = channel_minmax(table.detach().float())
     scale, offset = compute_qparams(mn, mx, spec)
     codes = quantize(table, scale, offset, spec)
@@ -219,6 +245,7 @@ def quantize_int8_weight(w: Tensor, scale: Optional[Tensor] = None) -> Tuple[Ten
     packs exactly what training saw; otherwise it is ``max|w_n| / 127`` per row.
     """
     _check_tensor("w", w, _FLOATS, 2, "[N, K] float")
+    _check_finite("w", w)
     spec = int8_weight_spec()
     n = w.shape[0]
     if scale is None:
@@ -229,6 +256,7 @@ def quantize_int8_weight(w: Tensor, scale: Optional[Tensor] = None) -> Tuple[Ten
         if scale.shape[0] != n:
             raise ValueError(f"scale must have shape [N] = [{n}] for w of shape {tuple(w.shape)}, got {tuple(scale.shape)}")
     scale = scale.detach().float().contiguous()
+    _check_positive_scale(scale)
     q = quantize(w, scale, torch.zeros_like(scale, dtype=torch.int32), spec)
     return q.contiguous(), scale
 
@@ -261,6 +289,7 @@ def quantize_int4_weight(w: Tensor, group_size: int, symmetric: bool, scale: Opt
     quantizer), are used as is; ``zero_point`` is required when asymmetric and forbidden otherwise.
     """
     _check_tensor("w", w, _FLOATS, 2, "[N, K] float")
+    _check_finite("w", w)
     n, k = w.shape
     _check_group("w", k, group_size)
     spec = int4_weight_spec(group_size, symmetric)
@@ -288,6 +317,7 @@ def quantize_int4_weight(w: Tensor, group_size: int, symmetric: bool, scale: Opt
             if int(zp.min()) < 0 or int(zp.max()) > 15:
                 raise ValueError(f"zero_point must lie in [0, 15], got values in [{int(zp.min())}, {int(zp.max())}]")
     scale = scale.detach().float().reshape(-1).contiguous()
+    _check_positive_scale(scale)
     codes = quantize(w, scale, zp, spec)  # int8 [-8, 7] or uint8 [0, 15], shape [N, K]
     packed = pack_int4(codes)
     zeros = None if symmetric else zp.to(torch.int8).reshape(n, ng).contiguous()

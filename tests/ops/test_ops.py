@@ -158,6 +158,45 @@ def test_int8_linear_int_mm_non_finite_rows_give_nan_rows():
     assert torch.equal(y[[0, 3]], int8_linear_ref(x[[0, 3]], qw, s, b))
 
 
+@pytest.mark.parametrize("impl", ["fbgemm", "dequant"])
+def test_int8_linear_non_finite_rows_come_out_as_float_math_has_them(impl):
+    """fbgemm quantizes a NaN row to finite codes (it returned finite numbers); such rows are
+    computed on the dequantized weight, as dequant computes every row."""
+    x, qw, s, b, _ = _int8_args(5, 40, 6)
+    x[1, 3], x[2, 39], x[3, 0] = float("nan"), float("inf"), -float("inf")
+    y = torch.ops.hwaware.int8_linear(x, qw, s, b, impl)
+    want = F.linear(x, qw.float() * s[:, None], b)
+    assert torch.equal(y[1:4].isnan(), want[1:4].isnan()) and torch.equal(y[1:4].isinf(), want[1:4].isinf())
+    assert not y[1:4].isfinite().any()
+    assert torch.equal(y[[0, 4]], torch.ops.hwaware.int8_linear(x[[0, 4]], qw, s, b, impl))  # the rest as before
+
+
+def test_int8_linear_refuses_zero_width_weights_in_real_and_fake_kernels():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    for qw, x in ((torch.zeros(4, 0, dtype=torch.int8), torch.randn(3, 0)), (torch.zeros(0, 5, dtype=torch.int8), torch.randn(3, 5))):
+        for impl in ("int_mm", "fbgemm", "dequant"):
+            with pytest.raises(ValueError, match=r"a packed layer needs N >= 1 and K >= 1"):
+                torch.ops.hwaware.int8_linear(x, qw, torch.ones(qw.shape[0]), None, impl)
+        with FakeTensorMode() as mode, pytest.raises(ValueError, match=r"needs N >= 1 and K >= 1"):
+            torch.ops.hwaware.int8_linear(mode.from_tensor(x), mode.from_tensor(qw), mode.from_tensor(torch.ones(qw.shape[0])), None)
+
+
+def test_fake_kernels_refuse_an_unknown_implementation_name():
+    """A typo used to pass torch.export / torch.compile tracing and fail only when run."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, qw, s, b, _ = _int8_args(4, 32, 8)
+    with FakeTensorMode() as mode:
+        fx, fqw, fs = (mode.from_tensor(t) for t in (x, qw, s))
+        with pytest.raises(ValueError, match=r"impl='nope' is not a CPU implementation"):
+            torch.ops.hwaware.int8_linear(fx, fqw, fs, None, "nope")
+        assert torch.ops.hwaware.int8_linear(fx, fqw, fs, None, "fbgemm").shape == (4, 8)
+    with pytest.raises(ValueError, match=r"impl='nope' is not an implementation of hwaware::int8_linear on any device"):
+        torch.ops.hwaware.int8_linear(x.to("meta"), qw.to("meta"), s.to("meta"), None, "nope")
+    assert torch.ops.hwaware.int8_linear(x.to("meta"), qw.to("meta"), s.to("meta"), None, "triton").shape == (4, 8)
+
+
 @pytest.mark.parametrize("impl", ["int_mm", "fbgemm", "dequant"])
 def test_int8_linear_outlier_channels(impl, fbgemm_range):
     x, qw, s, b, w = _int8_args(256, 128, 64)
@@ -289,6 +328,15 @@ def test_int4_linear_rejects_bad_inputs():
         torch.ops.hwaware.int4_linear(x, packed.to(torch.int8), scales, zeros, g, b)
     with pytest.raises(ValueError, match=r"x must have shape \[..., K\] with K = 2 \* packed.shape\[1\] = 128"):
         torch.ops.hwaware.int4_linear(x[:, :64], packed, scales, zeros, g, b)
+    # values a shape check cannot see: refused when the weight is first used (then cached)
+    with pytest.raises(ValueError, match=r"zeros must lie in \[0, 15\] \(4-bit zero points\), got values in \[.*, 100\]"):
+        torch.ops.hwaware.int4_linear(x, packed, scales, zeros.clone().fill_(100), g, b)
+    bad = scales.clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"scales must be finite and > 0, got nan at \[3, 1\]"):
+        torch.ops.hwaware.int4_linear(x, packed, bad, zeros, g, b)
+    with pytest.raises(ValueError, match=r"scales must be finite and > 0, got 0.0"):
+        torch.ops.hwaware.int4_linear(x, packed, scales.clone().fill_(0), zeros, g, b)
 
 
 # -- embedding_bag_rowwise ---------------------------------------------------------------------------

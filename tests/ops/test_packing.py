@@ -190,3 +190,30 @@ def test_int4_weight_rejects_bad_inputs():
     packed, scales, _ = quantize_int4_weight(torch.randn(4, 64), 32, True)
     with pytest.raises(ValueError, match=r"scales must have shape \[N, K/g\] = \[4, 2\]"):
         dequantize_int4_weight(packed, scales[:, :1], None, 32)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_quantizers_refuse_non_finite_weights(bad):
+    """One NaN / inf sets its channel's, group's or row's scale: quantized, the whole channel was NaN."""
+    w = torch.randn(6, 64)
+    w[2, 5] = bad
+    msg = rf"has 1 non-finite value\(s\) \(NaN/inf\), the first at index \[2, 5\] \({bad}\)"
+    with pytest.raises(ValueError, match=r"w " + msg):
+        quantize_int8_weight(w)
+    with pytest.raises(ValueError, match=r"w " + msg):
+        quantize_int4_weight(w, 32, symmetric=True)
+    for bits in (8, 4):
+        with pytest.raises(ValueError, match=r"table " + msg):
+            quantize_rowwise(w, bits)
+    with pytest.raises(ValueError, match=r"scale must be finite and > 0 everywhere, got nan at index 1"):
+        quantize_int8_weight(torch.randn(3, 8), scale=torch.tensor([1.0, float("nan"), 1.0]))
+
+
+def test_int4_rows_refuse_values_beyond_float16():
+    """int4 rows store scale and offset as float16: a row reaching 1e5 packed an infinite offset."""
+    table = torch.randn(5, 8)
+    table[3] *= 1e5
+    with pytest.raises(ValueError, match=r"row 3's offset is -?inf as float16, which 4-bit rows store it in: the row's "
+                                         r"values lie outside float16's range \(\|x\| <= 65504\); use 8-bit rows"):
+        quantize_rowwise(table, 4)
+    torch.testing.assert_close(dequantize_rowwise(quantize_rowwise(table, 8), 8), table, rtol=0, atol=float(table.abs().max()) / 100)
