@@ -114,6 +114,14 @@ def _check_int4_linear(x: Tensor, packed: Tensor, scales: Tensor, zeros: Optiona
     _check_bias(bias, n)
 
 
+def _index_dtypes(indices: Tensor, offsets: Tensor) -> Tuple[Tensor, Tensor]:
+    """Mixed int32 / int64 ids and offsets, as ``F.embedding_bag`` takes them: both as int64. (A
+    program traced with int64 ids builds int64 offsets, and is then called with int32 ids.)"""
+    if indices.dtype != offsets.dtype:
+        return indices.long(), offsets.long()
+    return indices, offsets
+
+
 def _check_embedding_bag(weight: Tensor, bits: int, dim: int, indices: Tensor, offsets: Tensor, mode: int,
                          per_sample_weights: Optional[Tensor], include_last_offset: bool) -> None:
     if bits not in (4, 8):
@@ -129,8 +137,6 @@ def _check_embedding_bag(weight: Tensor, bits: int, dim: int, indices: Tensor, o
                          f"got {list(weight.shape)}")
     _dt("indices", indices, (torch.int64, torch.int32), "[L] int64 or int32")
     _dt("offsets", offsets, (torch.int64, torch.int32), "[B] (or [B + 1] with include_last_offset) int")
-    if indices.dtype != offsets.dtype:
-        raise TypeError(f"indices ({indices.dtype}) and offsets ({offsets.dtype}) must have the same dtype")
     if indices.dim() != 1:
         raise ValueError(f"indices must be 1-D [L], got shape {list(indices.shape)}")
     if offsets.dim() != 1 or (include_last_offset and offsets.shape[0] < 1):
@@ -769,6 +775,7 @@ def embedding_bag_rowwise(weight: Tensor, bits: int, dim: int, indices: Tensor, 
     in one call: ``embedding_bags_rowwise``.)
     """
     _check_embedding_bag(weight, bits, dim, indices, offsets, mode, per_sample_weights, include_last_offset)
+    indices, offsets = _index_dtypes(indices, offsets)
     weight, indices, offsets = weight.contiguous(), indices.contiguous(), offsets.contiguous()
     _check_index_values(weight, indices, offsets, include_last_offset)
     if mode == 2:
@@ -806,8 +813,6 @@ def _check_embedding_bags(weights: Sequence[Tensor], bits: Sequence[int], dim: i
                          "(max: embedding_bag_rowwise per table)")
     _check_tables(weights, bits, dim, indices)
     _dt("offsets", offsets, (torch.int64, torch.int32), "[B] int (bag starts, shared by every table)")
-    if offsets.dtype != indices.dtype:
-        raise TypeError(f"indices ({indices.dtype}) and offsets ({offsets.dtype}) must have the same dtype")
     if offsets.dim() != 1:
         raise ValueError(f"offsets must be 1-D [B], got shape {list(offsets.shape)}")
     if offsets.device != indices.device:
@@ -864,6 +869,7 @@ def embedding_bags_rowwise(weights: List[Tensor], bits: List[int], dim: int, ind
     from hwaware.quant import native  # hwaware.quant imports hwaware.ops.packing: import at call time
 
     _check_embedding_bags(weights, bits, dim, indices, offsets, mode)
+    indices, offsets = _index_dtypes(indices, offsets)
     if not all(w.is_contiguous() for w in weights):
         weights = [w.contiguous() for w in weights]
     offsets = offsets.contiguous()
@@ -902,6 +908,7 @@ def _(weights, bits, dim, indices, offsets, mode):
 @embedding_bags_rowwise.register_kernel("cuda")
 def _(weights, bits, dim, indices, offsets, mode):  # T launches of the row-wise Triton kernel
     _check_embedding_bags(weights, bits, dim, indices, offsets, mode)
+    indices, offsets = _index_dtypes(indices, offsets)
     return _embedding_bags_per_table(weights, bits, dim, indices, offsets, mode)
 
 

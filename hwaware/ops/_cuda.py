@@ -32,6 +32,7 @@ from hwaware.ops import (
     _check_int8_linear,
     _check_sparse24_kernel,
     _check_sparse24_linear,
+    _index_dtypes,
     embedding_bag_rowwise,
     int4_linear,
     int8_linear,
@@ -95,6 +96,7 @@ def _int4_linear_cuda(x: Tensor, packed: Tensor, scales: Tensor, zeros: Optional
 def _embedding_bag_rowwise_cuda(weight: Tensor, bits: int, dim: int, indices: Tensor, offsets: Tensor, mode: int,
                                 per_sample_weights: Optional[Tensor], include_last_offset: bool) -> Tensor:
     _check_embedding_bag(weight, bits, dim, indices, offsets, mode, per_sample_weights, include_last_offset)
+    indices, offsets = _index_dtypes(indices, offsets)
     # check_indices: IndexError / ValueError on bad index or offset values, as the CPU op (one sync).
     # Not while a CUDA graph is captured, where a sync is illegal: the kernel then skips
     # out-of-range indices (never reads out of bounds), as with check_indices=False.

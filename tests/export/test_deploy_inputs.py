@@ -40,3 +40,29 @@ def test_the_lookup_returns_the_dtype_of_the_table_it_replaced():
     torch.testing.assert_close(half(ids, offsets), _bag()(ids, offsets).half(), atol=0, rtol=0)
     with pytest.raises(ValueError, match=r"RowwiseEmbeddingBag dtype=torch.int8; expected one of"):
         _bag(dtype=torch.int8)
+
+
+class UserItems(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.user = nn.Embedding(30, 8)
+        self.items = nn.EmbeddingBag(40, 8, mode="sum")
+
+    def forward(self, users, items, offsets):
+        return (self.user(users) * self.items(items, offsets)).sum(-1)
+
+
+def test_the_program_takes_int32_ids_as_the_eager_model_does(tmp_path):
+    """The program traced with int64 ids bakes int64 offsets for nn.Embedding's lookup; int32 ids then
+    failed in the op with "indices (torch.int32) and offsets (torch.int64) must have the same dtype",
+    naming offsets the caller never passed."""
+    import hwaware
+
+    torch.manual_seed(0)
+    users, items, offsets = torch.randint(0, 30, (6,)), torch.randint(0, 40, (15,)), torch.tensor([0, 2, 5, 9, 10, 12])
+    hwaware.export(UserItems(), tmp_path / "art", example_inputs=(users, items, offsets))
+    program = torch.export.load(str(tmp_path / "art" / "program.pt2")).module()
+    want = hwaware.load(tmp_path / "art")(users, items, offsets)
+    assert torch.equal(program(users, items, offsets), want)
+    for args in ((users.int(), items, offsets), (users, items.int(), offsets), (users.int(), items.int(), offsets.int())):
+        assert torch.equal(program(*args), want)

@@ -374,8 +374,10 @@ def test_embedding_bag_rejects_bad_inputs(native_check, monkeypatch):
         eb(weight[:, :20], 8, 16, indices, offsets, 0, None, False)
     with pytest.raises(ValueError, match=r"weight must have shape \[R, 12\] for a 4-bit"):
         eb(weight, 4, 16, indices, offsets, 0, None, False)
-    with pytest.raises(TypeError, match=r"indices \(torch.int64\) and offsets \(torch.int32\) must have the same dtype"):
-        eb(weight, 8, 16, indices, offsets.int(), 0, None, False)
+    for mode in (0, 1, 2):  # mixed int32 / int64 ids and offsets, as F.embedding_bag takes them
+        want = eb(weight, 8, 16, indices, offsets, mode, None, False)
+        assert torch.equal(eb(weight, 8, 16, indices, offsets.int(), mode, None, False), want)
+        assert torch.equal(eb(weight, 8, 16, indices.int(), offsets, mode, None, False), want)
     with pytest.raises(ValueError, match="per_sample_weights is only supported with mode=0"):
         eb(weight, 8, 16, indices, offsets, 1, torch.ones(indices.shape[0]), False)
     with pytest.raises(ValueError, match=r"per_sample_weights must have shape \[L\]"):
