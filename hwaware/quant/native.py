@@ -169,7 +169,11 @@ def native_status() -> str:
 
 
 def _usable(x2d: Tensor) -> bool:
-    return x2d.dtype == torch.float32 and x2d.device.type == "cpu" and x2d.is_contiguous() and x2d.numel() > 0 and _load() is not None
+    # Not while torch.compile traces: a C call on data pointers is opaque to dynamo, and the
+    # straight-through _Identity wrapped around its result lost the gradient to the weights
+    # (QAT under torch.compile trained nothing but biases). The eager ops are traced instead.
+    return (x2d.dtype == torch.float32 and x2d.device.type == "cpu" and x2d.is_contiguous() and x2d.numel() > 0
+            and not torch.compiler.is_compiling() and _load() is not None)
 
 
 def fq_sym_rows(x2d: Tensor, qmax: int, fp16_scale: bool) -> Optional[Tuple[Tensor, Tensor]]:
