@@ -24,6 +24,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -35,6 +36,7 @@ from hwaware.quant.attach import (
     QuantState, attach_quantization, detach_quantization, find_quantizable, layer_specs_to_state, normalize_layer_specs,
     quantization_disabled, set_fp32_reference,
 )
+from hwaware.quant.attach import quant_states as _attached_states
 from hwaware.quant.kl import OUTPUT_KINDS, KLViolationError, LayerErrorCollector, collect_layer_errors, output_kl
 from hwaware.quant.spec import QuantSpec
 
@@ -278,6 +280,10 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         self._collecting = False
         self._val_batches_seen = 0
         self._call_checked = False  # not saved: a resumed fit checks again, once
+        # start="plateau": the monitor was missing when validation ended (an epoch-level training
+        # metric, which Lightning aggregates after validation): read it at the end of the epoch
+        self._plateau_pending = False
+        self._validation_runs = True  # whether this fit has a validation loop (on_train_start)
         # layers whose forward ran since calibration started, until the end of the first epoch with
         # QAT (None: not tracking); a layer never called is left FP32 (:meth:`_drop_uncalled`)
         self._called: Optional[set] = None
@@ -308,6 +314,15 @@ class ProgressiveQuantization(_RestoresForEvaluation):
                 f"start_epoch={self.start_epoch} is invalid for Trainer(max_epochs={trainer.max_epochs}); "
                 f"expected start_epoch < max_epochs so that QAT runs"
             )
+        carried = _attached_states(pl_module)
+        if carried and not self._states:
+            # fake quant an earlier run attached (a finished ProgressiveQuantization's frozen scales):
+            # left on, this run's FP32 phase would train, and measure metrics_before, quantized
+            detach_quantization(pl_module)
+            rank_zero_warn(
+                f"ProgressiveQuantization: the model carries fake quantization from an earlier run on {len(carried)} "
+                f"layer(s) ({', '.join(sorted(carried)[:4])}{', ...' if len(carried) > 4 else ''}); removed, so this run's "
+                "FP32 phase trains the float model from its current weights and its calibration attaches new quantizers")
 
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -315,6 +330,27 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         # (before the optimizer state is restored, so LSQ parameter groups line up)
         if self._pending_quantizers is not None:
             self._restore_quantizers(trainer, pl_module)
+
+    @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # Lightning 2.x's own test: a val loader source (loader, datamodule or the module's
+        # val_dataloader), validation_step, and batches to take
+        source = getattr(getattr(getattr(trainer.fit_loop, "epoch_loop", None), "val_loop", None), "_data_source", None)
+        self._validation_runs = (trainer.limit_val_batches != 0 and is_overridden("validation_step", pl_module)
+                                 and (source is None or source.is_defined()))
+        if self.phase != "fp32" or trainer.max_steps is None or trainer.max_steps < 0 or self.start != "epoch":
+            return
+        accumulate = max(1, int(trainer.accumulate_grad_batches))
+        batches = trainer.num_training_batches
+        if not isinstance(batches, int) or batches <= 0:  # an iterable of unknown length
+            return
+        per_epoch = math.ceil(batches / accumulate)
+        qat_step = self.start_epoch * per_epoch + math.ceil(self.calibration_batches / accumulate)
+        if qat_step >= trainer.max_steps:
+            raise ValueError(
+                f"ProgressiveQuantization(start_epoch={self.start_epoch}, calibration_batches={self.calibration_batches}) "
+                f"would start QAT at optimizer step {qat_step} ({per_epoch} per epoch), but Trainer(max_steps="
+                f"{trainer.max_steps}) stops before it: lower start_epoch or calibration_batches, or raise max_steps")
 
     @override
     def _restore_for_evaluation(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -405,6 +441,11 @@ class ProgressiveQuantization(_RestoresForEvaluation):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self._called is not None and self.phase == "qat":  # after this epoch's validation too
             self._drop_uncalled(trainer, pl_module)
+        if self.phase == "fp32" and self.start == "plateau" and (self._plateau_pending or not self._validation_runs):
+            # the epoch's training metrics are aggregated now (after validation): what Lightning's
+            # EarlyStopping reads at this point too. Without validation this is the only reading
+            self._plateau_pending = False
+            self._update_plateau(_scalar_metrics(trainer))
 
     @override
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
@@ -444,13 +485,19 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         if self.phase == "fp32":
             self._metrics_before = metrics
             if self.start == "plateau":
-                self._update_plateau(metrics)
+                if self.monitor in metrics:
+                    self._update_plateau(metrics)
+                else:  # maybe an epoch-level training metric, not aggregated yet: read at the epoch's end
+                    self._plateau_pending = True
         elif self.phase == "qat":
             self._metrics_after = metrics
 
     @override
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.phase == "qat":
+            if self._qat_seen == 0:
+                rank_zero_warn("ProgressiveQuantization: fit ended right as QAT began, after 0 QAT training steps: the "
+                               "model is calibrated but not fine-tuned quantized (the report's phases say where each began)")
             self._validate(trainer, pl_module)
         elif self.phase in ("fp32", "calibrate"):
             self._untrack_calls()  # (a resume from a checkpoint tracks again from what it saved)
@@ -754,7 +801,9 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         if self.monitor not in metrics:
             raise ValueError(
                 f"ProgressiveQuantization(monitor={self.monitor!r}): metric not logged; logged metrics are {sorted(metrics)}"
-            )
+                + ("" if self._validation_runs else
+                   " (this fit runs no validation: no val dataloader, no validation_step or limit_val_batches=0; "
+                   "monitor a training metric logged with on_epoch=True, or use start='epoch')"))
         value = metrics[self.monitor]
         better = (
             self._best is None

@@ -923,3 +923,76 @@ def test_no_call_tracking_hook_stays_on_the_model(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         train_with_quant(tmp_path / "b", model=(boom := Boom()), max_epochs=2, start_epoch=1, calibration_batches=2)
     assert hooks(boom) == {}
+
+
+# -- schedules Lightning can run in more ways than max_epochs (Lightning-feature trial) ---------------
+
+class EpochLossCTR(TinyCTR):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("epoch_loss", loss.detach(), on_step=False, on_epoch=True)
+        return loss
+
+
+def test_plateau_on_an_epoch_level_training_metric(tmp_path):
+    """Lightning aggregates epoch-level training metrics after validation ends: the monitor was
+    refused as "not logged" after one epoch, where EarlyStopping takes it."""
+    cb = ProgressiveQuantization(start="plateau", monitor="epoch_loss", mode="min", patience=1, min_delta=10.0,
+                                 calibration_batches=2)
+    _fit(tmp_path, cb, model=EpochLossCTR(), max_epochs=4)
+    phases = {p["phase"]: p["start_epoch"] for p in cb.report["phases"]}
+    assert phases["calibrate"] == 2  # best after epoch 0, no improvement after epoch 1: as with val_loss
+
+
+@pytest.mark.parametrize("no_validation", ["limit_val_batches=0", "no val loader"])
+def test_plateau_without_validation_reads_training_metrics_and_names_a_val_monitor(tmp_path, no_validation):
+    """With no validation loop, on_validation_end never ran: QAT never started, no error, and export
+    quantized post-training without a word."""
+    kwargs = {"limit_val_batches": 0} if no_validation == "limit_val_batches=0" else {}
+
+    def fit(cb):
+        pl.seed_everything(0, verbose=False)
+        trainer = make_trainer(tmp_path, [cb], max_epochs=4, **kwargs)
+        train, val = loaders()
+        trainer.fit(EpochLossCTR(), train, val if kwargs else None)
+
+    with pytest.raises(ValueError, match=r"monitor='val_loss'\): metric not logged; logged metrics are \['epoch_loss', 'train_loss'\] "
+                                         r"\(this fit runs no validation"):
+        fit(ProgressiveQuantization(start="plateau", monitor="val_loss", mode="min"))
+    cb = ProgressiveQuantization(start="plateau", monitor="epoch_loss", mode="min", patience=1, min_delta=10.0,
+                                 calibration_batches=2)
+    fit(cb)
+    assert {p["phase"]: p["start_epoch"] for p in cb.report["phases"]}["calibrate"] == 2 and cb.phase == "done"
+
+
+@pytest.mark.parametrize("max_steps,calibration", [(10, 2), (17, 2), (16, 0)])
+def test_max_steps_that_stop_before_qat_are_refused_before_training(tmp_path, max_steps, calibration):
+    """Only max_epochs was checked: max_steps=10 with start_epoch=2 trained FP32 to the end, and
+    QAT starting at exactly max_steps was reported 'done' after 0 QAT steps."""
+    cb = ProgressiveQuantization(start_epoch=2, calibration_batches=calibration)
+    qat_step = 2 * 8 + calibration
+    with pytest.raises(ValueError, match=rf"would start QAT at optimizer step {qat_step} \(8 per epoch\), but "
+                                         rf"Trainer\(max_steps={max_steps}\) stops before it"):
+        _fit(tmp_path, cb, max_epochs=None, max_steps=max_steps)
+    ok = ProgressiveQuantization(start_epoch=2, calibration_batches=calibration)
+    _fit(tmp_path, ok, max_epochs=None, max_steps=qat_step + 3)
+    assert ok.phase == "done" and ok._qat_seen == 3
+
+
+def test_a_new_callback_removes_the_fake_quant_an_earlier_run_left_on_the_model(tmp_path):
+    """The first run's frozen fake quant stayed attached: the second run's FP32 phase trained (and
+    measured metrics_before) quantized."""
+    from hwaware.quant import quant_states
+
+    first = ProgressiveQuantization(start_epoch=1, calibration_batches=2)
+    _, model = _fit(tmp_path, first, max_epochs=2)
+    assert first.phase == "done" and quant_states(model)
+
+    second = ProgressiveQuantization(start_epoch=1, calibration_batches=2)
+    probe = PhaseProbe(second)
+    with pytest.warns(UserWarning, match=r"the model carries fake quantization from an earlier run on 3 layer\(s\)"):
+        _fit(tmp_path / "second", second, model=model, max_epochs=2, extra=[probe])
+    fp32_rows = [r for r in probe.rows if r[1] == "fp32"]
+    assert len(fp32_rows) == 8 and all(not flags for _, _, flags in fp32_rows)  # nothing attached in FP32
+    assert second.phase == "done" and set(quant_states(model)) == set(second.quant_states)
+    assert all(quant_states(model)[n] is st for n, st in second.quant_states.items())
