@@ -40,7 +40,9 @@ def _probe(path: str, which: str, batch_size: int, batches: int, kernels: str = 
     from hwaware.export.exporter import build_recorded, import_model_class, make_inputs, model_class
 
     manifest = read_manifest(path)
-    cls = import_model_class(model) if model else None  # imported before the baseline, as the recorded class is
+    # the model's class is imported before the baseline: its module's imports (Lightning, for a
+    # LightningModule) are the process's, not the cost of loading the weights
+    cls = import_model_class(model) if model else model_class(manifest, path)
     if inputs_file:
         from hwaware.export.bench import read_inputs_file
 
@@ -53,7 +55,7 @@ def _probe(path: str, which: str, batch_size: int, batches: int, kernels: str = 
     if which == "artifact":
         net = load(path, kernels=kernels, model=cls)  # "measure": the load peak includes re-timing the kernels
     else:
-        net = build_recorded(cls or model_class(manifest, path), manifest, path)
+        net = build_recorded(cls, manifest, path)
     net.eval()
     load_peak = _status_kib("VmHWM")
     with torch.no_grad():  # every weight read once, as serving traffic eventually does: lazily

@@ -183,6 +183,7 @@ def test_load_refuses_a_tampered_artifact(tmp_path):
 _PEAK_SCRIPT = """
 import sys, json
 import hwaware, torch
+import tests.helpers  # the model's class and its imports (Lightning): the process's, not the load's
 
 def status(key):
     with open("/proc/self/status") as f:
