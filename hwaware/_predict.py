@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import inspect
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Tuple
+from typing import Any, Callable, Iterable, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -88,3 +88,74 @@ def side_effect_free(model: nn.Module) -> Iterator[None]:
         for m, training in modes:
             m.training = training
 
+
+
+# -- a LightningModule's batch hooks, applied outside a Trainer ---------------------------------
+
+#: The hooks Lightning's loops run on every batch before the step, in their order.
+BATCH_HOOKS = ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
+
+
+def _lightning_module_base(module: nn.Module) -> Optional[type]:
+    """Lightning's ``LightningModule`` class among ``module``'s bases (``pytorch_lightning`` or
+    ``lightning.pytorch``), or None: found by name, so that hwaware imports no Lightning here."""
+    for cls in type(module).__mro__:
+        if cls.__name__ == "LightningModule" and cls.__module__.partition(".")[0] in ("pytorch_lightning", "lightning"):
+            return cls
+    return None
+
+
+def overridden_batch_hooks(module: nn.Module) -> Tuple[str, ...]:
+    """The :data:`BATCH_HOOKS` that ``module`` (a LightningModule) overrides, its class or the
+    instance; ``()`` for a plain ``nn.Module`` or a LightningModule that keeps Lightning's own."""
+    base = _lightning_module_base(module)
+    if base is None:
+        return ()
+    own = lambda name: getattr(getattr(module, name, None), "__func__", getattr(module, name, None))  # noqa: E731
+    return tuple(name for name in BATCH_HOOKS if own(name) is not getattr(base, name, None))
+
+
+def apply_batch_hooks(module: nn.Module, batch: Any, device: torch.device, who: str, index: int = 0) -> Any:
+    """``batch`` as Lightning's validation loop hands it to ``module``'s step: its
+    ``on_before_batch_transfer(batch, 0)``, ``transfer_batch_to_device(batch, device, 0)`` and
+    ``on_after_batch_transfer(batch, 0)``, in that order, each called on ``module`` itself (outside
+    any Trainer's hook routing: a datamodule's hooks are not run). As in that loop, ``module`` is in
+    eval mode and no gradient is recorded; its train/eval flags, its quantization and the global
+    RNG are as they were afterwards. torch's CPU RNG is seeded with ``index`` for the hooks, so that
+    a hook drawing random numbers from it gives the same batch every time the same batch comes.
+
+    A hook that raises (one reading ``self.trainer``, which a module outside a Trainer does not
+    have) or returns None raises a ``RuntimeError`` naming the hook, from the original error."""
+    calls = {"on_before_batch_transfer": lambda b: (b, 0), "transfer_batch_to_device": lambda b: (b, device, 0),
+             "on_after_batch_transfer": lambda b: (b, 0)}
+    fix = (f"{who} runs {type(module).__name__}'s batch hooks ({', '.join(BATCH_HOOKS)}) on every validation batch, "
+           f"as Lightning's validation loop does (dataloader_idx=0, device {device}), but outside any Trainer. Make "
+           "the hook work without one, or pass a val_dataloader whose batches are already as the model's step takes "
+           "them, with batch_hooks=False")
+    with side_effect_free(module):
+        torch.default_generator.manual_seed(index)
+        for name in BATCH_HOOKS:
+            args = calls[name](batch)
+            shown = ", ".join(["batch", *(repr(a) for a in args[1:])])
+            try:
+                batch = getattr(module, name)(*args)
+            except Exception as e:  # noqa: BLE001  re-raised, named
+                trainer = " (the hook reads self.trainer)" if "not attached to a `Trainer`" in str(e) else ""
+                raise RuntimeError(f"{who}: {type(module).__name__}.{name}({shown}) raised {type(e).__name__}: "
+                                   f"{str(e).rstrip('.')}{trainer}. {fix}") from e
+            if batch is None:
+                raise RuntimeError(f"{who}: {type(module).__name__}.{name}({shown}) returned None, not the batch (a "
+                                   f"batch hook returns the batch it was given, transformed). {fix}")
+    return batch
+
+
+class HookedBatches:
+    """``loader``'s batches through :func:`apply_batch_hooks` (``module``'s hooks), read afresh on
+    every iteration: an iterable to run the model on wherever ``loader`` was."""
+
+    def __init__(self, loader: Iterable, module: nn.Module, device: torch.device, who: str) -> None:
+        self.loader, self.module, self.device, self.who = loader, module, device, who
+
+    def __iter__(self) -> Iterator[Any]:
+        for index, batch in enumerate(self.loader):
+            yield apply_batch_hooks(self.module, batch, self.device, self.who, index)

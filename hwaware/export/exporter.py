@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from hwaware.export.artifact import ArtifactError, check_target, read_verified, verify_artifact, write_artifact
-from hwaware._predict import defines_predict_step, model_predictions, side_effect_free
+from hwaware._predict import HookedBatches, defines_predict_step, model_predictions, overridden_batch_hooks, side_effect_free
 from hwaware.export.deploy import (DEPLOY_TYPES, Int4Linear, Int8Linear, RowwiseEmbedding, RowwiseEmbeddingBag, Sparse24Linear,
                                    chain_int8, fuse_relu, no_deploy_op, unpackable_specs)
 from hwaware.export.selection import (SPARSE24_INT8_IMPL, SPARSE24_INT8_KERNEL, capture_rows, cpu_profile, isa_list, lost_features,
@@ -61,6 +61,7 @@ INT4_24_NOTE = ("2:4-sparse weight: its 2:4 pattern is kept in the int4 values (
                 "there is no int4 2:4 format; stored and run as dense int4 (quantize it int8 per_channel to pack it "
                 "2:4 as sparse24_int8)")
 _BUFFER_PREFIX = "__nonpersistent__."
+_INTEGER_KERNELS = ("int_mm", "fbgemm", "int8")  # selection choices that run int8 arithmetic (int8: 2:4 on int_mm)
 _PTQ_WEIGHT = QuantSpec(bits=8, granularity="per_channel")
 _PTQ_ACT = QuantSpec(bits=8, granularity="per_row", dynamic=True)
 _PTQ_TABLE = QuantSpec(bits=8, granularity="per_row", symmetric=False, dynamic=True)
@@ -846,6 +847,7 @@ def export(
     sparse24: bool = True,
     int8_impls: Optional[Sequence[str]] = None,
     overwrite: bool = True,
+    batch_hooks: bool = True,
 ) -> Artifact:
     """Pack every quantized layer, gate on ``metric`` through the deploy ops, write the artifact.
 
@@ -870,6 +872,13 @@ def export(
         output_fn: ``fn(model, batch) -> (preds, target)``; default: ``predict_step`` (where the
             model's class defines one, else ``model(*batch[:-1])`` for a tuple batch) and the
             batch's ``label``/``target``/last element.
+        batch_hooks: for a LightningModule that overrides ``on_before_batch_transfer``,
+            ``transfer_batch_to_device`` or ``on_after_batch_transfer``: run them on every
+            ``val_dataloader`` batch before the model (and ``output_fn``) sees it, as Lightning's
+            validation loop does (in that order, ``dataloader_idx=0``, on ``device``; manifest
+            ``regression.batch_hooks``), so the gate measures the inputs the model is validated on.
+            False: the loader's batches are already as the model's step takes them.
+            ``example_inputs`` are never passed through them.
         embedding_bits: 8 or 4, for tables of a model quantized post-training.
         sparse24: pack every 2:4 Linear (e.g. pruned by :class:`SemiStructuredSparsity`) in the
             compressed form, with int8 values when it is int8-quantized; for each, the available
@@ -931,6 +940,13 @@ def export(
     path = os.fspath(path)
     if not isinstance(overwrite, bool):
         raise TypeError(f"overwrite={overwrite!r}; expected True or False")
+    if not isinstance(batch_hooks, bool):
+        raise TypeError(f"batch_hooks={batch_hooks!r}; expected True or False")
+    # every run of the model on validation batches (the weight watch, both sides of the gate, the
+    # rows kernels are timed on) reads them through the LightningModule's batch hooks, where it
+    # overrides any: the same transformed batches for all; a plain module reads the loader as it is
+    hooks = list(overridden_batch_hooks(model)) if batch_hooks and val_dataloader is not None else []
+    val_batches = HookedBatches(val_dataloader, model, torch.device(device), "export") if hooks else val_dataloader
     check_target(path, overwrite)  # an unwritable path is refused now, not after the gate
 
     states = quant_states(model)
@@ -949,8 +965,15 @@ def export(
         _check_served_dtypes(model, states)
         read_outside = {}
         if example_inputs is not None or val_dataloader is not None:  # one batch through the model, weights watched
-            run = ((lambda: model(*example_inputs)) if example_inputs is not None else
-                   (lambda: (output_fn or _default_output)(model, _first_batch(val_dataloader))))
+            if example_inputs is None and hooks:
+                # hooked before the watch, which would take a hook's read of a weight (its dtype) for
+                # the model's; the global RNG left as the watch leaves it
+                with torch.random.fork_rng(devices=[]):
+                    first = _first_batch(val_batches)
+                run = lambda: (output_fn or _default_output)(model, first)  # noqa: E731
+            else:
+                run = ((lambda: model(*example_inputs)) if example_inputs is not None else
+                       (lambda: (output_fn or _default_output)(model, _first_batch(val_dataloader))))
             read_outside = weights_read_outside_call(model, [n for n, st in states.items() if st.enabled], run)
         deploy, layers, dense = _build_deploy(model, states, sparse24=bool(sparse24), skipped=skipped, qat=not ptq,
                                               read_outside=read_outside)
@@ -980,20 +1003,21 @@ def export(
     gated_configs: Dict[str, Dict[str, Dict[str, str]]] = {}
     if val_dataloader is not None:
         sources: List[str] = []
-        ref_value = _evaluate(_reference_module(model, reference), val_dataloader, metric, output_fn, sources)
+        ref_value = _evaluate(_reference_module(model, reference), val_batches, metric, output_fn, sources)
         target_source = sources[0]
         if _int8_layers(deploy):
             # every int8 implementation gated on its own before any is timed: they differ in what they
             # do to the input (dequant keeps it float), so a choice by time alone made the gate's
             # verdict depend on a timing race; only those that pass may be chosen
-            by_impl, gated_configs = _gate_each_impl(deploy, val_dataloader, metric, output_fn, ref_value, float(max_drop),
+            by_impl, gated_configs = _gate_each_impl(deploy, val_batches, metric, output_fn, ref_value, float(max_drop),
                                                      int8_impls or INT8_KERNELS["cpu"])
             allowed = [impl for impl, r in by_impl.items() if r["passed"]]
             if not allowed:
                 best = max(by_impl, key=lambda i: by_impl[i]["exported"])
                 report = {"metric": metric, "reference": ref_value, "exported": by_impl[best]["exported"],
                           "drop": by_impl[best]["drop"], "max_drop": float(max_drop), "passed": False,
-                          "measured_on": "cpu, hwaware deploy ops", "target": target_source, "by_impl": by_impl}
+                          "measured_on": "cpu, hwaware deploy ops", "target": target_source, "by_impl": by_impl,
+                          **({"batch_hooks": hooks} if hooks else {})}
                 raise RegressionError(
                     f"export refused: {metric} dropped {by_impl[best]['drop']:.5f} (reference {ref_value:.5f} -> exported "
                     f"{by_impl[best]['exported']:.5f} on {best}, the best of the int8 implementations; "
@@ -1005,7 +1029,7 @@ def export(
         if example_inputs is not None:
             rows = capture_rows(deploy, lambda: deploy(*example_inputs))
         elif val_dataloader is not None:
-            first = _first_batch(val_dataloader)
+            first = _first_batch(val_batches)
             rows = capture_rows(deploy, lambda: (output_fn or _default_output)(deploy, first))
         else:
             rows = {}
@@ -1017,7 +1041,7 @@ def export(
                 layers[name]["kernel"] = {"cpu": _selected_label(op_name, deploy.get_submodule(name), rec)}
                 layers[name]["selection"] = {"cpu": rec}
     if val_dataloader is not None:
-        exp_value = _gated_value(deploy, val_dataloader, metric, output_fn, by_impl, gated_configs)
+        exp_value = _gated_value(deploy, val_batches, metric, output_fn, by_impl, gated_configs)
         if allowed and ref_value - exp_value > max_drop:
             # the per-layer fastest mix fails where every layer on one passing implementation passed:
             # serve the best of those everywhere (measured above), so the verdict never depends on timing
@@ -1033,7 +1057,7 @@ def export(
                     layers[name]["kernels"] = dict(m.kernels)
                     layers[name]["kernel"] = {"cpu": _selected_label(
                         "sparse24_linear" if isinstance(m, Sparse24Linear) else "int8_linear", m, rec)}
-            exp_value = _gated_value(deploy, val_dataloader, metric, output_fn, by_impl, gated_configs)
+            exp_value = _gated_value(deploy, val_batches, metric, output_fn, by_impl, gated_configs)
     for name, meta in layers.items():  # what the chosen kernel does to the layer's input
         served = _served_activation(deploy.get_submodule(name))
         if served is not None:
@@ -1051,12 +1075,14 @@ def export(
         report = {"metric": metric, "reference": ref_value, "exported": exp_value, "drop": drop,
                   "max_drop": float(max_drop), "passed": drop <= max_drop, "measured_on": "cpu, hwaware deploy ops",
                   "target": target_source}
+        if hooks:  # the batches the gate ran on (and took the targets from) came through these
+            report["batch_hooks"] = hooks
         if reference is None and fp32_reference(model) is not None:
             # The gate's reference is the FP32 model at QAT (or pruning) start, so training since moves the
             # drop too. Not gated, recorded: the final weights with quantization off, and how much of
             # the metric the export itself costs against them.
             final = _fp32_copy(model)
-            report["final_weights_fp32"] = _evaluate(final, val_dataloader, metric, output_fn)
+            report["final_weights_fp32"] = _evaluate(final, val_batches, metric, output_fn)
             report["quantization_drop"] = report["final_weights_fp32"] - exp_value
         if allowed is not None:  # what load(kernels="measure") may switch to on another CPU
             report["by_impl"] = by_impl
@@ -1319,15 +1345,17 @@ def _portability_warning(manifest: Dict[str, Any], path: str) -> None:
                             "{'model': str, 'isa': [str, ...], 'amx_in_use': bool, 'int8_engine': "
                             f"{' | '.join(map(repr, native.ENGINES))} | None}}")
     recs = {n: _selection_record(meta, n, path) for n, meta in manifest["layers"].items()}
-    timed = [n for n, rec in recs.items() if rec is not None and "measured" in rec]
+    # the integer kernels are what a missing instruction set or int8 pass slows down; a layer that
+    # chose float math (dequant, dense, csr) runs the same fp32 matmul as the FP32 model
+    timed = [n for n, rec in recs.items() if rec is not None and "measured" in rec and rec.get("chosen") in _INTEGER_KERNELS]
     int_mm = any(rec is not None and rec.get("chosen") in ("int_mm", "int8") for rec in recs.values())  # int8: 2:4 on int_mm
     lost = lost_features(measured_on, cpu_profile(), amx_matters=int_mm)
     if lost and timed:
         warnings.warn(
-            f"{path}: its CPU kernels were timed on {measured_on.get('model', '?')!r}, which has {', '.join(lost)} and "
-            f"this CPU has not: the recorded choice for {len(timed)} layers ({', '.join(timed[:4])}"
-            f"{', ...' if len(timed) > 4 else ''}) may be many times slower here; load(path, kernels='measure') "
-            "re-times them on this CPU", KernelPortabilityWarning, stacklevel=3)
+            f"{path}: its CPU kernels were timed on {measured_on.get('model', '?')!r}, which has {', '.join(lost)}; this "
+            f"CPU lacks {'it' if len(lost) == 1 else 'them'}: the integer kernel recorded for {len(timed)} layer(s) "
+            f"({', '.join(timed[:4])}{', ...' if len(timed) > 4 else ''}) may be many times slower here; "
+            "load(path, kernels='measure') re-times them on this CPU", KernelPortabilityWarning, stacklevel=3)
 
 
 def _load_device(device: Any) -> str:

@@ -70,8 +70,27 @@ def test_the_manifest_records_the_cpu_and_a_gate_per_implementation(art):
 def test_a_cpu_without_what_export_timed_on_gets_a_warning(art, monkeypatch):
     assert lost_features(EXPORT_CPU, AVX2_CPU) == ["avx512f", "avx512_vnni", "amx_tile", "amx_int8", "hwaware AMX pass"]
     monkeypatch.setattr(exporter, "cpu_profile", lambda: dict(AVX2_CPU))
-    with pytest.warns(KernelPortabilityWarning, match=r"Export Xeon.*avx512f.*amx_int8.*mlp\.0.*kernels='measure'"):
-        load(art.path)
+    integer = [n for n, meta in art.manifest["layers"].items() if meta.get("selection", {}).get("cpu", {}).get("chosen")
+               in ("int_mm", "fbgemm")]
+    if integer:
+        with pytest.warns(KernelPortabilityWarning, match=rf"Export Xeon.*avx512f.*amx_int8; this CPU lacks them: the "
+                                                          rf"integer kernel recorded for {len(integer)} layer.*kernels='measure'"):
+            load(art.path)
+    # which layers it names: those on integer kernels, not those whose choice was float math
+    manifest = copy.deepcopy(art.manifest)
+    timed = [n for n, meta in manifest["layers"].items() if "selection" in meta]
+    assert len(timed) >= 2
+    for i, name in enumerate(timed):
+        manifest["layers"][name]["selection"]["cpu"]["chosen"] = "dequant" if i == 0 else "int_mm"
+    with pytest.warns(KernelPortabilityWarning) as caught:
+        exporter._portability_warning(manifest, "p")
+    text = str(caught[0].message)
+    assert f"{len(timed) - 1} layer(s)" in text and timed[1] in text and f"({timed[0]}" not in text
+    for name in timed:
+        manifest["layers"][name]["selection"]["cpu"]["chosen"] = "dequant"
+    with warnings.catch_warnings():  # float math everywhere: nothing a lost instruction set slows
+        warnings.simplefilter("error", KernelPortabilityWarning)
+        exporter._portability_warning(manifest, "p")
     # the same CPU, or one with more: nothing to warn about
     for here in (EXPORT_CPU, {**EXPORT_CPU, "isa": EXPORT_CPU["isa"] + ["avx512_bf16"]}):
         monkeypatch.setattr(exporter, "cpu_profile", lambda here=here: dict(here))
