@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 from typing import Any, Dict, List, Mapping, Optional, Sequence
@@ -69,6 +70,16 @@ def _short_cell(cell: str, n: int) -> str:
         if head != cell and len(head) + len(mark) <= _MAX_CELL:
             return head + mark
     return cell[:_MAX_CELL - len(mark) - 3].rstrip() + "..." + mark
+
+
+def _natural_order(entries: Mapping[str, Any]) -> Dict[str, Any]:
+    """``entries`` by layer name with numbers read as numbers (``emb.2`` before ``emb.10``; the
+    manifest's JSON keys are sorted as strings)."""
+    def key(name: Any):
+        parts = re.split(r"(\d+)", str(name))  # str, digits, str, ...: the same type at each position
+        return [int(p) if i % 2 else p for i, p in enumerate(parts)]
+
+    return {k: entries[k] for k in sorted(entries, key=key)}
 
 
 def _layers_table(layers: Mapping[str, Any], wide: bool = False) -> str:
@@ -185,6 +196,7 @@ def _inspect_text(path: str, manifest: Dict[str, Any], on_disk: int, wide: bool 
                        + " (export with the shapes you serve; hwaware.load serves any)")
     layers = manifest.get("layers")
     if isinstance(layers, Mapping) and layers:
+        layers = _natural_order(layers)
         out += ["", _layers_table(layers, wide)]
         notes = [f"  {name}: {e['note']}" for name, e in layers.items() if isinstance(e, Mapping) and e.get("note")]
         if notes:
@@ -198,6 +210,7 @@ def _inspect_text(path: str, manifest: Dict[str, Any], on_disk: int, wide: bool 
                                  else "):"), "", "  ")] + selection
     dense = manifest.get("dense_layers")
     if isinstance(dense, Mapping) and dense:
+        dense = _natural_order(dense)
         out += ["", f"left dense ({len(dense)}):"] + [_wrap(f"{name}: {reason}", "  ", "      ") for name, reason in dense.items()]
     out.append("")
     fp32 = manifest.get("fp32_bytes")

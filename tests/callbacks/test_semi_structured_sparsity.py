@@ -536,3 +536,12 @@ def test_validate_from_a_checkpoint_restores_the_dense_reference(tmp_path):
     make_trainer(tmp_path / "b", [sp2]).validate(fresh, loaders()[1], ckpt_path=ckpt, verbose=False)
     ref = fp32_reference(fresh)
     assert ref is sp2.dense_reference and all(torch.equal(ref[k], v) for k, v in sp.dense_reference.items())
+
+
+def test_a_monitor_never_logged_warns_at_the_end_of_fit(tmp_path):
+    """A typo (val_acc for val_auroc) left the report's before / after None without a word."""
+    cb = SemiStructuredSparsity(method="magnitude", start_epoch=1, monitor="val_acc")
+    with pytest.warns(UserWarning, match=r"SemiStructuredSparsity\(monitor='val_acc'\): metric never logged.*"
+                                         r"logged metrics are \['train_loss', 'val_loss'\]"):
+        _fit(tmp_path, [cb], max_epochs=2)
+    assert cb.report["before"] is None and cb.report["after"] is None

@@ -81,6 +81,17 @@ def test_inspect_tolerates_a_bare_manifest(tmp_path, capsys):
     assert "regression: not measured" in out and "total:" in out and "fp32" not in out
 
 
+def test_inspect_lists_layers_with_numbers_read_as_numbers(tmp_path, capsys):
+    """The manifest's keys are sorted as strings: emb.1, emb.10, emb.11, ..., emb.2 in the table."""
+    path = tmp_path / "many"
+    layers = {f"emb.{i}": {"scheme": "rowwise_int8", "bytes": 8} for i in (10, 2, 1, 11)}
+    write_artifact(path, {"layers": layers, "dense_layers": {"mlp.10": "kept", "mlp.9": "kept"}}, {"w": torch.ones(2)})
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    at = [out.index(f"emb.{i} ") for i in (1, 2, 10, 11)]
+    assert at == sorted(at) and out.index("mlp.9:") < out.index("mlp.10:")
+
+
 def test_inspect_json_prints_the_verified_manifest(art, capsys):
     assert main(["inspect", str(art), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == read_manifest(art)
