@@ -17,7 +17,12 @@ __version__ = "0.1.0"
 _LAZY = {"ProgressiveQuantization": "hwaware.callbacks", "SemiStructuredSparsity": "hwaware.callbacks"}
 
 
+_SUBMODULES = ("callbacks", "recsys", "sparsity")  # hwaware.callbacks etc. without importing them first
+
+
 def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"hwaware.{name}")
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
@@ -26,7 +31,7 @@ def __getattr__(name: str):
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
 
 __all__ = [
     "ProgressiveQuantization", "SemiStructuredSparsity", "QuantSpec", "KLViolationError", "quant_states", "export", "load", "Artifact",

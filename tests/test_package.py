@@ -38,6 +38,13 @@ def test_loading_and_serving_an_artifact_imports_no_lightning(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
 
 
+def test_subpackages_are_attributes_without_importing_them_first():
+    run = subprocess.run([sys.executable, "-c", "import hwaware; print(hwaware.callbacks.ProgressiveQuantization.__name__, "
+                          "hwaware.sparsity.__name__, hwaware.recsys.__name__)"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["ProgressiveQuantization", "hwaware.sparsity", "hwaware.recsys"]
+
+
 def test_lazy_names_are_listed_and_unknown_names_raise():
     assert {"ProgressiveQuantization", "SemiStructuredSparsity", "export", "load"} <= set(dir(hwaware))
     assert set(hwaware.__all__) <= set(dir(hwaware))

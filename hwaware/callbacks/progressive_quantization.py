@@ -284,6 +284,7 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         # metric, which Lightning aggregates after validation): read it at the end of the epoch
         self._plateau_pending = False
         self._validation_runs = True  # whether this fit has a validation loop (on_train_start)
+        self._monitor_at_val_start: Any = None  # the monitor's value object when validation started
         # layers whose forward ran since calibration started, until the end of the first epoch with
         # QAT (None: not tracking); a layer never called is left FP32 (:meth:`_drop_uncalled`)
         self._called: Optional[set] = None
@@ -317,12 +318,14 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         carried = _attached_states(pl_module)
         if carried and not self._states:
             # fake quant an earlier run attached (a finished ProgressiveQuantization's frozen scales):
-            # left on, this run's FP32 phase would train, and measure metrics_before, quantized
+            # left on, this run's FP32 phase would train, and measure metrics_before, quantized. (A
+            # resume from a checkpoint re-attaches the checkpoint's own at fit start: no warning.)
             detach_quantization(pl_module)
-            rank_zero_warn(
-                f"ProgressiveQuantization: the model carries fake quantization from an earlier run on {len(carried)} "
-                f"layer(s) ({', '.join(sorted(carried)[:4])}{', ...' if len(carried) > 4 else ''}); removed, so this run's "
-                "FP32 phase trains the float model from its current weights and its calibration attaches new quantizers")
+            if trainer.ckpt_path is None:
+                rank_zero_warn(
+                    f"ProgressiveQuantization: the model carries fake quantization from an earlier run on {len(carried)} "
+                    f"layer(s) ({', '.join(sorted(carried)[:4])}{', ...' if len(carried) > 4 else ''}); removed, so this run's "
+                    "FP32 phase trains the float model from its current weights and its calibration attaches new quantizers")
 
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -449,6 +452,7 @@ class ProgressiveQuantization(_RestoresForEvaluation):
 
     @override
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._monitor_at_val_start = trainer.callback_metrics.get(self.monitor) if self.monitor else None
         self._val_batches_seen = 0
         if self.phase == "qat" and not trainer.sanity_checking:
             self._collector = LayerErrorCollector(self._enabled_states()).attach_to(pl_module)
@@ -485,9 +489,12 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         if self.phase == "fp32":
             self._metrics_before = metrics
             if self.start == "plateau":
-                if self.monitor in metrics:
+                # trainer.callback_metrics keeps every metric's last value: the monitor counts here only
+                # when this validation logged it (a new value object), else it is last epoch's value of
+                # an epoch-level training metric, aggregated after validation: read at the epoch's end
+                if trainer.callback_metrics.get(self.monitor) is not self._monitor_at_val_start and self.monitor in metrics:
                     self._update_plateau(metrics)
-                else:  # maybe an epoch-level training metric, not aggregated yet: read at the epoch's end
+                else:
                     self._plateau_pending = True
         elif self.phase == "qat":
             self._metrics_after = metrics
@@ -803,7 +810,10 @@ class ProgressiveQuantization(_RestoresForEvaluation):
                 f"ProgressiveQuantization(monitor={self.monitor!r}): metric not logged; logged metrics are {sorted(metrics)}"
                 + ("" if self._validation_runs else
                    " (this fit runs no validation: no val dataloader, no validation_step or limit_val_batches=0; "
-                   "monitor a training metric logged with on_epoch=True, or use start='epoch')"))
+                   "monitor a training metric logged with on_epoch=True, or use start='epoch')")
+                + ". It is read when validation ends, or for a metric logged with on_epoch=True in training_step, at "
+                  "the end of the training epoch; one the LightningModule logs in its own on_train_epoch_end comes "
+                  "after callbacks run")
         value = metrics[self.monitor]
         better = (
             self._best is None

@@ -349,7 +349,8 @@ class SemiStructuredSparsity(_RestoresForEvaluation):
         if self.monitor is not None and self.monitor in self._metrics_after:
             rank_zero_info(f"SemiStructuredSparsity: {self.monitor} {self._metrics_before.get(self.monitor)} (dense) -> "
                            f"{self._metrics_after[self.monitor]} (2:4)")
-        elif self.monitor is not None and (self._metrics_before or self._metrics_after):
+        elif (self.monitor is not None and self.monitor not in self._metrics_before
+              and (self._metrics_before or self._metrics_after)):
             # validation ran but never logged it (a typo): the report's before / after would read None silently
             logged = sorted(set(self._metrics_before) | set(self._metrics_after))
             rank_zero_warn(f"SemiStructuredSparsity(monitor={self.monitor!r}): metric never logged, so the report has no "

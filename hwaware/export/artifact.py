@@ -23,8 +23,8 @@ Guarantees:
   "missing" error names it). A killed write leaves its ``.hwaware-tmp-*`` directory next to
   ``path``; the next write to the same ``path`` removes it. Each writer holds an ``flock`` on its
   temp directory while it works (the kernel drops it when the process dies, ``kill -9`` too), so
-  only a directory no live process holds, and a minute old, is removed; where the filesystem has
-  no ``flock``, one an hour old.
+  only a directory no live process holds, and ten minutes old, is removed; where the filesystem
+  has no ``flock``, one an hour old.
 - Verified reads. :func:`read_manifest` checks the format name and version, the manifest's own
   hash (``manifest_sha256``, so an edited manifest is refused) and the size and sha256 of every
   listed file before returning; :func:`read_tensors` reads the weights into memory once and
@@ -79,7 +79,9 @@ _ADDED_FIELDS = ("format", "format_version", "hwaware_version", "torch_version",
 _TMP_PREFIX = ".hwaware-tmp-"
 _OLD_INFIX = ".hwaware-old-"
 _STALE_TMP_SECONDS = 3600.0  # without flock: a temp directory this old is a dead writer's
-_UNLOCKED_TMP_SECONDS = 60.0  # with flock: unlocked and this old (not one between mkdtemp and its lock)
+# with flock: unlocked and this old. Not younger: a writer between mkdtemp and its lock, or one on
+# another host of a shared filesystem whose flock is node-local (its weights may take minutes)
+_UNLOCKED_TMP_SECONDS = 600.0
 _CHUNK = 1 << 20
 
 
@@ -213,8 +215,8 @@ def _remove_stale_tmp(parent: str, name: str) -> None:
     for d in glob.glob(os.path.join(glob.escape(parent), f"{_TMP_PREFIX}{glob.escape(name)}-*")):
         try:
             age = now - os.lstat(d).st_mtime
-            if os.path.islink(d) or not os.path.isdir(d):
-                continue
+            if os.path.islink(d) or not os.path.isdir(d) or age <= _UNLOCKED_TMP_SECONDS:
+                continue  # young: never probed (the probe's lock would make its writer's own lock fail)
             alive = _writer_alive(d)
             if alive is False and age > _UNLOCKED_TMP_SECONDS or alive is None and age > _STALE_TMP_SECONDS:
                 shutil.rmtree(d, ignore_errors=True)
@@ -406,7 +408,10 @@ def write_artifact(
     _remove_stale_tmp(parent, name)
 
     tmp = tempfile.mkdtemp(dir=parent, prefix=f"{_TMP_PREFIX}{name}-")
-    lock = _try_lock(tmp)  # held until we return: a later writer sees this directory is live
+    try:
+        lock = _try_lock(tmp)  # held until we return: a later writer sees this directory is live
+    except BlockingIOError:  # another process probing it this instant: it only ever probes old ones
+        lock = None
     writing = WEIGHTS_FILE  # what an OSError (a full disk) was writing
     try:
         save_file(tensors, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})

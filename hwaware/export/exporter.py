@@ -61,7 +61,6 @@ INT4_24_NOTE = ("2:4-sparse weight: its 2:4 pattern is kept in the int4 values (
                 "there is no int4 2:4 format; stored and run as dense int4 (quantize it int8 per_channel to pack it "
                 "2:4 as sparse24_int8)")
 _BUFFER_PREFIX = "__nonpersistent__."
-_INTEGER_KERNELS = ("int_mm", "fbgemm", "int8")  # selection choices that run int8 arithmetic (int8: 2:4 on int_mm)
 _PTQ_WEIGHT = QuantSpec(bits=8, granularity="per_channel")
 _PTQ_ACT = QuantSpec(bits=8, granularity="per_row", dynamic=True)
 _PTQ_TABLE = QuantSpec(bits=8, granularity="per_row", symmetric=False, dynamic=True)
@@ -1334,6 +1333,16 @@ def _remeasure(model: nn.Module, manifest: Dict[str, Any], path: str) -> Dict[st
     return records
 
 
+def _runs_integer_kernel(meta: Any) -> bool:
+    """Whether a layer's recorded CPU kernel runs int8 arithmetic: an int8 layer on int_mm or fbgemm,
+    a 2:4 int8 layer on ``dense`` (int_mm's math on its codes) or fbgemm."""
+    kernels = meta.get("kernels") if isinstance(meta, dict) else None
+    kernel = kernels.get("cpu", "auto") if isinstance(kernels, dict) else "auto"
+    scheme = meta.get("scheme") if isinstance(meta, dict) else None
+    return (scheme == "int8" and kernel in ("auto", "int_mm", "fbgemm")
+            or scheme == "sparse24_int8" and kernel in ("dense", "fbgemm"))
+
+
 def _portability_warning(manifest: Dict[str, Any], path: str) -> None:
     """KernelPortabilityWarning when this CPU lacks what the kernels were timed on (and it matters)."""
     measured_on = manifest.get("selection_cpu")
@@ -1347,7 +1356,7 @@ def _portability_warning(manifest: Dict[str, Any], path: str) -> None:
     recs = {n: _selection_record(meta, n, path) for n, meta in manifest["layers"].items()}
     # the integer kernels are what a missing instruction set or int8 pass slows down; a layer that
     # chose float math (dequant, dense, csr) runs the same fp32 matmul as the FP32 model
-    timed = [n for n, rec in recs.items() if rec is not None and "measured" in rec and rec.get("chosen") in _INTEGER_KERNELS]
+    timed = [n for n, rec in recs.items() if rec is not None and "measured" in rec and _runs_integer_kernel(manifest["layers"][n])]
     int_mm = any(rec is not None and rec.get("chosen") in ("int_mm", "int8") for rec in recs.values())  # int8: 2:4 on int_mm
     lost = lost_features(measured_on, cpu_profile(), amx_matters=int_mm)
     if lost and timed:

@@ -35,6 +35,7 @@ triton itself is imported on the first CUDA call, so this module imports without
 """
 from __future__ import annotations
 
+import math
 import os
 import threading
 import warnings
@@ -671,10 +672,12 @@ def _int8_linear_prepacked(x: Tensor, packed, n: int, bias: Optional[Tensor], de
         return x.new_zeros((*x.shape[:-1], n))
     # max|x| per row as max(amax, -amin): two reductions, no |x| temporary (faster than abs().amax here)
     a = torch.maximum(x2d.amax(dim=1, keepdim=True), x2d.amin(dim=1, keepdim=True).neg_())
-    bad = ~torch.isfinite(a.squeeze(1))  # a is NaN / inf exactly where the row has one
+    # a is NaN / inf exactly where the row has one; one sum tells (an overflow to inf only sends
+    # the batch down the exact path below for nothing)
+    any_bad = not math.isfinite(float(a.sum()))
+    bad = ~torch.isfinite(a.squeeze(1)) if any_bad else None
     a = torch.where(a > 0, a, torch.ones_like(a))  # all-zero rows stay zero
     xs = x2d / a
-    any_bad = bool(bad.any())
     if any_bad:  # zeroed: fbgemm's per-tensor range would take them in and move every other row's codes
         xs[bad] = 0.0
     y = torch.ops.quantized.linear_dynamic(xs, packed, REDUCE_RANGE)

@@ -86,6 +86,7 @@ def _check_bits(bits) -> None:
 
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_FP16_MAX = float(torch.finfo(torch.float16).max)
 
 
 def _check_finite(name: str, t: Tensor, what: str = "") -> None:
@@ -175,7 +176,7 @@ def pack_rowwise(codes: Tensor, scale: Tensor, offset: Tensor, bits: int) -> Ten
         if not bool(torch.isfinite(stored).all()):
             row = int((~torch.isfinite(stored)).nonzero()[0])
             raise ValueError(f"row {row}'s {name} is {float(t[row])} as {str(qdt)[6:]}, which {bits}-bit rows store it in"
-                             + (": the row's values lie outside float16's range (|x| <= 65504); use 8-bit rows for this "
+                             + (f": it must be finite and at most {_FP16_MAX:g} in magnitude; use 8-bit rows for this "
                                 "table" if bits == 4 else "; it must be finite"))
     if bits == 8:
         return torch.cat([codes, _as_bytes(scale, torch.float32), _as_bytes(offset, torch.float32)], dim=1)
@@ -220,6 +221,13 @@ def quantize_rowwise(table: Tensor, bits: int) -> Tensor:
         raise ValueError(f"table must have at least one column, got shape {tuple(table.shape)}")
     _check_finite("table", table)
     mn, mx = channel_minmax(table.detach().float())
+    if bits == 4:  # float16 scale (range / 15) and offset (min): a larger one would clip or be inf
+        over = ((mx - mn) / 15 > _FP16_MAX) | (mn.abs() > _FP16_MAX)
+        if bool(over.any()):
+            r = int(over.nonzero()[0])
+            raise ValueError(f"row {r} spans [{float(mn[r]):.6g}, {float(mx[r]):.6g}]: 4-bit rows store its scale "
+                             f"(range / 15) and offset (minimum) as float16, at most {_FP16_MAX:g} in magnitude; "
+                             "use 8-bit rows for this table")
     scale, offset = compute_qparams(mn, mx, spec)
     codes = quantize(table, scale, offset, spec)
     return pack_rowwise(codes, scale, offset, bits)

@@ -996,3 +996,26 @@ def test_a_new_callback_removes_the_fake_quant_an_earlier_run_left_on_the_model(
     assert len(fp32_rows) == 8 and all(not flags for _, _, flags in fp32_rows)  # nothing attached in FP32
     assert second.phase == "done" and set(quant_states(model)) == set(second.quant_states)
     assert all(quant_states(model)[n] is st for n, st in second.quant_states.items())
+
+
+class ImprovingCTR(TinyCTR):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("falling", torch.tensor(10.0 - self.current_epoch), on_step=False, on_epoch=True)
+        return loss
+
+
+def test_plateau_reads_each_epoch_s_own_value_of_a_training_metric(tmp_path):
+    """trainer.callback_metrics keeps last epoch's value: from epoch 1 on it was read at validation's
+    end, a value behind and epoch 0's twice, so a metric improving every epoch 'plateaued' at epoch 2."""
+    readings = []
+
+    class Spy(ProgressiveQuantization):
+        def _update_plateau(self, metrics):
+            readings.append(metrics.get(self.monitor))
+            super()._update_plateau(metrics)
+
+    cb = Spy(start="plateau", monitor="falling", mode="min", patience=1, min_delta=0.0, calibration_batches=2)
+    with pytest.warns(UserWarning, match="QAT never ran"):
+        _fit(tmp_path, cb, model=ImprovingCTR(), max_epochs=4)
+    assert readings == [10.0, 9.0, 8.0, 7.0] and cb.phase == "fp32"

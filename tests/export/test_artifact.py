@@ -395,9 +395,33 @@ def test_stale_temp_dirs_are_removed(tmp_path):
     assert not dead.exists() and fresh.exists() and live.exists() and other.exists()
 
 
+def test_a_writer_whose_new_temp_dir_is_being_probed_still_writes(tmp_path, monkeypatch):
+    """Another writer's stale-directory probe takes the lock for an instant: if it landed between our
+    mkdtemp and our lock, our export died with BlockingIOError and left its temp directory."""
+    held = []
+    real = A.tempfile.mkdtemp
+
+    def mkdtemp_then_probed(**kw):
+        d = real(**kw)
+        fd = A._try_lock(d)  # the prober's lock, held while our writer takes its own
+        if fd is None:
+            pytest.skip("filesystem without flock")
+        held.append(fd)
+        return d
+
+    monkeypatch.setattr(A.tempfile, "mkdtemp", mkdtemp_then_probed)
+    try:
+        _write(tmp_path / "art")
+    finally:
+        for fd in held:
+            os.close(fd)
+    verify_artifact(tmp_path / "art")
+    assert _tmp_dirs(tmp_path) == []
+
+
 def test_without_flock_only_hour_old_temp_dirs_are_removed(tmp_path, monkeypatch):
     old, recent = tmp_path / ".hwaware-tmp-art-old", tmp_path / ".hwaware-tmp-art-recent"
-    for d, age in ((old, 7200), (recent, 600)):
+    for d, age in ((old, 7200), (recent, 1800)):
         d.mkdir()
         os.utime(d, (time.time() - age, time.time() - age))
     monkeypatch.setattr(A, "_try_lock", lambda path: None)
@@ -470,11 +494,11 @@ def test_killed_fresh_export_leaves_nothing_at_path(tmp_path):
     assert len(leftovers) == 1 and os.path.exists(os.path.join(leftovers[0], "program.pt2"))
     with pytest.raises(ArtifactError, match=r"art: no such artifact"):
         read_manifest(path)
-    _write(path)  # a later export succeeds next to the leftover, a minute young: kept
+    _write(path)  # a later export succeeds next to the leftover, too young to be probed: kept
     verify_artifact(path)
     assert _tmp_dirs(tmp_path) == leftovers
-    two_minutes_ago = time.time() - 120
-    os.utime(leftovers[0], (two_minutes_ago, two_minutes_ago))
+    twenty_minutes_ago = time.time() - 1200
+    os.utime(leftovers[0], (twenty_minutes_ago, twenty_minutes_ago))
     _write(path)  # the killed writer's lock died with it: its copy of the weights goes
     assert _tmp_dirs(tmp_path) == [] and os.path.isdir(path)
 

@@ -85,7 +85,6 @@ def test_an_int4_table_beyond_float16_stays_dense_with_the_reason(tmp_path):
     assert layers["small"]["scheme"] == "rowwise_int4"
     assert "large" not in layers or layers["large"]["scheme"] == "dense"
     reason = art.manifest["dense_layers"]["large"]
-    assert "row 3's offset is -inf as float16" in reason or "row 3's offset is inf as float16" in reason
-    assert "use 8-bit rows for this table" in reason
+    assert reason.startswith("row 3 spans [") and "use 8-bit rows for this table" in reason
     served = hwaware.load(tmp_path / "art")(ids, offsets)
     assert torch.isfinite(served).all() and torch.isfinite(model(ids, offsets)).all()

@@ -70,8 +70,7 @@ def test_the_manifest_records_the_cpu_and_a_gate_per_implementation(art):
 def test_a_cpu_without_what_export_timed_on_gets_a_warning(art, monkeypatch):
     assert lost_features(EXPORT_CPU, AVX2_CPU) == ["avx512f", "avx512_vnni", "amx_tile", "amx_int8", "hwaware AMX pass"]
     monkeypatch.setattr(exporter, "cpu_profile", lambda: dict(AVX2_CPU))
-    integer = [n for n, meta in art.manifest["layers"].items() if meta.get("selection", {}).get("cpu", {}).get("chosen")
-               in ("int_mm", "fbgemm")]
+    integer = [n for n, meta in art.manifest["layers"].items() if "selection" in meta and exporter._runs_integer_kernel(meta)]
     if integer:
         with pytest.warns(KernelPortabilityWarning, match=rf"Export Xeon.*avx512f.*amx_int8; this CPU lacks them: the "
                                                           rf"integer kernel recorded for {len(integer)} layer.*kernels='measure'"):
@@ -81,16 +80,21 @@ def test_a_cpu_without_what_export_timed_on_gets_a_warning(art, monkeypatch):
     timed = [n for n, meta in manifest["layers"].items() if "selection" in meta]
     assert len(timed) >= 2
     for i, name in enumerate(timed):
-        manifest["layers"][name]["selection"]["cpu"]["chosen"] = "dequant" if i == 0 else "int_mm"
+        manifest["layers"][name]["kernels"]["cpu"] = "dequant" if i == 0 else "int_mm"
     with pytest.warns(KernelPortabilityWarning) as caught:
         exporter._portability_warning(manifest, "p")
     text = str(caught[0].message)
     assert f"{len(timed) - 1} layer(s)" in text and timed[1] in text and f"({timed[0]}" not in text
     for name in timed:
-        manifest["layers"][name]["selection"]["cpu"]["chosen"] = "dequant"
+        manifest["layers"][name]["kernels"]["cpu"] = "dequant"
     with warnings.catch_warnings():  # float math everywhere: nothing a lost instruction set slows
         warnings.simplefilter("error", KernelPortabilityWarning)
         exporter._portability_warning(manifest, "p")
+    # 2:4 int8 layers: "dense" is int_mm's math on the codes, fbgemm too; float 2:4 is float math
+    for scheme, kernel, integer_kernel in (("sparse24_int8", "dense", True), ("sparse24_int8", "fbgemm", True),
+                                           ("sparse24_int8", "dequant", False), ("sparse24", "dense", False),
+                                           ("int8", "auto", True), ("int8", "fbgemm", True), ("int4", "auto", False)):
+        assert exporter._runs_integer_kernel({"scheme": scheme, "kernels": {"cpu": kernel}}) is integer_kernel
     # the same CPU, or one with more: nothing to warn about
     for here in (EXPORT_CPU, {**EXPORT_CPU, "isa": EXPORT_CPU["isa"] + ["avx512_bf16"]}):
         monkeypatch.setattr(exporter, "cpu_profile", lambda here=here: dict(here))

@@ -213,7 +213,12 @@ def test_int4_rows_refuse_values_beyond_float16():
     """int4 rows store scale and offset as float16: a row reaching 1e5 packed an infinite offset."""
     table = torch.randn(5, 8)
     table[3] *= 1e5
-    with pytest.raises(ValueError, match=r"row 3's offset is -?inf as float16, which 4-bit rows store it in: the row's "
-                                         r"values lie outside float16's range \(\|x\| <= 65504\); use 8-bit rows"):
+    with pytest.raises(ValueError, match=r"row 3 spans \[.*\]: 4-bit rows store its scale \(range / 15\) and offset "
+                                         r"\(minimum\) as float16, at most 65504 in magnitude; use 8-bit rows"):
         quantize_rowwise(table, 4)
+    # a wide row of positive values: the scale, clamped to float16's max, used to clip it silently
+    with pytest.raises(ValueError, match=r"row 0 spans \[0, 1e\+07\]"):
+        quantize_rowwise(torch.tensor([[0.0, 1e7, 5e6, 1.0]]), 4)
+    wide = torch.tensor([[0.0, 9e5, 4e5, 1.0]])  # range / 15 = 60000 fits: packs, and serves it
+    torch.testing.assert_close(dequantize_rowwise(quantize_rowwise(wide, 4), 4, 4), wide, rtol=0, atol=9e5 / 15)
     torch.testing.assert_close(dequantize_rowwise(quantize_rowwise(table, 8), 8), table, rtol=0, atol=float(table.abs().max()) / 100)
