@@ -15,8 +15,6 @@ __version__ = "0.1.0"
 # The callbacks import Lightning (seconds, ~180 MiB): a server that only loads artifacts and runs the
 # ops never pays for it. ``from hwaware import ProgressiveQuantization`` imports it on first use.
 _LAZY = {"ProgressiveQuantization": "hwaware.callbacks", "SemiStructuredSparsity": "hwaware.callbacks"}
-
-
 _SUBMODULES = ("callbacks", "recsys", "sparsity")  # hwaware.callbacks etc. without importing them first
 
 

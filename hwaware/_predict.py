@@ -111,7 +111,10 @@ def overridden_batch_hooks(module: nn.Module) -> Tuple[str, ...]:
     base = _lightning_module_base(module)
     if base is None:
         return ()
-    own = lambda name: getattr(getattr(module, name, None), "__func__", getattr(module, name, None))  # noqa: E731
+    def own(name: str):  # the function behind the bound method (or an instance attribute as is)
+        attr = getattr(module, name, None)
+        return getattr(attr, "__func__", attr)
+
     return tuple(name for name in BATCH_HOOKS if own(name) is not getattr(base, name, None))
 
 

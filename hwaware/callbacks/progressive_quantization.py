@@ -280,7 +280,7 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         self._collecting = False
         self._val_batches_seen = 0
         self._call_checked = False  # not saved: a resumed fit checks again, once
-        # start="plateau": the monitor was missing when validation ended (an epoch-level training
+        # start="plateau": the last validation did not log the monitor (an epoch-level training
         # metric, which Lightning aggregates after validation): read it at the end of the epoch
         self._plateau_pending = False
         self._validation_runs = True  # whether this fit has a validation loop (on_train_start)

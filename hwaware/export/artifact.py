@@ -218,7 +218,7 @@ def _remove_stale_tmp(parent: str, name: str) -> None:
             if os.path.islink(d) or not os.path.isdir(d) or age <= _UNLOCKED_TMP_SECONDS:
                 continue  # young: never probed (the probe's lock would make its writer's own lock fail)
             alive = _writer_alive(d)
-            if alive is False and age > _UNLOCKED_TMP_SECONDS or alive is None and age > _STALE_TMP_SECONDS:
+            if alive is False or alive is None and age > _STALE_TMP_SECONDS:
                 shutil.rmtree(d, ignore_errors=True)
         except OSError:
             pass

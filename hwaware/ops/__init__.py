@@ -982,18 +982,19 @@ def sparse24_linear(x: Tensor, values: Tensor, meta: Tensor, w_scale: Optional[T
     _check_sparse24_kernel(kernel, "cpu")
     n, k = values.shape[0], 2 * values.shape[1]
     if values.dtype == torch.int8:
+        def dense() -> Tensor:  # the int8 codes dequantized once: "dequant", and fbgemm's non-finite rows
+            return _CACHE.get((values, meta, w_scale), ("sparse24_int8_dequant",),
+                              lambda: decompress_24(values, meta, k).float() * w_scale[:, None])
+
         if kernel == "dense":  # int8_linear's exact "int_mm" math on the decompressed codes
             w = _CACHE.get((values, meta), ("sparse24_int8_codes",), lambda: decompress_24(values, meta, k))
             return _int_mm_layers(x, [w], [w_scale], [bias], [False])
         if kernel == "fbgemm":  # int8_linear's "fbgemm" implementation on the decompressed codes
             packed = _CACHE.get((values, meta, w_scale), ("sparse24_int8",),
                                 lambda: _prepack_int8(decompress_24(values, meta, k), w_scale))
-            return _int8_linear_prepacked(x, packed, n, bias, lambda: _CACHE.get(
-                (values, meta, w_scale), ("sparse24_int8_dequant",), lambda: decompress_24(values, meta, k).float() * w_scale[:, None]))
+            return _int8_linear_prepacked(x, packed, n, bias, dense)
         if kernel == "dequant":  # int8_linear's "dequant" implementation on the decompressed codes
-            w = _CACHE.get((values, meta, w_scale), ("sparse24_int8_dequant",),
-                           lambda: decompress_24(values, meta, k).float() * w_scale[:, None])
-            return _linear_fp32(x, w, bias)
+            return _linear_fp32(x, dense(), bias)
         raise ValueError(f"kernel={kernel!r} has no int8 form on CPU; int8 2:4 layers run kernel='dense', 'fbgemm' "
                          "or 'dequant'")
     if kernel in ("fbgemm", "dequant"):

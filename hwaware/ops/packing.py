@@ -89,14 +89,14 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _FP16_MAX = float(torch.finfo(torch.float16).max)
 
 
-def _check_finite(name: str, t: Tensor, what: str = "") -> None:
+def _check_finite(name: str, t: Tensor) -> None:
     """Refuse NaN / inf: one makes its whole channel, group or row non-finite once quantized (the
     scale is taken from the range), where in FP32 it poisoned one weight's products."""
     bad = ~torch.isfinite(t.detach())
     if bool(bad.any()):
         first = [int(i) for i in bad.nonzero()[0]]
         raise ValueError(f"{name} has {int(bad.sum())} non-finite value(s) (NaN/inf), the first at index {first} "
-                         f"({float(t.detach()[tuple(first)])}){what}; a quantized format cannot hold them")
+                         f"({float(t.detach()[tuple(first)])}); a quantized format cannot hold them")
 
 
 # -- int4 nibbles -----------------------------------------------------------------------------
