@@ -17,7 +17,8 @@ itself instead of calling them (``nn.MultiheadAttention``'s ``out_proj``; its ``
 bare Parameter and is reported too): fake quant on them would never run. ``nn.TransformerEncoderLayer``
 calls its ``linear1`` / ``linear2`` in training, but in eval under ``no_grad`` torch's fused fast
 path reads their weights directly; where those layers are quantized (or replaced by deploy modules)
-:func:`keep_layers_called` turns that layer's fast path off, so eval runs what training ran.
+:func:`keep_layers_called` turns that layer's fast path off, and its ``nn.TransformerEncoder``'s
+NestedTensor path, so eval runs what training ran.
 """
 from __future__ import annotations
 
@@ -289,18 +290,35 @@ def bare_weights(name: str, module: nn.Module) -> List[str]:
 
 
 def keep_layers_called(model: nn.Module) -> None:
-    """Turn off torch's fused fast path in every ``nn.TransformerEncoderLayer`` whose ``linear1`` or
-    ``linear2`` is not a plain ``nn.Linear`` any more (quantized, or an exported deploy module): in
-    eval under ``no_grad`` that path multiplies their ``.weight`` directly, skipping fake quant (and
-    a deploy module has no ``.weight``). The switch is the instance's ``activation_relu_or_gelu``,
-    which only the fast-path check reads; the activation itself is unchanged."""
+    """Turn off torch's fused fast paths where they would bypass a quantized or deploy layer.
+
+    - ``nn.TransformerEncoderLayer`` whose ``linear1`` or ``linear2`` is not a plain ``nn.Linear``
+      any more (quantized, or an exported deploy module): in eval under ``no_grad`` its fused path
+      multiplies their ``.weight`` directly, skipping fake quant (and a deploy module has no
+      ``.weight``). The switch is the instance's ``activation_relu_or_gelu``, which only the
+      fast-path check reads; the activation itself is unchanged.
+    - ``nn.TransformerEncoder`` holding such a layer: given a ``src_key_padding_mask`` in eval under
+      ``no_grad``, it packs the batch into a NestedTensor (``use_nested_tensor``, decided once in its
+      ``__init__``), which fake quant and the ``hwaware::*`` ops cannot take. Off, the encoder runs
+      on the padded batch with the mask, as in training; the positions the mask pads are then the
+      layers' outputs there instead of the nested path's zeros.
+    """
     for m in model.modules():
         if isinstance(m, nn.TransformerEncoderLayer) and hasattr(m, "activation_relu_or_gelu"):
-            if any(type(lin) is not nn.Linear for lin in (m.linear1, m.linear2)):
+            if not _plain_feed_forward(m):
                 m.__dict__.setdefault(_FAST_PATH_ATTR, m.activation_relu_or_gelu)  # for detach_quantization
                 m.activation_relu_or_gelu = 0
+        elif isinstance(m, nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False):
+            if not all(_plain_feed_forward(layer) for layer in m.layers):
+                m.__dict__.setdefault(_NESTED_ATTR, m.use_nested_tensor)
+                m.use_nested_tensor = False
 
 
+def _plain_feed_forward(layer: nn.Module) -> bool:
+    return all(type(getattr(layer, lin, None)) is nn.Linear for lin in ("linear1", "linear2"))
+
+
+_NESTED_ATTR = "_hwaware_use_nested_tensor"
 _FAST_PATH_ATTR = "_hwaware_activation_relu_or_gelu"
 
 
@@ -502,8 +520,8 @@ def attach_quantization(model: nn.Module, plan: Dict[str, Tuple[str, QuantSpec, 
 
 def detach_quantization(model: nn.Module, names: Optional[Iterable[str]] = None) -> None:
     """Remove every attachment (or those of the layers ``names``): layers get their original classes
-    back (and transformer layers their fused fast path, where :func:`keep_layers_called` turned it
-    off and no quantized layer is left in them); weights are untouched."""
+    back (and transformer layers and encoders their fused fast paths, where :func:`keep_layers_called`
+    turned them off and no quantized layer is left in them); weights are untouched."""
     chosen = None if names is None else set(names)
     for name, m in model.named_modules():
         if chosen is not None and name not in chosen:
@@ -512,8 +530,10 @@ def detach_quantization(model: nn.Module, names: Optional[Iterable[str]] = None)
         if st is not None:
             m.__class__ = st.original_class
     for m in model.modules():
-        if _FAST_PATH_ATTR in m.__dict__ and all(type(lin) is nn.Linear for lin in (m.linear1, m.linear2)):
+        if _FAST_PATH_ATTR in m.__dict__ and _plain_feed_forward(m):
             m.activation_relu_or_gelu = m.__dict__.pop(_FAST_PATH_ATTR)
+        if _NESTED_ATTR in m.__dict__ and all(_plain_feed_forward(layer) for layer in m.layers):
+            m.use_nested_tensor = m.__dict__.pop(_NESTED_ATTR)
 
 
 def set_fp32_reference(model: nn.Module, state_dict: Optional[Dict[str, Tensor]]) -> None:

@@ -105,3 +105,67 @@ def test_a_bf16_model_exports_and_serves_in_bf16(tmp_path):
         y = served(x)
         assert y.dtype == torch.bfloat16 and served.emb(x).dtype == torch.bfloat16
         torch.testing.assert_close(y, art.model(x), atol=0, rtol=0)
+
+
+class PaddedEncoder(nn.Module):
+    """torch's defaults: ``nn.TransformerEncoder(enable_nested_tensor=True)``, post-norm layers, and a
+    padding mask, under which eval with ``no_grad`` packs the batch into a NestedTensor."""
+
+    def __init__(self, vocab: int = 64, dim: int = 32, classes: int = 4) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(dim, 4, 64, dropout=0.0, batch_first=True), 2)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad = x == 0
+        h = self.enc(self.emb(x), src_key_padding_mask=pad)
+        keep = (~pad).unsqueeze(-1).to(h.dtype)
+        return self.head((h * keep).sum(1) / keep.sum(1))
+
+    def predict_step(self, batch, batch_idx):
+        return self(batch[0])
+
+
+def _padded_model_and_val():
+    torch.manual_seed(0)
+    m = PaddedEncoder().eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(1, 64, (96, 12), generator=g)
+    x[::2, 8:] = 0  # every other sequence padded at its end
+    return m, DataLoader(TensorDataset(x, (x < 16).sum(1) % 4), batch_size=32)
+
+
+def test_an_encoder_with_a_padding_mask_runs_its_quantized_layers_on_the_padded_batch():
+    # the encoder packed the batch into a NestedTensor (eval, no_grad, a mask), which fake quant
+    # cannot take: "NestedTensorImpl doesn't support sizes"
+    m, val = _padded_model_and_val()
+    x = next(iter(val))[0]
+    plan, _ = find_quantizable(m, weight_spec=QuantSpec(bits=4, granularity="per_channel"))
+    for st in attach_quantization(m, plan).values():
+        for q in st.quantizers():
+            q.quantize = True
+    m.eval()
+    with torch.no_grad():
+        fast = m(x)
+    with torch.enable_grad():
+        slow = m(x).detach()  # never the nested path
+    assert m.enc.use_nested_tensor is False
+    assert (fast - slow).abs().max() < 1e-5
+    from hwaware.quant.attach import detach_quantization
+
+    detach_quantization(m)
+    assert m.enc.use_nested_tensor is True and all(layer.activation_relu_or_gelu == 1 for layer in m.enc.layers)
+
+
+def test_an_encoder_with_a_padding_mask_exports_and_serves(tmp_path):
+    # the gate ran hwaware::int8_linear on a NestedTensor: "Could not run ... from the 'NestedTensorCPU' backend"
+    m, val = _padded_model_and_val()
+    art = export(m, tmp_path / "art", val_dataloader=val, metric="accuracy", max_drop=1.0)
+    assert art.manifest["layers"]["enc.layers.1.linear2"]["scheme"] == "int8"
+    assert m.enc.use_nested_tensor is True  # the user's model is left as it was
+    x = next(iter(val))[0]
+    loaded = load(art.path, model=PaddedEncoder())
+    assert loaded.enc.use_nested_tensor is False
+    with torch.no_grad():
+        assert torch.equal(loaded(x), art.model(x))
