@@ -435,7 +435,7 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         world = torch.distributed.get_world_size()
         for st in self._states.values():
             for q in st.quantizers():
-                g = q.learned_scale.grad if q.learned_scale is not None else None
+                g = q.learned_log_scale.grad if q.learned_log_scale is not None else None
                 if g is not None:
                     torch.distributed.all_reduce(g)
                     g.div_(world)
@@ -760,7 +760,7 @@ class ProgressiveQuantization(_RestoresForEvaluation):
                     q.observe, q.quantize = True, False
                 elif self.phase == "qat":
                     q.quantize = True
-                    q.observe = not bool(q.frozen) and q.learned_scale is None
+                    q.observe = not bool(q.frozen) and q.learned_log_scale is None
                 else:  # validate / done
                     q.observe, q.quantize = False, True
 
@@ -781,7 +781,7 @@ class ProgressiveQuantization(_RestoresForEvaluation):
     def _drop_lsq_params(self, trainer: "pl.Trainer", names: List[str]) -> None:
         """Take the learned scales of ``names`` out of the optimizer (and its state), so that a resume,
         which adds the remaining layers' scales, rebuilds the same parameter groups."""
-        gone = {id(q.learned_scale) for n in names for q in self._states[n].quantizers() if q.learned_scale is not None}
+        gone = {id(q.learned_log_scale) for n in names for q in self._states[n].quantizers() if q.learned_log_scale is not None}
         if not gone:
             return
         for opt in trainer.optimizers:

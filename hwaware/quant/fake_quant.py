@@ -45,7 +45,9 @@ class FakeQuantizer(nn.Module):
         self.register_buffer("scale", torch.empty(0))
         self.register_buffer("zero_point", torch.empty(0, dtype=torch.float32 if spec.float_offset else torch.int32))
         self.register_buffer("frozen", torch.tensor(False))
-        self.learned_scale: Optional[nn.Parameter] = None
+        # LSQ: the scale used is lsq_base * exp(learned_log_scale) (see make_learnable)
+        self.register_buffer("lsq_base", None)
+        self.learned_log_scale: Optional[nn.Parameter] = None
         self.observe = True
         self.quantize = False
         self._last_range = None  # range statistics of the last tensor ranged without an observer
@@ -61,9 +63,15 @@ class FakeQuantizer(nn.Module):
         for key in ("scale", "zero_point"):
             if prefix + key in state_dict:
                 setattr(self, key, torch.empty_like(state_dict[prefix + key], device=self.scale.device))
-        lk = prefix + "learned_scale"
-        if lk in state_dict and self.learned_scale is None:
-            self.learned_scale = nn.Parameter(torch.empty_like(state_dict[lk]))
+        if prefix + "learned_scale" in state_dict:
+            raise ValueError(
+                f"{self.name!r}: this quantizer state holds a learned scale as hwaware 0.1.0 before LSQ "
+                "learned its logarithm wrote it (key 'learned_scale'); it cannot be resumed by this version. "
+                "Resume from a checkpoint written before QAT started, or from the FP32 weights")
+        lk = prefix + "learned_log_scale"
+        if lk in state_dict and self.learned_log_scale is None:
+            self.learned_log_scale = nn.Parameter(torch.empty_like(state_dict[lk]))
+            self.lsq_base = torch.empty_like(state_dict[lk])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._is_frozen = bool(self.frozen)
 
@@ -106,16 +114,32 @@ class FakeQuantizer(nn.Module):
         self._is_frozen = True
 
     def make_learnable(self) -> nn.Parameter:
-        """Turn the current scale into an LSQ parameter (returned so it can join an optimizer)."""
+        """Learn the scale from now on (LSQ); returns the parameter to put in an optimizer.
+
+        The parameter is the scale's natural log relative to the current scale (zeros at first, so
+        nothing changes until a step): the scale used is ``lsq_base * exp(learned_log_scale)``. So
+        it stays > 0, and a step changes it by a relative amount (Adam: about ``lr``). Learned
+        directly, an Adam step moves a scale by about ``lr`` in absolute terms, often the size of
+        the scale itself (1e-3..1e-2 for weights): a trial with AdamW at lr 3e-3 drove half of each
+        layer's weight scales below zero, which fake quant of a symmetric range does not notice and
+        export cannot pack."""
         if not self.has_qparams:
             raise ValueError(f"{self.name!r}: cannot make the scale learnable before it is calibrated")
-        if self.learned_scale is None:
-            self.learned_scale = nn.Parameter(self.scale.detach().clone())
+        if self.learned_log_scale is None:
+            self.lsq_base = self.scale.detach().float().clone()
+            self.learned_log_scale = nn.Parameter(torch.zeros_like(self.lsq_base))
         self.observe = False
-        return self.learned_scale
+        return self.learned_log_scale
+
+    def _learned_scale(self) -> Tensor:
+        return self.lsq_base * torch.exp(self.learned_log_scale)
 
     def current_scale(self) -> Tensor:
-        return self.learned_scale.detach() if self.learned_scale is not None else self.scale
+        """The scale fake quantization uses now (and export packs with)."""
+        if self.learned_log_scale is None:
+            return self.scale
+        with torch.no_grad():
+            return self._learned_scale()
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, x: Tensor, observe: bool = True) -> Tensor:
@@ -130,10 +154,10 @@ class FakeQuantizer(nn.Module):
             y, _, _, stat = P.fake_quantize_dynamic(x, self.spec)
             self.__dict__["_last_range"] = (stat,)  # hot path: skip nn.Module.__setattr__ (slow)
             return y
-        if self.learned_scale is not None:  # LSQ: the scale is a parameter, nothing is observed
+        if self.learned_log_scale is not None:  # LSQ: the scale is learned, nothing is observed
             if not self.quantize:
                 return x
-            return P.fake_quantize_learnable(x, self.learned_scale, self.zero_point, self.spec)
+            return P.fake_quantize_learnable(x, self._learned_scale(), self.zero_point, self.spec)
         if self.observe and observe and not self._is_frozen:
             if self._tracks_weight:
                 if self.quantize:  # calibration does not need weight scales yet

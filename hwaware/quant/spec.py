@@ -45,7 +45,8 @@ class QuantSpec:
         observer: ``minmax``, ``moving_average`` or ``histogram`` (entropy calibration; per-tensor only).
         averaging_constant: weight of the newest batch for the ``moving_average`` observer, in (0, 1].
         learnable: learn the scale during QAT (LSQ, Esser et al. 2020); not with ``dynamic`` or
-            ``per_row`` affine.
+            ``per_row`` affine. The optimizer learns the scale's log relative to its calibrated
+            value, so the scale stays > 0 and a step (Adam: about lr) changes it relatively.
         scale_dtype: ``float32`` or ``float16``; scales (and row offsets) are rounded to this dtype
             during fake quantization so QAT sees exactly what the deployed format stores.
 

@@ -266,11 +266,11 @@ def test_lsq_learns_activation_scale(tmp_path):
     class Rec(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if trainer.global_step == 10:
-                initial.update({n: st.activation.learned_scale.detach().clone() for n, st in cb.quant_states.items() if st.activation})
+                initial.update({n: st.activation.learned_log_scale.detach().clone() for n, st in cb.quant_states.items() if st.activation})
 
     trainer, _ = _fit(tmp_path, cb, extra=[Rec()], max_epochs=3)
     assert len(trainer.optimizers[0].param_groups) == 2
-    changed = [not torch.equal(initial[n], cb.quant_states[n].activation.learned_scale.detach()) for n in initial]
+    changed = [not torch.equal(initial[n], cb.quant_states[n].activation.learned_log_scale.detach()) for n in initial]
     assert initial and all(changed)
 
 
@@ -1019,3 +1019,23 @@ def test_plateau_reads_each_epoch_s_own_value_of_a_training_metric(tmp_path):
     with pytest.warns(UserWarning, match="QAT never ran"):
         _fit(tmp_path, cb, model=ImprovingCTR(), max_epochs=4)
     assert readings == [10.0, 9.0, 8.0, 7.0] and cb.phase == "fp32"
+
+
+def test_learned_weight_scales_stay_positive_under_adamw_and_the_model_exports(tmp_path):
+    """Learned directly, AdamW's steps (about lr) were as large as the scales: about half of each
+    layer's scales went below zero during QAT, and export refused the layer after the whole run."""
+    import hwaware
+
+    model = TinyCTR()
+    model.configure_optimizers = lambda: torch.optim.AdamW(model.parameters(), lr=1e-2)
+    cb = ProgressiveQuantization(start_epoch=1, calibration_batches=2, weight_spec=QuantSpec(learnable=True))
+    _fit(tmp_path, cb, model=model, max_epochs=3)
+    learned = {n: st.weight for n, st in cb.quant_states.items() if st.weight.learned_log_scale is not None}
+    assert sorted(learned) == ["mlp.0", "mlp.2"]  # the Linears (the table's rows are not learnable)
+    scales = {n: q.current_scale() for n, q in learned.items()}
+    assert all(bool((s > 0).all()) for s in scales.values())
+    assert all(not torch.equal(scales[n], q.lsq_base) for n, q in learned.items())  # they were learned
+    art = hwaware.export(model, tmp_path / "art")
+    for name, s in scales.items():
+        if art.manifest["layers"].get(name, {}).get("scheme") == "int8":
+            torch.testing.assert_close(art.model.get_submodule(name).w_scale, s, atol=0, rtol=0)

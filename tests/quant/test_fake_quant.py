@@ -1,6 +1,8 @@
 """FakeQuantizer: weight tracking and freezing, static/dynamic activations, LSQ, checkpoints, errors."""
 from __future__ import annotations
 
+import math
+
 import re
 
 import pytest
@@ -192,11 +194,12 @@ def test_learnable_scale_state_dict_round_trip():
     fq(w)
     p = fq.make_learnable()
     with torch.no_grad():
-        p.mul_(1.3)
+        p.add_(0.26)
     fresh = FakeQuantizer(WEIGHT_SPEC, "fc.weight", "weight")
     fresh.load_state_dict(fq.state_dict())
     fresh.quantize = True
-    assert isinstance(fresh.learned_scale, nn.Parameter)
+    assert isinstance(fresh.learned_log_scale, nn.Parameter)
+    torch.testing.assert_close(fresh.current_scale(), fq.current_scale(), atol=0, rtol=0)
     torch.testing.assert_close(fresh(w), fq(w), atol=0, rtol=0)
 
 
@@ -220,12 +223,41 @@ def test_make_learnable_returns_parameter_that_drives_the_output():
     assert fq.make_learnable() is p  # idempotent
     torch.testing.assert_close(fq(w), before, atol=0, rtol=0)  # same scale, same output
 
+    base = fq.current_scale().clone()
     with torch.no_grad():
-        p.mul_(2.0)
+        p.add_(math.log(2.0))  # the parameter is the log of scale / calibrated scale
     out = fq(w)
     assert not torch.equal(out, before)
-    torch.testing.assert_close(out, fake_quantize(w, p.detach(), fq.zero_point, WEIGHT_SPEC), atol=0, rtol=0)
-    torch.testing.assert_close(fq.current_scale(), p.detach(), atol=0, rtol=0)
+    torch.testing.assert_close(fq.current_scale(), base * torch.exp(p.detach()), atol=0, rtol=0)
+    torch.testing.assert_close(fq.current_scale(), base * 2, rtol=1e-6, atol=0)
+    torch.testing.assert_close(out, fake_quantize(w, fq.current_scale(), fq.zero_point, WEIGHT_SPEC), atol=0, rtol=0)
 
     out.sum().backward()
     assert p.grad is not None and float(p.grad.abs().sum()) > 0
+
+
+def test_a_learned_scale_stays_positive_however_far_a_step_pushes_it():
+    # learned directly, a step larger than the scale (Adam: about lr) made it negative; fake quant of
+    # a symmetric range did not notice, and export refused the layer at the end of the run
+    fq = FakeQuantizer(WEIGHT_SPEC, "fc.weight", "weight")
+    fq.quantize = True
+    w = torch.randn(8, 32, generator=_gen(10)) * 0.01
+    fq(w)
+    p = fq.make_learnable()
+    opt = torch.optim.AdamW([p], lr=3e-2)
+    for _ in range(50):
+        opt.zero_grad()
+        ((fq(w) - 0.5 * w) ** 2).sum().backward()  # wants half the range: every scale goes down
+        opt.step()  # a step of about lr = 3e-2, where the scales are about 2e-4
+    assert bool((fq.current_scale() > 0).all())
+    assert bool((fq.current_scale() < 0.5 * fq.lsq_base).any())  # and they did go down
+
+
+def test_a_checkpoint_holding_a_directly_learned_scale_is_refused_by_name():
+    fq = FakeQuantizer(WEIGHT_SPEC, "fc.weight", "weight")
+    fq.quantize = True
+    fq(torch.randn(8, 32, generator=_gen(11)))
+    state = dict(fq.state_dict(), learned_scale=fq.scale.clone())
+    fresh = FakeQuantizer(WEIGHT_SPEC, "fc.weight", "weight")
+    with pytest.raises(ValueError, match=re.escape("'fc.weight': this quantizer state holds a learned scale as hwaware 0.1.0")):
+        fresh.load_state_dict(state)
