@@ -397,7 +397,8 @@ def print_table(report: dict) -> None:
         layer = report["layers"].get(name, {})
         scheme = layer.get("weight", "") + (f" x {layer['activation']}" if layer.get("activation") else "")
         sqnr = report["sqnr_db"].get(name, math.inf)
-        print(f"{name:20s}{scheme:28s}{kl:>10.2e}{sqnr:>10.1f}  {report['fallbacks'].get(name, '')}")
+        kl_s, sqnr_s = ("n/a", "n/a") if kl is None else (f"{kl:.2e}", f"{sqnr:.1f}")  # None: no KL batch reached it
+        print(f"{name:20s}{scheme:28s}{kl_s:>10s}{sqnr_s:>10s}  {report['fallbacks'].get(name, '')}")
     print(f"output KL (Bernoulli, mean per sample): {report['output_kl']:.3e}; fallback layers: {report['fallback_layers'] or 'none'}")
     print("val_auroc by epoch: " + ", ".join(f"{r['epoch']}:{r['val_auroc']:.4f}({r['phase']})" for r in report["val_auroc_by_epoch"]))
     e = report.get("export")

@@ -267,6 +267,8 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         self._sqnr: Dict[str, float] = {}
         self._output_kl: Optional[float] = None
         self._warned_probabilities = False  # not state: a warning per process
+        self._warned_unmeasured = False  # not state: a warning per process
+        self._epoch_started: Optional[int] = None  # the epoch on_train_epoch_start last ran for
         self._kl_history: Dict[str, Dict[str, float]] = {}
         self._metrics_before: Dict[str, float] = {}
         self._metrics_after: Dict[str, float] = {}
@@ -378,6 +380,13 @@ class ProgressiveQuantization(_RestoresForEvaluation):
 
     @override
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._epoch_started = trainer.current_epoch
+        if self.phase == "validate":  # a checkpoint written while the end-of-fit KL validation ran
+            raise RuntimeError(
+                "ProgressiveQuantization: this run resumed from a checkpoint written during the end-of-fit KL validation "
+                "(phase 'validate'): its scales are frozen, and training on would move the weights away from them. "
+                "Resume with the max_epochs / max_steps the checkpoint was written with (the validation then runs again "
+                "at the end of fit), or start a new run with a new ProgressiveQuantization")
         if self.phase == "done":
             done = next((p for p in reversed(self._history) if p["phase"] == "done"), {})
             raise RuntimeError(
@@ -397,6 +406,10 @@ class ProgressiveQuantization(_RestoresForEvaluation):
 
     @override
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._epoch_started != trainer.current_epoch:
+            # resumed from the checkpoint of an epoch's last step, Lightning starts the next epoch
+            # without on_train_epoch_start: QAT would start an epoch late, or never
+            self.on_train_epoch_start(trainer, pl_module)
         if not self._call_checked and self.phase in ("calibrate", "qat"):
             # no validation batch has come yet (no sanity check, start_epoch=0, or no validation):
             # check before the first quantized step, on the batches the output KL would use now
@@ -501,7 +514,9 @@ class ProgressiveQuantization(_RestoresForEvaluation):
 
     @override
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self.phase == "qat":
+        if self.phase == "validate":  # resumed from a checkpoint written during it: validate again, whole
+            self._validate(trainer, pl_module)
+        elif self.phase == "qat":
             if self._qat_seen == 0:
                 rank_zero_warn("ProgressiveQuantization: fit ended right as QAT began, after 0 QAT training steps: the "
                                "model is calibrated but not fine-tuned quantized (the report's phases say where each began)")
@@ -556,6 +571,9 @@ class ProgressiveQuantization(_RestoresForEvaluation):
             "called": None if self._called is None else sorted(self._called),
             "fp32_reference": self.fp32_reference,
             "quantizers": quantizers,
+            # taken at calibration start, used at QAT start: a run resumed in between needs them
+            "fp32_buffers": self._fp32_buffers,
+            "schedules_at_calibration": copy.deepcopy(self._schedules_at_calibration),
         }
 
     def _global_specs(self) -> Dict[str, Optional[Dict[str, Any]]]:
@@ -612,6 +630,8 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         self._metrics_before = dict(state_dict["metrics_before"])
         self._metrics_after = dict(state_dict["metrics_after"])
         self.fp32_reference = state_dict["fp32_reference"]
+        self._fp32_buffers = state_dict.get("fp32_buffers")  # absent: written before they were saved
+        self._schedules_at_calibration = copy.deepcopy(state_dict.get("schedules_at_calibration"))
         self._pending_quantizers = state_dict["quantizers"] if self._layers else None
         called = state_dict.get("called")
         self._resume_called = None if called is None else set(called)
@@ -678,7 +698,7 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         # calibration's gradient-free steps are too; QAT starts from where FP32 training left them
         steps = [cfg.scheduler for cfg in trainer.lr_scheduler_configs if cfg.interval == "step"]
         self._schedules_at_calibration = [
-            [(s, copy.deepcopy(s.state_dict())) for s in steps],
+            [copy.deepcopy(s.state_dict()) for s in steps],
             [[g["lr"] for g in opt.param_groups] for opt in trainer.optimizers]] if steps else None
         self._mark("calibrate", trainer)
         self._apply_phase_flags()
@@ -715,8 +735,9 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         # the dense model SemiStructuredSparsity kept instead: the gate then covers pruning too
         self._keep_fp32_reference(trainer, pl_module)
         if self._schedules_at_calibration is not None:
-            schedules, lrs = self._schedules_at_calibration
-            for sched, state in schedules:
+            states, lrs = self._schedules_at_calibration
+            steps = [cfg.scheduler for cfg in trainer.lr_scheduler_configs if cfg.interval == "step"]
+            for sched, state in zip(steps, states):
                 sched.load_state_dict(state)
             for opt, group_lrs in zip(trainer.optimizers, lrs):
                 for group, lr in zip(opt.param_groups, group_lrs):
@@ -881,6 +902,14 @@ class ProgressiveQuantization(_RestoresForEvaluation):
     # ========================================================================= validation ===
     def _validation_batches(self, trainer: "pl.Trainer", limit: Optional[int] = None) -> List[Any]:
         loaders = trainer.val_dataloaders
+        if loaders is None and trainer.state.fn == TrainerFn.FITTING:
+            # a fit resumed from a checkpoint of its last step runs no validation, so Lightning never
+            # set up the val dataloader: the KL validation at its end read training batches instead
+            val_loop = getattr(getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None), "val_loop", None)
+            source = getattr(val_loop, "_data_source", None)
+            if source is not None and hasattr(val_loop, "setup_data") and source.is_defined():
+                val_loop.setup_data()
+                loaders = trainer.val_dataloaders
         if loaders is None:
             loaders = trainer.train_dataloader
             if limit is None:
@@ -947,8 +976,19 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         # decisions (and the report) must be identical on every rank: each is the mean over ranks
         kl = self._rank_mean(trainer, pl_module, {n: r["kl"] for n, r in results.items()})
         sqnr = self._rank_mean(trainer, pl_module, {n: r["sqnr_db"] for n, r in results.items()})
-        self._kl = {n: kl.get(n, 0.0) for n in self._states}
-        self._sqnr = {n: sqnr.get(n, math.inf) for n in self._states}
+        # a layer left FP32 has no quantization error; one still quantized that no KL batch reached
+        # (a head only training_step calls) was not measured: None, not a perfect 0
+        self._kl = {n: kl.get(n, None if st.enabled else 0.0) for n, st in self._states.items()}
+        self._sqnr = {n: sqnr.get(n, None if st.enabled else math.inf) for n, st in self._states.items()}
+        unmeasured = [n for n, v in self._kl.items() if v is None]
+        if unmeasured and not self._warned_unmeasured:
+            self._warned_unmeasured = True
+            rank_zero_warn(
+                f"ProgressiveQuantization: {len(unmeasured)} quantized layer(s) were not called by the model's forward on "
+                f"the KL validation batches: {', '.join(unmeasured[:8])}{', ...' if len(unmeasured) > 8 else ''} (a head "
+                "only training_step uses?). Their KL and SQNR are unmeasured (None in report['kl'] / report['sqnr_db']) "
+                f"and on_kl_violation={self.on_kl_violation!r} cannot act on them; they stay quantized",
+                category=UserWarning)
         outputs = all(o is not None for o in outs_q + outs_fp) and bool(outs_q)
         ref = torch.cat(outs_fp) if outputs else None
         local = {"": output_kl(ref, torch.cat(outs_q), self.output_kind)} if outputs else {}
@@ -999,7 +1039,8 @@ class ProgressiveQuantization(_RestoresForEvaluation):
 
     def _validate(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._drop_uncalled(trainer, pl_module)  # (a no-op unless fit stopped within the first QAT epoch)
-        self._mark("validate", trainer)
+        if self.phase != "validate":  # (a run resumed from a checkpoint written during validation is in it)
+            self._mark("validate", trainer)
         # final weights -> final weight scales: exactly what export will pack
         for name, st in self._states.items():
             if st.weight._tracks_weight and not bool(st.weight.frozen):
@@ -1044,7 +1085,7 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         return {n: t[i] / t[k + i] for i, n in enumerate(names) if t[k + i] > 0}
 
     def _violators(self) -> List[str]:
-        return [n for n, st in self._states.items() if st.enabled and self._kl.get(n, 0.0) > self.kl_threshold]
+        return [n for n, st in self._states.items() if st.enabled and (self._kl.get(n) or 0.0) > self.kl_threshold]
 
     # ============================================================================= report ===
     @property

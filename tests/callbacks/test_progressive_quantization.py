@@ -775,7 +775,7 @@ def test_a_layer_the_model_never_calls_is_left_fp32_with_the_reason(tmp_path):
     assert art.manifest["layers"]["mlp.2"]["scheme"] == "int8" and "mlp.0" in art.manifest["dense_layers"]
     assert "never called" in art.manifest["dense_layers"]["mlp.0"]
     dense, ids, _ = next(iter(loaders()[1]))
-    served = hwaware.load(art.path)
+    served = hwaware.load(art.path, model=ReadsWeight)
     torch.testing.assert_close(served(dense, ids), art.model(dense, ids), atol=0, rtol=0)
 
 
@@ -1039,3 +1039,104 @@ def test_learned_weight_scales_stay_positive_under_adamw_and_the_model_exports(t
     for name, s in scales.items():
         if art.manifest["layers"].get(name, {}).get("scheme") == "int8":
             torch.testing.assert_close(art.model.get_submodule(name).w_scale, s, atol=0, rtol=0)
+
+
+class AuxHead(TinyCTR):
+    """An auxiliary head only training_step calls: forward (what the KL batches run) never reaches it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aux = nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        dense, _, y = batch
+        aux = torch.nn.functional.binary_cross_entropy_with_logits(self.aux(dense).squeeze(-1), y)
+        return super().training_step(batch, batch_idx) + 0.1 * aux
+
+
+def test_a_layer_no_kl_batch_reaches_is_reported_unmeasured_not_perfect(tmp_path):
+    # it read KL 0.0 and SQNR inf, and a fallback could never trigger for it
+    cb = ProgressiveQuantization(start_epoch=1, calibration_batches=2, kl_threshold=1e-12, on_kl_violation="fallback")
+    with pytest.warns(UserWarning, match=r"1 quantized layer\(s\) were not called by the model's forward on the KL validation "
+                                         r"batches: aux .*None in report\['kl'\]"):
+        _fit(tmp_path, cb, model=AuxHead(), max_epochs=2)
+    r = cb.report
+    assert r["kl"]["aux"] is None and r["sqnr_db"]["aux"] is None and "aux" not in r["fallbacks"]
+    assert r["layers"]["aux"]["enabled"]
+    # every measured layer exceeded kl_threshold=1e-12 and fell back: those left FP32 read 0.0 (no quantization error)
+    assert "fp32" in r["fallbacks"].values()
+    assert all(r["kl"][n] == 0.0 and r["sqnr_db"][n] == float("inf") for n in r["fallbacks"] if r["fallbacks"][n] == "fp32")
+    assert cb.state_dict()["kl"]["aux"] is None
+
+
+# -- resumes a trial found ending elsewhere than the uninterrupted run -----------------------------
+
+class BNStepScheduled(StepScheduled):
+    def __init__(self) -> None:
+        super().__init__(bn=True)
+
+
+def _step_ckpt_run(path, model_cls, ckpt=None, max_epochs=3, **cb_kwargs):
+    """A fit saving a checkpoint after every optimizer step (step=N.ckpt), fresh callback and model."""
+    pl.seed_everything(0, verbose=False)
+    cb = ProgressiveQuantization(**cb_kwargs)
+    mc = ModelCheckpoint(dirpath=str(path / "ckpt"), save_top_k=-1, every_n_train_steps=1, filename="{step}")
+    model = model_cls()
+    trainer = make_trainer(path, [cb, mc], max_epochs=max_epochs, enable_checkpointing=True)
+    trainer.fit(model, *loaders(), ckpt_path=ckpt)
+    return model, cb
+
+
+def test_a_resume_from_an_epochs_last_step_starts_qat_where_the_uninterrupted_run_did(tmp_path):
+    """Lightning starts the next epoch without on_train_epoch_start after that resume: QAT started an
+    epoch late, or (here) never, and the fit ended FP32 with only a warning."""
+    kw = dict(start_epoch=2, calibration_batches=2)
+    model_a, cb_a = _step_ckpt_run(tmp_path / "a", TinyCTR, max_epochs=3, **kw)
+    model_b, cb_b = _step_ckpt_run(tmp_path / "b", TinyCTR, ckpt=str(tmp_path / "a" / "ckpt" / "step=16.ckpt"),
+                                   max_epochs=3, **kw)  # the last step of epoch 1
+    assert cb_a.phase == cb_b.phase == "done"
+    assert [p["phase"] for p in cb_b.report["phases"]] == [p["phase"] for p in cb_a.report["phases"]]
+    _assert_state_equal(model_a.state_dict(), model_b.state_dict())
+    _assert_state_equal(cb_a.state_dict()["quantizers"], cb_b.state_dict()["quantizers"])
+
+
+def test_a_resume_mid_calibration_keeps_the_lr_schedule_and_the_reference_buffers(tmp_path):
+    """Two things taken at calibration start and used at QAT start were not in the checkpoint: the
+    per-step LR schedule to rewind (QAT then ran at another LR) and the FP32 BatchNorm statistics
+    (the gate's reference then had the calibration batches in its running stats)."""
+    kw = dict(start_epoch=1, calibration_batches=10)
+    model_a, cb_a = _step_ckpt_run(tmp_path / "a", BNStepScheduled, max_epochs=3, **kw)
+    # the last step of epoch 1 (calibration from step 8 to 18): a plain DataLoader resumes exactly at an epoch's end
+    ckpt = str(tmp_path / "a" / "ckpt" / "step=16.ckpt")
+    saved = torch.load(ckpt, weights_only=True)
+    assert next(v for k, v in saved["callbacks"].items() if "ProgressiveQuantization" in k)["phase"] == "calibrate"
+    model_b, cb_b = _step_ckpt_run(tmp_path / "b", BNStepScheduled, ckpt=ckpt, max_epochs=3, **kw)
+    _assert_state_equal(cb_a.fp32_reference, cb_b.fp32_reference)
+    _assert_state_equal(model_a.state_dict(), model_b.state_dict())
+    _assert_state_equal(cb_a.state_dict()["quantizers"], cb_b.state_dict()["quantizers"])
+
+
+def test_a_checkpoint_written_during_kl_validation_validates_again_or_refuses_to_train_on(tmp_path):
+    """Phase 'validate' (an interrupt during the end-of-fit KL validation, saved by Lightning's
+    OnExceptionCheckpoint): the resumed fit ended with the stale KL of the interrupted validation,
+    or trained on against frozen scales."""
+    cb = ProgressiveQuantization(start_epoch=1, calibration_batches=2)
+    trainer, model = _fit(tmp_path / "a", cb, max_epochs=2)
+    done = cb.state_dict()
+    interrupted = {**copy.deepcopy(done), "phase": "validate", "kl": {n: 1.0 for n in done["kl"]},
+                   "history": copy.deepcopy(done["history"][:-1])}
+    ckpt = tmp_path / "validate.ckpt"
+    trainer.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=True)
+    key = next(k for k in saved["callbacks"] if "ProgressiveQuantization" in k)
+    saved["callbacks"][key] = interrupted
+    torch.save(saved, ckpt)
+
+    again = ProgressiveQuantization(start_epoch=1, calibration_batches=2)
+    pl.seed_everything(0, verbose=False)
+    make_trainer(tmp_path / "b", [again], max_epochs=2).fit(TinyCTR(), *loaders(), ckpt_path=str(ckpt))
+    assert again.phase == "done" and again.report["kl"] == cb.report["kl"]
+    assert [p["phase"] for p in again.report["phases"]] == [p["phase"] for p in cb.report["phases"]]
+    with pytest.raises(RuntimeError, match=r"resumed from a checkpoint written during the end-of-fit KL validation"):
+        make_trainer(tmp_path / "c", [ProgressiveQuantization(start_epoch=1, calibration_batches=2)],
+                     max_epochs=3).fit(TinyCTR(), *loaders(), ckpt_path=str(ckpt))
