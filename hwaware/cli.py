@@ -373,7 +373,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> tuple:
     from hwaware.export import ArtifactError, load, read_manifest
     from hwaware.export.bench import compare_throughput, instability_warning, read_inputs_file
-    from hwaware.export.exporter import build_recorded, float_bytes, make_inputs, model_class
+    from hwaware.export.exporter import build_recorded, check_input_descriptions, float_bytes, make_inputs, model_class
     import torch
 
     if args.json and args.json != "-":  # refused now, not after the benchmark ran
@@ -404,6 +404,12 @@ def _bench(args: argparse.Namespace) -> tuple:
         return 2, None
     if args.batch_size is None:
         args.batch_size = 2048
+    if given is None:
+        try:
+            check_input_descriptions(manifest["inputs"], f"{args.path}/manifest.json")
+        except ArtifactError as e:
+            print(f"hwaware bench: error: {e}", file=sys.stderr)
+            return 2, None
     avail = _available_bytes()
     need = 0 if given is not None else _input_bytes(manifest["inputs"], args.batch_size, args.batches)
     if avail is not None and need > avail // 2:  # refused with a line, not killed by the kernel's OOM killer

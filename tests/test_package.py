@@ -25,7 +25,8 @@ def test_loading_and_serving_an_artifact_imports_no_lightning(tmp_path):
     hwaware.export(Served(), tmp_path / "art", example_inputs=(torch.randn(8, 16),))
     script = textwrap.dedent(f"""
         import sys, torch, hwaware
-        served = hwaware.load({str(tmp_path / 'art')!r})
+        from {Served.__module__} import Served  # load builds only hwaware's own classes unasked
+        served = hwaware.load({str(tmp_path / 'art')!r}, model=Served)
         served(torch.randn(3, 16))
         torch.export.load({str(tmp_path / 'art' / 'program.pt2')!r}).module()(torch.randn(3, 16))
         heavy = [m for m in ("pytorch_lightning", "lightning_fabric", "torchmetrics") if m in sys.modules]

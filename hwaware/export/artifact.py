@@ -483,7 +483,13 @@ def read_manifest(path: str | os.PathLike) -> Dict[str, Any]:
     Raises:
         ArtifactError: any check fails; the message names the file and the reason.
     """
-    return _read_manifest(os.fspath(path), hash_weights=True)
+    path = os.fspath(path)
+    try:
+        return _read_manifest(path, hash_weights=True)
+    except ArtifactError:
+        # an export may have replaced the artifact (an atomic directory swap) between reading its
+        # manifest and hashing its files: read it once more; a damaged artifact fails again
+        return _read_manifest(path, hash_weights=True)
 
 
 def _unique_keys(pairs: list) -> Dict[str, Any]:
@@ -593,17 +599,6 @@ def _check_digest(fpath: str, digest: str, recorded: str) -> None:
             f"{fpath}: corrupted or tampered: sha256 {digest[:16]}... does not match the "
             f"{recorded[:16]}... recorded in {MANIFEST_FILE}"
         )
-
-
-def _check_safetensors_header(path: str) -> list:
-    from safetensors import safe_open
-
-    wpath = os.path.join(path, WEIGHTS_FILE)
-    try:
-        with safe_open(wpath, framework="pt", device="cpu") as f:
-            return list(f.keys())
-    except Exception as e:  # safetensors raises its own SafetensorError / OSError
-        raise ArtifactError(f"{wpath}: safetensors header unreadable ({e})") from e
 
 
 def read_tensors(
@@ -749,15 +744,14 @@ def _parse_safetensors(buf: bytearray, wpath: str) -> Dict[str, Tensor]:
 def verify_artifact(path: str | os.PathLike) -> Dict[str, Any]:
     """Fully verify the artifact at ``path`` and return its manifest.
 
-    :func:`read_manifest`'s checks, plus parsing the ``weights.safetensors`` header (without
-    loading the tensors). ``program.pt2`` is hashed, never loaded.
+    :func:`read_manifest`'s checks, plus parsing ``weights.safetensors`` as :func:`hwaware.load` does
+    (the same reader: what one refuses, the other does; it holds the file in memory while it checks
+    it). ``program.pt2`` is hashed, never loaded. Whether the tensors fit the model is load's check.
 
     Raises:
         ArtifactError: any check fails; the message names the file and the reason.
     """
-    path = os.fspath(path)
-    manifest = read_manifest(path)
-    _check_safetensors_header(path)
+    manifest, _ = read_verified(path)
     return manifest
 
 

@@ -8,12 +8,9 @@ start when pruning came first (:func:`hwaware.quant.fp32_reference`). A model th
 """
 from __future__ import annotations
 
-import ast
 import collections.abc
 import copy
 import importlib
-import importlib.machinery
-import importlib.util
 import inspect as _inspect
 import io
 import json
@@ -511,9 +508,11 @@ def _gate_pair(module: nn.Module, batch: Any, output_fn: Optional[Callable]) -> 
 
 
 def _evaluate(module: nn.Module, loader: Iterable, metric: str, output_fn: Optional[Callable],
-              target_source: Optional[List[str]] = None) -> float:
+              target_source: Optional[List[str]] = None, seen: Optional[List[Tensor]] = None) -> float:
     """``metric`` of ``module`` over ``loader``; ``target_source``, a list, gets where the targets
-    came from (:func:`_target_source` of the first batch) appended."""
+    came from (:func:`_target_source` of the first batch) appended. ``seen``, a list shared by every
+    pass over one loader, holds the first pass's targets (sorted): a later pass whose targets differ
+    read other samples (:func:`_check_same_samples`)."""
     preds, targets = [], []
     was_training = module.training
     module.eval()
@@ -529,7 +528,27 @@ def _evaluate(module: nn.Module, loader: Iterable, metric: str, output_fn: Optio
         module.train(was_training)
     if not preds:
         raise ValueError("export: val_dataloader yielded no batches")
-    return _metric_value(metric, torch.cat(preds), torch.cat(targets))
+    target = torch.cat(targets)
+    if seen is not None:
+        _check_same_samples(seen, target)
+    return _metric_value(metric, torch.cat(preds), target)
+
+
+def _check_same_samples(seen: List[Tensor], target: Tensor) -> None:
+    """The gate reads the loader once per model it compares (the reference, each int8
+    implementation, the chosen mix): every read must see the same samples. Their targets, sorted,
+    are compared (so shuffling without replacement, which changes no metric, passes); a sampler
+    that draws at random (``replacement=True``, ``num_samples``) or transforms that change the
+    targets (masking) fail, where the verdict would have been sampling noise."""
+    flat = target.detach().flatten().sort().values
+    if not seen:
+        seen.append(flat)
+    elif not torch.equal(seen[0], flat):
+        raise ValueError(
+            f"export: val_dataloader gave other samples on another read ({seen[0].numel()} then {flat.numel()} target "
+            "values, not the same ones): the gate reads it once per model it compares, so a sampler that draws at random "
+            "(replacement=True, num_samples) or random transforms would compare the models on different data. Pass a "
+            "loader that yields the same samples each time it is read (shuffling without replacement is fine)")
 
 
 def _int8_layers(model: nn.Module) -> list:
@@ -555,16 +574,18 @@ def _kernel_config(model: nn.Module) -> Dict[str, Dict[str, str]]:
 
 
 def _gated_value(deploy: nn.Module, loader: Iterable, metric: str, output_fn: Optional[Callable],
-                 by_impl: Dict[str, Dict[str, Any]], configs: Dict[str, Dict[str, Dict[str, str]]]) -> float:
+                 by_impl: Dict[str, Dict[str, Any]], configs: Dict[str, Dict[str, Dict[str, str]]],
+                 seen: Optional[List[Tensor]] = None) -> float:
     """The metric of ``deploy`` as its kernels are set now: a configuration :func:`_gate_each_impl`
     already ran (the same bits) reuses its value, any other is evaluated."""
     now = _kernel_config(deploy)
     same = next((impl for impl, config in configs.items() if config == now), None)
-    return by_impl[same]["exported"] if same is not None else _evaluate(deploy, loader, metric, output_fn)
+    return by_impl[same]["exported"] if same is not None else _evaluate(deploy, loader, metric, output_fn, seen=seen)
 
 
 def _gate_each_impl(deploy: nn.Module, loader: Iterable, metric: str, output_fn: Optional[Callable], ref_value: float,
-                    max_drop: float, impls: Sequence[str]) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, Dict[str, Dict[str, str]]]]:
+                    max_drop: float, impls: Sequence[str], seen: Optional[List[Tensor]] = None
+                    ) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, Dict[str, Dict[str, str]]]]:
     """The metric with every int8 layer on one ``int8_linear`` implementation, for each of them: which
     ones export may choose, and a deployment may switch to (another CPU, where another is fastest),
     and stay gated. Also returns each run's kernel configuration (:func:`_kernel_config`)."""
@@ -576,7 +597,7 @@ def _gate_each_impl(deploy: nn.Module, loader: Iterable, metric: str, output_fn:
         for impl in impls:
             for m in layers:
                 _set_impl(m, impl)
-            value = _evaluate(deploy, loader, metric, output_fn)
+            value = _evaluate(deploy, loader, metric, output_fn, seen=seen)
             out[impl] = {"exported": value, "drop": ref_value - value, "passed": ref_value - value <= max_drop}
             configs[impl] = _kernel_config(deploy)
     finally:
@@ -736,8 +757,36 @@ def _serves_batch_of_one(program: Any, deploy: nn.Module, example_inputs: Tuple[
         return False
 
 
+_INPUT_DTYPES = {"float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool"}
+
+
+def check_input_descriptions(description: Any, where: str) -> None:
+    """``ArtifactError`` naming ``where`` (the manifest) unless ``description`` is a list of
+    :func:`_describe_input` records: a manifest is editable, and these size what bench allocates."""
+    def bad(i: int, why: str) -> ArtifactError:
+        return ArtifactError(f"{where}: 'inputs'[{i}] {why}; expected {{'shape': [ints >= 0], 'dtype': one of "
+                             f"{sorted(_INPUT_DTYPES)}, 'max': [ints >= 0] for an integer dtype}}")
+
+    if not isinstance(description, list):
+        raise ArtifactError(f"{where}: 'inputs' is {type(description).__name__}; expected a list of input records")
+    for i, d in enumerate(description):
+        if not isinstance(d, dict):
+            raise bad(i, f"is {d!r}")
+        shape, dtype = d.get("shape"), d.get("dtype")
+        if not (isinstance(shape, list) and shape and all(type(n) is int and 0 <= n < 2**31 for n in shape)):
+            raise bad(i, f"has shape {shape!r}")
+        if dtype not in _INPUT_DTYPES:
+            raise bad(i, f"has dtype {dtype!r}")
+        if not getattr(torch, dtype).is_floating_point and all(shape):  # an empty one records no max
+            top = 1 if dtype == "bool" else torch.iinfo(getattr(torch, dtype)).max
+            hi = d.get("max")
+            if not (isinstance(hi, list) and hi and all(type(v) is int and 0 <= v <= top for v in hi)):
+                raise bad(i, f"has max {hi!r} (each at most {top}, the {dtype} maximum)")
+
+
 def make_inputs(description: Iterable[Dict[str, Any]], batch_size: int, seed: int = 0) -> Tuple[Tensor, ...]:
     """Random inputs matching :func:`_describe_input` records, with ``batch_size`` rows."""
+    check_input_descriptions(description, "the recorded example inputs")
     g = torch.Generator().manual_seed(seed)
     out = []
     for d in description:
@@ -790,6 +839,8 @@ def build_recorded(cls: type, manifest: Mapping[str, Any], path: str) -> nn.Modu
     mpath = os.path.join(path, "manifest.json")
     info = manifest.get("model") or {}
     unrecorded = info.get("hparams_unrecorded")
+    if unrecorded is not None and not (isinstance(unrecorded, dict) and all(isinstance(v, str) for v in unrecorded.values())):
+        raise ArtifactError(f"{mpath}: 'model.hparams_unrecorded' is {unrecorded!r}; expected an object {{name: type}}")
     if unrecorded:
         raise ArtifactError(f"{mpath}: the exported model's hparams {', '.join(f'{k} ({t})' for k, t in dict(unrecorded).items())} "
                             f"could not be recorded (not JSON), so {cls.__qualname__} cannot be rebuilt from the manifest; "
@@ -1002,14 +1053,15 @@ def export(
     gated_configs: Dict[str, Dict[str, Dict[str, str]]] = {}
     if val_dataloader is not None:
         sources: List[str] = []
-        ref_value = _evaluate(_reference_module(model, reference), val_batches, metric, output_fn, sources)
+        seen: List[Tensor] = []  # every read of the loader must give the same samples
+        ref_value = _evaluate(_reference_module(model, reference), val_batches, metric, output_fn, sources, seen)
         target_source = sources[0]
         if _int8_layers(deploy):
             # every int8 implementation gated on its own before any is timed: they differ in what they
             # do to the input (dequant keeps it float), so a choice by time alone made the gate's
             # verdict depend on a timing race; only those that pass may be chosen
             by_impl, gated_configs = _gate_each_impl(deploy, val_batches, metric, output_fn, ref_value, float(max_drop),
-                                                     int8_impls or INT8_KERNELS["cpu"])
+                                                     int8_impls or INT8_KERNELS["cpu"], seen)
             allowed = [impl for impl, r in by_impl.items() if r["passed"]]
             if not allowed:
                 best = max(by_impl, key=lambda i: by_impl[i]["exported"])
@@ -1040,7 +1092,7 @@ def export(
                 layers[name]["kernel"] = {"cpu": _selected_label(op_name, deploy.get_submodule(name), rec)}
                 layers[name]["selection"] = {"cpu": rec}
     if val_dataloader is not None:
-        exp_value = _gated_value(deploy, val_batches, metric, output_fn, by_impl, gated_configs)
+        exp_value = _gated_value(deploy, val_batches, metric, output_fn, by_impl, gated_configs, seen)
         if allowed and ref_value - exp_value > max_drop:
             # the per-layer fastest mix fails where every layer on one passing implementation passed:
             # serve the best of those everywhere (measured above), so the verdict never depends on timing
@@ -1056,7 +1108,7 @@ def export(
                     layers[name]["kernels"] = dict(m.kernels)
                     layers[name]["kernel"] = {"cpu": _selected_label(
                         "sparse24_linear" if isinstance(m, Sparse24Linear) else "int8_linear", m, rec)}
-            exp_value = _gated_value(deploy, val_batches, metric, output_fn, by_impl, gated_configs)
+            exp_value = _gated_value(deploy, val_batches, metric, output_fn, by_impl, gated_configs, seen)
     for name, meta in layers.items():  # what the chosen kernel does to the layer's input
         served = _served_activation(deploy.get_submodule(name))
         if served is not None:
@@ -1081,7 +1133,7 @@ def export(
             # drop too. Not gated, recorded: the final weights with quantization off, and how much of
             # the metric the export itself costs against them.
             final = _fp32_copy(model)
-            report["final_weights_fp32"] = _evaluate(final, val_batches, metric, output_fn)
+            report["final_weights_fp32"] = _evaluate(final, val_batches, metric, output_fn, seen=seen)
             report["quantization_drop"] = report["final_weights_fp32"] - exp_value
         if allowed is not None:  # what load(kernels="measure") may switch to on another CPU
             report["by_impl"] = by_impl
@@ -1140,119 +1192,51 @@ def export(
     return Artifact(path=path, manifest=verify_artifact(path), report=report, model=deploy)
 
 
-def _module_spec(modname: str) -> Any:
-    """The import spec of ``modname`` found without running any of its code (or its packages'):
-    a top-level name through the import system's finders, a submodule by its package's search path.
-    None where there is no such module. (The caller uses a module already imported as it is.)"""
-    parts = modname.split(".")
-    spec = importlib.util.find_spec(parts[0])
-    for i in range(1, len(parts)):
-        if spec is None or spec.submodule_search_locations is None:
-            return None
-        parent, name = ".".join(parts[:i]), ".".join(parts[:i + 1])
-        if parent not in sys.modules and spec.origin is None:
-            importlib.import_module(parent)  # a namespace package: no __init__, nothing runs; its path needs it imported
-        locations = getattr(sys.modules[parent], "__path__", None) if parent in sys.modules else spec.submodule_search_locations
-        if locations is None:
-            return None
-        spec = (getattr(sys.modules[name], "__spec__", None) if name in sys.modules else
-                importlib.machinery.PathFinder.find_spec(name, list(locations)))
-    return spec
-
-
-def _top_level_classes(source: str) -> set:
-    """Names of the classes a module's source defines at its top level (inside top-level if/try too)."""
-    names, todo = set(), list(ast.parse(source).body)
-    while todo:
-        node = todo.pop()
-        if isinstance(node, ast.ClassDef):
-            names.add(node.name)
-        elif isinstance(node, (ast.If, ast.Try, ast.With)):
-            todo += [*node.body, *getattr(node, "orelse", []), *getattr(node, "finalbody", []),
-                     *(s for h in getattr(node, "handlers", []) for s in h.body)]
-    return names
-
-
-def _import_recorded_class(name: str, path: str) -> Any:
-    """The class a manifest names (``module.Qual.Name``), imported only where that is safe: a
-    manifest can be edited, and importing a module runs it. Refused before anything runs: a name
-    that is not dotted identifiers, any ``__dunder__`` part (``venv.__main__`` runs a command line
-    on import), a module found inside the artifact's own directory (code shipped with the
-    artifact), and a module not yet imported whose Python source does not define the class at its
-    top level (a module imported for its side effects). The longest prefix that is a module is
-    the module; the rest are attributes (a nested class's qualname is dotted)."""
-    mpath = os.path.join(path, "manifest.json")
-    parts = name.split(".") if isinstance(name, str) else []
-    if len(parts) < 2 or not all(p.isidentifier() for p in parts):
-        raise ImportError(f"{name!r} is not a dotted 'module.Class' name")
-
-    def dunder(ps: Sequence[str]) -> bool:
-        return any(p.startswith("__") and p.endswith("__") for p in ps)
-
-    for i in range(len(parts) - 1, 0, -1):
-        modname = ".".join(parts[:i])
-        if dunder(parts[i:]) or (modname not in sys.modules and dunder(parts[:i])):
-            # an imported __main__ (the exporting script, loading in its own process) runs nothing new
-            if modname == "__main__":
-                raise ImportError(f"no module '__main__' to import {name!r} from")  # the caller says what to do
-            raise ArtifactError(f"{mpath}: model class {name!r} has a __dunder__ part, and hwaware does not import such "
-                                "a name (venv.__main__ runs a program on import); pass model= with the class from your code")
-        if modname in sys.modules:  # imported already (the exporting script's __main__ too): nothing new runs
-            obj = sys.modules[modname]
-            for attr in parts[i:]:
-                obj = getattr(obj, attr)
-            return obj
-        try:
-            spec = _module_spec(modname)
-        except (ImportError, ValueError, AttributeError, KeyError):
-            spec = None
-        if spec is None:
-            continue
-        origin = spec.origin if isinstance(spec.origin, str) else ""
-        root = os.path.realpath(path)
-        if origin and os.path.realpath(origin).startswith(root + os.sep):
-            raise ArtifactError(f"{mpath}: model class {name!r} names module {modname!r}, which is found inside the "
-                                f"artifact's directory ({origin}): hwaware never runs code that ships with an "
-                                "artifact; pass model= with the class from your code")
-        try:
-            with open(origin, "rb") as f:  # decoded as Python does (a coding cookie, a BOM)
-                defined = _top_level_classes(importlib.util.decode_source(f.read())) if origin.endswith(".py") else set()
-        except (OSError, SyntaxError, ValueError):
-            defined = set()
-        if parts[i] not in defined:
-            raise ArtifactError(f"{mpath}: model class {name!r}: module {modname!r} ({origin or spec.origin}) has no "
-                                f"Python source defining class {parts[i]!r} at its top level, so hwaware does not "
-                                "import it (importing runs the module); import it yourself first, or pass model=")
-        obj = importlib.import_module(modname)  # ImportError from inside the module's own imports: the caller says so
-        for attr in parts[i:]:
-            obj = getattr(obj, attr)
-        return obj
-    raise ImportError(f"no module in {name!r}")
-
-
 def model_class(manifest: Dict[str, Any], path: str) -> type:
-    """The model class recorded at export, imported from *this* environment (never from the artifact)."""
+    """The model class recorded at export, where hwaware builds it without being asked: one of
+    hwaware's own (``hwaware.recsys.dlrm.DLRM``), imported from this environment.
+
+    Any other class is the caller's to name (``load(path, model=Class)``; the CLI's ``--model
+    module:Class``). Building a class runs its constructor with the hparams the manifest holds, and
+    whoever can write an artifact can edit its manifest (the sha256 fields are recomputable): a
+    constructor that reads a path or a hub name from its arguments then runs code the artifact
+    chooses. A trial made torchmetrics' ``CLIPScore`` import a module shipped inside the artifact's
+    directory this way, through a class that was installed, defined at the top of its module and
+    an ``nn.Module``: checks on the class cannot tell a safe constructor from such a one."""
+    mpath = os.path.join(path, "manifest.json")
     name = manifest["model"]["class"]
     module_name, _, qualname = name.rpartition(".")
-    try:
-        cls = _import_recorded_class(name, path)
-    except (ImportError, AttributeError) as e:
+    parts = name.split(".")
+    ours = (len(parts) >= 2 and parts[0] == "hwaware" and all(p.isidentifier() for p in parts)
+            and not any(p.startswith("__") for p in parts))
+    if not ours:
         if "<locals>" in name:  # defined inside a function: importable nowhere
-            raise ArtifactError(
-                f"{path}/manifest.json: model class {name!r} was defined inside a function, so no process can import "
-                f"it; pass the class: hwaware.load({path!r}, model=TheClass), or move it to the top of a module") from None
-        if module_name == "__main__":  # defined in the exporting script: no module to put on PYTHONPATH
-            raise ArtifactError(
-                f"{path}/manifest.json: model class {name!r} was defined in the script that exported it (module "
-                f"'__main__'), which cannot be imported here; pass the class: hwaware.load({path!r}, model={qualname}), "
-                f"or from the shell, with the class in an importable module: hwaware bench {path} --model "
-                f"yourmodule:{qualname}") from None
-        raise ArtifactError(f"{path}/manifest.json: model class {name!r} is not importable here ({e}); pass "
-                            f"load(..., model=...) (hwaware bench: --model module:Class), or (from the shell too) put "
-                            f"module {module_name!r} on PYTHONPATH") from None
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise ArtifactError(f"{path}/manifest.json: model class {name!r} is not an nn.Module")
-    return cls
+            where = "was defined inside a function (no process can import it)"
+        elif module_name == "__main__":
+            where = "was defined in the script that exported it"
+        else:
+            where = "is not one of hwaware's"
+        raise ArtifactError(
+            f"{mpath}: model class {name!r} {where}. hwaware builds only its own classes from a manifest: building "
+            "another would run its constructor with the manifest's hparams, which anyone who can write the artifact "
+            f"can edit. Pass the class {name} (or an instance built as at export): hwaware.load({path!r}, model=...); from "
+            f"the shell: hwaware bench {path} --model module:Class")
+    obj: Any = None
+    for i in range(len(parts) - 1, 0, -1):  # the longest prefix that is a module; the rest are attributes
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for attr in parts[i:]:
+            obj = getattr(obj, attr, None)
+        break
+    # the class itself must be hwaware's and named by its own path: through an hwaware module's
+    # attributes a name reaches other libraries' classes (hwaware.recsys.dlrm.torch.nn.Transformer)
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module) and obj.__module__.startswith("hwaware.")
+            and f"{obj.__module__}.{obj.__qualname__}" == name):
+        raise ArtifactError(f"{mpath}: model class {name!r} is not an nn.Module class of this hwaware; pass "
+                            "model= with the class to build")
+    return obj
 
 
 def import_model_class(spec: str) -> type:
@@ -1287,6 +1271,11 @@ def _selection_record(meta: Dict[str, Any], name: str, path: str) -> Optional[Di
     return rec
 
 
+# export times each layer at the rows of example_inputs (the serving batch): 2^28 float32 elements
+# (1 GiB) is far above any batch export would time, and bounds what an edited manifest can allocate
+_MAX_TIMING_ELEMENTS = 1 << 28
+
+
 def _remeasure(model: nn.Module, manifest: Dict[str, Any], path: str) -> Dict[str, Dict[str, Any]]:
     """Re-time the measured layers' kernels on this CPU, at the input shapes export timed them at,
     among the ``int8_linear`` implementations that passed the regression gate on their own
@@ -1298,6 +1287,13 @@ def _remeasure(model: nn.Module, manifest: Dict[str, Any], path: str) -> Dict[st
         shape = rec.get("input_shape") if rec is not None else None
         if isinstance(shape, list) and shape and type(shape[0]) is int and shape[0] > 0:
             rows[name] = shape[0]
+            width = getattr(model.get_submodule(name), "in_features", 1)
+            if shape[0] * width > _MAX_TIMING_ELEMENTS:  # the manifest sizes what is allocated here
+                raise ArtifactError(
+                    f"{path}/manifest.json: layer {name!r} records kernel timing input_shape {shape}: re-timing it "
+                    f"would allocate a {shape[0]} x {width} float input ({shape[0] * width * 4 / 2**30:.1f} GiB), more "
+                    f"than the {_MAX_TIMING_ELEMENTS * 4 // 2**30} GiB export ever times at; load with "
+                    "kernels='recorded', or re-export with example_inputs of the serving batch")
     reg = manifest.get("regression")
     by_impl = reg.get("by_impl") if isinstance(reg, dict) else None
     if isinstance(by_impl, dict):  # names this hwaware does not know (a newer one wrote them) are left out
@@ -1438,7 +1434,7 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
     # every check first, the model changed only after: a refused artifact leaves a model passed in as it was
     new_layers: Dict[str, nn.Module] = {}
     for name, meta in layers.items():
-        if meta.get("module") not in DEPLOY_TYPES:
+        if not isinstance(meta.get("module"), str) or meta["module"] not in DEPLOY_TYPES:
             raise ArtifactError(f"{mpath}: layer {name!r} has unknown module {meta.get('module')!r}")
         if _get_module(model, name) is None:
             whose = "the model passed as model=" if given else f"{type(model).__name__}({info.get('hparams') or {}})"
@@ -1447,7 +1443,7 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
         try:
             with torch.device("meta"):
                 new_layers[name] = DEPLOY_TYPES[meta["module"]].empty(meta)
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # RuntimeError: torch refusing a negative size
+        except (KeyError, TypeError, ValueError, RuntimeError, ArithmeticError) as e:  # RuntimeError: torch refusing a negative size; ArithmeticError: group_size 0
             raise ArtifactError(f"{mpath}: layer {name!r} ({meta['module']}): its entry is malformed ({type(e).__name__}: "
                                 f"{e})") from None
         if "fused_relu" in meta:  # the ReLU module after this layer runs in its epilogue (deploy.fuse_relu)

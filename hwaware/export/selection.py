@@ -324,7 +324,9 @@ def select_int8_kernels(model: nn.Module, rows: Dict[str, int], device: str = "c
                               "note": _INT8_NOTES.get(impl, impl) + " (not allowed: its regression gate did not pass, or export's int8_impls left it out)"}
         why = f"fastest at M={m}" + (f" ({others})" if others else "")
         if name not in rows:
-            why += f"; M={m} is nominal: export got neither val_dataloader nor example_inputs to size the layer"
+            why += (f"; M={m} is nominal: " + ("the model's forward on the batch that sized the layers did not call this "
+                                               "one (a layer only training uses?)" if rows else
+                                               "export got neither val_dataloader nor example_inputs to size the layer"))
         records[name] = {"input_shape": [m, layer.in_features], "measured": measured, "chosen": chosen,
                          "op_kernel": chosen, "why": why}
     return records

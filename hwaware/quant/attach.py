@@ -474,7 +474,10 @@ def find_quantizable(model: nn.Module, *, weight_spec: QuantSpec, activation_spe
             raise ValueError(
                 f"layer_specs pattern {pattern!r} never applies: every layer it matches ({', '.join(matched[:12])}) is "
                 f"matched by an earlier pattern first (the first matching pattern wins; put more specific patterns first)")
-        raise ValueError(f"layer_specs pattern {pattern!r} matches no quantizable layer of {type(model).__name__}; "
+        excluded = [n for n in skipped if n not in eligible and matching_pattern(n, [pattern])]
+        why = (f" (it matches {', '.join(excluded[:4])}{', ...' if len(excluded) > 4 else ''}, which stay FP32: "
+               f"{skipped[excluded[0]]})" if excluded else "")
+        raise ValueError(f"layer_specs pattern {pattern!r} matches no quantizable layer of {type(model).__name__}{why}; "
                          f"quantizable layers are: {some or 'none'}")
     for pattern, names in overridden_by_skip.items():
         if names and len(names) == won[pattern]:

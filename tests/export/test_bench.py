@@ -75,8 +75,8 @@ def test_bench_prints_the_round_range_and_writes_the_spread(tmp_path, capsys):
     torch.manual_seed(0)
     art = export(TinyCTR(), tmp_path / "tiny", example_inputs=(torch.randn(8, 4), torch.randint(0, 50, (8,))))
     out = tmp_path / "bench.json"
-    assert main(["bench", art.path, "--batch-size", "8", "--batches", "2", "--rounds", "3", "--no-memory",
-                 "--json", str(out)]) == 0
+    assert main(["bench", art.path, "--model", "tests.helpers:TinyCTR", "--batch-size", "8", "--batches", "2", "--rounds", "3",
+                 "--no-memory", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     a = r["models"]["artifact"]
     assert len(a["round_ratios"]) == 3 and a["ratio_min"] <= a["ratio_max"]

@@ -161,7 +161,7 @@ def test_bench_times_artifact_against_fp32(tmp_path, capsys):
     art = export(TinyCTR(), tmp_path / "tiny", example_inputs=(torch.randn(8, 4), torch.randint(0, 50, (8,))))
     assert art.manifest["inputs"][1] == {"shape": [8], "dtype": "int64", "max": [int(art.manifest["inputs"][1]["max"][0])]}
     out = tmp_path / "bench.json"
-    assert main(["bench", art.path, "--batch-size", "16", "--batches", "2", "--rounds", "1", "--json", str(out)]) == 0
+    assert main(["bench", art.path, "--model", "tests.helpers:TinyCTR", "--batch-size", "16", "--batches", "2", "--rounds", "1", "--json", str(out)]) == 0
     r = _json.loads(out.read_text())
     assert set(r["models"]) == {"fp32", "artifact"} and r["models"]["fp32"]["ratio"] == 1.0
     assert r["models"]["artifact"]["samples_per_s"] > 0 and r["batch_size"] == 16
@@ -172,11 +172,11 @@ def test_bench_times_artifact_against_fp32(tmp_path, capsys):
             m = r["memory"][name]
             assert 0 <= m["model_resident_mib"] <= m["peak_mib"] <= m["process_peak_mib"]
             assert f"{name:10s} peak memory" in printed
-    assert main(["bench", art.path, "--batch-size", "4", "--batches", "1", "--rounds", "1", "--no-memory", "--json", str(out)]) == 0
+    assert main(["bench", art.path, "--model", "tests.helpers:TinyCTR", "--batch-size", "4", "--batches", "1", "--rounds", "1", "--no-memory", "--json", str(out)]) == 0
     assert "memory" not in _json.loads(out.read_text())
     capsys.readouterr()
     for flag in (["--json"], ["--json", "-"]):  # JSON alone on stdout, the readable lines on stderr (no file named -)
-        assert main(["bench", art.path, "--batch-size", "4", "--batches", "1", "--rounds", "1", "--no-memory", *flag]) == 0
+        assert main(["bench", art.path, "--model", "tests.helpers:TinyCTR", "--batch-size", "4", "--batches", "1", "--rounds", "1", "--no-memory", *flag]) == 0
         captured = capsys.readouterr()
         assert _json.loads(captured.out)["batch_size"] == 4 and "samples/s" in captured.err
     assert not os.path.exists("-")
@@ -194,7 +194,7 @@ def test_bench_memory_shows_the_artifact_serving_in_less_memory_than_fp32(tmp_pa
 
     torch.manual_seed(0)
     art = export(TinyCTR(vocab=1_000_000, dim=16), tmp_path / "big", example_inputs=(torch.randn(8, 4), torch.randint(0, 1000, (8,))))
-    fp32, served = (peak_memory(art.path, which, 64, 2) for which in ("fp32", "artifact"))
+    fp32, served = (peak_memory(art.path, which, 64, 2, model="tests.helpers:TinyCTR") for which in ("fp32", "artifact"))
     assert fp32["model_resident_mib"] > 55 and 20 < served["model_resident_mib"] < 40
     assert served["peak_mib"] < fp32["peak_mib"] - 20
     with pytest.raises(ValueError, match=r"which='gpu'; expected 'artifact' or 'fp32'"):
@@ -206,7 +206,7 @@ def test_bench_needs_recorded_inputs(tmp_path, capsys):
     from tests.helpers import TinyCTR
 
     art = export(TinyCTR(), tmp_path / "noinputs")
-    assert main(["bench", art.path]) == 2
+    assert main(["bench", art.path, "--model", "tests.helpers:TinyCTR"]) == 2
     assert "records no example inputs" in capsys.readouterr().err
 
 
@@ -225,17 +225,19 @@ def test_inspect_shows_what_the_export_cost_against_the_final_weights(tmp_path, 
     assert "final weights with quantization off 0.8021: the export costs 0.0023 of them (not gated)" in capsys.readouterr().out
 
 
-def test_bench_of_a_model_class_not_importable_here_says_how_to_fix_it(tmp_path, capsys):
-    from hwaware.export import export, read_manifest
-    from hwaware.export.artifact import write_artifact
+def test_bench_of_a_model_class_not_hwawares_asks_for_it_by_name(tmp_path, capsys):
+    """bench builds the FP32 reference from the recorded class: only hwaware's own unless named, since
+    building a class runs its constructor with the manifest's (editable) hparams."""
+    from hwaware.export import export
     from tests.helpers import TinyCTR
 
-    art = export(TinyCTR(), tmp_path / "a")
-    manifest = {**read_manifest(art.path), "model": {**read_manifest(art.path)["model"], "class": "user_models.TinyTF"}}
-    write_artifact(tmp_path / "b", manifest, {"w": torch.zeros(1)})
-    assert main(["bench", str(tmp_path / "b")]) == 2
+    art = export(TinyCTR(), tmp_path / "a", example_inputs=(torch.randn(8, 4), torch.randint(0, 50, (8,))))
+    assert main(["bench", art.path, "--no-memory"]) == 2
     err = capsys.readouterr().err
-    assert "model class 'user_models.TinyTF' is not importable here" in err and "'user_models' on PYTHONPATH" in err
+    assert "model class 'tests.helpers.TinyCTR' is not one of hwaware's" in err
+    assert f"hwaware bench {art.path} --model module:Class" in err
+    assert main(["bench", art.path, "--model", "no_such_mod:TinyCTR", "--no-memory"]) == 2
+    assert "module 'no_such_mod' is not importable here" in capsys.readouterr().err
 
 
 def test_bench_reports_a_failed_memory_probe_and_keeps_the_timing(tmp_path, capsys, monkeypatch):
@@ -251,7 +253,7 @@ def test_bench_reports_a_failed_memory_probe_and_keeps_the_timing(tmp_path, caps
         raise RuntimeError("memory probe of fp32 failed (exit 1): ModuleNotFoundError: No module named 'mymodels'")
     monkeypatch.setattr(memory, "peak_memory", fail)
     out = tmp_path / "bench.json"
-    assert main(["bench", art.path, "--batch-size", "4", "--batches", "1", "--rounds", "1", "--json", str(out)]) == 0
+    assert main(["bench", art.path, "--model", "tests.helpers:TinyCTR", "--batch-size", "4", "--batches", "1", "--rounds", "1", "--json", str(out)]) == 0
     r = _json.loads(out.read_text())
     assert r["models"]["artifact"]["samples_per_s"] > 0 and "No module named 'mymodels'" in r["memory"]["fp32"]["error"]
     assert "peak memory: n/a (the probe process failed: " in capsys.readouterr().out
@@ -295,7 +297,7 @@ def test_bench_can_re_time_the_kernels_on_this_cpu(tmp_path, capsys):
     art = export(TinyCTR(), tmp_path / "tiny", val_dataloader=val, max_drop=0.05,
                  example_inputs=(torch.randn(8, 4), torch.randint(0, 50, (8,))))
     out = tmp_path / "bench.json"
-    assert main(["bench", art.path, "--batch-size", "8", "--batches", "1", "--rounds", "1", "--no-memory",
+    assert main(["bench", art.path, "--model", "tests.helpers:TinyCTR", "--batch-size", "8", "--batches", "1", "--rounds", "1", "--no-memory",
                  "--kernels", "measure", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["kernels"] == "measure" and set(r["selection"]) == {"mlp.0", "mlp.2"}
@@ -333,12 +335,12 @@ def test_bench_says_what_to_do_for_inputs_it_cannot_generate_and_refuses_a_bad_j
     torch.manual_seed(0)
     ids, offsets = torch.randint(0, 50, (12,)), torch.tensor([0, 3, 5, 9])
     art = export(OffsetsBag(), tmp_path / "bag", example_inputs=(ids, offsets))
-    assert main(["bench", art.path, "--batch-size", "8", "--batches", "1", "--rounds", "1", "--no-memory"]) == 2
+    assert main(["bench", art.path, "--model", "tests.export.test_cli:OffsetsBag", "--batch-size", "8", "--batches", "1", "--rounds", "1", "--no-memory"]) == 2
     err = capsys.readouterr().err
     assert "hwaware bench: error: the fp32 model refused the inputs bench generated from the recorded example shapes (12, 4" in err
     assert "pass --inputs FILE.safetensors (tensors '0', '1', ... in forward's order)" in err and "Traceback" not in err
     missing = tmp_path / "no" / "such" / "dir" / "b.json"
-    assert main(["bench", art.path, "--json", str(missing)]) == 2  # before any timing
+    assert main(["bench", art.path, "--model", "tests.export.test_cli:OffsetsBag", "--json", str(missing)]) == 2  # before any timing
     assert f"--json {missing}: {missing.parent} is not a directory (create it first)" in capsys.readouterr().err
 
 
@@ -354,20 +356,20 @@ def test_bench_times_a_batch_of_the_users_own_with_inputs(tmp_path, capsys):
     batch = tmp_path / "batch.safetensors"
     save_file({"0": torch.randint(0, 50, (300,)), "1": torch.arange(0, 300, 3)}, str(batch))  # 100 bags
     out_json = tmp_path / "b.json"
-    assert main(["bench", art.path, "--inputs", str(batch), "--batches", "2", "--rounds", "1",
+    assert main(["bench", art.path, "--model", "tests.export.test_cli:OffsetsBag", "--inputs", str(batch), "--batches", "2", "--rounds", "1",
                  "--json", str(out_json)]) == 0
     result = json.loads(out_json.read_text())
     assert result["batch_size"] == 300  # the first input's rows, unless --batch-size says the samples
     assert set(result["models"]) == {"fp32", "artifact"} and all("peak_mib" in result["memory"][m] for m in ("fp32", "artifact")), result["memory"]
-    assert main(["bench", art.path, "--inputs", str(batch), "--batch-size", "100", "--batches", "1", "--rounds", "1",
+    assert main(["bench", art.path, "--model", "tests.export.test_cli:OffsetsBag", "--inputs", str(batch), "--batch-size", "100", "--batches", "1", "--rounds", "1",
                  "--no-memory", "--json", str(out_json)]) == 0
     assert json.loads(out_json.read_text())["batch_size"] == 100
     capsys.readouterr()
     save_file({"ids": torch.zeros(3, dtype=torch.long)}, str(batch))
-    assert main(["bench", art.path, "--inputs", str(batch), "--no-memory"]) == 2
+    assert main(["bench", art.path, "--model", "tests.export.test_cli:OffsetsBag", "--inputs", str(batch), "--no-memory"]) == 2
     assert "holds tensors named ['ids']; expected '0', '1', ..." in capsys.readouterr().err
     batch.write_bytes(b"not safetensors")
-    assert main(["bench", art.path, "--inputs", str(batch), "--no-memory"]) == 2
+    assert main(["bench", art.path, "--model", "tests.export.test_cli:OffsetsBag", "--inputs", str(batch), "--no-memory"]) == 2
     assert "not a readable safetensors file" in capsys.readouterr().err
 
 
@@ -381,7 +383,7 @@ def test_bench_refuses_a_batch_whose_inputs_cannot_fit_in_memory(tmp_path, capsy
     art = export(TinyCTR(), tmp_path / "tiny", example_inputs=(torch.randn(8, 4), torch.randint(0, 50, (8,))))
     if not os.path.exists("/proc/meminfo"):
         pytest.skip("available memory is read from Linux /proc/meminfo")
-    assert main(["bench", art.path, "--batch-size", str(10**11), "--no-memory"]) == 2
+    assert main(["bench", art.path, "--model", "tests.helpers:TinyCTR", "--batch-size", str(10**11), "--no-memory"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "the generated inputs alone would take" in err[0] and "pass a smaller --batch-size" in err[0]
 

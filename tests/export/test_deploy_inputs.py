@@ -62,7 +62,7 @@ def test_the_program_takes_int32_ids_as_the_eager_model_does(tmp_path):
     users, items, offsets = torch.randint(0, 30, (6,)), torch.randint(0, 40, (15,)), torch.tensor([0, 2, 5, 9, 10, 12])
     hwaware.export(UserItems(), tmp_path / "art", example_inputs=(users, items, offsets))
     program = torch.export.load(str(tmp_path / "art" / "program.pt2")).module()
-    want = hwaware.load(tmp_path / "art")(users, items, offsets)
+    want = hwaware.load(tmp_path / "art", model=UserItems)(users, items, offsets)
     assert torch.equal(program(users, items, offsets), want)
     for args in ((users.int(), items, offsets), (users, items.int(), offsets), (users.int(), items.int(), offsets.int())):
         assert torch.equal(program(*args), want)

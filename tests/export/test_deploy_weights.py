@@ -86,5 +86,5 @@ def test_an_int4_table_beyond_float16_stays_dense_with_the_reason(tmp_path):
     assert "large" not in layers or layers["large"]["scheme"] == "dense"
     reason = art.manifest["dense_layers"]["large"]
     assert reason.startswith("row 3 spans [") and "use 8-bit rows for this table" in reason
-    served = hwaware.load(tmp_path / "art")(ids, offsets)
+    served = hwaware.load(tmp_path / "art", model=Tables)(ids, offsets)
     assert torch.isfinite(served).all() and torch.isfinite(model(ids, offsets)).all()

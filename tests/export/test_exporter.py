@@ -51,7 +51,7 @@ def test_export_after_qat_gates_and_loads_identically(tmp_path):
 
     loaded = load(art.path, model=TinyCTR())
     torch.testing.assert_close(_outputs(loaded, val), _outputs(art.model, val), atol=0, rtol=0)
-    loaded_by_class = load(art.path)  # class + hparams recorded at export, imported from this environment
+    loaded_by_class = load(art.path, model=TinyCTR)  # the class, built with the hparams recorded at export
     torch.testing.assert_close(_outputs(loaded_by_class, val), _outputs(art.model, val), atol=0, rtol=0)
 
 
@@ -192,7 +192,7 @@ def status(key):
 with open("/proc/self/clear_refs", "w") as f:  # reset the RSS high-water mark (VmHWM) to the current RSS
     f.write("5")
 before = status("VmRSS:")
-m = hwaware.load(sys.argv[1])
+m = hwaware.load(sys.argv[1], model=tests.helpers.TinyCTR)
 peak = status("VmHWM:")
 out = m(torch.randn(4, 4), torch.randint(0, m.hparams.vocab, (4,)))
 print(json.dumps({"before_kib": before, "after_kib": peak, "finite": bool(torch.isfinite(out).all())}))
@@ -242,7 +242,7 @@ def test_load_on_cuda_matches_cpu(tmp_path):
     model, _ = _trained(tmp_path)
     _, val = loaders()
     art = export(model, tmp_path / "art")
-    on_gpu = load(art.path, device="cuda")
+    on_gpu = load(art.path, model=TinyCTR, device="cuda")
     batch = next(iter(val))
     with torch.no_grad():
         out = on_gpu.predict_step([t.cuda() for t in batch], 0).cpu()
@@ -272,7 +272,7 @@ def test_int8_layers_run_the_implementation_the_export_timed_fastest(tmp_path):
         assert (chain["chosen"] == "int8_mlp") == (chain["int8_mlp_us"] < chain["per_layer_us"] or all_int_mm)
         assert sel["chosen"] == want and meta["kernels"] == {"cpu": want}
         assert art.model.get_submodule(name).kernels == {"cpu": want}
-    loaded = load(art.path)
+    loaded = load(art.path, model=TinyCTR)
     assert loaded.get_submodule("mlp.0").kernels == art.model.get_submodule("mlp.0").kernels
     torch.testing.assert_close(_outputs(loaded, val), _outputs(art.model, val), atol=0, rtol=0)
     # each implementation is a different W8A8 computation on the same codes: forcing the other one
@@ -298,7 +298,7 @@ def test_loader_refuses_an_unknown_int8_implementation(tmp_path):
     manifest["layers"]["mlp.0"]["kernels"] = {"cpu": "mkl_magic"}
     write_artifact(tmp_path / "bad", {k: v for k, v in manifest.items() if k not in _ADDED_FIELDS}, tensors)
     with pytest.raises(ArtifactError, match=r"layer 'mlp\.0' names CPU kernel 'mkl_magic'; expected 'auto' or one of"):
-        load(tmp_path / "bad")
+        load(tmp_path / "bad", model=TinyCTR)
 
 
 def test_relu_after_an_int8_linear_is_fused_exactly_and_reloaded(tmp_path):
@@ -311,10 +311,10 @@ def test_relu_after_an_int8_linear_is_fused_exactly_and_reloaded(tmp_path):
     assert art.manifest["layers"]["mlp.2"]["relu"] is False and "fused_relu" not in art.manifest["layers"]["mlp.2"]
     # the Sequential runs the pair in one call; both children stay as they were
     assert type(art.model.mlp) is Int8Chain and type(art.model.mlp[1]) is nn.ReLU and not art.model.mlp[0].relu
-    loaded = load(art.path)
+    loaded = load(art.path, model=TinyCTR)
     assert type(loaded.mlp) is Int8Chain and type(loaded.mlp[1]) is nn.ReLU and not loaded.mlp[0].relu
     # bit-identical to the layer followed by its ReLU module
-    unfused = load(art.path)
+    unfused = load(art.path, model=TinyCTR)
     unfused.mlp.__class__ = nn.Sequential
     assert torch.equal(_outputs(loaded, val), _outputs(unfused, val))
 
@@ -323,11 +323,11 @@ def test_relu_after_an_int8_linear_is_fused_exactly_and_reloaded(tmp_path):
     bad = dict(manifest, layers={**manifest["layers"], "mlp.0": {**meta, "fused_relu": "mlp.2"}})
     write_artifact(tmp_path / "bad1", clean(bad), tensors)
     with pytest.raises(ArtifactError, match=r"layer 'mlp\.0' says it fused the ReLU 'mlp\.2', but the model has Linear there"):
-        load(tmp_path / "bad1")
+        load(tmp_path / "bad1", model=TinyCTR)
     bad = dict(manifest, layers={**manifest["layers"], "mlp.0": {k: v for k, v in meta.items() if k != "fused_relu"}})
     write_artifact(tmp_path / "bad2", clean(bad), tensors)
     with pytest.raises(ArtifactError, match=r"layer 'mlp\.0' has relu=True without fused_relu"):
-        load(tmp_path / "bad2")
+        load(tmp_path / "bad2", model=TinyCTR)
 
 
 def test_relu_with_a_hook_or_outside_a_sequential_is_not_fused():
@@ -441,7 +441,7 @@ def test_targets_that_do_not_fit_the_metric_are_refused(tmp_path):
 def test_load_serves_the_bytes_it_verified_whatever_happens_to_the_file(tmp_path):
     torch.manual_seed(0)
     art = export(TinyCTR(), tmp_path / "art")
-    served = load(art.path)
+    served = load(art.path, model=TinyCTR)
     dense, ids = torch.randn(8, 4), torch.randint(0, 50, (8,))
     before = served(dense, ids)
     weights = os.path.join(art.path, "weights.safetensors")
@@ -503,16 +503,16 @@ def test_load_refuses_a_rehashed_artifact_that_does_not_fit_the_model(tmp_path, 
     art = export(TinyCTR(), tmp_path / "art")
     _rewrite(art.path, manifest_edit, tensor_edit)
     with pytest.raises(ArtifactError, match=match):
-        load(art.path)
+        load(art.path, model=TinyCTR)
 
 
 def test_load_argument_forms(tmp_path):
     torch.manual_seed(0)
     art = export(TinyCTR(), tmp_path / "art")
     dense, ids = torch.randn(4, 4), torch.randint(0, 50, (4,))
-    want = load(art.path)(dense, ids)
+    want = load(art.path, model=TinyCTR)(dense, ids)
     for device in (torch.device("cpu"), "cpu:0"):
-        torch.testing.assert_close(load(art.path, device=device)(dense, ids), want, atol=0, rtol=0)
+        torch.testing.assert_close(load(art.path, model=TinyCTR, device=device)(dense, ids), want, atol=0, rtol=0)
     with pytest.raises(TypeError, match=r"load\(model='tests.helpers:TinyCTR'\): expected an nn.Module class or instance"):
         load(art.path, model="tests.helpers:TinyCTR")
     with pytest.raises(ArtifactError, match=r"layer 'emb' is not a module of the model passed as model="):
@@ -530,7 +530,7 @@ def test_the_gate_verdict_does_not_depend_on_which_implementation_times_fastest(
     first = export(model, tmp_path / "a", val_dataloader=val, max_drop=1.0)
     by_impl = first.manifest["regression"]["by_impl"]
     assert len({r["exported"] for r in by_impl.values()}) == 3  # the three differ on this model
-    ref = load(first.path)
+    ref = load(first.path, model=TinyCTR)
     for m in ref.modules():
         if isinstance(m, Int8Linear):
             m.kernels["cpu"] = "int_mm"
@@ -630,7 +630,7 @@ def test_a_module_held_under_two_names_is_packed_served_and_stored_once(tmp_path
         keys = set(f.keys())
     assert not any(k.startswith(("author.", "block_again.")) for k in keys) and "user.weight" in keys
     assert art.manifest["packed_bytes"] < 0.5 * art.manifest["fp32_bytes"]  # was 1.37x FP32 with the alias stored FP32
-    loaded = load(art.path)
+    loaded = load(art.path, model=SharedTables)
     assert loaded.author is loaded.user and isinstance(loaded.author, RowwiseEmbeddingBag)
     assert loaded.block_again is loaded.block
     with torch.no_grad():
@@ -676,7 +676,7 @@ def test_a_layer_a_sequential_holds_under_a_second_name_is_fused_and_chained(tmp
     assert layers["proj"]["fused_relu"] == "mlp.1" and layers["proj"]["chain"] == ["mlp.0", "mlp.2", "mlp.3"]
     assert art.model.mlp[0] is art.model.proj and isinstance(art.model.proj, Int8Linear)
     with torch.no_grad():
-        assert torch.equal(load(art.path)(x), art.model(x))
+        assert torch.equal(load(art.path, model=ProjInSequential)(x), art.model(x))
 
 
 class OptionalThenVarArgs(nn.Module):
@@ -721,12 +721,14 @@ def test_a_layer_whose_weight_the_model_reads_itself_stays_dense(tmp_path):
     model = ReadsTableWeight()
     ids = torch.randint(0, 40, (8, 5))
     batches = [(ids, torch.randint(0, 40, (8,)))]
-    art = export(model, tmp_path / "a", val_dataloader=batches, metric="accuracy", max_drop=1.0)
+    # dequant pinned: the bound below is on the served model's error, and int_mm's per-token activation
+    # codes add to it (0.081 against 0.038), so with the kernel picked by timing the test was flaky
+    art = export(model, tmp_path / "a", val_dataloader=batches, metric="accuracy", max_drop=1.0, int8_impls="dequant")
     assert "tok" not in art.manifest["layers"] and "body.0" in art.manifest["layers"]
     assert art.manifest["dense_layers"]["tok"].startswith("the model reads tok.weight outside tok's own call")
     assert type(art.model.tok) is nn.Embedding and type(model.tok) is nn.Embedding and model.training  # put back
     with torch.no_grad():
-        served = load(art.path)
+        served = load(art.path, model=ReadsTableWeight)
         assert torch.equal(served(ids), art.model(ids))
         # only body.0 quantized: the rest is the FP32 model's math
         assert (served(ids) - model(ids)).abs().max() < 0.05
@@ -780,10 +782,12 @@ def test_int8_impls_pins_what_export_may_choose(tmp_path):
         assert art.manifest["int8_impls"] == ["int_mm"] and set(art.manifest["regression"]["by_impl"]) == {"int_mm"}
         assert all(m["kernels"]["cpu"] == "int_mm" for m in art.manifest["layers"].values() if m["scheme"] == "int8")
     dense, ids, _ = next(iter(val))
-    torch.testing.assert_close(load(arts[0].path)(dense, ids), load(arts[1].path)(dense, ids), atol=0, rtol=0)
+    torch.testing.assert_close(load(arts[0].path, model=TinyCTR)(dense, ids), load(arts[1].path, model=TinyCTR)(dense, ids),
+                               atol=0, rtol=0)
     nogate = export(model, tmp_path / "b", int8_impls="dequant")
     assert all(m["kernels"]["cpu"] == "dequant" for m in nogate.manifest["layers"].values() if m["scheme"] == "int8")
-    assert all(m.kernels["cpu"] == "dequant" for m in load(nogate.path, kernels="measure").modules() if isinstance(m, Int8Linear))
+    served = load(nogate.path, model=TinyCTR, kernels="measure")
+    assert all(m.kernels["cpu"] == "dequant" for m in served.modules() if isinstance(m, Int8Linear))
     for bad in ((), ("int_mm", "fast"), 3):
         with pytest.raises(ValueError, match=r"int8_impls=.*; expected None or some of \('int_mm', 'fbgemm', 'dequant'\)"):
             export(model, tmp_path / "c", int8_impls=bad)

@@ -64,8 +64,8 @@ def test_a_directly_called_layer_returns_its_linear_in_memory_loaded_and_exporte
         torch.testing.assert_close(lin(h), unfused, atol=0, rtol=0)  # the tap: the linear, no ReLU
         out = deploy(x)
         # the function the model defines: every child called in turn gives the same bits
-        torch.testing.assert_close(out, _unchained(load(art.path))(x), atol=0, rtol=0)
-        loaded = load(art.path)
+        torch.testing.assert_close(out, _unchained(load(art.path, model=PreActTap))(x), atol=0, rtol=0)
+        loaded = load(art.path, model=PreActTap)
         torch.testing.assert_close(loaded.mlp[0](h), unfused, atol=0, rtol=0)
         torch.testing.assert_close(loaded(x), out, atol=0, rtol=0)
         program = torch.export.load(os.path.join(art.path, "program.pt2"))

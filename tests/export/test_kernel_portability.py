@@ -16,7 +16,7 @@ from hwaware.export.deploy import Int8Linear
 from hwaware.export.exporter import _evaluate
 from hwaware.export.selection import cpu_profile, lost_features
 from hwaware.ops import INT8_KERNELS
-from tests.helpers import loaders, train_with_quant
+from tests.helpers import TinyCTR, loaders, train_with_quant
 
 EXPORT_CPU = {"model": "Export Xeon", "isa": ["avx2", "fma", "avx512f", "avx512_vnni", "amx_tile", "amx_int8"], "amx_in_use": True}
 AVX2_CPU = {"model": "Old box", "isa": ["avx2", "fma"], "amx_in_use": False}
@@ -74,7 +74,7 @@ def test_a_cpu_without_what_export_timed_on_gets_a_warning(art, monkeypatch):
     if integer:
         with pytest.warns(KernelPortabilityWarning, match=rf"Export Xeon.*avx512f.*amx_int8.*; this CPU lacks them: the "
                                                           rf"integer kernel recorded for {len(integer)} layer.*kernels='measure'"):
-            load(art.path)
+            load(art.path, model=TinyCTR)
     # which layers it names: those on integer kernels, not those whose choice was float math
     manifest = copy.deepcopy(art.manifest)
     timed = [n for n, meta in manifest["layers"].items() if "selection" in meta]
@@ -100,14 +100,14 @@ def test_a_cpu_without_what_export_timed_on_gets_a_warning(art, monkeypatch):
         monkeypatch.setattr(exporter, "cpu_profile", lambda here=here: dict(here))
         with warnings.catch_warnings():
             warnings.simplefilter("error", KernelPortabilityWarning)
-            load(art.path)
+            load(art.path, model=TinyCTR)
 
 
 def test_measure_re_times_on_this_cpu_and_serves_the_same_bits_as_that_choice(art):
     _, val = loaders()
     with warnings.catch_warnings():
         warnings.simplefilter("error", KernelPortabilityWarning)  # measuring here: no portability warning
-        model = load(art.path, kernels="measure")
+        model = load(art.path, model=TinyCTR, kernels="measure")
     sel = model.hwaware_selection
     timed = {n for n, meta in art.manifest["layers"].items() if "selection" in meta}
     assert set(sel) == timed and timed
@@ -137,7 +137,7 @@ def _manifest(art, by_impl):
 
 
 def test_measure_chooses_only_implementations_that_passed_the_gate(art):
-    model = load(art.path)
+    model = load(art.path, model=TinyCTR)
     m = _manifest(art, {"int_mm": False, "fbgemm": False, "dequant": True})
     sel = exporter._remeasure(model, m, art.path)
     for name, rec in sel.items():
@@ -147,7 +147,7 @@ def test_measure_chooses_only_implementations_that_passed_the_gate(art):
 
 
 def test_measure_keeps_the_recorded_kernels_when_no_implementation_passed_alone(art):
-    model = load(art.path)
+    model = load(art.path, model=TinyCTR)
     with pytest.warns(KernelPortabilityWarning, match="keep their recorded kernels"):
         sel = exporter._remeasure(model, _manifest(art, {i: False for i in INT8_KERNELS["cpu"]}), art.path)
     assert sel == {}
@@ -157,7 +157,7 @@ def test_measure_keeps_the_recorded_kernels_when_no_implementation_passed_alone(
 
 
 def test_measure_on_an_artifact_without_a_gate_per_implementation_says_so(art):
-    model = load(art.path)
+    model = load(art.path, model=TinyCTR)
     sel = exporter._remeasure(model, _manifest(art, None), art.path)
     assert sel and all(set(r["measured"]) == set(INT8_KERNELS["cpu"]) for r in sel.values())
     assert all("no per-implementation gate" in r["allowed"] for r in sel.values())
@@ -220,7 +220,7 @@ def test_a_malformed_selection_cpu_is_an_artifact_error(tmp_path):
 
 
 def test_measure_leaves_out_implementations_this_hwaware_does_not_know(art):
-    model = load(art.path)
+    model = load(art.path, model=TinyCTR)
     m = copy.deepcopy(art.manifest)
     m["regression"]["by_impl"] = {"onednn": {"passed": True}, "int_mm": {"passed": False}}
     with pytest.warns(KernelPortabilityWarning, match="keep their recorded kernels"):
@@ -231,7 +231,7 @@ def test_measure_keeps_no_derived_weights_of_the_candidates_it_timed(art):
     from hwaware.ops import _CACHE, clear_cache
 
     clear_cache()
-    model = load(art.path, kernels="measure")
+    model = load(art.path, model=TinyCTR, kernels="measure")
     mine = {id(t) for t in model.buffers()}
     assert not any(any(r() is not None and id(r()) in mine for r in refs) for refs, *_ in _CACHE._entries.values())
     _, val = loaders()

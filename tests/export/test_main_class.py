@@ -67,7 +67,8 @@ def test_loading_a_main_class_elsewhere_says_to_pass_the_class_not_pythonpath(sc
         load(art)
     msg = str(e.value)
     assert "'__main__.Tiny' was defined in the script that exported it" in msg
-    assert f"hwaware.load({art!r}, model=Tiny)" in msg and "--model yourmodule:Tiny" in msg
+    assert "Pass the class __main__.Tiny" in msg and f"hwaware.load({art!r}, model=...)" in msg
+    assert "--model module:Class" in msg
     assert "PYTHONPATH" not in msg
 
 
@@ -121,12 +122,17 @@ class Outer:
             return self.lin(x)
 
 
-def test_a_class_nested_in_a_class_loads_by_its_dotted_name(tmp_path):
+def test_a_class_nested_in_a_class_loads_when_passed_and_the_cli_names_it_dotted(tmp_path):
+    from hwaware.export.exporter import import_model_class
+
     torch.manual_seed(0)
     art = hwaware.export(Outer.Nested(), tmp_path / "art")
     assert art.manifest["model"]["class"] == f"{__name__}.Outer.Nested"
+    with pytest.raises(ArtifactError, match=rf"model class '{__name__}\.Outer\.Nested' is not one of hwaware's"):
+        load(tmp_path / "art")  # not hwaware's: the caller names it
     x = torch.randn(3, 8)
-    assert torch.equal(load(tmp_path / "art")(x), art.model(x))
+    assert torch.equal(load(tmp_path / "art", model=Outer.Nested)(x), art.model(x))
+    assert import_model_class(f"{__name__}:Outer.Nested") is Outer.Nested  # --model module:Outer.Nested
 
 
 def test_a_class_defined_inside_a_function_warns_at_export_and_load_says_to_pass_it(tmp_path):
@@ -141,7 +147,8 @@ def test_a_class_defined_inside_a_function_warns_at_export_and_load_says_to_pass
     torch.manual_seed(0)
     with pytest.warns(UserWarning, match=r"Local is defined inside a function .* hwaware.load\(path, model=Local\)"):
         hwaware.export(Local(), tmp_path / "art")
-    with pytest.raises(ArtifactError, match=r"defined inside a function, so no process can import it; pass the class"):
+    with pytest.raises(ArtifactError, match=r"<locals>\.Local' was defined inside a function \(no process can import it\)\. "
+                                            r".*Pass the class .*<locals>\.Local .*hwaware\.load\(.*, model=\.\.\.\)"):
         load(tmp_path / "art")
     x = torch.randn(2, 8)
     assert load(tmp_path / "art", model=Local)(x).shape == (2, 1)

@@ -194,3 +194,17 @@ def test_program_batch_range_stays_at_2_when_a_batch_of_1_gives_another_result(t
     art = export(Odd(), tmp_path / "art", example_inputs=(torch.randn(16, 8),))
     assert art.manifest["program"]["batch_range"] == [[2, None]]
     assert "a batch of 1 failed or differed" in art.manifest["program"]["note"]
+
+
+def test_a_layer_the_sizing_batch_does_not_reach_says_so_not_that_no_inputs_were_given(tmp_path):
+    # its record said "export got neither val_dataloader nor example_inputs" though both were given
+    import torch
+
+    from hwaware.export import export
+    from tests.callbacks.test_progressive_quantization import AuxHead
+
+    torch.manual_seed(0)
+    art = export(AuxHead(), tmp_path / "a", example_inputs=(torch.randn(8, 4), torch.randint(0, 50, (8,))))
+    why = art.manifest["layers"]["aux"]["selection"]["cpu"]["why"]
+    assert "did not call this one" in why and "neither" not in why
+    assert "is nominal" not in art.manifest["layers"]["mlp.2"]["selection"]["cpu"]["why"]

@@ -86,7 +86,7 @@ def test_export_packs_padded_tables_and_load_keeps_padding_idx(tmp_path):
     assert layers["a"]["scheme"] == layers["b"]["scheme"] == layers["e"]["scheme"] == "rowwise_int8"
     assert (layers["a"]["padding_idx"], layers["b"]["padding_idx"]) == (0, 19) and "padding_idx" not in layers["e"]
     ids = torch.tensor([[0, 1, 2, 0], [19, 19, 0, 0], [5, 19, 7, 0]])
-    loaded = hwaware.load(tmp_path / "art")
+    loaded = hwaware.load(tmp_path / "art", model=Bags)
     assert loaded.a.padding_idx == 0 and loaded.b.padding_idx == 19
     with torch.no_grad():
         assert torch.equal(loaded(ids), art.model(ids))

@@ -1,5 +1,6 @@
-"""The class a manifest names is imported only where that runs no code an artifact brings: the
-manifest can be edited (and re-hashed) by whoever can write the artifact's directory."""
+"""Which class ``load`` builds from a manifest: only one of hwaware's own, unasked. Building a class
+runs its constructor with the manifest's hparams, and the manifest can be edited (and re-hashed) by
+whoever can write the artifact's directory; any other class is the caller's to name (``model=``)."""
 from __future__ import annotations
 
 import json
@@ -28,15 +29,23 @@ _MODULE = textwrap.dedent('''
 ''')
 
 
-def _renamed(path, cls: str) -> None:
-    """Name another class in the manifest and re-hash it, as a tamperer who can write the directory would."""
+def _renamed(path, cls: str, **hparams) -> None:
+    """Name another class (and hparams) in the manifest and re-hash it, as a tamperer who can write the
+    directory would."""
     mpath = os.path.join(path, "manifest.json")
     with open(mpath) as f:
         m = json.load(f)
     m["model"]["class"] = cls
+    m["model"]["hparams"].update(hparams)
     m["manifest_sha256"] = A._manifest_hash(m)
     with open(mpath, "w") as f:
         json.dump(m, f)
+
+
+def _prefixes(name: str):
+    """The module names a dotted class name could import: 'a.b.C' -> ['a', 'a.b']."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
 @pytest.fixture
@@ -51,28 +60,77 @@ def test_a_module_shipped_inside_the_artifact_is_never_imported(artifact, tmp_pa
         f.write(f"open({str(marker)!r}, 'w').write('x')\nimport torch\nclass Model(torch.nn.Module):\n    pass\n")
     _renamed(artifact, "hw_shipped_mod.Model")
     monkeypatch.syspath_prepend(artifact)  # `cd art && python -c ...` puts it on sys.path
-    with pytest.raises(ArtifactError, match=r"names module 'hw_shipped_mod', which is found inside the artifact's "
-                                            r"directory .*hwaware never runs code that ships with an artifact"):
+    with pytest.raises(ArtifactError, match=r"model class 'hw_shipped_mod\.Model' is not one of hwaware's\. "
+                                            r"hwaware builds only its own classes from a manifest.*Pass the class hw_shipped_mod.Model .*model=\.\.\.\)"):
         load(artifact)
+    assert not marker.exists() and "hw_shipped_mod" not in sys.modules
+    # the class the caller names is built; the manifest's name is not looked at
+    x, ids = torch.randn(4, 4), torch.randint(0, 50, (4,))
+    assert load(artifact, model=TinyCTR)(x, ids).shape == (4,)
     assert not marker.exists() and "hw_shipped_mod" not in sys.modules
 
 
-@pytest.mark.parametrize("cls, match", [
-    ("venv.__main__.Model", r"has a __dunder__ part, and hwaware does not import such a name"),
-    ("antigravity.Model", r"module 'antigravity' .* has no Python source defining class 'Model' at its top level"),
-    ("os.system", r"model class 'os.system' is not an nn.Module"),  # os is imported already: nothing new runs
-    ("not a name.X", r"model class 'not a name.X' is not importable here"),
-])
-def test_a_module_that_would_run_on_import_is_refused_before_it_runs(artifact, cls, match):
-    top = cls.split(".")[0]
-    before = top in sys.modules
-    _renamed(artifact, cls)
-    with pytest.raises(ArtifactError, match=match):
+def test_the_trials_clipscore_is_refused_before_anything_is_imported_or_built(artifact, tmp_path):
+    """The trial: an installed nn.Module defined at the top of its module, whose constructor imports
+    the 'model' it is given by path: here, code shipped inside the artifact's directory."""
+    marker = tmp_path / "ran"
+    with open(os.path.join(artifact, "__init__.py"), "w") as f:
+        f.write(f"open({str(marker)!r}, 'w').write('x')\n")
+    cls = "torchmetrics.multimodal.clip_score.CLIPScore"
+    before = {m for m in _prefixes(cls) if m in sys.modules}
+    _renamed(artifact, cls, model_name_or_path=artifact)
+    with pytest.raises(ArtifactError, match=rf"model class '{cls}' is not one of hwaware's.*"
+                                            r"Pass the class torchmetrics.multimodal.clip_score.CLIPScore .*hwaware\.load\(.*, model=\.\.\.\); "
+                                            r"from the shell: hwaware bench .* --model module:Class"):
         load(artifact)
-    assert (top in sys.modules) == before  # nothing was imported (antigravity opens a web browser)
+    assert {m for m in _prefixes(cls) if m in sys.modules} == before  # nothing imported
+    assert not marker.exists()
 
 
-def test_a_module_not_yet_imported_that_defines_the_class_is_imported(tmp_path, monkeypatch):
+@pytest.mark.parametrize("cls, where", [
+    ("os.system", "is not one of hwaware's"),  # os is imported already: refused by name all the same
+    ("venv.__main__.Model", "is not one of hwaware's"),  # would run venv's command line
+    ("antigravity.Model", "is not one of hwaware's"),  # opens a web browser on import
+    ("hwaware_evil.Model", "is not one of hwaware's"),  # 'hwaware' is the whole first part, not a prefix
+    ("hwaware.__main__.Model", "is not one of hwaware's"),  # no __dunder__ part, even under hwaware
+    ("not a name.X", "is not one of hwaware's"),
+    ("__main__.Model", "was defined in the script that exported it"),
+    ("mymod.build.<locals>.Model", r"was defined inside a function \(no process can import it\)"),
+])
+def test_a_class_not_hwawares_is_refused_before_any_import(artifact, cls, where):
+    before = {m for m in _prefixes(cls) if m in sys.modules}
+    _renamed(artifact, cls)
+    with pytest.raises(ArtifactError, match=rf"model class '{cls}' {where}\. .*Pass the class"):
+        load(artifact)
+    assert {m for m in _prefixes(cls) if m in sys.modules} == before  # nothing was imported
+
+
+@pytest.mark.parametrize("cls", ["hwaware.recsys.dlrm.Nope", "hwaware.recsys.dlrm.evaluate_auroc",
+                                 # other libraries' classes reached through an hwaware module's attributes
+                                 "hwaware.recsys.dlrm.torch.nn.Transformer", "hwaware.recsys.dlrm.BinaryAUROC",
+                                 "hwaware.no_such_module.Model"])
+def test_an_hwaware_name_that_is_no_module_class_here_is_refused(artifact, cls):
+    _renamed(artifact, cls)
+    with pytest.raises(ArtifactError, match=rf"model class '{cls}' is not an nn.Module class of this hwaware; "
+                                            r"pass model="):
+        load(artifact)
+
+
+def test_an_hwaware_class_loads_without_being_named(tmp_path):
+    from hwaware.recsys.dlrm import DLRM
+    from tests.recsys.test_dlrm import TINY, _inputs
+
+    torch.manual_seed(0)
+    dense, sparse = _inputs(8)
+    art = export(DLRM(**TINY).eval(), tmp_path / "art", example_inputs=(dense, sparse))
+    assert art.manifest["model"]["class"] == "hwaware.recsys.dlrm.DLRM"
+    served = load(art.path)  # built from the recorded hparams
+    assert type(served) is DLRM and served.hparams["embedding_dim"] == TINY["embedding_dim"]
+    with torch.no_grad():
+        assert torch.equal(served(dense, sparse), art.model(dense, sparse))
+
+
+def test_a_users_class_not_yet_imported_is_not_imported_and_loads_when_passed(tmp_path, monkeypatch):
     (tmp_path / "mods").mkdir()
     (tmp_path / "mods" / "hw_user_models.py").write_text(_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path / "mods"))
@@ -80,45 +138,38 @@ def test_a_module_not_yet_imported_that_defines_the_class_is_imported(tmp_path, 
 
     torch.manual_seed(0)
     x = torch.randn(6, 4)
-    art = export(hw_user_models.Scorer(), tmp_path / "art", example_inputs=(x,))
+    art = export(hw_user_models.Scorer(width=12), tmp_path / "art", example_inputs=(x,))
+    assert art.manifest["model"]["class"] == "hw_user_models.Scorer"
     monkeypatch.delitem(sys.modules, "hw_user_models")  # a fresh serving process
-    served = load(art.path)
-    assert type(served).__module__ == "hw_user_models" and "hw_user_models" in sys.modules
+    with pytest.raises(ArtifactError, match=r"model class 'hw_user_models\.Scorer' is not one of hwaware's"
+                                            r".*Pass the class hw_user_models.Scorer .*model=\.\.\.\)"):
+        load(art.path)
+    assert "hw_user_models" not in sys.modules  # importable here, and not imported
+    import hw_user_models as fresh
+
+    served = load(art.path, model=fresh.Scorer)  # the class the caller names, built with the recorded hparams
+    assert type(served) is fresh.Scorer and served.net[0].out_features == 12
     with torch.no_grad():
         assert torch.equal(served(x), art.model(x))
 
 
-def test_the_exporting_script_loads_its_own_class_and_namespace_and_latin1_modules_load(tmp_path, monkeypatch):
+def test_the_exporting_script_loads_its_own_class_when_it_passes_it(tmp_path):
     import subprocess
 
     script = tmp_path / "train.py"
     script.write_text(_MODULE + textwrap.dedent('''
         import sys, warnings
         import hwaware
+        from hwaware.export import ArtifactError
         warnings.simplefilter("ignore")
         x = torch.randn(3, 4)
         art = hwaware.export(Scorer(), sys.argv[1], example_inputs=(x,))
-        print("ok", torch.equal(hwaware.load(sys.argv[1])(x), art.model(x)))  # __main__ has no __spec__ here
+        try:
+            hwaware.load(sys.argv[1])
+        except ArtifactError as e:
+            print("refused", "'__main__.Scorer' was defined in the script that exported it" in str(e))
+        print("ok", torch.equal(hwaware.load(sys.argv[1], model=Scorer)(x), art.model(x)))
     '''))
     run = subprocess.run([sys.executable, str(script), str(tmp_path / "art")], capture_output=True, text=True,
                          cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": os.getcwd()})
-    assert run.stdout.strip() == "ok True", run.stderr[-2000:]
-
-    # a class in a namespace package (no __init__.py) and one in a latin-1 module with a coding cookie
-    (tmp_path / "mods" / "hw_ns_pkg" / "inner").mkdir(parents=True)
-    (tmp_path / "mods" / "hw_ns_pkg" / "inner" / "ctr.py").write_text(_MODULE)
-    (tmp_path / "mods" / "hw_latin1.py").write_bytes(
-        b"# -*- coding: latin-1 -*-\n# caf\xe9\n" + _MODULE.encode())
-    monkeypatch.syspath_prepend(str(tmp_path / "mods"))
-    import hw_latin1
-    import hw_ns_pkg.inner.ctr
-
-    x = torch.randn(3, 4)
-    for i, cls in enumerate((hw_ns_pkg.inner.ctr.Scorer, hw_latin1.Scorer)):
-        art = export(cls(), tmp_path / f"a{i}", example_inputs=(x,))
-        for mod in [m for m in sys.modules if m.startswith(("hw_ns_pkg", "hw_latin1"))]:
-            monkeypatch.delitem(sys.modules, mod)  # a fresh serving process
-        served = load(art.path)
-        assert type(served).__module__ == cls.__module__
-        with torch.no_grad():
-            assert torch.equal(served(x), art.model(x))
+    assert run.stdout.split("\n")[:2] == ["refused True", "ok True"], run.stderr[-2000:]

@@ -50,7 +50,7 @@ def test_hparams_json_cannot_hold_are_named_and_load_refuses_to_guess_them(tmp_p
     assert set(info["hparams_unrecorded"]) == {"log_dir", "max_norm"}
     with pytest.raises(ArtifactError, match=r"hparams log_dir \(pathlib\.PosixPath\), max_norm \(builtins\.float inf\) "
                                             r"could not be recorded .*pass it: hwaware\.load\(.*, model=Scaled\(\.\.\.\)\)"):
-        load(art.path)
+        load(art.path, model=Scaled)
     served = load(art.path, model=Scaled(width=16, out_scale=3.0, log_dir=pathlib.Path("/runs/a")))
     with torch.no_grad():
         assert torch.equal(served(x), art.model(x))
@@ -63,11 +63,13 @@ def test_a_changed_class_or_another_architecture_is_refused_naming_the_fix(tmp_p
     with pytest.raises(ArtifactError, match=r"Scaled\(\*\*\{.*'dropout': 0\.1.*\}\) failed \(TypeError: .*unexpected keyword "
                                             r"argument 'dropout'\): the class takes other arguments than when the "
                                             r"artifact was exported"):
-        load(art.path)
-    assert main(["bench", art.path, "--batch-size", "4", "--batches", "1", "--rounds", "1", "--no-memory"]) == 2
+        load(art.path, model=Scaled)
+    assert main(["bench", art.path, "--model", f"{__name__}:Scaled", "--batch-size", "4", "--batches", "1", "--rounds", "1",
+                 "--no-memory"]) == 2
     assert "unexpected keyword argument 'dropout'" in capsys.readouterr().err
     # hparams that build another (here: huge) model: bench compares the size before allocating it
     _rehashed(art.path, lambda m: (m["model"]["hparams"].pop("dropout"), m["model"]["hparams"].update(width=10**9)))
-    assert main(["bench", art.path, "--batch-size", "4", "--batches", "1", "--rounds", "1", "--no-memory"]) == 2
+    assert main(["bench", art.path, "--model", f"{__name__}:Scaled", "--batch-size", "4", "--batches", "1", "--rounds", "1",
+                 "--no-memory"]) == 2
     err = capsys.readouterr().err
     assert "holds 24,000,000,004 bytes of float weights, and the manifest says the exported FP32 model held 388" in err

@@ -106,7 +106,7 @@ def test_int8_2_4_matches_the_int8_path_exactly_and_loads(tmp_path, pruned_qat):
     assert sel["chosen"] in ("int8", "int8_fbgemm", "int8_dequant") and sel["measured"]["2:4+int8"]["available"] is False
     assert "no CPU kernel" in sel["why"] and "compressed form" in sel["why"]
     assert art.manifest["layers"]["mlp.0"]["bytes"] < dense.manifest["layers"]["mlp.0"]["bytes"]
-    loaded = load(art.path)
+    loaded = load(art.path, model=TinyCTR)
     assert isinstance(loaded.mlp[0], Sparse24Linear) and loaded.mlp[0].kernels == {"cpu": sel["op_kernel"]}
     torch.testing.assert_close(_outputs(loaded, val), _outputs(art.model, val), atol=0, rtol=0)
 
@@ -136,7 +136,7 @@ def _rewrite(src, dst, edit_tensors=None, edit_manifest=None):
 def test_loader_refuses_metadata_breaking_the_2_4_rule(tmp_path, pruned_qat):
     _, val = loaders()
     art = export(pruned_qat, tmp_path / "art", val_dataloader=val, max_drop=0.05)
-    load(art.path)  # the untouched artifact loads
+    load(art.path, model=TinyCTR)  # the untouched artifact loads
 
     def break_meta(t):
         codes = torch.full((32, 3), 4, dtype=torch.uint8)
@@ -145,14 +145,14 @@ def test_loader_refuses_metadata_breaking_the_2_4_rule(tmp_path, pruned_qat):
 
     _rewrite(art.path, tmp_path / "bad", edit_tensors=break_meta)
     with pytest.raises(ArtifactError, match=r"layer 'mlp\.0'.*breaks the 2:4 rule: row 5, columns 4\.\.7"):
-        load(tmp_path / "bad")
+        load(tmp_path / "bad", model=TinyCTR)
 
     def bad_kernel(m):
         m["layers"]["mlp.0"]["kernels"] = {"cpu": "magic"}
 
     _rewrite(art.path, tmp_path / "bad2", edit_manifest=bad_kernel)
     with pytest.raises(ArtifactError, match=r"layer 'mlp\.0' names CPU kernel 'magic'"):
-        load(tmp_path / "bad2")
+        load(tmp_path / "bad2", model=TinyCTR)
 
 
 def test_cli_inspect_shows_the_kernel_selection(tmp_path, pruned_qat, capsys):

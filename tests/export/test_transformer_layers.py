@@ -100,7 +100,7 @@ def test_a_bf16_model_exports_and_serves_in_bf16(tmp_path):
     x = next(iter(_val()))[0]
     art = export(model, tmp_path / "a", val_dataloader=_val(), metric="accuracy", max_drop=1.0, example_inputs=(x,))
     assert art.manifest["layers"]["emb"]["dtype"] == "bfloat16"
-    served = load(art.path)
+    served = load(art.path, model=TinyEncoder)
     with torch.no_grad():
         y = served(x)
         assert y.dtype == torch.bfloat16 and served.emb(x).dtype == torch.bfloat16
@@ -169,3 +169,14 @@ def test_an_encoder_with_a_padding_mask_exports_and_serves(tmp_path):
     assert loaded.enc.use_nested_tensor is False
     with torch.no_grad():
         assert torch.equal(loaded(x), art.model(x))
+
+
+def test_a_layer_spec_for_the_attention_projection_says_why_it_matches_nothing():
+    # "matches no quantizable layer" although the pattern matched out_proj, which stays FP32
+    import pytest
+
+    with pytest.raises(ValueError, match=r"layer_specs pattern '\*.out_proj' matches no quantizable layer of TinyEncoder "
+                                         r"\(it matches enc.self_attn.out_proj, which stay FP32: its parent "
+                                         r"MultiheadAttention multiplies .weight itself"):
+        find_quantizable(_model(), weight_spec=QuantSpec(bits=8, granularity="per_channel"),
+                         layer_specs={"*.out_proj": QuantSpec(bits=8, granularity="per_channel")})

@@ -1,0 +1,116 @@
+"""A manifest edited (and re-hashed) by whoever can write the artifact: what it may make load and
+bench do. Found by an adversarial trial: each of these allocated gigabytes, or failed with a raw
+exception naming no file."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from hwaware.cli import main
+from hwaware.export import ArtifactError, export, load
+from tests.export.test_recorded_hparams import _rehashed
+from tests.helpers import TinyCTR, loaders
+
+
+@pytest.fixture
+def art(tmp_path):
+    torch.manual_seed(0)
+    _, val = loaders()
+    return export(TinyCTR(), tmp_path / "art", val_dataloader=val, max_drop=1.0,
+                  example_inputs=(torch.randn(8, 4), torch.randint(0, 50, (8,)))).path
+
+
+def test_re_timing_refuses_a_recorded_input_shape_no_export_would_time(art):
+    # load(kernels="measure") allocated the recorded rows: 3e7 rows took 7 GB and 171 s, 1e9 a raw RuntimeError
+    def huge(m):
+        m["layers"]["mlp.0"]["selection"]["cpu"]["input_shape"][0] = 10**9
+
+    _rehashed(art, huge)
+    load(art, model=TinyCTR)  # the recorded kernels: nothing is timed
+    with pytest.raises(ArtifactError, match=r"manifest.json: layer 'mlp.0' records kernel timing input_shape \[1000000000, 12\]: "
+                                            r"re-timing it would allocate a 1000000000 x 12 float input \(44.7 GiB\)"):
+        load(art, model=TinyCTR, kernels="measure")
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m["layers"]["mlp.0"].update(module=["Int8Linear"]), r"layer 'mlp.0' has unknown module \['Int8Linear'\]"),
+    (lambda m: m["model"].update(hparams_unrecorded=["x"]), r"'model.hparams_unrecorded' is \['x'\]; expected an object"),
+])
+def test_malformed_entries_are_named_not_raw_python_errors(art, edit, match):
+    _rehashed(art, edit)
+    with pytest.raises(ArtifactError, match=match):
+        load(art, model=TinyCTR)
+
+
+def test_an_int4_entry_with_group_size_zero_is_named(tmp_path):
+    from hwaware.export.deploy import Int4Linear
+
+    with pytest.raises(ZeroDivisionError):  # what load caught as a raw error before
+        Int4Linear.empty({"shape": [4, 8], "group_size": 0, "symmetric": True})
+    from hwaware import QuantSpec
+    from hwaware.quant.attach import attach_quantization, find_quantizable
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 8))
+    plan, _ = find_quantizable(model, weight_spec=QuantSpec(bits=4, granularity="per_group", group_size=32))
+    for st in attach_quantization(model, plan).values():
+        st.weight.quantize = True
+    model(torch.randn(2, 64))  # the weight's group scales
+    path = export(model, tmp_path / "a").path
+    assert json.load(open(os.path.join(path, "manifest.json")))["layers"]["0"]["module"] == "Int4Linear"
+    _rehashed(path, lambda m: m["layers"]["0"].update(group_size=0))
+    with pytest.raises(ArtifactError, match=r"layer '0' \(Int4Linear\): its entry is malformed \(ZeroDivisionError"):
+        load(path, model=torch.nn.Sequential(torch.nn.Linear(64, 8)))
+
+
+@pytest.mark.parametrize("inputs, why", [
+    ([{"shape": [8, -4], "dtype": "float32"}], r"'inputs'\[0\] has shape \[8, -4\]"),
+    ([{"shape": [8], "dtype": "_dynamo"}], r"'inputs'\[0\] has dtype '_dynamo'"),  # getattr(torch, ...) imported it
+    ([{"shape": [8], "dtype": "int64", "max": [10**30]}], r"'inputs'\[0\] has max \[1000000000000000000000000000000\]"),
+    ([{"shape": [8], "dtype": "int64"}], r"'inputs'\[0\] has max None"),
+    ("x", r"'inputs' is str; expected a list"),
+])
+def test_bench_refuses_recorded_inputs_it_cannot_generate_by_name(art, inputs, why, capsys):
+    _rehashed(art, lambda m: m.update(inputs=inputs))
+    assert main(["bench", art, "--model", "tests.helpers:TinyCTR", "--no-memory", "--batches", "1", "--rounds", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "hwaware bench: error: " in err and "manifest.json: " in err
+    import re
+
+    assert re.search(why, err), err
+
+
+def test_verify_reads_the_weights_as_load_does(art):
+    # verify_artifact parsed the header with the safetensors library, which accepts what load refuses
+    # (here: a BOOL tensor holding a byte other than 0 or 1)
+    from hwaware.export import verify_artifact
+
+    wpath = os.path.join(art, "weights.safetensors")
+    with open(wpath, "rb") as f:
+        raw = f.read()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    begin, end = header[name]["data_offsets"]
+    header = {"__metadata__": header.get("__metadata__", {}), name: {"dtype": "BOOL", "shape": [end - begin],
+                                                                      "data_offsets": [begin, end]},
+              **{k: v for k, v in header.items() if k not in (name, "__metadata__")}}
+    body = bytearray(raw[8 + n:])
+    body[begin] = 7
+    hb = json.dumps(header).encode()
+    hb += b" " * (-len(hb) % 8)
+    with open(wpath, "wb") as f:
+        f.write(len(hb).to_bytes(8, "little") + hb + bytes(body))
+    import hashlib
+
+    data = open(wpath, "rb").read()
+    _rehashed(art, lambda m: m["files"]["weights.safetensors"].update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data)))
+    with pytest.raises(ArtifactError) as by_load:
+        load(art, model=TinyCTR)
+    with pytest.raises(ArtifactError) as by_verify:
+        verify_artifact(art)
+    assert str(by_verify.value) == str(by_load.value)
