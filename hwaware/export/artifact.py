@@ -511,6 +511,8 @@ def _read_manifest(path: str, hash_weights: bool) -> Dict[str, Any]:
     mpath = os.path.join(path, MANIFEST_FILE)
     if not os.path.isfile(mpath):
         raise ArtifactError(f"{path}: not an hwaware artifact (no {MANIFEST_FILE})")
+    if os.path.islink(mpath):  # as for the weights: export writes regular files, a link reads elsewhere
+        raise ArtifactError(f"{mpath}: a symbolic link ({os.readlink(mpath)}), not a regular file; export writes none")
     try:
         with open(mpath, "rb") as f:
             raw = f.read()

@@ -33,8 +33,8 @@ from hwaware.export.deploy import (DEPLOY_TYPES, Int4Linear, Int8Linear, Rowwise
 from hwaware.export.selection import (SPARSE24_INT8_IMPL, SPARSE24_INT8_KERNEL, capture_rows, cpu_profile, isa_list, lost_features,
                                       select_int8_chains, select_int8_kernels, select_sparse24_kernels)
 import hwaware.ops as hwaware_ops
-from hwaware.ops import INT8_KERNELS, SPARSE24_KERNELS
-from hwaware.ops.packing import is_24
+from hwaware.ops import INT8_KERNELS
+from hwaware.ops.packing import _check_positive_scale, is_24
 from hwaware.quant import native
 from hwaware.quant.attach import (QuantState, attach_quantization, bare_weights, detach_quantization, find_quantizable,
                                   fp32_reference, keep_layers_called, quant_states, weight_read_by_parent)
@@ -1480,12 +1480,20 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
                                 f"{mpath}) expect {want.dtype} {tuple(want.shape)}")
     del expected
     for name, new in new_layers.items():
+        scale = tensors.get(f"{name}.w_scale")
+        if isinstance(new, (Sparse24Linear, Int8Linear)) and scale is not None:
+            try:  # a NaN or -inf scale served NaN outputs without a word (int4 scales are checked in the op)
+                _check_positive_scale(scale)
+            except ValueError as e:
+                raise ArtifactError(f"{path}/weights.safetensors: layer {name!r}: w_scale: {e}") from None
         if isinstance(new, Sparse24Linear):
             try:
                 new.verify(tensors[f"{name}.metadata"])
             except ValueError as e:
                 raise ArtifactError(f"{path}/weights.safetensors: layer {name!r}: {e}") from None
-            kernel, allowed_kernels, expect = new.kernels.get("cpu", "dense"), SPARSE24_KERNELS["cpu"], "one of"
+            int8_values = tensors[f"{name}.values"].dtype == torch.int8
+            allowed_kernels = tuple(SPARSE24_INT8_KERNEL.values()) if int8_values else ("dense", "csr")
+            kernel, expect = new.kernels.get("cpu", "dense"), f"for {'int8' if int8_values else 'float'} values one of"
         elif isinstance(new, Int8Linear):
             kernel, allowed_kernels, expect = new.kernels.get("cpu", "auto"), ("auto", *INT8_KERNELS["cpu"]), "'auto' or one of"
         else:

@@ -114,3 +114,34 @@ def test_verify_reads_the_weights_as_load_does(art):
     with pytest.raises(ArtifactError) as by_verify:
         verify_artifact(art)
     assert str(by_verify.value) == str(by_load.value)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("-inf"), 0.0])
+def test_an_int8_weight_scale_that_is_not_finite_and_positive_is_refused_at_load(art, value):
+    # a NaN or -inf scale loaded and served NaN outputs without a word
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    wpath = os.path.join(art, "weights.safetensors")
+    tensors = load_file(wpath)
+    tensors["mlp.0.w_scale"][3] = value
+    save_file(tensors, wpath, metadata={"format": "pt"})
+    data = open(wpath, "rb").read()
+    _rehashed(art, lambda m: m["files"]["weights.safetensors"].update(sha256=hashlib.sha256(data).hexdigest(),
+                                                                       bytes=len(data)))
+    with pytest.raises(ArtifactError, match=r"weights.safetensors: layer 'mlp.0': w_scale: scale must be finite and > 0 "
+                                            r"everywhere, got .* at index 3"):
+        load(art, model=TinyCTR)
+
+
+def test_a_symlinked_manifest_is_refused(art, tmp_path):
+    # the weights file may not be a link; the manifest was followed wherever it pointed
+    from hwaware.export import verify_artifact
+
+    mpath = os.path.join(art, "manifest.json")
+    elsewhere = tmp_path / "elsewhere.json"
+    os.replace(mpath, elsewhere)
+    os.symlink(elsewhere, mpath)
+    with pytest.raises(ArtifactError, match=r"manifest.json: a symbolic link \(.*elsewhere.json\), not a regular file"):
+        verify_artifact(art)

@@ -154,6 +154,14 @@ def test_loader_refuses_metadata_breaking_the_2_4_rule(tmp_path, pruned_qat):
     with pytest.raises(ArtifactError, match=r"layer 'mlp\.0' names CPU kernel 'magic'"):
         load(tmp_path / "bad2", model=TinyCTR)
 
+    def float_kernel(m):  # csr runs float values only: loaded, it failed at the first call
+        m["layers"]["mlp.0"]["kernels"] = {"cpu": "csr"}
+
+    _rewrite(art.path, tmp_path / "bad3", edit_manifest=float_kernel)
+    with pytest.raises(ArtifactError, match=r"layer 'mlp\.0' names CPU kernel 'csr'; expected for int8 values one of "
+                                            r"\['dense', 'fbgemm', 'dequant'\]"):
+        load(tmp_path / "bad3", model=TinyCTR)
+
 
 def test_cli_inspect_shows_the_kernel_selection(tmp_path, pruned_qat, capsys):
     from hwaware.cli import main
