@@ -222,6 +222,8 @@ class RowwiseEmbeddingBag(nn.Module):
                 or weight.dim() != 2 or weight.shape[1] != packing.rowwise_cols(dim, bits):
             raise ValueError(f"{type(self).__name__} bits={bits!r}, dim={dim!r} with a packed table of shape "
                              f"{tuple(weight.shape)}; expected bits 4 or 8 and [rows, rowwise_cols(dim, bits)]")
+        if not isinstance(include_last_offset, bool):
+            raise ValueError(f"{type(self).__name__} include_last_offset={include_last_offset!r}; expected True or False")
         self.register_buffer("weight", weight)  # uint8 [R, cols]
         self.bits, self.dim, self.mode, self.include_last_offset = bits, dim, mode, include_last_offset
         self.padding_idx = padding_idx
@@ -237,7 +239,7 @@ class RowwiseEmbeddingBag(nn.Module):
             raise ValueError("embedding bags with padding_idx in mode 'max' are not supported by the row-wise op "
                              "(mode 'sum' and 'mean' are)")
         fused = packing.quantize_rowwise(m.weight.detach().float(), st.weight.spec.bits)
-        return cls(fused, st.weight.spec.bits, m.embedding_dim, m.mode, m.include_last_offset, m.padding_idx, m.weight.dtype)
+        return cls(fused, st.weight.spec.bits, m.embedding_dim, m.mode, bool(m.include_last_offset), m.padding_idx, m.weight.dtype)
 
     @classmethod
     def empty(cls, meta: Dict[str, Any]) -> "RowwiseEmbeddingBag":

@@ -33,7 +33,7 @@ from hwaware.export.deploy import (DEPLOY_TYPES, Int4Linear, Int8Linear, Rowwise
 from hwaware.export.selection import (SPARSE24_INT8_IMPL, SPARSE24_INT8_KERNEL, capture_rows, cpu_profile, isa_list, lost_features,
                                       select_int8_chains, select_int8_kernels, select_sparse24_kernels)
 import hwaware.ops as hwaware_ops
-from hwaware.ops import INT8_KERNELS
+from hwaware.ops import INT8_KERNELS, packing
 from hwaware.ops.packing import _check_positive_scale, is_24
 from hwaware.quant import native
 from hwaware.quant.attach import (QuantState, attach_quantization, bare_weights, detach_quantization, find_quantizable,
@@ -1378,14 +1378,49 @@ def _load_device(device: Any) -> str:
     return "cpu" if d.type == "cpu" else str(d)
 
 
+def _check_own_class_size(hparams: Any, n_tensors: int, mpath: str) -> None:
+    """hwaware's own model classes build at least one weight per entry of a list hparam (``DLRM``: a
+    table per table size, a Linear per MLP width). More entries than the weights file holds tensors
+    cannot be the exported model, and an edited manifest's 300k table sizes took minutes and
+    1.6 GB to build before the weights check refused them."""
+    if not isinstance(hparams, dict):
+        return  # build_recorded names the malformed entry
+    entries = sum(len(v) for v in hparams.values() if isinstance(v, list))
+    if entries > n_tensors:
+        raise ArtifactError(f"{mpath}: the recorded hparams list {entries} tables / layers, but weights.safetensors "
+                            f"holds {n_tensors} tensors: not the model this artifact was exported from")
+
+
+_REPLACES = {nn.Linear: (Int8Linear, Int4Linear, Sparse24Linear), nn.EmbeddingBag: (RowwiseEmbeddingBag,),
+             nn.Embedding: (RowwiseEmbedding,)}
+
+
+def _check_replaces(new: nn.Module, old: nn.Module, name: str, mpath: str, whose: str) -> None:
+    """``ArtifactError`` when the deploy layer the manifest describes cannot stand in for the model's
+    layer: another kind (an int8 Linear where the model has a table), or another weight shape (a
+    table of other rows or width). Either failed only at the first call, or served a table of
+    another size without a word."""
+    kind = next((k for k in _REPLACES if type(old) is k or isinstance(old, k)), None)
+    if kind is None:  # a module of the user's own kind: its forward is its own business
+        return
+    shape = list(new.describe()["shape"])
+    if type(new) not in _REPLACES[kind]:
+        raise ArtifactError(f"{mpath}: layer {name!r} is a {type(new).__name__} in the artifact, but {whose} has a "
+                            f"{type(old).__name__} there: not the model this artifact was exported from")
+    if list(old.weight.shape) != shape:
+        raise ArtifactError(f"{mpath}: layer {name!r} holds a {shape[0]} x {shape[1]} weight in the artifact, but "
+                            f"{whose} has {type(old).__name__} weight {list(old.weight.shape)}: not the model this "
+                            "artifact was exported from")
+
+
 def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, nn.Module, type] = None,
          kernels: str = "recorded") -> nn.Module:
     """Rebuild the deployed model from an artifact: verified first, never unpickled.
 
     The architecture comes from ``model`` (an instance, modified in place, or a class built with
-    the hparams recorded at export) or, by default, from the class recorded at export, imported
-    from *your* environment (as Lightning's ``load_from_checkpoint`` does); the weights come from
-    ``weights.safetensors``. ``program.pt2`` is only hash-checked here: ``torch.export.load`` is the
+    the hparams recorded at export) or, by default, from the class recorded at export when it is
+    one of hwaware's own (``hwaware.recsys.DLRM``; any other class the caller names, since building
+    it runs its constructor on the manifest's hparams); the weights come from ``weights.safetensors``. ``program.pt2`` is only hash-checked here: ``torch.export.load`` is the
     way to run it (it unpickles, so hwaware never calls it).
 
     ``device="cuda"`` (or ``"cuda:N"``) moves the loaded model there; its packed layers then run the
@@ -1428,17 +1463,26 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
                           + "); the packed layers come from the artifact, anything else forward reads from this instance",
                           UserWarning, stacklevel=2)
     if not given:
+        if model is None:
+            _check_own_class_size(info.get("hparams"), len(tensors), mpath)
         cls = model or model_class(manifest, path)
         with torch.device("meta"):  # a skeleton: its FP32 weights are never allocated
             model = build_recorded(cls, manifest, path)
     # every check first, the model changed only after: a refused artifact leaves a model passed in as it was
+    if given:
+        whose = "the model passed as model="
+    elif isinstance(recorded, dict):
+        whose = f"{type(model).__qualname__}(**hparams recorded at export)"
+    else:  # a plain nn.Module: nothing recorded, so the class's defaults
+        whose = (f"{type(model).__qualname__}() (the manifest records no hparams: the exported model had no "
+                 f"`hparams`; pass an instance built as at export, model={type(model).__qualname__}(...))")
     new_layers: Dict[str, nn.Module] = {}
     for name, meta in layers.items():
         if not isinstance(meta.get("module"), str) or meta["module"] not in DEPLOY_TYPES:
             raise ArtifactError(f"{mpath}: layer {name!r} has unknown module {meta.get('module')!r}")
         if _get_module(model, name) is None:
-            whose = "the model passed as model=" if given else f"{type(model).__name__}({info.get('hparams') or {}})"
-            raise ArtifactError(f"{mpath}: layer {name!r} is not a module of {whose}: not the model this artifact "
+            built = "the model passed as model=" if given else f"{type(model).__name__}({info.get('hparams') or {}})"
+            raise ArtifactError(f"{mpath}: layer {name!r} is not a module of {built}: not the model this artifact "
                                 "was exported from")
         try:
             with torch.device("meta"):
@@ -1446,6 +1490,7 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
         except (KeyError, TypeError, ValueError, RuntimeError, ArithmeticError) as e:  # RuntimeError: torch refusing a negative size; ArithmeticError: group_size 0
             raise ArtifactError(f"{mpath}: layer {name!r} ({meta['module']}): its entry is malformed ({type(e).__name__}: "
                                 f"{e})") from None
+        _check_replaces(new_layers[name], _get_module(model, name), name, mpath, whose)
         if "fused_relu" in meta:  # the ReLU module after this layer runs in its epilogue (deploy.fuse_relu)
             relu_name = meta["fused_relu"]
             relu = _get_module(model, relu_name)
@@ -1486,6 +1531,12 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
                 _check_positive_scale(scale)
             except ValueError as e:
                 raise ArtifactError(f"{path}/weights.safetensors: layer {name!r}: w_scale: {e}") from None
+        if isinstance(new, RowwiseEmbeddingBag):
+            try:  # inside the packed rows: a NaN scale or offset served NaN for every bag reading the row
+                packing.check_rowwise_qparams(tensors[f"{name}.weight"], new.bits)
+            except ValueError as e:
+                raise ArtifactError(f"{path}/weights.safetensors: table {name!r}: {e}") from None
+            continue
         if isinstance(new, Sparse24Linear):
             try:
                 new.verify(tensors[f"{name}.metadata"])

@@ -233,6 +233,26 @@ def quantize_rowwise(table: Tensor, bits: int) -> Tensor:
     return pack_rowwise(codes, scale, offset, bits)
 
 
+def check_rowwise_qparams(fused: Tensor, bits: int, rows_per_chunk: int = 1 << 20) -> None:
+    """``ValueError`` naming the first row whose scale or offset is not finite, or whose scale is
+    negative (every row hwaware writes has a finite scale > 0 and a finite offset: a NaN one
+    serves NaN for every bag that reads the row). Reads ``rows_per_chunk`` rows' qparams at a
+    time, so a large table costs a few MiB, not a copy."""
+    _check_bits(bits)
+    _check_tensor("fused", fused, (torch.uint8,), 2, "[R, cols] uint8 (FBGEMM row-wise)")
+    qdt = torch.float32 if bits == 8 else torch.float16
+    nq = fused.shape[1] - 2 * qdt.itemsize
+    if nq < 1:
+        raise ValueError(f"fused has {fused.shape[1]} columns, too few for a {bits}-bit row-wise table")
+    for start in range(0, fused.shape[0], rows_per_chunk):
+        q = fused[start:start + rows_per_chunk, nq:].contiguous().view(qdt)  # [rows, 2]: scale, offset
+        bad = ~(torch.isfinite(q).all(1) & (q[:, 0] >= 0))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            raise ValueError(f"row {start + i} has scale {float(q[i, 0])} and offset {float(q[i, 1])}; expected a "
+                             "finite scale >= 0 and a finite offset")
+
+
 def dequantize_rowwise(fused: Tensor, bits: int, dim: Optional[int] = None) -> Tensor:
     """Float32 ``[R, D]`` table from the row-wise layout: ``q * scale + offset``."""
     codes, scale, offset = unpack_rowwise(fused, bits, dim)

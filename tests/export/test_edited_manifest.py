@@ -145,3 +145,100 @@ def test_a_symlinked_manifest_is_refused(art, tmp_path):
     os.symlink(elsewhere, mpath)
     with pytest.raises(ArtifactError, match=r"manifest.json: a symbolic link \(.*elsewhere.json\), not a regular file"):
         verify_artifact(art)
+
+
+def _rewrite_weights(path, edit) -> None:
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    wpath = os.path.join(path, "weights.safetensors")
+    tensors = load_file(wpath)
+    edit(tensors)
+    save_file(tensors, wpath, metadata={"format": "pt"})
+    data = open(wpath, "rb").read()
+    _rehashed(path, lambda m: m["files"]["weights.safetensors"].update(sha256=hashlib.sha256(data).hexdigest(),
+                                                                       bytes=len(data)))
+
+
+@pytest.mark.parametrize("field, value", [("scale", float("nan")), ("offset", float("inf")), ("scale", -1.0)])
+def test_a_table_row_whose_scale_or_offset_is_not_finite_is_refused_at_load(art, field, value):
+    # the qparams sit inside the packed uint8 rows (FBGEMM layout): a NaN one loaded and served NaN
+    # for every bag that read the row
+    def poison(t):
+        w = t["emb.weight"]  # uint8 [50, 8 + 8]: codes, then float32 scale and offset
+        q = w[:, 8:].contiguous().view(torch.float32)
+        q[7, 0 if field == "scale" else 1] = value
+        w[:, 8:] = q.view(torch.uint8)
+
+    load(art, model=TinyCTR)
+    _rewrite_weights(art, poison)
+    with pytest.raises(ArtifactError, match=r"weights.safetensors: table 'emb': row 7 has scale .* and offset .*; "
+                                            r"expected a finite scale >= 0 and a finite offset"):
+        load(art, model=TinyCTR)
+
+
+def test_int4_table_rows_are_checked_too():
+    from hwaware.ops import packing
+
+    fused = packing.quantize_rowwise(torch.randn(10, 5), 4)  # [10, 3 + 4]: codes, then float16 scale and offset
+    packing.check_rowwise_qparams(fused, 4)
+    q = fused[:, 3:].contiguous().view(torch.float16)
+    q[9, 1] = float("nan")
+    fused[:, 3:] = q.view(torch.uint8)
+    with pytest.raises(ValueError, match=r"row 9 has scale .* and offset nan"):
+        packing.check_rowwise_qparams(fused, 4, rows_per_chunk=4)  # the last chunk, not the first
+
+
+def test_include_last_offset_must_be_a_bool(art):
+    # "yes" loaded and failed at the first call, inside the op
+    _rehashed(art, lambda m: m["layers"]["emb"].update(include_last_offset="yes"))
+    with pytest.raises(ArtifactError, match=r"layer 'emb' \(RowwiseEmbeddingBag\): its entry is malformed "
+                                            r"\(ValueError: RowwiseEmbeddingBag include_last_offset='yes'"):
+        load(art, model=TinyCTR)
+
+
+def test_a_model_built_with_other_table_sizes_is_not_the_exported_one(art):
+    # a 60-row model took the artifact's 50-row table with only an hparams warning
+    with pytest.raises(ArtifactError, match=r"layer 'emb' holds a 50 x 8 weight in the artifact, but the model passed "
+                                            r"as model= has EmbeddingBag weight \[60, 8\]"), \
+            pytest.warns(UserWarning, match=r"other hparams than the exported one \(vocab: given 60, exported 50\)"):
+        load(art, model=TinyCTR(vocab=60))
+    with pytest.raises(ArtifactError, match=r"layer 'mlp.0' holds a 32 x 12 weight in the artifact, but the model "
+                                            r"passed as model= has Linear weight \[16, 12\]"), pytest.warns(UserWarning):
+        load(art, model=TinyCTR(hidden=16))
+    load(art, model=TinyCTR(vocab=50))
+
+
+def _tiny_dlrm(tmp_path):
+    from hwaware.recsys import DLRM
+
+    torch.manual_seed(0)
+    model = DLRM(table_sizes=(7, 9, 11), embedding_dim=4, bottom_mlp=(8, 4), top_mlp=(8,)).eval()
+    dense, sparse = torch.randn(6, 13), torch.stack([torch.randint(0, n, (6,)) for n in (7, 9, 11)], 1)
+    return export(model, tmp_path / "dlrm", example_inputs=(dense, sparse)).path
+
+
+def test_dlrm_hparams_edited_to_other_table_sizes_are_refused_at_load(tmp_path):
+    path = _tiny_dlrm(tmp_path)
+    load(path)
+    _rehashed(path, lambda m: m["model"]["hparams"].update(table_sizes=[7, 10, 11]))
+    with pytest.raises(ArtifactError, match=r"layer 'embeddings.1' holds a 9 x 4 weight in the artifact, but "
+                                            r"DLRM\(\*\*hparams recorded at export\) has EmbeddingBag weight \[10, 4\]"):
+        load(path)
+
+
+def test_dlrm_hparams_listing_more_tables_than_the_file_holds_are_refused_before_building(tmp_path, monkeypatch):
+    # 300k table sizes took 171 s and 1.6 GB to build before the weights check refused them
+    from hwaware.export import exporter
+
+    path = _tiny_dlrm(tmp_path)
+    _rehashed(path, lambda m: m["model"]["hparams"].update(table_sizes=[3] * 300_000))
+
+    def never(*args, **kwargs):
+        raise AssertionError("built the model")
+
+    monkeypatch.setattr(exporter, "build_recorded", never)
+    with pytest.raises(ArtifactError, match=r"the recorded hparams list 300003 tables / layers, but weights.safetensors "
+                                            r"holds \d+ tensors"):
+        load(path)

@@ -147,7 +147,12 @@ def test_a_users_class_not_yet_imported_is_not_imported_and_loads_when_passed(tm
     assert "hw_user_models" not in sys.modules  # importable here, and not imported
     import hw_user_models as fresh
 
-    served = load(art.path, model=fresh.Scorer)  # the class the caller names, built with the recorded hparams
+    # the class the caller names, built with the recorded hparams: a plain nn.Module has none, so its
+    # defaults (width 8), which took the artifact's 12-wide layers without a word
+    with pytest.raises(ArtifactError, match=r"layer 'net.0' holds a 12 x 4 weight in the artifact, but Scorer\(\) \(the "
+                                            r"manifest records no hparams.*model=Scorer\(\.\.\.\)\) has Linear weight \[8, 4\]"):
+        load(art.path, model=fresh.Scorer)
+    served = load(art.path, model=fresh.Scorer(width=12))
     assert type(served) is fresh.Scorer and served.net[0].out_features == 12
     with torch.no_grad():
         assert torch.equal(served(x), art.model(x))
