@@ -1,11 +1,12 @@
 """Argument checks, metric reading and the evaluation-restore hooks shared by the callbacks."""
 from __future__ import annotations
 
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
 
@@ -81,3 +82,22 @@ def _refuse_multiprocessing_launch(trainer: "pl.Trainer", who: str) -> None:
         raise ValueError(f"{who} does not support Trainer(strategy=...) launched by multiprocessing (start method "
                          f"{method!r}): its state would stay in the child processes and the model you export afterwards "
                          "would have none of it. Use strategy='ddp', which runs this script as rank 0")
+
+
+def settings_of(callback: Any, names: Sequence[str]) -> Dict[str, Any]:
+    """The callback's arguments ``names`` as a checkpoint records them (to tell a resume under others)."""
+    return {n: getattr(callback, n) for n in names}
+
+
+def warn_changed_settings(owner: str, saved: Optional[Mapping[str, Any]], here: Mapping[str, Any], phase: str) -> None:
+    """Warn when a run resumes under other settings than its checkpoint was written with. They are
+    legitimate to change (a higher ``kl_threshold`` after a look at the report), but the resumed run
+    is then not the one the checkpoint's would have been, and before this nothing said so.
+    ``saved`` None: a checkpoint from before the settings were recorded."""
+    if not isinstance(saved, Mapping):
+        return
+    diff = [k for k in here if k in saved and saved[k] != here[k]]
+    if diff:
+        rank_zero_warn(f"{owner}: resuming a checkpoint written in phase {phase!r} with other settings than it was "
+                       "written with: " + ", ".join(f"{k}={here[k]!r} (checkpoint: {saved[k]!r})" for k in diff)
+                       + "; the values given here apply from this point on")

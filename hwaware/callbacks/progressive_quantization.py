@@ -31,6 +31,7 @@ from typing_extensions import override
 from hwaware._predict import model_predictions, side_effect_free
 from hwaware.callbacks._common import (
     _RestoresForEvaluation, _check_choice, _check_int, _refuse_multiprocessing_launch, _scalar_metrics, _scale_lr,
+    settings_of, warn_changed_settings,
 )
 from hwaware.quant.attach import (
     QuantState, attach_quantization, detach_quantization, find_quantizable, layer_specs_to_state, normalize_layer_specs,
@@ -47,6 +48,11 @@ _STARTS = ("epoch", "plateau")
 _MODES = ("min", "max")
 _VIOLATIONS = ("fallback", "warn", "raise")
 _DEFAULT = object()
+# the arguments a checkpoint records so that a resume under other values says so (specs, skip and
+# layer_specs are refused instead once layers are quantized: the layers' plan comes from the checkpoint)
+_SETTINGS = ("start_epoch", "start", "monitor", "mode", "patience", "min_delta", "calibration_batches",
+             "freeze_observers_after", "freeze_bn", "lr_scale", "kl_threshold", "on_kl_violation",
+             "validation_batches", "output_kind")
 
 DEFAULT_WEIGHT_SPEC = QuantSpec(bits=8, granularity="per_channel", symmetric=True)
 DEFAULT_ACTIVATION_SPEC = QuantSpec(bits=8, granularity="per_row", symmetric=True, dynamic=True)
@@ -574,6 +580,7 @@ class ProgressiveQuantization(_RestoresForEvaluation):
             # taken at calibration start, used at QAT start: a run resumed in between needs them
             "fp32_buffers": self._fp32_buffers,
             "schedules_at_calibration": copy.deepcopy(self._schedules_at_calibration),
+            "settings": settings_of(self, _SETTINGS),
         }
 
     def _global_specs(self) -> Dict[str, Optional[Dict[str, Any]]]:
@@ -611,6 +618,7 @@ class ProgressiveQuantization(_RestoresForEvaluation):
                 f"the checkpoint was written in phase {phase!r} (layers already quantized) by a ProgressiveQuantization "
                 f"with skip={list(saved_skip)}, but this callback has skip={list(self.skip)}; resume with the skip= the "
                 "checkpoint was written with")
+        warn_changed_settings("ProgressiveQuantization", state_dict.get("settings"), settings_of(self, _SETTINGS), phase)
         self.phase = phase
         self._history = copy.deepcopy(state_dict["history"])
         self._calib_seen = state_dict["calib_seen"]

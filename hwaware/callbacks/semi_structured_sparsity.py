@@ -32,6 +32,7 @@ from typing_extensions import override
 
 from hwaware.callbacks._common import (
     _RestoresForEvaluation, _check_choice, _check_int, _refuse_multiprocessing_launch, _scalar_metrics, _scale_lr,
+    settings_of, warn_changed_settings,
 )
 from hwaware.quant.attach import set_fp32_reference
 from hwaware.sparsity.masks import (
@@ -44,6 +45,11 @@ __all__ = ["SemiStructuredSparsity", "METHODS", "PHASES"]
 METHODS = ("magnitude", "sr_ste")
 PHASES = ("dense", "pruning", "sparse")
 _STATE_VERSION = 1
+
+
+# the arguments a checkpoint records so that a resume under other values says so (method is refused:
+# the saved masks and dense weights are its own; skip too, once layers are pruned)
+_SETTINGS = ("start_epoch", "ramp_epochs", "sr_ste_lambda", "monitor", "lr_scale")
 
 
 class SemiStructuredSparsity(_RestoresForEvaluation):
@@ -191,7 +197,7 @@ class SemiStructuredSparsity(_RestoresForEvaluation):
         if self._pending is not None:  # resuming: the model's (masked) weights are restored already
             saved = self._pending
             self._pending = None
-            if saved["names"] != self._names:
+            if saved["names"] != self._names and self.phase != "dense":  # dense: nothing pruned yet, skip may change
                 raise ValueError(
                     f"the checkpoint prunes layers {saved['names']} but this callback (skip={list(self.skip)}) would "
                     f"prune {self._names}; resume with the skip= the checkpoint was written with")
@@ -374,6 +380,7 @@ class SemiStructuredSparsity(_RestoresForEvaluation):
             "metrics_before": dict(self._metrics_before),
             "metrics_after": dict(self._metrics_after),
             "dense_reference": self.dense_reference,
+            "settings": settings_of(self, _SETTINGS),
         }
 
     @override
@@ -385,6 +392,8 @@ class SemiStructuredSparsity(_RestoresForEvaluation):
             raise ValueError(f"checkpoint was written by SemiStructuredSparsity(method={state_dict['method']!r}); "
                              f"this callback has method={self.method!r}")
         _check_choice("checkpoint phase", state_dict["phase"], PHASES)
+        warn_changed_settings("SemiStructuredSparsity", state_dict.get("settings"), settings_of(self, _SETTINGS),
+                              state_dict["phase"])
         self.phase = state_dict["phase"]
         self._step = state_dict["step"]
         self._ramp_steps = state_dict["ramp_steps"]

@@ -672,6 +672,24 @@ def test_resume_with_another_skip_is_refused(tmp_path):
     assert "mlp.2" not in cb.report["layers"] and "mlp.2" in cb.report["skipped"]  # from FP32: the new skip applies
 
 
+def test_a_resume_under_other_settings_says_which_and_takes_them(tmp_path):
+    # kl_threshold, calibration_batches, ... changed at a resume were taken without a word: the run
+    # silently was not the one the checkpoint's would have continued
+    import warnings
+
+    _ckpt_run(tmp_path / "a")
+    ckpt = str(tmp_path / "a" / "ckpt" / "epoch=1.ckpt")
+    with pytest.warns(UserWarning, match=r"ProgressiveQuantization: resuming a checkpoint written in phase 'qat' with "
+                                         r"other settings than it was written with: kl_threshold=0\.5 \(checkpoint: "
+                                         r"0\.01\), validation_batches=2 \(checkpoint: 8\); the values given here apply"):
+        _, cb = _ckpt_run(tmp_path / "b", ckpt_path=ckpt, kl_threshold=0.5, validation_batches=2)
+    assert cb.kl_threshold == 0.5 and cb.phase == "done"
+    with warnings.catch_warnings(record=True) as seen:  # the same settings: nothing said
+        warnings.simplefilter("always")
+        _ckpt_run(tmp_path / "c", ckpt_path=ckpt)
+    assert not [w for w in seen if "other settings" in str(w.message)]
+
+
 @pytest.mark.parametrize("other", [None, {"mlp.2": INT4_G32, "emb": INT4_ROWS}])
 def test_resume_with_other_layer_specs_is_refused(tmp_path, other):
     _ckpt_run(tmp_path / "a", layer_specs=_MIXED)

@@ -335,6 +335,18 @@ def test_resume_with_a_different_skip_list_is_refused(tmp_path):
         _ckpt_run(tmp_path / "b", ckpt_path=ckpt, method="sr_ste", start_epoch=1, skip=["mlp.2"])
 
 
+def test_a_skip_change_before_pruning_starts_is_taken_and_other_settings_are_named(tmp_path):
+    # in the dense phase nothing is pruned yet, so skip= may change (it was refused as if masks existed);
+    # other settings changed at a resume were taken without a word
+    _ckpt_run(tmp_path / "a", method="magnitude", start_epoch=2)
+    ckpt = str(tmp_path / "a" / "ckpt" / "epoch=0.ckpt")
+    with pytest.warns(UserWarning, match=r"SemiStructuredSparsity: resuming a checkpoint written in phase 'dense' with "
+                                         r"other settings than it was written with: start_epoch=1 \(checkpoint: 2\); "
+                                         r"the values given here apply from this point on"):
+        _, sp = _ckpt_run(tmp_path / "b", ckpt_path=ckpt, method="magnitude", start_epoch=1, skip=["mlp.2"])
+    assert sp.phase == "sparse" and sp.report["layers"].keys() == {"mlp.0"}
+
+
 def test_resume_from_before_pruning_starts(tmp_path):
     model_a, sp_a = _ckpt_run(tmp_path / "a", method="magnitude", start_epoch=2)
     model_b, sp_b = _ckpt_run(tmp_path / "b", ckpt_path=str(tmp_path / "a" / "ckpt" / "epoch=0.ckpt"),
