@@ -41,7 +41,31 @@ class _Packed(nn.Module):
         hwaware.ops._CACHE.drop([b for b in self._buffers.values() if b is not None])
 
 
-class Int8Linear(_Packed):
+class _Int8Kernels(_Packed):
+    """An int8 layer whose CPU kernel export chooses among ``int8_linear``'s implementations, unless
+    QAT trained it weight-only: then it is pinned to ``dequant`` (float input, the int8 weight
+    dequantized), since the other implementations quantize an input QAT never saw quantized."""
+
+    weight_only = False
+
+    def serve_weight_only(self) -> None:
+        self.weight_only = True
+        self.kernels["cpu"] = "dequant"  # (SPARSE24_INT8_KERNEL["dequant"] is "dequant" too)
+
+    def _restore_weight_only(self, meta: Dict[str, Any]) -> None:
+        wo = meta.get("weight_only", False)
+        if not isinstance(wo, bool):
+            raise ValueError(f"weight_only={wo!r}; expected true or false")
+        if wo:
+            if dict(meta.get("kernels") or {}).get("cpu", "dequant") != "dequant":
+                raise ValueError(f"weight_only with CPU kernel {meta['kernels']['cpu']!r}; a weight-only layer runs 'dequant'")
+            self.serve_weight_only()
+
+    def _weight_only_entry(self) -> Dict[str, Any]:
+        return {"weight_only": True} if self.weight_only else {}
+
+
+class Int8Linear(_Int8Kernels):
     """W8A8 linear: int8 per-output-channel weights, dynamic per-token int8 activations.
 
     ``kernels`` maps a device type to the ``hwaware::int8_linear`` implementation (``impl``) the
@@ -77,7 +101,9 @@ class Int8Linear(_Packed):
         # the manifest's relu=True names the ReLU module after the layer (fused_relu) that its
         # Int8Chain applies in the epilogue: the layer's own output stays the linear's
         relu = meta.get("relu", False) and "fused_relu" not in meta
-        return cls(torch.empty(n, k, dtype=torch.int8), torch.empty(n), bias, meta.get("kernels"), relu)
+        layer = cls(torch.empty(n, k, dtype=torch.int8), torch.empty(n), bias, meta.get("kernels"), relu)
+        layer._restore_weight_only(meta)
+        return layer
 
     def forward(self, input: Tensor) -> Tensor:  # nn.Linear's argument name: keyword calls keep working
         impl = self.kernels.get(input.device.type, "auto")
@@ -92,8 +118,8 @@ class Int8Linear(_Packed):
 
     def describe(self) -> Dict[str, Any]:
         return {"scheme": self.scheme, "shape": [self.out_features, self.in_features], "bias": self.bias is not None,
-                "kernels": dict(self.kernels), "relu": self.relu, "bytes": _bytes(self.qweight, self.w_scale, self.bias),
-                "dense_bytes": 4 * self.out_features * (self.in_features + 1)}
+                "kernels": dict(self.kernels), "relu": self.relu, **self._weight_only_entry(),
+                "bytes": _bytes(self.qweight, self.w_scale, self.bias), "dense_bytes": 4 * self.out_features * (self.in_features + 1)}
 
 
 class Int4Linear(_Packed):
@@ -136,7 +162,7 @@ class Int4Linear(_Packed):
                 "bytes": _bytes(self.packed, self.scales, self.zeros, self.bias), "dense_bytes": 4 * self.out_features * (self.in_features + 1)}
 
 
-class Sparse24Linear(_Packed):
+class Sparse24Linear(_Int8Kernels):
     """2:4 linear on the compressed form (``values [N, K/2]`` + 2-bit position ``meta``): float values
     (the layer's FP32 weights) or int8 values with per-channel ``w_scale`` (W8A8, as :class:`Int8Linear`).
 
@@ -174,9 +200,13 @@ class Sparse24Linear(_Packed):
     def empty(cls, meta: Dict[str, Any]) -> "Sparse24Linear":
         n, k = meta["shape"]
         int8 = meta["scheme"] == "sparse24_int8"
-        return cls(torch.empty(n, k // 2, dtype=torch.int8 if int8 else torch.float32),
-                   torch.empty(n, (k // 4 + 1) // 2, dtype=torch.uint8), torch.empty(n) if int8 else None,
-                   torch.empty(n) if meta.get("bias") else None, meta.get("kernels"))
+        layer = cls(torch.empty(n, k // 2, dtype=torch.int8 if int8 else torch.float32),
+                    torch.empty(n, (k // 4 + 1) // 2, dtype=torch.uint8), torch.empty(n) if int8 else None,
+                    torch.empty(n) if meta.get("bias") else None, meta.get("kernels"))
+        if meta.get("weight_only", False) is not False and not int8:
+            raise ValueError("weight_only on a 2:4 layer with float values (its input is never quantized)")
+        layer._restore_weight_only(meta)
+        return layer
 
     def verify(self, metadata: Optional[Tensor] = None) -> None:
         """Raise ``ValueError`` unless the layer's ``metadata`` (or the one given, e.g. read for it
@@ -189,7 +219,8 @@ class Sparse24Linear(_Packed):
 
     def describe(self) -> Dict[str, Any]:
         return {"scheme": self.scheme, "shape": [self.out_features, self.in_features], "bias": self.bias is not None,
-                "kernels": dict(self.kernels), "bytes": _bytes(self.values, self.metadata, self.w_scale, self.bias),
+                "kernels": dict(self.kernels), **self._weight_only_entry(),
+                "bytes": _bytes(self.values, self.metadata, self.w_scale, self.bias),
                 "dense_bytes": 4 * self.out_features * (self.in_features + 1)}
 
 
@@ -392,7 +423,7 @@ def _cpu_impl(m: "Int8Linear") -> str:
 
 def _int_mm_run(mods: list, start: int, any_impl: bool = False) -> Tuple[List[int], List[bool], int]:
     """The indices of the :class:`Int8Linear` layers from ``mods[start]`` on that run ``int_mm`` on CPU
-    (``any_impl``: that would chain if they did), chained output to input with only hook-free
+    (``any_impl``: that would chain if they did; not a weight-only one), chained output to input with only hook-free
     ``nn.Identity`` between them, whether each applies a ReLU (its own ``relu``, or the plain
     ``nn.ReLU`` right after it: :func:`_relu_follows`), and the index after the last (after its ReLU)."""
     run: List[int] = []
@@ -403,7 +434,7 @@ def _int_mm_run(mods: list, start: int, any_impl: bool = False) -> Tuple[List[in
         if type(m) is nn.Identity and run and not _hooked(m):
             i += 1
             continue
-        if (type(m) is not Int8Linear or _hooked(m) or (not any_impl and _cpu_impl(m) != "int_mm")
+        if (type(m) is not Int8Linear or _hooked(m) or (m.weight_only if any_impl else _cpu_impl(m) != "int_mm")
                 or (run and m.in_features != mods[run[-1]].out_features)):
             break
         run.append(i)

@@ -341,6 +341,9 @@ def _build_deploy(model: nn.Module, states: Dict[str, QuantState], sparse24: boo
 
     def add(name: str, new: nn.Module, st: Optional[QuantState], note: Optional[str] = None) -> None:
         _set_module(deploy, name, new)
+        if (qat and st is not None and st.kind == "linear" and st.activation is None
+                and isinstance(new, (Int8Linear, Sparse24Linear)) and new.w_scale is not None):
+            new.serve_weight_only()  # QAT never saw this layer's input quantized: no kernel that quantizes it
         meta = new.describe()
         meta["module"] = type(new).__name__
         meta["kernel"] = {"cpu": CPU_KERNELS[meta["scheme"]]}
@@ -552,10 +555,11 @@ def _check_same_samples(seen: List[Tensor], target: Tensor) -> None:
 
 
 def _int8_layers(model: nn.Module) -> list:
-    """The layers whose CPU kernel is one of ``int8_linear``'s implementations: :class:`Int8Linear`
-    and int8-valued :class:`Sparse24Linear`."""
+    """The layers whose CPU kernel is chosen among ``int8_linear``'s implementations: :class:`Int8Linear`
+    and int8-valued :class:`Sparse24Linear`, except those QAT trained weight-only (pinned to ``dequant``)."""
     return [m for m in model.modules()
-            if isinstance(m, Int8Linear) or (isinstance(m, Sparse24Linear) and m.values.dtype == torch.int8)]
+            if (isinstance(m, Int8Linear) or (isinstance(m, Sparse24Linear) and m.values.dtype == torch.int8))
+            and not m.weight_only]
 
 
 def _set_impl(m: nn.Module, impl: str) -> None:

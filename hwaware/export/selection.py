@@ -234,6 +234,16 @@ def _candidates(layer: Sparse24Linear) -> Dict[str, Tuple[Optional[Callable[[Ten
     }
 
 
+WEIGHT_ONLY_WHY = ("QAT trained this layer weight-only (activation None): it runs dequant, the int8 implementation "
+                   "that keeps its input float; the others quantize an input QAT never saw quantized (not timed)")
+
+
+def weight_only_record(layer: nn.Module, device: str) -> Dict[str, Any]:
+    """The selection record of a layer pinned to ``dequant`` (``serve_weight_only``): nothing timed."""
+    kernel = layer.kernels.get(device, "dequant")
+    return {"chosen": "dequant", "op_kernel": kernel, "weight_only": True, "why": WEIGHT_ONLY_WHY}
+
+
 def select_sparse24_kernels(model: nn.Module, rows: Dict[str, int], device: str = "cpu",
                             allowed: Optional[Collection[str]] = None, only: Optional[Collection[str]] = None
                             ) -> Dict[str, Dict[str, Any]]:
@@ -248,6 +258,9 @@ def select_sparse24_kernels(model: nn.Module, rows: Dict[str, int], device: str 
     barred = set() if allowed is None else {c for impl, c in SPARSE24_INT8_CANDIDATE.items() if impl not in allowed}
     for name, layer in model.named_modules():
         if not isinstance(layer, Sparse24Linear) or (only is not None and name not in only):
+            continue
+        if layer.weight_only:
+            records[name] = weight_only_record(layer, device)
             continue
         cands = _candidates(layer)
         if name not in rows:
@@ -307,6 +320,9 @@ def select_int8_kernels(model: nn.Module, rows: Dict[str, int], device: str = "c
     records: Dict[str, Dict[str, Any]] = {}
     for name, layer in model.named_modules():
         if not isinstance(layer, Int8Linear) or (only is not None and name not in only):
+            continue
+        if layer.weight_only:
+            records[name] = weight_only_record(layer, device)
             continue
         m = rows.get(name, NOMINAL_ROWS)
         x = torch.randn(m, layer.in_features, generator=torch.Generator().manual_seed(0))

@@ -1,0 +1,61 @@
+"""A layer QAT trained weight-only (``activation: None``) is served weight-only: the export's
+kernel choice could put it on an int8 implementation that quantizes its input (``int_mm``,
+``fbgemm``), which QAT never trained for."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hwaware import QuantSpec
+from hwaware.export import ArtifactError, export, load
+from hwaware.export.deploy import Int8Linear
+from tests.export.test_recorded_hparams import _rehashed
+from tests.helpers import TinyCTR, loaders, train_with_quant
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    _, model, cb = train_with_quant(tmp_path_factory.mktemp("fit"), max_epochs=3, start_epoch=1, calibration_batches=2,
+                                    layer_specs={"mlp.0": {"activation": None}})
+    assert cb.report["layers"]["mlp.0"]["activation"] is None
+    return model
+
+
+def test_a_weight_only_layer_runs_dequant_and_only_the_others_are_chosen_for(trained, tmp_path):
+    _, val = loaders()
+    # int_mm only: before, mlp.0 ran it too, on int8 activations QAT never trained with
+    art = export(trained, tmp_path / "a", val_dataloader=val, max_drop=1.0, int8_impls=("int_mm",),
+                 example_inputs=(torch.randn(8, 4), torch.randint(0, 50, (8,))))
+    layers = art.manifest["layers"]
+    assert layers["mlp.0"]["weight_only"] is True and layers["mlp.0"]["kernels"]["cpu"] == "dequant"
+    assert layers["mlp.0"]["activation"].startswith("none: the input stays float")
+    assert layers["mlp.0"]["selection"]["cpu"]["why"].startswith("QAT trained this layer weight-only")
+    assert "weight_only" not in layers["mlp.2"] and layers["mlp.2"]["kernels"]["cpu"] == "int_mm"
+    assert layers["mlp.2"]["qat_activation"] and "qat_activation" not in layers["mlp.0"]
+    assert set(art.manifest["regression"]["by_impl"]) == {"int_mm"}  # the gate switched mlp.2 only
+    # served as recorded: load rebuilds the pin, and re-timing on this CPU keeps it
+    for kernels in ("recorded", "measure"):
+        served = load(art.path, model=TinyCTR, kernels=kernels)
+        assert served.mlp[0].weight_only and served.mlp[0].kernels["cpu"] == "dequant", kernels
+        with torch.no_grad():
+            for dense, ids, _ in val:
+                assert torch.equal(served(dense, ids), art.model(dense, ids))
+    assert set(load(art.path, model=TinyCTR, kernels="measure").hwaware_selection) == {"mlp.2"}  # mlp.0: nothing to time
+
+
+def test_post_training_layers_are_not_pinned(tmp_path):
+    torch.manual_seed(0)
+    art = export(TinyCTR(), tmp_path / "a", int8_impls=("int_mm",), example_inputs=(torch.randn(8, 4), torch.randint(0, 50, (8,))))
+    assert all("weight_only" not in m for m in art.manifest["layers"].values())
+    assert isinstance(art.model.mlp[0], Int8Linear) and art.model.mlp[0].kernels["cpu"] == "int_mm"
+
+
+@pytest.mark.parametrize("edit, why", [
+    (lambda e: e.update(weight_only="yes"), r"weight_only='yes'; expected true or false"),
+    (lambda e: e["kernels"].update(cpu="int_mm"), r"weight_only with CPU kernel 'int_mm'; a weight-only layer runs 'dequant'"),
+])
+def test_an_edited_weight_only_entry_is_refused(trained, tmp_path, edit, why):
+    art = export(trained, tmp_path / "a")
+    _rehashed(art.path, lambda m: edit(m["layers"]["mlp.0"]))
+    with pytest.raises(ArtifactError, match=r"layer 'mlp.0' \(Int8Linear\): its entry is malformed \(ValueError: " + why):
+        load(art.path, model=TinyCTR)
