@@ -207,9 +207,14 @@ class SemiStructuredSparsity(_RestoresForEvaluation):
     def _restore_for_evaluation(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # validate / test / predict(ckpt_path=...): the model gets the dense reference back, for export's gate
         if self._pending is not None:
-            self._pending = None
+            saved, self._pending = self._pending, None
             if self.phase != "dense" and self.dense_reference is not None:
                 set_fp32_reference(pl_module, self.dense_reference)
+            # the report reads the pruned layers (setup, which finds them, runs for fit only): it was empty
+            modules = dict(pl_module.named_modules())
+            self._names = [n for n in saved["names"] if n in modules]
+            self._layers = {n: modules[n] for n in self._names}
+            self._skipped = saved["skipped"]
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -401,7 +406,8 @@ class SemiStructuredSparsity(_RestoresForEvaluation):
         self._history = copy.deepcopy(state_dict["history"])
         self._metrics_before = dict(state_dict["metrics_before"])
         self._metrics_after = dict(state_dict["metrics_after"])
-        self._pending = {"names": list(state_dict["names"]), "masks": state_dict["masks"], "dense": state_dict["dense"]}
+        self._pending = {"names": list(state_dict["names"]), "masks": state_dict["masks"], "dense": state_dict["dense"],
+                         "skipped": dict(state_dict.get("skipped", {}))}
         self.dense_reference = state_dict.get("dense_reference")
 
     def _restore(self, saved: Dict[str, Any], pl_module: nn.Module) -> None:

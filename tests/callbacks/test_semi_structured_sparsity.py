@@ -548,6 +548,9 @@ def test_validate_from_a_checkpoint_restores_the_dense_reference(tmp_path):
     make_trainer(tmp_path / "b", [sp2]).validate(fresh, loaders()[1], ckpt_path=ckpt, verbose=False)
     ref = fp32_reference(fresh)
     assert ref is sp2.dense_reference and all(torch.equal(ref[k], v) for k, v in sp.dense_reference.items())
+    # the report reads the restored model's layers (it listed none: setup runs for fit only)
+    assert sp2.report["layers"] == sp.report["layers"] and sp2.report["layers"]
+    assert sp2.report["skipped"] == sp.report["skipped"]
 
 
 def test_a_monitor_never_logged_warns_at_the_end_of_fit(tmp_path):
