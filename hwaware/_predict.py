@@ -76,8 +76,13 @@ def model_predictions(module: nn.Module, batch: Any, who: str) -> Any:
 def side_effect_free(model: nn.Module) -> Iterator[None]:
     """Run ``model`` once without leaving a trace: eval mode (BatchNorm statistics stay), no
     gradients, quantization off (no quantizer or KL collector sees the batch), the RNG state
-    restored, and every submodule's train/eval flag put back as it was."""
+    restored, every submodule's train/eval flag put back as it was, and the tables of embeddings
+    with ``max_norm`` (which renormalize rows in place) restored."""
     modes = [(m, m.training) for m in model.modules()]
+    # an embedding with max_norm renormalizes the rows it looks up in place, in eval and under no_grad
+    # too: a trial's export rewrote the rows of the first batch's ids in the user's table
+    renormed = [(m.weight, m.weight.detach().clone()) for m in model.modules()
+                if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None]
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     cuda = [device.index or 0] if device.type == "cuda" else []
     try:
@@ -87,6 +92,9 @@ def side_effect_free(model: nn.Module) -> Iterator[None]:
     finally:
         for m, training in modes:
             m.training = training
+        with torch.no_grad():
+            for w, before in renormed:
+                w.copy_(before)
 
 
 

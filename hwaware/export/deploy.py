@@ -269,7 +269,9 @@ class RowwiseEmbeddingBag(nn.Module):
         if m.padding_idx is not None and m.mode == "max":
             raise ValueError("embedding bags with padding_idx in mode 'max' are not supported by the row-wise op "
                              "(mode 'sum' and 'mean' are)")
-        fused = packing.quantize_rowwise(m.weight.detach().float(), st.weight.spec.bits)
+        if m.max_norm is not None:  # served as stored, never renormalized: a trial's bags came out 4x longer
+            raise ValueError("embedding bags with max_norm (renormalized rows on lookup) are not supported by the row-wise op")
+        fused = packing.quantize_rowwise(m.weight.detach().float(), st.weight.spec.bits, st.weight.spec)
         return cls(fused, st.weight.spec.bits, m.embedding_dim, m.mode, bool(m.include_last_offset), m.padding_idx, m.weight.dtype)
 
     @classmethod
@@ -291,6 +293,7 @@ class RowwiseEmbeddingBag(nn.Module):
                             "(as nn.EmbeddingBag refuses it)")
         if per_sample_weights is not None and per_sample_weights.dtype != torch.float32:
             per_sample_weights = per_sample_weights.float()  # a bf16/fp16 model passes its own dtype; the op sums in fp32
+        last = self.include_last_offset
         if input.dim() == 2:  # [B, L] fixed-length bags
             if offsets is not None:
                 raise ValueError(f"{type(self).__name__}: 2-D input is a batch of fixed-length bags and takes no offsets, "
@@ -300,23 +303,24 @@ class RowwiseEmbeddingBag(nn.Module):
             input = input.reshape(-1)
             if per_sample_weights is not None:
                 per_sample_weights = per_sample_weights.reshape(-1)
+            last = False  # B start offsets: B bags, as torch gives whatever include_last_offset says
         elif offsets is None:
             raise ValueError("RowwiseEmbeddingBag: 1-D input needs offsets")
         if offsets.dtype != input.dtype:
             offsets = offsets.to(input.dtype)
         if self.padding_idx is not None:
-            return self._padded(input, offsets, per_sample_weights)
+            return self._padded(input, offsets, per_sample_weights, last)
         return torch.ops.hwaware.embedding_bag_rowwise.default(
-            self.weight, self.bits, self.dim, input, offsets, _MODES[self.mode], per_sample_weights, self.include_last_offset)
+            self.weight, self.bits, self.dim, input, offsets, _MODES[self.mode], per_sample_weights, last)
 
-    def _padded(self, input: Tensor, offsets: Tensor, per_sample_weights: Optional[Tensor]) -> Tensor:
+    def _padded(self, input: Tensor, offsets: Tensor, per_sample_weights: Optional[Tensor], last: bool) -> Tensor:
         """``nn.EmbeddingBag``'s padding_idx: entries at it are left out of the bag. A sum weighs them
         by 0 (exactly the sum without them: the rows are finite); a mean divides that sum by the bags'
         counts of other entries (a bag of padding only, or empty, gives zeros, as torch's does)."""
         keep = input != self.padding_idx
         w = keep.to(torch.float32) if per_sample_weights is None else per_sample_weights * keep
         out = torch.ops.hwaware.embedding_bag_rowwise.default(
-            self.weight, self.bits, self.dim, input, offsets, _MODES["sum"], w, self.include_last_offset)
+            self.weight, self.bits, self.dim, input, offsets, _MODES["sum"], w, last)
         if self.mode == "sum":
             return out
         # each bag's count of kept entries: a sum bag over a one-entry table of ones, weighted by keep
@@ -324,7 +328,7 @@ class RowwiseEmbeddingBag(nn.Module):
         # batch dynamic down to 1)
         ones = torch.ones(1, 1, dtype=torch.float32, device=input.device)
         count = F.embedding_bag(torch.zeros_like(input), ones, offsets, mode="sum", per_sample_weights=keep.to(torch.float32),
-                                include_last_offset=self.include_last_offset)
+                                include_last_offset=last)
         return out / count.clamp_(min=1)
 
     def describe(self) -> Dict[str, Any]:
@@ -342,7 +346,7 @@ class RowwiseEmbedding(RowwiseEmbeddingBag):
     def from_quantized(cls, m: nn.Embedding, st: QuantState) -> "RowwiseEmbedding":
         if m.max_norm is not None:  # (padding_idx only stops gradients: a lookup returns the row as stored)
             raise ValueError("embeddings with max_norm (renormalized rows on lookup) are not supported by the row-wise op")
-        fused = packing.quantize_rowwise(m.weight.detach().float(), st.weight.spec.bits)
+        fused = packing.quantize_rowwise(m.weight.detach().float(), st.weight.spec.bits, st.weight.spec)
         return cls(fused, st.weight.spec.bits, m.embedding_dim, "sum", False, dtype=m.weight.dtype)
 
     def forward(self, input: Tensor) -> Tensor:  # input: any shape -> [*input.shape, D]

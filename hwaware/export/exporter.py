@@ -720,10 +720,16 @@ def _export_program(deploy: nn.Module, example_inputs: Tuple[Any, ...]):
             ranges.append(None)
             continue
         size = nodes[name].meta["val"].shape[0]
-        if isinstance(size, int):
-            ranges.append([size, size])
+        expr = size if isinstance(size, int) else size.node.expr
+        if isinstance(expr, int) or getattr(expr, "is_number", False):
+            # fixed by the model's code (ids [tables, batch]: dim 0 the table count): a SymInt whose
+            # expression is a number (a KeyError in range_constraints before)
+            ranges.append([int(expr), int(expr)])
             continue
-        r = program.range_constraints[size.node.expr]
+        r = program.range_constraints.get(expr)
+        if r is None:  # a size derived from others (2 * s0): no range of its own to record
+            ranges.append(None)
+            continue
         hi = None if math.isinf(float(r.upper)) else int(r.upper)  # torch's int_oo says is_finite
         ranges.append([int(r.lower), hi])
     note = "batch sizes each input of program.pt2 accepts ([lo, hi]; hi null: unbounded)"

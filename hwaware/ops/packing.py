@@ -212,9 +212,18 @@ def unpack_rowwise(fused: Tensor, bits: int, dim: Optional[int] = None) -> Tuple
     return codes, scale, offset
 
 
-def quantize_rowwise(table: Tensor, bits: int) -> Tensor:
+def quantize_rowwise(table: Tensor, bits: int, spec: Optional[QuantSpec] = None) -> Tensor:
     """Quantize a float ``[R, D]`` table to the FBGEMM row-wise layout with the QAT numerics
-    (:func:`rowwise_spec`): dequantizing the result equals ``fake_quantize`` of the table exactly."""
+    (:func:`rowwise_spec`): dequantizing the result equals ``fake_quantize`` of the table exactly.
+
+    ``spec``: the table's QAT spec. A symmetric one (codes ``q`` in ``[qmin, qmax]``, offset 0) is
+    stored in the same layout as ``c = q + 2^(bits-1)`` with offset ``-2^(bits-1) * scale`` (exact:
+    a power of two times the scale), so the artifact holds the very codes QAT trained; dequantized,
+    ``c * scale + offset`` is ``q * scale`` up to the rounding of one product (a trial saw 26% of a
+    symmetric table's codes change when it was re-quantized affine). Its scale dtype must be the
+    layout's (:func:`rowwise_spec`)."""
+    if spec is not None and spec.symmetric:
+        return _quantize_rowwise_symmetric(table, bits, spec)
     spec = rowwise_spec(bits)
     _check_tensor("table", table, _FLOATS, 2, "[R, D] float")
     if table.shape[1] < 1:
@@ -231,6 +240,26 @@ def quantize_rowwise(table: Tensor, bits: int) -> Tensor:
     scale, offset = compute_qparams(mn, mx, spec)
     codes = quantize(table, scale, offset, spec)
     return pack_rowwise(codes, scale, offset, bits)
+
+
+def _quantize_rowwise_symmetric(table: Tensor, bits: int, spec: QuantSpec) -> Tensor:
+    layout = rowwise_spec(bits)
+    if spec.bits != bits or spec.granularity != "per_row" or spec.scale_dtype != layout.scale_dtype:
+        raise ValueError(f"a {bits}-bit row-wise table stores {layout.scale_dtype} scales per row; got spec {spec.short()} "
+                         f"with scale_dtype={spec.scale_dtype!r}")
+    _check_tensor("table", table, _FLOATS, 2, "[R, D] float")
+    if table.shape[1] < 1:
+        raise ValueError(f"table must have at least one column, got shape {tuple(table.shape)}")
+    _check_finite("table", table)
+    mn, mx = channel_minmax(table.detach().float())
+    scale, zero = compute_qparams(mn, mx, spec)
+    half = 2 ** (bits - 1)
+    if bits == 4 and bool((scale * half > _FP16_MAX).any()):
+        r = int((scale * half > _FP16_MAX).nonzero()[0])
+        raise ValueError(f"row {r}'s scale {float(scale[r]):.6g}: 4-bit rows store the offset -8 * scale as float16, at most "
+                         f"{_FP16_MAX:g} in magnitude; use 8-bit rows for this table")
+    codes = (quantize(table, scale, zero, spec).to(torch.int16) + half).to(torch.uint8)  # [qmin, qmax] + half: in [0, 2^bits)
+    return pack_rowwise(codes, scale, -half * scale, bits)
 
 
 def check_rowwise_qparams(fused: Tensor, bits: int, rows_per_chunk: int = 1 << 20) -> None:

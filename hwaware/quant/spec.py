@@ -48,7 +48,9 @@ class QuantSpec:
             ``per_row`` affine. The optimizer learns the scale's log relative to its calibrated
             value, so the scale stays > 0 and a step (Adam: about lr) changes it relatively.
         scale_dtype: ``float32`` or ``float16``; scales (and row offsets) are rounded to this dtype
-            during fake quantization so QAT sees exactly what the deployed format stores.
+            during fake quantization so QAT sees exactly what the deployed format stores. An
+            embedding table's spec takes its row format's (int8 rows: float32, int4: float16)
+            whatever is given here: FBGEMM's layout fixes it.
 
     Raises:
         ValueError: any field outside its allowed set, or an inconsistent combination.

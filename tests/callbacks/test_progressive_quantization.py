@@ -640,7 +640,7 @@ def test_resume_mid_qat_restores_identical_per_layer_specs(tmp_path):
     model_b, cb_b = _ckpt_run(tmp_path / "b", ckpt_path=ckpt, extra=[Capture()], layer_specs=_MIXED)
     specs = restored.pop("specs")
     _assert_state_equal(saved_cb, restored)
-    assert specs["mlp.2"] == (INT4_G32, None) and specs["emb"] == (INT4_ROWS.replace(dynamic=True), None)
+    assert specs["mlp.2"] == (INT4_G32, None) and specs["emb"] == (INT4_ROWS.replace(dynamic=True, scale_dtype="float16"), None)
     assert specs["mlp.0"] == (QuantSpec(), STATIC_ACT)
     _assert_state_equal(cb_a.state_dict(), cb_b.state_dict())
     _assert_state_equal(model_a.state_dict(), model_b.state_dict())

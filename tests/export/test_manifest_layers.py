@@ -127,8 +127,8 @@ def test_post_training_layers_record_no_qat_activation_and_dense_reasons_name_th
     art = export(Bags(), tmp_path / "art")
     assert art.manifest["post_training"] and not any("qat_activation" in m for m in art.manifest["layers"].values())
     assert art.manifest["layers"]["lin"]["activation"]  # what is served is still recorded
-    assert art.manifest["dense_layers"]["emb"] == ("embedding bags with padding_idx in mode 'max' are not supported by the "
-                                                   "row-wise op (mode 'sum' and 'mean' are)")
+    assert art.manifest["dense_layers"]["emb"] == ("skipped by post-training quantization: mode='max' with padding_idx: "
+                                                   "no row-wise deploy op serves it, stays FP32")
 
 
 def test_qat_layers_record_what_qat_trained_with(tmp_path):

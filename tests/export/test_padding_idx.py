@@ -113,3 +113,14 @@ def test_the_program_of_a_padded_mean_bag_serves_batch_1_and_2(tmp_path):
     program = torch.export.load(str(tmp_path / "art" / "program.pt2")).module()
     for ids_b, off_b in ((ids[:3], offsets[:1]), (ids[:5], offsets[:2]), (ids, offsets)):
         torch.testing.assert_close(program(ids_b, off_b), art.model(ids_b, off_b), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("pad", [None, 0])
+def test_two_d_input_is_b_bags_whatever_include_last_offset_says(pad):
+    # as torch: [B, L] ids are B bags; with include_last_offset=True the deploy table returned B - 1
+    fused, dense = _tables(8)
+    ids = torch.tensor([[0, 1, 2], [3, 0, 4], [4, 0, 5], [7, 8, 9]])
+    served = RowwiseEmbeddingBag(fused, 8, 8, "mean", True, padding_idx=pad)
+    ref = nn.EmbeddingBag.from_pretrained(dense, mode="mean", padding_idx=pad, include_last_offset=True)
+    assert ref(ids).shape == (4, 8)
+    torch.testing.assert_close(served(ids), ref(ids), atol=1e-6, rtol=1e-6)

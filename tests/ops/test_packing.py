@@ -18,7 +18,8 @@ from hwaware.ops.packing import (
     unpack_int4,
     unpack_rowwise,
 )
-from hwaware.quant.primitives import channel_minmax, compute_qparams, fake_quantize, fake_quantize_dynamic
+from hwaware.quant.primitives import channel_minmax, compute_qparams, fake_quantize, fake_quantize_dynamic, quantize
+from hwaware.quant.spec import QuantSpec
 
 
 # -- int4 nibbles ----------------------------------------------------------------------------------
@@ -90,6 +91,29 @@ def test_rowwise_matches_qat_fake_quant_exactly(bits):
     scale, offset = compute_qparams(mn, mx, spec)
     torch.testing.assert_close(deq, fake_quantize(table, scale, offset, spec), atol=0, rtol=0)
     torch.testing.assert_close(deq, fake_quantize_dynamic(table, spec)[0], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_symmetric_rows_keep_qats_codes_in_the_row_layout(bits):
+    # a symmetric table spec was re-quantized affine at export: 26% of a trial's codes changed
+    from hwaware.quant.attach import table_spec
+
+    table = torch.randn(64, 12) * torch.logspace(-3, 1, 64)[:, None]
+    spec = table_spec(QuantSpec(bits=bits, granularity="per_row", symmetric=True, dynamic=True))
+    mn, mx = channel_minmax(table)
+    scale, zero = compute_qparams(mn, mx, spec)
+    q = quantize(table, scale, zero, spec)
+    fused = quantize_rowwise(table, bits, spec)
+    codes, s, offset = unpack_rowwise(fused, bits, 12)
+    assert torch.equal(codes.to(torch.int16) - 2 ** (bits - 1), q.to(torch.int16))  # the very codes QAT trained
+    assert torch.equal(s, scale) and torch.equal(offset, -(2 ** (bits - 1)) * scale)
+    # served: c * scale + offset, q * scale up to the rounding of one product
+    want = fake_quantize(table, scale, zero, spec)
+    ids = torch.arange(64)
+    served = torch.ops.hwaware.embedding_bag_rowwise(fused, bits, 12, ids, ids, 0, None, False)
+    torch.testing.assert_close(served, want, atol=0, rtol=2 ** -20)
+    with pytest.raises(ValueError, match=r"stores float(16|32) scales per row"):
+        quantize_rowwise(table, bits, spec.replace(scale_dtype="float32" if bits == 4 else "float16"))
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -204,6 +204,44 @@ def test_embedding_bag_2d_input_with_offsets_raises_like_torch():
         bag(torch.zeros(2, 3, dtype=torch.long), torch.tensor([0, 3]))
 
 
+@pytest.mark.parametrize("mode, padding_idx", [("sum", None), ("mean", None), ("max", None), ("sum", 0), ("mean", 0)])
+def test_embedding_bag_2d_input_ignores_include_last_offset_like_torch(mode, padding_idx):
+    # torch gives B bags for [B, L] ids whatever include_last_offset says; fake quant gave B - 1
+    # (and a fit crashed at calibration on the short batch)
+    bag = nn.EmbeddingBag(10, 4, mode=mode, include_last_offset=True, padding_idx=padding_idx)
+    ids = torch.randint(0, 10, (5, 3), generator=torch.Generator().manual_seed(0))
+    table_q = _fq(bag.weight, EMB_SPEC)
+    ref = F.embedding_bag(ids, table_q, mode=mode, padding_idx=padding_idx)  # [5, 4]
+    _quantize(bag)
+    torch.testing.assert_close(bag(ids), ref, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("make, why", [
+    (lambda: nn.Embedding(10, 4, max_norm=1.0), r"max_norm=1.0 renormalizes the rows it looks up"),
+    (lambda: nn.EmbeddingBag(10, 4, max_norm=2.0), r"max_norm=2.0 renormalizes the rows it looks up"),
+    (lambda: nn.EmbeddingBag(10, 4, mode="max", padding_idx=0), r"mode='max' with padding_idx: no row-wise deploy op"),
+])
+def test_tables_no_deploy_op_serves_are_not_quantized(make, why):
+    # QAT fake-quantized and KL-validated them, then export left them FP32 without a word (and packed
+    # max_norm bags, never renormalized: bags 4x longer than FP32's)
+    model = nn.Sequential(make())
+    plan, skipped = find_quantizable(model, weight_spec=WEIGHT_SPEC, embedding_spec=EMB_SPEC)
+    assert plan == {} and list(skipped) == ["0"]
+    import re
+
+    assert re.search(why, skipped["0"]), skipped["0"]
+
+
+@pytest.mark.parametrize("bits, scale_dtype", [(4, "float16"), (8, "float32")])
+@pytest.mark.parametrize("given", ["float16", "float32"])
+def test_a_tables_scale_dtype_is_its_row_formats(bits, scale_dtype, given):
+    # FBGEMM stores int4 rows' scale and offset as float16 and int8 rows' as float32: with another
+    # dtype QAT rounded differently from the artifact (0.15% of int4 codes, 2.8% of int8 ones differed)
+    spec = QuantSpec(bits=bits, granularity="per_row", symmetric=False, dynamic=True, scale_dtype=given)
+    plan, _ = find_quantizable(nn.Sequential(nn.EmbeddingBag(10, 4)), weight_spec=WEIGHT_SPEC, embedding_spec=spec)
+    assert plan["0"][1] == spec.replace(scale_dtype=scale_dtype)
+
+
 # ------------------------------------------------------------------------------------------------
 # invisible to research code
 # ------------------------------------------------------------------------------------------------
@@ -348,7 +386,7 @@ def test_layer_specs_override_per_layer_and_keep_the_global_skip_reasons():
             model, weight_spec=WEIGHT_SPEC, activation_spec=ACT_SPEC, skip=["4"],
             layer_specs={"0": {"weight": INT4_G32, "activation": None}, "[12]": INT4_G32, "3": rows4, "4": INT4_G32})
     # layer 0: its own weight, weight-only; an embedding gets a table even with embedding_spec=None
-    assert plan == {"0": ("linear", INT4_G32, None), "3": ("embedding", rows4.replace(dynamic=True), None)}
+    assert plan == {"0": ("linear", INT4_G32, None), "3": ("embedding", rows4.replace(dynamic=True, scale_dtype="float16"), None)}
     assert skipped == {
         "1": "in_features=8 is not a multiple of group_size=32 (layer_specs['[12]'])",
         "2": "per_group weights are defined for Linear layers only (layer_specs['[12]'])",
