@@ -403,7 +403,12 @@ def print_table(report: dict) -> None:
     print("val_auroc by epoch: " + ", ".join(f"{r['epoch']}:{r['val_auroc']:.4f}({r['phase']})" for r in report["val_auroc_by_epoch"]))
     e = report.get("export")
     if e:
-        print(f"export: {e['path']}  AUROC through the deploy ops {e['auroc']:.5f} (drop {e['auroc_drop']:.5f}); "
+        gate = e.get("gate") or {}
+        gated = ("" if gate.get("drop") is None or abs(gate["drop"] - e["auroc_drop"]) < 1e-12 else
+                 f"; the gate's drop {gate['drop']:.5f} is against its reference {gate['reference']:.5f}"
+                 + (", the dense model before 2:4 pruning" if report.get("sparsity") else ""))
+        print(f"export: {e['path']}  AUROC through the deploy ops {e['auroc']:.5f} (drop {e['auroc_drop']:.5f} against "
+              f"the FP32 model at QAT start{gated}); "
               f"{e['size_bytes']:,} bytes = {e['size_fraction']:.1%} of FP32 ({e['artifact_bytes_on_disk']:,} on disk with "
               "program.pt2); "
               f"throughput {e['throughput_ratio']:.2f}x FP32 at batch {e['batch_size']}"
@@ -612,7 +617,8 @@ def run(args: argparse.Namespace, state: dict = None):
         export_report = None if args.no_export else export_and_bench(args, model, fp32, dm, fp32_auroc, state)
     except hwaware.RegressionError as e:  # the gate refused: nothing was written
         kept = f"; the previous artifact at {args.export_dir} is intact" if is_artifact(args.export_dir) else ""
-        _fail(f"export refused: {e}{kept}")
+        msg = str(e)
+        _fail(f"{msg if msg.startswith('export refused') else 'export refused: ' + msg}{kept}")  # (not twice)
     report = {
         "fp32": {"auroc": fp32_auroc},
         "qat": {"auroc": qat_auroc},

@@ -447,8 +447,11 @@ def _metric_value(metric: str, preds: Tensor, target: Tensor) -> float:
 
     if metric == "auroc":
         if preds.dim() > 2 or (preds.dim() == 2 and preds.shape[1] != 1):
-            raise ValueError(f"metric='auroc' expects one logit or probability per sample; the model outputs shape "
-                             f"{tuple(preds.shape)} (use metric='accuracy' for class scores)")
+            cols = preds.shape[1] if preds.dim() == 2 else tuple(preds.shape[1:])
+            raise ValueError(f"metric='auroc' expects one logit or probability per sample; the model's output has {cols} columns "
+                             f"per sample (shape {tuple(preds.shape)} over the loader's batches). For class scores use "
+                             "metric='accuracy'; for a multi-task head or a two-class softmax, pass output_fn= returning the "
+                             "one column to gate on (e.g. lambda model, batch: model(*batch[:-1])[:, 0])")
         t = target.reshape(-1)
         if t.numel() != preds.numel():
             raise ValueError(f"metric='auroc' expects one binary target per sample; got targets of shape "
@@ -1081,8 +1084,9 @@ def export(
                           **({"batch_hooks": hooks} if hooks else {})}
                 raise RegressionError(
                     f"export refused: {metric} dropped {by_impl[best]['drop']:.5f} (reference {ref_value:.5f} -> exported "
-                    f"{by_impl[best]['exported']:.5f} on {best}, the best of the int8 implementations; "
-                    + ", ".join(f"{i} {r['exported']:.5f}" for i, r in by_impl.items() if i != best)
+                    f"{by_impl[best]['exported']:.5f} on {best}" + (
+                        ", the best of the int8 implementations; " + ", ".join(
+                            f"{i} {r['exported']:.5f}" for i, r in by_impl.items() if i != best) if len(by_impl) > 1 else "")
                     + f"), more than max_drop={max_drop}; nothing was written at {path!r}", report)
     if allowed is None and int8_impls is not None:  # no gate ran: the implementations the caller allowed
         allowed = list(int8_impls)

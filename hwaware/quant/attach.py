@@ -237,6 +237,18 @@ def matching_pattern(name: str, patterns: Sequence[str]) -> Optional[str]:
     return None
 
 
+def alias_hint(model: nn.Module, pattern: str) -> str:
+    """A note for a pattern that matches no module because it names a module's second name (``self.b
+    = self.a``): patterns match each module under its first name, as ``named_modules`` lists it."""
+    first: Dict[int, str] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        first.setdefault(id(m), name)
+        if name and first[id(m)] != name and matching_pattern(name, [pattern]):
+            return (f" ({name!r} is {first[id(m)]!r} under a second name: patterns match a module by its first name, "
+                    f"so use {first[id(m)]!r})")
+    return ""
+
+
 def check_skip_matches(model: nn.Module, skip: Sequence[str], layers: Sequence[str], what: str) -> None:
     """Refuse a ``skip`` pattern that names nothing in ``model``: a typo there would silently
     quantize or prune the layer the user meant to keep. ``layers`` (the candidates) go in the
@@ -246,8 +258,8 @@ def check_skip_matches(model: nn.Module, skip: Sequence[str], layers: Sequence[s
     for pattern in skip:
         if not any(matching_pattern(n, [pattern]) for n in names):
             some = ", ".join(layers[:12]) + (f", ... ({len(layers)} in all)" if len(layers) > 12 else "")
-            raise ValueError(f"skip pattern {pattern!r} matches no layer of {type(model).__name__}; "
-                             f"the {what} layers are: {some or 'none'}")
+            raise ValueError(f"skip pattern {pattern!r} matches no layer of {type(model).__name__}"
+                             f"{alias_hint(model, pattern)}; the {what} layers are: {some or 'none'}")
 
 
 def table_spec(spec: QuantSpec) -> QuantSpec:
@@ -494,8 +506,8 @@ def find_quantizable(model: nn.Module, *, weight_spec: QuantSpec, activation_spe
         excluded = [n for n in skipped if n not in eligible and matching_pattern(n, [pattern])]
         why = (f" (it matches {', '.join(excluded[:4])}{', ...' if len(excluded) > 4 else ''}, which stay FP32: "
                f"{skipped[excluded[0]]})" if excluded else "")
-        raise ValueError(f"layer_specs pattern {pattern!r} matches no quantizable layer of {type(model).__name__}{why}; "
-                         f"quantizable layers are: {some or 'none'}")
+        raise ValueError(f"layer_specs pattern {pattern!r} matches no quantizable layer of {type(model).__name__}{why}"
+                         f"{alias_hint(model, pattern)}; quantizable layers are: {some or 'none'}")
     for pattern, names in overridden_by_skip.items():
         if names and len(names) == won[pattern]:
             warnings.warn(f"layer_specs pattern {pattern!r} applies to no layer: every layer it matches "

@@ -94,6 +94,10 @@ def test_regression_gate_refuses_and_writes_nothing(tmp_path):
     with pytest.raises(RegressionError):
         export(model, tmp_path / "fresh", val_dataloader=val, max_drop=0.001)
     assert not os.path.exists(tmp_path / "fresh")
+    # one implementation gated: its figures, no dangling list of the others ("...; ), more than")
+    with pytest.raises(RegressionError, match=r"auroc dropped [0-9.]+ \(reference [0-9.]+ -> exported [0-9.]+ on int_mm\), "
+                                              r"more than max_drop=0.001; nothing was written"):
+        export(model, tmp_path / "fresh", val_dataloader=val, max_drop=0.001, int8_impls=("int_mm",))
 
 
 def test_metric_must_match_model_output(tmp_path):
@@ -404,7 +408,10 @@ def test_a_lightning_model_without_predict_step_runs_on_its_inputs(tmp_path):
     by_key = export(model, tmp_path / "k", val_dataloader=[{"x": x, "y": y} for x, y in _class_batches()],
                     metric="accuracy", max_drop=1.0, output_fn=lambda m, b: (m(b["x"]), b["y"]))
     assert by_key.report["target"] == "output_fn"
-    with pytest.raises(ValueError, match=r"metric='auroc' expects one logit"):  # the mismatch, not a deep error
+    # the mismatch, not a deep error; per sample (it said the loader's 64 rows were the output), and the fix
+    with pytest.raises(ValueError, match=r"metric='auroc' expects one logit or probability per sample; the model's output "
+                                         r"has 10 columns per sample \(shape \(64, 10\) over the loader's batches\)\. For class "
+                                         r"scores use metric='accuracy'; for a multi-task head .*pass output_fn="):
         export(model, tmp_path / "b", val_dataloader=_class_batches(), metric="auroc")
 
 

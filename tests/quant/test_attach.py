@@ -216,6 +216,22 @@ def test_embedding_bag_2d_input_ignores_include_last_offset_like_torch(mode, pad
     torch.testing.assert_close(bag(ids), ref, atol=0, rtol=0)
 
 
+def test_a_pattern_naming_a_modules_second_name_says_which_name_to_use():
+    # "matches no layer of M" although M has that attribute: it is the same table under a second name
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.user_table = nn.EmbeddingBag(10, 4)
+            self.author_table = self.user_table
+            self.head = nn.Linear(4, 1)
+
+    hint = r"\('author_table' is 'user_table' under a second name: patterns match a module by its first name, so use 'user_table'\)"
+    with pytest.raises(ValueError, match=r"skip pattern 'author_table' matches no layer of M " + hint):
+        find_quantizable(M(), weight_spec=WEIGHT_SPEC, embedding_spec=EMB_SPEC, skip=["author_table"])
+    with pytest.raises(ValueError, match=r"layer_specs pattern 'author_table' matches no quantizable layer of M " + hint):
+        find_quantizable(M(), weight_spec=WEIGHT_SPEC, embedding_spec=EMB_SPEC, layer_specs={"author_table": EMB_SPEC})
+
+
 @pytest.mark.parametrize("make, why", [
     (lambda: nn.Embedding(10, 4, max_norm=1.0), r"max_norm=1.0 renormalizes the rows it looks up"),
     (lambda: nn.EmbeddingBag(10, 4, max_norm=2.0), r"max_norm=2.0 renormalizes the rows it looks up"),
