@@ -83,3 +83,7 @@ def main(out_dir: str) -> None:
 
 if __name__ == "__main__":
     (branch if sys.argv[2:] == ["branch"] else main)(sys.argv[1])
+    # Lightning leaves the process group up; torn down at interpreter exit instead, gloo's threads
+    # could abort the process ("terminate called without an active exception", exit -6) under load
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
