@@ -373,7 +373,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> tuple:
     from hwaware.export import ArtifactError, load, read_manifest
     from hwaware.export.bench import compare_throughput, instability_warning, read_inputs_file
-    from hwaware.export.exporter import build_recorded, check_input_descriptions, float_bytes, make_inputs, model_class
+    from hwaware.export.exporter import build_recorded, check_input_descriptions, float_bytes, is_factory, make_inputs, model_class
     import torch
 
     if args.json and args.json != "-":  # refused now, not after the benchmark ran
@@ -383,7 +383,7 @@ def _bench(args: argparse.Namespace) -> tuple:
             return 2, None
     try:
         cls = _model_option(args.model)
-        served = load(args.path, kernels=args.kernels, model=cls)
+        served = load(args.path, kernels=args.kernels, model=cls() if is_factory(cls) else cls)
         manifest = read_manifest(args.path)
         cls = cls or model_class(manifest, args.path)
     except (ArtifactError, ValueError, TypeError) as e:
@@ -525,7 +525,9 @@ def _parser() -> argparse.ArgumentParser:
                             "this CPU (among the implementations that passed the regression gate)")
     bench.add_argument("--model", metavar="MODULE:CLASS", default=None,
                        help="the model class to build, e.g. mypkg.models:CTR (default: the class recorded at export); "
-                            "needed when it was defined in the exporting script (__main__). The module is imported "
+                            "needed when it was defined in the exporting script (__main__). A class whose constructor "
+                            "arguments the manifest does not record (a plain nn.Module) is named by a function of no "
+                            "arguments that builds it as at export, e.g. mypkg.models:make_ctr. The module is imported "
                             "(its top-level code runs), searched from the current directory first")
     bench.set_defaults(func=_cmd_bench)
     return p
@@ -541,6 +543,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ArtifactError as e:
         print(f"hwaware: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (hwaware inspect PATH | head): not an error to print
+        try:  # the interpreter's final flush of stdout would raise again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 141  # 128 + SIGPIPE, what a shell reports for a command its reader closed on
 
 
 if __name__ == "__main__":

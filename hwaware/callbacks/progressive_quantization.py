@@ -15,6 +15,7 @@ attachment, KL). Phases:
 """
 from __future__ import annotations
 
+import collections.abc
 import copy
 import math
 import warnings
@@ -214,10 +215,10 @@ class ProgressiveQuantization(_RestoresForEvaluation):
             raise ValueError("embedding_spec.learnable=True is invalid; row-wise table scales are computed from each row")
         if embedding_spec is not None and not embedding_spec.dynamic:
             embedding_spec = embedding_spec.replace(dynamic=True)  # row scales always follow the row
-        if isinstance(skip, str):
-            skip = (skip,)
-        if not all(isinstance(p, str) for p in skip):
-            raise ValueError(f"skip={skip!r} is invalid; expected a sequence of fnmatch patterns (str)")
+        given_skip = skip
+        skip = (skip,) if isinstance(skip, str) else tuple(skip) if isinstance(skip, collections.abc.Iterable) else skip
+        if not isinstance(skip, tuple) or not all(isinstance(p, str) for p in skip):  # (3 / None: a raw TypeError)
+            raise ValueError(f"skip={given_skip!r} is invalid; expected a sequence of fnmatch patterns (str)")
         layer_specs = normalize_layer_specs(layer_specs)
         if not isinstance(kl_threshold, (int, float)) or not kl_threshold > 0 or not math.isfinite(kl_threshold):
             raise ValueError(f"kl_threshold={kl_threshold!r} is invalid; expected a finite float > 0")

@@ -19,6 +19,7 @@ of the order they are listed in.
 """
 from __future__ import annotations
 
+import collections.abc
 import copy
 import math
 import weakref
@@ -121,10 +122,11 @@ class SemiStructuredSparsity(_RestoresForEvaluation):
         if (not isinstance(sr_ste_lambda, (int, float)) or isinstance(sr_ste_lambda, bool)
                 or not math.isfinite(sr_ste_lambda) or sr_ste_lambda < 0):
             raise ValueError(f"sr_ste_lambda={sr_ste_lambda!r} is invalid; expected a finite float >= 0")
-        if isinstance(skip, str):  # one pattern, as ProgressiveQuantization takes it
-            skip = (skip,)
-        if not all(isinstance(p, str) for p in skip):
-            raise ValueError(f"skip={skip!r} is invalid; expected a list of fnmatch patterns (strings)")
+        # one pattern, as ProgressiveQuantization takes it
+        given_skip = skip
+        skip = (skip,) if isinstance(skip, str) else tuple(skip) if isinstance(skip, collections.abc.Iterable) else skip
+        if not isinstance(skip, tuple) or not all(isinstance(p, str) for p in skip):  # (3 / None: a raw TypeError)
+            raise ValueError(f"skip={given_skip!r} is invalid; expected a list of fnmatch patterns (strings)")
         if (not isinstance(lr_scale, (int, float)) or isinstance(lr_scale, bool) or not math.isfinite(lr_scale)
                 or lr_scale <= 0):
             raise ValueError(f"lr_scale={lr_scale!r} is invalid; expected a finite float > 0")

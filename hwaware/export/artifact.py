@@ -283,7 +283,7 @@ def _check_target(path: str, overwrite: bool) -> None:
 
 def nearest_existing_parent(path: str | os.PathLike) -> str:
     """The closest existing ancestor of ``path`` (what creating its missing folders would start from)."""
-    parent = os.path.dirname(os.path.abspath(os.fspath(path)))
+    parent = os.path.dirname(os.path.abspath(os.fsdecode(path)))
     while not os.path.lexists(parent):
         parent = os.path.dirname(parent)
     return parent
@@ -297,9 +297,9 @@ def check_target(path: str | os.PathLike, overwrite: bool = True) -> None:
     Raises:
         ArtifactError: naming ``path`` and the reason.
     """
-    if not os.fspath(path):  # abspath("") is the working directory: never a target by accident
+    if not os.fsdecode(path):  # abspath("") is the working directory: never a target by accident
         raise ArtifactError("path '' is empty; expected the artifact's directory")
-    path = os.path.abspath(os.fspath(path))
+    path = os.path.abspath(os.fsdecode(path))
     _check_target(path, overwrite=overwrite)
     parent = nearest_existing_parent(path)
     if not os.path.isdir(parent):
@@ -389,7 +389,7 @@ def write_artifact(
     """
     from safetensors.torch import save_file
 
-    path = os.path.abspath(os.fspath(path))
+    path = os.path.abspath(os.fsdecode(path))
     if not isinstance(manifest, Mapping):
         raise TypeError(f"manifest must be a dict, got {type(manifest).__name__}")
     try:
@@ -483,7 +483,7 @@ def read_manifest(path: str | os.PathLike) -> Dict[str, Any]:
     Raises:
         ArtifactError: any check fails; the message names the file and the reason.
     """
-    path = os.fspath(path)
+    path = os.fsdecode(path)
     try:
         return _read_manifest(path, hash_weights=True)
     except ArtifactError:
@@ -568,7 +568,7 @@ def unlisted_entries(path: str | os.PathLike, manifest: Mapping[str, Any]) -> li
     lists: not part of the artifact (never read, not counted in its size)."""
     files = manifest.get("files")
     listed = set(files) if isinstance(files, Mapping) else set()
-    return sorted(n for n in os.listdir(os.fspath(path)) if n != MANIFEST_FILE and n not in listed)
+    return sorted(n for n in os.listdir(os.fsdecode(path)) if n != MANIFEST_FILE and n not in listed)
 
 
 def _verify_file(path: str, fname: str, entry: Any, hash_it: bool = True) -> None:
@@ -623,7 +623,7 @@ def read_tensors(
         ArtifactError: verification fails, ``manifest`` differs from the one on disk, or the
             safetensors header is malformed.
     """
-    path = os.fspath(path)
+    path = os.fsdecode(path)
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as e:
@@ -637,7 +637,7 @@ def read_tensors(
 def read_verified(path: str | os.PathLike):
     """``(manifest, CPU tensors)`` of the artifact at ``path``, every file read and hashed once
     (:func:`read_tensors` says how the weights are read)."""
-    path = os.fspath(path)
+    path = os.fsdecode(path)
     try:
         return _read_verified_once(path)
     except ArtifactError:
@@ -765,7 +765,7 @@ def artifact_size_bytes(path: str | os.PathLike) -> int:
     Raises:
         ArtifactError: ``path`` is not a directory.
     """
-    path = os.fspath(path)
+    path = os.fsdecode(path)
     if not os.path.isdir(path):
         raise ArtifactError(f"{path}: not an hwaware artifact (not a directory)")
     files = (_unverified_manifest(path) or {}).get("files")

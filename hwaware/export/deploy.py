@@ -97,11 +97,11 @@ class Int8Linear(_Int8Kernels):
     @classmethod
     def empty(cls, meta: Dict[str, Any]) -> "Int8Linear":
         n, k = meta["shape"]
-        bias = torch.empty(n) if meta.get("bias") else None
+        bias = torch.empty(n, dtype=torch.float32) if meta.get("bias") else None
         # the manifest's relu=True names the ReLU module after the layer (fused_relu) that its
         # Int8Chain applies in the epilogue: the layer's own output stays the linear's
         relu = meta.get("relu", False) and "fused_relu" not in meta
-        layer = cls(torch.empty(n, k, dtype=torch.int8), torch.empty(n), bias, meta.get("kernels"), relu)
+        layer = cls(torch.empty(n, k, dtype=torch.int8), torch.empty(n, dtype=torch.float32), bias, meta.get("kernels"), relu)
         layer._restore_weight_only(meta)
         return layer
 
@@ -150,8 +150,8 @@ class Int4Linear(_Packed):
         n, k = meta["shape"]
         g = meta["group_size"]
         zeros = torch.empty(n, k // g, dtype=torch.int8) if not meta["symmetric"] else None
-        bias = torch.empty(n) if meta.get("bias") else None
-        return cls(torch.empty(n, (k + 1) // 2, dtype=torch.uint8), torch.empty(n, k // g), zeros, bias, k, g)
+        bias = torch.empty(n, dtype=torch.float32) if meta.get("bias") else None
+        return cls(torch.empty(n, (k + 1) // 2, dtype=torch.uint8), torch.empty(n, k // g, dtype=torch.float32), zeros, bias, k, g)
 
     def forward(self, input: Tensor) -> Tensor:
         return torch.ops.hwaware.int4_linear(input, self.packed, self.scales, self.zeros, self.group_size, self.bias)
@@ -201,8 +201,8 @@ class Sparse24Linear(_Int8Kernels):
         n, k = meta["shape"]
         int8 = meta["scheme"] == "sparse24_int8"
         layer = cls(torch.empty(n, k // 2, dtype=torch.int8 if int8 else torch.float32),
-                    torch.empty(n, (k // 4 + 1) // 2, dtype=torch.uint8), torch.empty(n) if int8 else None,
-                    torch.empty(n) if meta.get("bias") else None, meta.get("kernels"))
+                    torch.empty(n, (k // 4 + 1) // 2, dtype=torch.uint8), torch.empty(n, dtype=torch.float32) if int8 else None,
+                    torch.empty(n, dtype=torch.float32) if meta.get("bias") else None, meta.get("kernels"))
         if meta.get("weight_only", False) is not False and not int8:
             raise ValueError("weight_only on a 2:4 layer with float values (its input is never quantized)")
         layer._restore_weight_only(meta)

@@ -845,11 +845,25 @@ def _record_hparams(hparams: Any) -> Tuple[Optional[Dict[str, Any]], Dict[str, s
     return kept, unrecorded
 
 
+def _named_parameters(cls: type) -> List[str]:
+    """The named constructor arguments of ``cls`` (not ``*args`` / ``**kwargs``: ``nn.Module``'s own)."""
+    try:
+        params = _inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.kind not in (_inspect.Parameter.VAR_POSITIONAL, _inspect.Parameter.VAR_KEYWORD)]
+
+
 def build_recorded(cls: type, manifest: Mapping[str, Any], path: str) -> nn.Module:
     """``cls(**hparams recorded at export)``: the exported architecture. ``ArtifactError`` naming the
     artifact and what to pass instead where the manifest could not record every hparam, or the class
     no longer takes them (changed since export)."""
     mpath = os.path.join(path, "manifest.json")
+    if is_factory(cls):  # the caller's own function builds it as at export
+        built = cls()
+        if not isinstance(built, nn.Module):
+            raise TypeError(f"the model function {cls.__qualname__}() returned {type(built).__name__}; expected an nn.Module")
+        return built
     info = manifest.get("model") or {}
     unrecorded = info.get("hparams_unrecorded")
     if unrecorded is not None and not (isinstance(unrecorded, dict) and all(isinstance(v, str) for v in unrecorded.values())):
@@ -858,9 +872,19 @@ def build_recorded(cls: type, manifest: Mapping[str, Any], path: str) -> nn.Modu
         raise ArtifactError(f"{mpath}: the exported model's hparams {', '.join(f'{k} ({t})' for k, t in dict(unrecorded).items())} "
                             f"could not be recorded (not JSON), so {cls.__qualname__} cannot be rebuilt from the manifest; "
                             f"build it as at export and pass it: hwaware.load({path!r}, model={cls.__qualname__}(...))")
-    hparams = info.get("hparams") or {}
+    recorded = info.get("hparams")
+    hparams = recorded or {}
     if not isinstance(hparams, dict) or not all(isinstance(k, str) for k in hparams):
         raise ArtifactError(f"{mpath}: 'model.hparams' is {hparams!r}; expected an object of keyword arguments")
+    if not hparams and _named_parameters(cls):
+        # nothing says how the exported instance was built: building the defaults served a trial's
+        # PlainNet(scale=3.0) at a third of its outputs without a word
+        what = ("has no `hparams` (not a LightningModule)" if recorded is None else
+                "recorded none (save_hyperparameters() was not called)")
+        raise ArtifactError(f"{mpath}: the exported {cls.__qualname__} {what}, and its constructor takes arguments "
+                            f"({', '.join(_named_parameters(cls)[:6])}), so hwaware cannot tell how it was built; pass an "
+                            f"instance built as at export: hwaware.load({path!r}, model={cls.__qualname__}(...)) (hwaware "
+                            "bench: --model module:function, a function of no arguments that builds it)")
     try:
         return cls(**hparams)
     except (TypeError, ValueError, RuntimeError) as e:  # the class's own refusal of these arguments
@@ -1000,7 +1024,7 @@ def export(
         raise TypeError(f"val_dataloader is a one-use iterator ({type(val_dataloader).__name__}): export reads it several "
                         "times (the reference, each int8 implementation, the exported model); pass a DataLoader or a list "
                         "of batches")
-    path = os.fspath(path)
+    path = os.fsdecode(path)
     if not isinstance(overwrite, bool):
         raise TypeError(f"overwrite={overwrite!r}; expected True or False")
     if not isinstance(batch_hooks, bool):
@@ -1253,10 +1277,12 @@ def model_class(manifest: Dict[str, Any], path: str) -> type:
     return obj
 
 
-def import_model_class(spec: str) -> type:
+def import_model_class(spec: str) -> Union[type, Callable[[], nn.Module]]:
     """The ``nn.Module`` class named ``"module:Class"`` (``Class`` may be dotted: ``module:Outer.Inner``),
-    imported. ``ValueError`` naming ``spec`` when it is malformed or not importable, ``TypeError``
-    when it names something other than an ``nn.Module`` class."""
+    imported; or a function there that takes no arguments and returns the model built as at export
+    (for a class whose constructor arguments the manifest does not record: a plain ``nn.Module``).
+    ``ValueError`` naming ``spec`` when it is malformed or not importable, ``TypeError`` when it
+    names something else."""
     module_name, sep, qualname = spec.partition(":") if isinstance(spec, str) else ("", "", "")
     if not (sep and module_name and qualname):
         raise ValueError(f"model class {spec!r}; expected 'module:Class', e.g. 'mypkg.models:CTR'")
@@ -1269,9 +1295,22 @@ def import_model_class(spec: str) -> type:
         if not hasattr(obj, part):
             raise ValueError(f"model class {spec!r}: module {module_name!r} has no {qualname!r}")
         obj = getattr(obj, part)
-    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
-        raise TypeError(f"model class {spec!r} is {obj!r}; expected an nn.Module subclass")
+    def no_argument_function(f: Any) -> bool:
+        try:
+            return _inspect.isfunction(f) and all(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+                                                  for p in _inspect.signature(f).parameters.values())
+        except (TypeError, ValueError):
+            return False
+
+    if not ((isinstance(obj, type) and issubclass(obj, nn.Module)) or no_argument_function(obj)):
+        raise TypeError(f"model class {spec!r} is {obj!r}; expected an nn.Module subclass, or a function of no "
+                        "arguments that returns the model")
     return obj
+
+
+def is_factory(cls: Any) -> bool:
+    """A model factory (:func:`import_model_class`'s function form), not a class."""
+    return not isinstance(cls, type) and callable(cls)
 
 
 def _selection_record(meta: Dict[str, Any], name: str, path: str) -> Optional[Dict[str, Any]]:
@@ -1369,12 +1408,30 @@ def _portability_warning(manifest: Dict[str, Any], path: str) -> None:
     timed = [n for n, rec in recs.items() if rec is not None and "measured" in rec and _runs_integer_kernel(manifest["layers"][n])]
     int_mm = any(rec is not None and rec.get("chosen") in ("int_mm", "int8") for rec in recs.values())  # int8: 2:4 on int_mm
     lost = lost_features(measured_on, cpu_profile(), amx_matters=int_mm)
-    if lost and timed:
+    passes = [f for f in lost if f.startswith("hwaware ")]
+    cause = _why_no_pass(passes[0].split()[1].lower()) if passes and len(passes) == len(lost) else None
+    if cause and timed:  # the same instruction sets here: the pass is off in this process, not missing from the CPU
+        warnings.warn(
+            f"{path}: its CPU kernels were timed with {passes[0]} (on {measured_on.get('model', '?')!r}), which this process "
+            f"does not run: {cause}. The integer kernel recorded for {len(timed)} layer(s) ({', '.join(timed[:4])}"
+            f"{', ...' if len(timed) > 4 else ''}) may be many times slower here", KernelPortabilityWarning, stacklevel=3)
+    elif lost and timed:
         warnings.warn(
             f"{path}: its CPU kernels were timed on {measured_on.get('model', '?')!r}, which has {', '.join(lost)}; this "
             f"CPU lacks {'it' if len(lost) == 1 else 'them'}: the integer kernel recorded for {len(timed)} layer(s) "
             f"({', '.join(timed[:4])}{', ...' if len(timed) > 4 else ''}) may be many times slower here; "
             "load(path, kernels='measure') re-times them on this CPU", KernelPortabilityWarning, stacklevel=3)
+
+
+def _why_no_pass(engine: str) -> Optional[str]:
+    """Why hwaware's int8 pass does not run on ``engine`` in this process when the CPU has what it
+    needs: the C library is not loaded (``HWAWARE_NO_NATIVE``, no compiler, an unwritable cache), or
+    the engine is turned off. None when neither (the CPU or OS lacks it after all)."""
+    status = native.native_status()
+    if not status.startswith("loaded"):
+        return f"hwaware's C library is not in use ({status})"
+    flag = f"HWAWARE_NO_{engine.upper()}"
+    return f"{flag} is set" if os.environ.get(flag) else None
 
 
 def _load_device(device: Any) -> str:
@@ -1403,6 +1460,33 @@ def _check_own_class_size(hparams: Any, n_tensors: int, mpath: str) -> None:
     if entries > n_tensors:
         raise ArtifactError(f"{mpath}: the recorded hparams list {entries} tables / layers, but weights.safetensors "
                             f"holds {n_tensors} tensors: not the model this artifact was exported from")
+
+
+def _own_meta_tensors(m: nn.Module) -> List[str]:
+    """The names of ``m``'s own tensors on the meta device that are neither parameters nor buffers:
+    plain tensor attributes, a torchmetrics metric's states and their defaults (tensors or lists)."""
+    found = []
+    for attr, value in vars(m).items():
+        values = value.items() if attr == "_defaults" and isinstance(value, dict) else [(attr, value)]
+        for key, v in values:
+            if any(isinstance(t, Tensor) and t.is_meta for t in (v if isinstance(v, (list, tuple)) else [v])):
+                found.append(key)
+    return sorted(set(found))
+
+
+def _settle_meta_built(model: nn.Module) -> List[str]:
+    """After a model built on the meta device got its tensors from the artifact: a module that records
+    its device (a LightningModule, a torchmetrics metric: ``_device``) and holds no meta tensor of its
+    own gets the CPU recorded (a metric's meta ``_device`` made ``.to()`` and a Trainer fail on a
+    model whose every tensor was on the CPU). Returns the meta tensors no artifact restores, by name."""
+    left = []
+    for name, m in model.named_modules():
+        own = _own_meta_tensors(m)
+        left += [f"{name}.{k}" if name else k for k in own]
+        device = m.__dict__.get("_device")
+        if not own and isinstance(device, torch.device) and device.type == "meta":
+            m._device = torch.device("cpu")
+    return left
 
 
 _REPLACES = {nn.Linear: (Int8Linear, Int4Linear, Sparse24Linear), nn.EmbeddingBag: (RowwiseEmbeddingBag,),
@@ -1455,7 +1539,7 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
     if model is not None and not (isinstance(model, nn.Module) or (isinstance(model, type) and issubclass(model, nn.Module))):
         raise TypeError(f"load(model={model!r}): expected an nn.Module class or instance (import the class; the "
                         "CLI's --model MODULE:CLASS is a command-line form)")
-    path = os.fspath(path)
+    path = os.fsdecode(path)
     manifest, tensors = read_verified(path)  # every file hashed once; the weights are the bytes hashed
     mpath = os.path.join(path, "manifest.json")
     info, layers = manifest.get("model"), manifest.get("layers")
@@ -1466,7 +1550,8 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
     given = model is not None and not isinstance(model, type)
     recorded = info.get("hparams")
     if given and isinstance(recorded, dict) and getattr(model, "hparams", None) is not None:
-        here = _jsonable(dict(model.hparams))
+        # as the manifest holds them (JSON: a tuple is a list), so that equal hparams compare equal
+        here = json.loads(json.dumps(_record_hparams(model.hparams)[0]))
         diff = sorted(k for k in set(recorded) | set(here or {}) if (here or {}).get(k, "<unset>") != recorded.get(k, "<unset>"))
         if here is not None and diff:
             # the packed layers replace the instance's, but whatever forward reads from the instance
@@ -1594,4 +1679,14 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t is not None and t.is_meta]
     if missing:
         raise ArtifactError(f"{path}: the model holds tensors the artifact does not restore: {missing[:5]}")
-    return model.to(device).eval() if device != "cpu" else model.eval()
+    unbuilt = [] if given else _settle_meta_built(model)
+    if unbuilt:
+        # forward may well work (a metric's states are not read by it), but .to() / .cpu() / a Trainer fail on them
+        warnings.warn(f"{path}: {type(model).__name__} was built on the meta device (its FP32 weights are never allocated), "
+                      f"and these tensors of it are neither parameters nor buffers, so the artifact holds no values for them: "
+                      f"{', '.join(unbuilt[:6])}{', ...' if len(unbuilt) > 6 else ''}. A forward that reads them fails, and so "
+                      f"do .to(), .cpu() and a Trainer; pass an instance built as at export "
+                      f"(model={type(model).__qualname__}(...)), or make plain tensors buffers (register_buffer)",
+                      UserWarning, stacklevel=2)
+        return model.to(device).eval() if device != "cpu" else model.eval()
+    return model.to(device).eval()  # (also on the CPU: a LightningModule built on meta says .device meta until moved)

@@ -290,6 +290,8 @@ def test_lsq_learns_activation_scale(tmp_path):
         (dict(on_kl_violation="ignore"), r"on_kl_violation='ignore'.*\('fallback', 'warn', 'raise'\)"),
         (dict(validation_batches=0), "validation_batches=0"),
         (dict(skip=[1]), "skip=.*fnmatch"),
+        (dict(skip=3), r"skip=3 is invalid; expected a sequence of fnmatch patterns"),  # a raw TypeError before
+        (dict(skip=None), r"skip=None is invalid"),
         (dict(embedding_spec=QuantSpec(granularity="per_channel")), "embedding_spec.granularity='per_channel'"),
         (dict(weight_spec=QuantSpec(granularity="per_row", dynamic=True)), "weight_spec.dynamic=True"),
         (dict(freeze_bn="yes"), "freeze_bn='yes'"),

@@ -410,3 +410,22 @@ def test_inspect_says_program_dimensions_other_than_the_batch_are_the_examples(t
     assert main(["inspect", str(tmp_path / "a")]) == 0
     assert ("program.pt2: batch per input 2..any, 5..5, -\n  every other dimension as in example_inputs: 16, 16, - "
             "(export with the shapes you serve; hwaware.load serves any)") in capsys.readouterr().out
+
+
+def test_a_reader_that_closes_the_pipe_is_no_traceback(art):
+    # hwaware inspect PATH | head: a BrokenPipeError traceback and exit 1
+    import subprocess
+    import sys
+
+    script = f"import sys; from hwaware.cli import main; sys.exit(main(['inspect', {str(art)!r}, '--wide']))"
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # nothing reads: the first write breaks the pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 141 and "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_a_bytes_path_is_a_path(art):
+    # TypeError: Can't mix strings and bytes in path components
+    from hwaware.export import verify_artifact
+
+    assert verify_artifact(os.fsencode(str(art)))["format_version"] == verify_artifact(str(art))["format_version"]

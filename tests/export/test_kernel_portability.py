@@ -236,3 +236,27 @@ def test_measure_keeps_no_derived_weights_of_the_candidates_it_timed(art):
     assert not any(any(r() is not None and id(r()) in mine for r in refs) for refs, *_ in _CACHE._entries.values())
     _, val = loaders()
     _outputs(model, val)  # the chosen kernels build what they use on their first call
+
+
+def test_a_pass_this_process_does_not_run_on_the_same_cpu_names_the_cause(art, monkeypatch):
+    # "this CPU lacks it" was said on the export machine itself, with the C library off or not loadable
+    manifest = copy.deepcopy(art.manifest)
+    manifest["selection_cpu"] = {**EXPORT_CPU, "int8_engine": "amx"}
+    timed = [n for n, meta in manifest["layers"].items() if "selection" in meta]
+    for name in timed:
+        manifest["layers"][name]["kernels"]["cpu"] = "int_mm"
+        manifest["layers"][name]["selection"]["cpu"]["chosen"] = "int_mm"
+    here = {**EXPORT_CPU, "amx_in_use": False, "int8_engine": None}
+    monkeypatch.setattr(exporter, "cpu_profile", lambda: dict(here))
+    monkeypatch.setattr(exporter.native, "native_status", lambda: "disabled by HWAWARE_NO_NATIVE")
+    with pytest.warns(KernelPortabilityWarning, match=r"timed with hwaware AMX pass \(on 'Export Xeon'\), which this process "
+                                                      r"does not run: hwaware's C library is not in use \(disabled by "
+                                                      r"HWAWARE_NO_NATIVE\)\. The integer kernel"):
+        exporter._portability_warning(manifest, "p")
+    monkeypatch.setattr(exporter.native, "native_status", lambda: "loaded /x/lib.so")
+    monkeypatch.setenv("HWAWARE_NO_AMX", "1")
+    with pytest.warns(KernelPortabilityWarning, match=r"which this process does not run: HWAWARE_NO_AMX is set"):
+        exporter._portability_warning(manifest, "p")
+    monkeypatch.delenv("HWAWARE_NO_AMX")
+    with pytest.warns(KernelPortabilityWarning, match=r"this CPU lacks it"):  # loaded, not turned off: the CPU / OS
+        exporter._portability_warning(manifest, "p")

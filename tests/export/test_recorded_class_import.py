@@ -147,11 +147,15 @@ def test_a_users_class_not_yet_imported_is_not_imported_and_loads_when_passed(tm
     assert "hw_user_models" not in sys.modules  # importable here, and not imported
     import hw_user_models as fresh
 
-    # the class the caller names, built with the recorded hparams: a plain nn.Module has none, so its
-    # defaults (width 8), which took the artifact's 12-wide layers without a word
-    with pytest.raises(ArtifactError, match=r"layer 'net.0' holds a 12 x 4 weight in the artifact, but Scorer\(\) \(the "
-                                            r"manifest records no hparams.*model=Scorer\(\.\.\.\)\) has Linear weight \[8, 4\]"):
+    # the class the caller names, built with the recorded hparams: a plain nn.Module has none, and its
+    # defaults (width 8) took the artifact's 12-wide layers without a word
+    with pytest.raises(ArtifactError, match=r"the exported Scorer has no `hparams` \(not a LightningModule\), and its "
+                                            r"constructor takes arguments \(width\), so hwaware cannot tell how it was "
+                                            r"built; pass an instance built as at export: .*model=Scorer\(\.\.\.\)\)"):
         load(art.path, model=fresh.Scorer)
+    with pytest.raises(ArtifactError, match=r"layer 'net.0' holds a 12 x 4 weight in the artifact, but the model passed "
+                                            r"as model= has Linear weight \[8, 4\]"):
+        load(art.path, model=fresh.Scorer())
     served = load(art.path, model=fresh.Scorer(width=12))
     assert type(served) is fresh.Scorer and served.net[0].out_features == 12
     with torch.no_grad():
@@ -173,7 +177,7 @@ def test_the_exporting_script_loads_its_own_class_when_it_passes_it(tmp_path):
             hwaware.load(sys.argv[1])
         except ArtifactError as e:
             print("refused", "'__main__.Scorer' was defined in the script that exported it" in str(e))
-        print("ok", torch.equal(hwaware.load(sys.argv[1], model=Scorer)(x), art.model(x)))
+        print("ok", torch.equal(hwaware.load(sys.argv[1], model=Scorer())(x), art.model(x)))
     '''))
     run = subprocess.run([sys.executable, str(script), str(tmp_path / "art")], capture_output=True, text=True,
                          cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": os.getcwd()})

@@ -100,7 +100,7 @@ def test_a_bf16_model_exports_and_serves_in_bf16(tmp_path):
     x = next(iter(_val()))[0]
     art = export(model, tmp_path / "a", val_dataloader=_val(), metric="accuracy", max_drop=1.0, example_inputs=(x,))
     assert art.manifest["layers"]["emb"]["dtype"] == "bfloat16"
-    served = load(art.path, model=TinyEncoder)
+    served = load(art.path, model=TinyEncoder())  # (FP32-built: the artifact's bf16 tensors are assigned)
     with torch.no_grad():
         y = served(x)
         assert y.dtype == torch.bfloat16 and served.emb(x).dtype == torch.bfloat16

@@ -1,0 +1,134 @@
+"""What ``hwaware.load`` gives a server beyond the packed layers: a model built as at export (or a
+refusal saying how to build it), on the device it says, usable with ``.to()`` and a Trainer. Found by
+a deployment trial."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
+
+from hwaware.cli import main
+from hwaware.export import ArtifactError, export, load
+
+
+class Plain(nn.Module):
+    """No ``hparams``: nothing records its constructor's arguments."""
+
+    def __init__(self, scale: float = 1.0) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
+        self.scale = scale
+
+    def forward(self, x):
+        return self.net(x).squeeze(-1) * self.scale
+
+
+def make_plain() -> Plain:
+    """The model as exported below, for ``hwaware bench --model module:function``."""
+    return Plain(scale=3.0)
+
+
+class Unsaved(pl.LightningModule):
+    """A LightningModule that never calls save_hyperparameters."""
+
+    def __init__(self, scale: float = 1.0) -> None:
+        super().__init__()
+        self.net = nn.Linear(4, 1)
+        self.scale = scale
+
+    def forward(self, x):
+        return self.net(x).squeeze(-1) * self.scale
+
+
+class WithState(pl.LightningModule):
+    """torchmetrics states and a plain tensor attribute: neither parameters nor buffers."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Linear(4, width)
+        self.head = nn.Linear(width, 1)
+        self.val_auroc = BinaryAUROC()  # list states: nothing lost
+        self.val_acc = BinaryAccuracy()  # tensor states (zeros), built on meta with the rest
+        self.temperature = torch.tensor(2.0)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.net(x))).squeeze(-1)
+
+
+@pytest.mark.parametrize("cls, what", [(Plain, r"has no `hparams` \(not a LightningModule\)"),
+                                       (Unsaved, r"recorded none \(save_hyperparameters\(\) was not called\)")])
+def test_a_class_whose_arguments_were_not_recorded_is_not_built_with_its_defaults(tmp_path, cls, what):
+    # load(model=Plain) built Plain() (scale 1.0): every output a third of the exported model's
+    torch.manual_seed(0)
+    x = torch.randn(8, 4)
+    art = export(cls(scale=3.0), tmp_path / "a", example_inputs=(x,))
+    with pytest.raises(ArtifactError, match=r"the exported " + cls.__name__ + " " + what + r", and its constructor takes "
+                                            r"arguments \(scale\), so hwaware cannot tell how it was built; pass an instance"):
+        load(art.path, model=cls)
+    with torch.no_grad():
+        assert torch.equal(load(art.path, model=cls(scale=3.0))(x), art.model(x))
+
+
+def test_bench_takes_a_function_that_builds_such_a_model(tmp_path, capsys):
+    torch.manual_seed(0)
+    art = export(make_plain(), tmp_path / "a", example_inputs=(torch.randn(8, 4),))
+    args = ["bench", art.path, "--batch-size", "8", "--batches", "1", "--rounds", "1", "--no-memory"]
+    assert main(args + ["--model", f"{__name__}:Plain"]) == 2
+    assert "bench: --model module:function" in capsys.readouterr().err
+    assert main(args + ["--model", f"{__name__}:make_plain", "--json"]) == 0
+    import json
+
+    assert set(json.loads(capsys.readouterr().out)["models"]) == {"fp32", "artifact"}
+
+
+def test_a_loaded_dlrm_is_on_the_cpu_and_moves(tmp_path):
+    # its torchmetrics were built on the meta device with the skeleton: .device said meta, and .cpu(),
+    # .to() and a Trainer failed ("Cannot copy out of meta tensor")
+    from hwaware.recsys import DLRM
+
+    torch.manual_seed(0)
+    kw = dict(table_sizes=(7, 9), embedding_dim=4, bottom_mlp=(8, 4), top_mlp=(8,))
+    dense, sparse = torch.randn(6, 13), torch.stack([torch.randint(0, 7, (6,)), torch.randint(0, 9, (6,))], 1)
+    art = export(DLRM(**kw).eval(), tmp_path / "a", example_inputs=(dense, sparse))
+    served = load(art.path)
+    assert served.device == torch.device("cpu") and not served.val_auroc.preds  # (a list state: empty)
+    with torch.no_grad():
+        assert torch.equal(served.cpu()(dense, sparse), art.model(dense, sparse))
+    with warnings.catch_warnings():  # the same hparams, a tuple where the manifest holds a list: no warning
+        warnings.simplefilter("error")
+        load(art.path, model=DLRM(**kw))
+
+
+def test_tensors_no_artifact_restores_are_named_at_load(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(8, 4)
+    art = export(WithState(), tmp_path / "a", example_inputs=(x,))
+    with pytest.warns(UserWarning, match=r"WithState was built on the meta device .* neither parameters nor buffers, so "
+                                         r"the artifact holds no values for them: temperature, val_acc\.fn, .*pass an "
+                                         r"instance built as at export \(model=WithState\(\.\.\.\)\)"):
+        served = load(art.path, model=WithState)
+    with torch.no_grad():
+        assert torch.equal(served(x), art.model(x))  # forward does not read them
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load(art.path, model=WithState()).temperature == 2.0
+
+
+def test_a_process_whose_default_dtype_is_float64_loads_float32_artifacts(tmp_path):
+    # the deploy layers' empty biases took the default dtype, and load blamed the artifact
+    torch.manual_seed(0)
+    x = torch.randn(8, 4)
+    art = export(make_plain(), tmp_path / "a", example_inputs=(x,))
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        served = load(art.path, model=make_plain())
+    finally:
+        torch.set_default_dtype(old)
+    with torch.no_grad():
+        assert torch.equal(served(x), art.model(x))
