@@ -143,7 +143,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--report", default=None, help="write the JSON report here")
     p.add_argument("--no-progress", action="store_true", help="hide Lightning's progress bar")
     p.add_argument("--sparsity", choices=("none", "2:4"), default="none",
-                   help="2:4: after the FP32 epochs (default 2) prune every MLP layer 2:4, train sparse, then int8 QAT "
+                   help="2:4: after the FP32 epochs (default 2, --fast 1) prune every MLP layer 2:4, train sparse, then int8 QAT "
                         "(the top MLP input is zero-padded to a multiple of 4, 367 -> 368 by default, so that its K is one)")
     p.add_argument("--sparsity-method", choices=("sr_ste", "magnitude"), default=None,
                    help="with --sparsity 2:4 (default sr_ste)")

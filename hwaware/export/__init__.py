@@ -30,3 +30,5 @@ class _CallableModule(type(__import__("sys"))):
 
 
 __import__("sys").modules[__name__].__class__ = _CallableModule
+# inspect.signature(hwaware.export) and tools built on it: the function's, not (*args, **kwargs)
+__signature__ = __import__("inspect").signature(export)
