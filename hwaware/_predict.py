@@ -80,9 +80,16 @@ def side_effect_free(model: nn.Module) -> Iterator[None]:
     with ``max_norm`` (which renormalize rows in place) restored."""
     modes = [(m, m.training) for m in model.modules()]
     # an embedding with max_norm renormalizes the rows it looks up in place, in eval and under no_grad
-    # too: a trial's export rewrote the rows of the first batch's ids in the user's table
-    renormed = [(m.weight, m.weight.detach().clone()) for m in model.modules()
-                if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None]
+    # too: a trial's export rewrote the rows of the first batch's ids in the user's table. Its table is
+    # kept just before its first lookup (a pre-hook), so a run that looks nothing up copies nothing
+    renormed: dict = {}
+
+    def keep(m: nn.Module, args: Any) -> None:
+        if id(m) not in renormed:
+            renormed[id(m)] = (m.weight, m.weight.detach().clone())
+
+    hooks = [m.register_forward_pre_hook(keep) for m in model.modules()
+             if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None]
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     cuda = [device.index or 0] if device.type == "cuda" else []
     try:
@@ -92,8 +99,10 @@ def side_effect_free(model: nn.Module) -> Iterator[None]:
     finally:
         for m, training in modes:
             m.training = training
+        for h in hooks:
+            h.remove()
         with torch.no_grad():
-            for w, before in renormed:
+            for w, before in renormed.values():
                 w.copy_(before)
 
 

@@ -40,6 +40,19 @@ class _Packed(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         hwaware.ops._CACHE.drop([b for b in self._buffers.values() if b is not None])
 
+    def _apply(self, fn, recurse: bool = True):
+        """Device moves apply; dtype casts (``model.half()``) leave the format's float32 scales, biases
+        and 2:4 values as they are: the ops take float32 there and float16 / bfloat16 inputs, which
+        they answer in the input's dtype (a cast model failed at its first call: "w_scale must be
+        float32")."""
+        before = {k: b for k, b in self._buffers.items() if b is not None and b.dtype == torch.float32}
+        super()._apply(fn, recurse)
+        for k, b in before.items():
+            now = self._buffers[k]
+            if now is not None and now.dtype != torch.float32:  # the cast is not applied: not even and back (lossy)
+                self._buffers[k] = b.to(now.device)
+        return self
+
 
 class _Int8Kernels(_Packed):
     """An int8 layer whose CPU kernel export chooses among ``int8_linear``'s implementations, unless
@@ -50,7 +63,8 @@ class _Int8Kernels(_Packed):
 
     def serve_weight_only(self) -> None:
         self.weight_only = True
-        self.kernels["cpu"] = "dequant"  # (SPARSE24_INT8_KERNEL["dequant"] is "dequant" too)
+        # every device (SPARSE24_INT8_KERNEL["dequant"] is "dequant" too): CUDA's W8A8 kernel quantized it
+        self.kernels["cpu"] = self.kernels["cuda"] = "dequant"
 
     def _restore_weight_only(self, meta: Dict[str, Any]) -> None:
         wo = meta.get("weight_only", False)
@@ -282,6 +296,14 @@ class RowwiseEmbeddingBag(nn.Module):
 
     def forward(self, input: Tensor, offsets: Optional[Tensor] = None, per_sample_weights: Optional[Tensor] = None) -> Tensor:
         return self._in_table_dtype(self._bags(input, offsets, per_sample_weights))
+
+    def _apply(self, fn, recurse: bool = True):
+        """A cast of the model (``model.half()``) casts what a lookup returns: the packed rows stay."""
+        super()._apply(fn, recurse)
+        probe = fn(torch.zeros((), dtype=self.out_dtype))
+        if probe.dtype in _OUT_DTYPES.values():
+            self.out_dtype = probe.dtype
+        return self
 
     def _in_table_dtype(self, out: Tensor) -> Tensor:
         """The op's float32 rows as the dtype of the table they replaced."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections.abc
 import copy
+import functools
 import importlib
 import inspect as _inspect
 import io
@@ -880,11 +881,17 @@ def build_recorded(cls: type, manifest: Mapping[str, Any], path: str) -> nn.Modu
         # nothing says how the exported instance was built: building the defaults served a trial's
         # PlainNet(scale=3.0) at a third of its outputs without a word
         what = ("has no `hparams` (not a LightningModule)" if recorded is None else
-                "recorded none (save_hyperparameters() was not called)")
+                "recorded none of its arguments (save_hyperparameters() not called, or every argument ignored)")
         raise ArtifactError(f"{mpath}: the exported {cls.__qualname__} {what}, and its constructor takes arguments "
                             f"({', '.join(_named_parameters(cls)[:6])}), so hwaware cannot tell how it was built; pass an "
                             f"instance built as at export: hwaware.load({path!r}, model={cls.__qualname__}(...)) (hwaware "
                             "bench: --model module:function, a function of no arguments that builds it)")
+    unnamed = [n for n in _named_parameters(cls) if n not in hparams and n not in (unrecorded or {})]
+    if hparams and unnamed:  # save_hyperparameters(ignore=[...]): those arguments get their defaults
+        warnings.warn(f"{mpath}: the exported {cls.__qualname__} did not record its arguments {', '.join(unnamed[:6])} "
+                      "(save_hyperparameters(ignore=...)?), so they are built with their defaults; if it was built "
+                      f"otherwise, pass an instance built as at export: model={cls.__qualname__}(...)",
+                      UserWarning, stacklevel=3)
     try:
         return cls(**hparams)
     except (TypeError, ValueError, RuntimeError) as e:  # the class's own refusal of these arguments
@@ -1131,7 +1138,7 @@ def export(
                 layers[name]["selection"] = {"cpu": rec}
     if val_dataloader is not None:
         exp_value = _gated_value(deploy, val_batches, metric, output_fn, by_impl, gated_configs, seen)
-        if allowed and ref_value - exp_value > max_drop:
+        if allowed and by_impl and ref_value - exp_value > max_drop:  # (no by_impl: every int8 layer is pinned)
             # the per-layer fastest mix fails where every layer on one passing implementation passed:
             # serve the best of those everywhere (measured above), so the verdict never depends on timing
             best = max(allowed, key=lambda i: by_impl[i]["exported"])
@@ -1297,7 +1304,7 @@ def import_model_class(spec: str) -> Union[type, Callable[[], nn.Module]]:
         obj = getattr(obj, part)
     def no_argument_function(f: Any) -> bool:
         try:
-            return _inspect.isfunction(f) and all(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+            return (_inspect.isfunction(f) or isinstance(f, functools.partial)) and all(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
                                                   for p in _inspect.signature(f).parameters.values())
         except (TypeError, ValueError):
             return False
@@ -1505,7 +1512,7 @@ def _check_replaces(new: nn.Module, old: nn.Module, name: str, mpath: str, whose
     if type(new) not in _REPLACES[kind]:
         raise ArtifactError(f"{mpath}: layer {name!r} is a {type(new).__name__} in the artifact, but {whose} has a "
                             f"{type(old).__name__} there: not the model this artifact was exported from")
-    if list(old.weight.shape) != shape:
+    if not nn.parameter.is_lazy(old.weight) and list(old.weight.shape) != shape:  # (a LazyLinear: no shape yet)
         raise ArtifactError(f"{mpath}: layer {name!r} holds a {shape[0]} x {shape[1]} weight in the artifact, but "
                             f"{whose} has {type(old).__name__} weight {list(old.weight.shape)}: not the model this "
                             "artifact was exported from")
@@ -1562,9 +1569,9 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
                           + "); the packed layers come from the artifact, anything else forward reads from this instance",
                           UserWarning, stacklevel=2)
     if not given:
-        if model is None:
-            _check_own_class_size(info.get("hparams"), len(tensors), mpath)
         cls = model or model_class(manifest, path)
+        if model is None:  # (after model_class: another class is refused with what to pass instead)
+            _check_own_class_size(info.get("hparams"), len(tensors), mpath)
         with torch.device("meta"):  # a skeleton: its FP32 weights are never allocated
             model = build_recorded(cls, manifest, path)
     # every check first, the model changed only after: a refused artifact leaves a model passed in as it was
@@ -1679,10 +1686,11 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t is not None and t.is_meta]
     if missing:
         raise ArtifactError(f"{path}: the model holds tensors the artifact does not restore: {missing[:5]}")
-    unbuilt = [] if given else _settle_meta_built(model)
+    unbuilt = _settle_meta_built(model)  # (an instance passed in may have been built on meta too: bench's probe)
     if unbuilt:
         # forward may well work (a metric's states are not read by it), but .to() / .cpu() / a Trainer fail on them
-        warnings.warn(f"{path}: {type(model).__name__} was built on the meta device (its FP32 weights are never allocated), "
+        warnings.warn(f"{path}: {type(model).__name__} was built on the meta device"
+                      f"{' (its FP32 weights are never allocated)' if not given else ''}, "
                       f"and these tensors of it are neither parameters nor buffers, so the artifact holds no values for them: "
                       f"{', '.join(unbuilt[:6])}{', ...' if len(unbuilt) > 6 else ''}. A forward that reads them fails, and so "
                       f"do .to(), .cpu() and a Trainer; pass an instance built as at export "

@@ -33,6 +33,7 @@ from hwaware.ops import (
     _check_sparse24_kernel,
     _check_sparse24_linear,
     _index_dtypes,
+    _linear_fp32,
     embedding_bag_rowwise,
     int4_linear,
     int8_linear,
@@ -46,9 +47,11 @@ from hwaware.ops.packing import check_24_meta
 # "dense": decompressed once (cached) to the dense weight, then cuBLAS F.linear (float values) or the
 #   Triton W8A8 int8_linear kernel (int8 values).
 # Export measures these on the deployment GPU and records the pick in the artifact.
-SPARSE24_KERNELS["cuda"] = ("triton", "torch_semi_structured", "dense")
-# "triton": kernels/int8_linear.py, per-token quantization kernel + int8 tl.dot GEMM (the exact math).
-INT8_KERNELS["cuda"] = ("triton",)
+# "dequant": int8 values dequantized once, fp32 F.linear on the float input (a layer QAT trained weight-only)
+SPARSE24_KERNELS["cuda"] = ("triton", "torch_semi_structured", "dense", "dequant")
+# "triton": kernels/int8_linear.py, per-token quantization kernel + int8 tl.dot GEMM (the exact math);
+# "dequant": the int8 weight dequantized once, fp32 F.linear on the float input (weight-only layers)
+INT8_KERNELS["cuda"] = ("triton", "dequant")
 
 
 def _kernels(name: str):
@@ -79,6 +82,9 @@ def _int8_linear_cuda(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optiona
                       relu: bool = False) -> Tensor:
     _check_int8_linear(x, qweight, w_scale, bias)
     _check_int8_kernel(impl, "cuda")
+    if impl == "dequant":  # a layer QAT trained weight-only: its input stays float, as on CPU
+        w = _CACHE.get((qweight, w_scale), ("int8_dequant",), lambda: qweight.float() * w_scale[:, None])
+        return _linear_fp32(x, w, bias, relu)
     with _on(x):
         out = _kernels("int8_linear").int8_linear(x, qweight, w_scale, bias)
     return out.relu_() if relu else out  # not fused into the Triton epilogue yet: one more pass on GPU
@@ -126,6 +132,10 @@ def _sparse24_linear_cuda_impl(x: Tensor, values: Tensor, meta: Tensor, w_scale:
     if not _capturing():
         _CACHE.get((meta,), ("sparse24_meta_ok", k), lambda: check_24_meta(meta.cpu(), k) or True)
     is_int8 = values.dtype == torch.int8
+    if kernel == "dequant":  # int8 values of a layer QAT trained weight-only: float input, as on CPU
+        w = _CACHE.get((values, meta), ("sparse24_dequant_cuda",),
+                       lambda: mod.decompress_24(values, meta).float() * (w_scale[:, None] if is_int8 else 1))
+        return _linear_fp32(x, w, bias)
     if kernel == "triton":
         return mod.sparse24_linear(x, values, meta, w_scale, bias)
     if kernel == "torch_semi_structured":

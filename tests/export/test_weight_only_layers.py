@@ -59,3 +59,38 @@ def test_an_edited_weight_only_entry_is_refused(trained, tmp_path, edit, why):
     _rehashed(art.path, lambda m: edit(m["layers"]["mlp.0"]))
     with pytest.raises(ArtifactError, match=r"layer 'mlp.0' \(Int8Linear\): its entry is malformed \(ValueError: " + why):
         load(art.path, model=TinyCTR)
+
+
+def test_a_weight_only_layer_is_pinned_on_cuda_too():
+    # CUDA's int8_linear ran its W8A8 Triton kernel whatever impl said: the pin held on CPU only.
+    # The CUDA implementations' dequant path is plain torch: run here on CPU tensors, against the CPU op.
+    from hwaware.export.deploy import Sparse24Linear
+    from hwaware.ops import _cuda, packing
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 16, generator=g)
+    w[:, 1::2] = 0  # 2:4 (every other entry)
+    q, s = packing.quantize_int8_weight(w)
+    bias, x = torch.randn(8, generator=g), torch.randn(5, 16, generator=g)
+    layer = Int8Linear(q, s, bias)
+    layer.serve_weight_only()
+    assert layer.kernels == {"cpu": "dequant", "cuda": "dequant"}
+    want = torch.ops.hwaware.int8_linear(x, q, s, bias, "dequant", True)
+    assert torch.equal(_cuda._int8_linear_cuda(x, q, s, bias, layer.kernels["cuda"], True), want)
+    values, meta = packing.compress_24(q)
+    sparse = Sparse24Linear(values, meta, s, bias)
+    sparse.serve_weight_only()
+    want = torch.ops.hwaware.sparse24_linear(x, values, meta, s, bias, "dequant")
+    assert torch.equal(_cuda._sparse24_linear_cuda_impl(x, values, meta, s, bias, sparse.kernels["cuda"]), want)
+
+
+def test_a_failing_gate_with_every_int8_layer_pinned_is_a_regression_error(tmp_path):
+    # no layer left to gate per implementation, and the fallback looked one up: KeyError 'int_mm'
+    from hwaware.export import RegressionError
+
+    _, model, _ = train_with_quant(tmp_path / "fit", max_epochs=3, start_epoch=1, calibration_batches=2, activation_spec=None)
+    with torch.no_grad():
+        model.mlp[2].weight.mul_(-1)  # broken after QAT: the kept FP32 reference is still good
+    _, val = loaders()
+    with pytest.raises(RegressionError, match=r"auroc dropped .* more than max_drop=0.001; nothing was written"):
+        export(model, tmp_path / "a", val_dataloader=val, max_drop=0.001, int8_impls=("int_mm",))

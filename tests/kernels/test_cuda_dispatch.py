@@ -25,7 +25,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_cuda_kernels_are_registered():
     for name in ("int8_linear", "int4_linear", "embedding_bag_rowwise", "sparse24_linear"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"hwaware::{name}", "CUDA"), name
-    assert ops.SPARSE24_KERNELS["cuda"] == ("triton", "torch_semi_structured", "dense")
+    assert ops.SPARSE24_KERNELS["cuda"] == ("triton", "torch_semi_structured", "dense", "dequant")
+    assert ops.INT8_KERNELS["cuda"] == ("triton", "dequant")  # dequant: layers QAT trained weight-only
     assert ops.SPARSE24_KERNELS["cpu"] == ("dense", "csr", "fbgemm", "dequant")
 
 
