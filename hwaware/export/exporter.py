@@ -1505,7 +1505,7 @@ def _check_replaces(new: nn.Module, old: nn.Module, name: str, mpath: str, whose
     layer: another kind (an int8 Linear where the model has a table), or another weight shape (a
     table of other rows or width). Either failed only at the first call, or served a table of
     another size without a word."""
-    kind = next((k for k in _REPLACES if type(old) is k or isinstance(old, k)), None)
+    kind = next((k for k in _REPLACES if isinstance(old, k)), None)
     if kind is None:  # a module of the user's own kind: its forward is its own business
         return
     shape = list(new.describe()["shape"])
