@@ -409,7 +409,7 @@ def int8_linear(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tens
     if impl == "int_mm":
         return _int_mm_layers(x, [qweight], [w_scale], [bias], [relu])
     def dense() -> Tensor:
-        return _CACHE.get((qweight, w_scale), ("int8_dequant",), lambda: qweight.float() * w_scale[:, None])
+        return _int8_dequantized(qweight, w_scale)
 
     if impl == "dequant":
         return _linear_fp32(x, dense(), bias, relu)
@@ -653,6 +653,12 @@ def _(codes, scales, qweights, w_scales, biases, relus):
 
 
 int8_mlp_quantized.register_kernel("cuda")(_int8_mlp_quantized_any)
+
+
+def _int8_dequantized(qweight: Tensor, w_scale: Tensor) -> Tensor:
+    """The int8 weight as float32 (``qweight * w_scale`` per row), built once per weight (cached):
+    what ``int8_linear``'s ``dequant`` multiplies on every device."""
+    return _CACHE.get((qweight, w_scale), ("int8_dequant",), lambda: qweight.float() * w_scale[:, None])
 
 
 def _linear_fp32(x: Tensor, w: Tensor, bias: Optional[Tensor], relu: bool = False) -> Tensor:

@@ -33,6 +33,7 @@ from hwaware.ops import (
     _check_sparse24_kernel,
     _check_sparse24_linear,
     _index_dtypes,
+    _int8_dequantized,
     _linear_fp32,
     embedding_bag_rowwise,
     int4_linear,
@@ -83,8 +84,7 @@ def _int8_linear_cuda(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optiona
     _check_int8_linear(x, qweight, w_scale, bias)
     _check_int8_kernel(impl, "cuda")
     if impl == "dequant":  # a layer QAT trained weight-only: its input stays float, as on CPU
-        w = _CACHE.get((qweight, w_scale), ("int8_dequant",), lambda: qweight.float() * w_scale[:, None])
-        return _linear_fp32(x, w, bias, relu)
+        return _linear_fp32(x, _int8_dequantized(qweight, w_scale), bias, relu)
     with _on(x):
         out = _kernels("int8_linear").int8_linear(x, qweight, w_scale, bias)
     return out.relu_() if relu else out  # not fused into the Triton epilogue yet: one more pass on GPU

@@ -222,14 +222,19 @@ def quantize_rowwise(table: Tensor, bits: int, spec: Optional[QuantSpec] = None)
     ``c * scale + offset`` is ``q * scale`` up to the rounding of one product (a trial saw 26% of a
     symmetric table's codes change when it was re-quantized affine). Its scale dtype must be the
     layout's (:func:`rowwise_spec`)."""
-    if spec is not None and spec.symmetric:
-        return _quantize_rowwise_symmetric(table, bits, spec)
-    spec = rowwise_spec(bits)
+    layout = rowwise_spec(bits)
+    if spec is not None and spec.symmetric and (spec.bits != bits or spec.granularity != "per_row"
+                                                 or spec.scale_dtype != layout.scale_dtype):
+        raise ValueError(f"a {bits}-bit row-wise table stores {layout.scale_dtype} scales per row; got spec {spec.short()} "
+                         f"with scale_dtype={spec.scale_dtype!r}")
     _check_tensor("table", table, _FLOATS, 2, "[R, D] float")
     if table.shape[1] < 1:
         raise ValueError(f"table must have at least one column, got shape {tuple(table.shape)}")
     _check_finite("table", table)
     mn, mx = channel_minmax(table.detach().float())
+    if spec is not None and spec.symmetric:
+        return _pack_symmetric_rows(table, mn, mx, bits, spec)
+    spec = layout
     if bits == 4:  # float16 scale (range / 15) and offset (min): a larger one would clip or be inf
         over = ((mx - mn) / 15 > _FP16_MAX) | (mn.abs() > _FP16_MAX)
         if bool(over.any()):
@@ -242,16 +247,8 @@ def quantize_rowwise(table: Tensor, bits: int, spec: Optional[QuantSpec] = None)
     return pack_rowwise(codes, scale, offset, bits)
 
 
-def _quantize_rowwise_symmetric(table: Tensor, bits: int, spec: QuantSpec) -> Tensor:
-    layout = rowwise_spec(bits)
-    if spec.bits != bits or spec.granularity != "per_row" or spec.scale_dtype != layout.scale_dtype:
-        raise ValueError(f"a {bits}-bit row-wise table stores {layout.scale_dtype} scales per row; got spec {spec.short()} "
-                         f"with scale_dtype={spec.scale_dtype!r}")
-    _check_tensor("table", table, _FLOATS, 2, "[R, D] float")
-    if table.shape[1] < 1:
-        raise ValueError(f"table must have at least one column, got shape {tuple(table.shape)}")
-    _check_finite("table", table)
-    mn, mx = channel_minmax(table.detach().float())
+def _pack_symmetric_rows(table: Tensor, mn: Tensor, mx: Tensor, bits: int, spec: QuantSpec) -> Tensor:
+    """:func:`quantize_rowwise` for a symmetric ``spec``, on the checked table's row ranges."""
     scale, zero = compute_qparams(mn, mx, spec)
     half = 2 ** (bits - 1)
     if bits == 4 and bool((scale * half > _FP16_MAX).any()):
