@@ -44,6 +44,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -83,6 +84,9 @@ _STALE_TMP_SECONDS = 3600.0  # without flock: a temp directory this old is a dea
 # another host of a shared filesystem whose flock is node-local (its weights may take minutes)
 _UNLOCKED_TMP_SECONDS = 600.0
 _CHUNK = 1 << 20
+# names longer than this (bytes) are shortened in the temp and moved-aside names beside them: those
+# add up to 22 bytes and a random suffix, and a name may have 255 (NAME_MAX)
+_LONG_NAME = 200
 
 
 class ArtifactError(ValueError):
@@ -155,16 +159,48 @@ def _exchange(a: str, b: str) -> bool:
     raise OSError(err, os.strerror(err), b)
 
 
-def _publish(tmp: str, path: str) -> None:
-    """Move the finished directory ``tmp`` to ``path``, replacing what :func:`_check_target` allowed."""
-    if not os.path.lexists(path) or not os.listdir(path):
-        os.rename(tmp, path)  # POSIX rename replaces an empty directory atomically
+def _short_name(path: str) -> str:
+    """``path``'s last component as the temp and moved-aside directories beside it name it: a long
+    one shortened to a prefix and a hash, so that what those add still fits NAME_MAX."""
+    name = os.fsencode(os.path.basename(path))
+    if len(name) <= _LONG_NAME:
+        return os.fsdecode(name)
+    return f"{name[:64].decode('utf-8', 'ignore')}~{hashlib.sha256(name).hexdigest()[:16]}"
+
+
+def _replaced_is_artifact(path: str) -> bool:
+    """Whether the directory a publish moved out of the way is what :func:`_check_target` allowed
+    replacing: an artifact with nothing unlisted in it."""
+    manifest = _unverified_manifest(path)
+    return manifest is not None and manifest.get("format") == FORMAT_NAME and not unlisted_entries(path, manifest)
+
+
+def _publish(tmp: str, path: str, replacing: bool) -> None:
+    """Move the finished directory ``tmp`` to ``path``. ``replacing``: :func:`_check_target` saw an
+    artifact there (and overwrite was given); otherwise it saw nothing or an empty directory, and
+    only those are replaced (``rename`` fails on a directory that is no longer empty, or a file)."""
+    if not replacing or not os.path.lexists(path):
+        try:
+            os.rename(tmp, path)  # POSIX rename replaces an empty directory atomically, and nothing else
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise ArtifactError(f"{path}: something was written there while the artifact was being written "
+                                    f"({e.strerror}); it is left as it is and nothing was written at {path}") from None
+            raise
         return
     if _exchange(tmp, path):
+        if not _replaced_is_artifact(tmp):  # what appeared there since the check is not ours to delete
+            _exchange(tmp, path)
+            raise ArtifactError(f"{path}: was replaced by something other than an hwaware artifact while the new one "
+                                f"was being written; it is left as it is and nothing was written at {path}")
         shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous artifact
         return
-    old = f"{path}{_OLD_INFIX}{secrets.token_hex(4)}"
+    old = os.path.join(os.path.dirname(path), f"{_short_name(path)}{_OLD_INFIX}{secrets.token_hex(4)}")
     os.rename(path, old)
+    if not _replaced_is_artifact(old):
+        os.rename(old, path)
+        raise ArtifactError(f"{path}: was replaced by something other than an hwaware artifact while the new one "
+                            f"was being written; it is left as it is and nothing was written at {path}")
     try:
         os.rename(tmp, path)
     except BaseException:
@@ -212,7 +248,7 @@ def _writer_alive(path: str) -> Optional[bool]:
 
 def _remove_stale_tmp(parent: str, name: str) -> None:
     now = time.time()
-    for d in glob.glob(os.path.join(glob.escape(parent), f"{_TMP_PREFIX}{glob.escape(name)}-*")):
+    for d in glob.glob(os.path.join(glob.escape(parent), f"{_TMP_PREFIX}{glob.escape(_short_name(name))}-*")):
         try:
             age = now - os.lstat(d).st_mtime
             if os.path.islink(d) or not os.path.isdir(d) or age <= _UNLOCKED_TMP_SECONDS:
@@ -255,16 +291,17 @@ def is_artifact(path: str | os.PathLike) -> bool:
     return manifest is not None and manifest.get("format") == FORMAT_NAME
 
 
-def _check_target(path: str, overwrite: bool) -> None:
-    """Refuse to clobber anything at ``path`` that is not a previous artifact or an empty dir."""
+def _check_target(path: str, overwrite: bool) -> bool:
+    """Refuse to clobber anything at ``path`` that is not a previous artifact or an empty dir.
+    Returns whether an artifact is there (to be replaced)."""
     if not os.path.lexists(path):
-        return
+        return False
     if os.path.islink(path):
         raise ArtifactError(f"{path}: is a symlink; refusing to replace it (pass the real directory)")
     if not os.path.isdir(path):
         raise ArtifactError(f"{path}: exists and is not a directory; refusing to overwrite it")
     if not os.listdir(path):
-        return
+        return False
     manifest = _unverified_manifest(path)
     if manifest is None or manifest.get("format") != FORMAT_NAME:
         raise ArtifactError(
@@ -279,6 +316,7 @@ def _check_target(path: str, overwrite: bool) -> None:
             f"{path}: holds an artifact and also {', '.join(map(repr, foreign[:5]))}"
             f"{f' and {len(foreign) - 5} more' if len(foreign) > 5 else ''}, which are not part of it (the manifest "
             "does not list them); replacing the artifact would delete them. Move them out, or export elsewhere")
+    return True
 
 
 def nearest_existing_parent(path: str | os.PathLike) -> str:
@@ -407,7 +445,7 @@ def write_artifact(
     os.makedirs(parent, exist_ok=True)
     _remove_stale_tmp(parent, name)
 
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f"{_TMP_PREFIX}{name}-")
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f"{_TMP_PREFIX}{_short_name(name)}-")
     try:
         lock = _try_lock(tmp)  # held until we return: a later writer sees this directory is live
     except BlockingIOError:  # another process probing it this instant: it only ever probes old ones
@@ -441,9 +479,9 @@ def write_artifact(
         _fsync_dir(tmp)
         _set_modes(tmp)
 
-        _check_target(path, overwrite)  # again: something may have appeared while we wrote
+        replacing = _check_target(path, overwrite)  # again: something may have appeared while we wrote
         writing = None
-        _publish(tmp, path)
+        _publish(tmp, path, replacing)
         _fsync_dir(parent)
     except OSError as e:  # a full disk, a quota: say where, and that nothing changed at path
         shutil.rmtree(tmp, ignore_errors=True)
@@ -463,7 +501,7 @@ def write_artifact(
 # reading
 # ------------------------------------------------------------------------------------------------
 def _missing_hint(path: str) -> str:
-    old = sorted(glob.glob(glob.escape(path) + _OLD_INFIX + "*"))
+    old = sorted(glob.glob(os.path.join(glob.escape(os.path.dirname(path)), glob.escape(_short_name(path)) + _OLD_INFIX + "*")))
     if old:
         return f" (an interrupted overwrite left the previous artifact at {old[-1]}; rename it back)"
     return ""
@@ -592,7 +630,11 @@ def _verify_file(path: str, fname: str, entry: Any, hash_it: bool = True) -> Non
         what = "truncated" if size < entry["bytes"] else "has extra bytes"
         raise ArtifactError(f"{fpath}: {what}: {size} bytes, {MANIFEST_FILE} records {entry['bytes']}")
     if hash_it:
-        _check_digest(fpath, _sha256_file(fpath), entry["sha256"])
+        try:
+            digest = _sha256_file(fpath)
+        except OSError as e:
+            raise ArtifactError(f"{fpath}: cannot be read ({e.strerror or e})") from e
+        _check_digest(fpath, digest, entry["sha256"])
 
 
 def _check_digest(fpath: str, digest: str, recorded: str) -> None:
@@ -650,10 +692,17 @@ def _read_verified_once(path: str):
     verified = _read_manifest(path, hash_weights=False)
     wpath = os.path.join(path, WEIGHTS_FILE)
     entry = verified["files"][WEIGHTS_FILE]
-    with open(wpath, "rb") as f:
-        buf = bytearray(entry["bytes"])
-        got = f.readinto(buf)
-        more = f.read(1)
+    try:
+        # O_NONBLOCK: a FIFO swapped in since the check would block the read; fstat then refuses it
+        fd = os.open(wpath, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ArtifactError(f"{wpath}: not a regular file")
+            buf = bytearray(entry["bytes"])
+            got = f.readinto(buf)
+            more = f.read(1)
+    except OSError as e:
+        raise ArtifactError(f"{wpath}: cannot be read ({e.strerror or e})") from e
     if got != entry["bytes"] or more:  # the file changed size since it was checked
         raise ArtifactError(f"{wpath}: {'truncated' if got < entry['bytes'] else 'has extra bytes'} while being read "
                             f"({MANIFEST_FILE} records {entry['bytes']} bytes)")

@@ -681,3 +681,94 @@ def test_manifest_json_a_reader_could_read_two_ways_or_not_at_all_is_refused(tmp
     with pytest.raises(ArtifactError, match=r"manifest.json nests too deeply to be a manifest"):
         read_manifest(path)
     assert not A.is_artifact(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# what appears at path between the last check and the move into place
+# ------------------------------------------------------------------------------------------------
+def _racing_publish(monkeypatch, act):
+    """``act(path)`` runs right before the publish, as another process could after the last check."""
+    real = A._publish
+
+    def publish(tmp, path, replacing):
+        monkeypatch.setattr(A, "_publish", real)
+        act(path)
+        return real(tmp, path, replacing)
+
+    monkeypatch.setattr(A, "_publish", publish)
+
+
+def test_an_artifact_published_meanwhile_is_kept_when_overwrite_is_false(tmp_path, monkeypatch):
+    path = tmp_path / "art"
+    _racing_publish(monkeypatch, lambda p: _write(p, manifest={"v": "other"}))
+    with pytest.raises(ArtifactError, match=r"art: something was written there while the artifact was being written"):
+        _write(path, manifest={"v": "mine"}, overwrite=False)
+    assert verify_artifact(path)["v"] == "other" and not _tmp_dirs(tmp_path)
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "fallback"])
+@pytest.mark.parametrize("before", ["nothing", "artifact"])
+def test_user_files_that_appear_meanwhile_are_never_deleted(tmp_path, monkeypatch, exchange, before):
+    if not exchange:
+        monkeypatch.setattr(A, "_exchange", lambda a, b: False)
+    path = tmp_path / "art"
+    if before == "artifact":
+        _write(path, manifest={"v": "old"})
+
+    def user_data(p):
+        A.shutil.rmtree(p, ignore_errors=True)
+        os.makedirs(p)
+        open(os.path.join(p, "precious.csv"), "w").write("data")
+
+    _racing_publish(monkeypatch, user_data)
+    with pytest.raises(ArtifactError, match=r"art: .* while the (new one|artifact) was being written.* nothing was written"):
+        _write(path, manifest={"v": "new"})
+    assert os.listdir(path) == ["precious.csv"] and sorted(os.listdir(tmp_path)) == ["art"]
+
+
+def test_an_artifact_replaced_meanwhile_by_another_artifact_is_overwritten(tmp_path, monkeypatch):
+    path = tmp_path / "art"
+    _write(path, manifest={"v": "old"})
+    _racing_publish(monkeypatch, lambda p: _write(p, manifest={"v": "other"}))
+    assert _write(path, manifest={"v": "mine"})["v"] == "mine"
+    assert verify_artifact(path)["v"] == "mine" and sorted(os.listdir(tmp_path)) == ["art"]
+
+
+def test_a_name_as_long_as_the_filesystem_allows_is_written_overwritten_and_cleaned_up(tmp_path, monkeypatch):
+    path = tmp_path / ("x" * 250)  # NAME_MAX 255: '.hwaware-tmp-' + name + a suffix would not fit
+    _write(path, manifest={"v": "old"})
+    assert _write(path, manifest={"v": "new"})["v"] == "new"
+    monkeypatch.setattr(A, "_exchange", lambda a, b: False)  # the moved-aside name is shortened too
+    assert _write(path, manifest={"v": "newer"})["v"] == "newer"
+    assert os.listdir(tmp_path) == [path.name]
+    stale = tmp_path / f".hwaware-tmp-{A._short_name(str(path))}-deadbeef"  # a dead writer's, found by the short name
+    stale.mkdir()
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    _write(path, manifest={"v": "newest"})
+    assert os.listdir(tmp_path) == [path.name]
+
+
+def test_a_listed_file_that_cannot_be_read_is_an_artifact_error(tmp_path, monkeypatch):
+    path = tmp_path / "art"
+    _write(path)
+    real_open = open
+
+    def no_weights(p, *a, **k):
+        if str(p).endswith("weights.safetensors"):
+            raise PermissionError(13, "Permission denied", str(p))
+        return real_open(p, *a, **k)
+
+    monkeypatch.setattr("builtins.open", no_weights)
+    with pytest.raises(ArtifactError, match=r"weights.safetensors: cannot be read \(Permission denied\)"):
+        read_manifest(path)
+    monkeypatch.setattr("builtins.open", real_open)
+    real_os_open = os.open
+
+    def no_weights_fd(p, *a, **k):
+        if str(p).endswith("weights.safetensors"):
+            raise PermissionError(13, "Permission denied", str(p))
+        return real_os_open(p, *a, **k)
+
+    monkeypatch.setattr(os, "open", no_weights_fd)
+    with pytest.raises(ArtifactError, match=r"weights.safetensors: cannot be read \(Permission denied\)"):
+        read_tensors(path)
