@@ -301,7 +301,7 @@ class SemiStructuredSparsity(_RestoresForEvaluation):
                 for name in names:
                     w = self._layers[name].weight
                     self._masks[name] = gradual_mask_24(weight_2d(self._layers[name]),
-                                                        self._masks[name].view(w.shape[0], -1), fraction).view_as(w)
+                                                        self._masks[name].reshape(w.shape[0], -1), fraction).view_as(w)
                 if self._step >= self._ramp_steps:
                     self.phase = "sparse"
                     self._history.append({"phase": "sparse", "step": self._step})
@@ -454,7 +454,8 @@ class SemiStructuredSparsity(_RestoresForEvaluation):
                                      f"Trainer(limit_train_batches=N) or use ramp_epochs=0")
                 per_epoch = math.ceil(trainer.num_training_batches / max(1, trainer.accumulate_grad_batches))
                 self._ramp_steps = max(1, self.ramp_epochs * per_epoch)
-                self._masks = {n: torch.ones_like(self._layers[n].weight, dtype=torch.bool) for n in self._names}
+                self._masks = {n: torch.ones(self._layers[n].weight.shape, dtype=torch.bool, device=self._layers[n].weight.device)
+                               for n in self._names}  # (not ones_like: a channels_last weight's mask would not view as [N, K])
                 self._mark("pruning", trainer)
                 return
             masks = {n: magnitude_mask_24(weight_2d(self._layers[n])).cpu() for n in self._names}

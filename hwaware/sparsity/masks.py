@@ -13,11 +13,12 @@ from typing import Dict, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from hwaware.quant.attach import bare_weights, check_skip_matches, matching_pattern, weight_read_by_parent
 
 __all__ = [
-    "PRUNABLE_TYPES", "find_prunable", "weight_2d", "magnitude_mask_24", "gradual_mask_24", "is_mask_24",
+    "PRUNABLE_TYPES", "find_prunable", "weight_2d", "weight_key", "computed_weight", "magnitude_mask_24", "gradual_mask_24", "is_mask_24",
     "mask_sparsity", "cubic_fraction", "sr_ste_decay_",
 ]
 
@@ -25,9 +26,24 @@ PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
 def weight_2d(module: nn.Module) -> Tensor:
-    """The layer's weight as the ``[N, K]`` GEMM operand (a view: writes go to the weight)."""
+    """The layer's weight as the ``[N, K]`` GEMM operand, to read (a copy where the weight's memory is
+    not in that order: a ``channels_last`` conv's); masks are applied to the weight itself."""
     w = module.weight
-    return w.view(w.shape[0], -1)
+    return w.reshape(w.shape[0], -1)
+
+
+def weight_key(module: nn.Module) -> int:
+    """What identifies the tensor a layer's ``weight`` is trained as, for finding weights two layers
+    share: the Parameter itself (``module.weight`` of a parametrized layer is a new tensor on every
+    read, whose ``id`` a later one can reuse), or the layer where the weight is computed."""
+    p = module._parameters.get("weight")
+    return id(p) if p is not None else id(module)
+
+
+def computed_weight(module: nn.Module) -> bool:
+    """Whether ``module.weight`` is computed from other parameters (``parametrize``, the hook-based
+    ``weight_norm``) rather than being a trained Parameter itself."""
+    return parametrize.is_parametrized(module, "weight") or "weight" not in module._parameters
 
 
 def find_prunable(model: nn.Module, skip: Sequence[str] = ()) -> Tuple[Dict[str, nn.Module], Dict[str, str]]:
@@ -48,7 +64,7 @@ def find_prunable(model: nn.Module, skip: Sequence[str] = ()) -> Tuple[Dict[str,
     # a weight tied to an embedding table is a table (never pruned); one shared by two layers is
     # pruned once, under its first name
     modules = dict(model.named_modules())
-    tables = {id(m.weight): name for name, m in modules.items() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
+    tables = {weight_key(m): name for name, m in modules.items() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
     owners: Dict[int, str] = {}
     for name, m in modules.items():
         skipped.update(dict.fromkeys(bare_weights(name, m), "a bare Parameter nn.MultiheadAttention multiplies itself; "
@@ -64,18 +80,23 @@ def find_prunable(model: nn.Module, skip: Sequence[str] = ()) -> Tuple[Dict[str,
             skipped[name] = (f"its parent {type(parent).__name__} multiplies .weight itself, so no 2:4 kernel runs it and "
                              "export stores it dense: pruning it would cost accuracy for nothing")
             continue
-        if id(m.weight) in tables:
-            skipped[name] = f"its weight is tied to embedding {tables[id(m.weight)]!r}; embedding tables are never pruned"
+        if computed_weight(m):
+            skipped[name] = ("its weight is computed (weight_norm or another parametrization), not a trained Parameter: a "
+                             "mask on it would not reach the parameters it is computed from; stays dense")
             continue
-        if id(m.weight) in owners:
-            skipped[name] = f"shares its weight with {owners[id(m.weight)]!r}, pruned there"
+        key = weight_key(m)
+        if key in tables:
+            skipped[name] = f"its weight is tied to embedding {tables[key]!r}; embedding tables are never pruned"
+            continue
+        if key in owners:
+            skipped[name] = f"shares its weight with {owners[key]!r}, pruned there"
             continue
         k = m.weight[0].numel()
         if k % 4:
             what = "in_features" if isinstance(m, nn.Linear) else "C_in/groups * kernel size (im2col K)"
             skipped[name] = f"input dimension K={k} ({what}) is not a multiple of 4"
             continue
-        owners[id(m.weight)] = name
+        owners[key] = name
         layers[name] = m
     check_skip_matches(model, skip, [n for n, m in modules.items() if n and isinstance(m, PRUNABLE_TYPES)], "Linear/Conv")
     return layers, skipped

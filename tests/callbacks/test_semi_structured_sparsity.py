@@ -298,6 +298,25 @@ def test_conv_is_pruned_along_its_im2col_k(tmp_path):
     assert float((w2d == 0).float().mean()) == 0.5
 
 
+@pytest.mark.parametrize("method, ramp", [("magnitude", 0), ("magnitude", 1), ("sr_ste", 0)])
+def test_a_channels_last_model_is_pruned_as_a_contiguous_one_is(tmp_path, method, ramp):
+    # model.to(memory_format=torch.channels_last), usual for CNNs: pruning start failed in weight_2d's view
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 3, 6, 6, generator=g), torch.randint(0, 2, (64,), generator=g))
+    weights = []
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        sp = SemiStructuredSparsity(method=method, start_epoch=1, ramp_epochs=ramp)
+        pl.seed_everything(0, verbose=False)
+        model = TinyConvNet().to(memory_format=memory_format)
+        trainer = make_trainer(tmp_path, [sp], max_epochs=3, limit_val_batches=0)
+        trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=16))
+        assert sp.report["layers"]["c1"]["verified_24"] and sp.report["phase"] == "sparse"
+        assert model.c1.weight.is_contiguous(memory_format=memory_format)
+        weights.append(model.c1.weight.detach().contiguous())
+    torch.testing.assert_close(weights[1], weights[0], rtol=1e-5, atol=1e-6)  # conv kernels differ by layout only
+    assert torch.equal(weights[1] == 0, weights[0] == 0)
+
+
 def test_sr_ste_skipped_optimizer_step_leaves_masked_weights(tmp_path):
     """AMP's GradScaler skips optimizer.step on inf gradients: no post-step hook runs. The next
     forward must still see the masked weights, and the dense ones must not move."""

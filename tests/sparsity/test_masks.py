@@ -71,6 +71,25 @@ def test_conv_im2col_view():
     conv = nn.Conv2d(4, 6, 3)
     w2d = weight_2d(conv)
     assert w2d.shape == (6, 36) and w2d.data_ptr() == conv.weight.data_ptr()
+    cl = nn.Conv2d(4, 6, 3).to(memory_format=torch.channels_last)  # not [N, K] in memory: read as a copy
+    assert torch.equal(weight_2d(cl), cl.weight.detach().contiguous().reshape(6, 36))
+
+
+@pytest.mark.parametrize("norm", ["parametrize", "hook"])
+def test_weight_normalized_layers_stay_dense_and_are_not_taken_for_shared_weights(norm):
+    # m.weight of a parametrized layer is a new tensor on every read: a mask on it reached nothing
+    # (training ran dense), and ids reused between reads made unrelated layers "share" a weight
+    import warnings
+
+    wn = torch.nn.utils.parametrizations.weight_norm if norm == "parametrize" else torch.nn.utils.weight_norm
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the hook-based one is deprecated, still used
+        model = nn.Sequential(nn.Conv1d(8, 8, 1), wn(nn.Conv1d(8, 8, 1)), wn(nn.Conv1d(8, 8, 1)), wn(nn.Linear(8, 8)),
+                              nn.Linear(8, 8))
+    for _ in range(3):  # the same plan every time
+        layers, skipped = find_prunable(model)
+        assert set(layers) == {"0", "4"} and set(skipped) == {"1", "2", "3"}
+        assert all("its weight is computed (weight_norm or another parametrization)" in why for why in skipped.values())
 
 
 def test_cubic_schedule():
