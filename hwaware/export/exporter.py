@@ -40,6 +40,7 @@ from hwaware.quant import native
 from hwaware.quant.attach import (QuantState, attach_quantization, bare_weights, detach_quantization, find_quantizable,
                                   fp32_reference, keep_layers_called, quant_states, weight_read_by_parent)
 from hwaware.quant.spec import QuantSpec
+from hwaware.sparsity.masks import weight_key
 
 __all__ = ["export", "load", "Artifact", "RegressionError", "KernelPortabilityWarning", "METRICS"]
 
@@ -383,7 +384,7 @@ def _build_deploy(model: nn.Module, states: Dict[str, QuantState], sparse24: boo
                 dense[name] = (dense[name] + "; " if name in dense else "") + "2:4 conv: no hwaware conv op, stored and run dense"
     tied: Dict[int, List[str]] = {}  # one weight shared by several packed layers (tied input/output embeddings)
     for name in layers:
-        tied.setdefault(id(modules[name].weight), []).append(name)
+        tied.setdefault(weight_key(modules[name]), []).append(name)
     for names in (n for n in tied.values() if len(n) > 1):
         for name in names:
             others = ", ".join(repr(o) for o in names if o != name)
@@ -521,7 +522,7 @@ def _evaluate(module: nn.Module, loader: Iterable, metric: str, output_fn: Optio
     pass over one loader, holds the first pass's targets (sorted): a later pass whose targets differ
     read other samples (:func:`_check_same_samples`)."""
     preds, targets = [], []
-    was_training = module.training
+    modes = [(m, m.training) for m in module.modules()]  # each module's own: a reference may mix them
     module.eval()
     try:
         with torch.no_grad():
@@ -532,7 +533,8 @@ def _evaluate(module: nn.Module, loader: Iterable, metric: str, output_fn: Optio
                 preds.append(p.detach().cpu())
                 targets.append(t.detach().cpu())
     finally:
-        module.train(was_training)
+        for m, training in modes:
+            m.training = training
     if not preds:
         raise ValueError("export: val_dataloader yielded no batches")
     target = torch.cat(targets)
@@ -667,7 +669,11 @@ def _describe_input(x: Any) -> Dict[str, Any]:
         raise TypeError(f"example_inputs must be tensors, got {type(x).__name__}")
     d: Dict[str, Any] = {"shape": list(x.shape), "dtype": str(x.dtype).replace("torch.", "")}
     if not x.is_floating_point() and x.numel():
-        d["max"] = x.reshape(x.shape[0], -1).amax(0).tolist() if x.dim() > 1 else [int(x.max())]
+        cols = x.reshape(x.shape[0], -1).long() if x.dim() > 1 else x.reshape(-1, 1).long()  # (bool: 0/1)
+        d["max"] = cols.amax(0).tolist() if x.dim() > 1 else [int(cols.max())]
+        lo = cols.amin(0).tolist() if x.dim() > 1 else [int(cols.min())]
+        if min(lo) < 0:  # (bench draws from 0 up otherwise)
+            d["min"] = lo
     return d
 
 
@@ -779,7 +785,8 @@ def check_input_descriptions(description: Any, where: str) -> None:
     :func:`_describe_input` records: a manifest is editable, and these size what bench allocates."""
     def bad(i: int, why: str) -> ArtifactError:
         return ArtifactError(f"{where}: 'inputs'[{i}] {why}; expected {{'shape': [ints >= 0], 'dtype': one of "
-                             f"{sorted(_INPUT_DTYPES)}, 'max': [ints >= 0] for an integer dtype}}")
+                             f"{sorted(_INPUT_DTYPES)}, 'max': [ints >= 0] for an integer dtype, and 'min': [ints <= "
+                             "max], as many, where one is negative}}")
 
     if not isinstance(description, list):
         raise ArtifactError(f"{where}: 'inputs' is {type(description).__name__}; expected a list of input records")
@@ -792,10 +799,14 @@ def check_input_descriptions(description: Any, where: str) -> None:
         if dtype not in _INPUT_DTYPES:
             raise bad(i, f"has dtype {dtype!r}")
         if not getattr(torch, dtype).is_floating_point and all(shape):  # an empty one records no max
-            top = 1 if dtype == "bool" else torch.iinfo(getattr(torch, dtype)).max
-            hi = d.get("max")
-            if not (isinstance(hi, list) and hi and all(type(v) is int and 0 <= v <= top for v in hi)):
+            bottom, top = (0, 1) if dtype == "bool" else (torch.iinfo(getattr(torch, dtype)).min, torch.iinfo(getattr(torch, dtype)).max)
+            hi, lo = d.get("max"), d.get("min", [0] * len(d.get("max") or []))
+            if not (isinstance(hi, list) and hi and all(type(v) is int and v <= top for v in hi)):
                 raise bad(i, f"has max {hi!r} (each at most {top}, the {dtype} maximum)")
+            if not (isinstance(lo, list) and len(lo) == len(hi)
+                    and all(type(v) is int and bottom <= v <= h for v, h in zip(lo, hi))):
+                raise bad(i, f"has min {lo!r} for max {hi!r} (each at least {bottom}, the {dtype} minimum, and at most "
+                             "its column's max)")
 
 
 def make_inputs(description: Iterable[Dict[str, Any]], batch_size: int, seed: int = 0) -> Tuple[Tensor, ...]:
@@ -810,9 +821,10 @@ def make_inputs(description: Iterable[Dict[str, Any]], batch_size: int, seed: in
             out.append(torch.randn(shape, generator=g).to(dtype))
         else:
             hi = torch.tensor(d["max"], dtype=torch.float64) + 1
+            lo = torch.tensor(d.get("min", [0] * len(d["max"])), dtype=torch.float64)
             cols = int(torch.tensor(shape[1:]).prod()) if len(shape) > 1 else 1
-            hi = hi.expand(cols) if hi.numel() == 1 else hi
-            ids = (torch.rand(batch_size, cols, generator=g, dtype=torch.float64) * hi).floor().to(dtype)
+            hi, lo = (hi.expand(cols), lo.expand(cols)) if hi.numel() == 1 else (hi, lo)
+            ids = (torch.rand(batch_size, cols, generator=g, dtype=torch.float64) * (hi - lo) + lo).floor().to(dtype)
             out.append(ids.reshape(shape))
     return tuple(out)
 
@@ -1009,6 +1021,8 @@ def export(
     if metric not in METRICS:
         raise ValueError(f"metric={metric!r}; expected one of {METRICS}")
     max_drop = _real_scalar("max_drop", max_drop)
+    if isinstance(device, torch.device) and device == torch.device("cpu"):
+        device = "cpu"
     if device != "cpu":
         raise ValueError(f"device={device!r}; export measures and gates on 'cpu' only for now (the CUDA kernels are "
                          f"registered: hwaware.load(path, device='cuda') runs an artifact on them)")
@@ -1036,6 +1050,10 @@ def export(
         raise TypeError(f"overwrite={overwrite!r}; expected True or False")
     if not isinstance(batch_hooks, bool):
         raise TypeError(f"batch_hooks={batch_hooks!r}; expected True or False")
+    if not isinstance(sparse24, bool):
+        raise TypeError(f"sparse24={sparse24!r}; expected True or False")
+    if output_fn is not None and not callable(output_fn):
+        raise TypeError(f"output_fn={output_fn!r}; expected None or a function (module, batch) -> (predictions, targets)")
     # every run of the model on validation batches (the weight watch, both sides of the gate, the
     # rows kernels are timed on) reads them through the LightningModule's batch hooks, where it
     # overrides any: the same transformed batches for all; a plain module reads the loader as it is
@@ -1069,7 +1087,7 @@ def export(
                 run = ((lambda: model(*example_inputs)) if example_inputs is not None else
                        (lambda: (output_fn or _default_output)(model, _first_batch(val_dataloader))))
             read_outside = weights_read_outside_call(model, [n for n, st in states.items() if st.enabled], run)
-        deploy, layers, dense = _build_deploy(model, states, sparse24=bool(sparse24), skipped=skipped, qat=not ptq,
+        deploy, layers, dense = _build_deploy(model, states, sparse24=sparse24, skipped=skipped, qat=not ptq,
                                               read_outside=read_outside)
     finally:
         if ptq:
@@ -1336,24 +1354,31 @@ def _selection_record(meta: Dict[str, Any], name: str, path: str) -> Optional[Di
 _MAX_TIMING_ELEMENTS = 1 << 28
 
 
-def _remeasure(model: nn.Module, manifest: Dict[str, Any], path: str) -> Dict[str, Dict[str, Any]]:
-    """Re-time the measured layers' kernels on this CPU, at the input shapes export timed them at,
-    among the ``int8_linear`` implementations that passed the regression gate on their own
-    (``regression.by_impl``). Returns ``{name: selection record}``. The choice is per layer, so it
-    can be a mix no gate ran as a whole (each implementation was gated on every layer at once)."""
+def _timing_rows(manifest: Dict[str, Any], path: str, module_of: Callable[[str], nn.Module]) -> Dict[str, int]:
+    """``{layer: rows}`` export timed each measured layer at, refused where re-timing would allocate
+    more than export ever times at (``module_of(name)`` gives the layer: its ``in_features``)."""
     rows: Dict[str, int] = {}
     for name, meta in manifest["layers"].items():
         rec = _selection_record(meta, name, path)
         shape = rec.get("input_shape") if rec is not None else None
         if isinstance(shape, list) and shape and type(shape[0]) is int and shape[0] > 0:
             rows[name] = shape[0]
-            width = getattr(model.get_submodule(name), "in_features", 1)
+            width = getattr(module_of(name), "in_features", 1)
             if shape[0] * width > _MAX_TIMING_ELEMENTS:  # the manifest sizes what is allocated here
                 raise ArtifactError(
                     f"{path}/manifest.json: layer {name!r} records kernel timing input_shape {shape}: re-timing it "
                     f"would allocate a {shape[0]} x {width} float input ({shape[0] * width * 4 / 2**30:.1f} GiB), more "
                     f"than the {_MAX_TIMING_ELEMENTS * 4 // 2**30} GiB export ever times at; load with "
                     "kernels='recorded', or re-export with example_inputs of the serving batch")
+    return rows
+
+
+def _remeasure(model: nn.Module, manifest: Dict[str, Any], path: str) -> Dict[str, Dict[str, Any]]:
+    """Re-time the measured layers' kernels on this CPU, at the input shapes export timed them at,
+    among the ``int8_linear`` implementations that passed the regression gate on their own
+    (``regression.by_impl``). Returns ``{name: selection record}``. The choice is per layer, so it
+    can be a mix no gate ran as a whole (each implementation was gated on every layer at once)."""
+    rows = _timing_rows(manifest, path, model.get_submodule)
     reg = manifest.get("regression")
     by_impl = reg.get("by_impl") if isinstance(reg, dict) else None
     if isinstance(by_impl, dict):  # names this hwaware does not know (a newer one wrote them) are left out
@@ -1627,8 +1652,9 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
         want = expected[k]
         packed = k.rpartition(".")[0] in layers  # a deploy layer's own tensor: its dtype is the format's
         if t.shape != want.shape or (t.dtype != want.dtype and (packed or not (t.is_floating_point() and want.is_floating_point()))):
-            raise ArtifactError(f"{path}/weights.safetensors: {k!r} is {t.dtype} {tuple(t.shape)}; the model (and "
-                                f"{mpath}) expect {want.dtype} {tuple(want.shape)}")
+            raise ArtifactError(f"{path}/weights.safetensors: {k!r} is {t.dtype} {tuple(t.shape)}; "
+                                + (f"{mpath} (its layer entry) expects" if packed else f"{whose} has")
+                                + f" {want.dtype} {tuple(want.shape)}")
     del expected
     for name, new in new_layers.items():
         scale = tensors.get(f"{name}.w_scale")
@@ -1659,12 +1685,29 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
             raise ArtifactError(f"{path}/manifest.json: layer {name!r} names CPU kernel {kernel!r}; "
                                 f"expected {expect} {[k for k in allowed_kernels if k != 'auto']}")
     owners = {}
-    for name in extra:  # non-persistent buffers: each must belong to a module of the model
+    for name, buf in extra.items():  # non-persistent buffers: each one of a module the artifact does not replace
         owner_name, _, leaf = name.rpartition(".")
-        owner = new_layers.get(owner_name) or (_get_module(model, owner_name) if owner_name else model)
-        if owner is None or leaf not in owner._buffers:
-            raise ArtifactError(f"{path}/weights.safetensors: buffer {name!r} is not in the model")
+        owner = None if _under(name, new_layers) or _under(name, aliases) else (
+            _get_module(model, owner_name) if owner_name else model)
+        if owner is None or leaf not in owner._buffers or leaf not in owner._non_persistent_buffers_set:
+            raise ArtifactError(f"{path}/weights.safetensors: {_BUFFER_PREFIX + name!r} is not a non-persistent buffer of "
+                                "the model (export stores only those under that prefix)")
+        want = owner._buffers[leaf]
+        if want is not None and (buf.shape != want.shape or (buf.dtype != want.dtype and not (
+                buf.is_floating_point() and want.is_floating_point()))):
+            raise ArtifactError(f"{path}/weights.safetensors: buffer {name!r} is {buf.dtype} {tuple(buf.shape)}; the "
+                                f"model's is {want.dtype} {tuple(want.shape)}")
         owners[name] = (owner, leaf)
+    restored = set(tensors) | set(extra)
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t is not None and t.is_meta
+               and n not in restored and not _under(n, new_layers) and not _under(n, aliases)]
+    if missing:
+        raise ArtifactError(f"{path}: the model holds tensors the artifact does not restore: {missing[:5]}")
+    if device == "cpu" and kernels == "measure":  # (its refusals, before the model changes)
+        _timing_rows(manifest, path, lambda n: new_layers[n] if n in new_layers else model.get_submodule(n))
+    elif device == "cpu":
+        _portability_warning(manifest, path)
+    # the model changes from here on; nothing below refuses the artifact
     for name, new in new_layers.items():
         _set_module(model, name, new)
     for alias, name in aliases.items():
@@ -1674,18 +1717,14 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
     for name, buf in extra.items():
         owner, leaf = owners[name]
         owner._buffers[leaf] = buf
+    detach_quantization(model)  # as at export: a QAT-trained instance's dense leftovers compute as FP32
     keep_layers_called(model)  # a fresh TransformerEncoderLayer would multiply its deploy layers' (absent) .weight
     if device == "cpu" and kernels == "measure":
         model.hwaware_selection = _remeasure(model, manifest, path)
-    elif device == "cpu":
-        _portability_warning(manifest, path)
     # as at export: each ReLU after an int8 layer in its epilogue (the ReLU module stays: a direct call
     # of either child computes what it did), CPU int_mm layers in a row as one int8_mlp call
     fuse_relu(model)
     chain_int8(model)
-    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t is not None and t.is_meta]
-    if missing:
-        raise ArtifactError(f"{path}: the model holds tensors the artifact does not restore: {missing[:5]}")
     unbuilt = _settle_meta_built(model)  # (an instance passed in may have been built on meta too: bench's probe)
     if unbuilt:
         # forward may well work (a metric's states are not read by it), but .to() / .cpu() / a Trainer fail on them

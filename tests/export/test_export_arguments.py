@@ -69,3 +69,30 @@ def test_example_inputs_that_do_not_fit_forward_fail_first_and_say_so(tmp_path, 
     # the same, fitting forward: exported (a list is taken as the tuple of inputs)
     art = export(TinyCTR(), tmp_path / "art", val_dataloader=val, max_drop=1.0, example_inputs=[dense, ids])
     assert len(art.manifest["inputs"]) == 2 and val.iterated > 0
+
+
+@pytest.mark.parametrize("kw, error, match", [
+    ({"sparse24": "no"}, TypeError, r"sparse24='no'; expected True or False"),  # was taken as True
+    ({"output_fn": 5}, TypeError, r"output_fn=5; expected None or a function"),  # failed inside the gate, unnamed
+    ({"device": torch.device("cuda")}, ValueError, r"device=device\(type='cuda'\); export measures and gates on 'cpu'"),
+])
+def test_flags_and_functions_of_the_wrong_kind_are_named_before_any_work(tmp_path, kw, error, match):
+    model, val = _mlp_and_val()
+    loader = _CountingLoader(val)
+    with pytest.raises(error, match=match):
+        export(model, tmp_path / "art", val_dataloader=loader, max_drop=1.0, **kw)
+    assert loader.iterated == 0 and not (tmp_path / "art").exists()
+
+
+def test_device_may_be_given_as_a_torch_device(tmp_path):
+    model, val = _mlp_and_val()
+    assert export(model, tmp_path / "art", val_dataloader=val, max_drop=1.0, device=torch.device("cpu")).report["passed"]
+
+
+def test_a_reference_module_keeps_each_submodules_train_flag(tmp_path):
+    model, val = _mlp_and_val()
+    reference = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    reference.load_state_dict(model.state_dict())
+    reference[0].eval()  # a mix: the top module training, one child frozen
+    export(model, tmp_path / "art", val_dataloader=val, max_drop=1.0, reference=reference)
+    assert [m.training for m in reference.modules()] == [True, False, True, True]

@@ -488,7 +488,7 @@ def _rewrite(path, manifest_edit=None, tensor_edit=None):
 
 @pytest.mark.parametrize(("manifest_edit", "tensor_edit", "match"), [
     (None, lambda t: t.update({"mlp.0.qweight": t["mlp.0.qweight"].float()}),
-     r"weights.safetensors: 'mlp.0.qweight' is torch.float32 \(32, 12\); the model \(and .*manifest.json\) expect torch.int8 \(32, 12\)"),
+     r"weights.safetensors: 'mlp.0.qweight' is torch.float32 \(32, 12\); .*manifest.json \(its layer entry\) expects torch.int8 \(32, 12\)"),
     (lambda m: m["layers"]["mlp.0"].update(module="Int4Linear"), None, r"manifest.json: layer 'mlp.0' \(Int4Linear\): its entry is malformed"),
     (lambda m: m["layers"].update({"head": m["layers"].pop("mlp.2")}), None,
      r"manifest.json: layer 'head' is not a module of TinyCTR\(.*\): not the model this artifact was exported from"),
@@ -601,6 +601,21 @@ def test_a_tied_weight_is_noted_and_counted_once_in_the_fp32_size(tmp_path):
     assert "its weight is tied to 'out': each layer is packed in its own format, so the artifact stores that weight 2 times" \
         in layers["emb"]["note"]
     assert art.manifest["fp32_bytes"] == 4 * (40 * 16 + 16 * 16 + 16)  # the tied weight once
+
+
+def test_weight_normalized_layers_are_packed_as_computed_and_not_taken_for_tied(tmp_path):
+    # .weight of a parametrized layer is a new tensor on every read: ids reused between reads marked
+    # unrelated layers as tied to each other
+    torch.manual_seed(0)
+    wn = torch.nn.utils.parametrizations.weight_norm
+    model = nn.Sequential(wn(nn.Linear(16, 32)), nn.ReLU(), wn(nn.Linear(32, 8)), nn.ReLU(), wn(nn.Linear(8, 4)))
+    x = torch.randn(5, 16)
+    art = export(model, tmp_path / "a", example_inputs=(x,), int8_impls=("dequant",))
+    assert set(art.manifest["layers"]) == {"0", "2", "4"}
+    assert not any("tied_to" in meta for meta in art.manifest["layers"].values())
+    w = model[0].weight.detach()  # what the layer computes with: packed as int8 per channel, scale absmax / 127
+    scale = w.abs().amax(1) / 127
+    torch.testing.assert_close(art.model[0].w_scale.reshape(-1), scale)
 
 
 class SharedTables(nn.Module):
@@ -824,3 +839,31 @@ def test_load_into_an_instance_built_with_other_hparams_warns(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load(art.path, model=TinyCTR(lr=0.05))
+
+
+class _MaskedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 1)
+
+    def forward(self, x, mask, shift):
+        return self.fc(x * mask + shift)
+
+
+def test_recorded_example_inputs_are_ones_bench_can_generate_bool_and_negative_ids_included(tmp_path):
+    # export recorded a bool input's max as [True, ...] and a negative column's max below 0: its own
+    # readers (hwaware bench, the memory probe) then refused the artifact it had just written
+    from hwaware.export.exporter import make_inputs
+
+    torch.manual_seed(0)
+    mask = torch.rand(4, 16) > 0.5
+    shift = torch.randint(-3, 1, (4, 16))
+    shift[:, 0] = -2  # a column that is negative throughout
+    art = export(_MaskedNet(), tmp_path / "a", example_inputs=(torch.randn(4, 16), mask, shift), int8_impls=("dequant",))
+    rec = art.manifest["inputs"]
+    assert rec[1] == {"shape": [4, 16], "dtype": "bool", "max": mask.long().amax(0).tolist()}
+    assert rec[2]["max"] == shift.amax(0).tolist() and rec[2]["min"] == shift.amin(0).tolist()
+    x, m, s = make_inputs(rec, 512)
+    assert m.dtype == torch.bool and s.dtype == torch.int64 and x.shape == (512, 16)
+    assert torch.equal(s.amin(0), shift.amin(0)) and torch.equal(s.amax(0), shift.amax(0))  # each column's range, drawn whole
+    assert torch.equal(m.long().amax(0), mask.long().amax(0))

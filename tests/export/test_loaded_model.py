@@ -237,3 +237,84 @@ def test_bench_takes_a_partial_as_the_builder():
         assert import_model_class(f"{__name__}:make_plain_partial")().scale == 3.0
     finally:
         del globals()["make_plain_partial"]
+
+
+class Indexed(nn.Module):
+    """A non-persistent buffer (an index built in __init__): the artifact carries it under a prefix."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
+        self.register_buffer("order", torch.tensor([3, 2, 1, 0]), persistent=False)
+
+    def forward(self, x):
+        return self.net(x[:, self.order]).squeeze(-1)
+
+
+def _exported_indexed(tmp_path):
+    torch.manual_seed(0)
+    model = Indexed()
+    return model, export(model, tmp_path / "a", int8_impls=("dequant",)).path
+
+
+@pytest.mark.parametrize("entry, value, why", [
+    # a deploy layer's own tensor, checked (dtype, shape, finite scales) before this entry replaced it
+    ("net.0.w_scale", torch.full((16,), float("nan")), r"'__nonpersistent__.net.0.w_scale' is not a non-persistent buffer"),
+    ("net.0.qweight", torch.zeros(3, 5, dtype=torch.float64), r"'__nonpersistent__.net.0.qweight' is not a non-persistent"),
+    ("order", torch.zeros(7, dtype=torch.int64), r"buffer 'order' is torch.int64 \(7,\); the model's is torch.int64 \(4,\)"),
+])
+def test_a_non_persistent_entry_can_only_restore_a_non_persistent_buffer_of_its_shape(tmp_path, entry, value, why):
+    from tests.export.test_edited_manifest import _rewrite_weights
+
+    model, path = _exported_indexed(tmp_path)
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(load(path, model=Indexed())(x), load(path, model=Indexed())(x))
+    _rewrite_weights(path, lambda t: t.update({"__nonpersistent__." + entry: value}))
+    with pytest.raises(ArtifactError, match=why):
+        load(path, model=Indexed())
+
+
+def test_a_refused_load_leaves_the_instance_passed_in_as_it_was(tmp_path):
+    from tests.export.test_recorded_hparams import _rehashed
+
+    _, path = _exported_indexed(tmp_path)
+    before = Indexed()
+    snapshot = {k: v.clone() for k, v in before.state_dict().items()}
+    for edit, kernels in ((lambda m: m["selection_cpu"].update(int8_engine="avx10"), "recorded"),
+                          (lambda m: m["layers"]["net.0"]["selection"]["cpu"].update(input_shape=[2**40, 4]), "measure")):
+        _rehashed(path, edit)
+        with pytest.raises(ArtifactError):
+            load(path, model=before, kernels=kernels)
+        assert [type(c) for c in before.net] == [nn.Linear, nn.ReLU, nn.Linear]
+        assert all(torch.equal(v, snapshot[k]) for k, v in before.state_dict().items())
+
+
+def test_the_qat_trained_instance_loads_with_its_dense_layers_as_export_ran_them(tmp_path):
+    # load(model=the trained model) kept fake-quantizing a layer the artifact left dense (a conv): the
+    # served model was not the one the gate measured
+    from hwaware import QuantSpec
+    from hwaware.quant import quant_states
+    from hwaware.quant.attach import attach_quantization, find_quantizable
+
+    class ConvNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv1d(2, 4, 3)
+            self.fc = nn.Linear(8, 1)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).flatten(1)).squeeze(-1)
+
+    torch.manual_seed(0)
+    model = ConvNet()
+    plan, _ = find_quantizable(model, weight_spec=QuantSpec(bits=8, granularity="per_channel"),
+                               layer_specs={"conv": QuantSpec(bits=4, granularity="per_channel")})
+    for st in attach_quantization(model, plan).values():
+        st.weight.quantize = True
+    x = torch.randn(6, 2, 4)
+    model(x)
+    art = export(model, tmp_path / "a", int8_impls=("dequant",))
+    assert "conv" in art.manifest["dense_layers"] and set(quant_states(model)) == {"conv", "fc"}
+    loaded = load(art.path, model=model)
+    assert type(loaded.conv) is nn.Conv1d
+    assert torch.equal(loaded(x), art.model(x))
