@@ -75,6 +75,9 @@ def _probe(path: str, which: str, batch_size: int, batches: int, kernels: str = 
             "peak_mib": (peak - base) / mib, "process_peak_mib": peak / mib}
 
 
+_RESULT_MARK = "hwaware-memory-probe: "
+
+
 def peak_memory(path: str, which: str, batch_size: int, batches: int, timeout: float = 600,
                 kernels: str = "recorded", model: Optional[str] = None,
                 inputs_file: Optional[str] = None) -> Optional[Dict[str, Any]]:
@@ -96,9 +99,14 @@ def peak_memory(path: str, which: str, batch_size: int, batches: int, timeout: f
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"memory probe of {which} failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    # the result is the last line that starts with the marker: the model may print too (without a newline)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(_RESULT_MARK)]
+    if not lines:
+        raise RuntimeError(f"memory probe of {which} printed no result: {proc.stdout[-500:]!r} {proc.stderr[-1500:]}")
+    return json.loads(lines[-1][len(_RESULT_MARK):])
 
 
 if __name__ == "__main__":
     path_, which_, batch_, batches_ = sys.argv[1:5]
-    print(json.dumps(_probe(path_, which_, int(batch_), int(batches_), sys.argv[5], sys.argv[6] or None, sys.argv[7] or None)))
+    result = _probe(path_, which_, int(batch_), int(batches_), sys.argv[5], sys.argv[6] or None, sys.argv[7] or None)
+    print("\n" + _RESULT_MARK + json.dumps(result), flush=True)

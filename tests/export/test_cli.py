@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-
 import os
 
 import pytest
@@ -10,6 +9,7 @@ import torch
 
 from hwaware.cli import main
 from hwaware.export import artifact_size_bytes, read_manifest, write_artifact
+from tests.helpers import TinyCTR
 
 MANIFEST = {
     "layers": {
@@ -182,6 +182,27 @@ def test_bench_times_artifact_against_fp32(tmp_path, capsys):
     assert not os.path.exists("-")
 
 
+class ChattyCTR(TinyCTR):
+    """Prints on every call, without a newline (progress dots): the memory probe's stdout is shared."""
+
+    def forward(self, dense, ids):
+        print(".", end="", flush=True)
+        return super().forward(dense, ids)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS is read from Linux /proc")
+def test_the_memory_probe_reads_its_result_whatever_the_model_prints(tmp_path):
+    import torch
+
+    from hwaware.export import export
+    from hwaware.export.memory import peak_memory
+
+    torch.manual_seed(0)
+    art = export(TinyCTR(), tmp_path / "a", example_inputs=(torch.randn(8, 4), torch.randint(0, 50, (8,))))
+    for which in ("fp32", "artifact"):  # the last dot and the result shared a line, which did not parse
+        assert peak_memory(art.path, which, 8, 2, model="tests.export.test_cli:ChattyCTR")["peak_mib"] >= 0
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS is read from Linux /proc")
 def test_bench_memory_shows_the_artifact_serving_in_less_memory_than_fp32(tmp_path):
     """A 64 MB FP32 table is 24 MB of int8 rows: serving the artifact must peak lower than FP32, each
@@ -260,7 +281,7 @@ def test_bench_reports_a_failed_memory_probe_and_keeps_the_timing(tmp_path, caps
 
 
 def test_inspect_shows_the_gate_per_implementation_and_where_kernels_were_timed(tmp_path, capsys, monkeypatch):
-    from hwaware.export import exporter, selection
+    from hwaware.export import selection
 
     manifest = {**MANIFEST, "regression": {**MANIFEST["regression"], "by_impl": {
         "int_mm": {"exported": 0.7998, "drop": 0.0014, "passed": True},

@@ -492,6 +492,9 @@ def _rewrite(path, manifest_edit=None, tensor_edit=None):
     (lambda m: m["layers"]["mlp.0"].update(module="Int4Linear"), None, r"manifest.json: layer 'mlp.0' \(Int4Linear\): its entry is malformed"),
     (lambda m: m["layers"].update({"head": m["layers"].pop("mlp.2")}), None,
      r"manifest.json: layer 'head' is not a module of TinyCTR\(.*\): not the model this artifact was exported from"),
+    # a module export never packs (a ReLU, a whole Sequential): swapped for a deploy layer without a word before
+    (lambda m: m["layers"].update({"mlp.1": m["layers"].pop("mlp.2")}), None,
+     r"manifest.json: layer 'mlp.1' is a Int8Linear in the artifact, but TinyCTR.* has a ReLU there"),
     (lambda m: m.update(layers=list(m["layers"])), None, r"manifest.json: 'layers' is not an object of layer entries"),
     (lambda m: m.pop("model"), None, r"manifest.json: 'model' is None; expected \{'class': str"),
     # a Lightning property (raises off a Trainer): get_submodule read it
@@ -520,6 +523,8 @@ def test_load_argument_forms(tmp_path):
     want = load(art.path, model=TinyCTR)(dense, ids)
     for device in (torch.device("cpu"), "cpu:0"):
         torch.testing.assert_close(load(art.path, model=TinyCTR, device=device)(dense, ids), want, atol=0, rtol=0)
+    again = load(art.path, model=load(art.path, model=TinyCTR))  # into an instance loaded before: new weights, same layers
+    torch.testing.assert_close(again(dense, ids), want, atol=0, rtol=0)
     with pytest.raises(TypeError, match=r"load\(model='tests.helpers:TinyCTR'\): expected an nn.Module class or instance"):
         load(art.path, model="tests.helpers:TinyCTR")
     with pytest.raises(ArtifactError, match=r"layer 'emb' is not a module of the model passed as model="):

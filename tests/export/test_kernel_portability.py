@@ -208,7 +208,7 @@ def test_an_int8_pass_on_a_slower_engine_is_lost_and_a_faster_one_is_not():
 
 
 def test_a_malformed_selection_cpu_is_an_artifact_error(tmp_path):
-    from hwaware.export import ArtifactError, write_artifact
+    from hwaware.export import ArtifactError
     from hwaware.export.exporter import _portability_warning
 
     for bad in ({"isa": "avx2 fma"}, {"isa": [1, 2]}, "xeon", {"isa": ["avx2"], "int8_engine": "gpu"}):

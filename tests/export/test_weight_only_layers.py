@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hwaware import QuantSpec
 from hwaware.export import ArtifactError, export, load
 from hwaware.export.deploy import Int8Linear
 from tests.export.test_recorded_hparams import _rehashed
