@@ -32,9 +32,9 @@ from hwaware._predict import HookedBatches, defines_predict_step, model_predicti
 from hwaware.export.deploy import (DEPLOY_TYPES, Int4Linear, Int8Linear, RowwiseEmbedding, RowwiseEmbeddingBag, Sparse24Linear,
                                    chain_int8, fuse_relu, no_deploy_op, unpackable_specs)
 from hwaware.export.selection import (SPARSE24_INT8_IMPL, SPARSE24_INT8_KERNEL, capture_rows, cpu_profile, isa_list, lost_features,
-                                      select_int8_chains, select_int8_kernels, select_sparse24_kernels)
+                                      select_int8_chains, select_int8_kernels, select_sparse24_kernels, wide_k_why)
 import hwaware.ops as hwaware_ops
-from hwaware.ops import INT8_KERNELS, packing
+from hwaware.ops import FBGEMM_MAX_K, INT8_KERNELS, packing
 from hwaware.ops.packing import _check_positive_scale, is_24
 from hwaware.quant import native
 from hwaware.quant.attach import (QuantState, attach_quantization, bare_weights, detach_quantization, find_quantizable,
@@ -346,6 +346,9 @@ def _build_deploy(model: nn.Module, states: Dict[str, QuantState], sparse24: boo
         if (qat and st is not None and st.kind == "linear" and st.activation is None
                 and isinstance(new, (Int8Linear, Sparse24Linear)) and new.w_scale is not None):
             new.serve_weight_only()  # QAT never saw this layer's input quantized: no kernel that quantizes it
+        elif isinstance(new, (Int8Linear, Sparse24Linear)) and new.w_scale is not None and new.in_features > FBGEMM_MAX_K:
+            new.serve_weight_only()  # the integer implementations' int32 sums would overflow (the ops refuse them)
+            note = f"{note}; {wide_k_why(new.in_features)}" if note else wide_k_why(new.in_features)
         meta = new.describe()
         meta["module"] = type(new).__name__
         meta["kernel"] = {"cpu": CPU_KERNELS[meta["scheme"]]}

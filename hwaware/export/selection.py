@@ -37,7 +37,8 @@ from torch import Tensor, nn
 
 import hwaware.ops  # noqa: F401
 from hwaware.export.deploy import Int8Chain, Int8Linear, Sparse24Linear, _int_mm_run, _run_args
-from hwaware.ops import INT8_KERNELS, packing
+from hwaware.ops import FBGEMM_MAX_K, INT8_KERNELS, packing
+from hwaware.ops.packing import INT8_MAX_K
 from hwaware.quant import native
 
 __all__ = ["capture_rows", "select_sparse24_kernels", "select_int8_kernels", "time_us", "cpu_profile", "lost_features",
@@ -238,10 +239,17 @@ WEIGHT_ONLY_WHY = ("QAT trained this layer weight-only (activation None): it run
                    "that keeps its input float; the others quantize an input QAT never saw quantized (not timed)")
 
 
+def wide_k_why(k: int) -> str:
+    """Why an int8 layer of ``k`` inputs is pinned to ``dequant``."""
+    return (f"K={k} inputs: more int8 products than fbgemm's int32 sums hold exactly (K <= {FBGEMM_MAX_K}), near "
+            f"int_mm's limit ({INT8_MAX_K}): it runs dequant (float32 on the dequantized weight, the input unquantized)")
+
+
 def weight_only_record(layer: nn.Module, device: str) -> Dict[str, Any]:
     """The selection record of a layer pinned to ``dequant`` (``serve_weight_only``): nothing timed."""
     kernel = layer.kernels.get(device, "dequant")
-    return {"chosen": "dequant", "op_kernel": kernel, "weight_only": True, "why": WEIGHT_ONLY_WHY}
+    why = wide_k_why(layer.in_features) if layer.in_features > FBGEMM_MAX_K else WEIGHT_ONLY_WHY
+    return {"chosen": "dequant", "op_kernel": kernel, "weight_only": True, "why": why}
 
 
 def select_sparse24_kernels(model: nn.Module, rows: Dict[str, int], device: str = "cpu",

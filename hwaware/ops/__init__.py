@@ -46,12 +46,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hwaware.ops.packing import decompress_24, dequantize_int4_weight, rowwise_cols
+from hwaware.ops.packing import INT8_MAX_K, decompress_24, dequantize_int4_weight, rowwise_cols
 from hwaware.ops.reference import (dot_interaction_backward_ref, dot_interaction_ref, int8_linear_ref,
                                    quantize_per_token_ref, w8a8_epilogue_ref)
 
 __all__ = ["int8_linear", "int8_mlp", "int8_mlp_quantized", "dot_interaction_int8", "embedding_interaction", "embedding_interaction_int8", "int4_linear", "embedding_bag_rowwise", "embedding_bags_rowwise", "sparse24_linear", "dot_interaction",
-           "INT8_KERNELS", "SPARSE24_KERNELS", "REDUCE_RANGE", "clear_cache"]
+           "INT8_KERNELS", "SPARSE24_KERNELS", "REDUCE_RANGE", "FBGEMM_MAX_K", "clear_cache"]
 
 _FLOAT_X = (torch.float32, torch.bfloat16, torch.float16)
 _MODES = (0, 1, 2)
@@ -78,6 +78,25 @@ def _check_bias(bias: Optional[Tensor], n) -> None:
 def _check_width(name: str, n: int, k: int) -> None:
     if n < 1 or k < 1:
         raise ValueError(f"{name} describes a [N, K] = [{n}, {k}] weight; a packed layer needs N >= 1 and K >= 1")
+
+
+# fbgemm quantizes the activation per tensor to uint8 codes up to 255 away from its zero point
+# (full range; REDUCE_RANGE: 127), times int8 weights, summed in int32: a lower K than the exact
+# paths' INT8_MAX_K (measured: wrong sums from K = 66000 on all-positive rows).
+FBGEMM_MAX_K = (2**31 - 1) // (255 * 128)  # 65793
+
+
+def _check_int8_k(name: str, k: int, impl: str, arg: str = "impl") -> None:
+    """Refuse a K whose int32 accumulator could overflow under the integer implementation ``impl``
+    (``"fbgemm"``: :data:`FBGEMM_MAX_K`; the exact ones: ``INT8_MAX_K``); ``"dequant"`` (float32
+    on the dequantized weight) takes any K."""
+    if impl == "dequant":
+        return
+    limit = FBGEMM_MAX_K if impl == "fbgemm" else INT8_MAX_K
+    if k > limit:
+        raise ValueError(f"{name} has K={k} inputs; {arg}={impl!r} sums K products of int8 codes in int32, which "
+                         f"holds them exactly only for K <= {limit}: split the layer, or run {arg}='dequant' "
+                         "(float32 on the dequantized weight, any K)")
 
 
 def _check_int8_linear(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> None:
@@ -374,23 +393,29 @@ def _prepack_int8(qweight: Tensor, w_scale: Tensor):
 #             128->1 ran 2-6x slower as int_mm than fp32 (benchmarks/bench_ops_cpu.py).
 # An input row holding NaN or inf comes out non-finite under each: NaN under int_mm (its per-token
 # scale is not finite); under fbgemm and dequant as float32 math on the dequantized weight has it.
+# The integer implementations sum K int8 products in int32 and refuse a K where that could overflow
+# (_check_int8_k: int_mm K <= INT8_MAX_K = 131071, fbgemm K <= 65793); dequant takes any K.
 INT8_KERNELS = {"cpu": ("int_mm", "fbgemm", "dequant")}
 
 
-def _check_int8_kernel(impl: str, device: str) -> str:
+def _check_int8_kernel(impl: str, device: str, k: Optional[int] = None) -> str:
     """The implementation to run; ``"auto"`` is the device's first (on CPU: the exact ``int_mm``).
-    A fake / meta call names no real device: any device's implementation passes there."""
+    A fake / meta call names no real device: any device's implementation passes there. ``k``: the
+    layer's K, refused where that implementation's int32 accumulator could overflow
+    (:func:`_check_int8_k`; ``"auto"`` on a fake / meta call counts as an integer implementation,
+    as every device's first is)."""
     if device not in INT8_KERNELS:
         known = sorted({i for impls in INT8_KERNELS.values() for i in impls})
         if impl != "auto" and impl not in known:
             raise ValueError(f"impl={impl!r} is not an implementation of hwaware::int8_linear on any device; "
                              f"expected 'auto' or one of {known}")
-        return impl
-    if impl == "auto":
-        return INT8_KERNELS[device][0]
-    if impl not in INT8_KERNELS[device]:
+    elif impl == "auto":
+        impl = INT8_KERNELS[device][0]
+    elif impl not in INT8_KERNELS[device]:
         raise ValueError(f"impl={impl!r} is not a {device.upper()} implementation of hwaware::int8_linear; "
                          f"expected 'auto' or one of {INT8_KERNELS[device]}")
+    if k is not None:
+        _check_int8_k("qweight", k, impl)
     return impl
 
 
@@ -405,7 +430,7 @@ def int8_linear(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tens
     ``FallbackKernel.create(kernel, ...)``, which then fails with "multiple values for 'kernel'".)
     """
     _check_int8_linear(x, qweight, w_scale, bias)
-    impl = _check_int8_kernel(impl, "cpu")
+    impl = _check_int8_kernel(impl, "cpu", qweight.shape[1])
     if impl == "int_mm":
         return _int_mm_layers(x, [qweight], [w_scale], [bias], [relu])
     def dense() -> Tensor:
@@ -560,12 +585,15 @@ def _check_int8_mlp(x: Tensor, qweights: Sequence[Tensor], w_scales: Sequence[Te
         raise ValueError(f"int8_mlp needs one qweight, w_scale, bias (or None) and relu per layer and at least one "
                          f"layer, got {len(qweights)}, {len(w_scales)}, {len(biases)}, {len(relus)}")
     _check_int8_linear(x, qweights[0], w_scales[0], biases[0])
+    _check_int8_k("qweights[0]", qweights[0].shape[1], "int_mm")
     for i in range(1, len(qweights)):
         qw, prev = qweights[i], qweights[i - 1]
         _dt(f"qweights[{i}]", qw, (torch.int8,), "[N, K] int8")
         if qw.dim() != 2 or qw.shape[1] != prev.shape[0]:
             raise ValueError(f"qweights[{i}] must be [N, K] with K = {prev.shape[0]} (layer {i - 1}'s outputs), "
                              f"got {list(qw.shape)}")
+        _check_width(f"qweights[{i}]", qw.shape[0], qw.shape[1])  # every layer, as int8_linear's: no zero-width layer
+        _check_int8_k(f"qweights[{i}]", qw.shape[1], "int_mm")
         _dt(f"w_scales[{i}]", w_scales[i], (torch.float32,), "[N] float32")
         _shape(f"w_scales[{i}]", w_scales[i], (qw.shape[0],), "[N]")
         _check_bias(biases[i], qw.shape[0])
@@ -582,8 +610,8 @@ def int8_mlp(x: Tensor, qweights: List[Tensor], w_scales: List[Tensor], biases: 
     (``deploy.Int8Chain``)."""
     _check_int8_mlp(x, qweights, w_scales, biases, relus)
     # layer by layer: inputs other than float32 (each layer's output is rounded to x.dtype before
-    # the next quantizes it) and zero-width layers
-    if x.dtype != torch.float32 or qweights[0].shape[1] == 0 or any(qw.shape[0] == 0 for qw in qweights):
+    # the next quantizes it)
+    if x.dtype != torch.float32:
         for i in range(len(qweights)):
             x = _int_mm_layers(x, qweights[i:i + 1], w_scales[i:i + 1], biases[i:i + 1], relus[i:i + 1])
         return x
@@ -629,8 +657,6 @@ def int8_mlp_quantized(codes: Tensor, scales: Tensor, qweights: List[Tensor], w_
     ``x`` (a NaN scale makes its row NaN, as a NaN or inf in ``x`` does). Float32 ``[M, N]``. The
     producer quantizes while it writes (``dot_interaction_int8``), so the float ``x`` never exists."""
     _check_int8_mlp_quantized(codes, scales, qweights, w_scales, biases, relus)
-    if any(qw.shape[0] == 0 for qw in qweights) or codes.shape[1] == 0:
-        return _int8_mlp_quantized_any(codes, scales, qweights, w_scales, biases, relus)
     return _int_mm_layers(None, qweights, w_scales, biases, relus, quantized=(codes.contiguous(), scales.contiguous()))
 
 
@@ -699,7 +725,7 @@ def _int8_linear_prepacked(x: Tensor, packed, n: int, bias: Optional[Tensor], de
 @int8_linear.register_fake
 def _(x, qweight, w_scale, bias, impl="auto", relu=False):
     _check_int8_linear(x, qweight, w_scale, bias)
-    _check_int8_kernel(impl, x.device.type)  # a typo fails at tracing (torch.export, compile), not when run
+    _check_int8_kernel(impl, x.device.type, qweight.shape[1])  # a typo fails at tracing (torch.export, compile), not when run
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
@@ -786,7 +812,11 @@ def embedding_bag_rowwise(weight: Tensor, bits: int, dim: int, indices: Tensor, 
     _check_embedding_bag(weight, bits, dim, indices, offsets, mode, per_sample_weights, include_last_offset)
     indices, offsets = _index_dtypes(indices, offsets)
     weight, indices, offsets = weight.contiguous(), indices.contiguous(), offsets.contiguous()
+    if per_sample_weights is not None:  # fbgemm reads it as a dense [L] buffer: a strided or expanded view is not one
+        per_sample_weights = per_sample_weights.contiguous()
     _check_index_values(weight, indices, offsets, include_last_offset)
+    if offsets.shape[0] == (1 if include_last_offset else 0):  # no bags: [0, dim], as the fake says (torch's
+        return torch.zeros((0, dim), dtype=torch.float32)  # max embedding_bag crashes on empty offsets with ids)
     if mode == 2:
         unpack = (torch.ops.quantized.embedding_bag_byte_unpack if bits == 8
                   else torch.ops.quantized.embedding_bag_4bit_unpack)
@@ -955,6 +985,8 @@ def _check_sparse24_linear(x: Tensor, values: Tensor, meta: Tensor, w_scale: Opt
             raise ValueError("int8 values need w_scale (float32 [N] per-channel scales); got None")
         _dt("w_scale", w_scale, (torch.float32,), "[N] float32")
         _shape("w_scale", w_scale, (n,), "[N]")
+        if kernel in ("dense", "fbgemm", "triton"):  # the int8 products summed in int32 (CPU and CUDA)
+            _check_int8_k("values", k, kernel, "kernel")
     elif w_scale is not None:
         raise ValueError(f"w_scale is only for int8 values; values are {values.dtype}")
     _check_bias(bias, n)
@@ -1041,7 +1073,7 @@ def _check_dot_interaction(vectors: Sequence[Tensor], pad: int) -> None:
     if x.dim() != 2:
         raise ValueError(f"vectors[0] must be 2-D [B, D], got shape {list(x.shape)}")
     dtype, device, shape = x.dtype, x.device, x.shape
-    if (dtype in _INTERACTION_DTYPES and pad >= 0
+    if (dtype in _INTERACTION_DTYPES and pad >= 0 and shape[1] >= 1
             and all(v.dtype == dtype and v.device == device and v.shape == shape for v in vectors)):
         return  # one cheap test per vector (a model passes ~27 per call); the messages below only on failure
     for i, v in enumerate(vectors):
@@ -1051,6 +1083,8 @@ def _check_dot_interaction(vectors: Sequence[Tensor], pad: int) -> None:
                             f"({x.dtype} on {x.device})")
         if v.dim() != 2 or v.shape[0] != x.shape[0] or v.shape[1] != x.shape[1]:
             raise ValueError(f"vectors[{i}] must have vectors[0]'s shape [B, D] = {list(x.shape)}, got {list(v.shape)}")
+    if x.shape[1] < 1:  # as _check_tables' dim: a zero-width vector is no embedding (and the C pass takes no empty rows)
+        raise ValueError(f"vectors must be [B, D] with D >= 1, got D = {x.shape[1]} (shape {list(x.shape)})")
     if pad < 0:
         raise ValueError(f"pad={pad} must be >= 0 (zero columns appended to the output)")
 
@@ -1260,7 +1294,7 @@ torch.library.register_autograd("hwaware::dot_interaction", _dot_interaction_gra
 dot_interaction = torch.ops.hwaware.dot_interaction.default
 dot_interaction.__doc__ = """``hwaware::dot_interaction(vectors [V x [B, D]] float, pad) -> [B, D + V(V-1)/2 + pad]``:
 ``vectors[0]``, then ``dot(vectors[i], vectors[j])`` for ``i < j`` (row-major), then ``pad`` zeros:
-DLRM's interaction of the bottom-MLP output with the embeddings. Differentiable."""
+DLRM's interaction of the bottom-MLP output with the embeddings (``D >= 1``). Differentiable."""
 
 
 # -- CUDA ----------------------------------------------------------------------------------------

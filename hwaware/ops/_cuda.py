@@ -82,7 +82,7 @@ def _capturing() -> bool:
 def _int8_linear_cuda(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tensor], impl: str = "auto",
                       relu: bool = False) -> Tensor:
     _check_int8_linear(x, qweight, w_scale, bias)
-    _check_int8_kernel(impl, "cuda")
+    _check_int8_kernel(impl, "cuda", qweight.shape[1])
     if impl == "dequant":  # a layer QAT trained weight-only: its input stays float, as on CPU
         return _linear_fp32(x, _int8_dequantized(qweight, w_scale), bias, relu)
     with _on(x):

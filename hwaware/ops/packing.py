@@ -47,6 +47,7 @@ __all__ = [
     "quantize_rowwise",
     "dequantize_rowwise",
     "int8_weight_spec",
+    "INT8_MAX_K",
     "int4_weight_spec",
     "quantize_int8_weight",
     "dequantize_int8_weight",
@@ -286,6 +287,14 @@ def dequantize_rowwise(fused: Tensor, bits: int, dim: Optional[int] = None) -> T
 
 
 # -- int8 per-channel weights -----------------------------------------------------------------
+
+# The W8A8 product of a layer (hwaware::int8_linear and the ops built on it) sums K products of int8
+# codes in int32 (hwaware's C engines, torch._int_mm, the Triton kernel), exact only while the sum
+# fits: for any int8 activation codes times any int8 weight codes (|q| <= 128 each, codes a caller
+# hands int8_mlp_quantized included) that holds up to this K. The integer implementations refuse a
+# larger K (ValueError); the float ones ("dequant") take any.
+INT8_MAX_K = (2**31 - 1) // (128 * 128)  # 131071
+
 
 def int8_weight_spec() -> QuantSpec:
     """Symmetric per-output-channel int8, narrow range ``[-127, 127]``."""

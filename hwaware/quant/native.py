@@ -67,7 +67,10 @@ def _flags() -> List[str]:
 _OPENMP_FLAGS = (["-fopenmp"], ["-fopenmp-simd"])  # tried in this order
 _lib: Optional[ctypes.CDLL] = None
 _status = "not loaded yet"
-_tried = False
+_tried = False  # set (under _LOAD_LOCK) only once _lib and _status hold the load's outcome
+# Held through the first load (a compile can take seconds): a thread calling in meanwhile waits for
+# it rather than seeing no library, and caching "no engine" from that for the life of the process.
+_LOAD_LOCK = threading.Lock()
 _amx: Optional[bool] = None
 _vnni: Optional[bool] = None
 _madd: Optional[bool] = None
@@ -106,14 +109,21 @@ def _build(target: Path) -> None:
 
 def _load() -> Optional[ctypes.CDLL]:
     global _lib, _status, _tried
-    if _tried:
+    if _tried:  # the outcome is final once _tried is set: no lock on the per-call path
         return _lib
     if not os.environ.get("HWAWARE_NO_NATIVE"):
         _flags()  # a bad HWAWARE_NATIVE_ARCH raises its ValueError on every call, not once then silently eager
-    _tried = True
+    with _LOAD_LOCK:
+        if not _tried:
+            _lib, _status = _open()
+            _tried = True
+    return _lib
+
+
+def _open() -> Tuple[Optional[ctypes.CDLL], str]:
+    """Build (when not cached) and load the library: ``(lib, status)``, lib None when unavailable."""
     if os.environ.get("HWAWARE_NO_NATIVE"):
-        _status = "disabled by HWAWARE_NO_NATIVE"
-        return None
+        return None, "disabled by HWAWARE_NO_NATIVE"
     try:
         key = hashlib.sha256(b"".join(p.read_bytes() for p in _SRCS + _HEADERS) + repr((_flags(), _OPENMP_FLAGS)).encode()
                              + _cpu_fingerprint().encode()).hexdigest()[:16]
@@ -155,11 +165,10 @@ def _load() -> Optional[ctypes.CDLL]:
         lib.hw_bags_interaction_fwd.argtypes = [f32p, f32p, f32p, i64, i64, f32p, i32, i64, i64, i64, i64, f32p, f32p]
         lib.hw_bags_interaction_fwd.restype = i32
         lib.hw_int8_mlp.restype = i32
-        _lib, _status = lib, f"loaded {target}"
+        return lib, f"loaded {target}"
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", "") or ""
-        _lib, _status = None, f"unavailable ({type(e).__name__}: {e} {detail[-300:]}); using the eager path"
-    return _lib
+        return None, f"unavailable ({type(e).__name__}: {e} {detail[-300:]}); using the eager path"
 
 
 def native_status() -> str:
@@ -332,6 +341,12 @@ def _check_int8_mlp_args(x2d, packed, dims, w_scales, biases, relus, quantized) 
     if nl < 1 or not (len(dims) == nl + 1 and len(w_scales) == len(biases) == len(relus) == nl):
         raise ValueError(f"int8_mlp: one packed weight, scale, bias and relu per layer and nlayers + 1 dims, got "
                          f"{nl}, {len(w_scales)}, {len(biases)}, {len(relus)} and dims {list(dims)}")
+    from hwaware.ops.packing import INT8_MAX_K  # hwaware.quant imports hwaware.ops.packing: import at call time
+
+    for i in range(nl):
+        if not 1 <= dims[i] <= INT8_MAX_K or dims[i + 1] < 1:  # the C pass sums dims[i] int8 products in int32
+            raise ValueError(f"int8_mlp: layer {i} is [N, K] = [{dims[i + 1]}, {dims[i]}]; expected N >= 1 and "
+                             f"1 <= K <= {INT8_MAX_K} (the int32 accumulator of K int8 products)")
     if _load() is None:
         return
     for i in range(nl):
@@ -452,9 +467,11 @@ def _addr(arr: array) -> int:
 
 
 def _interaction_usable(vectors: Sequence[Tensor]) -> bool:
-    """Every vector float32, on CPU, contiguous: the C pass reads raw pointers, so each one is checked."""
-    return (len(vectors) > 0 and all(v.dtype == torch.float32 and v.device.type == "cpu" and v.is_contiguous()
-                                     for v in vectors) and _load() is not None)
+    """Every vector float32, on CPU, contiguous, D >= 1 (an empty tensor's data pointer is NULL): the C
+    pass reads raw pointers, so each one is checked."""
+    return (len(vectors) > 0 and vectors[0].dim() == 2 and vectors[0].shape[1] > 0
+            and all(v.dtype == torch.float32 and v.device.type == "cpu" and v.is_contiguous() for v in vectors)
+            and _load() is not None)
 
 
 def dot_interaction(vectors: Sequence[Tensor], pad: int) -> Optional[Tensor]:

@@ -93,3 +93,23 @@ def test_a_failing_gate_with_every_int8_layer_pinned_is_a_regression_error(tmp_p
     _, val = loaders()
     with pytest.raises(RegressionError, match=r"auroc dropped .* more than max_drop=0.001; nothing was written"):
         export(model, tmp_path / "a", val_dataloader=val, max_drop=0.001, int8_impls=("int_mm",))
+
+
+def test_a_layer_too_wide_for_int32_sums_is_served_weight_only_and_gated_so(tmp_path):
+    # K past fbgemm's exact int32 range: the integer implementations refuse it (they summed it wrong
+    # before), so export pins it to dequant, says why, and load keeps it there
+    from torch import nn
+
+    from hwaware.ops import FBGEMM_MAX_K
+
+    torch.manual_seed(0)
+    k = FBGEMM_MAX_K + 7
+    model = nn.Sequential(nn.Linear(k, 4), nn.ReLU(), nn.Linear(4, 1))
+    x = torch.randn(32, k)
+    art = export(model, tmp_path / "a", val_dataloader=[(x, (x[:, :1] > 0).float())], max_drop=1.0, example_inputs=(x[:4],))
+    wide, narrow = art.manifest["layers"]["0"], art.manifest["layers"]["2"]
+    assert wide["weight_only"] is True and wide["kernels"]["cpu"] == "dequant" and f"K={k} inputs" in wide["note"]
+    assert wide["selection"]["cpu"]["why"].startswith(f"K={k} inputs") and "weight_only" not in narrow
+    loaded = load(art.path, model=nn.Sequential(nn.Linear(k, 4), nn.ReLU(), nn.Linear(4, 1)), kernels="measure")
+    assert loaded[0].kernels["cpu"] == "dequant"
+    assert torch.equal(loaded(x), art.model(x))

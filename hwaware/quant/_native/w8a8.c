@@ -22,6 +22,16 @@
 
 #define EPS 1.1920928955078125e-07f /* torch.finfo(torch.float32).eps */
 
+/* A rounded value -> its int8 code, clamped to +-127 as the SIMD passes do it: max(v, -127) then
+ * min(., 127) with the operand order of MAXPS / MINPS, so NaN (a row holding NaN or inf, whose scale
+ * is NaN) becomes -127 as in every SIMD lane, and the float -> int conversion is always in range
+ * (a NaN converted to int32 is undefined behaviour in C). Finite values: the plain clamp. */
+static inline int8_t code_of(float v) {
+    v = v > -127.0f ? v : -127.0f;
+    v = v < 127.0f ? v : 127.0f;
+    return (int8_t)(int32_t)v;
+}
+
 #ifdef __AVX512F__
 static inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
 
@@ -85,9 +95,7 @@ static void quant_row(const float *xr, int64_t cols, int8_t *qr, float *scale_ou
     int bad = _mm256_movemask_ps(nan) != 0;
     for (; c < cols; ++c) {
         bad |= xr[c] != xr[c];
-        float v = rintf(xr[c] * inv);
-        v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
-        qr[c] = (int8_t)(int32_t)v;
+        qr[c] = code_of(rintf(xr[c] * inv));
     }
     *scale_out = (bad || !(m <= 3.4028234663852886e+38f)) ? NAN : s;
 }
@@ -100,9 +108,7 @@ static void quant_row(const float *xr, int64_t cols, int8_t *qr, float *scale_ou
     float inv = 1.0f / s;
 #pragma omp simd
     for (int64_t c = 0; c < cols; ++c) {
-        float v = rintf(xr[c] * inv); /* not nearbyintf: glibc saves/restores the FP environment around it */
-        v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
-        qr[c] = (int8_t)(int32_t)v;
+        qr[c] = code_of(rintf(xr[c] * inv)); /* not nearbyintf: glibc saves/restores the FP environment around it */
     }
     *scale_out = bad ? NAN : s;
 }
