@@ -35,8 +35,8 @@ from hwaware.callbacks._common import (
     settings_of, warn_changed_settings,
 )
 from hwaware.quant.attach import (
-    QuantState, attach_quantization, detach_quantization, find_quantizable, layer_specs_to_state, normalize_layer_specs,
-    quantization_disabled, set_fp32_reference,
+    QuantState, attach_quantization, check_activation_spec, detach_quantization, find_quantizable, layer_specs_to_state,
+    normalize_layer_specs, quantization_disabled, set_fp32_reference, table_spec,
 )
 from hwaware.quant.attach import quant_states as _attached_states
 from hwaware.quant.kl import OUTPUT_KINDS, KLViolationError, LayerErrorCollector, collect_layer_errors, output_kl
@@ -103,7 +103,10 @@ class ProgressiveQuantization(_RestoresForEvaluation):
             lower rate; 1.0 leaves it). Stored in the optimizer state, so a resume keeps it.
         weight_spec: quantization of Linear/Conv weights (default int8 symmetric per output channel).
         activation_spec: quantization of Linear/Conv inputs (default dynamic per-token int8;
-            ``None`` for weight-only).
+            ``None`` for weight-only). ``granularity="per_tensor"`` (static: ranges calibrated by
+            the observer; or ``dynamic=True``) or ``"per_row"`` with ``dynamic=True``; others (the
+            ``per_channel`` of a bare ``QuantSpec(bits=8)``, ``per_group``, static ``per_row``)
+            would keep one scale per batch position and are refused (``layer_specs`` alike).
         embedding_spec: row-wise quantization of embedding tables (default int8 affine per row,
             the FBGEMM layout; ``None`` leaves tables in FP32). Must be ``per_row``.
         skip: ``fnmatch`` patterns of layer names to leave in FP32 (``"top_mlp.4"``, ``"*.head"``);
@@ -205,6 +208,7 @@ class ProgressiveQuantization(_RestoresForEvaluation):
                 continue
             if not isinstance(spec, QuantSpec):
                 raise TypeError(f"{name} must be a hwaware.QuantSpec{' or None' if optional else ''}, got {type(spec).__name__}")
+        check_activation_spec(activation_spec, "activation_spec")  # (a per-batch-position scale: refused)
         if weight_spec.dynamic:
             raise ValueError("weight_spec.dynamic=True is invalid; weights are quantized with fixed per-channel scales")
         if weight_spec.granularity == "per_row":
@@ -292,6 +296,7 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         # start="plateau": the last validation did not log the monitor (an epoch-level training
         # metric, which Lightning aggregates after validation): read it at the end of the epoch
         self._plateau_pending = False
+        self._plateau_pending_value: Optional[float] = None  # the monitor's epoch value so far then (saved)
         self._validation_runs = True  # whether this fit has a validation loop (on_train_start)
         self._monitor_at_val_start: Any = None  # the monitor's value object when validation started
         # layers whose forward ran since calibration started, until the end of the first epoch with
@@ -467,8 +472,14 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         if self.phase == "fp32" and self.start == "plateau" and (self._plateau_pending or not self._validation_runs):
             # the epoch's training metrics are aggregated now (after validation): what Lightning's
             # EarlyStopping reads at this point too. Without validation this is the only reading
+            metrics = _scalar_metrics(trainer)
+            if self._plateau_pending and self.monitor not in metrics and self._plateau_pending_value is not None:
+                # resumed from a checkpoint written at this epoch's validation end: Lightning ends the
+                # epoch without the training metrics it had aggregated; the value saved then is this one
+                metrics[self.monitor] = self._plateau_pending_value
             self._plateau_pending = False
-            self._update_plateau(_scalar_metrics(trainer))
+            self._plateau_pending_value = None
+            self._update_plateau(metrics)
 
     @override
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
@@ -503,7 +514,9 @@ class ProgressiveQuantization(_RestoresForEvaluation):
 
     @override
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            # only a fit's own validations count: a trainer.validate() before fit (or between fits)
+            # would move the plateau count and metrics_before of the fit that follows
             return
         metrics = _scalar_metrics(trainer)
         if self.phase == "fp32":
@@ -516,8 +529,28 @@ class ProgressiveQuantization(_RestoresForEvaluation):
                     self._update_plateau(metrics)
                 else:
                     self._plateau_pending = True
+                    # ... and what that reading will be, as far as the epoch has come: a checkpoint
+                    # written now (ModelCheckpoint at validation end) keeps it, since a run resumed
+                    # from it ends this epoch with none of its training metrics (Lightning does not
+                    # save them)
+                    self._plateau_pending_value = self._epoch_training_value(trainer)
         elif self.phase == "qat":
             self._metrics_after = metrics
+
+    def _epoch_training_value(self, trainer: "pl.Trainer") -> Optional[float]:
+        """The epoch-level value of ``monitor`` logged in training so far this epoch (what Lightning
+        aggregates into ``callback_metrics`` at the epoch's end), or None where there is none."""
+        value = None
+        try:
+            results = trainer.fit_loop.epoch_loop._results  # (Lightning's training ResultCollection)
+            for _, metric in results.valid_items():  # the monitor's own entry only: nothing else is computed
+                if self.monitor in results._forked_name(metric, False) and metric.meta.on_epoch:
+                    value = results._get_cache(metric, False)
+        except Exception:  # (a private API: without it, a resume reads nothing, as before)
+            return None
+        if isinstance(value, Tensor) and value.numel() == 1:
+            return float(value)
+        return float(value) if isinstance(value, (int, float)) else None
 
     @override
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -537,7 +570,24 @@ class ProgressiveQuantization(_RestoresForEvaluation):
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
-        self._untrack_calls()  # no hook of this callback stays on the user's model
+        self._remove_hooks()  # no hook of this callback stays on the user's model
+
+    @override
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        # every fit / validate ends here, normally or not: a validation that never reached its epoch
+        # end (stopped inside it) leaves no KL collector on the layers. Call tracking is not touched
+        # here: on_fit_end and on_exception end it, and nothing else may stop it mid-fit
+        self._remove_collector()
+
+    def _remove_collector(self) -> None:
+        """Take the per-layer KL collector's hooks off the model (its results are dropped)."""
+        if self._collecting:
+            self._stop_collecting()
+        self._collector = None
+
+    def _remove_hooks(self) -> None:
+        self._remove_collector()
+        self._untrack_calls()
 
     # ===================================================================== state / resume ===
     @override
@@ -562,6 +612,10 @@ class ProgressiveQuantization(_RestoresForEvaluation):
             "best": self._best,
             "wait": self._wait,
             "plateau_reached": self._plateau_reached,
+            # a checkpoint written at validation end, between the validation and the end of the epoch
+            # that reads an epoch-level training monitor (start="plateau")
+            "plateau_pending": self._plateau_pending,
+            "plateau_pending_value": self._plateau_pending_value,
             "layers": copy.deepcopy(self._layers),
             "skipped": dict(self._skipped),
             "fallbacks": dict(self._fallbacks),
@@ -628,6 +682,10 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         self._best = state_dict["best"]
         self._wait = state_dict["wait"]
         self._plateau_reached = state_dict["plateau_reached"]
+        # absent: written before they were saved. A pending reading with no value to read is dropped,
+        # as those checkpoints' resumes did (the resumed epoch ends with no training metrics)
+        self._plateau_pending_value = state_dict.get("plateau_pending_value")
+        self._plateau_pending = bool(state_dict.get("plateau_pending", False)) and self._plateau_pending_value is not None
         self._layers = copy.deepcopy(state_dict["layers"])
         self._skipped = dict(state_dict["skipped"])
         self._fallbacks = dict(state_dict["fallbacks"])
@@ -705,10 +763,13 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         self._fp32_buffers = {k: b.detach().cpu().clone() for k, b in pl_module.named_buffers()}
         # ... and the per-step LR schedules: Lightning steps them after every optimizer step, which
         # calibration's gradient-free steps are too; QAT starts from where FP32 training left them
+        # (with each group's initial_lr: what another callback scaling the LR during calibration, e.g.
+        # SemiStructuredSparsity(lr_scale=...) starting pruning, scales too, so QAT keeps that scaling)
         steps = [cfg.scheduler for cfg in trainer.lr_scheduler_configs if cfg.interval == "step"]
         self._schedules_at_calibration = [
             [copy.deepcopy(s.state_dict()) for s in steps],
-            [[g["lr"] for g in opt.param_groups] for opt in trainer.optimizers]] if steps else None
+            [[g["lr"] for g in opt.param_groups] for opt in trainer.optimizers],
+            [[g.get("initial_lr") for g in opt.param_groups] for opt in trainer.optimizers]] if steps else None
         self._mark("calibrate", trainer)
         self._apply_phase_flags()
         rank_zero_info(f"ProgressiveQuantization: calibrating {len(plan)} layers for {self.calibration_batches} batches")
@@ -744,13 +805,7 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         # the dense model SemiStructuredSparsity kept instead: the gate then covers pruning too
         self._keep_fp32_reference(trainer, pl_module)
         if self._schedules_at_calibration is not None:
-            states, lrs = self._schedules_at_calibration
-            steps = [cfg.scheduler for cfg in trainer.lr_scheduler_configs if cfg.interval == "step"]
-            for sched, state in zip(steps, states):
-                sched.load_state_dict(state)
-            for opt, group_lrs in zip(trainer.optimizers, lrs):
-                for group, lr in zip(opt.param_groups, group_lrs):
-                    group["lr"] = lr
+            self._rewind_schedules(trainer)
             self._schedules_at_calibration = None
         self._mark("qat", trainer)
         self._apply_phase_flags()
@@ -760,6 +815,40 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         if self.freeze_observers_after == 0:
             self._freeze_observers()
         rank_zero_info(f"ProgressiveQuantization: QAT from epoch {trainer.current_epoch}, step {trainer.global_step}")
+
+    def _rewind_schedules(self, trainer: "pl.Trainer") -> None:
+        """Undo what calibration's gradient-free steps did to the per-step LR schedules, and only that.
+
+        The schedulers go back to their state at calibration start, and each param group's ``lr`` to
+        its value then, times whatever scaled the group's ``initial_lr`` since: another callback that
+        scaled the learning rates during calibration (``SemiStructuredSparsity(lr_scale=...)``, whose
+        pruning may start while this callback calibrates; ``_scale_lr`` scales ``lr``, ``initial_lr``
+        and the schedulers' ``base_lrs`` alike) keeps its scaling, in either callback order. The
+        schedulers keep their current ``base_lrs`` (and ``max_lrs`` / ``min_lrs``) for the same
+        reason: their step counters are what calibration moved."""
+        saved = self._schedules_at_calibration
+        states, lrs = saved[0], saved[1]
+        initials = saved[2] if len(saved) > 2 else None  # (absent: a checkpoint from before they were kept)
+        steps = [cfg.scheduler for cfg in trainer.lr_scheduler_configs if cfg.interval == "step"]
+        for sched, state in zip(steps, states):
+            current = {k: list(v) for k in ("base_lrs", "max_lrs", "min_lrs") if isinstance(v := getattr(sched, k, None), list)}
+            sched.load_state_dict(state)
+            for k, v in current.items():
+                setattr(sched, k, v)
+        scaled: Dict[int, float] = {}  # id(param group) -> the factor another callback applied since
+        for i, (opt, group_lrs) in enumerate(zip(trainer.optimizers, lrs)):
+            for j, (group, lr) in enumerate(zip(opt.param_groups, group_lrs)):
+                then = initials[i][j] if initials is not None and i < len(initials) and j < len(initials[i]) else None
+                now = group.get("initial_lr")
+                if (isinstance(then, (int, float)) and isinstance(now, (int, float)) and then > 0 and now != then
+                        and math.isfinite(now / then)):
+                    scaled[id(group)] = now / then
+                    lr = lr * scaled[id(group)]
+                group["lr"] = lr
+        for sched in steps:  # what get_last_lr() reports: scaled as the rates are
+            last, groups = getattr(sched, "_last_lr", None), getattr(getattr(sched, "optimizer", None), "param_groups", None)
+            if scaled and isinstance(last, list) and isinstance(groups, list) and len(last) == len(groups):
+                sched._last_lr = [v * scaled.get(id(g), 1.0) for v, g in zip(last, groups)]
 
     def _check_finite(self, outputs: Any) -> None:
         """Name the first layer (in model order) whose quantizer saw NaN/inf, when the loss is not
@@ -1013,19 +1102,29 @@ class ProgressiveQuantization(_RestoresForEvaluation):
                     f"{self.output_kind.replace('logits', 'probabilities')!r}: read as logits, the output KL is "
                     "understated", category=UserWarning)
 
+    @staticmethod
+    def _int8_weight_spec(kind: str, w: QuantSpec) -> QuantSpec:
+        """The int8 spec a sub-8-bit weight falls back to: the format export packs, so that what KL
+        validates is what is served. A table: its spec at 8 bits with the int8 row format's scale
+        dtype (float32; an int4 table's float16 scales would round what export stores in float32). A
+        Linear (and a Conv, alike): symmetric int8 per output channel with float32 scales tracking
+        the weight (min-max), the ``Int8Linear`` format; a group-wise or asymmetric int8 weight would
+        train, then be left FP32 by export, and per-group int8 scales buy little at 8 bits."""
+        if kind in ("embedding", "embedding_bag"):
+            return table_spec(w.replace(bits=8))
+        return QuantSpec(bits=8, granularity="per_channel", symmetric=True)
+
     def _fall_back(self, pl_module: nn.Module, name: str) -> str:
         """Raise one layer's precision one step: sub-8-bit -> int8, int8 -> FP32. Returns the new label.
 
-        A group-wise sub-8-bit weight becomes int8 per output channel: what the int8 deploy op packs
-        (int8 group-wise would train, then be left FP32 by export), and per-group int8 scales buy
-        little over per-channel ones at 8 bits."""
+        A sub-8-bit weight becomes the int8 format export packs (:meth:`_int8_weight_spec`); an int8
+        weight whose activation was sub-8-bit keeps its spec."""
         info = self._layers[name]
         st = self._states[name]
         w = QuantSpec.from_dict(info["weight_spec"])
         a = QuantSpec.from_dict(info["activation_spec"]) if info["activation_spec"] is not None else None
         if w.bits < 8 or (a is not None and a.bits < 8):
-            w8 = (w.replace(bits=8, granularity="per_channel", group_size=None) if w.granularity == "per_group"
-                  else w.replace(bits=8))
+            w8 = self._int8_weight_spec(info["kind"], w) if w.bits < 8 else w
             a8 = a.replace(bits=8) if a is not None else None
             old_act = st.activation
             new = attach_quantization(pl_module, {name: (info["kind"], w8, a8)})[name]
@@ -1033,7 +1132,12 @@ class ProgressiveQuantization(_RestoresForEvaluation):
                 # ranges do not depend on the bit width: reuse the calibrated statistics
                 new.activation.observer.load_state_dict(old_act.observer.state_dict())
                 new.activation.update_qparams()
-            new.weight.update_qparams(self._weight_of(pl_module, name))
+            if w8 == w:  # only the activation changed: the weight keeps its quantizer's state (scales, observer)
+                new.weight.load_state_dict(st.weight.state_dict())
+            else:
+                new.weight.update_qparams(self._weight_of(pl_module, name))
+                if new.weight._tracks_weight:  # frozen to the final weights, as _validate froze the others
+                    new.weight.freeze()
             self._states[name] = new
             info["weight_spec"], info["activation_spec"] = w8.to_dict(), a8.to_dict() if a8 is not None else None
             label = "int8"

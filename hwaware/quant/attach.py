@@ -42,6 +42,7 @@ __all__ = [
     "detach_quantization",
     "find_quantizable",
     "normalize_layer_specs",
+    "check_activation_spec",
     "quant_state",
     "quant_states",
     "set_fp32_reference",
@@ -98,7 +99,7 @@ def _linear_forward(self, input: Tensor) -> Tensor:
         return st.original_class.forward(self, input)
     if st.activation is not None:
         input = st.activation(input, self.training)  # observers record training batches only
-    return F.linear(input, st.weight(self.weight), self.bias)
+    return F.linear(input, st.weight(self.weight, self.training), self.bias)  # (weight observers too)
 
 
 def _conv_forward(self, input: Tensor) -> Tensor:
@@ -107,7 +108,7 @@ def _conv_forward(self, input: Tensor) -> Tensor:
         return st.original_class.forward(self, input)
     if st.activation is not None:
         input = st.activation(input, self.training)  # observers record training batches only
-    return self._conv_forward(input, st.weight(self.weight), self.bias)
+    return self._conv_forward(input, st.weight(self.weight, self.training), self.bias)  # (weight observers too)
 
 
 def _embedding_forward(self, input: Tensor) -> Tensor:
@@ -210,6 +211,11 @@ for _cls, _kind in _STOCK_FORWARD.items():
     _quantized_class(_cls, _kind)
 
 
+# layers with weights of their own that hwaware does not quantize: listed as skipped (and left FP32
+# at export) with the reason, not passed over without a word
+UNSUPPORTED_LAYERS = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.RNNBase, nn.Bilinear)
+
+
 def _kind_of(module: nn.Module) -> Tuple[Optional[str], Optional[str]]:
     """(kind, None) for a module we can attach to, else (None, reason)."""
     for base, kind in _STOCK_FORWARD.items():
@@ -217,6 +223,9 @@ def _kind_of(module: nn.Module) -> Tuple[Optional[str], Optional[str]]:
             if type(module).forward is not base.forward and quant_state(module) is None:
                 return None, f"{type(module).__name__} overrides forward(); hwaware leaves custom layers untouched"
             return kind, None
+    if isinstance(module, UNSUPPORTED_LAYERS):
+        return None, (f"hwaware has no quantization for {type(module).__name__} (it quantizes Linear, Conv1d/2d, "
+                      "Embedding and EmbeddingBag): stays FP32")
     return None, None
 
 
@@ -351,6 +360,31 @@ _NESTED_ATTR = "_hwaware_use_nested_tensor"
 _FAST_PATH_ATTR = "_hwaware_activation_relu_or_gelu"
 
 
+def check_activation_spec(spec: Optional[QuantSpec], where: str) -> None:
+    """Refuse an activation spec whose scales would be one per batch position: an activation
+    ``[batch, ..., features]`` is viewed as ``[channels, values]`` along dim 0 (``per_channel``), in
+    groups of the flattened rows (``per_group``) or one row per sample / token (static
+    ``per_row``), so stored scales would have the training batch's size, and a smaller last batch
+    or an eval batch of another size would fail. What activations support: ``per_tensor`` (static,
+    ranges calibrated by an observer, or ``dynamic=True``) and ``per_row`` with ``dynamic=True``
+    (per token, computed from each tensor as it arrives). ``None`` (weight-only) passes.
+
+    Raises:
+        ValueError: naming ``where``, the granularity and what to write instead.
+    """
+    if spec is None or spec.granularity == "per_tensor" or (spec.granularity == "per_row" and spec.dynamic):
+        return
+    what = "granularity='per_row' with dynamic=False" if spec.granularity == "per_row" else f"granularity={spec.granularity!r}"
+    default = (" (QuantSpec's default granularity is 'per_channel', a weight's)"
+               if spec.granularity == "per_channel" else "")
+    raise ValueError(
+        f"{where}: {what} ({spec.short()}) is invalid for activations{default}: its scales would be one per batch "
+        "position, so a batch of another size (the last one, or eval) would fail. Activations take granularity="
+        "'per_tensor' (static, calibrated; or dynamic=True) or granularity='per_row' with dynamic=True (per token); "
+        f"write QuantSpec(bits={spec.bits}, granularity='per_row', dynamic=True) (the default activation spec's "
+        f"granularity) or QuantSpec(bits={spec.bits}, granularity='per_tensor')")
+
+
 LAYER_SPEC_KEYS = ("weight", "activation")
 LayerSpecs = Dict[str, Dict[str, Optional[QuantSpec]]]
 
@@ -369,7 +403,8 @@ def normalize_layer_specs(layer_specs: Optional[Mapping[str, Any]]) -> LayerSpec
         TypeError: not a mapping, a pattern that is not a str, a value that is neither a QuantSpec
             nor a dict, a ``"weight"`` that is not a QuantSpec or an ``"activation"`` that is
             neither a QuantSpec nor None.
-        ValueError: an empty pattern or unknown dict keys.
+        ValueError: an empty pattern, unknown dict keys, or an ``"activation"`` spec whose scales
+            would be one per batch position (see :func:`check_activation_spec`).
     """
     if layer_specs is None:
         return {}
@@ -400,6 +435,7 @@ def normalize_layer_specs(layer_specs: Optional[Mapping[str, Any]]) -> LayerSpec
             if value["activation"] is not None and not isinstance(value["activation"], QuantSpec):
                 raise TypeError(f"layer_specs[{pattern!r}]['activation'] must be a hwaware.QuantSpec or None "
                                 f"(weight-only), got {type(value['activation']).__name__}")
+            check_activation_spec(value["activation"], f"layer_specs[{pattern!r}]['activation']")
             entry["activation"] = value["activation"]
         out[pattern] = entry
     return out
@@ -452,8 +488,11 @@ def find_quantizable(model: nn.Module, *, weight_spec: QuantSpec, activation_spe
             pattern that matches no quantizable layer, or that matches
             only layers an earlier pattern already claims (it would never apply); an override
             invalid for a layer's kind (a table spec that is not ``per_row`` or is learnable, an
-            activation spec on an embedding, a dynamic or ``per_row`` Linear/Conv weight).
+            activation spec on an embedding, a dynamic or ``per_row`` Linear/Conv weight); an
+            activation spec (global or override) whose scales would be one per batch position
+            (:func:`check_activation_spec`).
     """
+    check_activation_spec(activation_spec, "activation_spec")
     overrides = normalize_layer_specs(layer_specs)
     plan, skipped = {}, {}
     modules = dict(model.named_modules())

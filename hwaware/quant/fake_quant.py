@@ -144,10 +144,13 @@ class FakeQuantizer(nn.Module):
     # -- forward ----------------------------------------------------------------------------
     def forward(self, x: Tensor, observe: bool = True) -> Tensor:
         """Fake-quantize ``x``. ``observe=False`` (the layer is in eval mode: validation, the
-        sanity check, KL validation) leaves a static observer's statistics alone: ranges come from
-        training batches only, so validation data never calibrates and a run resumed from a
-        checkpoint (whose sanity check runs validation batches again) ends where the uninterrupted
-        one did."""
+        sanity check, KL validation) leaves an observer's statistics alone, an activation's or a
+        weight's (``observer="moving_average"`` / ``"histogram"``): ranges come from training
+        batches only, so validation data never calibrates, ``limit_val_batches`` does not change
+        training, and a run resumed from a checkpoint (whose sanity check runs validation batches
+        again) ends where the uninterrupted one did. A min-max weight quantizer that tracks the
+        live weight keeps no statistics (its scale is a function of the weight as it is now) and
+        tracks it either way."""
         if self.spec.dynamic:
             if not self.quantize:
                 return x
@@ -158,7 +161,7 @@ class FakeQuantizer(nn.Module):
             if not self.quantize:
                 return x
             return P.fake_quantize_learnable(x, self._learned_scale(), self.zero_point, self.spec)
-        if self.observe and observe and not self._is_frozen:
+        if self.observe and (observe or self._tracks_weight) and not self._is_frozen:
             if self._tracks_weight:
                 if self.quantize:  # calibration does not need weight scales yet
                     y, scale, zp, stat = P.fake_quantize_dynamic(x, self.spec)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from hwaware.quant.attach import bare_weights, check_skip_matches, matching_pattern, weight_read_by_parent
+from hwaware.quant.attach import UNSUPPORTED_LAYERS, bare_weights, check_skip_matches, matching_pattern, weight_read_by_parent
 
 __all__ = [
     "PRUNABLE_TYPES", "find_prunable", "weight_2d", "weight_key", "computed_weight", "magnitude_mask_24", "gradual_mask_24", "is_mask_24",
@@ -69,6 +69,9 @@ def find_prunable(model: nn.Module, skip: Sequence[str] = ()) -> Tuple[Dict[str,
     for name, m in modules.items():
         skipped.update(dict.fromkeys(bare_weights(name, m), "a bare Parameter nn.MultiheadAttention multiplies itself; "
                                      "2:4 masks apply to Linear and Conv layers: stays dense"))
+        if isinstance(m, UNSUPPORTED_LAYERS) and name:
+            skipped[name] = f"no 2:4 masks for {type(m).__name__} (Linear and Conv1d/2d only): stays dense"
+            continue
         if not isinstance(m, PRUNABLE_TYPES) or not name:
             continue
         pattern = matching_pattern(name, skip)

@@ -1160,3 +1160,199 @@ def test_a_checkpoint_written_during_kl_validation_validates_again_or_refuses_to
     with pytest.raises(RuntimeError, match=r"resumed from a checkpoint written during the end-of-fit KL validation"):
         make_trainer(tmp_path / "c", [ProgressiveQuantization(start_epoch=1, calibration_batches=2)],
                      max_epochs=3).fit(TinyCTR(), *loaders(), ckpt_path=str(ckpt))
+
+
+# ------------------------------------------------------------------------------------------------
+# weight observers, the plateau reading across a checkpoint, KL fallback formats, LR scaling of
+# other callbacks, batch-shaped activation specs, hooks after an exception, validate() before fit
+# ------------------------------------------------------------------------------------------------
+def test_weight_observers_see_training_batches_only(tmp_path):
+    """A weight spec with a stateful observer (moving_average / histogram) was updated by every
+    forward, validation and the sanity check included: limit_val_batches changed the final weights,
+    and a resume (whose sanity check runs validation batches again) did not end where the
+    uninterrupted run did."""
+    def run(path, limit_val, sanity):
+        cb = ProgressiveQuantization(start_epoch=1, calibration_batches=2, freeze_observers_after=None,
+                                     weight_spec=QuantSpec(granularity="per_tensor", observer="moving_average",
+                                                           averaging_constant=0.5))
+        _, model = _fit(path, cb, max_epochs=3, limit_val_batches=limit_val, num_sanity_val_steps=sanity)
+        return model, cb
+
+    model_a, cb_a = run(tmp_path / "a", 1, 0)
+    model_b, cb_b = run(tmp_path / "b", 4, 2)
+    assert int(cb_a.quant_states["mlp.0"].weight.observer.observed) == 2 + 6 + 8  # calibration + QAT training batches
+    _assert_state_equal(model_a.state_dict(), model_b.state_dict())
+    _assert_state_equal(cb_a.state_dict()["quantizers"], cb_b.state_dict()["quantizers"])
+
+
+def _plateau_ckpt_run(path, ckpt=None):
+    pl.seed_everything(0, verbose=False)
+    cb = ProgressiveQuantization(start="plateau", monitor="epoch_loss", mode="min", patience=1, min_delta=10.0,
+                                 calibration_batches=2)
+    # at validation end, between the validation and the end of the epoch that reads epoch_loss
+    mc = ModelCheckpoint(dirpath=str(path / "ckpt"), save_top_k=-1, filename="{epoch}", save_on_train_epoch_end=False)
+    model = EpochLossCTR()
+    make_trainer(path, [cb, mc], max_epochs=4, enable_checkpointing=True).fit(model, *loaders(), ckpt_path=ckpt)
+    return model, cb
+
+
+def test_a_plateau_reading_pending_at_a_validation_end_checkpoint_survives_the_resume(tmp_path):
+    """start='plateau' on an epoch-level training metric: the reading validation leaves to the end of
+    the epoch was not in the checkpoint ModelCheckpoint writes at validation end, so a run resumed
+    from it started QAT an epoch late."""
+    model_a, cb_a = _plateau_ckpt_run(tmp_path / "a")
+    assert {p["phase"]: p["start_epoch"] for p in cb_a.report["phases"]}["calibrate"] == 2
+    ckpt = tmp_path / "a" / "ckpt" / "epoch=1.ckpt"
+    model_b, cb_b = _plateau_ckpt_run(tmp_path / "b", ckpt=str(ckpt))
+    assert cb_b.report["phases"] == cb_a.report["phases"]
+    _assert_state_equal(model_a.state_dict(), model_b.state_dict())
+    _assert_state_equal(cb_a.state_dict(), cb_b.state_dict())
+    saved = torch.load(ckpt, weights_only=True)
+    state = next(v for k, v in saved["callbacks"].items() if "ProgressiveQuantization" in k)
+    assert state["plateau_pending"] is True and isinstance(state["plateau_pending_value"], float)
+    # a checkpoint written before the keys existed still loads (its pending reading is lost, as then)
+    for key in ("plateau_pending", "plateau_pending_value"):
+        del state[key]
+    torch.save(saved, tmp_path / "old.ckpt")
+    _, cb_c = _plateau_ckpt_run(tmp_path / "c", ckpt=str(tmp_path / "old.ckpt"))
+    assert cb_c.phase == "done"
+
+
+def test_validate_before_fit_does_not_count_toward_the_plateau(tmp_path):
+    """trainer.validate() before fit counted as a plateau reading: QAT started earlier than in the same fit."""
+    def run(path, pre_validate):
+        pl.seed_everything(0, verbose=False)
+        model = TinyCTR()
+        cb = ProgressiveQuantization(start="plateau", monitor="val_loss", mode="min", patience=2, min_delta=0.02,
+                                     calibration_batches=2)
+        trainer = make_trainer(path, [cb], max_epochs=6)
+        train, val = loaders()
+        if pre_validate:
+            trainer.validate(model, val, verbose=False)
+            assert cb._best is None and cb._wait == 0 and cb.report["metrics_before"] == {}
+        trainer.fit(model, train, val)
+        return model, cb
+
+    model_a, cb_a = run(tmp_path / "a", False)
+    model_b, cb_b = run(tmp_path / "b", True)
+    assert cb_b.report["phases"] == cb_a.report["phases"]
+    _assert_state_equal(model_a.state_dict(), model_b.state_dict())
+
+
+INT4_G32_ASYM = QuantSpec(bits=4, granularity="per_group", group_size=32, symmetric=False)
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym_table", "sym_table"])
+def test_kl_fallback_to_int8_is_the_format_export_packs_and_serves(tmp_path, symmetric):
+    """An int4 table fell back to int8 keeping its float16 scales (int8 rows store float32): KL validated
+    other rows than export packed, and a symmetric one was refused by export. An asymmetric int4
+    group-wise Linear fell back to int8 per-channel asymmetric, which no deploy op packs: export left it
+    FP32 while the report said int8. Both now fall back to the int8 format export packs, and the
+    exported layers serve exactly what the fallback validated."""
+    import hwaware
+    from hwaware.ops.packing import dequantize_int8_weight, dequantize_rowwise, unpack_rowwise
+    from hwaware.quant.primitives import fake_quantize_dynamic
+
+    table = QuantSpec(bits=4, granularity="per_row", symmetric=symmetric)
+    _, model, cb = train_with_quant(tmp_path, model=TinyCTR(dim=28), max_epochs=2, start_epoch=1, calibration_batches=2,
+                                    layer_specs={"mlp.0": INT4_G32_ASYM, "emb": table}, kl_threshold=3e-4)
+    r = cb.report
+    assert r["fallbacks"] == {"mlp.0": "int8", "emb": "int8"}, r["kl"]
+    assert r["layers"]["mlp.0"]["weight"] == "int8/per_channel/sym"
+    assert r["layers"]["emb"]["weight"] == f"int8/per_row/{'sym' if symmetric else 'asym'}/dyn"
+    assert cb.quant_states["emb"].weight.spec.scale_dtype == "float32"  # the int8 row format's
+    assert cb.quant_states["mlp.0"].weight.spec == QuantSpec(bits=8, granularity="per_channel", symmetric=True)
+    val = loaders()[1]
+    art = hwaware.export(model, tmp_path / "art", val_dataloader=val, max_drop=1.0)
+    assert art.manifest["layers"]["mlp.0"]["scheme"] == "int8" and art.manifest["layers"]["emb"]["scheme"] == "rowwise_int8"
+    assert "mlp.0" not in art.manifest["dense_layers"] and "emb" not in art.manifest["dense_layers"]
+    model.eval()
+    with torch.no_grad():
+        # the Linear: the packed int8 weight is the fake-quantized one KL validated
+        lin = art.model.get_submodule("mlp.0")
+        validated = cb.quant_states["mlp.0"].weight(model.mlp[0].weight, False)
+        torch.testing.assert_close(dequantize_int8_weight(lin.qweight, lin.w_scale), validated, atol=0, rtol=0)
+        # the table: the packed rows hold the scales (float32) and codes KL validated, and serve its rows
+        spec = cb.quant_states["emb"].weight.spec
+        rows, scale, offset, _ = fake_quantize_dynamic(model.emb.weight, spec)
+        packed = art.model.get_submodule("emb").weight
+        codes, packed_scale, packed_offset = unpack_rowwise(packed, 8, model.emb.embedding_dim)
+        torch.testing.assert_close(packed_scale, scale, atol=0, rtol=0)
+        if symmetric:  # stored as code + 128 with offset -128 * scale: the dequantized row is q * scale up to one rounding
+            torch.testing.assert_close(packed_offset, -128 * scale, atol=0, rtol=0)
+            torch.testing.assert_close(dequantize_rowwise(packed, 8, model.emb.embedding_dim), rows, atol=1e-7, rtol=1e-6)
+        else:
+            torch.testing.assert_close(packed_offset, offset, atol=0, rtol=0)
+            torch.testing.assert_close(dequantize_rowwise(packed, 8, model.emb.embedding_dim), rows, atol=0, rtol=0)
+        ids = torch.arange(model.emb.num_embeddings)
+        offsets = torch.arange(ids.numel())
+        torch.testing.assert_close(art.model.get_submodule("emb")(ids, offsets), model.emb(ids, offsets), atol=1e-6, rtol=1e-5)
+
+
+class StepScheduledSparse(StepScheduled):
+    """StepScheduled with widths 2:4 pruning takes (K % 4 == 0 on both Linears)."""
+
+    def __init__(self):
+        super().__init__(dim=28)
+
+
+@pytest.mark.parametrize("sparsity_first", [True, False], ids=["sparsity_first", "quantization_first"])
+def test_semi_structured_sparsitys_lr_scale_survives_calibration(tmp_path, sparsity_first):
+    """Pruning starting while this callback calibrates (the same start_epoch) scales the LRs; QAT's start
+    put back the rates and schedule saved at calibration start, wiping that lr_scale (either order)."""
+    from hwaware import SemiStructuredSparsity
+
+    seen = {}
+
+    class AtQAT(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if cb.phase == "qat" and "lr" not in seen:
+                seen["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
+                seen["last_epoch"] = trainer.lr_scheduler_configs[0].scheduler.last_epoch
+
+    cb = ProgressiveQuantization(start_epoch=1, calibration_batches=4)
+    sparse = SemiStructuredSparsity(start_epoch=1, lr_scale=0.1)
+    pl.seed_everything(0, verbose=False)
+    trainer = make_trainer(tmp_path, [sparse, cb, AtQAT()] if sparsity_first else [cb, sparse, AtQAT()], max_epochs=2)
+    trainer.fit(StepScheduledSparse(), *loaders())
+    # 8 FP32 steps in epoch 0; the 4 calibration steps are undone, the pruning's x0.1 is kept
+    assert seen["last_epoch"] == 8 and seen["lr"] == pytest.approx(0.05 * 0.5 ** 8 * 0.1, rel=1e-12)
+    sched = trainer.lr_scheduler_configs[0].scheduler
+    assert sched.base_lrs == [pytest.approx(0.005, rel=1e-12)]
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.05 * 0.5 ** 12 * 0.1, rel=1e-12)  # 4 QAT steps
+    assert sched.get_last_lr() == [trainer.optimizers[0].param_groups[0]["lr"]]
+
+
+@pytest.mark.parametrize("where", ["activation_spec", "layer_specs"])
+def test_activation_specs_with_a_scale_per_batch_position_are_refused_at_construction(where):
+    """activation_spec=QuantSpec(bits=8) (per_channel, QuantSpec's default) kept one static scale per
+    batch position: the fit crashed on a smaller last batch, eval on another batch size."""
+    kwargs = (dict(activation_spec=QuantSpec(bits=8)) if where == "activation_spec"
+              else dict(layer_specs={"mlp.*": {"activation": QuantSpec(bits=8)}}))
+    prefix = "activation_spec" if where == "activation_spec" else r"layer_specs\['mlp\.\*'\]\['activation'\]"
+    with pytest.raises(ValueError, match=prefix + r": granularity='per_channel' \(int8/per_channel/sym\) is invalid for "
+                                      r"activations.*write QuantSpec\(bits=8, granularity='per_row', dynamic=True\)"):
+        ProgressiveQuantization(start_epoch=1, **kwargs)
+    with pytest.raises(ValueError, match=r"granularity='per_row' with dynamic=False"):
+        ProgressiveQuantization(activation_spec=QuantSpec(granularity="per_row"))
+    # what activations take
+    ProgressiveQuantization(activation_spec=QuantSpec(granularity="per_tensor"))
+    ProgressiveQuantization(activation_spec=QuantSpec(granularity="per_tensor", dynamic=True))
+    ProgressiveQuantization(layer_specs={"mlp.*": {"activation": QuantSpec(granularity="per_row", dynamic=True)}})
+
+
+def test_kl_collector_hooks_come_off_after_an_exception_in_validation(tmp_path):
+    """An error during a QAT validation left the per-layer KL collector's forward hooks on the user's
+    layers: every later call ran each quantized layer twice."""
+    class Boom(TinyCTR):
+        def validation_step(self, batch, i):
+            super().validation_step(batch, i)
+            if self.trainer.current_epoch == 1 and i == 1:
+                raise RuntimeError("metric failed")
+
+    cb = ProgressiveQuantization(start_epoch=1, calibration_batches=2)
+    with pytest.raises(RuntimeError, match="metric failed"):
+        _fit(tmp_path, cb, model=(model := Boom()), max_epochs=3)
+    assert cb.phase == "qat"
+    assert {n: len(m._forward_hooks) + len(m._forward_pre_hooks) for n, m in model.named_modules() if m._forward_hooks
+            or m._forward_pre_hooks} == {}

@@ -17,6 +17,7 @@ from hwaware.quant.attach import (
     attach_quantization,
     detach_quantization,
     find_quantizable,
+    normalize_layer_specs,
     quant_state,
     quant_states,
 )
@@ -576,3 +577,91 @@ def test_embedding_gradients_reach_gathered_rows_only():
     touched = {int(i) for i in torch.nonzero(emb.weight.grad.abs().sum(1)).flatten()}
     assert touched == {1, 3, 19}
     torch.testing.assert_close(emb.weight.grad[3], torch.full((4,), 2.0), atol=0, rtol=0)  # gathered twice, STE
+
+
+# ------------------------------------------------------------------------------------------------
+# weight observers, activation specs
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("observer", ["moving_average", "histogram"])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_a_weight_observer_sees_training_forwards_only(kind, observer):
+    """A weight spec with a stateful observer was updated by every forward, eval too (validation, the
+    sanity check of a resume), while activations observed training batches only: limit_val_batches
+    changed the final weights."""
+    layer = nn.Linear(16, 4) if kind == "linear" else nn.Conv1d(2, 4, 3)
+    spec = QuantSpec(granularity="per_tensor", observer=observer, averaging_constant=0.5)
+    states, _ = _quantize(layer, weight_spec=spec, activation_spec=None)
+    wq = states[""].weight
+    x = torch.randn(3, 16, generator=_gen(0)) if kind == "linear" else torch.randn(3, 2, 8, generator=_gen(0))
+    layer.train()
+    layer(x)
+    trained = copy.deepcopy(wq.state_dict())
+    assert int(trained["observer.observed"]) == 1
+    with torch.no_grad():
+        layer.weight.mul_(3.0)  # an eval forward on other weights: no range of theirs is recorded
+    layer.eval()
+    out = layer(x)
+    assert all(torch.equal(trained[k], v) for k, v in wq.state_dict().items())
+    # eval quantizes with the scale training left
+    w = fake_quantize(layer.weight, trained["scale"], trained["zero_point"], spec)
+    ref = F.linear(x, w, layer.bias) if kind == "linear" else F.conv1d(x, w, layer.bias)
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    layer.train()
+    layer(x)
+    assert int(wq.observer.observed) == 2 and not torch.equal(wq.scale, trained["scale"])
+
+
+def test_a_min_max_weight_tracks_the_live_weight_in_eval_too():
+    """A min-max weight quantizer keeps no statistics: its scale is the weight's own, in eval as in training."""
+    lin = nn.Linear(16, 4)
+    states, _ = _quantize(lin, activation_spec=None)
+    x = torch.randn(3, 16, generator=_gen(0))
+    lin.train()
+    lin(x)
+    with torch.no_grad():
+        lin.weight.mul_(2.0)
+    lin.eval()
+    torch.testing.assert_close(lin(x), F.linear(x, _fq(lin.weight, WEIGHT_SPEC), lin.bias), atol=0, rtol=0)
+    mn, mx = channel_minmax(as_channels(lin.weight, WEIGHT_SPEC))
+    torch.testing.assert_close(states[""].weight.scale, compute_qparams(mn, mx, WEIGHT_SPEC)[0], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("spec, what", [
+    (QuantSpec(bits=8), r"granularity='per_channel' \(int8/per_channel/sym\) is invalid for activations \(QuantSpec's "
+                        r"default granularity is 'per_channel'"),
+    (QuantSpec(bits=4, granularity="per_group", group_size=32), r"granularity='per_group' \(int4/g32/sym\)"),
+    (QuantSpec(granularity="per_row"), r"granularity='per_row' with dynamic=False \(int8/per_row/sym\)"),
+], ids=["per_channel", "per_group", "static_per_row"])
+def test_activation_specs_with_a_scale_per_batch_position_are_refused(spec, what):
+    """Static per_channel / per_group / per_row activation scales were one per batch position: the fit
+    (or eval) crashed on a batch of another size. Refused for the global spec and for overrides."""
+    model = nn.Sequential(nn.Linear(64, 8))
+    fix = r"write QuantSpec\(bits=%d, granularity='per_row', dynamic=True\).*QuantSpec\(bits=%d, granularity='per_tensor'\)" % (
+        spec.bits, spec.bits)
+    with pytest.raises(ValueError, match=r"^activation_spec: " + what + ".*" + fix):
+        find_quantizable(model, weight_spec=WEIGHT_SPEC, activation_spec=spec)
+    with pytest.raises(ValueError, match=r"^layer_specs\['0'\]\['activation'\]: " + what):
+        normalize_layer_specs({"0": {"activation": spec}})
+    with pytest.raises(ValueError, match=r"^layer_specs\['0'\]\['activation'\]: " + what):
+        find_quantizable(model, weight_spec=WEIGHT_SPEC, layer_specs={"0": {"activation": spec}})
+
+
+@pytest.mark.parametrize("spec", [
+    ACT_SPEC, QuantSpec(granularity="per_tensor"), QuantSpec(granularity="per_tensor", dynamic=True),
+    QuantSpec(granularity="per_tensor", observer="histogram"), QuantSpec(granularity="per_row", symmetric=False, dynamic=True),
+], ids=lambda s: s.short())
+def test_activation_specs_activations_support_are_accepted(spec):
+    model = nn.Sequential(nn.Linear(64, 8))
+    plan, _ = find_quantizable(model, weight_spec=WEIGHT_SPEC, activation_spec=spec)
+    assert plan["0"][2] == spec
+    assert normalize_layer_specs({"0": {"activation": spec}}) == {"0": {"activation": spec}}
+
+
+def test_layers_with_weights_hwaware_does_not_quantize_are_listed_with_the_reason():
+    # a ConvTranspose or Conv3d stayed FP32 with no word in the report or the manifest
+    model = nn.Sequential(nn.Linear(8, 8), nn.ConvTranspose1d(8, 8, 3), nn.Conv3d(2, 2, 1), nn.LSTM(8, 8), nn.Bilinear(4, 4, 2))
+    plan, skipped = find_quantizable(model, weight_spec=QuantSpec(bits=8, granularity="per_channel"))
+    assert set(plan) == {"0"}
+    assert {name: why.split(" (")[0] for name, why in skipped.items()} == {
+        "1": "hwaware has no quantization for ConvTranspose1d", "2": "hwaware has no quantization for Conv3d",
+        "3": "hwaware has no quantization for LSTM", "4": "hwaware has no quantization for Bilinear"}

@@ -128,3 +128,11 @@ def test_find_prunable_leaves_a_layer_its_parent_multiplies_itself():
     assert set(layers) == {"linear1", "linear2"}
     assert skipped["self_attn.out_proj"].startswith("its parent MultiheadAttention multiplies .weight itself, so no 2:4 "
                                                     "kernel runs it and export stores it dense")
+
+
+def test_layers_masks_do_not_cover_are_listed_with_the_reason():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ConvTranspose2d(8, 8, 2), nn.Conv3d(4, 4, 1))
+    layers, skipped = find_prunable(model)
+    assert set(layers) == {"0"}
+    assert skipped == {"1": "no 2:4 masks for ConvTranspose2d (Linear and Conv1d/2d only): stays dense",
+                       "2": "no 2:4 masks for Conv3d (Linear and Conv1d/2d only): stays dense"}
