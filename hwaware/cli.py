@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 __all__ = ["main"]
@@ -304,18 +305,39 @@ def _model_option(spec: Optional[str]) -> Optional[type]:
             sys.path.remove(cwd)
 
 
-def int_at_least(lo: int):
-    """argparse type: an integer >= ``lo``; the error names the value and the range
-    (``argument --rounds: 0 is invalid; expected an integer >= 1``). The recipes use it too."""
+def write_json(path: str, obj: Any) -> None:
+    """``obj`` as JSON at ``path``, atomically: into a temp file beside it, then renamed over it, so
+    an interrupt (Ctrl-C, a scheduler's SIGTERM) leaves the previous file or the new one, never half."""
+    path = os.path.abspath(os.fsdecode(path))
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as open(path, "w") would have made it (mkstemp: 0600)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def int_at_least(lo: int, hi: Optional[int] = None):
+    """argparse type: an integer >= ``lo`` (and <= ``hi``, when given); the error names the value and
+    the range (``argument --rounds: 0 is invalid; expected an integer >= 1``). The recipes use it too."""
+    expected = f"an integer >= {lo}" if hi is None else f"an integer from {lo} to {hi}"
+
     def parse(text: str) -> int:
         try:
             v = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer; expected an integer >= {lo}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"{v} is invalid; expected an integer >= {lo}")
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer; expected {expected}") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"{v} is invalid; expected {expected}")
         return v
-    parse.__name__ = f"integer >= {lo}"
+    parse.__name__ = expected
     return parse
 
 
@@ -364,8 +386,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return code
     code, result = _bench(args)
     if code == 0 and args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result)
         print(f"wrote {args.json}")
     return code
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import signal
@@ -30,7 +29,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 import hwaware
 from hwaware import ProgressiveQuantization, QuantSpec, SemiStructuredSparsity
 from hwaware.quant import quantization_disabled
-from hwaware.cli import int_at_least
+from hwaware.cli import int_at_least, write_json
 from hwaware.export import ArtifactError, is_artifact
 from hwaware.export.artifact import artifact_size_bytes, check_target, nearest_existing_parent
 from hwaware.export.bench import compare_throughput
@@ -110,7 +109,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "into them (default: DLRM's Criteo-Kaggle sizes, 3 to 48000 rows)")
     p.add_argument("--cache-dir", default=None,
                    help="where --data's parsed rows are cached (default: the datasets library's cache)")
-    p.add_argument("--num-samples", type=int_at_least(1), default=None,
+    p.add_argument("--num-samples", type=int_at_least(2), default=None,
                    help="synthetic samples (default 400000; --fast 24000); not with --data, which uses every row")
     p.add_argument("--start", choices=("plateau", "epoch"), default=None,
                    help="plateau: FP32 until val_auroc stops improving (default; --fast: epoch); "
@@ -138,7 +137,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--infer-batch-size", type=int_at_least(1), default=2048,
                    help="batch for the exported-vs-FP32 throughput ratio")
     p.add_argument("--no-export", action="store_true", help="stop after QAT")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int_at_least(0, 2**32 - 1), default=0)  # (Lightning's seed_everything range)
     p.add_argument("--fast", action="store_true", help="tiny run for smoke tests")
     p.add_argument("--report", default=None, help="write the JSON report here")
     p.add_argument("--no-progress", action="store_true", help="hide Lightning's progress bar")
@@ -553,12 +552,13 @@ def run(args: argparse.Namespace, state: dict = None):
     """The recipe; returns ``(report, {"fp32": model, "qat": model, "datamodule": dm})`` for benchmarks."""
     pl.seed_everything(args.seed, verbose=False)
     t0 = time.perf_counter()
-    dm = CriteoDataModule(data=args.data, num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed,
-                          table_sizes=args.table_sizes, cache_dir=args.cache_dir)
     try:
+        dm = CriteoDataModule(data=args.data, num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed,
+                              table_sizes=args.table_sizes, cache_dir=args.cache_dir)
         dm.setup("fit")
     except (OSError, ValueError) as e:  # names the file (and line) already; a directory, too
-        raise SystemExit(f"qat_recsys.py: error: --data: {e}") from None
+        source = "--data" if args.data is not None else f"--num-samples {args.num_samples}"
+        raise SystemExit(f"qat_recsys.py: error: {source}: {e}") from None
     kwargs = model_kwargs(args, dm.table_sizes)
     sparsity = build_sparsity(args)
     model = DLRM(**kwargs)
@@ -651,8 +651,7 @@ def run(args: argparse.Namespace, state: dict = None):
     print_table(report)
     if args.report:
         os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
-        with open(args.report, "w") as f:
-            json.dump(_strict_json(report), f, indent=2)
+        write_json(args.report, _strict_json(report))  # atomic: an interrupt leaves the previous report whole
         print(f"report written to {args.report}")
     return report, {"fp32": fp32, "qat": model, "datamodule": dm}
 

@@ -21,13 +21,14 @@ whole-batch tensor slices, so the loader costs next to nothing per training step
 from __future__ import annotations
 
 import functools
+import glob
 import json
 import math
 import os
 import re
 import stat
 from collections.abc import Iterator, Sequence
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
 import pytorch_lightning as pl
@@ -246,12 +247,15 @@ def preprocess_dense(x: Tensor) -> Tensor:
 
 
 def hash_category(hex_str: str, table_size: int) -> int:
-    """Map a Criteo hex category to a row in [0, table_size): int(hex, 16) % table_size; '' -> 0."""
-    if table_size < 1:
-        raise ValueError(f"table_size must be >= 1, got {table_size!r}")
+    """Map a Criteo hex category to a row in [0, table_size): int(hex, 16) % table_size; '' -> 0.
+    Takes what the TSV loader takes (hex digits only: no ``0x``, sign, ``_`` or whitespace)."""
+    if not _is_int(table_size) or table_size < 1:
+        raise ValueError(f"table_size must be an int >= 1, got {table_size!r}")
     if hex_str == "":
         return 0
-    return int(hex_str, 16) % table_size
+    if not isinstance(hex_str, str) or not _HEX.fullmatch(hex_str):
+        raise ValueError(f"category {hex_str!r} is not a hex string (digits 0-9, a-f, A-F, or empty)")
+    return int(hex_str, 16) % int(table_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,6 +413,29 @@ def _write_stamp(path: str, identity: dict[str, int]) -> None:
             os.remove(tmp)
 
 
+def _csv_builder(datasets: Any, path: str, features: Any, cache_dir: Any) -> Any:
+    """The `datasets` csv builder of the one file ``path``. `datasets` reads ``data_files`` as a glob
+    pattern: a name holding ``[``, ``]``, ``?`` or ``*`` matched other files (``day[1].tsv`` read
+    ``day1.tsv``), so the path goes in escaped, and what it resolved to is checked."""
+    builder = datasets.load_dataset_builder(
+        "csv",
+        data_files=glob.escape(os.path.abspath(path)),
+        delimiter="\t",
+        column_names=_COLUMN_NAMES,
+        header=None,
+        features=features,
+        na_filter=False,  # keep empty fields as "" (not NaN)
+        quoting=3,  # csv.QUOTE_NONE: Criteo has no quoting
+        skip_blank_lines=False,
+        cache_dir=None if cache_dir is None else os.fspath(cache_dir),
+    )
+    files = [f for split in builder.config.data_files.values() for f in split]
+    if len(files) != 1 or os.path.realpath(str(files[0])) != os.path.realpath(path):
+        raise ValueError(f"{path}: the csv reader resolved this path to {[str(f) for f in files][:3]}, not to the "
+                         "file itself; rename it without glob characters ([ ] ? *)")
+    return builder
+
+
 def load_criteo_tsv(
     path: Union[str, os.PathLike],
     *,
@@ -454,18 +481,14 @@ def load_criteo_tsv(
     import pyarrow.compute as pc
 
     features = datasets.Features({name: datasets.Value("string") for name in _COLUMN_NAMES})
-    builder = datasets.load_dataset_builder(
-        "csv",
-        data_files=os.path.abspath(path),
-        delimiter="\t",
-        column_names=_COLUMN_NAMES,
-        header=None,
-        features=features,
-        na_filter=False,  # keep empty fields as "" (not NaN)
-        quoting=3,  # csv.QUOTE_NONE: Criteo has no quoting
-        skip_blank_lines=False,
-        cache_dir=None if cache_dir is None else os.fspath(cache_dir),
-    )
+    # datasets sends a download-count request for its csv builder on every call (a network call at
+    # run time, which stalls an offline machine): off for this call
+    counts = datasets.config.HF_UPDATE_DOWNLOAD_COUNTS
+    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
+    try:
+        builder = _csv_builder(datasets, path, features, cache_dir)
+    finally:
+        datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = counts
     stamp = os.path.join(builder.cache_dir, _CACHE_STAMP)
     cached = _read_stamp(stamp) == identity  # else: parsed from another file at this path, or by older code
     builder.download_and_prepare(download_mode="reuse_dataset_if_exists" if cached else "force_redownload")
@@ -539,7 +562,10 @@ class _BatchIndexSampler(Sampler):
 
     def __iter__(self) -> Iterator[Tensor]:
         if self.shuffle:
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) ^ 0x5DEECE66D)
+            key = (self.seed * 1_000_003 + self.epoch) ^ 0x5DEECE66D
+            if not -2**63 <= key < 2**64:  # what manual_seed takes: a larger seed is folded (smaller ones unchanged)
+                key %= 2**64
+            g = torch.Generator().manual_seed(key)
             order = torch.randperm(self.num_samples, generator=g)
         else:
             order = torch.arange(self.num_samples)

@@ -342,8 +342,10 @@ def test_qat_never_started_message_counts_calibration_batches():
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--batch-size", "0"], "argument --batch-size: 0 is invalid; expected an integer >= 1"),
-    (["--num-samples", "-5"], "argument --num-samples: -5 is invalid; expected an integer >= 1"),
-    (["--num-samples", "0"], "argument --num-samples: 0 is invalid; expected an integer >= 1"),
+    (["--num-samples", "-5"], "argument --num-samples: -5 is invalid; expected an integer >= 2"),
+    (["--num-samples", "1"], "argument --num-samples: 1 is invalid; expected an integer >= 2"),  # (a traceback before)
+    (["--seed", "-1"], "argument --seed: -1 is invalid; expected an integer from 0 to 4294967295"),
+    (["--seed", "4294967296"], "argument --seed: 4294967296 is invalid; expected an integer from 0 to 4294967295"),
     (["--kl-threshold", "-1"], "argument --kl-threshold: -1 is invalid; expected a finite number in (0, inf)"),
     (["--max-drop", "-0.5"], "argument --max-drop: -0.5 is invalid; expected a finite number in [0, inf)"),
     (["--fp32-epochs", "-1"], "argument --fp32-epochs: -1 is invalid; expected an integer >= 0"),
@@ -360,6 +362,32 @@ def test_qat_never_started_message_counts_calibration_batches():
 def test_bad_flags_are_usage_errors(run_main, args, message):
     code, _, err = run_main("--fast", "--no-progress", *args)
     assert code == 2 and f"qat_recsys.py: error: {message}" in err
+
+
+def test_too_few_samples_for_a_validation_split_names_num_samples_not_data(run_main):
+    code, _, err = run_main("--fast", "--no-progress", "--no-export", "--num-samples", "2")
+    assert code != 0 and "qat_recsys.py: error: --num-samples 2: val_fraction=0.2 of 2 rows gives 0 validation rows" in err
+
+
+def test_an_interrupted_report_write_leaves_the_previous_report(tmp_path, monkeypatch):
+    # the report was opened (truncated) and then written: a Ctrl-C in between left half a JSON file
+    import json as _json
+
+    from hwaware import cli
+
+    path = tmp_path / "report.json"
+    cli.write_json(str(path), {"old": 1})
+    real_dump = _json.dump
+
+    def interrupted(obj, f, **kw):
+        f.write('{"new": ')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.json, "dump", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cli.write_json(str(path), {"new": 2})
+    monkeypatch.setattr(cli.json, "dump", real_dump)
+    assert _json.loads(path.read_text()) == {"old": 1} and os.listdir(tmp_path) == ["report.json"]
 
 
 def test_a_usage_error_is_exit_status_2_without_a_traceback():

@@ -117,8 +117,39 @@ def test_hash_category():
     assert hash_category("", 1000) == 0
     assert hash_category("68fd1e64", 1000) == 0x68FD1E64 % 1000
     assert hash_category("68FD1E64", 1000) == hash_category("68fd1e64", 1000)
-    with pytest.raises(ValueError, match="table_size must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="table_size must be an int >= 1, got 0"):
         hash_category("ab", 0)
+    with pytest.raises(ValueError, match=r"table_size must be an int >= 1, got 2.5"):  # returned a float row before
+        hash_category("ab", 2.5)
+    for bad in ("0x1f", "1_f", " 1f\n", "-1f", "g1"):  # int(s, 16) took the first four; the TSV loader refuses them
+        with pytest.raises(ValueError, match=re.escape(f"category {bad!r} is not a hex string")):
+            hash_category(bad, 1000)
+
+
+@pytest.mark.parametrize("name", ["day[1].tsv", "day?.tsv", "day*.tsv"])
+def test_load_tsv_reads_the_file_named_even_with_glob_characters(tmp_path, name):
+    # datasets reads data_files as a glob: day[1].tsv read its sibling day1.tsv, without a word
+    _write_tsv(tmp_path / "day1.tsv", [_good_row("0"), _good_row("0"), _good_row("0")])
+    path = _write_tsv(tmp_path / name, [_good_row("1"), _good_row("1"), _good_row("1")])
+    assert torch.equal(load_criteo_tsv(path, cache_dir=tmp_path / "cache")["label"], torch.ones(3))
+
+
+def test_load_tsv_sends_no_download_count_request(tmp_path, monkeypatch):
+    # datasets' csv builder sent a HEAD request to its S3 bucket on every call: a network call at run time
+    import datasets
+
+    calls = []
+    monkeypatch.setattr(datasets.load, "get_session", lambda: calls.append("session") or pytest.fail("network"))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_UPDATE_DOWNLOAD_COUNTS", True)
+    load_criteo_tsv(_write_tsv(tmp_path / "a.tsv", [_good_row()]), cache_dir=tmp_path / "cache")
+    assert calls == [] and datasets.config.HF_UPDATE_DOWNLOAD_COUNTS is True  # (put back)
+
+
+def test_a_seed_of_any_size_shuffles():
+    dm = CriteoDataModule(num_samples=40, batch_size=8, seed=2**45, table_sizes=SMALL_TABLES)
+    dm.setup("fit")
+    assert sum(len(b["label"]) for b in dm.train_dataloader()) == 32  # the shuffle's seed overflowed int64 before
 
 
 # ---------------------------------------------------------------------------------------------
