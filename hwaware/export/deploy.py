@@ -386,9 +386,12 @@ def no_deploy_op(kind: str, weight_spec: QuantSpec) -> Optional[str]:
     dense), or None when one packs it: int8 per-channel symmetric or int4 group-wise linear weights,
     int8 or int4 row-wise tables."""
     if kind == "linear":
-        if (weight_spec.bits == 8 and weight_spec.granularity == "per_channel" and weight_spec.symmetric) or (
-                weight_spec.bits == 4 and weight_spec.granularity == "per_group"):
+        if (weight_spec.bits == 8 and weight_spec.granularity == "per_channel" and weight_spec.symmetric
+                and weight_spec.narrow_range) or (weight_spec.bits == 4 and weight_spec.granularity == "per_group"):
             return None
+        if weight_spec.bits == 8 and weight_spec.symmetric and not weight_spec.narrow_range:
+            return (f"no deploy op for {weight_spec.short()} linear weights with narrow_range=False: int8 layers are "
+                    "packed in [-127, 127], so code -128 would change (int8 per_channel sym narrow-range or int4 per_group)")
         return f"no deploy op for {weight_spec.short()} linear weights (int8 per_channel sym or int4 per_group)"
     if kind in ("embedding_bag", "embedding"):
         return None if weight_spec.bits in (4, 8) else f"no deploy op for {weight_spec.short()} {kind} tables (int8 or int4 rows)"

@@ -135,11 +135,12 @@ class FakeQuantizer(nn.Module):
         return self.lsq_base * torch.exp(self.learned_log_scale)
 
     def current_scale(self) -> Tensor:
-        """The scale fake quantization uses now (and export packs with)."""
+        """The scale fake quantization uses now (and export packs with): a learned one rounded to
+        ``scale_dtype`` as the forward rounds it."""
         if self.learned_log_scale is None:
             return self.scale
         with torch.no_grad():
-            return self._learned_scale()
+            return P.round_scale(self._learned_scale(), self.spec)
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, x: Tensor, observe: bool = True) -> Tensor:

@@ -178,22 +178,27 @@ class _UnclippedFakeQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d: Tensor, scale: Tensor, zero_point: Optional[Tensor], qmin: int, qmax: int, float_offset: bool,
                 exact_offset: bool = False) -> Tensor:
+        dtype = x2d.dtype
+        if dtype in (torch.float16, torch.bfloat16):
+            # in float32, as export quantizes the weight (w.float()) and the fused kernels compute: a
+            # bf16-rounded scale let |x / s| reach qmax + 1/2, a code outside the range
+            x2d = x2d.float()
         s = scale.to(x2d.dtype).reshape(-1, 1)
         if float_offset:
             off = zero_point.to(x2d.dtype).reshape(-1, 1)
             q = (x2d - off).div_(s).round_()
             if not exact_offset:  # exact fp32 row min/max: q is in [0, qmax (1 + eps)], no clamp needed
                 q.clamp_(qmin, qmax)
-            return q.mul_(s).add_(off)
-        # same arithmetic, in the same order, as torch's fused fake-quant kernels: x * (1/s) + zp
-        if zero_point is None:  # symmetric: zp = 0 changes no value
-            if qmin == -qmax:
-                # narrow range from this tensor's own max|x|: |x/s| <= qmax * (1 + 2^-11) even with an
-                # fp16-rounded scale, which rounds to qmax, so the clamp could not change a value
-                return (x2d * s.reciprocal()).round_().mul_(s)
-            return (x2d * (1.0 / s)).round_().clamp_(qmin, qmax).mul_(s)
-        zp = zero_point.to(x2d.dtype).reshape(-1, 1)
-        return (x2d * (1.0 / s)).add_(zp).round_().clamp_(qmin, qmax).sub_(zp).mul_(s)
+            y = q.mul_(s).add_(off)
+        elif zero_point is None:  # symmetric: zp = 0 changes no value
+            # (clamped also with a narrow range from the tensor's own max|x|: an fp16 scale saturated
+            # at its maximum no longer covers that max)
+            y = (x2d * (1.0 / s)).round_().clamp_(qmin, qmax).mul_(s)
+        else:
+            # same arithmetic, in the same order, as torch's fused fake-quant kernels: round(x * (1/s)) + zp
+            zp = zero_point.to(x2d.dtype).reshape(-1, 1)
+            y = (x2d * (1.0 / s)).round_().add_(zp).clamp_(qmin, qmax).sub_(zp).mul_(s)
+        return y if y.dtype == dtype else y.to(dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -238,7 +243,7 @@ def fake_quantize_dynamic(x: Tensor, spec: QuantSpec) -> Tuple[Tensor, Tensor, O
             return _Identity.apply(x2d, y).reshape(x.shape), scale, offset, scale
         # FBGEMM row-wise (embedding rows): compute_qparams' arithmetic written out on [C, 1]
         # shapes, since a CTR step runs this once per table on small tensors (op count matters)
-        mn, mx = torch.aminmax(x2d.detach(), dim=1, keepdim=True)
+        mn, mx = torch.aminmax(x2d.detach().float(), dim=1, keepdim=True)  # (float32 qparams, as packed)
         scale = round_scale((mx - mn).div_(spec.qmax - spec.qmin).clamp_min_(torch.finfo(torch.float32).eps), spec)
         offset = _flush_offset(mn.half().float() if spec.scale_dtype == "float16" else mn)
         # a flushed offset is no longer the exact row min: keep the clamp then

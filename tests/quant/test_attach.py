@@ -665,3 +665,12 @@ def test_layers_with_weights_hwaware_does_not_quantize_are_listed_with_the_reaso
     assert {name: why.split(" (")[0] for name, why in skipped.items()} == {
         "1": "hwaware has no quantization for ConvTranspose1d", "2": "hwaware has no quantization for Conv3d",
         "3": "hwaware has no quantization for LSTM", "4": "hwaware has no quantization for Bilinear"}
+
+
+def test_an_int8_weight_spec_with_code_minus_128_has_no_deploy_op():
+    # int8 layers are packed in [-127, 127]: a full-range spec trained on -128 and export packed -127
+    from hwaware.export.deploy import no_deploy_op
+
+    assert no_deploy_op("linear", QuantSpec(bits=8, granularity="per_channel")) is None
+    why = no_deploy_op("linear", QuantSpec(bits=8, granularity="per_channel", narrow_range=False))
+    assert why is not None and "narrow_range=False" in why and "[-127, 127]" in why

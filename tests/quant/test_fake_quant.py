@@ -261,3 +261,23 @@ def test_a_checkpoint_holding_a_directly_learned_scale_is_refused_by_name():
     fresh = FakeQuantizer(WEIGHT_SPEC, "fc.weight", "weight")
     with pytest.raises(ValueError, match=re.escape("'fc.weight': this quantizer state holds a learned scale as hwaware 0.1.0")):
         fresh.load_state_dict(state)
+
+
+def test_a_learned_fp16_scale_is_the_one_export_packs():
+    # the forward rounds a learned scale to float16; current_scale() (what export packs) did not
+    from hwaware.ops.packing import dequantize_int4_weight, quantize_int4_weight
+
+    spec = QuantSpec(bits=4, granularity="per_group", group_size=32, scale_dtype="float16")
+    fq = FakeQuantizer(spec, "l.0", "weight")
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    fq.quantize = True
+    fq(w)
+    fq.freeze()
+    log_scale = fq.make_learnable()
+    with torch.no_grad():
+        log_scale.add_(torch.linspace(-0.05, 0.05, log_scale.numel()).reshape(log_scale.shape))
+    y = fq(w)
+    scale = fq.current_scale()
+    assert torch.equal(scale, scale.half().float())
+    packed, scales, zeros = quantize_int4_weight(w, 32, True, scale=scale)
+    assert torch.equal(dequantize_int4_weight(packed, scales, zeros, 32), y.detach())

@@ -332,3 +332,16 @@ def test_compiled_fake_quant_passes_the_gradient_and_the_values(spec):
     (y * g).sum().backward()
     assert x.grad is not None and torch.equal(x.grad, g)
     assert torch.equal(y.detach(), step(x.detach()))  # the same values as the native call
+
+
+@pytest.mark.parametrize("fp16", [True, False])
+def test_a_saturated_fp16_scale_clamps_on_both_paths(monkeypatch, fp16):
+    # max|x| past 127 * 65504: the fp16 scale saturates, so round(x / s) leaves +-127 (it was not clamped)
+    spec = QuantSpec(granularity="per_row", dynamic=True, scale_dtype="float16" if fp16 else "float32")
+    x = torch.tensor([[1e7, -3e7, 1.0, 0.0], [1e3, -2.0, 0.5, 0.0]])
+    y, s, _, _ = P.fake_quantize_dynamic(x, spec)
+    ye, se, _, _ = _eager(monkeypatch, x, spec)
+    torch.testing.assert_close(y, ye, atol=0, rtol=0)
+    zp = torch.zeros(2, dtype=torch.int32)
+    torch.testing.assert_close(y, P.fake_quantize(x, s, zp, spec.replace(dynamic=False)), atol=0, rtol=0)
+    assert bool((y.abs() <= 127 * s.reshape(-1, 1)).all())

@@ -261,3 +261,34 @@ def test_zero_dim_tensor_rejected():
 def test_as_channels_shapes(spec, shape, channels):
     x2d = as_channels(torch.zeros(shape), spec)
     assert x2d.shape[0] == channels and x2d.numel() == math.prod(shape)
+
+
+def test_dynamic_affine_rounds_before_adding_the_zero_point_as_the_fused_kernels_do():
+    # round(x / s + zp) and round(x / s) + zp differ at a half with an odd zero point (half to even)
+    from hwaware.quant.primitives import fake_quantize_dynamic
+
+    spec = QuantSpec(bits=8, granularity="per_tensor", symmetric=False, dynamic=True)
+    x = torch.tensor([[-1.0, 2.5, 254.0]])  # scale 1, zero point 1: 2.5 is a half
+    y, scale, zp, _ = fake_quantize_dynamic(x, spec)
+    assert float(scale) == 1.0 and int(zp) == 1
+    torch.testing.assert_close(y, fake_quantize(x, scale, zp, spec), atol=0, rtol=0)
+    assert float(y[0, 1]) == 2.0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("spec", [QuantSpec(bits=8, granularity="per_channel"),
+                                  QuantSpec(bits=8, granularity="per_row", dynamic=True),
+                                  QuantSpec(bits=8, granularity="per_row", symmetric=False, dynamic=True)],
+                         ids=lambda s: s.short())
+def test_half_precision_tensors_quantize_in_float32_as_export_does(dtype, spec):
+    # a bf16-rounded scale let |x / s| reach 127.5: code 128, which export (on w.float()) clamps to 127
+    from hwaware.quant.primitives import fake_quantize_dynamic
+
+    x = (torch.randn(64, 96, generator=_gen(3)) * 3).to(dtype)
+    y, scale, zp, _ = fake_quantize_dynamic(x, spec)
+    y32, scale32, zp32, _ = fake_quantize_dynamic(x.float(), spec)
+    assert y.dtype == dtype
+    torch.testing.assert_close(scale.reshape(-1), scale32.reshape(-1), atol=0, rtol=0)
+    torch.testing.assert_close(y, y32.to(dtype), atol=0, rtol=0)
+    if spec.symmetric:
+        assert int((y.float() / scale.reshape(-1, 1)).round().abs().max()) <= 127

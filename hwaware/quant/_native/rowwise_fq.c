@@ -21,7 +21,8 @@ static inline float round_f16(float v) {
     return (float)(_Float16)v;
 }
 
-/* y = round(x * (1/s)) * s per row, s = max(max|x| / qmax, eps); scale_out[r] = s (NaN if the row is not finite). */
+/* y = clamp(round(x * (1/s)), +-qmax) * s per row, s = max(max|x| / qmax, eps); scale_out[r] = s (NaN if the
+ * row is not finite). The clamp changes a value only when an fp16 scale saturated at its maximum. */
 void hw_fq_sym_rows(const float *x, float *y, float *scale_out, int64_t rows, int64_t cols, int qmax, int fp16_scale) {
     for (int64_t r = 0; r < rows; ++r) {
         const float *xr = x + r * cols;
@@ -33,7 +34,11 @@ void hw_fq_sym_rows(const float *x, float *y, float *scale_out, int64_t rows, in
         if (fp16_scale) s = round_f16(s);
         float inv = 1.0f / s;
 #pragma omp simd
-        for (int64_t c = 0; c < cols; ++c) yr[c] = nearbyintf(xr[c] * inv) * s;
+        for (int64_t c = 0; c < cols; ++c) {
+            float q = nearbyintf(xr[c] * inv);
+            q = q > (float)qmax ? (float)qmax : (q < -(float)qmax ? -(float)qmax : q);
+            yr[c] = q * s;
+        }
         scale_out[r] = bad ? NAN : s;
     }
 }
