@@ -134,6 +134,10 @@ class DLRM(pl.LightningModule):
         # dense: float32 [B, 13] (log-transformed), sparse: int64 [B, T] -> logits [B]
         if sparse.dim() != 2 or sparse.shape[1] != len(self.embeddings):
             raise ValueError(f"sparse must be [B, {len(self.embeddings)}], got shape {tuple(sparse.shape)}")
+        if sparse.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"sparse must hold int64 (or int32) ids, got {sparse.dtype}")
+        if dense.dim() != 2 or dense.shape[1] != NUM_DENSE or not dense.is_floating_point():
+            raise ValueError(f"dense must be float [B, {NUM_DENSE}], got {dense.dtype} of shape {tuple(dense.shape)}")
         batch = dense.shape[0]
         if sparse.shape[0] != batch:
             raise ValueError(f"dense and sparse must hold the same batch, got dense {tuple(dense.shape)} and "

@@ -80,6 +80,13 @@ def test_forward_rejects_wrong_sparse_shape():
     dense, sparse = _inputs(4)
     with pytest.raises(ValueError, match=r"sparse must be \[B, 26\], got shape \(4, 25\)"):
         model(dense, sparse[:, :25])
+    # a width or dtype the model cannot take: named here, not by a matmul deep inside
+    with pytest.raises(ValueError, match=r"dense must be float \[B, 13\], got torch.float32 of shape \(4, 12\)"):
+        model(dense[:, :12], sparse)
+    with pytest.raises(ValueError, match=r"dense must be float \[B, 13\], got torch.int64 of shape \(4, 13\)"):
+        model(dense.long(), sparse)
+    with pytest.raises(TypeError, match=r"sparse must hold int64 \(or int32\) ids, got torch.float32"):
+        model(dense, sparse.float())
 
 
 @pytest.mark.parametrize(
