@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 import tempfile
@@ -306,18 +307,34 @@ def _model_option(spec: Optional[str]) -> Optional[type]:
 
 
 def write_json(path: str, obj: Any) -> None:
-    """``obj`` as JSON at ``path``, atomically: into a temp file beside it, then renamed over it, so
-    an interrupt (Ctrl-C, a scheduler's SIGTERM) leaves the previous file or the new one, never half."""
-    path = os.path.abspath(os.fsdecode(path))
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    """``obj`` as JSON at ``path``. A regular file (or a new one) in a directory we can write is
+    replaced atomically: a temp file beside it, renamed over it, so an interrupt (Ctrl-C, a
+    scheduler's SIGTERM) leaves the previous file or the new one, never half. The file keeps its
+    mode, a symlink its link (its target is replaced). Anything else (a pipe, ``/dev/stdout``, a
+    file in a directory we cannot write) is written in place, as ``open(path, "w")`` would."""
+    text = json.dumps(obj, indent=2) + "\n"
+    real = os.path.realpath(os.fsdecode(path))
+    parent = os.path.dirname(real)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
+        st = os.stat(real)
+    except FileNotFoundError:
+        st = None
+    if (st is not None and not stat.S_ISREG(st.st_mode)) or not os.access(parent, os.W_OK | os.X_OK):
+        with open(path, "w") as f:
+            f.write(text)
+        return
+    if st is not None:
+        mode = stat.S_IMODE(st.st_mode)
+    else:
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # as open(path, "w") would have made it (mkstemp: 0600)
-        os.replace(tmp, path)
+        mode = 0o666 & ~umask  # as open(path, "w") makes a new file (mkstemp's is 0600)
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=".hwaware-", suffix=".tmp")  # (short: any name fits)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            os.fchmod(f.fileno(), mode)
+        os.replace(tmp, real)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

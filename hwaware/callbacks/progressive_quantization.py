@@ -836,9 +836,14 @@ class ProgressiveQuantization(_RestoresForEvaluation):
             for k, v in current.items():
                 setattr(sched, k, v)
         scaled: Dict[int, float] = {}  # id(param group) -> the factor another callback applied since
+        stepped = {id(getattr(sched, "optimizer", None)) for sched in steps}
         for i, (opt, group_lrs) in enumerate(zip(trainer.optimizers, lrs)):
+            if id(opt) not in stepped:  # no per-step schedule moved this optimizer's rates: nothing to undo
+                continue
             for j, (group, lr) in enumerate(zip(opt.param_groups, group_lrs)):
                 then = initials[i][j] if initials is not None and i < len(initials) and j < len(initials[i]) else None
+                if initials is not None and then is None:  # a group its scheduler does not drive (added after it)
+                    continue
                 now = group.get("initial_lr")
                 if (isinstance(then, (int, float)) and isinstance(now, (int, float)) and then > 0 and now != then
                         and math.isfinite(now / then)):

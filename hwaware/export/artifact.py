@@ -168,28 +168,33 @@ def _short_name(path: str) -> str:
     return f"{name[:64].decode('utf-8', 'ignore')}~{hashlib.sha256(name).hexdigest()[:16]}"
 
 
-def _replaced_is_artifact(path: str) -> bool:
-    """Whether the directory a publish moved out of the way is what :func:`_check_target` allowed
-    replacing: an artifact with nothing unlisted in it."""
+def _replaceable(path: str) -> bool:
+    """Whether the directory a publish moved out of the way is what :func:`_check_target` allows
+    replacing (with overwrite): an empty directory, or an artifact with nothing unlisted in it."""
+    if os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path):
+        return True
     manifest = _unverified_manifest(path)
     return manifest is not None and manifest.get("format") == FORMAT_NAME and not unlisted_entries(path, manifest)
 
 
-def _publish(tmp: str, path: str, replacing: bool) -> None:
+def _publish(tmp: str, path: str, replacing: bool, overwrite: bool = True) -> None:
     """Move the finished directory ``tmp`` to ``path``. ``replacing``: :func:`_check_target` saw an
     artifact there (and overwrite was given); otherwise it saw nothing or an empty directory, and
-    only those are replaced (``rename`` fails on a directory that is no longer empty, or a file)."""
+    only those are replaced (``rename`` fails on a directory that is no longer empty, or a file),
+    unless an artifact appeared there since and ``overwrite`` replaces it."""
     if not replacing or not os.path.lexists(path):
         try:
             os.rename(tmp, path)  # POSIX rename replaces an empty directory atomically, and nothing else
+            return
         except OSError as e:
-            if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise
+            if not (overwrite and e.errno in (errno.ENOTEMPTY, errno.EEXIST) and _replaceable(path)):
                 raise ArtifactError(f"{path}: something was written there while the artifact was being written "
                                     f"({e.strerror}); it is left as it is and nothing was written at {path}") from None
-            raise
-        return
+        # another writer's artifact appeared since the check: overwrite replaces it, as below
     if _exchange(tmp, path):
-        if not _replaced_is_artifact(tmp):  # what appeared there since the check is not ours to delete
+        if not _replaceable(tmp):  # what appeared there since the check is not ours to delete
             _exchange(tmp, path)
             raise ArtifactError(f"{path}: was replaced by something other than an hwaware artifact while the new one "
                                 f"was being written; it is left as it is and nothing was written at {path}")
@@ -197,7 +202,7 @@ def _publish(tmp: str, path: str, replacing: bool) -> None:
         return
     old = os.path.join(os.path.dirname(path), f"{_short_name(path)}{_OLD_INFIX}{secrets.token_hex(4)}")
     os.rename(path, old)
-    if not _replaced_is_artifact(old):
+    if not _replaceable(old):
         os.rename(old, path)
         raise ArtifactError(f"{path}: was replaced by something other than an hwaware artifact while the new one "
                             f"was being written; it is left as it is and nothing was written at {path}")
@@ -481,7 +486,7 @@ def write_artifact(
 
         replacing = _check_target(path, overwrite)  # again: something may have appeared while we wrote
         writing = None
-        _publish(tmp, path, replacing)
+        _publish(tmp, path, replacing, overwrite)
         _fsync_dir(parent)
     except OSError as e:  # a full disk, a quota: say where, and that nothing changed at path
         shutil.rmtree(tmp, ignore_errors=True)

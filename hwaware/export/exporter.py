@@ -788,8 +788,8 @@ def check_input_descriptions(description: Any, where: str) -> None:
     :func:`_describe_input` records: a manifest is editable, and these size what bench allocates."""
     def bad(i: int, why: str) -> ArtifactError:
         return ArtifactError(f"{where}: 'inputs'[{i}] {why}; expected {{'shape': [ints >= 0], 'dtype': one of "
-                             f"{sorted(_INPUT_DTYPES)}, 'max': [ints >= 0] for an integer dtype, and 'min': [ints <= "
-                             "max], as many, where one is negative}}")
+                             f"{sorted(_INPUT_DTYPES)}, 'max': [ints] for an integer dtype (>= 0 unless 'min' is given), and "
+                             "'min': [ints <= max], as many, where a column goes negative}}")
 
     if not isinstance(description, list):
         raise ArtifactError(f"{where}: 'inputs' is {type(description).__name__}; expected a list of input records")
@@ -1534,8 +1534,14 @@ def _check_replaces(new: nn.Module, old: nn.Module, name: str, mpath: str, whose
     table of other rows or width). Either failed only at the first call, or served a table of
     another size without a word."""
     kind = next((k for k in _REPLACES if isinstance(old, k)), None)
-    if kind is None and type(old) is type(new) and list(old.describe()["shape"]) == list(new.describe()["shape"]):
-        return  # an instance loaded before: the same deploy layer, new weights
+    if kind is None:  # an instance loaded before holds a deploy layer: it stands for the kind it replaced
+        kind = next((k for k, types in _REPLACES.items() if type(old) in types), None)
+        if kind is not None and type(new) in _REPLACES[kind]:
+            if list(old.describe()["shape"]) != list(new.describe()["shape"]):
+                raise ArtifactError(f"{mpath}: layer {name!r} holds a {new.describe()['shape']} weight in the artifact, "
+                                    f"but {whose} has a {type(old).__name__} of {old.describe()['shape']} there: not the "
+                                    "model this artifact was exported from")
+            return
     shape = list(new.describe()["shape"])
     if kind is None or type(new) not in _REPLACES[kind]:  # (export packs only Linear and Embedding(Bag) layers)
         raise ArtifactError(f"{mpath}: layer {name!r} is a {type(new).__name__} in the artifact, but {whose} has a "
@@ -1695,11 +1701,7 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
         if owner is None or leaf not in owner._buffers or leaf not in owner._non_persistent_buffers_set:
             raise ArtifactError(f"{path}/weights.safetensors: {_BUFFER_PREFIX + name!r} is not a non-persistent buffer of "
                                 "the model (export stores only those under that prefix)")
-        want = owner._buffers[leaf]
-        if want is not None and (buf.shape != want.shape or (buf.dtype != want.dtype and not (
-                buf.is_floating_point() and want.is_floating_point()))):
-            raise ArtifactError(f"{path}/weights.safetensors: buffer {name!r} is {buf.dtype} {tuple(buf.shape)}; the "
-                                f"model's is {want.dtype} {tuple(want.shape)}")
+        # (its shape is the model's own business: a cache sized on first use is saved grown)
         owners[name] = (owner, leaf)
     restored = set(tensors) | set(extra)
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t is not None and t.is_meta

@@ -71,6 +71,16 @@ _tried = False  # set (under _LOAD_LOCK) only once _lib and _status hold the loa
 # Held through the first load (a compile can take seconds): a thread calling in meanwhile waits for
 # it rather than seeing no library, and caching "no engine" from that for the life of the process.
 _LOAD_LOCK = threading.Lock()
+
+
+def _new_lock_in_child() -> None:  # a process forked mid-build (a DataLoader worker) would wait forever on the copy
+    global _LOAD_LOCK
+    _LOAD_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_in_child)
+
 _amx: Optional[bool] = None
 _vnni: Optional[bool] = None
 _madd: Optional[bool] = None

@@ -1323,6 +1323,31 @@ def test_semi_structured_sparsitys_lr_scale_survives_calibration(tmp_path, spars
     assert sched.get_last_lr() == [trainer.optimizers[0].param_groups[0]["lr"]]
 
 
+def test_the_rewind_leaves_rates_no_per_step_schedule_drives():
+    """An optimizer without a per-step scheduler (a GAN's second net) was rewound too: another
+    callback's lr_scale on it was undone."""
+    import types
+
+    from hwaware.callbacks._common import _scale_lr
+
+    p1, p2 = (torch.nn.Parameter(torch.ones(2)) for _ in range(2))
+    scheduled, plain = torch.optim.SGD([p1], lr=1.0), torch.optim.SGD([p2], lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(scheduled, lambda s: 1.0 / (1 + s))
+    trainer = types.SimpleNamespace(optimizers=[scheduled, plain],
+                                    lr_scheduler_configs=[types.SimpleNamespace(scheduler=sched, interval="step")])
+    cb = ProgressiveQuantization()
+    cb._schedules_at_calibration = [[copy.deepcopy(sched.state_dict())],
+                                    [[g["lr"] for g in o.param_groups] for o in trainer.optimizers],
+                                    [[g.get("initial_lr") for g in o.param_groups] for o in trainer.optimizers]]
+    for _ in range(3):  # calibration's gradient-free steps move the scheduled group only
+        scheduled.step()
+        sched.step()
+    _scale_lr(trainer, 0.5)  # SemiStructuredSparsity(lr_scale=0.5) starting meanwhile
+    cb._rewind_schedules(trainer)
+    assert scheduled.param_groups[0]["lr"] == 0.5 and plain.param_groups[0]["lr"] == 0.5
+    assert sched.last_epoch == 0
+
+
 @pytest.mark.parametrize("where", ["activation_spec", "layer_specs"])
 def test_activation_specs_with_a_scale_per_batch_position_are_refused_at_construction(where):
     """activation_spec=QuantSpec(bits=8) (per_channel, QuantSpec's default) kept one static scale per

@@ -690,10 +690,10 @@ def _racing_publish(monkeypatch, act):
     """``act(path)`` runs right before the publish, as another process could after the last check."""
     real = A._publish
 
-    def publish(tmp, path, replacing):
+    def publish(tmp, path, *how):
         monkeypatch.setattr(A, "_publish", real)
         act(path)
-        return real(tmp, path, replacing)
+        return real(tmp, path, *how)
 
     monkeypatch.setattr(A, "_publish", publish)
 
@@ -726,12 +726,24 @@ def test_user_files_that_appear_meanwhile_are_never_deleted(tmp_path, monkeypatc
     assert os.listdir(path) == ["precious.csv"] and sorted(os.listdir(tmp_path)) == ["art"]
 
 
-def test_an_artifact_replaced_meanwhile_by_another_artifact_is_overwritten(tmp_path, monkeypatch):
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "fallback"])
+@pytest.mark.parametrize("before", ["nothing", "artifact"])
+def test_an_artifact_published_meanwhile_is_overwritten_when_overwrite_is_true(tmp_path, monkeypatch, exchange, before):
+    if not exchange:
+        monkeypatch.setattr(A, "_exchange", lambda a, b: False)
     path = tmp_path / "art"
-    _write(path, manifest={"v": "old"})
-    _racing_publish(monkeypatch, lambda p: _write(p, manifest={"v": "other"}))
+    if before == "artifact":
+        _write(path, manifest={"v": "old"})
+    _racing_publish(monkeypatch, lambda p: (A.shutil.rmtree(p, ignore_errors=True), _write(p, manifest={"v": "other"})))
     assert _write(path, manifest={"v": "mine"})["v"] == "mine"
     assert verify_artifact(path)["v"] == "mine" and sorted(os.listdir(tmp_path)) == ["art"]
+
+
+def test_an_artifact_emptied_meanwhile_is_replaced(tmp_path, monkeypatch):
+    path = tmp_path / "art"
+    _write(path, manifest={"v": "old"})
+    _racing_publish(monkeypatch, lambda p: (A.shutil.rmtree(p), os.makedirs(p)))  # an empty directory: replaceable
+    assert _write(path, manifest={"v": "mine"})["v"] == "mine" and sorted(os.listdir(tmp_path)) == ["art"]
 
 
 def test_a_name_as_long_as_the_filesystem_allows_is_written_overwritten_and_cleaned_up(tmp_path, monkeypatch):

@@ -525,6 +525,17 @@ def test_load_argument_forms(tmp_path):
         torch.testing.assert_close(load(art.path, model=TinyCTR, device=device)(dense, ids), want, atol=0, rtol=0)
     again = load(art.path, model=load(art.path, model=TinyCTR))  # into an instance loaded before: new weights, same layers
     torch.testing.assert_close(again(dense, ids), want, atol=0, rtol=0)
+    # ... or another artifact of the model, whose layer is of another deploy kind (2:4 packed now)
+    from hwaware.export.deploy import Sparse24Linear
+    from hwaware.sparsity import magnitude_mask_24
+
+    model = TinyCTR()
+    with torch.no_grad():
+        model.mlp[0].weight.mul_(magnitude_mask_24(model.mlp[0].weight))
+    sparse = export(model, tmp_path / "sparse")
+    served = load(sparse.path, model=load(art.path, model=TinyCTR))
+    assert isinstance(served.mlp[0], Sparse24Linear)
+    torch.testing.assert_close(served(dense, ids), load(sparse.path, model=TinyCTR)(dense, ids), atol=0, rtol=0)
     with pytest.raises(TypeError, match=r"load\(model='tests.helpers:TinyCTR'\): expected an nn.Module class or instance"):
         load(art.path, model="tests.helpers:TinyCTR")
     with pytest.raises(ArtifactError, match=r"layer 'emb' is not a module of the model passed as model="):

@@ -377,17 +377,32 @@ def test_an_interrupted_report_write_leaves_the_previous_report(tmp_path, monkey
 
     path = tmp_path / "report.json"
     cli.write_json(str(path), {"old": 1})
-    real_dump = _json.dump
 
-    def interrupted(obj, f, **kw):
-        f.write('{"new": ')
+    def interrupted(fd, mode):  # after the new text is written, before it is renamed into place
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli.json, "dump", interrupted)
+    monkeypatch.setattr(cli.os, "fchmod", interrupted)
     with pytest.raises(KeyboardInterrupt):
         cli.write_json(str(path), {"new": 2})
-    monkeypatch.setattr(cli.json, "dump", real_dump)
     assert _json.loads(path.read_text()) == {"old": 1} and os.listdir(tmp_path) == ["report.json"]
+
+
+def test_a_report_path_keeps_its_link_and_mode_and_any_name_length(tmp_path):
+    import json as _json
+
+    from hwaware import cli
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "123.json").write_text("{}")
+    os.chmod(runs / "123.json", 0o600)
+    (tmp_path / "latest.json").symlink_to(runs / "123.json")
+    cli.write_json(str(tmp_path / "latest.json"), {"v": 1})
+    assert (tmp_path / "latest.json").is_symlink() and _json.loads((runs / "123.json").read_text()) == {"v": 1}
+    assert os.stat(runs / "123.json").st_mode & 0o777 == 0o600
+    long = tmp_path / ("r" * 250)  # the temp name beside it must fit NAME_MAX too
+    cli.write_json(str(long), [1])
+    assert _json.loads(long.read_text()) == [1] and sorted(os.listdir(tmp_path)) == sorted(["latest.json", "runs", long.name])
 
 
 def test_a_usage_error_is_exit_status_2_without_a_traceback():
