@@ -69,15 +69,21 @@ def _embedding_bag_rowwise_kernel(
     c_ok = cols < D
     start = tl.load(off_ptr + bag).to(tl.int64)
     end = tl.load(off_ptr + bag + 1, mask=bag + 1 < NUM_OFFSETS, other=L).to(tl.int64)
+    # unchecked offsets (check_indices=False, a CUDA graph capture): clipped to [0, L], so indices and
+    # per_sample_weights are never read out of bounds; a bad bag comes out empty or clipped
+    start = tl.minimum(tl.maximum(start, 0), L)
+    end = tl.minimum(tl.maximum(end, start), L)
     if MODE == 2:
         acc = tl.full((BLOCK_D,), float("-inf"), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    seen = 0  # rows read: a max bag of only skipped (out-of-range) ids is 0, as an empty one
     for l0 in range(start, end, BLOCK_L):
         ls = l0 + tl.arange(0, BLOCK_L)
         l_ok = ls < end
         rows = tl.load(idx_ptr + ls, mask=l_ok, other=0).to(tl.int64)
         l_ok = l_ok & (rows >= 0) & (rows < R)
+        seen += tl.sum(l_ok.to(tl.int32), axis=0)
         row_ptr = w_ptr + rows * stride_w
         ok = l_ok[:, None] & c_ok[None, :]
         if BITS == 8:
@@ -102,7 +108,7 @@ def _embedding_bag_rowwise_kernel(
         # approximate div.full.f32 on NVIDIA GPUs; the interpreter's numpy division hides that)
         acc = tl.math.div_rn(acc, tl.maximum(end - start, 1).to(tl.float32))
     if MODE == 2:
-        acc = tl.where(end > start, acc, 0.0)  # empty bag: 0, not -inf
+        acc = tl.where(seen > 0, acc, 0.0)  # empty bag (or one of only skipped ids): 0, not -inf
     tl.store(out_ptr + bag.to(tl.int64) * D + cols, acc, mask=c_ok)
 
 

@@ -48,14 +48,19 @@ def _quantize_per_token_kernel(
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
     amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    bad = tl.zeros((BLOCK_K,), dtype=tl.float32)  # 1 where an entry is NaN or infinite
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_row + cols * stride_xk, mask=cols < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
+        amax = tl.maximum(amax, tl.abs(x))  # (maxnum: a NaN does not reach amax; `bad` notes it)
+        bad = tl.maximum(bad, tl.where(tl.abs(x) <= 3.4028234663852886e+38, 0.0, 1.0))
     # div_rn: IEEE-rounded division as torch's (Triton's `/` on fp32 is an approximate div.full on
     # NVIDIA); with fp fusion off at launch, scale, 1/scale and x * (1/scale) round exactly as the
     # reference, so the codes are bit-identical to quantize_per_token_ref.
     scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), 127.0), 1.1920928955078125e-07)
+    # a row holding NaN or inf: a NaN scale, so its outputs are NaN, as the CPU op's (not finite
+    # numbers from the rest of the row)
+    scale = tl.where(tl.max(bad, axis=0) > 0.0, float("nan"), scale)
     inv = tl.math.div_rn(1.0, scale)
     tl.store(scale_ptr + row, scale)
     for k0 in range(0, K, BLOCK_K):
@@ -68,7 +73,8 @@ def _quantize_per_token_kernel(
 
 def quantize_per_token(x2d: Tensor):
     """``x2d [M, K]`` float -> ``(q int8 [M, K], scale float32 [M])``, bit-identical to
-    ``quantize_per_token_ref`` (symmetric, round half to even, clamp to [-127, 127])."""
+    ``quantize_per_token_ref`` (symmetric, round half to even, clamp to [-127, 127]) on finite rows;
+    a row holding NaN or inf gets a NaN scale, as the CPU op's per-token pass gives it."""
     check_tensor("x2d", x2d, _FLOAT_X, (None, None), "[M, K] float")
     check_devices(_quantize_per_token_kernel, x2d=x2d)
     m, k = x2d.shape

@@ -745,14 +745,19 @@ def int4_linear(x: Tensor, packed: Tensor, scales: Tensor, zeros: Optional[Tenso
     return _linear_fp32(x, w, bias)
 
 
-def _dequantize_int4_checked(packed: Tensor, scales: Tensor, zeros: Optional[Tensor], group_size: int) -> Tensor:
-    """:func:`dequantize_int4_weight` after the value checks a shape check cannot make (once per
-    weight: the result is cached)."""
+def _check_int4_values(scales: Tensor, zeros: Optional[Tensor]) -> None:
+    """The value checks of an int4 weight a shape check cannot make (both devices, once per weight)."""
     if not bool((torch.isfinite(scales) & (scales > 0)).all()):
         bad = (~(torch.isfinite(scales) & (scales > 0))).nonzero()[0].tolist()
         raise ValueError(f"scales must be finite and > 0, got {float(scales[tuple(bad)])} at {bad}")
     if zeros is not None and zeros.numel() and (int(zeros.min()) < 0 or int(zeros.max()) > 15):
         raise ValueError(f"zeros must lie in [0, 15] (4-bit zero points), got values in [{int(zeros.min())}, {int(zeros.max())}]")
+
+
+def _dequantize_int4_checked(packed: Tensor, scales: Tensor, zeros: Optional[Tensor], group_size: int) -> Tensor:
+    """:func:`dequantize_int4_weight` after :func:`_check_int4_values` (once per weight: the result
+    is cached)."""
+    _check_int4_values(scales, zeros)
     return dequantize_int4_weight(packed, scales, zeros, group_size)
 
 

@@ -28,6 +28,7 @@ from hwaware.ops import (
     _CACHE,
     _check_embedding_bag,
     _check_int4_linear,
+    _check_int4_values,
     _check_int8_kernel,
     _check_int8_linear,
     _check_sparse24_kernel,
@@ -94,6 +95,9 @@ def _int8_linear_cuda(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optiona
 def _int4_linear_cuda(x: Tensor, packed: Tensor, scales: Tensor, zeros: Optional[Tensor], group_size: int,
                       bias: Optional[Tensor]) -> Tensor:
     _check_int4_linear(x, packed, scales, zeros, group_size, bias)
+    if not _capturing():  # the CPU op's value checks, once per weight (a host sync: not inside a graph capture)
+        _CACHE.get((scales,) if zeros is None else (scales, zeros), ("int4_values_ok",),
+                   lambda: _check_int4_values(scales, zeros) or True)
     with _on(x):
         return _kernels("int4_linear").int4_linear(x, packed, scales, zeros, group_size, bias)
 
@@ -133,7 +137,7 @@ def _sparse24_linear_cuda_impl(x: Tensor, values: Tensor, meta: Tensor, w_scale:
         _CACHE.get((meta,), ("sparse24_meta_ok", k), lambda: check_24_meta(meta.cpu(), k) or True)
     is_int8 = values.dtype == torch.int8
     if kernel == "dequant":  # int8 values of a layer QAT trained weight-only: float input, as on CPU
-        w = _CACHE.get((values, meta), ("sparse24_dequant_cuda",),
+        w = _CACHE.get((values, meta, w_scale) if is_int8 else (values, meta), ("sparse24_dequant_cuda",),
                        lambda: mod.decompress_24(values, meta).float() * (w_scale[:, None] if is_int8 else 1))
         return _linear_fp32(x, w, bias)
     if kernel == "triton":

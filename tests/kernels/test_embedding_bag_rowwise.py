@@ -109,3 +109,23 @@ def test_embedding_bag_unchecked_out_of_range_index_is_skipped_not_read():
     out = embedding_bag_rowwise(w.to(DEVICE), 8, 8, bad.to(DEVICE), off.to(DEVICE), 0, check_indices=False)
     ref = embedding_bag_rowwise_ref(w, 8, 8, idx[1:], off - (off > 0).long(), 0)  # the same bags without it
     assert_close_to_ref(out, ref)
+
+
+def test_embedding_bag_unchecked_offsets_are_clipped_not_read_past():
+    # with check_indices=False (a CUDA graph capture) an offset past len(indices) or below 0 read the
+    # memory beside indices; a max bag of only skipped ids came out -inf
+    from hwaware.kernels.embedding_bag_rowwise import embedding_bag_rowwise
+
+    w = quantize_rowwise(torch.randn(8, 4, generator=torch.Generator().manual_seed(0)), 8)
+    buf = torch.tensor([1, 2, 3, 4, 7, 7])
+    idx = buf[:4]  # what lies past it is deterministic: rows 7, 7
+    for off, bags in (([0, 6], [[1, 2, 3, 4], []]), ([-2, 2], [[], [3, 4]])):
+        out = embedding_bag_rowwise(w.to(DEVICE), 8, 4, idx.to(DEVICE), torch.tensor(off).to(DEVICE), 0, check_indices=False)
+        clipped = [[1, 2], [3, 4]] if off[0] < 0 else bags  # [-2, 2] clipped to [0, 2): bag 0 is ids 1, 2
+        for b, ids in enumerate(clipped):
+            want = embedding_bag_rowwise_ref(w, 8, 4, torch.tensor(ids, dtype=torch.long), torch.tensor([0]), 0) \
+                if ids else torch.zeros(1, 4)
+            assert_close_to_ref(out[b:b + 1], want)
+    skipped = embedding_bag_rowwise(w.to(DEVICE), 8, 4, torch.tensor([10**6, -5]).to(DEVICE), torch.tensor([0]).to(DEVICE),
+                                    2, check_indices=False)
+    assert torch.equal(skipped.cpu(), torch.zeros(1, 4))

@@ -85,3 +85,22 @@ def test_int4_linear_strided_bias_and_column_major_x():
     for m in (20, 3):  # large-M epilogue and split-K reduce (both add the bias)
         y = int4_linear(*_dev(xt[:m], p, s, z), 32, *_dev(b2))
         assert_close_to_ref(y, int4_linear_ref(x[:m], p, s, z, 32, b))
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda scales, zeros: scales.__setitem__((0, 0), -1.0), r"scales must be finite and > 0"),
+    (lambda scales, zeros: scales.__setitem__((0, 0), float("nan")), r"scales must be finite and > 0, got nan"),
+    (lambda scales, zeros: zeros.__setitem__((0, 0), 20), r"zeros must lie in \[0, 15\]"),
+])
+def test_the_cuda_implementation_refuses_the_values_the_cpu_op_refuses(edit, match):
+    # the CUDA side ran only the shape checks: a negative or NaN scale, a zero point of 20, served numbers
+    import hwaware.ops  # noqa: F401  (registers the ops)
+    from hwaware.ops import _cuda
+
+    x, packed, scales, zeros, b = _args(3, 64, 8, 32, symmetric=False)
+    edit(scales, zeros)
+    with pytest.raises(ValueError, match=match):
+        torch.ops.hwaware.int4_linear(x, packed, scales, zeros, 32, b)
+    with pytest.raises(ValueError, match=match):
+        _cuda._int4_linear_cuda(*[None if t is None else t.to(DEVICE) for t in (x, packed, scales, zeros)], 32,
+                                b.to(DEVICE))

@@ -101,3 +101,17 @@ def test_int8_linear_bad_inputs():
         int8_linear(x, qw, s, torch.zeros(9, device=DEVICE))
     with pytest.raises(ValueError, match="one device"):
         int8_linear(x, qw, s.to("meta"), b)
+
+
+def test_a_row_holding_nan_or_inf_gives_nan_outputs_as_the_cpu_op():
+    # tl.maximum does not propagate NaN: the row's scale stayed finite and its outputs were numbers
+    from hwaware.kernels.int8_linear import int8_linear, quantize_per_token
+
+    x, qw, s, b = _args(4, 40, 8)
+    x[1, 5], x[2, 7] = float("nan"), float("inf")
+    _, scale = quantize_per_token(x.to(DEVICE))
+    assert scale.cpu()[[1, 2]].isnan().all() and scale.cpu()[[0, 3]].isfinite().all()
+    out = int8_linear(*_dev(x, qw, s, b)).cpu()
+    cpu = torch.ops.hwaware.int8_linear(x, qw, s, b)
+    assert out[[1, 2]].isnan().all() and cpu[[1, 2]].isnan().all()
+    assert_close_to_ref(out[[0, 3]], int8_linear_ref(x, qw, s, b)[[0, 3]])

@@ -129,3 +129,21 @@ def test_sparse24_linear_strided_bias_and_scale(values_dtype):
     xt = x.t().contiguous().t()
     y = sparse24_linear(*_dev(xt, v, meta, ws2, b2))
     assert_close_to_ref(y, sparse24_linear_ref(x, v, meta, ws, b))
+
+
+def test_the_cuda_dequant_weight_follows_its_scale():
+    # the CUDA dequant cache was keyed on (values, meta) only: a new or edited w_scale served the old weight
+    from hwaware.ops import _cuda
+
+    w = _w24(8, 32)
+    q, s = quantize_int8_weight(w)
+    values, meta = compress_24(q)
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(1))
+    run = lambda scale: _cuda._sparse24_linear_cuda_impl(x.to(DEVICE), values.to(DEVICE), meta.to(DEVICE),  # noqa: E731
+                                                         scale.to(DEVICE), None, "dequant").cpu()
+    first = run(s)
+    torch.testing.assert_close(run(s * 2), first * 2, atol=1e-5, rtol=1e-5)
+    s.mul_(3)  # in place: a new version of the same tensor
+    torch.testing.assert_close(run(s), first * 3, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(run(s), torch.ops.hwaware.sparse24_linear(x, values, meta, s, None, "dequant"),
+                               atol=0, rtol=0)
