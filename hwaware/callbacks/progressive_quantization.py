@@ -52,7 +52,7 @@ _DEFAULT = object()
 # the arguments a checkpoint records so that a resume under other values says so (specs, skip and
 # layer_specs are refused instead once layers are quantized: the layers' plan comes from the checkpoint)
 _SETTINGS = ("start_epoch", "start", "monitor", "mode", "patience", "min_delta", "calibration_batches",
-             "freeze_observers_after", "freeze_bn", "lr_scale", "kl_threshold", "on_kl_violation",
+             "freeze_observers_after", "freeze_bn", "lr_scale", "qat_epochs", "kl_threshold", "on_kl_violation",
              "validation_batches", "output_kind")
 
 DEFAULT_WEIGHT_SPEC = QuantSpec(bits=8, granularity="per_channel", symmetric=True)
@@ -101,6 +101,10 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         freeze_bn: put BatchNorm layers in eval mode (running statistics frozen) during QAT.
         lr_scale: multiply every optimizer learning rate by this when QAT starts (fine-tuning at a
             lower rate; 1.0 leaves it). Stored in the optimizer state, so a resume keeps it.
+        qat_epochs: end the fit this many epochs after QAT starts (the epoch it starts in counts),
+            then validate as at any fit end; ``None``: train to ``max_epochs``. With ``start="plateau"``
+            the FP32 phase's length is not known ahead, and training past a plateau at the QAT rate
+            moves the metric too: QAT is fine-tuning, the recipe's is one epoch.
         weight_spec: quantization of Linear/Conv weights (default int8 symmetric per output channel).
         activation_spec: quantization of Linear/Conv inputs (default dynamic per-token int8;
             ``None`` for weight-only). ``granularity="per_tensor"`` (static: ranges calibrated by
@@ -173,6 +177,7 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         freeze_observers_after: Optional[int] = 200,
         freeze_bn: bool = False,
         lr_scale: float = 1.0,
+        qat_epochs: Optional[int] = None,
         weight_spec: QuantSpec = DEFAULT_WEIGHT_SPEC,
         activation_spec: Optional[QuantSpec] = _DEFAULT,  # type: ignore[assignment]
         embedding_spec: Optional[QuantSpec] = _DEFAULT,  # type: ignore[assignment]
@@ -195,6 +200,7 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         if monitor is not None and not isinstance(monitor, str):
             raise ValueError(f"monitor={monitor!r} is invalid; expected a metric name (str) or None")
         _check_int("calibration_batches", calibration_batches, 0)
+        _check_int("qat_epochs", qat_epochs, 1, allow_none=True)
         _check_int("freeze_observers_after", freeze_observers_after, 0, allow_none=True)
         if not isinstance(freeze_bn, bool):
             raise ValueError(f"freeze_bn={freeze_bn!r} is invalid; expected True or False")
@@ -250,6 +256,7 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         self.freeze_observers_after = freeze_observers_after
         self.freeze_bn = freeze_bn
         self.lr_scale = float(lr_scale)
+        self.qat_epochs = qat_epochs
         self.weight_spec = weight_spec
         self.activation_spec = activation_spec
         self.embedding_spec = embedding_spec
@@ -469,6 +476,10 @@ class ProgressiveQuantization(_RestoresForEvaluation):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self._called is not None and self.phase == "qat":  # after this epoch's validation too
             self._drop_uncalled(trainer, pl_module)
+        if self.qat_epochs is not None and self.phase == "qat":
+            started = next(h["epoch"] for h in self._history if h["phase"] == "qat")
+            if trainer.current_epoch + 1 >= started + self.qat_epochs:
+                trainer.should_stop = True  # on_fit_end validates, as at max_epochs
         if self.phase == "fp32" and self.start == "plateau" and (self._plateau_pending or not self._validation_runs):
             # the epoch's training metrics are aggregated now (after validation): what Lightning's
             # EarlyStopping reads at this point too. Without validation this is the only reading

@@ -40,6 +40,18 @@ class _Packed(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         hwaware.ops._CACHE.drop([b for b in self._buffers.values() if b is not None])
 
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name != "weight":
+                raise
+        # (an AttributeError still: hasattr(layer, "weight") stays False)
+        raise AttributeError(
+            f"{type(self).__name__} has no .weight: it holds its weight packed and multiplies it inside its own "
+            "call. Something read the weight outside that call (a tied head, a parent using it): export finds such "
+            "layers by running a batch and leaves them dense; export with example_inputs or val_dataloader") from None
+
     def _apply(self, fn, recurse: bool = True):
         """Device moves apply; dtype casts (``model.half()``) leave the format's float32 scales, biases
         and 2:4 values as they are: the ops take float32 there and float16 / bfloat16 inputs, which

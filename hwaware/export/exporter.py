@@ -1090,6 +1090,11 @@ def export(
                 run = ((lambda: model(*example_inputs)) if example_inputs is not None else
                        (lambda: (output_fn or _default_output)(model, _first_batch(val_dataloader))))
             read_outside = weights_read_outside_call(model, [n for n, st in states.items() if st.enabled], run)
+        else:
+            warnings.warn("export got neither val_dataloader nor example_inputs: no regression gate runs, and a layer "
+                          "whose weight forward reads outside the layer's call (a tied head, a parent using it) cannot be "
+                          "found, so it is packed and fails when called; pass example_inputs (the serving batch) at "
+                          "least", UserWarning, stacklevel=_user_stacklevel())
         deploy, layers, dense = _build_deploy(model, states, sparse24=sparse24, skipped=skipped, qat=not ptq,
                                               read_outside=read_outside)
     finally:

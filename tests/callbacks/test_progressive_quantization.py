@@ -1381,3 +1381,17 @@ def test_kl_collector_hooks_come_off_after_an_exception_in_validation(tmp_path):
     assert cb.phase == "qat"
     assert {n: len(m._forward_hooks) + len(m._forward_pre_hooks) for n, m in model.named_modules() if m._forward_hooks
             or m._forward_pre_hooks} == {}
+
+
+def test_qat_epochs_ends_the_fit_that_many_epochs_after_qat_starts_and_validates(tmp_path):
+    # a plateau start cannot say ahead how long FP32 runs: the README's example trained QAT to
+    # max_epochs and failed its own gate; qat_epochs stops fine-tuning where the recipe does
+    cb = ProgressiveQuantization(start_epoch=1, calibration_batches=4, qat_epochs=1)
+    trainer, _ = _fit(tmp_path, cb, max_epochs=6)
+    phases = {p["phase"]: p["start_epoch"] for p in cb.report["phases"]}
+    assert phases["qat"] == 1 and trainer.current_epoch == 2 and cb.report["kl"]  # epoch 1 trained, then validated
+    two = ProgressiveQuantization(start_epoch=1, calibration_batches=4, qat_epochs=2)
+    trainer, _ = _fit(tmp_path / "two", two, max_epochs=6)
+    assert trainer.current_epoch == 3 and two.report["kl"]
+    with pytest.raises(ValueError, match=r"qat_epochs=0 is invalid; expected an int >= 1 or None"):
+        ProgressiveQuantization(qat_epochs=0)

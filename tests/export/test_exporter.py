@@ -883,3 +883,29 @@ def test_recorded_example_inputs_are_ones_bench_can_generate_bool_and_negative_i
     assert m.dtype == torch.bool and s.dtype == torch.int64 and x.shape == (512, 16)
     assert torch.equal(s.amin(0), shift.amin(0)) and torch.equal(s.amax(0), shift.amax(0))  # each column's range, drawn whole
     assert torch.equal(m.long().amax(0), mask.long().amax(0))
+
+
+class _ReadsProjWeight(nn.Module):
+    """Forward reads proj.weight outside proj's call (a norm of it): export must run a batch to see that."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.head(self.proj(x) / self.proj.weight.norm())
+
+
+def test_without_any_batch_export_warns_and_a_layer_read_outside_its_call_says_why_it_fails(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    with pytest.warns(UserWarning, match=r"export got neither val_dataloader nor example_inputs: no regression gate "
+                                         r"runs, and a layer whose weight forward reads outside"):
+        art = export(_ReadsProjWeight(), tmp_path / "blind", int8_impls=("dequant",))
+    with pytest.raises(AttributeError, match=r"Int8Linear has no .weight: it holds its weight packed .* export with "
+                                             r"example_inputs or val_dataloader"):
+        load(art.path, model=_ReadsProjWeight())(x)
+    seen = export(_ReadsProjWeight(), tmp_path / "seen", example_inputs=(x,), int8_impls=("dequant",))
+    assert "proj" in seen.manifest["dense_layers"] and "head" in seen.manifest["layers"]
+    load(seen.path, model=_ReadsProjWeight())(x)
