@@ -868,19 +868,25 @@ class StepScheduled(TinyCTR):
                                                    "interval": "step"}}
 
 
+class LrAtQAT(Callback):
+    """The first QAT batch's learning rate and per-step schedule position, in ``seen``."""
+
+    def __init__(self, qat: ProgressiveQuantization) -> None:
+        self.qat, self.seen = qat, {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.qat.phase == "qat" and "lr" not in self.seen:
+            self.seen["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
+            self.seen["last_epoch"] = trainer.lr_scheduler_configs[0].scheduler.last_epoch
+
+
 def test_calibration_leaves_a_per_step_lr_schedule_where_fp32_training_left_it(tmp_path):
     """Lightning steps a per-step scheduler after calibration's gradient-free optimizer steps too:
     16 calibration batches used up 16 steps of the schedule (trial). QAT now starts where FP32 left it."""
-    seen = {}
-
-    class AtQAT(Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if cb.phase == "qat" and "lr" not in seen:
-                seen["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
-                seen["last_epoch"] = trainer.lr_scheduler_configs[0].scheduler.last_epoch
-
     cb = ProgressiveQuantization(start_epoch=1, calibration_batches=4)
-    trainer, model = _fit(tmp_path, cb, model=StepScheduled(), max_epochs=2, extra=[AtQAT()])
+    at_qat = LrAtQAT(cb)
+    seen = at_qat.seen
+    trainer, model = _fit(tmp_path, cb, model=StepScheduled(), max_epochs=2, extra=[at_qat])
     # 8 FP32 steps in epoch 0; the 4 calibration steps of epoch 1 do not count
     assert seen == {"lr": 0.05 * 0.5 ** 8, "last_epoch": 8}
     sched = trainer.lr_scheduler_configs[0].scheduler
@@ -1302,18 +1308,12 @@ def test_semi_structured_sparsitys_lr_scale_survives_calibration(tmp_path, spars
     put back the rates and schedule saved at calibration start, wiping that lr_scale (either order)."""
     from hwaware import SemiStructuredSparsity
 
-    seen = {}
-
-    class AtQAT(Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if cb.phase == "qat" and "lr" not in seen:
-                seen["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
-                seen["last_epoch"] = trainer.lr_scheduler_configs[0].scheduler.last_epoch
-
     cb = ProgressiveQuantization(start_epoch=1, calibration_batches=4)
+    at_qat = LrAtQAT(cb)
+    seen = at_qat.seen
     sparse = SemiStructuredSparsity(start_epoch=1, lr_scale=0.1)
     pl.seed_everything(0, verbose=False)
-    trainer = make_trainer(tmp_path, [sparse, cb, AtQAT()] if sparsity_first else [cb, sparse, AtQAT()], max_epochs=2)
+    trainer = make_trainer(tmp_path, [sparse, cb, at_qat] if sparsity_first else [cb, sparse, at_qat], max_epochs=2)
     trainer.fit(StepScheduledSparse(), *loaders())
     # 8 FP32 steps in epoch 0; the 4 calibration steps are undone, the pruning's x0.1 is kept
     assert seen["last_epoch"] == 8 and seen["lr"] == pytest.approx(0.05 * 0.5 ** 8 * 0.1, rel=1e-12)

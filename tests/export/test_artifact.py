@@ -706,14 +706,21 @@ def test_an_artifact_published_meanwhile_is_kept_when_overwrite_is_false(tmp_pat
     assert verify_artifact(path)["v"] == "other" and not _tmp_dirs(tmp_path)
 
 
-@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "fallback"])
-@pytest.mark.parametrize("before", ["nothing", "artifact"])
-def test_user_files_that_appear_meanwhile_are_never_deleted(tmp_path, monkeypatch, exchange, before):
+@pytest.fixture(params=[(True, "nothing"), (True, "artifact"), (False, "nothing"), (False, "artifact")],
+                ids=["renameat2-nothing", "renameat2-artifact", "fallback-nothing", "fallback-artifact"])
+def racing_target(request, tmp_path, monkeypatch):
+    """The artifact path, with or without renameat2 and with or without an artifact there already."""
+    exchange, before = request.param
     if not exchange:
         monkeypatch.setattr(A, "_exchange", lambda a, b: False)
     path = tmp_path / "art"
     if before == "artifact":
         _write(path, manifest={"v": "old"})
+    return path
+
+
+def test_user_files_that_appear_meanwhile_are_never_deleted(tmp_path, monkeypatch, racing_target):
+    path = racing_target
 
     def user_data(p):
         A.shutil.rmtree(p, ignore_errors=True)
@@ -726,14 +733,8 @@ def test_user_files_that_appear_meanwhile_are_never_deleted(tmp_path, monkeypatc
     assert os.listdir(path) == ["precious.csv"] and sorted(os.listdir(tmp_path)) == ["art"]
 
 
-@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "fallback"])
-@pytest.mark.parametrize("before", ["nothing", "artifact"])
-def test_an_artifact_published_meanwhile_is_overwritten_when_overwrite_is_true(tmp_path, monkeypatch, exchange, before):
-    if not exchange:
-        monkeypatch.setattr(A, "_exchange", lambda a, b: False)
-    path = tmp_path / "art"
-    if before == "artifact":
-        _write(path, manifest={"v": "old"})
+def test_an_artifact_published_meanwhile_is_overwritten_when_overwrite_is_true(tmp_path, monkeypatch, racing_target):
+    path = racing_target
     _racing_publish(monkeypatch, lambda p: (A.shutil.rmtree(p, ignore_errors=True), _write(p, manifest={"v": "other"})))
     assert _write(path, manifest={"v": "mine"})["v"] == "mine"
     assert verify_artifact(path)["v"] == "mine" and sorted(os.listdir(tmp_path)) == ["art"]

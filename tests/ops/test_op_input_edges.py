@@ -20,6 +20,7 @@ import hwaware.ops as ops
 from hwaware.ops.packing import INT8_MAX_K, compress_24, quantize_rowwise
 from hwaware.ops.reference import embedding_bag_rowwise_ref, int8_linear_ref, quantize_per_token_ref
 from hwaware.quant import native
+from tests.quant.test_native import _cpu_flags
 
 ROOT = Path(__file__).resolve().parents[2]
 NATIVE_DIR = ROOT / "hwaware" / "quant" / "_native"
@@ -278,14 +279,6 @@ def test_a_thread_calling_during_the_first_build_waits_for_it(tmp_path):
         print(got["status"].startswith("loaded"), got["lib"], got["engine"] == cached == native.int8_engine())
     """, env={"HWAWARE_CACHE": str(tmp_path)})
     assert out.split() == ["True", "True", "True"], out
-
-
-def _cpu_flags() -> set:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return set(next((l for l in f if l.startswith("flags")), "").split())
-    except OSError:
-        return set()
 
 
 def _nan_rows() -> torch.Tensor:
