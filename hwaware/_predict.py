@@ -85,8 +85,8 @@ def side_effect_free(model: nn.Module) -> Iterator[None]:
     renormed: dict = {}
 
     def keep(m: nn.Module, args: Any) -> None:
-        if id(m) not in renormed:
-            renormed[id(m)] = (m.weight, m.weight.detach().clone())
+        if id(m.weight) not in renormed:  # by the table: a tied one is kept once, before either module renorms it
+            renormed[id(m.weight)] = (m.weight, m.weight.detach().clone())
 
     hooks = [m.register_forward_pre_hook(keep) for m in model.modules()
              if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None]

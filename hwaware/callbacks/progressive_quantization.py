@@ -101,8 +101,9 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         freeze_bn: put BatchNorm layers in eval mode (running statistics frozen) during QAT.
         lr_scale: multiply every optimizer learning rate by this when QAT starts (fine-tuning at a
             lower rate; 1.0 leaves it). Stored in the optimizer state, so a resume keeps it.
-        qat_epochs: end the fit this many epochs after QAT starts (the epoch it starts in counts),
-            then validate as at any fit end; ``None``: train to ``max_epochs``. With ``start="plateau"``
+        qat_epochs: end the fit after this many epochs of QAT training (the epoch QAT starts in
+            counts when QAT trains in it, not when calibration used it up), then validate as at any
+            fit end (a resume after the last one trains no more); ``None``: train to ``max_epochs``. With ``start="plateau"``
             the FP32 phase's length is not known ahead, and training past a plateau at the QAT rate
             moves the metric too: QAT is fine-tuning, the recipe's is one epoch.
         weight_spec: quantization of Linear/Conv weights (default int8 symmetric per output channel).
@@ -304,6 +305,8 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         # metric, which Lightning aggregates after validation): read it at the end of the epoch
         self._plateau_pending = False
         self._plateau_pending_value: Optional[float] = None  # the monitor's epoch value so far then (saved)
+        self._qat_epochs_done = 0  # epochs in which QAT trained (saved: qat_epochs counts them)
+        self._epoch_start_step = 0
         self._validation_runs = True  # whether this fit has a validation loop (on_train_start)
         self._monitor_at_val_start: Any = None  # the monitor's value object when validation started
         # layers whose forward ran since calibration started, until the end of the first epoch with
@@ -357,6 +360,10 @@ class ProgressiveQuantization(_RestoresForEvaluation):
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.qat_epochs is not None and self.phase == "qat" and self._qat_epochs_done >= self.qat_epochs:
+            # resumed from a checkpoint written after the last QAT epoch (Lightning does not save
+            # should_stop): no more training, the end of fit validates
+            trainer.should_stop = True
         # Lightning 2.x's own test: a val loader source (loader, datamodule or the module's
         # val_dataloader), validation_step, and batches to take
         source = getattr(getattr(getattr(trainer.fit_loop, "epoch_loop", None), "val_loop", None), "_data_source", None)
@@ -400,6 +407,7 @@ class ProgressiveQuantization(_RestoresForEvaluation):
     @override
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._epoch_started = trainer.current_epoch
+        self._epoch_start_step = trainer.global_step
         if self.phase == "validate":  # a checkpoint written while the end-of-fit KL validation ran
             raise RuntimeError(
                 "ProgressiveQuantization: this run resumed from a checkpoint written during the end-of-fit KL validation "
@@ -476,9 +484,12 @@ class ProgressiveQuantization(_RestoresForEvaluation):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self._called is not None and self.phase == "qat":  # after this epoch's validation too
             self._drop_uncalled(trainer, pl_module)
-        if self.qat_epochs is not None and self.phase == "qat":
-            started = next(h["epoch"] for h in self._history if h["phase"] == "qat")
-            if trainer.current_epoch + 1 >= started + self.qat_epochs:
+        if self.phase == "qat":
+            # an epoch counts once QAT trained in it: calibration can use up the epoch QAT starts in
+            qat_step = next(h["step"] for h in self._history if h["phase"] == "qat")
+            if trainer.global_step > max(self._epoch_start_step, qat_step):
+                self._qat_epochs_done += 1
+            if self.qat_epochs is not None and self._qat_epochs_done >= self.qat_epochs:
                 trainer.should_stop = True  # on_fit_end validates, as at max_epochs
         if self.phase == "fp32" and self.start == "plateau" and (self._plateau_pending or not self._validation_runs):
             # the epoch's training metrics are aggregated now (after validation): what Lightning's
@@ -626,6 +637,7 @@ class ProgressiveQuantization(_RestoresForEvaluation):
             # a checkpoint written at validation end, between the validation and the end of the epoch
             # that reads an epoch-level training monitor (start="plateau")
             "plateau_pending": self._plateau_pending,
+            "qat_epochs_done": self._qat_epochs_done,
             "plateau_pending_value": self._plateau_pending_value,
             "layers": copy.deepcopy(self._layers),
             "skipped": dict(self._skipped),
@@ -695,6 +707,7 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         self._plateau_reached = state_dict["plateau_reached"]
         # absent: written before they were saved. A pending reading with no value to read is dropped,
         # as those checkpoints' resumes did (the resumed epoch ends with no training metrics)
+        self._qat_epochs_done = int(state_dict.get("qat_epochs_done", 0))
         self._plateau_pending_value = state_dict.get("plateau_pending_value")
         self._plateau_pending = bool(state_dict.get("plateau_pending", False)) and self._plateau_pending_value is not None
         self._layers = copy.deepcopy(state_dict["layers"])

@@ -351,6 +351,8 @@ class RowwiseEmbeddingBag(nn.Module):
         """``nn.EmbeddingBag``'s padding_idx: entries at it are left out of the bag. A sum weighs them
         by 0 (exactly the sum without them: the rows are finite); a mean divides that sum by the bags'
         counts of other entries (a bag of padding only, or empty, gives zeros, as torch's does)."""
+        if per_sample_weights is not None and self.mode != "sum":  # as torch refuses it (and the op without padding_idx)
+            raise ValueError(f"per_sample_weights is only supported for mode='sum', got mode={self.mode!r}")
         keep = input != self.padding_idx
         w = keep.to(torch.float32) if per_sample_weights is None else per_sample_weights * keep
         out = torch.ops.hwaware.embedding_bag_rowwise.default(

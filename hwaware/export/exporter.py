@@ -181,6 +181,16 @@ def _under(key: str, prefixes: Iterable[str]) -> bool:
     return any(key.startswith(p + ".") for p in prefixes)
 
 
+def _hooked(module: nn.Module) -> Optional[str]:
+    """Why a layer with forward hooks of its own stays dense (the packed layer replacing it would
+    run none of them: the exported model would compute something else than the gate's reference),
+    or None."""
+    if module._forward_hooks or module._forward_pre_hooks:
+        return ("forward hooks are registered on it, which a packed layer would not run: stays FP32 and runs them "
+                "(remove the hooks before export to pack it)")
+    return None
+
+
 def _deploy_module(name: str, module: nn.Module, st: QuantState, sparse24: bool) -> Tuple[Optional[nn.Module], Optional[str]]:
     """(deploy module, None) or (None, why the layer stays dense)."""
     if not st.enabled:
@@ -359,7 +369,8 @@ def _build_deploy(model: nn.Module, states: Dict[str, QuantState], sparse24: boo
         layers[name] = meta
 
     for name, st in states.items():
-        reason = weight_read_by_parent(modules, name) or (read_outside or {}).get(name)  # a deploy module would not serve it
+        # a deploy module would not serve it: its weight is read outside its call, or hooks change what it computes
+        reason = weight_read_by_parent(modules, name) or (read_outside or {}).get(name) or _hooked(modules[name])
         new, reason = (None, reason) if reason else _deploy_module(name, modules[name], st, sparse24)
         if new is None:
             dense[name] = reason
@@ -379,7 +390,11 @@ def _build_deploy(model: nn.Module, states: Dict[str, QuantState], sparse24: boo
     # the FP32 values are exact, so this is lossless and halves their bytes
     if sparse24:
         for name, m in modules.items():
-            if name in layers or not isinstance(m, nn.Linear) or weight_read_by_parent(modules, name) or not is_24(m.weight.detach()):
+            if (name in layers or not isinstance(m, nn.Linear) or weight_read_by_parent(modules, name)
+                    or not is_24(m.weight.detach())):
+                continue
+            if (why := _hooked(m)) is not None:
+                dense.setdefault(name, why)
                 continue
             add(name, Sparse24Linear.from_linear(m), None, note=dense.pop(name, None))
         for name, m in modules.items():
@@ -1699,7 +1714,7 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
             raise ArtifactError(f"{path}/manifest.json: layer {name!r} names CPU kernel {kernel!r}; "
                                 f"expected {expect} {[k for k in allowed_kernels if k != 'auto']}")
     owners = {}
-    for name, buf in extra.items():  # non-persistent buffers: each one of a module the artifact does not replace
+    for name in extra:  # non-persistent buffers: each one of a module the artifact does not replace
         owner_name, _, leaf = name.rpartition(".")
         owner = None if _under(name, new_layers) or _under(name, aliases) else (
             _get_module(model, owner_name) if owner_name else model)

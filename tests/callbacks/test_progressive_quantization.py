@@ -812,14 +812,14 @@ def test_validate_or_predict_from_a_checkpoint_runs_and_exports_the_quantized_mo
     val = loaders()[1]
     want = trainer.validate(model, val, verbose=False)
     preds_want = torch.cat(trainer.predict(model, val))
-    art_want = hwaware.export(model, tmp_path / "want", val_dataloader=val, max_drop=1.0)
+    art_want = hwaware.export(model, tmp_path / "want", val_dataloader=val, max_drop=1.0, int8_impls=("int_mm",))
 
     pl.seed_everything(0, verbose=False)
     fresh, cb2 = TinyCTR(), ProgressiveQuantization(start_epoch=1, calibration_batches=2, skip=["mlp.2"])
     t2 = make_trainer(tmp_path / "b", [cb2])
     assert t2.validate(fresh, val, ckpt_path=ckpt, verbose=False) == want
     assert cb2.phase == "done" and sorted(hwaware.quant_states(fresh)) == ["emb", "mlp.0"]
-    art = hwaware.export(fresh, tmp_path / "got", val_dataloader=val, max_drop=1.0)
+    art = hwaware.export(fresh, tmp_path / "got", val_dataloader=val, max_drop=1.0, int8_impls=("int_mm",))  # (not a timing race)
     assert art.manifest["post_training"] is False and art.report == art_want.report
     assert {k: v["scheme"] for k, v in art.manifest["layers"].items()} == {"emb": "rowwise_int8", "mlp.0": "int8"}
 
@@ -1395,3 +1395,28 @@ def test_qat_epochs_ends_the_fit_that_many_epochs_after_qat_starts_and_validates
     assert trainer.current_epoch == 3 and two.report["kl"]
     with pytest.raises(ValueError, match=r"qat_epochs=0 is invalid; expected an int >= 1 or None"):
         ProgressiveQuantization(qat_epochs=0)
+
+
+def test_qat_epochs_counts_epochs_qat_trained_in_and_a_resume_after_the_last_trains_no_more(tmp_path):
+    class QATBatches(Callback):
+        def __init__(self, qat):
+            self.qat, self.n = qat, 0
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.n += self.qat.phase == "qat"
+
+    # calibration uses up epoch 1 (8 batches): QAT's first epoch is 2, not the one it started in
+    cb = ProgressiveQuantization(start_epoch=1, calibration_batches=8, qat_epochs=1)
+    count = QATBatches(cb)
+    trainer, _ = _fit(tmp_path / "a", cb, max_epochs=6, extra=[count])
+    assert count.n == 8 and trainer.current_epoch == 3 and cb.report["kl"]
+    # the last checkpoint is from before the end-of-fit validation: a resume validates, and trains nothing
+    cb = ProgressiveQuantization(start_epoch=1, calibration_batches=4, qat_epochs=1)
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "b" / "ckpt"), save_last=True)
+    _fit(tmp_path / "b", cb, max_epochs=6, extra=[ckpt], enable_checkpointing=True)
+    again = ProgressiveQuantization(start_epoch=1, calibration_batches=4, qat_epochs=1)
+    count = QATBatches(again)
+    pl.seed_everything(0, verbose=False)
+    trainer = make_trainer(tmp_path / "b", [again, count], max_epochs=6)
+    trainer.fit(TinyCTR(), *loaders(), ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
+    assert count.n == 0 and again.phase == "done" and again.report["kl"] == cb.report["kl"]

@@ -909,3 +909,16 @@ def test_without_any_batch_export_warns_and_a_layer_read_outside_its_call_says_w
     seen = export(_ReadsProjWeight(), tmp_path / "seen", example_inputs=(x,), int8_impls=("dequant",))
     assert "proj" in seen.manifest["dense_layers"] and "head" in seen.manifest["layers"]
     load(seen.path, model=_ReadsProjWeight())(x)
+
+
+def test_a_layer_with_forward_hooks_stays_dense_and_keeps_running_them(tmp_path):
+    # the packed layer replacing it ran none of the user's hooks: the exported model computed
+    # something else than the reference the gate compared it with
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    model[0].register_forward_hook(lambda m, args, out: out.clamp(-0.1, 0.1))
+    x = torch.randn(32, 8)
+    art = export(model, tmp_path / "a", example_inputs=(x,), int8_impls=("dequant",))
+    assert "forward hooks are registered on it" in art.manifest["dense_layers"]["0"] and "2" in art.manifest["layers"]
+    torch.testing.assert_close(art.model(x), model(x), atol=1e-2, rtol=0)  # only layer 2's int8 error left
+    assert (art.model[0](x).abs() <= 0.1).all()

@@ -21,9 +21,12 @@ def _tables(bits, rows=30, dim=8, seed=0):
 @pytest.mark.parametrize("include_last_offset", [False, True])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_padded_entries_are_left_out_of_the_bag(bits, mode, include_last_offset, weighted):
-    if weighted and mode != "sum":
-        pytest.skip("per_sample_weights: mode 'sum' only (as torch)")
     fused, dense = _tables(bits)
+    if weighted and mode != "sum":  # per_sample_weights: mode 'sum' only, refused as torch refuses it
+        bag = RowwiseEmbeddingBag(fused, bits, 8, mode, include_last_offset, padding_idx=3)
+        with pytest.raises(ValueError, match=r"per_sample_weights is only supported for mode='sum', got mode='mean'"):
+            bag(torch.tensor([1, 3, 4]), torch.tensor([0, 3] if include_last_offset else [0]), per_sample_weights=torch.rand(3))
+        return
     pad = 3
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 30, (40,), generator=g)

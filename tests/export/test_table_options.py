@@ -55,6 +55,30 @@ def test_export_leaves_a_max_norm_table_of_the_users_model_as_it_was(tmp_path):
     assert "bag" not in art.manifest["layers"] and "max_norm=0.5" in art.manifest["dense_layers"]["bag"]
 
 
+def test_a_tied_max_norm_table_is_restored_too():
+    # the copy was kept per module: the second of two modules sharing the table kept it already
+    # renormalized by the first, and restored that over the original
+    from hwaware._predict import side_effect_free
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Embedding(10, 4, max_norm=1.0), nn.Embedding(10, 4, max_norm=1.0)
+            self.b.weight = self.a.weight
+
+        def forward(self, ids):
+            return self.a(ids) + self.b(ids)
+
+    torch.manual_seed(0)
+    model = Tied()
+    with torch.no_grad():
+        model.a.weight.mul_(5)
+    before = model.a.weight.detach().clone()
+    with side_effect_free(model):
+        model(torch.tensor([1, 2, 3]))
+    assert torch.equal(model.a.weight, before) and model.b.weight is model.a.weight
+
+
 def test_a_symmetric_int4_table_serves_the_codes_qat_trained(tmp_path):
     # the spec's own codes, not an affine re-quantization (26% of a trial's codes differed)
     from hwaware import ProgressiveQuantization
