@@ -177,6 +177,11 @@ def _replaceable(path: str) -> bool:
     return manifest is not None and manifest.get("format") == FORMAT_NAME and not unlisted_entries(path, manifest)
 
 
+def _replaced_meanwhile(path: str) -> ArtifactError:
+    return ArtifactError(f"{path}: was replaced by something other than an hwaware artifact while the new one was being "
+                         f"written; it is left as it is and nothing was written at {path}")
+
+
 def _publish(tmp: str, path: str, replacing: bool, overwrite: bool = True) -> None:
     """Move the finished directory ``tmp`` to ``path``. ``replacing``: :func:`_check_target` saw an
     artifact there (and overwrite was given); otherwise it saw nothing or an empty directory, and
@@ -196,16 +201,14 @@ def _publish(tmp: str, path: str, replacing: bool, overwrite: bool = True) -> No
     if _exchange(tmp, path):
         if not _replaceable(tmp):  # what appeared there since the check is not ours to delete
             _exchange(tmp, path)
-            raise ArtifactError(f"{path}: was replaced by something other than an hwaware artifact while the new one "
-                                f"was being written; it is left as it is and nothing was written at {path}")
+            raise _replaced_meanwhile(path)
         shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous artifact
         return
     old = os.path.join(os.path.dirname(path), f"{_short_name(path)}{_OLD_INFIX}{secrets.token_hex(4)}")
     os.rename(path, old)
     if not _replaceable(old):
         os.rename(old, path)
-        raise ArtifactError(f"{path}: was replaced by something other than an hwaware artifact while the new one "
-                            f"was being written; it is left as it is and nothing was written at {path}")
+        raise _replaced_meanwhile(path)
     try:
         os.rename(tmp, path)
     except BaseException:
