@@ -334,6 +334,14 @@ class ProgressiveQuantization(_RestoresForEvaluation):
             rank_zero_warn(f"ProgressiveQuantization: {len(unpackable)} layer(s) will train with specs no hwaware deploy op "
                            "packs, and hwaware.export will leave them dense (FP32): "
                            + "; ".join(f"{n}: {why}" for n, why in unpackable.items()))
+        served = DEFAULT_ACTIVATION_SPEC.short()
+        other_act = sorted({a.short() for n, (kind, w, a) in plan.items()
+                            if kind == "linear" and n not in unpackable and a is not None and a.short() != served})
+        if other_act:  # no deploy kernel keeps these scales: export serves the input another way (the gate measures it)
+            rank_zero_warn(f"ProgressiveQuantization: activation spec(s) {', '.join(other_act)}: hwaware's deploy kernels "
+                           f"quantize a Linear's input {served} (or keep it float: dequant, int4), so export serves these "
+                           "layers' inputs other than QAT trains them (the manifest's 'activation' against 'qat_activation'; "
+                           "the regression gate measures what is served)")
         if trainer.max_epochs is not None and trainer.max_epochs >= 0 and self.start_epoch >= trainer.max_epochs:
             raise ValueError(
                 f"start_epoch={self.start_epoch} is invalid for Trainer(max_epochs={trainer.max_epochs}); "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import pytorch_lightning as pl
@@ -1420,3 +1421,15 @@ def test_qat_epochs_counts_epochs_qat_trained_in_and_a_resume_after_the_last_tra
     trainer = make_trainer(tmp_path / "b", [again, count], max_epochs=6)
     trainer.fit(TinyCTR(), *loaders(), ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
     assert count.n == 0 and again.phase == "done" and again.report["kl"] == cb.report["kl"]
+
+
+def test_activation_specs_no_deploy_kernel_serves_warn_at_setup(tmp_path):
+    # static per-tensor scales trained fine, and export served every such layer per token or float
+    cb = ProgressiveQuantization(start_epoch=1, calibration_batches=2, activation_spec=STATIC_ACT)
+    with pytest.warns(UserWarning, match=r"activation spec\(s\) int8/per_tensor/sym: hwaware's deploy kernels quantize a "
+                                         r"Linear's input int8/per_row/sym/dyn"):
+        _fit(tmp_path, cb, max_epochs=2)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _fit(tmp_path / "b", ProgressiveQuantization(start_epoch=1, calibration_batches=2), max_epochs=2)
+    assert not [w for w in seen if "activation spec(s)" in str(w.message)]  # the default is what is served
