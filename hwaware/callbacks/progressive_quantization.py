@@ -34,6 +34,7 @@ from hwaware.callbacks._common import (
     _RestoresForEvaluation, _check_choice, _check_int, _refuse_multiprocessing_launch, _scalar_metrics, _scale_lr,
     settings_of, warn_changed_settings,
 )
+from hwaware.ops.packing import int8_weight_spec
 from hwaware.quant.attach import (
     QuantState, attach_quantization, check_activation_spec, detach_quantization, find_quantizable, layer_specs_to_state,
     normalize_layer_specs, quantization_disabled, set_fp32_reference, table_spec,
@@ -1149,7 +1150,7 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         train, then be left FP32 by export, and per-group int8 scales buy little at 8 bits."""
         if kind in ("embedding", "embedding_bag"):
             return table_spec(w.replace(bits=8))
-        return QuantSpec(bits=8, granularity="per_channel", symmetric=True)
+        return int8_weight_spec()
 
     def _fall_back(self, pl_module: nn.Module, name: str) -> str:
         """Raise one layer's precision one step: sub-8-bit -> int8, int8 -> FP32. Returns the new label.

@@ -181,7 +181,7 @@ def _under(key: str, prefixes: Iterable[str]) -> bool:
     return any(key.startswith(p + ".") for p in prefixes)
 
 
-def _hooked(module: nn.Module) -> Optional[str]:
+def _hooks_reason(module: nn.Module) -> Optional[str]:
     """Why a layer with forward hooks of its own stays dense (the packed layer replacing it would
     run none of them: the exported model would compute something else than the gate's reference),
     or None."""
@@ -370,7 +370,7 @@ def _build_deploy(model: nn.Module, states: Dict[str, QuantState], sparse24: boo
 
     for name, st in states.items():
         # a deploy module would not serve it: its weight is read outside its call, or hooks change what it computes
-        reason = weight_read_by_parent(modules, name) or (read_outside or {}).get(name) or _hooked(modules[name])
+        reason = weight_read_by_parent(modules, name) or (read_outside or {}).get(name) or _hooks_reason(modules[name])
         new, reason = (None, reason) if reason else _deploy_module(name, modules[name], st, sparse24)
         if new is None:
             dense[name] = reason
@@ -393,7 +393,7 @@ def _build_deploy(model: nn.Module, states: Dict[str, QuantState], sparse24: boo
             if (name in layers or not isinstance(m, nn.Linear) or weight_read_by_parent(modules, name)
                     or not is_24(m.weight.detach())):
                 continue
-            if (why := _hooked(m)) is not None:
+            if (why := _hooks_reason(m)) is not None:
                 dense.setdefault(name, why)
                 continue
             add(name, Sparse24Linear.from_linear(m), None, note=dense.pop(name, None))
