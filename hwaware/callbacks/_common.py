@@ -1,7 +1,7 @@
 """Argument checks, metric reading and the evaluation-restore hooks shared by the callbacks."""
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
@@ -55,19 +55,58 @@ def _scalar_metrics(trainer: "pl.Trainer") -> Dict[str, float]:
     return out
 
 
+# where a scheduler keeps absolute learning rates it computes ``lr`` from (LambdaLR, CyclicLR, ...: base
+# and max; CosineAnnealing*: the floor eta_min; ReduceLROnPlateau: its floors): scaled with the rates
+SCHEDULER_LR_ATTRS = ("base_lrs", "max_lrs", "min_lrs", "eta_min")
+
+
+def schedulers_in(scheduler: Any) -> List[Any]:
+    """``scheduler`` and the schedulers it drives (``SequentialLR`` / ``ChainedScheduler`` keep
+    theirs in ``_schedulers``), depth first."""
+    out, todo = [], [scheduler]
+    while todo:
+        s = todo.pop(0)
+        if any(s is seen for seen in out):
+            continue
+        out.append(s)
+        todo[:0] = [c for c in (getattr(s, "_schedulers", None) or []) if c is not None]
+    return out
+
+
+def scheduler_lrs(scheduler: Any, nested: bool = True) -> List[Tuple[Any, str, Any]]:
+    """``(scheduler, attribute, value)`` for the absolute rates (:data:`SCHEDULER_LR_ATTRS`) that
+    ``scheduler`` holds, and with ``nested`` the schedulers inside it."""
+    out = []
+    for s in schedulers_in(scheduler) if nested else [scheduler]:
+        for k in SCHEDULER_LR_ATTRS:
+            v = getattr(s, k, None)
+            if (isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v)) or (
+                    isinstance(v, (int, float)) and not isinstance(v, bool)):
+                out.append((s, k, list(v) if isinstance(v, list) else v))
+    return out
+
+
 def _scale_lr(trainer: "pl.Trainer", factor: float) -> None:
     """Multiply every learning rate by ``factor``, where schedulers read it from too: the param
     groups (``lr``, and ``initial_lr`` / ``max_lr`` / ``min_lr`` where a scheduler put them) and
-    each scheduler's ``base_lrs`` (LambdaLR, StepLR, ... recompute ``lr`` from them every step)."""
+    each scheduler's absolute rates (:data:`SCHEDULER_LR_ATTRS`; LambdaLR, CyclicLR, ... recompute
+    ``lr`` from them every step, cosine annealing anneals towards ``eta_min``), those of the
+    schedulers inside ``SequentialLR`` / ``ChainedScheduler`` too, so the rest of the schedule runs
+    at ``factor`` times the rates it would have had."""
     for opt in trainer.optimizers:
         for group in opt.param_groups:
             for key in ("lr", "initial_lr", "max_lr", "min_lr"):
                 if isinstance(group.get(key), (int, float)):
                     group[key] *= factor
+    seen: List[Any] = []  # each scheduler once, however many configs reach it
     for config in trainer.lr_scheduler_configs:
-        base = getattr(config.scheduler, "base_lrs", None)
-        if isinstance(base, list):
-            config.scheduler.base_lrs = [lr * factor for lr in base]
+        seen += [s for s in schedulers_in(config.scheduler) if not any(s is t for t in seen)]
+    for s in seen:
+        for _, k, v in scheduler_lrs(s, nested=False):
+            setattr(s, k, [x * factor for x in v] if isinstance(v, list) else v * factor)
+        last = getattr(s, "_last_lr", None)  # what get_last_lr() reports: scaled as the rates are
+        if isinstance(last, list) and all(isinstance(x, (int, float)) for x in last):
+            s._last_lr = [x * factor for x in last]
 
 
 def _refuse_multiprocessing_launch(trainer: "pl.Trainer", who: str) -> None:

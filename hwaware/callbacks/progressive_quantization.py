@@ -31,7 +31,7 @@ from typing_extensions import override
 
 from hwaware._predict import model_predictions, side_effect_free
 from hwaware.callbacks._common import (
-    _RestoresForEvaluation, _check_choice, _check_int, _refuse_multiprocessing_launch, _scalar_metrics, _scale_lr,
+    _RestoresForEvaluation, _check_choice, _check_int, _refuse_multiprocessing_launch, _scalar_metrics, _scale_lr, scheduler_lrs,
     settings_of, warn_changed_settings,
 )
 from hwaware.ops.packing import int8_weight_spec
@@ -101,7 +101,9 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         freeze_observers_after: QAT batches after which activation observers freeze (None: never).
         freeze_bn: put BatchNorm layers in eval mode (running statistics frozen) during QAT.
         lr_scale: multiply every optimizer learning rate by this when QAT starts (fine-tuning at a
-            lower rate; 1.0 leaves it). Stored in the optimizer state, so a resume keeps it.
+            lower rate; 1.0 leaves it), the schedulers' base rates and floors with it (those inside
+            ``SequentialLR`` / ``ChainedScheduler`` too). Stored in the optimizer and scheduler state, so a
+            resume keeps it.
         qat_epochs: end the fit after this many epochs of QAT training (the epoch QAT starts in
             counts when QAT trains in it, not when calibration used it up), then validate as at any
             fit end (a resume after the last one trains no more); ``None``: train to ``max_epochs``. With ``start="plateau"``
@@ -857,17 +859,17 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         scaled the learning rates during calibration (``SemiStructuredSparsity(lr_scale=...)``, whose
         pruning may start while this callback calibrates; ``_scale_lr`` scales ``lr``, ``initial_lr``
         and the schedulers' ``base_lrs`` alike) keeps its scaling, in either callback order. The
-        schedulers keep their current ``base_lrs`` (and ``max_lrs`` / ``min_lrs``) for the same
-        reason: their step counters are what calibration moved."""
+        schedulers keep their current absolute rates (``base_lrs``, ``eta_min``, ...: ``scheduler_lrs``)
+        for the same reason: their step counters are what calibration moved."""
         saved = self._schedules_at_calibration
         states, lrs = saved[0], saved[1]
         initials = saved[2] if len(saved) > 2 else None  # (absent: a checkpoint from before they were kept)
         steps = [cfg.scheduler for cfg in trainer.lr_scheduler_configs if cfg.interval == "step"]
         for sched, state in zip(steps, states):
-            current = {k: list(v) for k in ("base_lrs", "max_lrs", "min_lrs") if isinstance(v := getattr(sched, k, None), list)}
+            current = scheduler_lrs(sched)  # (with those of the schedulers a SequentialLR / ChainedScheduler drives)
             sched.load_state_dict(state)
-            for k, v in current.items():
-                setattr(sched, k, v)
+            for s, k, v in current:
+                setattr(s, k, v)
         scaled: Dict[int, float] = {}  # id(param group) -> the factor another callback applied since
         stepped = {id(getattr(sched, "optimizer", None)) for sched in steps}
         for i, (opt, group_lrs) in enumerate(zip(trainer.optimizers, lrs)):

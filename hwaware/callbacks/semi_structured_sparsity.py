@@ -83,7 +83,8 @@ class SemiStructuredSparsity(_RestoresForEvaluation):
         monitor: logged metric reported before pruning and at the end (e.g. ``"val_auroc"``);
             every logged scalar is recorded either way.
         lr_scale: multiply every optimizer learning rate by this when pruning starts (sparse
-            fine-tuning at a lower rate; 1.0 leaves it). Stored in the optimizer state, so a
+            fine-tuning at a lower rate; 1.0 leaves it), the schedulers' base rates and floors with
+            it (as ``ProgressiveQuantization``'s). Stored in the optimizer and scheduler state, so a
             resume keeps it.
 
     When pruning starts, the dense model (its ``state_dict``, on CPU) is kept as

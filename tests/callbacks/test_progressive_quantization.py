@@ -1433,3 +1433,35 @@ def test_activation_specs_no_deploy_kernel_serves_warn_at_setup(tmp_path):
         warnings.simplefilter("always")
         _fit(tmp_path / "b", ProgressiveQuantization(start_epoch=1, calibration_batches=2), max_epochs=2)
     assert not [w for w in seen if "activation spec(s)" in str(w.message)]  # the default is what is served
+
+
+class WarmupCosine(TinyCTR):
+    """TinyCTR with a per-step warmup-then-cosine schedule (SequentialLR) annealing towards an eta_min."""
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=self.lr)
+        sched = torch.optim.lr_scheduler.SequentialLR(
+            opt, [torch.optim.lr_scheduler.LinearLR(opt, 0.1, total_iters=4),
+                  torch.optim.lr_scheduler.CosineAnnealingLR(opt, 30, eta_min=0.01)], milestones=[4])
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def test_lr_scale_holds_through_a_sequential_warmup_cosine_schedule(tmp_path):
+    """lr_scale reached neither the schedulers inside SequentialLR nor cosine's eta_min: QAT's rate
+    went back towards the unscaled schedule (0.01 at the end instead of 0.0001)."""
+    runs = {}
+    for scale in (1.0, 0.01):
+        lrs = {}
+
+        class Rec(Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                lrs[trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
+
+        _fit(tmp_path / str(scale), ProgressiveQuantization(start_epoch=1, calibration_batches=2, lr_scale=scale),
+             model=WarmupCosine(), extra=[Rec()], max_epochs=3)
+        runs[scale] = lrs
+    plain, scaled = runs[1.0], runs[0.01]
+    assert sorted(plain) == sorted(scaled) == list(range(24))
+    assert all(scaled[s] == plain[s] for s in range(10))  # FP32 and calibration (steps 8, 9: rewound at QAT start)
+    for s in range(10, 24):
+        assert scaled[s] == pytest.approx(0.01 * plain[s], rel=1e-9), s
