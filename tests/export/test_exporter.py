@@ -108,6 +108,30 @@ def test_metric_must_match_model_output(tmp_path):
     assert not os.path.exists(tmp_path / "art")
 
 
+class LM(torch.nn.Module):
+    """A token model: [B, T] ids -> [B, T, V] logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = torch.nn.Embedding(20, 8), torch.nn.Linear(8, 20)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids))
+
+
+def test_sequence_logits_without_output_fn_are_told_how_to_flatten_them(tmp_path):
+    """[B, T, V] logits of a language model were refused with a hint to use metric='auroc'."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 20, (6, 5))
+    val = [(ids, ids.roll(-1, 1))]
+    with pytest.raises(ValueError, match=r"\[B, T, V\] logits: pass output_fn=lambda model, batch: "
+                                         r"\(logits\.reshape\(-1, logits\.shape\[-1\]\), target\.reshape\(-1\)\)"):
+        export(LM(), tmp_path / "art", val_dataloader=val, metric="accuracy")
+    art = export(LM(), tmp_path / "art", val_dataloader=val, metric="accuracy", max_drop=1.0,
+                 output_fn=lambda model, batch: (model(batch[0]).reshape(-1, 20), batch[1].reshape(-1)))
+    assert art.manifest["regression"]["metric"] == "accuracy"
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(metric="f1"), r"metric='f1'; expected one of \('auroc', 'accuracy'\)"),
     (dict(max_drop=-0.1), "max_drop=-0.1"),
