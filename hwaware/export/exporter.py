@@ -163,6 +163,25 @@ def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent._modules[child] = new
 
 
+def _stored_once(state: Dict[str, Tensor]) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
+    """The tensors to store, each once, and ``{key: key it is}`` for the entries that are another
+    entry's tensor (a dense tied weight: ``lm_head.weight = tok_emb.weight`` is two ``state_dict``
+    entries of one tensor; both were stored, and load gave the two layers separate copies)."""
+    out: Dict[str, Tensor] = {}
+    tied: Dict[str, str] = {}
+    first: Dict[Tuple[Any, ...], str] = {}
+    for k, v in state.items():
+        same = (v.device, v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()),
+                v.dtype) if v.numel() else None
+        if same is not None and same in first:
+            tied[k] = first[same]
+            continue
+        if same is not None:
+            first[same] = k
+        out[k] = v.detach().contiguous().cpu()
+    return out, tied
+
+
 def module_aliases(model: nn.Module) -> Dict[str, str]:
     """``{alias: name}`` for each module the model holds under a second attribute
     (``self.author_table = self.user_table``): ``named_modules`` lists a shared module once, under
@@ -1235,7 +1254,7 @@ def export(
                 f"more than max_drop={max_drop}; nothing was written at {path!r}", report)
 
     aliases = module_aliases(model)  # stored once, under the module's first name; load re-points them
-    tensors = {k: v.detach().contiguous().cpu() for k, v in deploy.state_dict().items() if not _under(k, aliases)}
+    tensors, tied_tensors = _stored_once({k: v for k, v in deploy.state_dict().items() if not _under(k, aliases)})
     # non-persistent buffers (e.g. an index table built in __init__) travel too, so load can build
     # the model on the meta device and never allocate its FP32 weights
     for name, buf in deploy.named_buffers():
@@ -1270,6 +1289,8 @@ def export(
     }
     if aliases:
         manifest["module_aliases"] = aliases
+    if tied_tensors:
+        manifest["tied_tensors"] = tied_tensors
     if int8_impls is not None:
         manifest["int8_impls"] = list(int8_impls)  # what the caller let export choose from
     if any("selection" in meta for meta in layers.values()):
@@ -1631,7 +1652,8 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
     if not given:
         cls = model or model_class(manifest, path)
         if model is None:  # (after model_class: another class is refused with what to pass instead)
-            _check_own_class_size(info.get("hparams"), len(tensors), mpath)
+            tied = manifest.get("tied_tensors")  # (entries stored once count as the tensors they are)
+            _check_own_class_size(info.get("hparams"), len(tensors) + (len(tied) if isinstance(tied, dict) else 0), mpath)
         with torch.device("meta"):  # a skeleton: its FP32 weights are never allocated
             model = build_recorded(cls, manifest, path)
     # every check first, the model changed only after: a refused artifact leaves a model passed in as it was
@@ -1674,6 +1696,14 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
             raise ArtifactError(f"{mpath}: the exported model held module {name!r} also as {alias!r}; "
                                 f"{type(model).__name__} {'has no ' + repr(alias if a is None else name) if a is None or m is None else 'holds two different modules there'}"
                                 ": not the model this artifact was exported from")
+    tied = manifest.get("tied_tensors", {})
+    if not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(src, str) for k, src in tied.items()):
+        raise ArtifactError(f"{mpath}: 'tied_tensors' is {tied!r}; expected {{state_dict key: the key whose tensor it is}}")
+    for k, src in tied.items():  # one tensor under two keys (a dense tied weight): stored once
+        if k in tensors or src not in tensors or k.startswith(_BUFFER_PREFIX) or src.startswith(_BUFFER_PREFIX):
+            raise ArtifactError(f"{mpath}: 'tied_tensors' says {k!r} is {src!r}'s tensor, but weights.safetensors "
+                                + (f"holds {k!r} itself" if k in tensors else f"has no {src!r}"))
+        tensors[k] = tensors[src]
     extra = {k[len(_BUFFER_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(_BUFFER_PREFIX)}
     # the state_dict the model will have once the deploy layers are in (an alias's entries: its module's)
     expected = {k: v for k, v in model.state_dict().items()
@@ -1745,6 +1775,12 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
         _set_module(model, alias, model.get_submodule(name))
         tensors.update({alias + k[len(name):]: t for k, t in list(tensors.items()) if k.startswith(name + ".")})
     model.load_state_dict(tensors, strict=True, assign=True)  # assign: the loaded tensors are the weights
+    for k, src in tied.items():  # tied again: one Parameter (or buffer) under both names, as exported
+        (owner, leaf), (src_owner, src_leaf) = (
+            (model.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]) for n in (k, src))
+        for table in ("_parameters", "_buffers"):
+            if leaf in getattr(owner, table) and src_leaf in getattr(src_owner, table):
+                getattr(owner, table)[leaf] = getattr(src_owner, table)[src_leaf]
     for name, buf in extra.items():
         owner, leaf = owners[name]
         owner._buffers[leaf] = buf
