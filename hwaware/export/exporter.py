@@ -612,6 +612,15 @@ def _set_impl(m: nn.Module, impl: str) -> None:
     m.kernels["cpu"] = impl if isinstance(m, Int8Linear) else SPARSE24_INT8_KERNEL[impl]
 
 
+def _known_len(loader: Any) -> Optional[int]:
+    """``len(loader)``, or None where it has none: a DataLoader is ``Sized`` whatever its dataset,
+    and its ``len`` raises TypeError over an ``IterableDataset`` without ``__len__`` (a stream)."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
 def _first_batch(loader: Iterable) -> Any:
     for batch in loader:
         return batch
@@ -1082,7 +1091,7 @@ def export(
         example_inputs = _check_example_inputs(model, example_inputs)
     if val_dataloader is not None and not isinstance(val_dataloader, collections.abc.Iterable):
         raise TypeError(f"val_dataloader={type(val_dataloader).__name__}; expected a DataLoader or a list of batches")
-    if isinstance(val_dataloader, collections.abc.Sized) and len(val_dataloader) == 0:
+    if isinstance(val_dataloader, collections.abc.Sized) and _known_len(val_dataloader) == 0:
         raise ValueError("export: val_dataloader yielded no batches (it is empty)")
     if isinstance(val_dataloader, collections.abc.Iterator):
         raise TypeError(f"val_dataloader is a one-use iterator ({type(val_dataloader).__name__}): export reads it several "

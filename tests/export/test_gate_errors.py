@@ -153,3 +153,47 @@ def test_a_loader_that_draws_other_samples_on_each_read_is_refused(tmp_path):
     in_order = export(model, tmp_path / "b", val_dataloader=DataLoader(data, batch_size=32), max_drop=1.0)
     shuffled = export(model, tmp_path / "c", val_dataloader=DataLoader(data, batch_size=32, shuffle=True), max_drop=1.0)
     assert shuffled.manifest["regression"]["reference"] == pytest.approx(in_order.manifest["regression"]["reference"], abs=1e-6)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """A streaming validation set (no __len__): the same samples on every read."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(self.n, 8, generator=g)
+        return iter([(x[i], x[i, :4].argmax()) for i in range(self.n)])
+
+
+@pytest.mark.parametrize("module", [_Net, "lightning"])
+def test_a_loader_over_a_streaming_dataset_is_gated(tmp_path, module):
+    """A DataLoader is Sized whatever its dataset, and len() of one over an IterableDataset raises
+    TypeError: export crashed on the emptiness check before reading a batch (a PTQ trial)."""
+    import pytorch_lightning as pl
+
+    if module == "lightning":
+        class Net(pl.LightningModule):  # a batch hook: the gate reads the stream through HookedBatches
+            def __init__(self):
+                super().__init__()
+                self.net = _Net()
+
+            def forward(self, x):
+                return self.net(x)
+
+            def on_after_batch_transfer(self, batch, dataloader_idx):
+                return [batch[0] * 1.0, batch[1]]
+        model = Net()
+    else:
+        model = module()
+    torch.manual_seed(0)
+    loader = torch.utils.data.DataLoader(_Stream(64), batch_size=16)
+    with pytest.raises(TypeError):
+        len(loader)
+    art = export(model, tmp_path / "a", val_dataloader=loader, metric="accuracy", max_drop=1.0)
+    listed = export(model, tmp_path / "b", val_dataloader=list(loader), metric="accuracy", max_drop=1.0)
+    assert art.report["reference"] == listed.report["reference"] and art.report["exported"] == listed.report["exported"]
+    with pytest.raises(ValueError, match=r"export: val_dataloader yielded no batches"):
+        export(model, tmp_path / "c", val_dataloader=torch.utils.data.DataLoader(_Stream(0), batch_size=16), metric="accuracy")
+    assert not (tmp_path / "c").exists()
