@@ -15,7 +15,6 @@ attachment, KL). Phases:
 """
 from __future__ import annotations
 
-import collections.abc
 import copy
 import math
 import warnings
@@ -37,7 +36,7 @@ from hwaware.callbacks._common import (
 from hwaware.ops.packing import int8_weight_spec
 from hwaware.quant.attach import (
     QuantState, attach_quantization, check_activation_spec, detach_quantization, find_quantizable, layer_specs_to_state,
-    normalize_layer_specs, quantization_disabled, set_fp32_reference, table_spec,
+    normalize_layer_specs, quantization_disabled, set_fp32_reference, skip_patterns, table_spec,
 )
 from hwaware.quant.attach import quant_states as _attached_states
 from hwaware.quant.kl import OUTPUT_KINDS, KLViolationError, LayerErrorCollector, collect_layer_errors, output_kl
@@ -229,10 +228,7 @@ class ProgressiveQuantization(_RestoresForEvaluation):
             raise ValueError("embedding_spec.learnable=True is invalid; row-wise table scales are computed from each row")
         if embedding_spec is not None and not embedding_spec.dynamic:
             embedding_spec = embedding_spec.replace(dynamic=True)  # row scales always follow the row
-        given_skip = skip
-        skip = (skip,) if isinstance(skip, str) else tuple(skip) if isinstance(skip, collections.abc.Iterable) else skip
-        if not isinstance(skip, tuple) or not all(isinstance(p, str) for p in skip):  # (3 / None: a raw TypeError)
-            raise ValueError(f"skip={given_skip!r} is invalid; expected a sequence of fnmatch patterns (str)")
+        skip = skip_patterns(skip)
         layer_specs = normalize_layer_specs(layer_specs)
         if not isinstance(kl_threshold, (int, float)) or not kl_threshold > 0 or not math.isfinite(kl_threshold):
             raise ValueError(f"kl_threshold={kl_threshold!r} is invalid; expected a finite float > 0")

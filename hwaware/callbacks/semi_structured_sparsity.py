@@ -19,7 +19,6 @@ of the order they are listed in.
 """
 from __future__ import annotations
 
-import collections.abc
 import copy
 import math
 import weakref
@@ -35,7 +34,7 @@ from hwaware.callbacks._common import (
     _RestoresForEvaluation, _check_choice, _check_int, _refuse_multiprocessing_launch, _scalar_metrics, _scale_lr,
     settings_of, warn_changed_settings,
 )
-from hwaware.quant.attach import set_fp32_reference
+from hwaware.quant.attach import set_fp32_reference, skip_patterns
 from hwaware.sparsity.masks import (
     cubic_fraction, find_prunable, gradual_mask_24, is_mask_24, magnitude_mask_24, mask_sparsity, sr_ste_decay_,
     weight_2d,
@@ -124,10 +123,7 @@ class SemiStructuredSparsity(_RestoresForEvaluation):
                 or not math.isfinite(sr_ste_lambda) or sr_ste_lambda < 0):
             raise ValueError(f"sr_ste_lambda={sr_ste_lambda!r} is invalid; expected a finite float >= 0")
         # one pattern, as ProgressiveQuantization takes it
-        given_skip = skip
-        skip = (skip,) if isinstance(skip, str) else tuple(skip) if isinstance(skip, collections.abc.Iterable) else skip
-        if not isinstance(skip, tuple) or not all(isinstance(p, str) for p in skip):  # (3 / None: a raw TypeError)
-            raise ValueError(f"skip={given_skip!r} is invalid; expected a list of fnmatch patterns (strings)")
+        skip = skip_patterns(skip)
         if (not isinstance(lr_scale, (int, float)) or isinstance(lr_scale, bool) or not math.isfinite(lr_scale)
                 or lr_scale <= 0):
             raise ValueError(f"lr_scale={lr_scale!r} is invalid; expected a finite float > 0")

@@ -38,7 +38,8 @@ from hwaware.ops import FBGEMM_MAX_K, INT8_KERNELS, packing
 from hwaware.ops.packing import _check_positive_scale, is_24
 from hwaware.quant import native
 from hwaware.quant.attach import (QuantState, attach_quantization, bare_weights, detach_quantization, find_quantizable,
-                                  fp32_reference, keep_layers_called, quant_states, weight_read_by_parent)
+                                  fp32_reference, keep_layers_called, normalize_layer_specs, quant_states, skip_patterns,
+                                  weight_read_by_parent)
 from hwaware.quant.spec import QuantSpec
 from hwaware.sparsity.masks import weight_key
 
@@ -372,9 +373,11 @@ def _build_deploy(model: nn.Module, states: Dict[str, QuantState], sparse24: boo
 
     def add(name: str, new: nn.Module, st: Optional[QuantState], note: Optional[str] = None) -> None:
         _set_module(deploy, name, new)
-        if (qat and st is not None and st.kind == "linear" and st.activation is None
+        if (st is not None and st.kind == "linear" and st.activation is None
                 and isinstance(new, (Int8Linear, Sparse24Linear)) and new.w_scale is not None):
-            new.serve_weight_only()  # QAT never saw this layer's input quantized: no kernel that quantizes it
+            # weight-only (QAT never saw this layer's input quantized, or layer_specs asked it of
+            # post-training export): no kernel that quantizes it
+            new.serve_weight_only()
         elif isinstance(new, (Int8Linear, Sparse24Linear)) and new.w_scale is not None and new.in_features > FBGEMM_MAX_K:
             new.serve_weight_only()  # the integer implementations' int32 sums would overflow (the ops refuse them)
             note = f"{note}; {wide_k_why(new.in_features)}" if note else wide_k_why(new.in_features)
@@ -1006,6 +1009,8 @@ def export(
     int8_impls: Optional[Sequence[str]] = None,
     overwrite: bool = True,
     batch_hooks: bool = True,
+    skip: Union[str, Sequence[str]] = (),
+    layer_specs: Optional[Mapping[str, Any]] = None,
 ) -> Artifact:
     """Pack every quantized layer, gate on ``metric`` through the deploy ops, write the artifact.
 
@@ -1038,6 +1043,12 @@ def export(
             False: the loader's batches are already as the model's step takes them.
             ``example_inputs`` are never passed through them.
         embedding_bits: 8 or 4, for tables of a model quantized post-training.
+        skip: post-training only: ``fnmatch`` patterns of layers to leave FP32 (as
+            ``ProgressiveQuantization(skip=...)``; a model QAT trained has its callback's).
+        layer_specs: post-training only: per-layer weight specs, as ``ProgressiveQuantization``'s
+            (``{"head": QuantSpec(bits=4, granularity="per_group", group_size=32)}``), each one a deploy
+            op packs; an ``"activation"`` override may be None (weight-only) or per-token dynamic:
+            post-training export takes no calibration, so it serves activations per token or float.
         sparse24: pack every 2:4 Linear (e.g. pruned by :class:`SemiStructuredSparsity`) in the
             compressed form, with int8 values when it is int8-quantized; for each, the available
             kernels are timed on the layer's shape (rows from the first validation batch or
@@ -1102,6 +1113,15 @@ def export(
         raise TypeError(f"overwrite={overwrite!r}; expected True or False")
     if not isinstance(batch_hooks, bool):
         raise TypeError(f"batch_hooks={batch_hooks!r}; expected True or False")
+    skip = skip_patterns(skip)
+    overrides = normalize_layer_specs(layer_specs)
+    for pattern, entry in overrides.items():  # no calibration: only what is quantized as it comes is served
+        act = entry.get("activation", _PTQ_ACT)
+        if act is not None and not (act.dynamic and act.granularity == "per_row" and act.bits == 8):
+            raise ValueError(f"layer_specs[{pattern!r}]['activation'] is {act.short()}; post-training export takes no "
+                             "calibration and serves a Linear's input per token or float: use "
+                             "QuantSpec(bits=8, granularity='per_row', dynamic=True) or None (weight-only), or train the "
+                             "static spec with ProgressiveQuantization")
     if not isinstance(sparse24, bool):
         raise TypeError(f"sparse24={sparse24!r}; expected True or False")
     if output_fn is not None and not callable(output_fn):
@@ -1115,10 +1135,19 @@ def export(
 
     states = quant_states(model)
     ptq = not states
+    if not ptq and (skip or overrides):
+        raise ValueError(f"export: skip= and layer_specs= choose what post-training export quantizes; "
+                         f"{type(model).__name__} was quantized by QAT ({len(states)} layers), whose callback's skip / "
+                         "layer_specs decided its layers: export packs them as trained")
     if ptq:
         table = QuantSpec(bits=embedding_bits, granularity="per_row", symmetric=False, dynamic=True,
                           scale_dtype="float32" if embedding_bits == 8 else "float16")
-        plan, skipped = find_quantizable(model, weight_spec=_PTQ_WEIGHT, activation_spec=_PTQ_ACT, embedding_spec=table)
+        plan, skipped = find_quantizable(model, weight_spec=_PTQ_WEIGHT, activation_spec=_PTQ_ACT, embedding_spec=table,
+                                         skip=skip, layer_specs=overrides)
+        unpackable = unpackable_specs({n: (kind, w) for n, (kind, w, _) in plan.items()})
+        if unpackable:
+            raise ValueError("export: layer_specs asks post-training export for specs no deploy op packs (the layers would "
+                             "stay FP32; skip= says that): " + "; ".join(f"{n}: {why}" for n, why in unpackable.items()))
         if not plan:
             raise ValueError(f"{type(model).__name__} has no quantized or quantizable layer to export (skipped: {skipped or 'none found'})")
         skipped = {name: f"skipped by post-training quantization: {why}" for name, why in skipped.items()}
@@ -1290,6 +1319,9 @@ def export(
         "model": {"class": f"{cls.__module__}.{cls.__qualname__}", "hparams": hparams,
                   **({"hparams_unrecorded": unrecorded} if unrecorded else {})},
         "post_training": ptq,
+        **({"post_training_options": {"skip": list(skip), "layer_specs": {
+            p: {k: (v.short() if v is not None else None) for k, v in e.items()} for p, e in overrides.items()}}}
+           if ptq and (skip or overrides) else {}),
         "layers": layers,
         "dense_layers": dense,
         "regression": report,

@@ -258,6 +258,18 @@ def alias_hint(model: nn.Module, pattern: str) -> str:
     return ""
 
 
+def skip_patterns(skip: Any) -> Tuple[str, ...]:
+    """``skip=`` as a tuple of ``fnmatch`` patterns: one pattern (a str) or a sequence of them.
+
+    Raises:
+        ValueError: anything else (``3``, ``None``, a list holding a non-str), naming it.
+    """
+    patterns = (skip,) if isinstance(skip, str) else tuple(skip) if isinstance(skip, Iterable) else skip
+    if not isinstance(patterns, tuple) or not all(isinstance(p, str) for p in patterns):  # (3 / None: a raw TypeError)
+        raise ValueError(f"skip={skip!r} is invalid; expected a sequence of fnmatch patterns (str)")
+    return patterns
+
+
 def check_skip_matches(model: nn.Module, skip: Sequence[str], layers: Sequence[str], what: str) -> None:
     """Refuse a ``skip`` pattern that names nothing in ``model``: a typo there would silently
     quantize or prune the layer the user meant to keep. ``layers`` (the candidates) go in the

@@ -96,3 +96,81 @@ def test_a_reference_module_keeps_each_submodules_train_flag(tmp_path):
     reference[0].eval()  # a mix: the top module training, one child frozen
     export(model, tmp_path / "art", val_dataloader=val, max_drop=1.0, reference=reference)
     assert [m.training for m in reference.modules()] == [True, False, True, True]
+
+
+class _Head(nn.Module):
+    """A table, a 32-wide body and a head: what a post-training user picks layers of."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.EmbeddingBag(40, 8, mode="sum")
+        self.body = nn.Linear(8 + 4, 32)
+        self.mid = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 1)
+
+    def forward(self, dense, ids):
+        e = self.emb(ids, torch.arange(ids.shape[0]))
+        return self.head(torch.relu(self.mid(torch.relu(self.body(torch.cat([dense, e], 1)))))).squeeze(-1)
+
+
+def _head_val():
+    g = torch.Generator().manual_seed(1)
+    dense, ids = torch.randn(96, 4, generator=g), torch.randint(0, 40, (96,), generator=g)
+    return [(dense[i:i + 32], ids[i:i + 32], (dense[i:i + 32, 0] > 0).float()) for i in (0, 32, 64)]
+
+
+def test_post_training_export_takes_skip_and_layer_specs(tmp_path):
+    """A user with a trained FP32 model had no way to keep its head FP32 or put a layer in int4
+    without reaching into hwaware's internals (a PTQ trial)."""
+    from hwaware import QuantSpec, load
+    from hwaware.quant.attach import quant_states
+
+    torch.manual_seed(0)
+    model, val = _Head(), _head_val()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    art = export(model, tmp_path / "a", val_dataloader=val, max_drop=1.0, skip="head",
+                 layer_specs={"mid": QuantSpec(bits=4, granularity="per_group", group_size=32),
+                              "body": {"activation": None}})
+    layers = art.manifest["layers"]
+    assert {n: m["scheme"] for n, m in layers.items()} == {"emb": "rowwise_int8", "body": "int8", "mid": "int4"}
+    assert layers["body"]["weight_only"] is True and layers["body"]["kernels"] == {"cpu": "dequant", "cuda": "dequant"}
+    assert art.manifest["dense_layers"] == {"head": "skipped by post-training quantization: matches skip pattern 'head'"}
+    assert art.manifest["post_training"] is True
+    assert art.manifest["post_training_options"] == {"skip": ["head"], "layer_specs": {
+        "mid": {"weight": "int4/g32/sym"}, "body": {"activation": None}}}
+    # the user's model is left as it was
+    assert not quant_states(model) and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    loaded = load(art.path, model=_Head())
+    dense, ids, _ = val[0]
+    torch.testing.assert_close(loaded(dense, ids), art.model(dense, ids), atol=0, rtol=0)
+    torch.testing.assert_close(loaded.head.weight, model.head.weight, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kw, error, match", [
+    (dict(skip=3), ValueError, r"skip=3 is invalid; expected a sequence of fnmatch patterns"),
+    (dict(skip=["nope"]), ValueError, r"skip pattern 'nope' matches no"),
+    (dict(layer_specs={"mid": {"activation": __import__("hwaware").QuantSpec(granularity="per_tensor")}}), ValueError,
+     r"layer_specs\['mid'\]\['activation'\] is int8/per_tensor/sym; post-training export takes no calibration"),
+    (dict(layer_specs={"mid": __import__("hwaware").QuantSpec(bits=8, granularity="per_tensor")}), ValueError,
+     r"layer_specs asks post-training export for specs no deploy op packs .* mid: no deploy op for int8/per_tensor/sym"),
+    (dict(layer_specs=["mid"]), TypeError, r"layer_specs must be a mapping"),
+])
+def test_post_training_skip_and_layer_specs_are_checked_before_any_work(tmp_path, kw, error, match):
+    model, val = _Head(), _head_val()
+    with pytest.raises(error, match=match):
+        export(model, tmp_path / "a", val_dataloader=val, **kw)
+    assert not (tmp_path / "a").exists()
+
+
+def test_skip_and_layer_specs_are_refused_for_a_model_qat_quantized(tmp_path):
+    from hwaware import QuantSpec
+    from hwaware.quant.attach import attach_quantization, find_quantizable
+
+    model, val = _Head(), _head_val()
+    plan, _ = find_quantizable(model, weight_spec=QuantSpec(bits=8, granularity="per_channel"))
+    attach_quantization(model, plan)
+    for kw in (dict(skip="head"), dict(layer_specs={"mid": QuantSpec(bits=4, granularity="per_group", group_size=32)})):
+        with pytest.raises(ValueError, match=r"skip= and layer_specs= choose what post-training export quantizes; _Head "
+                                             r"was quantized by QAT \(3 layers\)"):
+            export(model, tmp_path / "a", val_dataloader=val, **kw)
+    assert not (tmp_path / "a").exists()
