@@ -709,8 +709,12 @@ def _check_example_inputs(model: nn.Module, example_inputs: Any) -> Tuple[Any, .
                             f"given {len(example_inputs)} input(s): ({given})") from None
     bad = [f"[{i}] {_given(x)}" for i, x in enumerate(example_inputs) if not isinstance(x, Tensor)]
     if bad:
+        nested = any(isinstance(x, (dict, list, tuple)) for x in example_inputs if not isinstance(x, Tensor))
         raise TypeError(f"example_inputs must all be tensors (their shapes and dtypes are recorded for hwaware bench); "
-                        f"got {', '.join(bad)}")
+                        f"got {', '.join(bad)}" + (
+                            ". A forward that takes a dict or list of tensors is served without program.pt2: export "
+                            "without example_inputs (the gate reads val_dataloader as it is), or export a wrapper "
+                            "module whose forward takes the tensors positionally" if nested else ""))
     return example_inputs
 
 
