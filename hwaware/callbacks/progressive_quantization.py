@@ -920,18 +920,30 @@ class ProgressiveQuantization(_RestoresForEvaluation):
                     q.observe, q.quantize = False, True
 
     def _add_lsq_params(self, trainer: "pl.Trainer") -> None:
-        params = []
-        for st in self._states.values():
-            for q in st.quantizers():
-                if q.spec.learnable and not q.spec.dynamic and q.has_qparams:
-                    params.append(q.make_learnable())
-        if not params or not trainer.optimizers:
+        """Put the learned (LSQ) scales in the optimizer that trains their layer's weights, one new
+        param group per optimizer (weight decay off), in layer order: a GAN's discriminator's scales
+        went to the generator's optimizer, stepped on the generator's loss. A layer no optimizer
+        trains (frozen) has its scales learned by the first optimizer."""
+        if not trainer.optimizers:
             return
-        opt = trainer.optimizers[0]
-        known = {id(p) for g in opt.param_groups for p in g["params"]}
-        new = [p for p in params if id(p) not in known]
-        if new:
-            opt.add_param_group({"params": new, "weight_decay": 0.0})
+        owner: Dict[int, int] = {}  # id(parameter) -> index of the optimizer holding it
+        for i, opt in enumerate(trainer.optimizers):
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    owner.setdefault(id(p), i)
+        module = trainer.lightning_module
+        buckets: Dict[int, List[nn.Parameter]] = {}
+        for name, st in self._states.items():
+            learned = [q.make_learnable() for q in st.quantizers()
+                       if q.spec.learnable and not q.spec.dynamic and q.has_qparams]
+            if not learned:
+                continue
+            layer = module.get_submodule(name) if module is not None else None
+            where = next((owner[id(p)] for p in (layer.parameters() if layer is not None else ()) if id(p) in owner), 0)
+            buckets.setdefault(where, []).extend(p for p in learned if id(p) not in owner)
+        for i in sorted(buckets):
+            if buckets[i]:
+                trainer.optimizers[i].add_param_group({"params": buckets[i], "weight_decay": 0.0})
 
     def _drop_lsq_params(self, trainer: "pl.Trainer", names: List[str]) -> None:
         """Take the learned scales of ``names`` out of the optimizer (and its state), so that a resume,

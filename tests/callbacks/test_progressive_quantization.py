@@ -1465,3 +1465,47 @@ def test_lr_scale_holds_through_a_sequential_warmup_cosine_schedule(tmp_path):
     assert all(scaled[s] == plain[s] for s in range(10))  # FP32 and calibration (steps 8, 9: rewound at QAT start)
     for s in range(10, 24):
         assert scaled[s] == pytest.approx(0.01 * plain[s], rel=1e-9), s
+
+
+class TwoNets(TinyCTR):
+    """Manual optimization with two optimizers: ``mlp`` and ``emb`` on one, ``critic`` on the other."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.critic = nn.Linear(1, 1)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt_main, opt_critic = self.optimizers()
+        loss = self._loss(batch)
+        opt_main.zero_grad()
+        self.manual_backward(loss)
+        opt_main.step()
+        dense, ids, y = batch
+        critic_loss = torch.nn.functional.binary_cross_entropy_with_logits(self.critic(self(dense, ids).detach()[:, None]).squeeze(-1), y)
+        opt_critic.zero_grad()
+        self.manual_backward(critic_loss)
+        opt_critic.step()
+
+    def configure_optimizers(self):
+        main = [p for n, p in self.named_parameters() if not n.startswith("critic")]
+        return torch.optim.SGD(main, lr=self.lr), torch.optim.SGD(self.critic.parameters(), lr=0.01)
+
+
+def test_learned_scales_go_to_the_optimizer_that_trains_their_layer(tmp_path):
+    """Every learned (LSQ) scale went to optimizers[0]: a GAN's discriminator scales were stepped at
+    the generator's rate on the generator's loss (a DDP/multi-optimizer trial)."""
+    spec = QuantSpec(granularity="per_tensor", learnable=True)
+    cb = ProgressiveQuantization(start_epoch=1, calibration_batches=2, weight_spec=QuantSpec(learnable=True),
+                                 activation_spec=spec)
+    trainer, model = _fit(tmp_path, cb, model=TwoNets(), max_epochs=2)
+    main, critic = trainer.optimizers
+    in_main = {id(p) for p in main.param_groups[-1]["params"]}
+    in_critic = {id(p) for p in critic.param_groups[-1]["params"]}
+    assert len(main.param_groups) == 2 and len(critic.param_groups) == 2
+    for name, st in cb.quant_states.items():
+        for q in st.quantizers():
+            if q.learned_log_scale is not None:
+                assert id(q.learned_log_scale) in (in_critic if name == "critic" else in_main), name
+    assert cb.quant_states["critic"].weight.learned_log_scale is not None
+    assert critic.param_groups[-1]["weight_decay"] == 0.0
