@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+import weakref
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import pytorch_lightning as pl
@@ -268,7 +269,14 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         self.output_fn = output_fn
         self.output_kind = output_kind
 
-        # -- state (everything below is saved by state_dict) ------------------------------------
+        self._model_ref: Optional[weakref.ref] = None  # the model this callback's state belongs to
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        """The state of a callback that has seen no fit (and, for a fit on another model, what it is
+        reset to: the plateau's best value, the phases and the quantizers belong to the old one).
+        Everything here but the per-process flags is saved by ``state_dict``."""
+        # -- state (saved by state_dict) ------------------------------------
         self.phase = "fp32"
         self._history: List[Dict[str, Any]] = [{"phase": "fp32", "epoch": 0, "step": 0}]
         self._calib_seen = 0
@@ -320,6 +328,11 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         if stage != "fit":
             return
         _refuse_multiprocessing_launch(trainer, "ProgressiveQuantization")
+        if self._model_ref is not None and self._model_ref() is not pl_module:
+            # a new model: a plateau it never had (best, wait), phases and quantizers of the old one
+            # would start its QAT early. (A resume's checkpoint state is loaded after setup.)
+            self._reset_state()
+        self._model_ref = weakref.ref(pl_module)
         plan, skipped = self._plan(pl_module)
         if not plan:
             raise ValueError(

@@ -1509,3 +1509,20 @@ def test_learned_scales_go_to_the_optimizer_that_trains_their_layer(tmp_path):
                 assert id(q.learned_log_scale) in (in_critic if name == "critic" else in_main), name
     assert cb.quant_states["critic"].weight.learned_log_scale is not None
     assert critic.param_groups[-1]["weight_decay"] == 0.0
+
+
+def test_a_callback_reused_on_a_new_model_starts_from_that_models_own_plateau(tmp_path):
+    """A callback that ended a fit in the FP32 phase kept that model's plateau (best, wait): reused
+    on a new model it started QAT two epochs before a fresh callback did (a trial)."""
+    def qat_start(cb):
+        return next(p["start_epoch"] for p in cb.report["phases"] if p["phase"] == "qat")
+
+    kw = dict(start="plateau", monitor="val_loss", mode="min", patience=2, min_delta=1e9, calibration_batches=2)
+    reused = ProgressiveQuantization(**kw)
+    _fit(tmp_path / "first", reused, max_epochs=2)  # best, then one epoch without improvement: still FP32
+    assert reused.phase == "fp32"
+    _fit(tmp_path / "second", reused, max_epochs=5)
+    fresh = ProgressiveQuantization(**kw)
+    _fit(tmp_path / "fresh", fresh, max_epochs=5)
+    assert qat_start(fresh) == 3 and qat_start(reused) == 3
+    assert reused.report["phases"] == fresh.report["phases"]

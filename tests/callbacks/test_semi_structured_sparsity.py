@@ -203,7 +203,7 @@ def test_checkpoint_from_another_method_is_refused():
     (dict(method="sr_ste", ramp_epochs=2), r"ramp_epochs=2 is invalid with method='sr_ste'"),
     (dict(sr_ste_lambda=float("nan")), r"sr_ste_lambda=nan"),
     (dict(sr_ste_lambda=-1.0), r"sr_ste_lambda=-1.0"),
-    (dict(skip=["mlp.0", 3]), r"skip=\['mlp.0', 3\].*list"),
+    (dict(skip=["mlp.0", 3]), r"skip=\['mlp.0', 3\].*sequence of fnmatch patterns"),
     (dict(skip=3), r"skip=3 is invalid; expected a sequence of fnmatch patterns"),  # a raw TypeError before
     (dict(start_epoch=1.5), r"start_epoch=1.5"),
     (dict(lr_scale=0.0), r"lr_scale=0.0.*> 0"),
