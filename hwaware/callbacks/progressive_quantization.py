@@ -333,6 +333,28 @@ class ProgressiveQuantization(_RestoresForEvaluation):
             # would start its QAT early. (A resume's checkpoint state is loaded after setup.)
             self._reset_state()
         self._model_ref = weakref.ref(pl_module)
+        if trainer.max_epochs is not None and trainer.max_epochs >= 0 and self.start_epoch >= trainer.max_epochs:
+            raise ValueError(
+                f"start_epoch={self.start_epoch} is invalid for Trainer(max_epochs={trainer.max_epochs}); "
+                f"expected start_epoch < max_epochs so that QAT runs"
+            )
+        carried = _attached_states(pl_module)
+        if carried and not self._states:
+            # fake quant an earlier run attached (a finished ProgressiveQuantization's frozen scales):
+            # left on, this run's FP32 phase would train, and measure metrics_before, quantized. (A
+            # resume from a checkpoint re-attaches the checkpoint's own at fit start: no warning.)
+            detach_quantization(pl_module)
+            if trainer.ckpt_path is None:
+                rank_zero_warn(
+                    f"ProgressiveQuantization: the model carries fake quantization from an earlier run on {len(carried)} "
+                    f"layer(s) ({', '.join(sorted(carried)[:4])}{', ...' if len(carried) > 4 else ''}); removed, so this run's "
+                    "FP32 phase trains the float model from its current weights and its calibration attaches new quantizers")
+
+    def _check_plan(self, pl_module: "pl.LightningModule") -> None:
+        """Refuse a model with nothing to quantize, and warn of spec choices export cannot serve as
+        trained: at fit start, after the module's ``setup`` / ``configure_model`` built its layers
+        (Lightning runs callbacks' ``setup`` first: a model building them there was refused as
+        having no quantizable layer). Calibration plans again, on the model as it is then."""
         plan, skipped = self._plan(pl_module)
         if not plan:
             raise ValueError(
@@ -354,25 +376,10 @@ class ProgressiveQuantization(_RestoresForEvaluation):
                            f"quantize a Linear's input {served} (or keep it float: dequant, int4), so export serves these "
                            "layers' inputs other than QAT trains them (the manifest's 'activation' against 'qat_activation'; "
                            "the regression gate measures what is served)")
-        if trainer.max_epochs is not None and trainer.max_epochs >= 0 and self.start_epoch >= trainer.max_epochs:
-            raise ValueError(
-                f"start_epoch={self.start_epoch} is invalid for Trainer(max_epochs={trainer.max_epochs}); "
-                f"expected start_epoch < max_epochs so that QAT runs"
-            )
-        carried = _attached_states(pl_module)
-        if carried and not self._states:
-            # fake quant an earlier run attached (a finished ProgressiveQuantization's frozen scales):
-            # left on, this run's FP32 phase would train, and measure metrics_before, quantized. (A
-            # resume from a checkpoint re-attaches the checkpoint's own at fit start: no warning.)
-            detach_quantization(pl_module)
-            if trainer.ckpt_path is None:
-                rank_zero_warn(
-                    f"ProgressiveQuantization: the model carries fake quantization from an earlier run on {len(carried)} "
-                    f"layer(s) ({', '.join(sorted(carried)[:4])}{', ...' if len(carried) > 4 else ''}); removed, so this run's "
-                    "FP32 phase trains the float model from its current weights and its calibration attaches new quantizers")
 
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._check_plan(pl_module)
         # resuming: the model's weights are restored already; re-attach quantizers with their state
         # (before the optimizer state is restored, so LSQ parameter groups line up)
         if self._pending_quantizers is not None:

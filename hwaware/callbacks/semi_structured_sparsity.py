@@ -34,7 +34,7 @@ from hwaware.callbacks._common import (
     _RestoresForEvaluation, _check_choice, _check_int, _refuse_multiprocessing_launch, _scalar_metrics, _scale_lr,
     settings_of, warn_changed_settings,
 )
-from hwaware.quant.attach import set_fp32_reference, skip_patterns
+from hwaware.quant.attach import lazy_reason, set_fp32_reference, skip_patterns
 from hwaware.sparsity.masks import (
     cubic_fraction, find_prunable, gradual_mask_24, is_mask_24, magnitude_mask_24, mask_sparsity, sr_ste_decay_,
     weight_2d,
@@ -76,7 +76,7 @@ class SemiStructuredSparsity(_RestoresForEvaluation):
         sr_ste_lambda: ``"sr_ste"`` only: the decay ``λ_W`` on pruned weights (paper: 2e-4).
         skip: ``fnmatch`` patterns (a str: one) of layer names to leave dense, matched as ProgressiveQuantization
             matches its ``skip`` (a parent's name skips every layer under it); a pattern that matches
-            nothing in the model raises ``ValueError`` at ``setup``. Embedding tables are never
+            nothing in the model raises ``ValueError`` at fit start. Embedding tables are never
             pruned; layers whose input dimension is not a multiple of 4 are skipped with the reason
             in ``report["skipped"]``.
         monitor: logged metric reported before pruning and at the end (e.g. ``"val_auroc"``);
@@ -97,9 +97,11 @@ class SemiStructuredSparsity(_RestoresForEvaluation):
     Raises:
         ValueError: an unknown ``method``, a negative ``start_epoch`` / ``ramp_epochs``, a ramp with
             ``"sr_ste"``, a bad ``sr_ste_lambda``, ``skip`` or ``lr_scale`` (at construction); ``start_epoch`` (+
-            ``ramp_epochs``) beyond the Trainer's ``max_epochs``, a model with no prunable layer or a
-            ``skip`` pattern that matches nothing in it (at ``setup``, the first moment the Trainer is known); a checkpoint written by a
-            different method (at resume).
+            ``ramp_epochs``) beyond the Trainer's ``max_epochs`` (at ``setup``, the first moment the
+            Trainer is known); a model with no prunable layer or a ``skip`` pattern that matches
+            nothing in it (at fit start, after the module's ``setup`` / ``configure_model`` built its
+            layers; with a lazy layer, at pruning start), a lazy layer still unmaterialized when
+            pruning starts; a checkpoint written by a different method (at resume).
     """
 
     def __init__(
@@ -139,7 +141,7 @@ class SemiStructuredSparsity(_RestoresForEvaluation):
 
         self.phase = "dense"
         self._layers: Dict[str, nn.Module] = {}
-        self._names: List[str] = []  # pruned layers, fixed at setup (and restored on resume)
+        self._names: List[str] = []  # pruned layers, fixed at fit start (and restored on resume)
         self._skipped: Dict[str, str] = {}
         self._masks: Dict[str, Tensor] = {}
         self._dense: Dict[str, Tensor] = {}  # sr_ste: the dense weights the optimizer updates
@@ -157,6 +159,7 @@ class SemiStructuredSparsity(_RestoresForEvaluation):
         self.dense_reference: Optional[Dict[str, Tensor]] = None  # the model when pruning started (CPU)
         self._model_ref: Optional[weakref.ref] = None
         self._training = False  # on_train_start ran for the fit under way (its setup too)
+        self._layers_pending = False  # lazy layers at fit start: the layers are found at pruning start
 
     def _reset(self) -> None:
         """Back to dense, for a fit on another model."""
@@ -175,11 +178,6 @@ class SemiStructuredSparsity(_RestoresForEvaluation):
         if self._model_ref is not None and self._model_ref() is not pl_module:
             self._reset()  # a new model: this callback's masks and dense weights belong to the old one
         self._model_ref = weakref.ref(pl_module)
-        layers, skipped = find_prunable(pl_module, self.skip)
-        if not layers:
-            raise ValueError(f"{type(pl_module).__name__} has no layer to prune 2:4 (nn.Linear, nn.Conv1d, nn.Conv2d "
-                             f"with input dimension a multiple of 4, outside skip={list(self.skip)}); skipped: "
-                             f"{skipped or 'none found'}")
         max_epochs = trainer.max_epochs
         if (self.phase == "dense" and max_epochs is not None and max_epochs >= 0
                 and self.start_epoch + max(self.ramp_epochs, 1) > max_epochs):
@@ -187,12 +185,26 @@ class SemiStructuredSparsity(_RestoresForEvaluation):
                 else "start_epoch < max_epochs"
             raise ValueError(f"start_epoch={self.start_epoch}, ramp_epochs={self.ramp_epochs} are invalid for "
                              f"Trainer(max_epochs={max_epochs}); expected {need} so that the model ends 2:4")
+
+    def _find_layers(self, pl_module: "pl.LightningModule") -> None:
+        """The layers to prune, fixed for the run: at fit start, after the module's ``setup`` and
+        ``configure_model`` built what they build (Lightning runs callbacks' ``setup`` first: layers
+        made there were never pruned nor listed); while a lazy layer is unmaterialized, at pruning
+        start (its first forward gives it its shape)."""
+        layers, skipped = find_prunable(pl_module, self.skip)
+        if not layers:
+            raise ValueError(f"{type(pl_module).__name__} has no layer to prune 2:4 (nn.Linear, nn.Conv1d, nn.Conv2d "
+                             f"with input dimension a multiple of 4, outside skip={list(self.skip)}); skipped: "
+                             f"{skipped or 'none found'}")
         self._layers = layers
         self._names = list(layers)
         self._skipped = skipped
 
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._layers_pending = self.phase == "dense" and any(lazy_reason(m) is not None for m in pl_module.modules())
+        if not self._layers_pending:
+            self._find_layers(pl_module)
         if self._pending is not None:  # resuming: the model's (masked) weights are restored already
             saved = self._pending
             self._pending = None
@@ -209,7 +221,7 @@ class SemiStructuredSparsity(_RestoresForEvaluation):
             saved, self._pending = self._pending, None
             if self.phase != "dense" and self.dense_reference is not None:
                 set_fp32_reference(pl_module, self.dense_reference)
-            # the report reads the pruned layers (setup, which finds them, runs for fit only): it was empty
+            # the report reads the pruned layers (fit start, which finds them, runs for fit only): it was empty
             modules = dict(pl_module.named_modules())
             self._names = [n for n in saved["names"] if n in modules]
             self._layers = {n: modules[n] for n in self._names}
@@ -244,9 +256,9 @@ class SemiStructuredSparsity(_RestoresForEvaluation):
         # other callback's on_train_epoch_start (in whatever order) has run on the dense model
         self._batch_stepped = False
         if not self._training:
-            # added to trainer.callbacks after fit started: setup (which finds the layers) and
+            # added to trainer.callbacks after fit started: on_fit_start (which finds the layers) and
             # on_train_start (the optimizer hook that re-masks after each step) never ran
-            raise RuntimeError("SemiStructuredSparsity joined a fit already under way (its setup and on_train_start "
+            raise RuntimeError("SemiStructuredSparsity joined a fit already under way (its on_fit_start and on_train_start "
                                "never ran, so it found no layer to prune and could not hook the optimizer); pass it "
                                "in Trainer(callbacks=[...]) before fit")
         if self.phase == "dense" and trainer.current_epoch >= self.start_epoch:
@@ -438,6 +450,9 @@ class SemiStructuredSparsity(_RestoresForEvaluation):
         set_fp32_reference(pl_module, self.dense_reference)
 
     def _start(self, trainer: "pl.Trainer") -> None:
+        if self._layers_pending:  # (lazy layers at fit start: their first forward has run by now, or this refuses them)
+            self._layers_pending = False
+            self._find_layers(trainer.lightning_module)
         self._metrics_before = self._metrics_before or _scalar_metrics(trainer)
         self._keep_dense_reference(trainer)
         self._step = 0

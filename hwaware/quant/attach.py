@@ -258,6 +258,17 @@ def alias_hint(model: nn.Module, pattern: str) -> str:
     return ""
 
 
+def lazy_reason(m: nn.Module) -> Optional[str]:
+    """Why ``m``, a lazy module whose parameters are not materialized yet (``nn.LazyLinear`` before
+    its first forward), cannot be quantized or pruned now; None for any other module."""
+    if not any(nn.parameter.is_lazy(p) for p in m.parameters(recurse=False)):
+        return None
+    return (f"{type(m).__name__} has not been materialized yet (a lazy module's weights take their shape on its first "
+            "forward, which also turns it into a plain layer): run one batch through the model before fit "
+            "(model(batch)), or let Lightning's sanity check run (num_sanity_val_steps > 0) before quantization or "
+            "pruning starts")
+
+
 def skip_patterns(skip: Any) -> Tuple[str, ...]:
     """``skip=`` as a tuple of ``fnmatch`` patterns: one pattern (a str) or a sequence of them.
 
@@ -588,6 +599,8 @@ def attach_quantization(model: nn.Module, plan: Dict[str, Tuple[str, QuantSpec, 
         if name not in modules:
             raise ValueError(f"layer {name!r} is not in the model; layers are {sorted(modules)[:20]}...")
         m = modules[name]
+        if (why := lazy_reason(m)) is not None:  # materializing turns it into a plain layer: its quantizers would be lost
+            raise ValueError(f"layer {name!r}: {why}")
         old = quant_state(m)
         device = m.weight.device
         wq = FakeQuantizer(wspec, f"{name}.weight", "weight").to(device)

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from hwaware.quant.attach import UNSUPPORTED_LAYERS, bare_weights, check_skip_matches, matching_pattern, weight_read_by_parent
+from hwaware.quant.attach import (UNSUPPORTED_LAYERS, bare_weights, check_skip_matches, lazy_reason, matching_pattern,
+                                  weight_read_by_parent)
 
 __all__ = [
     "PRUNABLE_TYPES", "find_prunable", "weight_2d", "weight_key", "computed_weight", "magnitude_mask_24", "gradual_mask_24", "is_mask_24",
@@ -83,6 +84,8 @@ def find_prunable(model: nn.Module, skip: Sequence[str] = ()) -> Tuple[Dict[str,
             skipped[name] = (f"its parent {type(parent).__name__} multiplies .weight itself, so no 2:4 kernel runs it and "
                              "export stores it dense: pruning it would cost accuracy for nothing")
             continue
+        if lazy_reason(m) is not None:
+            raise ValueError(f"layer {name!r}: {lazy_reason(m)}")
         if computed_weight(m):
             skipped[name] = ("its weight is computed (weight_norm or another parametrization), not a trained Parameter: a "
                              "mask on it would not reach the parameters it is computed from; stays dense")
