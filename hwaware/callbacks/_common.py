@@ -109,6 +109,24 @@ def _scale_lr(trainer: "pl.Trainer", factor: float) -> None:
             s._last_lr = [x * factor for x in last]
 
 
+def check_steps_went_through_lightning(trainer: "pl.Trainer", pl_module: "pl.LightningModule", epoch_start_step: int,
+                                       who: str) -> None:
+    """At a training epoch's end: refuse a manual-optimization module whose epoch took batches but
+    no optimizer step Lightning saw. It steps the torch optimizer itself
+    (``self.optimizers(use_pl_optimizer=False)``), past the hooks the callbacks act in (gradients
+    dropped during calibration, schedules counted in ``global_step``): calibration trained the
+    weights, ``qat_epochs`` never counted an epoch, and pruning blamed the optimizer at the end."""
+    if getattr(pl_module, "automatic_optimization", True) or trainer.global_step != epoch_start_step:
+        return
+    batches = getattr(getattr(getattr(trainer.fit_loop, "epoch_loop", None), "batch_progress", None), "current", None)
+    if batches is None or not getattr(batches, "completed", 0):
+        return
+    raise RuntimeError(f"{who}: this epoch ran {batches.completed} training batch(es) under manual optimization, but "
+                       f"no optimizer step went through Lightning (global_step stayed {trainer.global_step}). Step the "
+                       "optimizers self.optimizers() returns (LightningOptimizer), not the torch optimizers "
+                       "(use_pl_optimizer=False): hwaware's callbacks act in the hooks around that step")
+
+
 def _refuse_multiprocessing_launch(trainer: "pl.Trainer", who: str) -> None:
     """A callback's state (phases, quantizers, the FP32 reference) lives in the process that trains.
     Under a multiprocessing launcher (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``) that is a child:

@@ -31,8 +31,8 @@ from typing_extensions import override
 
 from hwaware._predict import model_predictions, side_effect_free
 from hwaware.callbacks._common import (
-    _RestoresForEvaluation, _check_choice, _check_int, _refuse_multiprocessing_launch, _scalar_metrics, _scale_lr, scheduler_lrs,
-    settings_of, warn_changed_settings,
+    _RestoresForEvaluation, _check_choice, _check_int, _refuse_multiprocessing_launch, _scalar_metrics, _scale_lr,
+    check_steps_went_through_lightning, scheduler_lrs, settings_of, warn_changed_settings,
 )
 from hwaware.ops.packing import int8_weight_spec
 from hwaware.quant.attach import (
@@ -509,6 +509,7 @@ class ProgressiveQuantization(_RestoresForEvaluation):
 
     @override
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        check_steps_went_through_lightning(trainer, pl_module, self._epoch_start_step, "ProgressiveQuantization")
         if self._called is not None and self.phase == "qat":  # after this epoch's validation too
             self._drop_uncalled(trainer, pl_module)
         if self.phase == "qat":

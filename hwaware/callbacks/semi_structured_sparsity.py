@@ -32,7 +32,7 @@ from typing_extensions import override
 
 from hwaware.callbacks._common import (
     _RestoresForEvaluation, _check_choice, _check_int, _refuse_multiprocessing_launch, _scalar_metrics, _scale_lr,
-    settings_of, warn_changed_settings,
+    check_steps_went_through_lightning, settings_of, warn_changed_settings,
 )
 from hwaware.quant.attach import lazy_reason, set_fp32_reference, skip_patterns
 from hwaware.sparsity.masks import (
@@ -160,6 +160,7 @@ class SemiStructuredSparsity(_RestoresForEvaluation):
         self._model_ref: Optional[weakref.ref] = None
         self._training = False  # on_train_start ran for the fit under way (its setup too)
         self._layers_pending = False  # lazy layers at fit start: the layers are found at pruning start
+        self._epoch_start_step = 0  # global_step when the training epoch under way started
 
     def _reset(self) -> None:
         """Back to dense, for a fit on another model."""
@@ -340,6 +341,14 @@ class SemiStructuredSparsity(_RestoresForEvaluation):
                 for name in self._swapped:
                     self._layers[name].weight.copy_(self._dense[name] * self._masks[name])
             self._swapped.clear()
+
+    @override
+    def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._epoch_start_step = trainer.global_step
+
+    @override
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        check_steps_went_through_lightning(trainer, pl_module, self._epoch_start_step, "SemiStructuredSparsity")
 
     @override
     def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
