@@ -41,6 +41,7 @@ from hwaware.quant.attach import (
 )
 from hwaware.quant.attach import quant_states as _attached_states
 from hwaware.quant.kl import OUTPUT_KINDS, KLViolationError, LayerErrorCollector, collect_layer_errors, output_kl
+from hwaware.quant.observers import _dist_ready
 from hwaware.quant.spec import QuantSpec
 
 __all__ = ["ProgressiveQuantization", "PHASES"]
@@ -510,6 +511,7 @@ class ProgressiveQuantization(_RestoresForEvaluation):
     @override
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         check_steps_went_through_lightning(trainer, pl_module, self._epoch_start_step, "ProgressiveQuantization")
+        self._sync_running_observers()
         if self._called is not None and self.phase == "qat":  # after this epoch's validation too
             self._drop_uncalled(trainer, pl_module)
         if self.phase == "qat":
@@ -982,6 +984,31 @@ class ProgressiveQuantization(_RestoresForEvaluation):
                     group["params"] = kept
                     if not kept:  # the group _add_lsq_params made, now empty: a resume would not make it
                         opt.param_groups.remove(group)
+
+    def _sync_running_observers(self) -> None:
+        """Under DDP, while static observers still observe (calibration, QAT before they freeze):
+        every rank's statistics made one, and the scales QAT trains with recomputed from them. Each
+        rank observes its own shard in between (its running ranges are its own until the next
+        sync); this runs at every training epoch's end and when a checkpoint is written, which
+        holds rank 0's state only: without it, a resume dropped the other ranks' statistics and did
+        not reproduce the uninterrupted run (a DDP trial). A collective: every rank calls it."""
+        if self.phase not in ("calibrate", "qat") or self._observers_frozen or not _dist_ready():
+            return
+        self._sync_observers()
+        if self.phase == "qat":
+            for st in self._states.values():
+                act = st.activation
+                if (act is not None and not act.spec.dynamic and act.observer is not None and act.observer.initialized
+                        and not act.frozen and act.learned_log_scale is None):
+                    act.update_qparams()
+
+    @override
+    def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: Dict[str, Any]) -> None:
+        # (every rank writes the checkpoint's dict; Lightning took state_dict() before this hook)
+        if self.phase in ("calibrate", "qat") and not self._observers_frozen and _dist_ready():
+            self._sync_running_observers()
+            if self.state_key in checkpoint.get("callbacks", {}):
+                checkpoint["callbacks"][self.state_key] = self.state_dict()
 
     def _sync_observers(self) -> None:
         # a collective on every rank, observed or not: a layer only some ranks' batches reach (a

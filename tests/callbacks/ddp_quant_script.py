@@ -81,8 +81,36 @@ def main(out_dir: str) -> None:
         json.dump(state, f)
 
 
+def resume(out_dir: str, which: str) -> None:
+    """QAT with static observers that never freeze, epoch checkpoints: ``full`` runs 4 epochs,
+    ``resume`` resumes the checkpoint written at the end of epoch 1 (mid-QAT). Each dumps rank 0's
+    final weights and activation scales."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    pl.seed_everything(0, verbose=False)
+    cb = ProgressiveQuantization(start_epoch=1, calibration_batches=2, freeze_observers_after=None,
+                                 activation_spec=QuantSpec(granularity="per_tensor", symmetric=False,
+                                                           observer="moving_average", averaging_constant=0.2))
+    ckpt = ModelCheckpoint(dirpath=os.path.join(out_dir, "ckpt"), filename="{epoch}", save_top_k=-1)
+    trainer = pl.Trainer(
+        strategy="ddp", accelerator="cpu", devices=2, max_epochs=4, limit_train_batches=4, limit_val_batches=2,
+        logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        callbacks=[cb, ckpt], deterministic=True,
+    )
+    train, val = loaders()
+    path = os.path.join(out_dir, "ckpt", "epoch=1.ckpt") if which == "resume" else None
+    trainer.fit(TinyCTR(), train, val, ckpt_path=path)
+    state = {"act_scales": {n: st.activation.scale.tolist() for n, st in cb.quant_states.items() if st.activation is not None},
+             "weights": {k: v.tolist() for k, v in trainer.lightning_module.state_dict().items()}}
+    with open(os.path.join(out_dir, f"{which}{trainer.global_rank}.json"), "w") as f:
+        json.dump(state, f)
+
+
 if __name__ == "__main__":
-    (branch if sys.argv[2:] == ["branch"] else main)(sys.argv[1])
+    if sys.argv[2:3] == ["resume"]:
+        resume(sys.argv[1], sys.argv[3])
+    else:
+        (branch if sys.argv[2:] == ["branch"] else main)(sys.argv[1])
     # Lightning leaves the process group up; torn down at interpreter exit instead, gloo's threads
     # could abort the process ("terminate called without an active exception", exit -6) under load
     if torch.distributed.is_initialized():

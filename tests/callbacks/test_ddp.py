@@ -41,6 +41,20 @@ def test_ddp_a_layer_only_one_rank_calls_in_calibration_does_not_hang(tmp_path):
     assert "aux" in r0["act_scales"] and r0["act_scales"] == r1["act_scales"]  # rank 1 took rank 0's statistics
 
 
+def test_ddp_resume_mid_qat_with_observers_still_observing_matches_the_uninterrupted_run(tmp_path):
+    """Static observers synced only at QAT start and at freezing: a checkpoint mid-QAT held rank 0's
+    unsynced statistics, so a resume lost rank 1's and ended with other weights (a DDP trial)."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    for which in ("full", "resume"):
+        proc = subprocess.run([sys.executable, SCRIPT, str(tmp_path), "resume", which], capture_output=True, text=True,
+                              timeout=300, env=env, cwd=str(tmp_path), start_new_session=True)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    full, resumed = (json.loads((tmp_path / f"{w}0.json").read_text()) for w in ("full", "resume"))
+    assert full["act_scales"] and resumed["act_scales"] == full["act_scales"]
+    assert resumed["weights"] == full["weights"]
+    assert json.loads((tmp_path / "full1.json").read_text())["act_scales"] == full["act_scales"]  # the ranks agree
+
+
 @pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_fork"])
 def test_multiprocessing_launched_ddp_is_refused_with_the_reason(tmp_path, strategy):
     """Under ddp_spawn the callbacks' state stays in the children: the model exported afterwards
