@@ -37,7 +37,7 @@ from hwaware.callbacks._common import (
 from hwaware.ops.packing import int8_weight_spec
 from hwaware.quant.attach import (
     QuantState, attach_quantization, check_activation_spec, detach_quantization, find_quantizable, layer_specs_to_state,
-    normalize_layer_specs, quantization_disabled, set_fp32_reference, skip_patterns, table_spec,
+    normalize_layer_specs, quantization_disabled, set_fp32_reference, set_other_fp32_references, skip_patterns, table_spec,
 )
 from hwaware.quant.attach import quant_states as _attached_states
 from hwaware.quant.kl import OUTPUT_KINDS, KLViolationError, LayerErrorCollector, collect_layer_errors, output_kl
@@ -841,6 +841,10 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         the gate covers what pruning cost too."""
         dense = [cb.dense_reference for cb in trainer.callbacks if getattr(cb, "dense_reference", None) is not None]
         set_fp32_reference(pl_module, dense[0] if dense else self.fp32_reference)
+        # the gate measures this one too and compares against the better: a dense model kept before
+        # it had learned (pruning from an early epoch) would gate nothing
+        set_other_fp32_references(pl_module, {"fp32 at QAT start": self.fp32_reference}
+                                  if dense and self.fp32_reference is not None else {})
 
     def _enter_qat(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # calibration observes, it does not train: with gradient accumulation, the gradients of the

@@ -90,7 +90,8 @@ class SemiStructuredSparsity(_RestoresForEvaluation):
     ``dense_reference`` and set as the model's FP32 reference: ``hwaware.export``'s regression gate
     compares the exported model against the dense model, so the accuracy pruning cost is gated
     with the quantization's (a :class:`ProgressiveQuantization` that starts QAT later keeps its own
-    ``fp32_reference``, the sparse model at QAT start, but gives the gate this one; one that started
+    ``fp32_reference``, the sparse model at QAT start, and the gate measures both and compares
+    against the better: a dense model kept before it had learned gates nothing; one that started
     QAT before pruning already holds a dense one, and this callback keeps none). The copy is a
     whole ``state_dict``: it is in memory and in every checkpoint from pruning start on.
 

@@ -38,8 +38,8 @@ from hwaware.ops import FBGEMM_MAX_K, INT8_KERNELS, packing
 from hwaware.ops.packing import _check_positive_scale, is_24
 from hwaware.quant import native
 from hwaware.quant.attach import (QuantState, attach_quantization, bare_weights, detach_quantization, find_quantizable,
-                                  fp32_reference, keep_layers_called, normalize_layer_specs, quant_states, skip_patterns,
-                                  weight_read_by_parent)
+                                  fp32_reference, keep_layers_called, normalize_layer_specs, other_fp32_references,
+                                  quant_states, skip_patterns, weight_read_by_parent)
 from hwaware.quant.spec import QuantSpec
 from hwaware.sparsity.masks import weight_key
 
@@ -1200,7 +1200,7 @@ def export(
     for name, relu_name in fuse_relu(deploy).items():
         layers[first_name.get(id(deploy.get_submodule(name)), name)].update(relu=True, fused_relu=relu_name)
 
-    report, allowed, ref_value = None, None, None
+    report, allowed, ref_value, references = None, None, None, None
     by_impl: Dict[str, Dict[str, Any]] = {}  # filled when int8 layers are gated (allowed then lists the passing ones)
     gated_configs: Dict[str, Dict[str, Dict[str, str]]] = {}
     if val_dataloader is not None:
@@ -1208,6 +1208,12 @@ def export(
         seen: List[Tensor] = []  # every read of the loader must give the same samples
         ref_value = _evaluate(_reference_module(model, reference), val_batches, metric, output_fn, sources, seen)
         target_source = sources[0]
+        others = other_fp32_references(model) if reference is None else {}
+        if others:  # (2:4 pruning before QAT: the dense model then, and the model at QAT start)
+            references = {"dense at 2:4 pruning start": ref_value, **{
+                label: _evaluate(_reference_module(model, sd), val_batches, metric, output_fn, seen=seen)
+                for label, sd in others.items()}}
+            ref_value = max(references.values())  # the better FP32 model: the gate is the stricter
         if _int8_layers(deploy):
             # every int8 implementation gated on its own before any is timed: they differ in what they
             # do to the input (dequant keeps it float), so a choice by time alone made the gate's
@@ -1217,7 +1223,8 @@ def export(
             allowed = [impl for impl, r in by_impl.items() if r["passed"]]
             if not allowed:
                 best = max(by_impl, key=lambda i: by_impl[i]["exported"])
-                report = {"metric": metric, "reference": ref_value, "exported": by_impl[best]["exported"],
+                report = {"metric": metric, "reference": ref_value, **({"references": references} if references else {}),
+                          "exported": by_impl[best]["exported"],
                           "drop": by_impl[best]["drop"], "max_drop": float(max_drop), "passed": False,
                           "measured_on": "cpu, hwaware deploy ops", "target": target_source, "by_impl": by_impl,
                           **({"batch_hooks": hooks} if hooks else {})}
@@ -1276,7 +1283,8 @@ def export(
 
     if val_dataloader is not None:
         drop = ref_value - exp_value
-        report = {"metric": metric, "reference": ref_value, "exported": exp_value, "drop": drop,
+        report = {"metric": metric, "reference": ref_value, **({"references": references} if references else {}),
+                  "exported": exp_value, "drop": drop,
                   "max_drop": float(max_drop), "passed": drop <= max_drop, "measured_on": "cpu, hwaware deploy ops",
                   "target": target_source}
         if hooks:  # the batches the gate ran on (and took the targets from) came through these

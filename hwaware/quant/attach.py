@@ -53,6 +53,7 @@ __all__ = [
 
 _ATTR = "_hwaware_quant"
 _REF_ATTR = "_hwaware_fp32_reference"
+_OTHER_REFS_ATTR = "_hwaware_other_fp32_references"
 QUANTIZABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.EmbeddingBag)
 
 
@@ -636,6 +637,20 @@ def set_fp32_reference(model: nn.Module, state_dict: Optional[Dict[str, Tensor]]
     """Keep the FP32 weights (a ``state_dict``, on CPU) with the model, outside its module tree, so
     export's regression gate finds them without knowing which callback produced them."""
     model.__dict__[_REF_ATTR] = state_dict
+
+
+def set_other_fp32_references(model: nn.Module, references: Dict[str, Dict[str, Tensor]]) -> None:
+    """More FP32 models of the run for export's gate, ``{label: state_dict}``, beside the one
+    :func:`set_fp32_reference` keeps (labelled ``primary_label``): the gate measures each and
+    compares the export against the best. With 2:4 pruning before QAT the primary is the dense
+    model at pruning start; the model at QAT start is the other: a dense model that had not learned
+    yet (pruning from an early epoch) scored near chance and gated nothing (a trial)."""
+    model.__dict__[_OTHER_REFS_ATTR] = dict(references)
+
+
+def other_fp32_references(model: nn.Module) -> Dict[str, Dict[str, Tensor]]:
+    """What :func:`set_other_fp32_references` kept (empty: none)."""
+    return model.__dict__.get(_OTHER_REFS_ATTR) or {}
 
 
 def fp32_reference(model: nn.Module) -> Optional[Dict[str, Tensor]]:

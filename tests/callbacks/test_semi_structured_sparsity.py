@@ -546,7 +546,10 @@ def test_export_gates_against_the_dense_model_pruning_started_from(tmp_path):
     with torch.no_grad():
         from hwaware.export.exporter import _evaluate
         dense_auroc = _evaluate(dense_model.eval(), val, "auroc", None)
-    assert art.report["reference"] == pytest.approx(dense_auroc, abs=0)
+    refs = art.report["references"]
+    assert refs["dense at 2:4 pruning start"] == pytest.approx(dense_auroc, abs=0)
+    assert set(refs) == {"dense at 2:4 pruning start", "fp32 at QAT start"}
+    assert art.report["reference"] == max(refs.values())  # gated against the better of the two
 
     # 2:4 alone (no QAT): the same dense reference
     sp2 = SemiStructuredSparsity(start_epoch=1)

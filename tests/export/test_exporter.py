@@ -1002,3 +1002,30 @@ def test_an_edited_tied_tensors_entry_is_refused_naming_it(tmp_path, edit, match
     with pytest.raises(ArtifactError, match=match):
         load(art.path, model=model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # refused before touching it
+
+
+def test_the_gate_compares_against_the_better_of_the_runs_fp32_models(tmp_path):
+    """With 2:4 pruning before QAT the gate's reference was only the dense model at pruning start.
+    Pruning from an early epoch kept a model that had not learned yet (near chance): a model
+    damaged after training passed max_drop=0.001 with a drop of -0.945 (a trial). The model at QAT
+    start is measured too, and the gate compares against the better."""
+    from hwaware.quant.attach import set_fp32_reference, set_other_fp32_references
+    from tests.helpers import TinyCTR, loaders
+
+    torch.manual_seed(0)
+    weak = {k: v.clone() for k, v in TinyCTR().state_dict().items()}  # a model that has not learned yet
+    model, cb = _trained(tmp_path)
+    with torch.no_grad():  # damaged after training
+        model.mlp[0].weight.add_(0.5 * torch.randn(model.mlp[0].weight.shape, generator=torch.Generator().manual_seed(1)))
+    _, val = loaders()
+    set_fp32_reference(model, weak)
+    lenient = export(model, tmp_path / "weak", val_dataloader=val, max_drop=0.001)  # the weak reference alone gates nothing
+    assert "references" not in lenient.report and lenient.report["passed"]
+    set_other_fp32_references(model, {"fp32 at QAT start": cb.fp32_reference})
+    with pytest.raises(RegressionError) as e:
+        export(model, tmp_path / "art", val_dataloader=val, max_drop=0.001)
+    refs = e.value.report["references"]
+    assert refs["dense at 2:4 pruning start"] == lenient.report["reference"]
+    assert refs["fp32 at QAT start"] > refs["dense at 2:4 pruning start"]
+    assert e.value.report["reference"] == refs["fp32 at QAT start"]
+    assert not (tmp_path / "art").exists()
