@@ -549,6 +549,14 @@ def _unique_keys(pairs: list) -> Dict[str, Any]:
     return obj
 
 
+def _link_error(fpath: str) -> ArtifactError:
+    """An artifact file that is a symbolic link: export writes regular files, and a link reads
+    whatever it points to. (A model hub snapshot or a ConfigMap volume lays files out as links: a
+    dereferenced copy serves.)"""
+    return ArtifactError(f"{fpath}: a symbolic link ({os.readlink(fpath)}), not a regular file; export writes none. "
+                         f"Serve a dereferenced copy of the directory (cp -rL {os.path.dirname(fpath)} DEST)")
+
+
 def _read_manifest(path: str, hash_weights: bool) -> Dict[str, Any]:
     if not os.path.lexists(path):
         raise ArtifactError(f"{path}: no such artifact (path does not exist){_missing_hint(path)}")
@@ -558,7 +566,7 @@ def _read_manifest(path: str, hash_weights: bool) -> Dict[str, Any]:
     if not os.path.isfile(mpath):
         raise ArtifactError(f"{path}: not an hwaware artifact (no {MANIFEST_FILE})")
     if os.path.islink(mpath):  # as for the weights: export writes regular files, a link reads elsewhere
-        raise ArtifactError(f"{mpath}: a symbolic link ({os.readlink(mpath)}), not a regular file; export writes none")
+        raise _link_error(mpath)
     try:
         with open(mpath, "rb") as f:
             raw = f.read()
@@ -631,7 +639,9 @@ def _verify_file(path: str, fname: str, entry: Any, hash_it: bool = True) -> Non
         raise ArtifactError(f"{os.path.join(path, MANIFEST_FILE)}: entry for {fname!r} lacks sha256/bytes")
     if not os.path.lexists(fpath):
         raise ArtifactError(f"{fpath}: listed in {MANIFEST_FILE} but missing")
-    if os.path.islink(fpath) or not os.path.isfile(fpath):
+    if os.path.islink(fpath):
+        raise _link_error(fpath)
+    if not os.path.isfile(fpath):
         raise ArtifactError(f"{fpath}: not a regular file")
     size = os.path.getsize(fpath)
     if size != entry["bytes"]:
@@ -710,6 +720,8 @@ def _read_verified_once(path: str):
             got = f.readinto(buf)
             more = f.read(1)
     except OSError as e:
+        if os.path.islink(wpath):
+            raise _link_error(wpath) from None
         raise ArtifactError(f"{wpath}: cannot be read ({e.strerror or e})") from e
     if got != entry["bytes"] or more:  # the file changed size since it was checked
         raise ArtifactError(f"{wpath}: {'truncated' if got < entry['bytes'] else 'has extra bytes'} while being read "

@@ -147,6 +147,22 @@ def test_a_symlinked_manifest_is_refused(art, tmp_path):
         verify_artifact(art)
 
 
+def test_a_symlinked_weights_file_is_refused_with_how_to_serve_it(art, tmp_path):
+    """A hub snapshot lays files out as links: refused with torch's 'Too many levels of symbolic
+    links', which says neither that a link is the reason nor what to do (a deployment trial)."""
+    import shutil
+
+    wpath = os.path.join(art, "weights.safetensors")
+    blob = tmp_path / "blob"
+    os.replace(wpath, blob)
+    os.symlink(blob, wpath)
+    with pytest.raises(ArtifactError, match=r"weights.safetensors: a symbolic link \(.*blob\), not a regular file; export "
+                                            r"writes none\. Serve a dereferenced copy of the directory \(cp -rL "):
+        load(art, model=TinyCTR)
+    shutil.copytree(art, tmp_path / "copy", symlinks=False)  # what cp -rL makes: loads
+    load(str(tmp_path / "copy"), model=TinyCTR)
+
+
 def _rewrite_weights(path, edit) -> None:
     import hashlib
 
