@@ -791,8 +791,11 @@ def _check_index_values(weight: Tensor, indices: Tensor, offsets: Tensor, includ
                 rule = 3
         checked = rule, a, b
     rule, a, b = checked  # rules of hwaware/quant/_native/bags.c
-    if rule == 1:
-        raise IndexError(f"indices must lie in [0, {rows}) (rows of weight), got [{a}, {b}]")
+    if rule == 1:  # (the error path: find the first offender for the message)
+        flat = indices.reshape(-1)
+        at = int(((flat < 0) | (flat >= rows)).nonzero()[0, 0])
+        raise IndexError(f"indices must lie in [0, {rows}) (rows of the table), got {int(flat[at])} at position {at} "
+                         f"(the batch's ids span [{a}, {b}])")
     if rule == 2:
         raise ValueError(f"offsets must start at 0, be non-decreasing and not exceed len(indices)={n}, "
                          f"got first={a}, last={b}")

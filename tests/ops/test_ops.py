@@ -388,8 +388,13 @@ def test_embedding_bag_rejects_bad_inputs(native_check, monkeypatch):
         eb(weight, 2, 16, indices, offsets, 0, None, False)
     with pytest.raises(IndexError, match=r"indices must lie in \[0, 100\)"):
         eb(weight, 8, 16, indices + 100, offsets, 0, None, False)
-    with pytest.raises(IndexError, match=r"indices must lie in \[0, 100\) \(rows of weight\), got \[-1, "):
+    with pytest.raises(IndexError, match=r"indices must lie in \[0, 100\) \(rows of the table\), got -1 at position "
+                                         r"\d+ \(the batch's ids span \[-1, "):
         eb(weight, 8, 16, indices - 1, offsets, 0, None, False)
+    bad = indices.clone()
+    bad[5] = 1000  # the offender and where it is, not the batch's min and max (a deployment trial)
+    with pytest.raises(IndexError, match=r"got 1000 at position 5 \(the batch's ids span \["):
+        eb(weight, 8, 16, bad, offsets, 0, None, False)
     with pytest.raises(ValueError, match="offsets must start at 0"):
         eb(weight, 8, 16, indices, offsets + 1, 0, None, False)
     with pytest.raises(ValueError, match="be non-decreasing"):
