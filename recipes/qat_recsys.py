@@ -403,9 +403,11 @@ def print_table(report: dict) -> None:
     e = report.get("export")
     if e:
         gate = e.get("gate") or {}
+        refs = gate.get("references") or {}  # (2:4 pruning before QAT: the gate measured both, took the better)
         gated = ("" if gate.get("drop") is None or abs(gate["drop"] - e["auroc_drop"]) < 1e-12 else
                  f"; the gate's drop {gate['drop']:.5f} is against its reference {gate['reference']:.5f}"
-                 + (", the dense model before 2:4 pruning" if report.get("sparsity") else ""))
+                 + (f" ({max(refs, key=refs.get)}, the better of " + ", ".join(f"{k} {v:.5f}" for k, v in refs.items())
+                    + ")" if refs else ""))
         print(f"export: {e['path']}  AUROC through the deploy ops {e['auroc']:.5f} (drop {e['auroc_drop']:.5f} against "
               f"the FP32 model at QAT start{gated}); "
               f"{e['size_bytes']:,} bytes = {e['size_fraction']:.1%} of FP32 ({e['artifact_bytes_on_disk']:,} on disk with "
