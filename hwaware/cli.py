@@ -164,6 +164,9 @@ def _regression_line(reg: Mapping[str, Any]) -> str:
     verdict = "PASSED" if passed is True else "FAILED" if passed is False else "not judged"
     line = (f"regression: {reg.get('metric', '?')} reference {num('reference')} exported {num('exported')} "
             f"drop {num('drop')} (max_drop {num('max_drop')}): {verdict}")
+    refs = reg.get("references")
+    if isinstance(refs, Mapping) and refs and all(isinstance(v, (int, float)) for v in refs.values()):
+        line += "\n  references (the better gates): " + ", ".join(f"{k} {float(v):.5f}" for k, v in refs.items())
     if isinstance(reg.get("target"), str):
         line += f"\n  targets: {reg['target']}"
     if "quantization_drop" in reg:

@@ -186,8 +186,11 @@ def _check_index_values(rows: int, indices: Tensor, offsets: Tensor, include_las
         decreasing = zero.bool()
     lo, hi, first, last, decreasing = torch.stack(
         [lo.long(), hi.long(), first, last, decreasing.long()]).tolist()
-    if n and (lo < 0 or hi >= rows):
-        raise IndexError(f"indices must lie in [0, {rows}) (rows of weight), got [{lo}, {hi}]")
+    if n and (lo < 0 or hi >= rows):  # (the error path: find the first offender for the message)
+        flat = indices.reshape(-1)
+        at = int(((flat < 0) | (flat >= rows)).nonzero()[0, 0])
+        raise IndexError(f"indices must lie in [0, {rows}) (rows of the table), got {int(flat[at])} at position {at} "
+                         f"(the batch's ids span [{lo}, {hi}])")
     if offsets.numel():
         if first != 0 or last > n or decreasing:
             raise ValueError(f"offsets must start at 0, be non-decreasing and not exceed len(indices)={n}, "

@@ -222,7 +222,7 @@ class SemiStructuredSparsity(_RestoresForEvaluation):
         if self._pending is not None:
             saved, self._pending = self._pending, None
             if self.phase != "dense" and self.dense_reference is not None:
-                set_fp32_reference(pl_module, self.dense_reference)
+                set_fp32_reference(pl_module, self.dense_reference, keep_others=True)
             # the report reads the pruned layers (fit start, which finds them, runs for fit only): it was empty
             modules = dict(pl_module.named_modules())
             self._names = [n for n in saved["names"] if n in modules]
@@ -435,7 +435,7 @@ class SemiStructuredSparsity(_RestoresForEvaluation):
         if self.phase == "dense":
             return
         if self.dense_reference is not None:
-            set_fp32_reference(pl_module, self.dense_reference)
+            set_fp32_reference(pl_module, self.dense_reference, keep_others=True)
         with torch.no_grad():
             for name in self._names:
                 w = self._layers[name].weight
@@ -457,7 +457,7 @@ class SemiStructuredSparsity(_RestoresForEvaluation):
         if any(getattr(cb, "fp32_reference", None) is not None for cb in trainer.callbacks if cb is not self):
             return
         self.dense_reference = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
-        set_fp32_reference(pl_module, self.dense_reference)
+        set_fp32_reference(pl_module, self.dense_reference, keep_others=True)
 
     def _start(self, trainer: "pl.Trainer") -> None:
         if self._layers_pending:  # (lazy layers at fit start: their first forward has run by now, or this refuses them)

@@ -68,7 +68,11 @@ __all__ = [
 ]
 
 FORMAT_NAME = "hwaware-artifact"
-FORMAT_VERSION = 1
+# the newest format this hwaware reads and writes. 2: the manifest may hold "tied_tensors" (entries
+# stored once under another key), which a reader of format 1 would take for missing tensors. An
+# artifact that needs nothing of format 2 is written as format 1, so older hwaware versions read it
+FORMAT_VERSION = 2
+_FORMAT_2_FIELDS = ("tied_tensors",)
 
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -476,7 +480,8 @@ def write_artifact(
             files[fname] = {"sha256": _sha256_file(fpath), "bytes": os.path.getsize(fpath)}
 
         writing = MANIFEST_FILE
-        body.update(format=FORMAT_NAME, format_version=FORMAT_VERSION, files=files, **_versions())
+        version = 2 if any(k in body for k in _FORMAT_2_FIELDS) else 1
+        body.update(format=FORMAT_NAME, format_version=version, files=files, **_versions())
         body["manifest_sha256"] = _manifest_hash(body)
         mpath = os.path.join(tmp, MANIFEST_FILE)
         with open(mpath, "w", encoding="utf-8") as f:
@@ -590,10 +595,12 @@ def _read_manifest(path: str, hash_weights: bool) -> Dict[str, Any]:
             f"{mpath}: written by a newer hwaware (format {version}); this hwaware reads format "
             f"{FORMAT_VERSION}; upgrade hwaware"
         )
-    if type(version) is not int or version != FORMAT_VERSION:
+    if type(version) is not int or version not in (1, 2):
         raise ArtifactError(
-            f"{mpath}: unsupported format_version {version!r}; this hwaware reads format {FORMAT_VERSION}"
+            f"{mpath}: unsupported format_version {version!r}; this hwaware reads formats 1 and {FORMAT_VERSION}"
         )
+    if version == 1 and any(k in manifest for k in _FORMAT_2_FIELDS):
+        raise ArtifactError(f"{mpath}: format_version 1 with format 2's {[k for k in _FORMAT_2_FIELDS if k in manifest]}")
 
     recorded = manifest.get("manifest_sha256")
     try:

@@ -828,7 +828,7 @@ def _serves_batch_of_one(program: Any, deploy: nn.Module, example_inputs: Tuple[
                 # the traced graph may decompose what eager runs fused (attention): rounding-level
                 # differences, measured against the output's own magnitude (not 1e-6 absolute)
                 size = float(w.detach().abs().max()) if w.is_floating_point() and w.numel() else 0.0
-                torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5 * max(size, 1e-3))
+                torch.testing.assert_close(g, w, rtol=1e-5, atol=max(1e-6, 1e-5 * size))
             elif g != w:
                 return False
         return True
@@ -1119,9 +1119,10 @@ def export(
         raise TypeError(f"batch_hooks={batch_hooks!r}; expected True or False")
     skip = skip_patterns(skip)
     overrides = normalize_layer_specs(layer_specs)
-    for pattern, entry in overrides.items():  # no calibration: only what is quantized as it comes is served
+    for pattern, entry in overrides.items() if not quant_states(model) else ():  # (a QAT model: refused below)
+        # no calibration: only what the deploy kernels quantize as it comes (per token) is served
         act = entry.get("activation", _PTQ_ACT)
-        if act is not None and not (act.dynamic and act.granularity == "per_row" and act.bits == 8):
+        if act is not None and act != _PTQ_ACT:
             raise ValueError(f"layer_specs[{pattern!r}]['activation'] is {act.short()}; post-training export takes no "
                              "calibration and serves a Linear's input per token or float: use "
                              "QuantSpec(bits=8, granularity='per_row', dynamic=True) or None (weight-only), or train the "
@@ -1308,7 +1309,7 @@ def export(
     # non-persistent buffers (e.g. an index table built in __init__) travel too, so load can build
     # the model on the meta device and never allocate its FP32 weights
     for name, buf in deploy.named_buffers():
-        if name not in tensors and buf is not None:
+        if name not in tensors and name not in tied_tensors and buf is not None:
             tensors[_BUFFER_PREFIX + name] = buf.detach().contiguous().cpu()
     fp32_bytes = float_bytes(model)  # each floating tensor once: a tied weight is two state_dict entries
     cls = type(model)
@@ -1332,7 +1333,7 @@ def export(
                   **({"hparams_unrecorded": unrecorded} if unrecorded else {})},
         "post_training": ptq,
         **({"post_training_options": {"skip": list(skip), "layer_specs": {
-            p: {k: (v.short() if v is not None else None) for k, v in e.items()} for p, e in overrides.items()}}}
+            p: {k: (v.to_dict() if v is not None else None) for k, v in e.items()} for p, e in overrides.items()}}}
            if ptq and (skip or overrides) else {}),
         "layers": layers,
         "dense_layers": dense,
@@ -1705,8 +1706,10 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
     if not given:
         cls = model or model_class(manifest, path)
         if model is None:  # (after model_class: another class is refused with what to pass instead)
-            tied = manifest.get("tied_tensors")  # (entries stored once count as the tensors they are)
-            _check_own_class_size(info.get("hparams"), len(tensors) + (len(tied) if isinstance(tied, dict) else 0), mpath)
+            tied = manifest.get("tied_tensors")  # (entries stored once count as the tensors they are; at most
+            # as many as are stored: a manifest's count alone would let an edited one past this check)
+            n_tied = sum(1 for src in tied.values() if src in tensors) if isinstance(tied, dict) else 0
+            _check_own_class_size(info.get("hparams"), len(tensors) + min(n_tied, len(tensors)), mpath)
         with torch.device("meta"):  # a skeleton: its FP32 weights are never allocated
             model = build_recorded(cls, manifest, path)
     # every check first, the model changed only after: a refused artifact leaves a model passed in as it was
@@ -1828,12 +1831,14 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
         _set_module(model, alias, model.get_submodule(name))
         tensors.update({alias + k[len(name):]: t for k, t in list(tensors.items()) if k.startswith(name + ".")})
     model.load_state_dict(tensors, strict=True, assign=True)  # assign: the loaded tensors are the weights
-    for k, src in tied.items():  # tied again: one Parameter (or buffer) under both names, as exported
+    for k, src in tied.items():  # tied again: one tensor under both names, as exported (a Parameter
+        # may also be another module's buffer)
         (owner, leaf), (src_owner, src_leaf) = (
             (model.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]) for n in (k, src))
-        for table in ("_parameters", "_buffers"):
-            if leaf in getattr(owner, table) and src_leaf in getattr(src_owner, table):
-                getattr(owner, table)[leaf] = getattr(src_owner, table)[src_leaf]
+        shared = src_owner._parameters.get(src_leaf, src_owner._buffers.get(src_leaf))
+        for table in (owner._parameters, owner._buffers):
+            if leaf in table and shared is not None:
+                table[leaf] = shared
     for name, buf in extra.items():
         owner, leaf = owners[name]
         owner._buffers[leaf] = buf

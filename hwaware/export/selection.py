@@ -235,8 +235,9 @@ def _candidates(layer: Sparse24Linear) -> Dict[str, Tuple[Optional[Callable[[Ten
     }
 
 
-WEIGHT_ONLY_WHY = ("QAT trained this layer weight-only (activation None): it runs dequant, the int8 implementation "
-                   "that keeps its input float; the others quantize an input QAT never saw quantized (not timed)")
+WEIGHT_ONLY_WHY = ("weight-only layer (activation None: QAT trained it so, or post-training layer_specs asked it): it "
+                   "runs dequant, the int8 implementation that keeps its input float; the others quantize its input "
+                   "(not timed)")
 
 
 def wide_k_why(k: int) -> str:

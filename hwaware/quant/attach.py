@@ -633,15 +633,19 @@ def detach_quantization(model: nn.Module, names: Optional[Iterable[str]] = None)
             m.use_nested_tensor = m.__dict__.pop(_NESTED_ATTR)
 
 
-def set_fp32_reference(model: nn.Module, state_dict: Optional[Dict[str, Tensor]]) -> None:
+def set_fp32_reference(model: nn.Module, state_dict: Optional[Dict[str, Tensor]], *, keep_others: bool = False) -> None:
     """Keep the FP32 weights (a ``state_dict``, on CPU) with the model, outside its module tree, so
-    export's regression gate finds them without knowing which callback produced them."""
+    export's regression gate finds them without knowing which callback produced them. Any other
+    references (:func:`set_other_fp32_references`) are dropped unless ``keep_others``: a reference
+    set anew is the gate's, not measured beside a stale one."""
     model.__dict__[_REF_ATTR] = state_dict
+    if not keep_others:
+        model.__dict__.pop(_OTHER_REFS_ATTR, None)
 
 
 def set_other_fp32_references(model: nn.Module, references: Dict[str, Dict[str, Tensor]]) -> None:
     """More FP32 models of the run for export's gate, ``{label: state_dict}``, beside the one
-    :func:`set_fp32_reference` keeps (labelled ``primary_label``): the gate measures each and
+    :func:`set_fp32_reference` keeps (set after it: setting that one drops these): the gate measures each and
     compares the export against the best. With 2:4 pruning before QAT the primary is the dense
     model at pruning start; the model at QAT start is the other: a dense model that had not learned
     yet (pruning from an early epoch) scored near chance and gated nothing (a trial)."""

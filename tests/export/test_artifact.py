@@ -86,7 +86,8 @@ def test_round_trip_preserves_tensors_dtypes_and_manifest(tmp_path):
     m = read_manifest(path)
     assert m == written == verify_artifact(path)
     assert ADDED <= set(m)
-    assert m["format"] == FORMAT_NAME == "hwaware-artifact" and m["format_version"] == FORMAT_VERSION == 1
+    # format 1: nothing of format 2 (tied_tensors) in it, so an older hwaware reads it
+    assert m["format"] == FORMAT_NAME == "hwaware-artifact" and m["format_version"] == 1 and FORMAT_VERSION == 2
     assert m["hwaware_version"] == hwaware.__version__ and m["torch_version"] == torch.__version__
     assert m["layers"] == {"fc": {"scheme": "w8", "shape": [16, 8]}} and m["fp32_bytes"] == 1234
     assert set(m["files"]) == {"weights.safetensors"}
@@ -200,10 +201,22 @@ def test_refuses_manifest_not_json_or_wrong_format(art):
 
 
 def test_refuses_newer_format_version_with_upgrade_hint(art):
-    _rehash(art, lambda m: m.update(format_version=2))
-    with pytest.raises(ArtifactError, match=r"manifest.json: written by a newer hwaware \(format 2\); "
-                                            r"this hwaware reads format 1; upgrade hwaware"):
+    _rehash(art, lambda m: m.update(format_version=3))
+    with pytest.raises(ArtifactError, match=r"manifest.json: written by a newer hwaware \(format 3\); "
+                                            r"this hwaware reads format 2; upgrade hwaware"):
         verify_artifact(art)
+
+
+def test_an_artifact_using_format_2_says_so_and_format_1_may_not_hold_its_fields(tmp_path):
+    """tied_tensors (format 2) read by a format-1 reader looked like missing tensors ("does not
+    match the model"): such an artifact is written as format 2, which that reader refuses with
+    "upgrade hwaware"; one that needs nothing of format 2 stays format 1."""
+    m = write_artifact(tmp_path / "a", {"tied_tensors": {"b": "a"}}, {"a": torch.zeros(2)})
+    assert m["format_version"] == 2
+    verify_artifact(tmp_path / "a")
+    _rehash(str(tmp_path / "a"), lambda m: m.update(format_version=1))
+    with pytest.raises(ArtifactError, match=r"format_version 1 with format 2's \['tied_tensors'\]"):
+        verify_artifact(tmp_path / "a")
 
 
 @pytest.mark.parametrize("version", [0, "1", 1.0, True, None])

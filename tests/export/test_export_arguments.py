@@ -139,7 +139,7 @@ def test_post_training_export_takes_skip_and_layer_specs(tmp_path):
     assert art.manifest["dense_layers"] == {"head": "skipped by post-training quantization: matches skip pattern 'head'"}
     assert art.manifest["post_training"] is True
     assert art.manifest["post_training_options"] == {"skip": ["head"], "layer_specs": {
-        "mid": {"weight": "int4/g32/sym"}, "body": {"activation": None}}}
+        "mid": {"weight": QuantSpec(bits=4, granularity="per_group", group_size=32).to_dict()}, "body": {"activation": None}}}
     # the user's model is left as it was
     assert not quant_states(model) and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     loaded = load(art.path, model=_Head())
@@ -153,6 +153,10 @@ def test_post_training_export_takes_skip_and_layer_specs(tmp_path):
     (dict(skip=["nope"]), ValueError, r"skip pattern 'nope' matches no"),
     (dict(layer_specs={"mid": {"activation": __import__("hwaware").QuantSpec(granularity="per_tensor")}}), ValueError,
      r"layer_specs\['mid'\]\['activation'\] is int8/per_tensor/sym; post-training export takes no calibration"),
+    (dict(layer_specs={"mid": {"activation": __import__("hwaware").QuantSpec(granularity="per_row", dynamic=True,
+                                                                             symmetric=False)}}), ValueError,
+     r"layer_specs\['mid'\]\['activation'\] is int8/per_row/asym/dyn; post-training export takes no calibration and "
+     r"serves a Linear's input per token"),  # (was accepted, and served symmetric)
     (dict(layer_specs={"mid": __import__("hwaware").QuantSpec(bits=8, granularity="per_tensor")}), ValueError,
      r"layer_specs asks post-training export for specs no deploy op packs .* mid: no deploy op for int8/per_tensor/sym"),
     (dict(layer_specs=["mid"]), TypeError, r"layer_specs must be a mapping"),
@@ -171,7 +175,8 @@ def test_skip_and_layer_specs_are_refused_for_a_model_qat_quantized(tmp_path):
     model, val = _Head(), _head_val()
     plan, _ = find_quantizable(model, weight_spec=QuantSpec(bits=8, granularity="per_channel"))
     attach_quantization(model, plan)
-    for kw in (dict(skip="head"), dict(layer_specs={"mid": QuantSpec(bits=4, granularity="per_group", group_size=32)})):
+    for kw in (dict(skip="head"), dict(layer_specs={"mid": QuantSpec(bits=4, granularity="per_group", group_size=32)}),
+               dict(layer_specs={"mid": {"activation": QuantSpec(granularity="per_tensor")}})):  # (not the PTQ message)
         with pytest.raises(ValueError, match=r"skip= and layer_specs= choose what post-training export quantizes; _Head "
                                              r"was quantized by QAT \(3 layers\)"):
             export(model, tmp_path / "a", val_dataloader=val, **kw)

@@ -1029,3 +1029,46 @@ def test_the_gate_compares_against_the_better_of_the_runs_fp32_models(tmp_path):
     assert refs["fp32 at QAT start"] > refs["dense at 2:4 pruning start"]
     assert e.value.report["reference"] == refs["fp32 at QAT start"]
     assert not (tmp_path / "art").exists()
+
+
+class ParamAlsoABuffer(nn.Module):
+    """A LayerNorm's weight registered as another module's buffer too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(8)
+        self.side = nn.Module()
+        self.side.register_buffer("scale", self.ln.weight)
+        self.lin = nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.lin(self.ln(x) * self.side.scale).squeeze(-1)
+
+
+def test_a_parameter_also_registered_as_a_buffer_exports_and_loads_tied(tmp_path):
+    """Stored once, the buffer's key was not among the stored tensors, so it went in again as a
+    non-persistent buffer, which load refused (a review)."""
+    torch.manual_seed(0)
+    model, x = ParamAlsoABuffer(), torch.randn(16, 8)
+    with torch.no_grad():
+        model.ln.weight.uniform_(0.5, 1.5)
+    art = export(model, tmp_path / "a", example_inputs=(x,))
+    assert art.manifest["tied_tensors"] == {"side.scale": "ln.weight"} and art.manifest["format_version"] == 2
+    for given in (ParamAlsoABuffer, ParamAlsoABuffer()):
+        loaded = load(art.path, model=given)
+        assert loaded.side.scale is loaded.ln.weight
+        torch.testing.assert_close(loaded(x), art.model(x), atol=0, rtol=0)
+
+
+def test_setting_the_reference_anew_drops_the_other_references():
+    """A user setting their own reference after a prune-then-QAT fit had the stale QAT-start model
+    measured beside it, and theirs labelled 'dense at 2:4 pruning start' (a review)."""
+    from hwaware.quant.attach import other_fp32_references, set_fp32_reference, set_other_fp32_references
+
+    m = nn.Linear(2, 2)
+    set_fp32_reference(m, {"a": torch.zeros(1)})
+    set_other_fp32_references(m, {"fp32 at QAT start": {"a": torch.ones(1)}})
+    set_fp32_reference(m, {"a": torch.zeros(1)}, keep_others=True)  # SemiStructuredSparsity's restore keeps them
+    assert list(other_fp32_references(m)) == ["fp32 at QAT start"]
+    set_fp32_reference(m, {"a": torch.ones(1)})
+    assert other_fp32_references(m) == {}
