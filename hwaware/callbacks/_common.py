@@ -56,8 +56,9 @@ def _scalar_metrics(trainer: "pl.Trainer") -> Dict[str, float]:
 
 
 # where a scheduler keeps absolute learning rates it computes ``lr`` from (LambdaLR, CyclicLR, ...: base
-# and max; CosineAnnealing*: the floor eta_min; ReduceLROnPlateau: its floors): scaled with the rates
-SCHEDULER_LR_ATTRS = ("base_lrs", "max_lrs", "min_lrs", "eta_min")
+# and max; CosineAnnealing*: the floor eta_min; ReduceLROnPlateau: its floors, and the default one it
+# gives a param group added later): scaled with the rates
+SCHEDULER_LR_ATTRS = ("base_lrs", "max_lrs", "min_lrs", "default_min_lr", "eta_min")
 
 
 def schedulers_in(scheduler: Any) -> List[Any]:
@@ -109,22 +110,40 @@ def _scale_lr(trainer: "pl.Trainer", factor: float) -> None:
             s._last_lr = [x * factor for x in last]
 
 
-def check_steps_went_through_lightning(trainer: "pl.Trainer", pl_module: "pl.LightningModule", epoch_start_step: int,
-                                       who: str) -> None:
-    """At a training epoch's end: refuse a manual-optimization module whose epoch took batches but
-    no optimizer step Lightning saw. It steps the torch optimizer itself
-    (``self.optimizers(use_pl_optimizer=False)``), past the hooks the callbacks act in (gradients
-    dropped during calibration, schedules counted in ``global_step``): calibration trained the
-    weights, ``qat_epochs`` never counted an epoch, and pruning blamed the optimizer at the end."""
-    if getattr(pl_module, "automatic_optimization", True) or trainer.global_step != epoch_start_step:
-        return
-    batches = getattr(getattr(getattr(trainer.fit_loop, "epoch_loop", None), "batch_progress", None), "current", None)
-    if batches is None or not getattr(batches, "completed", 0):
-        return
-    raise RuntimeError(f"{who}: this epoch ran {batches.completed} training batch(es) under manual optimization, but "
-                       f"no optimizer step went through Lightning (global_step stayed {trainer.global_step}). Step the "
-                       "optimizers self.optimizers() returns (LightningOptimizer), not the torch optimizers "
-                       "(use_pl_optimizer=False): hwaware's callbacks act in the hooks around that step")
+class LightningStepWatch:
+    """Refuses an optimizer step Lightning did not make: a manual-optimization module stepping the
+    torch optimizer itself (``self.optimizers(use_pl_optimizer=False)``) passes by the hooks the
+    callbacks act in (gradients dropped during calibration, masks applied, steps counted in
+    ``global_step``): calibration trained the weights, ``qat_epochs`` never counted an epoch, and
+    pruning blamed the optimizer at the end. A step post-hook on each torch optimizer checks that
+    ``on_before_optimizer_step`` (which Lightning runs inside every step it makes, automatic or
+    manual) came first; a step may be made anywhere (an epoch-end hook, across epochs)."""
+
+    def __init__(self, who: str) -> None:
+        self.who = who
+        self._handles: List[Any] = []
+        self._lightning = False
+
+    def attach(self, optimizers: Sequence[Any]) -> None:
+        self.detach()
+        self._handles = [opt.register_step_post_hook(self._after_step) for opt in optimizers]
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def lightning_step(self) -> None:
+        """Call from ``on_before_optimizer_step``."""
+        self._lightning = True
+
+    def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if not self._lightning:
+            raise RuntimeError(f"{self.who}: {type(optimizer).__name__}.step() ran outside Lightning's optimizer step (no "
+                               "on_before_optimizer_step before it): step the optimizers self.optimizers() returns "
+                               "(LightningOptimizer), not the torch optimizers (use_pl_optimizer=False); hwaware's "
+                               "callbacks act in the hooks around that step")
+        self._lightning = False
 
 
 def _refuse_multiprocessing_launch(trainer: "pl.Trainer", who: str) -> None:

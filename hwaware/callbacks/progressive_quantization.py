@@ -19,7 +19,7 @@ import copy
 import math
 import warnings
 import weakref
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import pytorch_lightning as pl
 import torch
@@ -31,8 +31,8 @@ from typing_extensions import override
 
 from hwaware._predict import model_predictions, side_effect_free
 from hwaware.callbacks._common import (
-    _RestoresForEvaluation, _check_choice, _check_int, _refuse_multiprocessing_launch, _scalar_metrics, _scale_lr,
-    check_steps_went_through_lightning, scheduler_lrs, settings_of, warn_changed_settings,
+    LightningStepWatch, _RestoresForEvaluation, _check_choice, _check_int, _refuse_multiprocessing_launch, _scalar_metrics,
+    _scale_lr, scheduler_lrs, settings_of, warn_changed_settings,
 )
 from hwaware.ops.packing import int8_weight_spec
 from hwaware.quant.attach import (
@@ -120,7 +120,7 @@ class ProgressiveQuantization(_RestoresForEvaluation):
             the FBGEMM layout; ``None`` leaves tables in FP32). Must be ``per_row``.
         skip: ``fnmatch`` patterns of layer names to leave in FP32 (``"top_mlp.4"``, ``"*.head"``);
             a pattern matching a parent's name (``"top_mlp"``) skips every layer under it. A pattern
-            that matches nothing in the model raises ``ValueError`` at ``setup`` (a typo there would
+            that matches nothing in the model raises ``ValueError`` at fit start (a typo there would
             quantize the layer it meant to keep).
         layer_specs: per-layer overrides of the specs above, ``{fnmatch pattern: override}`` with the
             patterns matched like ``skip``. An override is a :class:`QuantSpec` (the weight spec of
@@ -129,8 +129,9 @@ class ProgressiveQuantization(_RestoresForEvaluation):
             global spec. The first matching pattern (in the mapping's order) wins, and ``skip`` wins
             over ``layer_specs``. Example: ``{"top_mlp.0": QuantSpec(bits=4, granularity="per_group",
             group_size=128), "top_mlp.*": {"activation": None}}``. Checked when the model is first
-            seen (``setup``): a pattern that matches no quantizable layer (or only layers an earlier
-            pattern claims) or an override invalid for a layer's kind raises ``ValueError``; an
+            seen (fit start, after the module's ``setup`` / ``configure_model``): a pattern that
+            matches no quantizable layer (or only layers an earlier pattern claims) or an override
+            invalid for a layer's kind raises ``ValueError``; an
             override the layer cannot take (``per_group`` on a conv, a ``group_size`` that does not
             divide ``in_features``) skips the layer with the reason, as the global ``weight_spec``
             does. Saved in checkpoints: a run resumed after calibration started must pass the same
@@ -151,7 +152,7 @@ class ProgressiveQuantization(_RestoresForEvaluation):
 
     Raises:
         ValueError: any argument outside its allowed set (raised here, at construction); a model
-            with no quantizable layer (raised at ``setup``); NaN/inf seen while quantizing (names
+            with no quantizable layer (raised at fit start); NaN/inf seen while quantizing (names
             the layer); ``monitor`` never logged with ``start="plateau"``; a model that cannot be
             run on its batches the way the output KL runs it (checked once, at the first validation
             batch, or at the first calibration batch if none came before: not after training).
@@ -164,9 +165,12 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         TypeError: a spec that is not a :class:`QuantSpec`; ``layer_specs`` values that are not a
             QuantSpec or a dict of them (``"activation"`` may be None).
         RuntimeError: a fit that would train on after this callback finished (phase ``"done"``: a
-            second ``fit`` with the same callback, or a resume from a checkpoint written after it
-            finished), at the first epoch it would train: the weights would move away from the
-            scales QAT froze and validated, and export would clip them.
+            second ``fit`` of the same model with the same callback, or a resume from a checkpoint
+            written after it finished), at the first epoch it would train: the weights would move
+            away from the scales QAT froze and validated, and export would clip them; a RuntimeError
+            too for an optimizer step Lightning did not make (a manual-optimization module stepping
+            the torch optimizer itself, ``use_pl_optimizer=False``), at that step. A fit on another
+            model starts this callback afresh.
     """
 
     def __init__(
@@ -271,6 +275,7 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         self.output_kind = output_kind
 
         self._model_ref: Optional[weakref.ref] = None  # the model this callback's state belongs to
+        self._step_watch = LightningStepWatch("ProgressiveQuantization")
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -388,6 +393,7 @@ class ProgressiveQuantization(_RestoresForEvaluation):
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._step_watch.attach(trainer.optimizers)
         if self.qat_epochs is not None and self.phase == "qat" and self._qat_epochs_done >= self.qat_epochs:
             # resumed from a checkpoint written after the last QAT epoch (Lightning does not save
             # should_stop): no more training, the end of fit validates
@@ -488,6 +494,7 @@ class ProgressiveQuantization(_RestoresForEvaluation):
 
     @override
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self._step_watch.lightning_step()
         if self.phase == "calibrate":
             # calibration observes, it does not train: without gradients the optimizer skips every
             # parameter (weights, Adam moments and weight decay stay as they were; per-step LR
@@ -510,7 +517,6 @@ class ProgressiveQuantization(_RestoresForEvaluation):
 
     @override
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        check_steps_went_through_lightning(trainer, pl_module, self._epoch_start_step, "ProgressiveQuantization")
         self._sync_running_observers()
         if self._called is not None and self.phase == "qat":  # after this epoch's validation too
             self._drop_uncalled(trainer, pl_module)
@@ -630,6 +636,7 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         # end (stopped inside it) leaves no KL collector on the layers. Call tracking is not touched
         # here: on_fit_end and on_exception end it, and nothing else may stop it mid-fit
         self._remove_collector()
+        self._step_watch.detach()
 
     def _remove_collector(self) -> None:
         """Take the per-layer KL collector's hooks off the model (its results are dropped)."""
@@ -802,7 +809,7 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         self._history.append({"phase": phase, "epoch": trainer.current_epoch, "step": trainer.global_step})
 
     def _enter_calibrate(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        with warnings.catch_warnings():  # the plan's warnings were given at setup, on the same model
+        with warnings.catch_warnings():  # the plan's warnings were given at fit start, on the same model
             warnings.simplefilter("ignore", UserWarning)
             plan, skipped = self._plan(pl_module)
         self._skipped = skipped
@@ -949,28 +956,35 @@ class ProgressiveQuantization(_RestoresForEvaluation):
     def _add_lsq_params(self, trainer: "pl.Trainer") -> None:
         """Put the learned (LSQ) scales in the optimizer that trains their layer's weights, one new
         param group per optimizer (weight decay off), in layer order: a GAN's discriminator's scales
-        went to the generator's optimizer, stepped on the generator's loss. A layer no optimizer
-        trains (frozen) has its scales learned by the first optimizer."""
+        went to the generator's optimizer, stepped on the generator's loss. The group takes the
+        hyperparameters of the group holding the first such layer's weights (its rate, scaled like
+        it; the keys its scheduler reads: OneCycleLR's ``initial_lr`` / ``max_lr`` were missing,
+        a KeyError at QAT's first step). A layer no optimizer trains (frozen) has its scales
+        learned by the first optimizer, at its first group's hyperparameters."""
         if not trainer.optimizers:
             return
-        owner: Dict[int, int] = {}  # id(parameter) -> index of the optimizer holding it
+        owner: Dict[int, Tuple[int, Dict[str, Any]]] = {}  # id(parameter) -> (optimizer index, its group)
         for i, opt in enumerate(trainer.optimizers):
             for group in opt.param_groups:
                 for p in group["params"]:
-                    owner.setdefault(id(p), i)
+                    owner.setdefault(id(p), (i, group))
         module = trainer.lightning_module
         buckets: Dict[int, List[nn.Parameter]] = {}
+        like: Dict[int, Dict[str, Any]] = {}  # optimizer index -> the group its new one copies
         for name, st in self._states.items():
             learned = [q.make_learnable() for q in st.quantizers()
                        if q.spec.learnable and not q.spec.dynamic and q.has_qparams]
             if not learned:
                 continue
             layer = module.get_submodule(name) if module is not None else None
-            where = next((owner[id(p)] for p in (layer.parameters() if layer is not None else ()) if id(p) in owner), 0)
+            where, group = next((owner[id(p)] for p in (layer.parameters() if layer is not None else ()) if id(p) in owner),
+                                (0, trainer.optimizers[0].param_groups[0]))
+            like.setdefault(where, group)
             buckets.setdefault(where, []).extend(p for p in learned if id(p) not in owner)
         for i in sorted(buckets):
             if buckets[i]:
-                trainer.optimizers[i].add_param_group({"params": buckets[i], "weight_decay": 0.0})
+                hyper = {k: copy.deepcopy(v) for k, v in like[i].items() if k not in ("params", "weight_decay")}
+                trainer.optimizers[i].add_param_group({**hyper, "params": buckets[i], "weight_decay": 0.0})
 
     def _drop_lsq_params(self, trainer: "pl.Trainer", names: List[str]) -> None:
         """Take the learned scales of ``names`` out of the optimizer (and its state), so that a resume,

@@ -31,8 +31,8 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from hwaware.callbacks._common import (
-    _RestoresForEvaluation, _check_choice, _check_int, _refuse_multiprocessing_launch, _scalar_metrics, _scale_lr,
-    check_steps_went_through_lightning, settings_of, warn_changed_settings,
+    LightningStepWatch, _RestoresForEvaluation, _check_choice, _check_int, _refuse_multiprocessing_launch, _scalar_metrics,
+    _scale_lr, settings_of, warn_changed_settings,
 )
 from hwaware.quant.attach import lazy_reason, set_fp32_reference, skip_patterns
 from hwaware.sparsity.masks import (
@@ -161,7 +161,7 @@ class SemiStructuredSparsity(_RestoresForEvaluation):
         self._model_ref: Optional[weakref.ref] = None
         self._training = False  # on_train_start ran for the fit under way (its setup too)
         self._layers_pending = False  # lazy layers at fit start: the layers are found at pruning start
-        self._epoch_start_step = 0  # global_step when the training epoch under way started
+        self._step_watch = LightningStepWatch("SemiStructuredSparsity")
 
     def _reset(self) -> None:
         """Back to dense, for a fit on another model."""
@@ -237,6 +237,7 @@ class SemiStructuredSparsity(_RestoresForEvaluation):
         # pruned layers an optimizer updates is read at every step (layers may be unfrozen later).
         self._remove_hooks()
         self._training = True
+        self._step_watch.attach(trainer.optimizers)
         for opt in trainer.optimizers:
             self._handles.append(opt.register_step_post_hook(self._after_step))
         with torch.no_grad():  # the model may have moved since the masks were made
@@ -270,6 +271,7 @@ class SemiStructuredSparsity(_RestoresForEvaluation):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         # after backward, before the update (Lightning calls this inside the optimizer closure; a
         # step pre-hook would run before the closure, i.e. before the forward)
+        self._step_watch.lightning_step()
         if self.phase == "dense":
             return
         optimizer = getattr(optimizer, "_optimizer", optimizer)
@@ -323,6 +325,7 @@ class SemiStructuredSparsity(_RestoresForEvaluation):
         for h in self._handles:
             h.remove()
         self._handles, self._owned = [], {}
+        self._step_watch.detach()
 
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -342,14 +345,6 @@ class SemiStructuredSparsity(_RestoresForEvaluation):
                 for name in self._swapped:
                     self._layers[name].weight.copy_(self._dense[name] * self._masks[name])
             self._swapped.clear()
-
-    @override
-    def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._epoch_start_step = trainer.global_step
-
-    @override
-    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        check_steps_went_through_lightning(trainer, pl_module, self._epoch_start_step, "SemiStructuredSparsity")
 
     @override
     def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

@@ -1526,3 +1526,39 @@ def test_a_callback_reused_on_a_new_model_starts_from_that_models_own_plateau(tm
     _fit(tmp_path / "fresh", fresh, max_epochs=5)
     assert qat_start(fresh) == 3 and qat_start(reused) == 3
     assert reused.report["phases"] == fresh.report["phases"]
+
+
+class OneCycle(TinyCTR):
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.lr, total_steps=40)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def test_learned_scales_take_their_layers_group_hyperparameters_a_scheduler_reads(tmp_path):
+    """The LSQ param group lacked OneCycleLR's initial_lr / max_lr: a KeyError at QAT's first step
+    (a review). It copies the hyperparameters of its layers' group, weight decay off."""
+    cb = ProgressiveQuantization(start_epoch=1, calibration_batches=2, weight_spec=QuantSpec(learnable=True),
+                                 lr_scale=0.1)
+    trainer, _ = _fit(tmp_path, cb, model=OneCycle(), max_epochs=3)
+    groups = trainer.optimizers[0].param_groups
+    assert len(groups) == 2 and groups[1]["weight_decay"] == 0.0
+    for k in ("lr", "initial_lr", "max_lr", "min_lr", "momentum"):
+        assert groups[1][k] == pytest.approx(groups[0][k], rel=1e-12), k
+
+
+def test_a_plateau_schedulers_default_floor_scales_for_the_group_lsq_adds():
+    """ReduceLROnPlateau rebuilds min_lrs from default_min_lr when a group is added: the unscaled
+    floor came back and the rate was never reduced again (a review)."""
+    import types
+
+    from hwaware.callbacks._common import _scale_lr
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.1)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0, min_lr=0.02)
+    _scale_lr(types.SimpleNamespace(optimizers=[opt], lr_scheduler_configs=[types.SimpleNamespace(scheduler=sched)]), 0.01)
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.001})
+    for _ in range(6):
+        sched.step(1.0)
+    assert [g["lr"] for g in opt.param_groups] == [pytest.approx(2e-4, rel=1e-12)] * 2
