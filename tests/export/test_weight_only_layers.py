@@ -28,7 +28,7 @@ def test_a_weight_only_layer_runs_dequant_and_only_the_others_are_chosen_for(tra
     layers = art.manifest["layers"]
     assert layers["mlp.0"]["weight_only"] is True and layers["mlp.0"]["kernels"]["cpu"] == "dequant"
     assert layers["mlp.0"]["activation"].startswith("none: the input stays float")
-    assert layers["mlp.0"]["selection"]["cpu"]["why"].startswith("QAT trained this layer weight-only")
+    assert layers["mlp.0"]["selection"]["cpu"]["why"].startswith("weight-only layer (activation None: QAT trained it so")
     assert "weight_only" not in layers["mlp.2"] and layers["mlp.2"]["kernels"]["cpu"] == "int_mm"
     assert layers["mlp.2"]["qat_activation"] and "qat_activation" not in layers["mlp.0"]
     assert set(art.manifest["regression"]["by_impl"]) == {"int_mm"}  # the gate switched mlp.2 only
