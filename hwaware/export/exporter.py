@@ -1119,7 +1119,8 @@ def export(
         raise TypeError(f"batch_hooks={batch_hooks!r}; expected True or False")
     skip = skip_patterns(skip)
     overrides = normalize_layer_specs(layer_specs)
-    for pattern, entry in overrides.items() if not quant_states(model) else ():  # (a QAT model: refused below)
+    states = quant_states(model)
+    for pattern, entry in overrides.items() if not states else ():  # (a QAT model: refused below)
         # no calibration: only what the deploy kernels quantize as it comes (per token) is served
         act = entry.get("activation", _PTQ_ACT)
         if act is not None and act != _PTQ_ACT:
@@ -1138,7 +1139,6 @@ def export(
     val_batches = HookedBatches(val_dataloader, model, torch.device(device), "export") if hooks else val_dataloader
     check_target(path, overwrite)  # an unwritable path is refused now, not after the gate
 
-    states = quant_states(model)
     ptq = not states
     if not ptq and (skip or overrides):
         raise ValueError(f"export: skip= and layer_specs= choose what post-training export quantizes; "
