@@ -50,7 +50,7 @@ from hwaware.ops.packing import INT8_MAX_K, decompress_24, dequantize_int4_weigh
 from hwaware.ops.reference import (dot_interaction_backward_ref, dot_interaction_ref, int8_linear_ref,
                                    quantize_per_token_ref, w8a8_epilogue_ref)
 
-__all__ = ["int8_linear", "int8_mlp", "int8_mlp_quantized", "dot_interaction_int8", "embedding_interaction", "embedding_interaction_int8", "int4_linear", "embedding_bag_rowwise", "embedding_bags_rowwise", "sparse24_linear", "dot_interaction",
+__all__ = ["int8_linear", "int8_mlp", "int8_mlp_quantized", "int8_mlp24", "int8_mlp24_quantized", "dot_interaction_int8", "embedding_interaction", "embedding_interaction_int8", "int4_linear", "embedding_bag_rowwise", "embedding_bags_rowwise", "sparse24_linear", "dot_interaction",
            "INT8_KERNELS", "SPARSE24_KERNELS", "REDUCE_RANGE", "FBGEMM_MAX_K", "clear_cache"]
 
 _FLOAT_X = (torch.float32, torch.bfloat16, torch.float16)
@@ -679,6 +679,91 @@ def _(codes, scales, qweights, w_scales, biases, relus):
 
 
 int8_mlp_quantized.register_kernel("cuda")(_int8_mlp_quantized_any)
+
+
+# -- hwaware::int8_mlp24 / int8_mlp24_quantized: int8_mlp whose layers may be 2:4 compressed ---------
+# A 2:4 layer with int8 values serves int8_linear's int_mm math on its decompressed codes (sparse24_linear
+# kernel "dense"), so a run of such layers and plain int8 ones is an int8_mlp over those codes. These
+# take each layer in the form the artifact stores it (``metas[i]`` None: ``qweights[i]`` is the [N, K]
+# codes; otherwise it is the [N, K/2] 2:4 values and ``metas[i]`` their positions), so an exported
+# program holds the compressed weights; the codes are decompressed once per weight (cached, the same
+# entry sparse24_linear's "dense" kernel uses). Separate ops: int8_mlp's schema stays as programs
+# exported before these recorded it.
+
+def _mlp24_shapes(qweights: Sequence[Tensor], metas: Sequence[Optional[Tensor]]) -> List[Tensor]:
+    """Validate the 2:4 layers' values and metadata; return every layer's [N, K] int8 codes as a
+    meta-device placeholder (for :func:`_check_int8_mlp`'s shape and dtype checks)."""
+    if len(metas) != len(qweights):
+        raise ValueError(f"int8_mlp24 needs one meta (or None) per layer, got {len(metas)} metas for "
+                         f"{len(qweights)} qweights")
+    shapes = []
+    for i, (qw, meta) in enumerate(zip(qweights, metas)):
+        if meta is None:
+            shapes.append(qw)
+            continue
+        _dt(f"qweights[{i}]", qw, (torch.int8,), "[N, K/2] int8 2:4 values (metas[i] given)")
+        if qw.dim() != 2:
+            raise ValueError(f"qweights[{i}] must be 2-D [N, K/2] 2:4 values, got shape {list(qw.shape)}")
+        n, k = qw.shape[0], 2 * qw.shape[1]
+        _check_width(f"qweights[{i}]", n, k)
+        if k % 4:
+            raise ValueError(f"qweights[{i}] must have shape [N, K/2] with K a multiple of 4, got {list(qw.shape)} (K={k})")
+        _dt(f"metas[{i}]", meta, (torch.uint8,), "[N, ceil(K/8)] uint8 (2:4 metadata)")
+        _shape(f"metas[{i}]", meta, (n, (k // 4 + 1) // 2), "[N, ceil(K/8)]")
+        shapes.append(torch.empty((n, k), dtype=torch.int8, device="meta"))
+    return shapes
+
+
+def _mlp24_codes(qweights: Sequence[Tensor], metas: Sequence[Optional[Tensor]]) -> List[Tensor]:
+    return [qw if meta is None else _CACHE.get((qw, meta), ("sparse24_int8_codes",),
+                                               lambda qw=qw, meta=meta: decompress_24(qw, meta, 2 * qw.shape[1]))
+            for qw, meta in zip(qweights, metas)]
+
+
+@_define("int8_mlp24(Tensor x, Tensor[] qweights, Tensor?[] metas, Tensor[] w_scales, Tensor?[] biases, "
+         "bool[] relus) -> Tensor")
+def int8_mlp24(x: Tensor, qweights: List[Tensor], metas: List[Optional[Tensor]], w_scales: List[Tensor],
+               biases: List[Optional[Tensor]], relus: List[bool]) -> Tensor:
+    """:func:`int8_mlp` over layers of which some are 2:4 compressed (``metas[i]`` given: ``qweights[i]``
+    holds the int8 2:4 values): bit for bit ``int8_mlp`` of the decompressed codes, and so each 2:4
+    layer ``sparse24_linear(..., kernel="dense")`` of the previous output (with ``torch.relu`` where
+    ``relus`` says)."""
+    _check_int8_mlp(x, _mlp24_shapes(qweights, metas), w_scales, biases, relus)
+    return int8_mlp.__wrapped__(x, _mlp24_codes(qweights, metas), w_scales, biases, relus)
+
+
+@int8_mlp24.register_fake
+def _(x, qweights, metas, w_scales, biases, relus):
+    shapes = _mlp24_shapes(qweights, metas)
+    _check_int8_mlp(x, shapes, w_scales, biases, relus)
+    return x.new_empty((*x.shape[:-1], shapes[-1].shape[0]))
+
+
+@int8_mlp24.register_kernel("cuda")
+def _(x, qweights, metas, w_scales, biases, relus):  # the codes decompressed once, then int8_mlp's launches
+    _check_int8_mlp(x, _mlp24_shapes(qweights, metas), w_scales, biases, relus)
+    return torch.ops.hwaware.int8_mlp.default(x, _mlp24_codes(qweights, metas), w_scales, biases, relus)
+
+
+@_define("int8_mlp24_quantized(Tensor codes, Tensor scales, Tensor[] qweights, Tensor?[] metas, Tensor[] w_scales, "
+         "Tensor?[] biases, bool[] relus) -> Tensor")
+def int8_mlp24_quantized(codes: Tensor, scales: Tensor, qweights: List[Tensor], metas: List[Optional[Tensor]],
+                         w_scales: List[Tensor], biases: List[Optional[Tensor]], relus: List[bool]) -> Tensor:
+    """:func:`int8_mlp_quantized` over layers of which some are 2:4 compressed (as :func:`int8_mlp24`)."""
+    _check_int8_mlp_quantized(codes, scales, _mlp24_shapes(qweights, metas), w_scales, biases, relus)
+    return int8_mlp_quantized.__wrapped__(codes, scales, _mlp24_codes(qweights, metas), w_scales, biases, relus)
+
+
+@int8_mlp24_quantized.register_fake
+def _(codes, scales, qweights, metas, w_scales, biases, relus):
+    shapes = _mlp24_shapes(qweights, metas)
+    _check_int8_mlp_quantized(codes, scales, shapes, w_scales, biases, relus)
+    return codes.new_empty((codes.shape[0], shapes[-1].shape[0]), dtype=torch.float32)
+
+
+@int8_mlp24_quantized.register_kernel("cuda")
+def _(codes, scales, qweights, metas, w_scales, biases, relus):
+    return _int8_mlp_quantized_any(codes, scales, _mlp24_codes(qweights, metas), w_scales, biases, relus)
 
 
 def _int8_dequantized(qweight: Tensor, w_scale: Tensor) -> Tensor:
