@@ -4,6 +4,8 @@
     python benchmarks/bench_export_recsys.py --fast     # smoke
     python benchmarks/bench_export_recsys.py --embedding-dim 64   # DESIGN.md's 64-dim tables ->
                                                        # results/export_recsys_d64_cpu.json
+    python benchmarks/bench_export_recsys.py --sparsity 2:4       # the recipe's --sparsity 2:4 (2:4 + int8
+                                                       # MLPs) -> results/export_recsys_d16_s24_cpu.json
 
 For each table width (int8, int4 rows) the recipe trains FP32 -> QAT and exports; then, in one
 interleaved timing run at batch 2048, FP32 eager, `quantize_dynamic` (its Linears, the baseline a
@@ -18,7 +20,7 @@ Experiment, not shipped (``exported_per_tensor_act``): the same artifact with ev
 served by fbgemm's own dynamic linear (per-TENSOR uint8 activations, no per-token rescale around
 it): speed and AUROC of the alternative the team has to decide on (README, "Measured").
 Ablations: ``exported_unchained``, the artifact with its int8 layers called one by one instead of
-as ``hwaware::int8_mlp`` chains, and with the lookups and the float interaction rows written out (the
+as ``hwaware::int8_mlp`` chains (``int8_mlp24`` with 2:4 layers in them), and with the lookups and the float interaction rows written out (the
 same output bits, so speed only); ``exported_without_amx``, the artifact with the AMX engine switched
 off, so its int8 pass runs on VNNI, as a CPU with VNNI but without AMX-INT8 would run it.
 """
@@ -199,9 +201,13 @@ def main() -> None:
     p.add_argument("--embedding-dim", type=int, default=16, help="the recipe's --embedding-dim (default 16)")
     p.add_argument("--bottom-mlp", default=None, help="the recipe's --bottom-mlp (default: the recipe's)")
     p.add_argument("--top-mlp", default=None, help="the recipe's --top-mlp (default: the recipe's)")
+    p.add_argument("--sparsity", choices=("none", "2:4"), default="none", help="the recipe's --sparsity")
     args = p.parse_args()
     model_argv = ["--embedding-dim", str(args.embedding_dim)]
     tag = f"d{args.embedding_dim}"
+    if args.sparsity == "2:4":
+        model_argv += ["--sparsity", "2:4"]
+        tag += "_s24"
     for flag, value in (("--bottom-mlp", args.bottom_mlp), ("--top-mlp", args.top_mlp)):
         if value is not None:
             model_argv += [flag, value]

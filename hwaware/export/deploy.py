@@ -464,9 +464,20 @@ def _cpu_impl(m: "Int8Linear") -> str:
     return INT8_KERNELS["cpu"][0] if impl == "auto" else impl  # "auto" is the device's first
 
 
+def _chains(m: nn.Module, any_impl: bool) -> bool:
+    """Whether ``m`` can be a layer of an ``int8_mlp`` run: an :class:`Int8Linear` on CPU ``int_mm``, or
+    a :class:`Sparse24Linear` with int8 values on CPU ``"dense"`` (int_mm's math on its decompressed
+    codes); with ``any_impl``, either on any implementation that quantizes its input (not weight-only)."""
+    if type(m) is Int8Linear:
+        return not m.weight_only if any_impl else _cpu_impl(m) == "int_mm"
+    if type(m) is Sparse24Linear and m._buffers["values"].dtype == torch.int8:
+        return not m.weight_only if any_impl else m.kernels.get("cpu", "dense") == "dense"
+    return False
+
+
 def _int_mm_run(mods: list, start: int, any_impl: bool = False) -> Tuple[List[int], List[bool], int]:
-    """The indices of the :class:`Int8Linear` layers from ``mods[start]`` on that run ``int_mm`` on CPU
-    (``any_impl``: that would chain if they did; not a weight-only one), chained output to input with only hook-free
+    """The indices of the layers from ``mods[start]`` on that run ``int_mm`` on CPU (:func:`_chains`;
+    ``any_impl``: that would chain if they did), chained output to input with only hook-free
     ``nn.Identity`` between them, whether each applies a ReLU (its own ``relu``, or the plain
     ``nn.ReLU`` right after it: :func:`_relu_follows`), and the index after the last (after its ReLU)."""
     run: List[int] = []
@@ -477,8 +488,7 @@ def _int_mm_run(mods: list, start: int, any_impl: bool = False) -> Tuple[List[in
         if type(m) is nn.Identity and run and not _hooked(m):
             i += 1
             continue
-        if (type(m) is not Int8Linear or _hooked(m) or (m.weight_only if any_impl else _cpu_impl(m) != "int_mm")
-                or (run and m.in_features != mods[run[-1]].out_features)):
+        if not _chains(m, any_impl) or _hooked(m) or (run and m.in_features != mods[run[-1]].out_features):
             break
         run.append(i)
         i += 1
@@ -486,23 +496,34 @@ def _int_mm_run(mods: list, start: int, any_impl: bool = False) -> Tuple[List[in
             relus.append(True)
             i += 1
         else:
-            relus.append(m.relu)
+            relus.append(getattr(m, "relu", False))
         end = i
     return run, relus, end
 
 
-def _run_args(layers: list, relus: List[bool]) -> tuple:
-    """``(qweights, w_scales, biases, relus)`` of :class:`Int8Linear` layers, read from their buffer
-    dicts (``nn.Module`` attribute lookups cost about a microsecond each, per call)."""
+def run_call(layers: list, relus: List[bool], quantized: bool = False) -> Tuple[Any, tuple]:
+    """The op that runs these chained layers (:func:`_int_mm_run`) as one call and its arguments after
+    the input: ``hwaware::int8_mlp`` (``_quantized``: the input given as per-token codes and scales)
+    over their ``(qweights, w_scales, biases, relus)``, or ``int8_mlp24`` (``_quantized``) when a
+    layer is 2:4 compressed, with each layer's stored values and metadata. Read from the buffer
+    dicts: ``nn.Module`` attribute lookups cost about a microsecond each, per call."""
     bufs = [m._buffers for m in layers]
-    return [b["qweight"] for b in bufs], [b["w_scale"] for b in bufs], [b["bias"] for b in bufs], relus
+    scales, biases = [b["w_scale"] for b in bufs], [b["bias"] for b in bufs]
+    if all("qweight" in b for b in bufs):
+        op = torch.ops.hwaware.int8_mlp_quantized if quantized else torch.ops.hwaware.int8_mlp
+        return op.default, ([b["qweight"] for b in bufs], scales, biases, relus)
+    op = torch.ops.hwaware.int8_mlp24_quantized if quantized else torch.ops.hwaware.int8_mlp24
+    return op.default, ([b["qweight"] if "qweight" in b else b["values"] for b in bufs],
+                        [b.get("metadata") for b in bufs], scales, biases, relus)
 
 
 class Int8Chain(nn.Sequential):
     """An ``nn.Sequential`` that runs its :class:`Int8Linear` layers fused with what follows them:
     a run of two or more that run ``int_mm`` (with only ``nn.Identity`` or the ReLUs below between
     them) is one ``hwaware::int8_mlp`` call on CPU: each layer's epilogue writes the next layer's int8
-    codes, so the float activations between them are never written and read back; and a plain,
+    codes, so the float activations between them are never written and read back. Int8 2:4 layers
+    (:class:`Sparse24Linear` on ``"dense"``: int_mm on their decompressed codes) join such runs, which
+    are then one ``hwaware::int8_mlp24`` call. And a plain,
     hook-free ``nn.ReLU`` right after an :class:`Int8Linear` is applied in that layer's epilogue, not
     called. Bit for bit the same as calling the children in turn (tested), and the children are
     untouched: called on their own they compute what they did. Children with hooks (or any global
@@ -528,8 +549,8 @@ class Int8Chain(nn.Sequential):
         run, relus, end = _int_mm_run(mods, 0)
         if not run:
             raise RuntimeError("forward_quantized: the first child is not a CPU int_mm Int8Linear (check takes_quantized())")
-        x = torch.ops.hwaware.int8_mlp_quantized.default(codes, scales, *_run_args([mods[j] for j in run], relus))
-        return self._forward_from(x, end)
+        op, args = run_call([mods[j] for j in run], relus, quantized=True)
+        return self._forward_from(op(codes, scales, *args), end)
 
     def _forward_from(self, input: Tensor, start: int) -> Tensor:
         mods = list(self._modules.values())
@@ -540,7 +561,8 @@ class Int8Chain(nn.Sequential):
             fusable = isinstance(x, Tensor) and x.device.type == "cpu" and x.dtype == torch.float32
             run, relus, end = _int_mm_run(mods, i) if fusable else ([], [], i)
             if len(run) >= 2:
-                x = torch.ops.hwaware.int8_mlp.default(x, *_run_args([mods[j] for j in run], relus))
+                op, args = run_call([mods[j] for j in run], relus)
+                x = op(x, *args)
                 i = end
             elif type(mods[i]) is Int8Linear and not _hooked(mods[i]) and _relu_follows(mods, i):
                 x = mods[i].forward_relu(x)  # the ReLU in the epilogue
@@ -552,8 +574,9 @@ class Int8Chain(nn.Sequential):
 
 
 def chain_int8(model: nn.Module) -> Dict[str, list]:
-    """Make every plain ``nn.Sequential`` holding a run of two or more CPU ``int_mm``
-    :class:`Int8Linear` layers an :class:`Int8Chain` (in place: the same children and keys).
+    """Make every plain ``nn.Sequential`` holding a run of two or more CPU ``int_mm`` layers
+    (:class:`Int8Linear`, or int8 :class:`Sparse24Linear` on ``"dense"``) an :class:`Int8Chain` (in
+    place: the same children and keys).
     Returns ``{sequential name: [[layer names of each run], ...]}``."""
     chained: Dict[str, list] = {}
     for seq_name, seq in model.named_modules():

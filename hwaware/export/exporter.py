@@ -1245,13 +1245,15 @@ def export(
             rows = capture_rows(deploy, lambda: (output_fn or _default_output)(deploy, first))
         else:
             rows = {}
-        selects = (("sparse24_linear", select_sparse24_kernels),
-                   ("int8_linear", lambda *a, **k: select_int8_chains(deploy, select_int8_kernels(*a, **k), allowed=allowed)))
-        for op_name, select in selects:
-            for name, rec in select(deploy, rows, device="cpu", allowed=allowed).items():
-                layers[name]["kernels"] = dict(deploy.get_submodule(name).kernels)
-                layers[name]["kernel"] = {"cpu": _selected_label(op_name, deploy.get_submodule(name), rec)}
-                layers[name]["selection"] = {"cpu": rec}
+        records = select_sparse24_kernels(deploy, rows, device="cpu", allowed=allowed)
+        records.update(select_int8_kernels(deploy, rows, device="cpu", allowed=allowed))
+        # (after both: a run of int8 layers may hold 2:4 ones, timed as one int8_mlp24 call)
+        for name, rec in select_int8_chains(deploy, records, allowed=allowed).items():
+            m = deploy.get_submodule(name)
+            layers[name]["kernels"] = dict(m.kernels)
+            layers[name]["kernel"] = {"cpu": _selected_label(
+                "sparse24_linear" if isinstance(m, Sparse24Linear) else "int8_linear", m, rec)}
+            layers[name]["selection"] = {"cpu": rec}
     if val_dataloader is not None:
         exp_value = _gated_value(deploy, val_batches, metric, output_fn, by_impl, gated_configs, seen)
         if allowed and by_impl and ref_value - exp_value > max_drop:  # (no by_impl: every int8 layer is pinned)
@@ -1276,11 +1278,15 @@ def export(
             meta["activation"] = served
     for runs in chain_int8(deploy).values():  # int_mm layers in a row: one int8_mlp call (deploy.Int8Chain)
         for run in runs:
+            sparse = [n for n in run if isinstance(deploy.get_submodule(n), Sparse24Linear)]
+            label = (f"hwaware::int8_mlp24 [cpu: int_mm, {run[0]} .. {run[-1]} in one call, each epilogue writing the "
+                     f"next layer's int8 input; 2:4 layers {', '.join(sparse)} on their int8 codes decompressed once]"
+                     if sparse else f"hwaware::int8_mlp [cpu: int_mm, {run[0]} .. {run[-1]} in one call, "
+                                    "each epilogue writing the next layer's int8 input]")
             for name in run:
                 name = first_name.get(id(deploy.get_submodule(name)), name)
                 layers[name]["chain"] = run
-                layers[name]["kernel"] = {"cpu": f"hwaware::int8_mlp [cpu: int_mm, {run[0]} .. {run[-1]} in one call, "
-                                                 "each epilogue writing the next layer's int8 input]"}
+                layers[name]["kernel"] = {"cpu": label}
 
     if val_dataloader is not None:
         drop = ref_value - exp_value
@@ -1508,8 +1514,8 @@ def _remeasure(model: nn.Module, manifest: Dict[str, Any], path: str) -> Dict[st
     timed = {n: m for n, m in model.named_modules() if n in rows}
     before = {n: dict(m.kernels) for n, m in timed.items()}
     records.update(select_sparse24_kernels(model, rows, device="cpu", allowed=allowed, only=set(rows)))
-    records.update(select_int8_chains(model, select_int8_kernels(model, rows, device="cpu", allowed=allowed, only=set(rows)),
-                                      allowed=allowed))
+    records.update(select_int8_kernels(model, rows, device="cpu", allowed=allowed, only=set(rows)))
+    select_int8_chains(model, records, allowed=allowed)
     for name, rec in records.items():
         rec.update(recorded=before[name].get("cpu"), measured_on=here, allowed=basis)
     # timing built every candidate's derived weights (fp32 copies, prepacked ones): keep none of them,

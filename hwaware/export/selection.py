@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 import hwaware.ops  # noqa: F401
-from hwaware.export.deploy import Int8Chain, Int8Linear, Sparse24Linear, _int_mm_run, _run_args
+from hwaware.export.deploy import Int8Chain, Int8Linear, Sparse24Linear, _int_mm_run, run_call
 from hwaware.ops import FBGEMM_MAX_K, INT8_KERNELS, packing
 from hwaware.ops.packing import INT8_MAX_K
 from hwaware.quant import native
@@ -357,16 +357,26 @@ def select_int8_kernels(model: nn.Module, rows: Dict[str, int], device: str = "c
     return records
 
 
+def _int_mm_choice(layer: nn.Module) -> Tuple[str, str]:
+    """The selection record's ``chosen`` name and the layer's CPU kernel for int_mm: an
+    :class:`Int8Linear`'s ``int_mm``; an int8 :class:`Sparse24Linear`'s candidate ``int8`` (kernel
+    ``dense``: int_mm on the decompressed codes)."""
+    if isinstance(layer, Sparse24Linear):
+        return SPARSE24_INT8_CANDIDATE["int_mm"], SPARSE24_INT8_KERNEL["int_mm"]
+    return "int_mm", "int_mm"
+
+
 def select_int8_chains(model: nn.Module, records: Dict[str, Dict[str, Any]], device: str = "cpu",
                        allowed: Optional[Collection[str]] = None) -> Dict[str, Dict[str, Any]]:
-    """Second pass over :func:`select_int8_kernels`' ``records``: a run of :class:`Int8Linear` layers
-    in an ``nn.Sequential`` that would be one ``hwaware::int8_mlp`` call if every layer ran ``int_mm``
-    (``deploy.chain_int8``) is timed as that call, against the sum of its layers' chosen times. Timed
-    one by one, each ``int_mm`` layer pays for quantizing its float input and writing its float
-    output, which the chain does not (its epilogues write the next layer's codes), so a per-layer
-    choice can miss the faster whole. When the chain is faster, every layer of the run switches to
-    ``int_mm``. Each timed run's layers get ``records[name]["chain"]`` (the run, both times, the
-    outcome). Returns ``records``."""
+    """Second pass over the per-layer ``records`` of :func:`select_int8_kernels` (and of
+    :func:`select_sparse24_kernels` for the int8 2:4 layers): a run of int8 layers in an
+    ``nn.Sequential`` that would be one ``hwaware::int8_mlp`` call (``int8_mlp24`` with 2:4 layers
+    in it) if every layer ran ``int_mm`` (``deploy.chain_int8``) is timed as that call, against the
+    sum of its layers' chosen times. Timed one by one, each ``int_mm`` layer pays for quantizing its
+    float input and writing its float output, which the chain does not (its epilogues write the next
+    layer's codes), so a per-layer choice can miss the faster whole. When the chain is faster, every
+    layer of the run switches to ``int_mm``. Each timed run's layers get ``records[name]["chain"]``
+    (the run, both times, the outcome). Returns ``records``."""
     if device != "cpu" or "int_mm" not in INT8_KERNELS[device] or (allowed is not None and "int_mm" not in allowed):
         return records
     for seq_name, seq in model.named_modules():
@@ -382,27 +392,30 @@ def select_int8_chains(model: nn.Module, records: Dict[str, Dict[str, Any]], dev
                 continue
             i = end
             layer_names = [prefix + names[j] for j in run]
-            if not all(n in records for n in layer_names):
+            if not all("measured" in records.get(n, {}) for n in layer_names):
                 continue
-            chosen = [records[n]["chosen"] for n in layer_names]
-            per_layer = sum(records[n]["measured"][c]["us"] for n, c in zip(layer_names, chosen))
             layers = [mods[j] for j in run]
+            int_mm = [_int_mm_choice(layer)[0] for layer in layers]
+            chosen = [records[n]["chosen"] for n in layer_names]
+            already = all(c == i8 for c, i8 in zip(chosen, int_mm))
+            per_layer = sum(records[n]["measured"][c]["us"] for n, c in zip(layer_names, chosen))
             m = records[layer_names[0]]["input_shape"][0]
             x = torch.randn(m, layers[0].in_features, generator=torch.Generator().manual_seed(0))
-            args = _run_args(layers, relus)
+            op, args = run_call(layers, relus)
+            op_name = op._schema.name.split("::")[1]
             with torch.no_grad():
-                us = time_us(lambda: torch.ops.hwaware.int8_mlp(x, *args))
-            faster = us < per_layer and any(c != "int_mm" for c in chosen)
-            info = {"layers": layer_names, "int8_mlp_us": round(us, 2), "per_layer_choices": dict(zip(layer_names, chosen)),
-                    "per_layer_us": round(per_layer, 2), "chosen": "int8_mlp" if faster or all(c == "int_mm" for c in chosen)
-                    else "per_layer"}
-            for name, layer in zip(layer_names, layers):
+                us = time_us(lambda: op(x, *args))
+            faster = us < per_layer and not already
+            info = {"layers": layer_names, "op": f"hwaware::{op_name}", "int8_mlp_us": round(us, 2),
+                    "per_layer_choices": dict(zip(layer_names, chosen)), "per_layer_us": round(per_layer, 2),
+                    "chosen": "int8_mlp" if faster or already else "per_layer"}
+            for name, layer, i8 in zip(layer_names, layers, int_mm):
                 rec = records[name]
                 rec["chain"] = info
-                if faster and rec["chosen"] != "int_mm":
-                    layer.kernels[device] = "int_mm"
-                    rec["why"] = (f"int_mm as one int8_mlp call with {', '.join(n for n in layer_names if n != name)}: "
+                if faster and rec["chosen"] != i8:
+                    layer.kernels[device] = _int_mm_choice(layer)[1]
+                    rec["why"] = (f"int_mm as one {op_name} call with {', '.join(n for n in layer_names if n != name)}: "
                                   f"{us:.0f} us for the run at M={m}, against {per_layer:.0f} us for the per-layer "
                                   f"choices ({rec['chosen']} here: {rec['why']})")
-                    rec["chosen"] = rec["op_kernel"] = "int_mm"
+                    rec["chosen"], rec["op_kernel"] = i8, layer.kernels[device]
     return records

@@ -11,7 +11,9 @@ from torch import nn
 
 import hwaware.export.exporter as exporter
 from hwaware.export import export, load
-from hwaware.export.deploy import Int8Chain, Int8Linear, chain_int8
+from hwaware.export.deploy import Int8Chain, Int8Linear, Sparse24Linear, chain_int8
+from hwaware.ops.reference import quantize_per_token_ref
+from hwaware.sparsity import magnitude_mask_24
 from hwaware.ops.packing import quantize_int8_weight
 from tests.helpers import TinyCTR, loaders
 
@@ -130,3 +132,40 @@ def test_a_global_module_hook_sees_every_layer(calls):
     finally:
         handle.remove()
     assert calls == [] and seen.count("Int8Linear") == 3
+
+
+def _sparse(k, n, kernel="dense", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    lin = nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight.copy_(w * magnitude_mask_24(w))
+    qw, s = quantize_int8_weight(lin.weight)
+    layer = Int8Linear(qw, s, torch.randn(n, generator=g))
+    from hwaware.ops.packing import compress_24
+    values, meta = compress_24(layer.qweight)
+    return Sparse24Linear(values, meta, layer.w_scale, layer.bias, {"cpu": kernel})
+
+
+def test_int8_2_4_layers_join_a_run_as_one_int8_mlp24_call(monkeypatch):
+    seen = []
+    real = torch.ops.hwaware.int8_mlp24.default
+    monkeypatch.setattr(torch.ops.hwaware.int8_mlp24, "default", lambda x, qws, *a: seen.append(len(qws)) or real(x, qws, *a))
+    seq = nn.Sequential(_sparse(24, 32), nn.ReLU(), _int8(32, 16, seed=1), nn.ReLU(), _sparse(16, 4, seed=2))
+    plain = copy.deepcopy(seq)
+    assert chain_int8(seq) == {"": [["0", "2", "4"]]} and type(seq) is Int8Chain
+    x = torch.randn(50, 24)
+    assert torch.equal(seq(x), plain(x)) and seen == [3]
+    assert seq.takes_quantized()  # (DLRM hands the chain its interaction's codes)
+    codes, scales = quantize_per_token_ref(x)
+    assert torch.equal(seq.forward_quantized(codes, scales), plain(x)) and seen == [3]  # (int8_mlp24_quantized)
+    # what keeps a 2:4 layer out: another kernel, float values, weight-only serving
+    for breaker in (_sparse(32, 16, "fbgemm", 1), _sparse(32, 16, "dequant", 1)):
+        seq = nn.Sequential(_sparse(24, 32), nn.ReLU(), breaker, nn.ReLU(), _sparse(16, 4, seed=2))
+        assert chain_int8(seq) == {}
+    values, meta = _sparse(32, 16).values.float(), _sparse(32, 16).metadata
+    seq = nn.Sequential(_sparse(24, 32), Sparse24Linear(values, meta, None, None), _sparse(16, 4, seed=2))
+    assert chain_int8(seq) == {}
+    wo = _sparse(32, 16, seed=1)
+    wo.serve_weight_only()
+    assert chain_int8(nn.Sequential(_sparse(24, 32), wo)) == {}

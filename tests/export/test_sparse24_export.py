@@ -10,7 +10,7 @@ from torch import nn
 from hwaware.callbacks import ProgressiveQuantization, SemiStructuredSparsity
 from hwaware.export import export, load
 from hwaware.export.artifact import _ADDED_FIELDS, ArtifactError, read_manifest, read_tensors, write_artifact
-from hwaware.export.deploy import Int8Linear, Sparse24Linear
+from hwaware.export.deploy import Int8Chain, Int8Linear, Sparse24Linear
 from hwaware.ops.packing import pack_int4
 from tests.helpers import TinyCTR, loaders, make_trainer
 
@@ -118,8 +118,35 @@ def test_program_pt2_round_trip_with_sparse_layers(tmp_path, pruned_qat):
     assert art.manifest["layers"]["mlp.0"]["selection"]["cpu"]["input_shape"][0] == dense.shape[0]
     program = torch.export.load(str(tmp_path / "art" / "program.pt2"))
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
-    assert "hwaware.sparse24_linear.default" in targets
+    # mlp.0 alone, or (both timed fastest on int_mm) chained with mlp.2 into one int8_mlp24 call
+    chained = "chain" in art.manifest["layers"]["mlp.0"]
+    assert ("hwaware.int8_mlp24.default" if chained else "hwaware.sparse24_linear.default") in targets
     torch.testing.assert_close(program.module()(dense, ids), art.model(dense, ids), atol=0, rtol=0)
+
+
+def test_int8_2_4_layers_in_a_row_run_as_one_int8_mlp24_call(tmp_path, pruned_qat):
+    """Pinned to int_mm, the two int8 2:4 layers (Linear, ReLU, Linear) chain as the int8 layers do:
+    one int8_mlp24 call over the compressed weights, the ReLU in the first epilogue; the same bits
+    as the layers in turn, in the export, the loaded model and program.pt2."""
+    _, val = loaders()
+    dense, ids, _ = next(iter(val))
+    art = export(pruned_qat, tmp_path / "art", val_dataloader=val, max_drop=0.05, example_inputs=(dense, ids),
+                 int8_impls=["int_mm"])
+    layers = art.manifest["layers"]
+    for name in ("mlp.0", "mlp.2"):
+        assert layers[name]["scheme"] == "sparse24_int8" and layers[name]["chain"] == ["mlp.0", "mlp.2"]
+        assert layers[name]["kernel"]["cpu"].startswith("hwaware::int8_mlp24 [cpu: int_mm, mlp.0 .. mlp.2")
+    assert layers["mlp.0"]["selection"]["cpu"]["chain"]["op"] == "hwaware::int8_mlp24"
+    loaded = load(art.path, model=TinyCTR)
+    assert type(loaded.mlp) is Int8Chain and isinstance(loaded.mlp[0], Sparse24Linear)
+    unchained = load(art.path, model=TinyCTR)
+    unchained.mlp.__class__ = nn.Sequential
+    torch.testing.assert_close(_outputs(loaded, val), _outputs(unchained, val), atol=0, rtol=0)
+    torch.testing.assert_close(_outputs(loaded, val), _outputs(art.model, val), atol=0, rtol=0)
+    program = torch.export.load(str(tmp_path / "art" / "program.pt2"))
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert "hwaware.int8_mlp24.default" in targets and "hwaware.sparse24_linear.default" not in targets
+    torch.testing.assert_close(program.module()(dense, ids), loaded(dense, ids), atol=0, rtol=0)
 
 
 def _rewrite(src, dst, edit_tensors=None, edit_manifest=None):
