@@ -261,7 +261,17 @@ def _out_dtype(meta: Dict[str, Any]) -> torch.dtype:
 
 
 class RowwiseEmbeddingBag(nn.Module):
-    """Row-wise int8/int4 embedding bag in the FBGEMM fused layout (codes + scale + offset per row)."""
+    """Row-wise int8/int4 embedding bag in the FBGEMM fused layout (codes + scale + offset per row).
+
+    Keeps the table attributes a forward reads (``num_embeddings``, ``embedding_dim``, ``padding_idx``,
+    ``mode``, ``include_last_offset``; ``max_norm`` None: such tables are never packed), as the
+    linear deploy layers keep ``in_features`` / ``out_features``."""
+
+    max_norm = None
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.dim
 
     def __init__(self, weight: Tensor, bits: int, dim: int, mode: str, include_last_offset: bool,
                  padding_idx: Optional[int] = None, dtype: torch.dtype = torch.float32) -> None:

@@ -119,3 +119,34 @@ def test_an_input_whose_first_dim_is_not_the_batch_gets_a_fixed_range(tmp_path):
     program = torch.export.load(f"{art.path}/program.pt2")
     with torch.no_grad():
         assert torch.equal(program.module()(ids, offsets), art.model(ids, offsets))
+
+
+class ReadsTableWidth(nn.Module):
+    """A forward that reads the tables' attributes, as models do (a reshape by embedding_dim, a
+    sqrt(d) scale): the deploy tables keep them."""
+
+    def __init__(self):
+        super().__init__()
+        self.hist = nn.EmbeddingBag(40, 8, mode="mean", padding_idx=0)
+        self.item = nn.Embedding(40, 8)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, ids):  # [B, 3]
+        pooled = self.hist(ids).view(-1, self.hist.embedding_dim)
+        item = self.item(ids[:, 0]) * self.item.embedding_dim ** 0.5
+        assert self.hist.num_embeddings == 40 and self.hist.padding_idx == 0 and self.hist.mode == "mean"
+        assert self.hist.max_norm is None and self.item.max_norm is None
+        return self.head(pooled + item).squeeze(-1)
+
+
+def test_a_forward_reading_the_tables_attributes_exports_and_serves(tmp_path):
+    torch.manual_seed(0)
+    model = ReadsTableWidth().eval()
+    ids = torch.randint(0, 40, (16, 3))
+    art = export(model, tmp_path / "a", example_inputs=(ids,))
+    assert art.manifest["layers"]["hist"]["scheme"] == "rowwise_int8" and art.manifest["layers"]["item"]["scheme"] == "rowwise_int8"
+    loaded = load(art.path, model=ReadsTableWidth())
+    assert loaded.hist.embedding_dim == 8 and loaded.item.embedding_dim == 8
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), art.model(ids), atol=0, rtol=0)
+        torch.testing.assert_close(loaded(ids), model(ids), atol=0.05, rtol=0)
