@@ -52,6 +52,31 @@ def test_post_training_export_of_a_pruned_model_packs_int8_2_4(tmp_path, pruned)
     assert art.manifest["post_training"]
 
 
+def test_post_training_gate_of_a_pruned_model_measures_the_model_as_given_too(tmp_path, pruned):
+    """The dense model kept at pruning start may not have learned yet: a post-training export of the
+    pruned model is gated against the better of it and the FP32 model being quantized (a trial's
+    dense reference scored at chance, and a drop of 0.016 against the model as given passed
+    max_drop=0.01)."""
+    from hwaware.quant.attach import fp32_reference, set_fp32_reference
+
+    _, val = loaders()
+    kept = fp32_reference(pruned)
+    try:
+        chance = {k: v.clone() for k, v in pruned.state_dict().items()}
+        chance["mlp.2.weight"].zero_()  # a constant output: AUROC 0.5, a model that had learned nothing
+        chance["mlp.2.bias"].zero_()
+        set_fp32_reference(pruned, chance)
+        art = export(pruned, tmp_path / "art", val_dataloader=val, max_drop=0.05)
+    finally:
+        set_fp32_reference(pruned, kept)
+    reg = art.report
+    refs = reg["references"]
+    assert set(refs) == {"dense at 2:4 pruning start", "the model as given (post-training)"}
+    assert refs["dense at 2:4 pruning start"] == 0.5 < refs["the model as given (post-training)"]
+    assert reg["reference"] == refs["the model as given (post-training)"] == reg["final_weights_fp32"]
+    assert reg["drop"] == reg["reference"] - reg["exported"]
+
+
 def test_sparse_fp32_layers_left_out_of_quantization_pack_with_fp32_values(tmp_path):
     pl.seed_everything(0, verbose=False)
     model = TinyCTR()
