@@ -301,6 +301,7 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         self._warned_probabilities = False  # not state: a warning per process
         self._warned_unmeasured = False  # not state: a warning per process
         self._epoch_started: Optional[int] = None  # the epoch on_train_epoch_start last ran for
+        self._resumed_epoch: Optional[int] = None  # the epoch a resumed checkpoint was written in
         self._kl_history: Dict[str, Dict[str, float]] = {}
         self._metrics_before: Dict[str, float] = {}
         self._metrics_after: Dict[str, float] = {}
@@ -440,6 +441,14 @@ class ProgressiveQuantization(_RestoresForEvaluation):
 
     @override
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        resumed_inside = self._resumed_epoch is not None and self._resumed_epoch == trainer.current_epoch
+        self._resumed_epoch = None
+        if resumed_inside:
+            # resumed from a checkpoint written inside this epoch (a mid-epoch validation's): it had
+            # started, and what starts at an epoch's start (calibration after a plateau reached at that
+            # validation) waits for the next one, as in the run that was not interrupted
+            self._epoch_started = trainer.current_epoch
+            return
         self._epoch_started = trainer.current_epoch
         self._epoch_start_step = trainer.global_step
         if self.phase == "validate":  # a checkpoint written while the end-of-fit KL validation ran
@@ -696,6 +705,10 @@ class ProgressiveQuantization(_RestoresForEvaluation):
             "fp32_buffers": self._fp32_buffers,
             "schedules_at_calibration": copy.deepcopy(self._schedules_at_calibration),
             "settings": settings_of(self, _SETTINGS),
+            # the epoch running when the checkpoint was written (and the step it began at): a resume
+            # inside it does not start it again
+            "epoch_started": self._epoch_started,
+            "epoch_start_step": self._epoch_start_step,
         }
 
     def _global_specs(self) -> Dict[str, Optional[Dict[str, Any]]]:
@@ -742,6 +755,8 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         self._best = state_dict["best"]
         self._wait = state_dict["wait"]
         self._plateau_reached = state_dict["plateau_reached"]
+        self._resumed_epoch = self._epoch_started = state_dict.get("epoch_started")  # absent: written before it was saved
+        self._epoch_start_step = int(state_dict.get("epoch_start_step", self._epoch_start_step))
         # absent: written before they were saved. A pending reading with no value to read is dropped,
         # as those checkpoints' resumes did (the resumed epoch ends with no training metrics)
         self._qat_epochs_done = int(state_dict.get("qat_epochs_done", 0))

@@ -1,0 +1,72 @@
+"""A run resumed from a checkpoint written inside an epoch (``val_check_interval`` < 1, a loader
+Lightning can resume mid-epoch) must go on as the uninterrupted run did: with ``start="plateau"``
+reached at a mid-epoch validation, calibration starts at the next epoch's start, not at the resume."""
+from __future__ import annotations
+
+import glob
+import os
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+
+from hwaware.callbacks import ProgressiveQuantization
+from tests.helpers import TinyCTR, make_trainer, tiny_data
+
+
+class ResumableLoader:
+    """Unshuffled batches; Lightning saves its position (state_dict) and a resume skips what was read."""
+
+    def __init__(self, dataset, batch_size):
+        self.dl = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+        self.n, self.skip = 0, 0
+
+    def __len__(self):
+        return len(self.dl)
+
+    def __iter__(self):
+        skip, self.skip, self.n = self.skip, 0, 0
+        for i, b in enumerate(self.dl):
+            if i >= skip:
+                self.n = i + 1
+                yield b
+
+    def state_dict(self):
+        return {"n": self.n}
+
+    def load_state_dict(self, sd):
+        self.skip = 0 if sd["n"] >= len(self.dl) else sd["n"]
+
+
+def _fit(tmp_path, name, ckpt=None):
+    pl.seed_everything(0, verbose=False)
+    model = TinyCTR()
+    # min_delta too large to ever improve: the plateau comes at the 3rd validation, the middle of epoch 1
+    pq = ProgressiveQuantization(start="plateau", monitor="val_loss", mode="min", patience=2, min_delta=10.0,
+                                 calibration_batches=2, qat_epochs=1)
+    ckpts = ModelCheckpoint(dirpath=str(tmp_path / name), save_top_k=-1, monitor=None, every_n_epochs=None)
+    trainer = make_trainer(tmp_path / name, [pq, ckpts], max_epochs=6, limit_train_batches=None, val_check_interval=0.5,
+                           enable_checkpointing=True)
+    train = ResumableLoader(tiny_data(256), 32)  # 8 batches an epoch
+    val = DataLoader(tiny_data(128, seed=1), batch_size=32)
+    trainer.fit(model, train, val, ckpt_path=ckpt)
+    return model, pq
+
+
+def test_a_plateau_reached_mid_epoch_starts_calibration_at_the_next_epoch_after_a_resume(tmp_path):
+    model, pq = _fit(tmp_path, "full")
+    phases = [(p["phase"], p["start_epoch"], p["start_step"]) for p in pq.report["phases"]]
+    assert phases[1] == ("calibrate", 2, 16)  # the plateau came at epoch 1's middle: epoch 2 starts it
+
+    def reached(path):
+        state = torch.load(path, weights_only=False)["callbacks"]
+        return next(v for k, v in state.items() if "ProgressiveQuantization" in k)["plateau_reached"]
+
+    ckpts = sorted(glob.glob(os.path.join(tmp_path, "full", "*.ckpt")), key=os.path.getmtime)
+    first = next(c for c in ckpts if reached(c))
+    assert "step=12" in first  # written at that mid-epoch validation
+    resumed, rpq = _fit(tmp_path, "resumed", ckpt=first)
+    assert [(p["phase"], p["start_epoch"], p["start_step"]) for p in rpq.report["phases"]] == phases
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
