@@ -424,6 +424,15 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         # exports) as QAT left it
         if self._pending_quantizers is not None:
             self._restore_quantizers(trainer, pl_module)
+        elif not self._layers and _attached_states(pl_module):
+            # a checkpoint from before calibration (ckpt_path="best" from the FP32 epochs, after a fit
+            # that ran QAT): its weights are FP32, and the quantizers the fit left on the model (scales
+            # frozen on other weights) would run them quantized, and export would pack them with those
+            detach_quantization(pl_module)
+            self._states = {}
+            self._set_gate_reference(trainer, pl_module)  # (this checkpoint's: no QAT-start model yet)
+            rank_zero_info(f"ProgressiveQuantization: the checkpoint is from phase {self.phase!r}, before quantization: "
+                           "the fake quantizers this fit attached are removed, so the model runs as FP32")
         if self.phase != "qat" or not self._states:
             return
         # A checkpoint Lightning saved during fit is always from before on_fit_end, where the KL

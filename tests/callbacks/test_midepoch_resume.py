@@ -70,3 +70,29 @@ def test_a_plateau_reached_mid_epoch_starts_calibration_at_the_next_epoch_after_
     assert [(p["phase"], p["start_epoch"], p["start_step"]) for p in rpq.report["phases"]] == phases
     for k, v in model.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
+
+
+def test_evaluating_an_fp32_phase_checkpoint_after_a_qat_fit_runs_it_as_fp32(tmp_path):
+    """trainer.predict / validate(ckpt_path=<a checkpoint from before QAT>) after a fit that ran QAT
+    (ckpt_path="best" from the FP32 epochs): the checkpoint's FP32 model, as a fresh process restores
+    it; the fit's quantizers (scales frozen on the final weights) had run it quantized, and export
+    then packed it with them."""
+    from hwaware.quant.attach import fp32_reference, quant_states
+
+    pl.seed_everything(0, verbose=False)
+    model = TinyCTR()
+    pq = ProgressiveQuantization(start_epoch=2, calibration_batches=2)
+    ckpts = ModelCheckpoint(dirpath=str(tmp_path / "ck"), save_top_k=-1, monitor=None, filename="{epoch}")
+    trainer = make_trainer(tmp_path, [pq, ckpts], max_epochs=3, enable_checkpointing=True)
+    train = DataLoader(tiny_data(256), batch_size=32)
+    val = DataLoader(tiny_data(64, seed=1), batch_size=32)
+    trainer.fit(model, train, val)
+    assert quant_states(model) and pq.phase == "done"
+    fp32_ckpt = str(tmp_path / "ck" / "epoch=0.ckpt")
+
+    fresh_model = TinyCTR()
+    fresh = make_trainer(tmp_path / "fresh", [ProgressiveQuantization(start_epoch=2, calibration_batches=2)])
+    expected = torch.cat(fresh.predict(fresh_model, val, ckpt_path=fp32_ckpt))
+    got = torch.cat(trainer.predict(model, val, ckpt_path=fp32_ckpt))
+    assert not quant_states(model) and pq.phase == "fp32" and fp32_reference(model) is None
+    assert torch.equal(got, expected)
