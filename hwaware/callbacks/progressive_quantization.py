@@ -411,7 +411,9 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         if not isinstance(batches, int) or batches <= 0:  # an iterable of unknown length
             return
         per_epoch = math.ceil(batches / accumulate)
-        qat_step = self.start_epoch * per_epoch + math.ceil(self.calibration_batches / accumulate)
+        # the index of the first optimizer step QAT trains: calibration ending inside an accumulation
+        # window drops its gradients, so that window's step is QAT's
+        qat_step = self.start_epoch * per_epoch + self.calibration_batches // accumulate
         if qat_step >= trainer.max_steps:
             raise ValueError(
                 f"ProgressiveQuantization(start_epoch={self.start_epoch}, calibration_batches={self.calibration_batches}) "

@@ -1006,6 +1006,18 @@ def test_max_steps_that_stop_before_qat_are_refused_before_training(tmp_path, ma
     assert ok.phase == "done" and ok._qat_seen == 3
 
 
+def test_max_steps_check_counts_a_window_calibration_ends_in_as_a_qat_step(tmp_path):
+    """Calibration ending inside an accumulation window drops its gradients, so that window's
+    optimizer step trains QAT: max_steps ending right after it was refused as stopping before QAT."""
+    acc = dict(accumulate_grad_batches=5)  # 8 batches an epoch: 2 optimizer steps
+    with pytest.raises(ValueError, match=r"would start QAT at optimizer step 4 \(2 per epoch\), but Trainer\(max_steps=4\)"):
+        _fit(tmp_path, ProgressiveQuantization(start_epoch=2, calibration_batches=1), max_epochs=None, max_steps=4, **acc)
+    ok = ProgressiveQuantization(start_epoch=2, calibration_batches=1)
+    _fit(tmp_path / "ok", ok, max_epochs=None, max_steps=5, **acc)
+    qat = next(p for p in ok.report["phases"] if p["phase"] == "qat")
+    assert ok._qat_seen == 4 and qat["start_step"] == 4  # batches 1-4 of epoch 2: step 4 (its 5th) trained them
+
+
 def test_a_new_callback_removes_the_fake_quant_an_earlier_run_left_on_the_model(tmp_path):
     """The first run's frozen fake quant stayed attached: the second run's FP32 phase trained (and
     measured metrics_before) quantized."""
