@@ -188,6 +188,21 @@ class SemiStructuredSparsity(_RestoresForEvaluation):
             raise ValueError(f"start_epoch={self.start_epoch}, ramp_epochs={self.ramp_epochs} are invalid for "
                              f"Trainer(max_epochs={max_epochs}); expected {need} so that the model ends 2:4")
 
+    def _check_max_steps(self, trainer: "pl.Trainer") -> None:
+        """As ``setup``'s max_epochs check, for ``Trainer(max_steps=...)`` (known once the loader's length
+        is): a run that stops before pruning (or its ramp) ends trained whole and dense."""
+        batches = trainer.num_training_batches
+        if (self.phase != "dense" or trainer.max_steps is None or trainer.max_steps < 0
+                or not isinstance(batches, int) or batches <= 0):  # (an iterable of unknown length)
+            return
+        per_epoch = math.ceil(batches / max(1, int(trainer.accumulate_grad_batches)))
+        need = (self.start_epoch + max(self.ramp_epochs, 1)) * per_epoch
+        if need > trainer.max_steps:
+            raise ValueError(
+                f"SemiStructuredSparsity(start_epoch={self.start_epoch}, ramp_epochs={self.ramp_epochs}) needs {need} "
+                f"optimizer steps ({per_epoch} per epoch) to end 2:4, but Trainer(max_steps={trainer.max_steps}) stops "
+                "before: lower start_epoch or ramp_epochs, or raise max_steps")
+
     def _find_layers(self, pl_module: "pl.LightningModule") -> None:
         """The layers to prune, fixed for the run: at fit start, after the module's ``setup`` and
         ``configure_model`` built what they build (Lightning runs callbacks' ``setup`` first: layers
@@ -235,6 +250,7 @@ class SemiStructuredSparsity(_RestoresForEvaluation):
         # sees the weights (e.g. ProgressiveQuantization taking its FP32 reference at a batch end),
         # so it is an optimizer step post-hook; Lightning has no callback hook at that point. Which
         # pruned layers an optimizer updates is read at every step (layers may be unfrozen later).
+        self._check_max_steps(trainer)
         self._remove_hooks()
         self._training = True
         self._step_watch.attach(trainer.optimizers)
@@ -364,7 +380,7 @@ class SemiStructuredSparsity(_RestoresForEvaluation):
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.phase == "dense":
             rank_zero_warn(f"SemiStructuredSparsity: fit ended dense; pruning never started "
-                           f"(start_epoch={self.start_epoch}, max_epochs={trainer.max_epochs})")
+                           f"(start_epoch={self.start_epoch}, max_epochs={trainer.max_epochs}, max_steps={trainer.max_steps})")
             return
         if self.phase == "pruning":
             rank_zero_warn(f"SemiStructuredSparsity: fit ended mid-ramp ({self._step}/{self._ramp_steps} steps); "

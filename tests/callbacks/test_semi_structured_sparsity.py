@@ -222,6 +222,18 @@ def test_schedule_beyond_max_epochs(tmp_path, kwargs, match):
         _fit(tmp_path, [SemiStructuredSparsity(**kwargs)])
 
 
+@pytest.mark.parametrize("kwargs,max_steps,need", [({"start_epoch": 3}, 31, 32), ({"start_epoch": 1, "ramp_epochs": 2}, 20, 24)])
+def test_schedule_beyond_max_steps_is_refused_before_training(tmp_path, kwargs, max_steps, need):
+    """Only max_epochs was checked: a max_steps run that stops before pruning trained whole and ended
+    dense, with a warning naming max_epochs=-1."""
+    with pytest.raises(ValueError, match=rf"needs {need} optimizer steps \(8 per epoch\) to end 2:4, but "
+                                         rf"Trainer\(max_steps={max_steps}\) stops before"):
+        _fit(tmp_path, [SemiStructuredSparsity(**kwargs)], max_epochs=None, max_steps=max_steps)
+    cb = SemiStructuredSparsity(**kwargs)
+    _fit(tmp_path / "ok", [cb], max_epochs=None, max_steps=need)
+    assert cb.phase == "sparse"
+
+
 class OddCTR(TinyCTR):
     """Hidden width 30: the output layer's K=30 is not a multiple of 4."""
 
