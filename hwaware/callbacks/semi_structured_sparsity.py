@@ -333,7 +333,9 @@ class SemiStructuredSparsity(_RestoresForEvaluation):
                                                         self._masks[name].reshape(w.shape[0], -1), fraction).view_as(w)
                 if self._step >= self._ramp_steps:
                     self.phase = "sparse"
-                    self._history.append({"phase": "sparse", "step": self._step})
+                    # (no trainer here: the entry, with the global step as the other entries have it, is
+                    # written at this batch's end)
+                    self._history.append({"phase": "sparse", "ramp_steps": self._step})
             for name in names:
                 self._layers[name].weight.mul_(self._masks[name])
 
@@ -348,6 +350,11 @@ class SemiStructuredSparsity(_RestoresForEvaluation):
         # dense weights swapped in for a step that never happened (e.g. AMP's GradScaler skipped it
         # on inf gradients, so no post-step hook ran): swap the masked weights back
         self._unswap()
+        last = self._history[-1] if self._history else None
+        if last is not None and last.get("phase") == "sparse" and "step" not in last:  # the ramp ended in this batch
+            # where the sparse phase starts, as the other entries say it: the next batch's epoch and step
+            ends_epoch = isinstance(trainer.num_training_batches, int) and batch_idx + 1 >= trainer.num_training_batches
+            last.update(epoch=trainer.current_epoch + int(ends_epoch), step=trainer.global_step)
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:

@@ -451,7 +451,8 @@ def test_ramp_counts_batches_with_several_optimizers(tmp_path):
     _, model = _fit(tmp_path, [sp, Phase()], model=TwoOptimizers(), max_epochs=4)
     # the ramp spans 2 epochs x 8 batches, not 32 optimizer steps: sparse from the first batch of epoch 3
     assert phases.index((3, "sparse")) == 24 and (2, "sparse") not in phases
-    assert sp.report["history"][-1] == {"phase": "sparse", "step": 16}
+    # the ramp's 16 batches; epoch 3 starts at global step 48 (2 optimizers: 16 steps an epoch)
+    assert sp.report["history"][-1] == {"phase": "sparse", "ramp_steps": 16, "epoch": 3, "step": 48}
     assert all(sp.report["layers"][n]["verified_24"] and sp.report["layers"][n]["sparsity"] == 0.5 for n in LAYERS)
 
 
