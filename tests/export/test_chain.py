@@ -14,7 +14,7 @@ from hwaware.export import export, load
 from hwaware.export.deploy import Int8Chain, Int8Linear, Sparse24Linear, chain_int8
 from hwaware.ops.reference import quantize_per_token_ref
 from hwaware.sparsity import magnitude_mask_24
-from hwaware.ops.packing import quantize_int8_weight
+from hwaware.ops.packing import compress_24, quantize_int8_weight
 from tests.helpers import TinyCTR, loaders
 
 
@@ -137,14 +137,9 @@ def test_a_global_module_hook_sees_every_layer(calls):
 def _sparse(k, n, kernel="dense", seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g) / k**0.5
-    lin = nn.Linear(k, n)
-    with torch.no_grad():
-        lin.weight.copy_(w * magnitude_mask_24(w))
-    qw, s = quantize_int8_weight(lin.weight)
-    layer = Int8Linear(qw, s, torch.randn(n, generator=g))
-    from hwaware.ops.packing import compress_24
-    values, meta = compress_24(layer.qweight)
-    return Sparse24Linear(values, meta, layer.w_scale, layer.bias, {"cpu": kernel})
+    qw, s = quantize_int8_weight(w * magnitude_mask_24(w))
+    values, meta = compress_24(qw)
+    return Sparse24Linear(values, meta, s, torch.randn(n, generator=g), {"cpu": kernel})
 
 
 def test_int8_2_4_layers_join_a_run_as_one_int8_mlp24_call(monkeypatch):
