@@ -395,9 +395,9 @@ def select_int8_chains(model: nn.Module, records: Dict[str, Dict[str, Any]], dev
             if not all("measured" in records.get(n, {}) for n in layer_names):
                 continue
             layers = [mods[j] for j in run]
-            int_mm = [_int_mm_choice(layer)[0] for layer in layers]
+            int_mm = [_int_mm_choice(layer) for layer in layers]  # (record name, kernel) per layer
             chosen = [records[n]["chosen"] for n in layer_names]
-            already = all(c == i8 for c, i8 in zip(chosen, int_mm))
+            already = all(c == i8 for c, (i8, _) in zip(chosen, int_mm))
             per_layer = sum(records[n]["measured"][c]["us"] for n, c in zip(layer_names, chosen))
             m = records[layer_names[0]]["input_shape"][0]
             x = torch.randn(m, layers[0].in_features, generator=torch.Generator().manual_seed(0))
@@ -409,13 +409,13 @@ def select_int8_chains(model: nn.Module, records: Dict[str, Dict[str, Any]], dev
             info = {"layers": layer_names, "op": f"hwaware::{op_name}", "int8_mlp_us": round(us, 2),
                     "per_layer_choices": dict(zip(layer_names, chosen)), "per_layer_us": round(per_layer, 2),
                     "chosen": "int8_mlp" if faster or already else "per_layer"}
-            for name, layer, i8 in zip(layer_names, layers, int_mm):
+            for name, layer, (i8, kernel) in zip(layer_names, layers, int_mm):
                 rec = records[name]
                 rec["chain"] = info
                 if faster and rec["chosen"] != i8:
-                    layer.kernels[device] = _int_mm_choice(layer)[1]
+                    layer.kernels[device] = kernel
                     rec["why"] = (f"int_mm as one {op_name} call with {', '.join(n for n in layer_names if n != name)}: "
                                   f"{us:.0f} us for the run at M={m}, against {per_layer:.0f} us for the per-layer "
                                   f"choices ({rec['chosen']} here: {rec['why']})")
-                    rec["chosen"], rec["op_kernel"] = i8, layer.kernels[device]
+                    rec["chosen"], rec["op_kernel"] = i8, kernel
     return records

@@ -609,6 +609,12 @@ def int8_mlp(x: Tensor, qweights: List[Tensor], w_scales: List[Tensor], biases: 
     read back. The exported model runs a ``nn.Sequential``'s chain of ``int_mm`` layers this way
     (``deploy.Int8Chain``)."""
     _check_int8_mlp(x, qweights, w_scales, biases, relus)
+    return _int8_mlp_checked(x, qweights, w_scales, biases, relus)
+
+
+def _int8_mlp_checked(x: Tensor, qweights: Sequence[Tensor], w_scales: Sequence[Tensor],
+                      biases: Sequence[Optional[Tensor]], relus: Sequence[bool]) -> Tensor:
+    """:func:`int8_mlp` on arguments already checked."""
     # layer by layer: inputs other than float32 (each layer's output is rounded to x.dtype before
     # the next quantizes it)
     if x.dtype != torch.float32:
@@ -729,7 +735,7 @@ def int8_mlp24(x: Tensor, qweights: List[Tensor], metas: List[Optional[Tensor]],
     layer ``sparse24_linear(..., kernel="dense")`` of the previous output (with ``torch.relu`` where
     ``relus`` says)."""
     _check_int8_mlp(x, _mlp24_shapes(qweights, metas), w_scales, biases, relus)
-    return int8_mlp.__wrapped__(x, _mlp24_codes(qweights, metas), w_scales, biases, relus)
+    return _int8_mlp_checked(x, _mlp24_codes(qweights, metas), w_scales, biases, relus)
 
 
 @int8_mlp24.register_fake
@@ -751,7 +757,8 @@ def int8_mlp24_quantized(codes: Tensor, scales: Tensor, qweights: List[Tensor], 
                          w_scales: List[Tensor], biases: List[Optional[Tensor]], relus: List[bool]) -> Tensor:
     """:func:`int8_mlp_quantized` over layers of which some are 2:4 compressed (as :func:`int8_mlp24`)."""
     _check_int8_mlp_quantized(codes, scales, _mlp24_shapes(qweights, metas), w_scales, biases, relus)
-    return int8_mlp_quantized.__wrapped__(codes, scales, _mlp24_codes(qweights, metas), w_scales, biases, relus)
+    return _int_mm_layers(None, _mlp24_codes(qweights, metas), w_scales, biases, relus,
+                          quantized=(codes.contiguous(), scales.contiguous()))
 
 
 @int8_mlp24_quantized.register_fake
