@@ -9,6 +9,7 @@ start when pruning came first (:func:`hwaware.quant.fp32_reference`). A model th
 from __future__ import annotations
 
 import collections.abc
+import hashlib
 import copy
 import functools
 import importlib
@@ -28,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from hwaware.export.artifact import ArtifactError, check_target, read_verified, verify_artifact, write_artifact
+from hwaware.export.reads import ReplayedReads
 from hwaware._predict import HookedBatches, defines_predict_step, model_predictions, overridden_batch_hooks, side_effect_free
 from hwaware.export.deploy import (DEPLOY_TYPES, Int4Linear, Int8Linear, RowwiseEmbedding, RowwiseEmbeddingBag, Sparse24Linear,
                                    chain_int8, fuse_relu, no_deploy_op, unpackable_specs)
@@ -181,6 +183,49 @@ def _stored_once(state: Dict[str, Tensor]) -> Tuple[Dict[str, Tensor], Dict[str,
             first[same] = k
         out[k] = v.detach().contiguous().cpu()
     return out, tied
+
+
+def _share_packed(deploy: nn.Module, layers: Dict[str, Dict[str, Any]]) -> None:
+    """Packed layers sharing one weight (``tied_to``) whose packed buffers are equal (dtype, shape and
+    bytes) hold one tensor: tables sharing one weight pack to the same rows, and each kept its own
+    copy, in memory, in ``weights.safetensors`` and in ``program.pt2`` (three tables sharing one: the
+    artifact at 94% of FP32). Biases are each layer's own and stay so."""
+    first: Dict[Tuple[Any, ...], Tensor] = {}
+    for name in (n for n, meta in layers.items() if meta.get("tied_to")):
+        m = deploy.get_submodule(name)
+        for leaf, buf in list(m._buffers.items()):
+            if buf is None or not buf.numel() or leaf == "bias":
+                continue
+            key = (buf.dtype, tuple(buf.shape), buf.device,
+                   hashlib.blake2b(buf.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy(), digest_size=32).digest())
+            other = first.setdefault(key, buf)
+            if other is not buf and torch.equal(other, buf):
+                m._buffers[leaf] = other
+
+
+def _note_tied(layers: Dict[str, Dict[str, Any]], keys: List[str], tied_tensors: Dict[str, str]) -> None:
+    """The manifest note of each packed layer sharing its weight with others (``tied_to``): stored
+    once where the layers pack to the same bytes (``stored_as``: the layer whose entries hold them),
+    else once per format."""
+    group = [n for n, meta in layers.items() if meta.get("tied_to")]
+    for name in group:
+        mine = [k for k in keys if _under(k, [name]) and k.rpartition(".")[2] != "bias"]
+        src = {tied_tensors[k].rpartition(".")[0] for k in mine if k in tied_tensors}
+        if mine and len(src) == 1 and all(k in tied_tensors for k in mine):
+            layers[name]["stored_as"] = src.pop()
+    for name in group:
+        meta = layers[name]
+        others = ", ".join(repr(o) for o in meta["tied_to"])
+        copies = sum(1 for n in [name, *meta["tied_to"]] if "stored_as" not in layers.get(n, {}))
+        if "stored_as" in meta:
+            note = (f"its weight is tied to {others}; it packs to the same bytes as {meta['stored_as']!r}: stored once, "
+                    f"under {meta['stored_as']!r} (manifest tied_tensors)")
+        elif copies == 1:
+            note = f"its weight is tied to {others}, which pack to the same bytes: stored once, here"
+        else:
+            note = (f"its weight is tied to {others}: packed in {copies} formats, so the artifact stores that weight "
+                    f"{copies} times (FP32 stored it once)")
+        meta["note"] = f"{meta['note']}; {note}" if meta.get("note") else note
 
 
 def module_aliases(model: nn.Module) -> Dict[str, str]:
@@ -426,12 +471,8 @@ def _build_deploy(model: nn.Module, states: Dict[str, QuantState], sparse24: boo
     tied: Dict[int, List[str]] = {}  # one weight shared by several packed layers (tied input/output embeddings)
     for name in layers:
         tied.setdefault(weight_key(modules[name]), []).append(name)
-    for names in (n for n in tied.values() if len(n) > 1):
+    for names in (n for n in tied.values() if len(n) > 1):  # (the manifest's note says how it is stored: _note_tied)
         for name in names:
-            others = ", ".join(repr(o) for o in names if o != name)
-            note = (f"its weight is tied to {others}: each layer is packed in its own format, so the artifact stores "
-                    f"that weight {len(names)} times (FP32 stored it once)")
-            layers[name]["note"] = f"{layers[name]['note']}; {note}" if layers[name].get("note") else note
             layers[name]["tied_to"] = [o for o in names if o != name]
     from hwaware.recsys.embedding import EmbeddingBagList  # recsys imports the ops and Lightning: at call time
 
@@ -560,11 +601,10 @@ def _gate_pair(module: nn.Module, batch: Any, output_fn: Optional[Callable]) -> 
 
 
 def _evaluate(module: nn.Module, loader: Iterable, metric: str, output_fn: Optional[Callable],
-              target_source: Optional[List[str]] = None, seen: Optional[List[Tensor]] = None) -> float:
+              target_source: Optional[List[str]] = None) -> float:
     """``metric`` of ``module`` over ``loader``; ``target_source``, a list, gets where the targets
-    came from (:func:`_target_source` of the first batch) appended. ``seen``, a list shared by every
-    pass over one loader, holds the first pass's targets (sorted): a later pass whose targets differ
-    read other samples (:func:`_check_same_samples`)."""
+    came from (:func:`_target_source` of the first batch) appended. Export passes the loader as
+    :class:`~hwaware.export.reads.ReplayedReads`, so every model it compares reads the same samples."""
     preds, targets = [], []
     modes = [(m, m.training) for m in module.modules()]  # each module's own: a reference may mix them
     module.eval()
@@ -581,27 +621,7 @@ def _evaluate(module: nn.Module, loader: Iterable, metric: str, output_fn: Optio
             m.training = training
     if not preds:
         raise ValueError("export: val_dataloader yielded no batches")
-    target = torch.cat(targets)
-    if seen is not None:
-        _check_same_samples(seen, target)
-    return _metric_value(metric, torch.cat(preds), target)
-
-
-def _check_same_samples(seen: List[Tensor], target: Tensor) -> None:
-    """The gate reads the loader once per model it compares (the reference, each int8
-    implementation, the chosen mix): every read must see the same samples. Their targets, sorted,
-    are compared (so shuffling without replacement, which changes no metric, passes); a sampler
-    that draws at random (``replacement=True``, ``num_samples``) or transforms that change the
-    targets (masking) fail, where the verdict would have been sampling noise."""
-    flat = target.detach().flatten().sort().values
-    if not seen:
-        seen.append(flat)
-    elif not torch.equal(seen[0], flat):
-        raise ValueError(
-            f"export: val_dataloader gave other samples on another read ({seen[0].numel()} then {flat.numel()} target "
-            "values, not the same ones): the gate reads it once per model it compares, so a sampler that draws at random "
-            "(replacement=True, num_samples) or random transforms would compare the models on different data. Pass a "
-            "loader that yields the same samples each time it is read (shuffling without replacement is fine)")
+    return _metric_value(metric, torch.cat(preds), torch.cat(targets))
 
 
 def _int8_layers(model: nn.Module) -> list:
@@ -637,18 +657,16 @@ def _kernel_config(model: nn.Module) -> Dict[str, Dict[str, str]]:
 
 
 def _gated_value(deploy: nn.Module, loader: Iterable, metric: str, output_fn: Optional[Callable],
-                 by_impl: Dict[str, Dict[str, Any]], configs: Dict[str, Dict[str, Dict[str, str]]],
-                 seen: Optional[List[Tensor]] = None) -> float:
+                 by_impl: Dict[str, Dict[str, Any]], configs: Dict[str, Dict[str, Dict[str, str]]]) -> float:
     """The metric of ``deploy`` as its kernels are set now: a configuration :func:`_gate_each_impl`
     already ran (the same bits) reuses its value, any other is evaluated."""
     now = _kernel_config(deploy)
     same = next((impl for impl, config in configs.items() if config == now), None)
-    return by_impl[same]["exported"] if same is not None else _evaluate(deploy, loader, metric, output_fn, seen=seen)
+    return by_impl[same]["exported"] if same is not None else _evaluate(deploy, loader, metric, output_fn)
 
 
 def _gate_each_impl(deploy: nn.Module, loader: Iterable, metric: str, output_fn: Optional[Callable], ref_value: float,
-                    max_drop: float, impls: Sequence[str], seen: Optional[List[Tensor]] = None
-                    ) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, Dict[str, Dict[str, str]]]]:
+                    max_drop: float, impls: Sequence[str]) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, Dict[str, Dict[str, str]]]]:
     """The metric with every int8 layer on one ``int8_linear`` implementation, for each of them: which
     ones export may choose, and a deployment may switch to (another CPU, where another is fastest),
     and stay gated. Also returns each run's kernel configuration (:func:`_kernel_config`)."""
@@ -660,7 +678,7 @@ def _gate_each_impl(deploy: nn.Module, loader: Iterable, metric: str, output_fn:
         for impl in impls:
             for m in layers:
                 _set_impl(m, impl)
-            value = _evaluate(deploy, loader, metric, output_fn, seen=seen)
+            value = _evaluate(deploy, loader, metric, output_fn)
             out[impl] = {"exported": value, "drop": ref_value - value, "passed": ref_value - value <= max_drop}
             configs[impl] = _kernel_config(deploy)
     finally:
@@ -1028,6 +1046,8 @@ def export(
         overwrite: replace an earlier artifact at ``path`` (False: refuse, before any work, e.g. for
             the path a server is loading from).
         val_dataloader: batches for the regression gate (skipped, and recorded as such, when None).
+            It is read once per model compared, each read from the same random state, so random
+            sampling or augmentation gives every model the same draw (:mod:`hwaware.export.reads`).
         metric: ``"auroc"`` (one logit per sample) or ``"accuracy"`` (class scores).
         max_drop: largest allowed ``reference - exported`` metric; above it :class:`RegressionError`
             is raised and nothing is written.
@@ -1138,6 +1158,8 @@ def export(
     # overrides any: the same transformed batches for all; a plain module reads the loader as it is
     hooks = list(overridden_batch_hooks(model)) if batch_hooks and val_dataloader is not None else []
     val_batches = HookedBatches(val_dataloader, model, torch.device(device), "export") if hooks else val_dataloader
+    if val_batches is not None:  # every read from the same random state, checked to give the same samples
+        val_batches = ReplayedReads(val_batches, "export")
     check_target(path, overwrite)  # an unwritable path is refused now, not after the gate
 
     ptq = not states
@@ -1207,17 +1229,16 @@ def export(
     gated_configs: Dict[str, Dict[str, Dict[str, str]]] = {}
     if val_dataloader is not None:
         sources: List[str] = []
-        seen: List[Tensor] = []  # every read of the loader must give the same samples
-        ref_value = _evaluate(_reference_module(model, reference), val_batches, metric, output_fn, sources, seen)
+        ref_value = _evaluate(_reference_module(model, reference), val_batches, metric, output_fn, sources)
         target_source = sources[0]
-        others = {label: _evaluate(_reference_module(model, sd), val_batches, metric, output_fn, seen=seen)
+        others = {label: _evaluate(_reference_module(model, sd), val_batches, metric, output_fn)
                   for label, sd in (other_fp32_references(model) if reference is None else {}).items()}
         final_value = None
         if ptq and reference is None and fp32_reference(model) is not None:
             # post-training export of a model pruned 2:4 (no QAT): the FP32 model being quantized is the
             # model as given, and the dense one kept at pruning start may not have learned yet (a trial's
             # scored at chance, and a drop of 0.016 passed max_drop=0.01)
-            final_value = others[_AS_GIVEN] = _evaluate(_fp32_copy(model), val_batches, metric, output_fn, seen=seen)
+            final_value = others[_AS_GIVEN] = _evaluate(_fp32_copy(model), val_batches, metric, output_fn)
         if others:  # (2:4 pruning before QAT: the dense model then, and the model at QAT start)
             references = {"dense at 2:4 pruning start": ref_value, **others}
             ref_value = max(references.values())  # the better FP32 model: the gate is the stricter
@@ -1226,7 +1247,7 @@ def export(
             # do to the input (dequant keeps it float), so a choice by time alone made the gate's
             # verdict depend on a timing race; only those that pass may be chosen
             by_impl, gated_configs = _gate_each_impl(deploy, val_batches, metric, output_fn, ref_value, float(max_drop),
-                                                     int8_impls or INT8_KERNELS["cpu"], seen)
+                                                     int8_impls or INT8_KERNELS["cpu"])
             allowed = [impl for impl, r in by_impl.items() if r["passed"]]
             if not allowed:
                 best = max(by_impl, key=lambda i: by_impl[i]["exported"])
@@ -1261,7 +1282,7 @@ def export(
                 "sparse24_linear" if isinstance(m, Sparse24Linear) else "int8_linear", m, rec)}
             layers[name]["selection"] = {"cpu": rec}
     if val_dataloader is not None:
-        exp_value = _gated_value(deploy, val_batches, metric, output_fn, by_impl, gated_configs, seen)
+        exp_value = _gated_value(deploy, val_batches, metric, output_fn, by_impl, gated_configs)
         if allowed and by_impl and ref_value - exp_value > max_drop:  # (no by_impl: every int8 layer is pinned)
             # the per-layer fastest mix fails where every layer on one passing implementation passed:
             # serve the best of those everywhere (measured above), so the verdict never depends on timing
@@ -1277,7 +1298,7 @@ def export(
                     layers[name]["kernels"] = dict(m.kernels)
                     layers[name]["kernel"] = {"cpu": _selected_label(
                         "sparse24_linear" if isinstance(m, Sparse24Linear) else "int8_linear", m, rec)}
-            exp_value = _gated_value(deploy, val_batches, metric, output_fn, by_impl, gated_configs, seen)
+            exp_value = _gated_value(deploy, val_batches, metric, output_fn, by_impl, gated_configs)
     for name, meta in layers.items():  # what the chosen kernel does to the layer's input
         served = _served_activation(deploy.get_submodule(name))
         if served is not None:
@@ -1307,7 +1328,7 @@ def export(
             # drop too. Not gated, recorded: the final weights with quantization off, and how much of
             # the metric the export itself costs against them.
             report["final_weights_fp32"] = final_value if final_value is not None else _evaluate(
-                _fp32_copy(model), val_batches, metric, output_fn, seen=seen)
+                _fp32_copy(model), val_batches, metric, output_fn)
             report["quantization_drop"] = report["final_weights_fp32"] - exp_value
         if allowed is not None:  # what load(kernels="measure") may switch to on another CPU
             report["by_impl"] = by_impl
@@ -1317,7 +1338,9 @@ def export(
                 f"more than max_drop={max_drop}; nothing was written at {path!r}", report)
 
     aliases = module_aliases(model)  # stored once, under the module's first name; load re-points them
+    _share_packed(deploy, layers)
     tensors, tied_tensors = _stored_once({k: v for k, v in deploy.state_dict().items() if not _under(k, aliases)})
+    _note_tied(layers, [k for k in deploy.state_dict() if not _under(k, aliases)], tied_tensors)
     # non-persistent buffers (e.g. an index table built in __init__) travel too, so load can build
     # the model on the meta device and never allocate its FP32 weights
     for name, buf in deploy.named_buffers():
@@ -1367,6 +1390,8 @@ def export(
     if example_inputs is not None:
         program, manifest["program"] = _export_program(deploy, tuple(example_inputs))
         program_writer = lambda p: _save_program(program, p)  # noqa: E731
+    if isinstance(val_batches, ReplayedReads):
+        val_batches.finish()  # the random state as one read of the loader leaves it
     write_artifact(path, manifest, tensors, program_writer=program_writer, overwrite=overwrite)
     return Artifact(path=path, manifest=verify_artifact(path), report=report, model=deploy)
 

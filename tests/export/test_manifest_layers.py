@@ -155,7 +155,10 @@ def test_a_2_4_layer_with_int8_values_says_which_int8_kernel_runs(tmp_path, caps
     assert meta["scheme"] == "sparse24_int8"
     op_kernel = meta["kernels"]["cpu"]
     impl = {v: k for k, v in SPARSE24_INT8_KERNEL.items()}[op_kernel]
-    assert f"{op_kernel} = int8_linear {impl} on the int8 codes" in meta["kernel"]["cpu"]
+    if "chain" in meta:  # the run 0 .. 2 was timed faster as one int8_mlp24 call (int_mm): timing decides
+        assert impl == "int_mm" and meta["kernel"]["cpu"].startswith("hwaware::int8_mlp24 [cpu: int_mm, 0 .. 2")
+    else:
+        assert f"{op_kernel} = int8_linear {impl} on the int8 codes" in meta["kernel"]["cpu"]
     assert main(["inspect", art.path, "--wide"]) == 0  # the kernels column
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("0 "))
     assert f"cpu={op_kernel} (int8 {impl})" in row

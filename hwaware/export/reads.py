@@ -1,0 +1,197 @@
+"""Every read of the regression gate's validation loader gives the same batches.
+
+The gate reads ``val_dataloader`` once per model it compares (the FP32 reference, each int8
+implementation, the chosen mix), so a loader that draws anything at random (a sampler with
+replacement, a random crop, noise in ``__getitem__``, a shuffle) would compare the models on
+different data, and the verdict would be sampling noise: in a trial one model passed, passed, then
+failed. :class:`ReplayedReads` wraps the loader: before each read it puts back the random state the
+first read started from, so every read draws the same numbers, and it checks that it did, by a
+fingerprint of every batch (the inputs as well as the targets). What it cannot replay (worker
+processes that keep their state across reads, a generator it cannot see) is caught by that check;
+a read that gives the same samples in another order (a shuffle it could not replay) still passes,
+since no metric the gate computes depends on the order.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+import sys
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.utils import _pytree as pytree
+
+__all__ = ["ReplayedReads"]
+
+# objects of a DataLoader whose attributes may hold the generators a read draws from
+_OWNERS = ("sampler", "batch_sampler", "dataset")
+_OWNED = ("sampler", "transform", "transforms", "target_transform")
+
+
+def _generators(loader: Any) -> List[Any]:
+    """The random generators a read of ``loader`` may draw from besides the global ones: torch,
+    numpy and ``random.Random`` generators held (one attribute deep) by the loader, its sampler,
+    batch sampler and dataset, and their sampler / transforms."""
+    while hasattr(loader, "loader") and not hasattr(loader, "sampler"):  # HookedBatches and the like
+        loader = loader.loader
+    objs = [loader]
+    for name in _OWNERS:
+        obj = getattr(loader, name, None)
+        if obj is not None:
+            objs.append(obj)
+            objs += [o for o in (getattr(obj, n, None) for n in _OWNED) if o is not None]
+    np_gen = getattr(sys.modules.get("numpy"), "random", None)
+    kinds: Tuple[type, ...] = (torch.Generator, random.Random)
+    if np_gen is not None:
+        kinds += (np_gen.Generator, np_gen.RandomState)
+    found: Dict[int, Any] = {}
+    for obj in objs:
+        for value in list(vars(obj).values()) if hasattr(obj, "__dict__") else ():
+            if isinstance(value, kinds) and value is not random._inst:
+                found.setdefault(id(value), value)
+    return list(found.values())
+
+
+def _get_state(g: Any) -> Any:
+    if isinstance(g, torch.Generator):
+        return g.get_state()
+    if isinstance(g, random.Random):
+        return g.getstate()
+    if hasattr(g, "bit_generator"):  # numpy Generator
+        return g.bit_generator.state
+    return g.get_state()  # numpy RandomState
+
+
+def _set_state(g: Any, state: Any) -> None:
+    if isinstance(g, torch.Generator):
+        g.set_state(state)
+    elif isinstance(g, random.Random):
+        g.setstate(state)
+    elif hasattr(g, "bit_generator"):
+        g.bit_generator.state = state
+    else:
+        g.set_state(state)
+
+
+class _RandomState:
+    """The global random states (torch's CPU and initialized CUDA generators, ``random``'s, numpy's
+    global one) and those of ``generators``."""
+
+    def __init__(self, generators: List[Any]) -> None:
+        self.generators = generators
+        self.torch = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        self.python = random.getstate()
+        np = sys.modules.get("numpy")
+        self.numpy = np.random.get_state() if np is not None else None
+        self.own = [_get_state(g) for g in generators]
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.torch)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+        random.setstate(self.python)
+        np = sys.modules.get("numpy")
+        if self.numpy is not None and np is not None:
+            np.random.set_state(self.numpy)
+        for g, state in zip(self.generators, self.own):
+            _set_state(g, state)
+
+
+_WEIGHTS: Dict[int, Tensor] = {}
+
+
+def _weights(n: int) -> Tensor:
+    """Fixed pseudo-random float64 weights, one per element of a sample."""
+    w = _WEIGHTS.get(n)
+    if w is None:
+        w = _WEIGHTS[n] = torch.rand(n, generator=torch.Generator().manual_seed(n), dtype=torch.float64) + 0.5
+    return w
+
+
+def _leaf_bytes(t: Tensor) -> bytes:
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+class _Fingerprint:
+    """What one read gave: an exact digest per batch (in order), and per tensor leaf the multiset of
+    its samples' weighted sums (order-free: the same samples read in another order match)."""
+
+    def __init__(self) -> None:
+        self.digests: List[str] = []
+        self.samples: Dict[int, List[Tensor]] = {}
+        self.structures: set = set()
+
+    def add(self, batch: Any) -> None:
+        leaves, spec = pytree.tree_flatten(batch)
+        h = hashlib.blake2b(str(spec).encode(), digest_size=16)
+        self.structures.add((str(spec), len(leaves)))
+        for i, leaf in enumerate(leaves):
+            if isinstance(leaf, Tensor):
+                h.update(f"{leaf.dtype}{tuple(leaf.shape)}".encode())
+                h.update(_leaf_bytes(leaf))
+                if leaf.is_complex() or leaf.numel() == 0:
+                    continue
+                x = leaf.detach().cpu().reshape(leaf.shape[0] if leaf.dim() else 1, -1).double()
+                self.samples.setdefault(i, []).append(x @ _weights(x.shape[1]))
+            else:
+                h.update(repr(leaf).encode() if isinstance(leaf, (int, float, str, bytes, bool, type(None)))
+                         else type(leaf).__qualname__.encode())
+        self.digests.append(h.hexdigest())
+
+    def same_samples(self, other: "_Fingerprint") -> bool:
+        if self.structures != other.structures or self.samples.keys() != other.samples.keys():
+            return False
+        for i, parts in self.samples.items():
+            a, b = torch.cat(parts).sort().values, torch.cat(other.samples[i]).sort().values
+            if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-9, atol=1e-9):
+                return False
+        return True
+
+    def first_difference(self, other: "_Fingerprint") -> str:
+        for i, (a, b) in enumerate(zip(self.digests, other.digests)):
+            if a != b:
+                return f"batch {i} differs"
+        return f"{len(self.digests)} batches, then {len(other.digests)}"
+
+
+class ReplayedReads:
+    """``loader`` read afresh on every iteration, each read from the random state the first began
+    with, checked to give the same samples; :meth:`finish` leaves the random state as one read of
+    the loader left it. ``who`` names the caller in errors."""
+
+    def __init__(self, loader: Iterable, who: str = "export") -> None:
+        self.loader, self.who = loader, who
+        self._start: Optional[_RandomState] = None
+        self._after: Optional[_RandomState] = None
+        self._first: Optional[_Fingerprint] = None
+        self._reads = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        generators = _generators(self.loader)
+        if self._start is None:
+            self._start = _RandomState(generators)
+        else:
+            self._start.restore()
+        seen = _Fingerprint()
+        for batch in self.loader:
+            seen.add(batch)  # before the model sees it (a model may change a batch in place)
+            yield batch
+        self._reads += 1  # a complete read (a partial one, e.g. one batch to time kernels on, is not compared)
+        if self._first is None:
+            self._first, self._after = seen, _RandomState(generators)
+        elif seen.digests != self._first.digests and not seen.same_samples(self._first):
+            raise ValueError(
+                f"{self.who}: val_dataloader gave other samples on read {self._reads} than on the first "
+                f"({self._first.first_difference(seen)}), although the gate puts back the random state the first read "
+                "started from before each read (torch's, random's and numpy's global generators, and the generators the "
+                "loader, its sampler and dataset hold). The gate runs each model it compares on its own read, so it "
+                "would compare them on different data. Something random it cannot replay changed the batches: worker "
+                "processes that keep their state across reads (persistent_workers=True), or a generator held elsewhere. "
+                "Pass a loader that gives the same samples on every read")
+
+    def finish(self) -> None:
+        """The random state as the first complete read left it (as if the loader was read once)."""
+        if self._after is not None:
+            self._after.restore()

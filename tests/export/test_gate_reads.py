@@ -1,0 +1,125 @@
+"""The gate's reads of the validation loader: every model it compares sees the same samples."""
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
+
+from hwaware import export
+from hwaware.export.reads import ReplayedReads
+from tests.helpers import TinyCTR, tiny_data
+
+
+class _Noisy(Dataset):
+    """Random augmentation of the inputs, labels unchanged: ``draw`` picks where the noise comes from."""
+
+    def __init__(self, n: int, draw: str) -> None:
+        self.data, self.draw = tiny_data(n, seed=1), draw
+        self.rng = np.random.default_rng(0)  # held by the dataset: replayed
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def noise(self) -> torch.Tensor:
+        if self.draw == "torch":
+            return torch.randn(4)
+        if self.draw == "numpy":
+            return torch.from_numpy(np.random.randn(4)).float()
+        if self.draw == "random":
+            return torch.tensor([random.gauss(0, 1) for _ in range(4)])
+        if self.draw == "own":
+            return torch.from_numpy(self.rng.standard_normal(4)).float()
+        return torch.from_numpy(_HIDDEN.standard_normal(4)).float()  # a generator the gate cannot see
+
+    def __getitem__(self, i):
+        dense, ids, y = self.data[i]
+        return dense + self.noise(), ids, y
+
+
+_HIDDEN = np.random.default_rng(0)
+
+
+def _reads(loader, n=3):
+    reads = ReplayedReads(loader)
+    return [[torch.cat([t.flatten().float() for t in b]) for b in reads] for _ in range(n)]
+
+
+@pytest.mark.parametrize("draw", ["torch", "numpy", "random", "own"])
+def test_every_read_of_a_randomly_augmented_loader_gives_the_same_batches(draw):
+    loader = DataLoader(_Noisy(96, draw), batch_size=32, shuffle=True)
+    first, *others = _reads(loader)
+    assert len(first) == 3
+    for other in others:
+        assert all(torch.equal(a, b) for a, b in zip(first, other))
+    plain = [torch.cat([t.flatten().float() for t in b]) for b in loader]  # (unwrapped: each read draws anew)
+    assert not all(torch.equal(a, b) for a, b in zip(first, plain))
+
+
+def test_a_sampler_with_replacement_and_its_own_generator_is_replayed():
+    data = tiny_data(128, seed=1)
+    g = torch.Generator().manual_seed(3)
+    loader = DataLoader(data, batch_size=32, sampler=RandomSampler(data, replacement=True, num_samples=96, generator=g))
+    first, *others = _reads(loader)
+    assert all(torch.equal(a, b) for other in others for a, b in zip(first, other))
+
+
+def test_randomness_it_cannot_replay_is_refused_naming_the_read():
+    reads = ReplayedReads(DataLoader(_Noisy(64, "hidden"), batch_size=32))
+    list(reads)
+    with pytest.raises(ValueError, match=r"export: val_dataloader gave other samples on read 2 than on the first \(batch 0 "
+                                         r"differs\).*persistent_workers=True.*same samples on every read"):
+        list(reads)
+
+
+class _HiddenShuffle(Sampler):
+    """A shuffle drawn from a generator the gate cannot see: another order of the same samples."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return iter(_HIDDEN.permutation(self.n).tolist())
+
+
+def test_the_same_samples_in_another_order_pass():
+    reads = ReplayedReads(DataLoader(tiny_data(96, seed=1), batch_size=32, sampler=_HiddenShuffle(96)))
+    a, b = list(reads), list(reads)
+    assert not torch.equal(a[0][0], b[0][0])  # another order: the check fell back to the samples' multiset
+    assert torch.equal(torch.cat([x[2] for x in a]).sort().values, torch.cat([x[2] for x in b]).sort().values)
+
+
+def test_a_partial_read_is_not_compared_and_the_state_is_left_as_one_read_leaves_it():
+    loader = DataLoader(_Noisy(64, "torch"), batch_size=32)
+    torch.manual_seed(5)
+    once = [b[0] for b in loader]
+    after_one_read = torch.rand(3)
+    torch.manual_seed(5)
+    reads = ReplayedReads(loader)
+    next(iter(reads))  # one batch (kernels timed on it)
+    got = [b[0] for b in reads]
+    list(reads)
+    reads.finish()
+    assert all(torch.equal(a, b) for a, b in zip(once, got))
+    assert torch.equal(torch.rand(3), after_one_read)
+
+
+def test_the_gate_compares_the_models_on_the_same_augmented_batches(tmp_path):
+    """A vision trial: random augmentation on the validation loader, labels unchanged. The gate read
+    it once per model, so the same model passed, passed, then failed; the drop was sampling noise."""
+    torch.manual_seed(0)
+    model = TinyCTR()
+    with torch.no_grad():
+        model.mlp[0].weight[:, :4] *= 10  # the noise moves the predictions (and the AUROC of each read)
+    references, drops = set(), []
+    for seed in range(4):
+        torch.manual_seed(seed)
+        art = export(model, tmp_path / str(seed), val_dataloader=DataLoader(_Noisy(256, "torch"), batch_size=64),
+                     max_drop=0.005)
+        references.add(art.report["reference"])
+        drops.append(art.report["drop"])
+    assert len(references) == 4  # each export drew other noise...
+    assert max(abs(d) for d in drops) < 0.005  # ...and compared the models on the same draw
