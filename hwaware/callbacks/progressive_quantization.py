@@ -571,9 +571,15 @@ class ProgressiveQuantization(_RestoresForEvaluation):
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         if not self._call_checked and dataloader_idx == 0:  # the loader the output KL reads (the sanity check's too)
             self._check_model_call(trainer, pl_module, batch)
+        if self._collector is not None:
+            # each epoch's per-layer KL reads the first validation loader only, as the end-of-fit
+            # validation does: with several, kl_history mixed every loader's batches
+            self._collector.paused = dataloader_idx != 0
 
     @override
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if dataloader_idx != 0:
+            return
         self._val_batches_seen += 1
         if self._collecting and self._val_batches_seen >= self.validation_batches:
             self._stop_collecting()

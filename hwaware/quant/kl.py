@@ -151,13 +151,14 @@ class LayerErrorCollector:
         self._sq_ref: Dict[str, float] = {n: 0.0 for n in states}
         self._handles = []
         self._busy = False
+        self.paused = False  # True: forwards pass unmeasured (e.g. another validation loader's batches)
 
     def _hook(self, name: str):
         st = self.states[name]
         channel_dim = 1 if st.kind == "conv" else -1
 
         def hook(module, args, kwargs, output):
-            if self._busy or not st.enabled:
+            if self._busy or self.paused or not st.enabled:
                 return None
             self._busy = True
             try:

@@ -1574,3 +1574,31 @@ def test_a_plateau_schedulers_default_floor_scales_for_the_group_lsq_adds():
     for _ in range(6):
         sched.step(1.0)
     assert [g["lr"] for g in opt.param_groups] == [pytest.approx(2e-4, rel=1e-12)] * 2
+
+
+def test_each_epochs_layer_kl_reads_the_first_validation_loader_only(tmp_path):
+    """With two validation loaders and fewer batches in the first than validation_batches, the
+    epoch's kl_history mixed the second loader's batches in (a loop trial), while the end-of-fit
+    KL reads the first only."""
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from hwaware.callbacks import ProgressiveQuantization
+    from tests.helpers import TinyCTR, loaders, make_trainer, tiny_data
+
+    class TwoLoaders(TinyCTR):
+        def validation_step(self, batch, batch_idx, dataloader_idx=0):
+            self.log("val_loss", self._loss(batch))
+
+    dense, ids, y = tiny_data(64, seed=7).tensors
+    other = DataLoader(TensorDataset(dense * 50, ids, y), batch_size=32)  # far larger activations: another KL
+
+    def kl_history(val):
+        pl.seed_everything(0, verbose=False)
+        cb = ProgressiveQuantization(start_epoch=1, calibration_batches=2, validation_batches=8)
+        train, first = loaders()
+        make_trainer(tmp_path, [cb], max_epochs=3, limit_val_batches=2).fit(TwoLoaders(), train, [first, other][:val])
+        return cb.report["kl_history"]
+
+    one, two = kl_history(1), kl_history(2)
+    assert sorted(one) == ["1", "2"] and one == two
