@@ -534,8 +534,9 @@ def _metric_value(metric: str, preds: Tensor, target: Tensor) -> float:
             cols = preds.shape[1] if preds.dim() == 2 else tuple(preds.shape[1:])
             raise ValueError(f"metric='auroc' expects one logit or probability per sample; the model's output has {cols} columns "
                              f"per sample (shape {tuple(preds.shape)} over the loader's batches). For class scores use "
-                             "metric='accuracy'; for a multi-task head or a two-class softmax, pass output_fn= returning the "
-                             "one column to gate on (e.g. lambda model, batch: model(*batch[:-1])[:, 0])")
+                             "metric='accuracy'; for a two-class softmax, pass output_fn= returning the positive class's "
+                             "score and the target: lambda model, batch: (model(*batch[:-1]).softmax(-1)[:, 1], batch[-1]) "
+                             "(for a multi-task head, the column of the task to gate on)")
         t = target.reshape(-1)
         if t.numel() != preds.numel():
             raise ValueError(f"metric='auroc' expects one binary target per sample; got targets of shape "
@@ -1231,6 +1232,12 @@ def export(
         sources: List[str] = []
         ref_value = _evaluate(_reference_module(model, reference), val_batches, metric, output_fn, sources)
         target_source = sources[0]
+        if metric == "auroc" and ref_value < 0.5:
+            warnings.warn(f"export: the reference scores AUROC {ref_value:.4f}, below chance: its predictions rank negatives "
+                          "above positives, as a score for the negative class does (a two-class softmax's column 0, a "
+                          "negated logit). An inverted score inverts the gate: a worse export scores higher and passes. "
+                          "Gate on the positive class's score (output_fn=), or on a reference that has learned",
+                          UserWarning, stacklevel=_user_stacklevel())
         others = {label: _evaluate(_reference_module(model, sd), val_batches, metric, output_fn)
                   for label, sd in (other_fp32_references(model) if reference is None else {}).items()}
         final_value = None

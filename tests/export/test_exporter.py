@@ -435,8 +435,33 @@ def test_a_lightning_model_without_predict_step_runs_on_its_inputs(tmp_path):
     # the mismatch, not a deep error; per sample (it said the loader's 64 rows were the output), and the fix
     with pytest.raises(ValueError, match=r"metric='auroc' expects one logit or probability per sample; the model's output "
                                          r"has 10 columns per sample \(shape \(64, 10\) over the loader's batches\)\. For class "
-                                         r"scores use metric='accuracy'; for a multi-task head .*pass output_fn="):
+                                         r"scores use metric='accuracy'; for a two-class softmax, pass output_fn= "
+                                         r"returning the positive class's score and the target: lambda model, batch: "):
         export(model, tmp_path / "b", val_dataloader=_class_batches(), metric="auroc")
+
+
+def test_the_two_class_auroc_hint_works_as_written_and_an_inverted_score_is_warned_about(tmp_path):
+    """A transformer trial copied the hint (it returned no target, then gated on column 0): the gate
+    passed on AUROC 0.07, inverted (0.93 on the positive class), where a worse export scores higher."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 8)
+    y = (x[:, 0] > 0).long()
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
+    with torch.no_grad():  # a two-class head that has learned: class 1 when x[:, 0] > 0
+        for layer in (model[0], model[2]):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        model[0].weight[0, 0], model[0].weight[1, 0] = 1.0, -1.0
+        model[2].weight[1, 0], model[2].weight[0, 1] = 1.0, 1.0
+    batches = [(x[i:i + 64], y[i:i + 64]) for i in range(0, 256, 64)]
+    with pytest.raises(ValueError) as info:
+        export(model, tmp_path / "a", val_dataloader=batches, metric="auroc")
+    hint = str(info.value).split("the target: ")[1].split(" (for a")[0]
+    art = export(model, tmp_path / "b", val_dataloader=batches, metric="auroc", output_fn=eval(hint))
+    assert art.report["reference"] > 0.99
+    with pytest.warns(UserWarning, match=r"the reference scores AUROC 0\.0.*below chance.*An inverted score inverts the gate"):
+        export(model, tmp_path / "c", val_dataloader=batches, metric="auroc", max_drop=1.0,
+               output_fn=lambda m, b: (m(b[0])[:, 0], b[1]))
 
 
 def test_a_batch_the_model_cannot_take_names_the_call_and_the_fix(tmp_path):
