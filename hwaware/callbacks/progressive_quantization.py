@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import EarlyStopping
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.model_helpers import is_overridden
@@ -72,6 +73,44 @@ def _describe_specs(state: List[List[Any]]) -> str:
     return "{" + ", ".join(
         f"{p!r}: {{" + ", ".join(f"{k!r}: {_short(v)}" for k, v in e.items()) + "}"
         for p, e in state) + "}"
+
+
+def _stopped_by(trainer: "pl.Trainer", monitor: Optional[str]) -> str:
+    """Why a fit stopped before ``max_epochs``, for the "QAT never ran" warning: an EarlyStopping
+    callback (on ``monitor``: at the very plateau ProgressiveQuantization waits for), or another
+    ``trainer.should_stop``; empty when it ran its epochs."""
+    stoppers = [cb for cb in trainer.callbacks if isinstance(cb, EarlyStopping) and cb.stopped_epoch]
+    if stoppers:
+        cb = stoppers[0]
+        same = monitor is not None and cb.monitor == monitor
+        return (f": EarlyStopping(monitor={cb.monitor!r}, patience={cb.patience}) stopped the fit at epoch "
+                f"{cb.stopped_epoch}" + (", at the plateau ProgressiveQuantization waits for to start QAT: give "
+                                         "EarlyStopping a larger patience than ProgressiveQuantization's, or let it "
+                                         "monitor a metric of the QAT phase" if same else ""))
+    if trainer.should_stop and trainer.current_epoch < (trainer.max_epochs or 0):  # (epochs done, at fit end)
+        return f": the fit was stopped early (trainer.should_stop) after {trainer.current_epoch} epochs"
+    return ""
+
+
+def _epoch_training_values(trainer: "pl.Trainer") -> Dict[str, float]:
+    """The epoch-level training metrics logged so far this epoch, under their ``callback_metrics``
+    names: what Lightning aggregates into ``callback_metrics`` at the epoch's end, and does not
+    checkpoint (a run resumed from a checkpoint written at validation end ends the epoch without
+    them)."""
+    out: Dict[str, float] = {}
+    try:
+        results = trainer.fit_loop.epoch_loop._results  # (Lightning's training ResultCollection)
+        for _, metric in results.valid_items():
+            if metric.meta.on_epoch:
+                value = results._get_cache(metric, False)
+                names = results._forked_name(metric, False)  # (forked name, name): callback_metrics has both
+                if isinstance(value, Tensor) and value.numel() == 1:
+                    value = float(value)
+                if isinstance(value, (int, float)):
+                    out.update({n: float(value) for n in (names if isinstance(names, tuple) else (names,))})
+    except Exception:  # (a private API: without it, a resume reads nothing, as before)
+        return {}
+    return out
 
 
 class ProgressiveQuantization(_RestoresForEvaluation):
@@ -404,7 +443,7 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         source = getattr(getattr(getattr(trainer.fit_loop, "epoch_loop", None), "val_loop", None), "_data_source", None)
         self._validation_runs = (trainer.limit_val_batches != 0 and is_overridden("validation_step", pl_module)
                                  and (source is None or source.is_defined()))
-        if self.phase != "fp32" or trainer.max_steps is None or trainer.max_steps < 0 or self.start != "epoch":
+        if self.phase != "fp32" or self.start != "epoch":
             return
         accumulate = max(1, int(trainer.accumulate_grad_batches))
         batches = trainer.num_training_batches
@@ -414,11 +453,20 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         # the index of the first optimizer step QAT trains: calibration ending inside an accumulation
         # window drops its gradients, so that window's step is QAT's
         qat_step = self.start_epoch * per_epoch + self.calibration_batches // accumulate
-        if qat_step >= trainer.max_steps:
-            raise ValueError(
-                f"ProgressiveQuantization(start_epoch={self.start_epoch}, calibration_batches={self.calibration_batches}) "
-                f"would start QAT at optimizer step {qat_step} ({per_epoch} per epoch), but Trainer(max_steps="
-                f"{trainer.max_steps}) stops before it: lower start_epoch or calibration_batches, or raise max_steps")
+        limits = []
+        if trainer.max_steps is not None and trainer.max_steps >= 0:
+            limits.append((trainer.max_steps, f"max_steps={trainer.max_steps}", "max_steps"))
+        if trainer.max_epochs is not None and trainer.max_epochs >= 0:
+            # calibration may run into the next epoch; an fit that ends inside it trains no QAT step
+            # (a trial: 10 batches an epoch, calibration_batches=16, max_epochs=2: "QAT never ran")
+            limits.append((trainer.max_epochs * per_epoch, f"max_epochs={trainer.max_epochs}, {trainer.max_epochs * per_epoch} "
+                           "steps", "max_epochs"))
+        for limit, given, knob in limits:
+            if qat_step >= limit:
+                raise ValueError(
+                    f"ProgressiveQuantization(start_epoch={self.start_epoch}, calibration_batches={self.calibration_batches}) "
+                    f"would start QAT at optimizer step {qat_step} ({per_epoch} per epoch), but Trainer({given}) stops "
+                    f"before it: lower start_epoch or calibration_batches, or raise {knob}")
 
     @override
     def _restore_for_evaluation(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -538,6 +586,16 @@ class ProgressiveQuantization(_RestoresForEvaluation):
     @override
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._sync_running_observers()
+        if self.phase in ("fp32", "qat") and trainer.state.fn == TrainerFn.FITTING:
+            # the epoch's training metrics are aggregated now: the report's metrics pair this epoch's
+            # validation with this epoch's training (not the last epoch's), and a fit that never
+            # validates (limit_val_batches=0) still has them
+            before = self.phase == "fp32"
+            merged = {**(self._metrics_before if before else self._metrics_after), **_scalar_metrics(trainer)}
+            if before:
+                self._metrics_before = merged
+            else:
+                self._metrics_after = merged
         if self._called is not None and self.phase == "qat":  # after this epoch's validation too
             self._drop_uncalled(trainer, pl_module)
         if self.phase == "qat":
@@ -602,9 +660,14 @@ class ProgressiveQuantization(_RestoresForEvaluation):
             # only a fit's own validations count: a trainer.validate() before fit (or between fits)
             # would move the plateau count and metrics_before of the fit that follows
             return
+        # this epoch's training metrics so far, not the last epoch's that callback_metrics still holds
+        # (what this epoch's end will aggregate: a checkpoint written now keeps them for a resume)
         metrics = _scalar_metrics(trainer)
+        recorded = {**metrics, **_epoch_training_values(trainer)}
         if self.phase == "fp32":
-            self._metrics_before = metrics
+            # merged, as callback_metrics keeps every metric's last value: a resumed run (whose
+            # callback_metrics lost the training metrics) keeps those recorded before it
+            self._metrics_before = {**self._metrics_before, **recorded}
             if self.start == "plateau":
                 # trainer.callback_metrics keeps every metric's last value: the monitor counts here only
                 # when this validation logged it (a new value object), else it is last epoch's value of
@@ -619,22 +682,12 @@ class ProgressiveQuantization(_RestoresForEvaluation):
                     # save them)
                     self._plateau_pending_value = self._epoch_training_value(trainer)
         elif self.phase == "qat":
-            self._metrics_after = metrics
+            self._metrics_after = {**self._metrics_after, **recorded}
 
     def _epoch_training_value(self, trainer: "pl.Trainer") -> Optional[float]:
         """The epoch-level value of ``monitor`` logged in training so far this epoch (what Lightning
         aggregates into ``callback_metrics`` at the epoch's end), or None where there is none."""
-        value = None
-        try:
-            results = trainer.fit_loop.epoch_loop._results  # (Lightning's training ResultCollection)
-            for _, metric in results.valid_items():  # the monitor's own entry only: nothing else is computed
-                if self.monitor in results._forked_name(metric, False) and metric.meta.on_epoch:
-                    value = results._get_cache(metric, False)
-        except Exception:  # (a private API: without it, a resume reads nothing, as before)
-            return None
-        if isinstance(value, Tensor) and value.numel() == 1:
-            return float(value)
-        return float(value) if isinstance(value, (int, float)) else None
+        return _epoch_training_values(trainer).get(self.monitor)
 
     @override
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -650,6 +703,7 @@ class ProgressiveQuantization(_RestoresForEvaluation):
             rank_zero_warn(
                 f"ProgressiveQuantization: fit ended in phase {self.phase!r}; QAT never ran "
                 f"(start={self.start!r}, start_epoch={self.start_epoch}, max_epochs={trainer.max_epochs})"
+                + _stopped_by(trainer, self.monitor if self.start == "plateau" else None)
             )
 
     @override

@@ -96,3 +96,58 @@ def test_evaluating_an_fp32_phase_checkpoint_after_a_qat_fit_runs_it_as_fp32(tmp
     got = torch.cat(trainer.predict(model, val, ckpt_path=fp32_ckpt))
     assert not quant_states(model) and pq.phase == "fp32" and fp32_reference(model) is None
     assert torch.equal(got, expected)
+
+
+class EpochLoss(TinyCTR):
+    """Logs its training loss per epoch only (on_epoch=True): in callback_metrics from the epoch's end."""
+
+    def training_step(self, batch, batch_idx):
+        loss = self._loss(batch)
+        self.log("train_loss", loss, on_step=False, on_epoch=True)
+        return loss
+
+
+def _qat_fit(tmp_path, name, ckpt=None, **trainer_kwargs):
+    pl.seed_everything(0, verbose=False)
+    model = EpochLoss()
+    pq = ProgressiveQuantization(start_epoch=1, calibration_batches=2, qat_epochs=2)
+    ckpts = ModelCheckpoint(dirpath=str(tmp_path / name), save_top_k=-1, monitor=None)
+    trainer = make_trainer(tmp_path / name, [pq, ckpts], max_epochs=5, enable_checkpointing=True, **trainer_kwargs)
+    train = DataLoader(tiny_data(256), batch_size=32)
+    val = DataLoader(tiny_data(128, seed=1), batch_size=32)
+    trainer.fit(model, train, val, ckpt_path=ckpt)
+    return pq
+
+
+def test_the_reports_metrics_pair_each_epochs_validation_with_its_training_also_after_a_resume(tmp_path):
+    """metrics_before / metrics_after were callback_metrics at the phase's last validation: the
+    epoch-level training metrics there are the previous epoch's, and a resumed run (Lightning does
+    not checkpoint callback_metrics) had none, so its report lost train_loss (a loop trial)."""
+    full = _qat_fit(tmp_path, "full")
+    after = full.report["metrics_after"]
+    assert {"train_loss", "val_loss"} <= set(after) and "train_loss" in full.report["metrics_before"]
+    ckpt = next(c for c in sorted(glob.glob(os.path.join(tmp_path, "full", "*.ckpt"))) if "epoch=1" in c)
+    resumed = _qat_fit(tmp_path, "resumed", ckpt=ckpt)
+    assert resumed.report["metrics_after"] == after
+    assert resumed.report["metrics_before"] == full.report["metrics_before"]
+
+
+def test_a_fit_without_validation_still_reports_its_training_metrics(tmp_path):
+    pq = _qat_fit(tmp_path, "noval", limit_val_batches=0)
+    assert "train_loss" in pq.report["metrics_before"] and "train_loss" in pq.report["metrics_after"]
+    assert pq.report["metrics_before"]["train_loss"] != pq.report["metrics_after"]["train_loss"]
+
+
+def test_the_warning_names_an_early_stopping_that_ended_the_fit_at_the_plateau(tmp_path):
+    import pytest
+    from pytorch_lightning.callbacks import EarlyStopping
+
+    pl.seed_everything(0, verbose=False)
+    pq = ProgressiveQuantization(start="plateau", monitor="val_loss", mode="min", patience=1, min_delta=10.0,
+                                 calibration_batches=2)
+    stop = EarlyStopping(monitor="val_loss", mode="min", patience=1, min_delta=10.0)
+    trainer = make_trainer(tmp_path, [pq, stop], max_epochs=8)
+    with pytest.warns(UserWarning, match=r"QAT never ran .*: EarlyStopping\(monitor='val_loss', patience=1\) stopped the fit "
+                                         r"at epoch 1, at the plateau ProgressiveQuantization waits for to start QAT: give "
+                                         r"EarlyStopping a larger patience"):
+        trainer.fit(TinyCTR(), DataLoader(tiny_data(256), batch_size=32), DataLoader(tiny_data(128, seed=1), batch_size=32))

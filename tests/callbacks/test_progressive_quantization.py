@@ -937,8 +937,17 @@ def test_no_call_tracking_hook_stays_on_the_model(tmp_path):
     def hooks(m):
         return {n: len(mod._forward_pre_hooks) for n, mod in m.named_modules() if mod._forward_pre_hooks}
 
-    with pytest.warns(UserWarning, match="fit ended in phase 'calibrate'"):
-        _, model, _ = train_with_quant(tmp_path / "a", max_epochs=2, start_epoch=1, calibration_batches=100)
+    class StopAfterEpoch1(pl.Callback):  # (a max_epochs that cannot reach QAT is refused at fit start)
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.should_stop = trainer.current_epoch >= 1
+
+    pl.seed_everything(0, verbose=False)
+    model = TinyCTR()
+    trainer = make_trainer(tmp_path / "a", [ProgressiveQuantization(start_epoch=1, calibration_batches=100),
+                                            StopAfterEpoch1()], max_epochs=20)
+    with pytest.warns(UserWarning, match=r"fit ended in phase 'calibrate'.*: the fit was stopped early "
+                                         r"\(trainer.should_stop\) after 2 epochs"):
+        trainer.fit(model, *loaders())
     assert hooks(model) == {}
 
     class Boom(TinyCTR):
@@ -1602,3 +1611,17 @@ def test_each_epochs_layer_kl_reads_the_first_validation_loader_only(tmp_path):
 
     one, two = kl_history(1), kl_history(2)
     assert sorted(one) == ["1", "2"] and one == two
+
+
+def test_a_max_epochs_that_ends_inside_calibration_is_refused_at_fit_start(tmp_path):
+    """A transformer trial: 10 batches an epoch, calibration_batches=16 from epoch 1, max_epochs=2:
+    the fit ended calibrating ("QAT never ran"), and export then packed the model as if QAT-trained."""
+    cb = ProgressiveQuantization(start_epoch=1, calibration_batches=16)
+    trainer = make_trainer(tmp_path, [cb], max_epochs=2, limit_train_batches=10)
+    with pytest.raises(ValueError, match=r"ProgressiveQuantization\(start_epoch=1, calibration_batches=16\) would start QAT "
+                                         r"at optimizer step 26 \(10 per epoch\), but Trainer\(max_epochs=2, 20 steps\) stops "
+                                         r"before it: lower start_epoch or calibration_batches, or raise max_epochs"):
+        trainer.fit(TinyCTR(), *loaders())
+    # one calibration batch less than the epoch holds: QAT trains from the epoch's last step
+    make_trainer(tmp_path, [ProgressiveQuantization(start_epoch=1, calibration_batches=9)], max_epochs=2,
+                 limit_train_batches=10).fit(TinyCTR(), *loaders())
