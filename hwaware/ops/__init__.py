@@ -100,6 +100,13 @@ def _check_int8_k(name: str, k: int, impl: str, arg: str = "impl") -> None:
 
 
 def _check_int8_linear(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> None:
+    # the common case in one test (a serving call's checks cost a third of a small layer's F.linear);
+    # anything else goes through the checks below, which name what is wrong
+    qs, ws = qweight.shape, w_scale.shape
+    if (len(qs) == 2 and qweight.dtype == torch.int8 and qs[0] >= 1 and qs[1] >= 1 and x.dtype in _FLOAT_X
+            and x.dim() >= 1 and x.shape[-1] == qs[1] and w_scale.dtype == torch.float32 and len(ws) == 1
+            and ws[0] == qs[0] and (bias is None or (bias.dtype in _FLOAT_X and bias.shape == ws))):
+        return
     _dt("x", x, _FLOAT_X, "[..., K] float")
     _dt("qweight", qweight, (torch.int8,), "[N, K] int8")
     if qweight.dim() != 2:
@@ -782,6 +789,9 @@ def _int8_dequantized(qweight: Tensor, w_scale: Tensor) -> Tensor:
 def _linear_fp32(x: Tensor, w: Tensor, bias: Optional[Tensor], relu: bool = False) -> Tensor:
     """``F.linear`` in float32 on a float32 weight derived once from packed storage (dequantized int8
     or int4 codes, decompressed 2:4 values), ReLU applied in place when ``relu``, back in ``x``'s dtype."""
+    if x.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32):  # (no conversions: no calls)
+        out = F.linear(x, w, bias)
+        return out.relu_() if relu else out
     out = F.linear(x.float(), w, None if bias is None else bias.float())
     return (out.relu_() if relu else out).to(x.dtype)
 
