@@ -152,6 +152,9 @@ def _selection_lines(layers: Mapping[str, Any]) -> List[str]:
                 t = f"{m['us']:.1f}us" if isinstance(m, Mapping) and m.get("available") else "n/a"
                 keeps = "" if isinstance(m, Mapping) and m.get("keeps_math") else " (other math)"
                 cands.append(f"{c} {t}{'*' if c == rec.get('chosen') else ''}{keeps}")
+            fp32 = rec.get("fp32_us")
+            if isinstance(fp32, (int, float)) and not isinstance(fp32, bool):  # what the FP32 layer took there
+                cands.append(f"(FP32 F.linear {fp32:.1f}us)")
             out.append(_wrap(f"{name} [{device}, input {shape}]: " + (" | ".join(cands) or "not measured"), "  ", "      "))
             if rec.get("why"):
                 out.append(_wrap(f"-> {rec.get('chosen')}: {rec['why']}", "    ", "       "))
@@ -235,6 +238,12 @@ def _inspect_text(path: str, manifest: Dict[str, Any], on_disk: int, wide: bool 
         if isinstance(fp32, (int, float)) and not isinstance(fp32, bool) and fp32 > 0:
             line += f", {served / fp32:.1%} of fp32"
         out.append(line)
+    slow = manifest.get("int8_vs_fp32")
+    if isinstance(slow, Mapping) and all(isinstance(slow.get(k), (int, float)) for k in ("int8_us", "fp32_us", "layers")):
+        out.append(_wrap(f"int8 layers outside chains, as timed at export: {slow['int8_us']:.1f} us against "
+                         f"{slow['fp32_us']:.1f} us for the same {slow['layers']} layer(s) in FP32"
+                         + (" (SLOWER than FP32 at that batch: hwaware bench PATH times the whole model)"
+                            if slow["int8_us"] > 1.25 * slow["fp32_us"] else ""), "", "  "))
     reg = manifest.get("regression")
     out.append(_regression_line(reg) if isinstance(reg, Mapping) else "regression: not measured")
     by_impl = reg.get("by_impl") if isinstance(reg, Mapping) else None

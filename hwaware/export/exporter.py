@@ -203,6 +203,20 @@ def _share_packed(deploy: nn.Module, layers: Dict[str, Dict[str, Any]]) -> None:
                 m._buffers[leaf] = other
 
 
+def _int8_vs_fp32(layers: Dict[str, Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The int8 layers served one call each (not in an ``int8_mlp`` chain) that selection timed:
+    their chosen kernels' time in all against the same layers' FP32 ``F.linear`` at the same rows
+    (``fp32_us`` of each record), or None where there is none."""
+    timed = [meta["selection"]["cpu"] for meta in layers.values() if "chain" not in meta
+             and isinstance(meta.get("selection", {}).get("cpu"), dict) and "fp32_us" in meta["selection"]["cpu"]]
+    timed = [r for r in timed if isinstance(r.get("measured", {}).get(r.get("chosen")), dict)
+             and "us" in r["measured"][r["chosen"]]]
+    if not timed:
+        return None
+    return {"layers": len(timed), "int8_us": round(sum(r["measured"][r["chosen"]]["us"] for r in timed), 2),
+            "fp32_us": round(sum(r["fp32_us"] for r in timed), 2)}
+
+
 def _note_tied(layers: Dict[str, Dict[str, Any]], keys: List[str], tied_tensors: Dict[str, str]) -> None:
     """The manifest note of each packed layer sharing its weight with others (``tied_to``): stored
     once where the layers pack to the same bytes (``stored_as``: the layer whose entries hold them),
@@ -1322,6 +1336,15 @@ def export(
                 layers[name]["chain"] = run
                 layers[name]["kernel"] = {"cpu": label}
 
+    slow = _int8_vs_fp32(layers)
+    if slow is not None:
+        if slow["int8_us"] > 1.25 * slow["fp32_us"]:
+            warnings.warn(
+                f"export: at the rows they were timed on, the {slow['layers']} int8 layer(s) run outside an int8_mlp chain "
+                f"take {slow['int8_us']:.1f} us in all on their fastest kernels, where the same layers in FP32 (F.linear) "
+                f"took {slow['fp32_us']:.1f} us: small layers cost more as hwaware ops (each call's overhead) than their "
+                "FP32 GEMM does. The artifact is smaller, but may serve slower than the FP32 model at this batch size: "
+                "time it with hwaware bench PATH (manifest int8_vs_fp32)", UserWarning, stacklevel=_user_stacklevel())
     if val_dataloader is not None:
         drop = ref_value - exp_value
         report = {"metric": metric, "reference": ref_value, **({"references": references} if references else {}),
@@ -1383,6 +1406,8 @@ def export(
         "fp32_bytes": fp32_bytes,
         "packed_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
     }
+    if slow is not None:
+        manifest["int8_vs_fp32"] = slow
     if aliases:
         manifest["module_aliases"] = aliases
     if tied_tensors:

@@ -33,6 +33,7 @@ import time
 from typing import Any, Callable, Collection, Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 import hwaware.ops  # noqa: F401
@@ -342,6 +343,11 @@ def select_int8_kernels(model: nn.Module, rows: Dict[str, int], device: str = "c
                     lambda: op(x, layer.qweight, layer.w_scale, layer.bias, impl, layer.relu), _INT8_NOTES.get(impl, impl), measured)}
         chosen = min(measured, key=lambda c: measured[c]["us"])
         layer.kernels[device] = chosen
+        # what the layer cost as the FP32 model ran it: a small layer's int8 op (its per-call overhead)
+        # can take longer than its F.linear did, and export says so (manifest int8_vs_fp32)
+        w32 = layer.qweight.float() * layer.w_scale[:, None]
+        with torch.no_grad():
+            fp32_us = round(time_us(lambda: F.linear(x, w32, layer.bias), budget_s=0.02), 2)
         others = ", ".join(f"{c} {measured[c]['us'] / measured[chosen]['us']:.2f}x its time"
                            for c in measured if c != chosen)
         for impl in barred:
@@ -353,7 +359,7 @@ def select_int8_kernels(model: nn.Module, rows: Dict[str, int], device: str = "c
                                                "one (a layer only training uses?)" if rows else
                                                "export got neither val_dataloader nor example_inputs to size the layer"))
         records[name] = {"input_shape": [m, layer.in_features], "measured": measured, "chosen": chosen,
-                         "op_kernel": chosen, "why": why}
+                         "op_kernel": chosen, "why": why, "fp32_us": fp32_us}
     return records
 
 
