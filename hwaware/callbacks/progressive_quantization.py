@@ -79,7 +79,8 @@ def _stopped_by(trainer: "pl.Trainer", monitor: Optional[str]) -> str:
     """Why a fit stopped before ``max_epochs``, for the "QAT never ran" warning: an EarlyStopping
     callback (on ``monitor``: at the very plateau ProgressiveQuantization waits for), or another
     ``trainer.should_stop``; empty when it ran its epochs."""
-    stoppers = [cb for cb in trainer.callbacks if isinstance(cb, EarlyStopping) and cb.stopped_epoch]
+    stoppers = [cb for cb in trainer.callbacks if isinstance(cb, EarlyStopping) and trainer.should_stop
+                and cb.wait_count >= cb.patience]
     if stoppers:
         cb = stoppers[0]
         same = monitor is not None and cb.monitor == monitor
@@ -92,24 +93,32 @@ def _stopped_by(trainer: "pl.Trainer", monitor: Optional[str]) -> str:
     return ""
 
 
-def _epoch_training_values(trainer: "pl.Trainer") -> Dict[str, float]:
+def _epoch_training_values(trainer: "pl.Trainer", monitor: Optional[str] = None) -> Dict[str, float]:
     """The epoch-level training metrics logged so far this epoch, under their ``callback_metrics``
     names: what Lightning aggregates into ``callback_metrics`` at the epoch's end, and does not
     checkpoint (a run resumed from a checkpoint written at validation end ends the epoch without
-    them)."""
+    them). A torchmetrics metric's value is computed only for ``monitor`` (computing every one
+    mid-epoch would run their compute(), and their syncs across ranks, at every validation)."""
     out: Dict[str, float] = {}
     try:
         results = trainer.fit_loop.epoch_loop._results  # (Lightning's training ResultCollection)
-        for _, metric in results.valid_items():
+        items = list(results.valid_items())
+    except Exception:  # (a private API: without it, a resume reads nothing, as before)
+        return {}
+    for _, metric in items:
+        try:
             if metric.meta.on_epoch:
-                value = results._get_cache(metric, False)
                 names = results._forked_name(metric, False)  # (forked name, name): callback_metrics has both
+                names = names if isinstance(names, tuple) else (names,)
+                if not metric.is_tensor and monitor not in names:
+                    continue
+                value = results._get_cache(metric, False)
                 if isinstance(value, Tensor) and value.numel() == 1:
                     value = float(value)
                 if isinstance(value, (int, float)):
-                    out.update({n: float(value) for n in (names if isinstance(names, tuple) else (names,))})
-    except Exception:  # (a private API: without it, a resume reads nothing, as before)
-        return {}
+                    out.update({n: float(value) for n in names})
+        except Exception:  # this metric's value is not read (another's still is)
+            continue
     return out
 
 
@@ -452,7 +461,10 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         per_epoch = math.ceil(batches / accumulate)
         # the index of the first optimizer step QAT trains: calibration ending inside an accumulation
         # window drops its gradients, so that window's step is QAT's
-        qat_step = self.start_epoch * per_epoch + self.calibration_batches // accumulate
+        # Lightning restarts its accumulation windows every epoch: calibration spanning whole epochs
+        # uses per_epoch steps of each, then the rest's windows in the epoch QAT starts in
+        full, rest = divmod(self.calibration_batches, batches)
+        qat_step = (self.start_epoch + full) * per_epoch + rest // accumulate
         limits = []
         if trainer.max_steps is not None and trainer.max_steps >= 0:
             limits.append((trainer.max_steps, f"max_steps={trainer.max_steps}", "max_steps"))
@@ -663,7 +675,7 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         # this epoch's training metrics so far, not the last epoch's that callback_metrics still holds
         # (what this epoch's end will aggregate: a checkpoint written now keeps them for a resume)
         metrics = _scalar_metrics(trainer)
-        recorded = {**metrics, **_epoch_training_values(trainer)}
+        recorded = {**metrics, **_epoch_training_values(trainer, self.monitor)} if self.phase in ("fp32", "qat") else metrics
         if self.phase == "fp32":
             # merged, as callback_metrics keeps every metric's last value: a resumed run (whose
             # callback_metrics lost the training metrics) keeps those recorded before it
@@ -687,7 +699,7 @@ class ProgressiveQuantization(_RestoresForEvaluation):
     def _epoch_training_value(self, trainer: "pl.Trainer") -> Optional[float]:
         """The epoch-level value of ``monitor`` logged in training so far this epoch (what Lightning
         aggregates into ``callback_metrics`` at the epoch's end), or None where there is none."""
-        return _epoch_training_values(trainer).get(self.monitor)
+        return _epoch_training_values(trainer, self.monitor).get(self.monitor)
 
     @override
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

@@ -1625,3 +1625,14 @@ def test_a_max_epochs_that_ends_inside_calibration_is_refused_at_fit_start(tmp_p
     # one calibration batch less than the epoch holds: QAT trains from the epoch's last step
     make_trainer(tmp_path, [ProgressiveQuantization(start_epoch=1, calibration_batches=9)], max_epochs=2,
                  limit_train_batches=10).fit(TinyCTR(), *loaders())
+
+
+def test_the_schedule_check_counts_each_epochs_accumulation_windows(tmp_path):
+    """Lightning restarts accumulation every epoch: 10 batches with accumulate 4 are 3 steps an
+    epoch, and calibration over 20 batches from epoch 1 ends with epoch 2, so max_epochs=3 trains no
+    QAT step (the check had counted 20 // 4 = 5 steps of calibration and let it through)."""
+    cb = ProgressiveQuantization(start_epoch=1, calibration_batches=20)
+    trainer = make_trainer(tmp_path, [cb], max_epochs=3, limit_train_batches=10, accumulate_grad_batches=4)
+    with pytest.raises(ValueError, match=r"would start QAT at optimizer step 9 \(3 per epoch\), but "
+                                         r"Trainer\(max_epochs=3, 9 steps\) stops before it"):
+        trainer.fit(TinyCTR(), *loaders())
