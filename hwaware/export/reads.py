@@ -13,6 +13,7 @@ since no metric the gate computes depends on the order.
 """
 from __future__ import annotations
 
+import collections.abc
 import hashlib
 import random
 import sys
@@ -49,8 +50,27 @@ def _generators(loader: Any) -> List[Any]:
     for obj in objs:
         for value in list(vars(obj).values()) if hasattr(obj, "__dict__") else ():
             if isinstance(value, kinds) and value is not random._inst:
+                try:
+                    _get_state(value)
+                except (NotImplementedError, TypeError, AttributeError):  # random.SystemRandom: no state to put back
+                    continue
                 found.setdefault(id(value), value)
     return list(found.values())
+
+
+def _plain(batch: Any) -> Any:
+    """``batch`` with mappings and sequences pytree does not open (a HuggingFace ``BatchEncoding``,
+    a ``UserDict``) as dicts and lists, and numpy arrays as tensors: every value is fingerprinted."""
+    np = sys.modules.get("numpy")
+    if isinstance(batch, Tensor):
+        return batch
+    if np is not None and isinstance(batch, np.ndarray) and batch.dtype != object:
+        return torch.from_numpy(batch)
+    if isinstance(batch, collections.abc.Mapping):
+        return {k: _plain(v) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_plain(v) for v in batch) if type(batch) in (list, tuple) else [_plain(v) for v in batch]
+    return batch
 
 
 def _get_state(g: Any) -> Any:
@@ -124,7 +144,7 @@ class _Fingerprint:
         self.structures: set = set()
 
     def add(self, batch: Any) -> None:
-        leaves, spec = pytree.tree_flatten(batch)
+        leaves, spec = pytree.tree_flatten(_plain(batch))
         h = hashlib.blake2b(str(spec).encode(), digest_size=16)
         self.structures.add((str(spec), len(leaves)))
         for i, leaf in enumerate(leaves):
@@ -181,15 +201,18 @@ class ReplayedReads:
         self._reads += 1  # a complete read (a partial one, e.g. one batch to time kernels on, is not compared)
         if self._first is None:
             self._first, self._after = seen, _RandomState(generators)
-        elif seen.digests != self._first.digests and not seen.same_samples(self._first):
+            return
+        self._after.restore()  # as one read left it, whatever export does next (a refusal raises after a read)
+        if seen.digests != self._first.digests and not seen.same_samples(self._first):
             raise ValueError(
                 f"{self.who}: val_dataloader gave other samples on read {self._reads} than on the first "
                 f"({self._first.first_difference(seen)}), although the gate puts back the random state the first read "
                 "started from before each read (torch's, random's and numpy's global generators, and the generators the "
                 "loader, its sampler and dataset hold). The gate runs each model it compares on its own read, so it "
-                "would compare them on different data. Something random it cannot replay changed the batches: worker "
-                "processes that keep their state across reads (persistent_workers=True), or a generator held elsewhere. "
-                "Pass a loader that gives the same samples on every read")
+                "would compare them on different data. Something it cannot replay changed the batches: worker "
+                "processes that keep their state across reads (persistent_workers=True), a generator held elsewhere, or "
+                "a batch changed in place by the model, a batch hook or output_fn (a list of batches is the same objects "
+                "on every read). Pass a loader that gives the same samples on every read")
 
     def finish(self) -> None:
         """The random state as the first complete read left it (as if the loader was read once)."""

@@ -123,3 +123,33 @@ def test_the_gate_compares_the_models_on_the_same_augmented_batches(tmp_path):
         drops.append(art.report["drop"])
     assert len(references) == 4  # each export drew other noise...
     assert max(abs(d) for d in drops) < 0.005  # ...and compared the models on the same draw
+
+
+def test_a_mapping_batch_pytree_does_not_open_is_fingerprinted():
+    """A HuggingFace BatchEncoding is a UserDict: pytree took it for one leaf and fingerprinted its
+    type name only, so reads with other contents matched."""
+    from collections import UserDict
+
+    class Drawn:
+        def __iter__(self):
+            return iter([UserDict({"x": _HIDDEN.standard_normal(4), "y": torch.zeros(1)})])
+
+    reads = ReplayedReads(Drawn())
+    list(reads)
+    with pytest.raises(ValueError, match=r"other samples on read 2.*a batch changed in place by the model"):
+        list(reads)
+
+
+def test_a_generator_with_no_state_to_put_back_is_left_to_the_check():
+    class Seeded(Dataset):
+        def __init__(self):
+            self.rng = random.SystemRandom()  # getstate() raises NotImplementedError
+
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return torch.full((2,), float(i)), torch.tensor(i % 2)
+
+    reads = ReplayedReads(DataLoader(Seeded(), batch_size=4))
+    assert len(list(reads)) == len(list(reads)) == 2
