@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from hwaware.export.artifact import ArtifactError, check_target, read_verified, verify_artifact, write_artifact
-from hwaware.export.reads import ReplayedReads
+from hwaware.export.reads import ReplayedReads, leaf_bytes
 from hwaware._predict import HookedBatches, defines_predict_step, model_predictions, overridden_batch_hooks, side_effect_free
 from hwaware.export.deploy import (DEPLOY_TYPES, Int4Linear, Int8Linear, RowwiseEmbedding, RowwiseEmbeddingBag, Sparse24Linear,
                                    chain_int8, fuse_relu, no_deploy_op, unpackable_specs)
@@ -196,8 +196,7 @@ def _share_packed(deploy: nn.Module, layers: Dict[str, Dict[str, Any]]) -> None:
         for leaf, buf in list(m._buffers.items()):
             if buf is None or not buf.numel() or leaf == "bias":
                 continue
-            key = (buf.dtype, tuple(buf.shape), buf.device,
-                   hashlib.blake2b(buf.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy(), digest_size=32).digest())
+            key = (buf.dtype, tuple(buf.shape), buf.device, hashlib.blake2b(leaf_bytes(buf), digest_size=32).digest())
             other = first.setdefault(key, buf)
             if other is not buf and torch.equal(other, buf):
                 m._buffers[leaf] = other
@@ -1577,7 +1576,8 @@ def _remeasure(model: nn.Module, manifest: Dict[str, Any], path: str) -> Dict[st
     timed = {n: m for n, m in model.named_modules() if n in rows}
     before = {n: dict(m.kernels) for n, m in timed.items()}
     records.update(select_sparse24_kernels(model, rows, device="cpu", allowed=allowed, only=set(rows)))
-    records.update(select_int8_kernels(model, rows, device="cpu", allowed=allowed, only=set(rows)))
+    records.update(select_int8_kernels(model, rows, device="cpu", allowed=allowed, only=set(rows),
+                                       fp32_reference=False))  # (nothing at load reads it)
     select_int8_chains(model, records, allowed=allowed)
     for name, rec in records.items():
         rec.update(recorded=before[name].get("cpu"), measured_on=here, allowed=basis)

@@ -130,8 +130,10 @@ def _weights(n: int) -> Tensor:
     return w
 
 
-def _leaf_bytes(t: Tensor) -> bytes:
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+def leaf_bytes(t: Tensor) -> memoryview:
+    """``t``'s elements as a byte buffer (on the CPU, contiguous; no copy of a CPU tensor that is
+    contiguous already): what a digest of its contents hashes."""
+    return memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 class _Fingerprint:
@@ -150,7 +152,7 @@ class _Fingerprint:
         for i, leaf in enumerate(leaves):
             if isinstance(leaf, Tensor):
                 h.update(f"{leaf.dtype}{tuple(leaf.shape)}".encode())
-                h.update(_leaf_bytes(leaf))
+                h.update(leaf_bytes(leaf))
                 if leaf.is_complex() or leaf.numel() == 0:
                     continue
                 x = leaf.detach().cpu().reshape(leaf.shape[0] if leaf.dim() else 1, -1).double()

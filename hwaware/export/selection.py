@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 import hwaware.ops  # noqa: F401
 from hwaware.export.deploy import Int8Chain, Int8Linear, Sparse24Linear, _int_mm_run, run_call
-from hwaware.ops import FBGEMM_MAX_K, INT8_KERNELS, packing
+from hwaware.ops import FBGEMM_MAX_K, INT8_KERNELS, _int8_dequantized, packing
 from hwaware.ops.packing import INT8_MAX_K
 from hwaware.quant import native
 
@@ -313,11 +313,13 @@ def select_sparse24_kernels(model: nn.Module, rows: Dict[str, int], device: str 
 
 
 def select_int8_kernels(model: nn.Module, rows: Dict[str, int], device: str = "cpu",
-                        allowed: Optional[Collection[str]] = None, only: Optional[Collection[str]] = None
-                        ) -> Dict[str, Dict[str, Any]]:
+                        allowed: Optional[Collection[str]] = None, only: Optional[Collection[str]] = None,
+                        fp32_reference: bool = True) -> Dict[str, Dict[str, Any]]:
     """Time every ``INT8_KERNELS[device]`` implementation (those in ``allowed``, when given) on each
     :class:`Int8Linear`'s input shape (those named in ``only``, when given), set
-    ``layer.kernels[device]`` to the fastest and return ``{name: selection record}``.
+    ``layer.kernels[device]`` to the fastest and return ``{name: selection record}``. With
+    ``fp32_reference`` (export's; a load re-timing kernels needs none), each record also gets
+    ``fp32_us``: the layer's FP32 ``F.linear`` there.
 
     A layer missing from ``rows`` is timed at :data:`NOMINAL_ROWS` rows, and its record says so.
     """
@@ -343,11 +345,13 @@ def select_int8_kernels(model: nn.Module, rows: Dict[str, int], device: str = "c
                     lambda: op(x, layer.qweight, layer.w_scale, layer.bias, impl, layer.relu), _INT8_NOTES.get(impl, impl), measured)}
         chosen = min(measured, key=lambda c: measured[c]["us"])
         layer.kernels[device] = chosen
-        # what the layer cost as the FP32 model ran it: a small layer's int8 op (its per-call overhead)
-        # can take longer than its F.linear did, and export says so (manifest int8_vs_fp32)
-        w32 = layer.qweight.float() * layer.w_scale[:, None]
-        with torch.no_grad():
-            fp32_us = round(time_us(lambda: F.linear(x, w32, layer.bias), budget_s=0.02), 2)
+        fp32_us = None
+        if fp32_reference:
+            # what the layer cost as the FP32 model ran it: a small layer's int8 op (its per-call overhead)
+            # can take longer than its F.linear did, and export says so (manifest int8_vs_fp32)
+            w32 = _int8_dequantized(layer.qweight, layer.w_scale)  # (dequant's cached fp32 weight)
+            with torch.no_grad():
+                fp32_us = round(time_us(lambda: F.linear(x, w32, layer.bias), budget_s=0.02), 2)
         others = ", ".join(f"{c} {measured[c]['us'] / measured[chosen]['us']:.2f}x its time"
                            for c in measured if c != chosen)
         for impl in barred:
@@ -359,7 +363,7 @@ def select_int8_kernels(model: nn.Module, rows: Dict[str, int], device: str = "c
                                                "one (a layer only training uses?)" if rows else
                                                "export got neither val_dataloader nor example_inputs to size the layer"))
         records[name] = {"input_shape": [m, layer.in_features], "measured": measured, "chosen": chosen,
-                         "op_kernel": chosen, "why": why, "fp32_us": fp32_us}
+                         "op_kernel": chosen, "why": why, **({"fp32_us": fp32_us} if fp32_us is not None else {})}
     return records
 
 
