@@ -598,16 +598,11 @@ class ProgressiveQuantization(_RestoresForEvaluation):
     @override
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._sync_running_observers()
-        if self.phase in ("fp32", "qat") and trainer.state.fn == TrainerFn.FITTING:
+        if trainer.state.fn == TrainerFn.FITTING:
             # the epoch's training metrics are aggregated now: the report's metrics pair this epoch's
             # validation with this epoch's training (not the last epoch's), and a fit that never
             # validates (limit_val_batches=0) still has them
-            before = self.phase == "fp32"
-            merged = {**(self._metrics_before if before else self._metrics_after), **_scalar_metrics(trainer)}
-            if before:
-                self._metrics_before = merged
-            else:
-                self._metrics_after = merged
+            self._record_metrics(_scalar_metrics(trainer))
         if self._called is not None and self.phase == "qat":  # after this epoch's validation too
             self._drop_uncalled(trainer, pl_module)
         if self.phase == "qat":
@@ -672,29 +667,33 @@ class ProgressiveQuantization(_RestoresForEvaluation):
             # only a fit's own validations count: a trainer.validate() before fit (or between fits)
             # would move the plateau count and metrics_before of the fit that follows
             return
-        # this epoch's training metrics so far, not the last epoch's that callback_metrics still holds
-        # (what this epoch's end will aggregate: a checkpoint written now keeps them for a resume)
         metrics = _scalar_metrics(trainer)
-        recorded = {**metrics, **_epoch_training_values(trainer, self.monitor)} if self.phase in ("fp32", "qat") else metrics
+        if self.phase in ("fp32", "qat"):
+            # with this epoch's training metrics so far, not the last epoch's that callback_metrics still
+            # holds (what this epoch's end will aggregate: a checkpoint written now keeps them for a resume)
+            self._record_metrics({**metrics, **_epoch_training_values(trainer, self.monitor)})
+        if self.phase == "fp32" and self.start == "plateau":
+            # trainer.callback_metrics keeps every metric's last value: the monitor counts here only
+            # when this validation logged it (a new value object), else it is last epoch's value of
+            # an epoch-level training metric, aggregated after validation: read at the epoch's end
+            if trainer.callback_metrics.get(self.monitor) is not self._monitor_at_val_start and self.monitor in metrics:
+                self._update_plateau(metrics)
+            else:
+                self._plateau_pending = True
+                # ... and what that reading will be, as far as the epoch has come: a checkpoint
+                # written now (ModelCheckpoint at validation end) keeps it, since a run resumed
+                # from it ends this epoch with none of its training metrics (Lightning does not
+                # save them)
+                self._plateau_pending_value = self._epoch_training_value(trainer)
+
+    def _record_metrics(self, metrics: Dict[str, float]) -> None:
+        """Into ``metrics_before`` (FP32 phase) or ``metrics_after`` (QAT), merged, as
+        callback_metrics keeps every metric's last value: a resumed run (whose callback_metrics lost
+        the training metrics) keeps those recorded before it."""
         if self.phase == "fp32":
-            # merged, as callback_metrics keeps every metric's last value: a resumed run (whose
-            # callback_metrics lost the training metrics) keeps those recorded before it
-            self._metrics_before = {**self._metrics_before, **recorded}
-            if self.start == "plateau":
-                # trainer.callback_metrics keeps every metric's last value: the monitor counts here only
-                # when this validation logged it (a new value object), else it is last epoch's value of
-                # an epoch-level training metric, aggregated after validation: read at the epoch's end
-                if trainer.callback_metrics.get(self.monitor) is not self._monitor_at_val_start and self.monitor in metrics:
-                    self._update_plateau(metrics)
-                else:
-                    self._plateau_pending = True
-                    # ... and what that reading will be, as far as the epoch has come: a checkpoint
-                    # written now (ModelCheckpoint at validation end) keeps it, since a run resumed
-                    # from it ends this epoch with none of its training metrics (Lightning does not
-                    # save them)
-                    self._plateau_pending_value = self._epoch_training_value(trainer)
+            self._metrics_before = {**self._metrics_before, **metrics}
         elif self.phase == "qat":
-            self._metrics_after = {**self._metrics_after, **recorded}
+            self._metrics_after = {**self._metrics_after, **metrics}
 
     def _epoch_training_value(self, trainer: "pl.Trainer") -> Optional[float]:
         """The epoch-level value of ``monitor`` logged in training so far this epoch (what Lightning
