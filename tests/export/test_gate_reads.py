@@ -153,3 +153,91 @@ def test_a_generator_with_no_state_to_put_back_is_left_to_the_check():
 
     reads = ReplayedReads(DataLoader(Seeded(), batch_size=4))
     assert len(list(reads)) == len(list(reads)) == 2
+
+
+class _Batches:
+    """A loader that gives the batches ``make(read)`` builds for each read (``read`` counts from 0)."""
+
+    def __init__(self, make):
+        self.make, self.read = make, 0
+
+    def __iter__(self):
+        batches = self.make(self.read)
+        self.read += 1
+        return iter(batches)
+
+
+def _two_reads(make):
+    reads = ReplayedReads(_Batches(make))
+    list(reads)
+    list(reads)
+
+
+def _split(x, y, order, size=4):
+    return [(x[order][i:i + size], y[order][i:i + size]) for i in range(0, len(order), size)]
+
+
+def test_a_nan_in_a_reordered_read_still_matches():
+    """The order-free check compared float sums: one NaN made any reordered read refused."""
+    x, y = torch.randn(8, 3), torch.arange(8.0)
+    x[2, 1] = float("nan")
+    _two_reads(lambda read: _split(x, y, torch.arange(8) if read == 0 else torch.randperm(8, generator=torch.Generator().manual_seed(1))))
+
+
+def test_inputs_and_targets_shuffled_apart_are_refused():
+    """Each leaf's samples were compared as their own multiset: inputs and targets permuted apart
+    (every model compared on other (input, target) pairs) passed."""
+    x, y = torch.randn(8, 3), torch.arange(8.0)
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(1))
+
+    def make(read):
+        return [(x[i:i + 4], y[i:i + 4]) for i in range(0, 8, 4)] if read == 0 else [
+            (x[perm][i:i + 4], y[i:i + 4]) for i in range(0, 8, 4)]
+
+    with pytest.raises(ValueError, match="other samples on read 2"):
+        _two_reads(make)
+
+
+def test_a_changed_value_in_a_reordered_read_is_refused():
+    x, y = torch.randn(8, 3), torch.arange(8.0)
+    x2 = x.clone()
+    x2[5, 0] += 1e-6
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="other samples on read 2"):
+        _two_reads(lambda read: _split(x if read == 0 else x2, y, torch.arange(8) if read == 0 else perm))
+
+
+@pytest.mark.parametrize("kind", ["sparse_coo", "sparse_csr", "conj", "complex", "empty", "bool", "scalar"])
+def test_uncommon_leaves_are_fingerprinted(kind):
+    """A sparse tensor or a conjugate view crashed the fingerprint; each kind must also be compared."""
+    def leaf(read):
+        base = torch.tensor([[0.0, 1.0 + read], [2.0, 0.0]])
+        if kind == "sparse_coo":
+            return base.to_sparse()
+        if kind == "sparse_csr":
+            return base.to_sparse_csr()
+        if kind in ("conj", "complex"):
+            c = torch.complex(base, base)
+            return c.conj() if kind == "conj" else c
+        if kind == "empty":
+            return torch.zeros(2, 0) if read == 0 else torch.zeros(3, 0)
+        if kind == "bool":
+            return base > 1.5
+        return base.sum()
+
+    _two_reads(lambda read: [(leaf(0), torch.zeros(2))])  # the same each read: passes
+    with pytest.raises(ValueError, match="other samples on read 2"):
+        _two_reads(lambda read: [(leaf(read), torch.zeros(2))])
+
+
+def test_a_read_that_replays_exactly_hashes_no_sample(monkeypatch):
+    """The per-sample multisets of a batch equal to the first read's are reused, not recomputed."""
+    import hwaware.export.reads as reads_mod
+
+    calls = []
+    real = reads_mod._sample_multisets
+    monkeypatch.setattr(reads_mod, "_sample_multisets", lambda leaves: calls.append(1) or real(leaves))
+    reads = ReplayedReads(DataLoader(_Noisy(96, "torch"), batch_size=32, shuffle=True))
+    for _ in range(4):
+        list(reads)
+    assert len(calls) == 3
