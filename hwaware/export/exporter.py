@@ -189,14 +189,16 @@ def _share_packed(deploy: nn.Module, layers: Dict[str, Dict[str, Any]]) -> None:
     """Packed layers sharing one weight (``tied_to``) whose packed buffers are equal (dtype, shape and
     bytes) hold one tensor: tables sharing one weight pack to the same rows, and each kept its own
     copy, in memory, in ``weights.safetensors`` and in ``program.pt2`` (three tables sharing one: the
-    artifact at 94% of FP32). Biases are each layer's own and stay so."""
+    artifact at 94% of FP32). Biases are each layer's own and stay so; layers of other weights that
+    happen to pack to the same bytes are not shared, as FP32 stored them apart too."""
     first: Dict[Tuple[Any, ...], Tensor] = {}
     for name in (n for n, meta in layers.items() if meta.get("tied_to")):
         m = deploy.get_submodule(name)
         for leaf, buf in list(m._buffers.items()):
             if buf is None or not buf.numel() or leaf == "bias":
                 continue
-            key = (buf.dtype, tuple(buf.shape), buf.device, hashlib.blake2b(leaf_bytes(buf), digest_size=32).digest())
+            group = frozenset([name, *layers[name]["tied_to"]])  # (unrelated weights that pack alike stay apart)
+            key = (group, buf.dtype, tuple(buf.shape), buf.device, hashlib.blake2b(leaf_bytes(buf), digest_size=32).digest())
             other = first.setdefault(key, buf)
             if other is not buf and torch.equal(other, buf):
                 m._buffers[leaf] = other

@@ -709,6 +709,34 @@ def test_tables_sharing_one_weight_are_stored_once(tmp_path):
         assert torch.equal(loaded(*x), want) and torch.equal(ep.module()(*x), want)
 
 
+class TwoTiedPairs(nn.Module):
+    """Two pairs of tables, each pair sharing its own weight; the two weights hold the same values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a1, self.a2, self.b1, self.b2 = (nn.EmbeddingBag(50, 8, mode="sum") for _ in range(4))
+        self.a2.weight = self.a1.weight
+        self.b2.weight = self.b1.weight
+        with torch.no_grad():
+            self.b1.weight.copy_(self.a1.weight)
+        self.head = nn.Linear(32, 1)
+
+    def forward(self, ids):
+        return self.head(torch.cat([self.a1(ids), self.a2(ids), self.b1(ids), self.b2(ids)], 1)).squeeze(-1)
+
+
+def test_unrelated_tied_weights_that_pack_alike_stay_apart(tmp_path):
+    """Shared across tied groups, 'b2' was noted as stored as 'a1', a layer it is not tied to."""
+    torch.manual_seed(0)
+    art = export(TwoTiedPairs(), tmp_path / "a", example_inputs=(torch.randint(0, 50, (4, 3)),))
+    layers = art.manifest["layers"]
+    assert layers["a2"]["stored_as"] == "a1" and layers["b2"]["stored_as"] == "b1"
+    assert "stored_as" not in layers["a1"] and "stored_as" not in layers["b1"]
+    assert art.model.a1.weight is art.model.a2.weight and art.model.b1.weight is art.model.b2.weight
+    assert art.model.a1.weight is not art.model.b1.weight
+    assert art.manifest["tied_tensors"] == {"a2.weight": "a1.weight", "b2.weight": "b1.weight"}
+
+
 def test_weight_normalized_layers_are_packed_as_computed_and_not_taken_for_tied(tmp_path):
     # .weight of a parametrized layer is a new tensor on every read: ids reused between reads marked
     # unrelated layers as tied to each other
