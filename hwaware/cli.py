@@ -93,7 +93,8 @@ def _layers_table(layers: Mapping[str, Any], wide: bool = False) -> str:
     cols = [c for c in _LAYER_COLUMNS if c in present] + (more if wide else [])
     rows = [["layer"] + cols]
     rows += [[name] + [_kernels_cell(e) if c == "kernels" else
-                       f"0 B (as {e['stored_as']})" if c == "bytes" and isinstance(e.get("stored_as"), str) else
+                       f"{_fmt_bytes(e['stored_bytes'] if isinstance(e.get('stored_bytes'), int) else 0)} (as {e['stored_as']})"
+                       if c == "bytes" and isinstance(e.get("stored_as"), str) else
                        _fmt_cell(c, e.get(c)) for c in cols]
              for name, e in entries.items()]
     # long cells (a kernel's description runs to ~300 characters): shortened, the full text once below

@@ -218,16 +218,19 @@ def _int8_vs_fp32(layers: Dict[str, Dict[str, Any]]) -> Optional[Dict[str, Any]]
             "fp32_us": round(sum(r["fp32_us"] for r in timed), 2)}
 
 
-def _note_tied(layers: Dict[str, Dict[str, Any]], keys: List[str], tied_tensors: Dict[str, str]) -> None:
+def _note_tied(layers: Dict[str, Dict[str, Any]], tensors: Dict[str, Tensor], tied_tensors: Dict[str, str]) -> None:
     """The manifest note of each packed layer sharing its weight with others (``tied_to``): stored
-    once where the layers pack to the same bytes (``stored_as``: the layer whose entries hold them),
-    else once per format."""
+    once where the layers pack to the same bytes (``stored_as``: the layer whose entries hold them,
+    and ``stored_bytes``: what the layer still stores of its own, its bias), else once per format.
+    ``tensors``: the deploy model's state dict."""
     group = [n for n, meta in layers.items() if meta.get("tied_to")]
     for name in group:
-        mine = [k for k in keys if _under(k, [name]) and k.rpartition(".")[2] != "bias"]
+        mine = [k for k in tensors if _under(k, [name]) and k.rpartition(".")[2] != "bias"]
         src = {tied_tensors[k].rpartition(".")[0] for k in mine if k in tied_tensors}
         if mine and len(src) == 1 and all(k in tied_tensors for k in mine):
             layers[name]["stored_as"] = src.pop()
+            layers[name]["stored_bytes"] = sum(t.numel() * t.element_size() for k, t in tensors.items()
+                                               if _under(k, [name]) and k not in tied_tensors)
     for name in group:
         meta = layers[name]
         others = ", ".join(repr(o) for o in meta["tied_to"])
@@ -1342,7 +1345,7 @@ def export(
         if slow["int8_us"] > 1.25 * slow["fp32_us"]:
             warnings.warn(
                 f"export: at the rows they were timed on, the {slow['layers']} int8 layer(s) run outside an int8_mlp chain "
-                f"take {slow['int8_us']:.1f} us in all on their fastest kernels, where the same layers in FP32 (F.linear) "
+                f"take {slow['int8_us']:.1f} us in all on the kernels export chose, where the same layers in FP32 (F.linear) "
                 f"took {slow['fp32_us']:.1f} us: small layers cost more as hwaware ops (each call's overhead) than their "
                 "FP32 GEMM does. The artifact is smaller, but may serve slower than the FP32 model at this batch size: "
                 "time it with hwaware bench PATH (manifest int8_vs_fp32)", UserWarning, stacklevel=_user_stacklevel())
@@ -1370,8 +1373,9 @@ def export(
 
     aliases = module_aliases(model)  # stored once, under the module's first name; load re-points them
     _share_packed(deploy, layers)
-    tensors, tied_tensors = _stored_once({k: v for k, v in deploy.state_dict().items() if not _under(k, aliases)})
-    _note_tied(layers, [k for k in deploy.state_dict() if not _under(k, aliases)], tied_tensors)
+    state = {k: v for k, v in deploy.state_dict().items() if not _under(k, aliases)}
+    tensors, tied_tensors = _stored_once(state)
+    _note_tied(layers, state, tied_tensors)
     # non-persistent buffers (e.g. an index table built in __init__) travel too, so load can build
     # the model on the meta device and never allocate its FP32 weights
     for name, buf in deploy.named_buffers():

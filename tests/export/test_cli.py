@@ -456,3 +456,28 @@ def test_a_bytes_path_is_a_path(art):
     from hwaware.export import verify_artifact
 
     assert verify_artifact(os.fsencode(str(art)))["format_version"] == verify_artifact(str(art))["format_version"]
+
+
+class TiedHeads(torch.nn.Module):
+    """Two heads sharing one weight, each with its own bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(32, 16), torch.nn.Linear(32, 16)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return (self.a(x) - self.b(x)).sum(-1) + self.a(x).mean(-1)
+
+
+def test_inspect_shows_the_bias_a_layer_stored_as_another_still_stores(tmp_path, capsys):
+    """'0 B (as a)' for a layer whose own bias is stored."""
+    from hwaware.export import export
+
+    torch.manual_seed(0)
+    art = export(TiedHeads(), tmp_path / "t", example_inputs=(torch.randn(4, 32),))
+    meta = art.manifest["layers"]["b"]
+    assert meta["stored_as"] == "a" and meta["stored_bytes"] == 16 * 4  # its float32 bias
+    assert main(["inspect", art.path]) == 0
+    row = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("b "))
+    assert "64 B (as a)" in row
