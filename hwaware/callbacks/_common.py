@@ -18,9 +18,29 @@ class _RestoresForEvaluation(Callback):
     def _restore_for_evaluation(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         raise NotImplementedError
 
+    def _without_state(self) -> str:
+        """What evaluating a checkpoint that holds none of this callback's state means (a warning's end)."""
+        raise NotImplementedError
+
+    _state_loaded = False  # whether this trainer run's ckpt_path gave the callback its state (load_state_dict)
+
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        self._state_loaded = False  # (setup runs before Lightning restores ckpt_path)
+
     def _evaluation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if trainer.state.fn != TrainerFn.FITTING:
-            self._restore_for_evaluation(trainer, pl_module)
+        if trainer.state.fn == TrainerFn.FITTING:
+            return
+        if trainer.ckpt_path is not None and not self._state_loaded:
+            # a checkpoint with no state of this callback (ModelCheckpoint(save_weights_only=True)):
+            # Lightning restores the weights and says nothing, and a QAT checkpoint then exported as a
+            # post-training one, its specs, skips and fallbacks lost (a user trial). (fit refuses a
+            # weights-only checkpoint itself; one from a run without this callback starts it anew)
+            name = type(self).__name__
+            rank_zero_warn(
+                f"{name}: the checkpoint {str(trainer.ckpt_path)!r} holds no {name} state (saved with "
+                f"ModelCheckpoint(save_weights_only=True), or by a run without this callback): Lightning restored "
+                f"the weights only. {self._without_state()}")
+        self._restore_for_evaluation(trainer, pl_module)
 
     def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._evaluation_start(trainer, pl_module)

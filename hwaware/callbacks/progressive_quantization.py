@@ -380,6 +380,7 @@ class ProgressiveQuantization(_RestoresForEvaluation):
     # ================================================================================ hooks ===
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
         _refuse_multiprocessing_launch(trainer, "ProgressiveQuantization")
@@ -479,6 +480,14 @@ class ProgressiveQuantization(_RestoresForEvaluation):
                     f"ProgressiveQuantization(start_epoch={self.start_epoch}, calibration_batches={self.calibration_batches}) "
                     f"would start QAT at optimizer step {qat_step} ({per_epoch} per epoch), but Trainer({given}) stops "
                     f"before it: lower start_epoch or calibration_batches, or raise {knob}")
+
+    @override
+    def _without_state(self) -> str:
+        return (f"The callback keeps the state it had (phase {self.phase!r}"
+                + (": the model runs unquantized" if not self._states else "") + "). If the checkpoint is from QAT, its "
+                "specs, skips, frozen scales and KL fallbacks are not in it, and hwaware.export would pack these weights "
+                "as a post-training export (every layer, default specs, these weights as the gate's reference): save "
+                "QAT checkpoints with save_weights_only=False. For an FP32 checkpoint this is as it should be")
 
     @override
     def _restore_for_evaluation(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -800,6 +809,7 @@ class ProgressiveQuantization(_RestoresForEvaluation):
 
     @override
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self._state_loaded = True
         phase = state_dict["phase"]
         _check_choice("checkpoint phase", phase, PHASES)
         saved_specs = state_dict.get("layer_specs", [])  # absent: written before layer_specs existed (none)

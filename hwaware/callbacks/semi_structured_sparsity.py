@@ -174,6 +174,7 @@ class SemiStructuredSparsity(_RestoresForEvaluation):
     # ================================================================================ hooks ===
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
         _refuse_multiprocessing_launch(trainer, "SemiStructuredSparsity")
@@ -230,6 +231,12 @@ class SemiStructuredSparsity(_RestoresForEvaluation):
                     f"the checkpoint prunes layers {saved['names']} but this callback (skip={list(self.skip)}) would "
                     f"prune {self._names}; resume with the skip= the checkpoint was written with")
             self._restore(saved, pl_module)
+
+    @override
+    def _without_state(self) -> str:
+        return ("Its pruned weights are restored as saved, but not the dense model from before pruning "
+                "(dense_reference), which hwaware.export's gate also measures against: save pruned checkpoints with "
+                "save_weights_only=False")
 
     @override
     def _restore_for_evaluation(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -429,6 +436,7 @@ class SemiStructuredSparsity(_RestoresForEvaluation):
 
     @override
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self._state_loaded = True
         if state_dict.get("version") != _STATE_VERSION:
             raise ValueError(f"SemiStructuredSparsity checkpoint state version {state_dict.get('version')!r}; "
                              f"expected {_STATE_VERSION}")

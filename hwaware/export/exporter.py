@@ -106,6 +106,9 @@ class Artifact:
                  f"  layers: {len(layers)} packed ({', '.join(f'{v} {k}' for k, v in sorted(schemes.items()))}), "
                  f"{len(self.manifest.get('dense_layers', {}))} dense",
                  f"  weights: {self.size_bytes:,} bytes" + (f" ({self.size_bytes / fp32:.1%} of FP32 {fp32:,})" if fp32 else "")]
+        if isinstance(self.manifest.get("post_training"), bool):
+            lines.insert(1, "  quantized: " + ("post-training (the model carried no QAT state)" if self.manifest["post_training"]
+                                               else "by QAT (the training callback's specs, skips and fallbacks)"))
         r = self.report
         if r:
             lines.append(f"  {r['metric']}: reference {r['reference']:.5f} -> exported {r['exported']:.5f} "

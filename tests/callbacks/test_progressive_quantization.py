@@ -829,6 +829,40 @@ def test_validate_or_predict_from_a_checkpoint_runs_and_exports_the_quantized_mo
     torch.testing.assert_close(torch.cat(t3.predict(other, val, ckpt_path=ckpt)), preds_want, atol=0, rtol=0)
 
 
+def test_a_weights_only_checkpoint_is_said_to_hold_no_quantization_state(tmp_path, capsys):
+    """A user trial: ModelCheckpoint(save_weights_only=True) of a QAT run, validated in a new process
+    with the same callback: Lightning restored the weights and said nothing, and export packed the
+    model post-training (a skipped layer int8, an int4 table int8). Now a warning says so, and the
+    artifact's summary and hwaware inspect say how it was quantized."""
+    import hwaware
+    from hwaware.cli import main
+
+    cb = ProgressiveQuantization(start_epoch=1, calibration_batches=2, skip=["mlp.2"])
+    trainer, model = _fit(tmp_path, cb, max_epochs=2)
+    ckpt = str(tmp_path / "weights.ckpt")
+    trainer.save_checkpoint(ckpt, weights_only=True)
+    val = loaders()[1]
+    fresh, cb2 = TinyCTR(), ProgressiveQuantization(start_epoch=1, calibration_batches=2, skip=["mlp.2"])
+    with pytest.warns(UserWarning, match=r"ProgressiveQuantization: the checkpoint .*weights.ckpt' holds no "
+                                         r"ProgressiveQuantization state \(saved with ModelCheckpoint\(save_weights_only=True\)"
+                                         r".*phase 'fp32': the model runs unquantized.*post-training export"):
+        make_trainer(tmp_path / "b", [cb2]).validate(fresh, val, ckpt_path=ckpt, verbose=False)
+    art = hwaware.export(fresh, tmp_path / "art", val_dataloader=val, max_drop=1.0)
+    assert art.manifest["post_training"] is True and "quantized: post-training" in repr(art)
+    capsys.readouterr()
+    assert main(["inspect", art.path]) == 0
+    assert "quantized: post-training (the model carried no QAT state" in capsys.readouterr().out
+
+    full = str(tmp_path / "full.ckpt")  # with the callback's state: no warning, and QAT's artifact
+    trainer.save_checkpoint(full)
+    fresh, cb3 = TinyCTR(), ProgressiveQuantization(start_epoch=1, calibration_batches=2, skip=["mlp.2"])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*holds no ProgressiveQuantization state")
+        make_trainer(tmp_path / "c", [cb3]).validate(fresh, val, ckpt_path=full, verbose=False)
+    art = hwaware.export(fresh, tmp_path / "art2", val_dataloader=val, max_drop=1.0)
+    assert "quantized: by QAT" in repr(art)
+
+
 def test_a_checkpoint_saved_during_fit_gets_the_end_of_fit_kl_validation_at_validate(tmp_path):
     """Every checkpoint ModelCheckpoint writes during fit is from before on_fit_end, where the KL
     validation and its fallbacks run: validate(ckpt_path=...) then export shipped int8 every layer the

@@ -596,3 +596,15 @@ def test_a_monitor_never_logged_warns_at_the_end_of_fit(tmp_path):
                                          r"logged metrics are \['train_loss', 'val_loss'\]"):
         _fit(tmp_path, [cb], max_epochs=2)
     assert cb.report["before"] is None and cb.report["after"] is None
+
+
+def test_a_weights_only_checkpoint_is_said_to_hold_no_sparsity_state(tmp_path):
+    """ModelCheckpoint(save_weights_only=True): the dense reference the gate measures against is lost, silently."""
+    _ckpt_run(tmp_path / "a", method="magnitude", start_epoch=1)
+    ckpt = torch.load(str(tmp_path / "a" / "ckpt" / "epoch=3.ckpt"), weights_only=False)
+    del ckpt["callbacks"]
+    torch.save(ckpt, str(tmp_path / "weights.ckpt"))
+    trainer = make_trainer(tmp_path / "b", [SemiStructuredSparsity(method="magnitude", start_epoch=1)])
+    with pytest.warns(UserWarning, match=r"SemiStructuredSparsity: the checkpoint .*weights.ckpt' holds no "
+                                         r"SemiStructuredSparsity state.*dense_reference"):
+        trainer.validate(TinyCTR(), loaders()[1], ckpt_path=str(tmp_path / "weights.ckpt"), verbose=False)
