@@ -41,6 +41,16 @@ def _not_fed(fn: Callable, args: Tuple[Any, ...], error: Exception) -> bool:
     return model and any(not isinstance(a, Tensor) and type(a).__name__ in text for a in args)
 
 
+def returned_what(x: Any) -> str:
+    """A returned value as an error message names it: a dict by its keys, a tuple by its length."""
+    if isinstance(x, dict):
+        keys = list(x)
+        return f"a dict (keys {keys[:8]}{' ...' if len(keys) > 8 else ''})"
+    if isinstance(x, (tuple, list)):
+        return f"a {type(x).__name__} (len {len(x)})"
+    return f"a {type(x).__name__}"
+
+
 def model_predictions(module: nn.Module, batch: Any, who: str) -> Any:
     """``module``'s predictions for ``batch``: its ``predict_step(batch, 0)`` where its class defines
     one (Lightning's own default calls ``module(batch)``, which a ``(x, y)`` batch does not fit); else

@@ -30,7 +30,7 @@ from pytorch_lightning.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from typing_extensions import override
 
-from hwaware._predict import model_predictions, side_effect_free
+from hwaware._predict import defines_predict_step, model_predictions, returned_what, side_effect_free
 from hwaware.callbacks._common import (
     LightningStepWatch, _RestoresForEvaluation, _check_choice, _check_int, _refuse_multiprocessing_launch, _scalar_metrics,
     _scale_lr, scheduler_lrs, settings_of, warn_changed_settings,
@@ -346,6 +346,7 @@ class ProgressiveQuantization(_RestoresForEvaluation):
         self._kl: Dict[str, float] = {}
         self._sqnr: Dict[str, float] = {}
         self._output_kl: Optional[float] = None
+        self._warned_output = False  # (an output that is not one tensor: said once)
         self._warned_probabilities = False  # not state: a warning per process
         self._warned_unmeasured = False  # not state: a warning per process
         self._epoch_started: Optional[int] = None  # the epoch on_train_epoch_start last ran for
@@ -1270,11 +1271,21 @@ class ProgressiveQuantization(_RestoresForEvaluation):
     def _model_output(self, pl_module: "pl.LightningModule", batch: Any) -> Optional[Tensor]:
         out = (self.output_fn(pl_module, batch) if self.output_fn is not None
                else model_predictions(pl_module, batch, "ProgressiveQuantization (output KL)"))
-        if isinstance(out, (list, tuple)):
-            out = out[0]
-        if isinstance(out, dict):
-            out = next(iter(out.values()))
-        return out if isinstance(out, Tensor) else None
+        if isinstance(out, Tensor):
+            return out
+        if not self._warned_output:
+            # (its first element or value was taken: in a trial, a dict's first value was the batch's ids,
+            # and the output KL read 0.0. export's gate refuses such an output: the same choice is asked here)
+            self._warned_output = True
+            who = ("output_fn" if self.output_fn is not None else
+                   "its predict_step" if defines_predict_step(pl_module) else "the model")
+            pick = " (e.g. out['logits'])" if isinstance(out, dict) else " (e.g. out[0])" if isinstance(out, (list, tuple)) else ""
+            rank_zero_warn(
+                f"ProgressiveQuantization: {who} returned {returned_what(out)} on a validation batch, not one tensor of "
+                f"predictions, so the output KL is not measured (report['output_kl'] None). Pass output_fn=lambda model, "
+                f"batch: ... returning the logits tensor{pick}, or define predict_step(batch, batch_idx) returning it "
+                "(hwaware.export's regression gate needs the same)", category=UserWarning)
+        return None
 
     def _measure(self, trainer, pl_module, batches) -> None:
         """Per-layer KL/SQNR and output KL over ``batches`` (all ranks agree: values are averaged)."""

@@ -30,7 +30,8 @@ from torch import Tensor, nn
 
 from hwaware.export.artifact import ArtifactError, check_target, read_verified, verify_artifact, write_artifact
 from hwaware.export.reads import ReplayedReads, leaf_bytes
-from hwaware._predict import HookedBatches, defines_predict_step, model_predictions, overridden_batch_hooks, side_effect_free
+from hwaware._predict import (HookedBatches, defines_predict_step, model_predictions, overridden_batch_hooks, returned_what as _what,
+                              side_effect_free)
 from hwaware.export.deploy import (DEPLOY_TYPES, Int4Linear, Int8Linear, RowwiseEmbedding, RowwiseEmbeddingBag, Sparse24Linear,
                                    chain_int8, fuse_relu, no_deploy_op, unpackable_specs)
 from hwaware.export.selection import (SPARSE24_INT8_IMPL, SPARSE24_INT8_KERNEL, capture_rows, cpu_profile, isa_list, lost_features,
@@ -589,16 +590,6 @@ def _metric_value(metric: str, preds: Tensor, target: Tensor) -> float:
     return float(MulticlassAccuracy(num_classes=preds.shape[1], average="micro")(preds.float(), t.long()))
 
 
-def _what(x: Any) -> str:
-    """A returned value as an error message names it: a dict by its keys, a tuple by its length."""
-    if isinstance(x, dict):
-        keys = list(x)
-        return f"a dict (keys {keys[:8]}{' ...' if len(keys) > 8 else ''})"
-    if isinstance(x, (tuple, list)):
-        return f"a {type(x).__name__} (len {len(x)})"
-    return f"a {type(x).__name__}"
-
-
 def _gate_pair(module: nn.Module, batch: Any, output_fn: Optional[Callable]) -> Tuple[Tensor, Tensor]:
     """``(predictions, target)`` for one validation batch, both tensors, or a ``TypeError`` that says
     which of them is not and what picks the tensor."""
@@ -1149,6 +1140,14 @@ def export(
         example_inputs = _check_example_inputs(model, example_inputs)
     if val_dataloader is not None and not isinstance(val_dataloader, collections.abc.Iterable):
         raise TypeError(f"val_dataloader={type(val_dataloader).__name__}; expected a DataLoader or a list of batches")
+    loaders = (list(val_dataloader.values()) if isinstance(val_dataloader, collections.abc.Mapping)
+               else val_dataloader if isinstance(val_dataloader, (list, tuple)) else [])
+    if loaders and any(isinstance(x, torch.utils.data.DataLoader) for x in loaders):
+        # (Lightning takes several validation loaders so; here each was read as a batch, and the
+        # error said the batch had no target)
+        raise TypeError(f"val_dataloader is a {type(val_dataloader).__name__} of {len(loaders)} loaders; export gates on one "
+                        "validation loader (its metric over one set): pass val_dataloader=loaders[0], or export once per "
+                        "loader. (A list of batches is taken too: each element one batch)")
     if isinstance(val_dataloader, collections.abc.Sized) and _known_len(val_dataloader) == 0:
         raise ValueError("export: val_dataloader yielded no batches (it is empty)")
     if isinstance(val_dataloader, collections.abc.Iterator):

@@ -154,6 +154,25 @@ class ProbabilityCTR(TinyCTR):
         return torch.nn.functional.binary_cross_entropy(self(dense, ids), y)
 
 
+class DictPredictions(TinyCTR):
+    def predict_step(self, batch, batch_idx=0):
+        dense, ids, _ = batch
+        return {"row": ids, "logit": self(dense, ids)}
+
+
+def test_an_output_that_is_not_one_tensor_leaves_the_output_kl_unmeasured_and_says_so(tmp_path):
+    """A trial's predict_step returned {"row": ids, "logit": logits}: the output KL compared the ids with
+    themselves and reported 0.0. export's gate refuses that output; the output KL now says it cannot read it."""
+    cb = ProgressiveQuantization(start_epoch=1, calibration_batches=2)
+    with pytest.warns(UserWarning, match=r"its predict_step returned a dict \(keys \['row', 'logit'\]\) on a validation "
+                                         r"batch, not one tensor.*output KL is not measured.*out\['logits'\]"):
+        _fit(tmp_path, cb, model=DictPredictions(), max_epochs=2)
+    assert cb.phase == "done" and cb.report["output_kl"] is None and cb.report["kl"]
+    told = ProgressiveQuantization(start_epoch=1, calibration_batches=2, output_fn=lambda m, b: m.predict_step(b)["logit"])
+    _fit(tmp_path / "b", told, model=DictPredictions(), max_epochs=2)
+    assert told.report["output_kl"] > 0
+
+
 def test_output_kl_of_a_probability_output_follows_output_kind(tmp_path):
     with pytest.warns(UserWarning, match=r"every model output over the KL batches lies in \[0, 1\].*pass "
                                          r"output_kind='probabilities'"):
