@@ -186,6 +186,31 @@ def _timed(fn: Callable[[], Any], note: str, measured: Dict[str, Any]) -> Dict[s
     return {"available": True, "us": round(us, 2), "note": note}
 
 
+#: ``_second_look`` times a candidate again when its first timing was over this many times the fastest's
+SECOND_LOOK_RATIO = 3.0
+
+
+def _second_look(measured: Dict[str, Any], fns: Dict[str, Callable[[], Any]]) -> None:
+    """Time again each candidate of ``measured`` (timed by :func:`_timed`; ``fns``: their calls) whose
+    time is over :data:`SECOND_LOOK_RATIO` times the fastest's, and keep its faster timing. On a busy
+    machine every run of a candidate's timing budget can wait at an OpenMP barrier: in a user trial a
+    ~13 us kernel was timed at 293 us (and another at 11 975 us), so two exports of the same weights
+    chose differently and served different numbers. Candidates given up on as too slow (timed twice)
+    are not timed again."""
+    timed = {c: e["us"] for c, e in measured.items() if e.get("available") and "us" in e}
+    if len(timed) < 2:
+        return
+    best = min(timed.values())
+    for c, us in timed.items():
+        entry = measured[c]
+        if us <= SECOND_LOOK_RATIO * best or c not in fns or "timed twice" in entry.get("note", ""):
+            continue
+        again = time_us(fns[c], give_up_us=max(20 * best, GIVE_UP_FLOOR_US))
+        if again < us:
+            entry["us"] = round(again, 2)
+            entry["note"] = entry.get("note", "") + f" (timed again: {us:.2f} us on a first look, over {SECOND_LOOK_RATIO:g}x the fastest)"
+
+
 def capture_rows(model: nn.Module, run: Callable[[], Any]) -> Dict[str, int]:
     """``{name: rows of the input}`` for every :class:`Sparse24Linear` and :class:`Int8Linear`, from
     one call of ``run``."""
@@ -294,6 +319,7 @@ def select_sparse24_kernels(model: nn.Module, rows: Dict[str, int], device: str 
                 else:
                     entry.update(_timed(lambda: fn(x), note, measured))
                 measured[cname] = entry
+            _second_look(measured, {c: (lambda fn=fn: fn(x)) for c, (fn, *_rest) in cands.items() if fn is not None})
         eligible = {c: e["us"] for c, e in measured.items() if e["available"] and e["keeps_math"]}
         chosen = min(eligible, key=eligible.get)
         layer.kernels[device] = cands[chosen][2]
@@ -340,9 +366,10 @@ def select_int8_kernels(model: nn.Module, rows: Dict[str, int], device: str = "c
         x = torch.randn(m, layer.in_features, generator=torch.Generator().manual_seed(0))
         measured: Dict[str, Any] = {}
         with torch.no_grad():
+            calls = {impl: (lambda impl=impl: op(x, layer.qweight, layer.w_scale, layer.bias, impl, layer.relu)) for impl in impls}
             for impl in impls:
-                measured[impl] = {"keeps_math": True, **_timed(
-                    lambda: op(x, layer.qweight, layer.w_scale, layer.bias, impl, layer.relu), _INT8_NOTES.get(impl, impl), measured)}
+                measured[impl] = {"keeps_math": True, **_timed(calls[impl], _INT8_NOTES.get(impl, impl), measured)}
+            _second_look(measured, calls)
         chosen = min(measured, key=lambda c: measured[c]["us"])
         layer.kernels[device] = chosen
         fp32_us = None
