@@ -747,6 +747,12 @@ def _check_example_inputs(model: nn.Module, example_inputs: Any) -> Tuple[Any, .
                             ". A forward that takes a dict or list of tensors is served without program.pt2: export "
                             "without example_inputs (the gate reads val_dataloader as it is), or export a wrapper "
                             "module whose forward takes the tensors positionally" if nested else ""))
+    empty = [f"[{i}] {_given(x)}" for i, x in enumerate(example_inputs) if x.dim() and x.shape[0] == 0]
+    if empty:
+        # (a trial: program.pt2 then served batch 0 only, "Guard failed: dense.size()[0] == 0" at any real
+        # batch, and the kernels were chosen by timings on no rows)
+        raise ValueError(f"example_inputs has a batch of 0 rows: {', '.join(empty)}. torch.export would fix program.pt2 "
+                         "to that size, and the kernels would be timed on no rows; give a batch you serve (two rows or more)")
     return example_inputs
 
 
@@ -1855,6 +1861,12 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
                                 + f" {want.dtype} {tuple(want.shape)}")
     del expected
     for name, new in new_layers.items():
+        for leaf in ("bias", "values"):  # float tensors of a packed layer: a NaN bias served NaN outputs, silently
+            t = tensors.get(f"{name}.{leaf}")
+            if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                i = int((~torch.isfinite(t)).reshape(-1).nonzero()[0])
+                raise ArtifactError(f"{path}/weights.safetensors: layer {name!r}: {leaf} must be finite everywhere, got "
+                                    f"{float(t.reshape(-1)[i])} at flat index {i}")
         scale = tensors.get(f"{name}.w_scale")
         if isinstance(new, (Sparse24Linear, Int8Linear)) and scale is not None:
             try:  # a NaN or -inf scale served NaN outputs without a word (int4 scales are checked in the op)

@@ -135,6 +135,26 @@ def test_an_int8_weight_scale_that_is_not_finite_and_positive_is_refused_at_load
         load(art, model=TinyCTR)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_packed_layer_bias_that_is_not_finite_is_refused_at_load(art, value):
+    """A deployment trial: a NaN bias (a re-packing tool's bug, the file re-hashed) loaded and served
+    NaN for every output, where the same edit to the scale was refused."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    wpath = os.path.join(art, "weights.safetensors")
+    tensors = load_file(wpath)
+    tensors["mlp.0.bias"][5] = value
+    save_file(tensors, wpath, metadata={"format": "pt"})
+    data = open(wpath, "rb").read()
+    _rehashed(art, lambda m: m["files"]["weights.safetensors"].update(sha256=hashlib.sha256(data).hexdigest(),
+                                                                       bytes=len(data)))
+    with pytest.raises(ArtifactError, match=r"weights.safetensors: layer 'mlp.0': bias must be finite everywhere, "
+                                            r"got (nan|inf) at flat index 5"):
+        load(art, model=TinyCTR)
+
+
 def test_a_symlinked_manifest_is_refused(art, tmp_path):
     # the weights file may not be a link; the manifest was followed wherever it pointed
     from hwaware.export import verify_artifact

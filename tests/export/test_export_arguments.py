@@ -73,6 +73,17 @@ def test_example_inputs_that_do_not_fit_forward_fail_first_and_say_so(tmp_path, 
     assert len(art.manifest["inputs"]) == 2 and val.iterated > 0
 
 
+def test_example_inputs_with_a_batch_of_0_rows_are_refused(tmp_path):
+    """A deployment trial: program.pt2 served batch 0 only ("Guard failed: dense.size()[0] == 0" at any
+    real batch) and the kernels were chosen by timings on no rows."""
+    from tests.helpers import TinyCTR
+
+    with pytest.raises(ValueError, match=r"example_inputs has a batch of 0 rows: \[0\] Tensor\[0, 4\] float32, \[1\] "
+                                         r"Tensor\[0\] int64.*two rows or more"):
+        export(TinyCTR(), tmp_path / "art", example_inputs=(torch.randn(0, 4), torch.randint(0, 50, (0,))))
+    assert not (tmp_path / "art").exists()
+
+
 @pytest.mark.parametrize("kw, error, match", [
     ({"sparse24": "no"}, TypeError, r"sparse24='no'; expected True or False"),  # was taken as True
     ({"output_fn": 5}, TypeError, r"output_fn=5; expected None or a function"),  # failed inside the gate, unnamed
