@@ -185,10 +185,9 @@ def _quantized_how(manifest: Mapping[str, Any]) -> Optional[str]:
     """How the artifact's layers were quantized (manifest ``post_training``), or None if unrecorded."""
     ptq = manifest.get("post_training")
     if ptq is True:
-        return ("quantized: post-training (the model carried no QAT state: export calibrated it, with the "
-                "default specs or its skip / layer_specs)")
+        return "quantized: post-training (the model carried no QAT state: export calibrated it)"
     if ptq is False:
-        return "quantized: by QAT (the specs, skips and KL fallbacks the training callback left on the model)"
+        return "quantized: by QAT (the training callback's specs, skips and KL fallbacks)"
     return None
 
 
@@ -387,6 +386,19 @@ def int_at_least(lo: int, hi: Optional[int] = None):
     return parse
 
 
+def artifact_file_problem(path: str) -> Optional[str]:
+    """Why a file of ours (a JSON report) may not be written at ``path``: it is inside an hwaware
+    artifact, which holds only its own files (a deployment trial's ``--report`` replaced an
+    artifact's ``manifest.json``, and nothing could load or re-export it), else None."""
+    from hwaware.export import is_artifact
+
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(parent) and is_artifact(parent):
+        return (f"is inside the hwaware artifact {parent}, which holds only its own files (writing there would replace "
+                "one of them, or make the next export into it refuse); write it elsewhere")
+    return None
+
+
 def _json_target_problem(path: str) -> Optional[str]:
     """Why a JSON file cannot be written at ``path``, else None."""
     if os.path.isdir(path):
@@ -394,6 +406,9 @@ def _json_target_problem(path: str) -> Optional[str]:
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         return f"{parent} is not a directory (create it first)"
+    inside = artifact_file_problem(path)
+    if inside:
+        return inside
     if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
         return "not writable"
     return None

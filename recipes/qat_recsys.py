@@ -29,7 +29,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 import hwaware
 from hwaware import ProgressiveQuantization, QuantSpec, SemiStructuredSparsity
 from hwaware.quant import quantization_disabled
-from hwaware.cli import int_at_least, write_json
+from hwaware.cli import artifact_file_problem, int_at_least, write_json
 from hwaware.export import ArtifactError, is_artifact
 from hwaware.export.artifact import artifact_size_bytes, check_target, nearest_existing_parent
 from hwaware.export.bench import compare_throughput
@@ -196,6 +196,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         parent = nearest_existing_parent(args.report)
         if not os.path.isdir(parent):
             p.error(f"--report {args.report}: {parent} is not a directory")
+        inside = artifact_file_problem(args.report)
+        if inside:
+            p.error(f"--report {args.report}: {inside}")
     if not args.no_export:
         args.export_dir = args.export_dir or default_export_dir(args)
         problem = export_dir_problem(args.export_dir)

@@ -83,8 +83,13 @@ def compare_throughput(
 
 
 def instability_warning(result: Dict[str, Any]) -> str:
-    """The warning line for a :func:`compare_throughput` result whose rounds disagree, else ``""``."""
+    """The warning line for a :func:`compare_throughput` result whose rounds disagree (or of one round,
+    which nothing checks), else ``""``."""
     unstable = result.get("unstable") or []
+    if result.get("rounds") == 1:
+        # (a deployment trial: three one-round runs gave x1.97, x340.04 and x16.72, one FP32 batch a 208 ms hiccup)
+        return ("warning: one round: the ratio is one measurement with no other round to check it against, so a busy "
+                "machine cannot be told from a real difference; use --rounds 3 or more")
     if not unstable:
         return ""
     models = result["models"]

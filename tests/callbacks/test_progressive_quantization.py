@@ -870,7 +870,7 @@ def test_a_weights_only_checkpoint_is_said_to_hold_no_quantization_state(tmp_pat
     assert art.manifest["post_training"] is True and "quantized: post-training" in repr(art)
     capsys.readouterr()
     assert main(["inspect", art.path]) == 0
-    assert "quantized: post-training (the model carried no QAT state" in capsys.readouterr().out
+    assert "quantized: post-training (the model carried no QAT state: export calibrated it)" in capsys.readouterr().out
 
     full = str(tmp_path / "full.ckpt")  # with the callback's state: no warning, and QAT's artifact
     trainer.save_checkpoint(full)

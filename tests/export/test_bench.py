@@ -85,3 +85,15 @@ def test_bench_prints_the_round_range_and_writes_the_spread(tmp_path, capsys):
     line = next(ln for ln in text.splitlines() if ln.startswith("artifact "))
     assert f"(rounds x{a['ratio_min']:.2f}..x{a['ratio_max']:.2f})" in line
     assert ("timings unstable: the machine may be busy" in text) == bool(r["unstable"])
+
+
+def test_one_round_is_said_to_be_unchecked(clock):
+    """A deployment trial: three one-round benches gave x1.97, x340.04 and x16.72, with no warning."""
+    base, other = _pair()
+
+    def run(m, x):
+        clock(0.010)
+        return m(*x)
+
+    r = compare_throughput({"base": base, "other": other}, [(torch.randn(4, 8),)], run=run, batch_size=4, rounds=1)
+    assert r["unstable"] == [] and instability_warning(r).startswith("warning: one round: the ratio is one measurement")

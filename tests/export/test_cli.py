@@ -167,6 +167,7 @@ def test_bench_times_artifact_against_fp32(tmp_path, capsys):
     assert r["models"]["artifact"]["samples_per_s"] > 0 and r["batch_size"] == 16
     printed = capsys.readouterr().out
     assert "samples/s" in printed and "batch size 16: 2 batches x 1 rounds per model" in printed
+    assert "warning: one round: the ratio is one measurement" in printed
     if os.path.exists("/proc/self/clear_refs"):
         for name in ("fp32", "artifact"):
             m = r["memory"][name]
@@ -481,3 +482,11 @@ def test_inspect_shows_the_bias_a_layer_stored_as_another_still_stores(tmp_path,
     assert main(["inspect", art.path]) == 0
     row = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("b "))
     assert "64 B (as a)" in row
+
+
+def test_bench_refuses_to_write_its_json_inside_an_artifact(art, capsys):
+    """A deployment trial: a report written over an artifact's manifest.json left nothing loadable."""
+    before = sorted(os.listdir(art))
+    assert main(["bench", str(art), "--json", str(art / "manifest.json")]) == 2
+    assert f"--json {art / 'manifest.json'}: is inside the hwaware artifact {art}" in capsys.readouterr().err
+    assert sorted(os.listdir(art)) == before and read_manifest(str(art))["format"] == "hwaware-artifact"

@@ -425,7 +425,15 @@ def test_bad_output_paths_are_refused_before_training(tmp_path, run_main):
     notart = tmp_path / "notart"
     notart.mkdir()
     (notart / "keep.txt").write_text("mine")
+    from hwaware.export import export
+    from tests.helpers import TinyCTR
+
+    prod = export(TinyCTR(), tmp_path / "prod").path  # a deployed artifact: the report replaced its manifest.json
+    before = open(os.path.join(prod, "manifest.json")).read()
     cases = [
+        (["--report", os.path.join(prod, "manifest.json")], f"--report {os.path.join(prod, 'manifest.json')}: is inside "
+                                                            f"the hwaware artifact {prod}, which holds only its own files"),
+        (["--report", os.path.join(prod, "r.json")], f"--report {os.path.join(prod, 'r.json')}: is inside the hwaware artifact"),
         (["--export-dir", str(afile)], f"--export-dir {afile}: exists and is not a directory"),
         (["--export-dir", str(notart)], f"--export-dir {notart}: exists, is not empty and is not an hwaware artifact"),
         (["--report", str(tmp_path)], f"--report {tmp_path}: is a directory; expected a file path"),
@@ -434,6 +442,8 @@ def test_bad_output_paths_are_refused_before_training(tmp_path, run_main):
         code, _, err = run_main("--fast", "--no-progress", *args)
         assert code == 2 and f"qat_recsys.py: error: {message}" in err, err[-2000:]
     assert (notart / "keep.txt").read_text() == "mine"
+    assert open(os.path.join(prod, "manifest.json")).read() == before and sorted(os.listdir(prod)) == [
+        "manifest.json", "weights.safetensors"]
 
 
 @pytest.mark.parametrize(("fp32_epochs", "shape"), [
