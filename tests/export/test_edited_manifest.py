@@ -116,20 +116,26 @@ def test_verify_reads_the_weights_as_load_does(art):
     assert str(by_verify.value) == str(by_load.value)
 
 
-@pytest.mark.parametrize("value", [float("nan"), float("-inf"), 0.0])
-def test_an_int8_weight_scale_that_is_not_finite_and_positive_is_refused_at_load(art, value):
-    # a NaN or -inf scale loaded and served NaN outputs without a word
+def _set_weight(art, key: str, index: int, value: float) -> None:
+    """One element of ``key`` in weights.safetensors set to ``value``, the file re-hashed in the
+    manifest (as a buggy re-packing tool would leave it)."""
     import hashlib
 
     from safetensors.torch import load_file, save_file
 
     wpath = os.path.join(art, "weights.safetensors")
     tensors = load_file(wpath)
-    tensors["mlp.0.w_scale"][3] = value
+    tensors[key][index] = value
     save_file(tensors, wpath, metadata={"format": "pt"})
     data = open(wpath, "rb").read()
     _rehashed(art, lambda m: m["files"]["weights.safetensors"].update(sha256=hashlib.sha256(data).hexdigest(),
                                                                        bytes=len(data)))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("-inf"), 0.0])
+def test_an_int8_weight_scale_that_is_not_finite_and_positive_is_refused_at_load(art, value):
+    # a NaN or -inf scale loaded and served NaN outputs without a word
+    _set_weight(art, "mlp.0.w_scale", 3, value)
     with pytest.raises(ArtifactError, match=r"weights.safetensors: layer 'mlp.0': w_scale: scale must be finite and > 0 "
                                             r"everywhere, got .* at index 3"):
         load(art, model=TinyCTR)
@@ -139,17 +145,7 @@ def test_an_int8_weight_scale_that_is_not_finite_and_positive_is_refused_at_load
 def test_a_packed_layer_bias_that_is_not_finite_is_refused_at_load(art, value):
     """A deployment trial: a NaN bias (a re-packing tool's bug, the file re-hashed) loaded and served
     NaN for every output, where the same edit to the scale was refused."""
-    import hashlib
-
-    from safetensors.torch import load_file, save_file
-
-    wpath = os.path.join(art, "weights.safetensors")
-    tensors = load_file(wpath)
-    tensors["mlp.0.bias"][5] = value
-    save_file(tensors, wpath, metadata={"format": "pt"})
-    data = open(wpath, "rb").read()
-    _rehashed(art, lambda m: m["files"]["weights.safetensors"].update(sha256=hashlib.sha256(data).hexdigest(),
-                                                                       bytes=len(data)))
+    _set_weight(art, "mlp.0.bias", 5, value)
     with pytest.raises(ArtifactError, match=r"weights.safetensors: layer 'mlp.0': bias must be finite everywhere, "
                                             r"got (nan|inf) at flat index 5"):
         load(art, model=TinyCTR)
