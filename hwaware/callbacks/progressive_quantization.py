@@ -484,8 +484,11 @@ class ProgressiveQuantization(_RestoresForEvaluation):
 
     @override
     def _without_state(self) -> str:
-        return (f"The callback keeps the state it had (phase {self.phase!r}"
-                + (": the model runs unquantized" if not self._states else "") + "). If the checkpoint is from QAT, its "
+        if self._states:  # (a fit in this process left them: validate(ckpt_path="best") of a weights-only checkpoint)
+            return (f"The callback keeps the state it had (phase {self.phase!r}, {len(self._states)} quantized layer(s), "
+                    "from its own fit): the model runs, and hwaware.export packs it, with those specs, scales and "
+                    "fallbacks, which are this checkpoint's only if the fit that saved it is the one this callback ran")
+        return (f"The callback is in phase {self.phase!r}: the model runs unquantized. If the checkpoint is from QAT, its "
                 "specs, skips, frozen scales and KL fallbacks are not in it, and hwaware.export would pack these weights "
                 "as a post-training export (every layer, default specs, these weights as the gate's reference): save "
                 "QAT checkpoints with save_weights_only=False. For an FP32 checkpoint this is as it should be")
@@ -1281,7 +1284,7 @@ class ProgressiveQuantization(_RestoresForEvaluation):
                    "its predict_step" if defines_predict_step(pl_module) else "the model")
             pick = " (e.g. out['logits'])" if isinstance(out, dict) else " (e.g. out[0])" if isinstance(out, (list, tuple)) else ""
             rank_zero_warn(
-                f"ProgressiveQuantization: {who} returned {returned_what(out)} on a validation batch, not one tensor of "
+                f"ProgressiveQuantization: {who} returned {returned_what(out)} on a batch, not one tensor of "
                 f"predictions, so the output KL is not measured (report['output_kl'] None). Pass output_fn=lambda model, "
                 f"batch: ... returning the logits tensor{pick}, or define predict_step(batch, batch_idx) returning it "
                 "(hwaware.export's regression gate needs the same)", category=UserWarning)

@@ -234,6 +234,9 @@ class SemiStructuredSparsity(_RestoresForEvaluation):
 
     @override
     def _without_state(self) -> str:
+        if self.dense_reference is not None:  # (kept from a fit in this process)
+            return ("The callback keeps the dense reference (dense_reference) of its own fit, which hwaware.export's gate "
+                    "also measures against; it is this checkpoint's only if the fit that saved it is the one this callback ran")
         return ("Its pruned weights are restored as saved, but not the dense model from before pruning "
                 "(dense_reference), which hwaware.export's gate also measures against: save pruned checkpoints with "
                 "save_weights_only=False")

@@ -747,8 +747,9 @@ def _check_example_inputs(model: nn.Module, example_inputs: Any) -> Tuple[Any, .
                             ". A forward that takes a dict or list of tensors is served without program.pt2: export "
                             "without example_inputs (the gate reads val_dataloader as it is), or export a wrapper "
                             "module whose forward takes the tensors positionally" if nested else ""))
-    empty = [f"[{i}] {_given(x)}" for i, x in enumerate(example_inputs) if x.dim() and x.shape[0] == 0]
-    if empty:
+    batched = [(i, x) for i, x in enumerate(example_inputs) if x.dim()]
+    empty = [f"[{i}] {_given(x)}" for i, x in batched if x.shape[0] == 0]
+    if batched and len(empty) == len(batched):  # (one input of 0 rows beside others may be no batch: flat ids)
         # (a trial: program.pt2 then served batch 0 only, "Guard failed: dense.size()[0] == 0" at any real
         # batch, and the kernels were chosen by timings on no rows)
         raise ValueError(f"example_inputs has a batch of 0 rows: {', '.join(empty)}. torch.export would fix program.pt2 "
@@ -1151,7 +1152,7 @@ def export(
     if loaders and any(isinstance(x, torch.utils.data.DataLoader) for x in loaders):
         # (Lightning takes several validation loaders so; here each was read as a batch, and the
         # error said the batch had no target)
-        raise TypeError(f"val_dataloader is a {type(val_dataloader).__name__} of {len(loaders)} loaders; export gates on one "
+        raise TypeError(f"val_dataloader is a {type(val_dataloader).__name__} of {len(loaders)} loader(s); export gates on one "
                         "validation loader (its metric over one set): pass val_dataloader=loaders[0], or export once per "
                         "loader. (A list of batches is taken too: each element one batch)")
     if isinstance(val_dataloader, collections.abc.Sized) and _known_len(val_dataloader) == 0:

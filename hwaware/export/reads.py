@@ -10,8 +10,9 @@ fingerprint of every batch (the inputs as well as the targets). What it cannot r
 processes that keep their state across reads, a generator it cannot see) is caught by that check;
 a read that gives the same samples in another order (a shuffle it could not replay) still passes,
 since no metric the gate computes depends on the order. A sample is compared whole (its inputs with
-its target, by a digest of their bytes), so inputs and targets shuffled apart are refused; inputs
-with no per-sample rows (offsets-style ids) match only in the same batches and order.
+its target, by a digest of their bytes), so inputs and targets shuffled apart are refused; a batch
+with an input of no per-sample rows (offsets-style ids, a sequence-first ``[T, B]`` input) matches
+only as the same batch.
 """
 from __future__ import annotations
 
@@ -162,26 +163,30 @@ def _add_rows(counts: Dict[str, List[int]], key: str, rows: List[Any]) -> None:
     entry[1] = total % _MOD
 
 
-def _sample_multisets(leaves: List[Any]) -> Dict[str, List[int]]:
+def _sample_multisets(leaves: List[Any], rows: Dict[int, Tuple[Any, str]]) -> Dict[str, List[int]]:
     """One batch's samples as order-free multisets. A sample is one index along dim 0 of every
     tensor leaf whose dim 0 is the batch's size (the size most leaves have; on a tie, the last
-    such leaf's), so its inputs and target stay together; each other tensor leaf (offsets-style
-    ids, a 0-d tensor) is a multiset of its own rows, and the other leaves one of their reprs."""
+    such leaf's), so its inputs and target stay together. A tensor leaf of another dim 0 (flat
+    offsets-style ids, a 0-d tensor) has no per-sample rows: it is one member, whole, so such a
+    batch matches only as the same batch in the same order. The other leaves are one multiset of
+    their reprs. ``rows``: :func:`_rows` of each tensor leaf, by its index."""
     tensors = [(i, leaf) for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
     sizes = [leaf.shape[0] for _, leaf in tensors if leaf.dim() and leaf.layout == torch.strided and not leaf.is_nested]
     size = max(reversed(sizes), key=sizes.count) if sizes else None
     counts: Dict[str, List[int]] = {}
-    aligned, names = [], []
+    aligned, names, whole = [], [], []
     for i, leaf in tensors:
-        rows, what = _rows(leaf)
+        r, what = rows[i]
         if size is not None and leaf.dim() and leaf.layout == torch.strided and not leaf.is_nested and leaf.shape[0] == size:
-            aligned.append(rows)
+            aligned.append(r)
             names.append(f"{i}: {what}")
         else:
-            _add_rows(counts, f"leaf {i}: {what}", list(rows))
+            whole.append(f"{i}: {what} {tuple(leaf.shape)}".encode() + r.tobytes())
     if aligned:
         joined = aligned[0] if len(aligned) == 1 else np.concatenate(aligned, axis=1)
         _add_rows(counts, "samples " + "; ".join(names), list(joined))
+    if whole:  # (ids permuted within a batch whose targets stayed put passed as a multiset of ids)
+        _add_rows(counts, "batches with leaves of no per-sample rows", [b"".join(whole)])
     others = [repr(leaf).encode() if isinstance(leaf, (int, float, str, bytes, bool, type(None))) else type(leaf).__qualname__.encode()
               for leaf in leaves if not isinstance(leaf, Tensor)]
     if others:
@@ -203,11 +208,12 @@ class _Fingerprint:
     def add(self, batch: Any) -> None:
         leaves, spec = pytree.tree_flatten(_plain(batch))
         h = hashlib.blake2b(str(spec).encode(), digest_size=16)
-        for leaf in leaves:
+        rows: Dict[int, Tuple[Any, str]] = {}
+        for i, leaf in enumerate(leaves):
             if isinstance(leaf, Tensor):
-                rows, what = _rows(leaf)
-                h.update(f"{what} x{rows.shape[0]}".encode())
-                h.update(rows)
+                rows[i] = r, what = _rows(leaf)
+                h.update(f"{what} {tuple(leaf.shape)}".encode())  # (the full shape: a 0-d and a [1] tensor differ)
+                h.update(r)
             else:
                 h.update(repr(leaf).encode() if isinstance(leaf, (int, float, str, bytes, bool, type(None)))
                          else type(leaf).__qualname__.encode())
@@ -217,7 +223,7 @@ class _Fingerprint:
         if like is not None and i < len(like.digests) and like.digests[i] == digest:
             self.parts.append(like.parts[i])
         else:
-            self.parts.append(_sample_multisets(leaves))
+            self.parts.append(_sample_multisets(leaves, rows))
 
     def multisets(self) -> Dict[str, Tuple[int, int]]:
         total: Dict[str, List[int]] = {}

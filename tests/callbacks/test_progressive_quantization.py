@@ -164,7 +164,7 @@ def test_an_output_that_is_not_one_tensor_leaves_the_output_kl_unmeasured_and_sa
     """A trial's predict_step returned {"row": ids, "logit": logits}: the output KL compared the ids with
     themselves and reported 0.0. export's gate refuses that output; the output KL now says it cannot read it."""
     cb = ProgressiveQuantization(start_epoch=1, calibration_batches=2)
-    with pytest.warns(UserWarning, match=r"its predict_step returned a dict \(keys \['row', 'logit'\]\) on a validation "
+    with pytest.warns(UserWarning, match=r"its predict_step returned a dict \(keys \['row', 'logit'\]\) on a "
                                          r"batch, not one tensor.*output KL is not measured.*out\['logits'\]"):
         _fit(tmp_path, cb, model=DictPredictions(), max_epochs=2)
     assert cb.phase == "done" and cb.report["output_kl"] is None and cb.report["kl"]
@@ -861,6 +861,10 @@ def test_a_weights_only_checkpoint_is_said_to_hold_no_quantization_state(tmp_pat
     ckpt = str(tmp_path / "weights.ckpt")
     trainer.save_checkpoint(ckpt, weights_only=True)
     val = loaders()[1]
+    with pytest.warns(UserWarning, match=r"holds no ProgressiveQuantization state.*keeps the state it had \(phase 'done', "
+                                         r"2 quantized layer\(s\), from its own fit\)") as got:  # (the same trainer)
+        trainer.validate(model, val, ckpt_path=ckpt, verbose=False)
+    assert not any("post-training" in str(w.message) for w in got)
     fresh, cb2 = TinyCTR(), ProgressiveQuantization(start_epoch=1, calibration_batches=2, skip=["mlp.2"])
     with pytest.warns(UserWarning, match=r"ProgressiveQuantization: the checkpoint .*weights.ckpt' holds no "
                                          r"ProgressiveQuantization state \(saved with ModelCheckpoint\(save_weights_only=True\)"

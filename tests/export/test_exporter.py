@@ -633,10 +633,10 @@ def test_export_refuses_bad_loaders_and_targets_before_any_work(tmp_path, monkey
     with pytest.raises(TypeError, match=r"val_dataloader=int; expected a DataLoader or a list of batches"):
         export(model, tmp_path / "a", val_dataloader=3)
     # several loaders, as Lightning takes them (a trial: each loader was read as a batch without a target)
-    with pytest.raises(TypeError, match=r"val_dataloader is a list of 2 loaders; export gates on one validation loader.*"
+    with pytest.raises(TypeError, match=r"val_dataloader is a list of 2 loader\(s\); export gates on one validation loader.*"
                                         r"val_dataloader=loaders\[0\]"):
         export(model, tmp_path / "a", val_dataloader=[val, val])
-    with pytest.raises(TypeError, match=r"val_dataloader is a dict of 2 loaders"):
+    with pytest.raises(TypeError, match=r"val_dataloader is a dict of 2 loader\(s\)"):
         export(model, tmp_path / "a", val_dataloader={"a": val, "b": val})
     blocker = tmp_path / "file"
     blocker.write_text("x")

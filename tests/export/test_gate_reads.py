@@ -207,6 +207,29 @@ def test_a_changed_value_in_a_reordered_read_is_refused():
         _two_reads(lambda read: _split(x if read == 0 else x2, y, torch.arange(8) if read == 0 else perm))
 
 
+def test_offsets_style_ids_permuted_within_a_batch_are_refused():
+    """Flat ids have no per-sample rows: they were a multiset of single ids, so ids permuted within a
+    batch (each bag now other ids) while the targets stayed put passed (a review of this change)."""
+    ids, offsets, y = torch.tensor([1, 2, 3, 4, 5, 6]), torch.tensor([0, 2, 4]), torch.tensor([0.0, 1.0, 0.0])
+    permuted = torch.tensor([6, 5, 4, 3, 2, 1])
+    _two_reads(lambda read: [(ids, offsets, y)])  # the same batches: pass
+    with pytest.raises(ValueError, match="other samples on read 2"):
+        _two_reads(lambda read: [(ids if read == 0 else permuted, offsets, y)])
+
+
+def test_a_0d_and_a_1_element_tensor_are_told_apart():
+    with pytest.raises(ValueError, match="other samples on read 2"):
+        _two_reads(lambda read: [(torch.tensor(1.0) if read == 0 else torch.tensor([1.0]), torch.zeros(2))])
+
+
+def test_a_conjugate_view_is_fingerprinted_as_its_values():
+    from hwaware.export.reads import _rows
+
+    c = torch.complex(torch.randn(3, 2), torch.randn(3, 2))
+    assert _rows(c.conj())[0].tobytes() == _rows(c.conj().resolve_conj())[0].tobytes() != _rows(c)[0].tobytes()
+    assert _rows(-c)[0].tobytes() == _rows((-c).clone())[0].tobytes()
+
+
 @pytest.mark.parametrize("kind", ["sparse_coo", "sparse_csr", "conj", "complex", "empty", "bool", "scalar"])
 def test_uncommon_leaves_are_fingerprinted(kind):
     """A sparse tensor or a conjugate view crashed the fingerprint; each kind must also be compared."""
@@ -236,7 +259,7 @@ def test_a_read_that_replays_exactly_hashes_no_sample(monkeypatch):
 
     calls = []
     real = reads_mod._sample_multisets
-    monkeypatch.setattr(reads_mod, "_sample_multisets", lambda leaves: calls.append(1) or real(leaves))
+    monkeypatch.setattr(reads_mod, "_sample_multisets", lambda leaves, rows: calls.append(1) or real(leaves, rows))
     reads = ReplayedReads(DataLoader(_Noisy(96, "torch"), batch_size=32, shuffle=True))
     for _ in range(4):
         list(reads)

@@ -434,6 +434,8 @@ def test_bad_output_paths_are_refused_before_training(tmp_path, run_main):
         (["--report", os.path.join(prod, "manifest.json")], f"--report {os.path.join(prod, 'manifest.json')}: is inside "
                                                             f"the hwaware artifact {prod}, which holds only its own files"),
         (["--report", os.path.join(prod, "r.json")], f"--report {os.path.join(prod, 'r.json')}: is inside the hwaware artifact"),
+        (["--export-dir", str(tmp_path / "new"), "--report", str(tmp_path / "new" / "manifest.json")],
+         f"--report {tmp_path / 'new' / 'manifest.json'}: is inside --export-dir {tmp_path / 'new'}, where the artifact is written"),
         (["--export-dir", str(afile)], f"--export-dir {afile}: exists and is not a directory"),
         (["--export-dir", str(notart)], f"--export-dir {notart}: exists, is not empty and is not an hwaware artifact"),
         (["--report", str(tmp_path)], f"--report {tmp_path}: is a directory; expected a file path"),
