@@ -205,7 +205,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if problem:
             p.error(f"--export-dir {args.export_dir}: {problem}")
         if args.report is not None:
-            report_dir, export_dir = os.path.abspath(os.path.dirname(os.path.abspath(args.report))), os.path.abspath(args.export_dir)
+            report_dir, export_dir = os.path.dirname(os.path.abspath(args.report)), os.path.abspath(args.export_dir)
             if os.path.commonpath([report_dir, export_dir]) == export_dir:
                 # (written after the export, it would replace or join the artifact's own files)
                 p.error(f"--report {args.report}: is inside --export-dir {args.export_dir}, where the artifact is written; "
