@@ -181,16 +181,6 @@ def _regression_line(reg: Mapping[str, Any]) -> str:
     return line
 
 
-def _quantized_how(manifest: Mapping[str, Any]) -> Optional[str]:
-    """How the artifact's layers were quantized (manifest ``post_training``), or None if unrecorded."""
-    ptq = manifest.get("post_training")
-    if ptq is True:
-        return "quantized: post-training (the model carried no QAT state: export calibrated it)"
-    if ptq is False:
-        return "quantized: by QAT (the training callback's specs, skips and KL fallbacks)"
-    return None
-
-
 def _inspect_text(path: str, manifest: Dict[str, Any], on_disk: int, wide: bool = False) -> str:
     from hwaware.export.artifact import unlisted_entries
 
@@ -201,7 +191,9 @@ def _inspect_text(path: str, manifest: Dict[str, Any], on_disk: int, wide: bool 
         "files: "
         + ", ".join(f"{n} ({_fmt_bytes(e.get('bytes'))})" for n, e in sorted(manifest.get("files", {}).items())),
     ]
-    how = _quantized_how(manifest)
+    from hwaware.export.exporter import quantized_how
+
+    how = quantized_how(manifest)
     if how:
         out.append(how)
     extra = unlisted_entries(path, manifest) if os.path.isdir(path) else []

@@ -107,9 +107,9 @@ class Artifact:
                  f"  layers: {len(layers)} packed ({', '.join(f'{v} {k}' for k, v in sorted(schemes.items()))}), "
                  f"{len(self.manifest.get('dense_layers', {}))} dense",
                  f"  weights: {self.size_bytes:,} bytes" + (f" ({self.size_bytes / fp32:.1%} of FP32 {fp32:,})" if fp32 else "")]
-        if isinstance(self.manifest.get("post_training"), bool):
-            lines.insert(1, "  quantized: " + ("post-training (the model carried no QAT state)" if self.manifest["post_training"]
-                                               else "by QAT (the training callback's specs, skips and fallbacks)"))
+        how = quantized_how(self.manifest)
+        if how:
+            lines.insert(1, f"  {how}")
         r = self.report
         if r:
             lines.append(f"  {r['metric']}: reference {r['reference']:.5f} -> exported {r['exported']:.5f} "
@@ -118,6 +118,17 @@ class Artifact:
                 lines.append(f"  final weights with quantization off {r['final_weights_fp32']:.5f}: the export costs "
                              f"{r['quantization_drop']:+.5f} of them (not gated)")
         return "\n".join(lines)
+
+
+def quantized_how(manifest: Mapping[str, Any]) -> Optional[str]:
+    """How the artifact's layers were quantized (manifest ``post_training``), or None if unrecorded:
+    a line of the artifact's summary and of ``hwaware inspect``."""
+    ptq = manifest.get("post_training")
+    if ptq is True:
+        return "quantized: post-training (the model carried no QAT state: export calibrated it)"
+    if ptq is False:
+        return "quantized: by QAT (the training callback's specs, skips and KL fallbacks)"
+    return None
 
 
 def _user_stacklevel() -> int:
