@@ -369,7 +369,7 @@ def quantize_int4_weight(w: Tensor, group_size: int, symmetric: bool, scale: Opt
         if symmetric:
             if zero_point is not None and bool((zero_point != 0).any()):
                 raise ValueError("zero_point must be None (or all zeros) for symmetric int4")
-            zp = torch.zeros(n * ng, dtype=torch.int32)
+            zp = torch.zeros(n * ng, dtype=torch.int32, device=w.device)
         else:
             if zero_point is None:
                 raise ValueError(f"asymmetric int4 needs zero_point of shape [N, K/g] = [{n}, {ng}] with scale")
@@ -402,7 +402,7 @@ def dequantize_int4_weight(packed: Tensor, scales: Tensor, zeros: Optional[Tenso
         if tuple(zeros.shape) != (n, ng):
             raise ValueError(f"zeros must have shape [N, K/g] = [{n}, {ng}], got {tuple(zeros.shape)}")
     q = unpack_int4(packed, k, signed=symmetric)
-    zp = torch.zeros(n * ng, dtype=torch.int32) if symmetric else zeros.reshape(-1).to(torch.int32)
+    zp = torch.zeros(n * ng, dtype=torch.int32, device=packed.device) if symmetric else zeros.reshape(-1).to(torch.int32)
     return dequantize(q, scales.reshape(-1), zp, int4_weight_spec(group_size, symmetric))
 
 
@@ -440,7 +440,7 @@ def compress_24(w: Tensor) -> Tuple[Tensor, Tensor]:
         raise ValueError(f"w is not 2:4 sparse: row {row}, columns {4 * grp}..{4 * grp + 3} hold {int(count[row, grp])} "
                          f"non-zeros {groups[row, grp].tolist()} (at most 2 per group of 4)")
     # non-zeros first, then the lowest free positions; kept positions in increasing order
-    pos = torch.arange(4, dtype=torch.int16)
+    pos = torch.arange(4, dtype=torch.int16, device=w.device)
     key = nz.to(torch.int16) * 4 + (3 - pos)
     idx = key.topk(2, dim=-1).indices.sort(dim=-1).values  # [N, K/4, 2] int64
     values = groups.gather(-1, idx).reshape(n, k // 2)
@@ -457,7 +457,7 @@ def check_24_meta(meta: Tensor, k: int, name: str = "meta") -> None:
     if meta.shape[1] != (groups + 1) // 2:
         raise ValueError(f"{name} must have shape [N, ceil(K/8)] = [N, {(groups + 1) // 2}] for K={k}, got {tuple(meta.shape)}")
     nib = unpack_int4(meta, groups, signed=False).to(torch.int64)
-    valid = torch.zeros(16, dtype=torch.bool)
+    valid = torch.zeros(16, dtype=torch.bool, device=meta.device)
     valid[list(VALID_24_NIBBLES)] = True
     bad = ~valid[nib]
     if bool(bad.any()):

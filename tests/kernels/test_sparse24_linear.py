@@ -145,5 +145,8 @@ def test_the_cuda_dequant_weight_follows_its_scale():
     torch.testing.assert_close(run(s * 2), first * 2, atol=1e-5, rtol=1e-5)
     s.mul_(3)  # in place: a new version of the same tensor
     torch.testing.assert_close(run(s), first * 3, atol=1e-5, rtol=1e-5)
+    # the same function as the CPU op: exact in the interpreter (the same CPU GEMM); on a GPU cuBLAS
+    # sums in another order (seen on an H100: 2e-6 relative)
+    tol = 0 if DEVICE == "cpu" else 1e-5
     torch.testing.assert_close(run(s), torch.ops.hwaware.sparse24_linear(x, values, meta, s, None, "dequant"),
-                               atol=0, rtol=0)
+                               atol=tol, rtol=tol)

@@ -246,3 +246,46 @@ def test_int4_rows_refuse_values_beyond_float16():
     wide = torch.tensor([[0.0, 9e5, 4e5, 1.0]])  # range / 15 = 60000 fits: packs, and serves it
     torch.testing.assert_close(dequantize_rowwise(quantize_rowwise(wide, 4), 4, 4), wide, rtol=0, atol=9e5 / 15)
     torch.testing.assert_close(dequantize_rowwise(quantize_rowwise(table, 8), 8), table, rtol=0, atol=float(table.abs().max()) / 100)
+
+
+# -- device: every packing function runs on the tensor's own device ----------------------------------
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_every_packing_function_gives_the_cpu_result_on_cuda():
+    # compress_24 and check_24_meta built helper tensors on the CPU and failed on CUDA weights
+    # ("Expected all tensors to be on the same device"), as symmetric int4 (de)quantization did
+    from hwaware.ops.packing import check_24_meta, compress_24, decompress_24
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 64, generator=g)
+    keep = torch.rand(16, 16, 4, generator=g).argsort(-1)[..., :2]
+    w24 = (w.reshape(16, 16, 4) * torch.zeros(16, 16, 4).scatter_(-1, keep, 1.0)).reshape(16, 64)
+    cases = {
+        "int8": lambda t: quantize_int8_weight(t),
+        "int8 deq": lambda t: dequantize_int8_weight(*quantize_int8_weight(t)),
+        "int4 sym": lambda t: quantize_int4_weight(t, 32, True),
+        "int4 asym": lambda t: quantize_int4_weight(t, 32, False),
+        "int4 sym deq": lambda t: dequantize_int4_weight(*quantize_int4_weight(t, 32, True), 32),
+        "int4 asym deq": lambda t: dequantize_int4_weight(*quantize_int4_weight(t, 32, False), 32),
+        "int4 sym given scale": lambda t: quantize_int4_weight(t, 32, True, scale=quantize_int4_weight(t, 32, True)[1]),
+        "rowwise 8": lambda t: quantize_rowwise(t, 8),
+        "rowwise 4 deq": lambda t: dequantize_rowwise(quantize_rowwise(t, 4), 4, 64),
+        "2:4": lambda t: compress_24(w24.to(t.device)),
+        "2:4 int8": lambda t: compress_24(quantize_int8_weight(w24.to(t.device))[0]),
+        "2:4 round trip": lambda t: decompress_24(*compress_24(w24.to(t.device)), 64),
+    }
+    for name, fn in cases.items():
+        on_cpu, on_gpu = fn(w), fn(w.cuda())
+        on_cpu = on_cpu if isinstance(on_cpu, tuple) else (on_cpu,)
+        on_gpu = on_gpu if isinstance(on_gpu, tuple) else (on_gpu,)
+        for a, b in zip(on_cpu, on_gpu):
+            assert (a is None) == (b is None), name
+            if a is not None:
+                assert b.device.type == "cuda", name
+                torch.testing.assert_close(b.cpu(), a, atol=0, rtol=0, msg=lambda m: f"{name}: {m}")
+    _, meta = compress_24(w24.cuda())
+    check_24_meta(meta, 64)
+    bad = meta.clone()
+    bad[3, 2] = 0x00  # positions (0, 0) in both groups: a repeated position
+    with pytest.raises(ValueError, match="row 3, columns 16..19"):
+        check_24_meta(bad, 64)
