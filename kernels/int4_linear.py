@@ -68,13 +68,14 @@ def _int4_gemm_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for t in range(t_begin, t_end):
         rk = t * BLOCK_K + tl.arange(0, BLOCK_K)
-        k_ok = rk < K
         x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :] * stride_xk,
-                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        # each byte is read for both of its k (the second read hits L1); the shift picks the nibble
-        byte = tl.load(w_ptr + rn64[:, None] * stride_wn + (rk // 2)[None, :] * stride_wk,
-                       mask=n_ok[:, None] & k_ok[None, :], other=0)
-        q = ((byte.to(tl.int32) >> ((rk % 2) * 4)[None, :]) & 0xF)  # [BLOCK_N, BLOCK_K] in [0, 15]
+                    mask=m_ok[:, None] & (rk < K)[None, :], other=0.0)
+        # each byte once, contiguous along K (K is even); its low nibble is column 2j, its high nibble
+        # 2j + 1, so joining (low, high) on a new last axis and flattening gives the tile in K order
+        rb = t * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+        byte = tl.load(w_ptr + rn64[:, None] * stride_wn + rb[None, :] * stride_wk,
+                       mask=n_ok[:, None] & (rb < K // 2)[None, :], other=0).to(tl.int32)
+        q = tl.reshape(tl.join(byte & 0xF, byte >> 4), (BLOCK_N, BLOCK_K))  # [BLOCK_N, BLOCK_K] in [0, 15]
         g = (t * BLOCK_K) // GROUP_SIZE  # the tile lies inside one group (the launcher picks BLOCK_K so)
         if HAS_ZEROS:
             q = q - tl.load(z_ptr + rn64 * stride_sn + g * stride_sg, mask=n_ok, other=0).to(tl.int32)[:, None]
@@ -119,8 +120,10 @@ def _cfg(bm, bn, bk, split_k, warps, stages):
 
 
 # Small M: weight streaming; split-K so that (N / BLOCK_N) * SPLIT_K programs cover the SMs.
+# Narrow N tiles without a split (no second launch for the reduction) are candidates too.
 _CONFIGS_SMALL_M = [_cfg(16, 64, 128, 1, 4, 4), _cfg(16, 64, 128, 4, 4, 4), _cfg(16, 128, 128, 4, 4, 4),
-                    _cfg(16, 64, 64, 8, 4, 4), _cfg(16, 32, 128, 8, 2, 4), _cfg(16, 64, 256, 8, 4, 3)]
+                    _cfg(16, 64, 64, 8, 4, 4), _cfg(16, 32, 128, 8, 2, 4), _cfg(16, 64, 256, 8, 4, 3),
+                    _cfg(16, 32, 128, 1, 2, 4), _cfg(16, 16, 128, 1, 1, 4), _cfg(16, 32, 128, 2, 2, 4)]
 # Large M: compute bound on the fp16/bf16 MMA; dequantization hides under the big tiles.
 _CONFIGS_LARGE_M = [_cfg(128, 128, 64, 1, 4, 3), _cfg(128, 256, 64, 1, 8, 3), _cfg(64, 128, 64, 1, 4, 4),
                     _cfg(128, 128, 128, 1, 8, 3), _cfg(64, 64, 128, 1, 4, 4)]

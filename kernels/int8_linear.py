@@ -152,9 +152,12 @@ _cfg = gemm_config
 # tiles too (N = 4096 / BLOCK_N 32 = 128 programs, about one per SM on an H100's 132).
 _CONFIGS_SMALL_M = [_cfg(16, 64, 128, 4, 4), _cfg(16, 32, 128, 2, 4), _cfg(16, 32, 256, 4, 3),
                     _cfg(16, 128, 128, 4, 4), _cfg(32, 64, 256, 4, 3), _cfg(64, 64, 128, 4, 4)]
-# Large M: tensor-core bound; big tiles (the usual int8 MMA shapes on sm80/sm90).
+# Large M: tensor-core bound; big tiles (the usual int8 MMA shapes on sm80/sm90). Smaller tiles too:
+# at M = 256, N = 4096 a 128 x 128 tile makes 64 programs for an H100's 132 SMs (measured there at
+# 1.03x fp16 cuBLAS with the big tiles alone), so half the GPU idled.
 _CONFIGS_LARGE_M = [_cfg(128, 128, 64, 4, 4), _cfg(128, 256, 64, 8, 3), _cfg(256, 128, 64, 8, 3),
-                    _cfg(64, 128, 128, 4, 4), _cfg(128, 128, 128, 8, 3)]
+                    _cfg(64, 128, 128, 4, 4), _cfg(128, 128, 128, 8, 3), _cfg(128, 256, 128, 8, 3),
+                    _cfg(64, 64, 128, 4, 4), _cfg(128, 64, 128, 4, 4), _cfg(64, 128, 256, 4, 3)]
 _CONFIG_INTERPRET = [_cfg(16, 16, 32, 1, 1, group_m=2)]  # small, so the CPU interpreter stays fast
 
 

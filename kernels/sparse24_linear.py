@@ -35,19 +35,24 @@ _FLOAT_X = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
-def _load_24_tile(v_ptr, meta_ptr, rn64, n_ok, rk, K, stride_vn, stride_vk, stride_mn, stride_mk):
-    # Dense [BLOCK_N, BLOCK_K] tile of W from the compressed layout (zeros where not kept).
-    k_ok = rk < K
-    g = rk // 4  # group of each dense column
-    pos = rk % 4  # position inside the group
-    ok = n_ok[:, None] & k_ok[None, :]
-    mbyte = tl.load(meta_ptr + rn64[:, None] * stride_mn + (g // 2)[None, :] * stride_mk, mask=ok, other=0)
-    nib = (mbyte.to(tl.int32) >> ((g % 2) * 4)[None, :]) & 0xF
-    i0 = nib & 3
-    i1 = nib >> 2
-    slot = (pos[None, :] == i1).to(tl.int32)  # 0: first kept value of the group, 1: second
-    keep = ok & ((pos[None, :] == i0) | (pos[None, :] == i1))
-    return tl.load(v_ptr + rn64[:, None] * stride_vn + (2 * g[None, :] + slot) * stride_vk, mask=keep, other=0)
+def _load_24_tile(v_ptr, meta_ptr, rn64, n_ok, k0, K, stride_vn, stride_vk, stride_mn, stride_mk,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Dense [BLOCK_N, BLOCK_K] tile of W, columns k0 .. k0 + BLOCK_K (k0 a multiple of 8), from the
+    # compressed layout: the tile's kept values [BLOCK_N, BLOCK_K/2] and nibbles are read contiguously
+    # once, and each group of 4 is built in registers by placing its two values at their positions.
+    rv = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # kept-value columns
+    v = tl.load(v_ptr + rn64[:, None] * stride_vn + rv[None, :] * stride_vk,
+                mask=n_ok[:, None] & (rv < K // 2)[None, :], other=0)
+    rg = k0 // 4 + tl.arange(0, BLOCK_K // 4)  # groups; two nibbles per meta byte, low first
+    mbyte = tl.load(meta_ptr + rn64[:, None] * stride_mn + (rg // 2)[None, :] * stride_mk,
+                    mask=n_ok[:, None] & (rg < K // 4)[None, :], other=0)
+    nib = (mbyte.to(tl.int32) >> ((rg % 2) * 4)[None, :]) & 0xF  # [BLOCK_N, BLOCK_K/4]
+    v0, v1 = tl.split(tl.reshape(v, (BLOCK_N, BLOCK_K // 4, 2)))  # first and second kept value per group
+    pos = tl.arange(0, 4)[None, None, :]
+    zero = tl.zeros((BLOCK_N, BLOCK_K // 4, 4), dtype=v.dtype)
+    w = tl.where(pos == (nib & 3)[:, :, None], v0[:, :, None],
+                 tl.where(pos == (nib >> 2)[:, :, None], v1[:, :, None], zero))
+    return tl.reshape(w, (BLOCK_N, BLOCK_K))
 
 
 @triton.jit
@@ -69,8 +74,10 @@ def _sparse24_gemm_kernel(
     INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32 operands, else ignored
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # tile; BLOCK_K multiple of 8
     GROUP_M: tl.constexpr,  # row-tile grouping for L2 reuse of weight tiles
+    SPLIT_K: tl.constexpr,  # programs along K (grid axis 1); > 1 stores raw partial sums (see below)
 ):
     pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -81,16 +88,25 @@ def _sparse24_gemm_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    num_tiles = tl.cdiv(K, BLOCK_K)
+    tiles_per_split = tl.cdiv(num_tiles, SPLIT_K)
+    t_end = tl.minimum((pid_k + 1) * tiles_per_split, num_tiles)
+    for t in range(pid_k * tiles_per_split, t_end):
+        k0 = t * BLOCK_K
         rk = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(a_ptr + rm.to(tl.int64)[:, None] * stride_am + rk[None, :] * stride_ak,
                     mask=m_ok[:, None] & (rk < K)[None, :], other=0)
-        w = _load_24_tile(v_ptr, meta_ptr, rn64, n_ok, rk, K, stride_vn, stride_vk, stride_mn, stride_mk)
+        w = _load_24_tile(v_ptr, meta_ptr, rn64, n_ok, k0, K, stride_vn, stride_vk, stride_mn, stride_mk,
+                          BLOCK_N, BLOCK_K)
         if INT8:
             acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
         else:
             acc = tl.dot(a.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), acc, input_precision=INPUT_PRECISION)
 
+    if SPLIT_K > 1:  # int32 (INT8: summed exactly) or fp32 partials [SPLIT_K, M, N]; the reduce adds the epilogue
+        p_ptrs = out_ptr + (pid_k * M + rm.to(tl.int64))[:, None] * N + rn[None, :]
+        tl.store(p_ptrs, acc, mask=m_ok[:, None] & n_ok[None, :])
+        return
     if INT8:
         xs = tl.load(xs_ptr + rm, mask=m_ok, other=0.0)
         ws = tl.load(ws_ptr + rn, mask=n_ok, other=0.0)
@@ -103,14 +119,45 @@ def _sparse24_gemm_kernel(
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-_cfg = gemm_config
+@triton.jit
+def _sparse24_reduce_kernel(
+    part_ptr,  # [SPLIT_K, M*N] partial sums: int32 (INT8) or fp32
+    xs_ptr, ws_ptr, bias_ptr,  # as in _sparse24_gemm_kernel
+    out_ptr,  # *[M*N] output (its dtype)
+    MN, N,  # M*N elements; N to find each element's row and column
+    SPLIT_K: tl.constexpr, INT8: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK: tl.constexpr,  # elements per program
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < MN
+    if INT8:
+        acc = tl.zeros((BLOCK,), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(SPLIT_K):  # fixed order: deterministic
+        acc += tl.load(part_ptr + s * MN + offs, mask=ok, other=0)
+    if INT8:
+        out = acc.to(tl.float32) * tl.load(xs_ptr + offs // N, mask=ok, other=0.0) * tl.load(ws_ptr + offs % N, mask=ok, other=0.0)
+    else:
+        out = acc
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs % N, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-# Small M streams the compressed weight: narrow M tiles, and narrow N tiles so that there are about
-# as many programs as SMs (no split-K here: N = 4096 / BLOCK_N 32 = 128 programs).
-_CONFIGS_SMALL_M = [_cfg(16, 64, 128, 4, 4), _cfg(16, 32, 128, 2, 4), _cfg(16, 16, 256, 2, 3),
-                    _cfg(16, 32, 256, 4, 3), _cfg(16, 128, 128, 4, 3), _cfg(32, 64, 128, 4, 4)]
+def _cfg(bm, bn, bk, warps, stages, group_m=8, split_k=1):
+    return dict(gemm_config(bm, bn, bk, warps, stages, group_m), SPLIT_K=split_k)
+
+
+# Small M streams the compressed weight: narrow M tiles, and K split across programs so that the
+# (N / BLOCK_N) * SPLIT_K programs keep every SM streaming (N = 4096 / BLOCK_N 64 alone is 64).
+_CONFIGS_SMALL_M = [_cfg(16, 64, 128, 4, 4), _cfg(16, 64, 128, 4, 4, split_k=4), _cfg(16, 32, 128, 2, 4, split_k=4),
+                    _cfg(16, 64, 256, 4, 3, split_k=4), _cfg(16, 64, 128, 4, 4, split_k=8),
+                    _cfg(16, 128, 128, 4, 3, split_k=8), _cfg(32, 64, 128, 4, 4, split_k=2),
+                    _cfg(16, 32, 128, 2, 4), _cfg(16, 16, 128, 1, 4), _cfg(16, 32, 256, 2, 3, split_k=2)]
 _CONFIGS_LARGE_M = [_cfg(128, 128, 64, 8, 3), _cfg(128, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4), _cfg(128, 128, 128, 8, 3)]
+# Interpreter: small tiles; small M splits K in two so CPU tests cover the split-K + reduce path.
+_CONFIG_INTERPRET_SMALL_M = [_cfg(16, 16, 32, 1, 1, group_m=2, split_k=2)]
 _CONFIG_INTERPRET = [_cfg(16, 16, 32, 1, 1, group_m=2)]
 
 
@@ -167,15 +214,29 @@ def sparse24_linear(x: Tensor, values: Tensor, meta: Tensor, w_scale: Optional[T
         # the reference's fp32 math
         dot_dt, precision = dot_dtype(x.dtype if values.dtype == x.dtype else torch.float32, interpreted)
 
+    xs_arg, ws_arg = (x_scale, w_scale) if is_int8 else (values, values)
+    bias_arg = bias if bias is not None else values
+
     def launch(cfg):
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+        cfg = dict(cfg)
+        split_k = cfg["SPLIT_K"] = min(cfg["SPLIT_K"], triton.cdiv(k, cfg["BLOCK_K"]))
+        target = out if split_k == 1 else torch.empty((split_k, m, n), device=x.device,
+                                                       dtype=torch.int32 if is_int8 else torch.float32)
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split_k)
         _sparse24_gemm_kernel[grid](
-            a, values, meta, x_scale if is_int8 else values, w_scale if is_int8 else values,
-            bias if bias is not None else values, out, m, n, k,
+            a, values, meta, xs_arg, ws_arg, bias_arg, target, m, n, k,
             a.stride(0), a.stride(1), values.stride(0), values.stride(1), meta.stride(0), meta.stride(1),
             INT8=is_int8, HAS_BIAS=bias is not None, DOT_DTYPE=dot_dt, INPUT_PRECISION=precision, **cfg)
+        if split_k > 1:
+            block = 1024
+            _sparse24_reduce_kernel[(triton.cdiv(m * n, block),)](
+                target, xs_arg, ws_arg, bias_arg, out, m * n, n, SPLIT_K=split_k, INT8=is_int8,
+                HAS_BIAS=bias is not None, BLOCK=block)
 
-    configs = _CONFIG_INTERPRET if interpreted else (_CONFIGS_SMALL_M if m <= 64 else _CONFIGS_LARGE_M)
+    if interpreted:
+        configs = _CONFIG_INTERPRET_SMALL_M if m <= 16 else _CONFIG_INTERPRET
+    else:
+        configs = _CONFIGS_SMALL_M if m <= 64 else _CONFIGS_LARGE_M
     key = ("sparse24_linear", m_bucket(m), n, k, x.dtype, values.dtype, bias is not None and bias.dtype)
     launch(pick_config(key, configs, launch))
     return out.to(x.dtype).reshape(*x.shape[:-1], n)
@@ -191,10 +252,12 @@ def _decompress24_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # tile
 ):
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k0 = tl.program_id(1) * BLOCK_K
+    rk = k0 + tl.arange(0, BLOCK_K)
     n_ok = rn < N
     rn64 = rn.to(tl.int64)
-    w = _load_24_tile(v_ptr, meta_ptr, rn64, n_ok, rk, K, stride_vn, stride_vk, stride_mn, stride_mk)
+    w = _load_24_tile(v_ptr, meta_ptr, rn64, n_ok, k0, K, stride_vn, stride_vk, stride_mn, stride_mk,
+                      BLOCK_N, BLOCK_K)
     tl.store(out_ptr + rn64[:, None] * K + rk[None, :], w, mask=n_ok[:, None] & (rk < K)[None, :])
 
 

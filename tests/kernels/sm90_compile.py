@@ -57,11 +57,12 @@ def _split(cfg):
 
 
 def jobs():
-    # the first config of each shape class (the default without autotuning) and the one that needs
-    # the most shared memory
+    # the first config of each shape class (the default without autotuning), the one that needs the
+    # most shared memory, and the first split-K one (it stores partial sums: another epilogue)
     def pick(configs):
         big = max(configs, key=lambda c: (c["BLOCK_M"] + c["BLOCK_N"]) * c["BLOCK_K"] * c["num_stages"])
-        return [configs[0]] + ([big] if big is not configs[0] else [])
+        split = [c for c in configs if c.get("SPLIT_K", 1) > 1][:1]
+        return [c for i, c in enumerate([configs[0], big] + split) if all(c is not d for d in [configs[0], big][:i])]
 
     for xt in ("fp16", "bf16", "fp32"):
         yield "quantize_per_token", xt, i8._quantize_per_token_kernel, \
@@ -85,10 +86,15 @@ def jobs():
         for cfg in pick(sp._CONFIGS_SMALL_M) + pick(sp._CONFIGS_LARGE_M) if vt != "fp32" else pick(sp._CONFIGS_SMALL_M):
             c, w, s = _split(cfg)
             out = "fp16" if vt == "i8" else vt
+            target = out if c["SPLIT_K"] == 1 else "i32" if vt == "i8" else "fp32"  # split-K stores partials
             yield "sparse24_gemm", f"{vt} {c}", sp._sparse24_gemm_kernel, \
-                {"a_ptr": vt, "v_ptr": vt, "meta_ptr": "u8", "xs_ptr": "fp32", "ws_ptr": "fp32", "bias_ptr": out, "out_ptr": out}, \
+                {"a_ptr": vt, "v_ptr": vt, "meta_ptr": "u8", "xs_ptr": "fp32", "ws_ptr": "fp32", "bias_ptr": out, "out_ptr": target}, \
                 dict(INT8=vt == "i8", HAS_BIAS=True, DOT_DTYPE=_DTYPES.get(vt, tl.float32),
                      INPUT_PRECISION="ieee" if vt == "fp32" else "tf32", **c), w, s, {}
+    for part, int8 in (("i32", True), ("fp32", False)):
+        yield "sparse24_splitk_reduce", part, sp._sparse24_reduce_kernel, \
+            {"part_ptr": part, "xs_ptr": "fp32", "ws_ptr": "fp32", "bias_ptr": "fp16", "out_ptr": "fp16"}, \
+            dict(SPLIT_K=4, INT8=int8, HAS_BIAS=True, BLOCK=1024), 4, 3, {}
     for vt in ("fp16", "i8"):
         yield "decompress24", vt, sp._decompress24_kernel, {"v_ptr": vt, "meta_ptr": "u8", "out_ptr": vt}, \
             dict(BLOCK_N=32, BLOCK_K=128), 4, 3, {}
