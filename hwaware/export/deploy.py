@@ -548,7 +548,7 @@ class Int8Chain(nn.Sequential):
         """Whether :meth:`forward_quantized` applies: the first child starts a run of CPU ``int_mm``
         layers, and no hook (on this module or global) would miss seeing a float input."""
         mods = list(self._modules.values())
-        return not _hooked(self) and bool(mods) and bool(_int_mm_run(mods, 0)[0])
+        return not _hooked(self) and len(mods) > 0 and len(_int_mm_run(mods, 0)[0]) > 0  # (bool(list): no torch 2.11 dynamo)
 
     def forward_quantized(self, codes: Tensor, scales: Tensor) -> Tensor:
         """``self(x)`` given ``(codes, scales) = quantize_per_token_ref(x)`` for a float32 CPU ``x``

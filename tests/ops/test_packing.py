@@ -282,7 +282,11 @@ def test_every_packing_function_gives_the_cpu_result_on_cuda():
             assert (a is None) == (b is None), name
             if a is not None:
                 assert b.device.type == "cuda", name
-                torch.testing.assert_close(b.cpu(), a, atol=0, rtol=0, msg=lambda m: f"{name}: {m}")
+                # integer codes, packed bytes and metadata exactly; float scales and dequantized
+                # weights to 2 ulp: torch's CUDA division by a scalar multiplies by its reciprocal
+                # (on an H100, 2 of 16 int8 scales came out 1 ulp from the CPU's amax / 127)
+                tol = 0 if not a.is_floating_point() else 2.4e-7
+                torch.testing.assert_close(b.cpu(), a, atol=0, rtol=tol, msg=lambda m: f"{name}: {m}")
     _, meta = compress_24(w24.cuda())
     check_24_meta(meta, 64)
     bad = meta.clone()
