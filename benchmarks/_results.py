@@ -38,18 +38,19 @@ def cpu_device() -> str:
 def code_version() -> dict:
     """Which code produced the figures: the git commit of this checkout and whether tracked files
     other than the results themselves differed from it (``dirty``; a benchmark writing its JSON
-    twice, or an earlier run's uncommitted JSON, is not a code change); outside a git checkout, the
-    commit named by ``HWAWARE_CODE_COMMIT`` with ``dirty: None``, or ``{"commit": None}``."""
+    twice, or an earlier run's uncommitted JSON, is not a code change); ``{"commit": None}``
+    outside a git checkout. ``HWAWARE_CODE_COMMIT`` names the commit instead (``dirty: None``) for a
+    copy of the tree run elsewhere, whose ``.git`` may be another commit's (a GPU machine's copy)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", ROOT, *args], capture_output=True, text=True, check=True).stdout.strip()
+    given = os.environ.get("HWAWARE_CODE_COMMIT")
+    if given:  # a copy of the tree (a GPU machine's) whose .git, if any, is not the commit sent
+        return {"commit": given, "dirty": None, "commit_from": "HWAWARE_CODE_COMMIT"}
     try:
         return {"commit": git("rev-parse", "HEAD"),
                 "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results"))}
     except (OSError, subprocess.CalledProcessError):
-        # a copy of the tree without .git (a GPU machine's working copy): the commit it was copied
-        # from, when the one who copied it says so; whether it was dirty is then unknown
-        given = os.environ.get("HWAWARE_CODE_COMMIT")
-        return {"commit": given, "dirty": None, "commit_from": "HWAWARE_CODE_COMMIT"} if given else {"commit": None}
+        return {"commit": None}
 
 
 def write_json(result: dict, path: str) -> None:
