@@ -18,7 +18,7 @@ import stat
 import subprocess
 import sys
 import tempfile
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 __all__ = ["main"]
 
@@ -406,6 +406,18 @@ def _json_target_problem(path: str) -> Optional[str]:
     return None
 
 
+def _samples_in(output, given) -> Tuple[int, str]:
+    """The samples one batch of ``given`` inputs holds: the rows of the FP32 model's output (one per
+    sample for a CTR or classification model, also when the inputs are flat ids + bag offsets,
+    whose first input's rows are the ids), else the first input's rows."""
+    import torch
+
+    out = output[0] if isinstance(output, (tuple, list)) and output else output
+    if isinstance(out, torch.Tensor) and out.dim() >= 1:
+        return int(out.shape[0]), "the rows of the FP32 model's output on the batch"
+    return (int(given[0].shape[0]) if given[0].dim() else 1), "the first input's rows (the output is not a batched tensor)"
+
+
 def _input_bytes(description: list, batch_size: int, batches: int) -> int:
     """Bytes of the inputs bench generates from the recorded example shapes (ids are drawn through
     float64: 8 bytes an element at least)."""
@@ -470,13 +482,11 @@ def _bench(args: argparse.Namespace) -> tuple:
         except ValueError as e:
             print(f"hwaware bench: error: {e}", file=sys.stderr)
             return 2, None
-        if args.batch_size is None:  # the samples per batch: the first input's rows unless said
-            args.batch_size = given[0].shape[0] if given[0].dim() else 1
     elif not manifest.get("inputs"):
         print(f"hwaware: error: {args.path}/manifest.json records no example inputs; export with example_inputs=... to bench, "
               "or pass --inputs FILE.safetensors", file=sys.stderr)
         return 2, None
-    if args.batch_size is None:
+    if args.batch_size is None and given is None:  # (with --inputs: counted from the model's output below)
         args.batch_size = 2048
     if given is None:
         try:
@@ -513,10 +523,11 @@ def _bench(args: argparse.Namespace) -> tuple:
     fp32 = build_recorded(cls, manifest, args.path)
     inputs = ([given] * args.batches if given is not None else
               [make_inputs(manifest["inputs"], args.batch_size, seed=i) for i in range(args.batches)])
+    outputs = {}
     for name, model in (("fp32", fp32), ("artifact", served)):
         try:  # generated from the recorded shapes: a model whose inputs are not one row per sample refuses them
             with torch.no_grad():
-                model.eval()(*inputs[0])
+                outputs[name] = model.eval()(*inputs[0])
         except Exception as e:  # noqa: BLE001 (any refusal of the inputs: the message says what to do instead)
             if given is not None:
                 print(f"hwaware bench: error: the {name} model refused the inputs in {args.inputs}: {type(e).__name__}: "
@@ -528,7 +539,11 @@ def _bench(args: argparse.Namespace) -> tuple:
                   "input; for inputs that are not (e.g. EmbeddingBag ids + offsets), save one batch of your own and pass "
                   "--inputs FILE.safetensors (tensors '0', '1', ... in forward's order)", file=sys.stderr)
             return 2, None
-    print(f"batch size {args.batch_size}: {args.batches} batches x {args.rounds} rounds per model "
+    counted = ""
+    if args.batch_size is None:  # --inputs: the samples a batch counts for, unless --batch-size says
+        args.batch_size, counted = _samples_in(outputs["fp32"], given)
+        counted = f" ({counted}; --batch-size N says otherwise)"
+    print(f"batch size {args.batch_size}{counted}: {args.batches} batches x {args.rounds} rounds per model "
           f"({'the batch in ' + args.inputs if given is not None else 'generated inputs'})")
     result = compare_throughput({"fp32": fp32, "artifact": served}, inputs, batch_size=args.batch_size, rounds=args.rounds)
     result["artifact"] = args.path
@@ -582,7 +597,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("path", metavar="PATH", help="artifact directory (exported with example_inputs)")
     bench.add_argument("--batch-size", type=int_at_least(1), default=None,
                        help="rows per batch (default 2048; with --inputs: the samples a batch counts for, default "
-                            "the first input's rows)")
+                            "the rows of the FP32 model's output on it)")
     bench.add_argument("--inputs", metavar="FILE", default=None,
                        help="time on this batch instead of generated ones: a safetensors file of tensors named '0', '1', "
                             "... (forward's positional inputs, e.g. ids and offsets); written with "

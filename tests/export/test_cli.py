@@ -387,11 +387,14 @@ def test_bench_times_a_batch_of_the_users_own_with_inputs(tmp_path, capsys):
     assert main(["bench", art.path, "--model", "tests.export.test_cli:OffsetsBag", "--inputs", str(batch), "--batches", "2", "--rounds", "1",
                  "--json", str(out_json)]) == 0
     result = json.loads(out_json.read_text())
-    assert result["batch_size"] == 300  # the first input's rows, unless --batch-size says the samples
+    # the samples: 100 bags, the rows of the model's output (it counted the 300 ids, so samples/s came
+    # out 3x too high), unless --batch-size says otherwise
+    assert result["batch_size"] == 100
+    assert "batch size 100 (the rows of the FP32 model's output on the batch; --batch-size N says otherwise)" in capsys.readouterr().out
     assert set(result["models"]) == {"fp32", "artifact"} and all("peak_mib" in result["memory"][m] for m in ("fp32", "artifact")), result["memory"]
-    assert main(["bench", art.path, "--model", "tests.export.test_cli:OffsetsBag", "--inputs", str(batch), "--batch-size", "100", "--batches", "1", "--rounds", "1",
+    assert main(["bench", art.path, "--model", "tests.export.test_cli:OffsetsBag", "--inputs", str(batch), "--batch-size", "50", "--batches", "1", "--rounds", "1",
                  "--no-memory", "--json", str(out_json)]) == 0
-    assert json.loads(out_json.read_text())["batch_size"] == 100
+    assert json.loads(out_json.read_text())["batch_size"] == 50
     capsys.readouterr()
     save_file({"ids": torch.zeros(3, dtype=torch.long)}, str(batch))
     assert main(["bench", art.path, "--model", "tests.export.test_cli:OffsetsBag", "--inputs", str(batch), "--no-memory"]) == 2
