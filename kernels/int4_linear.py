@@ -108,8 +108,9 @@ def _splitk_reduce_kernel(
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < MN
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    MN64 = MN.to(tl.int64)  # s * MN passes 2^31 for SPLIT_K * M * N elements above it
     for s in range(SPLIT_K):
-        acc += tl.load(part_ptr + s * MN + offs, mask=ok, other=0.0)
+        acc += tl.load(part_ptr + s * MN64 + offs, mask=ok, other=0.0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs % N, mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)

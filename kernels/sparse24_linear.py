@@ -134,8 +134,9 @@ def _sparse24_reduce_kernel(
         acc = tl.zeros((BLOCK,), dtype=tl.int32)
     else:
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    MN64 = MN.to(tl.int64)  # s * MN passes 2^31 for SPLIT_K * M * N elements above it
     for s in range(SPLIT_K):  # fixed order: deterministic
-        acc += tl.load(part_ptr + s * MN + offs, mask=ok, other=0)
+        acc += tl.load(part_ptr + s * MN64 + offs, mask=ok, other=0)
     if INT8:
         out = acc.to(tl.float32) * tl.load(xs_ptr + offs // N, mask=ok, other=0.0) * tl.load(ws_ptr + offs % N, mask=ok, other=0.0)
     else:

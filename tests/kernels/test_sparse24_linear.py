@@ -150,3 +150,29 @@ def test_the_cuda_dequant_weight_follows_its_scale():
     tol = 0 if DEVICE == "cpu" else 1e-5
     torch.testing.assert_close(run(s), torch.ops.hwaware.sparse24_linear(x, values, meta, s, None, "dequant"),
                                atol=tol, rtol=tol)
+
+
+def _small_m_configs():
+    from hwaware.kernels import sparse24_linear as mod
+
+    if DEVICE == "cpu":  # interpreter: split 1 to 4 ways over 6 K tiles of 32, the 4-way split leaving one program none
+        return mod, "_CONFIG_INTERPRET_SMALL_M", [mod._cfg(16, 16, 32, 1, 1, group_m=2, split_k=s) for s in (1, 3, 4)], (3, 164, 5)
+    return mod, "_CONFIGS_SMALL_M", list(mod._CONFIGS_SMALL_M), (3, 1044, 70)  # every config the GPU autotunes over
+
+
+@pytest.mark.parametrize("values_dtype", [torch.float16, torch.int8])
+@pytest.mark.parametrize("bias", [True, False])
+def test_every_small_m_config_and_split_matches_reference(monkeypatch, values_dtype, bias):
+    # the split-K partial store and the reduce kernel (bias, per-token and per-channel scales) under
+    # each split, K % 8 == 4 (a padded nibble) and a partial last K tile; on a GPU each config is
+    # forced in turn (the autotuner alone runs only the one it picks)
+    mod, name, configs, (m, k, n) = _small_m_configs()
+    x, v, meta, ws, b = _args(m, k, n, values_dtype, torch.float16 if DEVICE == "cuda" else torch.float32, bias=bias)
+    ref = sparse24_linear_ref(x, v, meta, ws, b)
+    for cfg in configs:
+        monkeypatch.setattr(mod, name, [cfg])
+        y = mod.sparse24_linear(*_dev(x, v, meta, ws, b))
+        try:
+            assert_close_to_ref(y, ref)
+        except AssertionError as e:
+            raise AssertionError(f"config {cfg}: {e}") from None
