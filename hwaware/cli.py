@@ -409,13 +409,25 @@ def _json_target_problem(path: str) -> Optional[str]:
 def _samples_in(output, given) -> Tuple[int, str]:
     """The samples one batch of ``given`` inputs holds: the rows of the FP32 model's output (one per
     sample for a CTR or classification model, also when the inputs are flat ids + bag offsets,
-    whose first input's rows are the ids), else the first input's rows."""
+    whose first input's rows are the ids): its first tensor with a batch dimension, looking into
+    dicts (a multi-task model's heads), tuples and lists in order and past 0-d entries (a loss),
+    else the first input's rows."""
     import torch
 
-    out = output[0] if isinstance(output, (tuple, list)) and output else output
-    if isinstance(out, torch.Tensor) and out.dim() >= 1:
+    def first_batched(o):
+        if isinstance(o, torch.Tensor):
+            return o if o.dim() >= 1 else None
+        items = o.values() if isinstance(o, Mapping) else o if isinstance(o, (tuple, list)) else ()
+        for item in items:
+            found = first_batched(item)
+            if found is not None:
+                return found
+        return None
+
+    out = first_batched(output)
+    if out is not None:
         return int(out.shape[0]), "the rows of the FP32 model's output on the batch"
-    return (int(given[0].shape[0]) if given[0].dim() else 1), "the first input's rows (the output is not a batched tensor)"
+    return (int(given[0].shape[0]) if given[0].dim() else 1), "the first input's rows (the output holds no batched tensor)"
 
 
 def _input_bytes(description: list, batch_size: int, batches: int) -> int:

@@ -493,3 +493,19 @@ def test_bench_refuses_to_write_its_json_inside_an_artifact(art, capsys):
     assert main(["bench", str(art), "--json", str(art / "manifest.json")]) == 2
     assert f"--json {art / 'manifest.json'}: is inside the hwaware artifact {art}" in capsys.readouterr().err
     assert sorted(os.listdir(art)) == before and read_manifest(str(art))["format"] == "hwaware-artifact"
+
+
+@pytest.mark.parametrize("output, samples", [
+    (torch.zeros(100), 100),
+    (torch.zeros(100, 3), 100),  # [B, C] logits
+    ({"ctr": torch.zeros(100, 1), "cvr": torch.zeros(100)}, 100),  # a multi-task model's heads
+    ((torch.tensor(0.5), torch.zeros(100, 2)), 100),  # (loss, logits): past the 0-d loss
+    ([[], (torch.zeros(100),)], 100),
+    (torch.tensor(0.5), 300),  # no batched tensor: the first input's rows
+    ("text", 300),
+])
+def test_bench_counts_a_given_batch_by_its_output_rows(output, samples):
+    from hwaware.cli import _samples_in
+
+    ids, offsets = torch.zeros(300, dtype=torch.long), torch.arange(0, 300, 3)
+    assert _samples_in(output, [ids, offsets])[0] == samples
