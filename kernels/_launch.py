@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["is_interpreted", "pick_config", "check_tensor", "check_devices", "m_bucket", "dot_dtype", "store_dtype"]
+__all__ = ["is_interpreted", "pick_config", "check_tensor", "check_devices", "m_bucket", "dot_dtype", "store_dtype",
+           "reduce_splits"]
 
 _BEST: Dict[Hashable, dict] = {}
 
@@ -137,3 +138,50 @@ def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
     pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
     pid_n = (pid % (GROUP_M * num_n)) // size_m
     return pid_m, pid_n
+
+
+@triton.jit
+def _splitk_reduce_kernel(
+    part_ptr,  # [SPLIT_K, M*N] partial sums: int32 (SCALED) or fp32
+    xs_ptr,  # *fp32 [M] per-token activation scales (SCALED), else any pointer
+    ws_ptr,  # *fp32 [N] per-channel weight scales (SCALED), else any pointer
+    bias_ptr,  # *float [N] bias (HAS_BIAS), else any pointer
+    out_ptr,  # *[M*N] output (its dtype), row-major contiguous
+    MN, N,  # M*N elements; N to find each element's row and column
+    SPLIT_K: tl.constexpr,  # number of partials to sum (fixed order: deterministic)
+    SCALED: tl.constexpr,  # int32 partials of an int8 x int8 product: summed exactly, then * xs[m] * ws[n]
+    HAS_BIAS: tl.constexpr,  # add bias after the sum
+    BLOCK: tl.constexpr,  # elements per program
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < MN
+    if SCALED:
+        acc = tl.zeros((BLOCK,), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    MN64 = MN.to(tl.int64)  # s * MN passes 2^31 for SPLIT_K * M * N elements above it
+    for s in range(SPLIT_K):
+        acc += tl.load(part_ptr + s * MN64 + offs, mask=ok, other=0)
+    if SCALED:
+        out = acc.to(tl.float32) * tl.load(xs_ptr + offs // N, mask=ok, other=0.0) * tl.load(ws_ptr + offs % N, mask=ok, other=0.0)
+    else:
+        out = acc
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs % N, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def reduce_splits(partials: Tensor, out: Tensor, bias: Optional[Tensor] = None, x_scale: Optional[Tensor] = None,
+                  w_scale: Optional[Tensor] = None) -> None:
+    """``out [M, N] = sum(partials [SPLIT_K, M, N])`` (+ bias[n]) in a fixed order, the second pass of a
+    split-K GEMM; int32 partials (an int8 product) are summed exactly and scaled by
+    ``x_scale[m] * w_scale[n]`` (contiguous fp32), as the one-pass W8A8 epilogue. Every tensor is on
+    ``out``'s device; bias and scales are indexed unstrided."""
+    split_k, m, n = partials.shape
+    scaled = partials.dtype == torch.int32
+    any_ptr = out
+    block = 1024
+    _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
+        partials, x_scale if scaled else any_ptr, w_scale if scaled else any_ptr,
+        bias if bias is not None else any_ptr, out, m * n, n,
+        SPLIT_K=split_k, SCALED=scaled, HAS_BIAS=bias is not None, BLOCK=block)

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import check_devices, check_tensor, dot_dtype, is_interpreted, m_bucket, pick_config, store_dtype
+from ._launch import check_devices, check_tensor, dot_dtype, is_interpreted, m_bucket, pick_config, reduce_splits, store_dtype
 
 __all__ = ["int4_linear"]
 
@@ -95,27 +95,6 @@ def _int4_gemm_kernel(
         tl.store(o_ptrs, acc, mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit
-def _splitk_reduce_kernel(
-    part_ptr,  # *fp32 [SPLIT_K, M*N] partial sums from _int4_gemm_kernel
-    bias_ptr,  # *float [N] bias (HAS_BIAS), else any pointer
-    out_ptr,  # *[M*N] output (its dtype)
-    MN, N,  # M*N elements; N to find each element's bias column
-    SPLIT_K: tl.constexpr,  # number of partials to sum (fixed order: deterministic)
-    HAS_BIAS: tl.constexpr,  # add bias after the sum
-    BLOCK: tl.constexpr,  # elements per program
-):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < MN
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    MN64 = MN.to(tl.int64)  # s * MN passes 2^31 for SPLIT_K * M * N elements above it
-    for s in range(SPLIT_K):
-        acc += tl.load(part_ptr + s * MN64 + offs, mask=ok, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs % N, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
-
-
 def _cfg(bm, bn, bk, split_k, warps, stages):
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split_k, num_warps=warps, num_stages=stages)
 
@@ -183,9 +162,7 @@ def int4_linear(x: Tensor, packed: Tensor, scales: Tensor, zeros: Optional[Tenso
             GROUP_SIZE=group_size, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
             DOT_DTYPE=dot_dt, INPUT_PRECISION=precision, **cfg)
         if split_k > 1:
-            block = 1024
-            _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
-                target, bias_arg, out, m * n, n, SPLIT_K=split_k, HAS_BIAS=bias is not None, BLOCK=block)
+            reduce_splits(target, out, bias_arg if bias is not None else None)
 
     if interpreted:
         configs = _CONFIG_INTERPRET_SMALL_M if m <= 16 else _CONFIG_INTERPRET_LARGE_M

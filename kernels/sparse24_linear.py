@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import check_devices, check_tensor, dot_dtype, gemm_config, grouped_tile, is_interpreted, m_bucket, pick_config, store_dtype
+from ._launch import check_devices, check_tensor, dot_dtype, gemm_config, grouped_tile, is_interpreted, m_bucket, pick_config, reduce_splits, store_dtype
 from .int8_linear import quantize_per_token
 
 __all__ = ["sparse24_linear", "decompress_24", "to_semi_structured", "sparse24_linear_semi_structured"]
@@ -119,33 +119,6 @@ def _sparse24_gemm_kernel(
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit
-def _sparse24_reduce_kernel(
-    part_ptr,  # [SPLIT_K, M*N] partial sums: int32 (INT8) or fp32
-    xs_ptr, ws_ptr, bias_ptr,  # as in _sparse24_gemm_kernel
-    out_ptr,  # *[M*N] output (its dtype)
-    MN, N,  # M*N elements; N to find each element's row and column
-    SPLIT_K: tl.constexpr, INT8: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK: tl.constexpr,  # elements per program
-):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < MN
-    if INT8:
-        acc = tl.zeros((BLOCK,), dtype=tl.int32)
-    else:
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    MN64 = MN.to(tl.int64)  # s * MN passes 2^31 for SPLIT_K * M * N elements above it
-    for s in range(SPLIT_K):  # fixed order: deterministic
-        acc += tl.load(part_ptr + s * MN64 + offs, mask=ok, other=0)
-    if INT8:
-        out = acc.to(tl.float32) * tl.load(xs_ptr + offs // N, mask=ok, other=0.0) * tl.load(ws_ptr + offs % N, mask=ok, other=0.0)
-    else:
-        out = acc
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + offs % N, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=ok)
-
-
 def _cfg(bm, bn, bk, warps, stages, group_m=8, split_k=1):
     return dict(gemm_config(bm, bn, bk, warps, stages, group_m), SPLIT_K=split_k)
 
@@ -229,10 +202,7 @@ def sparse24_linear(x: Tensor, values: Tensor, meta: Tensor, w_scale: Optional[T
             a.stride(0), a.stride(1), values.stride(0), values.stride(1), meta.stride(0), meta.stride(1),
             INT8=is_int8, HAS_BIAS=bias is not None, DOT_DTYPE=dot_dt, INPUT_PRECISION=precision, **cfg)
         if split_k > 1:
-            block = 1024
-            _sparse24_reduce_kernel[(triton.cdiv(m * n, block),)](
-                target, xs_arg, ws_arg, bias_arg, out, m * n, n, SPLIT_K=split_k, INT8=is_int8,
-                HAS_BIAS=bias is not None, BLOCK=block)
+            reduce_splits(target, out, bias, x_scale, w_scale)
 
     if interpreted:
         configs = _CONFIG_INTERPRET_SMALL_M if m <= 16 else _CONFIG_INTERPRET

@@ -18,6 +18,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+import hwaware.kernels._launch as launch  # noqa: E402
 import hwaware.kernels.embedding_bag_rowwise as eb  # noqa: E402
 import hwaware.kernels.int4_linear as i4  # noqa: E402
 import hwaware.kernels.int8_linear as i8  # noqa: E402
@@ -80,8 +81,6 @@ def jobs():
             yield "int4_gemm", f"{xt} g128 {c}", i4._int4_gemm_kernel, \
                 {"x_ptr": xt, "w_ptr": "u8", "s_ptr": "fp32", "z_ptr": "i8", "bias_ptr": xt, "out_ptr": out}, \
                 dict(GROUP_SIZE=128, HAS_ZEROS=True, HAS_BIAS=True, DOT_DTYPE=_DTYPES[xt], INPUT_PRECISION="tf32", **c), w, s, {}
-    yield "int4_splitk_reduce", "fp16", i4._splitk_reduce_kernel, {"part_ptr": "fp32", "bias_ptr": "fp16", "out_ptr": "fp16"}, \
-        dict(SPLIT_K=4, HAS_BIAS=True, BLOCK=1024), 4, 3, {}
     for vt in ("fp16", "i8", "fp32"):
         for cfg in pick(sp._CONFIGS_SMALL_M) + pick(sp._CONFIGS_LARGE_M) if vt != "fp32" else pick(sp._CONFIGS_SMALL_M):
             c, w, s = _split(cfg)
@@ -91,10 +90,10 @@ def jobs():
                 {"a_ptr": vt, "v_ptr": vt, "meta_ptr": "u8", "xs_ptr": "fp32", "ws_ptr": "fp32", "bias_ptr": out, "out_ptr": target}, \
                 dict(INT8=vt == "i8", HAS_BIAS=True, DOT_DTYPE=_DTYPES.get(vt, tl.float32),
                      INPUT_PRECISION="ieee" if vt == "fp32" else "tf32", **c), w, s, {}
-    for part, int8 in (("i32", True), ("fp32", False)):
-        yield "sparse24_splitk_reduce", part, sp._sparse24_reduce_kernel, \
+    for part, scaled in (("i32", True), ("fp32", False)):  # the second pass of int4's and 2:4's split-K
+        yield "splitk_reduce", part, launch._splitk_reduce_kernel, \
             {"part_ptr": part, "xs_ptr": "fp32", "ws_ptr": "fp32", "bias_ptr": "fp16", "out_ptr": "fp16"}, \
-            dict(SPLIT_K=4, INT8=int8, HAS_BIAS=True, BLOCK=1024), 4, 3, {}
+            dict(SPLIT_K=4, SCALED=scaled, HAS_BIAS=True, BLOCK=1024), 4, 3, {}
     for vt in ("fp16", "i8"):
         yield "decompress24", vt, sp._decompress24_kernel, {"v_ptr": vt, "meta_ptr": "u8", "out_ptr": vt}, \
             dict(BLOCK_N=32, BLOCK_K=128), 4, 3, {}
