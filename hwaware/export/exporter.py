@@ -40,9 +40,10 @@ import hwaware.ops as hwaware_ops
 from hwaware.ops import FBGEMM_MAX_K, INT8_KERNELS, packing
 from hwaware.ops.packing import _check_positive_scale, is_24
 from hwaware.quant import native
+from hwaware.quant.attention import drop_packed_in_projection, in_projection_view, route_attention, routed_modules
 from hwaware.quant.attach import (QuantState, attach_quantization, bare_weights, detach_quantization, find_quantizable,
                                   fp32_reference, keep_layers_called, normalize_layer_specs, other_fp32_references,
-                                  quant_states, skip_patterns, weight_read_by_parent)
+                                  quant_states, routable, skip_patterns, weight_read_by_parent)
 from hwaware.quant.spec import QuantSpec
 from hwaware.sparsity.masks import weight_key
 
@@ -515,6 +516,8 @@ def _build_deploy(model: nn.Module, states: Dict[str, QuantState], sparse24: boo
     for alias, name in module_aliases(model).items():  # the alias runs what its module's name was replaced with
         _set_module(deploy, alias, deploy.get_submodule(name))
     detach_quantization(deploy)  # dense leftovers compute exactly as their FP32 originals
+    for m in routed_modules(deploy).values():  # a packed in_proj: its FP32 Parameters are not stored
+        drop_packed_in_projection(m)
     keep_layers_called(deploy)
     deploy.eval()
     return deploy, layers, dense
@@ -1244,7 +1247,7 @@ def export(
                                               read_outside=read_outside)
     finally:
         if ptq:
-            detach_quantization(model)
+            detach_quantization(model)  # (attention modules it routed too: the user's model as it was)
     if not layers:
         raise ValueError(f"nothing to pack: every quantized layer stays dense ({dense})")
     unpackable = unpackable_specs({n: (st.kind, st.weight.spec) for n, st in states.items() if st.enabled})
@@ -1815,11 +1818,23 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
     else:  # a plain nn.Module: nothing recorded, so the class's defaults
         whose = (f"{type(model).__qualname__}() (the manifest records no hparams: the exported model had no "
                  f"`hparams`; pass an instance built as at export, model={type(model).__qualname__}(...))")
+    # attention modules whose projections the artifact packs: routed (their forward calls them) once
+    # every check passed; until then their in_proj is the view routing would add
+    attention = {n: m for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    routes = {p: attention[p] for n in layers for p, _, leaf in [n.rpartition(".")]
+              if leaf in ("in_proj", "out_proj") and p in attention and routable(attention[p])}
+
+    def layer_module(name: str) -> Optional[nn.Module]:
+        parent, _, leaf = name.rpartition(".")
+        if leaf == "in_proj" and parent in routes:
+            return in_projection_view(routes[parent])
+        return _get_module(model, name)
+
     new_layers: Dict[str, nn.Module] = {}
     for name, meta in layers.items():
         if not isinstance(meta.get("module"), str) or meta["module"] not in DEPLOY_TYPES:
             raise ArtifactError(f"{mpath}: layer {name!r} has unknown module {meta.get('module')!r}")
-        if _get_module(model, name) is None:
+        if layer_module(name) is None:
             built = "the model passed as model=" if given else f"{type(model).__name__}({info.get('hparams') or {}})"
             raise ArtifactError(f"{mpath}: layer {name!r} is not a module of {built}: not the model this artifact "
                                 "was exported from")
@@ -1829,7 +1844,7 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
         except (KeyError, TypeError, ValueError, RuntimeError, ArithmeticError) as e:  # RuntimeError: torch refusing a negative size; ArithmeticError: group_size 0
             raise ArtifactError(f"{mpath}: layer {name!r} ({meta['module']}): its entry is malformed ({type(e).__name__}: "
                                 f"{e})") from None
-        _check_replaces(new_layers[name], _get_module(model, name), name, mpath, whose)
+        _check_replaces(new_layers[name], layer_module(name), name, mpath, whose)
         if "fused_relu" in meta:  # the ReLU module after this layer runs in its epilogue (deploy.fuse_relu)
             relu_name = meta["fused_relu"]
             relu = _get_module(model, relu_name)
@@ -1857,8 +1872,10 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
         tensors[k] = tensors[src]
     extra = {k[len(_BUFFER_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(_BUFFER_PREFIX)}
     # the state_dict the model will have once the deploy layers are in (an alias's entries: its module's)
+    # (an attention module's FP32 in-projection Parameters, once its in_proj is packed, are dropped)
+    dropped = {f"{p}.{leaf}" for p in attention if f"{p}.in_proj" in new_layers for leaf in ("in_proj_weight", "in_proj_bias")}
     expected = {k: v for k, v in model.state_dict().items()
-                if not _under(k, new_layers) and not _under(k, aliases)}
+                if not _under(k, new_layers) and not _under(k, aliases) and k not in dropped}
     for name, new in new_layers.items():
         expected.update({f"{name}.{k}": v for k, v in new.state_dict().items()})
     if set(tensors) != set(expected):
@@ -1918,7 +1935,7 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
         owners[name] = (owner, leaf)
     restored = set(tensors) | set(extra)
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t is not None and t.is_meta
-               and n not in restored and not _under(n, new_layers) and not _under(n, aliases)]
+               and n not in restored and n not in dropped and not _under(n, new_layers) and not _under(n, aliases)]
     if missing:
         raise ArtifactError(f"{path}: the model holds tensors the artifact does not restore: {missing[:5]}")
     if device == "cpu" and kernels == "measure":  # (its refusals, before the model changes)
@@ -1926,8 +1943,12 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
     elif device == "cpu":
         _portability_warning(manifest, path)
     # the model changes from here on; nothing below refuses the artifact
+    for m in routes.values():
+        route_attention(m)
     for name, new in new_layers.items():
         _set_module(model, name, new)
+    for m in routed_modules(model).values():
+        drop_packed_in_projection(m)
     for alias, name in aliases.items():
         _set_module(model, alias, model.get_submodule(name))
         tensors.update({alias + k[len(name):]: t for k, t in list(tensors.items()) if k.startswith(name + ".")})

@@ -12,11 +12,17 @@ uses), so ``isinstance(layer, nn.Linear)`` keeps working. Unlike parametrization
   alone, so this equals quantizing the whole table, at a cost proportional to the lookups.
 
 Modules whose class overrides ``forward`` (a user's ``LoRALinear(nn.Linear)``) are never touched:
-they are reported as skipped with the reason. So are layers whose parent multiplies their weight
-itself instead of calling them (``nn.MultiheadAttention``'s ``out_proj``; its ``in_proj_weight`` is a
-bare Parameter and is reported too): fake quant on them would never run. ``nn.TransformerEncoderLayer``
-calls its ``linear1`` / ``linear2`` in training, but in eval under ``no_grad`` torch's fused fast
-path reads their weights directly; where those layers are quantized (or replaced by deploy modules)
+they are reported as skipped with the reason.
+
+``nn.MultiheadAttention`` multiplies its ``in_proj_weight`` (a bare Parameter) and ``out_proj.weight``
+itself. The planner lists them as the Linear layers ``<attention>.in_proj`` and
+``<attention>.out_proj``, and attaching either routes the attention module
+(:mod:`hwaware.quant.attention`): its class becomes one whose forward calls both layers, with
+``state_dict`` keys and FP32 results unchanged. Attention that cannot be routed (separate
+``kdim`` / ``vdim`` weights, ``add_bias_kv``, ``add_zero_attn``, a subclass) is reported as skipped,
+with the reason. ``nn.TransformerEncoderLayer`` calls its ``linear1`` / ``linear2`` and
+``self_attn`` in training, but in eval under ``no_grad`` torch's fused fast path reads their
+weights directly; where those layers are quantized, routed (or replaced by deploy modules)
 :func:`keep_layers_called` turns that layer's fast path off, and its ``nn.TransformerEncoder``'s
 NestedTensor path, so eval runs what training ran.
 """
@@ -33,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hwaware.quant.attention import (InProjection, RoutedMultiheadAttention, in_projection_view, route_attention, route_refusal,
+                                     unroute_attention)
 from hwaware.quant.fake_quant import FakeQuantizer
 from hwaware.quant.spec import QuantSpec
 
@@ -286,7 +294,7 @@ def check_skip_matches(model: nn.Module, skip: Sequence[str], layers: Sequence[s
     """Refuse a ``skip`` pattern that names nothing in ``model``: a typo there would silently
     quantize or prune the layer the user meant to keep. ``layers`` (the candidates) go in the
     message; a pattern matching any module or bare weight, candidate or not, is accepted."""
-    names = [n for n, m in model.named_modules() if n]
+    names = [n for n, m in attention_candidates(model) if n]
     names += [w for n, m in model.named_modules() for w in bare_weights(n, m)]
     for pattern in skip:
         if not any(matching_pattern(n, [pattern]) for n in names):
@@ -333,9 +341,10 @@ _WEIGHT_READING_PARENTS = (nn.MultiheadAttention,)
 
 
 def weight_read_by_parent(modules: Dict[str, nn.Module], name: str) -> Optional[str]:
-    """Why layer ``name`` never runs its own forward (its parent reads ``.weight`` directly), or None."""
+    """Why layer ``name`` never runs its own forward (its parent reads ``.weight`` directly), or None.
+    A routed ``nn.MultiheadAttention`` calls its layers."""
     parent = modules.get(name.rpartition(".")[0]) if "." in name else None
-    if isinstance(parent, _WEIGHT_READING_PARENTS):
+    if isinstance(parent, _WEIGHT_READING_PARENTS) and not isinstance(parent, RoutedMultiheadAttention):
         return (f"its parent {type(parent).__name__} multiplies .weight itself and never calls the layer, so a "
                 "quantized or deploy version would not run: stays FP32")
     return None
@@ -344,7 +353,7 @@ def weight_read_by_parent(modules: Dict[str, nn.Module], name: str) -> Optional[
 def bare_weights(name: str, module: nn.Module) -> List[str]:
     """The weights ``module`` multiplies as bare Parameters (no layer of their own: hwaware's
     callbacks, which work on layers, leave them FP32 and dense), by their full names."""
-    if not isinstance(module, nn.MultiheadAttention):
+    if not isinstance(module, nn.MultiheadAttention) or isinstance(module, RoutedMultiheadAttention):
         return []
     prefix = f"{name}." if name else ""
     return [prefix + p for p in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
@@ -377,7 +386,32 @@ def keep_layers_called(model: nn.Module) -> None:
 
 
 def _plain_feed_forward(layer: nn.Module) -> bool:
-    return all(type(getattr(layer, lin, None)) is nn.Linear for lin in ("linear1", "linear2"))
+    return (all(type(getattr(layer, lin, None)) is nn.Linear for lin in ("linear1", "linear2"))
+            and not isinstance(getattr(layer, "self_attn", None), RoutedMultiheadAttention))
+
+
+def routable(module: nn.Module) -> bool:
+    """An ``nn.MultiheadAttention`` (exactly: a subclass may compute attention its own way) that is
+    not routed yet and can be (:func:`hwaware.quant.attention.route_refusal`)."""
+    return type(module) is nn.MultiheadAttention and route_refusal(module) is None
+
+
+def attention_candidates(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
+    """``named_modules()``, with the ``<attention>.in_proj`` layer each routable attention module
+    would get listed right after it (routing puts it first among its children: the same order)."""
+    for name, module in model.named_modules():
+        yield name, module
+        if routable(module):
+            yield (f"{name}.in_proj" if name else "in_proj"), in_projection_view(module)
+
+
+def route_for(model: nn.Module, names: Iterable[str]) -> None:
+    """Route each routable attention module one of ``names`` is the ``in_proj`` / ``out_proj`` of."""
+    modules = dict(model.named_modules())
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        if leaf in ("in_proj", "out_proj") and routable(m := modules.get(parent)):
+            route_attention(m)
 
 
 _NESTED_ATTR = "_hwaware_use_nested_tensor"
@@ -525,15 +559,19 @@ def find_quantizable(model: nn.Module, *, weight_spec: QuantSpec, activation_spe
     overridden_by_skip: Dict[str, List[str]] = {p: [] for p in overrides}
     refused: List[str] = []  # layers an explicit override made unquantizable
     refused_global: List[str] = []  # ... and the global weight_spec (a group_size that does not divide in_features)
-    for name, module in modules.items():
-        skipped.update(dict.fromkeys(bare_weights(name, module), "a bare Parameter nn.MultiheadAttention multiplies "
-                                     "itself; hwaware quantizes layers, not parameters: stays FP32"))
+    for name, module in attention_candidates(model):
+        if (bare := bare_weights(name, module)) and not routable(module):
+            why = route_refusal(module) if type(module) is nn.MultiheadAttention else (
+                f"{type(module).__name__} subclasses nn.MultiheadAttention and may compute attention its own way, so "
+                "hwaware does not route it into layers: stays FP32")
+            skipped.update(dict.fromkeys(bare, f"a bare Parameter nn.MultiheadAttention multiplies "
+                                         f"itself: {why}"))
         kind, reason = _kind_of(module)
         if kind is None:
             if reason:
                 skipped[name] = reason
             continue
-        if kind == "linear" and (reason := weight_read_by_parent(modules, name)):
+        if kind == "linear" and not routable(modules.get(name.rpartition(".")[0])) and (reason := weight_read_by_parent(modules, name)):
             skipped[name] = reason
             continue
         eligible.append(name)
@@ -594,6 +632,7 @@ def attach_quantization(model: nn.Module, plan: Dict[str, Tuple[str, QuantSpec, 
     Re-attaching a layer whose specs changed (a precision fallback) replaces its quantizers.
     New quantizers start with observing on and fake quantization off (the calibrate phase).
     """
+    route_for(model, plan)
     modules = dict(model.named_modules())
     states = {}
     for name, (kind, wspec, aspec) in plan.items():
@@ -617,8 +656,10 @@ def attach_quantization(model: nn.Module, plan: Dict[str, Tuple[str, QuantSpec, 
 
 def detach_quantization(model: nn.Module, names: Optional[Iterable[str]] = None) -> None:
     """Remove every attachment (or those of the layers ``names``): layers get their original classes
-    back (and transformer layers and encoders their fused fast paths, where :func:`keep_layers_called`
-    turned them off and no quantized layer is left in them); weights are untouched."""
+    back, attention modules routed for them (:func:`route_for`) are plain ``nn.MultiheadAttention``
+    again once neither projection is quantized or packed, and transformer layers and encoders get
+    their fused fast paths back where :func:`keep_layers_called` turned them off and no quantized
+    layer is left in them; weights are untouched."""
     chosen = None if names is None else set(names)
     for name, m in model.named_modules():
         if chosen is not None and name not in chosen:
@@ -626,6 +667,10 @@ def detach_quantization(model: nn.Module, names: Optional[Iterable[str]] = None)
         st = m.__dict__.pop(_ATTR, None)
         if st is not None:
             m.__class__ = st.original_class
+    for m in model.modules():
+        if (isinstance(m, RoutedMultiheadAttention) and type(m.in_proj) is InProjection and quant_state(m.in_proj) is None
+                and isinstance(m.out_proj, nn.Linear) and quant_state(m.out_proj) is None):
+            unroute_attention(m)
     for m in model.modules():
         if _FAST_PATH_ATTR in m.__dict__ and _plain_feed_forward(m):
             m.activation_relu_or_gelu = m.__dict__.pop(_FAST_PATH_ATTR)

@@ -84,6 +84,12 @@ def find_prunable(model: nn.Module, skip: Sequence[str] = ()) -> Tuple[Dict[str,
             skipped[name] = (f"its parent {type(parent).__name__} multiplies .weight itself, so no 2:4 kernel runs it and "
                              "export stores it dense: pruning it would cost accuracy for nothing")
             continue
+        if isinstance(modules.get(name.rpartition(".")[0]), nn.MultiheadAttention):
+            # routed for quantization (it calls this layer now): still left dense, so that the layers
+            # pruned do not depend on whether quantization attached before pruning planned
+            skipped[name] = ("a projection of an nn.MultiheadAttention quantization routed into layers: 2:4 pruning "
+                             "leaves attention dense")
+            continue
         if lazy_reason(m) is not None:
             raise ValueError(f"layer {name!r}: {lazy_reason(m)}")
         if computed_weight(m):

@@ -1,7 +1,8 @@
 """Transformer layers whose parents bypass their forward: ``nn.MultiheadAttention`` multiplies its
-``out_proj.weight`` and ``in_proj_weight`` itself, and ``nn.TransformerEncoderLayer``'s fused fast
-path (eval, ``no_grad``) multiplies ``linear1`` / ``linear2``'s weights itself. A quantized or
-deploy layer there must either be skipped with its reason or be called for real."""
+``out_proj.weight`` and ``in_proj_weight`` itself (hwaware routes it so that it calls them as the
+layers ``in_proj`` / ``out_proj``), and ``nn.TransformerEncoderLayer``'s fused fast path (eval,
+``no_grad``) multiplies ``linear1`` / ``linear2``'s weights itself. A quantized or deploy layer
+there must either be skipped with its reason or be called for real."""
 from __future__ import annotations
 
 import torch
@@ -40,22 +41,56 @@ def _val():
     return DataLoader(TensorDataset(x, (x < 16).sum(1) % 4), batch_size=32)
 
 
-def test_attention_weights_are_reported_not_silently_left_fp32():
-    plan, skipped = find_quantizable(_model(), weight_spec=QuantSpec(bits=8, granularity="per_channel"))
-    assert sorted(plan) == ["enc.linear1", "enc.linear2", "head"]
-    assert "never calls the layer" in skipped["enc.self_attn.out_proj"]
-    assert "bare Parameter" in skipped["enc.self_attn.in_proj_weight"]
+def test_the_attention_projections_are_planned_as_layers_without_touching_the_model():
+    m = _model()
+    plan, skipped = find_quantizable(m, weight_spec=QuantSpec(bits=8, granularity="per_channel"))
+    assert list(plan) == ["enc.self_attn.in_proj", "enc.self_attn.out_proj", "enc.linear1", "enc.linear2", "head"]
+    assert not any("self_attn" in n for n in skipped)
+    assert type(m.enc.self_attn) is nn.MultiheadAttention and "in_proj" not in m.enc.self_attn._modules
+    attach_quantization(m, plan)
+    # attaching routed the module: the two layers the plan named, in the order it named them
+    assert [n for n, _ in m.enc.self_attn.named_children()] == ["in_proj", "out_proj"]
+    assert list(quant_states(m)) == list(plan)
+
+
+class SeparateKV(nn.Module):
+    """Attention whose keys and values are narrower than its queries: torch keeps three projection
+    weights (``q_proj_weight``...), which hwaware does not route."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(32, 4, kdim=16, vdim=16, batch_first=True)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor, mem: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attn(x, mem, mem, need_weights=False)[0].mean(1))
+
+
+def test_attention_that_cannot_be_routed_is_reported_not_silently_left_fp32():
+    plan, skipped = find_quantizable(SeparateKV(), weight_spec=QuantSpec(bits=8, granularity="per_channel"))
+    assert list(plan) == ["head"]
+    assert "never calls the layer" in skipped["attn.out_proj"]
+    for w in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
+        assert "separate q/k/v projection weights" in skipped[f"attn.{w}"]
 
 
 def test_2_4_pruning_reports_the_attention_input_projection_it_leaves_dense():
     from hwaware.sparsity.masks import find_prunable
 
-    layers, skipped = find_prunable(_model())
+    m = _model()
+    layers, skipped = find_prunable(m)
     assert sorted(layers) == ["enc.linear1", "enc.linear2", "head"]
     assert "bare Parameter" in skipped["enc.self_attn.in_proj_weight"]
     # MHA multiplies out_proj.weight itself: no 2:4 kernel runs it and export stores it dense, so
     # pruning it would only cost accuracy
     assert "its parent MultiheadAttention multiplies .weight itself" in skipped["enc.self_attn.out_proj"]
+    # once quantization routed the attention (it calls both projections), pruning still leaves it
+    # dense: the layers pruned do not depend on which callback attached first
+    attach_quantization(m, find_quantizable(m, weight_spec=QuantSpec(bits=8, granularity="per_channel"))[0])
+    layers, skipped = find_prunable(m)
+    assert sorted(layers) == ["enc.linear1", "enc.linear2", "head"]
+    for name in ("enc.self_attn.in_proj", "enc.self_attn.out_proj"):
+        assert "2:4 pruning leaves attention dense" in skipped[name]
 
 
 def test_eval_without_grad_runs_the_quantized_layers():
@@ -82,15 +117,23 @@ def test_export_and_load_run_the_deploy_layers_under_no_grad(tmp_path):
     m = _model()
     art = export(m, tmp_path / "art", val_dataloader=_val(), metric="accuracy", max_drop=1.0)
     layers, dense = art.manifest["layers"], art.manifest.get("dense_layers", {})
-    assert layers["enc.linear1"]["scheme"] == "int8" and layers["enc.linear2"]["scheme"] == "int8"
-    assert "never calls the layer" in dense["enc.self_attn.out_proj"] and "enc.self_attn.out_proj" not in layers
-    assert "bare Parameter" in dense["enc.self_attn.in_proj_weight"]
-    assert isinstance(art.model.enc.linear1, Int8Linear)
+    for name in ("enc.self_attn.in_proj", "enc.self_attn.out_proj", "enc.linear1", "enc.linear2"):
+        assert layers[name]["scheme"] == "int8", name
+    assert layers["enc.self_attn.in_proj"]["shape"] == [96, 32]
+    assert not any("self_attn" in n for n in dense)
+    assert isinstance(art.model.enc.linear1, Int8Linear) and isinstance(art.model.enc.self_attn.in_proj, Int8Linear)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "art" / "weights.safetensors"), "pt") as f:  # the packed in_proj only, no FP32 copy
+        stored = set(f.keys())
+    assert "enc.self_attn.in_proj.qweight" in stored and not any("in_proj_weight" in k or "in_proj_bias" in k for k in stored)
     x = next(iter(_val()))[0]
     loaded = load(art.path, model=TinyEncoder())
+    assert isinstance(loaded.enc.self_attn.in_proj, Int8Linear) and loaded.enc.self_attn.in_proj_weight is None
     with torch.no_grad():
         assert torch.equal(loaded(x), art.model(x))
     assert set(quant_states(m)) == set()  # post-training: the user's model is left as it was
+    assert type(m.enc.self_attn) is nn.MultiheadAttention and "in_proj" not in m.enc.self_attn._modules
     assert m.enc.activation_relu_or_gelu == 1  # its fused fast path too (export turned it off while it ran)
 
 
@@ -171,12 +214,17 @@ def test_an_encoder_with_a_padding_mask_exports_and_serves(tmp_path):
         assert torch.equal(loaded(x), art.model(x))
 
 
-def test_a_layer_spec_for_the_attention_projection_says_why_it_matches_nothing():
+def test_a_layer_spec_for_an_unrouted_attention_projection_says_why_it_matches_nothing():
     # "matches no quantizable layer" although the pattern matched out_proj, which stays FP32
     import pytest
 
-    with pytest.raises(ValueError, match=r"layer_specs pattern '\*.out_proj' matches no quantizable layer of TinyEncoder "
-                                         r"\(it matches enc.self_attn.out_proj, which stay FP32: its parent "
+    with pytest.raises(ValueError, match=r"layer_specs pattern '\*.out_proj' matches no quantizable layer of SeparateKV "
+                                         r"\(it matches attn.out_proj, which stay FP32: its parent "
                                          r"MultiheadAttention multiplies .weight itself"):
-        find_quantizable(_model(), weight_spec=QuantSpec(bits=8, granularity="per_channel"),
+        find_quantizable(SeparateKV(), weight_spec=QuantSpec(bits=8, granularity="per_channel"),
                          layer_specs={"*.out_proj": QuantSpec(bits=8, granularity="per_channel")})
+    # a routable module's projections take layer specs and skip patterns by their layer names
+    plan, skipped = find_quantizable(_model(), weight_spec=QuantSpec(bits=8, granularity="per_channel"), skip=["*.in_proj"],
+                                     layer_specs={"*.out_proj": QuantSpec(bits=4, granularity="per_group", group_size=32)})
+    assert "enc.self_attn.in_proj" not in plan and "skip pattern" in skipped["enc.self_attn.in_proj"]
+    assert plan["enc.self_attn.out_proj"][1].bits == 4
