@@ -229,11 +229,12 @@ def test_cli_inspect_shows_the_kernel_selection(tmp_path, pruned_qat, capsys):
 
 
 class _Attn(nn.Module):
-    """nn.MultiheadAttention reads out_proj.weight itself; a 2:4 Linear called by keyword beside it."""
+    """nn.MultiheadAttention reads out_proj.weight itself (with ``add_zero_attn`` hwaware does not
+    route it into layers); a 2:4 Linear called by keyword beside it."""
 
-    def __init__(self):
+    def __init__(self, routable: bool = False):
         super().__init__()
-        self.att = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.att = nn.MultiheadAttention(16, 2, batch_first=True, add_zero_attn=not routable)
         self.proj = nn.Linear(16, 8)
 
     def forward(self, x):
@@ -255,6 +256,15 @@ def test_layers_read_by_their_parent_stay_dense_and_keyword_calls_are_sized(tmp_
     assert "bare Parameter" in art.manifest["dense_layers"]["att.in_proj_weight"]
     assert art.manifest["layers"]["proj"]["selection"]["cpu"]["input_shape"] == [15, 16]  # [3, 5] rows of K=16
     torch.testing.assert_close(art.model(x), model(x), atol=0.05, rtol=0.05)  # int8 PTQ of proj
+    # routable attention calls its projections: the 2:4 out_proj is packed compressed
+    torch.manual_seed(0)
+    model = _Attn(routable=True)
+    with torch.no_grad():
+        model.att.out_proj.weight.mul_(magnitude_mask_24(model.att.out_proj.weight))
+    art = export(model, tmp_path / "routed", example_inputs=(x,))
+    assert art.manifest["layers"]["att.out_proj"]["scheme"] == "sparse24_int8"
+    assert art.manifest["layers"]["att.in_proj"]["scheme"] == "int8"
+    torch.testing.assert_close(art.model(x), model(x), atol=0.05, rtol=0.05)
 
 
 def test_time_us_gives_up_on_a_hopeless_candidate():
