@@ -1088,7 +1088,9 @@ class ProgressiveQuantization(_RestoresForEvaluation):
             if not learned:
                 continue
             layer = module.get_submodule(name) if module is not None else None
-            where, group = next((owner[id(p)] for p in (layer.parameters() if layer is not None else ()) if id(p) in owner),
+            # (a routed attention's in_proj holds no Parameter: its weight is the attention module's)
+            params = [*layer.parameters(), getattr(layer, "weight", None)] if layer is not None else []
+            where, group = next((owner[id(p)] for p in params if p is not None and id(p) in owner),
                                 (0, trainer.optimizers[0].param_groups[0]))
             like.setdefault(where, group)
             buckets.setdefault(where, []).extend(p for p in learned if id(p) not in owner)

@@ -1873,7 +1873,8 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
     extra = {k[len(_BUFFER_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(_BUFFER_PREFIX)}
     # the state_dict the model will have once the deploy layers are in (an alias's entries: its module's)
     # (an attention module's FP32 in-projection Parameters, once its in_proj is packed, are dropped)
-    dropped = {f"{p}.{leaf}" for p in attention if f"{p}.in_proj" in new_layers for leaf in ("in_proj_weight", "in_proj_bias")}
+    dropped = {f"{p}.{leaf}" if p else leaf for p in attention if (f"{p}.in_proj" if p else "in_proj") in new_layers
+               for leaf in ("in_proj_weight", "in_proj_bias")}
     expected = {k: v for k, v in model.state_dict().items()
                 if not _under(k, new_layers) and not _under(k, aliases) and k not in dropped}
     for name, new in new_layers.items():

@@ -50,6 +50,10 @@ class InProjection(nn.Linear):
         nn.Module.__init__(self)  # (not nn.Linear's: it would allocate a weight of its own)
         object.__setattr__(self, "_owner", owner)  # not a submodule: the owner is this module's parent
 
+    def reset_parameters(self) -> None:
+        """Nothing: the Parameters are the attention module's, initialized as torch initializes them
+        (``model.apply(lambda m: m.reset_parameters())`` would re-draw them with Linear's init)."""
+
     @property
     def weight(self) -> Tensor:  # type: ignore[override]
         return self._owner.in_proj_weight
@@ -76,6 +80,12 @@ def route_refusal(m: nn.MultiheadAttention) -> Optional[str]:
         return "add_bias_kv / add_zero_attn: hwaware does not route such attention into layers, stays FP32"
     if getattr(m, "in_proj_weight", None) is None:
         return "it has no in_proj_weight"
+    out = m.out_proj
+    if type(out).forward is not nn.Linear.forward or out._forward_hooks or out._forward_pre_hooks:
+        # torch multiplies out_proj.weight itself: routed, the module would call this forward (or
+        # these hooks), which torch never runs, and compute something else in FP32
+        return (f"its out_proj ({type(out).__name__}) overrides forward() or has hooks, which torch's attention never "
+                "runs (it multiplies out_proj.weight itself): routing would change what it computes, so it stays FP32")
     return None
 
 
@@ -143,6 +153,9 @@ class RoutedMultiheadAttention(nn.MultiheadAttention):
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
                 need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+        if isinstance(self.in_proj, InProjection) and self.in_proj._owner is not self:
+            # a shallow copy of this module (nn.DataParallel's replicas) holds the original's view
+            object.__setattr__(self.in_proj, "_owner", self)
         if query.dim() not in (2, 3):
             raise ValueError(f"{type(self).__name__}: query must be 2-D (unbatched) or 3-D, got shape {tuple(query.shape)}")
         is_batched = query.dim() == 3

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from hwaware.quant.attention import InProjection
 from hwaware.quant.attach import (UNSUPPORTED_LAYERS, bare_weights, check_skip_matches, lazy_reason, matching_pattern,
                                   weight_read_by_parent)
 
@@ -38,6 +39,8 @@ def weight_key(module: nn.Module) -> int:
     share: the Parameter itself (``module.weight`` of a parametrized layer is a new tensor on every
     read, whose ``id`` a later one can reuse), or the layer where the weight is computed."""
     p = module._parameters.get("weight")
+    if p is None and isinstance(module, InProjection):  # a view of its attention module's in_proj_weight
+        p = module.weight
     return id(p) if p is not None else id(module)
 
 

@@ -228,3 +228,25 @@ def test_a_layer_spec_for_an_unrouted_attention_projection_says_why_it_matches_n
                                      layer_specs={"*.out_proj": QuantSpec(bits=4, granularity="per_group", group_size=32)})
     assert "enc.self_attn.in_proj" not in plan and "skip pattern" in skipped["enc.self_attn.in_proj"]
     assert plan["enc.self_attn.out_proj"][1].bits == 4
+
+
+def test_a_model_that_is_one_attention_module_exports_and_loads(tmp_path):
+    # a top-level module: its packed in-projection is "in_proj", its FP32 one "in_proj_weight"
+    torch.manual_seed(0)
+    m = nn.MultiheadAttention(32, 4, batch_first=True)
+    x = torch.randn(6, 5, 32)
+    art = export(m, tmp_path / "art", example_inputs=(x, x, x))
+    assert art.manifest["layers"]["in_proj"]["scheme"] == "int8"
+    loaded = load(art.path, model=nn.MultiheadAttention(32, 4, batch_first=True))
+    assert loaded.in_proj_weight is None and isinstance(loaded.in_proj, Int8Linear)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, x, x)[0], art.model(x, x, x)[0])
+
+
+def test_attention_modules_sharing_an_in_projection_weight_pack_it_as_tied():
+    from hwaware.sparsity.masks import weight_key
+    from hwaware.quant.attention import in_projection_view
+
+    a, b = nn.MultiheadAttention(32, 4), nn.MultiheadAttention(32, 4)
+    b.in_proj_weight = a.in_proj_weight
+    assert weight_key(in_projection_view(a)) == weight_key(in_projection_view(b))

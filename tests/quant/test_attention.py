@@ -198,3 +198,42 @@ def test_wrong_inputs_get_torch_s_errors():
         r(q, q, q, is_causal=True)
     with pytest.raises(RuntimeError, match="2D attn_mask"):
         r(q, q, q, attn_mask=torch.zeros(L + 1, L))
+
+
+def test_an_out_proj_with_its_own_forward_or_hooks_is_not_routed():
+    # torch never calls out_proj: routed, the module would run this forward / hook and compute
+    # something else in FP32
+    class Doubled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    m = nn.MultiheadAttention(E, H)
+    m.out_proj = Doubled(E, E)
+    assert "overrides forward() or has hooks" in route_refusal(m)
+    m = nn.MultiheadAttention(E, H)
+    m.out_proj.register_forward_hook(lambda mod, args, out: out * 0)
+    assert "overrides forward() or has hooks" in route_refusal(m)
+    with pytest.raises(ValueError, match="routing would change what it computes"):
+        route_attention(m)
+
+
+def test_a_shallow_copy_computes_with_its_own_parameters():
+    # nn.DataParallel's replicas copy the module's __dict__: the view would still read the original's
+    m, r = _pair()
+    replica = r._replicate_for_data_parallel()  # as torch.nn.parallel.replicate does, each child replicated too
+    replica._modules = {k: c._replicate_for_data_parallel() for k, c in r._modules.items()}
+    replica.out_proj._parameters = dict(r.out_proj._parameters)  # (replicate assigns each replica's Parameters)
+    replica._parameters = {k: None if v is None else nn.Parameter(v.detach() * 0) for k, v in r._parameters.items()}
+    q, k, v = _inputs(True, "self")
+    with torch.no_grad():
+        out = replica(q, k, v, need_weights=False)[0]
+    assert replica.in_proj._owner is replica and torch.equal(replica.in_proj.weight, torch.zeros(3 * E, E))
+    assert r.in_proj._owner is r
+    del out
+
+
+def test_reset_parameters_leaves_the_attention_s_initialization_alone():
+    m, r = _pair()
+    before = r.in_proj_weight.detach().clone()
+    r.apply(lambda mod: mod.reset_parameters() if isinstance(mod, InProjection) else None)
+    assert torch.equal(r.in_proj_weight, before)
