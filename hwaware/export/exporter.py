@@ -40,7 +40,7 @@ import hwaware.ops as hwaware_ops
 from hwaware.ops import FBGEMM_MAX_K, INT8_KERNELS, packing
 from hwaware.ops.packing import _check_positive_scale, is_24
 from hwaware.quant import native
-from hwaware.quant.attention import drop_packed_in_projection, in_projection_view, route_attention, routed_modules
+from hwaware.quant.attention import child_name, drop_packed_in_projections, in_projection_view, route_attention
 from hwaware.quant.attach import (QuantState, attach_quantization, bare_weights, detach_quantization, find_quantizable,
                                   fp32_reference, keep_layers_called, normalize_layer_specs, other_fp32_references,
                                   quant_states, routable, skip_patterns, weight_read_by_parent)
@@ -516,8 +516,7 @@ def _build_deploy(model: nn.Module, states: Dict[str, QuantState], sparse24: boo
     for alias, name in module_aliases(model).items():  # the alias runs what its module's name was replaced with
         _set_module(deploy, alias, deploy.get_submodule(name))
     detach_quantization(deploy)  # dense leftovers compute exactly as their FP32 originals
-    for m in routed_modules(deploy).values():  # a packed in_proj: its FP32 Parameters are not stored
-        drop_packed_in_projection(m)
+    drop_packed_in_projections(deploy)  # a packed in_proj: its FP32 Parameters are not stored
     keep_layers_called(deploy)
     deploy.eval()
     return deploy, layers, dense
@@ -1873,7 +1872,7 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
     extra = {k[len(_BUFFER_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(_BUFFER_PREFIX)}
     # the state_dict the model will have once the deploy layers are in (an alias's entries: its module's)
     # (an attention module's FP32 in-projection Parameters, once its in_proj is packed, are dropped)
-    dropped = {f"{p}.{leaf}" if p else leaf for p in attention if (f"{p}.in_proj" if p else "in_proj") in new_layers
+    dropped = {child_name(p, leaf) for p in attention if child_name(p, "in_proj") in new_layers
                for leaf in ("in_proj_weight", "in_proj_bias")}
     expected = {k: v for k, v in model.state_dict().items()
                 if not _under(k, new_layers) and not _under(k, aliases) and k not in dropped}
@@ -1948,8 +1947,7 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
         route_attention(m)
     for name, new in new_layers.items():
         _set_module(model, name, new)
-    for m in routed_modules(model).values():
-        drop_packed_in_projection(m)
+    drop_packed_in_projections(model)
     for alias, name in aliases.items():
         _set_module(model, alias, model.get_submodule(name))
         tensors.update({alias + k[len(name):]: t for k, t in list(tensors.items()) if k.startswith(name + ".")})

@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hwaware.quant.attention import (InProjection, RoutedMultiheadAttention, in_projection_view, route_attention, route_refusal,
-                                     unroute_attention)
+from hwaware.quant.attention import (InProjection, RoutedMultiheadAttention, child_name, in_projection_view, route_attention,
+                                     route_refusal, unroute_attention)
 from hwaware.quant.fake_quant import FakeQuantizer
 from hwaware.quant.spec import QuantSpec
 
@@ -402,7 +402,7 @@ def attention_candidates(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         yield name, module
         if routable(module):
-            yield (f"{name}.in_proj" if name else "in_proj"), in_projection_view(module)
+            yield child_name(name, "in_proj"), in_projection_view(module)
 
 
 def route_for(model: nn.Module, names: Iterable[str]) -> None:

@@ -28,14 +28,14 @@ Not routed (they stay FP32, with the reason): separate ``kdim`` / ``vdim`` proje
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["InProjection", "RoutedMultiheadAttention", "route_attention", "unroute_attention", "route_refusal",
-           "in_projection_view", "drop_packed_in_projection", "routed_modules"]
+           "in_projection_view", "drop_packed_in_projections", "child_name"]
 
 
 class InProjection(nn.Linear):
@@ -129,13 +129,19 @@ def unroute_attention(m: nn.Module) -> None:
     m.__class__ = nn.MultiheadAttention
 
 
-def drop_packed_in_projection(m: nn.Module) -> None:
-    """Once a deploy layer replaced a routed module's ``in_proj``, its FP32 ``in_proj_weight`` /
-    ``in_proj_bias`` are no longer used: drop them (they would be stored and loaded beside the
-    packed ones)."""
-    if isinstance(m, RoutedMultiheadAttention) and not isinstance(m.in_proj, InProjection):
-        m.in_proj_weight = None
-        m.in_proj_bias = None
+def drop_packed_in_projections(model: nn.Module) -> None:
+    """In each routed module of ``model`` whose ``in_proj`` a deploy layer replaced, drop the FP32
+    ``in_proj_weight`` / ``in_proj_bias``: no longer used (they would be stored and loaded beside
+    the packed ones)."""
+    for m in model.modules():
+        if isinstance(m, RoutedMultiheadAttention) and not isinstance(m.in_proj, InProjection):
+            m.in_proj_weight = None
+            m.in_proj_bias = None
+
+
+def child_name(parent: str, leaf: str) -> str:
+    """The qualified name of ``parent``'s child or attribute ``leaf`` (``parent`` "" : the root's)."""
+    return f"{parent}.{leaf}" if parent else leaf
 
 
 def _unflatten_qkv(proj: Tensor, parts: int, e: int) -> Tuple[Tensor, ...]:
@@ -264,7 +270,3 @@ class RoutedMultiheadAttention(nn.MultiheadAttention):
         out = out.permute(2, 0, 1, 3).reshape(bsz * tgt_len, embed_dim)
         out = self.out_proj(out).view(tgt_len, bsz, -1)
         return (out.squeeze(1), None) if not is_batched else (out, None)
-
-
-def routed_modules(model: nn.Module) -> Dict[str, RoutedMultiheadAttention]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, RoutedMultiheadAttention)}
