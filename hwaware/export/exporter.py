@@ -40,7 +40,8 @@ import hwaware.ops as hwaware_ops
 from hwaware.ops import FBGEMM_MAX_K, INT8_KERNELS, packing
 from hwaware.ops.packing import _check_positive_scale, is_24
 from hwaware.quant import native
-from hwaware.quant.attention import child_name, drop_packed_in_projections, in_projection_view, route_attention
+from hwaware.quant.attention import (InProjection, RoutedMultiheadAttention, child_name, drop_packed_in_projections,
+                                    in_projection_view, route_attention, route_refusal)
 from hwaware.quant.attach import (QuantState, attach_quantization, bare_weights, detach_quantization, find_quantizable,
                                   fp32_reference, keep_layers_called, normalize_layer_specs, other_fp32_references,
                                   quant_states, routable, skip_patterns, weight_read_by_parent)
@@ -399,16 +400,22 @@ def weights_read_outside_call(model: nn.Module, names: Iterable[str], run: Calla
     outside the layer's own call while ``run()`` runs it once: a tied head (``F.linear(h,
     self.tok.weight)``), a scale from the table's width (``self.tok.weight.shape[-1]``). A packed
     layer has no float weight there: its ``weight`` is the packed codes, so such a model computed
-    with the wrong shape or crashed. Run :func:`side_effect_free`; each module's class is put back."""
-    modules = dict(model.named_modules())
-    reads: Dict[str, None] = {}  # in the order first read
+    with the wrong shape or crashed. A routed attention module's ``in_proj`` is its
+    ``in_proj_weight``, which packing drops (``None``): reads of it on the attention module outside
+    the ``in_proj`` call count. (Not those of ``in_proj_bias``, dropped too: torch's fused-path
+    checks read it to test ``is None``, and then take the unfused path the deploy layers run on.) Run :func:`side_effect_free`; each module's class
+    is put back."""
+    modules, names = dict(model.named_modules()), list(names)
+    reads: Dict[str, str] = {}  # {layer: what was read}, in the order first read
     swapped: List[Tuple[nn.Module, type]] = []
     hooks = []
 
-    def tracking(cls: type, name: str) -> type:
+    def tracking(cls: type, watched: Dict[str, Tuple[str, nn.Module]]) -> type:
+        # watched: {attribute: (layer, the module whose call a read may come from)}
         def __getattr__(self, attr):  # nn.Module's: parameters live in _parameters, not __dict__
-            if attr == "weight" and not self.__dict__.get("_hwaware_in_call"):
-                reads.setdefault(name)
+            hit = watched.get(attr)
+            if hit is not None and not hit[1].__dict__.get("_hwaware_in_call"):
+                reads.setdefault(hit[0], attr)
             return cls.__getattr__(self, attr)
         return type(cls.__name__, (cls,), {"__getattr__": __getattr__, "__module__": cls.__module__,
                                            "__qualname__": cls.__qualname__})
@@ -419,12 +426,18 @@ def weights_read_outside_call(model: nn.Module, names: Iterable[str], run: Calla
     def leave(m, args, out):
         m.__dict__["_hwaware_in_call"] -= 1
 
+    watch: Dict[int, Tuple[nn.Module, Dict[str, Tuple[str, nn.Module]]]] = {}
     try:
         for name in names:
             m = modules[name]
-            swapped.append((m, type(m)))
-            m.__class__ = tracking(type(m), name)
             hooks += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave, always_call=True)]
+            if isinstance(m, InProjection):  # (its weight is a property reading the attention module's)
+                watch.setdefault(id(m._owner), (m._owner, {}))[1]["in_proj_weight"] = (name, m)
+            else:
+                watch.setdefault(id(m), (m, {}))[1]["weight"] = (name, m)
+        for m, watched in watch.values():
+            swapped.append((m, type(m)))
+            m.__class__ = tracking(type(m), watched)
         with side_effect_free(model):
             run()
     finally:
@@ -432,9 +445,15 @@ def weights_read_outside_call(model: nn.Module, names: Iterable[str], run: Calla
             h.remove()
         for m, cls in swapped:
             m.__class__ = cls
-            m.__dict__.pop("_hwaware_in_call", None)
-    return {name: f"the model reads {name}.weight outside {name}'s own call (a tied head, a scale from its width), and a "
-                  "packed layer has no float weight: left dense" for name in reads}
+        for name in names:
+            modules[name].__dict__.pop("_hwaware_in_call", None)
+    out = {}
+    for name, attr in reads.items():
+        parent = name.rpartition(".")[0]
+        read = child_name(parent, attr) if attr != "weight" else f"{name}.weight"
+        out[name] = (f"the model reads {read} outside {name}'s own call (a tied head, a scale from its width), and a "
+                     "packed layer has no float weight: left dense")
+    return out
 
 
 def _build_deploy(model: nn.Module, states: Dict[str, QuantState], sparse24: bool = True,
@@ -1833,6 +1852,15 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
     for name, meta in layers.items():
         if not isinstance(meta.get("module"), str) or meta["module"] not in DEPLOY_TYPES:
             raise ArtifactError(f"{mpath}: layer {name!r} has unknown module {meta.get('module')!r}")
+        parent, _, leaf = name.rpartition(".")
+        owner = attention.get(parent)
+        if (leaf in ("in_proj", "out_proj") and owner is not None and parent not in routes
+                and not isinstance(owner, RoutedMultiheadAttention)):
+            why = (route_refusal(owner) if type(owner) is nn.MultiheadAttention else
+                   f"it is a {type(owner).__qualname__}, a subclass that may compute attention its own way")
+            raise ArtifactError(f"{mpath}: layer {name!r} is packed in the artifact, but {whose}'s attention module "
+                                f"{parent or type(owner).__name__!r} cannot be routed into layers ({why}), so its "
+                                "forward would never call the packed layer: not the model this artifact was exported from")
         if layer_module(name) is None:
             built = "the model passed as model=" if given else f"{type(model).__name__}({info.get('hparams') or {}})"
             raise ArtifactError(f"{mpath}: layer {name!r} is not a module of {built}: not the model this artifact "

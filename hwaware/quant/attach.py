@@ -290,12 +290,22 @@ def skip_patterns(skip: Any) -> Tuple[str, ...]:
     return patterns
 
 
+def skip_match(name: str, module: nn.Module, skip: Sequence[str]) -> Optional[str]:
+    """The ``skip`` pattern matching layer ``name`` (or a parent), or None. An attention module's
+    ``in_proj`` layer is its ``in_proj_weight``: a pattern naming that weight skips the layer."""
+    pat = matching_pattern(name, skip)
+    if pat is None and isinstance(module, InProjection):
+        pat = matching_pattern(child_name(name.rpartition(".")[0], "in_proj_weight"), skip)
+    return pat
+
+
 def check_skip_matches(model: nn.Module, skip: Sequence[str], layers: Sequence[str], what: str) -> None:
     """Refuse a ``skip`` pattern that names nothing in ``model``: a typo there would silently
     quantize or prune the layer the user meant to keep. ``layers`` (the candidates) go in the
     message; a pattern matching any module or bare weight, candidate or not, is accepted."""
     names = [n for n, m in attention_candidates(model) if n]
     names += [w for n, m in model.named_modules() for w in bare_weights(n, m)]
+    names += [child_name(n, "in_proj_weight") for n, m in model.named_modules() if isinstance(m, RoutedMultiheadAttention)]
     for pattern in skip:
         if not any(matching_pattern(n, [pattern]) for n in names):
             some = ", ".join(layers[:12]) + (f", ... ({len(layers)} in all)" if len(layers) > 12 else "")
@@ -578,7 +588,7 @@ def find_quantizable(model: nn.Module, *, weight_spec: QuantSpec, activation_spe
         over = matching_pattern(name, list(overrides))
         if over is not None:
             won[over] += 1
-        if (pat := matching_pattern(name, skip)) is not None:
+        if (pat := skip_match(name, module, skip)) is not None:
             skipped[name] = f"matches skip pattern {pat!r}" + (f" (skip wins over layer_specs[{over!r}])" if over is not None else "")
             if over is not None:
                 overridden_by_skip[over].append(name)

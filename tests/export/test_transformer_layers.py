@@ -250,3 +250,81 @@ def test_attention_modules_sharing_an_in_projection_weight_pack_it_as_tied():
     a, b = nn.MultiheadAttention(32, 4), nn.MultiheadAttention(32, 4)
     b.in_proj_weight = a.in_proj_weight
     assert weight_key(in_projection_view(a)) == weight_key(in_projection_view(b))
+
+
+class ReadsInProjection(nn.Module):
+    """A model that reads its attention's ``in_proj_weight`` itself, outside the attention call:
+    packed, the in-projection has no FP32 weight there."""
+
+    def __init__(self, read: str) -> None:
+        super().__init__()
+        self.read = read
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(getattr(self.attn, self.read).dtype)
+        return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+
+import pytest  # noqa: E402
+
+
+def test_an_in_projection_the_model_reads_itself_stays_dense(tmp_path):
+    read = "in_proj_weight"
+    torch.manual_seed(0)
+    m = ReadsInProjection(read).eval()
+    x = torch.randn(4, 6, 32)
+    art = export(m, tmp_path / "art", example_inputs=(x,))
+    layers, dense = art.manifest["layers"], art.manifest.get("dense_layers", {})
+    assert "attn.in_proj" not in layers and layers["attn.out_proj"]["scheme"] == "int8"
+    assert f"reads attn.{read} outside" in dense["attn.in_proj"]
+    assert art.model.attn.in_proj_weight is not None  # kept FP32, and served
+    loaded = load(art.path, model=ReadsInProjection(read))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), art.model(x))
+    assert type(m.attn) is nn.MultiheadAttention  # post-training: the user's model as it was
+
+
+def test_a_skip_pattern_naming_in_proj_weight_keeps_the_in_projection_fp32():
+    spec = QuantSpec(bits=8, granularity="per_channel")
+    plan, skipped = find_quantizable(_model(), weight_spec=spec, skip=["enc.self_attn.in_proj_weight"])
+    assert "enc.self_attn.in_proj" not in plan and "enc.self_attn.out_proj" in plan
+    assert "skip pattern" in skipped["enc.self_attn.in_proj"]
+
+
+def test_load_refuses_packed_projections_under_attention_it_cannot_route(tmp_path):
+    # an artifact of a routable module, loaded into a model whose attention cannot be routed
+    from hwaware.export.artifact import ArtifactError
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.MultiheadAttention(32, 4, batch_first=True))
+    x = torch.randn(6, 5, 32)
+
+    class First(nn.Module):
+        def __init__(self, attn):
+            super().__init__()
+            self.attn = attn
+
+        def forward(self, q):
+            return self.attn(q, q, q, need_weights=False)[0]
+
+    for skip, first in (((), "in_proj"), (["*.in_proj"], "out_proj")):
+        art = export(First(m[0]), tmp_path / f"art{first}", example_inputs=(x,), skip=skip)
+        assert "attn.out_proj" in art.manifest["layers"]
+        for other in (nn.MultiheadAttention(32, 4, kdim=16, vdim=16, batch_first=True),
+                      nn.MultiheadAttention(32, 4, add_bias_kv=True, batch_first=True)):
+            with pytest.raises(ArtifactError, match=rf"layer 'attn\.{first}' is packed .* cannot be routed"):
+                load(art.path, model=First(other))
+        load(art.path, model=First(nn.MultiheadAttention(32, 4, batch_first=True)))
+
+
+def test_2_4_pruning_accepts_the_in_proj_weight_skip_pattern_before_and_after_routing():
+    from hwaware.quant.attach import route_for
+    from hwaware.sparsity.masks import find_prunable
+
+    m = _model()
+    find_prunable(m, skip=["enc.self_attn.in_proj_weight"])
+    route_for(m, ["enc.self_attn.in_proj"])
+    _, skipped = find_prunable(m, skip=["enc.self_attn.in_proj_weight"])
+    assert "enc.self_attn.in_proj" in skipped
