@@ -205,6 +205,15 @@ def _inspect_text(path: str, manifest: Dict[str, Any], on_disk: int, wide: bool 
                  for r in program["batch_range"] if r is None or (isinstance(r, list) and len(r) == 2)]
         out.append("program.pt2: batch per input " + ", ".join(spans))
         inputs = manifest.get("inputs")
+        if manifest.get("input_structure") is not None and isinstance(inputs, list):
+            from hwaware.export.artifact import ArtifactError
+            from hwaware.export.exporter import input_paths
+
+            try:  # (an edited structure: load and bench refuse it with the reason)
+                out.append("program.pt2 inputs: " + ", ".join(f"{i}={p}" for i, p in enumerate(
+                    input_paths(manifest["input_structure"], len(inputs), "manifest.json"))))
+            except ArtifactError as e:
+                out.append(f"program.pt2 inputs: {e}")
         fixed = [("x".join(map(str, d["shape"][1:])) if isinstance(d, Mapping) and isinstance(d.get("shape"), list)
                   and len(d["shape"]) > 1 else None) for d in (inputs if isinstance(inputs, list) else [])]
         if any(fixed):  # torch.export specializes them: a sequence length other than the example's fails a guard
@@ -427,7 +436,8 @@ def _samples_in(output, given) -> Tuple[int, str]:
     out = first_batched(output)
     if out is not None:
         return int(out.shape[0]), "the rows of the FP32 model's output on the batch"
-    return (int(given[0].shape[0]) if given[0].dim() else 1), "the first input's rows (the output holds no batched tensor)"
+    x = first_batched(given)  # (looking into a dict / list input too)
+    return (int(x.shape[0]) if x is not None else 1), "the first input's rows (the output holds no batched tensor)"
 
 
 def _input_bytes(description: list, batch_size: int, batches: int) -> int:
@@ -471,7 +481,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> tuple:
     from hwaware.export import ArtifactError, load, read_manifest
     from hwaware.export.bench import compare_throughput, instability_warning, read_inputs_file
-    from hwaware.export.exporter import build_recorded, check_input_descriptions, float_bytes, is_factory, make_inputs, model_class
+    from hwaware.export.exporter import (build_inputs, build_recorded, check_input_descriptions, float_bytes, given_inputs,
+                                         is_factory, make_inputs, model_class)
     import torch
 
     if args.json and args.json != "-":  # refused now, not after the benchmark ran
@@ -490,8 +501,8 @@ def _bench(args: argparse.Namespace) -> tuple:
     given = None
     if args.inputs:
         try:
-            given = read_inputs_file(args.inputs)
-        except ValueError as e:
+            given = given_inputs(read_inputs_file(args.inputs), manifest, args.path)
+        except (ValueError, ArtifactError) as e:
             print(f"hwaware bench: error: {e}", file=sys.stderr)
             return 2, None
     elif not manifest.get("inputs"):
@@ -503,6 +514,7 @@ def _bench(args: argparse.Namespace) -> tuple:
     if given is None:
         try:
             check_input_descriptions(manifest["inputs"], f"{args.path}/manifest.json")
+            build_inputs(manifest.get("input_structure"), manifest["inputs"], f"{args.path}/manifest.json")
         except ArtifactError as e:
             print(f"hwaware bench: error: {e}", file=sys.stderr)
             return 2, None
@@ -534,7 +546,8 @@ def _bench(args: argparse.Namespace) -> tuple:
         return 2, None
     fp32 = build_recorded(cls, manifest, args.path)
     inputs = ([given] * args.batches if given is not None else
-              [make_inputs(manifest["inputs"], args.batch_size, seed=i) for i in range(args.batches)])
+              [make_inputs(manifest["inputs"], args.batch_size, seed=i, structure=manifest.get("input_structure"))
+               for i in range(args.batches)])
     outputs = {}
     for name, model in (("fp32", fp32), ("artifact", served)):
         try:  # generated from the recorded shapes: a model whose inputs are not one row per sample refuses them

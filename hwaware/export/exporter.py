@@ -771,15 +771,8 @@ def _check_example_inputs(model: nn.Module, example_inputs: Any) -> Tuple[Any, .
                                return_annotation=sig.empty)  # the names forward takes, without type hints
             raise TypeError(f"example_inputs does not fit {type(model).__name__}.forward{bare}: {e}; "
                             f"given {len(example_inputs)} input(s): ({given})") from None
-    bad = [f"[{i}] {_given(x)}" for i, x in enumerate(example_inputs) if not isinstance(x, Tensor)]
-    if bad:
-        nested = any(isinstance(x, (dict, list, tuple)) for x in example_inputs if not isinstance(x, Tensor))
-        raise TypeError(f"example_inputs must all be tensors (their shapes and dtypes are recorded for hwaware bench); "
-                        f"got {', '.join(bad)}" + (
-                            ". A forward that takes a dict or list of tensors is served without program.pt2: export "
-                            "without example_inputs (the gate reads val_dataloader as it is), or export a wrapper "
-                            "module whose forward takes the tensors positionally" if nested else ""))
-    batched = [(i, x) for i, x in enumerate(example_inputs) if x.dim()]
+    leaves = input_leaves(example_inputs)  # TypeError naming a leaf that is not a tensor
+    batched = [(i, x) for i, x in enumerate(leaves) if x.dim()]
     empty = [f"[{i}] {_given(x)}" for i, x in batched if x.shape[0] == 0]
     if batched and len(empty) == len(batched):  # (one input of 0 rows beside others may be no batch: flat ids)
         # (a trial: program.pt2 then served batch 0 only, "Guard failed: dense.size()[0] == 0" at any real
@@ -787,6 +780,136 @@ def _check_example_inputs(model: nn.Module, example_inputs: Any) -> Tuple[Any, .
         raise ValueError(f"example_inputs has a batch of 0 rows: {', '.join(empty)}. torch.export would fix program.pt2 "
                          "to that size, and the kernels would be timed on no rows; give a batch you serve (two rows or more)")
     return example_inputs
+
+
+# how deep an input structure (dicts / lists / tuples of tensors) may nest: far more than a forward
+# takes, and a bound on what an edited manifest's input_structure can make bench recurse into
+_MAX_INPUT_DEPTH = 16
+
+
+def input_leaves(inputs: Tuple[Any, ...]) -> List[Tensor]:
+    """The tensors of ``inputs`` (forward's positional inputs: tensors, or dicts with str keys, lists
+    and tuples of them, nested), in the order ``torch.export`` flattens them (a dict's in insertion
+    order). TypeError naming the first leaf that is something else."""
+    out: List[Tensor] = []
+
+    def walk(x: Any, where: str, depth: int) -> None:
+        if isinstance(x, Tensor):
+            out.append(x)
+        elif depth >= _MAX_INPUT_DEPTH:
+            raise TypeError(f"example_inputs{where} nests deeper than {_MAX_INPUT_DEPTH} levels")
+        elif type(x) is dict:
+            for k, v in x.items():
+                if not isinstance(k, str):
+                    raise TypeError(f"example_inputs{where} has key {k!r}; a dict input needs str keys (the manifest "
+                                    "records them for hwaware bench)")
+                walk(v, f"{where}[{k!r}]", depth + 1)
+        elif type(x) in (list, tuple):
+            for i, v in enumerate(x):
+                walk(v, f"{where}[{i}]", depth + 1)
+        else:
+            raise TypeError(f"example_inputs{where} is {_given(x)}; expected tensors, or dicts (str keys), lists and "
+                            "tuples of tensors (their shapes and dtypes are recorded for hwaware bench; torch.export "
+                            "would fix a number or a string into program.pt2 as a constant)")
+
+    for i, x in enumerate(inputs):
+        walk(x, f"[{i}]", 0)
+    return out
+
+
+def _input_structure(inputs: Tuple[Any, ...]) -> Optional[List[Any]]:
+    """The manifest's ``input_structure``: per input, the index of its tensor among
+    :func:`input_leaves` or ``{"dict": [[key, node], ...]}`` / ``{"list": [...]}`` / ``{"tuple":
+    [...]}`` around such nodes; None when every input is a tensor (the manifest then records none)."""
+    if all(isinstance(x, Tensor) for x in inputs):
+        return None
+    count = iter(range(1 << 62))
+
+    def node(x: Any) -> Any:
+        if isinstance(x, Tensor):
+            return next(count)
+        if type(x) is dict:
+            return {"dict": [[k, node(v)] for k, v in x.items()]}
+        return {type(x).__name__: [node(v) for v in x]}
+
+    return [node(x) for x in inputs]
+
+
+def build_inputs(structure: Any, leaves: Sequence[Tensor], where: str) -> Tuple[Any, ...]:
+    """Forward's inputs: ``leaves`` (the recorded inputs' tensors, in order) put into
+    ``structure`` (the manifest's ``input_structure``; None: the leaves are the inputs).
+    ``ArtifactError`` naming ``where`` unless it uses each leaf once, in order."""
+    if structure is None:
+        return tuple(leaves)
+    nxt = [0]
+
+    def bad(why: str) -> ArtifactError:
+        return ArtifactError(f"{where}: 'input_structure' {why}; expected per input a tensor's index among 'inputs' (in "
+                             "order) or {'dict': [[key, node], ...]} / {'list': [...]} / {'tuple': [...]}")
+
+    def build(n: Any, depth: int) -> Any:
+        if type(n) is int:
+            if n != nxt[0] or n >= len(leaves):
+                raise bad(f"names input {n} where input {nxt[0]} of {len(leaves)} comes next")
+            nxt[0] += 1
+            return leaves[n]
+        if depth >= _MAX_INPUT_DEPTH or not (isinstance(n, dict) and len(n) == 1):
+            raise bad(f"has {str(n)[:80]!r}")
+        (kind, items), = n.items()
+        if not isinstance(items, list):
+            raise bad(f"has {kind!r} of {type(items).__name__}")
+        if kind == "dict":
+            if not all(isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) for e in items):
+                raise bad("has a dict entry that is not [str key, node]")
+            return {k: build(v, depth + 1) for k, v in items}
+        if kind in ("list", "tuple"):
+            built = [build(v, depth + 1) for v in items]
+            return built if kind == "list" else tuple(built)
+        raise bad(f"has kind {kind!r}")
+
+    if not isinstance(structure, list):
+        raise bad(f"is {type(structure).__name__}")
+    out = tuple(build(n, 0) for n in structure)
+    if nxt[0] != len(leaves):
+        raise bad(f"uses {nxt[0]} of the {len(leaves)} recorded inputs")
+    return out
+
+
+def input_paths(structure: Any, n: int, where: str) -> List[str]:
+    """Where each of the ``n`` recorded input tensors goes in forward's inputs (``[0]['dense']``),
+    in order: the names ``hwaware inspect`` prints, and the order ``hwaware bench --inputs`` takes."""
+    paths = [f"[{i}]" for i in range(n)]
+    if structure is None:
+        return paths
+    found: List[str] = []
+
+    def walk(x: Any, where_: str) -> None:
+        if isinstance(x, Tensor):
+            found.append(where_)
+        elif type(x) is dict:
+            for k, v in x.items():
+                walk(v, f"{where_}[{k!r}]")
+        else:
+            for i, v in enumerate(x):
+                walk(v, f"{where_}[{i}]")
+
+    for i, x in enumerate(build_inputs(structure, [torch.empty(0)] * n, where)):
+        walk(x, f"[{i}]")
+    return found
+
+
+def _map_leaves(inputs: Tuple[Any, ...], fn: Callable[[Tensor, int], Any]) -> Tuple[Any, ...]:
+    """``inputs`` with each tensor ``x`` (the ``i``-th of :func:`input_leaves`) replaced by ``fn(x, i)``."""
+    count = iter(range(1 << 62))
+
+    def walk(x: Any) -> Any:
+        if isinstance(x, Tensor):
+            return fn(x, next(count))
+        if type(x) is dict:
+            return {k: walk(v) for k, v in x.items()}
+        return type(x)(walk(v) for v in x)
+
+    return tuple(walk(x) for x in inputs)
 
 
 def _describe_input(x: Any) -> Dict[str, Any]:
@@ -818,7 +941,7 @@ def _batch_dynamic_shapes(deploy: nn.Module, example_inputs: Tuple[Any, ...]) ->
     """``dynamic_shapes`` for ``torch.export``: dim 0 of each tensor input ``Dim.AUTO``, laid out as
     forward's signature takes the inputs (the ones a ``*args`` parameter collects as one tuple:
     torch.export matches the structure to the parameters, not to the flat inputs)."""
-    per_input = [{0: torch.export.Dim.AUTO} if isinstance(x, Tensor) and x.dim() else None for x in example_inputs]
+    per_input = list(_map_leaves(example_inputs, lambda x, i: {0: torch.export.Dim.AUTO} if x.dim() else None))
     try:
         params = list(_inspect.signature(deploy.forward).parameters.values())
     except (TypeError, ValueError):  # no signature to read: one entry per input
@@ -838,10 +961,10 @@ def _export_program(deploy: nn.Module, example_inputs: Tuple[Any, ...]):
     An example of batch 1 (every tensor input one row) is traced as two copies of that row:
     torch.export specializes a size of 1, so the program would serve batch 1 only."""
     dynamic = _batch_dynamic_shapes(deploy, example_inputs)
-    batched = [x for x in example_inputs if isinstance(x, Tensor) and x.dim()]
+    batched = [x for x in input_leaves(example_inputs) if x.dim()]
     program = None
     if batched and all(x.shape[0] == 1 for x in batched):
-        doubled = tuple(torch.cat([x, x]) if isinstance(x, Tensor) and x.dim() else x for x in example_inputs)
+        doubled = _map_leaves(example_inputs, lambda x, i: torch.cat([x, x]) if x.dim() else x)
         try:
             program, example_inputs = torch.export.export(deploy, doubled, dynamic_shapes=dynamic), doubled
         except Exception:  # noqa: BLE001  a size-1 input that is no batch (a [1] scale): trace as given
@@ -852,8 +975,8 @@ def _export_program(deploy: nn.Module, example_inputs: Tuple[Any, ...]):
                    if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT]
     nodes = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
     ranges = []
-    for name, x in zip(user_inputs, example_inputs):
-        if not (isinstance(x, Tensor) and x.dim()):
+    for name, x in zip(user_inputs, input_leaves(example_inputs)):
+        if not x.dim():
             ranges.append(None)
             continue
         size = nodes[name].meta["val"].shape[0]
@@ -885,7 +1008,7 @@ def _export_program(deploy: nn.Module, example_inputs: Tuple[Any, ...]):
 def _serves_batch_of_one(program: Any, deploy: nn.Module, example_inputs: Tuple[Any, ...], dynamic: list) -> bool:
     """Whether ``program`` runs the example's first row (of every input whose batch is dynamic) and
     gives the deploy model's output for it."""
-    one = tuple(x[:1] if dyn else x for x, dyn in zip(example_inputs, dynamic))
+    one = _map_leaves(example_inputs, lambda x, i: x[:1] if dynamic[i] else x)
     try:
         with torch.no_grad():
             got = program.module()(*one)
@@ -939,8 +1062,25 @@ def check_input_descriptions(description: Any, where: str) -> None:
                              "its column's max)")
 
 
-def make_inputs(description: Iterable[Dict[str, Any]], batch_size: int, seed: int = 0) -> Tuple[Tensor, ...]:
-    """Random inputs matching :func:`_describe_input` records, with ``batch_size`` rows."""
+def given_inputs(leaves: Tuple[Tensor, ...], manifest: Mapping[str, Any], path: str) -> Tuple[Any, ...]:
+    """A batch the caller saved (``hwaware bench --inputs``: its tensors in forward's order) as
+    forward's inputs: put into the manifest's ``input_structure`` when export recorded one (a forward
+    taking dicts / lists of tensors), the tensors then in the order of its recorded ``inputs``."""
+    structure = manifest.get("input_structure")
+    if structure is None:
+        return leaves
+    n = len(manifest.get("inputs") or [])
+    if len(leaves) != n:
+        order = ", ".join(f"'{i}': inputs{p}" for i, p in enumerate(input_paths(structure, n, f"{path}/manifest.json")))
+        raise ValueError(f"the batch holds {len(leaves)} tensor(s), and the model's inputs hold {n} (dicts / lists of "
+                         f"tensors, recorded in {path}/manifest.json 'input_structure'): save them as {order}")
+    return build_inputs(structure, leaves, f"{path}/manifest.json")
+
+
+def make_inputs(description: Iterable[Dict[str, Any]], batch_size: int, seed: int = 0,
+                structure: Any = None) -> Tuple[Any, ...]:
+    """Random inputs matching :func:`_describe_input` records, with ``batch_size`` rows, put into
+    ``structure`` (the manifest's ``input_structure``: dicts / lists of them) where one is given."""
     check_input_descriptions(description, "the recorded example inputs")
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -956,7 +1096,7 @@ def make_inputs(description: Iterable[Dict[str, Any]], batch_size: int, seed: in
             hi, lo = (hi.expand(cols), lo.expand(cols)) if hi.numel() == 1 else (hi, lo)
             ids = (torch.rand(batch_size, cols, generator=g, dtype=torch.float64) * (hi - lo) + lo).floor().to(dtype)
             out.append(ids.reshape(shape))
-    return tuple(out)
+    return build_inputs(structure, out, "the recorded example inputs")
 
 
 def _jsonable(obj: Any) -> Any:
@@ -1108,6 +1248,10 @@ def export(
             model itself with quantization off.
         example_inputs: when given, ``program.pt2`` (a ``torch.export`` program on ``hwaware::*``) is written,
             with the batch dimension dynamic where the model's code allows it (manifest ``program``).
+            Forward's positional inputs: tensors, or dicts (str keys), lists and tuples of tensors (a
+            recsys model's feature dict); the manifest records each tensor's shape and dtype
+            (``inputs``) and how they nest (``input_structure``), from which ``hwaware bench`` builds
+            its batches.
         device: ``"cpu"`` (GPU kernels come with the Triton issue).
         output_fn: ``fn(model, batch) -> (preds, target)``; default: ``predict_step`` (where the
             model's class defines one, else ``model(*batch[:-1])`` for a tuple batch) and the
@@ -1463,7 +1607,9 @@ def export(
     if any("selection" in meta for meta in layers.values()):
         manifest["selection_cpu"] = cpu_profile()  # what the kernels were timed on (load compares it)
     if example_inputs is not None:
-        manifest["inputs"] = [_describe_input(x) for x in example_inputs]
+        manifest["inputs"] = [_describe_input(x) for x in input_leaves(example_inputs)]
+        if (structure := _input_structure(example_inputs)) is not None:  # (dicts / lists of tensors: how to rebuild them)
+            manifest["input_structure"] = structure
     program_writer = None
     if example_inputs is not None:
         program, manifest["program"] = _export_program(deploy, tuple(example_inputs))

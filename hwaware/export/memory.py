@@ -37,7 +37,8 @@ def _probe(path: str, which: str, batch_size: int, batches: int, kernels: str = 
     import torch
 
     from hwaware.export import load, read_manifest
-    from hwaware.export.exporter import build_recorded, import_model_class, is_factory, make_inputs, model_class
+    from hwaware.export.exporter import (build_recorded, given_inputs, import_model_class, is_factory, make_inputs,
+                                         model_class)
 
     manifest = read_manifest(path)
     # the model's class is imported before the baseline: its module's imports (Lightning, for a
@@ -46,9 +47,10 @@ def _probe(path: str, which: str, batch_size: int, batches: int, kernels: str = 
     if inputs_file:
         from hwaware.export.bench import read_inputs_file
 
-        inputs = [read_inputs_file(inputs_file)] * batches
+        inputs = [given_inputs(read_inputs_file(inputs_file), manifest, path)] * batches
     else:
-        inputs = [make_inputs(manifest["inputs"], batch_size, seed=i) for i in range(batches)]
+        inputs = [make_inputs(manifest["inputs"], batch_size, seed=i, structure=manifest.get("input_structure"))
+                  for i in range(batches)]
     with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
         f.write("5")
     base = _status_kib("VmRSS")
