@@ -204,6 +204,10 @@ def _inspect_text(path: str, manifest: Dict[str, Any], on_disk: int, wide: bool 
         spans = [("-" if r is None else f"{r[0]}..{'any' if r[1] is None else r[1]}")
                  for r in program["batch_range"] if r is None or (isinstance(r, list) and len(r) == 2)]
         out.append("program.pt2: batch per input " + ", ".join(spans))
+        checked = program.get("checked")
+        if isinstance(checked, Mapping) and isinstance(checked.get("exact"), bool):
+            out.append("  on example_inputs: " + ("the deploy model's outputs, bit for bit" if checked["exact"] else
+                       f"the deploy model's outputs within {checked.get('max_abs_diff')!r} (rounding of the traced graph)"))
         inputs = manifest.get("inputs")
         if manifest.get("input_structure") is not None and isinstance(inputs, list):
             from hwaware.export.artifact import ArtifactError

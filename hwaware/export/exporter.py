@@ -992,6 +992,7 @@ def _export_program(deploy: nn.Module, example_inputs: Tuple[Any, ...]):
             continue
         hi = None if math.isinf(float(r.upper)) else int(r.upper)  # torch's int_oo says is_finite
         ranges.append([int(r.lower), hi])
+    checked = _program_agreement(program, deploy, example_inputs)
     note = "batch sizes each input of program.pt2 accepts ([lo, hi]; hi null: unbounded)"
     if any(r is not None and r[0] == 2 for r in ranges):
         # torch.export's ranges start at 2 (it specializes sizes 0 and 1), but the program may serve a
@@ -1002,7 +1003,42 @@ def _export_program(deploy: nn.Module, example_inputs: Tuple[Any, ...]):
                     "the program at export and matched the deploy model, so the range says 1"
         else:
             note += "; torch.export specializes sizes 0 and 1, and a batch of 1 failed or differed through the program"
-    return program, {"batch_range": ranges, "note": note}
+    return program, {"batch_range": ranges, "note": note, "checked": checked}
+
+
+def _program_agreement(program: Any, deploy: nn.Module, example_inputs: Tuple[Any, ...]) -> Dict[str, Any]:
+    """The program run on ``example_inputs`` against the deploy model the gate measured: the
+    manifest's ``program.checked`` (``exact``: every output equal bit for bit; ``max_abs_diff``
+    and ``max_abs_output``, the largest output magnitude it compares to). A program whose outputs
+    differ beyond rounding (the traced graph baked in a branch the eager model takes otherwise)
+    is refused: the gate's verdict would not hold for it."""
+    with torch.no_grad():
+        got = program.module()(*example_inputs)
+        want = deploy(*example_inputs)
+    got_leaves, got_spec = torch.utils._pytree.tree_flatten(got)
+    want_leaves, want_spec = torch.utils._pytree.tree_flatten(want)
+    if got_spec != want_spec:
+        raise ValueError(f"export: program.pt2 returns {got_spec} on example_inputs, and the deploy model {want_spec}: "
+                         "torch.export traced something else than the model the gate measured")
+    diff, size, exact = 0.0, 0.0, True
+    for g, w in zip(got_leaves, want_leaves):
+        if not isinstance(w, Tensor):
+            exact = exact and g == w
+            continue
+        if g.shape != w.shape or g.dtype != w.dtype:
+            raise ValueError(f"export: program.pt2 returns {_given(g)} on example_inputs, and the deploy model "
+                             f"{_given(w)}: torch.export traced something else than the model the gate measured")
+        exact = exact and torch.equal(g, w)
+        if w.is_floating_point() and w.numel():
+            d = (g.double() - w.double()).abs().nan_to_num(nan=math.inf)
+            diff = max(diff, float(d.max()))
+            size = max(size, float(w.double().abs().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).max()))
+    if not exact and not diff <= max(1e-6, 1e-4 * size):
+        raise ValueError(f"export: program.pt2 differs from the deploy model the gate measured on example_inputs by up to "
+                         f"{diff:.3g} (outputs up to {size:.3g}): torch.export traced something else (a branch on a "
+                         "value, or a Python-side state baked in). Serve the model with hwaware.load, or export a model "
+                         "whose forward traces as it runs")
+    return {"exact": bool(exact), "max_abs_diff": diff, "max_abs_output": size}
 
 
 def _serves_batch_of_one(program: Any, deploy: nn.Module, example_inputs: Tuple[Any, ...], dynamic: list) -> bool:

@@ -170,6 +170,31 @@ def test_torch_export_program_round_trip(tmp_path):
     torch.testing.assert_close(program.module()(dense, ids), art.model(dense, ids), atol=0, rtol=0)
 
 
+def test_the_program_is_checked_against_the_deploy_model_the_gate_measured(tmp_path):
+    torch.manual_seed(0)
+    dense, ids = torch.randn(16, 4), torch.randint(0, 50, (16,))
+    art = export(TinyCTR(), tmp_path / "art", example_inputs=(dense, ids))
+    checked = art.manifest["program"]["checked"]
+    assert checked["exact"] is True and checked["max_abs_diff"] == 0.0 and checked["max_abs_output"] > 0
+
+
+class _TracesOtherwise(TinyCTR):
+    """A forward with a branch only tracing takes: program.pt2 would compute something else than
+    the eager deploy model the gate measured."""
+
+    def forward(self, dense, ids):
+        out = super().forward(dense, ids)
+        return out + 1.0 if torch.compiler.is_exporting() else out
+
+
+def test_a_program_that_differs_from_the_deploy_model_is_refused(tmp_path):
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"program.pt2 differs from the deploy model the gate measured on example_inputs "
+                                         r"by up to 1 \(outputs up to"):
+        export(_TracesOtherwise(), tmp_path / "art", example_inputs=(torch.randn(16, 4), torch.randint(0, 50, (16,))))
+    assert not (tmp_path / "art").exists()
+
+
 def test_program_serves_batch_sizes_other_than_the_example(tmp_path):
     torch.manual_seed(0)
     model = TinyCTR()
