@@ -486,7 +486,7 @@ def _bench(args: argparse.Namespace) -> tuple:
     from hwaware.export import ArtifactError, load, read_manifest
     from hwaware.export.bench import compare_throughput, instability_warning, read_inputs_file
     from hwaware.export.exporter import (build_inputs, build_recorded, check_input_descriptions, float_bytes, given_inputs,
-                                         is_factory, make_inputs, model_class)
+                                         is_factory, make_inputs, meta_device, model_class)
     import torch
 
     if args.json and args.json != "-":  # refused now, not after the benchmark ran
@@ -532,7 +532,7 @@ def _bench(args: argparse.Namespace) -> tuple:
     # FP32 reference: the same architecture with dense float weights (their values do not change speed),
     # built on the meta device first: its size must be the exported model's, and must fit
     try:
-        with torch.device("meta"):
+        with meta_device():
             skeleton = build_recorded(cls, manifest, args.path)
     except ArtifactError as e:
         print(f"hwaware: error: {e}", file=sys.stderr)

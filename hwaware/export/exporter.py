@@ -9,8 +9,9 @@ start when pruning came first (:func:`hwaware.quant.fp32_reference`). A model th
 from __future__ import annotations
 
 import collections.abc
-import hashlib
+import contextlib
 import copy
+import hashlib
 import functools
 import importlib
 import inspect as _inspect
@@ -22,7 +23,7 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -1173,6 +1174,35 @@ def _named_parameters(cls: type) -> List[str]:
     return [p.name for p in params if p.kind not in (_inspect.Parameter.VAR_POSITIONAL, _inspect.Parameter.VAR_KEYWORD)]
 
 
+# in-place random fills: on a meta tensor (no values) they change nothing, yet torch runs some of them
+# (normal_, which nn.Embedding's init calls) through its Python references, whose first use imports
+# torch._dynamo and sympy: ~140 MiB and a second of a server's load for a model with one table
+# (nn.init's functions as well as Tensor's: a mode sees nn.init.normal_, then not the Tensor.normal_ it calls)
+_RANDOM_FILLS = frozenset([getattr(Tensor, f) for f in ("normal_", "uniform_", "bernoulli_", "cauchy_", "exponential_",
+                                                         "geometric_", "log_normal_", "random_", "erfinv_")]
+                          + [getattr(nn.init, f) for f in ("normal_", "uniform_", "trunc_normal_", "xavier_uniform_",
+                                                           "xavier_normal_", "kaiming_uniform_", "kaiming_normal_",
+                                                           "orthogonal_", "sparse_")])
+
+
+class _MetaFillsSkipped(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _RANDOM_FILLS:
+            t = args[0] if args else kwargs.get("tensor")  # (nn.init passes its tensor by keyword)
+            if isinstance(t, Tensor) and t.is_meta:
+                return t
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def meta_device() -> Iterator[None]:
+    """``torch.device("meta")`` for building a skeleton of the model (no weight allocated), with its
+    random initialization skipped: there are no values to fill."""
+    with torch.device("meta"), _MetaFillsSkipped():
+        yield
+
+
 def build_recorded(cls: type, manifest: Mapping[str, Any], path: str) -> nn.Module:
     """``cls(**hparams recorded at export)``: the exported architecture. ``ArtifactError`` naming the
     artifact and what to pass instead where the manifest could not record every hparam, or the class
@@ -2008,7 +2038,7 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
             # as many as are stored: a manifest's count alone would let an edited one past this check)
             n_tied = sum(1 for src in tied.values() if src in tensors) if isinstance(tied, dict) else 0
             _check_own_class_size(info.get("hparams"), len(tensors) + min(n_tied, len(tensors)), mpath)
-        with torch.device("meta"):  # a skeleton: its FP32 weights are never allocated
+        with meta_device():  # a skeleton: its FP32 weights are never allocated
             model = build_recorded(cls, manifest, path)
     # every check first, the model changed only after: a refused artifact leaves a model passed in as it was
     if given:

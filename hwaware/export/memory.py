@@ -38,7 +38,7 @@ def _probe(path: str, which: str, batch_size: int, batches: int, kernels: str = 
 
     from hwaware.export import load, read_manifest
     from hwaware.export.exporter import (build_recorded, given_inputs, import_model_class, is_factory, make_inputs,
-                                         model_class)
+                                         meta_device, model_class)
 
     manifest = read_manifest(path)
     # the model's class is imported before the baseline: its module's imports (Lightning, for a
@@ -56,7 +56,7 @@ def _probe(path: str, which: str, batch_size: int, batches: int, kernels: str = 
     base = _status_kib("VmRSS")
     if which == "artifact":
         if is_factory(cls):  # the caller's function: its FP32 weights are not the artifact's cost
-            with torch.device("meta"):
+            with meta_device():
                 cls = cls()
         net = load(path, kernels=kernels, model=cls)  # "measure": the load peak includes re-timing the kernels
     else:
