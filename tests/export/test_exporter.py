@@ -178,6 +178,23 @@ def test_the_program_is_checked_against_the_deploy_model_the_gate_measured(tmp_p
     assert checked["exact"] is True and checked["max_abs_diff"] == 0.0 and checked["max_abs_output"] > 0
 
 
+class _MixedOutputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.a(x)
+        return {"log": torch.log(y), "label": y.argmax(1), "n": 3, "none": None}  # NaN where y < 0
+
+
+def test_identical_nan_int_and_constant_outputs_count_as_the_same(tmp_path):
+    torch.manual_seed(0)
+    art = export(_MixedOutputs().eval(), tmp_path / "art", example_inputs=(torch.randn(16, 8),))
+    assert art.manifest["program"]["checked"]["exact"] is True
+    assert bool(art.model(torch.randn(16, 8))["log"].isnan().any())
+
+
 class _TracesOtherwise(TinyCTR):
     """A forward with a branch only tracing takes: program.pt2 would compute something else than
     the eager deploy model the gate measured."""
