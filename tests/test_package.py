@@ -91,8 +91,9 @@ def test_a_meta_skeleton_skips_random_fills_on_meta_tensors_only():
 
     with meta_device():
         emb = nn.Embedding(10, 4)
+        eye = nn.init.eye_(torch.empty(4, 4))  # (eye_ on meta went through torch's references too)
         cpu = torch.zeros(3, device="cpu")
         nn.init.normal_(cpu, mean=5.0)  # a real tensor a constructor makes: filled as usual
         cpu2 = torch.zeros(3, device="cpu").uniform_(1.0, 2.0)
-    assert emb.weight.is_meta and emb.weight.shape == (10, 4)
+    assert emb.weight.is_meta and emb.weight.shape == (10, 4) and eye.is_meta
     assert not torch.equal(cpu, torch.zeros(3)) and bool((cpu2 >= 1).all())

@@ -810,8 +810,9 @@ def input_leaves(inputs: Tuple[Any, ...]) -> List[Tensor]:
                 walk(v, f"{where}[{i}]", depth + 1)
         else:
             raise TypeError(f"example_inputs{where} is {_given(x)}; expected tensors, or dicts (str keys), lists and "
-                            "tuples of tensors (their shapes and dtypes are recorded for hwaware bench; torch.export "
-                            "would fix a number or a string into program.pt2 as a constant)")
+                            "tuples of tensors, exactly those types (their shapes and dtypes are recorded for hwaware "
+                            "bench, which rebuilds them as such; torch.export would fix a number or a string into "
+                            "program.pt2 as a constant): pass an OrderedDict or a namedtuple as a dict or a tuple")
 
     for i, x in enumerate(inputs):
         walk(x, f"[{i}]", 0)
@@ -862,6 +863,8 @@ def build_inputs(structure: Any, leaves: Sequence[Tensor], where: str) -> Tuple[
         if kind == "dict":
             if not all(isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) for e in items):
                 raise bad("has a dict entry that is not [str key, node]")
+            if len({e[0] for e in items}) != len(items):
+                raise bad(f"repeats a key of a dict ({[e[0] for e in items][:8]})")
             return {k: build(v, depth + 1) for k, v in items}
         if kind in ("list", "tuple"):
             built = [build(v, depth + 1) for v in items]
@@ -1008,41 +1011,62 @@ def _export_program(deploy: nn.Module, example_inputs: Tuple[Any, ...]):
 
 
 def _program_agreement(program: Any, deploy: nn.Module, example_inputs: Tuple[Any, ...]) -> Dict[str, Any]:
-    """The program run on ``example_inputs`` against the deploy model the gate measured: the
-    manifest's ``program.checked`` (``exact``: every output equal bit for bit; ``max_abs_diff``
-    and ``max_abs_output``, the largest output magnitude it compares to). A program whose outputs
-    differ beyond rounding (the traced graph baked in a branch the eager model takes otherwise)
-    is refused: the gate's verdict would not hold for it."""
-    with torch.no_grad():
-        got = program.module()(*example_inputs)
-        want = deploy(*example_inputs)
-    got_leaves, got_spec = torch.utils._pytree.tree_flatten(got)
-    want_leaves, want_spec = torch.utils._pytree.tree_flatten(want)
+    """The program run on ``example_inputs`` against the deploy model the gate measured, each from
+    the same random state (a model that samples in eval draws the same numbers): the manifest's
+    ``program.checked`` (``exact``: every output equal bit for bit, a NaN or inf in the same place
+    included; ``max_abs_diff`` between float outputs and ``max_abs_output``, the largest finite
+    output). A program whose outputs differ beyond rounding is refused, since the gate's verdict
+    would not hold for it (torch.export baked in a branch, or Python-side state, the eager model
+    takes otherwise). Rounding is judged per output at its own magnitude and dtype: a float output
+    may differ by max(1e-4, 8 eps) of its largest value (the traced graph may decompose what eager
+    runs fused); an integer, bool or non-tensor output has no rounding and must be equal."""
+    def refuse(where: str, why: str) -> ValueError:
+        return ValueError(f"export: program.pt2 differs from the deploy model the gate measured on example_inputs at "
+                          f"output {where}: {why}. torch.export traced something else (a branch on a value, or a "
+                          "Python-side state baked in); serve the model with hwaware.load, or export a model whose "
+                          "forward traces as it runs")
+
+    outputs = []
+    for run in (program.module(), deploy):
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            outputs.append(run(*example_inputs))
+    got_leaves, got_spec = torch.utils._pytree.tree_flatten_with_path(outputs[0])[0], torch.utils._pytree.tree_structure(outputs[0])
+    want_leaves, want_spec = torch.utils._pytree.tree_flatten_with_path(outputs[1])[0], torch.utils._pytree.tree_structure(outputs[1])
     if got_spec != want_spec:
-        raise ValueError(f"export: program.pt2 returns {got_spec} on example_inputs, and the deploy model {want_spec}: "
-                         "torch.export traced something else than the model the gate measured")
+        raise refuse("(all)", f"it returns {got_spec}, the deploy model {want_spec}")
     diff, size, exact = 0.0, 0.0, True
-    for g, w in zip(got_leaves, want_leaves):
+    for (path, g), (_, w) in zip(got_leaves, want_leaves):
+        where = torch.utils._pytree.keystr(path) or "(the output)"
         if not isinstance(w, Tensor):
-            exact = exact and g == w
+            if not (type(g) is type(w) and g == w):
+                raise refuse(where, f"{g!r} where the deploy model gives {w!r}")
             continue
-        if g.shape != w.shape or g.dtype != w.dtype:
-            raise ValueError(f"export: program.pt2 returns {_given(g)} on example_inputs, and the deploy model "
-                             f"{_given(w)}: torch.export traced something else than the model the gate measured")
+        if not isinstance(g, Tensor) or g.shape != w.shape or g.dtype != w.dtype:
+            raise refuse(where, f"{_given(g)} where the deploy model gives {_given(w)}")
+        if not (w.is_floating_point() or w.is_complex()):
+            if not torch.equal(g, w):
+                raise refuse(where, f"{int((g != w).sum())} of its {w.numel()} {str(w.dtype).replace('torch.', '')} "
+                                    "values differ (no rounding excuses an integer output)")
+            continue
+        eps = torch.finfo(w.dtype).eps
         if w.is_complex():
             g, w = torch.view_as_real(g), torch.view_as_real(w)
-        same = (g == w) | (g.isnan() & w.isnan())  # (a NaN or inf both give is the same output; ints: labels, ids)
-        exact = exact and bool(same.all())
-        if w.numel():
-            d = torch.where(same, 0.0, (g.double() - w.double()).abs().nan_to_num(nan=math.inf))
-            diff = max(diff, float(d.max()))
-            size = max(size, float(w.double().abs().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).max()))
-    if not exact and not diff <= max(1e-6, 1e-4 * size):
-        raise ValueError(f"export: program.pt2 differs from the deploy model the gate measured on example_inputs by up to "
-                         f"{diff:.3g} (outputs up to {size:.3g}): torch.export traced something else (a branch on a "
-                         "value, or a Python-side state baked in). Serve the model with hwaware.load, or export a model "
-                         "whose forward traces as it runs")
-    return {"exact": bool(exact), "max_abs_diff": diff, "max_abs_output": size}
+        same = (g == w) | (g.isnan() & w.isnan())  # (a NaN or inf both give is the same output)
+        finite = w.isfinite()
+        top = float(w[finite].double().abs().max()) if bool(finite.any()) else 0.0
+        size = max(size, top)
+        if bool(same.all()):
+            continue
+        exact = False
+        off = ~same
+        if not bool((g[off].isfinite() & w[off].isfinite()).all()):
+            raise refuse(where, "a NaN or inf where the other model gives another value")
+        d = float((g[off].double() - w[off].double()).abs().max())
+        diff = max(diff, d)
+        if not d <= max(1e-6, max(1e-4, 8 * eps) * top):
+            raise refuse(where, f"by up to {d:.3g}, where its values reach {top:.3g}")
+    return {"exact": exact, "max_abs_diff": diff, "max_abs_output": size}
 
 
 def _serves_batch_of_one(program: Any, deploy: nn.Module, example_inputs: Tuple[Any, ...], dynamic: list) -> bool:
@@ -1185,7 +1209,7 @@ _RANDOM_FILLS = frozenset([getattr(Tensor, f) for f in ("normal_", "uniform_", "
                                                          "geometric_", "log_normal_", "random_", "erfinv_")]
                           + [getattr(nn.init, f) for f in ("normal_", "uniform_", "trunc_normal_", "xavier_uniform_",
                                                            "xavier_normal_", "kaiming_uniform_", "kaiming_normal_",
-                                                           "orthogonal_", "sparse_")])
+                                                           "orthogonal_", "sparse_", "eye_", "dirac_")])
 
 
 class _MetaFillsSkipped(torch.overrides.TorchFunctionMode):

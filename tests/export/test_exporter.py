@@ -1,6 +1,7 @@
 """hwaware.export / hwaware.load end to end on tiny models, through the real deploy ops."""
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -207,8 +208,70 @@ class _TracesOtherwise(TinyCTR):
 def test_a_program_that_differs_from_the_deploy_model_is_refused(tmp_path):
     torch.manual_seed(0)
     with pytest.raises(ValueError, match=r"program.pt2 differs from the deploy model the gate measured on example_inputs "
-                                         r"by up to 1 \(outputs up to"):
+                                         r"at output \(the output\): by up to 1, where its values reach"):
         export(_TracesOtherwise(), tmp_path / "art", example_inputs=(torch.randn(16, 4), torch.randint(0, 50, (16,))))
+    assert not (tmp_path / "art").exists()
+
+
+class _Masked(nn.Module):  # ranking logits, -inf on masked candidates
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.a(x)
+        return y.masked_fill(y < 0, float("-inf"))
+
+
+class _Sampling(_Masked):  # samples in eval too: both runs draw from one random state
+    def forward(self, x):
+        return self.a(x) + 0.1 * torch.randn(x.shape[0], 4)
+
+
+class _TopIds(_Masked):  # integer outputs have no rounding: the program picks other ids
+    def forward(self, x):
+        y = self.a(x)
+        return (-y if torch.compiler.is_exporting() else y).argmax(-1)
+
+
+class _TwoHeads(_Masked):  # a small head beside a large one: judged at its own magnitude
+    def forward(self, x):
+        y = self.a(x)
+        ctr = torch.sigmoid(y[:, 0]) * 1e-2
+        return {"score": y * 1000.0, "ctr": ctr * 2 if torch.compiler.is_exporting() else ctr}
+
+
+class _HalfAttention(nn.Module):  # unrouted attention: eager runs torch's fused path, the program the unfused one
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(64, 4, batch_first=True)
+        self.head = nn.Linear(64, 8)
+
+    def forward(self, x):
+        return self.head(self.attn(x, x, x, need_weights=False)[0]).mean(1)
+
+
+@pytest.mark.parametrize("model, x, kw", [
+    (_Masked, (16, 8), {}), (_Sampling, (16, 8), {}),
+    (lambda: _HalfAttention().to(torch.bfloat16), (8, 6, 64), {"skip": ["attn.*"]}),
+])
+def test_programs_that_agree_up_to_rounding_are_accepted(tmp_path, model, x, kw):
+    torch.manual_seed(0)
+    m = model().eval()
+    dtype = next(m.parameters()).dtype
+    art = export(m, tmp_path / "art", example_inputs=(torch.randn(*x, dtype=dtype),), **kw)
+    checked = art.manifest["program"]["checked"]
+    assert math.isfinite(checked["max_abs_diff"]) and math.isfinite(checked["max_abs_output"])
+
+
+@pytest.mark.parametrize("model, match", [
+    (_TopIds, r"at output \(the output\): 16 of its 16 int64 values differ"),
+    (_TwoHeads, r"at output \['ctr'\]: by up to .*, where its values reach"),
+])
+def test_programs_that_differ_in_a_label_or_a_small_head_are_refused(tmp_path, model, match):
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=match):
+        export(model().eval(), tmp_path / "art", example_inputs=(torch.randn(16, 8),))
     assert not (tmp_path / "art").exists()
 
 

@@ -105,6 +105,7 @@ def test_inspect_names_where_each_input_goes(art, capsys):
     ([{"set": [0, 1, 2]}], r"has kind 'set'"),
     ([{"dict": [[0, 0], ["ids", 1]]}, {"list": [2]}], r"has a dict entry that is not \[str key, node\]"),
     ("x", r"is str"),
+    ([{"dict": [["dense", 0], ["dense", 1]]}, {"list": [2]}], r"repeats a key of a dict"),
 ])
 def test_an_edited_structure_is_refused_by_name(tmp_path, art, structure, why, capsys):
     import shutil
@@ -131,6 +132,8 @@ def test_a_structure_nested_past_the_bound_is_refused():
 @pytest.mark.parametrize("given, match", [
     (lambda d: ({1: d}, [d]), r"example_inputs\[0\] has key 1; a dict input needs str keys"),
     (lambda d: ({"dense": d, "n": 3}, [d]), r"example_inputs\[0\]\['n'\] is int; expected tensors, or dicts"),
+    (lambda d: (__import__("collections").OrderedDict(dense=d), [d]),
+     r"example_inputs\[0\] is OrderedDict; .*exactly those types.*pass an OrderedDict or a namedtuple as a dict"),
 ])
 def test_example_inputs_leaves_must_be_tensors_and_keys_str(tmp_path, given, match):
     with pytest.raises(TypeError, match=match):
