@@ -882,24 +882,10 @@ def build_inputs(structure: Any, leaves: Sequence[Tensor], where: str) -> Tuple[
 def input_paths(structure: Any, n: int, where: str) -> List[str]:
     """Where each of the ``n`` recorded input tensors goes in forward's inputs (``[0]['dense']``),
     in order: the names ``hwaware inspect`` prints, and the order ``hwaware bench --inputs`` takes."""
-    paths = [f"[{i}]" for i in range(n)]
     if structure is None:
-        return paths
-    found: List[str] = []
-
-    def walk(x: Any, where_: str) -> None:
-        if isinstance(x, Tensor):
-            found.append(where_)
-        elif type(x) is dict:
-            for k, v in x.items():
-                walk(v, f"{where_}[{k!r}]")
-        else:
-            for i, v in enumerate(x):
-                walk(v, f"{where_}[{i}]")
-
-    for i, x in enumerate(build_inputs(structure, [torch.empty(0)] * n, where)):
-        walk(x, f"[{i}]")
-    return found
+        return [f"[{i}]" for i in range(n)]
+    inputs = build_inputs(structure, [torch.empty(0)] * n, where)
+    return [torch.utils._pytree.keystr(path) for path, _ in torch.utils._pytree.tree_flatten_with_path(inputs)[0]]
 
 
 def _map_leaves(inputs: Tuple[Any, ...], fn: Callable[[Tensor, int], Any]) -> Tuple[Any, ...]:
@@ -1031,8 +1017,8 @@ def _program_agreement(program: Any, deploy: nn.Module, example_inputs: Tuple[An
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             outputs.append(run(*example_inputs))
-    got_leaves, got_spec = torch.utils._pytree.tree_flatten_with_path(outputs[0])[0], torch.utils._pytree.tree_structure(outputs[0])
-    want_leaves, want_spec = torch.utils._pytree.tree_flatten_with_path(outputs[1])[0], torch.utils._pytree.tree_structure(outputs[1])
+    got_leaves, got_spec = torch.utils._pytree.tree_flatten_with_path(outputs[0])
+    want_leaves, want_spec = torch.utils._pytree.tree_flatten_with_path(outputs[1])
     if got_spec != want_spec:
         raise refuse("(all)", f"it returns {got_spec}, the deploy model {want_spec}")
     diff, size, exact = 0.0, 0.0, True
