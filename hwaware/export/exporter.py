@@ -404,8 +404,8 @@ def weights_read_outside_call(model: nn.Module, names: Iterable[str], run: Calla
     with the wrong shape or crashed. A routed attention module's ``in_proj`` is its
     ``in_proj_weight``, which packing drops (``None``): reads of it on the attention module outside
     the ``in_proj`` call count. (Not those of ``in_proj_bias``, dropped too: torch's fused-path
-    checks read it to test ``is None``, and then take the unfused path the deploy layers run on.) Run :func:`side_effect_free`; each module's class
-    is put back."""
+    checks read it to test ``is None``, and then take the unfused path the deploy layers run on.)
+    Run :func:`side_effect_free`; each module's class is put back."""
     modules, names = dict(model.named_modules()), list(names)
     reads: Dict[str, str] = {}  # {layer: what was read}, in the order first read
     swapped: List[Tuple[nn.Module, type]] = []
@@ -890,16 +890,8 @@ def input_paths(structure: Any, n: int, where: str) -> List[str]:
 
 def _map_leaves(inputs: Tuple[Any, ...], fn: Callable[[Tensor, int], Any]) -> Tuple[Any, ...]:
     """``inputs`` with each tensor ``x`` (the ``i``-th of :func:`input_leaves`) replaced by ``fn(x, i)``."""
-    count = iter(range(1 << 62))
-
-    def walk(x: Any) -> Any:
-        if isinstance(x, Tensor):
-            return fn(x, next(count))
-        if type(x) is dict:
-            return {k: walk(v) for k, v in x.items()}
-        return type(x)(walk(v) for v in x)
-
-    return tuple(walk(x) for x in inputs)
+    count = iter(range(1 << 62))  # (pytree visits the tensors in input_leaves' order)
+    return torch.utils._pytree.tree_map_only(Tensor, lambda x: fn(x, next(count)), tuple(inputs))
 
 
 def _describe_input(x: Any) -> Dict[str, Any]:
