@@ -70,9 +70,12 @@ __all__ = [
 FORMAT_NAME = "hwaware-artifact"
 # the newest format this hwaware reads and writes. 2: the manifest may hold "tied_tensors" (entries
 # stored once under another key), which a reader of format 1 would take for missing tensors. An
-# artifact that needs nothing of format 2 is written as format 1, so older hwaware versions read it
-FORMAT_VERSION = 2
-_FORMAT_2_FIELDS = ("tied_tensors",)
+# artifact that needs nothing of format 2 is written as format 1, so older hwaware versions read it.
+# 3: the manifest may hold "derived_rows" (a table's rows, not stored, derived at load from the int8
+# layer its weight is tied to), which a reader of format 2 would take for missing tensors.
+# Each artifact is written as the oldest format that holds everything it needs.
+FORMAT_VERSION = 3
+_FIELDS_OF_FORMAT = {2: ("tied_tensors",), 3: ("derived_rows",)}
 
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -480,7 +483,7 @@ def write_artifact(
             files[fname] = {"sha256": _sha256_file(fpath), "bytes": os.path.getsize(fpath)}
 
         writing = MANIFEST_FILE
-        version = 2 if any(k in body for k in _FORMAT_2_FIELDS) else 1
+        version = max([1] + [v for v, fields in _FIELDS_OF_FORMAT.items() if any(k in body for k in fields)])
         body.update(format=FORMAT_NAME, format_version=version, files=files, **_versions())
         body["manifest_sha256"] = _manifest_hash(body)
         mpath = os.path.join(tmp, MANIFEST_FILE)
@@ -595,12 +598,13 @@ def _read_manifest(path: str, hash_weights: bool) -> Dict[str, Any]:
             f"{mpath}: written by a newer hwaware (format {version}); this hwaware reads format "
             f"{FORMAT_VERSION}; upgrade hwaware"
         )
-    if type(version) is not int or version not in (1, 2):
+    if type(version) is not int or not 1 <= version <= FORMAT_VERSION:
         raise ArtifactError(
-            f"{mpath}: unsupported format_version {version!r}; this hwaware reads formats 1 and {FORMAT_VERSION}"
+            f"{mpath}: unsupported format_version {version!r}; this hwaware reads formats 1 to {FORMAT_VERSION}"
         )
-    if version == 1 and any(k in manifest for k in _FORMAT_2_FIELDS):
-        raise ArtifactError(f"{mpath}: format_version 1 with format 2's {[k for k in _FORMAT_2_FIELDS if k in manifest]}")
+    for newer, fields in _FIELDS_OF_FORMAT.items():  # (a reader of the stated format would misread them)
+        if version < newer and any(k in manifest for k in fields):
+            raise ArtifactError(f"{mpath}: format_version {version} with format {newer}'s {[k for k in fields if k in manifest]}")
 
     recorded = manifest.get("manifest_sha256")
     try:

@@ -222,6 +222,29 @@ def _share_packed(deploy: nn.Module, layers: Dict[str, Dict[str, Any]]) -> None:
                 m._buffers[leaf] = other
 
 
+def _derive_tied_rows(deploy: nn.Module, layers: Dict[str, Dict[str, Any]]) -> None:
+    """One weight tied between an 8-bit row-wise table and an :class:`Int8Linear` (a language model's
+    token table and its output head) is packed once: the table's rows become the layer's symmetric
+    per-row codes and scales in the row-wise layout (:func:`~hwaware.ops.packing.rowwise_from_int8`),
+    and its entry says so (``rows_from``; the manifest's ``derived_rows``), so the artifact stores the
+    layer's codes alone and load derives the rows. Packed in two formats, a 512x64 tied weight's
+    model took 52% of its FP32 bytes, 26.7% stored once (tests/export/test_tied_rows.py). The table then serves symmetric rows rather than its own affine ones;
+    this runs before the regression gate, which measures the rows served. Tables of 4-bit rows stay
+    in their own format (an int4 layer's scales are per group, not per row)."""
+    for name, meta in layers.items():
+        table = deploy.get_submodule(name)
+        if type(table) not in (RowwiseEmbeddingBag, RowwiseEmbedding) or table.bits != 8:
+            continue
+        heads = [o for o in meta.get("tied_to", ()) if type(deploy.get_submodule(o)) is Int8Linear]
+        if not heads:
+            continue
+        head = deploy.get_submodule(heads[0])
+        if [head.out_features, head.in_features] != [table.num_embeddings, table.dim]:
+            continue  # (one tensor: only a weight of another shape, reshaped by a parametrization, gets here)
+        table._buffers["weight"] = packing.rowwise_from_int8(head.qweight, head.w_scale)
+        meta["rows_from"] = heads[0]
+
+
 def _int8_vs_fp32(layers: Dict[str, Dict[str, Any]]) -> Optional[Dict[str, Any]]:
     """The int8 layers served one call each (not in an ``int8_mlp`` chain) that selection timed:
     their chosen kernels' time in all against the same layers' FP32 ``F.linear`` at the same rows
@@ -236,13 +259,19 @@ def _int8_vs_fp32(layers: Dict[str, Dict[str, Any]]) -> Optional[Dict[str, Any]]
             "fp32_us": round(sum(r["fp32_us"] for r in timed), 2)}
 
 
-def _note_tied(layers: Dict[str, Dict[str, Any]], tensors: Dict[str, Tensor], tied_tensors: Dict[str, str]) -> None:
+def _note_tied(layers: Dict[str, Dict[str, Any]], tensors: Dict[str, Tensor], tied_tensors: Dict[str, str],
+               derived_rows: Dict[str, str]) -> None:
     """The manifest note of each packed layer sharing its weight with others (``tied_to``): stored
     once where the layers pack to the same bytes (``stored_as``: the layer whose entries hold them,
-    and ``stored_bytes``: what the layer still stores of its own, its bias), else once per format.
+    and ``stored_bytes``: what the layer still stores of its own, its bias) or where a table's rows
+    are derived from an int8 layer's codes (``derived_rows``), else once per format.
     ``tensors``: the deploy model's state dict."""
     group = [n for n, meta in layers.items() if meta.get("tied_to")]
+    derived = {k.rpartition(".")[0]: src for k, src in derived_rows.items()}
     for name in group:
+        if name in derived:
+            layers[name].update(stored_as=derived[name], stored_bytes=0)
+            continue
         mine = [k for k in tensors if _under(k, [name]) and k.rpartition(".")[2] != "bias"]
         src = {tied_tensors[k].rpartition(".")[0] for k in mine if k in tied_tensors}
         if mine and len(src) == 1 and all(k in tied_tensors for k in mine):
@@ -253,9 +282,14 @@ def _note_tied(layers: Dict[str, Dict[str, Any]], tensors: Dict[str, Tensor], ti
         meta = layers[name]
         others = ", ".join(repr(o) for o in meta["tied_to"])
         copies = sum(1 for n in [name, *meta["tied_to"]] if "stored_as" not in layers.get(n, {}))
-        if "stored_as" in meta:
+        if name in derived:
+            note = (f"its weight is tied to {others}; its rows are {derived[name]!r}'s int8 codes and per-row scales "
+                    f"(symmetric): stored once, under {derived[name]!r}, and derived at load (manifest derived_rows)")
+        elif "stored_as" in meta:
             note = (f"its weight is tied to {others}; it packs to the same bytes as {meta['stored_as']!r}: stored once, "
                     f"under {meta['stored_as']!r} (manifest tied_tensors)")
+        elif name in derived.values():
+            note = f"its weight is tied to {others}, whose rows load derives from this layer's codes: stored once, here"
         elif copies == 1:
             note = f"its weight is tied to {others}, which pack to the same bytes: stored once, here"
         else:
@@ -528,6 +562,7 @@ def _build_deploy(model: nn.Module, states: Dict[str, QuantState], sparse24: boo
     for names in (n for n in tied.values() if len(n) > 1):  # (the manifest's note says how it is stored: _note_tied)
         for name in names:
             layers[name]["tied_to"] = [o for o in names if o != name]
+    _derive_tied_rows(deploy, layers)
     from hwaware.recsys.embedding import EmbeddingBagList  # recsys imports the ops and Lightning: at call time
 
     for name, meta in layers.items():  # tables an EmbeddingBagList looks up together (one op call per batch)
@@ -1629,13 +1664,15 @@ def export(
 
     aliases = module_aliases(model)  # stored once, under the module's first name; load re-points them
     _share_packed(deploy, layers)
+    # tables whose rows are an int8 layer's codes (_derive_tied_rows): not stored, derived at load
+    derived_rows = {f"{n}.weight": meta.pop("rows_from") for n, meta in layers.items() if "rows_from" in meta}
     state = {k: v for k, v in deploy.state_dict().items() if not _under(k, aliases)}
-    tensors, tied_tensors = _stored_once(state)
-    _note_tied(layers, state, tied_tensors)
+    tensors, tied_tensors = _stored_once({k: v for k, v in state.items() if k not in derived_rows})
+    _note_tied(layers, state, tied_tensors, derived_rows)
     # non-persistent buffers (e.g. an index table built in __init__) travel too, so load can build
     # the model on the meta device and never allocate its FP32 weights
     for name, buf in deploy.named_buffers():
-        if name not in tensors and name not in tied_tensors and buf is not None:
+        if name not in tensors and name not in tied_tensors and name not in derived_rows and buf is not None:
             tensors[_BUFFER_PREFIX + name] = buf.detach().contiguous().cpu()
     fp32_bytes = float_bytes(model)  # each floating tensor once: a tied weight is two state_dict entries
     cls = type(model)
@@ -1673,6 +1710,8 @@ def export(
         manifest["module_aliases"] = aliases
     if tied_tensors:
         manifest["tied_tensors"] = tied_tensors
+    if derived_rows:
+        manifest["derived_rows"] = derived_rows
     if int8_impls is not None:
         manifest["int8_impls"] = list(int8_impls)  # what the caller let export choose from
     if any("selection" in meta for meta in layers.values()):
@@ -2114,6 +2153,31 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
             raise ArtifactError(f"{mpath}: 'tied_tensors' says {k!r} is {src!r}'s tensor, but weights.safetensors "
                                 + (f"holds {k!r} itself" if k in tensors else f"has no {src!r}"))
         tensors[k] = tensors[src]
+    derived = manifest.get("derived_rows", {})
+    if not isinstance(derived, dict) or not all(isinstance(k, str) and isinstance(src, str) for k, src in derived.items()):
+        raise ArtifactError(f"{mpath}: 'derived_rows' is {derived!r}; expected {{table weight key: the int8 layer whose "
+                            "codes are its rows}")
+    rows_of: Dict[str, Tensor] = {}  # one tensor per source layer, as export shared it between its tables
+    for k, src in derived.items():  # a table tied to an int8 layer: its rows are the layer's codes (_derive_tied_rows)
+        table_name, _, leaf = k.rpartition(".")
+        table, head = new_layers.get(table_name), new_layers.get(src)
+        if leaf != "weight" or not isinstance(table, RowwiseEmbeddingBag) or table.bits != 8:
+            raise ArtifactError(f"{mpath}: 'derived_rows' derives {k!r}, which is not the weight of an 8-bit row-wise "
+                                "table of the artifact")
+        if type(head) is not Int8Linear or [head.out_features, head.in_features] != [table.num_embeddings, table.dim]:
+            raise ArtifactError(f"{mpath}: 'derived_rows' derives {k!r} from {src!r}, which is not an Int8Linear layer "
+                                f"of the artifact of shape [{table.num_embeddings}, {table.dim}] (the table's rows)")
+        if k in tensors:
+            raise ArtifactError(f"{mpath}: 'derived_rows' derives {k!r}, but weights.safetensors holds it itself")
+        q, scale = tensors.get(f"{src}.qweight"), tensors.get(f"{src}.w_scale")
+        if q is None or scale is None:
+            continue  # (the check against the model below names what is missing)
+        try:
+            _check_positive_scale(scale)
+            tensors[k] = rows_of[src] if src in rows_of else rows_of.setdefault(src, packing.rowwise_from_int8(q, scale))
+        except (TypeError, ValueError) as e:
+            raise ArtifactError(f"{path}/weights.safetensors: {k!r} is derived from layer {src!r}'s qweight and w_scale: "
+                                f"{e}") from None
     extra = {k[len(_BUFFER_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(_BUFFER_PREFIX)}
     # the state_dict the model will have once the deploy layers are in (an alias's entries: its module's)
     # (an attention module's FP32 in-projection Parameters, once its in_proj is packed, are dropped)

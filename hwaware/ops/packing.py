@@ -46,6 +46,7 @@ __all__ = [
     "rowwise_cols",
     "quantize_rowwise",
     "dequantize_rowwise",
+    "rowwise_from_int8",
     "int8_weight_spec",
     "INT8_MAX_K",
     "int4_weight_spec",
@@ -258,6 +259,20 @@ def _pack_symmetric_rows(table: Tensor, mn: Tensor, mx: Tensor, bits: int, spec:
                          f"{_FP16_MAX:g} in magnitude; use 8-bit rows for this table")
     codes = (quantize(table, scale, zero, spec).to(torch.int16) + half).to(torch.uint8)  # [qmin, qmax] + half: in [0, 2^bits)
     return pack_rowwise(codes, scale, -half * scale, bits)
+
+
+def rowwise_from_int8(qweight: Tensor, scale: Tensor) -> Tensor:
+    """The 8-bit row-wise table (``uint8 [R, D + 8]``) of the symmetric per-row codes an int8
+    linear holds (``qweight int8 [R, D]``, ``scale float32 [R]``): codes ``q + 128``, offset
+    ``-128 * scale`` (exact), as :func:`quantize_rowwise` stores a symmetric table. One weight
+    tied between a table and an int8 layer is stored once, as the layer's codes; load derives the
+    table's rows from them (manifest ``derived_rows``)."""
+    _check_tensor("qweight", qweight, (torch.int8,), 2, "[R, D] int8")
+    _check_tensor("scale", scale, (torch.float32,), 1, f"[R] = [{qweight.shape[0]}] float32")
+    if scale.shape[0] != qweight.shape[0]:
+        raise ValueError(f"scale must have shape [R] = [{qweight.shape[0]}] for qweight {tuple(qweight.shape)}, got {tuple(scale.shape)}")
+    codes = (qweight.to(torch.int16) + 128).to(torch.uint8)
+    return pack_rowwise(codes, scale, -128 * scale, 8)
 
 
 def check_rowwise_qparams(fused: Tensor, bits: int, rows_per_chunk: int = 1 << 20) -> None:

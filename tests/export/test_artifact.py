@@ -87,7 +87,7 @@ def test_round_trip_preserves_tensors_dtypes_and_manifest(tmp_path):
     assert m == written == verify_artifact(path)
     assert ADDED <= set(m)
     # format 1: nothing of format 2 (tied_tensors) in it, so an older hwaware reads it
-    assert m["format"] == FORMAT_NAME == "hwaware-artifact" and m["format_version"] == 1 and FORMAT_VERSION == 2
+    assert m["format"] == FORMAT_NAME == "hwaware-artifact" and m["format_version"] == 1 and FORMAT_VERSION == 3
     assert m["hwaware_version"] == hwaware.__version__ and m["torch_version"] == torch.__version__
     assert m["layers"] == {"fc": {"scheme": "w8", "shape": [16, 8]}} and m["fp32_bytes"] == 1234
     assert set(m["files"]) == {"weights.safetensors"}
@@ -201,9 +201,9 @@ def test_refuses_manifest_not_json_or_wrong_format(art):
 
 
 def test_refuses_newer_format_version_with_upgrade_hint(art):
-    _rehash(art, lambda m: m.update(format_version=3))
-    with pytest.raises(ArtifactError, match=r"manifest.json: written by a newer hwaware \(format 3\); "
-                                            r"this hwaware reads format 2; upgrade hwaware"):
+    _rehash(art, lambda m: m.update(format_version=4))
+    with pytest.raises(ArtifactError, match=r"manifest.json: written by a newer hwaware \(format 4\); "
+                                            r"this hwaware reads format 3; upgrade hwaware"):
         verify_artifact(art)
 
 
@@ -217,6 +217,19 @@ def test_an_artifact_using_format_2_says_so_and_format_1_may_not_hold_its_fields
     _rehash(str(tmp_path / "a"), lambda m: m.update(format_version=1))
     with pytest.raises(ArtifactError, match=r"format_version 1 with format 2's \['tied_tensors'\]"):
         verify_artifact(tmp_path / "a")
+
+
+def test_an_artifact_deriving_rows_is_format_3_and_older_formats_may_not_hold_them(tmp_path):
+    """derived_rows (format 3: a table's rows not stored, derived from an int8 layer's codes) read
+    by a format-2 reader would look like a missing tensor: written as format 3, which that reader
+    refuses with "upgrade hwaware"."""
+    m = write_artifact(tmp_path / "a", {"derived_rows": {"t.weight": "h"}}, {"a": torch.zeros(2)})
+    assert m["format_version"] == 3
+    verify_artifact(tmp_path / "a")
+    for older in (1, 2):
+        _rehash(str(tmp_path / "a"), lambda m: m.update(format_version=older))
+        with pytest.raises(ArtifactError, match=rf"format_version {older} with format 3's \['derived_rows'\]"):
+            verify_artifact(tmp_path / "a")
 
 
 @pytest.mark.parametrize("version", [0, "1", 1.0, True, None])
