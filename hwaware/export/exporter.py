@@ -222,27 +222,48 @@ def _share_packed(deploy: nn.Module, layers: Dict[str, Dict[str, Any]]) -> None:
                 m._buffers[leaf] = other
 
 
-def _derive_tied_rows(deploy: nn.Module, layers: Dict[str, Dict[str, Any]]) -> None:
+def _derive_tied_rows(deploy: nn.Module, layers: Dict[str, Dict[str, Any]]) -> Dict[str, Tensor]:
     """One weight tied between an 8-bit row-wise table and an :class:`Int8Linear` (a language model's
     token table and its output head) is packed once: the table's rows become the layer's symmetric
     per-row codes and scales in the row-wise layout (:func:`~hwaware.ops.packing.rowwise_from_int8`),
     and its entry says so (``rows_from``; the manifest's ``derived_rows``), so the artifact stores the
     layer's codes alone and load derives the rows. Packed in two formats, a 512x64 tied weight's
-    model took 52% of its FP32 bytes, 26.7% stored once (tests/export/test_tied_rows.py). The table then serves symmetric rows rather than its own affine ones;
-    this runs before the regression gate, which measures the rows served. Tables of 4-bit rows stay
-    in their own format (an int4 layer's scales are per group, not per row)."""
+    model took 52% of its FP32 bytes, 26.7% stored once (tests/export/test_tied_rows.py). The table
+    then serves symmetric rows rather than its own affine ones: the regression gate measures them,
+    and export goes back to the table's own rows where they fail it (:func:`_keep_derived_rows`).
+    Tables of 4-bit rows keep their own format (they cannot hold 8-bit codes). Returns each
+    deriving table's own rows."""
+    own: Dict[str, Tensor] = {}
     for name, meta in layers.items():
         table = deploy.get_submodule(name)
         if type(table) not in (RowwiseEmbeddingBag, RowwiseEmbedding) or table.bits != 8:
             continue
         heads = [o for o in meta.get("tied_to", ()) if type(deploy.get_submodule(o)) is Int8Linear]
-        if not heads:
-            continue
-        head = deploy.get_submodule(heads[0])
-        if [head.out_features, head.in_features] != [table.num_embeddings, table.dim]:
-            continue  # (one tensor: only a weight of another shape, reshaped by a parametrization, gets here)
-        table._buffers["weight"] = packing.rowwise_from_int8(head.qweight, head.w_scale)
-        meta["rows_from"] = heads[0]
+        if heads:  # (one tensor: the head's [out, in] is the table's [rows, dim])
+            head = deploy.get_submodule(heads[0])
+            own[name] = table._buffers["weight"]
+            table._buffers["weight"] = packing.rowwise_from_int8(head.qweight, head.w_scale)
+            meta["rows_from"] = heads[0]
+    return own
+
+
+def _keep_derived_rows(deploy: nn.Module, layers: Dict[str, Dict[str, Any]], own: Dict[str, Tensor],
+                       gate: Callable[[], float], ref_value: float, max_drop: float, metric: str) -> None:
+    """Tables serving rows derived from a tied int8 layer (:func:`_derive_tied_rows`) keep them when
+    the model passes the gate with them; else each gets its own rows back (stored in its own
+    format, the manifest note says why) and the gate goes on as without derived rows. ``gate``:
+    the metric of ``deploy`` as it is."""
+    if not own:
+        return
+    value = gate()
+    if ref_value - value <= max_drop:
+        return
+    for name, rows in own.items():
+        src = layers[name].pop("rows_from")
+        deploy.get_submodule(name)._buffers["weight"] = rows
+        why = (f"its rows as the int8 codes of {src!r} (symmetric, stored once) scored {metric} {value:.5f}, a drop of "
+               f"{ref_value - value:.5f} > max_drop: it keeps its own rows")
+        layers[name]["note"] = f"{layers[name]['note']}; {why}" if layers[name].get("note") else why
 
 
 def _int8_vs_fp32(layers: Dict[str, Dict[str, Any]]) -> Optional[Dict[str, Any]]:
@@ -282,19 +303,20 @@ def _note_tied(layers: Dict[str, Dict[str, Any]], tensors: Dict[str, Tensor], ti
         meta = layers[name]
         others = ", ".join(repr(o) for o in meta["tied_to"])
         copies = sum(1 for n in [name, *meta["tied_to"]] if "stored_as" not in layers.get(n, {}))
+        tables = [t for t, src in derived.items() if src == name]
         if name in derived:
-            note = (f"its weight is tied to {others}; its rows are {derived[name]!r}'s int8 codes and per-row scales "
-                    f"(symmetric): stored once, under {derived[name]!r}, and derived at load (manifest derived_rows)")
+            note = (f"its weight is tied to {others}; its rows are the int8 codes and per-row scales (symmetric) of "
+                    f"{derived[name]!r}, not stored but derived at load (manifest derived_rows)")
         elif "stored_as" in meta:
             note = (f"its weight is tied to {others}; it packs to the same bytes as {meta['stored_as']!r}: stored once, "
                     f"under {meta['stored_as']!r} (manifest tied_tensors)")
-        elif name in derived.values():
-            note = f"its weight is tied to {others}, whose rows load derives from this layer's codes: stored once, here"
         elif copies == 1:
-            note = f"its weight is tied to {others}, which pack to the same bytes: stored once, here"
+            note = (f"its weight is tied to {others}, " + ("whose rows load derives from this layer's codes" if tables else
+                                                           "which pack to the same bytes") + ": stored once, here")
         else:
             note = (f"its weight is tied to {others}: packed in {copies} formats, so the artifact stores that weight "
-                    f"{copies} times (FP32 stored it once)")
+                    f"{copies} times (FP32 stored it once)"
+                    + (f"; {', '.join(map(repr, tables))} derive their rows from this layer's codes" if tables else ""))
         meta["note"] = f"{meta['note']}; {note}" if meta.get("note") else note
 
 
@@ -562,7 +584,6 @@ def _build_deploy(model: nn.Module, states: Dict[str, QuantState], sparse24: boo
     for names in (n for n in tied.values() if len(n) > 1):  # (the manifest's note says how it is stored: _note_tied)
         for name in names:
             layers[name]["tied_to"] = [o for o in names if o != name]
-    _derive_tied_rows(deploy, layers)
     from hwaware.recsys.embedding import EmbeddingBagList  # recsys imports the ops and Lightning: at call time
 
     for name, meta in layers.items():  # tables an EmbeddingBagList looks up together (one op call per batch)
@@ -1518,6 +1539,7 @@ def export(
             detach_quantization(model)  # (attention modules it routed too: the user's model as it was)
     if not layers:
         raise ValueError(f"nothing to pack: every quantized layer stays dense ({dense})")
+    own_rows = _derive_tied_rows(deploy, layers)  # (the gate below measures the rows it serves)
     unpackable = unpackable_specs({n: (st.kind, st.weight.spec) for n, st in states.items() if st.enabled})
     if unpackable and not ptq:
         warnings.warn(f"export: {len(unpackable)} layer(s) QAT quantized have no deploy op and are exported dense (FP32): "
@@ -1558,6 +1580,8 @@ def export(
         if others:  # (2:4 pruning before QAT: the dense model then, and the model at QAT start)
             references = {"dense at 2:4 pruning start": ref_value, **others}
             ref_value = max(references.values())  # the better FP32 model: the gate is the stricter
+        _keep_derived_rows(deploy, layers, own_rows, lambda: _evaluate(deploy, val_batches, metric, output_fn), ref_value,
+                           float(max_drop), metric)
         if _int8_layers(deploy):
             # every int8 implementation gated on its own before any is timed: they differ in what they
             # do to the input (dequant keeps it float), so a choice by time alone made the gate's
@@ -2168,16 +2192,23 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
             raise ArtifactError(f"{mpath}: 'derived_rows' derives {k!r} from {src!r}, which is not an Int8Linear layer "
                                 f"of the artifact of shape [{table.num_embeddings}, {table.dim}] (the table's rows)")
         if k in tensors:
-            raise ArtifactError(f"{mpath}: 'derived_rows' derives {k!r}, but weights.safetensors holds it itself")
+            raise ArtifactError(f"{mpath}: 'derived_rows' derives {k!r}, but " + (
+                f"'tied_tensors' names it the tensor of {tied[k]!r}" if k in tied else "weights.safetensors holds it itself"))
         q, scale = tensors.get(f"{src}.qweight"), tensors.get(f"{src}.w_scale")
         if q is None or scale is None:
             continue  # (the check against the model below names what is missing)
+        for t, leaf, dtype, shape in ((q, "qweight", torch.int8, (table.num_embeddings, table.dim)),
+                                      (scale, "w_scale", torch.float32, (table.num_embeddings,))):
+            if t.dtype != dtype or tuple(t.shape) != shape:
+                raise ArtifactError(f"{path}/weights.safetensors: {src + '.' + leaf!r} is {t.dtype} {tuple(t.shape)}; "
+                                    f"{mpath} (its layer entry) expects {dtype} {shape}")
         try:
             _check_positive_scale(scale)
-            tensors[k] = rows_of[src] if src in rows_of else rows_of.setdefault(src, packing.rowwise_from_int8(q, scale))
-        except (TypeError, ValueError) as e:
-            raise ArtifactError(f"{path}/weights.safetensors: {k!r} is derived from layer {src!r}'s qweight and w_scale: "
-                                f"{e}") from None
+        except ValueError as e:
+            raise ArtifactError(f"{path}/weights.safetensors: layer {src!r}: w_scale: {e}") from None
+        if src not in rows_of:
+            rows_of[src] = packing.rowwise_from_int8(q, scale)
+        tensors[k] = rows_of[src]
     extra = {k[len(_BUFFER_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(_BUFFER_PREFIX)}
     # the state_dict the model will have once the deploy layers are in (an alias's entries: its module's)
     # (an attention module's FP32 in-projection Parameters, once its in_proj is packed, are dropped)

@@ -131,6 +131,62 @@ def test_a_tied_lm_stores_its_weight_once(tmp_path):
     assert m["derived_rows"] == {"tok.weight": "head"}
 
 
+class OffsetRows(nn.Module):
+    """A table tied to a head whose rows sit on a common +10 with the information in small per-row
+    offsets: affine 8-bit rows keep it, symmetric rows (the head's codes) round it away."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.tok = nn.Embedding(64, 32)
+        self.head = nn.Linear(32, 64, bias=False)
+        self.head.weight = self.tok.weight
+        self.cls = nn.Linear(32, 2)
+        with torch.no_grad():
+            self.tok.weight.copy_(10 + 0.01 * torch.randn(64, 32, generator=g))
+            u = torch.randn(32, generator=g)
+            self.cls.weight.copy_(torch.stack([u, -u]))
+            self.cls.bias.zero_()
+
+    def forward(self, ids):
+        e = self.tok(ids).mean(1)
+        return self.cls((e - 10) * 100) + 1e-6 * self.head(e)[:, :2]
+
+
+def offset_rows_val():
+    ids = torch.randint(0, 64, (512, 1), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = OffsetRows()(ids).argmax(1)  # what the FP32 model answers
+    return [(ids[i:i + 64], y[i:i + 64]) for i in range(0, 512, 64)]
+
+
+def served_accuracy(model, val) -> float:
+    acc = MulticlassAccuracy(num_classes=2, average="micro")
+    with torch.no_grad():
+        for ids, y in val:
+            acc.update(model(ids), y)
+    return float(acc.compute())
+
+
+def test_the_gate_measures_the_derived_rows_and_a_table_they_fail_keeps_its_own(tmp_path):
+    val = offset_rows_val()
+    # a loose gate: the derived rows pass and are what was measured and what load serves
+    loose = export(OffsetRows(), tmp_path / "loose", val_dataloader=val, metric="accuracy", max_drop=1.0)
+    assert loose.manifest["derived_rows"] == {"tok.weight": "head"}
+    served = load(loose.path, model=OffsetRows)
+    assert served_accuracy(served, val) == loose.report["exported"] < 0.8  # the symmetric rows cost accuracy
+    # a strict one: the derived rows fail it, so the table keeps its own (affine) rows, stored apart
+    strict = export(OffsetRows(), tmp_path / "strict", val_dataloader=val, metric="accuracy", max_drop=0.02)
+    m = strict.manifest
+    assert "derived_rows" not in m and m["format_version"] == 1 and strict.report["passed"]
+    assert strict.report["exported"] > 0.95
+    note = m["layers"]["tok"]["note"]
+    assert f"its rows as the int8 codes of 'head' (symmetric, stored once) scored accuracy {loose.report['exported']:.5f}" in note
+    assert "> max_drop: it keeps its own rows" in note and "packed in 2 formats" in note
+    assert "tok.weight" in read_tensors(strict.path)
+    assert served_accuracy(load(strict.path, model=OffsetRows), val) == strict.report["exported"]
+
+
 def test_int4_rows_are_not_derived_from_an_int8_head(tmp_path):
     torch.manual_seed(0)
     model = TiedHeadLM()
@@ -159,6 +215,8 @@ def _edit(path, fn) -> None:
     (lambda m: m.update(derived_rows={"body.0.qweight": "head"}),
      r"derives 'body.0.qweight', which is not the weight of an 8-bit row-wise table"),
     (lambda m: m.pop("derived_rows"), r"does not match the model: missing \['tok.weight'\]"),
+    (lambda m: m.update(tied_tensors={"tok.weight": "head.qweight"}),
+     r"derives 'tok.weight', but 'tied_tensors' names it the tensor of 'head.qweight'"),
 ])
 def test_an_edited_derived_rows_entry_is_refused_naming_it(qat_artifact, tmp_path, edit, match):
     import shutil
@@ -168,3 +226,56 @@ def test_an_edited_derived_rows_entry_is_refused_naming_it(qat_artifact, tmp_pat
     _edit(tmp_path / "a", edit)
     with pytest.raises(ArtifactError, match=match):
         load(tmp_path / "a", model=TiedHeadLM)
+
+
+@pytest.mark.parametrize("dtype, match", [
+    (torch.complex64, r"'head.w_scale' is torch.complex64 \(64,\); .*manifest.json \(its layer entry\) expects torch.float32"),
+    (torch.float16, r"'head.w_scale' is torch.float16 \(64,\)"),
+    (None, r"layer 'head': w_scale: scale must be finite and > 0 everywhere, got nan at index 3"),
+])
+def test_a_tampered_head_scale_is_refused_before_rows_are_derived_from_it(qat_artifact, tmp_path, dtype, match):
+    """A complex w_scale reached the positivity check first: NotImplementedError "gt_cpu" instead of a refusal."""
+    import hashlib
+    import shutil
+
+    from safetensors.torch import save_file
+
+    _, art, _, _ = qat_artifact
+    shutil.copytree(art.path, tmp_path / "a")
+    tensors = {k: v.clone() for k, v in read_tensors(tmp_path / "a").items()}
+    if dtype is None:
+        tensors["head.w_scale"][3] = float("nan")
+    else:
+        tensors["head.w_scale"] = tensors["head.w_scale"].to(dtype)
+    wpath = tmp_path / "a" / "weights.safetensors"
+    wpath.chmod(0o644)
+    save_file(tensors, str(wpath))
+    data = wpath.read_bytes()
+    _edit(tmp_path / "a", lambda m: m["files"].update({"weights.safetensors": {"sha256": hashlib.sha256(data).hexdigest(),
+                                                                               "bytes": len(data)}}))
+    with pytest.raises(ArtifactError, match=match):
+        load(tmp_path / "a", model=TiedHeadLM)
+
+
+def test_the_notes_count_every_copy_when_another_layer_stores_the_weight_again(tmp_path):
+    """Table + int8 head + a second head packed int4: the int8 head's note said "stored once"."""
+    from hwaware import QuantSpec
+
+    class TwoHeads(TiedHeadLM):
+        def __init__(self) -> None:
+            super().__init__(VOCAB, 32)  # (int4 groups of 32)
+            self.head2 = nn.Linear(32, VOCAB, bias=False)
+            self.head2.weight = self.tok.weight
+
+        def forward(self, ids):
+            h = self.body(self.tok(ids).mean(1))
+            return self.head(h) + self.head2(h)
+
+    torch.manual_seed(0)
+    art = export(TwoHeads(), tmp_path / "a", example_inputs=(torch.randint(0, VOCAB, (4, 3)),),
+                 layer_specs={"head2": QuantSpec(bits=4, granularity="per_group", group_size=32)})
+    layers = art.manifest["layers"]
+    assert art.manifest["derived_rows"] == {"tok.weight": "head"} and layers["head2"]["scheme"] == "int4"
+    assert ("packed in 2 formats, so the artifact stores that weight 2 times (FP32 stored it once); 'tok' derive their "
+            "rows from this layer's codes") in layers["head"]["note"]
+    assert "packed in 2 formats" in layers["head2"]["note"] and "not stored but derived at load" in layers["tok"]["note"]
