@@ -310,8 +310,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         return 0
     try:
         text = _inspect_text(args.path, manifest, artifact_size_bytes(args.path), args.wide)
-    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, ArithmeticError, RecursionError) as e:
         # verified, so written (and hashed) as it is: by another hwaware version, or edited and re-hashed
+        # (ArithmeticError: a byte count of 10**400 divided into a float; RecursionError: a value nested 400 deep)
         print(f"hwaware inspect: error: {os.path.join(args.path, 'manifest.json')}: a field holds what this hwaware does "
               f"not write ({type(e).__name__}: {e}); --json prints the manifest as stored", file=sys.stderr)
         return 2

@@ -175,6 +175,8 @@ class Int4Linear(_Packed):
     def empty(cls, meta: Dict[str, Any]) -> "Int4Linear":
         n, k = meta["shape"]
         g = meta["group_size"]
+        if type(g) is not int or g <= 0 or k % g or k % 2:  # (the op's own check, before its first call)
+            raise ValueError(f"group_size={g!r} must be a positive int dividing the even K = {k}")
         zeros = torch.empty(n, k // g, dtype=torch.int8) if not meta["symmetric"] else None
         bias = torch.empty(n, dtype=torch.float32) if meta.get("bias") else None
         return cls(torch.empty(n, (k + 1) // 2, dtype=torch.uint8), torch.empty(n, k // g, dtype=torch.float32), zeros, bias, k, g)

@@ -38,7 +38,7 @@ from hwaware.export.deploy import (DEPLOY_TYPES, Int4Linear, Int8Linear, Rowwise
 from hwaware.export.selection import (SPARSE24_INT8_IMPL, SPARSE24_INT8_KERNEL, capture_rows, cpu_profile, isa_list, lost_features,
                                       select_int8_chains, select_int8_kernels, select_sparse24_kernels, wide_k_why)
 import hwaware.ops as hwaware_ops
-from hwaware.ops import FBGEMM_MAX_K, INT8_KERNELS, packing
+from hwaware.ops import FBGEMM_MAX_K, INT8_KERNELS, _check_int4_values, packing
 from hwaware.ops.packing import _check_positive_scale, is_24
 from hwaware.quant import native
 from hwaware.quant.attention import (InProjection, RoutedMultiheadAttention, child_name, drop_packed_in_projections,
@@ -1149,11 +1149,13 @@ def check_input_descriptions(description: Any, where: str) -> None:
             raise bad(i, f"has shape {shape!r}")
         if dtype not in _INPUT_DTYPES:
             raise bad(i, f"has dtype {dtype!r}")
-        if not getattr(torch, dtype).is_floating_point and all(shape):  # an empty one records no max
+        cols = math.prod(shape[1:])  # (1-D: one column)
+        if not getattr(torch, dtype).is_floating_point and cols:  # (no columns: empty at any batch, no max recorded)
             bottom, top = (0, 1) if dtype == "bool" else (torch.iinfo(getattr(torch, dtype)).min, torch.iinfo(getattr(torch, dtype)).max)
             hi, lo = d.get("max"), d.get("min", [0] * len(d.get("max") or []))
-            if not (isinstance(hi, list) and hi and all(type(v) is int and v <= top for v in hi)):
-                raise bad(i, f"has max {hi!r} (each at most {top}, the {dtype} maximum)")
+            if not (isinstance(hi, list) and len(hi) in (1, cols) and all(type(v) is int and v <= top for v in hi)):
+                raise bad(i, f"has max {hi!r} (one for every column or one per column: {cols}; each at most {top}, the "
+                             f"{dtype} maximum)")
             if not (isinstance(lo, list) and len(lo) == len(hi)
                     and all(type(v) is int and bottom <= v <= h for v, h in zip(lo, hi))):
                 raise bad(i, f"has min {lo!r} for max {hi!r} (each at least {bottom}, the {dtype} minimum, and at most "
@@ -1187,10 +1189,12 @@ def make_inputs(description: Iterable[Dict[str, Any]], batch_size: int, seed: in
         dtype = getattr(torch, d["dtype"])
         if dtype.is_floating_point:
             out.append(torch.randn(shape, generator=g).to(dtype))
+        elif not math.prod(shape[1:]):  # no columns: empty whatever the batch (and no max recorded)
+            out.append(torch.zeros(shape, dtype=dtype))
         else:
             hi = torch.tensor(d["max"], dtype=torch.float64) + 1
             lo = torch.tensor(d.get("min", [0] * len(d["max"])), dtype=torch.float64)
-            cols = int(torch.tensor(shape[1:]).prod()) if len(shape) > 1 else 1
+            cols = math.prod(shape[1:])
             hi, lo = (hi.expand(cols), lo.expand(cols)) if hi.numel() == 1 else (hi, lo)
             ids = (torch.rand(batch_size, cols, generator=g, dtype=torch.float64) * (hi - lo) + lo).floor().to(dtype)
             out.append(ids.reshape(shape))
@@ -2027,26 +2031,42 @@ _REPLACES = {nn.Linear: (Int8Linear, Int4Linear, Sparse24Linear), nn.EmbeddingBa
 
 def _check_replaces(new: nn.Module, old: nn.Module, name: str, mpath: str, whose: str) -> None:
     """``ArtifactError`` when the deploy layer the manifest describes cannot stand in for the model's
-    layer: another kind (an int8 Linear where the model has a table), or another weight shape (a
-    table of other rows or width). Either failed only at the first call, or served a table of
-    another size without a word."""
+    layer: another kind (an int8 Linear where the model has a table), another weight shape (a table
+    of other rows or width), or another computation around the weight (a table's mode, padding_idx
+    or include_last_offset; a Linear's bias). Each failed only at the first call, or served other
+    outputs without a word."""
+    entry = new.describe()
     kind = next((k for k in _REPLACES if isinstance(old, k)), None)
     if kind is None:  # an instance loaded before holds a deploy layer: it stands for the kind it replaced
         kind = next((k for k, types in _REPLACES.items() if type(old) in types), None)
-        if kind is not None and type(new) in _REPLACES[kind]:
-            if list(old.describe()["shape"]) != list(new.describe()["shape"]):
-                raise ArtifactError(f"{mpath}: layer {name!r} holds a {new.describe()['shape']} weight in the artifact, "
-                                    f"but {whose} has a {type(old).__name__} of {old.describe()['shape']} there: not the "
-                                    "model this artifact was exported from")
-            return
-    shape = list(new.describe()["shape"])
-    if kind is None or type(new) not in _REPLACES[kind]:  # (export packs only Linear and Embedding(Bag) layers)
+        if kind is None or type(new) not in _REPLACES[kind]:
+            raise ArtifactError(f"{mpath}: layer {name!r} is a {type(new).__name__} in the artifact, but {whose} has a "
+                                f"{type(old).__name__} there: not the model this artifact was exported from")
+        before = old.describe()
+        here = {f: before.get(f) for f in ("shape", "bias", "mode", "include_last_offset", "padding_idx")}
+    elif type(new) not in _REPLACES[kind]:  # (export packs only Linear and Embedding(Bag) layers)
         raise ArtifactError(f"{mpath}: layer {name!r} is a {type(new).__name__} in the artifact, but {whose} has a "
                             f"{type(old).__name__} there: not the model this artifact was exported from")
-    if not nn.parameter.is_lazy(old.weight) and list(old.weight.shape) != shape:  # (a LazyLinear: no shape yet)
+    else:  # the model's own layer: what export recorded from it
+        here = {} if nn.parameter.is_lazy(old.weight) else {"shape": list(old.weight.shape)}  # (a LazyLinear: no shape yet)
+        if kind is nn.Linear:
+            here["bias"] = old.bias is not None
+        elif kind is nn.EmbeddingBag:
+            here.update(mode=old.mode, include_last_offset=old.include_last_offset, padding_idx=old.padding_idx)
+        else:  # an nn.Embedding is a bag of one row per index (its padding_idx only stops gradients)
+            here.update(mode="sum", include_last_offset=False, padding_idx=None)
+    shape = list(entry["shape"])
+    if "shape" in here and here.pop("shape") != shape:
+        got = old.describe()["shape"] if type(old) in _REPLACES[kind] else old.weight.shape
         raise ArtifactError(f"{mpath}: layer {name!r} holds a {shape[0]} x {shape[1]} weight in the artifact, but "
-                            f"{whose} has {type(old).__name__} weight {list(old.weight.shape)}: not the model this "
-                            "artifact was exported from")
+                            f"{whose} has {type(old).__name__} weight {list(got)}: not the model this artifact was "
+                            "exported from")
+    for field, value in here.items():
+        got = entry.get(field)
+        if got != value:
+            raise ArtifactError(f"{mpath}: layer {name!r} has {field}={got!r} in the artifact, but {whose} has a "
+                                f"{type(old).__name__} with {field}={value!r} there: not the model this artifact was "
+                                "exported from")
 
 
 def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, nn.Module, type] = None,
@@ -2236,6 +2256,12 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
                 i = int((~torch.isfinite(t)).reshape(-1).nonzero()[0])
                 raise ArtifactError(f"{path}/weights.safetensors: layer {name!r}: {leaf} must be finite everywhere, got "
                                     f"{float(t.reshape(-1)[i])} at flat index {i}")
+        if isinstance(new, Int4Linear):
+            try:  # a NaN, zero or negative scale (or a zero point off 4 bits) failed only at the first call
+                _check_int4_values(tensors[f"{name}.scales"], tensors.get(f"{name}.zeros"))
+            except ValueError as e:
+                raise ArtifactError(f"{path}/weights.safetensors: layer {name!r}: {e}") from None
+            continue
         scale = tensors.get(f"{name}.w_scale")
         if isinstance(new, (Sparse24Linear, Int8Linear)) and scale is not None:
             try:  # a NaN or -inf scale served NaN outputs without a word (int4 scales are checked in the op)

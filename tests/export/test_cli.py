@@ -1,6 +1,7 @@
 """``hwaware inspect``: verified table output, --json, and exit status 2 on a refused artifact."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -422,6 +423,11 @@ def test_bench_refuses_a_batch_whose_inputs_cannot_fit_in_memory(tmp_path, capsy
 @pytest.mark.parametrize("edit", [
     lambda m: m["layers"]["bot_mlp.0"].update(selection={"cpu": {"measured": {"int_mm": {"available": True, "us": None}}}}),
     lambda m: m.update(selection_cpu={"int8_engine": []}),
+    # JSON integers have no bound: each raised OverflowError as a float, a deep value RecursionError
+    lambda m: m.update(fp32_bytes=10**400),
+    lambda m: m["layers"]["bot_mlp.0"].update(bytes=10**400),
+    lambda m: m["regression"].update(reference=10**400),
+    lambda m: m["layers"]["bot_mlp.0"].update(kernel=functools.reduce(lambda v, _: {"cpu": v}, range(400), "x")),
 ])
 def test_inspect_of_a_field_this_hwaware_does_not_write_is_one_error_line(tmp_path, capsys, edit):
     manifest = json.loads(json.dumps(MANIFEST))

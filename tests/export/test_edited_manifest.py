@@ -48,7 +48,7 @@ def test_malformed_entries_are_named_not_raw_python_errors(art, edit, match):
 def test_an_int4_entry_with_group_size_zero_is_named(tmp_path):
     from hwaware.export.deploy import Int4Linear
 
-    with pytest.raises(ZeroDivisionError):  # what load caught as a raw error before
+    with pytest.raises(ValueError, match=r"group_size=0 must be a positive int dividing the even K = 8"):
         Int4Linear.empty({"shape": [4, 8], "group_size": 0, "symmetric": True})
     from hwaware import QuantSpec
     from hwaware.quant.attach import attach_quantization, find_quantizable
@@ -62,8 +62,84 @@ def test_an_int4_entry_with_group_size_zero_is_named(tmp_path):
     path = export(model, tmp_path / "a").path
     assert json.load(open(os.path.join(path, "manifest.json")))["layers"]["0"]["module"] == "Int4Linear"
     _rehashed(path, lambda m: m["layers"]["0"].update(group_size=0))
-    with pytest.raises(ArtifactError, match=r"layer '0' \(Int4Linear\): its entry is malformed \(ZeroDivisionError"):
+    with pytest.raises(ArtifactError, match=r"layer '0' \(Int4Linear\): its entry is malformed \(ValueError: group_size=0"):
         load(path, model=torch.nn.Sequential(torch.nn.Linear(64, 8)))
+    # a group size that does not divide K (its scales cut to match) loaded, and failed at the first call
+    _rehashed(path, lambda m: m["layers"]["0"].update(group_size=48))
+    _rewrite_weights(path, lambda t: t.update({"0.scales": t["0.scales"][:, :1].contiguous()}))
+    with pytest.raises(ArtifactError, match=r"layer '0' \(Int4Linear\): its entry is malformed \(ValueError: "
+                                            r"group_size=48 must be a positive int dividing the even K = 64\)"):
+        load(path, model=torch.nn.Sequential(torch.nn.Linear(64, 8)))
+
+
+def _int4_artifact(tmp_path, symmetric: bool) -> str:
+    from hwaware import QuantSpec
+    from hwaware.quant.attach import attach_quantization, find_quantizable
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 8))
+    spec = QuantSpec(bits=4, granularity="per_group", group_size=32, symmetric=symmetric)
+    plan, _ = find_quantizable(model, weight_spec=spec)
+    for st in attach_quantization(model, plan).values():
+        st.weight.quantize = True
+    model(torch.randn(2, 64))
+    return export(model, tmp_path / "a").path
+
+
+@pytest.mark.parametrize("symmetric, key, value, why", [
+    (True, "0.scales", float("nan"), r"scales must be finite and > 0, got nan at \[1, 1\]"),
+    (True, "0.scales", 0.0, r"scales must be finite and > 0, got 0.0 at \[1, 1\]"),
+    (True, "0.scales", -1.0, r"scales must be finite and > 0, got -1.0 at \[1, 1\]"),
+    (False, "0.zeros", 20, r"zeros must lie in \[0, 15\] \(4-bit zero points\), got values in \[\d+, 20\]"),
+])
+def test_int4_scales_and_zero_points_are_checked_at_load(tmp_path, symmetric, key, value, why):
+    # each loaded, and failed at the first call naming no file (an int8 scale was refused at load)
+    path = _int4_artifact(tmp_path, symmetric)
+    fresh = lambda: torch.nn.Sequential(torch.nn.Linear(64, 8))  # noqa: E731
+    load(path, model=fresh())
+
+    def poison(t):
+        t[key][1, 1] = value
+
+    _rewrite_weights(path, poison)
+    with pytest.raises(ArtifactError, match=r"weights.safetensors: layer '0': " + why):
+        load(path, model=fresh())
+
+
+@pytest.mark.parametrize("field, value", [("mode", "mean"), ("mode", "max"), ("padding_idx", 3),
+                                          ("include_last_offset", True)])
+def test_a_table_computing_other_bags_than_the_models_is_refused(art, field, value):
+    # each loaded into TinyCTR's sum table: other bags served without a word (include_last_offset: the
+    # model's own offsets refused at the first call)
+    _rehashed(art, lambda m: m["layers"]["emb"].update({field: value}))
+    with pytest.raises(ArtifactError, match=rf"manifest.json: layer 'emb' has {field}={value!r} in the artifact, but "
+                                            rf"the model passed as model= has a EmbeddingBag with {field}="):
+        load(art, model=TinyCTR())
+    with pytest.raises(ArtifactError, match=rf"layer 'emb' has {field}={value!r} in the artifact, but "
+                                            r"TinyCTR\(\*\*hparams recorded at export\)"):
+        load(art, model=TinyCTR)
+
+
+def test_a_packed_layer_without_the_models_bias_is_refused(art):
+    # the bias dropped from the entry and the file loaded: every output lost the bias
+    _rehashed(art, lambda m: m["layers"]["mlp.2"].update(bias=False))
+    _rewrite_weights(art, lambda t: t.pop("mlp.2.bias"))
+    with pytest.raises(ArtifactError, match=r"layer 'mlp.2' has bias=False in the artifact, but the model passed as "
+                                            r"model= has a Linear with bias=True there"):
+        load(art, model=TinyCTR())
+
+
+def test_a_model_loaded_before_is_checked_the_same_way(art, tmp_path):
+    import shutil
+
+    other = str(tmp_path / "other")
+    shutil.copytree(art, other)
+    _rehashed(other, lambda m: m["layers"]["emb"].update(mode="mean"))
+    served = load(art, model=TinyCTR())  # its layers are deploy layers now
+    with pytest.raises(ArtifactError, match=r"layer 'emb' has mode='mean' in the artifact, but the model passed as "
+                                            r"model= has a RowwiseEmbeddingBag with mode='sum' there"):
+        load(other, model=served)
+    load(art, model=served)
 
 
 @pytest.mark.parametrize("inputs, why", [

@@ -1113,6 +1113,46 @@ def test_recorded_example_inputs_are_ones_bench_can_generate_bool_and_negative_i
     assert torch.equal(m.long().amax(0), mask.long().amax(0))
 
 
+class _OptionalIds(nn.Module):
+    """Dense features plus ids that may be absent (zero columns this deployment)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x, ids):
+        return self.out(x) + ids.float().sum(1, keepdim=True)
+
+
+def test_an_input_with_no_columns_is_generated_empty(tmp_path):
+    # export recorded [8, 0] int64 ids with no max (there is none), and bench then failed with KeyError 'max'
+    from hwaware.export.exporter import make_inputs
+
+    torch.manual_seed(0)
+    art = export(_OptionalIds(), tmp_path / "a", example_inputs=(torch.randn(8, 8), torch.zeros(8, 0, dtype=torch.long)))
+    assert art.manifest["inputs"][1] == {"shape": [8, 0], "dtype": "int64"}
+    x, ids = make_inputs(art.manifest["inputs"], 5)
+    assert x.shape == (5, 8) and ids.shape == (5, 0) and ids.dtype == torch.int64
+    from hwaware.cli import main
+
+    assert main(["bench", art.path, "--model", "tests.export.test_exporter:_OptionalIds", "--no-memory", "--batches", "1",
+                 "--rounds", "1", "--batch-size", "4"]) == 0
+
+
+@pytest.mark.parametrize("record, why", [
+    ({"shape": [4, 3], "dtype": "int64", "max": [63, 26]}, r"has max \[63, 26\] \(one for every column or one per column: 3"),
+    ({"shape": [0, 3], "dtype": "int64"}, r"has max None"),  # (a batch of 0 rows: bench's batch has rows)
+])
+def test_recorded_integer_inputs_need_a_max_bench_can_use(record, why):
+    # each reached make_inputs and failed there with a raw RuntimeError / KeyError
+    from hwaware.export import ArtifactError
+    from hwaware.export.exporter import make_inputs
+
+    with pytest.raises(ArtifactError, match=r"the recorded example inputs: 'inputs'\[0\] " + why):
+        make_inputs([record], 4)
+    assert make_inputs([{"shape": [4, 3], "dtype": "int64", "max": [5]}], 2)[0].shape == (2, 3)  # one max for all
+
+
 class _ReadsProjWeight(nn.Module):
     """Forward reads proj.weight outside proj's call (a norm of it): export must run a batch to see that."""
 
