@@ -185,6 +185,16 @@ def pack_rowwise(codes: Tensor, scale: Tensor, offset: Tensor, bits: int) -> Ten
     return torch.cat([pack_int4(codes), _as_bytes(scale, torch.float16), _as_bytes(offset, torch.float16)], dim=1)
 
 
+def _bytes_as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """A copy of the uint8 columns ``t`` ``[R, c]`` read as ``dtype`` ``[R, c / itemsize]``. Not
+    ``t.contiguous().view(dtype)``: a one-row slice counts as contiguous already, and keeps the byte
+    offset and row stride of the table it came from, which a float view refuses (a 1-row table, or
+    the last chunk of 2**20 + 1 rows, exported and then failed to load)."""
+    out = torch.empty(t.shape, dtype=torch.uint8, device=t.device)
+    out.copy_(t)
+    return out.view(dtype)
+
+
 def unpack_rowwise(fused: Tensor, bits: int, dim: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Split an FBGEMM row-wise table into ``(codes uint8 [R, D], scale float32 [R], offset float32 [R])``.
 
@@ -205,8 +215,8 @@ def unpack_rowwise(fused: Tensor, bits: int, dim: Optional[int] = None) -> Tuple
                          f"(expected {rowwise_cols(d, bits) if isinstance(d, int) and d >= 1 else 'D >= 1'} columns)")
     qdt = torch.float32 if bits == 8 else torch.float16
     nq = cols - 2 * qdt.itemsize
-    scale = fused[:, nq:nq + qdt.itemsize].contiguous().view(qdt).reshape(-1).float()
-    offset = fused[:, nq + qdt.itemsize:].contiguous().view(qdt).reshape(-1).float()
+    scale = _bytes_as(fused[:, nq:nq + qdt.itemsize], qdt).reshape(-1).float()
+    offset = _bytes_as(fused[:, nq + qdt.itemsize:], qdt).reshape(-1).float()
     if bits == 8:
         codes = fused[:, :d].contiguous()
     else:
@@ -287,7 +297,7 @@ def check_rowwise_qparams(fused: Tensor, bits: int, rows_per_chunk: int = 1 << 2
     if nq < 1:
         raise ValueError(f"fused has {fused.shape[1]} columns, too few for a {bits}-bit row-wise table")
     for start in range(0, fused.shape[0], rows_per_chunk):
-        q = fused[start:start + rows_per_chunk, nq:].contiguous().view(qdt)  # [rows, 2]: scale, offset
+        q = _bytes_as(fused[start:start + rows_per_chunk, nq:], qdt)  # [rows, 2]: scale, offset
         bad = ~(torch.isfinite(q).all(1) & (q[:, 0] >= 0))
         if bool(bad.any()):
             i = int(bad.nonzero()[0])

@@ -1113,6 +1113,27 @@ def test_recorded_example_inputs_are_ones_bench_can_generate_bool_and_negative_i
     assert torch.equal(m.long().amax(0), mask.long().amax(0))
 
 
+class _OneRowTable(nn.Module):
+    def __init__(self, dim: int = 3) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(1, dim)
+        self.out = nn.Linear(dim, 2)
+
+    def forward(self, ids):
+        return self.out(self.emb(ids))
+
+
+@pytest.mark.parametrize("bits, dim", [(8, 3), (4, 1)])
+def test_a_one_row_table_exports_and_loads(tmp_path, bits, dim):
+    # export wrote it, and load failed reading its scale ("storage_offset() must be divisible by 4")
+    torch.manual_seed(0)
+    ids = torch.zeros(6, dtype=torch.long)
+    art = export(_OneRowTable(dim), tmp_path / "a", embedding_bits=bits, example_inputs=(ids,))
+    assert art.manifest["layers"]["emb"]["module"] == "RowwiseEmbedding"
+    served = load(art.path, model=_OneRowTable(dim))
+    assert torch.equal(served(ids), art.model(ids))
+
+
 class _OptionalIds(nn.Module):
     """Dense features plus ids that may be absent (zero columns this deployment)."""
 

@@ -75,6 +75,23 @@ def test_rowwise_round_trip_exact(bits, dim):
     torch.testing.assert_close(o, offset, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("bits,dim", [(8, 3), (4, 1), (4, 3)])
+def test_rowwise_qparams_read_from_rows_at_any_byte_offset(bits, dim):
+    # a one-row table (or the last chunk of 2**20 + 1 rows) is a contiguous slice at an odd byte offset
+    # and row stride: its float view failed, so export wrote artifacts that load could not read
+    from hwaware.ops.packing import check_rowwise_qparams
+
+    table = torch.randn(5, dim)
+    fused = quantize_rowwise(table, bits)
+    check_rowwise_qparams(fused[:1], bits)
+    check_rowwise_qparams(fused, bits, rows_per_chunk=4)  # its last chunk: one row at byte 4 * cols
+    for rows in (fused[:1], fused[4:]):
+        c, s, o = unpack_rowwise(rows, bits, dim)
+        c_all, s_all, o_all = unpack_rowwise(fused, bits, dim)
+        i = 0 if rows.data_ptr() == fused.data_ptr() else 4
+        assert torch.equal(c, c_all[i:i + 1]) and torch.equal(s, s_all[i:i + 1]) and torch.equal(o, o_all[i:i + 1])
+
+
 def test_rowwise_8bit_dim_is_derived():
     fused = quantize_rowwise(torch.randn(3, 5), 8)
     assert unpack_rowwise(fused, 8)[0].shape == (3, 5)
