@@ -21,6 +21,16 @@ def defines_predict_step(module: nn.Module) -> bool:
 def _call(module: nn.Module, batch: Any) -> Tuple[Callable, Tuple[Any, ...], str]:
     """(what is called, its arguments, how to say so) for ``module`` on ``batch``."""
     if defines_predict_step(module):
+        try:  # predict_step(self, batch): Lightning passes batch_idx only to a step that takes it
+            inspect.signature(module.predict_step).bind(batch, 0)
+        except TypeError:
+            try:
+                inspect.signature(module.predict_step).bind(batch)
+                return module.predict_step, (batch,), "its predict_step(batch)"
+            except TypeError:
+                pass
+        except ValueError:  # (no signature to read)
+            pass
         return module.predict_step, (batch, 0), "its predict_step(batch, 0)"
     if isinstance(batch, (list, tuple)) and len(batch) >= 2:
         return module, tuple(batch[:-1]), f"{type(module).__name__}(*batch[:-1])"
@@ -53,7 +63,8 @@ def returned_what(x: Any) -> str:
 
 def model_predictions(module: nn.Module, batch: Any, who: str) -> Any:
     """``module``'s predictions for ``batch``: its ``predict_step(batch, 0)`` where its class defines
-    one (Lightning's own default calls ``module(batch)``, which a ``(x, y)`` batch does not fit); else
+    one (``predict_step(batch)`` where it takes no ``batch_idx``, as Lightning calls it; Lightning's
+    own default calls ``module(batch)``, which a ``(x, y)`` batch does not fit); else
     ``module(*inputs)`` for an ``(inputs..., target)`` tuple or list; else ``module(batch)``.
 
     A batch that does not fit the call (the arguments do not bind, or the model refuses a non-tensor
@@ -77,6 +88,14 @@ def model_predictions(module: nn.Module, batch: Any, who: str) -> Any:
                "Make predict_step take (batch, batch_idx) and return the predictions")
         raise ValueError(f"{who}: ran the model on a batch ({type(batch).__name__}) as {how}, which raised "
                          f"{type(e).__name__}: {e}. {fix}, or pass output_fn=") from e
+    except StopIteration as e:
+        if next(module.parameters(), None) is None:  # (a bare StopIteration said nothing of why)
+            raise TypeError(f"{who}: the model's forward raised StopIteration, and the model holds no "
+                            "nn.Parameter: an exported model's layers keep their packed weights as buffers, so "
+                            "next(self.parameters()) (for a device or dtype) finds none. Read the device from an "
+                            "input (x.device) or from next(self.buffers())") from e
+        e.add_note(note)
+        raise
     except Exception as e:  # noqa: BLE001  re-raised as it is, with the note
         e.add_note(note)
         raise

@@ -395,7 +395,9 @@ class RowwiseEmbedding(RowwiseEmbeddingBag):
         if m.max_norm is not None:  # (padding_idx only stops gradients: a lookup returns the row as stored)
             raise ValueError("embeddings with max_norm (renormalized rows on lookup) are not supported by the row-wise op")
         fused = packing.quantize_rowwise(m.weight.detach().float(), st.weight.spec.bits, st.weight.spec)
-        return cls(fused, st.weight.spec.bits, m.embedding_dim, "sum", False, dtype=m.weight.dtype)
+        # padding_idx kept as the attribute a forward may read (ids != emb.padding_idx); a lookup of the
+        # row returns it as stored, as nn.Embedding's does
+        return cls(fused, st.weight.spec.bits, m.embedding_dim, "sum", False, m.padding_idx, m.weight.dtype)
 
     def forward(self, input: Tensor) -> Tensor:  # input: any shape -> [*input.shape, D]
         flat = input.reshape(-1)

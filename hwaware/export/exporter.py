@@ -366,6 +366,10 @@ def _deploy_module(name: str, module: nn.Module, st: QuantState, sparse24: bool)
         except ValueError as e:  # a NaN / inf weight: the layer cannot be packed, and FP32 would not serve it either
             raise ValueError(f"layer {name!r} cannot be packed: {e}") from None
     cls = RowwiseEmbeddingBag if st.kind == "embedding_bag" else RowwiseEmbedding
+    try:  # as a Linear's: a table holding NaN/inf is refused, not left FP32 serving NaN for the bags reading it
+        packing._check_finite("weight", module.weight)
+    except ValueError as e:
+        raise ValueError(f"layer {name!r} cannot be packed: {e}") from None
     try:
         return cls.from_quantized(module, st), None
     except ValueError as e:
@@ -702,11 +706,16 @@ def _gate_pair(module: nn.Module, batch: Any, output_fn: Optional[Callable]) -> 
     return preds, target
 
 
+_DEPLOY = "the exported model (on the hwaware deploy ops)"
+
+
 def _evaluate(module: nn.Module, loader: Iterable, metric: str, output_fn: Optional[Callable],
-              target_source: Optional[List[str]] = None) -> float:
-    """``metric`` of ``module`` over ``loader``; ``target_source``, a list, gets where the targets
-    came from (:func:`_target_source` of the first batch) appended. Export passes the loader as
-    :class:`~hwaware.export.reads.ReplayedReads`, so every model it compares reads the same samples."""
+              target_source: Optional[List[str]] = None, who: str = _DEPLOY) -> float:
+    """``metric`` of ``module`` (``who``, for an error) over ``loader``; ``target_source``, a list,
+    gets where the targets came from (:func:`_target_source` of the first batch) appended. Export
+    passes the loader as :class:`~hwaware.export.reads.ReplayedReads`, so every model it compares
+    reads the same samples. A NaN prediction is refused: torchmetrics ranks it without a word (a
+    table holding NaN passed a gate of max_drop=0 with an eighth of its outputs NaN)."""
     preds, targets = [], []
     modes = [(m, m.training) for m in module.modules()]  # each module's own: a reference may mix them
     module.eval()
@@ -716,14 +725,23 @@ def _evaluate(module: nn.Module, loader: Iterable, metric: str, output_fn: Optio
                 if target_source is not None and not target_source:
                     target_source.append(_target_source(batch, output_fn))
                 p, t = _gate_pair(module, batch, output_fn)
-                preds.append(p.detach().cpu())
-                targets.append(t.detach().cpu())
+                # (a batch of one sample whose forward ends in .squeeze(): a 0-d prediction and target)
+                preds.append(p.detach().cpu().reshape(1) if p.dim() == 0 else p.detach().cpu())
+                targets.append(t.detach().cpu().reshape(1) if t.dim() == 0 else t.detach().cpu())
     finally:
         for m, training in modes:
             m.training = training
     if not preds:
         raise ValueError("export: val_dataloader yielded no batches")
-    return _metric_value(metric, torch.cat(preds), torch.cat(targets))
+    preds_all = torch.cat(preds)
+    if preds_all.is_floating_point() and bool(preds_all.isnan().any()):
+        rows = preds_all.reshape(preds_all.shape[0], -1).isnan().any(1)
+        why = ("its weights or the validation batches hold NaN/inf" if who != _DEPLOY else
+               "where the FP32 reference gives none: a layer's quantized output overflowed, or a value no deploy op "
+               "serves reached one")
+        raise ValueError(f"export: {who} gives NaN predictions for {int(rows.sum())} of {rows.numel()} validation "
+                         f"samples ({why}); the regression gate cannot rank NaN, and nothing was written")
+    return _metric_value(metric, preds_all, torch.cat(targets))
 
 
 def _int8_layers(model: nn.Module) -> list:
@@ -796,7 +814,13 @@ def _reference_module(model: nn.Module, reference: Union[None, nn.Module, Dict[s
     ref = _fp32_copy(model)
     sd = reference if reference is not None else fp32_reference(model)
     if sd is not None:  # otherwise the model's own weights are FP32 (post-training quantization)
-        ref.load_state_dict(sd)
+        try:
+            ref.load_state_dict(sd)
+        except RuntimeError as e:  # (torch's "Error(s) in loading state_dict for ...": keys, shapes)
+            if reference is None:
+                raise
+            raise ValueError(f"export: reference= is a state_dict that does not fit {type(model).__name__}: "
+                             f"{str(e).strip()}") from None
     return ref
 
 
@@ -1219,15 +1243,61 @@ def _record_hparams(hparams: Any) -> Tuple[Optional[Dict[str, Any]], Dict[str, s
     for k, v in dict(hparams).items():
         try:
             json.dumps(v, allow_nan=False)
-            ok = isinstance(k, str)
+            # a dict keyed by ints came back keyed by strings: load built another architecture
+            ok = isinstance(k, str) and _str_keyed(v)
         except (TypeError, ValueError):
             ok = False
         if ok:
             kept[k] = v
         else:
             unrecorded[str(k)] = f"{type(v).__module__}.{type(v).__qualname__}" + (
-                f" {v!r}" if isinstance(v, float) else "")
+                f" {v!r}" if isinstance(v, float) else " with non-str keys" if isinstance(v, dict) else "")
     return kept, unrecorded
+
+
+def _str_keyed(v: Any) -> bool:
+    """Every dict inside ``v`` has str keys (JSON writes any other key as a string)."""
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _str_keyed(x) for k, x in v.items())
+    return all(_str_keyed(x) for x in v) if isinstance(v, (list, tuple)) else True
+
+
+def _tuple_paths(v: Any, at: Tuple[Any, ...] = ()) -> List[List[Any]]:
+    """Where ``v`` (an hparam) holds tuples, as key / index paths: JSON writes them as lists, and a
+    constructor doing ``(in_dim,) + hidden`` refused the list load passed it."""
+    out = [list(at)] if isinstance(v, tuple) else []
+    if isinstance(v, dict):
+        for k, x in v.items():
+            out += _tuple_paths(x, (*at, k))
+    elif isinstance(v, (list, tuple)):
+        for i, x in enumerate(v):
+            out += _tuple_paths(x, (*at, i))
+    return out
+
+
+def _restore_tuples(hparams: Dict[str, Any], paths: Any, mpath: str) -> Dict[str, Any]:
+    """``hparams`` with the lists at ``paths`` (manifest ``model.hparams_tuples``) made tuples again."""
+    if not isinstance(paths, list) or not all(isinstance(p, list) and p and isinstance(p[0], str) for p in paths):
+        raise ArtifactError(f"{mpath}: 'model.hparams_tuples' is {paths!r}; expected a list of key paths ([name, ...])")
+    seen = [json.dumps(p) for p in paths]
+    twice = next((p for p, key in zip(paths, seen) if seen.count(key) > 1), None)
+    if twice is not None:
+        raise ArtifactError(f"{mpath}: 'model.hparams_tuples' names {twice!r} twice")
+    out = copy.deepcopy(hparams)
+    for p in sorted(paths, key=len, reverse=True):  # the innermost first: a tuple of tuples
+        parent, where = None, out
+        for key in p:
+            fits = (isinstance(where, dict) and isinstance(key, str) and key in where) or (
+                isinstance(where, (list, tuple)) and type(key) is int and 0 <= key < len(where))
+            if not fits:
+                raise ArtifactError(f"{mpath}: 'model.hparams_tuples' names {p!r}, which 'model.hparams' does not hold")
+            parent, where = (where, key), where[key]
+        if not isinstance(where, list):
+            raise ArtifactError(f"{mpath}: 'model.hparams_tuples' names {p!r}, which is {type(where).__name__} in "
+                                "'model.hparams'; expected a list (a tuple as JSON writes it)")
+        container, key = parent
+        container[key] = tuple(where)  # (innermost first: its container is a list still)
+    return out
 
 
 def _named_parameters(cls: type) -> List[str]:
@@ -1305,6 +1375,8 @@ def build_recorded(cls: type, manifest: Mapping[str, Any], path: str) -> nn.Modu
                       "(save_hyperparameters(ignore=...)?), so they are built with their defaults; if it was built "
                       f"otherwise, pass an instance built as at export: model={cls.__qualname__}(...)",
                       UserWarning, stacklevel=3)
+    if "hparams_tuples" in info:  # (artifacts before it was recorded give lists, as JSON holds them)
+        hparams = _restore_tuples(hparams, info["hparams_tuples"], mpath)
     try:
         return cls(**hparams)
     except (TypeError, ValueError, RuntimeError) as e:  # the class's own refusal of these arguments
@@ -1350,7 +1422,7 @@ def export(
     example_inputs: Optional[Tuple[Any, ...]] = None,
     device: str = "cpu",
     output_fn: Optional[Callable[[nn.Module, Any], Tuple[Tensor, Tensor]]] = None,
-    embedding_bits: int = 8,
+    embedding_bits: Optional[int] = None,
     sparse24: bool = True,
     int8_impls: Optional[Sequence[str]] = None,
     overwrite: bool = True,
@@ -1394,7 +1466,8 @@ def export(
             ``regression.batch_hooks``), so the gate measures the inputs the model is validated on.
             False: the loader's batches are already as the model's step takes them.
             ``example_inputs`` are never passed through them.
-        embedding_bits: 8 or 4, for tables of a model quantized post-training.
+        embedding_bits: 8 (default) or 4, for tables of a model quantized post-training (a model QAT
+            trained has its tables' width: another one is refused).
         skip: post-training only: ``fnmatch`` patterns of layers to leave FP32 (as
             ``ProgressiveQuantization(skip=...)``; a model QAT trained has its callback's).
         layer_specs: post-training only: per-layer weight specs, as ``ProgressiveQuantization``'s
@@ -1441,8 +1514,8 @@ def export(
     if device != "cpu":
         raise ValueError(f"device={device!r}; export measures and gates on 'cpu' only for now (the CUDA kernels are "
                          f"registered: hwaware.load(path, device='cuda') runs an artifact on them)")
-    if embedding_bits not in (4, 8):
-        raise ValueError(f"embedding_bits={embedding_bits!r}; expected 4 or 8")
+    if embedding_bits is not None and (type(embedding_bits) is not int or embedding_bits not in (4, 8)):
+        raise ValueError(f"embedding_bits={embedding_bits!r}; expected None (8 bits post-training) or the int 4 or 8")
     if int8_impls is not None:
         given = int8_impls
         int8_impls = (int8_impls,) if isinstance(int8_impls, str) else tuple(int8_impls) if isinstance(int8_impls, Iterable) else None
@@ -1450,6 +1523,15 @@ def export(
             raise ValueError(f"int8_impls={given!r}; expected None or some of {INT8_KERNELS['cpu']}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"export expects an nn.Module, got {type(model).__name__}")
+    if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        # torch.compile's wrapper: its layers are the model's under "_orig_mod.", and the class it records is
+        # torch's, so load(model=TheClass) found no layer of the artifact (the compiled code is not exported)
+        model = model._orig_mod
+    if reference is not None and not isinstance(reference, (nn.Module, collections.abc.Mapping)):
+        raise TypeError(f"export: reference={reference!r}; expected None, an nn.Module or a state_dict (a mapping of "
+                        "tensors; load a saved one first, e.g. torch.load(file, weights_only=True))")
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise TypeError(f"export: path={path!r}; expected a directory path (str or os.PathLike)")
     if example_inputs is not None:
         example_inputs = _check_example_inputs(model, example_inputs)
     if val_dataloader is not None and not isinstance(val_dataloader, collections.abc.Iterable):
@@ -1498,11 +1580,18 @@ def export(
     check_target(path, overwrite)  # an unwritable path is refused now, not after the gate
 
     ptq = not states
+    trained_bits = sorted({st.weight.spec.bits for st in states.values() if st.kind in ("embedding", "embedding_bag")})
+    if not ptq and embedding_bits is not None and any(b != embedding_bits for b in trained_bits):
+        raise ValueError(f"export: embedding_bits={embedding_bits} chooses the tables' width for post-training "
+                         f"export; the tables of {type(model).__name__} were QAT trained at {trained_bits} bits, and "
+                         "export packs them as trained (QAT at 4 bits: ProgressiveQuantization(embedding_spec="
+                         "QuantSpec(bits=4, ...)))")
     if not ptq and (skip or overrides):
         raise ValueError(f"export: skip= and layer_specs= choose what post-training export quantizes; "
                          f"{type(model).__name__} was quantized by QAT ({len(states)} layers), whose callback's skip / "
                          "layer_specs decided its layers: export packs them as trained")
     if ptq:
+        embedding_bits = 8 if embedding_bits is None else embedding_bits
         table = QuantSpec(bits=embedding_bits, granularity="per_row", symmetric=False, dynamic=True,
                           scale_dtype="float32" if embedding_bits == 8 else "float16")
         plan, skipped = find_quantizable(model, weight_spec=_PTQ_WEIGHT, activation_spec=_PTQ_ACT, embedding_spec=table,
@@ -1527,9 +1616,17 @@ def export(
                 with torch.random.fork_rng(devices=[]):
                     first = _first_batch(val_batches)
                 run = lambda: (output_fn or _default_output)(model, first)  # noqa: E731
+            elif example_inputs is not None:
+                def run() -> Any:
+                    try:
+                        return model(*example_inputs)
+                    except Exception as e:  # noqa: BLE001  re-raised as it is, with a note saying which call
+                        e.add_note("export: raised by the model's forward on example_inputs (tensors of shapes "
+                                   f"{[list(t.shape) for t in input_leaves(example_inputs)]}), "
+                                   "run once before packing: pass the inputs forward takes, at the serving batch")
+                        raise
             else:
-                run = ((lambda: model(*example_inputs)) if example_inputs is not None else
-                       (lambda: (output_fn or _default_output)(model, _first_batch(val_dataloader))))
+                run = lambda: (output_fn or _default_output)(model, _first_batch(val_dataloader))  # noqa: E731
             read_outside = weights_read_outside_call(model, [n for n, st in states.items() if st.enabled], run)
         else:
             warnings.warn("export got neither val_dataloader nor example_inputs: no regression gate runs, and a layer "
@@ -1565,7 +1662,8 @@ def export(
     gated_configs: Dict[str, Dict[str, Dict[str, str]]] = {}
     if val_dataloader is not None:
         sources: List[str] = []
-        ref_value = _evaluate(_reference_module(model, reference), val_batches, metric, output_fn, sources)
+        ref_value = _evaluate(_reference_module(model, reference), val_batches, metric, output_fn, sources,
+                              who="the FP32 reference")
         target_source = sources[0]
         if metric == "auroc" and ref_value < 0.5:
             warnings.warn(f"export: the reference scores AUROC {ref_value:.4f}, below chance: its predictions rank negatives "
@@ -1573,14 +1671,16 @@ def export(
                           "negated logit). An inverted score inverts the gate: a worse export scores higher and passes. "
                           "Gate on the positive class's score (output_fn=), or on a reference that has learned",
                           UserWarning, stacklevel=_user_stacklevel())
-        others = {label: _evaluate(_reference_module(model, sd), val_batches, metric, output_fn)
+        others = {label: _evaluate(_reference_module(model, sd), val_batches, metric, output_fn,
+                                   who=f"the FP32 reference ({label})")
                   for label, sd in (other_fp32_references(model) if reference is None else {}).items()}
         final_value = None
         if ptq and reference is None and fp32_reference(model) is not None:
             # post-training export of a model pruned 2:4 (no QAT): the FP32 model being quantized is the
             # model as given, and the dense one kept at pruning start may not have learned yet (a trial's
             # scored at chance, and a drop of 0.016 passed max_drop=0.01)
-            final_value = others[_AS_GIVEN] = _evaluate(_fp32_copy(model), val_batches, metric, output_fn)
+            final_value = others[_AS_GIVEN] = _evaluate(_fp32_copy(model), val_batches, metric, output_fn,
+                                                        who="the FP32 model as given")
         if others:  # (2:4 pruning before QAT: the dense model then, and the model at QAT start)
             references = {"dense at 2:4 pruning start": ref_value, **others}
             ref_value = max(references.values())  # the better FP32 model: the gate is the stricter
@@ -1681,7 +1781,7 @@ def export(
             # drop too. Not gated, recorded: the final weights with quantization off, and how much of
             # the metric the export itself costs against them.
             report["final_weights_fp32"] = final_value if final_value is not None else _evaluate(
-                _fp32_copy(model), val_batches, metric, output_fn)
+                _fp32_copy(model), val_batches, metric, output_fn, who="the model's final weights in FP32")
             report["quantization_drop"] = report["final_weights_fp32"] - exp_value
         if allowed is not None:  # what load(kernels="measure") may switch to on another CPU
             report["by_impl"] = by_impl
@@ -1721,7 +1821,8 @@ def export(
                       UserWarning, stacklevel=_user_stacklevel())
     manifest = {
         "model": {"class": f"{cls.__module__}.{cls.__qualname__}", "hparams": hparams,
-                  **({"hparams_unrecorded": unrecorded} if unrecorded else {})},
+                  **({"hparams_unrecorded": unrecorded} if unrecorded else {}),
+                  **({"hparams_tuples": tuples} if (tuples := _tuple_paths(hparams or {})) else {})},
         "post_training": ptq,
         **({"post_training_options": {"skip": list(skip), "layer_specs": {
             p: {k: (v.to_dict() if v is not None else None) for k, v in e.items()} for p, e in overrides.items()}}}
@@ -2044,6 +2145,8 @@ def _check_replaces(new: nn.Module, old: nn.Module, name: str, mpath: str, whose
                                 f"{type(old).__name__} there: not the model this artifact was exported from")
         before = old.describe()
         here = {f: before.get(f) for f in ("shape", "bias", "mode", "include_last_offset", "padding_idx")}
+        if kind is nn.Embedding and (before.get("padding_idx") is None or entry.get("padding_idx") is None):
+            del here["padding_idx"]  # (an attribute only, which earlier artifacts did not record)
     elif type(new) not in _REPLACES[kind]:  # (export packs only Linear and Embedding(Bag) layers)
         raise ArtifactError(f"{mpath}: layer {name!r} is a {type(new).__name__} in the artifact, but {whose} has a "
                             f"{type(old).__name__} there: not the model this artifact was exported from")
@@ -2053,19 +2156,22 @@ def _check_replaces(new: nn.Module, old: nn.Module, name: str, mpath: str, whose
             here["bias"] = old.bias is not None
         elif kind is nn.EmbeddingBag:
             here.update(mode=old.mode, include_last_offset=old.include_last_offset, padding_idx=old.padding_idx)
-        else:  # an nn.Embedding is a bag of one row per index (its padding_idx only stops gradients)
-            here.update(mode="sum", include_last_offset=False, padding_idx=None)
+        else:  # an nn.Embedding is a bag of one row per index (its padding_idx only stops gradients;
+            # artifacts written before it was kept as an attribute do not record it: the model's is taken)
+            here.update(mode="sum", include_last_offset=False)
+            if entry.get("padding_idx") is not None:
+                here["padding_idx"] = old.padding_idx
     shape = list(entry["shape"])
     if "shape" in here and here.pop("shape") != shape:
         got = old.describe()["shape"] if type(old) in _REPLACES[kind] else old.weight.shape
         raise ArtifactError(f"{mpath}: layer {name!r} holds a {shape[0]} x {shape[1]} weight in the artifact, but "
                             f"{whose} has {type(old).__name__} weight {list(got)}: not the model this artifact was "
                             "exported from")
-    for field, value in here.items():
-        got = entry.get(field)
+    for attr, value in here.items():
+        got = entry.get(attr)
         if got != value:
-            raise ArtifactError(f"{mpath}: layer {name!r} has {field}={got!r} in the artifact, but {whose} has a "
-                                f"{type(old).__name__} with {field}={value!r} there: not the model this artifact was "
+            raise ArtifactError(f"{mpath}: layer {name!r} has {attr}={got!r} in the artifact, but {whose} has a "
+                                f"{type(old).__name__} with {attr}={value!r} there: not the model this artifact was "
                                 "exported from")
 
 
@@ -2172,6 +2278,8 @@ def load(path: Union[str, os.PathLike], device: str = "cpu", model: Union[None, 
             raise ArtifactError(f"{mpath}: layer {name!r} ({meta['module']}): its entry is malformed ({type(e).__name__}: "
                                 f"{e})") from None
         _check_replaces(new_layers[name], layer_module(name), name, mpath, whose)
+        if type(new_layers[name]) is RowwiseEmbedding and new_layers[name].padding_idx is None:
+            new_layers[name].padding_idx = getattr(layer_module(name), "padding_idx", None)
         if "fused_relu" in meta:  # the ReLU module after this layer runs in its epilogue (deploy.fuse_relu)
             relu_name = meta["fused_relu"]
             relu = _get_module(model, relu_name)

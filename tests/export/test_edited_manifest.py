@@ -350,3 +350,34 @@ def test_dlrm_hparams_listing_more_tables_than_the_file_holds_are_refused_before
     with pytest.raises(ArtifactError, match=r"the recorded hparams list 300003 tables / layers, but weights.safetensors "
                                             r"holds \d+ tensors"):
         load(path)
+
+
+class _PaddedTokens(torch.nn.Module):
+    """Mean of the non-padding token rows: forward reads the table's padding_idx."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(20, 8, padding_idx=0)
+        self.out = torch.nn.Linear(8, 2)
+
+    def forward(self, ids):
+        keep = (ids != self.emb.padding_idx).unsqueeze(-1).float()
+        return self.out((self.emb(ids) * keep).sum(1) / keep.sum(1).clamp_min(1))
+
+
+def test_an_embeddings_padding_idx_is_kept_and_checked(tmp_path):
+    # the packed nn.Embedding said padding_idx None: a forward masking with it computed something else
+    torch.manual_seed(0)
+    ids = torch.randint(0, 20, (6, 5))
+    ids[:, 3:] = 0
+    art = export(_PaddedTokens(), tmp_path / "a", example_inputs=(ids,))
+    assert art.model.emb.padding_idx == 0 and art.manifest["layers"]["emb"]["padding_idx"] == 0
+    served = load(art.path, model=_PaddedTokens())
+    assert served.emb.padding_idx == 0 and torch.equal(served(ids), art.model(ids))
+    # an artifact that does not record it (as earlier ones): the model's is taken
+    _rehashed(art.path, lambda m: m["layers"]["emb"].pop("padding_idx"))
+    assert load(art.path, model=_PaddedTokens()).emb.padding_idx == 0
+    _rehashed(art.path, lambda m: m["layers"]["emb"].update(padding_idx=2))
+    with pytest.raises(ArtifactError, match=r"layer 'emb' has padding_idx=2 in the artifact, but the model passed as "
+                                            r"model= has a Embedding with padding_idx=0 there"):
+        load(art.path, model=_PaddedTokens())

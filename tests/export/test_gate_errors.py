@@ -118,16 +118,27 @@ class _TwoInputs(_Net):
         return super().forward(x)
 
 
+class _PredictStepWithExtra(_Net):
+    def predict_step(self, batch, batch_idx, dataloader_idx, scale):  # (neither (batch) nor (batch, 0) binds)
+        return self(batch[0]) * scale
+
+
 class _PredictStepWithoutIndex(_Net):
-    def predict_step(self, batch):
+    def predict_step(self, batch):  # Lightning calls it without batch_idx, and so does export
         return self(batch[0])
+
+
+def test_a_predict_step_without_batch_idx_is_called_with_the_batch_alone(tmp_path):
+    art = export(_PredictStepWithoutIndex(), tmp_path / "a", val_dataloader=_class_batches(), metric="accuracy",
+                 max_drop=1.0)
+    assert art.report["passed"]
 
 
 @pytest.mark.parametrize("cls, match", [
     (_TwoInputs, r"as _TwoInputs\(\*batch\[:-1\]\), which raised TypeError: .*'ids'\. Define predict_step\(batch, "
                  r"batch_idx\) returning the predictions, or pass output_fn="),
-    (_PredictStepWithoutIndex, r"as its predict_step\(batch, 0\), which raised TypeError: .*\. Make predict_step take "
-                               r"\(batch, batch_idx\) and return the predictions, or pass output_fn="),
+    (_PredictStepWithExtra, r"as its predict_step\(batch, 0\), which raised TypeError: .*\. Make predict_step take "
+                            r"\(batch, batch_idx\) and return the predictions, or pass output_fn="),
 ])
 def test_a_batch_that_does_not_fit_the_call_keeps_the_advice(tmp_path, cls, match):
     with pytest.raises(ValueError, match=match):
