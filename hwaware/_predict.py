@@ -18,19 +18,23 @@ def defines_predict_step(module: nn.Module) -> bool:
     return step is not None and not getattr(step, "__qualname__", "").startswith("LightningModule.")
 
 
+def _binds(fn: Callable, *args: Any) -> bool:
+    """``fn(*args)`` binds to ``fn``'s signature (True where it has none to read)."""
+    try:
+        inspect.signature(fn).bind(*args)
+    except TypeError:
+        return False
+    except ValueError:
+        return True
+    return True
+
+
 def _call(module: nn.Module, batch: Any) -> Tuple[Callable, Tuple[Any, ...], str]:
     """(what is called, its arguments, how to say so) for ``module`` on ``batch``."""
     if defines_predict_step(module):
-        try:  # predict_step(self, batch): Lightning passes batch_idx only to a step that takes it
-            inspect.signature(module.predict_step).bind(batch, 0)
-        except TypeError:
-            try:
-                inspect.signature(module.predict_step).bind(batch)
-                return module.predict_step, (batch,), "its predict_step(batch)"
-            except TypeError:
-                pass
-        except ValueError:  # (no signature to read)
-            pass
+        # predict_step(self, batch): Lightning passes batch_idx only to a step that takes it
+        if not _binds(module.predict_step, batch, 0) and _binds(module.predict_step, batch):
+            return module.predict_step, (batch,), "its predict_step(batch)"
         return module.predict_step, (batch, 0), "its predict_step(batch, 0)"
     if isinstance(batch, (list, tuple)) and len(batch) >= 2:
         return module, tuple(batch[:-1]), f"{type(module).__name__}(*batch[:-1])"

@@ -366,13 +366,14 @@ def _deploy_module(name: str, module: nn.Module, st: QuantState, sparse24: bool)
         except ValueError as e:  # a NaN / inf weight: the layer cannot be packed, and FP32 would not serve it either
             raise ValueError(f"layer {name!r} cannot be packed: {e}") from None
     cls = RowwiseEmbeddingBag if st.kind == "embedding_bag" else RowwiseEmbedding
-    try:  # as a Linear's: a table holding NaN/inf is refused, not left FP32 serving NaN for the bags reading it
-        packing._check_finite("weight", module.weight)
-    except ValueError as e:
-        raise ValueError(f"layer {name!r} cannot be packed: {e}") from None
     try:
         return cls.from_quantized(module, st), None
     except ValueError as e:
+        try:  # as a Linear's: a table holding NaN/inf is refused, not left FP32 serving NaN for the bags reading
+            # it (looked for only here: packing read the whole table once already)
+            packing._check_finite("weight", module.weight)
+        except ValueError as bad:
+            raise ValueError(f"layer {name!r} cannot be packed: {bad}") from None
         return None, str(e)
 
 
@@ -1210,15 +1211,14 @@ def make_inputs(description: Iterable[Dict[str, Any]], batch_size: int, seed: in
     out = []
     for d in description:
         shape = [batch_size, *d["shape"][1:]]
-        dtype = getattr(torch, d["dtype"])
+        dtype, cols = getattr(torch, d["dtype"]), math.prod(shape[1:])
         if dtype.is_floating_point:
             out.append(torch.randn(shape, generator=g).to(dtype))
-        elif not math.prod(shape[1:]):  # no columns: empty whatever the batch (and no max recorded)
+        elif not cols:  # no columns: empty whatever the batch (and no max recorded)
             out.append(torch.zeros(shape, dtype=dtype))
         else:
             hi = torch.tensor(d["max"], dtype=torch.float64) + 1
             lo = torch.tensor(d.get("min", [0] * len(d["max"])), dtype=torch.float64)
-            cols = math.prod(shape[1:])
             hi, lo = (hi.expand(cols), lo.expand(cols)) if hi.numel() == 1 else (hi, lo)
             ids = (torch.rand(batch_size, cols, generator=g, dtype=torch.float64) * (hi - lo) + lo).floor().to(dtype)
             out.append(ids.reshape(shape))
@@ -1279,10 +1279,11 @@ def _restore_tuples(hparams: Dict[str, Any], paths: Any, mpath: str) -> Dict[str
     """``hparams`` with the lists at ``paths`` (manifest ``model.hparams_tuples``) made tuples again."""
     if not isinstance(paths, list) or not all(isinstance(p, list) and p and isinstance(p[0], str) for p in paths):
         raise ArtifactError(f"{mpath}: 'model.hparams_tuples' is {paths!r}; expected a list of key paths ([name, ...])")
-    seen = [json.dumps(p) for p in paths]
-    twice = next((p for p, key in zip(paths, seen) if seen.count(key) > 1), None)
-    if twice is not None:
-        raise ArtifactError(f"{mpath}: 'model.hparams_tuples' names {twice!r} twice")
+    seen: set = set()
+    for p in paths:
+        if json.dumps(p) in seen:
+            raise ArtifactError(f"{mpath}: 'model.hparams_tuples' names {p!r} twice")
+        seen.add(json.dumps(p))
     out = copy.deepcopy(hparams)
     for p in sorted(paths, key=len, reverse=True):  # the innermost first: a tuple of tuples
         parent, where = None, out
